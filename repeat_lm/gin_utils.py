@@ -1,0 +1,72 @@
+"""Gin parsing the T5X way: --gin_file, --gin.KEY=VALUE bindings, search paths, and errors that say what to fix."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+
+# The repository's gin/ directory (present in a source checkout and in editable installs).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class GinConfigError(ValueError):
+  pass
+
+
+def default_search_paths() -> list[str]:
+  return [os.getcwd(), str(REPO_ROOT)]
+
+
+def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Pull `--gin.KEY=VALUE` (or `--gin.KEY VALUE`) out of argv: (bindings, remaining args)."""
+  bindings, rest = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--gin.") and not arg.startswith("--gin_"):
+      key_value = arg[len("--gin."):]
+      if "=" not in key_value:
+        if i + 1 >= len(argv):
+          raise GinConfigError(f"{arg} has no value; write it as {arg}=VALUE (strings in quotes: \"'text'\").")
+        key_value = f"{key_value}={argv[i + 1]}"
+        i += 1
+      bindings.append(key_value)
+    else:
+      rest.append(arg)
+    i += 1
+  return bindings, rest
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
+  """Parse files then bindings (later ones win), with readable errors."""
+  gin.clear_config()
+  for path in [*search_paths, *default_search_paths()]:
+    gin.add_config_file_search_path(path)
+  for f in gin_files:
+    if not any((Path(p) / f).is_file() for p in ["", *search_paths, *default_search_paths()]):
+      raise GinConfigError(f"Gin file {f!r} not found (searched the current directory and {REPO_ROOT}); "
+                           "pass an existing path, e.g. --gin_file=gin/runs/smoke.gin.")
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+  except Exception as e:  # Gin reports syntax errors, unknown names and bad includes with various types.
+    raise GinConfigError(
+        f"Could not parse the gin configuration ({type(e).__name__}): {e}\n"
+        "Check the --gin_file paths and the --gin.KEY=VALUE bindings: string values need inner quotes "
+        "(--gin.MODEL_DIR=\"'/tmp/run'\"), names must exist in the imported modules.") from e
+
+
+def call_configured(fn, **kwargs):
+  """Call a gin-configured function, turning gin's missing-REQUIRED errors into an instruction."""
+  try:
+    return gin.configurable(fn)(**kwargs)
+  except (RuntimeError, ValueError, TypeError) as e:
+    msg = str(e)
+    if "REQUIRED" in msg or "Required bindings" in msg or "gin.REQUIRED" in msg:
+      raise GinConfigError(
+          f"{msg}\nA required setting is missing: bind it on the command line, e.g. --gin.MODEL_DIR=\"'/tmp/run'\" "
+          "--gin.TRAIN_STEPS=1000, or in a gin file.") from e
+    raise

@@ -1,0 +1,83 @@
+"""Orbax checkpoints of the train state plus the JSON metadata needed for exact resume.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save never leaves a
+half-written checkpoint that looks finished; saves are asynchronous so training continues while they are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  period: int = 1000           # Save every `period` steps (and at the end, and on SIGTERM).
+  keep: int | None = 3         # Keep the last `keep` checkpoints; None keeps all.
+  async_save: bool = True
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+class Checkpointer:
+  """Saves/restores {'state': train state pytree, 'meta': JSON dict} under MODEL_DIR/checkpoints/<step>."""
+
+  def __init__(self, model_dir: str | Path, config: CheckpointConfig = CheckpointConfig()):
+    self.directory = Path(model_dir) / "checkpoints"
+    self.config = config
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep, save_interval_steps=1, enable_async_checkpointing=config.async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return step % self.config.period == 0
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restore onto `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint found under {self.directory}.")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types; all mean the same thing to the user.
+      older = [s for s in self.all_steps() if s < step]
+      hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
+              f"{older[-1]}" if older else "delete it or point MODEL_DIR at a fresh directory")
+      raise CheckpointError(
+          f"Checkpoint {self.directory / str(step)} could not be restored ({type(e).__name__}: {e}). It was left "
+          f"untouched. If it is corrupt, {hint}. If the model or optimizer configuration changed since it was "
+          "written, use the configuration it was written with (MODEL_DIR/config.gin).") from e
+    logging.info("Restored checkpoint %s", self.directory / str(step))
+    return restored["state"], dict(restored["meta"])
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) for a tree of arrays or ShapeDtypeStructs."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)

@@ -1,0 +1,37 @@
+"""Multi-host start-up: initialise `jax.distributed` when the job has several processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def _env_int(*names: str) -> int | None:
+  for name in names:
+    if os.environ.get(name):
+      return int(os.environ[name])
+  return None
+
+
+def is_multiprocess_environment() -> bool:
+  """True when a launcher started several processes (our launchers, SLURM, or a multi-worker TPU VM slice)."""
+  num = _env_int("JAX_NUM_PROCESSES", "SLURM_NTASKS")
+  if num is not None:
+    return num > 1
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def maybe_initialize() -> None:
+  """Call before any other JAX use. Explicit JAX_* variables win; otherwise JAX auto-detects (TPU VM, SLURM)."""
+  if not is_multiprocess_environment():
+    return
+  import jax
+  coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=_env_int("JAX_NUM_PROCESSES"),
+                               process_id=_env_int("JAX_PROCESS_ID"))
+  else:
+    jax.distributed.initialize()
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,95 @@
+"""One FLOP counter for everything shown to users (reference section 6), and device peaks for MFU.
+
+Model FLOPs: 2 per multiply-add, training = 3 x forward, no remat recomputation. Names: d = d_model,
+a = heads x head_dim, f = d_ff, k = number of MLP input projections (3 for gated, 2 for plain ReLU: wi and wo
+count as k matrices d x f), S_e / S_d = encoder / decoder lengths, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def _dims(config) -> tuple[int, int, int, int, int]:
+  d = config.emb_dim
+  a = config.num_heads * config.head_dim
+  f = config.mlp_dim
+  k = len(config.mlp_activations) + 1
+  return d, a, f, k, config.vocab_size
+
+
+def encoder_layer_flops(config, s_e: int) -> int:
+  d, a, f, k, _ = _dims(config)
+  return s_e * 8 * d * a + 4 * s_e * s_e * a + s_e * 2 * k * d * f
+
+
+def decoder_layer_flops(config, s_e: int, s_d: int) -> int:
+  d, a, f, k, _ = _dims(config)
+  self_attn = s_d * 8 * d * a + 4 * s_d * s_d * a
+  cross_attn = s_d * 4 * d * a + s_e * 4 * d * a + 4 * s_d * s_e * a  # Q/O on decoder, K/V over encoder tokens.
+  return self_attn + cross_attn + s_d * 2 * k * d * f
+
+
+def forward_flops_per_sequence(config, s_e: int, s_d: int) -> int:
+  d, _, _, _, v = _dims(config)
+  return (config.num_encoder_layers * encoder_layer_flops(config, s_e) +
+          config.num_decoder_layers * decoder_layer_flops(config, s_e, s_d) + 2 * s_d * d * v)
+
+
+def train_flops_per_sequence(config, s_e: int, s_d: int) -> int:
+  return 3 * forward_flops_per_sequence(config, s_e, s_d)
+
+
+# Dense bf16 peaks in FLOP/s per chip (reference section 6), matched against `device.device_kind`.
+PEAK_FLOPS = {
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def known_peak_flops(device: jax.Device) -> float | None:
+  kind = device.device_kind
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # Longest match first: 'TPU v5 lite' before 'TPU v5'.
+    if name.lower() in kind.lower():
+      return PEAK_FLOPS[name]
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
+  """FLOP/s of a large square matmul on the first device: the CPU's practical peak, where no table entry exists."""
+  x = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def peak_flops_total() -> tuple[float, str]:
+  """(peak FLOP/s of all devices of the job, where the number came from).
+
+  Accelerators: the table's per-chip peak times the chip count. CPU: the measured matmul rate, once per host,
+  because forced host-platform "devices" (XLA_FLAGS=--xla_force_host_platform_device_count) share the same cores.
+  """
+  device = jax.devices()[0]
+  peak = known_peak_flops(device)
+  if peak is not None:
+    return peak * jax.device_count(), f"table: {jax.device_count()} x {device.device_kind}"
+  return (measured_matmul_peak() * jax.process_count(),
+          f"measured float32 matmul on {jax.process_count()} x {device.device_kind} host(s)")

@@ -1,0 +1,78 @@
+"""Metric sinks: MODEL_DIR/metrics.jsonl (one JSON object per line, keyed by `step`), TensorBoard, progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+class MetricsWriter:
+  """Writes scalars from process 0 only; every record also goes to TensorBoard (train/ and eval/ runs)."""
+
+  def __init__(self, model_dir: str | Path, *, tensorboard: bool = True):
+    self.path = Path(model_dir) / "metrics.jsonl"
+    self.enabled = jax.process_index() == 0
+    self._tb: dict[str, Any] = {}
+    self._tb_root = Path(model_dir) if tensorboard else None
+
+  def truncate_after(self, step: int) -> None:
+    """On resume, drop records past the restored step: the resumed run writes them again, identically."""
+    if not self.enabled or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+      logging.info("metrics.jsonl: dropping %d records after restored step %d", len(lines) - len(kept), step)
+      tmp = self.path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(line + "\n" for line in kept))
+      tmp.replace(self.path)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in scalars.items()}
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": int(step), **clean}, sort_keys=True) + "\n")
+    if self._tb_root is not None:
+      self._write_tensorboard(step, scalars)
+
+  def _write_tensorboard(self, step: int, scalars: dict[str, float]) -> None:
+    import tensorflow as tf  # Already loaded by SeqIO; imported here so the module stays light for analysis code.
+    for key, value in scalars.items():
+      run, _, name = key.partition("/")
+      if not name:
+        run, name = "train", key
+      if run not in self._tb:
+        self._tb[run] = tf.summary.create_file_writer(str(self._tb_root / run))
+      with self._tb[run].as_default():
+        tf.summary.scalar(name, float(value), step=int(step))
+
+  def flush(self) -> None:
+    for writer in self._tb.values():
+      writer.flush()
+
+
+class Progress:
+  """A tqdm bar when stderr is a terminal; silent otherwise (log lines carry the numbers)."""
+
+  def __init__(self, start: int, total: int):
+    self._bar = None
+    if sys.stderr.isatty() and jax.process_index() == 0:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+  def update(self, n: int = 1, **postfix: float) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+      if postfix:
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,73 @@
+"""Optimizers and learning-rate schedules (T5X defaults: Adafactor with `constant * rsqrt_decay`)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+_SCHEDULE_FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "linear_decay", "cosine_decay")
+
+
+def make_schedule(factors: str = "constant * rsqrt_decay", base_learning_rate: float = 1.0,
+                  warmup_steps: int = 10_000, total_steps: int | None = None,
+                  end_learning_rate_fraction: float = 0.0) -> optax.Schedule:
+  """A product of named factors, as T5X's `create_learning_rate_scheduler`.
+
+  constant: base_learning_rate. linear_warmup: min(1, step / warmup_steps). rsqrt_decay: 1 / sqrt(max(step,
+  warmup_steps)) (flat during warm-up, so with base 1.0 and 10k warm-up steps T5's rate is 0.01 then decays).
+  linear_decay / cosine_decay: from 1 at the end of warm-up to `end_learning_rate_fraction` at `total_steps`.
+  """
+  names = [f.strip() for f in factors.split("*")]
+  unknown = [n for n in names if n not in _SCHEDULE_FACTORS]
+  if unknown:
+    raise ValueError(f"Unknown learning-rate factor(s) {unknown} in {factors!r}; known: {_SCHEDULE_FACTORS}.")
+  if any(n in ("linear_decay", "cosine_decay") for n in names) and not total_steps:
+    raise ValueError(f"Schedule {factors!r} decays to the end of training: set optim.make_schedule.total_steps.")
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    lr = jnp.asarray(1.0, jnp.float32)
+    for name in names:
+      if name == "constant":
+        lr *= base_learning_rate
+      elif name == "linear_warmup":
+        lr *= jnp.minimum(1.0, step / max(warmup_steps, 1))
+      elif name == "rsqrt_decay":
+        lr *= jnp.reciprocal(jnp.sqrt(jnp.maximum(step, max(warmup_steps, 1))))
+      else:
+        progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+        shape = 1.0 - progress if name == "linear_decay" else 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        lr *= end_learning_rate_fraction + (1.0 - end_learning_rate_fraction) * shape
+    return lr
+
+  return schedule
+
+
+def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | float | None = None,
+                   weight_decay: float = 0.0, clip_gradient_norm: float | None = None,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   adafactor_decay_rate: float = 0.8) -> optax.GradientTransformation:
+  """Adafactor with T5X's T5 v1.1 settings, or AdamW.
+
+  Adafactor: factored second moments (dims >= 128), decay_rate 0.8 with no offset, update clipping at RMS 1.0,
+  updates scaled by the parameter RMS (floored at 1e-3), no momentum, epsilon 1e-30.
+  """
+  lr = learning_rate if learning_rate is not None else make_schedule()
+  if name == "adafactor":
+    tx = optax.adafactor(
+        learning_rate=lr, min_dim_size_to_factor=128, decay_rate=adafactor_decay_rate, decay_offset=0,
+        multiply_by_parameter_scale=True, clipping_threshold=1.0, momentum=None, eps=1e-30, factored=True,
+        weight_decay_rate=weight_decay or None)
+  elif name == "adamw":
+    tx = optax.adamw(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  else:
+    raise ValueError(f"Unknown optimizer {name!r}; use 'adafactor' or 'adamw'.")
+  if clip_gradient_norm:
+    tx = optax.chain(optax.clip_by_global_norm(clip_gradient_norm), tx)
+  return tx
+
+
+def learning_rate_at(learning_rate: optax.Schedule | float | None, step: int) -> float:
+  """The rate an optimizer built by `make_optimizer(learning_rate=...)` uses at `step` (for logging)."""
+  lr = learning_rate if learning_rate is not None else make_schedule()
+  return float(lr(step)) if callable(lr) else float(lr)

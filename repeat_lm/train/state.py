@@ -1,0 +1,128 @@
+"""The sharded train state {'step', 'params', 'opt_state'} and the jitted train/eval steps.
+
+Shapes: B global batch, S encoder length, T decoder length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from repeat_lm.models.encoder_decoder import EncoderDecoderModel
+from repeat_lm.train import partitioning
+
+# Purposes of the run seed, so that parameter init and dropout never share a stream.
+PARAMS_PURPOSE, DROPOUT_PURPOSE = 0, 1
+
+
+def purpose_key(seed: int, purpose: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), purpose)
+
+
+@dataclasses.dataclass
+class StateLayout:
+  """Abstract state (shapes + shardings) and the shardings the jitted functions use."""
+  abstract: Any
+  shardings: Any
+  batch_shardings: Any
+  params_axes: Any
+
+
+def batch_specs(feature_lengths: Mapping[str, int], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  return {k: jax.ShapeDtypeStruct((batch_size, n), jnp.int32) for k, n in feature_lengths.items()}
+
+
+def layout(model: EncoderDecoderModel, tx: optax.GradientTransformation, partitioner: partitioning.Partitioner,
+           batch: Mapping[str, jax.ShapeDtypeStruct], seed: int) -> StateLayout:
+  """Works out every sharding without allocating: params from their logical axes, optimizer state by propagation."""
+  variables = jax.eval_shape(model.init, purpose_key(seed, PARAMS_PURPOSE), batch)
+  if "params_axes" not in variables:
+    raise ValueError("The model emits no 'params_axes' collection: create parameters with "
+                     "flax.linen.partitioning.param_with_axes so they can be sharded (the T5X contract).")
+  logical = partitioning.params_logical_axes(variables["params_axes"])
+  param_shardings = partitioner.tree_shardings(logical)
+  abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                 variables["params"], param_shardings)
+  with partitioner.mesh:
+    opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+  abstract_opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              jax.eval_shape(tx.init, abstract_params), opt_shardings)
+  step_sharding = partitioner.replicated()
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding), "params": abstract_params,
+              "opt_state": abstract_opt}
+  shardings = jax.tree.map(lambda s: s.sharding, abstract)
+  batch_shardings = {k: partitioner.batch_sharding() for k in batch}
+  return StateLayout(abstract, shardings, batch_shardings, logical)
+
+
+def init_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, lay: StateLayout,
+               partitioner: partitioning.Partitioner, batch: Mapping[str, jax.ShapeDtypeStruct], seed: int):
+  def init_fn(key):
+    params = model.init(key, batch)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  with partitioner.mesh, partitioner.axis_rules():
+    return jax.jit(init_fn, out_shardings=lay.shardings)(purpose_key(seed, PARAMS_PURPOSE))
+
+
+def count_source_tokens(tokens_BxL: jax.Array, first_sentinel_id: int | None) -> jax.Array:
+  """Tokens of the original text in a span-corrupted example: not padding (0), EOS (1) or a sentinel.
+
+  Every source token lands in exactly one of inputs or targets, so inputs + targets counts the text consumed.
+  """
+  real = tokens_BxL > 1
+  if first_sentinel_id is not None:
+    real &= tokens_BxL < first_sentinel_id
+  return jnp.sum(real.astype(jnp.float32))
+
+
+def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation, lay: StateLayout,
+                    partitioner: partitioning.Partitioner, seed: int, first_sentinel_id: int | None = None):
+  """state, batch -> (state, metric sums); the state buffers are donated."""
+  dropout_key = purpose_key(seed, DROPOUT_PURPOSE)
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(dropout_key, state["step"])  # Dropout at step s depends on (seed, s) only.
+    grad_fn = jax.value_and_grad(lambda p: model.loss_and_metrics(p, batch, dropout_rng=rng), has_aux=True)
+    (_, sums), grads = grad_fn(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    sums = dict(sums, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                source_tokens=count_source_tokens(batch["encoder_input_tokens"], first_sentinel_id) +
+                count_source_tokens(batch["decoder_target_tokens"], first_sentinel_id))
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, sums
+
+  jitted = jax.jit(step_fn, in_shardings=(lay.shardings, lay.batch_shardings),
+                   out_shardings=(lay.shardings, partitioner.replicated()), donate_argnums=(0,))
+
+  def run(state, batch):
+    with partitioner.mesh, partitioner.axis_rules():
+      return jitted(state, batch)
+
+  run.jitted = jitted
+  return run
+
+
+def make_eval_step(model: EncoderDecoderModel, lay: StateLayout, partitioner: partitioning.Partitioner):
+  """params, batch -> metric sums (no dropout)."""
+  jitted = jax.jit(lambda params, batch: model.loss_and_metrics(params, batch)[1],
+                   in_shardings=(lay.shardings["params"], lay.batch_shardings),
+                   out_shardings=partitioner.replicated())
+
+  def run(params, batch):
+    with partitioner.mesh, partitioner.axis_rules():
+      return jitted(params, batch)
+
+  return run
+
+
+def global_batch(host_batch: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+  """Assemble each host's rows into one global array per feature, sharded over 'data'."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()
+          if k in shardings}

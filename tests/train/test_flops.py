@@ -1,0 +1,51 @@
+"""The FLOP counter against reference section 6 and a hand expansion of its formula."""
+
+import dataclasses
+
+import pytest
+
+from repeat_lm.train import flops
+
+
+@dataclasses.dataclass
+class Dims:  # The T5Config fields the counter reads.
+  emb_dim: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  vocab_size: int = 32128
+  mlp_activations: tuple = ("gelu", "linear")
+
+
+BASE = Dims(768, 12, 64, 2048, 12, 12)
+
+
+def test_t5_base_matches_published_425_9_gflop():
+  got = flops.train_flops_per_sequence(BASE, 512, 114)
+  assert got == pytest.approx(425.9e9, rel=0.01)
+
+
+def test_formula_expanded_by_hand():
+  d, a, f, v, se, sd = 768, 768, 2048, 32128, 512, 114
+  enc = se * 8 * d * a + 4 * se**2 * a + se * 2 * 3 * d * f
+  dec = sd * 8 * d * a + 4 * sd**2 * a + sd * 4 * d * a + se * 4 * d * a + 4 * sd * se * a + sd * 2 * 3 * d * f
+  expected = 3 * (12 * enc + 12 * dec + 2 * sd * d * v)
+  assert flops.train_flops_per_sequence(BASE, 512, 114) == expected
+
+
+def test_relu_mlp_counts_two_matrices():
+  gated = flops.encoder_layer_flops(BASE, 512)
+  relu = flops.encoder_layer_flops(dataclasses.replace(BASE, mlp_activations=("relu",)), 512)
+  assert gated - relu == 512 * 2 * 768 * 2048
+
+
+def test_peak_table_prefers_longest_name():
+  class Dev:
+    device_kind = "TPU v5 lite"
+  assert flops.known_peak_flops(Dev()) == 197e12
+  Dev.device_kind = "NVIDIA H100 80GB HBM3"
+  assert flops.known_peak_flops(Dev()) == 989e12
+  Dev.device_kind = "cpu"
+  assert flops.known_peak_flops(Dev()) is None

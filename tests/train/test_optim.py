@@ -1,0 +1,58 @@
+"""Schedules and optimizer construction."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from repeat_lm.train import optim
+
+
+def test_rsqrt_schedule_is_t5s():
+  s = optim.make_schedule()  # constant 1.0 * rsqrt_decay, 10k warm-up.
+  assert float(s(0)) == pytest.approx(0.01)
+  assert float(s(10_000)) == pytest.approx(0.01)
+  assert float(s(40_000)) == pytest.approx(0.005)
+
+
+def test_warmup_and_cosine():
+  s = optim.make_schedule("constant * linear_warmup * cosine_decay", base_learning_rate=2.0, warmup_steps=10,
+                          total_steps=110)
+  assert float(s(5)) == pytest.approx(1.0)
+  assert float(s(10)) == pytest.approx(2.0)
+  assert float(s(60)) == pytest.approx(1.0, abs=1e-5)
+  assert float(s(110)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bad_schedule_names_the_problem():
+  with pytest.raises(ValueError, match="Unknown learning-rate factor"):
+    optim.make_schedule("constant * exponential")
+  with pytest.raises(ValueError, match="total_steps"):
+    optim.make_schedule("constant * cosine_decay")
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw"])
+def test_optimizers_reduce_a_quadratic(name):
+  tx = optim.make_optimizer(name, learning_rate=0.1 if name == "adamw" else 0.5)
+  params = {"w": jnp.full((4, 256), 3.0)}
+  state = tx.init(params)
+  loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
+  start = float(loss(params))
+  for _ in range(20):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert float(loss(params)) < start * 0.5
+
+
+def test_adafactor_factors_large_matrices():
+  tx = optim.make_optimizer("adafactor", learning_rate=0.01)
+  state = tx.init({"w": jnp.zeros((256, 512))})
+  shapes = {tuple(np.shape(x)) for x in jax.tree.leaves(state)}
+  assert (256,) in shapes and (512,) in shapes and (256, 512) not in shapes
+
+
+def test_unknown_optimizer():
+  with pytest.raises(ValueError, match="adafactor"):
+    optim.make_optimizer("sgd")

@@ -1,0 +1,35 @@
+"""Mesh construction and logical-axis shardings."""
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from repeat_lm.train import partitioning
+
+
+def test_mesh_uses_all_devices():
+  assert jax.device_count() == 8
+  mesh = partitioning.make_mesh(-1, 2)
+  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  assert dict(partitioning.make_mesh(8, -1).shape) == {"data": 8, "model": 1}
+
+
+@pytest.mark.parametrize("data,model", [(3, -1), (-1, -1), (2, 2), (16, 1)])
+def test_impossible_mesh_is_a_clear_error(data, model):
+  with pytest.raises(ValueError, match="Mesh shape|at most one axis"):
+    partitioning.make_mesh(data, model)
+
+
+def test_logical_rules_map_t5x_names():
+  p = partitioning.Partitioner(data_parallel=4, model_parallel=2)
+  assert p.logical_to_spec(("embed", "mlp")) == P(None, "model")
+  assert p.logical_to_spec(("batch", "length", "embed")) == P("data", None, None)
+  assert p.logical_to_spec(("vocab", "embed")) == P("model", None)
+  fsdp = partitioning.Partitioner(data_parallel=4, model_parallel=2, fsdp=True)
+  assert fsdp.logical_to_spec(("embed", "mlp")) == P("data", "model")
+
+
+def test_params_axes_become_tuples():
+  from flax.linen import partitioning as nnp
+  axes = {"dense": {"kernel_axes": nnp.AxisMetadata(names=("embed", "mlp"))}}
+  assert partitioning.params_logical_axes(axes) == {"dense": {"kernel": ("embed", "mlp")}}
