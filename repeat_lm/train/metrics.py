@@ -43,19 +43,24 @@ class MetricsWriter:
       self._write_tensorboard(step, scalars)
 
   def _write_tensorboard(self, step: int, scalars: dict[str, float]) -> None:
-    import tensorflow as tf  # Already loaded by SeqIO; imported here so the module stays light for analysis code.
+    # tensorboardX writes the event files TensorBoard reads, without needing the tensorboard package.
+    from tensorboardX import SummaryWriter
     for key, value in scalars.items():
       run, _, name = key.partition("/")
       if not name:
         run, name = "train", key
       if run not in self._tb:
-        self._tb[run] = tf.summary.create_file_writer(str(self._tb_root / run))
-      with self._tb[run].as_default():
-        tf.summary.scalar(name, float(value), step=int(step))
+        self._tb[run] = SummaryWriter(str(self._tb_root / run))
+      self._tb[run].add_scalar(name, float(value), int(step))
 
   def flush(self) -> None:
     for writer in self._tb.values():
       writer.flush()
+
+  def close(self) -> None:
+    for writer in self._tb.values():
+      writer.close()
+    self._tb = {}
 
 
 class Progress:

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel
 from repeat_lm.train import partitioning
@@ -49,16 +49,47 @@ def layout(model: EncoderDecoderModel, tx: optax.GradientTransformation, partiti
   param_shardings = partitioner.tree_shardings(logical)
   abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  variables["params"], param_shardings)
-  with partitioner.mesh:
-    opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
-  abstract_opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              jax.eval_shape(tx.init, abstract_params), opt_shardings)
+  abstract_opt = optimizer_state_layout(jax.eval_shape(tx.init, abstract_params), abstract_params, partitioner)
   step_sharding = partitioner.replicated()
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding), "params": abstract_params,
               "opt_state": abstract_opt}
   shardings = jax.tree.map(lambda s: s.sharding, abstract)
   batch_shardings = {k: partitioner.batch_sharding() for k in batch}
   return StateLayout(abstract, shardings, batch_shardings, logical)
+
+
+def optimizer_state_layout(abstract_opt: Any, abstract_params: Any, partitioner: partitioning.Partitioner) -> Any:
+  """Shard each optimizer-state leaf like the parameter it belongs to.
+
+  Optimizer states hold copies of the parameter tree (Adam's moments: same shapes) or reductions of it
+  (Adafactor's factored row/column statistics: one dimension dropped). A leaf is matched to its parameter by the
+  trailing dict keys of its path; a dropped dimension drops its mesh axis. Anything else (step counts, scalars) is
+  replicated.
+  """
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+    by_path[tuple(k.key for k in path)] = (leaf.shape, tuple(leaf.sharding.spec) + (None,) * len(leaf.shape))
+
+  def leaf_sharding(path, leaf):
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, k.key)
+    match = by_path.get(tuple(keys))
+    if match is None or not leaf.shape:
+      return partitioner.replicated()
+    shape, spec = match
+    if tuple(leaf.shape) == tuple(shape):
+      return NamedSharding(partitioner.mesh, PartitionSpec(*spec[:len(shape)]))
+    for dropped in range(len(shape)):  # Factored statistics: the parameter's shape minus one dimension.
+      if tuple(shape[:dropped]) + tuple(shape[dropped + 1:]) == tuple(leaf.shape):
+        return NamedSharding(partitioner.mesh, PartitionSpec(*(spec[:dropped] + spec[dropped + 1:len(shape)])))
+    return partitioner.replicated()
+
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf_sharding(path, leaf)),
+      abstract_opt)
 
 
 def init_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, lay: StateLayout,

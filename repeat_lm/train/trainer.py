@@ -187,7 +187,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     progress.update(window_steps)
     progress.close()
     stop.restore()
-    writer.flush()
+    writer.close()
     checkpointer.close()
   _write_config(model_dir_path, operative=True)
   return last
@@ -216,5 +216,5 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
                                                  lay).items()}
   writer = metrics_lib.MetricsWriter(model_dir)
   writer.write(step, result)
-  writer.flush()
+  writer.close()
   return {"step": step, **result}

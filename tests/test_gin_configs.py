@@ -1,0 +1,61 @@
+"""Every shipped gin file parses against repeat_lm's configurables, and bad gin gives an instruction."""
+
+from pathlib import Path
+
+import gin
+import pytest
+
+from repeat_lm import gin_utils
+
+GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
+MODEL_GINS = sorted(str(p.relative_to(GIN_DIR.parent)) for p in (GIN_DIR / "models").glob("*.gin"))
+# Run gins that include a model themselves parse alone; the others are parsed with a model gin first.
+SELF_CONTAINED = ["gin/runs/smoke.gin"]
+NEEDS_MODEL = ["gin/runs/pretrain.gin", "gin/runs/eval.gin"]
+
+
+def _parse(*files):
+  gin_utils.parse(list(files), [])
+  return gin.config_str()
+
+
+def test_model_gins_exist():
+  assert {"gin/models/t5_1_1_tiny.gin", "gin/models/t5_1_1_base.gin", "gin/models/t5_1_1_xxl.gin"} <= set(MODEL_GINS)
+
+
+@pytest.mark.parametrize("model_gin", MODEL_GINS)
+@pytest.mark.parametrize("run_gin", NEEDS_MODEL)
+def test_model_and_run_gins_parse(model_gin, run_gin):
+  _parse(model_gin, run_gin)
+  assert gin.query_parameter("%MODEL_DIR") is gin.REQUIRED
+
+
+@pytest.mark.parametrize("run_gin", SELF_CONTAINED)
+def test_self_contained_run_gins_parse(run_gin):
+  _parse(run_gin)
+  assert gin.query_parameter("%TRAIN_STEPS") == 50
+
+
+def test_bindings_override_files():
+  gin_utils.parse(["gin/runs/smoke.gin"], ["TRAIN_STEPS=7", "MODEL_DIR='/tmp/x'"])
+  assert gin.query_parameter("%TRAIN_STEPS") == 7
+  assert gin.query_parameter("%MODEL_DIR") == "/tmp/x"
+
+
+@pytest.mark.parametrize("binding", ["TRAIN_STEPS=", "MODEL_DIR=/tmp/unquoted path", "trainer.train.no_such_arg=1",
+                                     "t5.T5Config.emb_dim = (("])
+def test_malformed_binding_is_a_clear_error(binding):
+  with pytest.raises(gin_utils.GinConfigError, match="Could not parse the gin configuration"):
+    gin_utils.parse(["gin/runs/smoke.gin"], [binding])
+
+
+def test_missing_gin_file():
+  with pytest.raises(gin_utils.GinConfigError, match="not found"):
+    gin_utils.parse(["gin/runs/no_such_run.gin"], [])
+
+
+def test_split_gin_args():
+  bindings, rest = gin_utils.split_gin_args(
+      ["--gin_file=a.gin", "--gin.MODEL_DIR='/x'", "--gin.TRAIN_STEPS", "3", "--log_level=INFO"])
+  assert bindings == ["MODEL_DIR='/x'", "TRAIN_STEPS=3"]
+  assert rest == ["--gin_file=a.gin", "--log_level=INFO"]
