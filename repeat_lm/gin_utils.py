@@ -12,6 +12,21 @@ import gin
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Command-line bindings are parsed apart from the files' imports; this prelude gives them the short module names
+# the shipped gin files use, so --gin.MIXTURE_OR_TASK_NAME=@tasks.span_corruption_task() works as in a file.
+CLI_PRELUDE = """from __gin__ import dynamic_registration
+from repeat_lm import models
+from repeat_lm.models import t5
+from repeat_lm.data import pipeline
+from repeat_lm.data import tasks
+from repeat_lm.data import vocab
+from repeat_lm.train import checkpoint
+from repeat_lm.train import optim
+from repeat_lm.train import partitioning
+from repeat_lm.train import trainer
+"""
+
+
 class GinConfigError(ValueError):
   pass
 
@@ -51,7 +66,8 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
       raise GinConfigError(f"Gin file {f!r} not found (searched the current directory and {REPO_ROOT}); "
                            "pass an existing path, e.g. --gin_file=gin/runs/smoke.gin.")
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+    bindings = [CLI_PRELUDE + bindings[0], *bindings[1:]] if bindings else []
+    gin.parse_config_files_and_bindings(list(gin_files), bindings, finalize_config=False)
   except Exception as e:  # Gin reports syntax errors, unknown names and bad includes with various types.
     raise GinConfigError(
         f"Could not parse the gin configuration ({type(e).__name__}): {e}\n"
@@ -59,8 +75,24 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
         "(--gin.MODEL_DIR=\"'/tmp/run'\"), names must exist in the imported modules.") from e
 
 
+def unbound_required_macros() -> list[str]:
+  """Macros still set to %gin.REQUIRED (gin would pass its sentinel object on instead of failing)."""
+  # gin 0.5 keeps macros as bindings of the 'gin.macro' configurable, scoped by the macro's name.
+  return sorted(scope for (scope, selector), params in gin.config._CONFIG.items()  # pylint: disable=protected-access
+                if selector == "gin.macro" and repr(params.get("value")) == "%gin.REQUIRED")
+
+
+def check_required() -> None:
+  missing = unbound_required_macros()
+  if missing:
+    example = " ".join(f"--gin.{m}=..." for m in missing)
+    raise GinConfigError(f"Required setting(s) not bound: {', '.join(missing)}. Bind them on the command line "
+                         f"({example}; strings in inner quotes, e.g. --gin.MODEL_DIR=\"'/tmp/run'\") or in a gin file.")
+
+
 def call_configured(fn, **kwargs):
   """Call a gin-configured function, turning gin's missing-REQUIRED errors into an instruction."""
+  check_required()
   try:
     return gin.configurable(fn)(**kwargs)
   except (RuntimeError, ValueError, TypeError) as e:
