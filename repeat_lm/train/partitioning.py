@@ -8,6 +8,7 @@ and batches here, so changing the mesh never changes the model code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -95,6 +96,13 @@ class Partitioner:
   def axis_rules(self):
     """Context manager under which `nn.with_logical_constraint` resolves names with these rules."""
     return nn_partitioning.axis_rules(self.rules)
+
+  @contextlib.contextmanager
+  def activate(self):
+    """Mesh + rules for tracing the model. `jax.set_mesh` is what makes flax's logical activation constraints
+    real; the legacy `with mesh:` alone lets flax skip them silently."""
+    with jax.set_mesh(self.mesh), self.axis_rules():
+      yield
 
   def logical_to_spec(self, logical_axes: Sequence[str | None] | None) -> PartitionSpec:
     if logical_axes is None:

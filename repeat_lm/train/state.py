@@ -98,7 +98,7 @@ def init_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, lay
     params = model.init(key, batch)["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
-  with partitioner.mesh, partitioner.axis_rules():
+  with partitioner.activate():
     return jax.jit(init_fn, out_shardings=lay.shardings)(purpose_key(seed, PARAMS_PURPOSE))
 
 
@@ -133,7 +133,7 @@ def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation
                    out_shardings=(lay.shardings, partitioner.replicated()), donate_argnums=(0,))
 
   def run(state, batch):
-    with partitioner.mesh, partitioner.axis_rules():
+    with partitioner.activate():
       return jitted(state, batch)
 
   run.jitted = jitted
@@ -147,7 +147,7 @@ def make_eval_step(model: EncoderDecoderModel, lay: StateLayout, partitioner: pa
                    out_shardings=partitioner.replicated())
 
   def run(params, batch):
-    with partitioner.mesh, partitioner.axis_rules():
+    with partitioner.activate():
       return jitted(params, batch)
 
   return run

@@ -1,0 +1,125 @@
+"""Unit checks of the T5 building blocks against hand-computed values and plain numpy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from repeat_lm.models import layers
+
+KEY = jax.random.key(0)
+
+
+@pytest.mark.parametrize("relative_position, bidirectional, bucket", [
+    # Bidirectional (encoder): 16 buckets per direction, 8 exact; keys after the query use buckets 16-31.
+    (0, True, 0), (-1, True, 1), (-7, True, 7), (-8, True, 8), (1, True, 17), (8, True, 24),
+    (-16, True, 10),  # 8 + floor(8 * log(16/8) / log(128/8)) = 8 + 2
+    (-20, True, 10),  # 8 + floor(8 * log(2.5) / log(16)) = 8 + floor(2.64)
+    (-127, True, 15), (-128, True, 15), (200, True, 31),
+    # Unidirectional (decoder): 32 buckets, 16 exact; keys after the query fold into bucket 0.
+    (5, False, 0), (0, False, 0), (-15, False, 15), (-16, False, 16),
+    (-32, False, 21),  # 16 + floor(16 * log(2) / log(8)) = 16 + 5
+    (-100, False, 30), (-127, False, 31), (-1000, False, 31),
+])
+def test_relative_position_bucket_hand_values(relative_position, bidirectional, bucket):
+  assert int(layers.relative_position_bucket(jnp.int32(relative_position), bidirectional, 32, 128)) == bucket
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_position_bucket_matches_float64_formula(bidirectional):
+  def reference(rel):
+    num_buckets, offset = (16, 16 * (rel > 0)) if bidirectional else (32, 0)
+    n = abs(rel) if bidirectional else max(-rel, 0)
+    max_exact = num_buckets // 2
+    if n < max_exact:
+      return offset + n
+    large = max_exact + int(math.log(n / max_exact) / math.log(128 / max_exact) * (num_buckets - max_exact))
+    return offset + min(large, num_buckets - 1)
+
+  rel = np.arange(-600, 601)
+  got = np.asarray(layers.relative_position_bucket(jnp.asarray(rel, jnp.int32), bidirectional, 32, 128))
+  np.testing.assert_array_equal(got, [reference(int(r)) for r in rel])
+
+
+def test_relative_position_bias_shape_and_values():
+  module = layers.RelativePositionBias(num_heads=3)
+  positions = jnp.arange(5)
+  params = module.init(KEY, positions, positions, True)
+  bias = module.apply(params, positions, positions, True)
+  assert bias.shape == (1, 3, 5, 5)
+  table = params["params"]["rel_embedding"]
+  assert bias[0, 2, 4, 1] == table[2, 3]  # key 1, query 4: offset -3, bucket 3
+  assert bias[0, 2, 1, 4] == table[2, 16 + 3]  # offset +3: upper half
+
+
+def test_rms_norm_matches_numpy():
+  x = jax.random.normal(KEY, (2, 3, 8)) * 3.0
+  norm = layers.RMSNorm(epsilon=1e-6)
+  params = {"params": {"scale": jnp.linspace(0.5, 2.0, 8)}}
+  expected = np.asarray(x) / np.sqrt(np.mean(np.asarray(x) ** 2, -1, keepdims=True) + 1e-6) * np.linspace(0.5, 2, 8)
+  np.testing.assert_allclose(norm.apply(params, x), expected, rtol=1e-5, atol=1e-6)
+  assert norm.init(KEY, x)["params_axes"]["scale_axes"].names == ("embed",)
+
+
+def test_attention_has_no_logit_scaling_and_scales_query_init():
+  d, heads, head_dim = 256, 4, 64
+  attention = layers.MultiHeadAttention(heads, head_dim)
+  x = jax.random.normal(KEY, (2, 5, d))
+  variables = attention.init(KEY, x, x, None, None, True)
+  p = variables["params"]
+  assert variables["params_axes"]["query"]["kernel_axes"].names == ("embed", "joined_kv")
+  assert variables["params_axes"]["out"]["kernel_axes"].names == ("joined_kv", "embed")
+  # T5 folds 1/sqrt(head_dim) into the query init: std 1/sqrt(d * head_dim) instead of 1/sqrt(d).
+  np.testing.assert_allclose(np.std(p["query"]["kernel"]) * math.sqrt(d * head_dim), 1.0, rtol=0.05)
+  np.testing.assert_allclose(np.std(p["key"]["kernel"]) * math.sqrt(d), 1.0, rtol=0.05)
+
+  q, k, v = ((np.asarray(x) @ np.asarray(p[n]["kernel"])).reshape(2, 5, heads, head_dim)
+             for n in ("query", "key", "value"))
+  logits = np.einsum("bqhe,bkhe->bhqk", q, k)  # no 1 / sqrt(head_dim) here
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  out = np.einsum("bhqk,bkhe->bqhe", weights, v).reshape(2, 5, -1) @ np.asarray(p["out"]["kernel"])
+  np.testing.assert_allclose(attention.apply(variables, x, x, None, None, True), out, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_cache_shapes_and_single_step_updates():
+  attention = layers.MultiHeadAttention(2, 4, decode=True, decode_length=6)
+  x = jax.random.normal(KEY, (3, 6, 8))
+  variables = attention.init(KEY, x, x, None, None, True)
+  cache = variables["cache"]
+  assert cache["cached_key"].shape == cache["cached_value"].shape == (3, 6, 2, 4)
+  assert int(cache["cache_index"]) == 0
+  step = {"params": variables["params"], "cache": cache}
+  _, mutated = attention.apply(step, x[:, :1], x[:, :1], None, None, True, mutable=["cache"])
+  assert int(mutated["cache"]["cache_index"]) == 1
+  assert np.abs(np.asarray(mutated["cache"]["cached_key"][:, 1:])).max() == 0  # only position 0 written
+  with pytest.raises(ValueError, match="one position per call"):
+    attention.apply(step, x[:, :2], x[:, :2], None, None, True, mutable=["cache"])
+
+
+@pytest.mark.parametrize("activations, kernels", [(("gelu", "linear"), {"wi_0", "wi_1", "wo"}),
+                                                  (("relu",), {"wi", "wo"})])
+def test_mlp_block(activations, kernels):
+  mlp = layers.MlpBlock(mlp_dim=16, activations=activations)
+  x = jax.random.normal(KEY, (2, 3, 8))
+  variables = mlp.init(KEY, x, True)
+  p = variables["params"]
+  assert set(p) == kernels
+  assert variables["params_axes"]["wo"]["kernel_axes"].names == ("mlp", "embed")
+  if activations == ("gelu", "linear"):
+    h = np.asarray(jax.nn.gelu(x @ p["wi_0"]["kernel"], approximate=True)) * np.asarray(x @ p["wi_1"]["kernel"])
+  else:
+    h = np.maximum(np.asarray(x @ p["wi"]["kernel"]), 0)
+  np.testing.assert_allclose(mlp.apply(variables, x, True), h @ np.asarray(p["wo"]["kernel"]), rtol=1e-5, atol=1e-5)
+
+
+def test_masks():
+  valid = jnp.array([[True, True, False]])
+  np.testing.assert_array_equal(layers.make_attention_mask(valid, valid)[0, 0],
+                                [[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+  segments = jnp.array([[1, 1, 2]])
+  np.testing.assert_array_equal(layers.make_segment_mask(segments, segments)[0, 0],
+                                [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+  np.testing.assert_array_equal(layers.make_causal_mask(3)[0, 0], [[1, 0, 0], [1, 1, 0], [1, 1, 1]])
