@@ -15,6 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Command-line bindings are parsed apart from the files' imports; this prelude gives them the short module names
 # the shipped gin files use, so --gin.MIXTURE_OR_TASK_NAME=@tasks.span_corruption_task() works as in a file.
 CLI_PRELUDE = """from __gin__ import dynamic_registration
+from repeat_lm import gin_utils
 from repeat_lm import models
 from repeat_lm.models import t5
 from repeat_lm.data import pipeline
@@ -102,3 +103,19 @@ def call_configured(fn, **kwargs):
           f"{msg}\nA required setting is missing: bind it on the command line, e.g. --gin.MODEL_DIR=\"'/tmp/run'\" "
           "--gin.TRAIN_STEPS=1000, or in a gin file.") from e
     raise
+
+
+def macro_value(value=gin.REQUIRED):
+  """Returns what gin binds to `value`: a probe for reading a macro (bound by `configured_macro`)."""
+  return value
+
+
+def configured_macro(gin_files: Sequence[str], bindings: Sequence[str], macro: str,
+                     search_paths: Sequence[str] = ()):
+  """Parse gin and return the value of `macro` (e.g. the MODEL a model gin builds)."""
+  parse(gin_files, [*bindings, f"gin_utils.macro_value.value = %{macro}"], search_paths)
+  try:
+    return gin.configurable(macro_value)()
+  except Exception as e:
+    raise GinConfigError(f"The gin files {list(gin_files)} do not define {macro}: include a model gin such as "
+                         f"gin/models/t5_1_1_small.gin ({type(e).__name__}: {e}).") from e

@@ -1,0 +1,171 @@
+"""`repeat-lm bench train`: time the compiled training step alone and report throughput and MFU.
+
+The step is `state.make_train_step`, the very function the trainer runs. Data is synthetic, already on device;
+nothing syncs with the host inside a timed round except the final block. Shapes: B batch, S / T encoder / decoder
+lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repeat_lm.models.encoder_decoder import EncoderDecoderModel
+from repeat_lm.train import flops, optim, partitioning, state as state_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  batch_size: int = 8
+  inputs_length: int = 512
+  targets_length: int = 114
+  steps: int = 5            # Steps per timed round.
+  rounds: int = 5           # Timed rounds; the median round gives the step time.
+  warmup: int = 2
+  seed: int = 0
+
+
+def synthetic_batch(cfg: BenchConfig, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Full-length, unpacked rows of random tokens (ids >= 2, so no padding or EOS)."""
+  rng = np.random.default_rng(seed)
+  b, s, t = cfg.batch_size, cfg.inputs_length, cfg.targets_length
+  targets = rng.integers(2, vocab_size, size=(b, t), dtype=np.int32)
+  return {
+      "encoder_input_tokens": rng.integers(2, vocab_size, size=(b, s), dtype=np.int32),
+      "decoder_target_tokens": targets,
+      "decoder_input_tokens": np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1),
+      "decoder_loss_weights": np.ones((b, t), np.int32),
+  }
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS of the process"
+
+
+class JaxStep:
+  """A compiled repeat_lm train step with its state, ready to be timed in rounds."""
+
+  def __init__(self, model: EncoderDecoderModel, cfg: BenchConfig, partitioner: partitioning.Partitioner,
+               tx=None):
+    self.model, self.cfg, self.partitioner = model, cfg, partitioner
+    tx = tx or optim.make_optimizer(learning_rate=optim.make_schedule())
+    host = synthetic_batch(cfg, model.vocab_size, cfg.seed)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32) for k, v in host.items()}
+    self.layout = state_lib.layout(model, tx, partitioner, spec, cfg.seed)
+    self.batch = state_lib.global_batch(host, self.layout.batch_shardings)
+    self.state = state_lib.init_state(model, tx, self.layout, partitioner, spec, cfg.seed)
+    self.step_fn = state_lib.make_train_step(model, tx, self.layout, partitioner, cfg.seed)
+    start = time.perf_counter()
+    with partitioner.activate():
+      self.compiled = self.step_fn.jitted.lower(self.state, self.batch).compile()
+    self.compile_time_s = time.perf_counter() - start
+    self.last_metrics = None
+
+  def run(self, steps: int) -> float:
+    """Seconds for `steps` steps, blocking once at the end."""
+    start = time.perf_counter()
+    with self.partitioner.activate():
+      for _ in range(steps):
+        self.state, self.last_metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready(self.state)
+    return time.perf_counter() - start
+
+
+def timed_rounds(run: Callable[[int], float], cfg: BenchConfig) -> list[float]:
+  run(cfg.warmup)
+  return [run(cfg.steps) / cfg.steps for _ in range(cfg.rounds)]
+
+
+def summarize_times(step_times: Sequence[float], cfg: BenchConfig, flops_per_step: float,
+                    peak: float) -> dict[str, float]:
+  median = statistics.median(step_times)
+  tokens = cfg.batch_size * (cfg.inputs_length + cfg.targets_length)
+  return {
+      "step_time_s": median,
+      "step_time_min_s": min(step_times),
+      "step_time_max_s": max(step_times),
+      "sequences_per_s": cfg.batch_size / median,
+      "encoder_tokens_per_s": cfg.batch_size * cfg.inputs_length / median,
+      "decoder_tokens_per_s": cfg.batch_size * cfg.targets_length / median,
+      "tokens_per_s": tokens / median,
+      "model_tflops_per_s": flops_per_step / median / 1e12,
+      "mfu": flops_per_step / median / peak,
+  }
+
+
+def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: bool = False,
+                  partitioner: partitioning.Partitioner | None = None) -> dict:
+  """Benchmark repeat_lm's step (and, interleaved round by round, Hugging Face's) on the same shapes."""
+  partitioner = partitioner or partitioning.Partitioner()
+  mcfg = model.module.config
+  flops_per_step = flops.train_flops_per_sequence(mcfg, cfg.inputs_length, cfg.targets_length) * cfg.batch_size
+  peak, peak_source = flops.peak_flops_total()
+  ours = JaxStep(model, cfg, partitioner)
+  hf = None
+  if compare_hf:
+    from repeat_lm.bench import hf as hf_lib
+    hf = hf_lib.HfStep(mcfg, cfg)
+  ours.run(cfg.warmup)
+  if hf:
+    hf.run(cfg.warmup)
+  ours_times, hf_times = [], []
+  for _ in range(cfg.rounds):  # Interleaved, so both see the same machine conditions.
+    ours_times.append(ours.run(cfg.steps) / cfg.steps)
+    if hf:
+      hf_times.append(hf.run(cfg.steps) / cfg.steps)
+  memory, memory_source = peak_memory_bytes()
+  result = {
+      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "mesh": dict(partitioner.mesh.shape),
+      "dtype": mcfg.dtype,
+      "batch_size": cfg.batch_size, "inputs_length": cfg.inputs_length, "targets_length": cfg.targets_length,
+      "scan_layers": mcfg.scan_layers, "remat_policy": mcfg.remat_policy,
+      "compile_time_s": ours.compile_time_s,
+      "model_flops_per_step": flops_per_step,
+      "peak_flops": peak, "peak_flops_source": peak_source,
+      "peak_memory_bytes": memory, "peak_memory_source": memory_source,
+      "loss": float(ours.last_metrics["loss_sum"] / ours.last_metrics["weight_sum"]),
+      **summarize_times(ours_times, cfg, flops_per_step, peak),
+  }
+  if hf:
+    hf_summary = summarize_times(hf_times, cfg, flops_per_step, peak)
+    result["hf"] = {k: hf_summary[k] for k in ("step_time_s", "step_time_min_s", "step_time_max_s",
+                                               "tokens_per_s", "mfu")}
+    result["hf"]["torch_threads"] = hf.threads
+    result["speedup_vs_hf"] = result["tokens_per_s"] / hf_summary["tokens_per_s"]
+  return result
+
+
+def with_dtype(model: EncoderDecoderModel, dtype: str) -> EncoderDecoderModel:
+  """'auto': float32 activations on CPU (no fast bfloat16 matmuls there, and the peer runs float32), else as is."""
+  if dtype == "auto":
+    dtype = "float32" if jax.devices()[0].platform == "cpu" else model.module.config.dtype
+  config = dataclasses.replace(model.module.config, dtype=dtype)
+  return dataclasses.replace(model, module=model.module.clone(config=config))
+
+
+def format_report(r: dict) -> str:
+  lines = [
+      f"device {r['device']}, mesh {r['mesh']}, {r['dtype']}, batch {r['batch_size']}, "
+      f"{r['inputs_length']}/{r['targets_length']}, scan={r['scan_layers']}, remat={r['remat_policy']}",
+      f"compile {r['compile_time_s']:.1f}s; step {r['step_time_s'] * 1e3:.1f} ms "
+      f"(min {r['step_time_min_s'] * 1e3:.1f}, max {r['step_time_max_s'] * 1e3:.1f}); "
+      f"{r['tokens_per_s']:.0f} tokens/s; {r['model_tflops_per_s']:.3f} TFLOP/s; MFU {100 * r['mfu']:.1f}% of "
+      f"{r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_flops_source']}); peak memory "
+      f"{r['peak_memory_bytes'] / 2**30:.2f} GiB",
+  ]
+  if "hf" in r:
+    lines.append(f"Hugging Face (PyTorch, {r['hf']['torch_threads']} threads): step "
+                 f"{r['hf']['step_time_s'] * 1e3:.1f} ms, {r['hf']['tokens_per_s']:.0f} tokens/s, "
+                 f"MFU {100 * r['hf']['mfu']:.1f}%; repeat_lm / HF = {r['speedup_vs_hf']:.2f}x")
+  return "\n".join(lines)
