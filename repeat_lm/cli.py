@@ -30,20 +30,110 @@ def _add_eval(sub) -> None:
                                description="Gin bindings: --gin.KEY=VALUE (repeatable), as in T5X."))
 
 
+def _add_finetune(sub) -> None:
+  _add_gin_args(sub.add_parser(
+      "finetune", help="Fine-tune from INITIAL_CHECKPOINT_PATH (repeat_lm, Hugging Face or T5X) into MODEL_DIR, "
+      "evaluating by decoding (gin/runs/finetune.gin).", description="Gin bindings: --gin.KEY=VALUE, as in T5X."))
+
+
 def _run_gin_command(args, bindings: Sequence[str]) -> dict:
   from repeat_lm import gin_utils
   from repeat_lm.train import distributed
   distributed.maybe_initialize()
   from repeat_lm.train import trainer
   gin_utils.parse(args.gin_file, bindings, args.gin_search_path)
-  fn = trainer.train if args.command == "train" else trainer.evaluate
+  if args.command == "finetune":
+    _require_initial_checkpoint()
+  fn = trainer.evaluate if args.command == "eval" else trainer.train
   return gin_utils.call_configured(fn)
+
+
+def _require_initial_checkpoint() -> None:
+  import gin
+  from repeat_lm import gin_utils
+  try:
+    path = gin.query_parameter("trainer.train.initial_checkpoint_path")
+    if isinstance(path, gin.config.ConfigurableReference) and path.selector == "gin.macro":
+      path = gin.query_parameter(f"%{path.scoped_selector.split('/')[0]}")
+  except ValueError:
+    path = None
+  if repr(path) == "%gin.REQUIRED":
+    return  # reported with the other missing settings when the configuration is called
+  if not path:
+    raise gin_utils.GinConfigError("finetune starts from a pre-trained model: bind INITIAL_CHECKPOINT_PATH (e.g. "
+                                   "--gin_file=gin/runs/finetune.gin --gin.INITIAL_CHECKPOINT_PATH=\"'/path'\").")
+
+
+# ---- infer / export ----
+
+def _add_infer(sub) -> None:
+  p = sub.add_parser("infer", help="Decode each line of a text file with a MODEL_DIR's model (greedy, sampling or "
+                     "beam search); prints one JSON object with the outputs unless --output_file is given.",
+                     description="The model and its vocabulary come from MODEL_DIR/config.gin unless --gin_file.")
+  _add_gin_args(p)
+  p.add_argument("--checkpoint", required=True, help="MODEL_DIR of a repeat_lm run (its latest checkpoint).")
+  p.add_argument("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
+  p.add_argument("--input_file", required=True, help="UTF-8 text, one input per line.")
+  p.add_argument("--output_file", default=None, help="Write one output per line here.")
+  p.add_argument("--method", choices=["greedy", "sample", "beam"], default="greedy")
+  p.add_argument("--max_decode_length", type=int, default=64)
+  p.add_argument("--num_beams", type=int, default=4)
+  p.add_argument("--length_penalty_alpha", type=float, default=0.6)
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--topk", type=int, default=0, help="Sampling: keep the k most likely tokens (0: all).")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--vocabulary", default=None, help="SentencePiece model, if the gin names no task.")
+
+
+def _run_infer(args, bindings: Sequence[str]) -> dict:
+  from repeat_lm.models import decoding
+  from repeat_lm.train import inference
+  cfg = decoding.DecodeConfig(method=args.method, max_decode_length=args.max_decode_length,
+                              num_beams=args.num_beams, length_penalty_alpha=args.length_penalty_alpha,
+                              temperature=args.temperature, topk=args.topk, seed=args.seed)
+  outputs = inference.infer(args.checkpoint, args.input_file, output_file=args.output_file, decode=cfg,
+                            step=args.step, gin_files=args.gin_file, bindings=bindings,
+                            sentencepiece_model=args.vocabulary, batch_size=args.batch_size)
+  return {"outputs": len(outputs), "output_file": args.output_file} if args.output_file else {"outputs": outputs}
+
+
+def _add_export(sub) -> None:
+  p = sub.add_parser("export", help="Export a checkpoint to another framework: `export hf` writes a Hugging Face "
+                     "directory.")
+  export_sub = p.add_subparsers(dest="export_format", required=True)
+  h = export_sub.add_parser("hf", help="A from_pretrained directory: config, safetensors weights, tokenizer (T5 as "
+                            "T5ForConditionalGeneration, MoE as SwitchTransformersForConditionalGeneration).",
+                            description="The model comes from MODEL_DIR/config.gin unless --gin_file is given.")
+  _add_gin_args(h)
+  h.add_argument("--checkpoint", required=True, help="MODEL_DIR of a repeat_lm run.")
+  h.add_argument("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
+  h.add_argument("--out", required=True, help="Output directory.")
+  h.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  h.add_argument("--vocabulary", default=None,
+                 help="SentencePiece model for the tokenizer (default: the vocabulary of the gin's task).")
+
+
+def _run_export(args, bindings: Sequence[str]) -> dict:
+  from repeat_lm.interop import hf
+  from repeat_lm.train import inference
+  model, task = inference.model_from_model_dir(args.checkpoint, args.gin_file, bindings)
+  vocabulary = inference.vocabulary_of(task, args.vocabulary)
+  params = inference.restore_params(args.checkpoint, model.module, args.step)
+  spm = getattr(vocabulary, "sentencepiece_model_file", None) if vocabulary is not None else None
+  out = hf.export_hf(params, model.module.config, args.out, sentencepiece_model=spm,
+                     extra_ids=getattr(vocabulary, "extra_ids", 100) or 0, dtype=args.dtype)
+  if spm is None:
+    logging.warning("No vocabulary known (no MIXTURE_OR_TASK_NAME in the gin): exported without a tokenizer; pass "
+                    "--vocabulary=PATH to add one.")
+  return {"out": str(out), "tokenizer": spm is not None}
 
 
 # ---- bench ----
 
 def _add_bench(sub) -> None:
-  p = sub.add_parser("bench", help="Benchmarks: `bench train` times the compiled training step.")
+  p = sub.add_parser("bench", help="Benchmarks: `bench train` times the compiled training step, "
+                     "`bench moe` an MoE step against its dense twin.")
   bench_sub = p.add_subparsers(dest="bench_command", required=True)
   t = bench_sub.add_parser("train", help="Time the training step of a model gin; optionally against Hugging Face.",
                            description="Gin bindings: --gin.KEY=VALUE apply to the model gin.")
@@ -59,9 +149,38 @@ def _add_bench(sub) -> None:
                  help="Activation dtype: 'auto' keeps the gin's on accelerators and uses float32 on CPU.")
   t.add_argument("--compare", choices=["hf"], default=None, help="Also time Hugging Face's PyTorch T5, interleaved.")
   t.add_argument("--json", action="store_true", help="Print one JSON object only.")
+  _add_bench_moe(bench_sub)
+  _add_bench_data(bench_sub)
+
+
+def _add_bench_moe(bench_sub) -> None:
+  m = bench_sub.add_parser(
+      "moe", help="Time an MoE model's training step against its FLOP-matched dense twin, per dispatch method and "
+      "group size.", description="Gin bindings: --gin.KEY=VALUE apply to the (MoE) model gin; the dense twin is "
+      "the same model with every FFN dense.")
+  _add_gin_args(m)
+  m.add_argument("--batch_size", type=int, default=8)
+  m.add_argument("--inputs_length", type=int, default=512)
+  m.add_argument("--targets_length", type=int, default=114)
+  m.add_argument("--steps", type=int, default=3, help="Steps per timed round.")
+  m.add_argument("--rounds", type=int, default=5, help="Timed rounds, interleaved across variants (median).")
+  m.add_argument("--dispatch", action="append", default=[], choices=["einsum", "gather"],
+                 help="Dispatch method(s) to time (repeatable; default both).")
+  m.add_argument("--group_size", action="append", type=int, default=[],
+                 help="Routing group size(s) to time (repeatable; default the gin's).")
+  m.add_argument("--data_parallel", type=int, default=-1)
+  m.add_argument("--expert_parallel", type=int, default=1)
+  m.add_argument("--model_parallel", type=int, default=1)
+  m.add_argument("--dtype", default="auto",
+                 help="Activation dtype: 'auto' keeps the gin's on accelerators and uses float32 on CPU.")
+  m.add_argument("--json", action="store_true", help="Print one JSON object only.")
 
 
 def _run_bench(args, bindings: Sequence[str]) -> dict:
+  if args.bench_command == "moe":
+    return _run_bench_moe(args, bindings)
+  if args.bench_command == "data":
+    return _run_bench_data(args)
   from repeat_lm import gin_utils
   from repeat_lm.bench import train as bench_train
   from repeat_lm.train import partitioning
@@ -76,10 +195,375 @@ def _run_bench(args, bindings: Sequence[str]) -> dict:
   return result
 
 
+def _run_bench_moe(args, bindings: Sequence[str]) -> dict:
+  from repeat_lm import gin_utils
+  from repeat_lm.bench import moe as bench_moe, train as bench_train
+  from repeat_lm.train import partitioning
+  model = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path)
+  model = bench_train.with_dtype(model, args.dtype)
+  cfg = bench_train.BenchConfig(batch_size=args.batch_size, inputs_length=args.inputs_length,
+                                targets_length=args.targets_length, steps=args.steps, rounds=args.rounds)
+  partitioner = partitioning.Partitioner(args.data_parallel, args.model_parallel, args.expert_parallel)
+  result = bench_moe.run_moe_benchmark(model, cfg, dispatch=args.dispatch or ["einsum", "gather"],
+                                       group_sizes=args.group_size, partitioner=partitioner)
+  if not args.json:
+    print(bench_moe.format_report(result), file=sys.stderr)
+  return result
+
+
+# ---- data ----
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--task", default=None, help="A registered task or a name of the scheme in docs/data.md.")
+  p.add_argument("--split", default="train", choices=["train", "validation"])
+  p.add_argument("--inputs_length", type=int, default=512)
+  p.add_argument("--targets_length", type=int, default=114)
+  p.add_argument("--seed", type=int, default=0)
+  g = p.add_argument_group("a corpus instead of --task")
+  g.add_argument("--corpus", default=None, help="JSONL(.gz) file, directory or glob ('wiki': the default corpus).")
+  g.add_argument("--vocab", default=None, help="SentencePiece model path, 't5' or 'wiki8k'.")
+  g.add_argument("--unique_tokens", type=int, default=None, help="D: the subset's size in tokens.")
+  g.add_argument("--epochs", type=int, default=None, help="E: how many times the subset is seen.")
+  g.add_argument("--objective", default="span_corruption", help="span_corruption, ul2, or span_r<r>_mu<mu>.")
+  g.add_argument("--static_masks", action="store_true", help="Masks fixed across epochs (default: re-drawn).")
+
+
+def _task_from_args(args) -> str:
+  from repeat_lm.data import tasks
+  if (args.task is None) == (args.corpus is None):
+    raise ValueError("Give either --task=NAME or --corpus=PATH (with --vocab, --unique_tokens, --epochs).")
+  if args.task:
+    return tasks.ensure_registered(args.task)
+  return tasks.repeated_task(corpus=args.corpus, vocabulary=args.vocab, objective=args.objective,
+                             unique_tokens=args.unique_tokens, epochs=args.epochs, static_masks=args.static_masks)
+
+
+def _add_data(sub) -> None:
+  p = sub.add_parser("data", help="Inspect a task: `data stats` (one JSON object), `data show` (decoded examples).")
+  data_sub = p.add_subparsers(dest="data_command", required=True)
+  s = data_sub.add_parser("stats", help="Measured examples, tokens, noise, epochs and per-document repeat counts.")
+  _add_task_args(s)
+  s.add_argument("--max_examples", type=int, default=None,
+                 help="Measure only the first N examples (default: all; one epoch of an unbounded task).")
+  sh = data_sub.add_parser("show", help="Print decoded examples (inputs with sentinels, targets).")
+  _add_task_args(sh)
+  sh.add_argument("-n", type=int, default=3, help="How many examples.")
+  sh.add_argument("--start", type=int, default=0, help="Global index of the first example.")
+
+
+def _run_data(args, bindings: Sequence[str]) -> dict | None:
+  del bindings
+  from repeat_lm.data import stats
+  task = _task_from_args(args)
+  lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+  if args.data_command == "stats":
+    return stats.task_stats(task, args.split, args.max_examples, lengths, args.seed)
+  print(stats.format_examples(stats.show_examples(task, args.n, args.split, args.start, lengths, args.seed)))
+  return None
+
+
+def _add_bench_data(bench_sub) -> None:
+  d = bench_sub.add_parser("data", help="Examples/s and tokens/s of the input pipeline, as the trainer reads it.")
+  d.add_argument("--task", default="repeat_lm.wiki_span_corruption")
+  d.add_argument("--split", default="train", choices=["train", "validation"])
+  d.add_argument("--batch_size", type=int, default=16, help="Global batch size.")
+  d.add_argument("--inputs_length", type=int, default=128)
+  d.add_argument("--targets_length", type=int, default=32)
+  d.add_argument("--steps", type=int, default=50, help="Timed host batches.")
+  d.add_argument("--num_shards", type=int, default=1, help="Hosts: time one host's share of each global batch.")
+  d.add_argument("--seed", type=int, default=0)
+  d.add_argument("--train_step_s", type=float, default=None, help="Training step time to compare against.")
+  d.add_argument("--json", action="store_true", help="Print one JSON object only.")
+
+
+def _run_bench_data(args) -> dict:
+  from repeat_lm.bench import data as bench_data
+  from repeat_lm.data import pipeline, tasks
+  cfg = pipeline.DatasetConfig(tasks.ensure_registered(args.task),
+                               {"inputs": args.inputs_length, "targets": args.targets_length}, split=args.split,
+                               batch_size=args.batch_size, seed=args.seed)
+  result = bench_data.run_benchmark(cfg, bench_data.DataBenchConfig(steps=args.steps, num_shards=args.num_shards,
+                                                                    train_step_s=args.train_step_s))
+  if not args.json:
+    print(bench_data.format_report(result), file=sys.stderr)
+  return result
+
+
+# ---- model-info ----
+
+def _add_model_info(sub) -> None:
+  p = sub.add_parser("model-info", help="Parameters and training FLOPs of a model gin (one JSON object), or of the "
+                     "whole model zoo.", description="Gin bindings: --gin.KEY=VALUE apply to the model gin.")
+  _add_gin_args(p)
+  p.add_argument("--inputs_length", type=int, default=512)
+  p.add_argument("--targets_length", type=int, default=114)
+  p.add_argument("--dense_reference", default=None,
+                 help="Model gin to compare with (flops_ratio_to_reference), e.g. gin/models/t5_1_1_large.gin.")
+  p.add_argument("--zoo", action="store_true", help="Every model of the zoo with its reference (docs/models.md).")
+  p.add_argument("--markdown", action="store_true", help="With --zoo: print the markdown table.")
+  p.add_argument("--update_doc", default=None,
+                 help="With --zoo: rewrite the generated table block of this markdown file (docs/models.md).")
+
+
+def _run_model_info(args, bindings: Sequence[str]) -> dict | None:
+  from repeat_lm import gin_utils
+  from repeat_lm.models import info
+  if args.zoo:
+    rows = info.zoo(args.inputs_length, args.targets_length)
+    if args.update_doc:
+      info.update_doc(args.update_doc, info.zoo_markdown(rows))
+      return None
+    if args.markdown:
+      print(info.zoo_markdown(rows), end="")
+      return None
+    return {"models": rows}
+  if not args.gin_file:
+    raise ValueError("model-info needs a model gin (--gin_file=gin/models/t5_1_1_base.gin) or --zoo.")
+  config = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path).module.config
+  reference = (info.load_config(args.dense_reference, (), args.gin_search_path) if args.dense_reference
+               else None)
+  return info.model_info(config, args.inputs_length, args.targets_length, reference)
+
+
+# ---- analyze / plan (docs/analysis.md) ----
+
+_LAWS = ["chinchilla", "data-constrained"]
+
+
+def _add_analyze(sub) -> None:
+  p = sub.add_parser("analyze", help="Analyse a results table of `repeat-lm collect`: degradation, fit, predict, "
+                     "chinchilla-check, proxy; each writes PNG plots and report.{md,html} (docs/analysis.md).")
+  a = p.add_subparsers(dest="analyze_command", required=True)
+
+  def table(q, name: str) -> None:
+    q.add_argument("--results", required=True, help="CSV written by `repeat-lm collect`.")
+    q.add_argument("--out", default=None, help=f"Report folder (default: analysis/{name} next to the table).")
+    q.add_argument("--json", action="store_true", help="Print one JSON object instead of the Markdown report.")
+
+  d = a.add_parser("degradation", help="Best, final, gap and onset of degradation per run, plots by factor.")
+  table(d, "degradation")
+  d.add_argument("--metric", choices=["eval/accuracy", "eval/loss"], default="eval/accuracy")
+  d.add_argument("--group_by", "--group-by", default=None, help="Column to group plots by (default: every "
+                 "varied factor).")
+  d.add_argument("--tolerance", type=float, default=None, help="Onset tolerance in metric units (default: 0.5%% "
+                 "of the run's best value).")
+  f = a.add_parser("fit", help="Fit a scaling law (Huber on log residuals, L-BFGS-B from a grid) with bootstrap "
+                   "intervals.")
+  table(f, "fit")
+  f.add_argument("--law", choices=_LAWS, required=True)
+  f.add_argument("--bootstrap", type=int, default=100, help="Bootstrap refits for the intervals (0: none).")
+  f.add_argument("--seed", type=int, default=0)
+  f.add_argument("--max_epochs", type=float, default=None, help="Fit only runs with at most this many epochs.")
+  c = a.add_parser("chinchilla-check", help="Do tokens need to grow linearly with parameters? (b / a of the "
+                   "compute-optimal exponents, with its interval).")
+  table(c, "chinchilla_check")
+  c.add_argument("--law", choices=["auto", *_LAWS], default="auto",
+                 help="auto: data-constrained if any run repeats data, else chinchilla.")
+  c.add_argument("--bootstrap", type=int, default=100)
+  c.add_argument("--seed", type=int, default=0)
+  x = a.add_parser("proxy", help="RQ4: a dropout sweep on an MoE proxy vs the dense model: best rates, rank "
+                   "agreement, curve similarity, tuning cost.")
+  table(x, "proxy")
+  x.add_argument("--sweep", required=True, help="The MoE sweep: a glob on `run` or COL=VALUE[,COL=VALUE].")
+  x.add_argument("--dense", required=True, help="The dense run(s), same syntax.")
+  x.add_argument("--metric", choices=["eval/accuracy", "eval/loss"], default="eval/accuracy")
+  x.add_argument("--rate_column", default=None, help="Default: the column whose name contains 'dropout'.")
+  x.add_argument("--price_per_chip_hour", "--price-per-chip-hour", type=float, default=None, help="USD.")
+  x.add_argument("--chip_flops_per_s", type=float, default=None,
+                 help="Achieved FLOP/s per chip, for chip-hours when the table has no chip_hours column.")
+  pr = a.add_parser("predict", help="Predicted loss of N parameters trained on D tokens (U unique).")
+  pr.add_argument("--law", choices=_LAWS, required=True)
+  pr.add_argument("--params", type=float, required=True)
+  pr.add_argument("--tokens", type=float, required=True)
+  pr.add_argument("--unique-tokens", "--unique_tokens", dest="unique_tokens", type=float, default=None)
+  pr.add_argument("--constants", default=None, help="JSON constants (e.g. `analyze fit --json`); default: the "
+                  "published ones.")
+  pr.add_argument("--json", action="store_true")
+
+
+def _run_analyze(args, bindings: Sequence[str]) -> dict | None:
+  del bindings
+  from pathlib import Path
+
+  from repeat_lm.analysis import degradation, laws, proxy, results, scaling
+  cmd = args.analyze_command
+  if cmd == "predict":
+    out = scaling.prediction(laws.constants_for(args.law, args.constants), args.params, args.tokens,
+                             args.unique_tokens)
+    if not args.json:
+      print(f"predicted loss ({args.law}): {out['loss']:.4f}")
+      return None
+    return out
+  runs = results.read_results(args.results)
+  out_dir = Path(args.out) if args.out else Path(args.results).parent / "analysis" / cmd.replace("-", "_")
+  if cmd == "degradation":
+    out = degradation.analyze(runs, out_dir, metric=args.metric, group_by=args.group_by, tolerance=args.tolerance)
+  elif cmd == "fit":
+    out = scaling.fit_report(runs, args.law, out_dir, bootstrap=args.bootstrap, seed=args.seed,
+                             max_epochs=args.max_epochs)
+  elif cmd == "chinchilla-check":
+    out = scaling.chinchilla_check(runs, out_dir, law=args.law, bootstrap=args.bootstrap, seed=args.seed)
+  else:
+    out = proxy.analyze(runs, args.sweep, args.dense, out_dir, metric=args.metric, column=args.rate_column,
+                        price_per_chip_hour=args.price_per_chip_hour, chip_flops_per_s=args.chip_flops_per_s)
+  if args.json:
+    return out
+  print(Path(out_dir / "report.md").read_text())
+  print(f"Report: {out_dir / 'report.html'}")
+  return None
+
+
+def _add_plan(sub) -> None:
+  p = sub.add_parser("plan", help="Token-crisis planner: parameters, tokens and epochs for U unique tokens and C "
+                     "FLOPs under the data-constrained law (docs/analysis.md).")
+  p.add_argument("--unique-tokens", "--unique_tokens", dest="unique_tokens", type=float, required=True)
+  p.add_argument("--compute", type=float, required=True, help="Training FLOPs C (= 6 N D).")
+  p.add_argument("--law-constants", "--law_constants", dest="law_constants", default=None,
+                 help="JSON constants of the data-constrained law (default: Muennighoff et al.'s C4 fit).")
+  p.add_argument("--results", default=None, help="A results table: cite its best dropout rate at similar size.")
+  p.add_argument("--out", default=None, help="Also write plan_loss_vs_params.png and report.{md,html} here.")
+  p.add_argument("--json", action="store_true")
+
+
+def _run_plan(args, bindings: Sequence[str]) -> dict | None:
+  del bindings
+  from repeat_lm.analysis import laws, planner, results
+  runs = results.read_results(args.results) if args.results else None
+  p = planner.plan(args.unique_tokens, args.compute, laws.constants_for("data-constrained", args.law_constants),
+                   runs)
+  if args.out:
+    p["report"] = planner.write_plan_report(p, args.out)
+  if not args.json:
+    print(planner.summary(p))
+    return None
+  return p
+
+
+# ---- sweep / collect / run-status / launch-local (docs/experiments.md) ----
+
+def _add_sweep(sub) -> None:
+  p = sub.add_parser("sweep", help="Expand an experiment gin (gin/experiments/) into named runs under ROOT, write "
+                     "each run's gin and run what is not finished (docs/experiments.md).",
+                     description="Gin bindings --gin.KEY=VALUE apply to every run, after the experiment's.")
+  p.add_argument("--experiment", required=True, help="Experiment gin, e.g. gin/experiments/rq1_repetition_cpu.gin.")
+  p.add_argument("--root", required=True, help="Sweep directory: ROOT/RUN is each run's MODEL_DIR.")
+  p.add_argument("--launcher", choices=["local", "tpu-vm", "slurm"], default="local",
+                 help="local: subprocesses, one run after another; tpu-vm / slurm: print (or --submit) commands.")
+  p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                 help="Write the runs' gins and print their commands; run nothing.")
+  p.add_argument("--only", default=None, help="Comma-separated globs on run names, e.g. 'd27_*,d35_e0'.")
+  p.add_argument("--submit", action="store_true", help="tpu-vm / slurm: run or submit the commands.")
+  p.add_argument("--tpu", default=None, help="tpu-vm: the TPU VM's name.")
+  p.add_argument("--zone", default=None, help="tpu-vm: its zone.")
+  p.add_argument("--project", default=None, help="tpu-vm: its project (default: gcloud's).")
+  p.add_argument("--sbatch_arg", action="append", default=[], help="slurm: extra sbatch argument (repeatable), e.g. "
+                 "--sbatch_arg=--nodes=4.")
+
+
+def _run_sweep(args, bindings: Sequence[str]) -> dict:
+  from repeat_lm.experiments import runner
+  opts = runner.Options(launcher=args.launcher, dry_run=args.dry_run, only=args.only, submit=args.submit,
+                        tpu=args.tpu, zone=args.zone, project=args.project, sbatch_args=args.sbatch_arg,
+                        bindings=bindings)
+  result = runner.run_sweep(args.experiment, args.root, opts)
+  if result["failed"] and not args.dry_run:
+    print(json.dumps(result, sort_keys=True))
+    raise RuntimeError(f"{len(result['failed'])} run(s) failed: " + "; ".join(
+        f"{k}: {v}" for k, v in result["failed"].items()) + f". Logs: {args.root}/RUN/train.log; re-running the "
+        "sweep retries them.")
+  return result
+
+
+def _add_collect(sub) -> None:
+  p = sub.add_parser("collect", help="Every run of a sweep ROOT as one row (status, varied gin values, params, "
+                     "FLOPs, data, final/best validation metrics, fine-tuning scores): the table `analyze` reads.")
+  p.add_argument("--root", required=True, help="Sweep directory (`repeat-lm sweep --root`).")
+  p.add_argument("--out", default=None, help="results.csv or results.parquet (default: ROOT/results.csv).")
+
+
+def _run_collect(args, bindings: Sequence[str]) -> dict:
+  del bindings
+  from pathlib import Path
+
+  from repeat_lm.experiments import collect
+  out = args.out or str(Path(args.root) / "results.csv")
+  rows = collect.collect(args.root, out)
+  counts: dict[str, int] = {}
+  for r in rows:
+    counts[r["status"]] = counts.get(r["status"], 0) + 1
+  return {"out": out, "rows": len(rows), "status": counts}
+
+
+def _add_run_status(sub) -> None:
+  p = sub.add_parser("run-status", help="Record a sweep run's start or exit in ROOT/RUN/status.json (used by "
+                     "launch/slurm.sbatch).")
+  p.add_argument("--run_dir", required=True)
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument("--started", action="store_true")
+  g.add_argument("--exit_code", type=int, default=None)
+  p.add_argument("--log", default=None, help="The run's log, for the error text of a failed run.")
+
+
+def _run_run_status(args, bindings: Sequence[str]) -> dict:
+  del bindings
+  from repeat_lm.experiments import status
+  record = status.started(args.run_dir) if args.started else status.exited(args.run_dir, args.exit_code, args.log)
+  return {"status": record["status"], "error": record.get("error")}
+
+
+def _add_launch_local(sub) -> None:
+  p = sub.add_parser("launch-local", help="Run a repeat-lm command as N local processes joined by jax.distributed "
+                     "(CPU devices split between them), e.g. `launch-local --num_processes=2 -- train ...`.")
+  p.add_argument("--num_processes", type=int, default=2)
+  p.add_argument("--devices_per_process", type=int, default=4)
+  p.add_argument("--port", type=int, default=None, help="Coordinator port on 127.0.0.1 (default: a free one).")
+  p.add_argument("argv", nargs=argparse.REMAINDER, help="The repeat-lm command and its arguments, after `--`.")
+
+
+def _run_launch_local(args, bindings: Sequence[str]) -> None:
+  from repeat_lm.experiments import launch_local
+  argv = [a for a in args.argv if a != "--"] + [f"--gin.{b}" for b in bindings]
+  if not argv:
+    raise ValueError("launch-local needs a command: repeat-lm launch-local --num_processes=2 -- train --gin_file=...")
+  code = launch_local.launch(argv, args.num_processes, args.devices_per_process, args.port)
+  if code:
+    raise RuntimeError(f"A process of `repeat-lm {' '.join(argv)}` exited with code {code}.")
+
+
+# ---- demo (docs/demo.md) ----
+
+def _add_demo(sub) -> None:
+  p = sub.add_parser("demo", help="Fresh vs repeated data vs repeated data with dropout: three tiny-T5 runs on the "
+                     "default local corpus, then report.html, plots and summary.json (docs/demo.md).")
+  p.add_argument("--out", default="runs/demo", help="Output folder; running again reuses its finished runs.")
+  p.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data order and masks.")
+  p.add_argument("--quick", action="store_true", help="A few dozen steps per run (checks the plumbing only).")
+  p.add_argument("--steps", type=int, default=None, help="Training steps per run (default: the whole budget).")
+
+
+def _run_demo(args, bindings: Sequence[str]) -> None:
+  from repeat_lm import demo
+  if bindings:
+    raise ValueError("demo takes no --gin bindings; its runs' settings are in repeat_lm/demo.py.")
+  demo.run_demo(args.out, seed=args.seed, quick=args.quick, steps=args.steps)
+
+
 COMMANDS = {
+    "demo": (_add_demo, _run_demo),
     "train": (_add_train, _run_gin_command),
+    "finetune": (_add_finetune, _run_gin_command),
     "eval": (_add_eval, _run_gin_command),
+    "infer": (_add_infer, _run_infer),
+    "export": (_add_export, _run_export),
     "bench": (_add_bench, _run_bench),
+    "model-info": (_add_model_info, _run_model_info),
+    "data": (_add_data, _run_data),
+    "analyze": (_add_analyze, _run_analyze),
+    "plan": (_add_plan, _run_plan),
+    "sweep": (_add_sweep, _run_sweep),
+    "collect": (_add_collect, _run_collect),
+    "run-status": (_add_run_status, _run_run_status),
+    "launch-local": (_add_launch_local, _run_launch_local),
 }
 
 

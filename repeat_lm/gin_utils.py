@@ -14,14 +14,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Command-line bindings are parsed apart from the files' imports; this prelude gives them the short module names
 # the shipped gin files use, so --gin.MIXTURE_OR_TASK_NAME=@tasks.span_corruption_task() works as in a file.
-CLI_PRELUDE = """from __gin__ import dynamic_registration
+MODEL_PRELUDE = """from __gin__ import dynamic_registration
 from repeat_lm import gin_utils
 from repeat_lm import models
 from repeat_lm.models import t5
-from repeat_lm.data import pipeline
+from repeat_lm.models import moe
+"""
+CLI_PRELUDE = MODEL_PRELUDE + """from repeat_lm.data import pipeline
+from repeat_lm.data import downstream
 from repeat_lm.data import tasks
 from repeat_lm.data import vocab
+from repeat_lm.models import decoding
 from repeat_lm.train import checkpoint
+from repeat_lm.train import inference
 from repeat_lm.train import optim
 from repeat_lm.train import partitioning
 from repeat_lm.train import trainer
@@ -57,7 +62,8 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return bindings, rest
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
+def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+          prelude: str = CLI_PRELUDE) -> None:
   """Parse files then bindings (later ones win), with readable errors."""
   gin.clear_config()
   for path in [*search_paths, *default_search_paths()]:
@@ -67,7 +73,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
       raise GinConfigError(f"Gin file {f!r} not found (searched the current directory and {REPO_ROOT}); "
                            "pass an existing path, e.g. --gin_file=gin/runs/smoke.gin.")
   try:
-    bindings = [CLI_PRELUDE + bindings[0], *bindings[1:]] if bindings else []
+    bindings = [prelude + bindings[0], *bindings[1:]] if bindings else []
     gin.parse_config_files_and_bindings(list(gin_files), bindings, finalize_config=False)
   except Exception as e:  # Gin reports syntax errors, unknown names and bad includes with various types.
     raise GinConfigError(
@@ -113,7 +119,8 @@ def macro_value(value=gin.REQUIRED):
 def configured_macro(gin_files: Sequence[str], bindings: Sequence[str], macro: str,
                      search_paths: Sequence[str] = ()):
   """Parse gin and return the value of `macro` (e.g. the MODEL a model gin builds)."""
-  parse(gin_files, [*bindings, f"gin_utils.macro_value.value = %{macro}"], search_paths)
+  # Only the model modules: reading a model gin must not depend on the data stack.
+  parse(gin_files, [*bindings, f"gin_utils.macro_value.value = %{macro}"], search_paths, prelude=MODEL_PRELUDE)
   try:
     return gin.configurable(macro_value)()
   except Exception as e:

@@ -23,17 +23,10 @@ def _import():
 
 
 def hf_config(config):
-  """transformers.T5Config equivalent to a repeat_lm T5Config (T5 v1.1: gated GELU, untied logits)."""
-  _, transformers = _import()
-  gated = len(config.mlp_activations) == 2
-  return transformers.T5Config(
-      vocab_size=config.vocab_size, d_model=config.emb_dim, d_kv=config.head_dim, d_ff=config.mlp_dim,
-      num_layers=config.num_encoder_layers, num_decoder_layers=config.num_decoder_layers,
-      num_heads=config.num_heads, relative_attention_num_buckets=config.relative_attention_num_buckets,
-      relative_attention_max_distance=config.relative_attention_max_distance, dropout_rate=config.dropout_rate,
-      layer_norm_epsilon=config.layer_norm_epsilon,
-      feed_forward_proj="gated-gelu" if gated else config.mlp_activations[0],
-      tie_word_embeddings=config.logits_via_embedding, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  """transformers.T5Config equivalent to a repeat_lm T5Config (one mapping for bench and export: interop/hf.py)."""
+  _import()  # the bench's install hint when torch or transformers is missing
+  from repeat_lm.interop import hf  # pylint: disable=import-outside-toplevel
+  return hf.hf_config(config)
 
 
 class HfStep:

@@ -1,23 +1,29 @@
 """What the trainer consumes: deterministic, resumable, host-local numpy batches from a SeqIO task or mixture.
 
-The batch at step s is a pure function of (DatasetConfig, s, shard): every random draw in the pipeline (document
-order, chunk masks, example shuffle) is seeded from `cfg.seed`, and resuming at step k skips the first k batches of
-the same stream. TF runs on the CPU only, so it never takes accelerator memory from JAX.
+The GLOBAL batch at step s is examples [s * B, (s + 1) * B) of the task's example stream (`plan`), one example per
+row, and host h of n takes rows [h * B / n, (h + 1) * B / n) of it. Every example is a pure function of
+(task, seed, index), so:
+- the batch at step s depends on (DatasetConfig, s) only, not on how many hosts there are or what ran before;
+- resuming at step k costs O(1): nothing is replayed (the epoch's document order is drawn once, O(documents));
+- each host computes only its own rows.
+Tasks that are not repeat_lm's (any other SeqIO task or mixture) fall back to SeqIO: every host reads the whole global
+stream and keeps its rows, and resume replays k batches. TF never runs on an accelerator here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-from collections.abc import Iterator, Mapping
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from repeat_lm.data import sources
-from repeat_lm.data import tasks  # noqa: F401  pylint: disable=unused-import  (registers the default task)
+from repeat_lm.data import plan, tasks
 
 
 def _keep_tf_off_accelerators() -> None:
@@ -29,6 +35,9 @@ def _keep_tf_off_accelerators() -> None:
 
 _keep_tf_off_accelerators()
 
+EOS = 1
+_PREFETCH = 4  # host batches made ahead by a background thread
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
@@ -36,10 +45,10 @@ class DatasetConfig:
   task_feature_lengths: Mapping[str, int]  # e.g. {'inputs': 512, 'targets': 114}
   split: str = 'train'
   batch_size: int = 128  # GLOBAL batch size (all hosts)
-  shuffle: bool = True  # True: training stream (repeats forever by default); False: one ordered pass
+  shuffle: bool = True  # True: training stream (the task's epochs, each reordered); False: one ordered pass
   seed: int | None = 0  # None: fresh randomness each call (not reproducible, not resumable)
-  pack: bool = True  # pack several examples per row (segment ids / positions say which)
-  use_cached: bool = False  # read the output of SeqIO's cache job instead of preprocessing on the fly
+  pack: bool = True  # packed-format rows (segment ids / positions); repeat_lm tasks put one example per row
+  use_cached: bool = False  # other SeqIO tasks only: read the output of SeqIO's cache job
 
 
 def _converter(cfg: DatasetConfig) -> seqio.EncDecFeatureConverter:
@@ -52,39 +61,141 @@ def model_feature_lengths(cfg: DatasetConfig) -> dict[str, int]:
 
 
 def vocabulary_for(mixture_or_task_name: str) -> seqio.Vocabulary:
-  """The output (targets) vocabulary of a registered task or mixture."""
+  """The output (targets) vocabulary of a registered task or mixture (repeat_lm names register on first use)."""
+  tasks.ensure_registered(mixture_or_task_name)
   return seqio.get_mixture_or_task(mixture_or_task_name).output_features['targets'].vocabulary
 
 
 def source_token_count(mixture_or_task_name: str, split: str) -> int | None:
-  """Tokens (no EOS) in a split's documents, for counting epochs; None when the source is not a local corpus.
-
-  Tokenises the whole split (under a second for the bundled corpora): call once per run, not per step.
-  """
-  provider = seqio.get_mixture_or_task(mixture_or_task_name)
-  source = getattr(provider, 'source', None)
-  if not isinstance(source, sources.CorpusSource):
+  """Unique source tokens of a split (D for a repeated task's 'train'), for counting epochs; None if unknown."""
+  tasks.ensure_registered(mixture_or_task_name)
+  mix = tasks.mixture(mixture_or_task_name)
+  names = mix[0] if mix else (mixture_or_task_name,)
+  if not all(tasks.spec(n) for n in names):
     return None
-  tokenizer = vocabulary_for(mixture_or_task_name).tokenizer
-  return sum(len(ids) for ids in tokenizer.encode(list(source.load().split(split)), num_threads=os.cpu_count()))
+  return sum(tasks.store(n, split).num_tokens for n in names)
 
 
-def _shard_seed(seed: int | None, shard_id: int, num_shards: int) -> int | None:
-  """One host keeps `seed`; with several, each shard gets its own, so hosts do not share mask and shuffle draws."""
-  if seed is None or num_shards == 1:
-    return seed
-  digest = hashlib.sha256(f'{seed}/{shard_id}/{num_shards}'.encode()).digest()
-  return int.from_bytes(digest[:4], 'little') >> 1  # SeqIO adds small offsets; stay well inside int32
+def _seed(cfg: DatasetConfig) -> int:
+  return int.from_bytes(os.urandom(4), 'little') >> 1 if cfg.seed is None else int(cfg.seed)
 
 
-def _options() -> tf.data.Options:
+def example_stream(cfg: DatasetConfig, num_epochs: int | None | str = 'default', seed: int | None = None
+                   ) -> plan.Stream | plan.MixtureStream | None:
+  """The index-addressable example stream behind `cfg`; None for tasks that are not repeat_lm's."""
+  name = tasks.ensure_registered(cfg.mixture_or_task_name)
+  seed = _seed(cfg) if seed is None else seed
+  lengths = dict(cfg.task_feature_lengths)
+  mix = tasks.mixture(name)
+  if mix:
+    if not all(tasks.spec(t) for t in mix[0]):
+      return None
+    streams = [tasks.stream(t, cfg.split, lengths, seed, cfg.shuffle, num_epochs) for t in mix[0]]
+    return plan.MixtureStream(streams, mix[1], seed)
+  if tasks.spec(name) is None:
+    return None
+  return tasks.stream(name, cfg.split, lengths, seed, cfg.shuffle, num_epochs)
+
+
+def num_batches(cfg: DatasetConfig) -> int | None:
+  """Global batches in the stream (the last one may be padded); None when it never ends or is not repeat_lm's."""
+  stream = example_stream(cfg)
+  total = None if stream is None else stream.total_examples
+  return None if total is None else -(-total // cfg.batch_size)
+
+
+def fill_row(batch: dict[str, np.ndarray], r: int, inputs: np.ndarray, targets: np.ndarray) -> None:
+  """Writes one example (EOS appended) into row r, as seqio.EncDecFeatureConverter lays out a one-example row."""
+  n_in, n_tgt = batch['encoder_input_tokens'].shape[1], batch['decoder_target_tokens'].shape[1]
+  inputs = np.append(inputs[:n_in - 1], EOS)  # by construction they fit; trim like append_eos_after_trim if not
+  targets = np.append(targets[:n_tgt - 1], EOS)
+  a, b = len(inputs), len(targets)
+  batch['encoder_input_tokens'][r, :a] = inputs
+  batch['decoder_target_tokens'][r, :b] = targets
+  batch['decoder_input_tokens'][r, 1:b] = targets[:-1]  # shifted right, 0 first
+  batch['decoder_loss_weights'][r, :b] = 1
+  if 'encoder_segment_ids' in batch:
+    batch['encoder_segment_ids'][r, :a] = 1
+    batch['encoder_positions'][r, :a] = np.arange(a)
+    batch['decoder_segment_ids'][r, :b] = 1
+    batch['decoder_positions'][r, :b] = np.arange(b)
+
+
+def _indexed_batches(stream, cfg: DatasetConfig, start_step: int, shard_id: int,
+                     num_shards: int) -> Iterator[dict[str, np.ndarray]]:
+  rows = cfg.batch_size // num_shards
+  lengths = model_feature_lengths(cfg)
+  total = stream.total_examples
+  step = start_step
+  while total is None or step * cfg.batch_size < total:
+    batch = {k: np.zeros((rows, n), np.int32) for k, n in lengths.items()}
+    first = step * cfg.batch_size + shard_id * rows
+    for r in range(rows):
+      if total is not None and first + r >= total:
+        break  # the final partial global batch: the rest stay all-zero rows (loss weight 0)
+      ex = stream.example(first + r)
+      fill_row(batch, r, ex.inputs, ex.targets)
+    yield batch
+    step += 1
+
+
+def _seqio_batches(cfg: DatasetConfig, seed: int, num_epochs: int | None, start_step: int, shard_id: int,
+                   num_shards: int) -> Iterator[dict[str, np.ndarray]]:
+  """Other SeqIO tasks: the global stream on every host, this host's rows kept; resume replays k batches."""
+  rows = cfg.batch_size // num_shards
+  ds = seqio.get_dataset(cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
+                         feature_converter=_converter(cfg), dataset_split=cfg.split, use_cached=cfg.use_cached,
+                         shuffle=cfg.shuffle, num_epochs=num_epochs, seed=seed, verbose=False)
   options = tf.data.Options()
-  options.deterministic = True  # parallel maps keep their order: the stream is reproducible
-  # One pool of at most one thread per core for the whole pipeline (SeqIO asks for 256 parallel tokenizer calls),
-  # and no op-level parallelism inside it, so TF leaves the cores to the training step.
+  options.deterministic = True
   options.threading.private_threadpool_size = os.cpu_count() or 1
   options.threading.max_intra_op_parallelism = 1
-  return options
+  ds = ds.batch(cfg.batch_size).skip(start_step).prefetch(2).with_options(options)
+  keys = model_feature_lengths(cfg)
+  for batch in ds.as_numpy_iterator():
+    out = {k: batch[k].astype(np.int32, copy=False) for k in keys}
+    out = {k: np.pad(v, ((0, cfg.batch_size - len(v)), (0, 0))) for k, v in out.items()}
+    yield {k: v[shard_id * rows:(shard_id + 1) * rows] for k, v in out.items()}
+
+
+class _End:
+  pass
+
+
+def _prefetch(make: Callable[[], Iterator[Any]], depth: int = _PREFETCH) -> Iterator[Any]:
+  """Runs an iterator in a daemon thread, `depth` items ahead; errors surface in the consumer."""
+  items: queue.Queue = queue.Queue(depth)
+  stop = threading.Event()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def work():
+    try:
+      for item in make():
+        if not put(item):
+          return
+      put(_End())
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+      put(e)
+
+  threading.Thread(target=work, daemon=True, name='repeat_lm-data').start()
+  try:
+    while True:
+      item = items.get()
+      if isinstance(item, _End):
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
 
 
 def get_batches(cfg: DatasetConfig, *, start_step: int = 0, shard_id: int = 0, num_shards: int = 1,
@@ -94,40 +205,59 @@ def get_batches(cfg: DatasetConfig, *, start_step: int = 0, shard_id: int = 0, n
   Keys: `model_feature_lengths(cfg)` (encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
   decoder_loss_weights, and with packing {encoder,decoder}_{segment_ids,positions}).
 
-  num_epochs: None = the default for the kind of stream: forever when `cfg.shuffle` (training), one pass when not
-    (evaluation). Give an int to override.
-  Shards: host `shard_id` of `num_shards` reads every num_shards-th document of the split (seqio.ShardInfo), with
-    its own seed derived from (cfg.seed, shard_id, num_shards).
-  Resume: start_step=k yields exactly what the uninterrupted stream yields from step k (by skipping k batches).
-  Finite streams: the final partial batch is padded with all-zero rows (loss weights 0, segment ids 0), never
-  dropped, so every row-count is static. Note that in a multi-host evaluation hosts may see different numbers of
-  batches.
+  num_epochs: None = the default for the stream: a training stream has the task's epochs (unbounded tasks never
+    end), an unshuffled stream (evaluation) one pass. An int overrides it.
+  Shards: host `shard_id` of `num_shards` gets its contiguous block of each global batch's rows, so the hosts'
+    rows, concatenated in order, are exactly the single-host global batch.
+  Resume: start_step=k yields exactly what the uninterrupted stream yields from step k.
+  Finite streams: the final partial global batch is padded with all-zero rows (loss weights 0, segment ids 0), never
+    dropped, so every row-count is static and every document is seen equally often.
   """
   if cfg.batch_size % num_shards:
     raise ValueError(f'Global batch size {cfg.batch_size} is not divisible by the {num_shards} data shards (hosts).')
   if not 0 <= shard_id < num_shards:
     raise ValueError(f'shard_id {shard_id} is not in [0, {num_shards}).')
-  rows = cfg.batch_size // num_shards
-  if num_epochs is None and not cfg.shuffle:
-    num_epochs = 1
-  ds = seqio.get_dataset(
-      cfg.mixture_or_task_name,
-      task_feature_lengths=dict(cfg.task_feature_lengths),
-      feature_converter=_converter(cfg),
-      dataset_split=cfg.split,
-      use_cached=cfg.use_cached,
-      shuffle=cfg.shuffle,
-      num_epochs=num_epochs,
-      shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
-      seed=_shard_seed(cfg.seed, shard_id, num_shards),
-      verbose=False,
-  )
-  # An infinite stream never has a remainder; dropping it makes the static batch dimension known to tf.data.
-  ds = ds.batch(rows, drop_remainder=num_epochs is None)
-  ds = ds.skip(start_step).prefetch(tf.data.AUTOTUNE).with_options(_options())
-  keys = model_feature_lengths(cfg)
-  for batch in ds.as_numpy_iterator():
-    out = {k: batch[k].astype(np.int32, copy=False) for k in keys}
-    if len(out['encoder_input_tokens']) < rows:
-      out = {k: np.pad(v, ((0, rows - len(v)), (0, 0))) for k, v in out.items()}
-    yield out
+  seed = _seed(cfg)
+  epochs = 'default' if num_epochs is None else num_epochs
+  stream = example_stream(cfg, epochs, seed)  # built here, so errors (missing files, bad budgets) raise now
+  if stream is None:
+    epochs = (None if cfg.shuffle else 1) if num_epochs is None else num_epochs
+    return _prefetch(lambda: _seqio_batches(cfg, seed, epochs, start_step, shard_id, num_shards))
+  return _prefetch(lambda: _indexed_batches(stream, cfg, start_step, shard_id, num_shards))
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+_MUST_MATCH = ('mixture_or_task_name', 'split', 'seed', 'batch_size', 'task_feature_lengths', 'store_fingerprint',
+               'examples_per_epoch')
+
+
+def data_state(cfg: DatasetConfig, step: int) -> dict[str, Any]:
+  """What a checkpoint records about the data at `step`: the config that defines the stream, and where step is.
+
+  Resuming needs only `step` (the batch at step s is a function of the config and s); the rest lets a restart check
+  that the stream is the same one (`check_resume`) and lets a person see where the run is (epoch, example).
+  """
+  state: dict[str, Any] = {'mixture_or_task_name': cfg.mixture_or_task_name, 'split': cfg.split, 'seed': cfg.seed,
+                           'batch_size': cfg.batch_size, 'shuffle': cfg.shuffle,
+                           'task_feature_lengths': dict(cfg.task_feature_lengths),
+                           'examples_consumed': step * cfg.batch_size}
+  stream = example_stream(cfg, seed=cfg.seed) if cfg.seed is not None else None
+  if isinstance(stream, plan.Stream):
+    epoch, index = divmod(step * cfg.batch_size, stream.examples_per_epoch)
+    state.update({'epoch': epoch, 'example_in_epoch': index, 'examples_per_epoch': stream.examples_per_epoch,
+                  'epochs': stream.epochs, 'unique_tokens': stream.store.num_tokens,
+                  'static_masks': stream.static_masks, 'store_fingerprint': stream.store.info.get('fingerprint')})
+  return state
+
+
+def check_resume(cfg: DatasetConfig, saved: Mapping[str, Any] | None) -> None:
+  """Raises if a checkpoint's data state was written for a different stream than `cfg` gives now."""
+  if not saved:
+    return
+  now = data_state(cfg, 0)
+  for key in _MUST_MATCH:
+    if key in saved and key in now and saved[key] != now[key]:
+      raise ValueError(f'The checkpoint was trained on a different data stream: {key} was {saved[key]!r}, now '
+                       f'{now[key]!r}. Resuming would not reproduce the uninterrupted run; restore the data config '
+                       'or start a new MODEL_DIR.')

@@ -1,7 +1,10 @@
-"""Text corpora: JSONL(.gz) files, the default Wikipedia corpus, and a SeqIO source over them.
+"""Local text sources: JSONL(.gz) corpora and the default Wikipedia corpus, read in a fixed document order.
 
 A corpus is a fixed, ordered list of documents. Its last `max(1, round(validation_fraction * n))` documents are the
-'validation' split and the rest 'train', so the two never share a document and every reader agrees on the split.
+'validation' split and the rest 'train', so the two never share a document and every reader agrees on the split
+(or a separate validation corpus is named). Bad input is cleaned by `clean_document` and counted in `ReadStats`:
+empty and whitespace-only documents are skipped, invalid UTF-8 is replaced with U+FFFD, documents longer than
+`MAX_DOCUMENT_CHARS` are truncated; a missing file, malformed JSON or a corrupt gzip is an error naming the file.
 """
 
 from __future__ import annotations
@@ -10,15 +13,16 @@ import bz2
 import dataclasses
 import functools
 import gzip
+import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import seqio
 import tensorflow as tf
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,8 @@ _JSONL_SUFFIXES = ('.json', '.jsonl', '.json.gz', '.jsonl.gz')
 _WIKI_VERSION = 1
 _WIKI_XML = 'enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2'
 _WIKI_MIN_CHARS = 500  # pages shorter than this after cleaning are stubs or disambiguation lists
+# 1 MiB of text (~250k tokens): far above real C4 pages or Wikipedia articles, far below what stalls a tokenizer.
+MAX_DOCUMENT_CHARS = 1 << 20
 
 
 def cache_dir() -> Path:
@@ -52,15 +58,47 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     raise
 
 
-# ---------------------------------------------------------------------------------------------------- JSONL reading
+# ---------------------------------------------------------------------------------------------------- documents
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ReadStats:
-  files: tuple[str, ...]
+  """What reading changed or dropped; every count is also logged, so nothing changes silently."""
+  files: tuple[str, ...] = ()
   documents: int = 0  # kept
-  skipped_empty: int = 0  # empty or whitespace-only `text`
+  skipped_empty: int = 0  # empty or whitespace-only text
   replaced_invalid_utf8: int = 0  # documents whose bytes were not valid UTF-8 (decoded with U+FFFD)
+  truncated_long: int = 0  # documents cut to `max_document_chars`
+
+  def as_dict(self) -> dict:
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != 'files'}
+
+  def warn(self, what: str) -> None:
+    if self.skipped_empty or self.replaced_invalid_utf8 or self.truncated_long:
+      log.warning('%s: kept %d documents; skipped %d empty/whitespace-only, replaced invalid UTF-8 in %d, truncated '
+                  '%d longer than the document limit.', what, self.documents, self.skipped_empty,
+                  self.replaced_invalid_utf8, self.truncated_long)
+
+
+_SURROGATE = re.compile('[\ud800-\udfff]')
+
+
+def clean_document(text: str | bytes, stats: ReadStats, max_chars: int = MAX_DOCUMENT_CHARS) -> str | None:
+  """Valid UTF-8 text of at most `max_chars` characters, or None for an empty one; `stats` counts each change."""
+  if isinstance(text, bytes):
+    try:
+      text = text.decode('utf-8')
+    except UnicodeDecodeError:
+      text, stats.replaced_invalid_utf8 = text.decode('utf-8', errors='replace'), stats.replaced_invalid_utf8 + 1
+  elif _SURROGATE.search(text):  # lone "\udc80"-style escapes: not valid UTF-8, not storable in a tf.string
+    text, stats.replaced_invalid_utf8 = _SURROGATE.sub('\ufffd', text), stats.replaced_invalid_utf8 + 1
+  if not text.strip():
+    stats.skipped_empty += 1
+    return None
+  if len(text) > max_chars:  # one gigantic document would stall tokenisation and dominate a small subset
+    text, stats.truncated_long = text[:max_chars], stats.truncated_long + 1
+  stats.documents += 1
+  return text
 
 
 def resolve_paths(path_or_glob: str) -> list[str]:
@@ -75,50 +113,52 @@ def resolve_paths(path_or_glob: str) -> list[str]:
   if not paths:
     raise FileNotFoundError(
         f'No corpus files found at {path_or_glob!r} (a JSONL/JSONL.gz file, a directory of them, or a glob). '
-        'Point the corpus at an existing path, e.g. `tasks.span_corruption_task.corpus = "/data/c4/*.json.gz"` '
+        'Point the corpus at an existing path, e.g. `tasks.repeated_task.corpus = "/data/c4/*.json.gz"` '
         "in gin, or use corpus='wiki' for the built-in Wikipedia sample.")
   return paths
 
 
-_SURROGATE = re.compile('[\ud800-\udfff]')
-
-
-def _decode_line(raw: bytes) -> tuple[str, bool]:
-  """UTF-8 decode; invalid bytes become U+FFFD. Returns (text, replaced)."""
-  try:
-    return raw.decode('utf-8'), False
-  except UnicodeDecodeError:
-    return raw.decode('utf-8', errors='replace'), True
-
-
-def read_jsonl(paths: Sequence[str], text_key: str = 'text') -> tuple[list[str], ReadStats]:
-  """Reads `text_key` of every JSON line, in file order. Malformed JSON raises ValueError naming file:line."""
-  docs: list[str] = []
-  empty = replaced = 0
+def iter_jsonl(paths: Sequence[str], stats: ReadStats, text_key: str = 'text',
+               max_chars: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
+  """`text_key` of every JSON line, in file order, cleaned. Malformed JSON or gzip raises ValueError naming the file."""
   for path in paths:
     with tf.io.gfile.GFile(path, 'rb') as raw_f:
       f = gzip.GzipFile(fileobj=raw_f) if path.endswith('.gz') else raw_f
-      for lineno, raw in enumerate(f, start=1):
-        if not raw.strip():
-          continue  # blank separator line, not a document
-        line, bad_bytes = _decode_line(raw)
-        try:
-          text = json.loads(line)[text_key]
-          if not isinstance(text, str):
-            raise TypeError(f'{text_key!r} is {type(text).__name__}')
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise ValueError(f'{path}:{lineno}: expected a JSON object with a {text_key!r} string ({e!r})') from e
-        if _SURROGATE.search(text):  # lone "\udc80"-style escapes: not valid UTF-8, not storable in a tf.string
-          text, bad_bytes = _SURROGATE.sub('\ufffd', text), True
-        replaced += bad_bytes
-        if not text.strip():
-          empty += 1
-          continue
-        docs.append(text)
-  stats = ReadStats(tuple(paths), len(docs), empty, replaced)
-  if empty or replaced:
-    log.warning('Read %d documents from %d file(s): skipped %d empty/whitespace-only, replaced invalid UTF-8 in %d.',
-                len(docs), len(paths), empty, replaced)
+      lineno = 0
+      try:
+        for lineno, raw in enumerate(f, start=1):
+          if not raw.strip():
+            continue  # blank separator line, not a document
+          line = raw.decode('utf-8', errors='replace')  # JSON syntax is ASCII; the text is re-checked below
+          try:
+            text = json.loads(line)[text_key]
+            if not isinstance(text, str):
+              raise TypeError(f'{text_key!r} is {type(text).__name__}')
+          except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f'{path}:{lineno}: expected a JSON object with a {text_key!r} string ({e!r})') from e
+          if '\ufffd' in line and not _valid_utf8(raw):
+            stats.replaced_invalid_utf8 += 1
+          text = clean_document(text, stats, max_chars)
+          if text is not None:
+            yield text
+      except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f'{path}: corrupt or truncated gzip after line {lineno} ({e!r})') from e
+
+
+def _valid_utf8(raw: bytes) -> bool:
+  try:
+    raw.decode('utf-8')
+    return True
+  except UnicodeDecodeError:
+    return False
+
+
+def read_jsonl(paths: Sequence[str], text_key: str = 'text',
+               max_chars: int = MAX_DOCUMENT_CHARS) -> tuple[list[str], ReadStats]:
+  """All documents of `paths` in order, and what cleaning did to them (also logged)."""
+  stats = ReadStats(tuple(paths))
+  docs = list(iter_jsonl(paths, stats, text_key, max_chars))
+  stats.warn(f'Read {len(paths)} file(s)')
   return docs, stats
 
 
@@ -155,16 +195,86 @@ class Corpus:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(paths: tuple[str, ...], validation_fraction: float) -> Corpus:
-  docs, stats = read_jsonl(paths)
+def _load_cached(paths: tuple[str, ...], validation_fraction: float, max_chars: int) -> Corpus:
+  docs, stats = read_jsonl(paths, max_chars=max_chars)
   return Corpus(name=','.join(paths), documents=tuple(docs), validation_fraction=validation_fraction, stats=stats)
 
 
-def load_corpus(path_or_glob: str, validation_fraction: float = 0.05) -> Corpus:
+def load_corpus(path_or_glob: str, validation_fraction: float = 0.05,
+                max_document_chars: int = MAX_DOCUMENT_CHARS) -> Corpus:
   """Reads a JSONL corpus ('wiki' = the default Wikipedia corpus). Memoised: tasks call this on every get_dataset."""
   if path_or_glob == 'wiki':
     path_or_glob = str(default_wiki_path())
-  return _load_cached(tuple(resolve_paths(path_or_glob)), float(validation_fraction))
+  return _load_cached(tuple(resolve_paths(path_or_glob)), float(validation_fraction), int(max_document_chars))
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalText:
+  """A local JSONL corpus as a text source: 'train' and 'validation' document streams in a fixed order.
+
+  validation: a fraction -> the corpus's last documents (at least one) are held out and the rest is 'train' (the
+    corpus is read into memory once); a path or glob -> that corpus is 'validation' and the 'train' files are
+    streamed, so a subset of a large corpus reads only the documents it needs.
+  """
+  corpus: str  # 'wiki', a JSONL(.gz) file, a directory of them or a glob
+  validation: float | str = 0.05
+  max_document_chars: int = MAX_DOCUMENT_CHARS
+
+  def __post_init__(self):
+    if self.corpus != 'wiki':
+      object.__setattr__(self, 'corpus', _absolute(self.corpus))
+      resolve_paths(self.corpus)  # fail now, naming the path, rather than deep inside a pipeline
+    if isinstance(self.validation, str):
+      object.__setattr__(self, 'validation', _absolute(self.validation))
+      resolve_paths(self.validation)
+    else:
+      object.__setattr__(self, 'validation', float(self.validation))
+
+  @property
+  def tag(self) -> str:
+    """A short readable name for task names: 'wiki' or '<file stem>_<8 hex of the path>' (+ a non-default split)."""
+    tag = 'wiki' if self.corpus == 'wiki' else self.path_tag(self.corpus)
+    if self.validation != 0.05:
+      tag += f'_val{self.validation:g}'.replace('.', 'p') if isinstance(self.validation, float) else \
+          f'_val{self.path_tag(self.validation)}'
+    if self.max_document_chars != MAX_DOCUMENT_CHARS:
+      tag += f'_max{self.max_document_chars}'
+    return tag
+
+  @staticmethod
+  def path_tag(path: str) -> str:
+    """'/data/c4/c4-train.*.json.gz' -> 'c4_train_<8 hex of sha1(path)>': readable and unique."""
+    stem = re.sub(r'(\.jsonl?)?(\.gz)?$', '', os.path.basename(path.rstrip('/'))) or 'corpus'
+    return f"{re.sub(r'[^A-Za-z0-9]+', '_', stem).strip('_')}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+  def _paths(self, which: str) -> list[str]:
+    path = self.corpus if which == 'train' else self.validation
+    return resolve_paths(str(default_wiki_path()) if path == 'wiki' else path)
+
+  def fingerprint(self) -> str:
+    """Changes when a file's path, size or modification time changes."""
+    files = self._paths('train') + (self._paths('validation') if isinstance(self.validation, str) else [])
+    parts = [f'{p}:{tf.io.gfile.stat(p).length}:{tf.io.gfile.stat(p).mtime_nsec}' for p in files]
+    return hashlib.sha256(json.dumps([parts, self.validation, self.max_document_chars]).encode()).hexdigest()
+
+  def documents(self, split: str, stats: ReadStats) -> Iterator[str]:
+    if split not in ('train', 'validation'):
+      raise ValueError(f"Unknown split {split!r}; corpora have 'train' and 'validation'.")
+    if isinstance(self.validation, str):
+      stats.files = tuple(self._paths(split))
+      yield from iter_jsonl(stats.files, stats, max_chars=self.max_document_chars)
+      return
+    corpus = load_corpus(self.corpus, self.validation, self.max_document_chars)
+    read = corpus.stats  # the whole corpus was read and cleaned once; report that reading
+    stats.files, stats.skipped_empty, stats.replaced_invalid_utf8, stats.truncated_long = (
+        read.files, read.skipped_empty, read.replaced_invalid_utf8, read.truncated_long)
+    for doc in corpus.split(split):
+      stats.documents += 1
+      yield doc
+
+
+def _absolute(path: str) -> str:
+  return path if '://' in path or path == 'wiki' else os.path.abspath(os.path.expanduser(path))  # cwd may change
 
 
 # ---------------------------------------------------------------------------------------------------- default corpus
@@ -226,47 +336,3 @@ def default_wiki_path() -> Path:
     atomic_write_bytes(path, gzip.compress(payload, mtime=0))
     log.info('Wrote %d Wikipedia articles to %s', len(docs), path)
   return path
-
-
-# ---------------------------------------------------------------------------------------------------- SeqIO source
-
-
-class CorpusSource(seqio.DataSource):
-  """SeqIO source of {'text': ...} examples from a lazily loaded `Corpus`.
-
-  Nothing is read until `get_dataset`, so registering a task costs nothing. Sharding is by document
-  (`documents[index::num_shards]`), applied before shuffling so hosts never share a document. Shuffling reorders
-  documents with `reshuffle_each_iteration=True`: SeqIO repeats the source per epoch, so each epoch (deterministically,
-  given the seed) sees a new document order.
-  """
-
-  def __init__(self, corpus: str, validation_fraction: float = 0.05):
-    super().__init__(splits=('train', 'validation'))
-    self.corpus = corpus
-    self.validation_fraction = validation_fraction
-
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return [split]
-
-  def load(self) -> Corpus:
-    return load_corpus(self.corpus, self.validation_fraction)
-
-  def get_dataset(self, split: str = 'train', shuffle: bool = True, seed: int | None = None,
-                  shard_info: seqio.ShardInfo | None = None, **unused_kwargs) -> tf.data.Dataset:
-    docs = self.load().split(split)
-    if shard_info is not None:
-      docs = docs[shard_info.index::shard_info.num_shards]
-    ds = tf.data.Dataset.from_tensor_slices({'text': tf.constant(list(docs) or [''], tf.string)})
-    if not docs:
-      ds = ds.take(0)  # a shard with no documents: keep the element spec, yield nothing
-    if shuffle:
-      ds = ds.shuffle(max(1, len(docs)), seed=seed, reshuffle_each_iteration=True)
-    return ds
-
-  def __repr__(self):
-    return f'CorpusSource(corpus={self.corpus!r}, validation_fraction={self.validation_fraction})'
-

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,8 +31,12 @@ DEFAULT_VOCAB_PIECES = 8000  # + 100 extra ids = 8100 ids; the tiny model pads i
 _DEFAULT_VOCAB_VERSION = 1
 
 
-def t5_vocabulary(path: str = T5_VOCAB_PATH, extra_ids: int = EXTRA_IDS) -> seqio.SentencePieceVocabulary:
-  """T5's 32k SentencePiece vocabulary (pad 0, eos 1, unk 2) plus `extra_ids` sentinels."""
+def t5_vocabulary(path: str | None = None, extra_ids: int = EXTRA_IDS) -> seqio.SentencePieceVocabulary:
+  """T5's 32k SentencePiece vocabulary (pad 0, eos 1, unk 2) plus `extra_ids` sentinels.
+
+  path: None = $REPEAT_LM_T5_VOCAB if set (a local copy, for machines without GCS access), else `T5_VOCAB_PATH`.
+  """
+  path = path or os.environ.get('REPEAT_LM_T5_VOCAB') or T5_VOCAB_PATH
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 

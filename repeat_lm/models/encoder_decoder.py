@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repeat_lm.models import losses
+from repeat_lm.models import losses, moe
 
 Batch = Mapping[str, jax.Array]
 
@@ -39,15 +39,31 @@ class EncoderDecoderModel:
     inputs = {k: jnp.ones(batch[k].shape, jnp.int32) for k in _MODULE_INPUTS if k in batch}
     return self.module.init({"params": rng, "dropout": rng}, **inputs, enable_dropout=False)
 
-  def logits(self, params, batch: Batch, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+  def logits(self, params, batch: Batch, *, dropout_rng: jax.Array | None = None,
+             dropout_scale: jax.Array | float | None = None) -> jax.Array:
+    """Logits [B, T, V]; dropout only with a `dropout_rng`, its rates times `dropout_scale` (the schedule's factor)."""
+    return self.logits_and_moe_stats(params, batch, dropout_rng=dropout_rng, dropout_scale=dropout_scale)[0]
+
+  def logits_and_moe_stats(self, params, batch: Batch, *, dropout_rng: jax.Array | None = None,
+                           dropout_scale: jax.Array | float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`logits`, plus the MoE routing statistics averaged over sparse layers ({} for a dense model).
+
+    The encoder and decoder sow their summed statistics into 'intermediates' once per stack (after the layers,
+    outside any scan), so this works with scanned layers too.
+    """
     inputs = {k: batch[k] for k in _MODULE_INPUTS if k in batch}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    return self.module.apply({"params": params}, **inputs, enable_dropout=dropout_rng is not None, rngs=rngs)
+    if dropout_scale is not None:  # only then, so modules without the argument keep working
+      inputs["dropout_scale"] = dropout_scale
+    logits, state = self.module.apply({"params": params}, **inputs, enable_dropout=dropout_rng is not None,
+                                      rngs=rngs, mutable=["intermediates"])
+    return logits, moe.summarize_stats(moe.collect_stats(state.get("intermediates", {})))
 
-  def loss_and_metrics(self, params, batch: Batch, *,
-                       dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def loss_and_metrics(self, params, batch: Batch, *, dropout_rng: jax.Array | None = None,
+                       dropout_scale: jax.Array | float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Normalised loss for gradients, and summed metrics (divide by `weight_sum` to average across steps/hosts)."""
-    logits_BxTxV = self.logits(params, batch, dropout_rng=dropout_rng)
+    logits_BxTxV, moe_means = self.logits_and_moe_stats(params, batch, dropout_rng=dropout_rng,
+                                                        dropout_scale=dropout_scale)
     targets_BxT = batch["decoder_target_tokens"]
     weights_BxT = batch.get("decoder_loss_weights")
     if weights_BxT is None:
@@ -63,6 +79,10 @@ class EncoderDecoderModel:
         "correct_sum": jnp.sum(correct_BxT * weights_BxT),
         "weight_sum": jnp.sum(weights_BxT),
     }
+    if moe_means:  # MoE: weighted auxiliary losses join the loss; statistics are reported per layer, per step
+      loss += moe.aux_loss(moe_means, self.module.config.moe)
+      # Scaled by weight_sum so that `summarize`'s division gives a token-weighted mean over steps.
+      metrics.update({f"moe_{k}_sum": v * metrics["weight_sum"] for k, v in moe_means.items()})
     return loss, metrics
 
 
@@ -73,4 +93,7 @@ def summarize(metric_sums: Mapping[str, Any]) -> dict[str, float]:
       "loss": float(metric_sums["loss_sum"]) / weight,
       "z_loss": float(metric_sums["z_loss_sum"]) / weight,
       "accuracy": float(metric_sums["correct_sum"]) / weight,
+      # MoE routing statistics (moe_load_balancing_loss, moe_router_z_loss, moe_fraction_dropped, ...).
+      **{k[:-len("_sum")]: float(v) / weight for k, v in metric_sums.items()
+         if k.startswith("moe_") and k.endswith("_sum")},
   }

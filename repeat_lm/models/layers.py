@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
 
+from repeat_lm.models import regularisation
+
 param_with_axes = nn_partitioning.param_with_axes
 Array = jax.Array
 DType = jnp.dtype | type
@@ -28,11 +30,14 @@ default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated
 NEG_INF = -1e10
 
 
-def dropout(x: Array, rate: float, deterministic: bool) -> Array:
-  """Plain (unbroadcast) dropout, like Hugging Face's T5; draws from the 'dropout' rng stream."""
+def dropout(x: Array, rate: float, deterministic: bool, scale: Array | float = 1.0) -> Array:
+  """Plain (unbroadcast) dropout at `rate * scale`, like Hugging Face's T5; draws from the 'dropout' rng stream.
+
+  Call from a compact method. `scale` is the dropout schedule's (possibly traced) factor, see regularisation.py.
+  """
   if rate == 0.0 or deterministic:
     return x
-  return nn.Dropout(rate=rate)(x, deterministic=False)
+  return regularisation.Dropout(rate)(x, deterministic=False, scale=scale)
 
 
 class RMSNorm(nn.Module):
@@ -169,7 +174,7 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q_BxQxD: Array, inputs_kv_BxKxD: Array, bias_1xHxQxK: Array | None,
-               mask_Bx1xQxK: Array | None, deterministic: bool) -> Array:
+               mask_Bx1xQxK: Array | None, deterministic: bool, dropout_scale: Array | float = 1.0) -> Array:
     projection = lambda name, init=default_kernel_init: DenseGeneral(
         (self.num_heads, self.head_dim), kernel_axes=("embed", "joined_kv"), dtype=self.dtype, kernel_init=init,
         name=name)
@@ -191,7 +196,7 @@ class MultiHeadAttention(nn.Module):
       logits_BxHxQxK = jnp.where(mask_Bx1xQxK, logits_BxHxQxK, jnp.asarray(NEG_INF, logits_dtype))
     weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK.astype(jnp.float32), axis=-1).astype(self.dtype)
     # Dropout on the attention weights, as in T5 (Mesh TF), T5X and Hugging Face.
-    weights_BxHxQxK = dropout(weights_BxHxQxK, self.dropout_rate, deterministic)
+    weights_BxHxQxK = dropout(weights_BxHxQxK, self.dropout_rate, deterministic, dropout_scale)
     out_BxQxHxE = jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE.astype(self.dtype))
     out_BxQxHxE = nn.with_logical_constraint(out_BxQxHxE, heads_axes)
     out_BxQxD = DenseGeneral(inputs_q_BxQxD.shape[-1], kernel_axes=("joined_kv", "embed"), num_in_axes=2,
@@ -233,7 +238,7 @@ class MlpBlock(nn.Module):
   dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, deterministic: bool) -> Array:
+  def __call__(self, x_BxLxD: Array, deterministic: bool, dropout_scale: Array | float = 1.0) -> Array:
     hidden_BxLxF = None
     for i, name in enumerate(self.activations):
       if name not in _ACTIVATIONS:
@@ -242,7 +247,7 @@ class MlpBlock(nn.Module):
       h = DenseGeneral(self.mlp_dim, kernel_axes=("embed", "mlp"), dtype=self.dtype, name=dense_name)(x_BxLxD)
       h = _ACTIVATIONS[name](h)
       hidden_BxLxF = h if hidden_BxLxF is None else hidden_BxLxF * h
-    hidden_BxLxF = dropout(hidden_BxLxF, self.dropout_rate, deterministic)
+    hidden_BxLxF = dropout(hidden_BxLxF, self.dropout_rate, deterministic, dropout_scale)
     hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
     out_BxLxD = DenseGeneral(x_BxLxD.shape[-1], kernel_axes=("mlp", "embed"), dtype=self.dtype, name="wo")(hidden_BxLxF)
     return nn.with_logical_constraint(out_BxLxD, ("batch", "length", "embed"))

@@ -3,7 +3,8 @@
 Math follows Hugging Face's `T5ForConditionalGeneration` (feed_forward_proj='gated-gelu') so checkpoints convert:
 pre-norm RMSNorm blocks, one relative position bias table per stack (computed once, added in every self-attention
 layer), gated-GELU MLP, untied output projection. Shape letters as in layers.py; layer stacks optionally run under
-`scan` (parameters stacked on a 'layers' axis) and `remat`.
+`scan` (parameters stacked on a 'layers' axis) and `remat`. `T5Config.moe` makes every k-th FFN a mixture of experts
+(moe.py) and `T5Config.param_share` ties layers' parameters; stack.py runs the stacks (docs/models.md).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
-from flax.linen import partitioning as nn_partitioning
 
 from repeat_lm.models import layers
+from repeat_lm.models import moe as moe_lib
+from repeat_lm.models import regularisation
+from repeat_lm.models import stack
 
 Array = jax.Array
 
@@ -35,6 +38,9 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # save nothing but the layer inputs
 }
 
+# Where dropout applies; each has a `<place>_dropout_rate` override in T5Config.
+DROPOUT_PLACES = ("attention", "hidden", "mlp", "expert")
+
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -48,7 +54,14 @@ class T5Config:
   head_dim: int = 64  # E, d_kv
   mlp_dim: int = 2048  # F, d_ff
   mlp_activations: tuple[str, ...] = ("gelu", "linear")  # gated GELU; ('relu',) for original T5
-  dropout_rate: float = 0.0  # 0 in pre-training, 0.1 in fine-tuning (T5X defaults)
+  dropout_rate: float = 0.0  # 0 in pre-training, 0.1 in fine-tuning (T5X defaults); every place below if None
+  # Per-place overrides (see docs/regularisation.md); None takes dropout_rate, as T5X's single DROPOUT_RATE.
+  attention_dropout_rate: float | None = None  # attention probabilities [B, H, Q, K]
+  hidden_dropout_rate: float | None = None  # embeddings, residual-branch outputs, final-norm outputs [B, L, D]
+  mlp_dropout_rate: float | None = None  # FFN activations [B, L, F]
+  expert_dropout_rate: float | None = None  # MoE expert FFN activations; read with dropout_rate_for('expert')
+  droppath_rate: float = 0.0  # stochastic depth: per-row drop of each residual branch
+  droppath_depth_scaling: str = "constant"  # 'constant' | 'linear' (layer l of L: rate * (l + 1) / L)
   logits_via_embedding: bool = False  # tie output projection to the token embedding (then logits / sqrt(D))
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
@@ -56,102 +69,145 @@ class T5Config:
   float32_attention_logits: bool = True  # q.k logits and softmax in float32 even with bfloat16 activations
   scan_layers: bool = False  # stack layers with nn.scan: faster compiles, params get a 'layers' axis
   remat_policy: str = "none"  # 'none' | 'minimal' | 'full', see REMAT_POLICIES
+  moe: moe_lib.MoeConfig | None = None  # sparse (mixture-of-experts) FFNs, see moe.py; None = dense
+  # ParamShare: 'none' | 'all' (one parameter set per stack) | k (consecutive groups of k layers share one set), see
+  # stack.py. FLOPs stay those of the full depth.
+  param_share: str | int = "none"
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}.")
+    for n in (self.num_encoder_layers, self.num_decoder_layers):  # fail at config time, not deep inside init
+      stack.share_group_size(self.param_share, n)
+      moe_lib.sparse_layer_flags(n, self.moe)
     # gin passes lists as lists; keep the config hashable.
     object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+    rates = {"dropout_rate": self.dropout_rate, "droppath_rate": self.droppath_rate,
+             **{f"{p}_dropout_rate": self.dropout_rate_for(p) for p in DROPOUT_PLACES}}
+    bad = {k: v for k, v in rates.items() if not 0.0 <= v < 1.0}
+    if bad:
+      raise ValueError(f"Dropout and DropPath rates must lie in [0, 1): {bad}.")
+    regularisation.droppath_rates(self.droppath_rate, 1, self.droppath_depth_scaling)  # validates the name
 
   @property
   def activation_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
 
+  def dropout_rate_for(self, place: str) -> float:
+    """The configured rate of one of DROPOUT_PLACES: its override, or dropout_rate when that is None."""
+    override = getattr(self, f"{place}_dropout_rate")
+    return self.dropout_rate if override is None else override
+
 
 class EncoderLayer(nn.Module):
-  """Pre-norm self-attention + MLP block. Returns (x, None) when `scanned` (the nn.scan carry convention)."""
+  """Pre-norm self-attention + MLP (or MoE, when `sparse`) block. Returns (x, MoE statistics or None): the nn.scan
+  (carry, output) convention, so statistics leave a scanned stack as scan outputs."""
   config: T5Config
   deterministic: bool
-  scanned: bool = False
+  sparse: bool = False
 
   @nn.compact
-  def __call__(self, x_BxSxD: Array, bias_1xHxSxS: Array, mask_Bx1xSxS: Array):
+  def __call__(self, x_BxSxD: Array, bias_1xHxSxS: Array, mask_Bx1xSxS: Array,
+               dropout_scale: Array | float = 1.0, droppath_rate: Array | float = 0.0):
     cfg, dtype = self.config, self.config.activation_dtype
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, dtype, name=name)
-    drop = lambda h: layers.dropout(h, cfg.dropout_rate, self.deterministic)
+    drop = _branch_regulariser(cfg, self.deterministic, dropout_scale, droppath_rate)
 
     h_BxSxD = norm("pre_attention_layer_norm")(x_BxSxD)
-    h_BxSxD = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate,
+    h_BxSxD = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"),
                                         cfg.float32_attention_logits, name="attention")(
-        h_BxSxD, h_BxSxD, bias_1xHxSxS, mask_Bx1xSxS, self.deterministic)
+        h_BxSxD, h_BxSxD, bias_1xHxSxS, mask_Bx1xSxS, self.deterministic, dropout_scale)
     x_BxSxD = x_BxSxD + drop(h_BxSxD)
 
     h_BxSxD = norm("pre_mlp_layer_norm")(x_BxSxD)
-    h_BxSxD = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, dtype, cfg.dropout_rate, name="mlp")(
-        h_BxSxD, self.deterministic)
+    h_BxSxD, stats = _feed_forward(cfg, self.sparse, self.deterministic, h_BxSxD, mask_Bx1xSxS, dropout_scale,
+                                   batch_prioritized=True)
     x_BxSxD = nn.with_logical_constraint(x_BxSxD + drop(h_BxSxD), ("batch", "length", "embed"))
-    return (x_BxSxD, None) if self.scanned else x_BxSxD
+    return x_BxSxD, stats
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm causal self-attention (cached when decoding) + cross-attention + MLP block."""
+  """Pre-norm causal self-attention (cached when decoding) + cross-attention + MLP (or MoE) block; returns (y, MoE
+  statistics or None) like EncoderLayer."""
   config: T5Config
   deterministic: bool
   decode: bool = False
   decode_length: int | None = None
-  scanned: bool = False
+  sparse: bool = False
 
   @nn.compact
   def __call__(self, y_BxTxD: Array, encoded_BxSxD: Array, bias_1xHxTxL: Array, self_mask_Bx1xTxL: Array,
-               cross_mask_Bx1xTxS: Array):
+               cross_mask_Bx1xTxS: Array, dropout_scale: Array | float = 1.0, droppath_rate: Array | float = 0.0):
     cfg, dtype = self.config, self.config.activation_dtype
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, dtype, name=name)
-    drop = lambda h: layers.dropout(h, cfg.dropout_rate, self.deterministic)
+    drop = _branch_regulariser(cfg, self.deterministic, dropout_scale, droppath_rate)
     attention = lambda name, decode: layers.MultiHeadAttention(
-        cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate, cfg.float32_attention_logits, decode=decode,
-        decode_length=self.decode_length, name=name)
+        cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"), cfg.float32_attention_logits,
+        decode=decode, decode_length=self.decode_length, name=name)
 
     h_BxTxD = norm("pre_self_attention_layer_norm")(y_BxTxD)
     h_BxTxD = attention("self_attention", self.decode)(h_BxTxD, h_BxTxD, bias_1xHxTxL, self_mask_Bx1xTxL,
-                                                       self.deterministic)
+                                                       self.deterministic, dropout_scale)
     y_BxTxD = y_BxTxD + drop(h_BxTxD)
 
     h_BxTxD = norm("pre_cross_attention_layer_norm")(y_BxTxD)
     h_BxTxD = attention("encoder_decoder_attention", False)(h_BxTxD, encoded_BxSxD, None, cross_mask_Bx1xTxS,
-                                                            self.deterministic)
+                                                            self.deterministic, dropout_scale)
     y_BxTxD = y_BxTxD + drop(h_BxTxD)
 
     h_BxTxD = norm("pre_mlp_layer_norm")(y_BxTxD)
-    h_BxTxD = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, dtype, cfg.dropout_rate, name="mlp")(
-        h_BxTxD, self.deterministic)
+    h_BxTxD, stats = _feed_forward(cfg, self.sparse, self.deterministic, h_BxTxD, self_mask_Bx1xTxL, dropout_scale,
+                                   batch_prioritized=False)
     y_BxTxD = nn.with_logical_constraint(y_BxTxD + drop(h_BxTxD), ("batch", "length", "embed"))
-    return (y_BxTxD, None) if self.scanned else y_BxTxD
+    return y_BxTxD, stats
+
+
+def _feed_forward(cfg: T5Config, sparse: bool, deterministic: bool, h_BxLxD: Array, self_mask_Bx1xLxL: Array,
+                  dropout_scale: Array | float, batch_prioritized: bool) -> tuple[Array, dict | None]:
+  """The layer's FFN, named 'mlp': dense MlpBlock (stats None) or MoeBlock (routing statistics)."""
+  dtype = cfg.activation_dtype
+  if not sparse:
+    return layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, dtype, cfg.dropout_rate_for("mlp"), name="mlp")(
+        h_BxLxD, deterministic, dropout_scale), None
+  # A token attends to itself iff it is real, so the self-attention mask's diagonal marks the tokens to route (it is
+  # square except for one cached decoding step, where the single query is real).
+  mask_BxLxL = self_mask_Bx1xLxL[:, 0]
+  valid_BxL = (jnp.diagonal(mask_BxLxL, axis1=-2, axis2=-1) if mask_BxLxL.shape[-2] == mask_BxLxL.shape[-1]
+               else None)
+  if valid_BxL is not None:
+    valid_BxL = jnp.broadcast_to(valid_BxL, h_BxLxD.shape[:2])
+  return moe_lib.MoeBlock(cfg.moe, dtype, cfg.dropout_rate_for("expert"),
+                          batch_prioritized and cfg.moe.batch_prioritized_routing, name="mlp")(
+      h_BxLxD, valid_BxL, deterministic, dropout_scale)
 
 
 def _run_layers(layer_cls: type[nn.Module], cfg: T5Config, num_layers: int, x: Array, *broadcast_args: Array,
-                use_remat: bool = True, **layer_kwargs: Any) -> Array:
-  """Apply `num_layers` layers to x, each getting the same `broadcast_args`, with cfg's remat and scan settings.
+                use_remat: bool = True, dropout_scale: Array | float = 1.0,
+                **layer_kwargs: Any) -> tuple[Array, dict | None]:
+  """Apply `num_layers` layers to x, each getting the same `broadcast_args`, with cfg's remat, scan, MoE and
+  parameter-sharing settings (stack.run_layers); returns (x, summed MoE statistics or None).
 
+  Every layer also gets the dropout schedule's `dropout_scale` and its own DropPath rate (which depends on depth).
   Must be called from inside a compact method: the layers become children of that module ('layers_{i}', or
   'layers' with stacked parameters when scanned).
   """
-  policy = REMAT_POLICIES[cfg.remat_policy]
-  if cfg.remat_policy != "none" and use_remat:
-    # prevent_cse is only needed outside scan (inside, the loop already keeps XLA from merging recomputation).
-    layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers)
-  if not cfg.scan_layers:
-    for i in range(num_layers):
-      x = layer_cls(config=cfg, name=f"layers_{i}", **layer_kwargs)(x, *broadcast_args)
-    return x
-  scanned_cls = nn_partitioning.scan_with_axes(
-      layer_cls,
-      variable_axes={"params": PARAM_SCAN_AXIS, "cache": 0},
-      split_rngs={"params": True, "dropout": True},  # different init and dropout masks per layer
-      in_axes=(nn.broadcast,) * len(broadcast_args),
-      length=num_layers,
-      axis_name="layers")
-  x, _ = scanned_cls(config=cfg, scanned=True, name="layers", **layer_kwargs)(x, *broadcast_args)
-  return x
+  droppath_L = regularisation.droppath_rates(cfg.droppath_rate, num_layers, cfg.droppath_depth_scaling)
+  dropout_scale = jnp.asarray(dropout_scale, jnp.float32)
+  # One scan body serves every layer, so the DropPath rate is a per-layer (scanned) input rather than a constant.
+  return stack.run_layers(layer_cls, cfg, num_layers, x, *broadcast_args, dropout_scale, per_layer_args=(droppath_L,),
+                          sparse=moe_lib.sparse_layer_flags(num_layers, cfg.moe), use_remat=use_remat,
+                          **layer_kwargs)
+
+
+def _branch_regulariser(cfg: T5Config, deterministic: bool, dropout_scale: Array | float,
+                        droppath_rate: Array | float):
+  """h -> DropPath(dropout(h)) for a residual branch's output; call inside a compact method (makes submodules)."""
+  def regularise(h: Array) -> Array:
+    h = layers.dropout(h, cfg.dropout_rate_for("hidden"), deterministic, dropout_scale)
+    if cfg.droppath_rate > 0.0:  # static: no DropPath op at all when it is off
+      h = regularisation.DropPath()(h, droppath_rate, deterministic)
+    return h
+  return regularise
 
 
 class Encoder(nn.Module):
@@ -159,18 +215,22 @@ class Encoder(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x_BxSxD: Array, mask_Bx1xSxS: Array, deterministic: bool) -> Array:
+  def __call__(self, x_BxSxD: Array, mask_Bx1xSxS: Array, deterministic: bool,
+               dropout_scale: Array | float = 1.0) -> Array:
     cfg = self.config
+    hidden_rate = cfg.dropout_rate_for("hidden")
     positions_S = jnp.arange(x_BxSxD.shape[1])  # array indices; the segment mask makes them right for packing
     bias_1xHxSxS = layers.RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
                                                cfg.relative_attention_max_distance, name="relpos_bias")(
         positions_S, positions_S, bidirectional=True)
-    x_BxSxD = nn.with_logical_constraint(layers.dropout(x_BxSxD, cfg.dropout_rate, deterministic),
+    x_BxSxD = nn.with_logical_constraint(layers.dropout(x_BxSxD, hidden_rate, deterministic, dropout_scale),
                                          ("batch", "length", "embed"))
-    x_BxSxD = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x_BxSxD, bias_1xHxSxS, mask_Bx1xSxS,
-                          deterministic=deterministic)
+    x_BxSxD, moe_stats = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x_BxSxD, bias_1xHxSxS,
+                                     mask_Bx1xSxS, dropout_scale=dropout_scale, deterministic=deterministic)
+    if moe_stats is not None:  # once per stack, outside any scan: EncoderDecoderModel adds the auxiliary losses
+      moe_lib.sow_stats(self, moe_stats)
     x_BxSxD = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x_BxSxD)
-    return layers.dropout(x_BxSxD, cfg.dropout_rate, deterministic)
+    return layers.dropout(x_BxSxD, hidden_rate, deterministic, dropout_scale)
 
 
 class Decoder(nn.Module):
@@ -181,7 +241,7 @@ class Decoder(nn.Module):
   def __call__(self, y_BxTxD: Array, encoded_BxSxD: Array, decoder_target_tokens_BxT: Array,
                encoder_input_tokens_BxS: Array, decoder_segment_ids_BxT: Array | None,
                encoder_segment_ids_BxS: Array | None, deterministic: bool, decode: bool,
-               max_decode_length: int | None) -> Array:
+               max_decode_length: int | None, dropout_scale: Array | float = 1.0) -> Array:
     cfg = self.config
     length = y_BxTxD.shape[1]
     cache_state = self._cache_state() if decode else None
@@ -207,14 +267,18 @@ class Decoder(nn.Module):
                                                cfg.relative_attention_max_distance, name="relpos_bias")(
         query_positions_T, key_positions_L, bidirectional=False)
 
-    y_BxTxD = nn.with_logical_constraint(layers.dropout(y_BxTxD, cfg.dropout_rate, deterministic),
+    hidden_rate = cfg.dropout_rate_for("hidden")
+    y_BxTxD = nn.with_logical_constraint(layers.dropout(y_BxTxD, hidden_rate, deterministic, dropout_scale),
                                          ("batch", "length", "embed"))
     # remat only pays off when gradients are taken, never while decoding.
-    y_BxTxD = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, y_BxTxD, encoded_BxSxD, bias_1xHxTxL,
-                          self_mask_Bx1xTxL, cross_mask_Bx1xTxS, use_remat=not decode, deterministic=deterministic,
-                          decode=decode, decode_length=max_decode_length)
+    y_BxTxD, moe_stats = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, y_BxTxD, encoded_BxSxD,
+                                     bias_1xHxTxL, self_mask_Bx1xTxL, cross_mask_Bx1xTxS, use_remat=not decode,
+                                     dropout_scale=dropout_scale, deterministic=deterministic, decode=decode,
+                                     decode_length=max_decode_length)
+    if moe_stats is not None:
+      moe_lib.sow_stats(self, moe_stats)
     y_BxTxD = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="decoder_norm")(y_BxTxD)
-    return layers.dropout(y_BxTxD, cfg.dropout_rate, deterministic)
+    return layers.dropout(y_BxTxD, hidden_rate, deterministic, dropout_scale)
 
   def _cache_state(self) -> tuple[Array, int] | None:
     """(cache_index, cache length L) read from the layers' self-attention cache, or None before it exists.
@@ -247,18 +311,21 @@ class Transformer(nn.Module):
     """T5X's decoding reads this to find the batch axis of a scanned cache ([layers, B, ...], cache_offset=1)."""
     return self.config.scan_layers
 
-  def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=True):
-    """Encoder tokens [B, S] -> encoded [B, S, D]. Positions are array indices (segment masks handle packing)."""
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=True, dropout_scale=1.0):
+    """Encoder tokens [B, S] -> encoded [B, S, D]. Positions are array indices (segment masks handle packing).
+
+    `dropout_scale` (a scalar, may be traced) multiplies every dropout rate: the dropout schedule's factor.
+    """
     valid_BxS = encoder_input_tokens > 0
     mask_Bx1xSxS = layers.make_attention_mask(valid_BxS, valid_BxS)
     if encoder_segment_ids is not None:
       mask_Bx1xSxS &= layers.make_segment_mask(encoder_segment_ids, encoder_segment_ids)
     x_BxSxD = self.token_embedder(encoder_input_tokens)
-    return self.encoder(x_BxSxD, mask_Bx1xSxS, deterministic=not enable_dropout)
+    return self.encoder(x_BxSxD, mask_Bx1xSxS, deterministic=not enable_dropout, dropout_scale=dropout_scale)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, enable_dropout=True,
-             decode=False, max_decode_length=None):
+             decode=False, max_decode_length=None, dropout_scale=1.0):
     """Decoder logits [B, T, V] float32 given the encoded inputs.
 
     With decode=True (and mutable=['cache']): the first call with full-length inputs [B, L] creates the cache
@@ -269,7 +336,7 @@ class Transformer(nn.Module):
     y_BxTxD = self.token_embedder(decoder_input_tokens)
     y_BxTxD = self.decoder(y_BxTxD, encoded, decoder_target_tokens, encoder_input_tokens, decoder_segment_ids,
                            encoder_segment_ids, deterministic=not enable_dropout, decode=decode,
-                           max_decode_length=max_decode_length)
+                           max_decode_length=max_decode_length, dropout_scale=dropout_scale)
     if self.config.logits_via_embedding:
       # Tied embeddings: rescale like Mesh TF T5 / Hugging Face so logits do not grow with sqrt(D).
       logits_BxTxV = self.token_embedder.attend(y_BxTxD) / np.sqrt(self.config.emb_dim)
@@ -279,13 +346,17 @@ class Transformer(nn.Module):
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None, *, enable_dropout=True,
-               decode=False):
-    """Teacher-forced logits [B, T, V]; see `decode` for the cache. Positions are unused (array indices)."""
+               decode=False, dropout_scale=1.0):
+    """Teacher-forced logits [B, T, V]; see `decode` for the cache. Positions are unused (array indices).
+
+    `dropout_scale` multiplies every dropout rate (the dropout schedule); a traced scalar does not recompile.
+    """
     del encoder_positions
-    encoded_BxSxD = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout)
+    encoded_BxSxD = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout,
+                                dropout_scale=dropout_scale)
     return self.decode(encoded_BxSxD, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                        encoder_segment_ids, decoder_segment_ids, decoder_positions, enable_dropout=enable_dropout,
-                       decode=decode)
+                       decode=decode, dropout_scale=dropout_scale)
 
 
 def param_count(params: Any) -> int:

@@ -60,6 +60,11 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types; all mean the same thing to the user.
+      if "do not match" in str(e) or "tree structure" in str(e):
+        raise CheckpointError(
+            f"Checkpoint {self.directory / str(step)} holds a different model or optimizer state than the one "
+            f"configured ({e}). It was left untouched. Use the configuration it was written with "
+            f"({self.directory.parent / 'config.gin'}), or point MODEL_DIR at a fresh directory.") from e
       older = [s for s in self.all_steps() if s < step]
       hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
               f"{older[-1]}" if older else "delete it or point MODEL_DIR at a fresh directory")
@@ -69,6 +74,24 @@ class Checkpointer:
           "written, use the configuration it was written with (MODEL_DIR/config.gin).") from e
     logging.info("Restored checkpoint %s", self.directory / str(step))
     return restored["state"], dict(restored["meta"])
+
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+    """Only the parameters (for evaluation, export or initialisation): any optimizer's checkpoint will do."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint found under {self.directory}.")
+    target = {"params": abstract_params}
+    # A separate manager: this one may already have bound the 'state' item to the full-state handler.
+    with ocp.CheckpointManager(self.directory.absolute()) as reader:
+      try:
+        restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+      except Exception as e:
+        raise CheckpointError(
+            f"Parameters of checkpoint {self.directory / str(step)} could not be restored "
+            f"({type(e).__name__}: {e}). It was left untouched. Check that the model gin matches the one in "
+            f"{self.directory.parent / 'config.gin'}.") from e
+    return restored["state"]["params"], step
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

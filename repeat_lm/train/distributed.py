@@ -26,6 +26,9 @@ def maybe_initialize() -> None:
   if not is_multiprocess_environment():
     return
   import jax
+  # CPU processes all-reduce through a collectives library; without one, a cross-process computation fails. gloo
+  # ships in jaxlib (the default in 0.10, explicit so no other default can break CPU launches); TPU/GPU ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if coordinator:
     jax.distributed.initialize(coordinator_address=coordinator,

@@ -3,6 +3,9 @@
 Model FLOPs: 2 per multiply-add, training = 3 x forward, no remat recomputation. Names: d = d_model,
 a = heads x head_dim, f = d_ff, k = number of MLP input projections (3 for gated, 2 for plain ReLU: wi and wo
 count as k matrices d x f), S_e / S_d = encoder / decoder lengths, V = vocabulary.
+
+Sparse (MoE) layers replace the FFN term by the router (2 d E per token) plus the K chosen experts' FFNs; capacity
+padding, dropped tokens and dispatch are not counted (reference section 6). Parameter sharing changes no FLOPs.
 """
 
 from __future__ import annotations
@@ -22,22 +25,37 @@ def _dims(config) -> tuple[int, int, int, int, int]:
   return d, a, f, k, config.vocab_size
 
 
-def encoder_layer_flops(config, s_e: int) -> int:
-  d, a, f, k, _ = _dims(config)
-  return s_e * 8 * d * a + 4 * s_e * s_e * a + s_e * 2 * k * d * f
+def ffn_flops_per_token(config, sparse: bool = False) -> int:
+  """Forward FLOPs of one token through a dense FFN, or through a sparse layer's router and its K experts."""
+  d, _, f, k, _ = _dims(config)
+  if not sparse:
+    return 2 * k * d * f
+  moe_cfg = config.moe
+  expert_k = len(moe_cfg.expert_activations) + 1
+  return 2 * d * moe_cfg.num_experts + moe_cfg.num_selected_experts * 2 * expert_k * d * moe_cfg.expert_mlp_dim
 
 
-def decoder_layer_flops(config, s_e: int, s_d: int) -> int:
-  d, a, f, k, _ = _dims(config)
+def encoder_layer_flops(config, s_e: int, sparse: bool = False) -> int:
+  d, a, _, _, _ = _dims(config)
+  return s_e * 8 * d * a + 4 * s_e * s_e * a + s_e * ffn_flops_per_token(config, sparse)
+
+
+def decoder_layer_flops(config, s_e: int, s_d: int, sparse: bool = False) -> int:
+  d, a, _, _, _ = _dims(config)
   self_attn = s_d * 8 * d * a + 4 * s_d * s_d * a
   cross_attn = s_d * 4 * d * a + s_e * 4 * d * a + 4 * s_d * s_e * a  # Q/O on decoder, K/V over encoder tokens.
-  return self_attn + cross_attn + s_d * 2 * k * d * f
+  return self_attn + cross_attn + s_d * ffn_flops_per_token(config, sparse)
 
 
 def forward_flops_per_sequence(config, s_e: int, s_d: int) -> int:
+  from repeat_lm.models import moe  # noqa: PLC0415 (keeps this module importable without flax models)
   d, _, _, _, v = _dims(config)
-  return (config.num_encoder_layers * encoder_layer_flops(config, s_e) +
-          config.num_decoder_layers * decoder_layer_flops(config, s_e, s_d) + 2 * s_d * d * v)
+  moe_cfg = getattr(config, "moe", None)
+  encoder = sum(encoder_layer_flops(config, s_e, sparse)
+                for sparse in moe.sparse_layer_flags(config.num_encoder_layers, moe_cfg))
+  decoder = sum(decoder_layer_flops(config, s_e, s_d, sparse)
+                for sparse in moe.sparse_layer_flags(config.num_decoder_layers, moe_cfg))
+  return encoder + decoder + 2 * s_d * d * v
 
 
 def train_flops_per_sequence(config, s_e: int, s_d: int) -> int:
@@ -68,9 +86,12 @@ def known_peak_flops(device: jax.Device) -> float | None:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_peak(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
-  """FLOP/s of a large square matmul on the first device: the CPU's practical peak, where no table entry exists."""
-  x = jnp.ones((n, n), dtype)
+def measured_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+  """FLOP/s of a large square matmul on the first device: the CPU's practical peak, where no table entry exists.
+
+  The best of several runs: other load on the machine only ever slows a run down.
+  """
+  x = jax.random.uniform(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   f(x).block_until_ready()
   best = float("inf")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -43,23 +48,49 @@ def make_schedule(factors: str = "constant * rsqrt_decay", base_learning_rate: f
   return schedule
 
 
+def default_weight_decay_mask(params: Any, decay_embeddings: bool = True) -> Any:
+  """A tree of bools like `params`: True where weight decay applies.
+
+  Never RMSNorm scales (leaves named 'scale': decaying them pulls every norm's gain towards 0); token and relative
+  position embeddings ('embedding', 'rel_embedding') only if `decay_embeddings`; every other kernel always.
+  """
+  def decays(path, _) -> bool:
+    name = getattr(path[-1], "key", None) if path else None
+    if name == "scale":
+      return False
+    if name in ("embedding", "rel_embedding"):
+      return decay_embeddings
+    return True
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | float | None = None,
                    weight_decay: float = 0.0, clip_gradient_norm: float | None = None,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   adafactor_decay_rate: float = 0.8) -> optax.GradientTransformation:
-  """Adafactor with T5X's T5 v1.1 settings, or AdamW.
+                   adafactor_decay_rate: float = 0.8, weight_decay_mask: Callable[[Any], Any] | Any | None = None,
+                   decay_embeddings: bool = True) -> optax.GradientTransformation:
+  """Adafactor with T5X's T5 v1.1 settings, or AdamW, with masked weight decay (docs/regularisation.md).
 
   Adafactor: factored second moments (dims >= 128), decay_rate 0.8 with no offset, update clipping at RMS 1.0,
-  updates scaled by the parameter RMS (floored at 1e-3), no momentum, epsilon 1e-30.
+  updates scaled by the parameter RMS (floored at 1e-3), no momentum, epsilon 1e-30. Its weight decay is optax's
+  `weight_decay_rate`, per step and not scaled by the learning rate: p <- p - (lr * u + weight_decay * p).
+  AdamW's is decoupled and scaled by the learning rate: p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p).
+  `weight_decay_mask` (a tree of bools or a params -> tree function) replaces `default_weight_decay_mask`, whose
+  `decay_embeddings` says whether embeddings decay.
   """
   lr = learning_rate if learning_rate is not None else make_schedule()
+  mask = weight_decay_mask if weight_decay_mask is not None else functools.partial(
+      default_weight_decay_mask, decay_embeddings=decay_embeddings)
   if name == "adafactor":
+    # The decay stage is there even at 0, so the optimizer state (and checkpoint) has one layout per optimizer and
+    # evaluation can restore a checkpoint whatever WEIGHT_DECAY it was trained with.
     tx = optax.adafactor(
         learning_rate=lr, min_dim_size_to_factor=128, decay_rate=adafactor_decay_rate, decay_offset=0,
         multiply_by_parameter_scale=True, clipping_threshold=1.0, momentum=None, eps=1e-30, factored=True,
-        weight_decay_rate=weight_decay or None)
+        weight_decay_rate=weight_decay, weight_decay_mask=mask)
   elif name == "adamw":
-    tx = optax.adamw(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    tx = optax.adamw(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
   else:
     raise ValueError(f"Unknown optimizer {name!r}; use 'adafactor' or 'adamw'.")
   if clip_gradient_norm:

@@ -1,7 +1,7 @@
 """Device mesh and logical-axis sharding (T5X-compatible logical names).
 
 Parameters and activations are annotated with *logical* axis names ('embed', 'mlp', 'heads', ...). A list of
-logical axis rules maps each logical name to a mesh axis ('data' or 'model') or to None (replicated). The same
+logical axis rules maps each logical name to mesh axes ('data', 'expert', 'model') or to None (replicated). The same
 rules drive `nn.with_logical_constraint` inside the model and the `NamedSharding` of parameters, optimizer state
 and batches here, so changing the mesh never changes the model code.
 """
@@ -22,20 +22,27 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LogicalRules = Sequence[tuple[str, str | None]]
 
-# Mesh axes, in order. 'data' shards the batch (and, with FSDP-style rules, parameters); 'model' shards heads and
-# MLP hidden units (Megatron-style tensor parallelism).
-MESH_AXES = ("data", "model")
+# Mesh axes, in order (T5X's MoE partitioner). 'data' shards the batch (and, with FSDP-style rules, parameters);
+# 'expert' shards MoE experts and, between MoE layers, the batch too; 'model' shards heads and MLP hidden units
+# (Megatron-style tensor parallelism). The 'expert' axis has size 1 unless expert parallelism is asked for.
+MESH_AXES = ("data", "expert", "model")
+DENSE_MESH_AXES = ("data", "model")
 
 
-def standard_logical_axis_rules(*, fsdp: bool = False) -> list[tuple[str, str | None]]:
-  """T5X's standard rules: 1D tensor parallelism on 'model', batch on 'data'.
+def standard_logical_axis_rules(*, fsdp: bool = False, expert_parallel: int = 1) -> list[tuple[str, str | None]]:
+  """T5X's standard rules: 1D tensor parallelism on 'model', batch on 'data' (and 'expert'), experts on 'expert'.
 
   With `fsdp=True` the 'embed' dimension is also sharded over 'data' (ZeRO-3 style, T5X's "2D parameter
   partitioning"). Activations annotated ('batch', 'length', 'embed') then cannot use 'data' twice; flax resolves the
   conflict by leaving the later name ('embed') unsharded, which is what we want.
+
+  MoE: outside the experts every device holds different tokens, so 'batch' spans data x expert; expert buffers
+  [E, G, C, D] put E on 'expert' and their groups ('expert_replicas') on 'data'. With an 'expert' axis of size 1,
+  'batch' maps to 'data' alone: the same placement, written as before.
   """
-  rules: list[tuple[str, str | None]] = [
-      ("batch", "data"),
+  batch_axes = ("data", "expert") if expert_parallel > 1 else "data"
+  rules: list[tuple[str, str | tuple[str, ...] | None]] = [
+      ("batch", batch_axes),
       ("vocab", "model"),
       ("mlp", "model"),
       ("heads", "model"),
@@ -47,10 +54,10 @@ def standard_logical_axis_rules(*, fsdp: bool = False) -> list[tuple[str, str | 
       ("layers", None),
       ("stack", None),
       ("mlp_activations", None),
-      # MoE names (T5X's MoE partitioner); experts go to 'model' until an 'expert' mesh axis exists.
-      ("expert", None),
+      # MoE names (T5X's MoE partitioner).
+      ("expert", "expert"),
       ("expert_mlp", "model"),
-      ("expert_replicas", None),
+      ("expert_replicas", "data"),
       ("unmodeled", None),
   ]
   if fsdp:
@@ -58,17 +65,21 @@ def standard_logical_axis_rules(*, fsdp: bool = False) -> list[tuple[str, str | 
   return rules
 
 
-def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'model') mesh; -1 on one axis means 'all remaining devices'."""
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None,
+              expert: int | None = None) -> Mesh:
+  """A ('data', 'expert', 'model') mesh, or ('data', 'model') when `expert` is None; -1 on one axis means 'all
+  remaining devices'."""
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
-  dims = [data, model]
+  dims = [data, model] if expert is None else [data, expert, model]
+  names = DENSE_MESH_AXES if expert is None else MESH_AXES
+  shape = ", ".join(f"{k}={v}" for k, v in zip(names, dims))
   if dims.count(-1) > 1:
-    raise ValueError(f"Mesh shape data={data}, model={model}: at most one axis may be -1.")
+    raise ValueError(f"Mesh shape {shape}: at most one axis may be -1.")
   known = math.prod(d for d in dims if d != -1)
   if known <= 0 or n % known:
     raise ValueError(
-        f"Mesh shape data={data}, model={model} does not divide the {n} available devices; choose sizes whose "
+        f"Mesh shape {shape} does not divide the {n} available devices; choose sizes whose "
         f"product divides {n} (use -1 for one axis to take the rest).")
   dims = [n // known if d == -1 else d for d in dims]
   if math.prod(dims) != n:
@@ -77,21 +88,28 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
     device_array = mesh_utils.create_device_mesh(dims, devices=devices)
   except Exception:  # CPU / odd topologies: plain row-major order is fine.
     device_array = np.asarray(devices).reshape(dims)
-  return Mesh(device_array, MESH_AXES)
+  return Mesh(device_array, names)
 
 
 class Partitioner:
   """Owns the mesh and the logical axis rules; turns logical annotations into shardings."""
 
-  def __init__(self, data_parallel: int = -1, model_parallel: int = 1, fsdp: bool = False,
+  def __init__(self, data_parallel: int = -1, model_parallel: int = 1, expert_parallel: int = 1, fsdp: bool = False,
                logical_axis_rules: LogicalRules | None = None, devices: Sequence[jax.Device] | None = None):
-    self.mesh = make_mesh(data_parallel, model_parallel, devices)
+    self.mesh = make_mesh(data_parallel, model_parallel, devices, expert=expert_parallel)
     self.rules = list(logical_axis_rules) if logical_axis_rules is not None else standard_logical_axis_rules(
-        fsdp=fsdp)
+        fsdp=fsdp, expert_parallel=self.mesh.shape["expert"])
 
   @property
   def data_size(self) -> int:
     return self.mesh.shape["data"]
+
+  @property
+  def batch_shards(self) -> int:
+    """How many devices the batch is split over (data x expert with the standard rules): it must divide it."""
+    axes = self.batch_sharding().spec[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(self.mesh.shape[a] for a in axes)
 
   def axis_rules(self):
     """Context manager under which `nn.with_logical_constraint` resolves names with these rules."""
@@ -120,8 +138,9 @@ class Partitioner:
         is_leaf=lambda x: isinstance(x, (tuple, PartitionSpec, nn_partitioning.AxisMetadata)) or x is None)
 
   def batch_sharding(self) -> NamedSharding:
-    """Batches are split over 'data' on their leading dimension, replicated over 'model'."""
-    return NamedSharding(self.mesh, PartitionSpec("data"))
+    """Batches are split on their leading dimension as the rules place 'batch' ('data', or 'data' x 'expert'),
+    replicated over 'model'."""
+    return NamedSharding(self.mesh, PartitionSpec(self.logical_to_spec(("batch",))[0]))
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())

@@ -6,7 +6,7 @@ Shapes: B global batch, S encoder length, T decoder length.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -114,16 +114,26 @@ def count_source_tokens(tokens_BxL: jax.Array, first_sentinel_id: int | None) ->
 
 
 def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation, lay: StateLayout,
-                    partitioner: partitioning.Partitioner, seed: int, first_sentinel_id: int | None = None):
-  """state, batch -> (state, metric sums); the state buffers are donated."""
+                    partitioner: partitioning.Partitioner, seed: int, first_sentinel_id: int | None = None,
+                    dropout_schedule: Callable[[jax.Array], jax.Array] | None = None):
+  """state, batch -> (state, metric sums); the state buffers are donated.
+
+  `dropout_schedule` (step -> factor of every dropout rate, see dropout_schedule.py) is evaluated on the traced
+  step inside the jitted function, so a change of rate is data, not a new program; the factor is returned as the
+  'dropout_scale' metric.
+  """
   dropout_key = purpose_key(seed, DROPOUT_PURPOSE)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(dropout_key, state["step"])  # Dropout at step s depends on (seed, s) only.
-    grad_fn = jax.value_and_grad(lambda p: model.loss_and_metrics(p, batch, dropout_rng=rng), has_aux=True)
+    scale = dropout_schedule(state["step"]) if dropout_schedule is not None else None
+    grad_fn = jax.value_and_grad(lambda p: model.loss_and_metrics(p, batch, dropout_rng=rng, dropout_scale=scale),
+                                 has_aux=True)
     (_, sums), grads = grad_fn(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if scale is not None:
+      sums = dict(sums, dropout_scale=scale)
     sums = dict(sums, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
                 source_tokens=count_source_tokens(batch["encoder_input_tokens"], first_sentinel_id) +
                 count_source_tokens(batch["decoder_target_tokens"], first_sentinel_id))

@@ -9,7 +9,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ import numpy as np
 import optax
 
 from repeat_lm.data import pipeline
+from repeat_lm.models import t5
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel, summarize
 from repeat_lm.train import checkpoint as ckpt_lib
+from repeat_lm.train import dropout_schedule as dropout_schedule_lib
 from repeat_lm.train import flops, metrics as metrics_lib, optim, partitioning, state as state_lib
 
 
@@ -81,14 +83,79 @@ def _write_config(model_dir: Path, operative: bool) -> None:
     (model_dir / "config.gin").write_text(text)
 
 
+# Step metrics that are a state, not a sum: a logging window reports the last step's value.
+_LAST_VALUE_METRICS = ("grad_norm", "param_norm", "dropout_scale")
+# An extra evaluation run with the loss-based one: (model, params, partitioner) -> {'eval/<name>': value}.
+EvalFn = Callable[[EncoderDecoderModel, Any, partitioning.Partitioner], Mapping[str, float]]
+
+
+class TrainingDivergedError(RuntimeError):
+  """A step produced a non-finite loss, gradient or parameter; nothing of it was saved."""
+
+
+def _check_finite(sums: Mapping[str, Any], step: int, checkpointer: ckpt_lib.Checkpointer) -> None:
+  """Raise TrainingDivergedError, naming the step and the last good checkpoint, if step `step` went non-finite.
+
+  The loss and gradient norm cover the forward and backward pass, the parameter norm the update (its sum of squares
+  also overflows once parameters grow past ~1e19 in float32, which is divergence too).
+  """
+  values = {k: float(sums[k]) for k in ("loss_sum", "grad_norm", "param_norm")}
+  if all(np.isfinite(v) for v in values.values()):
+    return
+  checkpointer.wait()  # a save still being written belongs to an earlier, finite step: let it finish
+  good = checkpointer.latest_step()
+  where = (f"the last good checkpoint is step {good} ({checkpointer.directory / str(good)}); training resumes "
+           "from it when run again" if good is not None else "no checkpoint had been written yet")
+  raise TrainingDivergedError(
+      f"Training diverged at step {step}: summed loss {values['loss_sum']}, gradient norm {values['grad_norm']}, "
+      f"parameter norm {values['param_norm']}. Stopped before saving this step; {where}. Lower the learning rate "
+      "or weight decay (or add gradient clipping) before resuming.")
+
+
+def _dropout_rate(model: EncoderDecoderModel) -> float:
+  return float(getattr(getattr(model.module, "config", None), "dropout_rate", 0.0))
+
+
+def _dropout_schedule(spec, model: EncoderDecoderModel, cfg: pipeline.DatasetConfig,
+                      source_tokens: int | None) -> Callable[[jax.Array], jax.Array] | None:
+  """The step -> factor function of DROPOUT_SCHEDULE; epochs become steps with this run's steps per epoch.
+
+  None without a schedule, so the step passes no `dropout_scale` and modules without that argument still work.
+  """
+  if spec is None:
+    return None
+  epoch_steps = None
+  if dropout_schedule_lib.uses_epochs(spec) and source_tokens:
+    epoch_steps = dropout_schedule_lib.steps_per_epoch(source_tokens, cfg.batch_size,
+                                                       cfg.task_feature_lengths["inputs"])
+  schedule = dropout_schedule_lib.resolve(spec, epoch_steps)
+  model_cfg = getattr(model.module, "config", None)
+  rates = [model_cfg.dropout_rate_for(p) for p in t5.DROPOUT_PLACES] if hasattr(model_cfg, "dropout_rate_for") else []
+  if not any(rates):
+    logging.warning("DROPOUT_SCHEDULE=%r has no effect: every dropout rate of the model is 0.", spec)
+  if rates and max(rates) * dropout_schedule_lib.max_factor(schedule) >= 1.0:
+    raise ValueError(f"DROPOUT_SCHEDULE={spec!r} multiplies the dropout rates (up to {max(rates)}) by up to "
+                     f"{dropout_schedule_lib.max_factor(schedule)}: every rate times factor must stay below 1.")
+  logging.info("Dropout schedule %r -> %s%s", spec, schedule,
+               f" ({epoch_steps:.1f} steps per epoch)" if epoch_steps else "")
+  return schedule
+
+
 def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipeline.DatasetConfig,
           total_steps: int, eval_dataset_cfg: pipeline.DatasetConfig | None = None,
           partitioner: partitioning.Partitioner | None = None, optimizer: optax.GradientTransformation | None = None,
           learning_rate: optax.Schedule | float | None = None,
           checkpoint_cfg: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(), log_period: int = 100,
-          eval_period: int = 1000, eval_steps: int = 20, random_seed: int = 0) -> dict[str, float]:
+          eval_period: int = 1000, eval_steps: int = 20, random_seed: int = 0,
+          dropout_schedule: str | Callable[[jax.Array], jax.Array] | None = None,
+          initial_checkpoint_path: str | None = None, eval_fn: EvalFn | None = None) -> dict[str, float]:
   """Train to `total_steps`, resuming from MODEL_DIR's latest checkpoint if there is one.
 
+  `dropout_schedule` scales every dropout rate over training (DROPOUT_SCHEDULE; see dropout_schedule.py). A
+  non-finite loss, gradient or parameter norm raises TrainingDivergedError before that step is saved.
+  `initial_checkpoint_path` (INITIAL_CHECKPOINT_PATH): when MODEL_DIR has no checkpoint yet, start from the parameters
+  of a repeat_lm MODEL_DIR, a Hugging Face T5 directory or a T5X checkpoint (interop/load.py), with a fresh optimizer.
+  `eval_fn(model, params, partitioner) -> {'eval/...': value}` runs with the evaluation (e.g. decoding + task metrics).
   Returns the last logged training metrics (plus the last evaluation, if any).
   """
   model_dir_path = Path(model_dir)
@@ -97,11 +164,17 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   partitioner = partitioner or partitioning.Partitioner()
   tx = optimizer or optim.make_optimizer(learning_rate=learning_rate)
   cfg = train_dataset_cfg
-  if cfg.batch_size % partitioner.data_size:
-    raise ValueError(f"Batch size {cfg.batch_size} is not divisible by the 'data' mesh axis "
-                     f"({partitioner.data_size} devices); change BATCH_SIZE or the mesh.")
+  if cfg.batch_size % partitioner.batch_shards:
+    raise ValueError(f"Batch size {cfg.batch_size} is not divisible by the {partitioner.batch_shards} devices "
+                     "the batch is split over ('data' x 'expert' mesh axes); change BATCH_SIZE or the mesh.")
   first_sentinel = _check_vocab(model, cfg.mixture_or_task_name)
   lengths = pipeline.model_feature_lengths(cfg)
+  source_tokens = pipeline.source_token_count(cfg.mixture_or_task_name, cfg.split)
+  available = pipeline.num_batches(cfg)  # None: the stream never ends
+  if available is not None and total_steps > available:
+    raise ValueError(f"Task {cfg.mixture_or_task_name!r} holds {available} batches of {cfg.batch_size} (all its "
+                     f"epochs), fewer than total_steps={total_steps}; lower TRAIN_STEPS or raise the task's epochs.")
+  schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens)
   batch_spec = state_lib.batch_specs(lengths, cfg.batch_size)
   lay = state_lib.layout(model, tx, partitioner, batch_spec, random_seed)
   checkpointer = ckpt_lib.Checkpointer(model_dir_path, checkpoint_cfg)
@@ -111,27 +184,32 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   restored_meta: dict[str, Any] = {}
   if checkpointer.latest_step() is not None:
     state, restored_meta = checkpointer.restore(lay.abstract)
+    pipeline.check_resume(cfg, restored_meta.get("data"))  # a changed data stream cannot resume exactly
     writer.truncate_after(int(restored_meta["step"]))
   else:
     state = state_lib.init_state(model, tx, lay, partitioner, batch_spec, random_seed)
+    if initial_checkpoint_path:
+      from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
+      # Fresh optimizer moments are zeros whatever the parameters, so only the parameters need replacing.
+      state["params"] = load_lib.load_params(initial_checkpoint_path, lay.abstract["params"],
+                                             config=getattr(model.module, "config", None))
   step = int(jax.device_get(state["step"]))
   tokens_seen = float(restored_meta.get("tokens_seen", 0.0))
   logging.info("Starting at step %d of %d (%.1fs to build or restore the state)", step, total_steps,
                time.perf_counter() - start)
 
-  train_step = state_lib.make_train_step(model, tx, lay, partitioner, random_seed, first_sentinel)
+  train_step = state_lib.make_train_step(model, tx, lay, partitioner, random_seed, first_sentinel, schedule)
   eval_step = state_lib.make_eval_step(model, lay, partitioner) if eval_dataset_cfg else None
   eval_batches = _eval_batches(eval_dataset_cfg, eval_steps) if eval_dataset_cfg else []
-  source_tokens = pipeline.source_token_count(cfg.mixture_or_task_name, cfg.split)
   flops_per_step = flops.train_flops_per_sequence(model.module.config, lengths["encoder_input_tokens"],
                                                   lengths["decoder_input_tokens"]) * cfg.batch_size
   peak, peak_source = flops.peak_flops_total()
   logging.info("Peak %.3g FLOP/s (%s); %.4g model FLOPs per step", peak, peak_source, flops_per_step)
 
   def meta(at_step: int) -> dict[str, Any]:
+    # The batch at step s is a function of the data config and s; `data` records both (and the epoch position).
     return {"step": at_step, "tokens_seen": tokens_seen, "batches_consumed": at_step,
-            "data": {"mixture_or_task_name": cfg.mixture_or_task_name, "seed": cfg.seed,
-                     "batch_size": cfg.batch_size, "split": cfg.split}}
+            "data": pipeline.data_state(cfg, at_step)}
 
   batches: Iterator[dict[str, np.ndarray]] = pipeline.get_batches(
       cfg, start_step=step, shard_id=jax.process_index(), num_shards=jax.process_count())
@@ -146,15 +224,13 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
       state, sums = train_step(state, batch)
       step += 1
       sums = jax.device_get(sums)
+      _check_finite(sums, step, checkpointer)  # every step, before anything of this step is saved
       window_time += time.perf_counter() - t0
       window_steps += 1
       for k, v in sums.items():
-        window[k] = window.get(k, 0.0) + float(v) if k not in ("grad_norm", "param_norm") else float(v)
+        window[k] = window.get(k, 0.0) + float(v) if k not in _LAST_VALUE_METRICS else float(v)
       tokens_seen += float(sums["source_tokens"])
       if step == 1 or step % log_period == 0 or step == total_steps:
-        if not np.isfinite(window["loss_sum"]):
-          raise FloatingPointError(f"Training loss is {window['loss_sum']} at step {step}; stopping before it is "
-                                   f"checkpointed (last good checkpoint: {checkpointer.latest_step()}).")
         step_time = window_time / window_steps
         last = {f"train/{k}": v for k, v in summarize(window).items()}
         last.update({
@@ -168,13 +244,18 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
         })
         if source_tokens:
           last["train/epochs"] = tokens_seen / source_tokens
+        # The schedule's factor at the window's last step (1 without a schedule) and the DROPOUT_RATE it gave.
+        last["train/dropout_scale"] = window.get("dropout_scale", 1.0)
+        last["train/dropout_rate"] = last["train/dropout_scale"] * _dropout_rate(model)
         writer.write(step, last)
         progress.update(window_steps, loss=last["train/loss"], acc=last["train/accuracy"])
         if step == 1:
           _write_config(model_dir_path, operative=True)
         window, window_steps, window_time = {}, 0, 0.0
-      if eval_step and (step % eval_period == 0 or step == total_steps):
-        result = {f"eval/{k}": v for k, v in _run_eval(eval_step, state["params"], eval_batches, lay).items()}
+      if (eval_step or eval_fn) and (step % eval_period == 0 or step == total_steps):
+        result = {f"eval/{k}": v for k, v in _run_eval(eval_step, state["params"], eval_batches, lay).items()
+                  } if eval_step else {}
+        result.update(eval_fn(model, state["params"], partitioner) if eval_fn else {})
         writer.write(step, result)
         last.update(result)
       if checkpointer.should_save(step) or step == total_steps:
@@ -196,8 +277,10 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
 def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pipeline.DatasetConfig,
              partitioner: partitioning.Partitioner | None = None,
              optimizer: optax.GradientTransformation | None = None, eval_steps: int = 20,
-             checkpoint_step: int | None = None, random_seed: int = 0) -> dict[str, float]:
-  """Evaluate a checkpoint of MODEL_DIR on `eval_dataset_cfg`; writes `eval/*` to metrics.jsonl at its step."""
+             checkpoint_step: int | None = None, random_seed: int = 0,
+             eval_fn: EvalFn | None = None) -> dict[str, float]:
+  """Evaluate a checkpoint of MODEL_DIR on `eval_dataset_cfg` (and `eval_fn`, as in `train`); writes `eval/*` to
+  metrics.jsonl at its step."""
   partitioner = partitioner or partitioning.Partitioner()
   checkpointer = ckpt_lib.Checkpointer(model_dir)
   step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
@@ -207,13 +290,14 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   _check_vocab(model, eval_dataset_cfg.mixture_or_task_name)
   lengths = pipeline.model_feature_lengths(eval_dataset_cfg)
   batch_spec = state_lib.batch_specs(lengths, eval_dataset_cfg.batch_size)
-  # The optimizer only shapes the checkpoint's tree: it must be the one training used.
+  # Only the parameters are read, so the optimizer (which shapes the rest of the layout) need not match training's.
   lay = state_lib.layout(model, optimizer or optim.make_optimizer(), partitioner, batch_spec, random_seed)
-  state, _ = checkpointer.restore(lay.abstract, step)
+  params, _ = checkpointer.restore_params(lay.abstract["params"], step)
   checkpointer.close()
   result = {f"eval/{k}": v for k, v in _run_eval(state_lib.make_eval_step(model, lay, partitioner),
-                                                 state["params"], _eval_batches(eval_dataset_cfg, eval_steps),
+                                                 params, _eval_batches(eval_dataset_cfg, eval_steps),
                                                  lay).items()}
+  result.update(eval_fn(model, params, partitioner) if eval_fn else {})
   writer = metrics_lib.MetricsWriter(model_dir)
   writer.write(step, result)
   writer.close()

@@ -1,5 +1,7 @@
 """Data-test fixtures: the shared C4 sample and T5 vocabulary (skipped when ../shared is absent), the default corpus."""
 
+import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,13 @@ import pytest
 SHARED = Path(__file__).resolve().parents[2].parent / 'shared'
 C4_SAMPLE = SHARED / 'data' / 'c4' / 'c4-sample.00000-of-00001.json.gz'
 T5_VOCAB = SHARED / 'data' / 'vocab' / 't5_cc_all_32000.spm.model'
+LENGTHS = {'inputs': 512, 'targets': 114}
+
+
+def write_jsonl(path, texts, gz=False, raw_lines=()):
+  data = b''.join(json.dumps({'text': t, 'url': 'u'}).encode() + b'\n' for t in texts) + b''.join(raw_lines)
+  path.write_bytes(gzip.compress(data) if gz else data)
+  return str(path)
 
 
 @pytest.fixture(scope='session')
@@ -25,9 +34,22 @@ def t5_vocab_file() -> str:
 
 
 @pytest.fixture(scope='session')
+def c4_docs(c4_path) -> list:
+  return [json.loads(line)['text'] for line in gzip.open(c4_path)]
+
+
+@pytest.fixture(scope='session')
 def c4_task(c4_path, t5_vocab_file) -> str:
+  """The whole C4 sample's train split, unbounded epochs, T5 span corruption."""
   from repeat_lm.data import tasks  # pylint: disable=import-outside-toplevel
   return tasks.span_corruption_task(corpus=c4_path, vocabulary=t5_vocab_file)
+
+
+@pytest.fixture(scope='session')
+def c4_d16(c4_path, t5_vocab_file) -> str:
+  """The acceptance setting: the first 2^16 tokens of the C4 sample, 8 epochs, dynamic masks."""
+  from repeat_lm.data import tasks  # pylint: disable=import-outside-toplevel
+  return tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**16, epochs=8)
 
 
 @pytest.fixture(scope='session')

@@ -1,12 +1,15 @@
-"""Batches for the trainer: shapes, determinism, resume, sharding, finite eval streams, the default corpus."""
+"""Batches for the trainer: shapes, determinism, O(1) resume, host-count independence, finite streams, eval."""
 
 import itertools
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
+import seqio
+import tensorflow as tf
 
 from repeat_lm.data import objectives, pipeline, tasks
 
@@ -34,64 +37,91 @@ def source_tokens(batches, first_sentinel=32000):
   return sum(count(b['encoder_input_tokens']) + count(b['decoder_target_tokens']) for b in batches)
 
 
-def test_c4_batches_at_512_114(c4_task):
-  cfg = pipeline.DatasetConfig(c4_task, {'inputs': 512, 'targets': 114}, batch_size=4)
+def test_c4_batches_at_512_114(c4_d16):
+  cfg = pipeline.DatasetConfig(c4_d16, {'inputs': 512, 'targets': 114}, batch_size=4)
   lengths = pipeline.model_feature_lengths(cfg)
   assert set(lengths) == PACKED_KEYS
-  assert lengths['encoder_input_tokens'] == 512 and lengths['decoder_target_tokens'] == 114
   for batch in take(cfg, 2):
-    assert set(batch) == PACKED_KEYS
     for k, v in batch.items():
       assert v.dtype == np.int32 and v.shape == (4, lengths[k]), k
     # A full 568-token chunk fills a row exactly: one segment, no padding.
     assert (batch['encoder_segment_ids'] == 1).all() and (batch['decoder_loss_weights'] == 1).all()
     np.testing.assert_array_equal(batch['decoder_input_tokens'][:, 1:], batch['decoder_target_tokens'][:, :-1])
+    np.testing.assert_array_equal(batch['encoder_positions'][0], np.arange(512))
 
 
-def test_same_config_same_batches(c4_task):
-  cfg = pipeline.DatasetConfig(c4_task, SMALL, batch_size=8, seed=3)
+def test_rows_are_what_seqios_feature_converter_makes(c4_d16):
+  lengths = {'inputs': 512, 'targets': 114}
+  for pack in (True, False):
+    cfg = pipeline.DatasetConfig(c4_d16, lengths, batch_size=4, pack=pack)
+    ours = take(cfg, 1)[0]
+    task = seqio.get_mixture_or_task(c4_d16)
+    ds = task.get_dataset(lengths, split='train', seed=0).take(4)
+    theirs = next(iter(seqio.EncDecFeatureConverter(pack=pack)(ds, lengths).batch(4).as_numpy_iterator()))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+      np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+
+
+def test_same_config_same_batches_other_seed_other_batches(c4_d16):
+  cfg = pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=3)
   assert_same(take(cfg, 3), take(cfg, 3))
-  other = take(pipeline.DatasetConfig(c4_task, SMALL, batch_size=8, seed=4), 1)[0]
+  other = take(pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=4), 1)[0]
   assert not np.array_equal(other['encoder_input_tokens'], take(cfg, 1)[0]['encoder_input_tokens'])
 
 
-def test_resume_equals_uninterrupted(c4_task):
-  cfg = pipeline.DatasetConfig(c4_task, SMALL, batch_size=8, seed=1)
-  assert_same(take(cfg, 6)[4:], take(cfg, 2, start_step=4))
+def test_resume_at_any_step_is_bitwise_and_cheap(c4_d16):
+  cfg = pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=1)
+  per_epoch = tasks.stream(c4_d16, 'train', SMALL, 1).examples_per_epoch  # 937 examples: ~117 batches
+  full = take(cfg, 260)  # crosses two epoch boundaries
+  for k in [1, 4, 116, 117, 118, per_epoch // 8 * 2 - 1, 250]:
+    assert_same(full[k:k + 3], take(cfg, 3, start_step=k))
+  start = time.perf_counter()
+  take(cfg, 1, start_step=pipeline.num_batches(cfg) - 1)  # the very last batch: no replay
+  assert time.perf_counter() - start < 1.0
 
 
-def test_resume_in_a_new_process_is_bitwise_equal(c4_path, t5_vocab_file, tmp_path):
-  # What a restarted trainer does: a fresh process, same config, start_step=k.
+def test_host_rows_make_the_global_batch_for_any_host_count(c4_d16):
+  cfg = pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=2)
+  single = take(cfg, 3, start_step=50)
+  for hosts in (2, 4, 8):
+    shards = [take(cfg, 3, start_step=50, shard_id=i, num_shards=hosts) for i in range(hosts)]
+    for step in range(3):
+      parts = [s[step] for s in shards]
+      assert all(p['encoder_input_tokens'].shape == (8 // hosts, 64) for p in parts)
+      assert_same([{k: np.concatenate([p[k] for p in parts]) for k in single[step]}], [single[step]])
+  with pytest.raises(ValueError, match='not divisible'):
+    take(cfg, 1, num_shards=3)
+
+
+def test_resume_in_a_new_process_on_other_hosts_is_bitwise_equal(c4_path, t5_vocab_file, c4_d16, tmp_path):
+  # What a restarted trainer does: a fresh process, the same config, start_step=k, here as host 1 of 2.
   code = textwrap.dedent(f"""
       import itertools, numpy as np
       from repeat_lm.data import pipeline, tasks
-      name = tasks.span_corruption_task(corpus={c4_path!r}, vocabulary={t5_vocab_file!r})
+      name = tasks.repeated_task(corpus={c4_path!r}, vocabulary={t5_vocab_file!r}, unique_tokens=2**16, epochs=8)
       cfg = pipeline.DatasetConfig(name, {SMALL!r}, batch_size=8, seed=1)
-      batches = list(itertools.islice(pipeline.get_batches(cfg, start_step=5), 2))
+      batches = list(itertools.islice(pipeline.get_batches(cfg, start_step=125, shard_id=1, num_shards=2), 2))
       arrays = {{f'{{i}}/{{k}}': v for i, b in enumerate(batches) for k, v in b.items()}}
       np.savez({str(tmp_path / 'b.npz')!r}, **arrays)
   """)
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
   saved = np.load(tmp_path / 'b.npz')
-  here = take(pipeline.DatasetConfig(tasks.span_corruption_task(corpus=c4_path, vocabulary=t5_vocab_file), SMALL,
-                                     batch_size=8, seed=1), 7)[5:]
-  assert_same(here, [{k: saved[f'{i}/{k}'] for k in b} for i, b in enumerate(here)])
+  here = take(pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=1), 2, start_step=125)
+  assert_same([{k: v[4:] for k, v in b.items()} for b in here], [{k: saved[f'{i}/{k}'] for k in b}
+                                                                  for i, b in enumerate(here)])
 
 
-def test_resume_across_epochs(c4_task):
-  # The validation split is ~16k tokens = ~230 raw chunks: step 40 x 8 rows lies in the second epoch.
-  cfg = pipeline.DatasetConfig(c4_task, SMALL, split='validation', batch_size=8, seed=5)
-  assert_same(take(cfg, 42)[40:], take(cfg, 2, start_step=40))
-
-
-def test_shards_differ_and_together_make_the_global_batch(c4_task):
-  cfg = pipeline.DatasetConfig(c4_task, SMALL, batch_size=8, seed=2)
-  shard0, shard1 = take(cfg, 2, shard_id=0, num_shards=2), take(cfg, 2, shard_id=1, num_shards=2)
-  for a, b in zip(shard0, shard1):
-    assert a['encoder_input_tokens'].shape == b['encoder_input_tokens'].shape == (4, 64)
-    assert not np.array_equal(a['encoder_input_tokens'], b['encoder_input_tokens'])
-  with pytest.raises(ValueError, match='not divisible'):
-    take(cfg, 1, num_shards=3)
+def test_finite_training_stream_ends_padded_after_its_epochs(c4_path, t5_vocab_file):
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**12, epochs=3)
+  cfg = pipeline.DatasetConfig(name, SMALL, batch_size=16, seed=0)
+  batches = list(pipeline.get_batches(cfg))
+  stream = tasks.stream(name, 'train', SMALL, 0)
+  assert len(batches) == pipeline.num_batches(cfg) == -(-stream.total_examples // 16)
+  assert source_tokens(batches) == 3 * 2**12  # every token of the subset, three times, nothing else
+  last_rows = stream.total_examples - 16 * (len(batches) - 1)
+  assert (batches[-1]['decoder_loss_weights'][last_rows:] == 0).all()
+  assert (batches[-1]['decoder_loss_weights'][:last_rows].sum(1) > 0).all()
 
 
 def test_eval_stream_is_one_padded_pass_and_shards_cover_it(c4_task):
@@ -102,19 +132,48 @@ def test_eval_stream_is_one_padded_pass_and_shards_cover_it(c4_task):
   expected = pipeline.source_token_count(c4_task, 'validation')
   assert source_tokens(full) == expected  # every validation token, exactly once
   shards = [list(pipeline.get_batches(cfg, shard_id=i, num_shards=2)) for i in range(2)]
+  assert len(shards[0]) == len(shards[1]) == len(full)  # every host runs the same number of eval steps
   assert sum(source_tokens(s) for s in shards) == expected
   assert_same(full, list(pipeline.get_batches(cfg)))
 
 
-def test_training_stream_repeats(c4_task):
+def test_validation_stream_when_shuffled_repeats(c4_task):
   cfg = pipeline.DatasetConfig(c4_task, SMALL, split='validation', batch_size=32, seed=0)
-  batches = take(cfg, 12)  # 12 x 32 rows > 230 chunks of one epoch
+  batches = take(cfg, 12)  # 12 x 32 rows > 238 chunks of one epoch
   assert source_tokens(batches) > pipeline.source_token_count(c4_task, 'validation')
 
 
-def test_vocabulary_for(c4_task):
-  vocab = pipeline.vocabulary_for(c4_task)
-  assert vocab.vocab_size == 32100 and vocab.extra_ids == 100
+def test_data_state_and_resume_check(c4_d16):
+  cfg = pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=1)
+  state = pipeline.data_state(cfg, 200)
+  per_epoch = state['examples_per_epoch']
+  assert state['examples_consumed'] == 1600 and (state['epoch'], state['example_in_epoch']) == divmod(1600, per_epoch)
+  assert state['epochs'] == 8 and state['unique_tokens'] == 2**16 and state['store_fingerprint']
+  pipeline.check_resume(cfg, state)
+  pipeline.check_resume(cfg, {'step': 3})  # an older checkpoint without the details: nothing to compare
+  with pytest.raises(ValueError, match='batch_size was 8'):
+    pipeline.check_resume(pipeline.DatasetConfig(c4_d16, SMALL, batch_size=16, seed=1), state)
+
+
+def test_other_seqio_tasks_fall_back_to_a_global_stream():
+  vocab = seqio.PassThroughVocabulary(size=100)
+  name = 'test.foreign_task'
+  if name not in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.add(
+        name, source=seqio.FunctionDataSource(
+            lambda split, shuffle_files, seed=None: tf.data.Dataset.range(3, 40).map(
+                lambda i: {'inputs': tf.fill([i % 7 + 2], tf.cast(i, tf.int32)),
+                           'targets': tf.fill([i % 3 + 1], tf.cast(i, tf.int32))}), splits=['train']),
+        output_features={'inputs': seqio.Feature(vocab), 'targets': seqio.Feature(vocab)}, preprocessors=[],
+        metric_fns=[])
+  cfg = pipeline.DatasetConfig(name, {'inputs': 16, 'targets': 8}, batch_size=4, shuffle=False)
+  full = list(pipeline.get_batches(cfg))
+  halves = [list(pipeline.get_batches(cfg, shard_id=i, num_shards=2)) for i in range(2)]
+  for b, x, y in zip(full, *halves):
+    np.testing.assert_array_equal(np.concatenate([x['encoder_input_tokens'], y['encoder_input_tokens']]),
+                                  b['encoder_input_tokens'])
+  assert_same(full[2:], list(pipeline.get_batches(cfg, start_step=2)))
+  assert pipeline.source_token_count(name, 'train') is None and pipeline.num_batches(cfg) is None
 
 
 def test_default_corpus_end_to_end(wiki_ready):
@@ -125,8 +184,18 @@ def test_default_corpus_end_to_end(wiki_ready):
     assert b['encoder_input_tokens'].shape == (8, 64) and b['decoder_target_tokens'].shape == (8, 14)
     assert b['encoder_input_tokens'].max() < 8100 and (b['encoder_input_tokens'] == 8099).any()
   row = batches[0]
-  first = row['encoder_segment_ids'][0] == 1
-  text = objectives.uncorrupt(row['encoder_input_tokens'][0][first][:-1],
-                              row['decoder_target_tokens'][0][row['decoder_segment_ids'][0] == 1][:-1], 8000)
+  text = objectives.uncorrupt(row['encoder_input_tokens'][0][:-1], row['decoder_target_tokens'][0][:-1], 8000)
   assert len(text) == objectives.random_spans_lengths(64)[0]
   assert pipeline.source_token_count(wiki_ready, 'validation') > 10_000
+  assert pipeline.num_batches(cfg) is None  # unbounded epochs
+
+
+def test_the_trainer_refuses_more_steps_than_a_finite_task_holds(c4_path, t5_vocab_file, tmp_path):
+  from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer  # pylint: disable=import-outside-toplevel
+  from repeat_lm.train import trainer  # pylint: disable=import-outside-toplevel
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**12, epochs=1)
+  cfg = pipeline.DatasetConfig(name, SMALL, batch_size=8)
+  model = EncoderDecoderModel(module=Transformer(T5Config(vocab_size=32128, num_encoder_layers=1,
+                                                          num_decoder_layers=1)))
+  with pytest.raises(ValueError, match=f'holds {pipeline.num_batches(cfg)} batches of 8'):
+    trainer.train(model=model, model_dir=str(tmp_path), total_steps=10**6, train_dataset_cfg=cfg)

@@ -1,22 +1,16 @@
-"""Corpus reading: JSONL(.gz), bad input, validation split, SeqIO source sharding, the default Wikipedia corpus."""
+"""Corpus reading: JSONL(.gz), bad input, validation split, local text sources, the default Wikipedia corpus."""
 
 import gzip
-import json
 import logging
+import os
 import threading
 import time
 
-import numpy as np
 import pytest
-import seqio
 
 from repeat_lm.data import sources
 
-
-def write_jsonl(path, texts, gz=False, raw_lines=()):
-  data = b''.join(json.dumps({'text': t, 'url': 'u'}).encode() + b'\n' for t in texts) + b''.join(raw_lines)
-  path.write_bytes(gzip.compress(data) if gz else data)
-  return str(path)
+from conftest import write_jsonl  # pylint: disable=wrong-import-order
 
 
 def test_reads_jsonl_and_gz_in_order(tmp_path):
@@ -79,26 +73,47 @@ def test_corpus_needs_two_documents():
     sources.Corpus('c', ('only',))
 
 
-def source_docs(source, split, **kwargs):
-  return [ex['text'].decode() for ex in source.get_dataset(split, **kwargs).as_numpy_iterator()]
+def docs_of(source, split):
+  stats = sources.ReadStats()
+  return list(source.documents(split, stats)), stats
 
 
-def test_source_shards_are_disjoint_and_cover_the_split(tmp_path):
+def test_local_text_with_a_validation_fraction_or_file(tmp_path):
   path = write_jsonl(tmp_path / 'a.jsonl', [f'doc {i}' for i in range(40)])
-  source = sources.CorpusSource(path, 0.1)
-  shards = [source_docs(source, 'train', shuffle=True, seed=3, shard_info=seqio.ShardInfo(i, 3)) for i in range(3)]
-  assert sorted(sum(shards, [])) == sorted(f'doc {i}' for i in range(36))
-  assert source_docs(source, 'validation', shuffle=False) == [f'doc {i}' for i in range(36, 40)]
+  source = sources.LocalText(path, 0.1)
+  assert docs_of(source, 'train')[0] == [f'doc {i}' for i in range(36)]
+  assert docs_of(source, 'validation')[0] == [f'doc {i}' for i in range(36, 40)]
+  held_out = write_jsonl(tmp_path / 'v.jsonl.gz', ['held out'], gz=True)
+  separate = sources.LocalText(path, held_out)
+  assert docs_of(separate, 'train')[0] == [f'doc {i}' for i in range(40)]
+  assert docs_of(separate, 'validation')[0] == ['held out']
+  assert separate.tag != source.tag != sources.LocalText(path).tag
+  assert sources.LocalText(path).fingerprint() == sources.LocalText(path).fingerprint()
+  with pytest.raises(ValueError, match="Unknown split 'test'"):
+    docs_of(source, 'test')
 
 
-def test_source_shuffle_is_seeded_and_new_each_epoch(tmp_path):
-  path = write_jsonl(tmp_path / 'a.jsonl', [f'doc {i}' for i in range(50)])
-  source = sources.CorpusSource(path)
-  ds = source.get_dataset('train', shuffle=True, seed=7).repeat(2)
-  epochs = np.array([ex['text'] for ex in ds.as_numpy_iterator()]).reshape(2, -1)
-  again = np.array([ex['text'] for ex in source.get_dataset('train', shuffle=True, seed=7).repeat(2)]).reshape(2, -1)
-  np.testing.assert_array_equal(epochs, again)
-  assert sorted(epochs[0]) == sorted(epochs[1]) and list(epochs[0]) != list(epochs[1])
+def test_streaming_reads_only_what_it_needs(tmp_path):
+  path = write_jsonl(tmp_path / 'a.jsonl', ['first'], raw_lines=[b'{"text": "cut off\n'])
+  source = sources.LocalText(path, write_jsonl(tmp_path / 'v.jsonl', ['v']))
+  stats = sources.ReadStats()
+  assert next(source.documents('train', stats)) == 'first'  # the malformed line after it is never parsed
+
+
+def test_corrupt_gzip_names_the_file(tmp_path):
+  path = tmp_path / 'bad.jsonl.gz'
+  data = gzip.compress(b''.join(b'{"text": "%s"}\n' % os.urandom(20).hex().encode() for _ in range(1000)))
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match='bad.jsonl.gz: corrupt or truncated gzip'):
+    sources.read_jsonl([str(path)])
+
+
+def test_gigantic_documents_are_truncated_and_counted(tmp_path, caplog):
+  path = write_jsonl(tmp_path / 'a.jsonl', ['x' * 50, 'short'])
+  with caplog.at_level(logging.WARNING):
+    docs, stats = sources.read_jsonl([path], max_chars=20)
+  assert docs == ['x' * 20, 'short'] and stats.truncated_long == 1
+  assert 'truncated 1 longer than the document limit' in caplog.text
 
 
 def test_atomic_write_survives_racing_writers(tmp_path):

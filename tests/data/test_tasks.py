@@ -1,4 +1,4 @@
-"""SeqIO task registration: lazy default task, idempotence, naming, errors, gin, exact lengths on C4."""
+"""Repeated-subset tasks: names, registration, the acceptance setting on C4 (D = 2^16, E = 8), masks, UL2, SeqIO."""
 
 import os
 import subprocess
@@ -6,10 +6,13 @@ import sys
 import textwrap
 
 import gin
+import numpy as np
 import pytest
 import seqio
 
-from repeat_lm.data import objectives, pipeline, sources, tasks, vocab
+from repeat_lm.data import denoisers, sources, stats, tasks, vocab
+
+from conftest import LENGTHS  # pylint: disable=wrong-import-order
 
 
 def test_default_task_registers_lazily(tmp_path):
@@ -20,103 +23,253 @@ def test_default_task_registers_lazily(tmp_path):
       task = seqio.get_mixture_or_task(tasks.WIKI_TASK)
       assert set(task.splits) == {'train', 'validation'}, task.splits
       assert set(task.output_features) == {'inputs', 'targets'}
+      tasks.ensure_registered('repeat_lm.c4.t5.ul2.d27.e8.static')  # by name: registers, reads nothing either
   """)
   env = dict(os.environ, REPEAT_LM_CACHE=str(tmp_path / 'cache'))
   subprocess.run([sys.executable, '-c', code], check=True, env=env, timeout=120)
   assert not (tmp_path / 'cache').exists()
 
 
+@pytest.mark.parametrize('name, expected', [
+    ('repeat_lm.c4.t5.span.d27.e8', {'source': 'c4', 'unique_tokens': 2**27, 'epochs': 2**8}),
+    ('repeat_lm.c4.t5.span.d35.e0', {'unique_tokens': 2**35, 'epochs': 1}),
+    ('repeat_lm.c4.t5.span.d27.t35', {'unique_tokens': 2**27, 'total_tokens': 2**35}),
+    ('repeat_lm.wikipedia.t5.ul2.d23.e12.static.nomode', {'objective': 'ul2', 'epochs': 2**12,
+                                                          'static_masks': True, 'mode_tokens': False}),
+    ('repeat_lm.wiki.wiki8k.span_r0p5_mu8.dn1000.en3.v10', {'unique_tokens': 1000, 'epochs': 3,
+                                                              'validation_tokens': 1024}),
+    ('repeat_lm.wiki.wiki8k.span.dall.einf', {'unique_tokens': None, 'epochs': None})])
+def test_name_scheme(name, expected):
+  kwargs = tasks.parse_name(name)
+  assert expected.items() <= kwargs.items()
+  assert tasks.ensure_registered(name) == name
+  spec = tasks.spec(name)
+  if 'total_tokens' in expected:  # the total form is registered under the epochs form too
+    assert tasks.spec('repeat_lm.c4.t5.span.d27.e8') == spec and spec.epochs == 2**8
+  else:
+    assert tasks.task_name(spec) == name  # names round-trip
+
+
+def test_the_papers_grid_has_distinct_names():
+  names = {tasks.ensure_registered(f'repeat_lm.c4.t5.span.d{d}.e{e}') for d in range(23, 36) for e in range(13)}
+  assert len(names) == 13 * 13 and all(n in seqio.TaskRegistry.names() for n in names)
+
+
+@pytest.mark.parametrize('name', ['repeat_lm.c4.t5.span.d27', 'repeat_lm.nope.t5.span.d27.e8',
+                                  'repeat_lm.c4.nope.span.d27.e8', 'repeat_lm.c4.t5.mlm.d27.e8', 'c4_d27'])
+def test_bad_names_are_clear_errors(name):
+  with pytest.raises(ValueError, match='scheme|Unknown source|Unknown objective|not|vocab'):
+    tasks.ensure_registered(name)
+
+
+def test_budget_errors():
+  with pytest.raises(ValueError, match='multiple of unique_tokens'):
+    tasks.repeated_task('c4', unique_tokens=3, total_tokens=10)
+  with pytest.raises(ValueError, match='positive integer'):
+    tasks.repeated_task('c4', unique_tokens=0, epochs=1)
+
+
 def test_registration_is_idempotent_and_replaces_changed_specs(tmp_path):
   corpus = tmp_path / 'c.jsonl'
   corpus.write_text('{"text": "a"}\n{"text": "b"}\n')
-  name = tasks.span_corruption_task(name='test.idempotent', corpus=str(corpus))
+  name = tasks.repeated_task(corpus=str(corpus), epochs=2, name='test.idempotent')
   task = seqio.TaskRegistry.get(name)
-  assert tasks.span_corruption_task(name='test.idempotent', corpus=str(corpus)) == name
-  assert seqio.TaskRegistry.get(name) is task  # same spec: untouched
-  tasks.span_corruption_task(name='test.idempotent', corpus=str(corpus), noise_density=0.5)
-  assert seqio.TaskRegistry.get(name) is not task  # different spec: replaced
-  seqio.TaskRegistry.remove(name)
-
-
-def test_derived_names(tmp_path):
-  corpus = tmp_path / 'my-corpus.jsonl.gz'
-  corpus.write_bytes(b'')
-  base = tasks.span_corruption_task(corpus=str(corpus))
-  assert base.startswith('repeat_lm.span_corruption.my_corpus_') and base.endswith('.wiki8k.r0.15_mu3')
-  assert tasks.span_corruption_task() == 'repeat_lm.span_corruption.wiki.wiki8k.r0.15_mu3'
-  names = {base, tasks.span_corruption_task(corpus=str(corpus), mean_noise_span_length=8),
-           tasks.span_corruption_task(corpus=str(corpus), noise_density=0.5),
-           tasks.span_corruption_task(corpus=str(corpus), validation_fraction=0.1),
-           tasks.span_corruption_task(corpus=str(corpus), vocabulary='/some/where/t5.spm.model')}
-  assert len(names) == 5
+  assert tasks.repeated_task(corpus=str(corpus), epochs=2, name='test.idempotent') == name
+  assert seqio.TaskRegistry.get(name) is task
+  tasks.repeated_task(corpus=str(corpus), epochs=3, name='test.idempotent')
+  assert seqio.TaskRegistry.get(name) is not task
+  derived = {tasks.span_corruption_task(corpus=str(corpus)), tasks.repeated_task(corpus=str(corpus), epochs=2),
+             tasks.repeated_task(corpus=str(corpus), objective='ul2'),
+             tasks.repeated_task(corpus=str(corpus), static_masks=True),
+             tasks.repeated_task(corpus=str(corpus), validation=0.1),
+             tasks.repeated_task(corpus=str(corpus), vocabulary='/some/where/t5.spm.model')}
+  assert len(derived) == 6 and all(n.startswith('repeat_lm.c_') for n in derived)
 
 
 def test_missing_corpus_fails_at_registration(tmp_path):
   missing = str(tmp_path / 'nope' / 'c4-*.json.gz')
   with pytest.raises(FileNotFoundError, match='Point the corpus at an existing path') as e:
-    tasks.span_corruption_task(corpus=missing)
+    tasks.repeated_task(corpus=missing)
   assert missing in str(e.value)
 
 
-def test_gin_binds_a_task_name(c4_path, t5_vocab_file):
+def test_gin_binds_a_task_with_static_masks(c4_path, t5_vocab_file):
   gin.clear_config()
   try:
     gin.parse_config(textwrap.dedent(f"""
         from __gin__ import dynamic_registration
         from repeat_lm.data import pipeline
         from repeat_lm.data import tasks
-        from repeat_lm.data import vocab
-        MIXTURE_OR_TASK_NAME = @tasks.span_corruption_task()
-        tasks.span_corruption_task.corpus = '{c4_path}'
-        tasks.span_corruption_task.vocabulary = @vocab.t5_vocabulary()
-        vocab.t5_vocabulary.path = '{t5_vocab_file}'
+        MIXTURE_OR_TASK_NAME = @tasks.repeated_task()
+        tasks.repeated_task.corpus = '{c4_path}'
+        tasks.repeated_task.vocabulary = '{t5_vocab_file}'
+        tasks.repeated_task.unique_tokens = 4096
+        tasks.repeated_task.epochs = 2
+        tasks.repeated_task.static_masks = True
         pipeline.DatasetConfig.mixture_or_task_name = %MIXTURE_OR_TASK_NAME
-        pipeline.DatasetConfig.task_feature_lengths = {{'inputs': 64, 'targets': 14}}
-        DEFAULT_VOCAB = @vocab.default_vocabulary()
+        pipeline.DatasetConfig.task_feature_lengths = {{'inputs': 64, 'targets': 16}}
     """))
-    cfg = gin.get_configurable(pipeline.DatasetConfig)()
-    default_vocab = gin.query_parameter('%DEFAULT_VOCAB').scoped_configurable_fn()
+    cfg = gin.get_configurable(pipeline_config())()
   finally:
     gin.clear_config()
-  task = seqio.get_mixture_or_task(cfg.mixture_or_task_name)
-  assert task.output_features['targets'].vocabulary.vocab_size == 32100
-  assert isinstance(default_vocab, seqio.SentencePieceVocabulary)
+  spec = tasks.spec(cfg.mixture_or_task_name)
+  assert spec.static_masks and spec.unique_tokens == 4096 and spec.epochs == 2
+  assert cfg.mixture_or_task_name.endswith('.span.d12.e1.static')
 
 
-def test_c4_examples_have_exact_lengths(c4_task):
-  task = seqio.get_mixture_or_task(c4_task)
-  ds = task.get_dataset({'inputs': 512, 'targets': 114}, split='train', shuffle=False, seed=0)
-  examples = list(ds.take(50).as_numpy_iterator())
-  assert {len(ex['inputs']) for ex in examples} == {512}
-  assert {len(ex['targets']) for ex in examples} == {114}
-  for ex in examples:
-    assert ex['inputs'][-1] == 1 and ex['targets'][-1] == 1  # EOS
-    assert ex['targets'][0] == 32099 and 32099 in ex['inputs']
+def pipeline_config():
+  from repeat_lm.data import pipeline  # pylint: disable=import-outside-toplevel
+  return pipeline.DatasetConfig
 
 
-def test_validation_and_train_documents_are_disjoint(c4_task):
-  source = seqio.get_mixture_or_task(c4_task).source
-  train = {ex['text'] for ex in source.get_dataset('train', shuffle=False).as_numpy_iterator()}
-  validation = {ex['text'] for ex in source.get_dataset('validation', shuffle=False).as_numpy_iterator()}
-  assert len(validation) == 50 and len(train) == 950 and not train & validation
+# ---------------------------------------------------------------------------------------------------- acceptance
 
 
-def test_masks_are_redrawn_each_epoch(c4_task, t5_vocab_file):
-  # Two unshuffled epochs read the same token stream, but chunk boundaries and masks are drawn afresh.
-  task = seqio.get_mixture_or_task(c4_task)
-  lengths = {'inputs': 64, 'targets': 14}
-  one = list(task.get_dataset(lengths, split='validation', shuffle=False, seed=0).as_numpy_iterator())
-  two = list(task.get_dataset(lengths, split='validation', shuffle=False, seed=0, num_epochs=2).as_numpy_iterator())
+@pytest.fixture(params=['c4', 'wiki'])
+def d16_e8(request):
+  """D = 2^16 tokens, E = 8 epochs on the shared C4 sample (T5 vocabulary) and on the default local corpus."""
+  if request.param == 'c4':
+    return request.getfixturevalue('c4_d16')
+  request.getfixturevalue('wiki_ready')
+  return tasks.ensure_registered('repeat_lm.wiki.wiki8k.span.d16.e3')  # 2^16 tokens x 2^3 epochs
 
-  def stream(examples):
-    return sum((objectives.uncorrupt(ex['inputs'][:-1], ex['targets'][:-1], 32000) for ex in examples), [])
 
-  n = len(stream(one))
-  both = stream(two)
-  assert len(both) == 2 * n and both[:n] == both[n:] == stream(one)
-  # Same text, different corruption: the second epoch's examples are not the first epoch's again.
-  first_inputs = {tuple(ex['inputs']) for ex in two[:len(one)]}
-  assert sum(tuple(ex['inputs']) in first_inputs for ex in two[len(one):]) < 2
+def test_d16_e8_exact_subset_epochs_and_repeats(d16_e8):
+  s = stats.task_stats(d16_e8)
+  assert s['unique_source_tokens'] == s['subset_tokens'] == 2**16
+  assert s['epochs'] == 8 and s['epochs_touched'] == 8 and s['source_tokens'] == 8 * 2**16
+  assert s['doc_repeats_min'] == s['doc_repeats_max'] == 8
+  stream = tasks.stream(d16_e8, 'train', LENGTHS, 0)
+  for e in range(8):  # each epoch alone: exactly the 2^16 subset tokens, each once
+    r = stream.examples_per_epoch
+    tokens = sum(b - a for g in range(e * r, (e + 1) * r) for _, a, b in stream.pieces(g))
+    assert tokens == 2**16
+  # Sampling error of the measured rates over 928 examples: the density is exact per chunk (round(568 * 0.15) =
+  # 85), the mean span length 85 / round(85 / 3) = 3.04 per full chunk.
+  assert s['noise_density'] == pytest.approx(0.15, abs=0.002)
+  assert s['mean_noise_span_length'] == pytest.approx(3.0, abs=0.05)
+  full = [g for g in range(40) if len(stream.raw(g)) == 568]
+  assert len(full) >= 38
+  for g in full:  # reference.md section 4: 568 raw tokens -> 512 inputs and 114 targets, with EOS
+    ex = stream.example(g)
+    assert (len(ex.inputs) + 1, len(ex.targets) + 1) == (512, 114)
+
+
+def test_c4_examples_have_the_reference_lengths(c4_d16):
+  task = seqio.get_mixture_or_task(c4_d16)
+  examples = list(task.get_dataset(LENGTHS, split='train', seed=0).take(60).as_numpy_iterator())
+  stream = tasks.stream(c4_d16, 'train', LENGTHS, 0)
+  full = [ex for g, ex in enumerate(examples) if len(stream.raw(g)) == 568]
+  assert len(full) >= 55 and {len(ex['inputs']) for ex in full} == {512}
+  assert {len(ex['targets']) for ex in full} == {114}
+  for ex in full:
+    assert ex['inputs'][-1] == 1 and ex['targets'][-1] == 1 and ex['targets'][0] == 32099
+
+
+def test_seqio_gives_the_pipelines_examples_and_ends_after_e_epochs(c4_path, t5_vocab_file):
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**12, epochs=2)
+  task = seqio.get_mixture_or_task(name)
+  lengths = {'inputs': 64, 'targets': 16}
+  stream = tasks.stream(name, 'train', lengths, 7)
+  examples = list(task.get_dataset(lengths, split='train', seed=7, num_epochs=None).as_numpy_iterator())
+  assert len(examples) == stream.total_examples == 2 * stream.examples_per_epoch
+  for g, ex in enumerate(examples):
+    e = stream.example(g)
+    assert ex['inputs'][:-1].tolist() == e.inputs.tolist() and ex['targets'][:-1].tolist() == e.targets.tolist()
+  shards = [list(task.get_dataset(lengths, split='train', seed=7, shard_info=seqio.ShardInfo(i, 3)))
+            for i in range(3)]
+  assert sum(len(s) for s in shards) == len(examples)
+
+
+def doc_noise(stream, g, doc):
+  """{position in `doc`: noise?} for the part of `doc` that example g holds, read back from the example."""
+  ex = stream.example(g)
+  spans, span = {}, None
+  first = stream.vocab_size - 100
+  for t in ex.targets.tolist():  # each sentinel, then its span's tokens
+    if t >= first:
+      span = spans.setdefault(t, [])
+    else:
+      span.append(t)
+  mask = []
+  for t in ex.inputs.tolist():  # a sentinel in the inputs stands for its span: noise
+    mask.extend([True] * len(spans[t]) if t >= first else [False])
+  assert len(mask) == len(stream.raw(g))
+  result, pos = {}, 0
+  for d, a, b in stream.pieces(g):
+    if d == doc:
+      result.update({a + i: mask[pos + i] for i in range(b - a)})
+    pos += b - a
+  return result
+
+
+@pytest.mark.parametrize('static', [False, True])
+def test_two_epochs_of_a_document_get_new_or_the_same_masks(d16_e8, static):
+  spec = tasks.spec(d16_e8)
+  name = tasks.repeated_task(spec.source, vocabulary=spec.vocabulary, unique_tokens=2**16, epochs=8,
+                             static_masks=static)
+  stream = tasks.stream(name, 'train', LENGTHS, 0)
+  r, doc = stream.examples_per_epoch, 3
+  masks = []
+  for e in (0, 1):
+    holders = [g for g in range(e * r, (e + 1) * r) if any(d == doc for d, _, _ in stream.pieces(g))]
+    mask = {}
+    for g in holders:
+      mask.update(doc_noise(stream, g, doc))
+    masks.append([mask[i] for i in sorted(mask)])
+  assert len(masks[0]) == len(masks[1]) == len(stream.store.document(doc))
+  assert (masks[0] == masks[1]) == static
+
+
+def test_validation_never_overlaps_training(c4_path, t5_vocab_file):
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file)  # D = the whole train split
+  train, validation = tasks.store(name, 'train'), tasks.store(name, 'validation')
+  train_docs = {train.document(i).tobytes() for i in range(train.num_documents)}
+  valid_docs = {validation.document(i).tobytes() for i in range(validation.num_documents)}
+  assert len(train_docs) == 950 and len(valid_docs) == 50 and not train_docs & valid_docs
+  corpus = sources.load_corpus(c4_path)
+  assert not set(corpus.split('train')) & set(corpus.split('validation'))
+  # No training example, of any subset size, holds validation text: subsets are prefixes of the train split.
+  small = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**16, epochs=1)
+  sub = tasks.store(small, 'train')
+  np.testing.assert_array_equal(sub.tokens[:-1000], train.tokens[:len(sub.tokens) - 1000])
+
+
+def test_ul2_mode_tokens_and_per_denoiser_statistics(c4_path, t5_vocab_file):
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, objective='ul2', unique_tokens=2**17,
+                             epochs=2)
+  lengths = {'inputs': 512, 'targets': 512}
+  stream = tasks.stream(name, 'train', lengths, 0)
+  voc = tasks.spec(name).vocabulary
+  for g in range(40):
+    ex = stream.example(g)
+    mode = stream.objective.denoisers[ex.denoiser].mode
+    assert voc.decode(ex.inputs[:len(voc.encode(mode))].tolist()) == mode
+  s = stats.task_stats(name, feature_lengths=lengths)
+  for d in stream.objective.denoisers:
+    got = s['denoisers'][d.name]
+    assert got['examples'] > 20, d.name
+    assert got['noise_density'] == pytest.approx(d.noise_density, abs=0.02), d.name
+    if d.prefix_lm:
+      assert got['mean_noise_span_length'] == pytest.approx(d.noise_density * got['raw_length'], rel=0.15)
+    else:
+      noise, spans = denoisers._span_counts(got['raw_length'], d.noise_density,  # pylint: disable=protected-access
+                                            d.mean_noise_span_length)
+      assert got['mean_noise_span_length'] == pytest.approx(noise / spans, rel=0.05), d.name
+  rates = np.array([s['denoisers'][d.name]['examples'] for d in stream.objective.denoisers]) / s['examples']
+  # Denoisers are drawn per position of the epoch's layout (the same in every epoch): R independent draws.
+  sigma = np.sqrt(np.array(denoisers.UL2_RATES) * (1 - np.array(denoisers.UL2_RATES)) / stream.examples_per_epoch)
+  assert (np.abs(rates - denoisers.UL2_RATES) < 4 * sigma).all()
+  off = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, objective='ul2', mode_tokens=False,
+                            unique_tokens=2**17, epochs=2)
+  assert tasks.stream(off, 'train', lengths, 0).example(0).inputs[0] != voc.encode('[NLU]')[0]
+
+
+def test_mixture_of_repeated_tasks(c4_d16, wiki_ready):
+  del wiki_ready
+  name = tasks.repeated_mixture([c4_d16, 'repeat_lm.wiki.wiki8k.span.d14.e2'], [0.5, 0.5])
+  assert name in seqio.MixtureRegistry.names() and tasks.mixture(name)[1] == (0.5, 0.5)
+  assert tasks.repeated_mixture([c4_d16, 'repeat_lm.wiki.wiki8k.span.d14.e2'], [0.5, 0.5]) == name
 
 
 def test_default_vocabulary(wiki_ready):
@@ -134,6 +287,5 @@ def test_default_artefacts_are_built_once_and_reproducibly(wiki_ready, tmp_path,
   stamps = corpus_path.stat().st_mtime_ns, vocab_path.stat().st_mtime_ns
   assert sources.default_wiki_path() == corpus_path and vocab.default_vocabulary_path() == vocab_path
   assert (corpus_path.stat().st_mtime_ns, vocab_path.stat().st_mtime_ns) == stamps  # reused, not rebuilt
-  # Same bytes as the copy built (possibly by another process) in the session's cache.
   real = seqio.get_mixture_or_task(wiki_ready).output_features['targets'].vocabulary
   assert vocab_path.read_bytes() == open(real.sentencepiece_model_file, 'rb').read()

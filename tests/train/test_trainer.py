@@ -105,3 +105,14 @@ def test_batch_not_divisible_by_data_axis(tmp_path):
     trainer.train(model=tiny_model(), model_dir=str(tmp_path), total_steps=1,
                   train_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, batch_size=6),
                   partitioner=partitioning.Partitioner(4, 2))
+
+
+def test_evaluate_checkpoint_reproduces_training_eval(uninterrupted):
+  d, last = uninterrupted
+  result = trainer.evaluate(
+      model=tiny_model(), model_dir=str(d),
+      eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8, shuffle=False),
+      partitioner=partitioning.Partitioner(4, 2), optimizer=optim.make_optimizer("adamw"), eval_steps=1)
+  assert result["step"] == 6
+  assert result["eval/loss"] == pytest.approx(last["eval/loss"], rel=1e-6)
+  assert result["eval/accuracy"] == pytest.approx(last["eval/accuracy"], rel=1e-6)

@@ -1,0 +1,160 @@
+"""Multi-epoch degradation (RQ1/RQ2): best validation value, final value, gap and onset of degradation per run.
+
+Onset (the definition the report states): with `bad` = loss, or -accuracy, and `best` its first minimum over the
+evaluation points, a point is *within tolerance* when bad <= bad[best] + tol (tol = `tolerance`, else
+`rel_tolerance` x |best value|, 0.5% by default). Degradation is sustained from the first point after the last
+within-tolerance point, provided at least `min_points` (2) evaluation points follow and none returns within
+tolerance; that point is the onset. A NaN (diverged) evaluation counts as worse than any value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from repeat_lm.analysis import plots, report, results
+
+METRICS = {"eval/accuracy": ("accuracy", True), "eval/loss": ("loss", False)}  # name -> (column suffix, higher better)
+REL_TOLERANCE = 0.005
+MIN_POINTS = 2
+
+
+@dataclasses.dataclass
+class Onset:
+  best_index: int
+  best_value: float
+  final_value: float
+  gap: float  # how much worse the final value is than the best, in metric units (>= 0)
+  onset_index: int | None  # None: no sustained degradation
+  improved: bool  # the best is better than the first point by more than the tolerance
+  tolerance: float
+
+
+def detect(values, *, higher_is_better: bool, tolerance: float | None = None, rel_tolerance: float = REL_TOLERANCE,
+           min_points: int = MIN_POINTS) -> Onset:
+  """Onset of sustained degradation in one curve (see the module docstring)."""
+  v = np.asarray(values, float)
+  if v.size == 0:
+    raise ValueError("An empty curve has no best point.")
+  bad = np.where(np.isnan(v), np.inf, -v if higher_is_better else v)
+  best = int(np.argmin(bad))
+  tol = float(tolerance) if tolerance is not None else rel_tolerance * abs(v[best])
+  within = np.flatnonzero(bad <= bad[best] + tol)
+  start = int(within[-1]) + 1
+  onset = start if v.size - start >= min_points else None
+  gap = float(bad[-1] - bad[best]) if np.isfinite(bad[-1]) else math.inf
+  return Onset(best, float(v[best]), float(v[-1]), gap, onset, bool(bad[best] < bad[0] - tol), tol)
+
+
+def run_rows(runs: list[results.Run], metric: str, tolerance: float | None = None,
+             rel_tolerance: float = REL_TOLERANCE) -> tuple[list[dict], dict[str, results.Curve]]:
+  """One summary row per run, from its curve when MODEL_DIR/metrics.jsonl exists, else from the table (no onset)."""
+  if metric not in METRICS:
+    raise ValueError(f"--metric must be one of {', '.join(METRICS)}; got {metric!r}.")
+  suffix, higher = METRICS[metric]
+  rows, curves = [], {}
+  for r in runs:
+    curve = results.load_curve(r, metric)
+    row = {"run": r.run, "status": r.status, "source": "curve" if curve is not None else "table"}
+    if curve is None:
+      best, final = getattr(r, f"best_eval_{suffix}"), getattr(r, f"final_eval_{suffix}")
+      row.update(best=best, best_step=r.best_step, best_tokens=math.nan, final=final,
+                 gap=(best - final) if higher else (final - best), onset_step=None, onset_tokens=None,
+                 onset_epoch=None)
+    else:
+      curves[r.run] = curve
+      o = detect(curve.value, higher_is_better=higher, tolerance=tolerance, rel_tolerance=rel_tolerance)
+      onset_tokens = None if o.onset_index is None else float(curve.tokens_seen[o.onset_index])
+      row.update(best=o.best_value, best_step=float(curve.step[o.best_index]),
+                 best_tokens=float(curve.tokens_seen[o.best_index]), final=o.final_value, gap=o.gap,
+                 onset_step=None if o.onset_index is None else float(curve.step[o.onset_index]),
+                 onset_tokens=onset_tokens,
+                 onset_epoch=onset_tokens / r.unique_tokens if onset_tokens is not None and r.unique_tokens > 0
+                 else None)
+    rows.append(row)
+  return rows, curves
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def _sort_key(value):
+  return (0, value, "") if isinstance(value, float) else (1, 0.0, str(value))
+
+
+def factor_summary(runs: list[results.Run], rows: list[dict], factor: str) -> list[dict]:
+  """Per value of `factor`: runs, how many degrade, mean gap, median onset epoch."""
+  groups = defaultdict(list)
+  for r, row in zip(runs, rows):
+    groups[r.get(factor)].append(row)
+  out = []
+  for value in sorted(groups, key=_sort_key):
+    g = groups[value]
+    onsets = [row["onset_epoch"] for row in g if row["onset_epoch"] is not None]
+    gaps = [row["gap"] for row in g if math.isfinite(row["gap"])]
+    out.append({factor: value, "runs": len(g), "degrading": sum(row["onset_step"] is not None for row in g),
+                "mean_gap": float(np.mean(gaps)) if gaps else math.nan,
+                "median_onset_epoch": float(np.median(onsets)) if onsets else None})
+  return out
+
+
+def plot_factor(path: Path, runs: list[results.Run], rows: list[dict], curves: dict, metric: str,
+                factor: str | None) -> Path:
+  """Metric vs tokens seen, one line per run, coloured by the factor's value; x marks the onset."""
+  values = sorted({r.get(factor) for r in runs} if factor else {None}, key=_sort_key)
+  palette = dict(zip(values, plots.colors(len(values))))
+  series, labelled = [], set()
+  for r, row in zip(runs, rows):
+    if r.run not in curves:
+      continue
+    c, value = curves[r.run], r.get(factor) if factor else None
+    label = (f"{factor}={report.fmt(value)}" if value not in labelled else None) if factor else r.run
+    labelled.add(value)
+    series.append(plots.Series(c.tokens_seen, c.value, label, palette[value]))
+    if row["onset_step"] is not None:
+      series.append(plots.Series([row["onset_tokens"]], [c.value[c.step == row["onset_step"]][0]], None,
+                                 palette[value], "x"))
+  title = f"{metric} vs tokens seen" + (f", by {factor}" if factor else "")
+  return plots.save(path, series, title=title, xlabel="tokens seen", ylabel=metric)
+
+
+def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval/accuracy",
+            group_by: str | None = None, tolerance: float | None = None,
+            rel_tolerance: float = REL_TOLERANCE) -> dict:
+  """Rows, per-factor summaries, plots and report.{md,html} in out_dir."""
+  out_dir = Path(out_dir)
+  rows, curves = run_rows(runs, metric, tolerance, rel_tolerance)
+  factors = [group_by] if group_by else results.varied_factors(runs)
+  if group_by and group_by not in results.columns(runs):
+    raise ValueError(f"--group_by={group_by}: no such column; columns: {', '.join(results.columns(runs))}.")
+  pngs, summaries = [], {}
+  for factor in factors or [None]:
+    name = f"{_slug(metric)}_by_{_slug(factor)}.png" if factor else f"{_slug(metric)}.png"
+    if curves:
+      pngs.append(plot_factor(out_dir / name, runs, rows, curves, metric, factor))
+    if factor:
+      summaries[factor] = factor_summary(runs, rows, factor)
+  degrading = [row for row in rows if row["onset_step"] is not None]
+  tol_text = (f"{tolerance:g} (absolute)" if tolerance is not None else f"{rel_tolerance:.2%} of the best value")
+  text = (f"{len(rows)} runs, {len(curves)} with curves (metrics.jsonl); metric `{metric}`. "
+          f"{len(degrading)} show sustained degradation.\n\n"
+          f"Onset: the first evaluation point after which `{metric}` never comes back within the tolerance "
+          f"({tol_text}) of the run's best value, with at least {MIN_POINTS} evaluation points after it. "
+          "Gap: how much worse the final value is than the best. Onset epoch = tokens seen at the onset / unique "
+          "tokens.")
+  if degrading:
+    first = min(degrading, key=lambda row: row["onset_epoch"] if row["onset_epoch"] is not None else math.inf)
+    largest = max(rows, key=lambda row: row["gap"] if math.isfinite(row["gap"]) else -math.inf)
+    text += (f"\n\nEarliest onset: `{first['run']}` at step {report.fmt(first['onset_step'])}"
+             + (f" (epoch {first['onset_epoch']:.3g})" if first["onset_epoch"] is not None else "")
+             + f". Largest gap: `{largest['run']}` ({largest['gap']:.4g}).")
+  sections = [("Summary", text, pngs, rows)]
+  sections += [(f"By {f}", f"Runs grouped by `{f}`.", None, s) for f, s in summaries.items()]
+  paths = report.write_report(out_dir, f"Degradation ({metric})", sections)
+  return {"metric": metric, "runs": rows, "by_factor": summaries, "plots": [str(p) for p in pngs], **paths}

@@ -1,0 +1,267 @@
+"""Scaling laws of docs reference section 5: Chinchilla and data-constrained (Muennighoff et al. 2023).
+
+Shapes: N parameters, D tokens seen, U unique tokens (U_D), C = 6 N D training FLOPs. Every function takes numpy
+arrays or floats and broadcasts.
+
+Fitting follows Hoffmann et al. (approach 3): minimise the Huber loss (delta 1e-3) of log-loss residuals
+log L_hat - log L, with log L_hat written as a logsumexp of (a - alpha log N, b - beta log D, e) so that A = e^a,
+B = e^b, E = e^e stay positive, using L-BFGS-B started from a grid of initialisations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import optimize
+from threadpoolctl import threadpool_limits
+
+LAWS = ("chinchilla", "data-constrained")
+HUBER_DELTA = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Constants:
+  """L = E + A / N^alpha + B / D^beta; with R_D_star and R_N_star set, N and D become N' and D'."""
+  E: float
+  A: float
+  B: float
+  alpha: float
+  beta: float
+  R_D_star: float | None = None
+  R_N_star: float | None = None
+
+  @property
+  def law(self) -> str:
+    return "chinchilla" if self.R_D_star is None else "data-constrained"
+
+  def to_dict(self) -> dict[str, float]:
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> Constants:
+    d = d.get("constants", d)
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [k for k in names[:5] if k not in d]
+    if missing:
+      raise ValueError(f"Constants need {', '.join(names[:5])} (and R_D_star, R_N_star for the data-constrained "
+                       f"law); missing: {', '.join(missing)}.")
+    return cls(**{k: float(d[k]) for k in names if d.get(k) is not None})
+
+
+CHINCHILLA = Constants(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+# Muennighoff et al.'s C4 fit; A, B, E are published as logs, kept unrounded here.
+DATA_CONSTRAINED = Constants(E=math.exp(0.6254804), A=math.exp(6.255414), B=math.exp(7.3049974), alpha=0.3526596,
+                             beta=0.3526596, R_D_star=15.387756, R_N_star=5.309743)
+PUBLISHED = {"chinchilla": CHINCHILLA, "data-constrained": DATA_CONSTRAINED}
+
+
+def load_constants(path: str | Path) -> Constants:
+  """Constants from a JSON file: the object `analyze fit --json` prints, or {"constants": {...}}."""
+  return Constants.from_dict(json.loads(Path(path).read_text()))
+
+
+def constants_for(law: str, path: str | Path | None = None) -> Constants:
+  if law not in LAWS:
+    raise ValueError(f"Unknown law {law!r}; choose one of {', '.join(LAWS)}.")
+  c = load_constants(path) if path else PUBLISHED[law]
+  if law == "data-constrained" and c.R_D_star is None:
+    raise ValueError("The data-constrained law needs R_D_star and R_N_star in the constants.")
+  return c if law == "data-constrained" else dataclasses.replace(c, R_D_star=None, R_N_star=None)
+
+
+# ---- the laws ----
+
+def chinchilla_loss(c: Constants, n, d):
+  return c.E + c.A / np.power(n, c.alpha) + c.B / np.power(d, c.beta)
+
+
+def effective(unique, repeats, r_star):
+  """U + U R* (1 - exp(-R / R*)): R repeats worth R* (1 - e^{-R/R*}) fresh copies."""
+  return unique + unique * r_star * -np.expm1(-repeats / r_star)
+
+
+def d_to_n(c: Constants, d):
+  """The compute-optimal parameter count for D tokens: (D G)^(beta/alpha) G."""
+  g = _g(c)
+  return np.power(d * g, c.beta / c.alpha) * g
+
+
+def effective_data(c: Constants, d, u):
+  """D' from D tokens seen out of U unique (R_D = D / U - 1 repeated epochs)."""
+  return effective(u, np.maximum(np.asarray(d, float) / u - 1.0, 0.0), c.R_D_star)
+
+
+def effective_params(c: Constants, n, u):
+  """N': parameters beyond U_N = min(N, D_to_N(U)) count as repeated parameters (R_N = N / U_N - 1)."""
+  u_n = np.minimum(n, d_to_n(c, u))
+  return effective(u_n, np.maximum(np.asarray(n, float) / u_n - 1.0, 0.0), c.R_N_star)
+
+
+def predict(c: Constants, n, d, u=None):
+  """Predicted loss; the data-constrained law with U = None (or U >= D) sees every token once."""
+  if c.R_D_star is None:
+    return chinchilla_loss(c, n, d)
+  u = np.minimum(d, np.inf if u is None else u)
+  return c.E + c.A / np.power(effective_params(c, n, u), c.alpha) + c.B / np.power(effective_data(c, d, u), c.beta)
+
+
+def _g(c: Constants) -> float:
+  return (c.alpha * c.A / (c.beta * c.B)) ** (1.0 / (c.alpha + c.beta))
+
+
+def compute_optimal(c: Constants, compute):
+  """(N_opt, D_opt) minimising the Chinchilla form at C = 6 N D (unlimited unique data)."""
+  n = _g(c) * np.power(np.asarray(compute, float) / 6.0, c.beta / (c.alpha + c.beta))
+  return n, np.asarray(compute, float) / (6.0 * n)
+
+
+def optimal_exponents(c: Constants) -> tuple[float, float]:
+  """(a, b) in N_opt ~ C^a, D_opt ~ C^b; b / a = alpha / beta, 1 when tokens should grow linearly in parameters."""
+  return c.beta / (c.alpha + c.beta), c.alpha / (c.alpha + c.beta)
+
+
+# ---- fitting ----
+# theta = (e, a, b, alpha, beta[, log R_D*, log R_N*]); log-space keeps E, A, B, R* positive without constraints.
+
+_BOUNDS = [(-3.0, 3.0), (-10.0, 40.0), (-10.0, 40.0), (0.01, 5.0), (0.01, 5.0), (-5.0, 10.0), (-5.0, 10.0)]
+# Hoffmann et al.'s grid, exponent 0 replaced by 0.1 (the data-constrained law takes log alpha).
+_GRID = {"e": [-1.0, -0.5, 0.0, 0.5, 1.0], "a": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
+         "b": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], "alpha": [0.1, 0.5, 1.0, 1.5, 2.0],
+         "beta": [0.1, 0.5, 1.0, 1.5, 2.0], "log_r_d": [0.0, math.log(10.0), math.log(100.0)],
+         "log_r_n": [0.0, math.log(10.0), math.log(100.0)]}
+_NAMES = ("E", "A", "B", "alpha", "beta", "R_D_star", "R_N_star")
+
+
+@dataclasses.dataclass
+class Fit:
+  constants: Constants
+  objective: float  # summed Huber loss at the optimum
+  n_points: int
+  samples: list[Constants] = dataclasses.field(default_factory=list)  # bootstrap refits
+
+  def ci(self, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of every constant (empty without bootstrap samples)."""
+    if not self.samples:
+      return {}
+    q = [50 * (1 - level), 50 * (1 + level)]
+    out = {}
+    for name in self.constants.to_dict():
+      values = np.array([getattr(s, name) for s in self.samples])
+      out[name] = [float(v) for v in np.percentile(values, q)]
+    return out
+
+
+def _to_constants(theta: np.ndarray) -> Constants:
+  t = [float(x) for x in theta]
+  extra = {"R_D_star": math.exp(t[5]), "R_N_star": math.exp(t[6])} if len(t) == 7 else {}
+  return Constants(E=math.exp(t[0]), A=math.exp(t[1]), B=math.exp(t[2]), alpha=t[3], beta=t[4], **extra)
+
+
+def _to_theta(c: Constants) -> np.ndarray:
+  t = [math.log(c.E), math.log(c.A), math.log(c.B), c.alpha, c.beta]
+  if c.R_D_star is not None:
+    t += [math.log(c.R_D_star), math.log(c.R_N_star)]
+  return np.array(t)
+
+
+def _log_predict(theta: np.ndarray, log_n, log_d, log_u) -> np.ndarray:
+  """log L_hat for theta of shape (..., P) and data of shape (n,): (..., n)."""
+  col = lambda i: theta[..., i, None]  # noqa: E731
+  e, a, b, alpha, beta = (col(i) for i in range(5))
+  if theta.shape[-1] == 7:
+    r_d, r_n = np.exp(col(5)), np.exp(col(6))
+    log_g = (np.log(alpha) + a - np.log(beta) - b) / (alpha + beta)
+    log_un = np.minimum(log_n, beta / alpha * (log_u + log_g) + log_g)
+    log_n = log_un + np.log1p(r_n * -np.expm1(-np.maximum(np.exp(log_n - log_un) - 1.0, 0.0) / r_n))
+    log_d = log_u + np.log1p(r_d * -np.expm1(-np.maximum(np.exp(log_d - log_u) - 1.0, 0.0) / r_d))
+  terms = np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e))
+  top = terms.max(axis=0)
+  return top + np.log(np.exp(terms - top).sum(axis=0))
+
+
+def _huber(r: np.ndarray, delta: float) -> np.ndarray:
+  return np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
+
+
+class _Objective:
+  """Summed Huber loss of log residuals and its gradient (central differences of log L_hat: cheap and exact to
+  ~1e-10 here, and the same code serves both laws)."""
+
+  def __init__(self, n, d, u, loss, delta: float):
+    self.data = (np.log(n), np.log(d), np.log(np.minimum(u, d)))
+    self.log_loss = np.log(loss)
+    self.delta = delta
+
+  def values(self, thetas: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+      r = _log_predict(thetas, *self.data) - self.log_loss
+    out = _huber(r, self.delta).sum(axis=-1)
+    return np.where(np.isfinite(out), out, np.inf)
+
+  def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+    h = 1e-6
+    p = theta.size
+    probes = np.concatenate([theta[None], theta + h * np.eye(p), theta - h * np.eye(p)])
+    with np.errstate(all="ignore"):
+      f = _log_predict(probes, *self.data)
+    r = f[0] - self.log_loss
+    jac = (f[1:p + 1] - f[p + 1:]) / (2 * h)
+    dr = np.clip(r, -self.delta, self.delta)  # Huber derivative
+    value = float(_huber(r, self.delta).sum())
+    if not np.isfinite(value):
+      return 1e30, np.zeros(p)
+    return value, np.nan_to_num(jac @ dr)
+
+
+def _grid(law: str) -> np.ndarray:
+  keys = list(_GRID)[:5] + (list(_GRID)[5:] if law == "data-constrained" else [])
+  mesh = np.meshgrid(*[_GRID[k] for k in keys], indexing="ij")
+  return np.stack([m.ravel() for m in mesh], axis=-1)
+
+
+def _minimise(obj: _Objective, starts: np.ndarray) -> tuple[np.ndarray, float]:
+  best, best_value = starts[0], np.inf
+  bounds = _BOUNDS[:starts.shape[1]]
+  for start in starts:
+    res = optimize.minimize(obj, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                            # The objective is ~1e-4 in absolute terms: scipy's default ftol would stop at once.
+                            options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 2000})
+    if res.fun < best_value:
+      best, best_value = res.x, float(res.fun)
+  return best, best_value
+
+
+def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: int = 8, bootstrap: int = 0,
+        seed: int = 0) -> Fit:
+  """Fit `law` to runs (N params, D tokens seen, U unique tokens, final loss).
+
+  L-BFGS-B starts from the `n_starts` best points of the initialisation grid (all of it is evaluated; optimising
+  from each of its 4,500-40,500 points would take minutes for little gain). Bootstrap refits resample the runs
+  with replacement and start from the full-data optimum.
+  """
+  if law not in LAWS:
+    raise ValueError(f"Unknown law {law!r}; choose one of {', '.join(LAWS)}.")
+  n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
+  u = d if u is None else np.where(np.isfinite(np.asarray(u, float)), np.asarray(u, float), d)
+  n_params = 7 if law == "data-constrained" else 5
+  if n.size <= n_params:
+    raise ValueError(f"Fitting the {law} law ({n_params} constants) needs more than {n_params} runs with a final "
+                     f"loss; got {n.size}.")
+  obj = _Objective(n, d, u, loss, delta)
+  grid = _grid(law)
+  values = np.concatenate([obj.values(chunk) for chunk in np.array_split(grid, max(1, len(grid) // 4096))])
+  starts = grid[np.argsort(values, kind="stable")[:n_starts]]
+  # L-BFGS-B's tiny BLAS calls are ~20x slower when OpenBLAS wakes its threads for each.
+  with threadpool_limits(1, user_api="blas"):
+    theta, value = _minimise(obj, starts)
+    result = Fit(_to_constants(theta), value, int(n.size))
+    rng = np.random.default_rng(seed)
+    for _ in range(bootstrap):
+      idx = rng.integers(0, n.size, n.size)
+      sample_theta, _ = _minimise(_Objective(n[idx], d[idx], u[idx], loss[idx], delta), theta[None])
+      result.samples.append(_to_constants(sample_theta))
+  return result

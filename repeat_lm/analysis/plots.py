@@ -1,0 +1,58 @@
+"""PNG plots with matplotlib's Agg canvas (no pyplot: no global backend, no display, safe in threads)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Series:
+  x: Sequence[float]
+  y: Sequence[float]
+  label: str | None = None
+  color: object = None
+  style: str = "-"  # matplotlib format: '-', '--', 'o', 'x', ...
+  band: tuple[Sequence[float], Sequence[float]] | None = None  # (lower, upper), shaded
+
+
+def colors(n: int) -> list:
+  """n distinguishable colours in a fixed order (viridis for many, tab10 for few)."""
+  from matplotlib import colormaps
+  if n <= 10:
+    return [colormaps["tab10"](i) for i in range(n)]
+  return [colormaps["viridis"](v) for v in np.linspace(0.0, 0.95, n)]
+
+
+def save(path: str | Path, series: Sequence[Series], *, title: str = "", xlabel: str = "", ylabel: str = "",
+         logx: bool = False, logy: bool = False, diagonal: bool = False, legend_title: str | None = None) -> Path:
+  """One axes of lines/markers written to `path` (PNG); `diagonal` draws y = x (observed vs predicted)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(7.0, 4.5), dpi=110)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  for s in series:
+    ax.plot(s.x, s.y, s.style, label=s.label, color=s.color, markersize=6 if s.style in ("o", "x", "s") else 3)
+    if s.band is not None:
+      ax.fill_between(s.x, s.band[0], s.band[1], color=s.color, alpha=0.2, linewidth=0)
+  if diagonal:
+    lo, hi = ax.get_xlim()
+    lo, hi = min(lo, ax.get_ylim()[0]), max(hi, ax.get_ylim()[1])
+    ax.plot([lo, hi], [lo, hi], ":", color="grey", label="y = x")
+  ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+  if logx:
+    ax.set_xscale("log")
+  if logy:
+    ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  if any(s.label for s in series):
+    ax.legend(fontsize=7, title=legend_title, title_fontsize=8, loc="best")
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path)
+  return path

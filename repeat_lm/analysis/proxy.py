@@ -1,0 +1,177 @@
+"""RQ4: tune a hyper-parameter (dropout) on an MoE proxy instead of the dense model of similar parameter count.
+
+Proxy cost = the whole MoE sweep + one dense run at the rate the sweep chose; direct cost = the dense model swept
+over the same rates (the dense runs in the table at those rates, and for rates it lacks, the mean dense run). The
+paper's example: (10.6K + 7.4K USD) / ~37K USD = 0.48x. Compute of a run = flops_per_token x tokens_seen; chip-hours
+come from a `chip_hours` column when the table has one, else from FLOPs / `chip_flops_per_s`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from repeat_lm.analysis import degradation, plots, report, results
+
+
+def rate_column(runs: list[results.Run], column: str | None = None) -> str:
+  """`column`, or the first column whose name contains 'dropout' with numbers in every given run."""
+  candidates = [column] if column else [c for c in results.columns(runs) if "dropout" in c.lower()]
+  for c in candidates:
+    if all(isinstance(r.get(c), float) for r in runs):
+      return c
+  raise ValueError(f"No rate column: pass --rate_column (columns: {', '.join(results.columns(runs))}).")
+
+
+def _final(run: results.Run, metric: str) -> float:
+  suffix, _ = degradation.METRICS[metric]
+  return getattr(run, f"final_eval_{suffix}")
+
+
+def by_rate(runs: list[results.Run], column: str, metric: str) -> dict[float, float]:
+  """Mean final metric per rate (several runs at one rate: seeds)."""
+  groups = defaultdict(list)
+  for r in runs:
+    groups[r.get(column)].append(_final(r, metric))
+  return {rate: float(np.mean(v)) for rate, v in sorted(groups.items())}
+
+
+def best_rate(table: dict[float, float], higher_is_better: bool) -> float:
+  finite = {k: v for k, v in table.items() if math.isfinite(v)}
+  if not finite:
+    raise ValueError("No run has a finite final metric.")
+  return (max if higher_is_better else min)(finite, key=finite.get)
+
+
+def rank_agreement(a: dict[float, float], b: dict[float, float]) -> dict:
+  """Spearman and Kendall correlations of the final metric over the rates both sweeps ran (needs 3 rates)."""
+  common = sorted(set(a) & set(b))
+  if len(common) < 3:
+    return {"rates": common, "spearman": None, "kendall": None}
+  x, y = [a[k] for k in common], [b[k] for k in common]
+  return {"rates": common, "spearman": float(stats.spearmanr(x, y).statistic),
+          "kendall": float(stats.kendalltau(x, y).statistic)}
+
+
+def _normalised(curve: results.Curve, grid: np.ndarray) -> np.ndarray:
+  v = np.interp(grid, curve.tokens_seen, curve.value)
+  span = v.max() - v.min()
+  return (v - v.min()) / span if span > 0 else np.zeros_like(v)
+
+
+def curve_similarity(a: results.Curve, b: results.Curve, points: int = 50) -> dict | None:
+  """Both curves on 50 common tokens-seen points (their overlap), each min-max normalised: Pearson r and mean
+  absolute difference; also the mean absolute difference of the raw values."""
+  lo, hi = max(a.tokens_seen.min(), b.tokens_seen.min()), min(a.tokens_seen.max(), b.tokens_seen.max())
+  if not hi > lo:
+    return None
+  grid = np.linspace(lo, hi, points)
+  na, nb = _normalised(a, grid), _normalised(b, grid)
+  r = float(np.corrcoef(na, nb)[0, 1]) if na.std() > 0 and nb.std() > 0 else math.nan
+  raw = np.interp(grid, a.tokens_seen, a.value) - np.interp(grid, b.tokens_seen, b.value)
+  return {"pearson": r, "mad_normalised": float(np.abs(na - nb).mean()), "mad_raw": float(np.abs(raw).mean())}
+
+
+def run_flops(run: results.Run) -> float:
+  return run.flops_per_token * run.tokens_seen
+
+
+def run_chip_hours(run: results.Run, chip_flops_per_s: float | None) -> float | None:
+  measured = run.get("chip_hours")
+  if isinstance(measured, float) and math.isfinite(measured):
+    return measured
+  return run_flops(run) / chip_flops_per_s / 3600.0 if chip_flops_per_s else None
+
+
+def tuning_cost(sweep: list[results.Run], dense: list[results.Run], column: str, chosen: float,
+                cost=run_flops) -> dict:
+  """Proxy (sweep + one dense run at `chosen`) vs direct (dense at every sweep rate), in units of `cost(run)`."""
+  dense_at = defaultdict(list)
+  for r in dense:
+    dense_at[r.get(column)].append(cost(r))
+  mean_dense = float(np.mean([cost(r) for r in dense]))
+  one = lambda rate: float(np.mean(dense_at[rate])) if rate in dense_at else mean_dense  # noqa: E731
+  proxy_sweep = float(sum(cost(r) for r in sweep))
+  proxy = proxy_sweep + one(chosen)
+  direct = float(sum(one(rate) for rate in sorted({r.get(column) for r in sweep})))
+  return {"proxy_sweep": proxy_sweep, "dense_run": one(chosen), "proxy": proxy, "direct": direct,
+          "ratio": proxy / direct}
+
+
+def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: str | Path, *,
+            metric: str = "eval/accuracy", column: str | None = None, price_per_chip_hour: float | None = None,
+            chip_flops_per_s: float | None = None) -> dict:
+  out_dir = Path(out_dir)
+  sweep, dense = results.select(runs, sweep_spec), results.select(runs, dense_spec)
+  if not sweep or not dense:
+    raise ValueError(f"--sweep={sweep_spec!r} matched {len(sweep)} runs and --dense={dense_spec!r} {len(dense)}; "
+                     "both need at least one (a glob on `run` or COL=VALUE,...).")
+  if {r.run for r in sweep} & {r.run for r in dense}:
+    raise ValueError("Some runs match both --sweep and --dense.")
+  column = rate_column(sweep + dense, column)
+  higher = degradation.METRICS[metric][1]
+  moe_table, dense_table = by_rate(sweep, column, metric), by_rate(dense, column, metric)
+  moe_best, dense_best = best_rate(moe_table, higher), best_rate(dense_table, higher)
+  agreement = rank_agreement(moe_table, dense_table)
+  curves = {r.run: results.load_curve(r, metric) for r in sweep + dense}
+  similarity = []
+  for rate in agreement["rates"]:
+    m = [r for r in sweep if r.get(column) == rate and curves[r.run] is not None]
+    d = [r for r in dense if r.get(column) == rate and curves[r.run] is not None]
+    if m and d:
+      s = curve_similarity(curves[m[0].run], curves[d[0].run])
+      if s:
+        similarity.append({column: rate, "moe_run": m[0].run, "dense_run": d[0].run, **s})
+  costs = {"flops": tuning_cost(sweep, dense, column, moe_best)}
+  if chip_flops_per_s or all(isinstance(r.get("chip_hours"), float) for r in sweep + dense):
+    costs["chip_hours"] = tuning_cost(sweep, dense, column, moe_best,
+                                      lambda r: run_chip_hours(r, chip_flops_per_s))
+    if price_per_chip_hour:
+      costs["usd"] = {k: v * price_per_chip_hour if k != "ratio" else v for k, v in costs["chip_hours"].items()}
+  result = {"rate_column": column, "metric": metric, "moe_by_rate": moe_table, "dense_by_rate": dense_table,
+            "moe_best_rate": moe_best, "dense_best_rate": dense_best, "same_best_rate": moe_best == dense_best,
+            "rank_agreement": agreement, "curve_similarity": similarity, "cost": costs}
+  result["report"] = _report(out_dir, result, sweep, dense, curves, column)
+  return result
+
+
+def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict:
+  metric = res["metric"]
+  rates = sorted(set(res["moe_by_rate"]) | set(res["dense_by_rate"]))
+  png = [plots.save(out_dir / "proxy_final_vs_rate.png",
+                    [plots.Series(list(res["moe_by_rate"]), list(res["moe_by_rate"].values()), "MoE sweep",
+                                  "tab:blue", "o-"),
+                     plots.Series(list(res["dense_by_rate"]), list(res["dense_by_rate"].values()), "dense",
+                                  "tab:orange", "s--")],
+                    title=f"final {metric} by {column}", xlabel=column, ylabel=f"final {metric}")]
+  palette = dict(zip(rates, plots.colors(len(rates))))
+  series = [plots.Series(curves[r.run].tokens_seen, curves[r.run].value,
+                         f"{'MoE' if r in sweep else 'dense'} {column}={r.get(column):g}", palette[r.get(column)],
+                         "-" if r in sweep else "--") for r in sweep + dense if curves[r.run] is not None]
+  if series:
+    png.append(plots.save(out_dir / "proxy_curves.png", series, title=f"{metric}: MoE (solid) vs dense (dashed)",
+                          xlabel="tokens seen", ylabel=metric))
+  ag, flops = res["rank_agreement"], res["cost"]["flops"]
+  text = (f"MoE sweep: {len(sweep)} runs over {column} = {', '.join(f'{r:g}' for r in res['moe_by_rate'])}; best "
+          f"{res['moe_best_rate']:g}. Dense: {len(dense)} runs; best {res['dense_best_rate']:g} "
+          f"({'the same rate' if res['same_best_rate'] else 'a different rate'}).")
+  if ag["spearman"] is not None:
+    text += (f" Over the {len(ag['rates'])} rates both ran, rank agreement of final {metric}: Spearman "
+             f"{ag['spearman']:.3f}, Kendall {ag['kendall']:.3f}.")
+  text += (f"\n\nTuning cost, proxy (the MoE sweep + one dense run at {res['moe_best_rate']:g}) vs direct (dense at "
+           f"every swept rate): {flops['proxy']:.3g} vs {flops['direct']:.3g} FLOPs = **{flops['ratio']:.3f}x**.")
+  for unit, name in (("chip_hours", "chip-hours"), ("usd", "USD")):
+    if unit in res["cost"]:
+      c = res["cost"][unit]
+      text += f" In {name}: {c['proxy']:.4g} vs {c['direct']:.4g} ({c['ratio']:.3f}x)."
+  rows = [{column: r, "moe_final": res["moe_by_rate"].get(r), "dense_final": res["dense_by_rate"].get(r)}
+          for r in rates]
+  sections = [("Summary", text, png, rows)]
+  if res["curve_similarity"]:
+    sections.append(("Curve similarity", "Eval curves on common tokens-seen points, each min-max normalised: "
+                     "Pearson r and mean absolute difference (normalised and raw).", None, res["curve_similarity"]))
+  return report.write_report(out_dir, "MoE proxy for dense hyper-parameter tuning", sections)

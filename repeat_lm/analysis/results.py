@@ -1,0 +1,174 @@
+"""Read the results table of `repeat-lm collect` (CSV, one row per run) and each run's MODEL_DIR/metrics.jsonl.
+
+Required of the table: a header row; `run`; the numeric columns below (empty cells read as NaN); `model_dir` (the
+run's directory, absolute or relative to the CSV's folder) for curves. Every other column is kept as text in
+`Run.extra`: the varied gin values (e.g. `DROPOUT_RATE`) and anything else collect adds.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fnmatch
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+NUMERIC = ("params", "params_per_token", "flops_per_token", "unique_tokens", "epochs", "tokens_seen",
+           "final_eval_loss", "best_eval_loss", "final_eval_accuracy", "best_eval_accuracy", "best_step")
+# Not factors of an experiment even when they differ between runs.
+NOT_FACTORS = {"run", "status", "model_dir", "params_per_token", "flops_per_token", "tokens_seen", "best_step",
+               "final_eval_loss", "best_eval_loss", "final_eval_accuracy", "best_eval_accuracy", "error",
+               "train_steps"}
+# Outcomes collect adds: fine-tuning scores (eval/squad_em -> squad_em) and fine-tuning stages' statuses.
+NOT_FACTOR_SUFFIXES = ("_s", "_hours", "_status", "_em", "_f1", "_f1a", "_accuracy")
+
+
+@dataclasses.dataclass
+class Run:
+  run: str
+  status: str
+  model_dir: str | None
+  params: float = math.nan
+  params_per_token: float = math.nan
+  flops_per_token: float = math.nan
+  unique_tokens: float = math.nan
+  epochs: float = math.nan
+  tokens_seen: float = math.nan
+  final_eval_loss: float = math.nan
+  best_eval_loss: float = math.nan
+  final_eval_accuracy: float = math.nan
+  best_eval_accuracy: float = math.nan
+  best_step: float = math.nan
+  extra: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def get(self, column: str):
+    """A column's value: numbers as float, other text as str, missing as None."""
+    if column in NUMERIC:
+      return getattr(self, column)
+    if column in ("run", "status", "model_dir"):
+      return getattr(self, column)
+    raw = self.extra.get(column)
+    return None if raw is None or raw == "" else _maybe_float(raw)
+
+
+@dataclasses.dataclass
+class Curve:
+  """One metric of one run at its evaluation points."""
+  step: np.ndarray
+  tokens_seen: np.ndarray
+  value: np.ndarray
+
+
+def _maybe_float(text: str):
+  try:
+    return float(text)
+  except ValueError:
+    return text
+
+
+def _float(text: str | None) -> float:
+  try:
+    return float(text) if text not in (None, "") else math.nan
+  except ValueError:
+    return math.nan
+
+
+def read_results(path: str | Path) -> list[Run]:
+  path = Path(path)
+  with path.open(newline="") as f:
+    rows = list(csv.DictReader(f))
+  if not rows:
+    raise ValueError(f"{path}: no runs in the results table.")
+  if "run" not in rows[0]:
+    raise ValueError(f"{path}: the results table needs a `run` column (the CSV `repeat-lm collect` writes).")
+  runs = []
+  for row in rows:
+    model_dir = row.get("model_dir") or None
+    if model_dir and not Path(model_dir).is_absolute():
+      model_dir = str(path.parent / model_dir)
+    known = {"run", "status", "model_dir", *NUMERIC}
+    runs.append(Run(run=row["run"], status=row.get("status") or "", model_dir=model_dir,
+                    extra={k: v for k, v in row.items() if k not in known and k is not None},
+                    **{k: _float(row.get(k)) for k in NUMERIC}))
+  return runs
+
+
+def columns(runs: list[Run]) -> list[str]:
+  return list(dict.fromkeys(["run", "status", "model_dir", *NUMERIC, *(k for r in runs for k in r.extra)]))
+
+
+def varied_factors(runs: list[Run]) -> list[str]:
+  """Columns that describe an experiment and take at least two values: unique_tokens, params, epochs and the gin
+  columns (timings and metrics excluded: names with '/', ending in one of NOT_FACTOR_SUFFIXES, or starting with
+  final_/best_)."""
+  out = []
+  for col in columns(runs):
+    if col in NOT_FACTORS or "/" in col or col.endswith(NOT_FACTOR_SUFFIXES) or col.startswith(("final_", "best_")):
+      continue
+    values = {_key(r.get(col)) for r in runs} - {None}
+    if len(values) >= 2:
+      out.append(col)
+  return out
+
+
+def _key(value):
+  return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def select(runs: list[Run], spec: str) -> list[Run]:
+  """Runs matching `spec`: `COL=VALUE[,COL=VALUE...]` (VALUE may be a glob; numbers compare as numbers) or a glob
+  on the run name."""
+  if "=" not in spec:
+    return [r for r in runs if fnmatch.fnmatchcase(r.run, spec)]
+  conditions = [c.split("=", 1) for c in spec.split(",") if c.strip()]
+  return [r for r in runs if all(_matches(r.get(k.strip()), v.strip()) for k, v in conditions)]
+
+
+def _matches(value, pattern: str) -> bool:
+  if value is None:
+    return False
+  if isinstance(value, float):
+    want = _maybe_float(pattern)
+    if isinstance(want, float):
+      return math.isclose(value, want, rel_tol=1e-9, abs_tol=1e-12)
+    value = f"{value:g}"
+  return fnmatch.fnmatchcase(str(value), pattern)
+
+
+def load_curve(run: Run, metric: str) -> Curve | None:
+  """`metric` (e.g. 'eval/accuracy') at every step that logged it, with tokens seen at that step; None without a
+  metrics.jsonl. Eval records carry no `train/tokens_seen`: it is interpolated from the train records by step."""
+  if not run.model_dir or not (Path(run.model_dir) / "metrics.jsonl").exists():
+    return None
+  steps, values, train_steps, train_tokens = [], [], [0.0], [0.0]
+  for line in (Path(run.model_dir) / "metrics.jsonl").read_text().splitlines():
+    if not line.strip():
+      continue
+    record = json.loads(line)
+    if "train/tokens_seen" in record:
+      train_steps.append(float(record["step"]))
+      train_tokens.append(float(record["train/tokens_seen"]))
+    if metric in record:
+      steps.append(float(record["step"]))
+      values.append(float(record[metric]))  # "nan" / "inf" strings parse too
+  if not steps:
+    return None
+  step = np.array(steps)
+  order = np.argsort(step, kind="stable")
+  return Curve(step[order], _tokens_at(step[order], train_steps, train_tokens, run), np.array(values)[order])
+
+
+def _tokens_at(step: np.ndarray, train_steps: list[float], train_tokens: list[float], run: Run) -> np.ndarray:
+  xs, ys = np.array(train_steps), np.array(train_tokens)
+  order = np.argsort(xs, kind="stable")
+  xs, ys = xs[order], ys[order]
+  if xs[-1] <= 0:  # no train records: assume a constant number of tokens per step
+    per_step = run.tokens_seen / step.max() if math.isfinite(run.tokens_seen) and step.max() > 0 else 1.0
+    return step * per_step
+  tokens = np.interp(step, xs, ys)
+  beyond = step > xs[-1]  # evaluations after the last train record: extrapolate at the last rate
+  tokens[beyond] = ys[-1] * step[beyond] / xs[-1]
+  return tokens

@@ -1,0 +1,167 @@
+"""Scaling-law fits on a results table, and the paper's question: does an encoder-decoder need tokens linearly in
+parameters (Chinchilla's D_opt / N_opt constant in C)?
+
+A run enters a fit with finite `params`, `tokens_seen` (D) and `final_eval_loss`; `unique_tokens` (U) is used by
+the data-constrained law (missing: every token unique). Compute is C = 6 N D, as in the laws.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from repeat_lm.analysis import laws, plots, report, results
+
+
+def fit_data(runs: list[results.Run], max_epochs: float | None = None) -> tuple[list[results.Run], dict]:
+  """The runs a fit can use and their arrays n, d, u, loss."""
+  used = [r for r in runs if all(math.isfinite(x) and x > 0 for x in (r.params, r.tokens_seen, r.final_eval_loss))]
+  if max_epochs is not None:
+    used = [r for r in used if not (r.unique_tokens > 0) or r.tokens_seen / r.unique_tokens <= max_epochs + 1e-9]
+  arrays = {"n": np.array([r.params for r in used]), "d": np.array([r.tokens_seen for r in used]),
+            "u": np.array([r.unique_tokens if r.unique_tokens > 0 else math.nan for r in used]),
+            "loss": np.array([r.final_eval_loss for r in used])}
+  return used, arrays
+
+
+def fit_runs(runs: list[results.Run], law: str, *, bootstrap: int = 0, seed: int = 0,
+             max_epochs: float | None = None) -> tuple[laws.Fit, list[results.Run], dict]:
+  used, a = fit_data(runs, max_epochs)
+  return laws.fit(law, a["n"], a["d"], a["loss"], a["u"], bootstrap=bootstrap, seed=seed), used, a
+
+
+def constants_json(f: laws.Fit) -> dict:
+  """The `analyze fit --json` object: the constants, `ci` {name: [lo, hi]}, and what was fitted."""
+  return {**f.constants.to_dict(), "law": f.constants.law, "ci": f.ci(), "runs": f.n_points,
+          "bootstrap": len(f.samples), "objective": f.objective}
+
+
+def _predicted(c: laws.Constants, a: dict):
+  return laws.predict(c, a["n"], a["d"], np.where(np.isfinite(a["u"]), a["u"], a["d"]))
+
+
+def _fit_plots(out_dir: Path, f: laws.Fit, used: list[results.Run], a: dict) -> list[Path]:
+  pred = _predicted(f.constants, a)
+  scatter = plots.save(out_dir / "fit_observed_vs_predicted.png",
+                       [plots.Series(pred, a["loss"], "runs", style="o")], diagonal=True,
+                       title=f"{f.constants.law} fit: final eval loss", xlabel="predicted", ylabel="observed")
+  groups = defaultdict(list)  # one fitted curve per (N, U)
+  for i, r in enumerate(used):
+    groups[(r.params, a["u"][i])].append(i)
+  palette = plots.colors(len(groups))
+  series = []
+  for color, ((n, u), idx) in zip(palette, sorted(groups.items(), key=lambda kv: (kv[0][0], np.nan_to_num(kv[0][1])))):
+    d = np.geomspace(a["d"][idx].min() / 1.5, a["d"][idx].max() * 1.5, 60)
+    label = f"N={n:.3g}" + (f", U={u:.3g}" if math.isfinite(u) else "")
+    series.append(plots.Series(d, laws.predict(f.constants, n, d, u if math.isfinite(u) else d), label, color))
+    series.append(plots.Series(a["d"][idx], a["loss"][idx], None, color, "o"))
+  curves = plots.save(out_dir / "fit_loss_vs_tokens.png", series, logx=True, title="fit (lines) vs runs (dots)",
+                      xlabel="tokens seen D", ylabel="final eval loss")
+  return [scatter, curves]
+
+
+def fit_report(runs: list[results.Run], law: str, out_dir: str | Path, *, bootstrap: int = 100, seed: int = 0,
+               max_epochs: float | None = None) -> dict:
+  out_dir = Path(out_dir)
+  f, used, a = fit_runs(runs, law, bootstrap=bootstrap, seed=seed, max_epochs=max_epochs)
+  ci, published = f.ci(), laws.PUBLISHED[law].to_dict()
+  rows = [{"constant": k, "fitted": v, "ci_low": ci.get(k, [None])[0], "ci_high": ci.get(k, [None, None])[1],
+           "published": published.get(k)} for k, v in f.constants.to_dict().items()]
+  resid = np.log(_predicted(f.constants, a)) - np.log(a["loss"])
+  text = (f"Fitted the {law} law to {f.n_points} runs (of {len(runs)}) by Huber loss (delta {laws.HUBER_DELTA:g}) on "
+          f"log-loss residuals with L-BFGS-B from a grid of starts; intervals: 2.5-97.5 percentiles of "
+          f"{len(f.samples)} bootstrap refits. RMS log residual {np.sqrt(np.mean(resid ** 2)):.3g}, largest "
+          f"{np.abs(resid).max():.3g}.")
+  c = f.constants
+  if c.R_D_star is not None:
+    four = laws.effective(1.0, 3.0, c.R_D_star) / 4.0
+    text += (f"\n\nWith the fitted R_D* = {c.R_D_star:.3g}: 4 epochs are worth {four:.1%} of 4 epochs of unique "
+             f"data, and a repeated epoch is worth half a fresh one after {1 + c.R_D_star * math.log(2):.3g} epochs.")
+  paths = report.write_report(out_dir, f"Scaling-law fit ({law})",
+                              [("Constants", text, _fit_plots(out_dir, f, used, a), rows)])
+  return {**constants_json(f), "report": paths}
+
+
+def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str = "auto", bootstrap: int = 100,
+                     seed: int = 0) -> dict:
+  """Fit the law, derive a, b of N_opt ~ C^a, D_opt ~ C^b (b / a = alpha / beta) with bootstrap intervals, and the
+  compute-optimal tokens per parameter at the runs' budgets. `auto`: chinchilla if no run repeats data."""
+  out_dir = Path(out_dir)
+  if law == "auto":
+    repeats = any(r.unique_tokens > 0 and r.tokens_seen > r.unique_tokens * (1 + 1e-9) for r in runs)
+    law = "data-constrained" if repeats else "chinchilla"
+  f, used, _ = fit_runs(runs, law, bootstrap=bootstrap, seed=seed)
+  samples = f.samples
+  exp_a, exp_b = laws.optimal_exponents(f.constants)
+  ratio_ci = _interval([_b_over_a(s) for s in samples])
+  linear = None if ratio_ci is None else bool(ratio_ci[0] <= 1.0 <= ratio_ci[1])
+  budgets = sorted({float(f"{6 * r.params * r.tokens_seen:.3g}") for r in used})
+  rows = []
+  for c_budget in budgets:
+    n_opt, d_opt = laws.compute_optimal(f.constants, c_budget)
+    interval = _interval([_tokens_per_param(s, c_budget) for s in samples]) or [None, None]
+    runs_here = [r for r in used if math.isclose(6 * r.params * r.tokens_seen, c_budget, rel_tol=5e-3)]
+    rows.append({"compute_C": c_budget, "N_opt": float(n_opt), "D_opt": float(d_opt),
+                 "tokens_per_param": float(d_opt / n_opt), "ci_low": interval[0], "ci_high": interval[1],
+                 "runs_tokens_per_param": ", ".join(f"{r.tokens_seen / r.params:.3g}" for r in runs_here)})
+  ref_a, ref_b = laws.optimal_exponents(laws.CHINCHILLA)
+  verdict = ("no bootstrap, so no interval: rerun with --bootstrap" if linear is None else
+             ("consistent with 1: tokens should grow linearly with parameters" if linear else
+              "excludes 1: tokens should not grow linearly with parameters"))
+  text = (f"Fitted the {law} law to {f.n_points} runs. Compute-optimal exponents: N_opt ~ C^{exp_a:.3f}, "
+          f"D_opt ~ C^{exp_b:.3f}; b / a = alpha / beta = {_b_over_a(f.constants):.3f}"
+          + (f" (95% bootstrap interval {ratio_ci[0]:.3f}-{ratio_ci[1]:.3f}, {len(samples)} refits)" if ratio_ci
+             else "") + f": {verdict}.\n\nFor comparison, Chinchilla's published constants give a = {ref_a:.3f}, "
+          f"b = {ref_b:.3f} (b / a = {ref_b / ref_a:.3f}). The table lists the fitted compute-optimal tokens per "
+          "parameter at each compute budget of the runs (C = 6 N D) next to the runs' own tokens per parameter.")
+  png = _check_plot(out_dir / "compute_optimal.png", f, budgets, used)
+  paths = report.write_report(out_dir, "Do encoder-decoders need tokens linearly in parameters?",
+                              [("Answer", text, [png], rows)])
+  return {"law": law, "constants": f.constants.to_dict(), "ci": f.ci(), "a": exp_a, "b": exp_b,
+          "b_over_a": _b_over_a(f.constants), "b_over_a_ci": ratio_ci, "linear": linear, "budgets": rows,
+          "report": paths}
+
+
+def _check_plot(path: Path, f: laws.Fit, budgets: list[float], used: list[results.Run]) -> Path:
+  cs = np.geomspace(min(budgets) / 10, max(budgets) * 10, 50)
+  n_opt, d_opt = laws.compute_optimal(f.constants, cs)
+  bands = {}
+  if f.samples:
+    ns = np.array([laws.compute_optimal(s, cs)[0] for s in f.samples])
+    lo, hi = np.percentile(ns, [2.5, 97.5], axis=0)
+    bands = {"n": (lo, hi), "d": (cs / (6 * hi), cs / (6 * lo))}
+  run_c = [6 * r.params * r.tokens_seen for r in used]
+  series = [plots.Series(cs, n_opt, "N_opt (fit)", "tab:blue", band=bands.get("n")),
+            plots.Series(cs, d_opt, "D_opt (fit)", "tab:orange", band=bands.get("d")),
+            plots.Series(run_c, [r.params for r in used], "runs: N", "tab:blue", "o"),
+            plots.Series(run_c, [r.tokens_seen for r in used], "runs: D", "tab:orange", "x")]
+  return plots.save(path, series, logx=True, logy=True, title="compute-optimal N and D (C = 6ND)",
+                    xlabel="compute C (FLOPs)", ylabel="parameters / tokens")
+
+
+def prediction(c: laws.Constants, n: float, d: float, u: float | None = None) -> dict:
+  """`analyze predict`: the predicted loss and, for the data-constrained law, the effective N' and D'."""
+  out = {"law": c.law, "params": n, "tokens": d, "loss": float(laws.predict(c, n, d, u)), "constants": c.to_dict()}
+  if c.R_D_star is not None:
+    u = d if u is None else min(u, d)
+    out.update(unique_tokens=u, epochs=d / u, effective_tokens=float(laws.effective_data(c, d, u)),
+               effective_params=float(laws.effective_params(c, n, u)))
+  return out
+
+
+def _tokens_per_param(c: laws.Constants, compute: float) -> float:
+  n_opt, d_opt = laws.compute_optimal(c, compute)
+  return float(d_opt / n_opt)
+
+
+def _b_over_a(c: laws.Constants) -> float:
+  a, b = laws.optimal_exponents(c)
+  return b / a
+
+
+def _interval(values: list[float]) -> list[float] | None:
+  """The 95% percentile interval of bootstrap values (None without any)."""
+  return [float(v) for v in np.percentile(values, [2.5, 97.5])] if values else None

@@ -1,0 +1,80 @@
+"""`repeat-lm bench data`: throughput of the input pipeline exactly as the trainer consumes it (`get_batches`).
+
+Reports host batches, examples and tokens per second after a warm-up, the one-off setup (tokenising the subset,
+drawing the first epoch's order), and the cost of starting at a late step (resume). With `train_step_s`, also how many
+times faster than the training step the pipeline produces batches (the brief asks for >= 5x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from repeat_lm.data import pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class DataBenchConfig:
+  steps: int = 50  # timed host batches
+  warmup: int = 3
+  shard_id: int = 0
+  num_shards: int = 1
+  resume_step: int = 100_000  # a late step, to time the first batch after a resume
+  train_step_s: float | None = None  # the training step's time, to compare against
+
+
+def _tokens(batch) -> tuple[int, int]:
+  return int((batch['encoder_input_tokens'] > 0).sum()), int((batch['decoder_target_tokens'] > 0).sum())
+
+
+def run_benchmark(cfg: pipeline.DatasetConfig, bench: DataBenchConfig = DataBenchConfig()) -> dict:
+  start = time.perf_counter()
+  batches = pipeline.get_batches(cfg, shard_id=bench.shard_id, num_shards=bench.num_shards)
+  first = next(batches)
+  setup_s = time.perf_counter() - start
+  for _ in range(bench.warmup):
+    next(batches)
+  inputs = targets = rows = 0
+  start = time.perf_counter()
+  for _ in range(bench.steps):
+    batch = next(batches)
+    i, t = _tokens(batch)
+    inputs, targets, rows = inputs + i, targets + t, rows + int((batch['decoder_loss_weights'].sum(1) > 0).sum())
+  elapsed = time.perf_counter() - start
+  batches.close()
+  total = pipeline.num_batches(cfg)
+  resume_step = bench.resume_step if total is None else min(bench.resume_step, total - 1)
+  start = time.perf_counter()
+  late = pipeline.get_batches(cfg, start_step=resume_step, shard_id=bench.shard_id, num_shards=bench.num_shards)
+  next(late)
+  late.close()
+  resume_s = time.perf_counter() - start
+  lengths = cfg.task_feature_lengths
+  padded = first['encoder_input_tokens'].shape[0] * (lengths['inputs'] + lengths['targets'])
+  result = {
+      'task': cfg.mixture_or_task_name, 'split': cfg.split, 'batch_size': cfg.batch_size,
+      'host_rows': first['encoder_input_tokens'].shape[0], 'num_shards': bench.num_shards,
+      'feature_lengths': dict(lengths), 'setup_s': setup_s, 'resume_step': resume_step,
+      'resume_first_batch_s': resume_s,
+      'batch_time_s': elapsed / bench.steps,
+      'batches_per_s': bench.steps / elapsed,
+      'examples_per_s': rows / elapsed,
+      'tokens_per_s': (inputs + targets) / elapsed,  # non-padding input + target tokens
+      'row_tokens_per_s': padded * bench.steps / elapsed,  # what the training step consumes, padding included
+      'input_fill': inputs / max(bench.steps * first['encoder_input_tokens'].size, 1),
+  }
+  if bench.train_step_s:
+    result['train_step_s'] = bench.train_step_s
+    result['times_faster_than_training'] = bench.train_step_s / result['batch_time_s']
+  return result
+
+
+def format_report(r: dict) -> str:
+  lines = [f"{r['task']} [{r['split']}]: host batch {r['host_rows']} rows of {r['feature_lengths']} "
+           f"({r['num_shards']} host(s))",
+           f"setup {r['setup_s']:.2f}s; {r['batch_time_s'] * 1e3:.2f} ms/batch; {r['examples_per_s']:.0f} examples/s; "
+           f"{r['tokens_per_s']:.0f} tokens/s ({r['row_tokens_per_s']:.0f} incl. padding); first batch at step "
+           f"{r['resume_step']} in {r['resume_first_batch_s']:.2f}s"]
+  if 'times_faster_than_training' in r:
+    lines.append(f"{r['times_faster_than_training']:.1f}x faster than a {r['train_step_s']}s training step")
+  return '\n'.join(lines)

@@ -1,0 +1,84 @@
+"""Metrics of decoded text for the downstream tasks (SQuAD, SuperGLUE), as SeqIO `metric_fns(targets, predictions)`.
+
+Scores are percentages (0-100), as T5 reports them.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+  """The official SQuAD v1.1 normalisation: lowercase, drop punctuation, drop the articles a/an/the, and collapse
+  whitespace (in that order)."""
+  text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+  text = _ARTICLES.sub(" ", text)
+  return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+  return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+  """Harmonic mean of token precision and recall after normalisation (bag of words with multiplicity)."""
+  pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+  common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+  if common == 0:
+    return 0.0
+  precision, recall = common / len(pred), common / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def squad(targets: Sequence[Sequence[str]], predictions: Sequence[str]) -> dict[str, float]:
+  """EM and F1, each the max over an example's reference answers, averaged over examples (x100)."""
+  if len(targets) != len(predictions):
+    raise ValueError(f"{len(targets)} reference lists for {len(predictions)} predictions.")
+  if not predictions:
+    return {"em": 0.0, "f1": 0.0}
+  em = [max(exact_match(p, r) for r in refs) for refs, p in zip(targets, predictions)]
+  f1 = [max(token_f1(p, r) for r in refs) for refs, p in zip(targets, predictions)]
+  return {"em": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}
+
+
+def accuracy(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str, float]:
+  return {"accuracy": 100.0 * float(np.mean([t == p for t, p in zip(targets, predictions)])) if targets else 0.0}
+
+
+def _f1_for_class(targets: Sequence[int], predictions: Sequence[int], cls: int) -> float:
+  tp = sum(t == cls and p == cls for t, p in zip(targets, predictions))
+  fp = sum(t != cls and p == cls for t, p in zip(targets, predictions))
+  fn = sum(t == cls and p != cls for t, p in zip(targets, predictions))
+  return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def binary_f1(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
+  """F1 of the positive class (1); predictions that are no class (-1) count as negative."""
+  return {"f1": 100.0 * _f1_for_class(targets, predictions, 1)}
+
+
+def mean_3class_f1(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
+  """CB's metric: the unweighted mean of the per-class F1 of classes 0, 1, 2."""
+  return {"mean_3class_f1": 100.0 * float(np.mean([_f1_for_class(targets, predictions, c) for c in range(3)]))}
+
+
+def multirc(targets: Sequence[tuple[Any, int]], predictions: Sequence[tuple[Any, int]]) -> dict[str, float]:
+  """MultiRC: F1 over all answer options ('f1a') and exact match of all options of a question ('em').
+
+  targets / predictions: (question group, label) pairs; the group ids the answer options of one question.
+  """
+  labels, preds = [t for _, t in targets], [p for _, p in predictions]
+  groups: dict[Any, list[bool]] = collections.defaultdict(list)
+  for (group, t), (_, p) in zip(targets, predictions):
+    groups[group].append(t == p)
+  em = float(np.mean([all(v) for v in groups.values()])) if groups else 0.0
+  return {"f1a": 100.0 * _f1_for_class(labels, preds, 1), "em": 100.0 * em}

@@ -1,0 +1,73 @@
+"""TFDS text sources (C4 `c4/en` 3.0.1 / 3.1.0, Wikipedia), read in a fixed document order.
+
+The order is TFDS's stored order: files in order (`shuffle_files=False`), one file at a time
+(`interleave_cycle_length=1`), records in order. So "the first D tokens of C4" is the same text on every machine
+and every run. The data must already be prepared in `data_dir` (C4 needs an Apache Beam job; T5's `c4/en:3.0.1` is
+read from its prepared files, e.g. `gs://tfds-data/datasets` or a local copy); nothing is downloaded here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+from repeat_lm.data import sources
+
+_DOC_BATCH = 256  # records per TF->numpy batch: amortises per-element overhead
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsText:
+  """A TFDS dataset's text feature as 'train' / 'validation' document streams.
+
+  name: 'c4/en:3.0.1', 'wikipedia/20230601.en', ... (with a version, so the text cannot change under a run).
+  train_split / validation_split: TFDS split strings; slices keep them disjoint for datasets with a single split,
+    e.g. 'train[:99%]' and 'train[99%:]' for Wikipedia.
+  data_dir: None = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  """
+  name: str
+  train_split: str = 'train'
+  validation_split: str = 'validation'
+  text_key: str = 'text'
+  data_dir: str | None = None
+  max_document_chars: int = sources.MAX_DOCUMENT_CHARS
+
+  @property
+  def tag(self) -> str:
+    return self.name.replace('/', '_').replace(':', '_v').replace('.', 'p').replace('-', '_')
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+
+  def _builder(self):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  (heavy; only when reading)
+    try:
+      return tfds.builder(self.name, data_dir=self.data_dir)
+    except Exception as e:  # TFDS raises several kinds for a missing dataset/version
+      where = self.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+      raise FileNotFoundError(
+          f'TFDS dataset {self.name!r} could not be loaded from {where!r} ({type(e).__name__}: {e}). Prepare it '
+          'there first (C4 needs Apache Beam: https://www.tensorflow.org/datasets/catalog/c4), or point '
+          '`data_dir` / $TFDS_DATA_DIR at a copy of the prepared files.') from e
+
+  def documents(self, split: str, stats: sources.ReadStats) -> Iterator[str]:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds_split = {'train': self.train_split, 'validation': self.validation_split}.get(split)
+    if tfds_split is None:
+      raise ValueError(f"Unknown split {split!r}; text sources have 'train' and 'validation'.")
+    builder = self._builder()
+    read_config = tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False)
+    try:
+      ds = builder.as_dataset(split=tfds_split, shuffle_files=False, read_config=read_config)
+    except Exception as e:
+      raise FileNotFoundError(f'TFDS dataset {self.name!r} split {tfds_split!r} is not readable from '
+                              f'{builder.data_dir!r} ({type(e).__name__}: {e}).') from e
+    stats.files = (f'tfds:{self.name}[{tfds_split}]',)
+    for batch in ds.map(lambda ex: ex[self.text_key]).batch(_DOC_BATCH).as_numpy_iterator():
+      for raw in batch:
+        text = sources.clean_document(raw, stats, self.max_document_chars)
+        if text is not None:
+          yield text

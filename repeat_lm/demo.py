@@ -1,0 +1,404 @@
+"""`repeat-lm demo`: the token crisis in minutes on a CPU: fresh data vs repeated data vs repeated data with dropout.
+
+Three runs of one small T5 read the same token budget of the default local corpus (Wikipedia text from the gensim
+wheel) and are evaluated on the same validation split (its held-out articles, never in any training subset):
+  fresh             2^19 unique tokens, read once
+  repeated          the first 2^14 tokens, read 32 times (the same 2^19-token budget)
+  repeated_dropout  the repeated run with dropout
+Each run is an ordinary `trainer.train` call configured through the shipped gin files plus bindings (written to the
+report, so `repeat-lm train` repeats any run). The demo writes report.{html,md}, the PNG plots and summary.json into
+`--out`; every sentence of the report is computed from the measured numbers. Running it again with the same `--out`
+reuses finished runs and resumes unfinished ones from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+GIN_FILES = ("gin/models/t5_1_1_tiny.gin", "gin/runs/pretrain.gin")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything that shapes the three runs; stored with each run so a changed setting is never silently resumed."""
+  budget_log2: int = 19  # tokens every run reads: the fresh run reads 2^19 of the corpus's ~670K once
+  repeated_log2: int = 14  # unique tokens of the repeated runs, read 2^(budget - repeated) times
+  dropout_rate: float = 0.1
+  inputs_length: int = 128
+  targets_length: int = 32
+  batch_size: int = 16
+  eval_batch_size: int = 32
+  eval_steps: int = 10  # 320 of the 374 validation examples at 128/32
+  evals: int = 12  # evaluation points per run (also the checkpoint period)
+  # T5's `constant * rsqrt_decay`: flat at 1/sqrt(warmup) for the warm-up, then decaying; a short warm-up gives a
+  # short run a high enough rate.
+  warmup_steps: int = 100
+  base_learning_rate: float = 1.0
+  # gin bindings of t5.T5Config on top of the tiny model gin (a slightly bigger model overfits visibly sooner).
+  model: tuple[tuple[str, object], ...] = ()
+  steps: int | None = None  # None: every run reads the whole budget
+
+
+FULL = Settings()
+# Tests: a few dozen steps of the tiny model; only the plumbing is checked, not the conclusions.
+QUICK = Settings(budget_log2=14, repeated_log2=11, inputs_length=64, targets_length=16, batch_size=8,
+                 eval_batch_size=8, eval_steps=2, evals=3, warmup_steps=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  name: str
+  label: str
+  unique_log2: int
+  dropout: bool
+
+
+def run_specs(s: Settings) -> list[RunSpec]:
+  epochs = 2 ** (s.budget_log2 - s.repeated_log2)
+  return [
+      RunSpec("fresh", f"fresh: 2^{s.budget_log2} unique tokens x 1 epoch", s.budget_log2, False),
+      RunSpec("repeated", f"repeated: 2^{s.repeated_log2} tokens x {epochs} epochs", s.repeated_log2, False),
+      RunSpec("repeated_dropout", f"repeated + dropout {s.dropout_rate:g}", s.repeated_log2, True),
+  ]
+
+
+def task_name(s: Settings, run: RunSpec) -> str:
+  # Named by the scheme of docs/data.md: source wiki, its 8K vocabulary, T5 span corruption, D = 2^k, E = 2^e.
+  return f"repeat_lm.wiki.wiki8k.span.d{run.unique_log2}.e{s.budget_log2 - run.unique_log2}"
+
+
+def gin_bindings(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: int) -> list[str]:
+  period = max(1, steps // s.evals)
+  log_period = max(1, period // 4)
+  return [
+      f"MODEL_DIR = {str(model_dir)!r}",
+      f"TRAIN_STEPS = {steps}",
+      f"MIXTURE_OR_TASK_NAME = {task_name(s, run)!r}",
+      f"TASK_FEATURE_LENGTHS = {{'inputs': {s.inputs_length}, 'targets': {s.targets_length}}}",
+      f"BATCH_SIZE = {s.batch_size}",
+      f"EVAL_BATCH_SIZE = {s.eval_batch_size}",
+      f"RANDOM_SEED = {seed}",
+      f"DROPOUT_RATE = {s.dropout_rate if run.dropout else 0.0}",
+      # Every evaluation falls on a logging step, so its tokens seen are exact rather than interpolated.
+      f"trainer.train.log_period = {math.gcd(log_period, period)}",
+      f"trainer.train.eval_period = {period}",
+      f"trainer.train.eval_steps = {s.eval_steps}",
+      f"optim.make_schedule.warmup_steps = {s.warmup_steps}",
+      f"optim.make_schedule.base_learning_rate = {s.base_learning_rate}",
+      f"checkpoint.CheckpointConfig.period = {period}",
+      "checkpoint.CheckpointConfig.keep = 1",
+      *(f"t5.T5Config.{k} = {v!r}" for k, v in s.model),
+  ]
+
+
+def budget_steps(s: Settings, specs: Sequence[RunSpec]) -> int:
+  """Full batches every run can read: the budget in steps (the runs' last examples of an epoch are shorter)."""
+  from repeat_lm.data import pipeline, tasks
+  steps = []
+  for run in specs:
+    cfg = pipeline.DatasetConfig(tasks.ensure_registered(task_name(s, run)),
+                                 {"inputs": s.inputs_length, "targets": s.targets_length}, batch_size=s.batch_size)
+    steps.append(pipeline.example_stream(cfg).total_examples // s.batch_size)
+  return min(steps)
+
+
+# ---- progress ----
+
+class _Progress(threading.Thread):
+  """Prints 'run i/3, step, ETA' lines while a run trains, read from its metrics.jsonl (the trainer's own output)."""
+
+  def __init__(self, index: int, count: int, name: str, model_dir: Path, steps: int, later_steps: int,
+               demo_start: float, every_s: float = 10.0):
+    super().__init__(daemon=True)
+    self.index, self.count, self.name, self.steps, self.later_steps = index, count, name, steps, later_steps
+    self.path, self.demo_start, self.every_s = model_dir / "metrics.jsonl", demo_start, every_s
+    self.start_time, self.stop_event = time.perf_counter(), threading.Event()
+    self.first: tuple[int, float] | None = None  # (step, time) of the first record this process saw
+
+  def run(self):
+    last_print = 0.0
+    while not self.stop_event.wait(1.0):
+      if time.perf_counter() - last_print >= self.every_s and self.report():
+        last_print = time.perf_counter()
+
+  def report(self) -> bool:
+    step, loss = _latest(self.path)
+    if step is None:
+      return False
+    now = time.perf_counter()
+    if self.first is None or step < self.first[0]:
+      self.first = (step, now)
+    eta = ""
+    if step > self.first[0]:
+      per_step = (now - self.first[1]) / (step - self.first[0])
+      # Later runs: the same step time plus the start-up (compilation, data) this run needed.
+      startup = self.first[1] - self.start_time
+      left = per_step * (self.steps - step + self.later_steps) + startup * (self.count - self.index)
+      eta = f", ETA {_clock(left)}"
+    loss_text = f", eval loss {loss:.3f}" if loss is not None else ""
+    _say(f"run {self.index}/{self.count} ({self.name}): step {step}/{self.steps}{loss_text}; "
+         f"elapsed {_clock(now - self.demo_start)}{eta}")
+    return True
+
+  def stop(self):
+    self.stop_event.set()
+    self.join()
+
+
+def _latest(path: Path) -> tuple[int | None, float | None]:
+  if not path.exists():
+    return None, None
+  step, loss = None, None
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line being written
+      continue
+    step = max(step or 0, int(record["step"]))
+    if "eval/loss" in record:
+      loss = float(record["eval/loss"])
+  return step, loss
+
+
+def _clock(seconds: float) -> str:
+  seconds = max(0, int(round(seconds)))
+  return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _say(text: str) -> None:
+  try:  # above a trainer progress bar when there is one
+    from tqdm import tqdm
+    tqdm.write(f"[demo] {text}", file=sys.stderr)
+  except ImportError:
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
+# ---- runs ----
+
+def _run_state(model_dir: Path, steps: int) -> str:
+  """'done' when the checkpoint at `steps` and the final evaluation exist, 'partial' with any checkpoint, else 'new'."""
+  ckpts = [int(p.name) for p in (model_dir / "checkpoints").glob("*") if p.name.isdigit()]
+  if ckpts and max(ckpts) >= steps and _latest_eval_step(model_dir) == steps:
+    return "done"
+  return "partial" if ckpts else "new"
+
+
+def _latest_eval_step(model_dir: Path) -> int | None:
+  path = model_dir / "metrics.jsonl"
+  steps = [json.loads(line)["step"] for line in path.read_text().splitlines()
+           if line.strip() and "eval/loss" in line] if path.exists() else []
+  return max(steps) if steps else None
+
+
+def _check_settings(model_dir: Path, record: dict) -> None:
+  path = model_dir / "demo_run.json"
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old.get("settings") != record["settings"]:
+      raise ValueError(f"{model_dir} holds a demo run with other settings ({old.get('settings')}); use another "
+                       "--out or delete that directory.")
+
+
+def train_run(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: int) -> float:
+  """Train (or resume) one run through gin and the project's trainer; returns the seconds it took."""
+  from repeat_lm import gin_utils
+  from repeat_lm.train import trainer
+  start = time.perf_counter()
+  gin_utils.parse(list(GIN_FILES), gin_bindings(s, run, model_dir, steps, seed))
+  try:
+    gin_utils.call_configured(trainer.train)
+  finally:
+    import gin
+    gin.clear_config()
+  return time.perf_counter() - start
+
+
+# ---- results ----
+
+def summarise_run(run: RunSpec, model_dir: Path, settings: Settings) -> dict:
+  from repeat_lm.analysis import results
+  handle = results.Run(run=run.name, status="done", model_dir=str(model_dir))
+  loss, acc = results.load_curve(handle, "eval/loss"), results.load_curve(handle, "eval/accuracy")
+  if loss is None or acc is None:
+    raise RuntimeError(f"{model_dir}/metrics.jsonl has no evaluation: the run did not finish.")
+  records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+  train = [r for r in records if "train/tokens_seen" in r]
+  tokens = float(train[-1]["train/tokens_seen"])
+  best = int(min(range(len(loss.value)), key=lambda i: loss.value[i]))
+  unique = 2 ** run.unique_log2
+  return {
+      "name": run.name, "label": run.label, "model_dir": str(model_dir),
+      "dropout_rate": settings.dropout_rate if run.dropout else 0.0,
+      "unique_tokens": unique, "epochs": tokens / unique, "tokens_seen": tokens, "steps": int(train[-1]["step"]),
+      "final_eval_loss": float(loss.value[-1]), "best_eval_loss": float(loss.value[best]),
+      "final_eval_accuracy": float(acc.value[-1]), "best_eval_accuracy": float(acc.value.max()),
+      "best_step": int(loss.step[best]), "best_tokens_seen": float(loss.tokens_seen[best]),
+      "final_train_loss": float(train[-1]["train/loss"]),
+      "curves": {"step": loss.step.tolist(), "tokens_seen": loss.tokens_seen.tolist(),
+                 "eval_loss": loss.value.tolist(), "eval_accuracy": acc.value.tolist(),
+                 "train_step": [r["step"] for r in train], "train_tokens_seen": [r["train/tokens_seen"] for r in train],
+                 "train_loss": [r["train/loss"] for r in train]},
+  }
+
+
+def findings(runs: dict[str, dict], budget_log2: int) -> list[str]:
+  """Sentences that state what the runs show; every number and every direction word comes from `runs`."""
+  fresh, rep, drop = runs["fresh"], runs["repeated"], runs["repeated_dropout"]
+  gap = rep["final_eval_loss"] - fresh["final_eval_loss"]
+  out = [
+      f"With the same budget of 2^{budget_log2} tokens, the run that repeated 2^{round(math.log2(rep['unique_tokens']))} "
+      f"tokens {rep['epochs']:.0f} times ended at validation loss {rep['final_eval_loss']:.4f}, "
+      f"{abs(gap):.4f} {'higher' if gap > 0 else 'lower'} than the fresh run's {fresh['final_eval_loss']:.4f} "
+      f"({'worse' if gap > 0 else 'better'}); validation accuracy {rep['final_eval_accuracy']:.4f} against "
+      f"{fresh['final_eval_accuracy']:.4f}."]
+  rise = rep["final_eval_loss"] - rep["best_eval_loss"]
+  if rep["best_step"] < rep["steps"] and rise > 0:
+    out.append(
+        f"The repeated run was best at step {rep['best_step']} (epoch {rep['best_tokens_seen'] / rep['unique_tokens']:.1f}, "
+        f"validation loss {rep['best_eval_loss']:.4f}); after that its validation loss rose by {rise:.4f} while its "
+        f"training loss kept falling to {rep['final_train_loss']:.4f}: it overfit the repeated tokens.")
+  else:
+    out.append(f"The repeated run's validation loss was still at its lowest at the end ({rep['best_eval_loss']:.4f}); "
+               "no overfitting is visible within this budget.")
+  fresh_rise = fresh["final_eval_loss"] - fresh["best_eval_loss"]
+  out.append(f"The fresh run ended {'at its best validation loss' if fresh_rise <= 0 else f'{fresh_rise:.4f} above its best validation loss'} "
+             f"({fresh['best_eval_loss']:.4f}).")
+  delta = drop["final_eval_loss"] - rep["final_eval_loss"]
+  verdict = "helped" if delta < 0 else "did not help"
+  text = (f"Dropout {drop['dropout_rate']:g} on the repeated data {verdict}: final validation loss "
+          f"{drop['final_eval_loss']:.4f} against {rep['final_eval_loss']:.4f} without it ({delta:+.4f})")
+  if delta < 0 and gap > 0:
+    text += f", closing {min(-delta / gap, 9.99):.0%} of the gap to the fresh run"
+  drop_acc = drop["final_eval_accuracy"] - rep["final_eval_accuracy"]
+  out.append(text + f"; validation accuracy {drop['final_eval_accuracy']:.4f} ({drop_acc:+.4f}).")
+  out.append(f"Best validation losses: fresh {fresh['best_eval_loss']:.4f}, repeated {rep['best_eval_loss']:.4f}, "
+             f"repeated + dropout {drop['best_eval_loss']:.4f}. One seed: differences of a few thousandths can be "
+             "noise; run again with another `--seed` to see the spread.")
+  return out
+
+
+def _plots(out: Path, runs: list[dict]) -> list[Path]:
+  from repeat_lm.analysis import plots
+  colors = plots.colors(len(runs))
+  series = lambda key: [plots.Series(r["curves"]["tokens_seen"], r["curves"][key], r["label"], c, "-o")  # noqa: E731
+                        for r, c in zip(runs, colors)]
+  paths = [
+      plots.save(out / "eval_loss.png", series("eval_loss"), title="Validation loss (held-out articles)",
+                 xlabel="tokens seen", ylabel="loss"),
+      plots.save(out / "eval_accuracy.png", series("eval_accuracy"), title="Validation token accuracy",
+                 xlabel="tokens seen", ylabel="accuracy"),
+      plots.save(out / "train_loss.png",
+                 [plots.Series(r["curves"]["train_tokens_seen"], r["curves"]["train_loss"], r["label"], c, "-")
+                  for r, c in zip(runs, colors)],
+                 title="Training loss (with dropout on for the dropout run)", xlabel="tokens seen", ylabel="loss"),
+  ]
+  return paths
+
+
+_COLUMNS = ("name", "unique_tokens", "epochs", "tokens_seen", "final_eval_loss", "best_eval_loss",
+            "final_eval_accuracy", "best_eval_accuracy", "best_step")
+
+
+def write_outputs(out: Path, s: Settings, seed: int, steps: int, runs: list[dict], wall_time_s: float,
+                  commands: dict[str, list[str]]) -> dict:
+  from repeat_lm.analysis import report
+  by_name = {r["name"]: r for r in runs}
+  summary = {
+      "runs": [{k: r[k] for k in (*_COLUMNS, "dropout_rate", "steps", "reused", "train_wall_s", "model_dir")}
+               for r in runs],
+      "repeated_minus_fresh_final_eval_loss": by_name["repeated"]["final_eval_loss"] -
+                                              by_name["fresh"]["final_eval_loss"],
+      "dropout_minus_repeated_final_eval_loss": by_name["repeated_dropout"]["final_eval_loss"] -
+                                                by_name["repeated"]["final_eval_loss"],
+      "wall_time_s": wall_time_s, "seed": seed, "steps": steps, "budget_tokens": 2 ** s.budget_log2,
+      "settings": _settings_record(s),
+  }
+  summary["findings"] = findings(by_name, s.budget_log2)
+  pngs = _plots(out, runs)
+  setup = (
+      f"Model: T5 v1.1 tiny (`{GIN_FILES[0]}`){' with ' + ', '.join(f'`{k}={v}`' for k, v in s.model) if s.model else ''}; "
+      f"span corruption at {s.inputs_length}/{s.targets_length} tokens, batch {s.batch_size}, {steps} steps per run, "
+      f"Adafactor with `constant * rsqrt_decay` ({s.warmup_steps} warm-up steps), seed {seed}. Data: the default "
+      f"local corpus (Wikipedia articles from the gensim wheel, 8K-piece vocabulary); validation on "
+      f"{s.eval_steps * s.eval_batch_size} examples of its held-out articles, the same for every run. "
+      f"Wall time of this invocation: {wall_time_s:.0f} s.")
+  rows = [{k: r[k] for k in _COLUMNS} for r in runs]
+  cmds = "\n".join(f"# {name}\nrepeat-lm train " + " ".join(f"--gin_file={f}" for f in GIN_FILES) + " \\\n  " +
+                   " \\\n  ".join(f"--gin.{_shell(b)}" for b in bindings) for name, bindings in commands.items())
+  report.write_report(out, "Repeated vs fresh data (repeat-lm demo)", [
+      ("What the runs show", "\n".join(f"- {t}" for t in summary["findings"]), [], rows),
+      ("Setup", setup),
+      ("Curves", "Validation loss and accuracy against tokens seen (every run reads the same budget); "
+       "training loss for comparison.", pngs),
+      ("Repeating a run", "Each run is `repeat-lm train` with these settings:\n\n```\n" + cmds + "\n```"),
+  ])
+  (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+  return summary
+
+
+def _shell(binding: str) -> str:
+  key, _, value = binding.partition(" = ")
+  return f'{key}="{value}"'
+
+
+def _settings_record(s: Settings) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(s)))
+
+
+# ---- entry point ----
+
+def run_demo(out: str | Path, *, seed: int = 0, quick: bool = False, steps: int | None = None,
+             settings: Settings | None = None) -> dict:
+  """Train the three runs (reusing finished ones) and write the report; returns summary.json's content.
+
+  `settings` replaces the defaults (FULL, or QUICK with `quick`), e.g. to try another model or budget.
+  """
+  start = time.perf_counter()
+  out = Path(out)
+  s = settings or (QUICK if quick else FULL)
+  if steps is not None:
+    s = dataclasses.replace(s, steps=steps)
+  specs = run_specs(s)
+  total = s.steps or budget_steps(s, specs)
+  root = out / "runs" / f"{'quick' if quick else 'full'}_seed{seed}"
+  summaries, commands = [], {}
+  for i, run in enumerate(specs):
+    model_dir = root / run.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    record = {"settings": _settings_record(s), "steps": total, "seed": seed, "task": task_name(s, run)}
+    _check_settings(model_dir, record)
+    commands[run.name] = gin_bindings(s, run, model_dir, total, seed)
+    state = _run_state(model_dir, total)
+    previous = json.loads((model_dir / "demo_run.json").read_text()) if (model_dir / "demo_run.json").exists() else {}
+    wall = float(previous.get("train_wall_s", 0.0))
+    if state == "done":
+      _say(f"run {i + 1}/{len(specs)} ({run.name}): finished before, reusing {model_dir}")
+    else:
+      _say(f"run {i + 1}/{len(specs)} ({run.label}): {'resuming' if state == 'partial' else 'training'} "
+           f"{total} steps into {model_dir}")
+      (model_dir / "demo_run.json").write_text(json.dumps({**record, "train_wall_s": wall}, indent=2) + "\n")
+      progress = _Progress(i + 1, len(specs), run.name, model_dir, total, total * (len(specs) - i - 1), start)
+      progress.start()
+      try:
+        wall += train_run(s, run, model_dir, total, seed)
+      finally:
+        progress.stop()
+      (model_dir / "demo_run.json").write_text(json.dumps({**record, "train_wall_s": wall}, indent=2) + "\n")
+    summary = summarise_run(run, model_dir, s)
+    summary.update(reused=state == "done", train_wall_s=wall)
+    summaries.append(summary)
+  result = write_outputs(out, s, seed, total, summaries, time.perf_counter() - start, commands)
+  for line in result["findings"]:
+    _say(line)
+  _say(f"report: {out / 'report.html'} ({result['wall_time_s']:.0f} s)")
+  return result

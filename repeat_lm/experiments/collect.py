@@ -1,0 +1,216 @@
+"""`repeat-lm collect`: every run under a sweep ROOT as one row of a table (CSV or Parquet), the table
+`repeat-lm analyze` reads (docs/analysis.md).
+
+A row holds the run's status (runs still going or failed are rows too), its varied gin values (from status.json),
+its model's parameters and FLOPs (models/info.py on the run's own gin), its data (unique tokens, epochs, tokens
+seen), its validation loss and accuracy (final and best, and the step of the best accuracy, from metrics.jsonl) and
+the scores of its fine-tuning stages (eval/squad_em of ROOT/RUN/ft_squad -> column squad_em).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from repeat_lm.experiments import status as status_lib
+
+BASE_COLUMNS = ("run", "status", "model_dir", "params", "params_per_token", "flops_per_token", "unique_tokens",
+                "epochs", "tokens_seen", "final_eval_loss", "best_eval_loss", "final_eval_accuracy",
+                "best_eval_accuracy", "best_step", "final_step", "train_steps", "final_train_loss", "elapsed_s",
+                "error")
+# Evaluation keys that are the pre-training objective's, not a fine-tuning task's score.
+_OBJECTIVE_EVAL = {"eval/loss", "eval/accuracy", "eval/z_loss"}
+
+
+def _number(value: Any) -> float:
+  try:
+    return float(value)  # metrics.jsonl writes non-finite values as "nan" / "inf" strings
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def read_metrics(model_dir: str | Path) -> list[dict[str, Any]]:
+  path = Path(model_dir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue  # a line cut by a crash mid-write
+  return records
+
+
+def metrics_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Final and best validation loss/accuracy (best_step: of the best accuracy, the paper's metric), tokens seen."""
+  out: dict[str, Any] = {}
+  train = [r for r in records if "train/loss" in r]
+  if train:
+    last = max(train, key=lambda r: r["step"])
+    out.update(final_step=last["step"], final_train_loss=_number(last["train/loss"]),
+               tokens_seen=_number(last.get("train/tokens_seen")))
+    epochs = _number(last.get("train/epochs"))
+    if epochs > 0:
+      out["measured_unique_tokens"] = round(out["tokens_seen"] / epochs)
+  evals = sorted((r for r in records if "eval/loss" in r), key=lambda r: r["step"])
+  if evals:
+    loss = [_number(r["eval/loss"]) for r in evals]
+    acc = [_number(r.get("eval/accuracy")) for r in evals]
+    out.update(final_eval_loss=loss[-1], final_eval_accuracy=acc[-1])
+    finite_loss = [v for v in loss if math.isfinite(v)]
+    finite_acc = [(v, r["step"]) for v, r in zip(acc, evals) if math.isfinite(v)]
+    out["best_eval_loss"] = min(finite_loss) if finite_loss else math.nan
+    if finite_acc:
+      best = max(finite_acc, key=lambda t: t[0])  # the first step reaching the best value
+      out.update(best_eval_accuracy=best[0], best_step=best[1])
+  return out
+
+
+def downstream_scores(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+  """A fine-tuning stage's task scores at its last evaluation: eval/squad_em -> squad_em."""
+  scores: dict[str, float] = {}
+  for r in sorted(records, key=lambda r: r["step"]):
+    for k, v in r.items():
+      if k.startswith("eval/") and k not in _OBJECTIVE_EVAL:
+        scores[k[len("eval/"):]] = _number(v)
+  return scores
+
+
+def model_summary(gin_path: str | Path) -> dict[str, Any]:
+  """Parameters and FLOPs of the model a run gin builds, at its feature lengths; {} if it cannot be built."""
+  from repeat_lm import gin_utils  # noqa: PLC0415 - jax and the model stack load only when a table is built
+  from repeat_lm.models import info  # noqa: PLC0415
+  import gin  # noqa: PLC0415
+  try:
+    config = gin_utils.configured_macro([str(gin_path)], [], "MODEL").module.config
+    # The same parse still holds the run's plain macros.
+    lengths, batch, task = (gin.query_parameter(f"%{k}") for k in ("TASK_FEATURE_LENGTHS", "BATCH_SIZE",
+                                                                   "MIXTURE_OR_TASK_NAME"))
+    m = info.model_info(config, lengths["inputs"], lengths["targets"])
+  except Exception as e:  # a row is still worth having without its parameter count
+    return {"model_error": f"{type(e).__name__}: {e}"}
+  return {"params": m["params_total"], "params_per_token": m["params_per_token"],
+          "flops_per_sequence": m["train_flops_per_sequence"], "flops_per_slot": m["train_flops_per_token"],
+          "batch_size": batch, "task": task if isinstance(task, str) else None}
+
+
+def task_data(task: str | None) -> dict[str, Any]:
+  """Unique tokens and epochs a task name of the repeated scheme spells (docs/data.md)."""
+  if not task:
+    return {}
+  from repeat_lm.data import tasks  # noqa: PLC0415
+  spec = tasks.parse_name(task)
+  if not spec:
+    return {}
+  d = spec.get("unique_tokens")
+  e = spec.get("epochs") or (spec["total_tokens"] // d if spec.get("total_tokens") and d else None)
+  return {"unique_tokens": d, "epochs": e}
+
+
+def _relative(path: Path, out_dir: Path | None) -> str:
+  if out_dir is None:
+    return str(path.resolve())
+  try:
+    return os.path.relpath(path.resolve(), out_dir.resolve())
+  except ValueError:
+    return str(path.resolve())
+
+
+def outcome(run_dir: str | Path) -> dict[str, Any]:
+  """Status, varied values and validation metrics of a run: the cheap part of a row (no model is built)."""
+  record = status_lib.read(run_dir)
+  return {"status": status_lib.effective(record), **(record.get("values") or {}),
+          **metrics_summary(read_metrics(run_dir))}
+
+
+def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
+  """One run's row (see the module docstring); `model_dir` relative to `out_dir` (absolute without it)."""
+  run_dir = Path(run_dir)
+  record = status_lib.read(run_dir)
+  gin_path = run_dir / status_lib.GIN_FILE
+  gin_text = gin_path.read_text() if gin_path.exists() else ""
+  r: dict[str, Any] = {"run": record.get("run", run_dir.name), "status": status_lib.effective(record),
+                       "model_dir": _relative(run_dir, out_dir), "train_steps": status_lib.train_steps(gin_text),
+                       "elapsed_s": record.get("elapsed_s"), "error": record.get("error")}
+  m = model_summary(gin_path) if gin_text else {}
+  r.update(params=m.get("params"), params_per_token=m.get("params_per_token"))
+  summary = metrics_summary(read_metrics(run_dir))
+  r.update({k: v for k, v in summary.items() if k != "measured_unique_tokens"})
+  data = task_data(m.get("task"))
+  r["unique_tokens"] = summary.get("measured_unique_tokens") or data.get("unique_tokens")
+  r["epochs"] = data.get("epochs") or (summary["tokens_seen"] / r["unique_tokens"]
+                                       if r["unique_tokens"] and summary.get("tokens_seen") else None)
+  if m.get("flops_per_sequence"):
+    # FLOPs per token seen, so that flops_per_token x tokens_seen is the run's training FLOPs (analysis.md);
+    # before any metrics, per token of the (inputs + targets) row.
+    seen, step = summary.get("tokens_seen"), summary.get("final_step")
+    r["flops_per_token"] = (m["flops_per_sequence"] * m["batch_size"] * step / seen if seen and step
+                            else m["flops_per_slot"])
+  r.update(record.get("values") or {})
+  for name in record.get("finetune") or []:
+    ft_dir = run_dir / f"ft_{name}"
+    r[f"ft_{name}_status"] = status_lib.effective(status_lib.read(ft_dir))
+    r.update(downstream_scores(read_metrics(ft_dir)))
+  return r
+
+
+def run_dirs(root: str | Path) -> list[Path]:
+  """Run directories of a sweep ROOT, in the experiment's order (status.json `index`), then by name."""
+  root = Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"Sweep root {root} does not exist; run `repeat-lm sweep --root={root} ...` first.")
+  dirs = [p for p in root.iterdir() if p.is_dir() and ((p / status_lib.STATUS_FILE).exists() or
+                                                       (p / status_lib.GIN_FILE).exists())]
+  return sorted(dirs, key=lambda p: (status_lib.read(p).get("index", math.inf), p.name))
+
+
+def collect(root: str | Path, out: str | Path | None = None) -> list[dict[str, Any]]:
+  """Rows of every run under `root`; written to `out` (.csv, or .parquet via pyarrow) if given."""
+  out_dir = Path(out).parent if out else None
+  rows = [row(d, out_dir) for d in run_dirs(root)]
+  if out:
+    write_table(rows, out)
+  return rows
+
+
+def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+  return list(dict.fromkeys([*BASE_COLUMNS, *(k for r in rows for k in r)]))
+
+
+def _cell(value: Any) -> Any:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return None
+  if isinstance(value, (dict, list, tuple)):
+    return json.dumps(value, sort_keys=True)
+  return value
+
+
+def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  cols = columns(rows)
+  cells = [{c: _cell(r.get(c)) for c in cols} for r in rows]
+  if out.suffix == ".parquet":
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+    data = {}
+    for c in cols:
+      values = [r[c] for r in cells]
+      numeric = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+      data[c] = pa.array([None if v is None else float(v) for v in values], pa.float64()) if numeric else \
+          pa.array([None if v is None else str(v) for v in values], pa.string())
+    pq.write_table(pa.table(data), out)
+  elif out.suffix == ".csv":
+    with out.open("w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=cols)
+      writer.writeheader()
+      writer.writerows({c: "" if v is None else v for c, v in r.items()} for r in cells)
+  else:
+    raise ValueError(f"--out={out}: write a .csv or a .parquet file.")
+  return out

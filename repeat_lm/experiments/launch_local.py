@@ -1,0 +1,93 @@
+"""One job as N processes on this machine: `jax.distributed` over localhost, each process with its share of CPU devices.
+
+`repeat-lm launch-local --num_processes=2 --devices_per_process=4 -- train --gin_file=...` (or
+`python -m repeat_lm.experiments.launch_local ...`, or launch/local_multiprocess.sh) runs `repeat-lm train ...` twice
+with JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT, JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=0/1 and 4 CPU devices each: the
+same code path as a multi-host pod (distributed.maybe_initialize, one block of batch rows per process), on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def process_env(process_id: int, num_processes: int, port: int, devices_per_process: int,
+                base: Mapping[str, str] | None = None) -> dict[str, str]:
+  """The environment of process `process_id`: coordinator, rank, and `devices_per_process` CPU devices."""
+  env = dict(os.environ if base is None else base)
+  # Our device count replaces any inherited one (tests force 8 devices for single-process runs).
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).split()
+  env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
+             JAX_PROCESS_ID=str(process_id), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices_per_process}"]))
+  return env
+
+
+def _pump(stream, prefix: str, sink) -> None:
+  for line in iter(stream.readline, ""):
+    sink.write(prefix + line)
+    sink.flush()
+
+
+def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1, port: int | None = None) -> int:
+  """Run `repeat-lm <argv>` as `num_processes` processes; returns 0, or the first failing process's exit code.
+
+  Output is interleaved line by line, prefixed with `[p<i>] `. If one process fails the others are terminated, so a
+  crash never leaves its peers waiting forever in a collective.
+  """
+  if num_processes < 1 or devices_per_process < 1:
+    raise ValueError(f"num_processes ({num_processes}) and devices_per_process ({devices_per_process}) must be >= 1.")
+  port = port or free_port()
+  procs, pumps = [], []
+  for i in range(num_processes):
+    p = subprocess.Popen([sys.executable, "-m", "repeat_lm.cli", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         env=process_env(i, num_processes, port, devices_per_process))
+    t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", sys.stderr), daemon=True)
+    t.start()
+    procs.append(p)
+    pumps.append(t)
+  rc = 0
+  try:
+    pending = list(procs)
+    while pending:
+      for p in list(pending):
+        try:
+          code = p.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+          continue
+        pending.remove(p)
+        if code and not rc:
+          rc = code
+          for other in pending:  # its peers would block in the next collective
+            other.terminate()
+  except KeyboardInterrupt:
+    rc = 130
+    for p in procs:
+      p.terminate()
+  finally:
+    for p in procs:
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        p.kill()
+    for t in pumps:
+      t.join(timeout=5)
+  return rc
+
+
+if __name__ == "__main__":
+  from repeat_lm import cli  # noqa: PLC0415 - argument parsing lives in cli.py
+  sys.exit(cli.main(["launch-local", *sys.argv[1:]]))

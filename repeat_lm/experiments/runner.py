@@ -1,0 +1,387 @@
+"""`repeat-lm sweep`: expand an experiment gin into named runs under ROOT, write each run's gin, run what is left.
+
+Every run lives in ROOT/RUN: run.gin (self-contained), status.json, train.log, and the trainer's MODEL_DIR contents
+(MODEL_DIR = ROOT/RUN). Launchers:
+  local   one run after another, each `repeat-lm train` in its own subprocess (a crash fails that run, not the
+          sweep), with run i/n, the step and an ETA on stderr;
+  tpu-vm  `launch/tpu_vm.sh` per run (every worker of a TPU VM pod runs the same `repeat-lm train`); printed, or run
+          one after another with --submit, with the same bookkeeping as local;
+  slurm   `sbatch launch/slurm.sbatch ROOT/RUN` per run (the batch script records its own status); printed, or
+          submitted with --submit (fine-tuning stages chained with --dependency=afterok).
+Idempotent: finished runs are skipped, interrupted ones resume from their checkpoints (the trainer does that when
+MODEL_DIR has checkpoints), failed ones are recorded with their error and retried by the next sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from repeat_lm import gin_utils
+from repeat_lm.experiments import collect, compose, status as status_lib, sweep
+
+LAUNCHERS = ("local", "tpu-vm", "slurm")
+LAUNCH_DIR = gin_utils.REPO_ROOT / "launch"
+_COMPOSE_ERROR = "could not compose its gin"
+
+
+@dataclasses.dataclass
+class Options:
+  launcher: str = "local"
+  dry_run: bool = False
+  only: str | None = None
+  submit: bool = False  # remote launchers: run/submit the commands instead of printing them
+  tpu: str | None = None
+  zone: str | None = None
+  project: str | None = None
+  sbatch_args: Sequence[str] = ()
+  bindings: Sequence[str] = ()  # applied to every run after the experiment's (e.g. a shorter TRAIN_STEPS)
+  stream: TextIO = dataclasses.field(default_factory=lambda: sys.stderr)
+
+
+@dataclasses.dataclass
+class Stage:
+  """A command to run in `run_dir`: a pre-training run, or a fine-tuning stage of one (`parent`)."""
+  name: str
+  run_dir: Path
+  verb: str  # 'train' or 'finetune'
+  spec: sweep.RunSpec
+  parent: Stage | None = None
+  waiting: list[str] = dataclasses.field(default_factory=list)  # unresolved sweep.Best values
+
+  @property
+  def gin(self) -> Path:
+    return self.run_dir / status_lib.GIN_FILE
+
+
+def _fmt_time(seconds: float | None) -> str:
+  if seconds is None or not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+      f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# ---- preparing: names, gins, status ----
+
+def _resolve_best(best: sweep.Best, root: Path, names: Sequence[str]) -> tuple[bool, Any]:
+  """(resolved, value) of a sweep.Best from the finished runs it names."""
+  matched = sweep.select([sweep.RunSpec(n, None, ()) for n in names], best.runs)
+  rows = [collect.outcome(root / r.name) for r in matched]
+  if not rows or any(r["status"] not in (status_lib.FINISHED, status_lib.FAILED) for r in rows):
+    return False, best.default
+  scored = [r for r in rows if r["status"] == status_lib.FINISHED and r.get(best.metric) is not None and
+            math.isfinite(float(r[best.metric]))]
+  if not scored:
+    return False, best.default
+  pick = (max if best.mode == "max" else min)(scored, key=lambda r: float(r[best.metric]))
+  return True, pick.get(best.column)
+
+
+def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, varied: Sequence[str]) -> None:
+  """Compose and write the stage's gin and its status entry (a finished stage keeps the gin it ran with)."""
+  record = status_lib.read(stage.run_dir)
+  finished = record.get("status") == status_lib.FINISHED
+  if stage.verb == "finetune":
+    ft = next(f for f in stage.spec.finetune if f"ft_{f.name}" == stage.name.rsplit("/", 1)[-1])
+    text = compose.finetune_gin(exp, stage.spec, ft, stage.parent.gin.read_text(), str(stage.run_dir))
+    values: dict[str, Any] = {}
+  else:
+    names = [r.name for r in exp.runs]
+    resolved, stage.waiting = {}, []
+    for key, best in stage.spec.best.items():
+      ok, value = _resolve_best(best, root, names)
+      if ok:
+        resolved[key] = value
+      else:
+        stage.waiting.append(f"{key}: best of {best.runs} by {best.metric}")
+    text, values = compose.run_gin(exp, stage.spec, str(stage.run_dir), varied, resolved)
+  stage.run_dir.mkdir(parents=True, exist_ok=True)
+  if finished and stage.gin.exists():
+    if _body(stage.gin.read_text()) != _body(text):
+      logging.warning("%s is finished but its configuration changed since; it is not re-run (delete %s to re-run "
+                      "it; it would resume from its checkpoint).", stage.name, stage.run_dir / status_lib.STATUS_FILE)
+    return
+  changed = stage.gin.exists() and _body(stage.gin.read_text()) != _body(text)
+  if changed and status_lib.checkpoint_steps(stage.run_dir):
+    logging.warning("%s: its configuration changed since it started; resuming from its checkpoint may fail. Delete "
+                    "%s to start it afresh.", stage.name, stage.run_dir)
+  stage.gin.write_text(text)
+  update: dict[str, Any] = {"run": stage.name, "experiment": exp.path, "index": index}
+  if str(record.get("error") or "").startswith(_COMPOSE_ERROR):  # fixed since: runnable again
+    update.update(status=status_lib.PENDING, error=None)
+  if stage.verb == "train":
+    update.update(values=values, finetune=[f.name for f in stage.spec.finetune])
+  status_lib.write(stage.run_dir, **update)
+
+
+def _body(gin_text: str) -> str:
+  """A run gin without its comment header: what the run computes."""
+  return "\n".join(line for line in gin_text.splitlines() if not line.startswith("#"))
+
+
+def plan(exp: compose.Experiment, root: Path, only: str | None) -> list[Stage]:
+  """Stages (runs, each followed by its fine-tuning stages) of the selected runs, their gins written."""
+  varied = compose.varied_keys(exp.runs)
+  stages = []
+  for spec in exp.runs:
+    if spec not in sweep.select([spec], only):
+      continue
+    run = Stage(spec.name, root / spec.name, "train", spec)
+    stages.append(run)
+    stages += [Stage(f"{spec.name}/ft_{f.name}", run.run_dir / f"ft_{f.name}", "finetune", spec, parent=run)
+               for f in spec.finetune]
+  for stage in stages:
+    try:
+      write_run(exp, stage, root, exp.runs.index(stage.spec), varied)
+    except (gin_utils.GinConfigError, FileNotFoundError) as e:  # one bad arm must not hide the others
+      status_lib.write(stage.run_dir, run=stage.name, experiment=exp.path, status=status_lib.FAILED,
+                       error=f"{_COMPOSE_ERROR}: {e}")
+  return stages
+
+
+# ---- commands ----
+
+def _local_command(stage: Stage) -> list[str]:
+  return [sys.executable, "-m", "repeat_lm.cli", stage.verb, f"--gin_file={stage.gin}"]
+
+
+def display_command(stage: Stage, opts: Options) -> list[str]:
+  """The command a launcher runs (or prints) for a stage."""
+  if opts.launcher == "tpu-vm":
+    flags = [f"--tpu={opts.tpu or '$TPU_NAME'}", f"--zone={opts.zone or '$ZONE'}"]
+    flags += [f"--project={opts.project}"] if opts.project else []
+    return [str(LAUNCH_DIR / "tpu_vm.sh"), *flags, stage.verb, f"--gin_file={stage.gin.resolve()}"]
+  if opts.launcher == "slurm":
+    return ["sbatch", f"--job-name={stage.name.replace('/', '.')}", f"--output={stage.run_dir.resolve()}/slurm-%j.log",
+            *opts.sbatch_args, str(LAUNCH_DIR / "slurm.sbatch"), str(stage.run_dir.resolve()), stage.verb]
+  return ["repeat-lm", stage.verb, f"--gin_file={stage.gin}"]
+
+
+# ---- running ----
+
+class _Progress:
+  """Run i/n, the current run's step and an ETA, on one line of a terminal or a line every 30 s in a log."""
+
+  def __init__(self, stream: TextIO, total: int):
+    self.stream, self.total = stream, total
+    self.tty = hasattr(stream, "isatty") and stream.isatty()
+    self.durations: list[float] = []
+    self._last_print = 0.0
+
+  def eta(self, remaining_after: int, current_left: float | None, current_elapsed: float) -> float | None:
+    """Seconds until the sweep ends: the current run's rest, plus the mean run so far (or this run's projected
+    length, before any run has ended) for each run after it."""
+    projected = current_elapsed + current_left if current_left is not None else None
+    mean = sum(self.durations) / len(self.durations) if self.durations else projected
+    if mean is None:
+      return None
+    if current_left is None:  # no step rate yet: this run counts as a mean run
+      current_left = max(mean - current_elapsed, 0.0)
+    return current_left + remaining_after * mean
+
+  def line(self, text: str, final: bool = False) -> None:
+    if self.tty:
+      self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+      self.stream.flush()
+    elif final or time.time() - self._last_print >= 30:
+      self.stream.write(text + "\n")
+      self.stream.flush()
+      self._last_print = time.time()
+
+
+def _last_step(run_dir: Path) -> int | None:
+  path = run_dir / "metrics.jsonl"
+  if not path.exists():
+    return None
+  with path.open("rb") as f:
+    f.seek(max(0, path.stat().st_size - 4096))
+    lines = f.read().decode(errors="replace").splitlines()
+  for line in reversed(lines):
+    if '"step"' in line:
+      try:
+        return int(json.loads(line)["step"])
+      except (ValueError, KeyError):
+        continue
+  return None
+
+
+def _run_blocking(stage: Stage, command: list[str], progress: _Progress, i: int, n: int, left: int) -> int:
+  """Run one stage's command to its end, its output in the stage's train.log; returns the exit code."""
+  total = status_lib.train_steps(stage.gin.read_text()) or 0
+  log_path = stage.run_dir / status_lib.LOG_FILE
+  start = time.time()
+  first = (None, None)  # (time, step) of the first step seen in this attempt, for the step rate
+  with log_path.open("a") as log:
+    log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+    log.flush()
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+      while True:
+        try:
+          return proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+          pass
+        step = _last_step(stage.run_dir)
+        if step is not None and first[0] is None:
+          first = (time.time(), step)
+        current_left = None
+        if step is not None and first[0] is not None and step > first[1]:
+          rate = (time.time() - first[0]) / (step - first[1])
+          current_left = rate * (total - step)
+        eta = progress.eta(left, current_left, time.time() - start)
+        progress.line(f"[{i}/{n}] {stage.name}: step {step if step is not None else '-'}/{total}, "
+                      f"{_fmt_time(time.time() - start)} elapsed, sweep ETA {_fmt_time(eta)}")
+    except KeyboardInterrupt:
+      # SIGTERM makes the trainer save a checkpoint at the next step and exit cleanly: the next sweep resumes.
+      proc.send_signal(signal.SIGTERM)
+      try:
+        proc.wait(timeout=120)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+      raise
+
+
+def _claimable(stage: Stage) -> str | None:
+  """Why a stage is not to be run now (None: run it)."""
+  record = status_lib.read(stage.run_dir)
+  state = status_lib.effective(record)
+  if state == status_lib.FINISHED:
+    return "finished"
+  if stage.parent is not None and status_lib.read(stage.parent.run_dir).get("status") != status_lib.FINISHED:
+    return f"waiting for {stage.parent.name} to finish"
+  if stage.waiting:
+    return "waiting for " + "; ".join(stage.waiting)
+  if str(record.get("error") or "").startswith(_COMPOSE_ERROR):
+    return "failed: " + record["error"]
+  return None
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_blocking(exp: compose.Experiment, root: Path, stages: list[Stage], opts: Options) -> None:
+  """Local and tpu-vm --submit: one stage after another, each in a subprocess. SIGTERM to the sweep acts as Ctrl-C:
+  the current trainer is told to checkpoint and stop, so no trainer outlives its sweep (its own session keeps it
+  from the terminal's Ctrl-C, which the sweep forwards as SIGTERM)."""
+  main = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+  try:
+    _run_stages(exp, root, stages, opts)
+  finally:
+    if main:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _run_stages(exp: compose.Experiment, root: Path, stages: list[Stage], opts: Options) -> None:
+  runs = [s for s in stages if s.verb == "train"]
+  progress = _Progress(opts.stream, len(runs))
+  varied = compose.varied_keys(exp.runs)
+  for i, stage in enumerate(stages):
+    n_run = runs.index(stage) + 1 if stage in runs else runs.index(stage.parent) + 1
+    label = f"[{n_run}/{len(runs)}] {stage.name}"
+    if stage.waiting:  # sweep.Best values may have become known from runs finished earlier in this sweep
+      write_run(exp, stage, root, exp.runs.index(stage.spec), varied)
+    reason = _claimable(stage)
+    if reason:
+      progress.line(f"{label}: {reason}, skipped", final=True)
+      continue
+    if not status_lib.acquire(stage.run_dir):
+      progress.line(f"{label}: another sweep is running it, skipped", final=True)
+      continue
+    left = sum(1 for s in stages[i + 1:] if _claimable(s) is None or s.parent is stage)
+    command = _local_command(stage) if opts.launcher == "local" else display_command(stage, opts)
+    try:
+      status_lib.started(stage.run_dir, command=shlex.join(display_command(stage, opts)))
+      start = time.time()
+      try:
+        code = _run_blocking(stage, command, progress, n_run, len(runs), left)
+      except KeyboardInterrupt:
+        if status_lib.exited(stage.run_dir, 0)["status"] != status_lib.FINISHED:
+          status_lib.write(stage.run_dir, status=status_lib.PENDING,
+                           error="interrupted; the next sweep resumes it from its checkpoint")
+        progress.line(f"{label}: interrupted, its trainer saved a checkpoint", final=True)
+        raise
+      record = status_lib.exited(stage.run_dir, code)
+      progress.durations.append(time.time() - start)
+    finally:
+      status_lib.release(stage.run_dir)
+    detail = f" ({record['error'].splitlines()[0][:200]})" if record.get("error") else ""
+    progress.line(f"{label}: {record['status']} in {_fmt_time(time.time() - start)}{detail}", final=True)
+
+
+def submit_slurm(stages: list[Stage], opts: Options) -> None:
+  jobs: dict[str, str] = {}
+  for stage in stages:
+    reason = _claimable(stage)
+    record = status_lib.read(stage.run_dir)
+    if stage.parent is not None and stage.parent.name in jobs:
+      reason = None  # chained on the parent's job below
+    elif reason or status_lib.effective(record) == status_lib.RUNNING:
+      opts.stream.write(f"{stage.name}: {reason or 'running (job ' + str(record.get('job_id')) + ')'}, skipped\n")
+      continue
+    command = display_command(stage, opts)
+    if stage.parent is not None and stage.parent.name in jobs:
+      command.insert(1, f"--dependency=afterok:{jobs[stage.parent.name]}")
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    job = out.strip().split()[-1] if out.strip() else "?"
+    jobs[stage.name] = job
+    status_lib.write(stage.run_dir, status=status_lib.RUNNING, job_id=job, host=None, pid=None,
+                     command=shlex.join(command))
+    opts.stream.write(f"{stage.name}: submitted as job {job}\n")
+
+
+def summary(exp: compose.Experiment, root: Path, stages: list[Stage], wall_s: float) -> dict[str, Any]:
+  counts: dict[str, int] = {}
+  failed = {}
+  for s in stages:
+    record = status_lib.read(s.run_dir)
+    state = status_lib.effective(record)
+    counts[state] = counts.get(state, 0) + 1
+    if state == status_lib.FAILED:
+      failed[s.name] = (record.get("error") or "").splitlines()[0][:300] if record.get("error") else ""
+  return {"experiment": exp.path, "root": str(root), "runs": sum(s.verb == "train" for s in stages),
+          "stages": len(stages), "status": counts, "failed": failed, "wall_s": round(wall_s, 1)}
+
+
+def run_sweep(experiment: str, root: str | Path, opts: Options | None = None) -> dict[str, Any]:
+  """Expand, write and run (or print) the experiment's runs under `root`; returns a summary."""
+  opts = opts or Options()
+  if opts.launcher not in LAUNCHERS:
+    raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {opts.launcher!r}.")
+  start = time.time()
+  root = Path(root).absolute()  # MODEL_DIR must not depend on the directory a run is started from
+  exp = compose.load(experiment, opts.bindings)
+  stages = plan(exp, root, opts.only)
+  if not stages:
+    raise ValueError(f"--only={opts.only!r} matches none of the {len(exp.runs)} runs: "
+                     f"{[r.name for r in exp.runs]}.")
+  runs = [s for s in stages if s.verb == "train"]
+  done = sum(status_lib.read(s.run_dir).get("status") == status_lib.FINISHED for s in runs)
+  opts.stream.write(f"sweep {exp.path}: {len(runs)} runs ({done} finished), {len(stages) - len(runs)} fine-tuning "
+                    f"stages, in {root}\n")
+  if opts.dry_run or (opts.launcher != "local" and not opts.submit):
+    for s in stages:
+      state = status_lib.effective(status_lib.read(s.run_dir))
+      note = f"  # {state}" + (f"; waiting for {'; '.join(s.waiting)}" if s.waiting else "")
+      opts.stream.write(f"{shlex.join(display_command(s, opts))}{note}\n")
+    result = summary(exp, root, stages, time.time() - start)
+    result["run_names"] = [s.name for s in runs]
+    return result
+  if opts.launcher == "slurm":
+    submit_slurm(stages, opts)
+  else:
+    run_blocking(exp, root, stages, opts)
+  return summary(exp, root, stages, time.time() - start)

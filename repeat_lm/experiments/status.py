@@ -1,0 +1,146 @@
+"""ROOT/RUN/status.json: what a sweep knows about a run (pending, running, finished, failed, with the error text).
+
+A run is finished only when its MODEL_DIR holds the checkpoint of its last step: a trainer stopped by SIGTERM
+(preemption) also exits 0, and such a run stays pending and resumes from its checkpoint. One writer per run at a
+time: ROOT/RUN/.lock (host and pid) keeps two sweeps on the same ROOT from training the same run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+STATUS_FILE, LOCK_FILE, LOG_FILE, GIN_FILE = "status.json", ".lock", "train.log", "run.gin"
+PENDING, RUNNING, FINISHED, FAILED = "pending", "running", "finished", "failed"
+# A 'running' run whose process is gone (the sweep was killed): shown by collect, resumed by the next sweep.
+INTERRUPTED = "interrupted"
+
+
+def read(run_dir: str | Path) -> dict[str, Any]:
+  path = Path(run_dir) / STATUS_FILE
+  if not path.exists():
+    return {"status": PENDING}
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError:  # a crash between write and rename cannot do this, an editor can
+    return {"status": PENDING, "error": f"unreadable {path}"}
+
+
+def write(run_dir: str | Path, **updates: Any) -> dict[str, Any]:
+  """Merge `updates` into status.json (atomically: readers never see half a file)."""
+  run_dir = Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  record = {**read(run_dir), **updates}
+  tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
+  tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+  tmp.replace(run_dir / STATUS_FILE)
+  return record
+
+
+def checkpoint_steps(model_dir: str | Path) -> list[int]:
+  """Steps of the finished checkpoints (Orbax renames a checkpoint to its step only once it is complete)."""
+  d = Path(model_dir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def train_steps(gin_text: str) -> int | None:
+  """TRAIN_STEPS of a flattened run gin."""
+  m = re.search(r"^TRAIN_STEPS = (\d+)\s*$", gin_text, re.M) or re.search(
+      r"^trainer\.train\.total_steps = (\d+)\s*$", gin_text, re.M)
+  return int(m.group(1)) if m else None
+
+
+def is_complete(run_dir: str | Path) -> bool:
+  run_dir = Path(run_dir)
+  gin_path = run_dir / GIN_FILE
+  steps = train_steps(gin_path.read_text()) if gin_path.exists() else None
+  return steps is not None and steps in checkpoint_steps(run_dir)
+
+
+def error_text(log_path: str | Path, tail: int = 15) -> str:
+  """The error a failed command printed: `repeat-lm: error: ...`, else the last traceback line, else the tail."""
+  path = Path(log_path)
+  if not path.exists():
+    return f"no log at {path}"
+  lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+  for line in reversed(lines):
+    if "repeat-lm: error:" in line:
+      return line.split("repeat-lm: error:", 1)[1].strip()
+  for i in range(len(lines) - 1, -1, -1):
+    if lines[i].startswith("Traceback"):
+      return lines[-1].strip()
+  return "\n".join(lines[-tail:])
+
+
+def started(run_dir: str | Path, **info: Any) -> dict[str, Any]:
+  record = read(run_dir)
+  return write(run_dir, status=RUNNING, started=time.time(), host=socket.gethostname(), pid=os.getpid(),
+               attempts=int(record.get("attempts", 0)) + 1, error=None, returncode=None, **info)
+
+
+def exited(run_dir: str | Path, returncode: int, log: str | Path | None = None) -> dict[str, Any]:
+  """Record how a run's command ended: finished, failed (with the error), or pending (stopped early: resumes)."""
+  run_dir = Path(run_dir)
+  record = read(run_dir)
+  elapsed = float(record.get("elapsed_s") or 0.0) + time.time() - float(record.get("started") or time.time())
+  log = Path(log) if log else run_dir / LOG_FILE
+  if returncode == 0 and is_complete(run_dir):
+    return write(run_dir, status=FINISHED, returncode=0, error=None, finished=time.time(), elapsed_s=elapsed)
+  if returncode == 0:
+    steps = checkpoint_steps(run_dir)
+    return write(run_dir, status=PENDING, returncode=0, elapsed_s=elapsed,
+                 error=f"stopped at step {steps[-1] if steps else 0} before its last step (SIGTERM or preemption); "
+                 "the next sweep resumes it from its checkpoint")
+  return write(run_dir, status=FAILED, returncode=returncode, error=error_text(log), elapsed_s=elapsed,
+               finished=time.time())
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def effective(record: dict[str, Any]) -> str:
+  """The recorded status, or 'interrupted' for a run recorded as running by a process of this host that is gone."""
+  state = record.get("status", PENDING)
+  if state == RUNNING and record.get("host") == socket.gethostname() and record.get("pid") and \
+      not _alive(int(record["pid"])):
+    return INTERRUPTED
+  return state
+
+
+def acquire(run_dir: str | Path) -> bool:
+  """Take the run's lock; False if a live process (or one on another host) holds it."""
+  path = Path(run_dir) / LOCK_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        holder = json.loads(path.read_text())
+      except (OSError, json.JSONDecodeError):
+        holder = {}
+      pid = int(holder.get("pid") or 0)
+      if holder.get("host") == socket.gethostname() and (not pid or not _alive(pid)):
+        path.unlink(missing_ok=True)  # its sweep died: the lock is stale
+        continue
+      return False
+    with os.fdopen(fd, "w") as f:
+      json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+    return True
+  return False
+
+
+def release(run_dir: str | Path) -> None:
+  (Path(run_dir) / LOCK_FILE).unlink(missing_ok=True)

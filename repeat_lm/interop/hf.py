@@ -1,0 +1,328 @@
+"""Hugging Face interop: repeat_lm's T5 v1.1 <-> `transformers.T5ForConditionalGeneration`.
+
+Parameter names (repeat_lm path -> Hugging Face tensor; i = layer; Linear weights are [out, in], so every kernel is
+transposed):
+  token_embedder/embedding                              shared.weight
+  logits_dense/kernel                                   lm_head.weight (absent when logits_via_embedding: tied)
+  {encoder,decoder}/relpos_bias/rel_embedding [H, N]    {encoder,decoder}.block.0.layer.0.SelfAttention
+                                                          .relative_attention_bias.weight [N, H]
+  encoder/layers_i/attention/{query,key,value,out}      encoder.block.i.layer.0.SelfAttention.{q,k,v,o}
+  encoder/layers_i/pre_attention_layer_norm/scale       encoder.block.i.layer.0.layer_norm.weight
+  encoder/layers_i/mlp/{wi_0,wi_1,wo | wi,wo}           encoder.block.i.layer.1.DenseReluDense.<same>
+  encoder/layers_i/pre_mlp_layer_norm/scale             encoder.block.i.layer.1.layer_norm.weight
+  decoder/layers_i/self_attention, pre_self_attention_layer_norm    decoder.block.i.layer.0.SelfAttention, layer_norm
+  decoder/layers_i/encoder_decoder_attention, pre_cross_attention_.. decoder.block.i.layer.1.EncDecAttention, ..
+  decoder/layers_i/mlp, pre_mlp_layer_norm              decoder.block.i.layer.2.DenseReluDense, layer_norm
+  {encoder,decoder}/{encoder,decoder}_norm/scale        {encoder,decoder}.final_layer_norm.weight
+Heads are laid out the same way on both sides (joined index h * head_dim + e), so no reshuffling is needed.
+
+MoE (Switch) models export as `SwitchTransformersForConditionalGeneration` through `repeat_lm.interop.hf_switch`.
+Reading and writing safetensors needs only numpy; the config, tokenizer and Switch export need `transformers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from repeat_lm.interop import layout
+from repeat_lm.models import t5
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = ("Hugging Face export/import needs transformers (and safetensors): pip install -e '.[hf]' "
+                "(torch==2.13.0 transformers==5.24.0 safetensors==0.8.0).")
+# repeat_lm activation -> Hugging Face ACT2FN name. repeat_lm's 'gelu' is the tanh approximation (= gelu_new).
+_TO_HF_ACT = {"gelu": "gelu_new", "relu": "relu", "linear": "linear"}
+_FROM_HF_ACT = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "linear": "linear"}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def import_transformers():
+  try:
+    import transformers  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise RuntimeError(INSTALL_HINT) from e
+  return transformers
+
+
+# ---- configs ----
+
+def feed_forward_proj(mlp_activations: tuple[str, ...]) -> str:
+  """('gelu', 'linear') -> 'gated-gelu'; ('relu',) -> 'relu'. Raises for MLPs Hugging Face's T5 cannot express."""
+  acts = tuple(mlp_activations)
+  if len(acts) == 1 and acts[0] in _TO_HF_ACT:
+    return _TO_HF_ACT[acts[0]]
+  if len(acts) == 2 and acts[1] == "linear" and acts[0] in ("gelu", "relu"):
+    return f"gated-{acts[0]}"  # transformers maps gated-gelu to gelu_new itself
+  raise ValueError(f"mlp_activations={acts} has no Hugging Face T5 equivalent (supported: one of "
+                   f"{sorted(_TO_HF_ACT)}, or ('gelu'|'relu', 'linear') gated).")
+
+
+def hf_config(config: t5.T5Config):
+  """transformers.T5Config equivalent to a repeat_lm T5Config (T5 v1.1: gated GELU, untied logits)."""
+  transformers = import_transformers()
+  return transformers.T5Config(
+      vocab_size=config.vocab_size, d_model=config.emb_dim, d_kv=config.head_dim, d_ff=config.mlp_dim,
+      num_layers=config.num_encoder_layers, num_decoder_layers=config.num_decoder_layers,
+      num_heads=config.num_heads, relative_attention_num_buckets=config.relative_attention_num_buckets,
+      relative_attention_max_distance=config.relative_attention_max_distance, dropout_rate=config.dropout_rate,
+      layer_norm_epsilon=config.layer_norm_epsilon, feed_forward_proj=feed_forward_proj(config.mlp_activations),
+      tie_word_embeddings=config.logits_via_embedding, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def hf_config_dict(config: t5.T5Config) -> dict[str, Any]:
+  """config.json contents. transformers 5 forces `tie_word_embeddings=True` on the object and keeps untied T5 v1.1
+  apart with `scale_decoder_outputs=False`; the file states the truth for readers of every version."""
+  d = hf_config(config).to_dict()
+  d.update(architectures=["T5ForConditionalGeneration"], tie_word_embeddings=config.logits_via_embedding,
+           scale_decoder_outputs=config.logits_via_embedding, dtype="float32")
+  return d
+
+
+def t5_config_from_hf(hf: Mapping[str, Any], **overrides) -> t5.T5Config:
+  """repeat_lm T5Config from a Hugging Face config.json dict; `overrides` (dtype, scan_layers, ...) win."""
+  if hf.get("model_type", "t5") != "t5":
+    raise ValueError(f"Only T5 checkpoints import into repeat_lm; this one is model_type={hf.get('model_type')!r}.")
+  proj = hf.get("feed_forward_proj", "relu")
+  gated = proj.startswith("gated-")
+  act = hf.get("dense_act_fn") or proj.split("-")[-1]
+  act = "gelu_new" if gated and act == "gelu" else act  # transformers' own backward-compatible reading
+  if act not in _FROM_HF_ACT:
+    raise ValueError(f"Hugging Face activation {act!r} has no repeat_lm equivalent (supported: "
+                     f"{sorted(_FROM_HF_ACT)}).")
+  acts = (_FROM_HF_ACT[act], "linear") if gated else (_FROM_HF_ACT[act],)
+  kwargs = dict(
+      vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"], head_dim=hf["d_kv"],
+      mlp_dim=hf["d_ff"], num_encoder_layers=hf["num_layers"],
+      num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], mlp_activations=acts,
+      dropout_rate=float(hf.get("dropout_rate", 0.0)), logits_via_embedding=_scales_decoder_outputs(hf),
+      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dtype="float32")
+  kwargs.update(overrides)
+  return t5.T5Config(**kwargs)
+
+
+def _scales_decoder_outputs(hf: Mapping[str, Any]) -> bool:
+  """Original T5 ties the output layer to the embedding and scales by d_model^-0.5; T5 v1.1 does neither. transformers
+  records this as scale_decoder_outputs (5.x) or tie_word_embeddings (4.x, default True)."""
+  if "scale_decoder_outputs" in hf:
+    return bool(hf["scale_decoder_outputs"])
+  return hf.get("tie_word_embeddings", True) is not False
+
+
+# ---- parameter names ----
+
+def _attention_pairs(hf_prefix: str, rl_prefix: str) -> list[tuple[str, str, bool]]:
+  return [(f"{hf_prefix}.{h}.weight", f"{rl_prefix}/{r}/kernel", True)
+          for h, r in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))]
+
+
+def mlp_names(mlp_activations: tuple[str, ...]) -> list[str]:
+  return ["wi"] if len(mlp_activations) == 1 else [f"wi_{i}" for i in range(len(mlp_activations))]
+
+
+def _dense_mlp_pairs(hf_prefix: str, rl_prefix: str, config: t5.T5Config) -> list[tuple[str, str, bool]]:
+  return [(f"{hf_prefix}.{n}.weight", f"{rl_prefix}/{n}/kernel", True) for n in [*mlp_names(config.mlp_activations),
+                                                                              "wo"]]
+
+
+def name_pairs(config: t5.T5Config, mlp_pairs=None) -> list[tuple[str, str, bool]]:
+  """(Hugging Face name, repeat_lm path, transpose?) for every tensor of the model, in the per-layer layout.
+
+  mlp_pairs(stack, i, hf_prefix, rl_prefix): the feed-forward tensors of layer i; defaults to T5's dense MLP
+  (`DenseReluDense`). The Switch exporter passes its own.
+  """
+  mlp_pairs = mlp_pairs or (lambda stack, i, hf, rl: _dense_mlp_pairs(f"{hf}.DenseReluDense", f"{rl}/mlp", config))
+  pairs = [("shared.weight", "token_embedder/embedding", False),
+           ("encoder.final_layer_norm.weight", "encoder/encoder_norm/scale", False),
+           ("decoder.final_layer_norm.weight", "decoder/decoder_norm/scale", False)]
+  for stack in ("encoder", "decoder"):
+    pairs.append((f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                  f"{stack}/relpos_bias/rel_embedding", True))
+  if not config.logits_via_embedding:
+    pairs.append(("lm_head.weight", "logits_dense/kernel", True))
+  for i in range(config.num_encoder_layers):
+    hf, rl = f"encoder.block.{i}.layer", f"encoder/layers_{i}"
+    pairs += _attention_pairs(f"{hf}.0.SelfAttention", f"{rl}/attention")
+    pairs += [(f"{hf}.0.layer_norm.weight", f"{rl}/pre_attention_layer_norm/scale", False),
+              (f"{hf}.1.layer_norm.weight", f"{rl}/pre_mlp_layer_norm/scale", False)]
+    pairs += mlp_pairs("encoder", i, f"{hf}.1", rl)
+  for i in range(config.num_decoder_layers):
+    hf, rl = f"decoder.block.{i}.layer", f"decoder/layers_{i}"
+    pairs += _attention_pairs(f"{hf}.0.SelfAttention", f"{rl}/self_attention")
+    pairs += _attention_pairs(f"{hf}.1.EncDecAttention", f"{rl}/encoder_decoder_attention")
+    pairs += [(f"{hf}.0.layer_norm.weight", f"{rl}/pre_self_attention_layer_norm/scale", False),
+              (f"{hf}.1.layer_norm.weight", f"{rl}/pre_cross_attention_layer_norm/scale", False),
+              (f"{hf}.2.layer_norm.weight", f"{rl}/pre_mlp_layer_norm/scale", False)]
+    pairs += mlp_pairs("decoder", i, f"{hf}.2", rl)
+  return pairs
+
+
+def _transpose(x: np.ndarray, transpose: bool) -> np.ndarray:
+  # Expert kernels [E, in, out] turn into per-expert tensors before they get here, so 2-D is all there is.
+  return np.ascontiguousarray(np.asarray(x).T) if transpose else np.ascontiguousarray(np.asarray(x))
+
+
+def to_hf_state_dict(params: Mapping[str, Any], config: t5.T5Config, pairs=None) -> dict[str, np.ndarray]:
+  """repeat_lm params (either layout) -> {Hugging Face name: float array}."""
+  flat = layout.to_per_layer(layout.flatten(params), layout.layouts_for(config))
+  pairs = pairs or name_pairs(config)
+  missing = [rl for _, rl, _ in pairs if rl not in flat]
+  if missing:
+    raise ValueError(f"Parameters missing for export (is the config the one the params were built with?): "
+                     f"{missing[:8]}")
+  return {hf: _transpose(flat[rl], tr) for hf, rl, tr in pairs}
+
+
+def from_hf_state_dict(state: Mapping[str, np.ndarray], config: t5.T5Config) -> dict[str, np.ndarray]:
+  """{Hugging Face name: array} -> flat repeat_lm params (per-layer layout)."""
+  state = dict(state)
+  if not config.logits_via_embedding and "lm_head.weight" not in state:
+    # A model saved while its output layer was tied to the embedding (transformers 5 ties by default) stores only
+    # shared.weight; without decoder-output scaling that is an untied layer holding the embedding.
+    state["lm_head.weight"] = state["shared.weight"]
+  missing = [hf for hf, _, _ in name_pairs(config) if hf not in state]
+  if missing:
+    raise ValueError(f"The Hugging Face checkpoint lacks {len(missing)} tensors this T5 needs, e.g. {missing[:5]}.")
+  # repeat_lm keeps parameters in float32 whatever the checkpoint's storage dtype.
+  return {rl: _transpose(state[hf], tr).astype(np.float32) for hf, rl, tr in name_pairs(config)}
+
+
+# ---- files ----
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+  """All tensors of a from_pretrained-style directory: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  path = Path(path)
+  if (path / SAFETENSORS_INDEX).exists():
+    files = sorted(set(json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"].values()))
+  elif (path / "model.safetensors").exists():
+    files = ["model.safetensors"]
+  elif (path / "pytorch_model.bin").exists():
+    import torch  # pylint: disable=import-outside-toplevel
+    state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+  else:
+    raise FileNotFoundError(f"No model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin in {path}.")
+  state = {}
+  for name in files:
+    with safe_open(str(path / name), framework="numpy") as f:
+      for key in f.keys():
+        state[key] = f.get_tensor(key)
+  return state
+
+
+def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """One model.safetensors, or shards plus model.safetensors.index.json past `max_shard_bytes` (as save_pretrained)."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for key in sorted(state):
+    nbytes = state[key].nbytes
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][key] = state[key]
+    size += nbytes
+  if len(shards) == 1:
+    save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return ["model.safetensors"]
+  names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  weight_map = {}
+  for name, shard in zip(names, shards):
+    save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+    weight_map.update({k: name for k in shard})
+  index = {"metadata": {"total_size": int(sum(v.nbytes for v in state.values()))}, "weight_map": weight_map}
+  (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+  return names
+
+
+def write_tokenizer(sentencepiece_model: str | Path, out_dir: str | Path, extra_ids: int = 100) -> None:
+  """spiece.model + tokenizer.json + tokenizer_config.json, so `AutoTokenizer.from_pretrained(out_dir)` gives a
+  T5Tokenizer with the same ids as the SeqIO vocabulary (pad 0, eos 1, unk 2, <extra_id_0> = vocab_size - 1).
+
+  Converting the SentencePiece model needs no network. One known difference: transformers' T5 tokenizer has no byte
+  fallback, so characters outside a byte-fallback vocabulary (like the default Wikipedia one) become <unk> there.
+  """
+  transformers = import_transformers()
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  staging = out_dir / ".tokenizer_staging"
+  staging.mkdir(exist_ok=True)
+  try:
+    shutil.copyfile(sentencepiece_model, staging / "spiece.model")
+    tokenizer = transformers.T5Tokenizer.from_pretrained(str(staging), extra_ids=extra_ids)
+    tokenizer.save_pretrained(str(out_dir))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  shutil.copyfile(sentencepiece_model, out_dir / "spiece.model")
+
+
+def _write_generation_config(out_dir: Path) -> None:
+  # T5 starts decoding from the pad id 0 and stops at EOS 1; generate() reads these.
+  (out_dir / "generation_config.json").write_text(json.dumps(
+      {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2))
+
+
+def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
+              sentencepiece_model: str | Path | None = None, extra_ids: int = 100,
+              dtype: str = "float32", max_shard_bytes: int = 5 * 2**30) -> Path:
+  """Write a directory that `transformers` loads with from_pretrained (config, safetensors weights, tokenizer).
+
+  config: the module's T5Config; a dense one exports as T5ForConditionalGeneration, one with `moe` as
+  SwitchTransformersForConditionalGeneration (see `hf_switch`; raises ValueError when the layout does not map).
+  dtype: 'float32' (exact) or 'bfloat16' (half the size).
+  """
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if getattr(config, "moe", None) is None:
+    state, config_json = to_hf_state_dict(params, config), hf_config_dict(config)
+  else:
+    from repeat_lm.interop import hf_switch  # pylint: disable=import-outside-toplevel
+    state, config_json = hf_switch.to_switch_state_dict(params, config), hf_switch.switch_config_dict(config)
+  np_dtype = np.dtype(dtype) if dtype == "float32" else np.dtype(__import__("ml_dtypes").bfloat16)
+  state = {k: v.astype(np_dtype) for k, v in state.items()}
+  config_json["dtype"] = dtype
+  write_safetensors(state, out_dir, max_shard_bytes)
+  (out_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+  _write_generation_config(out_dir)
+  if sentencepiece_model is not None:
+    write_tokenizer(sentencepiece_model, out_dir, extra_ids)
+  log.info("Exported %d tensors to %s", len(state), out_dir)
+  return out_dir
+
+
+def load_hf(path: str | Path, **config_overrides) -> tuple[t5.T5Config, dict[str, Any]]:
+  """(T5Config, params in the per-layer layout) from a Hugging Face T5 (v1.1 or original) directory.
+
+  config_overrides: e.g. dtype='bfloat16', dropout_rate=0.1, scan_layers=True (the params are then stacked) or
+  param_share (only if the checkpoint's layers of a group are equal).
+  """
+  path = Path(path)
+  if not (path / "config.json").exists():
+    raise FileNotFoundError(f"{path} has no config.json: point at a directory written by save_pretrained.")
+  config = t5_config_from_hf(json.loads((path / "config.json").read_text()), **config_overrides)
+  flat = from_hf_state_dict(read_state_dict(path), config)
+  return config, layout.unflatten(layout.from_per_layer(flat, layout.layouts_for(config)))
+
+
+def from_hf_model(model: Any, **config_overrides) -> tuple[t5.T5Config, dict[str, Any]]:
+  """(T5Config, params) from a live `transformers.T5ForConditionalGeneration`, without writing files."""
+  config = t5_config_from_hf(model.config.to_dict(), **config_overrides)
+  state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+  flat = from_hf_state_dict(state, config)
+  return config, layout.unflatten(layout.from_per_layer(flat, layout.layouts_for(config)))
+
+
+def describe_mapping(config: t5.T5Config) -> list[tuple[str, str]]:
+  """(repeat_lm path, Hugging Face name) pairs, for documentation and debugging."""
+  return [(rl, hf) for hf, rl, _ in name_pairs(dataclasses.replace(config, scan_layers=False))]

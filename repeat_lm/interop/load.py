@@ -1,0 +1,152 @@
+"""Parameters from any supported checkpoint, in the model's layout and on its shardings.
+
+Accepted paths (what `trainer.train(initial_checkpoint_path=...)` / INITIAL_CHECKPOINT_PATH takes):
+  - a repeat_lm MODEL_DIR (its latest checkpoint), its `checkpoints/` dir, or one step dir `checkpoints/<step>`;
+  - a Hugging Face T5 directory (config.json + safetensors or pytorch_model.bin), e.g. from `save_pretrained`;
+  - a T5X checkpoint dir `checkpoint_<step>` (Orbax or msgpack + TensorStore), or a T5X MODEL_DIR (its latest).
+Only parameters are read; optimizer states are left behind. Either scan layout loads into either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repeat_lm.interop import layout
+
+log = logging.getLogger(__name__)
+
+
+def _repeat_lm_step_dir(path: Path, step: int | None) -> Path | None:
+  """The `checkpoints/<step>` dir for a repeat_lm path, or None if `path` is not one."""
+  if (path / "state").is_dir() and path.name.isdigit():
+    return path
+  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir()) \
+      if root.is_dir() else []
+  if not steps:
+    return None
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f"No checkpoint for step {step} under {root}; available: {steps}.")
+    return root / str(step)
+  return root / str(steps[-1])
+
+
+def checkpoint_kind(path: str | Path) -> str:
+  """'repeat_lm', 'hf' or 't5x'; raises FileNotFoundError for anything else."""
+  from repeat_lm.interop import t5x  # pylint: disable=import-outside-toplevel
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"Initial checkpoint {path} does not exist.")
+  if (path / "config.json").exists():
+    return "hf"
+  if _repeat_lm_step_dir(path, None) is not None:
+    return "repeat_lm"
+  if t5x.is_t5x_checkpoint(path):
+    return "t5x"
+  raise FileNotFoundError(
+      f"{path} is not a checkpoint repeat_lm can read: expected a repeat_lm MODEL_DIR (with checkpoints/), a Hugging "
+      "Face directory (config.json + model.safetensors) or a T5X checkpoint_<step> directory.")
+
+
+def _check_hf_config(path: Path, config: Any) -> None:
+  """Hyper-parameters that leave no trace in parameter shapes must still agree."""
+  from repeat_lm.interop import hf  # pylint: disable=import-outside-toplevel
+  from repeat_lm.models import t5  # pylint: disable=import-outside-toplevel
+  if not isinstance(config, t5.T5Config):
+    return
+  theirs = hf.t5_config_from_hf(json.loads((path / "config.json").read_text()))
+  fields = ("mlp_activations", "relative_attention_num_buckets", "relative_attention_max_distance",
+            "layer_norm_epsilon", "logits_via_embedding")
+  diffs = [f"{f}: checkpoint {getattr(theirs, f)!r} vs model {getattr(config, f)!r}" for f in fields
+           if getattr(theirs, f) != getattr(config, f)]
+  if diffs:
+    raise ValueError(f"The Hugging Face checkpoint {path} was trained with a different architecture: "
+                     + "; ".join(diffs) + ". Set these in the model gin (t5.T5Config).")
+
+
+def read_flat(path: str | Path, config: Any = None, step: int | None = None) -> tuple[str, dict[str, np.ndarray]]:
+  """(kind, flat repeat_lm-named params as host arrays) from any supported checkpoint."""
+  from repeat_lm.interop import hf, t5x  # pylint: disable=import-outside-toplevel
+  path = Path(path)
+  kind = checkpoint_kind(path)
+  if kind == "hf":
+    if config is not None:
+      _check_hf_config(path, config)
+    hf_config = hf.t5_config_from_hf(json.loads((path / "config.json").read_text()))
+    return kind, hf.from_hf_state_dict(hf.read_state_dict(path), hf_config)
+  if kind == "t5x":
+    return kind, t5x.to_repeat_lm(t5x.read_params(path))
+  return kind, layout.flatten(_restore_repeat_lm(_repeat_lm_step_dir(path, step), None))
+
+
+def _restore_repeat_lm(step_dir: Path, abstract_params: Any | None) -> Any:
+  """Params only, from `checkpoints/<step>/state`; onto `abstract_params`' shardings if given, else numpy."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  checkpointer = ocp.PyTreeCheckpointer()
+  if abstract_params is None:
+    abstract_params = layout.unflatten({k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+                                        for k, m in _metadata_params(step_dir).items()})
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
+      if getattr(a, "sharding", None) is not None else ocp.RestoreArgs(restore_type=np.ndarray), abstract_params)
+  restored = checkpointer.restore(str(step_dir / "state"), args=ocp.args.PyTreeRestore(
+      item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+  return restored["params"]
+
+
+def _plain(tree: Any) -> Any:
+  return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def _place(value: np.ndarray, target: Any) -> jax.Array:
+  """A host array onto the target's sharding (each host supplies the slices of its own devices)."""
+  sharding = getattr(target, "sharding", None)
+  if sharding is None:
+    return jnp.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, step: int | None = None) -> Any:
+  """Parameters for a model whose own parameters look like `abstract_params` (arrays or ShapeDtypeStructs, with
+  shardings to place them on). `config`: the module config, to check hyper-parameters that shapes cannot show."""
+  path = Path(path)
+  target_flat = layout.flatten(abstract_params)
+  step_dir = _repeat_lm_step_dir(path, step) if path.exists() else None
+  if step_dir is not None and not (path / "config.json").exists():
+    metadata = _metadata_params(step_dir)
+    if {k: tuple(v.shape) for k, v in metadata.items()} == {k: tuple(v.shape) for k, v in target_flat.items()}:
+      log.info("Loading parameters from repeat_lm checkpoint %s", step_dir)
+      return _restore_repeat_lm(step_dir, abstract_params)  # same layout: read straight onto the shardings
+  kind, flat = read_flat(path, config, step)
+  log.info("Loading parameters from %s checkpoint %s", kind, path)
+  target_layouts = layout.layouts_for(config) if config is not None else None
+  matched = layout.match_target(flat, target_flat, f"the {kind} checkpoint {path}", target_layouts=target_layouts)
+  return layout.unflatten({k: _place(v, target_flat[k]) for k, v in matched.items()})
+
+
+def _metadata_params(step_dir: Path) -> dict[str, Any]:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  metadata = ocp.PyTreeCheckpointer().metadata(str(step_dir / "state"))
+  metadata = getattr(metadata, "item_metadata", metadata)
+  return layout.flatten(_plain(metadata["params"]))
+
+
+def abstract_params(module: Any, seed: int = 0) -> Any:
+  """ShapeDtypeStructs of a module's parameters (no allocation)."""
+  tokens = jnp.ones((1, 8), jnp.int32)
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(seed), tokens, tokens, tokens, enable_dropout=False))
+  return variables["params"]
+
+
+def load_for_module(path: str | Path, module: Any, *, step: int | None = None) -> Any:
+  """Host-local parameters for `module` (single device): for inference, export and tests."""
+  return load_params(path, abstract_params(module), config=getattr(module, "config", None), step=step)
+

@@ -1,0 +1,149 @@
+"""Reading T5X checkpoints of the T5 v1.1 network (t5x/examples/t5/network.py) into repeat_lm parameters.
+
+T5X checkpoints hold the train state with the parameters under 'target' (`checkpoint_<step>/`). repeat_lm's module
+tree was built to T5X's naming, so the read-side mapping is small:
+  T5X 'decoder/logits_dense/kernel'  ->  repeat_lm 'logits_dense/kernel'
+and every other path is the same ('token_embedder/embedding', 'encoder/relpos_bias/rel_embedding',
+'encoder/layers_<i>/attention/{query,key,value,out}/kernel' with 2-D [in, out] kernels, 'encoder/layers_<i>/mlp/
+{wi_0,wi_1,wo}/kernel', '.../pre_attention_layer_norm/scale', 'encoder/encoder_norm/scale', 'decoder/layers_<i>/
+{self_attention,encoder_decoder_attention}/...', 'decoder/decoder_norm/scale', ...). Scanned checkpoints ('layers'
+subtrees stacked on axis 1) are unstacked by `layout`.
+
+Two on-disk formats are read: Orbax PyTree checkpoints (what T5X writes since its move to Orbax, and what the tests
+write), and the older msgpack `checkpoint` file whose large arrays are TensorStore specs relative to the directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from repeat_lm.interop import layout
+
+# T5X path -> repeat_lm path, for the names that differ.
+RENAMES = {"decoder/logits_dense/kernel": "logits_dense/kernel"}
+_STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
+
+
+def latest_checkpoint_dir(path: str | Path) -> Path:
+  """A T5X MODEL_DIR (holding checkpoint_<step>/ dirs) -> its latest checkpoint dir; a checkpoint dir -> itself."""
+  path = Path(path)
+  steps = sorted((int(m.group(1)), p) for p in path.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
+  return steps[-1][1] if steps else path
+
+
+def is_t5x_checkpoint(path: str | Path) -> bool:
+  path = Path(path)
+  if not path.is_dir():
+    return False
+  if any(_STEP_DIR.match(p.name) for p in path.iterdir()):
+    return True
+  return (path / "checkpoint").exists() or (path / "_METADATA").exists() or (path / "manifest.ocdbt").exists()
+
+
+def _find_target(tree: dict[str, Any]) -> dict[str, Any]:
+  """The parameter subtree: 'target' at the top (T5X) or below 'optimizer' (old flax.optim train states)."""
+  for path in (("target",), ("optimizer", "target"), ("state", "target")):
+    node = tree
+    for key in path:
+      node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      return node
+  if isinstance(tree, dict) and "token_embedder" in tree:  # a bare parameter tree
+    return tree
+  raise ValueError(f"No 'target' (parameters) in the T5X checkpoint; top-level keys: {sorted(tree)[:10]}.")
+
+
+def _read_orbax(path: Path) -> dict[str, Any] | None:
+  import jax  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    metadata = checkpointer.metadata(str(path))
+  except Exception:  # not an Orbax checkpoint (or an unreadable one): the caller tries the legacy format
+    return None
+  metadata = getattr(metadata, "item_metadata", metadata)
+  tree = _to_dict(metadata)
+  if not isinstance(tree, dict):  # Orbax found no tree here (e.g. a pre-Orbax T5X checkpoint)
+    return None
+  target = _find_target(tree)
+  prefix = _prefix_of(tree, target)
+  # Restore only the parameters (not the optimizer state), as host numpy arrays.
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), target)
+  for key in reversed(prefix):
+    abstract = {key: abstract}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+  restored = checkpointer.restore(str(path), args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                                                       partial_restore=True))
+  for key in prefix:
+    restored = restored[key]
+  return restored
+
+
+def _to_dict(tree: Any) -> Any:
+  if hasattr(tree, "items"):
+    return {k: _to_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def _prefix_of(tree: dict[str, Any], target: dict[str, Any]) -> tuple[str, ...]:
+  for path in (("target",), ("optimizer", "target"), ("state", "target")):
+    node = tree
+    for key in path:
+      node = node.get(key) if isinstance(node, dict) else None
+    if node is target:
+      return path
+  return ()
+
+
+def _read_legacy(path: Path) -> dict[str, Any]:
+  """msgpack `checkpoint` + TensorStore arrays (T5X before Orbax)."""
+  from flax import serialization  # pylint: disable=import-outside-toplevel
+  checkpoint_file = path / "checkpoint"
+  if not checkpoint_file.exists():
+    raise FileNotFoundError(f"{path} is neither an Orbax checkpoint nor a T5X checkpoint directory with a "
+                            "'checkpoint' file.")
+  tree = _find_target(serialization.msgpack_restore(checkpoint_file.read_bytes()))
+
+  def read(leaf):
+    if isinstance(leaf, dict) and "kvstore" in leaf:
+      import tensorstore as ts  # pylint: disable=import-outside-toplevel
+      spec = dict(leaf)
+      kvstore = dict(spec["kvstore"])
+      if kvstore.get("driver") not in ("file", "gfile"):
+        raise ValueError(f"Cannot read a {kvstore.get('driver')!r} TensorStore array locally: copy the checkpoint to "
+                         "a local directory first (gsutil -m cp -r ...).")
+      kvstore.update(driver="file", path=str(path / kvstore["path"]))
+      spec["kvstore"] = kvstore
+      return np.asarray(ts.open(spec).result().read().result())
+    return np.asarray(leaf)
+
+  return _map_leaves(read, tree)
+
+
+def _map_leaves(fn, tree):
+  if isinstance(tree, dict) and "kvstore" not in tree:
+    return {k: _map_leaves(fn, v) for k, v in tree.items()}
+  return fn(tree)
+
+
+def read_params(path: str | Path) -> dict[str, np.ndarray]:
+  """Flat T5X parameter paths -> numpy arrays, from a checkpoint dir or a MODEL_DIR (its latest checkpoint)."""
+  path = latest_checkpoint_dir(path)
+  tree = _read_orbax(path)
+  if tree is None:
+    tree = _read_legacy(path)
+  return {k: np.asarray(v) for k, v in layout.flatten(tree).items()}
+
+
+def to_repeat_lm(t5x_flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """T5X names -> repeat_lm names (flat paths; scanned or not, as stored)."""
+  return {RENAMES.get(k, k): v for k, v in t5x_flat.items()}
+
+
+def load_t5x(path: str | Path) -> dict[str, Any]:
+  """repeat_lm params (nested, per-layer layout unless the checkpoint was scanned) from a T5X checkpoint."""
+  return layout.unflatten(to_repeat_lm(read_params(path)))

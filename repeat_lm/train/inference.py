@@ -1,0 +1,184 @@
+"""Decoding text with a trained model: `repeat-lm infer`, the Python API, and prediction-based evaluation on SeqIO
+tasks (decode the validation examples, post-process, apply the task's metrics) used by fine-tuning.
+
+Shapes: B batch, S input length, L max decode length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import seqio
+from jax.sharding import NamedSharding, PartitionSpec
+
+from repeat_lm.models import decoding
+
+log = logging.getLogger(__name__)
+
+
+def _bucket(length: int, minimum: int = 16) -> int:
+  """Pad lengths to powers of two (at least `minimum`) so a few compiled shapes serve every input."""
+  return max(minimum, 1 << (max(length, 1) - 1).bit_length())
+
+
+def encode_texts(vocabulary: seqio.Vocabulary, texts: Sequence[str], length: int | None = None) -> np.ndarray:
+  """Token ids + EOS, right-padded with 0 to `length` (default: the longest, bucketed); longer inputs are cut."""
+  ids = [list(vocabulary.encode(t)) for t in texts]
+  length = length or _bucket(max((len(x) + 1 for x in ids), default=1))
+  out = np.zeros((len(ids), length), np.int32)
+  for row, x in enumerate(ids):
+    x = x[:length - 1] + [decoding.EOS_ID]
+    out[row, :len(x)] = x
+  return out
+
+
+def predict_tokens(module: Any, params: Any, inputs_BxS: np.ndarray, cfg: decoding.DecodeConfig, *,
+                   batch_size: int = 32, partitioner: Any = None, rng: jax.Array | None = None) -> list[list[int]]:
+  """Decoded ids of every row (up to, not including, EOS). Rows are decoded `batch_size` at a time, the last batch
+  padded, so one compiled program serves all; with a partitioner the batch is split over its batch devices."""
+  shards = getattr(partitioner, "batch_shards", getattr(partitioner, "data_size", 1)) if partitioner else 1
+  batch_size = -(-max(batch_size, 1) // shards) * shards
+  rng = jax.random.key(cfg.seed) if rng is None else rng
+  out: list[list[int]] = []
+  for start in range(0, len(inputs_BxS), batch_size):
+    chunk = inputs_BxS[start:start + batch_size]
+    padded = np.zeros((batch_size, inputs_BxS.shape[1]), np.int32)
+    padded[:len(chunk)] = chunk
+    padded[len(chunk):, 0] = decoding.EOS_ID  # filler rows: a lone EOS, never all padding
+    if partitioner is not None:
+      with partitioner.activate():
+        tokens = decoding.decode(module, params, jax.device_put(padded, NamedSharding(partitioner.mesh,
+                                                                                      PartitionSpec())),
+                                 cfg, jax.random.fold_in(rng, start))
+    else:
+      tokens = decoding.decode(module, params, padded, cfg, jax.random.fold_in(rng, start))
+    tokens = np.asarray(jax.device_get(tokens))
+    out.extend(decoding.trim_after_eos(t) for t in tokens[:len(chunk)])
+  return out
+
+
+def predict_texts(module: Any, params: Any, vocabulary: seqio.Vocabulary, texts: Sequence[str],
+                  cfg: decoding.DecodeConfig = decoding.DecodeConfig(), *, inputs_length: int | None = None,
+                  batch_size: int = 32, partitioner: Any = None) -> list[str]:
+  """Decode one output text per input text (the Python API behind `repeat-lm infer`)."""
+  if not texts:
+    return []
+  tokens = predict_tokens(module, params, encode_texts(vocabulary, texts, inputs_length), cfg,
+                          batch_size=min(batch_size, _bucket(len(texts), 1)), partitioner=partitioner)
+  return [vocabulary.decode(t) for t in tokens]
+
+
+@dataclasses.dataclass
+class PredictionEval:
+  """Evaluation by decoding: for each task of a mixture (or the task), decode its `split`, post-process predictions
+  and references with the task's `postprocess_fn`, and report its metric functions as 'eval/<prefix>_<metric>'
+  (prefix from `downstream.metric_prefix`, e.g. eval/squad_em). Call as trainer.train's / evaluate's `eval_fn`."""
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  split: str = "validation"
+  batch_size: int = 32
+  max_examples: int | None = None  # None: the whole split
+  decode: decoding.DecodeConfig | None = None  # default: greedy, max_decode_length = the targets length
+
+  def examples(self, task: seqio.Task) -> list[dict[str, Any]]:
+    # One ordered pass; no in-memory caching (it would ask the source for its size, which TFDS mocks lack).
+    ds = task.get_dataset(sequence_length=dict(self.task_feature_lengths), split=self.split, shuffle=False,
+                          num_epochs=1, use_cached=False, try_in_mem_cache=False)
+    if self.max_examples:
+      ds = ds.take(self.max_examples)
+    return list(ds.as_numpy_iterator())
+
+  def __call__(self, model: Any, params: Any, partitioner: Any = None) -> dict[str, float]:
+    from repeat_lm.data import downstream  # pylint: disable=import-outside-toplevel
+    module = getattr(model, "module", model)
+    cfg = self.decode or decoding.DecodeConfig(max_decode_length=int(self.task_feature_lengths["targets"]))
+    provider = seqio.get_mixture_or_task(self.mixture_or_task_name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    results: dict[str, float] = {}
+    for task in tasks:
+      metric_fns = list(task.predict_metric_fns)
+      if not metric_fns:
+        continue
+      examples = self.examples(task)
+      if not examples:
+        log.warning("Task %s has no %s examples to evaluate.", task.name, self.split)
+        continue
+      inputs_BxS = np.zeros((len(examples), int(self.task_feature_lengths["inputs"])), np.int32)
+      for row, ex in enumerate(examples):
+        inputs_BxS[row, :len(ex["inputs"])] = ex["inputs"]
+      tokens = predict_tokens(module, params, inputs_BxS, cfg, batch_size=self.batch_size, partitioner=partitioner)
+      vocabulary = task.output_features["targets"].vocabulary
+      predictions = [task.postprocess_fn(vocabulary.decode(t), example=ex, is_target=False)
+                     for t, ex in zip(tokens, examples)]
+      targets = [task.postprocess_fn(_text(ex.get("targets_pretokenized", b"")), example=ex, is_target=True)
+                 for ex in examples]
+      prefix = downstream.metric_prefix(task.name)
+      for fn in metric_fns:
+        results.update({f"eval/{prefix}_{k}": float(v) for k, v in fn(targets, predictions).items()})
+      log.info("Decoded %d %s examples of %s: %s", len(examples), self.split, task.name,
+               {k: round(v, 2) for k, v in results.items() if k.startswith(f"eval/{prefix}_")})
+    return results
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ---- `repeat-lm infer` / `repeat-lm export`: a MODEL_DIR and its operative config ----
+
+def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), bindings: Sequence[str] = ()):
+  """(MODEL, MIXTURE_OR_TASK_NAME or None) from MODEL_DIR/config.gin (the trainer writes it), or from `gin_files`."""
+  from repeat_lm import gin_utils  # pylint: disable=import-outside-toplevel
+  if not gin_files:
+    config_gin = Path(model_dir) / "config.gin"
+    if not config_gin.exists():
+      raise FileNotFoundError(f"{config_gin} does not exist: point --checkpoint at a MODEL_DIR written by "
+                              "`repeat-lm train`, or pass the model's gin files with --gin_file.")
+    gin_files = [str(config_gin)]
+  model = gin_utils.configured_macro(gin_files, bindings, "MODEL")
+  try:
+    task = gin_utils.configured_macro(gin_files, bindings, "MIXTURE_OR_TASK_NAME")
+  except gin_utils.GinConfigError:
+    task = None
+  return model, task if isinstance(task, str) else None
+
+
+def vocabulary_of(task: str | None, sentencepiece_model: str | None = None) -> seqio.Vocabulary | None:
+  """The task's output vocabulary, or a T5-style vocabulary over an explicit SentencePiece model."""
+  if sentencepiece_model:
+    from repeat_lm.data import vocab  # pylint: disable=import-outside-toplevel
+    return vocab.t5_vocabulary(sentencepiece_model)
+  if task is None:
+    return None
+  from repeat_lm.data import pipeline  # pylint: disable=import-outside-toplevel
+  return pipeline.vocabulary_for(task)
+
+
+def restore_params(model_dir: str | Path, module: Any, step: int | None = None) -> Any:
+  """Parameters of `module` from a MODEL_DIR's latest (or `step`) checkpoint, on one device."""
+  from repeat_lm.interop import load  # pylint: disable=import-outside-toplevel
+  return load.load_for_module(model_dir, module, step=step)
+
+
+def infer(checkpoint: str, input_file: str, *, output_file: str | None = None,
+          decode: decoding.DecodeConfig = decoding.DecodeConfig(), step: int | None = None,
+          gin_files: Sequence[str] = (), bindings: Sequence[str] = (), sentencepiece_model: str | None = None,
+          batch_size: int = 32) -> list[str]:
+  """Decode every line of `input_file` with the model of MODEL_DIR `checkpoint`; one output line per input line."""
+  texts = [line.rstrip("\n") for line in Path(input_file).read_text(encoding="utf-8").splitlines()]
+  model, task = model_from_model_dir(checkpoint, gin_files, bindings)
+  vocabulary = vocabulary_of(task, sentencepiece_model)
+  if vocabulary is None:
+    raise ValueError("The gin configuration names no MIXTURE_OR_TASK_NAME, so the vocabulary is unknown: pass "
+                     "--vocabulary=PATH (a SentencePiece model).")
+  params = restore_params(checkpoint, model.module, step)
+  outputs = predict_texts(model.module, params, vocabulary, texts, decode, batch_size=batch_size)
+  if output_file:
+    Path(output_file).write_text("".join(o.replace("\n", " ") + "\n" for o in outputs), encoding="utf-8")
+  return outputs

@@ -1,0 +1,79 @@
+"""A synthetic results table as `repeat-lm collect` writes it, with a metrics.jsonl per run."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from repeat_lm.analysis import laws
+
+COLUMNS = ["run", "status", "params", "params_per_token", "flops_per_token", "unique_tokens", "epochs",
+           "tokens_seen", "final_eval_loss", "best_eval_loss", "final_eval_accuracy", "best_eval_accuracy",
+           "best_step", "model_dir", "model", "DROPOUT_RATE"]
+STEPS, TOKENS_PER_STEP = 200, 2 ** 16
+
+
+def accuracy_curve(steps: np.ndarray, epochs_per_step: float, dropout: float, degrade: float) -> np.ndarray:
+  """Rises to a plateau; past ~4 epochs falls by `degrade` per epoch^2 (less with dropout)."""
+  epochs = steps * epochs_per_step
+  fall = degrade * (1 - dropout) * np.maximum(epochs - 4.0, 0.0) ** 2
+  return 0.6 - 0.4 * np.exp(-steps / 30.0) - fall + 0.02 * dropout
+
+
+def write_run(root: Path, name: str, acc: np.ndarray, steps: np.ndarray) -> Path:
+  """metrics.jsonl with train records every 10 steps and eval records every 20, as the trainer writes them."""
+  model_dir = root / name
+  model_dir.mkdir(parents=True)
+  lines = []
+  for step, a in zip(steps, acc):
+    if step % 10 == 0:
+      lines.append({"step": int(step), "train/loss": 2.0, "train/tokens_seen": float(step * TOKENS_PER_STEP)})
+    if step % 20 == 0:
+      lines.append({"step": int(step), "eval/accuracy": float(a), "eval/loss": float(3.0 - 2.0 * a)})
+  (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  return model_dir
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+  with path.open("w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: r.get(k, "") for k in COLUMNS})
+  return path
+
+
+@pytest.fixture
+def results_csv(tmp_path) -> Path:
+  """12 dense runs over N x U x D with losses from the data-constrained law (for fits), plus an MoE dropout sweep
+  and two dense runs at two rates (for the proxy), every run with a curve."""
+  rng = np.random.default_rng(0)
+  rows = []
+
+  def add(name, model, n, u, flops_per_token, dropout, loss, last=STEPS):
+    steps = np.arange(0, last + 1, 10)
+    tokens = last * TOKENS_PER_STEP
+    acc = accuracy_curve(steps, TOKENS_PER_STEP / u, dropout, degrade=0.002 if model != "moe" else 0.0025)
+    write_run(tmp_path / "runs", name, acc, steps)
+    evals = acc[steps % 20 == 0]
+    rows.append({"run": name, "status": "done", "params": n, "params_per_token": n, "flops_per_token":
+                 flops_per_token, "unique_tokens": u, "epochs": tokens / u, "tokens_seen": tokens,
+                 "final_eval_loss": loss, "best_eval_loss": loss * 0.98, "final_eval_accuracy": evals[-1],
+                 "best_eval_accuracy": evals.max(), "best_step": int(steps[steps % 20 == 0][evals.argmax()]),
+                 "model_dir": f"runs/{name}", "model": model, "DROPOUT_RATE": dropout})
+
+  for n in (1e7, 3e7, 1e8):
+    for u in (2 ** 20, 2 ** 24):
+      for last in (100, STEPS):
+        d = last * TOKENS_PER_STEP
+        loss = float(laws.predict(laws.DATA_CONSTRAINED, n, d, u)) * np.exp(rng.normal(0, 3e-3))
+        add(f"dense_n{n:.0e}_u{u}_s{last}", "dense", n, u, 6 * n, 0.0, loss, last)
+  # Best rate 0.3 on both; losses from the law too so that every run can enter a fit.
+  law = lambda n: float(laws.predict(laws.DATA_CONSTRAINED, n, STEPS * TOKENS_PER_STEP, 2 ** 20))  # noqa: E731
+  for rate in (0.1, 0.2, 0.3, 0.4, 0.5):
+    add(f"moe_d{rate}", "moe", 7e8, 2 ** 20, 2e9, rate, law(7e8) * (1 + 0.01 * (rate - 0.3) ** 2))
+  for rate in (0.1, 0.3):
+    add(f"densexl_d{rate}", "dense_xl", 8e8, 2 ** 20, 5e9, rate, law(8e8) * (1 + 0.01 * (rate - 0.3) ** 2))
+  return write_table(tmp_path / "results.csv", rows)

@@ -1,0 +1,93 @@
+"""`repeat-lm analyze ...` and `repeat-lm plan` end to end on the synthetic table: files written, JSON valid."""
+
+import json
+
+import pytest
+
+from repeat_lm import cli
+
+
+def _json(capsys, argv) -> dict:
+  assert cli.main(argv) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+def _assert_report(out_dir, *pngs):
+  for name in ("report.md", "report.html", *pngs):
+    assert (out_dir / name).stat().st_size > 0, name
+
+
+def test_degradation(results_csv, capsys):
+  out = _json(capsys, ["analyze", "degradation", f"--results={results_csv}", "--group_by=DROPOUT_RATE", "--json"])
+  assert len(out["runs"]) == 19 and "DROPOUT_RATE" in out["by_factor"]
+  _assert_report(results_csv.parent / "analysis" / "degradation", "eval_accuracy_by_DROPOUT_RATE.png")
+  # Without --json: the Markdown report on stdout.
+  assert cli.main(["analyze", "degradation", f"--results={results_csv}", "--metric=eval/loss",
+                   f"--out={results_csv.parent / 'loss'}"]) == 0
+  assert capsys.readouterr().out.startswith("# Degradation (eval/loss)")
+  _assert_report(results_csv.parent / "loss", "eval_loss_by_unique_tokens.png")
+
+
+@pytest.mark.parametrize("law", ["chinchilla", "data-constrained"])
+def test_fit_and_predict_with_its_constants(results_csv, tmp_path, capsys, law):
+  out_dir = tmp_path / law
+  out = _json(capsys, ["analyze", "fit", f"--law={law}", f"--results={results_csv}", "--bootstrap=3",
+                       f"--out={out_dir}", "--json"])
+  names = ["E", "A", "B", "alpha", "beta"] + (["R_D_star", "R_N_star"] if law == "data-constrained" else [])
+  assert all(isinstance(out[k], float) for k in names) and sorted(out["ci"]) == sorted(names)
+  assert all(len(v) == 2 and v[0] <= v[1] for v in out["ci"].values())
+  _assert_report(out_dir, "fit_observed_vs_predicted.png", "fit_loss_vs_tokens.png")
+  constants = tmp_path / "constants.json"
+  constants.write_text(json.dumps(out))
+  pred = _json(capsys, ["analyze", "predict", f"--law={law}", "--params=1e8", "--tokens=1e10",
+                        "--unique-tokens=1e9", f"--constants={constants}", "--json"])
+  assert pred["constants"] == {k: out[k] for k in names}
+
+
+def test_predict_published(capsys):
+  out = _json(capsys, ["analyze", "predict", "--law=chinchilla", "--params=70e9", "--tokens=1.4e12", "--json"])
+  assert out["loss"] == pytest.approx(1.69 + 406.4 / 70e9 ** 0.34 + 410.7 / 1.4e12 ** 0.28)
+  assert cli.main(["analyze", "predict", "--law=data-constrained", "--params=2.5e8", "--tokens=3.4e10",
+                   "--unique_tokens=1.3e8"]) == 0
+  assert capsys.readouterr().out.startswith("predicted loss (data-constrained): ")
+
+
+def test_chinchilla_check(results_csv, tmp_path, capsys):
+  out = _json(capsys, ["analyze", "chinchilla-check", f"--results={results_csv}", "--bootstrap=3",
+                       f"--out={tmp_path}", "--json"])
+  assert out["law"] == "data-constrained"  # the table repeats data
+  assert out["a"] + out["b"] == pytest.approx(1.0) and out["b_over_a"] == pytest.approx(out["b"] / out["a"])
+  assert len(out["b_over_a_ci"]) == 2 and isinstance(out["linear"], bool)
+  assert all(row["tokens_per_param"] > 0 for row in out["budgets"])
+  _assert_report(tmp_path, "compute_optimal.png")
+
+
+def test_proxy(results_csv, tmp_path, capsys):
+  out = _json(capsys, ["analyze", "proxy", f"--results={results_csv}", "--sweep=model=moe",
+                       "--dense=densexl_*", "--price_per_chip_hour=2", "--chip_flops_per_s=4e14",
+                       f"--out={tmp_path}", "--json"])
+  moe = {float(k): v for k, v in out["moe_by_rate"].items()}
+  assert out["moe_best_rate"] == max(moe, key=moe.get)
+  # 5 MoE runs at 2e9 FLOPs/token + one dense at 5e9, vs 5 dense runs; all see the same tokens.
+  assert out["cost"]["flops"]["ratio"] == pytest.approx((5 * 2e9 + 5e9) / (5 * 5e9))
+  assert out["cost"]["usd"]["ratio"] == pytest.approx(out["cost"]["flops"]["ratio"])
+  assert len(out["curve_similarity"]) == 2
+  _assert_report(tmp_path, "proxy_final_vs_rate.png", "proxy_curves.png")
+
+
+def test_plan(results_csv, tmp_path, capsys):
+  out = _json(capsys, ["plan", "--unique-tokens=1e8", "--compute=1e20", f"--results={results_csv}",
+                       f"--out={tmp_path}", "--json"])
+  for key in ("recommended", "chinchilla_optimal", "sufficient", "warnings", "thresholds", "dropout"):
+    assert key in out
+  assert out["dropout"]["advised"] and out["dropout"]["measured"]["column"] == "DROPOUT_RATE"
+  _assert_report(tmp_path, "plan_loss_vs_params.png")
+  assert cli.main(["plan", "--unique_tokens=1e12", "--compute=1e20"]) == 0
+  assert "Recommended: N = " in capsys.readouterr().out
+
+
+def test_errors(results_csv, capsys):
+  assert cli.main(["analyze", "degradation", f"--results={results_csv}", "--group_by=nope"]) == 2
+  assert "no such column" in capsys.readouterr().err
+  assert cli.main(["analyze", "proxy", f"--results={results_csv}", "--sweep=x*", "--dense=y*"]) == 2
+  assert "matched 0" in capsys.readouterr().err

@@ -1,0 +1,75 @@
+"""Onset of degradation on hand-made curves, and the analysis of a synthetic table."""
+
+import numpy as np
+import pytest
+
+from repeat_lm.analysis import degradation, results
+
+
+def test_rises_after_minimum():
+  loss = [4.0, 3.0, 2.5, 2.2, 2.1, 2.12, 2.2, 2.3, 2.4]
+  o = degradation.detect(loss, higher_is_better=False, tolerance=0.05)
+  assert (o.best_index, o.best_value, o.final_value) == (4, 2.1, 2.4)
+  assert o.gap == pytest.approx(0.3)
+  assert o.onset_index == 6  # 2.12 is within 0.05 of 2.1; 2.2 onwards never returns
+  assert o.improved
+
+
+def test_accuracy_falls_after_peak():
+  acc = [0.3, 0.5, 0.6, 0.62, 0.61, 0.58, 0.55]
+  o = degradation.detect(acc, higher_is_better=True)  # tolerance 0.5% of 0.62 = 0.0031
+  assert (o.best_index, o.onset_index) == (3, 4)
+  assert o.gap == pytest.approx(0.07)
+
+
+def test_noisy_but_not_degrading():
+  rng = np.random.default_rng(0)
+  acc = np.concatenate([np.linspace(0.3, 0.6, 10), 0.6 + rng.uniform(-0.001, 0.001, 30)])
+  o = degradation.detect(acc, higher_is_better=True)
+  assert o.onset_index is None
+  assert o.gap < o.tolerance
+
+
+def test_dip_that_recovers_is_not_degradation():
+  loss = [3.0, 2.0, 2.5, 2.6, 2.0, 2.01]
+  assert degradation.detect(loss, higher_is_better=False, tolerance=0.05).onset_index is None
+
+
+def test_single_bad_last_point_is_not_sustained():
+  loss = [3.0, 2.0, 2.0, 2.0, 2.5]
+  assert degradation.detect(loss, higher_is_better=False, tolerance=0.05).onset_index is None
+  assert degradation.detect(loss, higher_is_better=False, tolerance=0.05, min_points=1).onset_index == 4
+
+
+def test_never_improves():
+  flat = degradation.detect([2.0, 2.001, 2.0, 2.002], higher_is_better=False, tolerance=0.01)
+  assert (flat.best_index, flat.onset_index, flat.improved) == (0, None, False)
+  worse = degradation.detect([2.0, 2.2, 2.4, 2.6], higher_is_better=False, tolerance=0.01)
+  assert (worse.best_index, worse.onset_index, worse.improved) == (0, 1, False)
+  assert worse.gap == pytest.approx(0.6)
+
+
+def test_divergence_counts_as_worst():
+  o = degradation.detect([3.0, 2.0, float("nan"), float("nan")], higher_is_better=False, tolerance=0.01)
+  assert (o.best_index, o.onset_index, o.gap) == (1, 2, float("inf"))
+
+
+def test_analyze_table(results_csv, tmp_path):
+  runs = results.read_results(results_csv)
+  out = degradation.analyze(runs, tmp_path / "out", group_by="unique_tokens")
+  rows = {r["run"]: r for r in out["runs"]}
+  # 12.5 epochs of 2^20 tokens degrade past ~4 epochs (the fixture's curve); 0.78 epochs of 2^24 never do.
+  repeated, fresh = rows["dense_n1e+07_u1048576_s200"], rows["dense_n1e+07_u16777216_s200"]
+  assert repeated["onset_step"] is not None and 4 < repeated["onset_epoch"] < 12.5
+  assert repeated["onset_tokens"] == repeated["onset_step"] * 2 ** 16
+  assert fresh["onset_step"] is None and fresh["gap"] == 0
+  by_u = {row["unique_tokens"]: row for row in out["by_factor"]["unique_tokens"]}
+  # At 2^20 tokens all 200-step runs degrade; the three 100-step ones (6.25 epochs) only at their last point.
+  assert by_u[2.0 ** 24]["degrading"] == 0 and by_u[2.0 ** 20]["degrading"] == by_u[2.0 ** 20]["runs"] - 3
+  assert [p.split("/")[-1] for p in out["plots"]] == ["eval_accuracy_by_unique_tokens.png"]
+  assert (tmp_path / "out" / "report.html").stat().st_size > 10_000  # the PNG is inlined
+
+
+def test_unknown_metric():
+  with pytest.raises(ValueError, match="--metric"):
+    degradation.run_rows([], "eval/f1")

@@ -1,0 +1,130 @@
+"""Scaling laws: the published constants give the published behaviour (checked against the formulas written out
+here), and the fitters recover known constants from noisy synthetic runs within their bootstrap intervals."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from repeat_lm.analysis import laws
+
+DC = laws.DATA_CONSTRAINED
+R_D, R_N = 15.387756, 5.309743
+
+
+def test_published_constants():
+  assert DC.A == pytest.approx(520.82, abs=0.01)
+  assert DC.B == pytest.approx(1487.72, abs=0.01)
+  assert DC.E == pytest.approx(1.8691, abs=1e-4)
+  assert (DC.alpha, DC.beta, DC.R_D_star, DC.R_N_star) == (0.3526596, 0.3526596, R_D, R_N)
+  c = laws.CHINCHILLA
+  # Chinchilla 70B on 1.4T tokens, written out.
+  assert laws.predict(c, 70e9, 1.4e12) == pytest.approx(1.69 + 406.4 / 70e9 ** 0.34 + 410.7 / 1.4e12 ** 0.28)
+
+
+def _u_n(u):
+  """D_to_N(U) = (U G)^(beta/alpha) G, G = (alpha A / (beta B))^(1/(alpha+beta)), from the reference."""
+  g = (DC.alpha * DC.A / (DC.beta * DC.B)) ** (1 / (DC.alpha + DC.beta))
+  return (u * g) ** (DC.beta / DC.alpha) * g
+
+
+def test_single_epoch_reduces_to_chinchilla_form():
+  u = d = 1e10
+  for n in (1e6, 1e7, 0.99 * _u_n(u)):
+    assert n <= _u_n(u)
+    want = DC.E + DC.A / n ** DC.alpha + DC.B / d ** DC.beta
+    assert laws.predict(DC, n, d, u) == pytest.approx(want, rel=1e-12)
+    assert laws.predict(DC, n, d) == pytest.approx(want, rel=1e-12)  # U omitted: every token unique
+
+
+def test_effective_data_saturates():
+  u = 1e9
+  assert laws.effective_data(DC, 1e6 * u, u) == pytest.approx(u * (1 + R_D), rel=1e-9)
+  # Beyond saturation, more epochs change nothing.
+  assert laws.predict(DC, 1e8, 1e6 * u, u) == pytest.approx(laws.predict(DC, 1e8, 1e7 * u, u), rel=1e-9)
+
+
+def test_four_epochs_nearly_as_good_as_unique():
+  u = 1e9
+  d_prime = u + u * R_D * (1 - math.exp(-3 / R_D))  # 4 epochs: R_D = 3
+  assert laws.effective_data(DC, 4 * u, u) == pytest.approx(d_prime, rel=1e-12)
+  assert d_prime / (4 * u) > 0.85
+  # The loss cost of 4 epochs instead of 4x unique data is small next to the gain of 4 epochs over 1.
+  n = _u_n(u)
+  repeated, unique, one = (laws.predict(DC, n, 4 * u, u), laws.predict(DC, n, 4 * u, 4 * u),
+                           laws.predict(DC, n, u, u))
+  assert repeated - unique < 0.1 * (one - unique)
+
+
+def test_fortieth_epoch_worth_nearly_nothing():
+  u = 1e9
+  marginal = (laws.effective_data(DC, 41 * u, u) - laws.effective_data(DC, 40 * u, u)) / u
+  assert marginal == pytest.approx(R_D * (math.exp(-39 / R_D) - math.exp(-40 / R_D)), rel=1e-9)
+  assert marginal < 0.1
+
+
+def test_excess_parameters_decay():
+  u = 1e9
+  u_n = _u_n(u)
+  n = 10 * u_n
+  want = u_n + u_n * R_N * (1 - math.exp(-9 / R_N))
+  assert laws.effective_params(DC, n, u) == pytest.approx(want, rel=1e-9)
+  assert laws.effective_params(DC, 1e4 * u_n, u) == pytest.approx(u_n * (1 + R_N), rel=1e-6)
+
+
+def test_compute_optimal_is_the_minimum():
+  c, compute = laws.CHINCHILLA, 1e22
+  n_opt, d_opt = laws.compute_optimal(c, compute)
+  assert 6 * n_opt * d_opt == pytest.approx(compute)
+  ns = np.geomspace(n_opt / 10, n_opt * 10, 20001)
+  brute = ns[np.argmin(laws.chinchilla_loss(c, ns, compute / (6 * ns)))]
+  assert brute == pytest.approx(n_opt, rel=1e-3)
+  a, b = laws.optimal_exponents(c)
+  assert (a, b) == pytest.approx((0.28 / 0.62, 0.34 / 0.62))
+  # D_to_N is the same split seen from the data side.
+  assert laws.d_to_n(c, d_opt) == pytest.approx(n_opt, rel=1e-9)
+
+
+def _ci_contains(fit, truth: laws.Constants):
+  ci = fit.ci()
+  return {k: ci[k] for k, v in truth.to_dict().items() if not ci[k][0] <= v <= ci[k][1]}
+
+
+def test_fit_chinchilla_recovers_constants():
+  truth = laws.CHINCHILLA
+  rng = np.random.default_rng(1)
+  n = np.repeat(np.geomspace(1e7, 1e10, 6), 6)
+  d = np.tile(np.geomspace(1e9, 1e12, 6), 6)
+  loss = laws.chinchilla_loss(truth, n, d) * np.exp(rng.normal(0, 0.005, n.size))
+  fit = laws.fit("chinchilla", n, d, loss, bootstrap=20, seed=1, n_starts=4)
+  assert _ci_contains(fit, truth) == {}
+  assert fit.constants.alpha == pytest.approx(truth.alpha, abs=0.03)
+  assert fit.constants.beta == pytest.approx(truth.beta, abs=0.03)
+  assert fit.constants.E == pytest.approx(truth.E, abs=0.1)
+
+
+def test_fit_data_constrained_recovers_constants():
+  rng = np.random.default_rng(0)
+  n, u, epochs = np.meshgrid([3e7, 1e8, 3e8, 1e9], [1e9, 1e10, 1e11], [1, 2, 4, 8, 16, 32, 64], indexing="ij")
+  n, u = n.ravel(), u.ravel()
+  d = u * epochs.ravel()
+  loss = laws.predict(DC, n, d, u) * np.exp(rng.normal(0, 0.005, n.size))
+  fit = laws.fit("data-constrained", n, d, loss, u, bootstrap=20, seed=0, n_starts=4)
+  assert _ci_contains(fit, DC) == {}
+  assert fit.constants.R_D_star == pytest.approx(R_D, rel=0.25)
+
+
+def test_too_few_runs():
+  with pytest.raises(ValueError, match="more than 5 runs"):
+    laws.fit("chinchilla", [1e8] * 3, [1e9] * 3, [3.0] * 3)
+
+
+def test_constants_file_round_trip(tmp_path):
+  path = tmp_path / "c.json"
+  path.write_text(json.dumps({**DC.to_dict(), "ci": {}, "law": "data-constrained"}))
+  assert laws.constants_for("data-constrained", path) == DC
+  assert laws.constants_for("chinchilla", path).R_D_star is None
+  path.write_text(json.dumps(laws.CHINCHILLA.to_dict()))
+  with pytest.raises(ValueError, match="R_D_star"):
+    laws.constants_for("data-constrained", path)

@@ -1,0 +1,80 @@
+"""MoE-proxy tuning on a hand-made table: best rates, rank agreement and cost ratio worked out by hand."""
+
+import numpy as np
+import pytest
+
+from repeat_lm.analysis import proxy, results
+
+
+def _run(name, rate, acc, flops_per_token, chip_hours=None):
+  extra = {"DROPOUT_RATE": str(rate), "model": name.split("_")[0]}
+  if chip_hours is not None:
+    extra["chip_hours"] = str(chip_hours)
+  return results.Run(run=name, status="done", model_dir=None, flops_per_token=flops_per_token, tokens_seen=1e10,
+                     final_eval_accuracy=acc, final_eval_loss=3 - acc, extra=extra)
+
+
+MOE = {0.1: 0.60, 0.2: 0.62, 0.3: 0.63, 0.4: 0.61, 0.5: 0.59}
+
+
+def _table(dense_accs, moe_hours=None, dense_hours=None):
+  moe = [_run(f"moe_d{r}", r, a, 1e9, moe_hours) for r, a in MOE.items()]
+  dense = [_run(f"dense_d{r}", r, a, 3e9, dense_hours) for r, a in dense_accs.items()]
+  return moe + dense
+
+
+def test_best_rates_and_perfect_rank_agreement(tmp_path):
+  runs = _table({0.1: 0.65, 0.3: 0.67, 0.5: 0.64})
+  out = proxy.analyze(runs, "moe_*", "model=dense", tmp_path)
+  assert out["rate_column"] == "DROPOUT_RATE"
+  assert (out["moe_best_rate"], out["dense_best_rate"], out["same_best_rate"]) == (0.3, 0.3, True)
+  assert out["rank_agreement"] == {"rates": [0.1, 0.3, 0.5], "spearman": pytest.approx(1.0),
+                                   "kendall": pytest.approx(1.0)}
+  # Proxy: 5 MoE runs x 1e9 x 1e10 + one dense run 3e9 x 1e10; direct: 5 dense runs (3 in the table, 2 estimated).
+  cost = out["cost"]["flops"]
+  assert (cost["proxy"], cost["direct"]) == (pytest.approx(8e19), pytest.approx(15e19))
+  assert cost["ratio"] == pytest.approx(8 / 15)
+  assert (tmp_path / "report.md").exists() and (tmp_path / "proxy_final_vs_rate.png").exists()
+
+
+def test_partial_rank_agreement(tmp_path):
+  out = proxy.analyze(_table({0.1: 0.65, 0.3: 0.67, 0.5: 0.66}), "moe_*", "dense_*", tmp_path)
+  # Ranks over (0.1, 0.3, 0.5): MoE (2, 3, 1), dense (1, 3, 2): d = (1, 0, -1), Spearman 1 - 6*2/(3*8) = 0.5;
+  # Kendall: pairs (0.1,0.3) concordant, (0.1,0.5) discordant, (0.3,0.5) concordant: (2 - 1) / 3.
+  assert out["rank_agreement"]["spearman"] == pytest.approx(0.5)
+  assert out["rank_agreement"]["kendall"] == pytest.approx(1 / 3)
+
+
+def test_paper_cost_example(tmp_path):
+  # The paper's 0.48x: MoE sweep 10.6K USD (5 x 2.12K), one dense run 7.4K, dense sweep 5 x 7.4K = 37K.
+  runs = _table({0.3: 0.67}, moe_hours=2120, dense_hours=7400)
+  out = proxy.analyze(runs, "moe_*", "dense_*", tmp_path, price_per_chip_hour=1.0)
+  usd = out["cost"]["usd"]
+  assert (usd["proxy_sweep"], usd["dense_run"], usd["proxy"], usd["direct"]) == (
+      pytest.approx(10600), pytest.approx(7400), pytest.approx(18000), pytest.approx(37000))
+  assert usd["ratio"] == pytest.approx(18 / 37)
+  assert out["rank_agreement"]["spearman"] is None  # one dense rate: nothing to rank
+
+
+def test_chip_hours_from_throughput():
+  run = _run("moe_d0.1", 0.1, 0.6, 1e9)
+  assert proxy.run_chip_hours(run, chip_flops_per_s=1e15) == pytest.approx(1e19 / 1e15 / 3600)
+  assert proxy.run_chip_hours(run, None) is None
+
+
+def test_curve_similarity():
+  t = np.linspace(0, 1e9, 30)
+  a = results.Curve(np.arange(30.0), t, 0.6 - 0.3 * np.exp(-t / 2e8))
+  b = results.Curve(np.arange(30.0), t, a.value - 0.02)
+  s = proxy.curve_similarity(a, b)
+  assert s["pearson"] == pytest.approx(1.0)
+  assert s["mad_normalised"] == pytest.approx(0.0, abs=1e-12)
+  assert s["mad_raw"] == pytest.approx(0.02)
+
+
+def test_selection_errors(tmp_path):
+  runs = _table({0.3: 0.67})
+  with pytest.raises(ValueError, match="matched 0"):
+    proxy.analyze(runs, "nothing_*", "dense_*", tmp_path)
+  with pytest.raises(ValueError, match="both"):
+    proxy.analyze(runs, "*", "dense_*", tmp_path)

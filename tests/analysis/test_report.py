@@ -1,0 +1,32 @@
+"""report.write_report: Markdown with linked images, HTML with inlined images, tables from dicts or lists."""
+
+import base64
+
+from repeat_lm.analysis import plots, report
+
+
+def test_write_report(tmp_path):
+  png = plots.save(tmp_path / "img" / "curve.png", [plots.Series([0, 1, 2], [1.0, 0.5, 0.7], "run a")],
+                   title="t", xlabel="x", ylabel="y")
+  paths = report.write_report(tmp_path / "out", "My <report>", [
+      ("Summary", "Two runs; `best` is **0.63**.\n\n- first item\n- second <item>", [png],
+       [{"run": "a", "acc": 0.63123456}, {"run": "b", "acc": float("nan"), "note": "x|y"}]),
+      ("Lists", "As lists:", None, [["rate", "acc"], [0.1, 0.6], [0.3, 0.65]]),
+      ("Only text", "```\ncode <block>\n```"),
+  ])
+  md = (tmp_path / "out" / "report.md").read_text()
+  assert paths == {"markdown": str(tmp_path / "out" / "report.md"), "html": str(tmp_path / "out" / "report.html")}
+  assert "# My <report>" in md and "![curve](../img/curve.png)" in md
+  assert "| run | acc | note |" in md and "| a | 0.6312 |  |" in md and "| b | nan | x\\|y |" in md
+  assert "| 0.1 | 0.6 |" in md
+  page = (tmp_path / "out" / "report.html").read_text()
+  assert "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()[:100] in page
+  assert "<title>My &lt;report&gt;</title>" in page
+  assert "<code>best</code>" in page and "<strong>0.63</strong>" in page
+  assert "<li>second &lt;item&gt;</li>" in page and "<pre><code>code &lt;block&gt;</code></pre>" in page
+  assert "<th>rate</th>" in page and "<td>0.65</td>" in page
+
+
+def test_fmt():
+  assert [report.fmt(v) for v in (3, 2.0, 0.123456, 2.5e8, None, "s", True)] == [
+      "3", "2", "0.1235", "2.5e+08", "", "s", "True"]

@@ -1,0 +1,49 @@
+"""Reading the results table and the runs' curves."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from repeat_lm.analysis import results
+
+
+def test_read_table(results_csv):
+  runs = results.read_results(results_csv)
+  assert len(runs) == 19
+  r = runs[0]
+  assert r.run == "dense_n1e+07_u1048576_s100" and r.params == 1e7 and r.unique_tokens == 2 ** 20
+  assert r.model_dir == str(results_csv.parent / "runs" / r.run)  # relative to the CSV's folder
+  assert r.get("DROPOUT_RATE") == 0.0 and r.get("model") == "dense" and r.get("missing") is None
+  assert results.varied_factors(runs) == ["params", "unique_tokens", "epochs", "model", "DROPOUT_RATE"]
+
+
+def test_select(results_csv):
+  runs = results.read_results(results_csv)
+  assert [r.run for r in results.select(runs, "moe_*")] == [f"moe_d{x}" for x in (0.1, 0.2, 0.3, 0.4, 0.5)]
+  assert [r.run for r in results.select(runs, "model=dense_xl,DROPOUT_RATE=0.3")] == ["densexl_d0.3"]
+  assert len(results.select(runs, "model=dense*")) == 14
+  assert results.select(runs, "nope=1") == []
+
+
+def test_curve_tokens_interpolated(tmp_path):
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  records = [{"step": 10, "train/tokens_seen": 1000.0}, {"step": 10, "eval/loss": 3.0},
+             {"step": 20, "train/tokens_seen": 2000.0}, {"step": 15, "eval/loss": 2.5},
+             {"step": 30, "eval/loss": "nan"}]
+  (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  run = results.Run(run="r", status="done", model_dir=str(model_dir))
+  c = results.load_curve(run, "eval/loss")
+  np.testing.assert_array_equal(c.step, [10, 15, 30])
+  np.testing.assert_allclose(c.tokens_seen, [1000, 1500, 3000])  # interpolated; past the end at the last rate
+  assert c.value[1] == 2.5 and math.isnan(c.value[2])
+  assert results.load_curve(run, "eval/accuracy") is None
+  assert results.load_curve(results.Run(run="x", status="", model_dir=None), "eval/loss") is None
+
+
+def test_bad_table(tmp_path):
+  (tmp_path / "a.csv").write_text("name,params\nx,1\n")
+  with pytest.raises(ValueError, match="`run` column"):
+    results.read_results(tmp_path / "a.csv")

@@ -1,0 +1,129 @@
+"""Denoisers: raw lengths (reference.md section 4), masks, reconstruction, UL2 statistics and mode tokens."""
+
+import numpy as np
+import pytest
+
+from repeat_lm.data import denoisers as D
+from repeat_lm.data import objectives
+
+V = 32100  # T5's vocabulary with 100 extra ids: <extra_id_0> = 32099
+SPAN = D.span_corruption().denoisers[0]
+BY_NAME = {d.name: d for d in D.UL2_DENOISERS}
+
+
+@pytest.mark.parametrize('name, lengths, raw, targets', [
+    ('R_mu3_r0.15', (512, 114), 568, 114), ('R_mu8_r0.15', (512, 512), 588, 100),
+    ('X_mu64_r0.15', (512, 512), 600, 92), ('X_mu3_r0.5', (512, 512), 766, 512),
+    ('X_mu8_r0.5', (512, 512), 908, 512), ('X_mu64_r0.5', (512, 512), 1006, 512)])
+def test_raw_lengths_match_the_reference(name, lengths, raw, targets):
+  d = BY_NAME[name]
+  assert D.raw_length(d, *lengths) == raw
+  assert D.max_lengths(d, raw) == (512, targets)
+
+
+def test_raw_lengths_fit_both_feature_lengths_and_mode_tokens():
+  assert D.raw_length(SPAN, 512, 114) == objectives.random_spans_lengths(512)[0] == 568
+  assert D.raw_length(SPAN, 128, 32) == 141
+  for d in D.UL2_DENOISERS:
+    for lengths in [(512, 114), (512, 512), (128, 32)]:
+      for mode in (0, 5):
+        raw = D.raw_length(d, *lengths, mode)
+        inputs, targets = D.max_lengths(d, raw, mode)
+        assert inputs <= lengths[0] and targets <= lengths[1], (d.name, lengths)
+        assert max(np.array(D.max_lengths(d, raw + 1, mode)) - lengths) > 0  # the longest that fits
+  assert D.raw_length(BY_NAME['S_r0.25'], 512, 114) == 229  # the suffix (<= 113) bounds it: 2 * round(229 / 4) = 114
+
+
+@pytest.mark.parametrize('length', [2, 3, 10, 141, 568, 1006])
+def test_mask_counts_and_alternation(length):
+  num_noise = min(max(round(length * 0.15), 1), length - 1)
+  num_spans = min(max(1, round(num_noise / 3)), num_noise, length - num_noise)
+  for key in range(5):
+    m = D.noise_mask(length, 0.15, 3.0, key)
+    starts = m & ~np.concatenate([[False], m[:-1]])
+    assert m.sum() == num_noise and starts.sum() == num_spans
+    assert not m[0] and m[-1]
+
+
+@pytest.mark.parametrize('name', sorted(BY_NAME))
+def test_examples_reconstruct_the_chunk(name):
+  d = BY_NAME[name]
+  rng = np.random.default_rng(0)
+  for key in range(20):
+    tokens = rng.integers(3, 32000, size=int(rng.integers(1, 1000))).astype(np.int32)
+    inputs, targets = D.corrupt(tokens, d, key, V + 1000)  # room for the ~330 sentinels of mu 3 at r 0.5
+    if d.prefix_lm:
+      assert np.concatenate([inputs, targets]).tolist() == tokens.tolist()
+      assert len(tokens) < 2 or 1 <= len(targets) < len(tokens)
+    else:
+      assert objectives.uncorrupt(inputs, targets, 32000) == tokens.tolist()
+    raw, noise, spans = D.measure(inputs, targets, d, V + 1000)
+    assert raw == len(tokens)
+
+
+def test_same_key_same_example_and_sentinels_count_down():
+  tokens = np.arange(3, 571, dtype=np.int32)
+  a, b, c = D.corrupt(tokens, SPAN, 1, V), D.corrupt(tokens, SPAN, 1, V), D.corrupt(tokens, SPAN, 2, V)
+  assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not np.array_equal(a[0], c[0])
+  inputs, targets = a
+  assert len(inputs) + 1 == 512 and len(targets) + 1 == 114
+  sentinels = inputs[inputs >= V - 100]
+  np.testing.assert_array_equal(sentinels, 32099 - np.arange(len(sentinels)))
+  np.testing.assert_array_equal(targets[targets >= V - 100], sentinels)
+  assert targets[0] == 32099
+
+
+@pytest.mark.parametrize('name', sorted(BY_NAME))
+def test_measured_density_and_span_length_match_the_denoiser(name):
+  d = BY_NAME[name]
+  raw = D.raw_length(d, 512, 512)
+  totals = np.zeros(3)
+  for key in range(300):
+    inputs, targets = D.corrupt(np.arange(3, 3 + raw, dtype=np.int32), d, key, V + 1000)  # room for 128 sentinels
+    totals += D.measure(inputs, targets, d, V + 1000)
+  density, span = totals[1] / totals[0], totals[1] / totals[2]
+  if d.prefix_lm:  # the suffix is uniform on [1, 2m - 1], m = round(raw * density): mean m
+    assert density == pytest.approx(d.noise_density, abs=0.01)
+    assert span == pytest.approx(round(raw * d.noise_density), rel=0.05)
+  else:  # T5's arithmetic: round(raw * r) noise tokens in round(noise / mu) spans (e.g. mu 64 at 600 raw: 1 span)
+    noise, spans = D._span_counts(raw, d.noise_density, d.mean_noise_span_length)  # pylint: disable=protected-access
+    assert density == pytest.approx(noise / raw) and density == pytest.approx(d.noise_density, abs=0.005)
+    assert span == pytest.approx(noise / spans)
+    if spans > 1:
+      assert span == pytest.approx(d.mean_noise_span_length, rel=0.1)
+
+
+def test_span_lengths_vary_and_noise_spreads():
+  lengths, first_half, total = [], 0, 0
+  for key in range(100):
+    m = D.noise_mask(568, 0.15, 3.0, key)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], m.astype(int), [0]])))
+    lengths += (edges[1::2] - edges[::2]).tolist()
+    first_half, total = first_half + m[:284].sum(), total + m.sum()
+  assert min(lengths) == 1 and max(lengths) > 6 and np.mean(lengths) == pytest.approx(3.0, abs=0.1)
+  assert first_half / total == pytest.approx(0.5, abs=0.03)
+
+
+def test_mode_tokens_are_prepended():
+  mode = np.array([784, 567, 9138, 908], np.int32)  # '[NLU]' in the T5 vocabulary
+  tokens = np.arange(3, 571, dtype=np.int32)
+  inputs, targets = D.corrupt(tokens, BY_NAME['R_mu3_r0.15'], 3, V, mode)
+  plain = D.corrupt(tokens, BY_NAME['R_mu3_r0.15'], 3, V)
+  np.testing.assert_array_equal(inputs, np.concatenate([mode, plain[0]]))
+  assert D.measure(inputs, targets, BY_NAME['R_mu3_r0.15'], V, 4)[0] == 568
+
+
+def test_objectives_by_name():
+  assert D.objective_named('span') == D.span_corruption()
+  assert D.objective_named('span_r0p5_mu8') == D.span_corruption(0.5, 8) and D.span_corruption(0.5, 8).name == \
+      'span_r0p5_mu8'
+  ul2 = D.objective_named('ul2')
+  assert ul2.rates == (0.13,) * 6 + (0.22,) and ul2.mode_tokens and len(ul2.denoisers) == 7
+  assert [d.mode for d in ul2.denoisers] == ['[NLU]'] * 2 + ['[NLG]'] * 4 + ['[S2S]']
+  assert D.ul2((1, 0, 0, 0, 0, 0, 1)).name.startswith('ul2_')
+  with pytest.raises(ValueError, match='Unknown objective'):
+    D.objective_named('mlm')
+  with pytest.raises(ValueError, match='rates'):
+    D.ul2((1, 2))
+  with pytest.raises(ValueError, match='too short'):
+    D.raw_length(SPAN, 2, 2)

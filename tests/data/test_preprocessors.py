@@ -1,0 +1,52 @@
+"""The standalone UL2 SeqIO preprocessor: every token used once, mode tokens, lengths, seeds."""
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from repeat_lm.data import denoisers, objectives, preprocessors
+
+LENGTHS = {'inputs': 512, 'targets': 512}
+
+
+@pytest.fixture(scope='module')
+def features(t5_vocab_file):
+  vocab = seqio.SentencePieceVocabulary(t5_vocab_file, extra_ids=100)
+  return {'inputs': seqio.Feature(vocab), 'targets': seqio.Feature(vocab)}
+
+
+def run(features, seed, objective=None):
+  docs = [np.arange(3, 3 + n, dtype=np.int32) + 7 * k for k, n in enumerate([900, 6000, 50, 4000])]
+  ds = tf.data.Dataset.from_generator(lambda: ({'targets': d} for d in docs),
+                                      output_signature={'targets': tf.TensorSpec([None], tf.int32)})
+  with seqio.utils.map_seed_manager(seed):
+    return docs, list(preprocessors.denoise(ds, LENGTHS, features, objective).as_numpy_iterator())
+
+
+def test_every_token_once_with_its_mode_token(features):
+  vocab = features['targets'].vocabulary
+  modes = {m: vocab.encode(m) for m in ('[NLU]', '[NLG]', '[S2S]')}
+  docs, examples = run(features, 0)
+  stream, seen = [], set()
+  for ex in examples:
+    assert len(ex['inputs']) + 1 <= 512 and len(ex['targets']) + 1 <= 512
+    mode = next(m for m, ids in modes.items() if ex['inputs'][:len(ids)].tolist() == ids)
+    seen.add(mode)
+    inputs = ex['inputs'][len(modes[mode]):]
+    if mode == '[S2S]':
+      stream += inputs.tolist() + ex['targets'].tolist()
+    else:
+      assert ex['targets'][0] == 32099
+      stream += objectives.uncorrupt(inputs, ex['targets'], 32000)
+  assert stream == np.concatenate(docs).tolist() and seen == set(modes)
+
+
+def test_seeded_and_span_corruption_too(features):
+  _, a = run(features, 1)
+  _, b = run(features, 1)
+  _, c = run(features, 2)
+  assert all(np.array_equal(x['inputs'], y['inputs']) for x, y in zip(a, b))
+  assert any(not np.array_equal(x['inputs'], y['inputs']) for x, y in zip(a, c))
+  _, span = run(features, 0, denoisers.span_corruption())
+  assert {len(ex['inputs']) for ex in span[:-1]} == {511} and {len(ex['targets']) for ex in span[:-1]} == {113}

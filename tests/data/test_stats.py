@@ -1,0 +1,65 @@
+"""`repeat-lm data stats|show` and `repeat-lm bench data`: what a person runs to inspect a task."""
+
+import json
+
+import pytest
+
+from repeat_lm import cli
+from repeat_lm.data import denoisers, stats
+
+KEYS = {'examples', 'input_tokens', 'target_tokens', 'unique_source_tokens', 'epochs', 'noise_density',
+        'mean_noise_span_length', 'doc_repeats_min', 'doc_repeats_max'}
+
+
+def run(capsys, *argv):
+  assert cli.main(list(argv)) == 0
+  return capsys.readouterr().out
+
+
+def test_stats_of_a_corpus_without_a_registered_task(capsys, c4_path, t5_vocab_file):
+  out = run(capsys, 'data', 'stats', f'--corpus={c4_path}', f'--vocab={t5_vocab_file}', '--unique_tokens=65536',
+            '--epochs=8')
+  s = json.loads(out)  # one JSON object, nothing else on stdout
+  assert KEYS <= set(s)
+  assert (s['unique_source_tokens'], s['epochs'], s['doc_repeats_min'], s['doc_repeats_max']) == (65536, 8, 8, 8)
+  assert s['examples'] == 8 * s['examples_per_epoch'] and s['input_tokens'] > s['target_tokens'] > 0
+  assert s['noise_density'] == pytest.approx(0.15, abs=0.002)
+  assert s['mean_noise_span_length'] == pytest.approx(3.0, abs=0.05)
+
+
+def test_stats_of_a_task_with_a_limit_and_the_validation_split(capsys, c4_d16):
+  s = json.loads(run(capsys, 'data', 'stats', f'--task={c4_d16}', '--max_examples=10'))
+  assert s['examples'] == 10 and s['doc_repeats_min'] == 0 and 0 < s['epochs'] < 1
+  v = json.loads(run(capsys, 'data', 'stats', f'--task={c4_d16}', '--split=validation'))
+  assert v['doc_repeats_min'] == v['doc_repeats_max'] == 1 and v['epochs'] == 1
+
+
+def test_stats_of_ul2(c4_path, t5_vocab_file):
+  from repeat_lm.data import tasks  # pylint: disable=import-outside-toplevel
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, objective='ul2', unique_tokens=2**14,
+                             epochs=2)
+  s = stats.task_stats(name, feature_lengths={'inputs': 512, 'targets': 512})
+  assert set(s['denoisers']) == {'R_mu3_r0.15', 'R_mu8_r0.15', 'X_mu3_r0.5', 'X_mu8_r0.5', 'X_mu64_r0.15',
+                                 'X_mu64_r0.5', 'S_r0.25'}
+  x = denoisers.UL2_DENOISERS[2]
+  assert s['denoisers'][x.name]['raw_length'] == denoisers.raw_length(x, 512, 512, 4) < 766  # '[NLG]': 4 tokens
+
+
+def test_show_prints_readable_examples(capsys, c4_d16):
+  out = run(capsys, 'data', 'show', f'--task={c4_d16}', '-n', '3')
+  assert out.count('--- example') == 3 and '<extra_id_0>' in out and 'targets: <extra_id_0>' in out
+
+
+def test_errors_are_clear(capsys, c4_path):
+  assert cli.main(['data', 'stats', '--corpus', c4_path, '--task', 'x']) == 2
+  assert 'either --task=NAME or --corpus=PATH' in capsys.readouterr().err
+  assert cli.main(['data', 'stats', '--corpus', '/no/such/file.jsonl']) == 2
+  assert '/no/such/file.jsonl' in capsys.readouterr().err
+
+
+def test_bench_data(capsys, c4_d16):
+  out = run(capsys, 'bench', 'data', f'--task={c4_d16}', '--batch_size=8', '--inputs_length=512',
+            '--targets_length=114', '--steps=5', '--num_shards=2', '--train_step_s=6', '--json')
+  r = json.loads(out)
+  assert r['host_rows'] == 4 and r['examples_per_s'] > 0 and r['tokens_per_s'] > 0
+  assert r['times_faster_than_training'] > 5  # the small model's CPU step at batch 8 takes ~6 s

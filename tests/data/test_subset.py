@@ -1,0 +1,70 @@
+"""Exact token subsets: D tokens exactly, the crossing document cut, bad input counted, budgets never shrunk."""
+
+import logging
+
+import numpy as np
+import pytest
+import seqio
+
+from repeat_lm.data import sources, subset
+
+from conftest import write_jsonl  # pylint: disable=wrong-import-order
+
+
+@pytest.fixture(scope='module')
+def vocab(t5_vocab_file):
+  return seqio.SentencePieceVocabulary(t5_vocab_file, extra_ids=100)
+
+
+def test_first_d_tokens_in_source_order(c4_path, c4_docs, vocab):
+  source = sources.LocalText(c4_path)
+  store = subset.build_store(source, 'train', vocab, 2**16)
+  assert store.num_tokens == 2**16 and len(store.tokens) == 2**16
+  ids = vocab.tokenizer.encode(c4_docs[:store.num_documents])
+  for i in range(store.num_documents - 1):  # whole documents, in the source's order
+    assert store.document(i).tolist() == ids[i]
+  last = store.document(store.num_documents - 1).tolist()
+  assert 0 < len(last) < len(ids[-1]) and ids[-1][:len(last)] == last  # the crossing document is cut
+  assert store.info['boundary_tokens_cut'] == len(ids[-1]) - len(last)
+  assert store.tokens.dtype == np.uint16  # 32,100 ids fit in 16 bits
+
+
+def test_a_budget_larger_than_the_source_is_an_error(c4_path, vocab):
+  with pytest.raises(ValueError, match='fewer than the 1,048,576 unique tokens requested'):
+    subset.build_store(sources.LocalText(c4_path), 'train', vocab, 2**20)
+
+
+def test_bad_input_is_counted_and_the_budget_kept(tmp_path, vocab, caplog):
+  long_doc = 'word ' * 5000
+  path = write_jsonl(tmp_path / 'bad.jsonl', ['First doc.', '', '   \n\t', long_doc, 'Tail ' * 100],
+                     raw_lines=[b'{"text": "caf\xe9 \xff bytes"}\n', b'\n', b'   \n'])
+  source = sources.LocalText(path, validation=0.2, max_document_chars=1000)
+  with caplog.at_level(logging.WARNING):
+    store = subset.build_store(source, 'train', vocab, 300)
+  assert store.num_tokens == 300  # exactly the budget despite everything
+  assert store.info['read_skipped_empty'] == 2 and store.info['read_truncated_long'] == 1
+  assert store.info['read_replaced_invalid_utf8'] == 1
+  assert 'truncated 1 longer than the document limit' in caplog.text and 'skipped 2 empty' in caplog.text
+  assert len(store.document(1)) <= 1000  # the gigantic document was cut to 1000 characters before tokenising
+
+
+def test_stores_are_cached_on_disk_and_memory_mapped(tmp_path, monkeypatch, c4_path, vocab):
+  monkeypatch.setenv('REPEAT_LM_CACHE', str(tmp_path))
+  monkeypatch.setattr(subset, '_DISK_CACHE_MIN_TOKENS', 0)
+  source = sources.LocalText(c4_path)
+  built = subset.get_store(source, 'validation', vocab, 5000, exact=False)
+  subset._MEMO.clear()  # pylint: disable=protected-access
+  loaded = subset.get_store(source, 'validation', vocab, 5000, exact=False)
+  assert isinstance(loaded.tokens, np.memmap) and loaded is not built
+  np.testing.assert_array_equal(loaded.tokens, built.tokens)
+  np.testing.assert_array_equal(loaded.offsets, built.offsets)
+  assert loaded.info == built.info and (tmp_path / 'subsets').is_dir()
+  assert subset.get_store(source, 'validation', vocab, 5000, exact=False) is loaded  # memoised
+
+
+def test_validation_is_the_held_out_tail(c4_path, c4_docs, vocab):
+  source = sources.LocalText(c4_path)
+  validation = subset.build_store(source, 'validation', vocab, None)
+  train = subset.build_store(source, 'train', vocab, None)
+  assert validation.num_documents == 50 and train.num_documents == 950
+  assert validation.document(0).tolist() == vocab.tokenizer.encode(c4_docs[950])

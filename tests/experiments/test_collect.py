@@ -1,0 +1,91 @@
+"""`repeat-lm collect`: one row per run with the columns docs/analysis.md requires, from status.json,
+metrics.jsonl and the run's gin; CSV for `repeat-lm analyze`, Parquet via pyarrow; sweep.Best from the rows."""
+
+import io
+import json
+import math
+import os
+import socket
+
+import pytest
+
+from experiment_helpers import tiny_experiment
+from repeat_lm.analysis import results
+from repeat_lm.experiments import collect, runner, status, sweep
+
+REQUIRED = ["run", "status", "params", "params_per_token", "flops_per_token", "unique_tokens", "epochs", "tokens_seen",
+            "final_eval_loss", "best_eval_loss", "final_eval_accuracy", "best_eval_accuracy", "best_step", "model_dir"]
+
+
+def write_metrics(run_dir, evals, tokens_per_step=160.0, source_tokens=640.0):
+  """Train records every step and eval records (loss, accuracy) at the given steps."""
+  with (run_dir / "metrics.jsonl").open("w") as f:
+    for step in range(1, max(evals) + 1):
+      seen = step * tokens_per_step
+      f.write(json.dumps({"step": step, "train/loss": 9.0 - step, "train/tokens_seen": seen,
+                          "train/epochs": seen / source_tokens}) + "\n")
+      if step in evals:
+        loss, acc = evals[step]
+        f.write(json.dumps({"step": step, "eval/loss": loss, "eval/accuracy": acc}) + "\n")
+
+
+@pytest.fixture
+def sweep_root(tmp_path, fresh_gin):
+  """Three runs written by a dry run: 'a' finished (with a SQuAD stage), 'b' failed, 'c' running."""
+  exp = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a'}, {'name': 'b', 'DROPOUT_RATE': 0.1}, {'name': 'c'}]",
+                        "sweep.Grid.finetune = [@squad/sweep.Finetune()]\nsquad/sweep.Finetune.name = 'squad'")
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  write_metrics(root / "a", {1: (7.0, 0.1), 2: (6.0, 0.3), 3: ("nan", "nan")})
+  status.write(root / "a", status="finished", elapsed_s=12.5)
+  (root / "a" / "ft_squad").mkdir(exist_ok=True)
+  (root / "a" / "ft_squad" / "metrics.jsonl").write_text(
+      json.dumps({"step": 2, "eval/loss": 3.0, "eval/squad_em": 25.0, "eval/squad_f1": 40.0}) + "\n")
+  status.write(root / "a" / "ft_squad", status="finished")
+  status.write(root / "b", status="failed", error="ValueError: bad")
+  write_metrics(root / "c", {1: (8.0, 0.05)})
+  status.write(root / "c", status="running", host=socket.gethostname(), pid=os.getpid())
+  return root
+
+
+def test_one_row_per_run_with_the_analysis_columns(sweep_root, tmp_path):
+  rows = collect.collect(sweep_root, tmp_path / "results.csv")
+  assert [r["run"] for r in rows] == ["a", "b", "c"]
+  a, b, c = rows
+  assert (a["status"], b["status"], c["status"]) == ("finished", "failed", "running")
+  # A diverged (NaN) last evaluation is the final value; the best ignores it.
+  assert math.isnan(a["final_eval_loss"]) and a["best_eval_loss"] == 6.0
+  assert (a["best_eval_accuracy"], a["best_step"], a["final_step"], a["tokens_seen"]) == (0.3, 2, 3, 480.0)
+  assert a["unique_tokens"] == 640 and a["epochs"] == pytest.approx(0.75)  # measured: the task is unbounded
+  assert a["params"] == a["params_per_token"] > 0
+  info = collect.model_summary(sweep_root / "a" / "run.gin")
+  assert a["flops_per_token"] == pytest.approx(info["flops_per_sequence"] * 8 * 3 / 480.0)
+  assert (a["squad_em"], a["squad_f1"], a["ft_squad_status"]) == (25.0, 40.0, "finished")
+  assert b["error"] == "ValueError: bad" and b.get("final_eval_loss") is None and b["ft_squad_status"] == "pending"
+  assert (a["DROPOUT_RATE"], b["DROPOUT_RATE"], a["model"]) == (0.0, 0.1, "t5_1_1_tiny")
+  assert a["model_dir"] == "root/a" and a["train_steps"] == 3
+
+  runs = {r.run: r for r in results.read_results(tmp_path / "results.csv")}
+  assert set(REQUIRED) <= set(results.columns(list(runs.values())))
+  assert runs["a"].best_eval_accuracy == 0.3 and runs["b"].status == "failed"
+  assert results.load_curve(runs["a"], "eval/loss") is not None
+
+
+def test_parquet(sweep_root, tmp_path):
+  pq = pytest.importorskip("pyarrow.parquet")
+  collect.collect(sweep_root, tmp_path / "results.parquet")
+  table = pq.read_table(tmp_path / "results.parquet")
+  assert table.num_rows == 3 and set(REQUIRED) <= set(table.column_names)
+  assert table.column("squad_f1").to_pylist() == [40.0, None, None]
+  with pytest.raises(ValueError, match=".csv or a .parquet"):
+    collect.collect(sweep_root, tmp_path / "results.txt")
+
+
+def test_best_resolves_from_finished_runs_only(sweep_root):
+  # 'a' diverged at its last evaluation (final accuracy NaN): only its best accuracy can pick it.
+  assert runner._resolve_best(sweep.Best(runs="[ab]", column="DROPOUT_RATE", default=0.3), sweep_root,  # noqa: SLF001
+                              ["a", "b", "c"]) == (False, 0.3)
+  best = sweep.Best(runs="[ab]", column="DROPOUT_RATE", metric="best_eval_accuracy", default=0.3)
+  assert runner._resolve_best(best, sweep_root, ["a", "b", "c"]) == (True, 0.0)  # noqa: SLF001 ('b' failed)
+  waiting = sweep.Best(runs="*", column="DROPOUT_RATE", default=0.3)
+  assert runner._resolve_best(waiting, sweep_root, ["a", "b", "c"]) == (False, 0.3)  # noqa: SLF001 ('c' runs)

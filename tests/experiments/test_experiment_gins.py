@@ -1,0 +1,90 @@
+"""Every experiment gin: a header with its command and expected result, a CPU and a full-scale variant, a dry run
+that expands to the expected runs, a self-contained gin per run (and fine-tuning stage) that parses on its own,
+and a TRAIN_STEPS each run's task can feed."""
+
+import io
+import math
+import re
+from pathlib import Path
+
+import gin
+import pytest
+
+from repeat_lm.data import denoisers, pipeline, tasks
+from repeat_lm.experiments import compose, runner, status
+
+GIN_DIR = Path(__file__).resolve().parents[2] / "gin" / "experiments"
+EXPERIMENTS = sorted(p.stem for p in GIN_DIR.glob("*.gin"))
+# Runs (fine-tuning stages) per experiment: the grids the docstrings of the gins describe.
+EXPECTED = {
+    "rq1_repetition": (5, 5), "rq1_repetition_cpu": (5, 0),
+    "rq2_factors": (14, 14), "rq2_factors_cpu": (9, 0),
+    "rq3_regularisation": (8, 0), "rq3_regularisation_cpu": (6, 0),
+    "rq4_moe_proxy": (6, 0), "rq4_moe_proxy_cpu": (6, 0),
+    "rq5_objectives": (4, 4), "rq5_objectives_cpu": (4, 0),
+}
+
+
+def test_every_research_question_has_a_cpu_and_a_full_scale_experiment():
+  assert set(EXPERIMENTS) == set(EXPECTED)
+  for name in EXPERIMENTS:
+    assert (name[:-4] if name.endswith("_cpu") else name + "_cpu") in EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_header_starts_with_the_command_and_the_expected_result(name):
+  text = (GIN_DIR / f"{name}.gin").read_text()
+  header = text[:text.index("from __gin__")]
+  assert header.startswith("# ") and f"repeat-lm sweep --experiment=gin/experiments/{name}.gin" in header
+  assert "Expect" in header and "PLACEHOLDER" not in header
+
+
+def _batches_lower_bound(task: str, lengths: dict, batch_size: int, seed: int) -> float | None:
+  """Batches a named repeated task holds: counted for the local corpus, else from its chunk length (UL2: the mean
+  chunk, with a 0.5% margin: at full scale's 2^27+ tokens per epoch the count varies far less); None if unknown."""
+  spec = tasks.parse_name(task)
+  if not spec or not spec["unique_tokens"]:
+    return None
+  if spec["source"] == "wiki":  # cheap to count exactly, as the trainer will
+    return pipeline.num_batches(pipeline.DatasetConfig(task, lengths, batch_size=batch_size, seed=seed))
+  epochs = spec.get("epochs") or spec["total_tokens"] // spec["unique_tokens"]
+  objective = tasks._resolve_objective(spec["objective"], spec["mode_tokens"], None)  # noqa: SLF001
+  raw = [denoisers.raw_length(d, lengths["inputs"], lengths["targets"], 5 if d.mode else 0)
+         for d in objective.denoisers]
+  mean = sum(r * w for r, w in zip(raw, objective.rates)) / sum(objective.rates)
+  per_epoch = math.ceil(spec["unique_tokens"] / mean) * (1.0 if len(raw) == 1 else 0.995)
+  return per_epoch * epochs / batch_size
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_dry_run_expands_and_every_run_gin_parses_alone(name, tmp_path):
+  out = io.StringIO()
+  result = runner.run_sweep(f"gin/experiments/{name}.gin", tmp_path, runner.Options(dry_run=True, stream=out))
+  runs, stages = EXPECTED[name]
+  assert (result["runs"], result["stages"] - result["runs"]) == (runs, stages), out.getvalue()
+  assert not result["failed"] and len(set(result["run_names"])) == runs
+  assert out.getvalue().count("repeat-lm train --gin_file=") == runs
+  for gin_path in sorted(tmp_path.glob("**/run.gin")):
+    compose.check_parses(gin_path.read_text())
+    assert gin.query_parameter("%MODEL_DIR") == str(gin_path.parent)
+    assert "repeat_lm.experiments" not in gin_path.read_text()
+    if gin_path.parent.name.startswith("ft_"):
+      assert gin.query_parameter("%INITIAL_CHECKPOINT_PATH") == str(gin_path.parent.parent)
+      continue
+    steps, task = gin.query_parameter("%TRAIN_STEPS"), gin.query_parameter("%MIXTURE_OR_TASK_NAME")
+    assert steps == status.train_steps(gin_path.read_text())
+    if isinstance(task, str):
+      bound = _batches_lower_bound(task, gin.query_parameter("%TASK_FEATURE_LENGTHS"),
+                                   gin.query_parameter("%BATCH_SIZE"), gin.query_parameter("%RANDOM_SEED"))
+      assert bound is None or steps <= bound, f"{gin_path}: {steps} steps but {task} holds ~{bound:.0f} batches"
+    record = status.read(gin_path.parent)
+    assert record["status"] == "pending" and record["values"]["model"]
+
+
+def test_arms_that_swap_models_replace_the_experiments_include(tmp_path):
+  runner.run_sweep("gin/experiments/rq2_factors.gin", tmp_path,
+                   runner.Options(dry_run=True, only="xl_d27_e8,moe_large", stream=io.StringIO()))
+  xl = (tmp_path / "xl_d27_e8" / "run.gin").read_text()
+  assert re.search(r"^t5\.T5Config\.emb_dim = 2048$", xl, re.M)
+  assert status.read(tmp_path / "moe_large")["values"]["model"] == "moe_large"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["moe_large", "xl_d27_e8"]

@@ -1,0 +1,41 @@
+"""Two processes joined by jax.distributed on localhost train exactly like one process with the same devices."""
+
+import json
+
+import pytest
+
+from repeat_lm import cli
+from repeat_lm.experiments import launch_local
+from experiment_helpers import TINY_BINDINGS
+
+# The same mesh in both runs: data 4 x model 2 over 8 CPU devices (2 processes x 4, or this process's 8).
+ARGS = ["--gin_file=gin/models/t5_1_1_tiny.gin", "--gin_file=gin/runs/pretrain.gin", "--gin.DATA_PARALLEL=4",
+        "--gin.MODEL_PARALLEL=2", *(f"--gin.{b}" for b in TINY_BINDINGS)]
+
+
+def records(model_dir):
+  return [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_process_env_splits_devices_and_names_the_coordinator():
+  env = launch_local.process_env(1, 2, 1234, 4, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo"})
+  assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234" and env["JAX_PROCESS_ID"] == "1"
+  assert env["JAX_NUM_PROCESSES"] == "2"
+  assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=4"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, fresh_gin):
+  # Each process reads only its half of every global batch (pipeline: host h's block of rows) and the mesh spans
+  # both processes' devices, so the global batch, hence every loss, must be the single-process one.
+  multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+  assert launch_local.launch(["train", *ARGS, f"--gin.MODEL_DIR='{multi}'"], num_processes=2,
+                             devices_per_process=4) == 0
+  assert cli.main(["train", *ARGS, f"--gin.MODEL_DIR='{single}'"]) == 0  # this process: 8 devices (conftest)
+  two, one = records(multi), records(single)
+  assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 3]
+  for a, b in zip(two, one):
+    for key in ("train/loss", "train/accuracy", "train/tokens_seen", "eval/loss"):
+      if key in b:
+        assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a["step"])
+  assert (multi / "checkpoints" / "3").is_dir()

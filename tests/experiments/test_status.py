@@ -1,0 +1,66 @@
+"""status.json: finished only at the last step's checkpoint, failures with their error, locks, interrupted runs."""
+
+import os
+import socket
+import subprocess
+import sys
+
+from repeat_lm.experiments import status
+
+
+def make_run(tmp_path, steps=3, checkpoints=(), log=""):
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "run.gin").write_text(f"# header\nTRAIN_STEPS = {steps}\n")
+  for s in checkpoints:
+    (run / "checkpoints" / str(s)).mkdir()
+  (run / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir()  # a save in progress is no checkpoint
+  (run / "train.log").write_text(log)
+  return run
+
+
+def dead_pid() -> int:
+  p = subprocess.Popen([sys.executable, "-c", "pass"])
+  p.wait()
+  return p.pid
+
+
+def test_finished_only_with_the_last_steps_checkpoint(tmp_path):
+  run = make_run(tmp_path, checkpoints=[2, 3])
+  status.started(run)
+  assert status.read(run)["status"] == "running" and status.read(run)["attempts"] == 1
+  assert status.exited(run, 0)["status"] == "finished"
+  assert status.checkpoint_steps(run) == [2, 3] and status.train_steps((run / "run.gin").read_text()) == 3
+
+
+def test_exit_zero_before_the_last_step_stays_pending(tmp_path):
+  run = make_run(tmp_path, checkpoints=[2])  # SIGTERM (preemption): the trainer saved step 2 and exited 0
+  status.started(run)
+  record = status.exited(run, 0)
+  assert record["status"] == "pending" and "stopped at step 2" in record["error"]
+
+
+def test_failure_keeps_the_error(tmp_path):
+  run = make_run(tmp_path, log="INFO start\nrepeat-lm: error: ValueError: Unknown source 'nosuch'\n")
+  status.started(run)
+  record = status.exited(run, 2)
+  assert record["status"] == "failed" and record["returncode"] == 2
+  assert record["error"] == "ValueError: Unknown source 'nosuch'"
+  (run / "train.log").write_text("Traceback (most recent call last):\n  File x\nMemoryError: out of memory\n")
+  assert status.error_text(run / "train.log") == "MemoryError: out of memory"
+
+
+def test_a_running_run_of_a_dead_process_reads_as_interrupted(tmp_path):
+  run = make_run(tmp_path)
+  status.write(run, status="running", host=socket.gethostname(), pid=dead_pid())
+  assert status.effective(status.read(run)) == "interrupted"
+  status.write(run, pid=os.getpid())
+  assert status.effective(status.read(run)) == "running"
+
+
+def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
+  run = make_run(tmp_path)
+  assert status.acquire(run) and not status.acquire(run)  # held by this (live) process
+  status.release(run)
+  (run / ".lock").write_text(f'{{"host": "{socket.gethostname()}", "pid": {dead_pid()}}}')
+  assert status.acquire(run)

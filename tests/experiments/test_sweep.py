@@ -1,0 +1,72 @@
+"""The grid language of experiment gins: expansion, run names, rendering, selection."""
+
+import pytest
+
+from repeat_lm.experiments import sweep
+
+TASKS = ["repeat_lm.c4.t5.span.d27.e8", "repeat_lm.c4.t5.span.d35.e0"]
+
+
+def names(grid):
+  return [r.name for r in sweep.expand(grid)]
+
+
+def test_product_names_runs_by_their_varied_values():
+  grid = sweep.Grid(axes={"MIXTURE_OR_TASK_NAME": TASKS, "DROPOUT_RATE": [0.0, 0.1]})
+  runs = sweep.expand(grid)
+  assert [r.name for r in runs] == ["d27_e8_dropout0", "d27_e8_dropout0.1", "d35_e0_dropout0", "d35_e0_dropout0.1"]
+  assert runs[1].bindings == (("MIXTURE_OR_TASK_NAME", TASKS[0]), ("DROPOUT_RATE", 0.1))
+
+
+def test_zip_pairs_values_and_checks_lengths():
+  grid = sweep.Grid(axes={"MIXTURE_OR_TASK_NAME": TASKS, "TRAIN_STEPS": [10, 20]}, mode="zip")
+  assert names(grid) == ["d27_e8_train_steps10", "d35_e0_train_steps20"]
+  with pytest.raises(ValueError, match="equal length"):
+    sweep.expand(sweep.Grid(axes={"A": [1, 2], "B": [1]}, mode="zip"))
+  with pytest.raises(ValueError, match="product' or 'zip"):
+    sweep.expand(sweep.Grid(axes={"A": [1]}, mode="cartesian"))
+
+
+def test_arms_swap_models_and_combine_with_axes():
+  grid = sweep.Grid(arms=[{"model": "gin/models/t5_1_1_base.gin"}, {"model": "gin/models/t5_1_1_large.gin"}],
+                    axes={"MIXTURE_OR_TASK_NAME": TASKS}, prefix="rq2")
+  runs = sweep.expand(grid)
+  assert [r.name for r in runs] == ["rq2_base_d27_e8", "rq2_base_d35_e0", "rq2_large_d27_e8", "rq2_large_d35_e0"]
+  assert runs[2].model == "gin/models/t5_1_1_large.gin" and ("model", runs[2].model) not in runs[2].bindings
+
+
+def test_arm_names_and_lone_values():
+  grid = sweep.Grid(arms=[{"name": "none"}, {"DROPOUT_RATE": 0.1}, {"LABEL_SMOOTHING": 0.1},
+                          {"DROPOUT_SCHEDULE": "staged:4ep"}, {"WEIGHT_DECAY": 1e-05}],
+                    labels={"LABEL_SMOOTHING": "ls"})
+  assert names(grid) == ["none", "dropout0.1", "ls0.1", "dropout_schedule_staged_4ep", "weight_decay1e-05"]
+
+
+def test_duplicate_names_are_an_error():
+  grid = sweep.Grid(arms=[{"name": "a"}, {"name": "a", "DROPOUT_RATE": 0.1}])
+  with pytest.raises(ValueError, match="not unique"):
+    sweep.expand_all([grid])
+  with pytest.raises(ValueError, match="sweep.Grid"):
+    sweep.expand_all(["not a grid"])
+
+
+def test_best_values_are_labelled_and_render_their_default():
+  best = sweep.Best(runs="moe_*", column="DROPOUT_RATE", default=0.2)
+  [run] = sweep.expand(sweep.Grid(axes={"DROPOUT_RATE": [best]}, prefix="xl"))
+  assert run.name == "xl_dropoutbest" and run.best == {"DROPOUT_RATE": best}
+  assert sweep.render(best) == "0.2"
+
+
+def test_render_writes_gin_values():
+  assert sweep.render("@tasks.repeated_task()") == "@tasks.repeated_task()"
+  assert sweep.render("%MODEL_DIR") == "%MODEL_DIR"
+  assert sweep.render("repeat_lm.c4.t5.span.d27.e8") == "'repeat_lm.c4.t5.span.d27.e8'"
+  assert sweep.render({"inputs": 512, "targets": 114}) == "{'inputs': 512, 'targets': 114}"
+  assert sweep.render([1e-05, None, True, ("gelu",)]) == "[1e-05, None, True, ('gelu',)]"
+
+
+def test_select_by_globs():
+  runs = sweep.expand(sweep.Grid(axes={"MIXTURE_OR_TASK_NAME": TASKS, "DROPOUT_RATE": [0.0, 0.1]}))
+  assert [r.name for r in sweep.select(runs, "d35_*,d27_e8_dropout0")] == [
+      "d27_e8_dropout0", "d35_e0_dropout0", "d35_e0_dropout0.1"]
+  assert sweep.select(runs, None) == runs

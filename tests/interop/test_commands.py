@@ -1,0 +1,56 @@
+"""`repeat-lm export hf` and `repeat-lm infer` on a MODEL_DIR (config.gin + Orbax checkpoint), and their errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from interop_helpers import TINY, init_params, logits, make_batch
+from repeat_lm import cli
+from repeat_lm.data import vocab
+from repeat_lm.models import decoding, t5
+from repeat_lm.train import inference
+
+
+def test_export_hf_command(tiny_model_dir, tmp_path, capsys, fresh_gin):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  out = tmp_path / "hf"
+  assert cli.main(["export", "hf", f"--checkpoint={tiny_model_dir}", f"--out={out}"]) == 0, capsys.readouterr().err
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"out": str(out), "tokenizer": True}
+  model = transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  text = "The capital of France is Paris."
+  assert tokenizer(text).input_ids == [*vocab.default_vocabulary().encode(text), decoding.EOS_ID]
+  batch = make_batch(TINY.vocab_size)
+  with torch.no_grad():
+    enc = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
+    theirs = model(input_ids=enc, attention_mask=(enc != 0).long(),
+                   decoder_input_ids=torch.tensor(batch["decoder_input_tokens"], dtype=torch.long)).logits.numpy()
+  real = batch["decoder_target_tokens"] > 0
+  assert np.abs(theirs - logits(TINY, init_params(TINY), batch))[real].max() < 1e-4
+
+
+def test_infer_command(tiny_model_dir, tmp_path, capsys, fresh_gin):
+  inputs = tmp_path / "inputs.txt"
+  inputs.write_text("The capital of France is <extra_id_0>.\nA second line\n\nlast\n", encoding="utf-8")
+  outputs = tmp_path / "outputs.txt"
+  for method in ("beam", "sample"):  # greedy, the default, is what the other tests decode with
+    code = cli.main(["infer", f"--checkpoint={tiny_model_dir}", f"--input_file={inputs}", f"--method={method}",
+                     "--max_decode_length=6", "--num_beams=2", f"--output_file={outputs}"])
+    assert code == 0, capsys.readouterr().err
+    assert len(outputs.read_text(encoding="utf-8").splitlines()) == 4
+  # The Python API gives what the command wrote.
+  module = t5.Transformer(TINY)
+  texts = inputs.read_text(encoding="utf-8").splitlines()
+  expected = inference.predict_texts(module, init_params(TINY), vocab.default_vocabulary(), texts,
+                                     decoding.DecodeConfig("sample", 6, num_beams=2))
+  assert outputs.read_text(encoding="utf-8").splitlines() == [e.replace("\n", " ") for e in expected]
+
+
+def test_commands_explain_a_missing_checkpoint(tmp_path, capsys, fresh_gin):
+  (tmp_path / "in.txt").write_text("x\n")
+  assert cli.main(["infer", f"--checkpoint={tmp_path / 'nowhere'}", f"--input_file={tmp_path / 'in.txt'}"]) == 2
+  assert "config.gin" in capsys.readouterr().err
+  assert cli.main(["export", "hf", f"--checkpoint={tmp_path / 'nowhere'}", f"--out={tmp_path / 'o'}"]) == 2
+  assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,159 @@
+"""Fine-tuning from a pre-trained checkpoint and evaluation by decoding: SQuAD EM/F1 (official normalisation), the
+`repeat-lm finetune` / `eval` commands on a local SQuAD-format fixture, and the TFDS tasks under tfds mock data."""
+
+import json
+from pathlib import Path
+
+import gin
+import numpy as np
+import pytest
+import seqio
+
+from interop_helpers import TINY, init_params
+from repeat_lm import cli, gin_utils
+from repeat_lm.data import downstream, text_metrics
+from repeat_lm.interop import hf, load
+from repeat_lm.models import t5
+from repeat_lm.train import inference
+
+MODEL_GINS = sorted(str(p.relative_to(Path(__file__).resolve().parents[2]))
+                    for p in (Path(__file__).resolve().parents[2] / "gin" / "models").glob("*.gin"))
+
+
+@pytest.mark.parametrize("text, normalised", [
+    ("The Eiffel  Tower!", "eiffel tower"),
+    ("An apple a day", "apple day"),
+    ("theatre then", "theatre then"),  # articles only as whole words
+    ("A.B.C., U.S.A.", "abc usa"),  # punctuation removed, not replaced by spaces
+    ("  Hello\tworld\n", "hello world"),
+    ("¿Qué?", "¿qué"),  # only ASCII punctuation (string.punctuation), as the official script
+])
+def test_squad_normalisation_is_the_official_one(text, normalised):
+  assert text_metrics.normalize_answer(text) == normalised
+
+
+def test_squad_em_f1_take_the_best_reference():
+  assert text_metrics.exact_match("Paris.", "paris") == 1.0
+  assert text_metrics.token_f1("the cat sat", "cat sat on the mat") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+  assert text_metrics.token_f1("a", "the") == 0.0  # both normalise to nothing
+  result = text_metrics.squad([["Paris", "City of Paris"], ["1854"]], ["paris city", "in 1854"])
+  # F1: max(2/3 vs 'paris', 4/5 vs 'city of paris') = 0.8; 'in 1854' vs '1854' = 2/3. EM: none.
+  assert result == {"em": 0.0, "f1": pytest.approx(100 * (0.8 + 2 / 3) / 2)}
+  assert text_metrics.squad([["Denver Broncos"]], ["the Denver Broncos"])["em"] == 100.0
+
+
+def test_superglue_metrics():
+  assert text_metrics.accuracy([0, 1, 1], [0, 1, 0]) == {"accuracy": pytest.approx(200 / 3)}
+  assert text_metrics.mean_3class_f1([0, 1, 2], [0, 1, 2]) == {"mean_3class_f1": 100.0}
+  got = text_metrics.multirc([((0, 0), 1), ((0, 0), 0), ((0, 1), 1)], [((0, 0), 1), ((0, 0), 1), ((0, 1), 1)])
+  assert got == {"f1a": pytest.approx(100 * 2 * 2 / (2 * 2 + 1)), "em": 50.0}
+
+
+def write_squad_fixture(directory: Path) -> Path:
+  """A SQuAD-format JSONL fixture: question, context, answers (every answer a span of the context)."""
+  capitals = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Austria", "Vienna"),
+              ("Norway", "Oslo"), ("Portugal", "Lisbon"), ("Greece", "Athens"), ("Ireland", "Dublin")]
+  directory.mkdir(parents=True, exist_ok=True)
+  for split, rows in (("train", capitals * 2), ("validation", capitals[:5])):
+    with (directory / f"{split}.jsonl").open("w") as f:
+      for i, (country, city) in enumerate(rows):
+        f.write(json.dumps({"id": f"{split}-{i}", "question": f"What is the capital of {country}?",
+                            "context": f"The capital of {country} is {city}, a large city.",
+                            "answers": [city, f"{city}, a large city"]}) + "\n")
+  return directory
+
+
+def test_finetune_and_eval_end_to_end(tmp_path, capsys, fresh_gin):
+  squad_dir = write_squad_fixture(tmp_path / "squad")
+  initial = tmp_path / "pretrained_hf"
+  initial_params = init_params(TINY)
+  hf.export_hf(initial_params, TINY, initial)
+  model_dir = tmp_path / "finetuned"
+  args = ["--gin_file=gin/models/t5_1_1_tiny.gin", "--gin_file=gin/runs/finetune.gin",
+          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.INITIAL_CHECKPOINT_PATH='{initial}'",
+          "--gin.MIXTURE_OR_TASK_NAME=@downstream.squad_jsonl_task()",
+          f"--gin.downstream.squad_jsonl_task.files='{squad_dir}'",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8",
+          "--gin.EVAL_BATCH_SIZE=8", "--gin.EVAL_PERIOD=2", "--gin.DATA_PARALLEL=8",
+          "--gin.trainer.train.log_period=1", "--gin.trainer.evaluate.eval_steps=1",
+          # teacher-forced evaluation is the trainer's own business (tests/train); here only `repeat-lm eval` runs it
+          "--gin.trainer.train.eval_dataset_cfg=None",
+          # the tiny gin's model at TINY's dimensions (what the initial checkpoint holds)
+          "--gin.t5.T5Config.emb_dim=32", "--gin.t5.T5Config.num_heads=2", "--gin.t5.T5Config.mlp_dim=64",
+          # dropout 0 only to keep this CPU test's compile short; fine-tuning proper uses the gin's 0.1
+          "--gin.DROPOUT_RATE=0.0"]
+  assert cli.main(["finetune", *args]) == 0, capsys.readouterr().err
+  records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+  final = [r for r in records if "eval/squad_em" in r]
+  assert [r["step"] for r in final] == [2] and 0 <= final[0]["eval/squad_f1"] <= 100
+  # Started from the initial checkpoint: two steps at rate 1e-3 move the parameters by well under 1%.
+  tuned = load.load_for_module(model_dir, t5.Transformer(TINY))
+  embedding, start = np.asarray(tuned["token_embedder"]["embedding"]), np.asarray(
+      initial_params["token_embedder"]["embedding"])
+  assert np.abs(embedding - start).max() < 0.01 * np.abs(start).max()
+
+  # The scores come from the project's SQuAD metric (the task's predict metric) on the decoded validation split.
+  task = seqio.get_mixture_or_task(downstream.squad_jsonl_task(str(squad_dir)))  # the name the run registered
+  assert task.predict_metric_fns == [text_metrics.squad] and downstream.metric_prefix(task.name) == "squad"
+
+  # `repeat-lm eval` with the same files and bindings: teacher-forced metrics and the decoded ones, for step 2.
+  capsys.readouterr()
+  assert cli.main(["eval", *args]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["step"] == 2 and "eval/loss" in result
+  assert (result["eval/squad_em"], result["eval/squad_f1"]) == pytest.approx(
+      (final[0]["eval/squad_em"], final[0]["eval/squad_f1"]))
+
+
+def test_prediction_eval_scores_the_decoded_text(tmp_path, monkeypatch):
+  """Decoded ids -> text -> the task's post-processing -> SQuAD EM/F1 against every reference answer."""
+  task = seqio.get_mixture_or_task(downstream.squad_jsonl_task(str(write_squad_fixture(tmp_path / "squad"))))
+  vocabulary = task.output_features["targets"].vocabulary
+  replies = ["Paris", "the city of Rome", "Madrid, a large city", "vienna!", "Bergen"]  # the last one is wrong
+
+  def fake_predict_tokens(module, params, inputs_BxS, cfg, **kwargs):
+    assert inputs_BxS.shape == (5, 32) and cfg.max_decode_length == 8
+    return [list(vocabulary.encode(r)) for r in replies]
+
+  monkeypatch.setattr(inference, "predict_tokens", fake_predict_tokens)
+  result = inference.PredictionEval(task.name, {"inputs": 32, "targets": 8})(t5.Transformer(TINY), params=None)
+  references = [["Paris", "Paris, a large city"], ["Rome", "Rome, a large city"], ["Madrid", "Madrid, a large city"],
+                ["Vienna", "Vienna, a large city"], ["Oslo", "Oslo, a large city"]]
+  assert result == pytest.approx({f"eval/squad_{k}": v for k, v in text_metrics.squad(references, replies).items()})
+  assert result["eval/squad_em"] == pytest.approx(60.0)  # 'the city of Rome' and 'Bergen' miss
+
+
+def test_finetune_needs_an_initial_checkpoint(tmp_path, capsys, fresh_gin):
+  code = cli.main(["finetune", "--gin_file=gin/models/t5_1_1_tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+                   f"--gin.MODEL_DIR='{tmp_path}'", "--gin.TRAIN_STEPS=1",
+                   "--gin.MIXTURE_OR_TASK_NAME='repeat_lm.wiki_span_corruption'",
+                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"])
+  assert code == 2 and "INITIAL_CHECKPOINT_PATH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_gin", MODEL_GINS)
+def test_finetune_gin_parses(model_gin, fresh_gin):
+  gin_utils.parse([model_gin, "gin/runs/finetune.gin"], [])
+  assert gin.query_parameter("%DROPOUT_RATE") == 0.1 and gin.query_parameter("%LEARNING_RATE") == 0.001
+  assert "gin.REQUIRED" in repr(gin.query_parameter("%INITIAL_CHECKPOINT_PATH"))
+
+
+def test_tfds_tasks_under_mock_data(fresh_gin):
+  """SQuAD v1.1 and SuperGLUE through TFDS, with tfds.testing.mock_data (random examples, no download)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  module = t5.Transformer(TINY)
+  params = init_params(TINY)
+  # USE_CODE: examples generated from the builders' feature specs, no metadata files or downloads needed.
+  with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+    results = inference.PredictionEval(downstream.SQUAD_TASK, {"inputs": 32, "targets": 4}, batch_size=4)(
+        module, params)
+    results.update(inference.PredictionEval(downstream.SUPER_GLUE_MIXTURE, {"inputs": 32, "targets": 4},
+                                            batch_size=4)(module, params))
+    example = next(seqio.get_mixture_or_task("repeat_lm.super_glue.cb").get_dataset(
+        {"inputs": 32, "targets": 4}, split="validation", shuffle=False, try_in_mem_cache=False).as_numpy_iterator())
+  assert example["inputs_pretokenized"].decode().startswith("cb hypothesis: ")
+  assert example["targets_pretokenized"].decode() in ("entailment", "contradiction", "neutral")
+  assert {"eval/squad_em", "eval/squad_f1", "eval/boolq_accuracy", "eval/cb_accuracy", "eval/cb_mean_3class_f1",
+          "eval/copa_accuracy", "eval/multirc_f1a", "eval/multirc_em", "eval/rte_accuracy",
+          "eval/wic_accuracy"} == set(results)
+  assert all(0.0 <= v <= 100.0 for v in results.values())

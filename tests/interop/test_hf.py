@@ -1,0 +1,160 @@
+"""Hugging Face export and import: logits equal transformers' on the same inputs (float32, non-padding positions),
+greedy decoding equals `generate`, and the tokenizer equals the SeqIO vocabulary."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from interop_helpers import SMALL, TINY, TINY_SWITCH, init_params, logits, make_batch, random_params
+from repeat_lm.interop import hf, layout
+from repeat_lm.models import decoding, t5
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-4  # max abs logit difference, float32
+
+
+def hf_logits(model, batch) -> np.ndarray:
+  """transformers' logits with repeat_lm's masks: encoder padding masked; the decoder's causal mask suffices for the
+  non-padding positions that are compared."""
+  with torch.no_grad():
+    enc = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
+    return model(input_ids=enc, attention_mask=(enc != 0).long(),
+                 decoder_input_ids=torch.tensor(batch["decoder_input_tokens"], dtype=torch.long)).logits.numpy()
+
+
+def max_diff(ours, theirs, batch) -> float:
+  real = batch["decoder_target_tokens"] > 0  # padding positions differ by design (masked queries)
+  return float(np.abs(ours - theirs)[real].max())
+
+
+def _tiny_scanned():
+  config = dataclasses.replace(TINY, scan_layers=True)
+  per_layer = layout.flatten(init_params(TINY))
+  return config, layout.unflatten(layout.from_per_layer(per_layer, layout.layouts_for(config)))
+
+
+CASES = {
+    "tiny": lambda: (TINY, init_params(TINY)),
+    "tiny-scan": _tiny_scanned,
+    "tiny-tied-relu": lambda: (c := dataclasses.replace(TINY, logits_via_embedding=True, mlp_activations=("relu",)),
+                               random_params(c)),
+    "small": lambda: (c := dataclasses.replace(SMALL, scan_layers=True), init_params(c)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_matches_transformers(case, tmp_path):
+  config, params = CASES[case]()
+  batch = make_batch(config.vocab_size, inputs=16, targets=8)
+  hf.export_hf(params, config, tmp_path)
+  assert {"config.json", "model.safetensors", "generation_config.json"} <= {p.name for p in tmp_path.iterdir()}
+  model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+  diff = max_diff(logits(config, params, batch), hf_logits(model, batch), batch)
+  print(f"max abs logit difference ({config.emb_dim}d, scan={config.scan_layers}): {diff:.2e}")
+  assert diff < TOLERANCE
+
+
+def test_import_transformers_initialised_t5_v1_1(tmp_path):
+  torch.manual_seed(0)
+  hf_cfg = hf.hf_config(TINY)
+  model = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+  with torch.no_grad():  # an untied output layer, as T5 v1.1 checkpoints have
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.05)
+  model.save_pretrained(tmp_path)
+  batch = make_batch(TINY.vocab_size)
+  for overrides in ({}, {"scan_layers": True}):
+    config, params = hf.load_hf(tmp_path, **overrides)
+    assert dataclasses.replace(config, dropout_rate=0.0, **{k: False for k in overrides}) == TINY
+    diff = max_diff(logits(config, params, batch), hf_logits(model, batch), batch)
+    print(f"import max abs logit difference ({overrides}): {diff:.2e}")
+    assert diff < TOLERANCE
+  _, live = hf.from_hf_model(model)  # the same from the live model, without files
+  jax.tree.map(np.testing.assert_array_equal, live, hf.load_hf(tmp_path)[1])
+
+
+def test_import_tied_checkpoint_without_lm_head(tmp_path):
+  """transformers 5 ties a freshly built T5 v1.1's output layer to the embedding and saves shared.weight only."""
+  model = transformers.T5ForConditionalGeneration(hf.hf_config(TINY)).eval()
+  model.save_pretrained(tmp_path)
+  config, params = hf.load_hf(tmp_path)
+  np.testing.assert_array_equal(params["logits_dense"]["kernel"], params["token_embedder"]["embedding"].T)
+  batch = make_batch(TINY.vocab_size)
+  assert max_diff(logits(config, params, batch), hf_logits(model, batch), batch) < TOLERANCE
+
+
+def test_greedy_decoding_matches_generate(tmp_path):
+  params = jax.tree.map(np.array, init_params(TINY))
+  batch = make_batch(TINY.vocab_size, batch=4, seed=3)
+  length = 10
+  greedy = jax.jit(lambda p, e: decoding.greedy(t5.Transformer(TINY), p, e, length)[0])
+  # Make EOS a little more likely than row 0's third token wherever that token is likely: rows stop early, which
+  # checks the stopping and the padding after EOS too.
+  token = int(greedy(params, batch["encoder_input_tokens"])[0, 2])
+  params["logits_dense"]["kernel"][:, decoding.EOS_ID] = 1.01 * params["logits_dense"]["kernel"][:, token]
+  hf.export_hf(params, TINY, tmp_path)
+  model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+  ours = greedy(params, batch["encoder_input_tokens"])
+  enc = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
+  theirs = model.generate(input_ids=enc, attention_mask=(enc != 0).long(), max_new_tokens=length, num_beams=1,
+                          do_sample=False).numpy()[:, 1:]  # drop the decoder start token 0
+  theirs = np.pad(theirs, ((0, 0), (0, length - theirs.shape[1])))
+  assert (np.asarray(ours) == decoding.EOS_ID).any(axis=1).sum() >= 1
+  np.testing.assert_array_equal(np.asarray(ours), theirs)
+
+
+def test_tokenizer_matches_seqio_vocabulary(tmp_path):
+  from repeat_lm.data import vocab
+  vocabulary = vocab.default_vocabulary()
+  hf.export_hf(init_params(TINY), TINY, tmp_path, sentencepiece_model=vocabulary.sentencepiece_model_file)
+  assert (tmp_path / "spiece.model").exists() and (tmp_path / "tokenizer_config.json").exists()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  for text in ["The capital of France is Paris.", "  spaces  and\nnewlines", "A <extra_id_0> sentinel"]:
+    assert tokenizer(text).input_ids == [*vocabulary.encode(text), decoding.EOS_ID], text
+  assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == vocabulary.vocab_size - 1
+  assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
+
+
+def test_switch_export_matches_transformers(tmp_path):
+  params = jax.tree.map(np.array, random_params(TINY_SWITCH))
+  flat = layout.flatten(params)
+  for path in flat:  # sharper routers, so tokens really go to different experts
+    if path.endswith("mlp/router"):
+      flat[path] = flat[path] * 100.0
+  params = layout.unflatten(flat)
+  batch = make_batch(TINY_SWITCH.vocab_size, inputs=16, targets=8)
+  hf.export_hf(params, TINY_SWITCH, tmp_path)
+  model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path).eval()
+  router = model.encoder.block[1].layer[1].mlp.router
+  with torch.no_grad():
+    hidden = torch.randn(1, 16, TINY_SWITCH.emb_dim)
+    assert len(set(router(hidden)[0].argmax(-1).flatten().tolist())) > 1
+  diff = max_diff(logits(TINY_SWITCH, params, batch), hf_logits(model, batch), batch)
+  print(f"Switch export max abs logit difference: {diff:.2e}")
+  assert diff < TOLERANCE
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"num_selected_experts": 2}, "top-2 routing"),
+    ({"sparse_first": True}, "sparse layers [0, 2]"),
+    ({"expert_mlp_dim": 32}, "expert_mlp_dim 32 != mlp_dim 64"),
+    ({"expert_activations": ("gelu", "linear")}, "one non-gated activation"),
+])
+def test_switch_export_explains_unmappable_layouts(change, reason, tmp_path):
+  config = dataclasses.replace(TINY_SWITCH, moe=dataclasses.replace(TINY_SWITCH.moe, **change))
+  with pytest.raises(ValueError, match="cannot be exported as SwitchTransformers") as e:
+    hf.export_hf({}, config, tmp_path)
+  assert reason in str(e.value)
+
+
+def test_config_json_states_untied_v1_1(tmp_path):
+  hf.export_hf(init_params(TINY), TINY, tmp_path, dtype="bfloat16")
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  assert cfg["feed_forward_proj"] == "gated-gelu" and cfg["tie_word_embeddings"] is False
+  assert cfg["scale_decoder_outputs"] is False and cfg["dtype"] == "bfloat16"
+  config, params = hf.load_hf(tmp_path)  # bfloat16 weights come back as float32 parameters
+  assert jax.tree.leaves(params)[0].dtype == np.float32 and config.mlp_activations == ("gelu", "linear")

@@ -1,0 +1,49 @@
+"""INITIAL_CHECKPOINT_PATH's loader: any checkpoint kind, into any layout, onto the mesh, with clear errors."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from interop_helpers import TINY, init_params
+from repeat_lm.interop import layout, load
+from repeat_lm.models import t5
+from repeat_lm.train import partitioning
+
+
+def sharded_abstract(config, partitioner):
+  module = t5.Transformer(config)
+  tokens = np.ones((8, 8), np.int32)
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, tokens, tokens, enable_dropout=False))
+  shardings = partitioner.tree_shardings(partitioning.params_logical_axes(variables["params_axes"]))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), variables["params"],
+                      shardings)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["same-layout", "into-scanned"])
+def test_repeat_lm_model_dir_onto_the_mesh(tiny_model_dir, scan):
+  config = dataclasses.replace(TINY, scan_layers=scan)
+  abstract = sharded_abstract(config, partitioning.Partitioner(4, 2))
+  assert load.checkpoint_kind(tiny_model_dir) == "repeat_lm"
+  params = load.load_params(tiny_model_dir, abstract, config=config)
+  jax.tree.map(lambda p, a: (p.shape == a.shape and p.sharding == a.sharding) or pytest.fail(str(a)), params, abstract)
+  expected = layout.from_per_layer(layout.flatten(jax.tree.map(np.asarray, init_params(TINY))),
+                                   layout.layouts_for(config))
+  for path, value in layout.flatten(params).items():
+    np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=path)
+
+
+def test_hf_architecture_mismatch_is_named(tmp_path):
+  from repeat_lm.interop import hf
+  hf.export_hf(init_params(TINY), TINY, tmp_path)
+  relu = dataclasses.replace(TINY, mlp_activations=("relu",))
+  with pytest.raises(ValueError, match=r"mlp_activations: checkpoint \('gelu', 'linear'\) vs model \('relu',\)"):
+    load.load_for_module(tmp_path, t5.Transformer(relu))
+
+
+def test_unknown_directory_is_refused(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a checkpoint repeat_lm can read"):
+    load.checkpoint_kind(tmp_path)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    load.checkpoint_kind(tmp_path / "nowhere")

@@ -1,0 +1,143 @@
+"""repeat_lm's modules under T5X's calling conventions (the test double in t5x_double.py), and the documented T5X
+gin files (docs/t5x_example*.gin) parsed against repeat_lm's configurables with T5X's names stood in."""
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+import t5x_double
+from interop_helpers import TINY, TINY_SWITCH
+from repeat_lm.models import decoding, t5
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+INPUTS, TARGETS = 16, 8
+
+
+def converter_batch(vocab_size: int, pack: bool) -> dict[str, np.ndarray]:
+  """One batch straight from seqio.EncDecFeatureConverter, so the keys are exactly those T5X feeds."""
+  rng = np.random.default_rng(0)
+  examples = [{"inputs": rng.integers(2, vocab_size, n).astype(np.int32),
+               "targets": rng.integers(2, vocab_size, m).astype(np.int32)} for n, m in ((5, 3), (7, 4), (4, 2),
+                                                                                       (9, 5))]
+  ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature={
+      "inputs": tf.TensorSpec([None], tf.int32), "targets": tf.TensorSpec([None], tf.int32)})
+  ds = seqio.EncDecFeatureConverter(pack=pack)(ds, {"inputs": INPUTS, "targets": TARGETS})
+  return next(ds.batch(4 if not pack else 2).as_numpy_iterator())
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+def test_encoder_decoder_model_contract(scan):
+  # Dropout rate 0 keeps compiles short; the rng plumbing of training (enable_dropout + rngs) is exercised all the same.
+  config = dataclasses.replace(TINY, vocab_size=256, scan_layers=scan, num_encoder_layers=1, num_decoder_layers=1)
+  model = t5x_double.EncoderDecoderModel(t5.Transformer(config))
+  variables = model.get_initial_variables(jax.random.key(0), {"encoder_input_tokens": (2, INPUTS),
+                                                              "decoder_input_tokens": (2, TARGETS)})
+  params = variables["params"]
+  packed = converter_batch(config.vocab_size, pack=True)
+  assert set(t5x_double.PACKING_FEATURES) <= set(packed)
+  loss, _ = model.loss_fn(params, packed, jax.random.key(1))  # a dropout rng, as in training
+  assert np.isfinite(loss)
+  unpacked = converter_batch(config.vocab_size, pack=False)
+  assert set(unpacked) == set(t5x_double.ENC_DEC_FEATURES)
+  # Decoding through T5X's cache plumbing, with every example repeated in place as beam search does (on cache axis
+  # 1 when scanned): the same tokens as repeat_lm's own greedy decoding.
+  tokens = model.predict_batch(params, unpacked, num_decodes=2)
+  ours = jax.jit(lambda p, e: decoding.greedy(t5.Transformer(config), p, e, TARGETS)[0])(
+      params, unpacked["encoder_input_tokens"])
+  np.testing.assert_array_equal(tokens, np.asarray(ours))
+
+
+def test_moe_model_reads_the_sown_losses():
+  config = dataclasses.replace(TINY_SWITCH, scan_layers=True, num_encoder_layers=1, num_decoder_layers=1,
+                               moe=dataclasses.replace(TINY_SWITCH.moe, sparse_every=1))
+  module = t5.Transformer(config)
+  model = t5x_double.MoeEncoderDecoderModel(module, aux_loss_factor=0.5, router_z_loss_factor=0.1)
+  variables = model.get_initial_variables(jax.random.key(0), {"encoder_input_tokens": (2, INPUTS),
+                                                              "decoder_input_tokens": (2, TARGETS)})
+  batch = converter_batch(config.vocab_size, pack=False)
+  loss, metrics = model.loss_fn(variables["params"], batch, None)
+  plain_loss = functools.partial(t5x_double.EncoderDecoderModel._loss, model)  # pylint: disable=protected-access
+  without_aux, _ = jax.jit(plain_loss)(variables["params"], batch, None)
+  expected = without_aux + 0.5 * metrics["experts/auxiliary_loss"] + 0.1 * metrics["experts/router_z_loss"]
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  assert 0.5 < float(metrics["experts/auxiliary_loss"]) < 4.0  # E x sum(f_e p_e): 1 when balanced
+
+
+def test_a_module_without_params_axes_is_refused():
+  import flax.linen as nn
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, **kwargs):
+      return nn.Dense(4)(decoder_input_tokens.astype(jnp.float32)[..., None])
+
+  with pytest.raises(ValueError, match="params_axes"):
+    t5x_double.EncoderDecoderModel(Plain()).get_initial_variables(
+        jax.random.key(0), {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)})
+
+
+TINY_BINDINGS = """from __gin__ import dynamic_registration
+from repeat_lm import gin_utils
+from repeat_lm.models import t5
+t5.T5Config.vocab_size = 256
+t5.T5Config.dtype = 'float32'
+t5.T5Config.emb_dim = 32
+t5.T5Config.num_heads = 2
+t5.T5Config.head_dim = 16
+t5.T5Config.num_encoder_layers = 2
+t5.T5Config.num_decoder_layers = 2
+gin_utils.macro_value.value = %MODEL
+"""
+
+
+def _model_from_doc(text: str, tmp_path: Path, extra: str = ""):
+  path = tmp_path / "model.gin"
+  path.write_text(text)
+  gin.parse_config_files_and_bindings([str(path)], [TINY_BINDINGS + extra], finalize_config=False,
+                                      skip_unknown=False)
+  from repeat_lm import gin_utils
+  return gin.configurable(gin_utils.macro_value)()
+
+
+@pytest.mark.parametrize("doc, model_cls, moe", [("t5x_example.gin", "EncoderDecoderModel", False),
+                                                 ("t5x_example_moe.gin", "MoeEncoderDecoderModel", True)])
+def test_documented_gin_parses_with_repeat_lm(doc, model_cls, moe, tmp_path, monkeypatch, fresh_gin):
+  t5x_double.install_stand_ins(monkeypatch)
+  extra = ("moe.MoeConfig.num_experts = 4\nmoe.MoeConfig.expert_mlp_dim = 32\nt5.T5Config.mlp_dim = 32\n"
+           if moe else "t5.T5Config.mlp_dim = 64\n")
+  model = _model_from_doc((DOCS / doc).read_text(), tmp_path,
+                          "from repeat_lm.models import moe\n" + extra if moe else extra)
+  assert type(model).__name__ == model_cls
+  assert isinstance(model.module, t5.Transformer) and (model.module.config.moe is not None) == moe
+  assert model.optimizer_def.logical_factor_rules == (t5x_double.MOE_FACTOR_RULES if moe
+                                                      else t5x_double.FACTOR_RULES)
+  assert isinstance(model.input_vocabulary, seqio.SentencePieceVocabulary)
+  model.get_initial_variables(jax.random.key(0), {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 4)})
+  assert gin.query_parameter("tasks.span_corruption_task.corpus").endswith(".json.gz")
+
+
+@pytest.mark.parametrize("typo", [("emb_dim = 768", "emb_dimm = 768"), ("@t5.Transformer()", "@t5.Transformr()"),
+                                  ("from repeat_lm.models import t5", "from repeat_lm.model import t5")])
+def test_documented_gin_with_a_wrong_repeat_lm_name_fails(typo, tmp_path, monkeypatch, fresh_gin):
+  t5x_double.install_stand_ins(monkeypatch)
+  text = (DOCS / "t5x_example.gin").read_text()
+  assert typo[0] in text
+  with pytest.raises(Exception):
+    _model_from_doc(text.replace(typo[0], typo[1]), tmp_path, "t5.T5Config.mlp_dim = 64\n")
+
+
+def test_params_use_only_t5x_logical_axes():
+  for config, axes in ((TINY, t5x_double.STANDARD_AXES), (TINY_SWITCH, t5x_double.MOE_AXES)):
+    tokens = jnp.ones((2, 8), jnp.int32)
+    variables = jax.eval_shape(lambda c=config: t5.Transformer(c).init(jax.random.key(0), tokens, tokens, tokens,
+                                                                       enable_dropout=False))
+    names = {n for v in t5x_double.logical_axes(variables).values() for n in v}
+    assert names <= axes, names - axes

@@ -1,0 +1,135 @@
+"""Decoding with the cache equals the uncached forward pass; greedy, sampling and beam search agree where they must."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from repeat_lm.models import decoding, moe, t5
+
+B, S, L = 3, 10, 8  # batch, encoder length, max decode length
+# One layer per stack keeps compiles short; the scanned variants loop over it with nn.scan all the same.
+DENSE = t5.T5Config(vocab_size=128, dtype="float32", emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
+                    num_encoder_layers=1, num_decoder_layers=1)
+CONFIGS = {
+    "dense": DENSE,
+    "scanned": dataclasses.replace(DENSE, scan_layers=True),
+    # Capacity that never binds, so one cached token routes as it does inside the full sequence.
+    "moe-scanned": dataclasses.replace(DENSE, scan_layers=True, moe=moe.MoeConfig(
+        num_experts=4, expert_mlp_dim=32, sparse_every=1, eval_capacity_factor=4.0, min_expert_capacity=32)),
+}
+
+
+@functools.cache
+def setup(name: str):
+  """(module, params with EOS made likely enough that some rows stop early, encoder inputs with padding)."""
+  config = CONFIGS[name]
+  module = t5.Transformer(config)
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(2, config.vocab_size, (B, S)).astype(np.int32)
+  inputs[0, 6:] = 0
+  tokens = jnp.ones((1, 4), jnp.int32)
+  params = jax.tree.map(np.array, jax.jit(lambda: module.init(jax.random.key(0), tokens, tokens, tokens,
+                                                              enable_dropout=False)["params"])())
+  # EOS slightly above the token a random-init model predicts most often, wherever that token would win.
+  random_decoder_inputs = rng.integers(2, config.vocab_size, (B, L)).astype(np.int32)
+  favourite = np.bincount(full_forward_log_probs(module, params, inputs, random_decoder_inputs).argmax(-1).ravel(),
+                          minlength=config.vocab_size).argmax()
+  kernel = params["logits_dense"]["kernel"]
+  kernel[:, decoding.EOS_ID] = 1.01 * kernel[:, favourite]
+  return module, params, inputs
+
+
+def full_forward_log_probs(module, params, inputs, tokens_BxL):
+  """log softmax of the teacher-forced logits when the decoder reads BOS + tokens[:-1] (no cache)."""
+  decoder_inputs = np.concatenate([np.zeros((len(tokens_BxL), 1), np.int32), tokens_BxL[:, :-1]], axis=1)
+  return np.asarray(_forward(module)(params, inputs, decoder_inputs))
+
+
+@functools.cache
+def _forward(module):
+  return jax.jit(lambda p, x, y: jax.nn.log_softmax(module.apply({"params": p}, x, y, jnp.ones_like(y),
+                                                                 enable_dropout=False)))
+
+
+def valid_positions(tokens_BxL):
+  """Positions up to and including the first EOS (afterwards the output is padding)."""
+  ended = np.cumsum(tokens_BxL == decoding.EOS_ID, axis=1)
+  return (ended == 0) | ((ended == 1) & (tokens_BxL == decoding.EOS_ID))
+
+
+@functools.cache
+def _greedy(module):
+  return jax.jit(lambda p, x: decoding.greedy(module, p, x, L))
+
+
+# The scanned dense cache is exercised by the beam search test below (and tests/interop's T5X contract).
+@pytest.mark.parametrize("name", ["dense", "moe-scanned"])
+def test_cached_greedy_equals_full_forward(name):
+  module, params, inputs = setup(name)
+  tokens, log_probs = _greedy(module)(params, inputs)
+  tokens, log_probs = np.asarray(tokens), np.asarray(log_probs)
+  full = full_forward_log_probs(module, params, inputs, tokens)
+  valid = valid_positions(tokens)
+  np.testing.assert_array_equal(np.argmax(full, -1)[valid], tokens[valid])
+  chosen = np.take_along_axis(full, tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(log_probs[valid], chosen[valid], atol=1e-5)
+  assert (tokens[~valid] == 0).all() and (log_probs[~valid] == 0).all()
+  if name == "dense":
+    assert (~valid).any() and valid[:, 0].all()  # some row stopped early; padding follows its EOS
+
+
+@functools.cache
+def _beams(module):
+  return jax.jit(lambda p, x: decoding.beam_search_all(module, p, x, L, num_beams=3, alpha=0.6))
+
+
+def test_beam_search():
+  module, params, inputs = setup("dense")
+  beams, scores = _beams(module)(params, inputs)
+  beams, scores = np.asarray(beams), np.asarray(scores)
+  assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+  # Each beam's score is its full-forward log-probability over its length (EOS included), length-normalised.
+  for b in range(B):
+    full = full_forward_log_probs(module, params, inputs[b:b + 1].repeat(3, 0), beams[b])
+    valid = valid_positions(beams[b])
+    log_p = (np.take_along_axis(full, beams[b][..., None], -1)[..., 0] * valid).sum(-1)
+    expected = log_p / ((5.0 + valid.sum(-1)) / 6.0) ** 0.6
+    np.testing.assert_allclose(scores[b], expected, atol=1e-4)
+  greedy, greedy_log_probs = map(np.asarray, _greedy(module)(params, inputs))
+  greedy_score = greedy_log_probs.sum(-1) / ((5.0 + valid_positions(greedy).sum(-1)) / 6.0) ** 0.6
+  assert (scores[:, 0] >= greedy_score - 1e-4).all()  # beam search finds at least the greedy sequence
+
+
+def test_beam_search_scanned_equals_unscanned():
+  """The scanned cache is [layers, B, ...]: beams are reordered on axis 1 there."""
+  module, params, inputs = setup("dense")
+  from repeat_lm.interop import layout  # pylint: disable=import-outside-toplevel
+  stacked = layout.unflatten(layout.from_per_layer(layout.flatten(params), layout.layouts_for(CONFIGS["scanned"])))
+  for got, want in zip(_beams(t5.Transformer(CONFIGS["scanned"]))(stacked, inputs), _beams(module)(params, inputs)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_sampling():
+  module, params, inputs = setup("dense")
+  greedy = _greedy(module)(params, inputs)[0]
+  top1 = decoding.decode(module, params, inputs, decoding.DecodeConfig("sample", L, topk=1, seed=3))
+  np.testing.assert_array_equal(top1, greedy)
+  hot = [np.asarray(decoding.decode(module, params, inputs, decoding.DecodeConfig("sample", L, temperature=5.0,
+                                                                                  topk=4, seed=s))) for s in (0, 1)]
+  assert not np.array_equal(hot[0], hot[1])  # the seed matters
+  same = decoding.decode(module, params, inputs, decoding.DecodeConfig("sample", L, temperature=5.0, topk=4, seed=0))
+  np.testing.assert_array_equal(same, hot[0])  # and only the seed
+  for tokens in hot:  # every draw is among the 4 most likely tokens at its step
+    full = full_forward_log_probs(module, params, inputs, tokens)
+    top4 = np.argsort(-full, -1)[..., :4]
+    valid = valid_positions(tokens)
+    assert (top4 == tokens[..., None]).any(-1)[valid].all()
+
+
+def test_decode_config_is_checked():
+  with pytest.raises(ValueError, match="method"):
+    decoding.DecodeConfig(method="nucleus")
