@@ -149,8 +149,13 @@ def _add_bench(sub) -> None:
                  help="Activation dtype: 'auto' keeps the gin's on accelerators and uses float32 on CPU.")
   t.add_argument("--compare", choices=["hf"], default=None, help="Also time Hugging Face's PyTorch T5, interleaved.")
   t.add_argument("--json", action="store_true", help="Print one JSON object only.")
+  t.add_argument("--compile_only", action="store_true",
+                 help="Only lower + compile the step from abstract shapes (no allocation); report compile time.")
   _add_bench_moe(bench_sub)
   _add_bench_data(bench_sub)
+  r = bench_sub.add_parser("report", help="Measure the zoo and rewrite docs/performance.md.")
+  r.add_argument("--out", default="docs/performance.md")
+  r.add_argument("--no_hf", action="store_true", help="Skip the Hugging Face comparison.")
 
 
 def _add_bench_moe(bench_sub) -> None:
@@ -181,11 +186,19 @@ def _run_bench(args, bindings: Sequence[str]) -> dict:
     return _run_bench_moe(args, bindings)
   if args.bench_command == "data":
     return _run_bench_data(args)
+  if args.bench_command == "report":
+    from repeat_lm.bench import report
+    report.write(args.out, compare_hf=not args.no_hf)
+    return {"written": args.out}
   from repeat_lm import gin_utils
   from repeat_lm.bench import train as bench_train
   from repeat_lm.train import partitioning
   model = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path)
   model = bench_train.with_dtype(model, args.dtype)
+  if args.compile_only:
+    return bench_train.compile_only(model, bench_train.BenchConfig(
+        batch_size=args.batch_size, inputs_length=args.inputs_length, targets_length=args.targets_length),
+        partitioning.Partitioner(args.data_parallel, args.model_parallel))
   cfg = bench_train.BenchConfig(batch_size=args.batch_size, inputs_length=args.inputs_length,
                                 targets_length=args.targets_length, steps=args.steps, rounds=args.rounds)
   partitioner = partitioning.Partitioner(args.data_parallel, args.model_parallel)
@@ -201,6 +214,10 @@ def _run_bench_moe(args, bindings: Sequence[str]) -> dict:
   from repeat_lm.train import partitioning
   model = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path)
   model = bench_train.with_dtype(model, args.dtype)
+  if args.compile_only:
+    return bench_train.compile_only(model, bench_train.BenchConfig(
+        batch_size=args.batch_size, inputs_length=args.inputs_length, targets_length=args.targets_length),
+        partitioning.Partitioner(args.data_parallel, args.model_parallel))
   cfg = bench_train.BenchConfig(batch_size=args.batch_size, inputs_length=args.inputs_length,
                                 targets_length=args.targets_length, steps=args.steps, rounds=args.rounds)
   partitioner = partitioning.Partitioner(args.data_parallel, args.model_parallel, args.expert_parallel)
@@ -578,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  from repeat_lm import runtime
+  runtime.configure_xla_flags()  # Before anything starts a JAX backend.
   from repeat_lm import gin_utils
   try:
     bindings, rest = gin_utils.split_gin_args(argv)

@@ -40,8 +40,7 @@ class Settings:
   eval_batch_size: int = 32
   eval_steps: int = 10  # 320 of the 374 validation examples at 128/32
   evals: int = 12  # evaluation points per run (also the checkpoint period)
-  # T5's `constant * rsqrt_decay`: flat at 1/sqrt(warmup) for the warm-up, then decaying; a short warm-up gives a
-  # short run a high enough rate.
+  learning_rate_factors: str = "constant * rsqrt_decay"  # optim.make_schedule; total_steps is bound to the run's
   warmup_steps: int = 100
   base_learning_rate: float = 1.0
   # gin bindings of t5.T5Config on top of the tiny model gin (a slightly bigger model overfits visibly sooner).
@@ -93,7 +92,9 @@ def gin_bindings(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: i
       f"trainer.train.log_period = {math.gcd(log_period, period)}",
       f"trainer.train.eval_period = {period}",
       f"trainer.train.eval_steps = {s.eval_steps}",
+      f"optim.make_schedule.factors = {s.learning_rate_factors!r}",
       f"optim.make_schedule.warmup_steps = {s.warmup_steps}",
+      f"optim.make_schedule.total_steps = {steps}",
       f"optim.make_schedule.base_learning_rate = {s.base_learning_rate}",
       f"checkpoint.CheckpointConfig.period = {period}",
       "checkpoint.CheckpointConfig.keep = 1",

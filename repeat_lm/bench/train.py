@@ -169,3 +169,27 @@ def format_report(r: dict) -> str:
                  f"{r['hf']['step_time_s'] * 1e3:.1f} ms, {r['hf']['tokens_per_s']:.0f} tokens/s, "
                  f"MFU {100 * r['hf']['mfu']:.1f}%; repeat_lm / HF = {r['speedup_vs_hf']:.2f}x")
   return "\n".join(lines)
+
+
+def compile_only(model: EncoderDecoderModel, cfg: BenchConfig,
+                 partitioner: partitioning.Partitioner | None = None) -> dict:
+  """Lower and compile the training step from abstract shapes (nothing allocated): the compile time of a size."""
+  partitioner = partitioner or partitioning.Partitioner()
+  tx = optim.make_optimizer(learning_rate=optim.make_schedule())
+  spec = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32)
+          for k, v in synthetic_batch(dataclasses.replace(cfg, batch_size=1), model.vocab_size).items()}
+  spec = {k: jax.ShapeDtypeStruct((cfg.batch_size, v.shape[1]), v.dtype) for k, v in spec.items()}
+  start = time.perf_counter()
+  layout = state_lib.layout(model, tx, partitioner, spec, cfg.seed)
+  step_fn = state_lib.make_train_step(model, tx, layout, partitioner, cfg.seed)
+  abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout.batch_shardings[k])
+                    for k, s in spec.items()}
+  with partitioner.activate():
+    lowered = step_fn.jitted.lower(layout.abstract, abstract_batch)
+  lower_s = time.perf_counter() - start
+  lowered.compile()
+  mcfg = model.module.config
+  return {"compile_time_s": time.perf_counter() - start, "lower_time_s": lower_s,
+          "scan_layers": mcfg.scan_layers, "remat_policy": mcfg.remat_policy,
+          "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(layout.abstract["params"]))),
+          "batch_size": cfg.batch_size, "inputs_length": cfg.inputs_length, "targets_length": cfg.targets_length}

@@ -1,0 +1,48 @@
+"""The benchmark times the trainer's own step, and reports numbers consistent with the FLOP counter."""
+
+import jax
+import numpy as np
+import pytest
+
+from repeat_lm.bench import train as bench_train
+from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer
+from repeat_lm.train import flops, partitioning, state as state_lib
+
+CFG = bench_train.BenchConfig(batch_size=8, inputs_length=32, targets_length=8, steps=2, rounds=2, warmup=1)
+
+
+def tiny():
+  return EncoderDecoderModel(module=Transformer(T5Config(
+      vocab_size=512, dtype="float32", emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=2,
+      num_decoder_layers=2)))
+
+
+def test_bench_step_is_the_trainers_step_and_computes_the_model_loss(monkeypatch):
+  built = []
+  real = state_lib.make_train_step
+  monkeypatch.setattr(state_lib, "make_train_step", lambda *a, **k: built.append(a) or real(*a, **k))
+  model = tiny()
+  step = bench_train.JaxStep(model, CFG, partitioning.Partitioner(4, 2))
+  assert len(built) == 1  # The benchmark built its step with the trainer's constructor.
+  params0 = jax.device_get(step.state["params"])
+  host = bench_train.synthetic_batch(CFG, model.vocab_size, CFG.seed)
+  _, expected = model.loss_and_metrics(params0, host)
+  step.run(1)
+  got = jax.device_get(step.last_metrics)
+  assert got["loss_sum"] / got["weight_sum"] == pytest.approx(
+      float(expected["loss_sum"] / expected["weight_sum"]), rel=1e-5)
+
+
+def test_run_benchmark_reports_consistent_numbers():
+  r = bench_train.run_benchmark(tiny(), CFG, partitioner=partitioning.Partitioner(4, 2))
+  for key in ("step_time_s", "tokens_per_s", "model_tflops_per_s", "mfu", "compile_time_s"):
+    assert np.isfinite(r[key]) and r[key] > 0
+  assert r["tokens_per_s"] == pytest.approx(8 * 40 / r["step_time_s"])
+  per_seq = flops.train_flops_per_sequence(tiny().module.config, 32, 8)
+  assert r["model_tflops_per_s"] == pytest.approx(8 * per_seq / r["step_time_s"] / 1e12)
+  assert r["step_time_min_s"] <= r["step_time_s"] <= r["step_time_max_s"]
+
+
+def test_compile_only_allocates_nothing_and_counts_params():
+  r = bench_train.compile_only(tiny(), CFG, partitioning.Partitioner(4, 2))
+  assert r["compile_time_s"] > 0 and r["params"] > 0
