@@ -482,7 +482,10 @@ def _run_sweep(args, bindings: Sequence[str]) -> dict:
   opts = runner.Options(launcher=args.launcher, dry_run=args.dry_run, only=args.only, submit=args.submit,
                         tpu=args.tpu, zone=args.zone, project=args.project, sbatch_args=args.sbatch_arg,
                         bindings=bindings)
-  result = runner.run_sweep(args.experiment, args.root, opts)
+  try:
+    result = runner.run_sweep(args.experiment, args.root, opts)
+  except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the current run checkpointed and was left pending
+    raise RuntimeError(f"sweep interrupted ({e or 'Ctrl-C'}); run the same command again to resume.") from e
   if result["failed"] and not args.dry_run:
     print(json.dumps(result, sort_keys=True))
     raise RuntimeError(f"{len(result['failed'])} run(s) failed: " + "; ".join(

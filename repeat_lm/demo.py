@@ -13,45 +13,48 @@ reuses finished runs and resumes unfinished ones from their checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import logging
-import math
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
 GIN_FILES = ("gin/models/t5_1_1_tiny.gin", "gin/runs/pretrain.gin")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Everything that shapes the three runs; stored with each run so a changed setting is never silently resumed."""
+  """Everything that shapes the three runs; stored with each run so a changed setting is never silently resumed.
+
+  The defaults were chosen by trying them (docs/demo.md): 2^14 tokens x 32 epochs overfits within the budget (2^15 x
+  16 did not, at this size), the cosine schedule makes the final evaluation a settled value rather than a sample of
+  the last steps' noise, and the model is the tiny gin widened to d_model 128 (the 64-wide one learns and overfits
+  less for about 30% less time).
+  """
   budget_log2: int = 19  # tokens every run reads: the fresh run reads 2^19 of the corpus's ~670K once
   repeated_log2: int = 14  # unique tokens of the repeated runs, read 2^(budget - repeated) times
-  dropout_rate: float = 0.1
+  dropout_rate: float = 0.2
   inputs_length: int = 128
   targets_length: int = 32
-  batch_size: int = 16
+  batch_size: int = 8  # 464 steps of the budget: more updates learn more from 2^19 tokens than larger batches
   eval_batch_size: int = 32
-  eval_steps: int = 10  # 320 of the 374 validation examples at 128/32
-  evals: int = 12  # evaluation points per run (also the checkpoint period)
-  learning_rate_factors: str = "constant * rsqrt_decay"  # optim.make_schedule; total_steps is bound to the run's
-  warmup_steps: int = 100
-  base_learning_rate: float = 1.0
-  # gin bindings of t5.T5Config on top of the tiny model gin (a slightly bigger model overfits visibly sooner).
-  model: tuple[tuple[str, object], ...] = ()
+  eval_steps: int = 8  # 256 of the 374 validation examples at 128/32
+  evals: int = 16  # evaluation points per run (also the checkpoint period)
+  learning_rate_factors: str = "constant * cosine_decay"  # optim.make_schedule, over the run's steps
+  warmup_steps: int = 0  # Adafactor's relative updates need no warm-up at this rate
+  base_learning_rate: float = 0.05
+  # t5.T5Config bindings on top of the tiny model gin (2+2 layers, d_model 64, d_ff 128, 4 heads x 16).
+  model: tuple[tuple[str, object], ...] = (("emb_dim", 128), ("mlp_dim", 256), ("head_dim", 32))
   steps: int | None = None  # None: every run reads the whole budget
 
 
 FULL = Settings()
-# Tests: a few dozen steps of the tiny model; only the plumbing is checked, not the conclusions.
-QUICK = Settings(budget_log2=14, repeated_log2=11, inputs_length=64, targets_length=16, batch_size=8,
-                 eval_batch_size=8, eval_steps=2, evals=3, warmup_steps=10)
+# Tests: a few dozen steps of a 1+1-layer tiny model; only the plumbing is checked, not the conclusions.
+QUICK = Settings(budget_log2=14, repeated_log2=11, inputs_length=64, targets_length=16, eval_batch_size=8,
+                 eval_steps=2, evals=3, model=(("num_encoder_layers", 1), ("num_decoder_layers", 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +80,7 @@ def task_name(s: Settings, run: RunSpec) -> str:
 
 
 def gin_bindings(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: int) -> list[str]:
-  period = max(1, steps // s.evals)
-  log_period = max(1, period // 4)
+  period, log_period = eval_periods(s, steps)
   return [
       f"MODEL_DIR = {str(model_dir)!r}",
       f"TRAIN_STEPS = {steps}",
@@ -88,8 +90,7 @@ def gin_bindings(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: i
       f"EVAL_BATCH_SIZE = {s.eval_batch_size}",
       f"RANDOM_SEED = {seed}",
       f"DROPOUT_RATE = {s.dropout_rate if run.dropout else 0.0}",
-      # Every evaluation falls on a logging step, so its tokens seen are exact rather than interpolated.
-      f"trainer.train.log_period = {math.gcd(log_period, period)}",
+      f"trainer.train.log_period = {log_period}",
       f"trainer.train.eval_period = {period}",
       f"trainer.train.eval_steps = {s.eval_steps}",
       f"optim.make_schedule.factors = {s.learning_rate_factors!r}",
@@ -100,6 +101,13 @@ def gin_bindings(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: i
       "checkpoint.CheckpointConfig.keep = 1",
       *(f"t5.T5Config.{k} = {v!r}" for k, v in s.model),
   ]
+
+
+def eval_periods(s: Settings, steps: int) -> tuple[int, int]:
+  """(evaluation period, logging period): about `s.evals` evaluations, four logs between them, and every evaluation
+  on a logging step, so its tokens seen are exact rather than interpolated (the last step does both anyway)."""
+  log_period = max(1, steps // s.evals // 4)
+  return 4 * log_period, log_period
 
 
 def budget_steps(s: Settings, specs: Sequence[RunSpec]) -> int:
@@ -118,10 +126,10 @@ def budget_steps(s: Settings, specs: Sequence[RunSpec]) -> int:
 class _Progress(threading.Thread):
   """Prints 'run i/3, step, ETA' lines while a run trains, read from its metrics.jsonl (the trainer's own output)."""
 
-  def __init__(self, index: int, count: int, name: str, model_dir: Path, steps: int, later_steps: int,
+  def __init__(self, index: int, count: int, name: str, model_dir: Path, steps: int, later_runs: int,
                demo_start: float, every_s: float = 10.0):
     super().__init__(daemon=True)
-    self.index, self.count, self.name, self.steps, self.later_steps = index, count, name, steps, later_steps
+    self.index, self.count, self.name, self.steps, self.later_runs = index, count, name, steps, later_runs
     self.path, self.demo_start, self.every_s = model_dir / "metrics.jsonl", demo_start, every_s
     self.start_time, self.stop_event = time.perf_counter(), threading.Event()
     self.first: tuple[int, float] | None = None  # (step, time) of the first record this process saw
@@ -144,7 +152,7 @@ class _Progress(threading.Thread):
       per_step = (now - self.first[1]) / (step - self.first[0])
       # Later runs: the same step time plus the start-up (compilation, data) this run needed.
       startup = self.first[1] - self.start_time
-      left = per_step * (self.steps - step + self.later_steps) + startup * (self.count - self.index)
+      left = per_step * (self.steps - step + self.steps * self.later_runs) + startup * self.later_runs
       eta = f", ETA {_clock(left)}"
     loss_text = f", eval loss {loss:.3f}" if loss is not None else ""
     _say(f"run {self.index}/{self.count} ({self.name}): step {step}/{self.steps}{loss_text}; "
@@ -210,6 +218,16 @@ def _check_settings(model_dir: Path, record: dict) -> None:
                        "--out or delete that directory.")
 
 
+def _train_and_record(s: Settings, run: RunSpec, model_dir: Path, record: dict, steps: int, seed: int) -> None:
+  """train_run, with the settings and the training time (summed over resumes) in MODEL_DIR/demo_run.json."""
+  path = model_dir / "demo_run.json"
+  wall = float(json.loads(path.read_text()).get("train_wall_s", 0.0)) if path.exists() else 0.0
+  model_dir.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({**record, "train_wall_s": wall}, indent=2) + "\n")  # settings first: see _check_settings
+  wall += train_run(s, run, model_dir, steps, seed)
+  path.write_text(json.dumps({**record, "train_wall_s": wall}, indent=2) + "\n")
+
+
 def train_run(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: int) -> float:
   """Train (or resume) one run through gin and the project's trainer; returns the seconds it took."""
   from repeat_lm import gin_utils
@@ -222,6 +240,32 @@ def train_run(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: int)
     import gin
     gin.clear_config()
   return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def compilation_cache(path: Path):
+  """JAX's persistent compilation cache in `path` while the demo runs, unless one is configured already.
+
+  The trainer builds its jitted functions per call, so without it each run compiles everything again: the fresh
+  and repeated runs compile identical programs, the evaluation step is the same in all three, and a rerun (another
+  seed) compiles nothing. The previous configuration is restored afterwards.
+  """
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  if jax.config.jax_compilation_cache_dir:
+    yield
+    return
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  saved = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # many small programs add up
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      jax.config.update(k, v)
+    cc.reset_cache()
 
 
 # ---- results ----
@@ -252,39 +296,53 @@ def summarise_run(run: RunSpec, model_dir: Path, settings: Settings) -> dict:
   }
 
 
-def findings(runs: dict[str, dict], budget_log2: int) -> list[str]:
+def _worse(delta: float) -> str:
+  return "higher (worse)" if delta > 0 else "lower (better)" if delta < 0 else "equal"
+
+
+def _train_loss_at(run: dict, step: int) -> float:
+  """The logged training loss at the last logging step at or before `step` (evaluations fall on logging steps)."""
+  c = run["curves"]
+  return float(next(loss for s, loss in zip(reversed(c["train_step"]), reversed(c["train_loss"])) if s <= step))
+
+
+def _overfitting(run: dict) -> str:
+  rise = run["final_eval_loss"] - run["best_eval_loss"]
+  at = f"step {run['best_step']}, epoch {run['best_tokens_seen'] / run['unique_tokens']:.1f}"
+  if run["best_step"] >= run["steps"] or rise <= 0:
+    return f"its validation loss was lowest at the end ({run['best_eval_loss']:.4f}, {at}): no overfitting within " \
+           "the budget"
+  train_then, train_end = _train_loss_at(run, run["best_step"]), run["final_train_loss"]
+  trend = "fell" if train_end < train_then else "rose"
+  return (f"its validation loss was lowest at {at} ({run['best_eval_loss']:.4f}) and then rose by {rise:.4f} to the "
+          f"end, while its training loss {trend} from {train_then:.4f} to {train_end:.4f}"
+          + (": it overfit the repeated tokens" if trend == "fell" else ""))
+
+
+def findings(runs: dict[str, dict], seed: int) -> list[str]:
   """Sentences that state what the runs show; every number and every direction word comes from `runs`."""
   fresh, rep, drop = runs["fresh"], runs["repeated"], runs["repeated_dropout"]
   gap = rep["final_eval_loss"] - fresh["final_eval_loss"]
+  acc_gap = rep["final_eval_accuracy"] - fresh["final_eval_accuracy"]
   out = [
-      f"With the same budget of 2^{budget_log2} tokens, the run that repeated 2^{round(math.log2(rep['unique_tokens']))} "
-      f"tokens {rep['epochs']:.0f} times ended at validation loss {rep['final_eval_loss']:.4f}, "
-      f"{abs(gap):.4f} {'higher' if gap > 0 else 'lower'} than the fresh run's {fresh['final_eval_loss']:.4f} "
-      f"({'worse' if gap > 0 else 'better'}); validation accuracy {rep['final_eval_accuracy']:.4f} against "
-      f"{fresh['final_eval_accuracy']:.4f}."]
-  rise = rep["final_eval_loss"] - rep["best_eval_loss"]
-  if rep["best_step"] < rep["steps"] and rise > 0:
-    out.append(
-        f"The repeated run was best at step {rep['best_step']} (epoch {rep['best_tokens_seen'] / rep['unique_tokens']:.1f}, "
-        f"validation loss {rep['best_eval_loss']:.4f}); after that its validation loss rose by {rise:.4f} while its "
-        f"training loss kept falling to {rep['final_train_loss']:.4f}: it overfit the repeated tokens.")
-  else:
-    out.append(f"The repeated run's validation loss was still at its lowest at the end ({rep['best_eval_loss']:.4f}); "
-               "no overfitting is visible within this budget.")
-  fresh_rise = fresh["final_eval_loss"] - fresh["best_eval_loss"]
-  out.append(f"The fresh run ended {'at its best validation loss' if fresh_rise <= 0 else f'{fresh_rise:.4f} above its best validation loss'} "
-             f"({fresh['best_eval_loss']:.4f}).")
+      f"Same budget, different data: repeating {rep['unique_tokens']} tokens {rep['epochs']:.1f} times ended at "
+      f"validation loss {rep['final_eval_loss']:.4f}, {abs(gap):.4f} {_worse(gap)} than reading "
+      f"{fresh['tokens_seen']:.0f} fresh tokens once ({fresh['final_eval_loss']:.4f}); validation accuracy "
+      f"{rep['final_eval_accuracy']:.4f} against {fresh['final_eval_accuracy']:.4f} ({acc_gap:+.4f}).",
+      f"Repeated run: {_overfitting(rep)}.",
+      f"Fresh run: {_overfitting(fresh)}.",
+  ]
   delta = drop["final_eval_loss"] - rep["final_eval_loss"]
-  verdict = "helped" if delta < 0 else "did not help"
-  text = (f"Dropout {drop['dropout_rate']:g} on the repeated data {verdict}: final validation loss "
-          f"{drop['final_eval_loss']:.4f} against {rep['final_eval_loss']:.4f} without it ({delta:+.4f})")
-  if delta < 0 and gap > 0:
-    text += f", closing {min(-delta / gap, 9.99):.0%} of the gap to the fresh run"
+  text = (f"Dropout {drop['dropout_rate']:g} on the repeated data {'helped' if delta < 0 else 'did not help'}: final "
+          f"validation loss {drop['final_eval_loss']:.4f} against {rep['final_eval_loss']:.4f} without it "
+          f"({delta:+.4f})")
+  if delta < 0 < gap:
+    text += f", recovering {min(-delta / gap, 1.0):.0%} of the gap to the fresh run"
   drop_acc = drop["final_eval_accuracy"] - rep["final_eval_accuracy"]
-  out.append(text + f"; validation accuracy {drop['final_eval_accuracy']:.4f} ({drop_acc:+.4f}).")
-  out.append(f"Best validation losses: fresh {fresh['best_eval_loss']:.4f}, repeated {rep['best_eval_loss']:.4f}, "
-             f"repeated + dropout {drop['best_eval_loss']:.4f}. One seed: differences of a few thousandths can be "
-             "noise; run again with another `--seed` to see the spread.")
+  out.append(f"{text}; validation accuracy {drop['final_eval_accuracy']:.4f} ({drop_acc:+.4f}). With dropout, "
+             f"{_overfitting(drop)}.")
+  out.append(f"These are single runs (seed {seed}); `repeat-lm demo --seed=N` with another N shows how much of each "
+             "difference is seed noise.")
   return out
 
 
@@ -324,12 +382,14 @@ def write_outputs(out: Path, s: Settings, seed: int, steps: int, runs: list[dict
       "wall_time_s": wall_time_s, "seed": seed, "steps": steps, "budget_tokens": 2 ** s.budget_log2,
       "settings": _settings_record(s),
   }
-  summary["findings"] = findings(by_name, s.budget_log2)
+  summary["findings"] = findings(by_name, seed)
   pngs = _plots(out, runs)
+  overrides = " with " + ", ".join(f"`{k}={v}`" for k, v in s.model) if s.model else ""
   setup = (
-      f"Model: T5 v1.1 tiny (`{GIN_FILES[0]}`){' with ' + ', '.join(f'`{k}={v}`' for k, v in s.model) if s.model else ''}; "
+      f"Model: T5 v1.1 tiny (`{GIN_FILES[0]}`){overrides}; "
       f"span corruption at {s.inputs_length}/{s.targets_length} tokens, batch {s.batch_size}, {steps} steps per run, "
-      f"Adafactor with `constant * rsqrt_decay` ({s.warmup_steps} warm-up steps), seed {seed}. Data: the default "
+      f"Adafactor with the learning rate `{s.learning_rate_factors}` (base {s.base_learning_rate:g}, "
+      f"{s.warmup_steps} warm-up steps), seed {seed}. Data: the default "
       f"local corpus (Wikipedia articles from the gensim wheel, 8K-piece vocabulary); validation on "
       f"{s.eval_steps * s.eval_batch_size} examples of its held-out articles, the same for every run. "
       f"Wall time of this invocation: {wall_time_s:.0f} s.")
@@ -372,32 +432,32 @@ def run_demo(out: str | Path, *, seed: int = 0, quick: bool = False, steps: int 
   specs = run_specs(s)
   total = s.steps or budget_steps(s, specs)
   root = out / "runs" / f"{'quick' if quick else 'full'}_seed{seed}"
-  summaries, commands = [], {}
-  for i, run in enumerate(specs):
-    model_dir = root / run.name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    record = {"settings": _settings_record(s), "steps": total, "seed": seed, "task": task_name(s, run)}
-    _check_settings(model_dir, record)
-    commands[run.name] = gin_bindings(s, run, model_dir, total, seed)
-    state = _run_state(model_dir, total)
-    previous = json.loads((model_dir / "demo_run.json").read_text()) if (model_dir / "demo_run.json").exists() else {}
-    wall = float(previous.get("train_wall_s", 0.0))
-    if state == "done":
-      _say(f"run {i + 1}/{len(specs)} ({run.name}): finished before, reusing {model_dir}")
-    else:
-      _say(f"run {i + 1}/{len(specs)} ({run.label}): {'resuming' if state == 'partial' else 'training'} "
-           f"{total} steps into {model_dir}")
-      (model_dir / "demo_run.json").write_text(json.dumps({**record, "train_wall_s": wall}, indent=2) + "\n")
-      progress = _Progress(i + 1, len(specs), run.name, model_dir, total, total * (len(specs) - i - 1), start)
-      progress.start()
-      try:
-        wall += train_run(s, run, model_dir, total, seed)
-      finally:
-        progress.stop()
-      (model_dir / "demo_run.json").write_text(json.dumps({**record, "train_wall_s": wall}, indent=2) + "\n")
-    summary = summarise_run(run, model_dir, s)
-    summary.update(reused=state == "done", train_wall_s=wall)
-    summaries.append(summary)
+  dirs = [root / run.name for run in specs]
+  records = [{"settings": _settings_record(s), "steps": total, "seed": seed, "task": task_name(s, run)}
+             for run in specs]
+  for model_dir, record in zip(dirs, records):
+    _check_settings(model_dir, record)  # before training anything
+  states = [_run_state(d, total) for d in dirs]
+  summaries = []
+  with compilation_cache(out / "jax_cache"):
+    for i, (run, model_dir, record, state) in enumerate(zip(specs, dirs, records, states)):
+      tag = f"run {i + 1}/{len(specs)}"
+      if state == "done":
+        _say(f"{tag} ({run.name}): finished before, reusing {model_dir}")
+      else:
+        _say(f"{tag} ({run.label}): {'resuming' if state == 'partial' else 'training'} {total} steps into {model_dir}")
+        later = sum(st != "done" for st in states[i + 1:])
+        progress = _Progress(i + 1, len(specs), run.name, model_dir, total, later, start)
+        progress.start()
+        try:
+          _train_and_record(s, run, model_dir, record, total, seed)
+        finally:
+          progress.stop()
+        if _run_state(model_dir, total) != "done":  # the trainer stops early on SIGTERM, after a checkpoint
+          raise RuntimeError(f"{run.name} stopped before step {total}; run the same command again to resume it.")
+      summaries.append({**summarise_run(run, model_dir, s), "reused": state == "done",
+                        "train_wall_s": json.loads((model_dir / "demo_run.json").read_text())["train_wall_s"]})
+  commands = {run.name: gin_bindings(s, run, d, total, seed) for run, d in zip(specs, dirs)}
   result = write_outputs(out, s, seed, total, summaries, time.perf_counter() - start, commands)
   for line in result["findings"]:
     _say(line)

@@ -48,7 +48,13 @@ def load(path: str, bindings: Sequence[str] = ()) -> Experiment:
   if len(includes) > 1:
     raise gin_utils.GinConfigError(f"{path} includes several model gins ({includes}); an experiment includes one "
                                    "and its arms swap it with 'model'.")
-  value = gin_utils.configured_macro([path], list(bindings), "SWEEP")
+  # The CLI's prelude, so command-line bindings may name any configurable (checkpoint.CheckpointConfig.period=10).
+  gin_utils.parse([path], [*bindings, "gin_utils.macro_value.value = %SWEEP"], prelude=gin_utils.CLI_PRELUDE)
+  try:
+    value = gin.configurable(gin_utils.macro_value)()
+  except Exception as e:  # an unbound or unparsable SWEEP
+    raise gin_utils.GinConfigError(f"{path} must bind SWEEP to a sweep.Grid or a list of them "
+                                   f"(docs/experiments.md): {type(e).__name__}: {e}") from e
   runs = sweep.expand_all(value)
   if any(r.model for r in runs) and not includes:
     raise gin_utils.GinConfigError(f"{path}: arms set 'model', but the experiment has no `include "

@@ -92,6 +92,9 @@ def _resolve_best(best: sweep.Best, root: Path, names: Sequence[str]) -> tuple[b
 def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, varied: Sequence[str]) -> None:
   """Compose and write the stage's gin and its status entry (a finished stage keeps the gin it ran with)."""
   record = status_lib.read(stage.run_dir)
+  if record.get("experiment") not in (None, exp.path):
+    logging.warning("%s belongs to %s, not %s: two experiments share this ROOT and a run name.", stage.run_dir,
+                    record["experiment"], exp.path)
   finished = record.get("status") == status_lib.FINISHED
   if stage.verb == "finetune":
     ft = next(f for f in stage.spec.finetune if f"ft_{f.name}" == stage.name.rsplit("/", 1)[-1])
@@ -259,6 +262,8 @@ def _claimable(stage: Stage) -> str | None:
   state = status_lib.effective(record)
   if state == status_lib.FINISHED:
     return "finished"
+  if state == status_lib.RUNNING and record.get("job_id"):
+    return f"submitted to SLURM (job {record['job_id']})"
   if stage.parent is not None and status_lib.read(stage.parent.run_dir).get("status") != status_lib.FINISHED:
     return f"waiting for {stage.parent.name} to finish"
   if stage.waiting:
@@ -335,8 +340,14 @@ def submit_slurm(stages: list[Stage], opts: Options) -> None:
     command = display_command(stage, opts)
     if stage.parent is not None and stage.parent.name in jobs:
       command.insert(1, f"--dependency=afterok:{jobs[stage.parent.name]}")
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    job = out.strip().split()[-1] if out.strip() else "?"
+    try:
+      out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:  # recorded like a failed run; the others still go
+      error = (getattr(e, "stderr", None) or str(e)).strip()
+      status_lib.write(stage.run_dir, status=status_lib.FAILED, error=f"sbatch failed: {error}")
+      opts.stream.write(f"{stage.name}: sbatch failed: {error}\n")
+      continue
+    job = out.strip().split()[-1] if out.strip() else "?"  # "Submitted batch job 123"
     jobs[stage.name] = job
     status_lib.write(stage.run_dir, status=status_lib.RUNNING, job_id=job, host=None, pid=None,
                      command=shlex.join(command))
@@ -361,6 +372,8 @@ def run_sweep(experiment: str, root: str | Path, opts: Options | None = None) ->
   opts = opts or Options()
   if opts.launcher not in LAUNCHERS:
     raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {opts.launcher!r}.")
+  if opts.launcher == "tpu-vm" and opts.submit and not opts.dry_run and not (opts.tpu and opts.zone):
+    raise ValueError("--launcher=tpu-vm --submit needs --tpu=NAME and --zone=ZONE.")
   start = time.time()
   root = Path(root).absolute()  # MODEL_DIR must not depend on the directory a run is started from
   exp = compose.load(experiment, opts.bindings)

@@ -4,7 +4,9 @@ and a TRAIN_STEPS each run's task can feed."""
 
 import io
 import math
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import gin
@@ -88,3 +90,46 @@ def test_arms_that_swap_models_replace_the_experiments_include(tmp_path):
   assert re.search(r"^t5\.T5Config\.emb_dim = 2048$", xl, re.M)
   assert status.read(tmp_path / "moe_large")["values"]["model"] == "moe_large"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["moe_large", "xl_d27_e8"]
+
+
+@pytest.mark.parametrize("launcher,expected", [
+    ("tpu-vm", "launch/tpu_vm.sh --tpu=my-pod --zone=us-central2-b train --gin_file="),
+    ("slurm", "sbatch --job-name=d27_e8 --output="),
+])
+def test_remote_launchers_print_their_commands(launcher, expected, tmp_path):
+  out = io.StringIO()
+  runner.run_sweep("gin/experiments/rq1_repetition.gin", tmp_path, runner.Options(
+      launcher=launcher, only="d27_e8", tpu="my-pod", zone="us-central2-b", stream=out))  # no --submit: print
+  lines = [line for line in out.getvalue().splitlines() if "d27_e8" in line]
+  assert len(lines) == 2 and expected in lines[0] and "finetune" in lines[1], out.getvalue()
+  assert status.read(tmp_path / "d27_e8")["status"] == "pending"
+
+
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "slurm.sbatch", "local_multiprocess.sh"])
+def test_launch_scripts_are_valid_bash(script):
+  path = GIN_DIR.parents[1] / "launch" / script
+  assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+  assert os.access(path, os.X_OK)
+
+
+def test_slurm_submit_chains_fine_tuning_on_its_run(tmp_path, monkeypatch):
+  # A stand-in sbatch that records its arguments and answers like SLURM.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch.calls\n'
+                                  'echo "Submitted batch job $(wc -l < ' + f'{tmp_path}/sbatch.calls)"\n')
+  (bin_dir / "sbatch").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  out = io.StringIO()
+  root = tmp_path / "root"
+  runner.run_sweep("gin/experiments/rq1_repetition.gin", root, runner.Options(
+      launcher="slurm", submit=True, only="d27_e8", sbatch_args=["--nodes=4"], stream=out))
+  calls = (tmp_path / "sbatch.calls").read_text().splitlines()
+  assert calls[0].startswith("--job-name=d27_e8 --output=") and "--nodes=4" in calls[0]
+  assert calls[0].endswith(f"launch/slurm.sbatch {root / 'd27_e8'} train")
+  assert calls[1].startswith("--dependency=afterok:1 --job-name=d27_e8.ft_squad")
+  assert status.read(root / "d27_e8")["job_id"] == "1" and status.read(root / "d27_e8")["status"] == "running"
+  # Submitted runs are not submitted again.
+  runner.run_sweep("gin/experiments/rq1_repetition.gin", root, runner.Options(
+      launcher="slurm", submit=True, only="d27_e8", stream=out))
+  assert len((tmp_path / "sbatch.calls").read_text().splitlines()) == 2

@@ -1,0 +1,112 @@
+"""`repeat-lm demo`: the quick variant writes a report whose numbers are summary.json's, and reruns reuse its runs."""
+
+import html
+import json
+import math
+
+import numpy as np
+import pytest
+
+from repeat_lm import cli, demo
+from repeat_lm.analysis import report
+
+FILES = ("report.html", "report.md", "summary.json", "eval_loss.png", "eval_accuracy.png", "train_loss.png")
+RUN_KEYS = ("name", "unique_tokens", "epochs", "tokens_seen", "final_eval_loss", "best_eval_loss",
+            "final_eval_accuracy", "best_eval_accuracy", "best_step")
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+  out = tmp_path_factory.mktemp("demo")
+  assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
+  return out
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_report_plots_and_summary(quick_demo):
+  for name in FILES:
+    assert (quick_demo / name).stat().st_size > 0, name
+  summary = json.loads((quick_demo / "summary.json").read_text())
+  runs = {r["name"]: r for r in summary["runs"]}
+  assert list(runs) == ["fresh", "repeated", "repeated_dropout"]
+  for run in runs.values():
+    assert set(RUN_KEYS) <= set(run)
+    assert all(math.isfinite(run[k]) for k in RUN_KEYS[1:]), run
+    assert run["best_eval_loss"] <= run["final_eval_loss"] and run["best_eval_accuracy"] >= run["final_eval_accuracy"]
+  # Same budget for every run; the repeated runs read a small subset many times.
+  assert runs["repeated"]["unique_tokens"] < runs["fresh"]["unique_tokens"]
+  assert runs["repeated"]["epochs"] > 4 * runs["fresh"]["epochs"]
+  assert runs["repeated"]["tokens_seen"] == pytest.approx(runs["fresh"]["tokens_seen"], rel=0.05)
+  assert summary["repeated_minus_fresh_final_eval_loss"] == pytest.approx(
+      runs["repeated"]["final_eval_loss"] - runs["fresh"]["final_eval_loss"])
+  assert summary["dropout_minus_repeated_final_eval_loss"] == pytest.approx(
+      runs["repeated_dropout"]["final_eval_loss"] - runs["repeated"]["final_eval_loss"])
+  assert summary["wall_time_s"] > 0
+
+
+@pytest.mark.slow
+def test_report_numbers_are_the_summary_numbers(quick_demo):
+  summary = json.loads((quick_demo / "summary.json").read_text())
+  md = (quick_demo / "report.md").read_text()
+  page = (quick_demo / "report.html").read_text()
+  for sentence in summary["findings"]:  # the sentences are written from the summary's numbers, verbatim
+    assert sentence in md
+    assert html.escape(sentence.split("`")[0], quote=False) in page
+  for run in summary["runs"]:
+    row = "| " + " | ".join(report.fmt(run[k]) for k in RUN_KEYS) + " |"
+    assert row in md
+    assert f"{run['final_eval_loss']:.4f}" in md
+  assert md.count("data:image/png") == 0 and page.count("data:image/png;base64,") == 3
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_runs(quick_demo):
+  before = json.loads((quick_demo / "summary.json").read_text())
+  assert cli.main(["demo", "--out", str(quick_demo), "--quick"]) == 0
+  after = json.loads((quick_demo / "summary.json").read_text())
+  assert all(r["reused"] for r in after["runs"])
+  assert [r["final_eval_loss"] for r in after["runs"]] == [r["final_eval_loss"] for r in before["runs"]]
+
+
+def test_every_run_evaluates_on_the_same_held_out_text():
+  from repeat_lm.data import pipeline, tasks
+  s = demo.QUICK
+  batches = []
+  for run in demo.run_specs(s):
+    cfg = pipeline.DatasetConfig(tasks.ensure_registered(demo.task_name(s, run)),
+                                 {"inputs": s.inputs_length, "targets": s.targets_length}, split="validation",
+                                 batch_size=s.eval_batch_size, shuffle=False, seed=0)
+    batches.append([b for _, b in zip(range(2), pipeline.get_batches(cfg))])
+  for other in batches[1:]:
+    for a, b in zip(batches[0], other):
+      assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_evaluations_fall_on_logging_steps():
+  for steps in (464, 1000, 5000):
+    period, log_period = demo.eval_periods(demo.FULL, steps)
+    assert period % log_period == 0 and steps // period >= demo.FULL.evals - 4
+
+
+def _run(name, final, best, best_step, steps=100, unique=1000, tokens=32000.0, train=(5.0, 4.0)):
+  return {"name": name, "final_eval_loss": final, "best_eval_loss": best, "best_step": best_step, "steps": steps,
+          "unique_tokens": unique, "epochs": tokens / unique, "tokens_seen": tokens,
+          "best_tokens_seen": tokens * best_step / steps, "final_eval_accuracy": 0.3, "final_train_loss": train[1],
+          "dropout_rate": 0.2 if "dropout" in name else 0.0,
+          "curves": {"train_step": [best_step, steps], "train_loss": list(train)}}
+
+
+def test_findings_follow_the_numbers():
+  fresh = _run("fresh", 5.0, 5.0, 100, unique=32000)
+  overfit = _run("repeated", 6.0, 5.5, 20)
+  helped = _run("repeated_dropout", 5.8, 5.5, 30)
+  text = " ".join(demo.findings({"fresh": fresh, "repeated": overfit, "repeated_dropout": helped}, seed=0))
+  assert "1.0000 higher (worse)" in text and "rose by 0.5000" in text and "overfit" in text
+  assert "helped" in text and "(-0.2000)" in text and "recovering 20% of the gap" in text
+  assert "no overfitting" in text  # the fresh run was best at its last step
+
+  hurt = _run("repeated_dropout", 6.1, 6.1, 100)
+  better = _run("repeated", 4.9, 4.9, 100)
+  text = " ".join(demo.findings({"fresh": fresh, "repeated": better, "repeated_dropout": hurt}, seed=1))
+  assert "0.1000 lower (better)" in text and "did not help" in text and "(+1.2000)" in text
+  assert "it overfit" not in text and "recovering" not in text and text.count("no overfitting") == 3
