@@ -14,7 +14,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 
 
 def _dims(config) -> tuple[int, int, int, int, int]:
