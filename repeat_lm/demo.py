@@ -33,8 +33,8 @@ class Settings:
 
   The defaults were chosen by trying them (docs/demo.md): 2^14 tokens x 32 epochs overfits within the budget (2^15 x
   16 did not, at this size), the cosine schedule makes the final evaluation a settled value rather than a sample of
-  the last steps' noise, and the model is the tiny gin widened to d_model 128 (the 64-wide one learns and overfits
-  less for about 30% less time).
+  the last steps' noise, and the model is the tiny gin widened to d_model 128 (the 64-wide one memorises the
+  repeated tokens less, for about 30% less time).
   """
   budget_log2: int = 19  # tokens every run reads: the fresh run reads 2^19 of the corpus's ~670K once
   repeated_log2: int = 14  # unique tokens of the repeated runs, read 2^(budget - repeated) times
