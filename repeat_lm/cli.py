@@ -181,6 +181,16 @@ def _add_bench_moe(bench_sub) -> None:
   m.add_argument("--json", action="store_true", help="Print one JSON object only.")
 
 
+def _bench_model_and_config(args, bindings: Sequence[str]):
+  """The model gin's MODEL at the requested dtype, and the benchmark shape/timing settings."""
+  from repeat_lm import gin_utils
+  from repeat_lm.bench import train as bench_train
+  model = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path)
+  cfg = bench_train.BenchConfig(batch_size=args.batch_size, inputs_length=args.inputs_length,
+                                targets_length=args.targets_length, steps=args.steps, rounds=args.rounds)
+  return bench_train.with_dtype(model, args.dtype), cfg
+
+
 def _run_bench(args, bindings: Sequence[str]) -> dict:
   if args.bench_command == "moe":
     return _run_bench_moe(args, bindings)
@@ -190,18 +200,12 @@ def _run_bench(args, bindings: Sequence[str]) -> dict:
     from repeat_lm.bench import report
     report.write(args.out, compare_hf=not args.no_hf)
     return {"written": args.out}
-  from repeat_lm import gin_utils
   from repeat_lm.bench import train as bench_train
   from repeat_lm.train import partitioning
-  model = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path)
-  model = bench_train.with_dtype(model, args.dtype)
-  if args.compile_only:
-    return bench_train.compile_only(model, bench_train.BenchConfig(
-        batch_size=args.batch_size, inputs_length=args.inputs_length, targets_length=args.targets_length),
-        partitioning.Partitioner(args.data_parallel, args.model_parallel))
-  cfg = bench_train.BenchConfig(batch_size=args.batch_size, inputs_length=args.inputs_length,
-                                targets_length=args.targets_length, steps=args.steps, rounds=args.rounds)
   partitioner = partitioning.Partitioner(args.data_parallel, args.model_parallel)
+  model, cfg = _bench_model_and_config(args, bindings)
+  if args.compile_only:
+    return bench_train.compile_only(model, cfg, partitioner)
   result = bench_train.run_benchmark(model, cfg, compare_hf=args.compare == "hf", partitioner=partitioner)
   if not args.json:
     print(bench_train.format_report(result), file=sys.stderr)
@@ -209,18 +213,10 @@ def _run_bench(args, bindings: Sequence[str]) -> dict:
 
 
 def _run_bench_moe(args, bindings: Sequence[str]) -> dict:
-  from repeat_lm import gin_utils
-  from repeat_lm.bench import moe as bench_moe, train as bench_train
+  from repeat_lm.bench import moe as bench_moe
   from repeat_lm.train import partitioning
-  model = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path)
-  model = bench_train.with_dtype(model, args.dtype)
-  if args.compile_only:
-    return bench_train.compile_only(model, bench_train.BenchConfig(
-        batch_size=args.batch_size, inputs_length=args.inputs_length, targets_length=args.targets_length),
-        partitioning.Partitioner(args.data_parallel, args.model_parallel))
-  cfg = bench_train.BenchConfig(batch_size=args.batch_size, inputs_length=args.inputs_length,
-                                targets_length=args.targets_length, steps=args.steps, rounds=args.rounds)
   partitioner = partitioning.Partitioner(args.data_parallel, args.model_parallel, args.expert_parallel)
+  model, cfg = _bench_model_and_config(args, bindings)
   result = bench_moe.run_moe_benchmark(model, cfg, dispatch=args.dispatch or ["einsum", "gather"],
                                        group_sizes=args.group_size, partitioner=partitioner)
   if not args.json:
