@@ -1,8 +1,10 @@
 """SeqIO tasks for fine-tuning and evaluation: SQuAD v1.1 and SuperGLUE (over TFDS), and SQuAD-format JSONL files.
 
 Text-to-text formats as in T5: SQuAD 'question: <q> context: <c>' -> the first answer (metrics take every reference
-answer); SuperGLUE '<task> <field>: <value> ...' -> the label's name. Registering touches no data: TFDS sources load
-on first use (`tfds_data_dir`, default ~/tensorflow_datasets; download them beforehand on machines without network).
+answer); SuperGLUE '<task> <field>: <value> ...' -> the label's name, except ReCoRD ('record query: <q> entities:
+<e, ...> passage: <p>' -> an answer entity, one example per answer) and WSC (T5's 'wsc_simple': 'wsc: <text with the
+pronoun *marked*>' -> the candidate referent, span1). Registering touches no data: TFDS sources load on first use
+(`tfds_data_dir`, default ~/tensorflow_datasets; download them beforehand on machines without network).
 
 Registered at import with the default vocabulary (tasks below); for another vocabulary call the functions, e.g. in gin
   from repeat_lm.data import downstream
@@ -190,22 +192,126 @@ def _label_postprocess(output: str, example: Mapping[str, Any] | None = None, is
   return label
 
 
+# ---- SuperGLUE ReCoRD and WSC: the answer is a span of text, not a label ----
+
+def _record_preprocessor(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """'record query: <q> entities: <e1, e2, ...> passage: <p>' -> the entity that fills the query's @placeholder.
+
+  One example per gold answer, as T5 (each is a correct target to train on); every copy carries all the answers and
+  the query's group (idx passage, query) so that evaluation can count each query once.
+  """
+
+  def fn(x):
+    # The passage's '@highlight' bullet lines become sentences (no second full stop after one that ends in one).
+    passage = tf.strings.regex_replace(x["passage"], r"([.?!\"'])\n@highlight\n", r"\1 ")
+    passage = tf.strings.regex_replace(passage, r"\n@highlight\n", ". ")
+    inputs = _join("record query:", x["query"], "entities:", tf.strings.reduce_join(x["entities"], separator=", "),
+                   "passage:", passage)
+    answers = x["answers"]
+    # A query without answers (only the unlabeled test split has them) is kept once with T5's placeholder target
+    # '<unk>' rather than dropped, so that predictions can still be written for every test query; no metric reads it.
+    targets = tf.cond(tf.size(answers) > 0, lambda: answers, lambda: tf.constant(["<unk>"]))
+    n = tf.size(targets)
+    group = tf.stack([tf.cast(x["idx"]["passage"], tf.int32), tf.cast(x["idx"]["query"], tf.int32)])
+    return {"inputs": tf.fill([n], inputs), "targets": targets, "answers": tf.tile(answers[None], [n, 1]),
+            "group": tf.tile(group[None], [n, 1])}
+
+  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+def _record_postprocess(output: str, example: Mapping[str, Any] | None = None, is_target: bool = False):
+  """(query group, every gold answer) for targets, (query group, text) for predictions."""
+  group = tuple(int(g) for g in example["group"]) if example is not None else None
+  if is_target and example is not None:
+    return group, [_decode(a) for a in example["answers"]]
+  return group, output
+
+
+def _regex_escape(text: tf.Tensor) -> tf.Tensor:
+  return tf.strings.regex_replace(text, r"([\\.^$|?*+()\[\]{}-])", r"\\\1")
+
+
+def _mark_pronoun(text: tf.Tensor, pronoun: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+  """Wrap the pronoun in asterisks: the one starting at (space-separated) word `index`, else its first whole-word
+  occurrence (a few WSC examples carry an index that points at a neighbouring word)."""
+  word = tf.strings.join(["(", _regex_escape(pronoun), r")(\W|$)"])
+  at_index = tf.strings.join([r"^((?:\S+\s+){", tf.strings.as_string(index), "})", word])
+  marked = tf.strings.regex_replace(text, at_index, r"\1*\2*\3", replace_global=False)
+  first = tf.strings.join([r"(^|\W)", word])
+  return tf.cond(tf.equal(marked, text),
+                 lambda: tf.strings.regex_replace(text, first, r"\1*\2*\3", replace_global=False),
+                 lambda: marked)
+
+
+def _wsc_preprocessor(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """T5's 'wsc_simple': 'wsc: <text with the pronoun (span2) marked *like this*>' -> the candidate referent (span1).
+
+  The target is span1 whatever the label, so validation keeps both labels (the metric checks whether the prediction
+  names span1 for label 1 and not for label 0); training keeps only label 1 (`_WscTrainSource`), where span1 is the
+  right answer.
+  """
+
+  def fn(x):
+    text = _mark_pronoun(x["text"], x["span2_text"], tf.cast(x["span2_index"], tf.int32))
+    return {"inputs": _join("wsc:", text), "targets": x["span1_text"], "label": tf.cast(x["label"], tf.int32),
+            "idx": tf.cast(x["idx"], tf.int32)}
+
+  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class _WscTrainSource(seqio.TfdsDataSource):
+  """WSC from TFDS whose 'train' split holds only the label-1 examples: a label-0 example's target (span1) is the
+  wrong referent, so training on it would teach the wrong answer. A source, not a preprocessor, because
+  preprocessors do not see the split."""
+
+  def get_dataset(self, split: str | None = None, *args, **kwargs) -> tf.data.Dataset:
+    ds = super().get_dataset(split, *args, **kwargs)
+    return ds.filter(lambda x: tf.equal(x["label"], 1)) if split == "train" else ds
+
+
+def _wsc_postprocess(output: str, example: Mapping[str, Any] | None = None, is_target: bool = False) -> int:
+  """Targets: the label. Predictions: 1 if the text names the example's referent (its target, span1), 0 if it names
+  something else, -1 if empty or without the example (never equal to a label, so always wrong)."""
+  if example is None:
+    return -1
+  if is_target:
+    return int(example["label"])
+  return text_metrics.wsc_referent_match(output, _decode(example["targets_pretokenized"]))
+
+
+def _decode(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# task: (TFDS config, source class, preprocessor, postprocessor, metrics)
+_SUPER_GLUE_SPAN: dict[str, tuple[str, type, Callable, Callable, tuple[Callable, ...]]] = {
+    "record": ("record", seqio.TfdsDataSource, _record_preprocessor, _record_postprocess, (text_metrics.record,)),
+    "wsc": ("wsc.fixed", _WscTrainSource, _wsc_preprocessor, _wsc_postprocess, (text_metrics.accuracy,)),
+}
+SUPER_GLUE_TASKS = tuple(sorted([*_SUPER_GLUE, *_SUPER_GLUE_SPAN]))
+
+
 def super_glue_task(task: str, name: str | None = None, vocabulary: seqio.Vocabulary | str | None = None,
                     tfds_data_dir: str | None = None) -> str:
-  """One SuperGLUE task over TFDS super_glue/<task> (boolq, cb, copa, multirc, rte, wic). Returns the name."""
+  """One SuperGLUE task over TFDS super_glue/<task> (boolq, cb, copa, multirc, record, rte, wic, wsc; wsc reads
+  wsc.fixed). Metrics: accuracy; cb also mean 3-class F1; multirc F1a and per-question EM; record per-query EM and F1
+  (max over the gold answers); wsc accuracy of 'names span1' against the label. Returns the name."""
+  name = name or f"{SUPER_GLUE_MIXTURE}.{task}"
+  if task in _SUPER_GLUE_SPAN:
+    config, source_cls, preprocessor, postprocess, metrics = _SUPER_GLUE_SPAN[task]
+    source = source_cls(f"super_glue/{config}:{SUPER_GLUE_VERSION}", tfds_data_dir=tfds_data_dir)
+    return _add(name, source, preprocessor, _vocabulary(vocabulary), postprocess, metrics, task)
   if task not in _SUPER_GLUE:
-    raise ValueError(f"SuperGLUE task {task!r} is not supported; choose from {sorted(_SUPER_GLUE)} (ReCoRD and WSC "
-                     "need span-based formats that are not implemented).")
+    raise ValueError(f"SuperGLUE task {task!r} is not supported; choose from {', '.join(SUPER_GLUE_TASKS)}.")
   fields, label_names, metrics = _SUPER_GLUE[task]
   preprocessor = functools.partial(_glue_preprocessor, benchmark=task, fields=fields, label_names=label_names)
   postprocess = functools.partial(_label_postprocess, label_names=label_names, grouped=task == "multirc")
-  return _add(name or f"{SUPER_GLUE_MIXTURE}.{task}",
-              seqio.TfdsDataSource(f"super_glue/{task}:{SUPER_GLUE_VERSION}", tfds_data_dir=tfds_data_dir),
+  return _add(name, seqio.TfdsDataSource(f"super_glue/{task}:{SUPER_GLUE_VERSION}", tfds_data_dir=tfds_data_dir),
               preprocessor, _vocabulary(vocabulary), postprocess, metrics, task)
 
 
 def super_glue_mixture(name: str = SUPER_GLUE_MIXTURE, vocabulary: seqio.Vocabulary | str | None = None,
-                       tfds_data_dir: str | None = None, tasks: Sequence[str] = tuple(_SUPER_GLUE)) -> str:
+                       tfds_data_dir: str | None = None, tasks: Sequence[str] = SUPER_GLUE_TASKS) -> str:
   """The SuperGLUE tasks as one mixture (equal rates), each task named '<name>.<task>'. Returns the mixture name."""
   names = [super_glue_task(t, f"{name}.{t}", vocabulary, tfds_data_dir) for t in tasks]
   if name in seqio.MixtureRegistry.names():

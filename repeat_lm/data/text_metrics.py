@@ -82,3 +82,51 @@ def multirc(targets: Sequence[tuple[Any, int]], predictions: Sequence[tuple[Any,
     groups[group].append(t == p)
   em = float(np.mean([all(v) for v in groups.values()])) if groups else 0.0
   return {"f1a": 100.0 * _f1_for_class(labels, preds, 1), "em": 100.0 * em}
+
+
+def record(targets: Sequence[tuple[Any, Sequence[str]]], predictions: Sequence[tuple[Any, str]]) -> dict[str, float]:
+  """ReCoRD: SQuAD EM and F1 (max over a query's gold answers), averaged over queries (x100).
+
+  targets / predictions: (query group, gold answers) / (query group, text) pairs. The task writes one example per
+  gold answer, all with the same input, so only the first example of each group counts: a query with three answers
+  weighs as much as one with one. Queries without gold answers (the unlabeled test split) are not scored.
+  """
+  if len(targets) != len(predictions):
+    raise ValueError(f"{len(targets)} targets for {len(predictions)} predictions.")
+  seen, references, replies = set(), [], []
+  for (group, answers), (_, reply) in zip(targets, predictions):
+    if group in seen or not answers:
+      continue
+    seen.add(group)
+    references.append(list(answers))
+    replies.append(reply)
+  return squad(references, replies)
+
+
+# Words that do not change which entity a noun phrase names ('the dog', 'his dog' and 'dog' all name the dog).
+_DETERMINERS = frozenset("a an the this that these those my your his her its our their some each every many much few "
+                         "which whose".split())
+_NOT_APOSTROPHE = frozenset(_PUNCTUATION - {"'"})
+
+
+def _referent_words(text: str) -> list[str]:
+  text = "".join(ch for ch in text.lower().replace("\u2019", "'") if ch not in _NOT_APOSTROPHE)
+  return [w for w in text.split() if w not in _DETERMINERS]
+
+
+def wsc_referent_match(prediction: str, referent: str) -> int:
+  """Whether a decoded noun phrase names `referent` (WSC's span1): 1 yes, 0 no, -1 for an empty prediction.
+
+  The rule (T5's, for 'wsc_simple'): lowercase, drop punctuation except apostrophes, drop determiners and possessive
+  determiners; then the two name the same thing when one's set of words contains the other's ('the big dog' and
+  'dog' match, 'dog' and 'cat' do not), unless only one is possessive ("Bob" names Bob, not "Bob's dog"). -1 equals
+  no label, so an empty or determiner-only prediction is always scored wrong.
+  """
+  pred, ref = _referent_words(prediction), _referent_words(referent)
+  if not pred:
+    return -1
+  if not ref:  # a referent of determiners only names nothing the prediction could match
+    return 0
+  if any("'" in w for w in pred) != any("'" in w for w in ref):
+    return 0
+  return int(set(pred) <= set(ref) or set(ref) <= set(pred))

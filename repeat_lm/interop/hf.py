@@ -16,8 +16,9 @@ transposed):
   {encoder,decoder}/{encoder,decoder}_norm/scale        {encoder,decoder}.final_layer_norm.weight
 Heads are laid out the same way on both sides (joined index h * head_dim + e), so no reshuffling is needed.
 
-MoE (Switch) models export as `SwitchTransformersForConditionalGeneration` through `repeat_lm.interop.hf_switch`.
-Reading and writing safetensors needs only numpy; the config, tokenizer and Switch export need `transformers`.
+MoE (Switch) models export to and import from `SwitchTransformersForConditionalGeneration` through
+`repeat_lm.interop.hf_switch`. Reading and writing safetensors needs only numpy; the config, tokenizer and Switch
+export need `transformers`.
 """
 
 from __future__ import annotations
@@ -88,27 +89,43 @@ def hf_config_dict(config: t5.T5Config) -> dict[str, Any]:
 
 
 def t5_config_from_hf(hf: Mapping[str, Any], **overrides) -> t5.T5Config:
-  """repeat_lm T5Config from a Hugging Face config.json dict; `overrides` (dtype, scan_layers, ...) win."""
-  if hf.get("model_type", "t5") != "t5":
-    raise ValueError(f"Only T5 checkpoints import into repeat_lm; this one is model_type={hf.get('model_type')!r}.")
+  """repeat_lm T5Config from a Hugging Face config.json dict (T5, or SwitchTransformers through `hf_switch`);
+  `overrides` (dtype, scan_layers, ...) win."""
+  model_type = hf.get("model_type", "t5")
+  if model_type == "switch_transformers":
+    from repeat_lm.interop import hf_switch  # pylint: disable=import-outside-toplevel
+    return hf_switch.t5_config_from_switch(hf, **overrides)
+  if model_type != "t5":
+    raise ValueError(f"Only T5 and SwitchTransformers checkpoints import into repeat_lm; this one is "
+                     f"model_type={model_type!r}.")
   proj = hf.get("feed_forward_proj", "relu")
   gated = proj.startswith("gated-")
   act = hf.get("dense_act_fn") or proj.split("-")[-1]
   act = "gelu_new" if gated and act == "gelu" else act  # transformers' own backward-compatible reading
+  act = activation_from_hf(act)
+  kwargs = base_config_kwargs(hf)
+  kwargs["mlp_activations"] = (act, "linear") if gated else (act,)
+  kwargs.update(overrides)
+  return t5.T5Config(**kwargs)
+
+
+def activation_from_hf(act: str) -> str:
   if act not in _FROM_HF_ACT:
     raise ValueError(f"Hugging Face activation {act!r} has no repeat_lm equivalent (supported: "
                      f"{sorted(_FROM_HF_ACT)}).")
-  acts = (_FROM_HF_ACT[act], "linear") if gated else (_FROM_HF_ACT[act],)
-  kwargs = dict(
+  return _FROM_HF_ACT[act]
+
+
+def base_config_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """The T5Config fields T5 and SwitchTransformers config.json files spell alike."""
+  return dict(
       vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"], head_dim=hf["d_kv"],
       mlp_dim=hf["d_ff"], num_encoder_layers=hf["num_layers"],
-      num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], mlp_activations=acts,
+      num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
       dropout_rate=float(hf.get("dropout_rate", 0.0)), logits_via_embedding=_scales_decoder_outputs(hf),
       relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
       relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
       layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dtype="float32")
-  kwargs.update(overrides)
-  return t5.T5Config(**kwargs)
 
 
 def _scales_decoder_outputs(hf: Mapping[str, Any]) -> bool:
@@ -183,18 +200,23 @@ def to_hf_state_dict(params: Mapping[str, Any], config: t5.T5Config, pairs=None)
   return {hf: _transpose(flat[rl], tr) for hf, rl, tr in pairs}
 
 
-def from_hf_state_dict(state: Mapping[str, np.ndarray], config: t5.T5Config) -> dict[str, np.ndarray]:
-  """{Hugging Face name: array} -> flat repeat_lm params (per-layer layout)."""
+def from_hf_state_dict(state: Mapping[str, np.ndarray], config: t5.T5Config, pairs=None) -> dict[str, np.ndarray]:
+  """{Hugging Face name: array} -> flat repeat_lm params (per-layer layout). An MoE config reads SwitchTransformers
+  names (`hf_switch`); `pairs` (as name_pairs gives them) restricts the read to those tensors."""
+  if pairs is None and getattr(config, "moe", None) is not None:
+    from repeat_lm.interop import hf_switch  # pylint: disable=import-outside-toplevel
+    return hf_switch.from_switch_state_dict(state, config)
+  pairs = pairs or name_pairs(config)
   state = dict(state)
   if not config.logits_via_embedding and "lm_head.weight" not in state:
     # A model saved while its output layer was tied to the embedding (transformers 5 ties by default) stores only
     # shared.weight; without decoder-output scaling that is an untied layer holding the embedding.
     state["lm_head.weight"] = state["shared.weight"]
-  missing = [hf for hf, _, _ in name_pairs(config) if hf not in state]
+  missing = [hf for hf, _, _ in pairs if hf not in state]
   if missing:
-    raise ValueError(f"The Hugging Face checkpoint lacks {len(missing)} tensors this T5 needs, e.g. {missing[:5]}.")
+    raise ValueError(f"The Hugging Face checkpoint lacks {len(missing)} tensors this model needs, e.g. {missing[:5]}.")
   # repeat_lm keeps parameters in float32 whatever the checkpoint's storage dtype.
-  return {rl: _transpose(state[hf], tr).astype(np.float32) for hf, rl, tr in name_pairs(config)}
+  return {rl: _transpose(state[hf], tr).astype(np.float32) for hf, rl, tr in pairs}
 
 
 # ---- files ----
@@ -302,10 +324,12 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
 
 
 def load_hf(path: str | Path, **config_overrides) -> tuple[t5.T5Config, dict[str, Any]]:
-  """(T5Config, params in the per-layer layout) from a Hugging Face T5 (v1.1 or original) directory.
+  """(T5Config, params in the config's layout) from a Hugging Face T5 (v1.1 or original) or SwitchTransformers
+  directory.
 
   config_overrides: e.g. dtype='bfloat16', dropout_rate=0.1, scan_layers=True (the params are then stacked) or
-  param_share (only if the checkpoint's layers of a group are equal).
+  param_share (only if the checkpoint's layers of a group are equal); for Switch, moe={...} overrides MoeConfig
+  fields (e.g. capacity factors).
   """
   path = Path(path)
   if not (path / "config.json").exists():
@@ -316,7 +340,8 @@ def load_hf(path: str | Path, **config_overrides) -> tuple[t5.T5Config, dict[str
 
 
 def from_hf_model(model: Any, **config_overrides) -> tuple[t5.T5Config, dict[str, Any]]:
-  """(T5Config, params) from a live `transformers.T5ForConditionalGeneration`, without writing files."""
+  """(T5Config, params) from a live T5ForConditionalGeneration or SwitchTransformersForConditionalGeneration, without
+  writing files."""
   config = t5_config_from_hf(model.config.to_dict(), **config_overrides)
   state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
   flat = from_hf_state_dict(state, config)

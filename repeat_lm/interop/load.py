@@ -2,8 +2,10 @@
 
 Accepted paths (what `trainer.train(initial_checkpoint_path=...)` / INITIAL_CHECKPOINT_PATH takes):
   - a repeat_lm MODEL_DIR (its latest checkpoint), its `checkpoints/` dir, or one step dir `checkpoints/<step>`;
-  - a Hugging Face T5 directory (config.json + safetensors or pytorch_model.bin), e.g. from `save_pretrained`;
-  - a T5X checkpoint dir `checkpoint_<step>` (Orbax or msgpack + TensorStore), or a T5X MODEL_DIR (its latest).
+  - a Hugging Face T5 or SwitchTransformers directory (config.json + safetensors or pytorch_model.bin), e.g. from
+    `save_pretrained`;
+  - a T5X checkpoint dir `checkpoint_<step>` (Orbax or msgpack + TensorStore), or a T5X MODEL_DIR (its latest), of
+    the T5 v1.1 network or a flaxformer MoE one (see t5x.py).
 Only parameters are read; optimizer states are left behind. Either scan layout loads into either.
 """
 
@@ -59,17 +61,31 @@ def checkpoint_kind(path: str | Path) -> str:
 def _check_hf_config(path: Path, config: Any) -> None:
   """Hyper-parameters that leave no trace in parameter shapes must still agree."""
   from repeat_lm.interop import hf  # pylint: disable=import-outside-toplevel
+  from repeat_lm.models import moe as moe_lib  # pylint: disable=import-outside-toplevel
   from repeat_lm.models import t5  # pylint: disable=import-outside-toplevel
   if not isinstance(config, t5.T5Config):
     return
   theirs = hf.t5_config_from_hf(json.loads((path / "config.json").read_text()))
+  if (theirs.moe is None) != (config.moe is None):
+    kind = lambda c: "dense (T5)" if c.moe is None else "MoE (Switch)"  # noqa: E731
+    raise ValueError(f"The Hugging Face checkpoint {path} is a {kind(theirs)} model but the model gin builds a "
+                     f"{kind(config)} one: use a model gin of the checkpoint's architecture.")
   fields = ("mlp_activations", "relative_attention_num_buckets", "relative_attention_max_distance",
             "layer_norm_epsilon", "logits_via_embedding")
   diffs = [f"{f}: checkpoint {getattr(theirs, f)!r} vs model {getattr(config, f)!r}" for f in fields
            if getattr(theirs, f) != getattr(config, f)]
+  if config.moe is not None:  # routing and expert activations do not show in shapes either
+    diffs += [f"moe.{f}: checkpoint {getattr(theirs.moe, f)!r} vs model {getattr(config.moe, f)!r}"
+              for f in ("num_selected_experts", "expert_activations")
+              if getattr(theirs.moe, f) != getattr(config.moe, f)]
+    for stack, n in (("encoder", config.num_encoder_layers), ("decoder", config.num_decoder_layers)):
+      ours, their_flags = moe_lib.sparse_layer_flags(n, config.moe), moe_lib.sparse_layer_flags(n, theirs.moe)
+      if ours != their_flags:
+        diffs.append(f"{stack} sparse layers: checkpoint {[i for i, s in enumerate(their_flags) if s]} vs model "
+                     f"{[i for i, s in enumerate(ours) if s]} (moe.sparse_every / sparse_first)")
   if diffs:
     raise ValueError(f"The Hugging Face checkpoint {path} was trained with a different architecture: "
-                     + "; ".join(diffs) + ". Set these in the model gin (t5.T5Config).")
+                     + "; ".join(diffs) + ". Set these in the model gin (t5.T5Config, moe.MoeConfig).")
 
 
 def read_flat(path: str | Path, config: Any = None, step: int | None = None) -> tuple[str, dict[str, np.ndarray]]:

@@ -1,4 +1,5 @@
-"""Reading T5X checkpoints of the T5 v1.1 network (t5x/examples/t5/network.py) into repeat_lm parameters.
+"""Reading T5X checkpoints of the T5 v1.1 network (t5x/examples/t5/network.py) and of flaxformer's MoE encoder-decoder
+(flaxformer/architectures/moe, trained with t5x/contrib/moe) into repeat_lm parameters.
 
 T5X checkpoints hold the train state with the parameters under 'target' (`checkpoint_<step>/`). repeat_lm's module
 tree was built to T5X's naming, so the read-side mapping is small:
@@ -8,6 +9,15 @@ and every other path is the same ('token_embedder/embedding', 'encoder/relpos_bi
 {wi_0,wi_1,wo}/kernel', '.../pre_attention_layer_norm/scale', 'encoder/encoder_norm/scale', 'decoder/layers_<i>/
 {self_attention,encoder_decoder_attention}/...', 'decoder/decoder_norm/scale', ...). Scanned checkpoints ('layers'
 subtrees stacked on axis 1) are unstacked by `layout`.
+
+flaxformer's MoE layers (moe_layers.MoeLayer) name their parameters differently from repeat_lm's MoeBlock:
+  T5X '<stack>/layers_<i>/mlp/router/router_weights/w/kernel' [D, E]  ->  '<stack>/layers_<i>/mlp/router'
+  T5X '<stack>/layers_<i>/mlp/expert/<wi|wi_0|wi_1|wo>/kernel' [E, ...] ->  '<stack>/layers_<i>/mlp/experts/<same>'
+(the experts are one MlpBlock vmapped over E, so the kernels already have repeat_lm's [E, in, out] shape). Sparse
+layers sit where moe_architecture's MIXED layout puts them (layer i sparse iff i % k == k - 1), which is repeat_lm's
+sparse_every = k with sparse_first = False. Parts of flaxformer's MoE with no repeat_lm counterpart are refused by
+name (UNSUPPORTED). Routing settings (top-k, batch-prioritised routing, capacity factors, group size) are not in a
+checkpoint: the model gin must state them as the T5X gin did.
 
 Two on-disk formats are read: Orbax PyTree checkpoints (what T5X writes since its move to Orbax, and what the tests
 write), and the older msgpack `checkpoint` file whose large arrays are TensorStore specs relative to the directory.
@@ -25,6 +35,20 @@ from repeat_lm.interop import layout
 
 # T5X path -> repeat_lm path, for the names that differ.
 RENAMES = {"decoder/logits_dense/kernel": "logits_dense/kernel"}
+# flaxformer MoE names (regex on the flat path -> replacement).
+MOE_RENAMES = ((re.compile(r"^(.*/mlp)/router/router_weights/w/kernel$"), r"\1/router"),
+               (re.compile(r"^(.*/mlp)/expert/(wi|wi_\d+|wo)/kernel$"), r"\1/experts/\2"))
+# flaxformer parameters repeat_lm has no counterpart for: (pattern, why).
+UNSUPPORTED = (
+    (re.compile(r"^(encoder|decoder)/(encoder|decoder)/"),
+     "it is a scanned flaxformer model (its stacks hold '<stack>/<stack>/...'): flaxformer gives every scanned layer "
+     "its own relative position bias, while repeat_lm's stacks share one"),
+    (re.compile(r"/mlp/router/router_weights/w/bias$"), "its routers have a bias (RouterWeights.use_bias=True); "
+     "repeat_lm's router has none"),
+    (re.compile(r"/mlp/expert/[^/]+/bias$"), "its experts have biases (MlpBlock.use_bias=True)"),
+    (re.compile(r"/(extra_mlp|pre_extra_mlp_layer_norm)/"), "its sparse layers have ST-MoE's extra dense MLP "
+     "(extra_mlp)"),
+)
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
 
 
@@ -140,8 +164,19 @@ def read_params(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def to_repeat_lm(t5x_flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """T5X names -> repeat_lm names (flat paths; scanned or not, as stored)."""
-  return {RENAMES.get(k, k): v for k, v in t5x_flat.items()}
+  """T5X names -> repeat_lm names (flat paths; scanned or not, as stored). ValueError for flaxformer MoE parts that
+  repeat_lm cannot represent, naming them."""
+  reasons = {why: path for path in t5x_flat for pattern, why in UNSUPPORTED if pattern.search(path)}
+  if reasons:
+    raise ValueError("This T5X checkpoint has no repeat_lm equivalent: "
+                     + "; ".join(f"{why} (e.g. {path})" for why, path in reasons.items()) + ".")
+  out = {}
+  for path, value in t5x_flat.items():
+    path = RENAMES.get(path, path)
+    for pattern, replacement in MOE_RENAMES:
+      path = pattern.sub(replacement, path)
+    out[path] = value
+  return out
 
 
 def load_t5x(path: str | Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from repeat_lm.models import t5
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel, summarize
 from repeat_lm.train import checkpoint as ckpt_lib
 from repeat_lm.train import dropout_schedule as dropout_schedule_lib
-from repeat_lm.train import flops, metrics as metrics_lib, optim, partitioning, state as state_lib
+from repeat_lm.train import flops, metrics as metrics_lib, optim, partitioning, prefetch, state as state_lib
 
 
 class _StopSignal:
@@ -97,7 +97,9 @@ def _check_finite(sums: Mapping[str, Any], step: int, checkpointer: ckpt_lib.Che
   """Raise TrainingDivergedError, naming the step and the last good checkpoint, if step `step` went non-finite.
 
   The loss and gradient norm cover the forward and backward pass, the parameter norm the update (its sum of squares
-  also overflows once parameters grow past ~1e19 in float32, which is divergence too).
+  also overflows once parameters grow past ~1e19 in float32, which is divergence too). Metrics are read one step
+  late, so step `step` + 1 may already have run from the diverged state; the loop saves only steps it has checked,
+  and raising here drops both.
   """
   values = {k: float(sums[k]) for k in ("loss_sum", "grad_norm", "param_norm")}
   if all(np.isfinite(v) for v in values.values()):
@@ -108,8 +110,8 @@ def _check_finite(sums: Mapping[str, Any], step: int, checkpointer: ckpt_lib.Che
            "from it when run again" if good is not None else "no checkpoint had been written yet")
   raise TrainingDivergedError(
       f"Training diverged at step {step}: summed loss {values['loss_sum']}, gradient norm {values['grad_norm']}, "
-      f"parameter norm {values['param_norm']}. Stopped before saving this step; {where}. Lower the learning rate "
-      "or weight decay (or add gradient clipping) before resuming.")
+      f"parameter norm {values['param_norm']}. Stopped before saving this step or any later one; {where}. Lower "
+      "the learning rate or weight decay (or add gradient clipping) before resuming.")
 
 
 def _dropout_rate(model: EncoderDecoderModel) -> float:
@@ -152,7 +154,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   """Train to `total_steps`, resuming from MODEL_DIR's latest checkpoint if there is one.
 
   `dropout_schedule` scales every dropout rate over training (DROPOUT_SCHEDULE; see dropout_schedule.py). A
-  non-finite loss, gradient or parameter norm raises TrainingDivergedError before that step is saved.
+  non-finite loss, gradient or parameter norm raises TrainingDivergedError before that step (or the next one, which
+  may already have been dispatched: metrics are read one step late) is saved.
   `initial_checkpoint_path` (INITIAL_CHECKPOINT_PATH): when MODEL_DIR has no checkpoint yet, start from the parameters
   of a repeat_lm MODEL_DIR, a Hugging Face T5 directory or a T5X checkpoint (interop/load.py), with a fresh optimizer.
   `eval_fn(model, params, partitioner) -> {'eval/...': value}` runs with the evaluation (e.g. decoding + task metrics).
@@ -217,54 +220,82 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   progress = metrics_lib.Progress(step, total_steps)
   window: dict[str, float] = {}
   window_steps, window_time, last = 0, 0.0, {}
+  clock = time.perf_counter()  # when the last step was read (or the loop last paused for evaluation or a save)
+
+  def record(at_step: int, device_sums: Mapping[str, jax.Array]) -> None:
+    """Read step `at_step`'s metrics (waiting for that step only), check them, and log its window if it ends."""
+    nonlocal tokens_seen, window, window_steps, window_time, last, clock
+    sums = jax.device_get(device_sums)
+    _check_finite(sums, at_step, checkpointer)  # every step, before anything of it or a later step is saved
+    now = time.perf_counter()
+    # Read-to-read time: with the next step already queued this is the device's step time, not Python's.
+    window_time += now - clock
+    clock = now
+    window_steps += 1
+    for k, v in sums.items():
+      window[k] = window.get(k, 0.0) + float(v) if k not in _LAST_VALUE_METRICS else float(v)
+    tokens_seen += float(sums["source_tokens"])
+    if at_step == 1 or at_step % log_period == 0 or at_step == total_steps:
+      step_time = window_time / window_steps
+      last = {f"train/{k}": v for k, v in summarize(window).items()}
+      last.update({
+          "train/learning_rate": optim.learning_rate_at(learning_rate, at_step - 1),
+          "train/grad_norm": window["grad_norm"], "train/param_norm": window["param_norm"],
+          "train/tokens_seen": tokens_seen, "train/step_time_s": step_time,
+          "train/sequences_per_s": cfg.batch_size / step_time,
+          "train/tokens_per_s": cfg.batch_size * (lengths["encoder_input_tokens"] +
+                                                  lengths["decoder_input_tokens"]) / step_time,
+          "train/mfu": flops_per_step / step_time / peak,
+      })
+      if source_tokens:
+        last["train/epochs"] = tokens_seen / source_tokens
+      # The schedule's factor at the window's last step (1 without a schedule) and the DROPOUT_RATE it gave.
+      last["train/dropout_scale"] = window.get("dropout_scale", 1.0)
+      last["train/dropout_rate"] = last["train/dropout_scale"] * _dropout_rate(model)
+      writer.write(at_step, last)
+      progress.update(window_steps, loss=last["train/loss"], acc=last["train/accuracy"])
+      if at_step == 1:
+        _write_config(model_dir_path, operative=True)
+      window, window_steps, window_time = {}, 0, 0.0
+
+  # Metrics are read one step late: step s's are fetched only once step s+1 is dispatched, so the device always
+  # has the next step queued while Python reads, checks and logs. `pending` is the dispatched step not yet read.
+  pending: tuple[int, Mapping[str, jax.Array]] | None = None
+  # Step s+1's batch is on the devices before step s finishes; the order (and so exact resume) is the stream's.
+  device_batches = prefetch.DevicePrefetcher(batches, lambda b: state_lib.global_batch(b, lay.batch_shardings),
+                                             depth=2, limit=total_steps - step)
   try:
     while step < total_steps:
-      t0 = time.perf_counter()
-      batch = state_lib.global_batch(next(batches), lay.batch_shardings)
-      state, sums = train_step(state, batch)
+      state, sums = train_step(state, next(device_batches))  # donates (invalidates) the previous state
       step += 1
-      sums = jax.device_get(sums)
-      _check_finite(sums, step, checkpointer)  # every step, before anything of this step is saved
-      window_time += time.perf_counter() - t0
-      window_steps += 1
-      for k, v in sums.items():
-        window[k] = window.get(k, 0.0) + float(v) if k not in _LAST_VALUE_METRICS else float(v)
-      tokens_seen += float(sums["source_tokens"])
-      if step == 1 or step % log_period == 0 or step == total_steps:
-        step_time = window_time / window_steps
-        last = {f"train/{k}": v for k, v in summarize(window).items()}
-        last.update({
-            "train/learning_rate": optim.learning_rate_at(learning_rate, step - 1),
-            "train/grad_norm": window["grad_norm"], "train/param_norm": window["param_norm"],
-            "train/tokens_seen": tokens_seen, "train/step_time_s": step_time,
-            "train/sequences_per_s": cfg.batch_size / step_time,
-            "train/tokens_per_s": cfg.batch_size * (lengths["encoder_input_tokens"] +
-                                                    lengths["decoder_input_tokens"]) / step_time,
-            "train/mfu": flops_per_step / step_time / peak,
-        })
-        if source_tokens:
-          last["train/epochs"] = tokens_seen / source_tokens
-        # The schedule's factor at the window's last step (1 without a schedule) and the DROPOUT_RATE it gave.
-        last["train/dropout_scale"] = window.get("dropout_scale", 1.0)
-        last["train/dropout_rate"] = last["train/dropout_scale"] * _dropout_rate(model)
-        writer.write(step, last)
-        progress.update(window_steps, loss=last["train/loss"], acc=last["train/accuracy"])
-        if step == 1:
-          _write_config(model_dir_path, operative=True)
-        window, window_steps, window_time = {}, 0, 0.0
-      if (eval_step or eval_fn) and (step % eval_period == 0 or step == total_steps):
+      for v in sums.values():
+        v.copy_to_host_async()  # the few scalars are on the host by the time they are read
+      if pending is not None:
+        record(*pending)  # raises TrainingDivergedError before the already dispatched step can be saved
+      pending = (step, sums)
+      stopping = stop.agreed()
+      evaluating = bool(eval_step or eval_fn) and (step % eval_period == 0 or step == total_steps)
+      saving = checkpointer.should_save(step) or step == total_steps or stopping
+      if not (evaluating or saving):
+        continue
+      # Evaluation and checkpoints use this step's state: read and check the step first (the device idles here,
+      # once per period), so a checkpoint only ever holds a step whose metrics were finite.
+      record(*pending)
+      pending = None
+      if evaluating:
         result = {f"eval/{k}": v for k, v in _run_eval(eval_step, state["params"], eval_batches, lay).items()
                   } if eval_step else {}
         result.update(eval_fn(model, state["params"], partitioner) if eval_fn else {})
         writer.write(step, result)
         last.update(result)
-      if checkpointer.should_save(step) or step == total_steps:
+      if saving:
         checkpointer.save(step, state, meta(step))
-      if stop.agreed():
-        checkpointer.save(step, state, meta(step))
+      if stopping:
         logging.warning("Stopped at step %d after SIGTERM; the checkpoint is in %s", step, checkpointer.directory)
         break
+      clock = time.perf_counter()  # evaluation and saving are not step time
   finally:
+    device_batches.close()
     progress.update(window_steps)
     progress.close()
     stop.restore()

@@ -76,16 +76,43 @@ def logits(config: t5.T5Config, params, batch) -> np.ndarray:
   return np.asarray(jax.jit(lambda p, b: module.apply({"params": p}, **b, enable_dropout=False))(params, batch))
 
 
+def hf_logits(model, batch) -> np.ndarray:
+  """transformers' logits with repeat_lm's masks: encoder padding masked; the decoder's causal mask suffices for the
+  non-padding positions that are compared."""
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.no_grad():
+    enc = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
+    return model(input_ids=enc, attention_mask=(enc != 0).long(),
+                 decoder_input_ids=torch.tensor(batch["decoder_input_tokens"], dtype=torch.long)).logits.numpy()
+
+
+def max_diff(ours, theirs, batch) -> float:
+  real = batch["decoder_target_tokens"] > 0  # padding positions differ by design (masked queries)
+  return float(np.abs(ours - theirs)[real].max())
+
+
+def sharpen_routers(params, factor: float = 100.0):
+  """Router kernels scaled up, so tokens really go to different experts (near-uniform routers hide mix-ups)."""
+  from repeat_lm.interop import layout  # pylint: disable=import-outside-toplevel
+  flat = {k: np.asarray(v) for k, v in layout.flatten(params).items()}
+  return layout.unflatten({k: v * factor if k.endswith("mlp/router") else v for k, v in flat.items()})
+
+
 def write_model_dir(model_dir: Path, config: t5.T5Config, params, task: str = "repeat_lm.wiki_span_corruption",
                     step: int = 5) -> Path:
-  """A MODEL_DIR as the trainer leaves it: config.gin (the model gin + run settings) and one Orbax checkpoint."""
+  """A MODEL_DIR as the trainer leaves it: config.gin (the model gin + run settings) and one Orbax checkpoint. An MoE
+  config is written over gin/models/switch_tiny.gin with every MoeConfig field bound."""
   from repeat_lm import gin_utils
   from repeat_lm.train import checkpoint, optim
   overrides = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                if f.name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
-                             "num_decoder_layers", "scan_layers", "dtype")}
+                             "num_decoder_layers", "scan_layers", "dtype", "mlp_activations", "logits_via_embedding")}
   bindings = [f"t5.T5Config.{k} = {v!r}" for k, v in overrides.items()]
-  gin_utils.parse(["gin/models/t5_1_1_tiny.gin", "gin/runs/pretrain.gin"],
+  model_gin = "gin/models/t5_1_1_tiny.gin"
+  if config.moe is not None:
+    model_gin = "gin/models/switch_tiny.gin"
+    bindings += [f"moe.MoeConfig.{f.name} = {getattr(config.moe, f.name)!r}" for f in dataclasses.fields(config.moe)]
+  gin_utils.parse([model_gin, "gin/runs/pretrain.gin"],
                   [*bindings, f"MODEL_DIR = {str(model_dir)!r}", "TRAIN_STEPS = 10",
                    f"MIXTURE_OR_TASK_NAME = {task!r}", "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}"])
   model_dir.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
 """`repeat-lm export hf` and `repeat-lm infer` on a MODEL_DIR (config.gin + Orbax checkpoint), and their errors."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from interop_helpers import TINY, init_params, logits, make_batch
+from interop_helpers import (TINY, TINY_SWITCH, hf_logits, init_params, logits, make_batch, max_diff, random_params,
+                              sharpen_routers, write_model_dir)
 from repeat_lm import cli
 from repeat_lm.data import vocab
 from repeat_lm.models import decoding, t5
@@ -29,6 +31,25 @@ def test_export_hf_command(tiny_model_dir, tmp_path, capsys, fresh_gin):
                    decoder_input_ids=torch.tensor(batch["decoder_input_tokens"], dtype=torch.long)).logits.numpy()
   real = batch["decoder_target_tokens"] > 0
   assert np.abs(theirs - logits(TINY, init_params(TINY), batch))[real].max() < 1e-4
+
+
+def test_export_hf_command_scanned_moe(tmp_path, capsys, fresh_gin):
+  """A Switch model trained with scan_layers=True (blocks stacked under `layers/layers_j`) exports as
+  SwitchTransformers with the logits of the scanned model."""
+  pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  config = dataclasses.replace(TINY_SWITCH, scan_layers=True)
+  params = sharpen_routers(random_params(config))
+  model_dir = write_model_dir(tmp_path / "run", config, params)
+  out = tmp_path / "hf"
+  assert cli.main(["export", "hf", f"--checkpoint={model_dir}", f"--out={out}"]) == 0, capsys.readouterr().err
+  model_config = inference.model_from_model_dir(model_dir)[0].module.config
+  assert model_config.scan_layers and model_config.moe == config.moe
+  model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(out).eval()
+  batch = make_batch(config.vocab_size, inputs=16, targets=8)
+  diff = max_diff(logits(model_config, params, batch), hf_logits(model, batch), batch)
+  print(f"export hf (scanned MoE MODEL_DIR) max abs logit difference: {diff:.2e}")
+  assert diff < 1e-4
 
 
 def test_infer_command(tiny_model_dir, tmp_path, capsys, fresh_gin):

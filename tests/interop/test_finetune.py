@@ -154,6 +154,6 @@ def test_tfds_tasks_under_mock_data(fresh_gin):
   assert example["inputs_pretokenized"].decode().startswith("cb hypothesis: ")
   assert example["targets_pretokenized"].decode() in ("entailment", "contradiction", "neutral")
   assert {"eval/squad_em", "eval/squad_f1", "eval/boolq_accuracy", "eval/cb_accuracy", "eval/cb_mean_3class_f1",
-          "eval/copa_accuracy", "eval/multirc_f1a", "eval/multirc_em", "eval/rte_accuracy",
-          "eval/wic_accuracy"} == set(results)
+          "eval/copa_accuracy", "eval/multirc_f1a", "eval/multirc_em", "eval/record_em", "eval/record_f1",
+          "eval/rte_accuracy", "eval/wic_accuracy", "eval/wsc_accuracy"} == set(results)
   assert all(0.0 <= v <= 100.0 for v in results.values())

@@ -1,5 +1,5 @@
-"""Hugging Face export and import: logits equal transformers' on the same inputs (float32, non-padding positions),
-greedy decoding equals `generate`, and the tokenizer equals the SeqIO vocabulary."""
+"""Hugging Face export and import of dense T5: logits equal transformers' on the same inputs (float32, non-padding
+positions), greedy decoding equals `generate`, and the tokenizer equals the SeqIO vocabulary. MoE: test_hf_switch.py."""
 
 import dataclasses
 import json
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from interop_helpers import SMALL, TINY, TINY_SWITCH, init_params, logits, make_batch, random_params
+from interop_helpers import SMALL, TINY, hf_logits, init_params, logits, make_batch, max_diff, random_params
 from repeat_lm.interop import hf, layout
 from repeat_lm.models import decoding, t5
 
@@ -16,20 +16,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4  # max abs logit difference, float32
-
-
-def hf_logits(model, batch) -> np.ndarray:
-  """transformers' logits with repeat_lm's masks: encoder padding masked; the decoder's causal mask suffices for the
-  non-padding positions that are compared."""
-  with torch.no_grad():
-    enc = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
-    return model(input_ids=enc, attention_mask=(enc != 0).long(),
-                 decoder_input_ids=torch.tensor(batch["decoder_input_tokens"], dtype=torch.long)).logits.numpy()
-
-
-def max_diff(ours, theirs, batch) -> float:
-  real = batch["decoder_target_tokens"] > 0  # padding positions differ by design (masked queries)
-  return float(np.abs(ours - theirs)[real].max())
 
 
 def _tiny_scanned():
@@ -117,38 +103,6 @@ def test_tokenizer_matches_seqio_vocabulary(tmp_path):
     assert tokenizer(text).input_ids == [*vocabulary.encode(text), decoding.EOS_ID], text
   assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == vocabulary.vocab_size - 1
   assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
-
-
-def test_switch_export_matches_transformers(tmp_path):
-  params = jax.tree.map(np.array, random_params(TINY_SWITCH))
-  flat = layout.flatten(params)
-  for path in flat:  # sharper routers, so tokens really go to different experts
-    if path.endswith("mlp/router"):
-      flat[path] = flat[path] * 100.0
-  params = layout.unflatten(flat)
-  batch = make_batch(TINY_SWITCH.vocab_size, inputs=16, targets=8)
-  hf.export_hf(params, TINY_SWITCH, tmp_path)
-  model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path).eval()
-  router = model.encoder.block[1].layer[1].mlp.router
-  with torch.no_grad():
-    hidden = torch.randn(1, 16, TINY_SWITCH.emb_dim)
-    assert len(set(router(hidden)[0].argmax(-1).flatten().tolist())) > 1
-  diff = max_diff(logits(TINY_SWITCH, params, batch), hf_logits(model, batch), batch)
-  print(f"Switch export max abs logit difference: {diff:.2e}")
-  assert diff < TOLERANCE
-
-
-@pytest.mark.parametrize("change, reason", [
-    ({"num_selected_experts": 2}, "top-2 routing"),
-    ({"sparse_first": True}, "sparse layers [0, 2]"),
-    ({"expert_mlp_dim": 32}, "expert_mlp_dim 32 != mlp_dim 64"),
-    ({"expert_activations": ("gelu", "linear")}, "one non-gated activation"),
-])
-def test_switch_export_explains_unmappable_layouts(change, reason, tmp_path):
-  config = dataclasses.replace(TINY_SWITCH, moe=dataclasses.replace(TINY_SWITCH.moe, **change))
-  with pytest.raises(ValueError, match="cannot be exported as SwitchTransformers") as e:
-    hf.export_hf({}, config, tmp_path)
-  assert reason in str(e.value)
 
 
 def test_config_json_states_untied_v1_1(tmp_path):

@@ -1,4 +1,5 @@
-"""Reading T5X checkpoints of the T5 v1.1 network (synthetic ones, written in T5X's layout and naming)."""
+"""Reading T5X checkpoints of the T5 v1.1 network and of flaxformer's MoE encoder-decoder (synthetic ones, written in
+T5X's layout and naming)."""
 
 import dataclasses
 
@@ -8,9 +9,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import serialization
 
-from interop_helpers import TINY, init_params, logits, make_batch
+from interop_helpers import TINY, init_params, logits, make_batch, random_params, sharpen_routers
 from repeat_lm.interop import layout, load, t5x
-from repeat_lm.models import t5
+from repeat_lm.models import moe, t5
 from repeat_lm.train import partitioning
 
 # T5X's names for layer 0 of t5x/examples/t5/network.py (2-D attention kernels; logits_dense inside the decoder).
@@ -98,3 +99,67 @@ def test_wrong_architecture_is_a_clear_error(t5x_model_dir):
   bigger = dataclasses.replace(TINY, num_encoder_layers=3)
   with pytest.raises(ValueError, match=r"do not fit the model[\s\S]*missing \(\d+\): encoder/layers_2/"):
     load.load_for_module(t5x_model_dir, t5.Transformer(bigger))
+
+
+# An MoE as flaxformer's moe.gin builds it (gated-GELU experts, MIXED layout: every second FFN sparse), with top-2
+# routing and batch-prioritised routing in the encoder (tokens_choose gins); capacity no token overflows.
+TINY_MOE = dataclasses.replace(TINY, num_encoder_layers=4, num_decoder_layers=4, moe=moe.MoeConfig(
+    num_experts=4, expert_mlp_dim=48, expert_activations=("gelu", "linear"), num_selected_experts=2,
+    batch_prioritized_routing=True, sparse_every=2, eval_capacity_factor=4.0, min_expert_capacity=64))
+# flaxformer's names for sparse layer 1 (moe_layers.MoeLayer: routing.RouterWeights' DenseGeneral 'w', and one
+# MlpBlock vmapped over the experts).
+T5X_SPARSE_LAYER1 = {
+    f"{stack}/layers_1/mlp/{name}" for stack in ("encoder", "decoder")
+    for name in ("router/router_weights/w/kernel", "expert/wi_0/kernel", "expert/wi_1/kernel", "expert/wo/kernel")}
+
+
+def t5x_moe_target(params) -> dict:
+  """flaxformer's MoE names for our parameters, written out by hand (not via t5x.MOE_RENAMES)."""
+  out = {}
+  for path, value in t5x_target(params).items():
+    head, _, tail = path.rpartition("/mlp/")
+    if tail == "router":
+      path = f"{head}/mlp/router/router_weights/w/kernel"
+    elif tail.startswith("experts/"):
+      path = f"{head}/mlp/expert/{tail.split('/')[1]}/kernel"
+    out[path] = value
+  return out
+
+
+@pytest.fixture(scope="module")
+def t5x_moe_checkpoint(tmp_path_factory):
+  params = jax.tree.map(np.asarray, sharpen_routers(random_params(TINY_MOE)))
+  flat = t5x_moe_target(params)
+  assert {p for p in flat if "/router/" in p or "/expert/" in p} == \
+      T5X_SPARSE_LAYER1 | {p.replace("layers_1", "layers_3") for p in T5X_SPARSE_LAYER1}
+  target = layout.unflatten(flat)
+  path = tmp_path_factory.mktemp("t5x_moe_run") / "checkpoint_500"
+  ocp.PyTreeCheckpointer().save(str(path), {"target": target, "state": {"step": np.asarray(500)}})
+  return path, params
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["per-layer", "into-scanned"])
+def test_reads_flaxformer_moe_checkpoint(t5x_moe_checkpoint, scan):
+  path, params = t5x_moe_checkpoint
+  assert load.checkpoint_kind(path) == "t5x"
+  config = dataclasses.replace(TINY_MOE, scan_layers=scan)
+  loaded = load.load_for_module(path, t5.Transformer(config))
+  expected = layout.from_per_layer(layout.flatten(params), layout.layouts_for(config))
+  for p, value in layout.flatten(loaded).items():
+    np.testing.assert_array_equal(np.asarray(value), expected[p], err_msg=p)
+  batch = make_batch(TINY_MOE.vocab_size)
+  diff = np.abs(logits(config, loaded, batch) - logits(TINY_MOE, params, batch)).max()
+  print(f"T5X MoE checkpoint (scan={scan}) max abs logit difference: {diff:.2e}")
+  assert diff < 1e-5
+
+
+@pytest.mark.parametrize("path, reason", [
+    ("encoder/layers_1/mlp/router/router_weights/w/bias", "routers have a bias"),
+    ("decoder/layers_1/mlp/expert/wo/bias", "experts have biases"),
+    ("encoder/layers_1/extra_mlp/wi/kernel", "ST-MoE's extra dense MLP"),
+    ("encoder/encoder/subblock_1/mlp/expert/wo/kernel", "scanned flaxformer model"),
+])
+def test_flaxformer_moe_parts_without_equivalent_are_named(path, reason):
+  with pytest.raises(ValueError, match="no repeat_lm equivalent") as e:
+    t5x.to_repeat_lm({"token_embedder/embedding": np.zeros((4, 2)), path: np.zeros((2, 2))})
+  assert reason in str(e.value) and path in str(e.value)

@@ -1,16 +1,20 @@
-"""The training loop end to end on the tiny model: exact resume, sharded == unsharded, SIGTERM, divergence."""
+"""The training loop end to end on the tiny model: exact resume, sharded == unsharded, SIGTERM, divergence, and
+metrics read one step late equal to stepping the train step directly."""
 
 import json
 import os
 import signal
+import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from repeat_lm.data import pipeline
 from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer
-from repeat_lm.train import checkpoint, optim, partitioning, trainer
+from repeat_lm.models.encoder_decoder import summarize
+from repeat_lm.train import checkpoint, metrics as metrics_lib, optim, partitioning, state as state_lib, trainer
 
 TASK = "repeat_lm.wiki_span_corruption"
 LENGTHS = {"inputs": 64, "targets": 16}
@@ -22,21 +26,32 @@ def tiny_model(**overrides):
   return EncoderDecoderModel(module=Transformer(cfg))
 
 
-def run(model_dir, steps, *, mesh=(4, 2), devices=None, eval_=False, learning_rate=None, **kwargs):
+TRAIN_CFG = pipeline.DatasetConfig(TASK, LENGTHS, batch_size=8, seed=3)
+
+
+def run(model_dir, steps, *, mesh=(4, 2), devices=None, eval_=False, learning_rate=None, log_period=1, **kwargs):
   return trainer.train(
-      model=tiny_model(), model_dir=str(model_dir), total_steps=steps,
-      train_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, batch_size=8, seed=3),
+      model=tiny_model(), model_dir=str(model_dir), total_steps=steps, train_dataset_cfg=TRAIN_CFG,
       eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8,
                                               shuffle=False) if eval_ else None,
       partitioner=partitioning.Partitioner(*mesh, devices=devices),
       learning_rate=learning_rate or optim.make_schedule(warmup_steps=2),
-      checkpoint_cfg=checkpoint.CheckpointConfig(period=3, keep=None), log_period=1, eval_period=3, eval_steps=1,
+      checkpoint_cfg=checkpoint.CheckpointConfig(period=3, keep=None), log_period=log_period, eval_period=3,
+      eval_steps=1,
       **kwargs)
 
 
-def losses(model_dir):
+def train_records(model_dir):
   records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+  return {r["step"]: r for r in records if "train/loss" in r}
+
+
+def losses(model_dir):
+  return {step: r["train/loss"] for step, r in train_records(model_dir).items()}
+
+
+def prefetch_threads():
+  return [t for t in threading.enumerate() if t.name == "repeat_lm-device-prefetch" and t.is_alive()]
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +92,95 @@ def test_sharded_equals_single_device(tmp_path):
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path, monkeypatch):
-  real = pipeline.get_batches
+  # Hooked on the metrics write, not the data: batches are read ahead in a thread, at no fixed step.
+  real_write = metrics_lib.MetricsWriter.write
 
-  def batches_then_sigterm(*args, **kwargs):
-    for i, batch in enumerate(real(*args, **kwargs)):
-      if i == 2:  # While step 2 trains, the job is told to stop.
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
+  def write_then_sigterm(self, step, scalars):
+    real_write(self, step, scalars)
+    if step == 2:  # Step 2's metrics are read once step 3 is dispatched: the job is told to stop while 3 runs.
+      os.kill(os.getpid(), signal.SIGTERM)
 
-  monkeypatch.setattr(pipeline, "get_batches", batches_then_sigterm)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, "write", write_then_sigterm)
   run(tmp_path, 50)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [3]
   assert max(losses(tmp_path)) == 3
+  assert not prefetch_threads()
+
+
+# ---- metrics read one step late ----
+
+@pytest.fixture(scope="module")
+def direct_sums():
+  """Per-step metric sums of 6 steps from calling the train step directly and reading every step at once."""
+  model, partitioner = tiny_model(), partitioning.Partitioner(4, 2)
+  tx = optim.make_optimizer(learning_rate=optim.make_schedule(warmup_steps=2))  # what `run` trains with
+  spec = state_lib.batch_specs(pipeline.model_feature_lengths(TRAIN_CFG), TRAIN_CFG.batch_size)
+  lay = state_lib.layout(model, tx, partitioner, spec, 0)
+  state = state_lib.init_state(model, tx, lay, partitioner, spec, 0)
+  step_fn = state_lib.make_train_step(model, tx, lay, partitioner, 0, trainer._check_vocab(model, TASK))
+  out = []
+  for _, batch in zip(range(6), pipeline.get_batches(TRAIN_CFG)):
+    state, sums = step_fn(state, state_lib.global_batch(batch, lay.batch_shardings))
+    out.append(jax.device_get(sums))
+  return out
+
+
+def expected_records(sums_per_step, logged_steps):
+  """What the trainer should log at `logged_steps` (window ends) from per-step sums (step s is index s-1)."""
+  out, tokens, start = {}, 0.0, 0
+  for end in logged_steps:
+    window = {}
+    for sums in sums_per_step[start:end]:
+      for k, v in sums.items():
+        window[k] = window.get(k, 0.0) + float(v) if k not in ("grad_norm", "param_norm") else float(v)
+      tokens += float(sums["source_tokens"])
+    avg = summarize(window)
+    out[end] = {"train/loss": avg["loss"], "train/accuracy": avg["accuracy"], "train/z_loss": avg["z_loss"],
+                "train/grad_norm": window["grad_norm"], "train/param_norm": window["param_norm"],
+                "train/tokens_seen": tokens}
+    start = end
+  return out
+
+
+def test_metrics_read_late_equal_direct_stepping(uninterrupted, direct_sums, tmp_path):
+  # log_period=1: one record per step; the checkpoint and evaluation at step 3 and 6 read their step at once.
+  d, _ = uninterrupted
+  for model_dir, logged in ((d, [1, 2, 3, 4, 5, 6]), (tmp_path, [1, 4, 6])):
+    if model_dir == tmp_path:
+      run(tmp_path, 6, log_period=4)  # windows of 1, 3 (across the step-3 checkpoint) and 2 (the last) steps
+    got = train_records(model_dir)
+    assert sorted(got) == logged
+    for step, want in expected_records(direct_sums, logged).items():
+      assert {k: got[step][k] for k in want} == want, step
+  assert not prefetch_threads()
+
+
+def test_divergence_read_late_keeps_a_pre_divergence_checkpoint(uninterrupted, tmp_path, monkeypatch):
+  # A NaN rate from the 5th update on: step 5's parameters are NaN. Its metrics are read only once step 6 (a
+  # checkpoint step, run from those NaN parameters) is dispatched, so step 6 must not be saved either.
+  dispatched = []
+  real_make = state_lib.make_train_step
+
+  def counting_make(*args, **kwargs):
+    step_fn = real_make(*args, **kwargs)
+    return lambda state, batch: (dispatched.append(1), step_fn(state, batch))[1]
+
+  monkeypatch.setattr(state_lib, "make_train_step", counting_make)
+  schedule = optim.make_schedule(warmup_steps=2)
+  with pytest.raises(trainer.TrainingDivergedError, match=r"diverged at step 5\b.*last good checkpoint is step 3"):
+    run(tmp_path, 6, learning_rate=lambda count: jnp.where(count >= 4, jnp.nan, schedule(count)))
+  assert len(dispatched) == 6  # the lag: step 6 ran before step 5 was read
+  monkeypatch.undo()
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  assert ckpt.all_steps() == [3]
+  ckpt.close()
+  assert sorted(losses(tmp_path)) == [1, 2, 3, 4]  # nothing of step 5 or 6 was logged
+  assert not prefetch_threads()
+  # The kept checkpoint is the uninterrupted run's step 3: resuming from it with a good rate reproduces that run.
+  d, _ = uninterrupted
+  run(tmp_path, 6)
+  assert losses(tmp_path) == losses(d)
 
 
 def test_model_vocabulary_too_small_is_a_clear_error(tmp_path):
