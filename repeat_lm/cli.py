@@ -593,8 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
   from repeat_lm import runtime
+  if argv is None:  # a command line, not a call from Python: may re-execute with the host allocator settings
+    runtime.configure_host_allocator()
+  argv = list(sys.argv[1:] if argv is None else argv)
   runtime.configure_xla_flags()  # Before anything starts a JAX backend.
   from repeat_lm import gin_utils
   try:

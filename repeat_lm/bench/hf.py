@@ -5,6 +5,7 @@ Needs the `bench` extra (torch, transformers).
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -29,15 +30,13 @@ def hf_config(config):
   return hf.hf_config(config)
 
 
-class HfStep:
+class _TorchStep:
   """T5ForConditionalGeneration + transformers' Adafactor (T5 settings: factored, decay -0.8, clip 1.0)."""
 
-  def __init__(self, config, bench_cfg, threads: int | None = None):
+  def __init__(self, config, bench_cfg, threads: int):
     torch, transformers = _import()
-    import os
-    self.torch = torch
-    self.threads = threads or os.cpu_count() or 1
-    torch.set_num_threads(self.threads)
+    self.threads = threads
+    torch.set_num_threads(threads)
     torch.manual_seed(bench_cfg.seed)
     self.model = transformers.T5ForConditionalGeneration(hf_config(config)).train()
     from transformers.optimization import Adafactor
@@ -60,3 +59,50 @@ class HfStep:
     for _ in range(steps):
       self.step()
     return time.perf_counter() - start
+
+
+def _serve(conn, config, bench_cfg, threads: int) -> None:
+  """The peer process: build the step, then answer ('run', n) with the seconds n steps took, until None."""
+  try:
+    step = _TorchStep(config, bench_cfg, threads)
+  except Exception as e:  # pylint: disable=broad-except
+    conn.send(("error", f"{type(e).__name__}: {e}"))
+    return
+  conn.send(("ready", threads))
+  while (message := conn.recv()) is not None:
+    conn.send(("done", step.run(message[1])))
+
+
+class HfStep:
+  """Hugging Face's training step, run in its own process and driven round by round from the benchmark.
+
+  Its own process, so the two frameworks never share a heap: one process' allocations would otherwise fragment the
+  other's (repeat_lm's step times varied 3.6-6.3 s when both ran in one process). The peer inherits the
+  environment, including the host allocator settings (runtime.py), so both run under the same conditions, one at a
+  time. Raises RuntimeError with the install hint when torch or transformers is missing.
+  """
+
+  def __init__(self, config, bench_cfg, threads: int | None = None):
+    _import()  # fail here, with the install hint, before starting a process
+    import multiprocessing
+    self.threads = threads or os.cpu_count() or 1
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that has started JAX's threads
+    self._conn, child = ctx.Pipe()
+    self._process = ctx.Process(target=_serve, args=(child, config, bench_cfg, self.threads), daemon=True)
+    self._process.start()
+    status, detail = self._conn.recv()
+    if status != "ready":
+      self.close()
+      raise RuntimeError(f"The Hugging Face peer failed to start: {detail}")
+
+  def run(self, steps: int) -> float:
+    """Seconds the peer took for `steps` steps (timed inside the peer, so the pipe is not counted)."""
+    self._conn.send(("run", steps))
+    return self._conn.recv()[1]
+
+  def close(self) -> None:
+    if self._process.is_alive():
+      self._conn.send(None)
+      self._process.join(timeout=30)
+    if self._process.is_alive():
+      self._process.kill()

@@ -115,14 +115,18 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
   if compare_hf:
     from repeat_lm.bench import hf as hf_lib
     hf = hf_lib.HfStep(mcfg, cfg)
-  ours.run(cfg.warmup)
-  if hf:
-    hf.run(cfg.warmup)
   ours_times, hf_times = [], []
-  for _ in range(cfg.rounds):  # Interleaved, so both see the same machine conditions.
-    ours_times.append(ours.run(cfg.steps) / cfg.steps)
+  try:
+    ours.run(cfg.warmup)
     if hf:
-      hf_times.append(hf.run(cfg.steps) / cfg.steps)
+      hf.run(cfg.warmup)
+    for _ in range(cfg.rounds):  # Interleaved, so both see the same machine conditions.
+      ours_times.append(ours.run(cfg.steps) / cfg.steps)
+      if hf:
+        hf_times.append(hf.run(cfg.steps) / cfg.steps)
+  finally:
+    if hf:
+      hf.close()
   memory, memory_source = peak_memory_bytes()
   result = {
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

@@ -28,6 +28,8 @@ DType = jnp.dtype | type
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 # Masked logits get this value rather than -inf, so a fully masked (padding) row gives a finite, uniform softmax.
 NEG_INF = -1e10
+# MultiHeadAttention's kernels: None is its own einsum path; the others name jax.nn.dot_product_attention's backends.
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 def dropout(x: Array, rate: float, deterministic: bool, scale: Array | float = 1.0) -> Array:
@@ -123,8 +125,8 @@ def relative_position_bucket(relative_position: Array, bidirectional: bool, num_
 class RelativePositionBias(nn.Module):
   """One learned scalar per (head, bucket), turned into an additive attention bias [1, H, Q, K].
 
-  Positions are arguments (not just lengths) so the decoder can ask for a single traced query position while
-  decoding with a cache.
+  Positions are either lengths (positions 0..n-1: training, scoring, the encoder) or arrays, so the decoder can ask
+  for a single traced query position while decoding with a cache.
   """
   num_heads: int
   num_buckets: int = 32
@@ -132,12 +134,35 @@ class RelativePositionBias(nn.Module):
   embedding_init: Callable = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
   @nn.compact
-  def __call__(self, query_positions_Q: Array, key_positions_K: Array, bidirectional: bool) -> Array:
+  def __call__(self, query_positions_Q: Array | int, key_positions_K: Array | int, bidirectional: bool) -> Array:
     table_HxN = param_with_axes("rel_embedding", self.embedding_init, (self.num_heads, self.num_buckets),
                                 jnp.float32, axes=("heads", "relpos_buckets"))
+    if isinstance(query_positions_Q, int) and isinstance(key_positions_K, int):
+      return toeplitz_bias(table_HxN, query_positions_Q, key_positions_K, bidirectional, self.num_buckets,
+                           self.max_distance)[None]
     relative_QxK = key_positions_K[None, :] - query_positions_Q[:, None]
     buckets_QxK = relative_position_bucket(relative_QxK, bidirectional, self.num_buckets, self.max_distance)
     return jnp.take(table_HxN, buckets_QxK, axis=1)[None]  # float32; attention casts it to its logits dtype
+
+
+def toeplitz_bias(table_HxN: Array, q_len: int, k_len: int, bidirectional: bool, num_buckets: int,
+                  max_distance: int) -> Array:
+  """The bias [H, Q, K] for positions 0..Q-1 and 0..K-1, built from its Q + K - 1 distinct offsets.
+
+  bias[h, q, k] depends on k - q only. Gathering table[h, bucket(k - q)] for every (q, k) gives the same values, but
+  its gradient is a scatter-add over Q x K updates that XLA:CPU lays out head-minor; it cost about as much as the
+  rest of the encoder's backward pass on T5-small. Here each offset is gathered once (R = Q + K - 1 values) and
+  the Toeplitz matrix is made by tiling and reshaping, whose gradient is a plain sum over rows.
+  """
+  r = q_len + k_len - 1
+  offsets_R = jnp.arange(-(q_len - 1), k_len)
+  per_offset_HxR = jnp.take(table_HxN, relative_position_bucket(offsets_R, bidirectional, num_buckets,
+                                                                max_distance), axis=1)
+  # Tiled with period R + 1 and cut into rows of R, row q is the period shifted right by q:
+  # rows[h, q, j] = padded[h, (j - q) mod (R + 1)]; with j = k + Q - 1 that is per_offset[h, k - q + Q - 1].
+  padded_HxR1 = jnp.pad(per_offset_HxR, ((0, 0), (0, 1)))
+  rows_HxQxR = jnp.tile(padded_HxR1, (1, q_len))[:, :q_len * r].reshape(-1, q_len, r)
+  return rows_HxQxR[:, :, q_len - 1:]
 
 
 def make_attention_mask(query_valid_BxQ: Array, key_valid_BxK: Array) -> Array:
@@ -156,6 +181,28 @@ def make_causal_mask(length: int) -> Array:
   return (positions[None, :] <= positions[:, None])[None, None]
 
 
+def cudnn_attention_restriction(head_dim: int, dtype: DType, q_len: int | None = None, k_len: int | None = None,
+                                max_head_dim: int = 256) -> str | None:
+  """The restriction of jax.nn.dot_product_attention(implementation='cudnn') that T5 attention breaks, or None.
+
+  Checked for training with a bias or mask (T5 always has one: the relative position bias in self-attention, the
+  padding mask in cross-attention; jax folds a boolean mask into the bias). From jax 0.10.2's
+  jax/_src/cudnn/fused_attention_stablehlo.py (check_layout, check_is_flash_attention) and cudnn-frontend's
+  sdpa_backward validation; docs/models.md has the list. Lengths None (config time) skip the length check.
+  """
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return (f"cuDNN takes q/k/v and the bias in bfloat16 or float16 only (T5Config.dtype), got "
+            f"{jnp.dtype(dtype).name}")
+  if head_dim % 8 or head_dim > max_head_dim:
+    return (f"cuDNN needs head_dim a multiple of 8 and at most {max_head_dim} (256 from Hopper on, 128 before), got "
+            f"{head_dim}")
+  if q_len is not None and k_len is not None and (q_len % 2 or k_len % 2):
+    # jax raises only under differentiation; whether gradients follow is unknown here, so this is always checked.
+    return (f"cuDNN's backward pass with a bias (or mask) needs even query and key lengths, got Q={q_len}, "
+            f"K={k_len}; pad the feature lengths to even numbers")
+  return None
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention without 1/sqrt(E) in the forward pass (folded into the query init, as T5).
 
@@ -163,6 +210,12 @@ class MultiHeadAttention(nn.Module):
   (cache absent, full-length inputs) creates zero `cached_key`/`cached_value` [B, L, H, E] and `cache_index`; each
   later call takes one query position, writes its key/value at `cache_index` and attends over the whole cache. The
   caller provides the matching mask (keys <= index) and bias row, since it owns positions.
+
+  `implementation` None runs the einsum path below. 'xla' or 'cudnn' call jax.nn.dot_product_attention with
+  scale=1.0; it computes logits in float32 whatever `float32_logits` says, has no attention dropout (an error with a
+  rate > 0 when not deterministic), and 'cudnn' takes the bias in `dtype` (see cudnn_attention_restriction). With
+  decode=True, and during init (parameters are the same), the einsum path runs: one cached query position gains
+  nothing from a fused kernel, and cuDNN's lengths would be odd.
   """
   num_heads: int
   head_dim: int
@@ -171,10 +224,13 @@ class MultiHeadAttention(nn.Module):
   float32_logits: bool = True
   decode: bool = False
   decode_length: int | None = None  # cache length L; defaults to the key length of the first (init) call
+  implementation: str | None = None  # one of ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, inputs_q_BxQxD: Array, inputs_kv_BxKxD: Array, bias_1xHxQxK: Array | None,
                mask_Bx1xQxK: Array | None, deterministic: bool, dropout_scale: Array | float = 1.0) -> Array:
+    if self.implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"implementation={self.implementation!r}; choose from {ATTENTION_IMPLEMENTATIONS}.")
     projection = lambda name, init=default_kernel_init: DenseGeneral(
         (self.num_heads, self.head_dim), kernel_axes=("embed", "joined_kv"), dtype=self.dtype, kernel_init=init,
         name=name)
@@ -188,6 +244,19 @@ class MultiHeadAttention(nn.Module):
     if self.decode:
       k_BxKxHxE, v_BxKxHxE = self._update_cache(k_BxKxHxE, v_BxKxHxE)
 
+    if self.implementation is None or self.decode or self.is_initializing():
+      out_BxQxHxE = self._einsum_attention(q_BxQxHxE, k_BxKxHxE, v_BxKxHxE, bias_1xHxQxK, mask_Bx1xQxK,
+                                           deterministic, dropout_scale)
+    else:
+      out_BxQxHxE = self._library_attention(q_BxQxHxE, k_BxKxHxE, v_BxKxHxE, bias_1xHxQxK, mask_Bx1xQxK,
+                                            deterministic)
+    out_BxQxHxE = nn.with_logical_constraint(out_BxQxHxE, heads_axes)
+    out_BxQxD = DenseGeneral(inputs_q_BxQxD.shape[-1], kernel_axes=("joined_kv", "embed"), num_in_axes=2,
+                             dtype=self.dtype, name="out")(out_BxQxHxE)
+    return nn.with_logical_constraint(out_BxQxD, ("batch", "length", "embed"))
+
+  def _einsum_attention(self, q_BxQxHxE: Array, k_BxKxHxE: Array, v_BxKxHxE: Array, bias_1xHxQxK: Array | None,
+                        mask_Bx1xQxK: Array | None, deterministic: bool, dropout_scale: Array | float) -> Array:
     logits_dtype = jnp.float32 if self.float32_logits else self.dtype
     logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE.astype(logits_dtype), k_BxKxHxE.astype(logits_dtype))
     if bias_1xHxQxK is not None:
@@ -197,11 +266,36 @@ class MultiHeadAttention(nn.Module):
     weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK.astype(jnp.float32), axis=-1).astype(self.dtype)
     # Dropout on the attention weights, as in T5 (Mesh TF), T5X and Hugging Face.
     weights_BxHxQxK = dropout(weights_BxHxQxK, self.dropout_rate, deterministic, dropout_scale)
-    out_BxQxHxE = jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE.astype(self.dtype))
-    out_BxQxHxE = nn.with_logical_constraint(out_BxQxHxE, heads_axes)
-    out_BxQxD = DenseGeneral(inputs_q_BxQxD.shape[-1], kernel_axes=("joined_kv", "embed"), num_in_axes=2,
-                             dtype=self.dtype, name="out")(out_BxQxHxE)
-    return nn.with_logical_constraint(out_BxQxD, ("batch", "length", "embed"))
+    return jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE.astype(self.dtype))
+
+  def _library_attention(self, q_BxQxHxE: Array, k_BxKxHxE: Array, v_BxKxHxE: Array, bias_1xHxQxK: Array | None,
+                         mask_Bx1xQxK: Array | None, deterministic: bool) -> Array:
+    """jax.nn.dot_product_attention; on unmasked rows it equals the einsum path with float32 logits.
+
+    Every path replaces masked logits by one constant after adding the bias (-1e10 there; -0.7 x float32 max in
+    'xla'; -2**41 in 'cudnn', added in bfloat16 and so swamping the bias), so a fully masked (padding) row is a
+    uniform softmax everywhere: finite, and without effect on the loss.
+    """
+    if self.dropout_rate > 0.0 and not deterministic:
+      raise ValueError(f"attention implementation {self.implementation!r} (jax.nn.dot_product_attention) has no "
+                       f"attention-probability dropout, but the rate is {self.dropout_rate}: set "
+                       "attention_dropout_rate=0 or attention_implementation=None.")
+    bias = bias_1xHxQxK
+    if self.implementation == "cudnn":
+      # Without a bias or mask the lengths are free; T5 always has one of them.
+      lengths = ((q_BxQxHxE.shape[1], k_BxKxHxE.shape[1]) if bias_1xHxQxK is not None or mask_Bx1xQxK is not None
+                 else (None, None))
+      reason = cudnn_attention_restriction(self.head_dim, self.dtype, *lengths, max_head_dim=_cudnn_max_head_dim())
+      if reason is None and jax.default_backend() != "gpu":
+        reason = f"cuDNN attention needs an NVIDIA GPU, the default backend is {jax.default_backend()!r}; use 'xla'"
+      if reason is not None:
+        raise ValueError(f"attention_implementation='cudnn': {reason}.")
+      if bias is not None:  # cuDNN adds the bias in the q/k/v dtype; a float32 bias gave NaN gradients (jax #32242)
+        bias = bias.astype(self.dtype)
+    # q/k/v in the activation dtype, as the einsum path's weights @ v; the library takes q.k in float32 itself.
+    q, k, v = (x.astype(self.dtype) for x in (q_BxQxHxE, k_BxKxHxE, v_BxKxHxE))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask_Bx1xQxK, scale=1.0,
+                                        implementation=self.implementation)
 
   def _update_cache(self, k_BxQxHxE: Array, v_BxQxHxE: Array) -> tuple[Array, Array]:
     """Create the cache (first call) or write this step's key/value and return the full cached keys/values."""
@@ -221,6 +315,14 @@ class MultiHeadAttention(nn.Module):
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BxQxHxE.astype(self.dtype), start)
     cache_index.value = index + 1
     return cached_key.value, cached_value.value
+
+
+def _cudnn_max_head_dim() -> int:
+  """cuDNN's largest head_dim on this GPU: 256 from Hopper (compute capability 9.0) on, 128 before."""
+  capability = getattr(jax.devices()[0], "compute_capability", None) if jax.default_backend() == "gpu" else None
+  if capability is None:
+    return 256
+  return 256 if tuple(int(x) for x in str(capability).split(".")[:2]) >= (9, 0) else 128
 
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {

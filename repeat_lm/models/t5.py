@@ -219,10 +219,10 @@ class Encoder(nn.Module):
                dropout_scale: Array | float = 1.0) -> Array:
     cfg = self.config
     hidden_rate = cfg.dropout_rate_for("hidden")
-    positions_S = jnp.arange(x_BxSxD.shape[1])  # array indices; the segment mask makes them right for packing
+    length = x_BxSxD.shape[1]  # positions are array indices; the segment mask makes them right for packing
     bias_1xHxSxS = layers.RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
                                                cfg.relative_attention_max_distance, name="relpos_bias")(
-        positions_S, positions_S, bidirectional=True)
+        length, length, bidirectional=True)
     x_BxSxD = nn.with_logical_constraint(layers.dropout(x_BxSxD, hidden_rate, deterministic, dropout_scale),
                                          ("batch", "length", "embed"))
     x_BxSxD, moe_stats = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x_BxSxD, bias_1xHxSxS,
@@ -246,7 +246,7 @@ class Decoder(nn.Module):
     length = y_BxTxD.shape[1]
     cache_state = self._cache_state() if decode else None
     if cache_state is None:  # training / scoring, or the init call that creates the cache
-      query_positions_T = key_positions_L = jnp.arange(length)
+      query_positions_T = key_positions_L = length  # positions 0..length-1
       # While decoding, targets are the fed tokens and may be 0 (BOS = pad id): only mask padding otherwise.
       query_valid_BxT = (jnp.ones_like(decoder_target_tokens_BxT, bool) if decode
                          else decoder_target_tokens_BxT > 0)

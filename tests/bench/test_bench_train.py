@@ -46,3 +46,13 @@ def test_run_benchmark_reports_consistent_numbers():
 def test_compile_only_allocates_nothing_and_counts_params():
   r = bench_train.compile_only(tiny(), CFG, partitioning.Partitioner(4, 2))
   assert r["compile_time_s"] > 0 and r["params"] > 0
+
+
+def test_compare_hf_runs_the_peer_in_its_own_process_and_stops_it():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import multiprocessing
+  r = bench_train.run_benchmark(tiny(), CFG, compare_hf=True, partitioner=partitioning.Partitioner(4, 2))
+  assert r["speedup_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf"]["tokens_per_s"])
+  assert r["hf"]["step_time_min_s"] <= r["hf"]["step_time_s"] <= r["hf"]["step_time_max_s"]
+  assert not multiprocessing.active_children()  # the peer was shut down

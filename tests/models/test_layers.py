@@ -54,6 +54,20 @@ def test_relative_position_bias_shape_and_values():
   assert bias[0, 2, 1, 4] == table[2, 16 + 3]  # offset +3: upper half
 
 
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("q_len,k_len", [(7, 7), (1, 9), (9, 4), (300, 300)])
+def test_toeplitz_bias_equals_gather_with_gradients(bidirectional, q_len, k_len):
+  """The lengths path (tiling) gives the gather path's bias and the same table gradient."""
+  module = layers.RelativePositionBias(num_heads=3)
+  params = module.init(KEY, q_len, k_len, bidirectional)
+  weights = jax.random.normal(jax.random.key(1), (1, 3, q_len, k_len))
+  by_lengths = lambda p: module.apply(p, q_len, k_len, bidirectional)
+  by_positions = lambda p: module.apply(p, jnp.arange(q_len), jnp.arange(k_len), bidirectional)
+  np.testing.assert_array_equal(by_lengths(params), by_positions(params))
+  grad = lambda f: jax.grad(lambda p: jnp.sum(f(p) * weights))(params)["params"]["rel_embedding"]
+  np.testing.assert_allclose(grad(by_lengths), grad(by_positions), rtol=1e-4, atol=1e-5)  # sum order
+
+
 def test_rms_norm_matches_numpy():
   x = jax.random.normal(KEY, (2, 3, 8)) * 3.0
   norm = layers.RMSNorm(epsilon=1e-6)

@@ -1,0 +1,45 @@
+"""Process settings: XLA flags defer to the user's, and the host allocator is only set for CPU-only glibc runs."""
+
+import os
+import sys
+
+import pytest
+
+from repeat_lm import runtime
+
+
+def test_xla_flags_appended_but_user_value_wins():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  runtime.configure_xla_flags(env)
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *runtime.CPU_FLAGS]
+  env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+  runtime.configure_xla_flags(env)
+  assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are Linux-only")
+def test_host_malloc_only_for_cpu_runs_without_user_settings(monkeypatch):
+  monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  monkeypatch.setattr(runtime, "accelerator_plugin_installed", lambda: False)
+  assert runtime.wants_host_malloc({})
+  assert runtime.wants_host_malloc({"JAX_PLATFORMS": "cpu"})
+  assert not runtime.wants_host_malloc({"JAX_PLATFORMS": "cuda"})
+  assert not runtime.wants_host_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})  # the user's own
+  assert not runtime.wants_host_malloc({runtime.HOST_MALLOC_ENV: "0"})  # the opt-out
+  monkeypatch.setattr(runtime, "accelerator_plugin_installed", lambda: True)
+  assert not runtime.wants_host_malloc({})  # a GPU/TPU plugin: the step does not run on the host
+  assert runtime.wants_host_malloc({"JAX_PLATFORMS": "cpu"})
+
+
+def test_reexecutes_the_same_command_with_tunables_before_jax_only(monkeypatch):
+  calls = []
+  monkeypatch.setattr(runtime.os, "execve", lambda *a: calls.append(a))
+  monkeypatch.setattr(runtime, "wants_host_malloc", lambda env: True)
+  runtime.configure_host_allocator()
+  assert calls == []  # JAX is imported in this process already: replacing it now would lose its state
+  monkeypatch.delitem(sys.modules, "jax")
+  runtime.configure_host_allocator()
+  (executable, argv, env), = calls
+  assert executable == sys.executable and argv == list(sys.orig_argv)
+  assert env["GLIBC_TUNABLES"] == runtime.HOST_MALLOC_TUNABLES
+  assert {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"} == dict(os.environ)
