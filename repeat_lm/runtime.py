@@ -1,13 +1,14 @@
 """Process-level settings for XLA and the host allocator, applied by the command line before JAX starts.
 
-Both were found by profiling `repeat-lm bench train` on CPU (docs/performance.md has the numbers):
-- XLA:CPU's YNNPACK library fusions are fast for matmuls but slow for reductions: the relative position bias
-  gradient (a sum over layers, batch and rows of the attention logits' gradient) alone took ~0.4 s of a ~4.8 s
-  T5-small step. Keeping YNNPACK for dots only gave 4.3 s.
-- The step's temporary buffers (~3 GB for T5-small at batch 8) are freed and allocated again every step. glibc
-  gives XLA's worker threads their own arenas, which return freed memory to the kernel, so every step page-faulted
-  its buffers in afresh (~800k minor faults and ~1.3 s of system time per step). One arena that keeps its memory
-  removes that: 4.3 s -> 3.6 s per step.
+Both were found by profiling `repeat-lm bench train` on CPU (T5 v1.1 small, batch 8, 2 cores; docs/performance.md
+measures each against its absence):
+- The step's temporary buffers (~3 GB) are freed and allocated again every step. glibc gives XLA's worker threads
+  their own arenas, which return freed memory to the kernel, so every step page-faulted its buffers in afresh
+  (~800k minor faults and ~1.3 s of system time per step). One arena that keeps its memory removes that:
+  4.3 s -> 3.6 s per step.
+- XLA:CPU's YNNPACK library fusions are fast for matmuls but were slow for some reductions under the faulting
+  allocator: with glibc's defaults, YNNPACK for dots only gave 4.3 s against 4.8 s. With the allocator fixed the
+  two are within noise; the flag stays because it never lost.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,22 @@ from pathlib import Path
 ZOO = ("small", "base", "large", "xl", "xxl")
 
 
-def _bench(args: list[str]) -> dict:
-  """One benchmark in a fresh process, so each measurement starts from the same state."""
+# Each process-level setting of runtime.py switched off in turn (same command, same machine, one after another).
+ABLATIONS = (
+    ("as shipped", {}),
+    # GLIBC_TUNABLES is inherited from this process (the CLI set it), so it is removed, not just not set.
+    ("without the host allocator settings", {"REPEAT_LM_HOST_MALLOC": "0", "GLIBC_TUNABLES": None}),
+    ("with YNNPACK fusions for dots, elementwise ops and reductions",
+     {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"}),
+)
+
+
+def _bench(args: list[str], env: dict[str, str | None] | None = None) -> dict:
+  """One benchmark in a fresh process, so each measurement starts from the same state; `env` entries set (or, when
+  None, remove) environment variables."""
+  environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
   out = subprocess.run([sys.executable, "-m", "repeat_lm.cli", "bench", "train", "--json", *args],
-                       capture_output=True, text=True, check=False)
+                       capture_output=True, text=True, check=False, env=environ)
   if out.returncode:
     raise RuntimeError(f"bench {' '.join(args)} failed:\n{out.stderr[-2000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -23,9 +36,10 @@ def _bench(args: list[str]) -> dict:
 def measure(compare_hf: bool = True, steps: int = 3, rounds: int = 5) -> dict:
   small = ["--gin_file=gin/models/t5_1_1_small.gin", "--batch_size=8", f"--steps={steps}", f"--rounds={rounds}"]
   train = [_bench(small + (["--compare=hf"] if compare_hf else []))]
+  ablations = [(name, _bench(small, env)) for name, env in ABLATIONS[1:]]
   compiles = [(size, _bench([f"--gin_file=gin/models/t5_1_1_{size}.gin", "--gin.SCAN_LAYERS=True", "--compile_only",
                              "--batch_size=8"])) for size in ZOO]
-  return {"train": train, "compile": compiles}
+  return {"train": train, "ablations": [(ABLATIONS[0][0], train[0]), *ablations], "compile": compiles}
 
 
 def to_markdown(m: dict) -> str:
@@ -45,8 +59,20 @@ def to_markdown(m: dict) -> str:
         f"({r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}) | {r['tokens_per_s']:.0f} | "
         f"{r['model_tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% | "
         f"{hf.get('tokens_per_s', float('nan')):.0f} | {r.get('speedup_vs_hf', float('nan')):.2f}x |")
-  lines += ["", f"Peak: {m['train'][0]['peak_flops'] / 1e12:.3f} TFLOP/s ({m['train'][0]['peak_flops_source']}).", "",
+  lines += ["", f"Peak: {m['train'][0]['peak_flops'] / 1e12:.3f} TFLOP/s ({m['train'][0]['peak_flops_source']}).", ""]
+  if all(r["device"].endswith("cpu") for r in m["train"]):
+    lines += ["No GPU or TPU was available where this file was generated: accelerator step times and MFU (e.g. "
+              "T5 v1.1 base on an H100) are not measured here. Run the same command there to add them.", ""]
+  lines += [
             "Command: `repeat-lm bench train --gin_file=gin/models/t5_1_1_small.gin --batch_size=8 --compare=hf`", "",
+            "## What the process settings are worth (runtime.py)", "",
+            "The same T5 v1.1 small step with each setting of `repeat_lm/runtime.py` undone, one process each:", "",
+            "| variant | step time (s) | tokens/s | MFU |", "| --- | --- | --- | --- |"]
+  for name, r in m.get("ablations", []):
+    lines.append(f"| {name} | {r['step_time_s']:.3f} ({r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}) | "
+                 f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% |")
+  lines += ["", "Variants: `REPEAT_LM_HOST_MALLOC=0` keeps glibc's default allocator; "
+            "`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce` replaces runtime.py's `dot`.", "",
             "## Compile time of the scanned training step (abstract shapes, nothing allocated)", "",
             "| model | parameters | lower (s) | lower + compile (s) |", "| --- | --- | --- | --- |"]
   for size, r in m["compile"]:

@@ -67,6 +67,10 @@ class T5Config:
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
   float32_attention_logits: bool = True  # q.k logits and softmax in float32 even with bfloat16 activations
+  # None: MultiHeadAttention's einsum path. 'xla' | 'cudnn': jax.nn.dot_product_attention with that backend ('cudnn':
+  # fused flash attention on NVIDIA GPUs, restrictions in layers.cudnn_attention_restriction); both need attention
+  # dropout 0 and always take float32 logits. Cached decoding runs the einsum path whatever this says.
+  attention_implementation: str | None = None
   scan_layers: bool = False  # stack layers with nn.scan: faster compiles, params get a 'layers' axis
   remat_policy: str = "none"  # 'none' | 'minimal' | 'full', see REMAT_POLICIES
   moe: moe_lib.MoeConfig | None = None  # sparse (mixture-of-experts) FFNs, see moe.py; None = dense
@@ -88,6 +92,21 @@ class T5Config:
     if bad:
       raise ValueError(f"Dropout and DropPath rates must lie in [0, 1): {bad}.")
     regularisation.droppath_rates(self.droppath_rate, 1, self.droppath_depth_scaling)  # validates the name
+    self._check_attention_implementation()
+
+  def _check_attention_implementation(self):
+    """Fail at config time for what jax.nn.dot_product_attention cannot do; lengths are checked when traced."""
+    impl = self.attention_implementation
+    if impl not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention_implementation={impl!r}; choose from {layers.ATTENTION_IMPLEMENTATIONS}.")
+    if impl is not None and self.dropout_rate_for("attention") > 0.0:
+      raise ValueError(f"attention_implementation={impl!r} (jax.nn.dot_product_attention) has no attention-"
+                       f"probability dropout, but the attention dropout rate is {self.dropout_rate_for('attention')}: "
+                       "set attention_dropout_rate=0 or attention_implementation=None.")
+    if impl == "cudnn":
+      reason = layers.cudnn_attention_restriction(self.head_dim, self.activation_dtype)
+      if reason is not None:
+        raise ValueError(f"attention_implementation='cudnn': {reason}.")
 
   @property
   def activation_dtype(self) -> jnp.dtype:
@@ -115,7 +134,8 @@ class EncoderLayer(nn.Module):
 
     h_BxSxD = norm("pre_attention_layer_norm")(x_BxSxD)
     h_BxSxD = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"),
-                                        cfg.float32_attention_logits, name="attention")(
+                                        cfg.float32_attention_logits,
+                                        implementation=cfg.attention_implementation, name="attention")(
         h_BxSxD, h_BxSxD, bias_1xHxSxS, mask_Bx1xSxS, self.deterministic, dropout_scale)
     x_BxSxD = x_BxSxD + drop(h_BxSxD)
 
@@ -141,9 +161,11 @@ class DecoderLayer(nn.Module):
     cfg, dtype = self.config, self.config.activation_dtype
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, dtype, name=name)
     drop = _branch_regulariser(cfg, self.deterministic, dropout_scale, droppath_rate)
+    # While decoding, cross-attention too takes the einsum path: one query position (odd for cuDNN), nothing to fuse.
     attention = lambda name, decode: layers.MultiHeadAttention(
         cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"), cfg.float32_attention_logits,
-        decode=decode, decode_length=self.decode_length, name=name)
+        decode=decode, decode_length=self.decode_length,
+        implementation=None if self.decode else cfg.attention_implementation, name=name)
 
     h_BxTxD = norm("pre_self_attention_layer_norm")(y_BxTxD)
     h_BxTxD = attention("self_attention", self.decode)(h_BxTxD, h_BxTxD, bias_1xHxTxL, self_mask_Bx1xTxL,

@@ -56,3 +56,17 @@ def test_compare_hf_runs_the_peer_in_its_own_process_and_stops_it():
   assert r["speedup_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf"]["tokens_per_s"])
   assert r["hf"]["step_time_min_s"] <= r["hf"]["step_time_s"] <= r["hf"]["step_time_max_s"]
   assert not multiprocessing.active_children()  # the peer was shut down
+
+
+def test_report_markdown_has_every_measured_row():
+  from repeat_lm.bench import report
+  run = {"batch_size": 8, "device": "1 x cpu", "dtype": "float32", "step_time_s": 3.5, "step_time_min_s": 3.4,
+         "step_time_max_s": 3.6, "tokens_per_s": 1430.0, "model_tflops_per_s": 0.24, "mfu": 0.5,
+         "peak_flops": 4.8e11, "peak_flops_source": "measured", "hf": {"tokens_per_s": 1070.0},
+         "speedup_vs_hf": 1.34}
+  compiled = {"params": 1000, "lower_time_s": 1.0, "compile_time_s": 2.0}
+  text = report.to_markdown({"train": [run], "ablations": [("as shipped", run), ("no malloc", run)],
+                             "compile": [(size, compiled) for size in report.ZOO]})
+  assert "| 3.500 (3.400-3.600) | 1430 | 0.240 | 50.0% | 1070 | 1.34x |" in text
+  assert "| no malloc | 3.500" in text and "not measured here" in text
+  assert all(f"| T5 v1.1 {size} | 1,000 | 1.0 | 2.0 |" in text for size in report.ZOO)

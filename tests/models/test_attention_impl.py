@@ -1,0 +1,182 @@
+"""T5Config.attention_implementation: jax.nn.dot_product_attention ('xla', 'cudnn') against the einsum path."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from repeat_lm.models import layers, t5
+
+KEY = jax.random.key(0)
+B, S, T = 3, 6, 4  # batch, encoder length, decoder length
+TINY = t5.T5Config(vocab_size=64, dtype="float32", emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1,
+                   num_decoder_layers=1, mlp_dim=32)
+
+
+def make_batch(vocab_size: int, b: int, s: int, t: int) -> dict[str, jnp.ndarray]:
+  """Tokens with trailing padding: rows 0 and 1 padded in the encoder, row 0 in the decoder (fully masked rows)."""
+  rng = np.random.default_rng(0)
+  enc, dec = rng.integers(1, vocab_size, (b, s)), rng.integers(1, vocab_size, (b, t))
+  enc[0, s // 2:], enc[1, s - 1:], dec[0, t // 2:] = 0, 0, 0
+  dec_in = np.concatenate([np.zeros((b, 1), int), dec[:, :-1]], axis=1)
+  return {k: jnp.asarray(v, jnp.int32) for k, v in
+          dict(encoder_input_tokens=enc, decoder_input_tokens=dec_in, decoder_target_tokens=dec).items()}
+
+
+def loss_logits_grads(cfg: t5.T5Config, params, batch):
+  """Loss over real targets, all logits [B, T, V], and d loss / d params (every one, relpos tables included)."""
+  def loss(p):
+    logits = t5.Transformer(cfg).apply({"params": p}, **batch, enable_dropout=False)
+    # A loss that reaches every logit of every real target, not just one class.
+    weights = (batch["decoder_target_tokens"] > 0)[..., None] * jnp.linspace(-1.0, 1.0, cfg.vocab_size)
+    return jnp.sum(jax.nn.log_softmax(logits) * weights), logits
+  (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return value, logits, traverse_util.flatten_dict(grads, sep="/")
+
+
+@functools.cache
+def tiny_params():
+  batch = make_batch(TINY.vocab_size, B, S, T)
+  return t5.Transformer(TINY).init(KEY, **batch, enable_dropout=False)["params"]
+
+
+def test_xla_equals_einsum_in_t5_logits_and_all_gradients():
+  """Padding (encoder, decoder, cross) and causal masks, fully masked padding rows, the relative bias's gradient."""
+  batch, params = make_batch(TINY.vocab_size, B, S, T), tiny_params()
+  loss_e, logits_e, grads_e = loss_logits_grads(TINY, params, batch)
+  loss_x, logits_x, grads_x = loss_logits_grads(dataclasses.replace(TINY, attention_implementation="xla"), params,
+                                                batch)
+  assert np.isfinite(logits_x).all()  # padded rows included
+  np.testing.assert_allclose(logits_x, logits_e, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss_x, loss_e, rtol=1e-5)
+  assert grads_x.keys() == grads_e.keys()
+  for stack in ("encoder", "decoder"):  # the learned bias gets a real gradient through the library call
+    assert np.abs(grads_x[f"{stack}/relpos_bias/rel_embedding"]).max() > 1e-3
+  for name in grads_e:
+    np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_xla_attention_layer_equals_einsum_with_bias_mask_and_fully_masked_rows():
+  heads, head_dim, q_len, k_len = 2, 8, 4, 6
+  x_q = jax.random.normal(KEY, (2, q_len, 16))
+  x_kv = jax.random.normal(jax.random.key(1), (2, k_len, 16))
+  bias = jax.random.normal(jax.random.key(2), (1, heads, q_len, k_len))
+  mask = layers.make_attention_mask(jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool),
+                                    jnp.array([[1, 1, 1, 1, 0, 0], [1] * 6], bool))
+  mask &= jnp.tril(jnp.ones((q_len, k_len), bool), k=2)[None, None]  # a causal-style band too
+  einsum = layers.MultiHeadAttention(heads, head_dim)
+  xla = layers.MultiHeadAttention(heads, head_dim, implementation="xla")
+  params = einsum.init(KEY, x_q, x_kv, bias, mask, True)["params"]
+
+  def out_and_grads(module):
+    f = lambda p, b: jnp.sum(jnp.sin(module.apply({"params": p}, x_q, x_kv, b, mask, True)))
+    return module.apply({"params": params}, x_q, x_kv, bias, mask, True), jax.grad(f, argnums=(0, 1))(params, bias)
+
+  out_e, (grads_e, dbias_e) = out_and_grads(einsum)
+  out_x, (grads_x, dbias_x) = out_and_grads(xla)
+  assert np.isfinite(out_x).all()  # row 0, query 3 sees no key at all
+  np.testing.assert_allclose(out_x, out_e, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dbias_x, dbias_e, rtol=1e-5, atol=1e-6)
+  assert np.abs(dbias_x).max() > 1e-3
+  for a, b in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_e)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_decoding_runs_einsum_and_matches():
+  """With 'xla' the encoder uses the library and the cached decoder the einsum path; steps equal the einsum config."""
+  batch, params = make_batch(TINY.vocab_size, B, S, T), tiny_params()
+  logits = {}
+  for impl in (None, "xla"):
+    model = t5.Transformer(dataclasses.replace(TINY, attention_implementation=impl))
+    cache = model.init(KEY, **batch, enable_dropout=False, decode=True)["cache"]
+    encoded = model.apply({"params": params}, batch["encoder_input_tokens"], enable_dropout=False, method="encode")
+    token = jnp.zeros((B, 1), jnp.int32)
+    logits[impl], _ = model.apply({"params": params, "cache": cache}, encoded, batch["encoder_input_tokens"], token,
+                                  token, enable_dropout=False, decode=True, mutable=["cache"], method="decode")
+  np.testing.assert_allclose(logits["xla"], logits[None], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_dropout_is_refused():
+  with pytest.raises(ValueError, match="attention_dropout_rate=0 or attention_implementation=None"):
+    dataclasses.replace(TINY, attention_implementation="xla", dropout_rate=0.1)
+  # Other dropout places are fine once the attention rate is 0.
+  dataclasses.replace(TINY, attention_implementation="xla", dropout_rate=0.1, attention_dropout_rate=0.0)
+  attention = layers.MultiHeadAttention(2, 8, dropout_rate=0.1, implementation="xla")
+  x = jax.random.normal(KEY, (2, 4, 16))
+  variables = attention.init(KEY, x, x, None, None, True)
+  attention.apply(variables, x, x, None, None, True)  # deterministic: no dropout to drop
+  with pytest.raises(ValueError, match="attention_dropout_rate=0 or attention_implementation=None"):
+    attention.apply(variables, x, x, None, None, False, rngs={"dropout": KEY})
+
+
+def test_unknown_implementation_is_refused():
+  with pytest.raises(ValueError, match="attention_implementation='flash'"):
+    dataclasses.replace(TINY, attention_implementation="flash")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(head_dim=64, dtype=jnp.float32, q_len=8, k_len=8), "bfloat16 or float16"),
+    (dict(head_dim=12, dtype=jnp.bfloat16, q_len=8, k_len=8), "multiple of 8"),
+    (dict(head_dim=264, dtype=jnp.bfloat16, q_len=8, k_len=8), "at most 256"),
+    (dict(head_dim=256, dtype=jnp.bfloat16, q_len=8, k_len=8, max_head_dim=128), "at most 128"),
+    (dict(head_dim=64, dtype=jnp.bfloat16, q_len=7, k_len=8), "even query and key lengths"),
+    (dict(head_dim=64, dtype=jnp.float16, q_len=8, k_len=1), "even query and key lengths"),
+    (dict(head_dim=64, dtype=jnp.bfloat16, q_len=8, k_len=6), None),
+    (dict(head_dim=64, dtype=jnp.bfloat16), None),  # config time: lengths unknown
+])
+def test_cudnn_restrictions(kwargs, match):
+  reason = layers.cudnn_attention_restriction(**kwargs)
+  if match is None:
+    assert reason is None
+  else:
+    assert match in reason
+
+
+def test_cudnn_restrictions_are_enforced_at_config_and_trace_time():
+  with pytest.raises(ValueError, match="cudnn.*bfloat16 or float16"):
+    dataclasses.replace(TINY, attention_implementation="cudnn")  # TINY is float32
+  with pytest.raises(ValueError, match="cudnn.*multiple of 8"):
+    dataclasses.replace(TINY, dtype="bfloat16", head_dim=12, attention_implementation="cudnn")
+  attention = layers.MultiHeadAttention(2, 8, dtype=jnp.bfloat16, implementation="cudnn")
+  x = jax.random.normal(KEY, (2, 5, 16))
+  variables = attention.init(KEY, x, x, None, None, True)  # init runs the einsum path: no GPU needed
+  mask = jnp.ones((2, 1, 5, 5), bool)
+  with pytest.raises(ValueError, match="even query and key lengths, got Q=5, K=5"):
+    attention.apply(variables, x, x, None, mask, True)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+      attention.apply(variables, x[:, :4], x[:, :4], None, mask[:, :, :4, :4], True)
+
+
+def relative_error(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+@pytest.mark.accelerator
+def test_cudnn_equals_xla_in_bfloat16_with_bias_gradients():
+  """Run on a GPU with `JAX_PLATFORMS=cuda pytest -q -m accelerator tests/models/test_attention_impl.py`."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("cuDNN attention needs an NVIDIA GPU (tests default to JAX_PLATFORMS=cpu; set JAX_PLATFORMS=cuda)")
+  b, s, t = 4, 16, 8  # even lengths: cuDNN's backward with a bias needs them
+  cfg = t5.T5Config(vocab_size=128, dtype="bfloat16", emb_dim=64, num_heads=4, head_dim=16, num_encoder_layers=2,
+                    num_decoder_layers=2, mlp_dim=128)
+  batch = make_batch(cfg.vocab_size, b, s, t)
+  params = t5.Transformer(cfg).init(KEY, **batch, enable_dropout=False)["params"]
+  loss_x, logits_x, grads_x = loss_logits_grads(dataclasses.replace(cfg, attention_implementation="xla"), params,
+                                                batch)
+  loss_c, logits_c, grads_c = loss_logits_grads(dataclasses.replace(cfg, attention_implementation="cudnn"), params,
+                                                batch)
+  assert np.isfinite(logits_c).all()  # padded (fully masked) rows included
+  real = np.asarray(batch["decoder_target_tokens"] > 0)
+  assert relative_error(np.asarray(logits_c)[real], np.asarray(logits_x)[real]) < 2e-2
+  np.testing.assert_allclose(loss_c, loss_x, rtol=2e-2)
+  for name in grads_x:
+    assert np.isfinite(grads_c[name]).all(), name
+    assert relative_error(grads_c[name], grads_x[name]) < 5e-2, name
+  for stack in ("encoder", "decoder"):  # cuDNN really returns the bias gradient, not zeros
+    assert np.abs(grads_c[f"{stack}/relpos_bias/rel_embedding"]).max() > 1e-3
