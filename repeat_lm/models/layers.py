@@ -165,6 +165,29 @@ def toeplitz_bias(table_HxN: Array, q_len: int, k_len: int, bidirectional: bool,
   return rows_HxQxR[:, :, q_len - 1:]
 
 
+@jax.custom_vjp
+def add_shared_bias(logits_BxHxQxK: Array, bias_1xHxQxK: Array) -> Array:
+  """logits + bias (broadcast over the batch), with the bias gradient summed over the batch as a matmul.
+
+  The plain broadcast's gradient is a reduction that XLA:CPU merged across all layers into one strided pass over
+  every layer's [B, H, Q, K] logits gradient (~0.2 s of a 3.5 s T5-small step); a matmul with a ones vector per
+  layer streams each gradient while it is hot (3.54 -> 3.33 s). Same values, same sum, a different kernel.
+  """
+  return logits_BxHxQxK + bias_1xHxQxK
+
+
+def _add_shared_bias_fwd(logits_BxHxQxK, bias_1xHxQxK):
+  return logits_BxHxQxK + bias_1xHxQxK, None
+
+
+def _add_shared_bias_bwd(_, g_BxHxQxK):
+  ones_B = jnp.ones((g_BxHxQxK.shape[0],), g_BxHxQxK.dtype)
+  return g_BxHxQxK, jnp.einsum("b,bhqk->hqk", ones_B, g_BxHxQxK)[None]
+
+
+add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
+
+
 def make_attention_mask(query_valid_BxQ: Array, key_valid_BxK: Array) -> Array:
   """Pairwise mask [B, 1, Q, K] (the 1 broadcasts over heads) from per-position validity."""
   return query_valid_BxQ[:, None, :, None] & key_valid_BxK[:, None, None, :]
@@ -260,7 +283,7 @@ class MultiHeadAttention(nn.Module):
     logits_dtype = jnp.float32 if self.float32_logits else self.dtype
     logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE.astype(logits_dtype), k_BxKxHxE.astype(logits_dtype))
     if bias_1xHxQxK is not None:
-      logits_BxHxQxK = logits_BxHxQxK + bias_1xHxQxK.astype(logits_dtype)
+      logits_BxHxQxK = add_shared_bias(logits_BxHxQxK, bias_1xHxQxK.astype(logits_dtype))
     if mask_Bx1xQxK is not None:
       logits_BxHxQxK = jnp.where(mask_Bx1xQxK, logits_BxHxQxK, jnp.asarray(NEG_INF, logits_dtype))
     weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK.astype(jnp.float32), axis=-1).astype(self.dtype)

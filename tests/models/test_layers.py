@@ -68,6 +68,18 @@ def test_toeplitz_bias_equals_gather_with_gradients(bidirectional, q_len, k_len)
   np.testing.assert_allclose(grad(by_lengths), grad(by_positions), rtol=1e-4, atol=1e-5)  # sum order
 
 
+def test_add_shared_bias_gradient_is_the_batch_sum():
+  logits = jax.random.normal(KEY, (3, 2, 4, 5))
+  bias = jax.random.normal(jax.random.key(1), (1, 2, 4, 5))
+  weights = jax.random.normal(jax.random.key(2), (3, 2, 4, 5))
+  loss = lambda add: lambda l, b: jnp.sum(jnp.tanh(add(l, b)) * weights)
+  ours = jax.grad(loss(layers.add_shared_bias), argnums=(0, 1))(logits, bias)
+  plain = jax.grad(loss(lambda l, b: l + b), argnums=(0, 1))(logits, bias)
+  np.testing.assert_array_equal(layers.add_shared_bias(logits, bias), logits + bias)
+  for got, want in zip(ours, plain):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_rms_norm_matches_numpy():
   x = jax.random.normal(KEY, (2, 3, 8)) * 3.0
   norm = layers.RMSNorm(epsilon=1e-6)
