@@ -149,6 +149,8 @@ def _add_bench(sub) -> None:
                  help="Activation dtype: 'auto' keeps the gin's on accelerators and uses float32 on CPU.")
   t.add_argument("--compare", choices=["hf"], default=None, help="Also time Hugging Face's PyTorch T5, interleaved.")
   t.add_argument("--json", action="store_true", help="Print one JSON object only.")
+  t.add_argument("--profile_dir", default=None,
+                 help="After timing, trace one more round into this directory and write ops.md: time per HLO op.")
   t.add_argument("--compile_only", action="store_true",
                  help="Only lower + compile the step from abstract shapes (no allocation); report compile time.")
   _add_bench_moe(bench_sub)
@@ -206,7 +208,8 @@ def _run_bench(args, bindings: Sequence[str]) -> dict:
   model, cfg = _bench_model_and_config(args, bindings)
   if args.compile_only:
     return bench_train.compile_only(model, cfg, partitioner)
-  result = bench_train.run_benchmark(model, cfg, compare_hf=args.compare == "hf", partitioner=partitioner)
+  result = bench_train.run_benchmark(model, cfg, compare_hf=args.compare == "hf", partitioner=partitioner,
+                                     profile_dir=args.profile_dir)
   if not args.json:
     print(bench_train.format_report(result), file=sys.stderr)
   return result

@@ -104,8 +104,12 @@ def summarize_times(step_times: Sequence[float], cfg: BenchConfig, flops_per_ste
 
 
 def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: bool = False,
-                  partitioner: partitioning.Partitioner | None = None) -> dict:
-  """Benchmark repeat_lm's step (and, interleaved round by round, Hugging Face's) on the same shapes."""
+                  partitioner: partitioning.Partitioner | None = None, profile_dir: str | None = None) -> dict:
+  """Benchmark repeat_lm's step (and, interleaved round by round, Hugging Face's) on the same shapes.
+
+  With `profile_dir`, one more round of repeat_lm's step runs under the JAX profiler after the timed rounds (so the
+  tracing never slows a timed one) and its time is attributed to HLO ops (profile.py).
+  """
   partitioner = partitioner or partitioning.Partitioner()
   mcfg = model.module.config
   flops_per_step = flops.train_flops_per_sequence(mcfg, cfg.inputs_length, cfg.targets_length) * cfg.batch_size
@@ -127,6 +131,10 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
   finally:
     if hf:
       hf.close()
+  profiled = None
+  if profile_dir:
+    from repeat_lm.bench import profile  # pylint: disable=import-outside-toplevel
+    profiled = profile.profile_steps(ours.run, cfg.steps, ours.compiled.as_text(), profile_dir)
   memory, memory_source = peak_memory_bytes()
   result = {
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -141,6 +149,9 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
       "loss": float(ours.last_metrics["loss_sum"] / ours.last_metrics["weight_sum"]),
       **summarize_times(ours_times, cfg, flops_per_step, peak),
   }
+  if profiled:
+    result["profile"] = {"dir": str(profile_dir), "wall_s_per_step": profiled["wall_s_per_step"],
+                         "op_seconds_per_step": profiled["op_seconds_per_step"], "top": profiled["merged"][:15]}
   if hf:
     hf_summary = summarize_times(hf_times, cfg, flops_per_step, peak)
     result["hf"] = {k: hf_summary[k] for k in ("step_time_s", "step_time_min_s", "step_time_max_s",
@@ -172,6 +183,12 @@ def format_report(r: dict) -> str:
     lines.append(f"Hugging Face (PyTorch, {r['hf']['torch_threads']} threads): step "
                  f"{r['hf']['step_time_s'] * 1e3:.1f} ms, {r['hf']['tokens_per_s']:.0f} tokens/s, "
                  f"MFU {100 * r['hf']['mfu']:.1f}%; repeat_lm / HF = {r['speedup_vs_hf']:.2f}x")
+  if "profile" in r:
+    p = r["profile"]
+    lines.append(f"profile ({p['dir']}/ops.md, trace beside it): ops sum to {p['op_seconds_per_step']:.3f} s of "
+                 f"{p['wall_s_per_step']:.3f} s per step; the largest, layers merged:")
+    lines += [f"  {1e3 * t['seconds']:8.1f} ms  {t['kind']:<24} {t['shape']:<28} {t['source'][-90:]}"
+              for t in p["top"][:10]]
   return "\n".join(lines)
 
 

@@ -1,0 +1,84 @@
+"""Where a compiled step's time goes: a JAX profiler trace summed per HLO op, named by the optimized HLO.
+
+`repeat-lm bench train --profile_dir=DIR` writes the trace (open it in TensorBoard or Perfetto) and DIR/ops.md, the
+ops by total time, each with its shape and the JAX source op it came from (e.g. `encoder/layers_3/mlp/wi_0/dot_general`),
+and a second table with the layers merged. This is how the CPU fixes in runtime.py and layers.py were found.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+# Profiler events that are bookkeeping or Python spans ('$file.py:line fn', which would count the step again), not
+# HLO ops.
+_NOT_OPS = re.compile(r"^\$|ThunkExecutor|ThreadpoolListener|^end: |Await$")
+_HLO_LINE = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """{instruction name: (shape, JAX op_name)} from optimized HLO text."""
+  ops = {}
+  for line in hlo_text.splitlines():
+    m = _HLO_LINE.match(line)
+    if m and m.group(1) not in ops:
+      source = _OP_NAME.search(line)
+      ops[m.group(1)] = (m.group(2), source.group(1) if source else "")
+  return ops
+
+
+def _xspace_events(trace_dir: Path) -> collections.Counter:
+  """Seconds per event name over every device/host plane of the newest trace in `trace_dir`."""
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=import-outside-toplevel
+  paths = sorted(trace_dir.glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+  if not paths:
+    raise RuntimeError(f"The profiler wrote no .xplane.pb under {trace_dir}.")
+  space = xplane_pb2.XSpace()
+  space.ParseFromString(paths[-1].read_bytes())
+  seconds = collections.Counter()
+  for plane in space.planes:
+    names = {k: v.name for k, v in plane.event_metadata.items()}
+    for line in plane.lines:
+      for event in line.events:
+        name = names.get(event.metadata_id, "")
+        if name and not _NOT_OPS.search(name):
+          seconds[name] += event.duration_ps / 1e12
+  return seconds
+
+
+def profile_steps(run: Callable[[int], float], steps: int, hlo_text: str, out_dir: str | Path) -> dict:
+  """Trace `run(steps)` into out_dir and attribute the time to HLO ops; returns the tables (seconds per step)."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  jax.profiler.start_trace(str(out_dir))
+  try:
+    wall = run(steps)
+  finally:
+    jax.profiler.stop_trace()
+  seconds = _xspace_events(out_dir)
+  ops = hlo_ops(hlo_text)
+  per_op = [{"op": name, "seconds": s / steps, "shape": ops.get(name, ("?", ""))[0],
+             "source": ops.get(name, ("", ""))[1]} for name, s in seconds.most_common()]
+  merged = collections.Counter()
+  for row in per_op:  # one row per source op and kernel kind, the layers merged
+    kind = re.sub(r"\.\d+$", "", row["op"])
+    merged[(re.sub(r"layers_\d+", "layers_N", row["source"]), kind, row["shape"])] += row["seconds"]
+  result = {"wall_s_per_step": wall / steps, "op_seconds_per_step": sum(seconds.values()) / steps,
+            "ops": per_op,
+            "merged": [{"source": k[0], "kind": k[1], "shape": k[2], "seconds": v} for k, v in merged.most_common()]}
+  (out_dir / "ops.md").write_text(to_markdown(result))
+  return result
+
+
+def to_markdown(result: dict, top: int = 40) -> str:
+  lines = [f"Wall {result['wall_s_per_step']:.3f} s per step; ops sum to {result['op_seconds_per_step']:.3f} s.", "",
+           "## Layers merged", "", "| ms/step | kernel | shape | source op |", "| --- | --- | --- | --- |"]
+  lines += [f"| {1e3 * r['seconds']:.1f} | {r['kind']} | {r['shape']} | {r['source']} |" for r in result["merged"][:top]]
+  lines += ["", "## Every op", "", "| ms/step | op | shape | source op |", "| --- | --- | --- | --- |"]
+  lines += [f"| {1e3 * r['seconds']:.1f} | {r['op']} | {r['shape']} | {r['source']} |" for r in result["ops"][:top]]
+  return "\n".join(lines) + "\n"
