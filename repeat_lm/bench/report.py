@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def _bench(args: list[str], env: dict[str, str | None] | None = None) -> dict:
 
 def measure(compare_hf: bool = True, steps: int = 3, rounds: int = 5) -> dict:
   small = ["--gin_file=gin/models/t5_1_1_small.gin", "--batch_size=8", f"--steps={steps}", f"--rounds={rounds}"]
-  train = [_bench(small + (["--compare=hf"] if compare_hf else []))]
+  with tempfile.TemporaryDirectory() as trace_dir:  # the trace itself is large; the table keeps what matters
+    train = [_bench(small + (["--compare=hf"] if compare_hf else []) + [f"--profile_dir={trace_dir}"])]
   ablations = [(name, _bench(small, env)) for name, env in ABLATIONS[1:]]
   compiles = [(size, _bench([f"--gin_file=gin/models/t5_1_1_{size}.gin", "--gin.SCAN_LAYERS=True", "--compile_only",
                              "--batch_size=8"])) for size in ZOO]
@@ -63,9 +65,19 @@ def to_markdown(m: dict) -> str:
   if all(r["device"].endswith("cpu") for r in m["train"]):
     lines += ["No GPU or TPU was available where this file was generated: accelerator step times and MFU (e.g. "
               "T5 v1.1 base on an H100) are not measured here. Run the same command there to add them.", ""]
-  lines += [
-            "Command: `repeat-lm bench train --gin_file=gin/models/t5_1_1_small.gin --batch_size=8 --compare=hf`", "",
-            "## What the process settings are worth (runtime.py)", "",
+  lines += ["Command: `repeat-lm bench train --gin_file=gin/models/t5_1_1_small.gin --batch_size=8 --compare=hf`", "",
+            "## Where the time goes", "",
+            "One more round of the step above under the JAX profiler (`--profile_dir`), time per HLO op with the "
+            "layers merged, largest first:", "",
+            "| ms/step | kernel | shape | source op |", "| --- | --- | --- | --- |"]
+  for r in m["train"][:1]:
+    profile = r.get("profile", {})
+    lines += [f"| {1e3 * t['seconds']:.1f} | {t['kind']} | `{t['shape']}` | `{t['source']}` |"
+              for t in profile.get("top", [])]
+    if profile:
+      lines += ["", f"The ops sum to {profile['op_seconds_per_step']:.3f} s of a {profile['wall_s_per_step']:.3f} s "
+                "profiled step (a few run concurrently).", ""]
+  lines += ["## What the process settings are worth (runtime.py)", "",
             "The same T5 v1.1 small step with each setting of `repeat_lm/runtime.py` undone, one process each:", "",
             "| variant | step time (s) | tokens/s | MFU |", "| --- | --- | --- | --- |"]
   for name, r in m.get("ablations", []):
