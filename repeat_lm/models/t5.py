@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from repeat_lm.models import attention as attention_lib
 from repeat_lm.models import layers
 from repeat_lm.models import moe as moe_lib
 from repeat_lm.models import regularisation
@@ -68,7 +69,7 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   float32_attention_logits: bool = True  # q.k logits and softmax in float32 even with bfloat16 activations
   # None: MultiHeadAttention's einsum path. 'xla' | 'cudnn': jax.nn.dot_product_attention with that backend ('cudnn':
-  # fused flash attention on NVIDIA GPUs, restrictions in layers.cudnn_attention_restriction); both need attention
+  # fused flash attention on NVIDIA GPUs, restrictions in attention.cudnn_attention_restriction); both need attention
   # dropout 0 and always take float32 logits. Cached decoding runs the einsum path whatever this says.
   attention_implementation: str | None = None
   scan_layers: bool = False  # stack layers with nn.scan: faster compiles, params get a 'layers' axis
@@ -97,14 +98,14 @@ class T5Config:
   def _check_attention_implementation(self):
     """Fail at config time for what jax.nn.dot_product_attention cannot do; lengths are checked when traced."""
     impl = self.attention_implementation
-    if impl not in layers.ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention_implementation={impl!r}; choose from {layers.ATTENTION_IMPLEMENTATIONS}.")
+    if impl not in attention_lib.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention_implementation={impl!r}; choose from {attention_lib.ATTENTION_IMPLEMENTATIONS}.")
     if impl is not None and self.dropout_rate_for("attention") > 0.0:
       raise ValueError(f"attention_implementation={impl!r} (jax.nn.dot_product_attention) has no attention-"
                        f"probability dropout, but the attention dropout rate is {self.dropout_rate_for('attention')}: "
                        "set attention_dropout_rate=0 or attention_implementation=None.")
     if impl == "cudnn":
-      reason = layers.cudnn_attention_restriction(self.head_dim, self.activation_dtype)
+      reason = attention_lib.cudnn_attention_restriction(self.head_dim, self.activation_dtype)
       if reason is not None:
         raise ValueError(f"attention_implementation='cudnn': {reason}.")
 
@@ -133,9 +134,9 @@ class EncoderLayer(nn.Module):
     drop = _branch_regulariser(cfg, self.deterministic, dropout_scale, droppath_rate)
 
     h_BxSxD = norm("pre_attention_layer_norm")(x_BxSxD)
-    h_BxSxD = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"),
-                                        cfg.float32_attention_logits,
-                                        implementation=cfg.attention_implementation, name="attention")(
+    h_BxSxD = attention_lib.MultiHeadAttention(cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"),
+                                               cfg.float32_attention_logits,
+                                               implementation=cfg.attention_implementation, name="attention")(
         h_BxSxD, h_BxSxD, bias_1xHxSxS, mask_Bx1xSxS, self.deterministic, dropout_scale)
     x_BxSxD = x_BxSxD + drop(h_BxSxD)
 
@@ -162,7 +163,7 @@ class DecoderLayer(nn.Module):
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, dtype, name=name)
     drop = _branch_regulariser(cfg, self.deterministic, dropout_scale, droppath_rate)
     # While decoding, cross-attention too takes the einsum path: one query position (odd for cuDNN), nothing to fuse.
-    attention = lambda name, decode: layers.MultiHeadAttention(
+    attention = lambda name, decode: attention_lib.MultiHeadAttention(
         cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"), cfg.float32_attention_logits,
         decode=decode, decode_length=self.decode_length,
         implementation=None if self.decode else cfg.attention_implementation, name=name)
@@ -272,19 +273,19 @@ class Decoder(nn.Module):
       # While decoding, targets are the fed tokens and may be 0 (BOS = pad id): only mask padding otherwise.
       query_valid_BxT = (jnp.ones_like(decoder_target_tokens_BxT, bool) if decode
                          else decoder_target_tokens_BxT > 0)
-      self_mask_Bx1xTxL = layers.make_causal_mask(length) & layers.make_attention_mask(query_valid_BxT,
-                                                                                       query_valid_BxT)
+      self_mask_Bx1xTxL = (attention_lib.make_causal_mask(length) &
+                           attention_lib.make_attention_mask(query_valid_BxT, query_valid_BxT))
       if decoder_segment_ids_BxT is not None:
-        self_mask_Bx1xTxL &= layers.make_segment_mask(decoder_segment_ids_BxT, decoder_segment_ids_BxT)
+        self_mask_Bx1xTxL &= attention_lib.make_segment_mask(decoder_segment_ids_BxT, decoder_segment_ids_BxT)
     else:  # one cached step: the query sits at cache_index and sees cache positions <= it
       cache_index, cache_length = cache_state
       query_positions_T, key_positions_L = cache_index[None], jnp.arange(cache_length)
       query_valid_BxT = jnp.ones_like(decoder_target_tokens_BxT, bool)
       self_mask_Bx1xTxL = (key_positions_L <= cache_index)[None, None, None, :]
 
-    cross_mask_Bx1xTxS = layers.make_attention_mask(query_valid_BxT, encoder_input_tokens_BxS > 0)
+    cross_mask_Bx1xTxS = attention_lib.make_attention_mask(query_valid_BxT, encoder_input_tokens_BxS > 0)
     if decoder_segment_ids_BxT is not None and encoder_segment_ids_BxS is not None and cache_state is None:
-      cross_mask_Bx1xTxS &= layers.make_segment_mask(decoder_segment_ids_BxT, encoder_segment_ids_BxS)
+      cross_mask_Bx1xTxS &= attention_lib.make_segment_mask(decoder_segment_ids_BxT, encoder_segment_ids_BxS)
     bias_1xHxTxL = layers.RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
                                                cfg.relative_attention_max_distance, name="relpos_bias")(
         query_positions_T, key_positions_L, bidirectional=False)
@@ -339,9 +340,9 @@ class Transformer(nn.Module):
     `dropout_scale` (a scalar, may be traced) multiplies every dropout rate: the dropout schedule's factor.
     """
     valid_BxS = encoder_input_tokens > 0
-    mask_Bx1xSxS = layers.make_attention_mask(valid_BxS, valid_BxS)
+    mask_Bx1xSxS = attention_lib.make_attention_mask(valid_BxS, valid_BxS)
     if encoder_segment_ids is not None:
-      mask_Bx1xSxS &= layers.make_segment_mask(encoder_segment_ids, encoder_segment_ids)
+      mask_Bx1xSxS &= attention_lib.make_segment_mask(encoder_segment_ids, encoder_segment_ids)
     x_BxSxD = self.token_embedder(encoder_input_tokens)
     return self.encoder(x_BxSxD, mask_Bx1xSxS, deterministic=not enable_dropout, dropout_scale=dropout_scale)
 

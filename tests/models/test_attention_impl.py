@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from repeat_lm.models import attention as attention_lib
 from repeat_lm.models import layers, t5
 
 KEY = jax.random.key(0)
@@ -65,11 +66,11 @@ def test_xla_attention_layer_equals_einsum_with_bias_mask_and_fully_masked_rows(
   x_q = jax.random.normal(KEY, (2, q_len, 16))
   x_kv = jax.random.normal(jax.random.key(1), (2, k_len, 16))
   bias = jax.random.normal(jax.random.key(2), (1, heads, q_len, k_len))
-  mask = layers.make_attention_mask(jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool),
+  mask = attention_lib.make_attention_mask(jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool),
                                     jnp.array([[1, 1, 1, 1, 0, 0], [1] * 6], bool))
   mask &= jnp.tril(jnp.ones((q_len, k_len), bool), k=2)[None, None]  # a causal-style band too
-  einsum = layers.MultiHeadAttention(heads, head_dim)
-  xla = layers.MultiHeadAttention(heads, head_dim, implementation="xla")
+  einsum = attention_lib.MultiHeadAttention(heads, head_dim)
+  xla = attention_lib.MultiHeadAttention(heads, head_dim, implementation="xla")
   params = einsum.init(KEY, x_q, x_kv, bias, mask, True)["params"]
 
   def out_and_grads(module):
@@ -105,7 +106,7 @@ def test_attention_dropout_is_refused():
     dataclasses.replace(TINY, attention_implementation="xla", dropout_rate=0.1)
   # Other dropout places are fine once the attention rate is 0.
   dataclasses.replace(TINY, attention_implementation="xla", dropout_rate=0.1, attention_dropout_rate=0.0)
-  attention = layers.MultiHeadAttention(2, 8, dropout_rate=0.1, implementation="xla")
+  attention = attention_lib.MultiHeadAttention(2, 8, dropout_rate=0.1, implementation="xla")
   x = jax.random.normal(KEY, (2, 4, 16))
   variables = attention.init(KEY, x, x, None, None, True)
   attention.apply(variables, x, x, None, None, True)  # deterministic: no dropout to drop
@@ -129,7 +130,7 @@ def test_unknown_implementation_is_refused():
     (dict(head_dim=64, dtype=jnp.bfloat16), None),  # config time: lengths unknown
 ])
 def test_cudnn_restrictions(kwargs, match):
-  reason = layers.cudnn_attention_restriction(**kwargs)
+  reason = attention_lib.cudnn_attention_restriction(**kwargs)
   if match is None:
     assert reason is None
   else:
@@ -141,7 +142,7 @@ def test_cudnn_restrictions_are_enforced_at_config_and_trace_time():
     dataclasses.replace(TINY, attention_implementation="cudnn")  # TINY is float32
   with pytest.raises(ValueError, match="cudnn.*multiple of 8"):
     dataclasses.replace(TINY, dtype="bfloat16", head_dim=12, attention_implementation="cudnn")
-  attention = layers.MultiHeadAttention(2, 8, dtype=jnp.bfloat16, implementation="cudnn")
+  attention = attention_lib.MultiHeadAttention(2, 8, dtype=jnp.bfloat16, implementation="cudnn")
   x = jax.random.normal(KEY, (2, 5, 16))
   variables = attention.init(KEY, x, x, None, None, True)  # init runs the einsum path: no GPU needed
   mask = jnp.ones((2, 1, 5, 5), bool)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from repeat_lm.models import attention as attention_lib
 from repeat_lm.models import layers
 
 KEY = jax.random.key(0)
@@ -73,9 +74,9 @@ def test_add_shared_bias_gradient_is_the_batch_sum():
   bias = jax.random.normal(jax.random.key(1), (1, 2, 4, 5))
   weights = jax.random.normal(jax.random.key(2), (3, 2, 4, 5))
   loss = lambda add: lambda l, b: jnp.sum(jnp.tanh(add(l, b)) * weights)
-  ours = jax.grad(loss(layers.add_shared_bias), argnums=(0, 1))(logits, bias)
+  ours = jax.grad(loss(attention_lib.add_shared_bias), argnums=(0, 1))(logits, bias)
   plain = jax.grad(loss(lambda l, b: l + b), argnums=(0, 1))(logits, bias)
-  np.testing.assert_array_equal(layers.add_shared_bias(logits, bias), logits + bias)
+  np.testing.assert_array_equal(attention_lib.add_shared_bias(logits, bias), logits + bias)
   for got, want in zip(ours, plain):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -91,7 +92,7 @@ def test_rms_norm_matches_numpy():
 
 def test_attention_has_no_logit_scaling_and_scales_query_init():
   d, heads, head_dim = 256, 4, 64
-  attention = layers.MultiHeadAttention(heads, head_dim)
+  attention = attention_lib.MultiHeadAttention(heads, head_dim)
   x = jax.random.normal(KEY, (2, 5, d))
   variables = attention.init(KEY, x, x, None, None, True)
   p = variables["params"]
@@ -111,7 +112,7 @@ def test_attention_has_no_logit_scaling_and_scales_query_init():
 
 
 def test_attention_cache_shapes_and_single_step_updates():
-  attention = layers.MultiHeadAttention(2, 4, decode=True, decode_length=6)
+  attention = attention_lib.MultiHeadAttention(2, 4, decode=True, decode_length=6)
   x = jax.random.normal(KEY, (3, 6, 8))
   variables = attention.init(KEY, x, x, None, None, True)
   cache = variables["cache"]
@@ -143,9 +144,9 @@ def test_mlp_block(activations, kernels):
 
 def test_masks():
   valid = jnp.array([[True, True, False]])
-  np.testing.assert_array_equal(layers.make_attention_mask(valid, valid)[0, 0],
+  np.testing.assert_array_equal(attention_lib.make_attention_mask(valid, valid)[0, 0],
                                 [[1, 1, 0], [1, 1, 0], [0, 0, 0]])
   segments = jnp.array([[1, 1, 2]])
-  np.testing.assert_array_equal(layers.make_segment_mask(segments, segments)[0, 0],
+  np.testing.assert_array_equal(attention_lib.make_segment_mask(segments, segments)[0, 0],
                                 [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
-  np.testing.assert_array_equal(layers.make_causal_mask(3)[0, 0], [[1, 0, 0], [1, 1, 0], [1, 1, 1]])
+  np.testing.assert_array_equal(attention_lib.make_causal_mask(3)[0, 0], [[1, 0, 0], [1, 1, 0], [1, 1, 1]])
