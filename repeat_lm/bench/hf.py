@@ -35,7 +35,6 @@ class _TorchStep:
 
   def __init__(self, config, bench_cfg, threads: int):
     torch, transformers = _import()
-    self.threads = threads
     torch.set_num_threads(threads)
     torch.manual_seed(bench_cfg.seed)
     self.model = transformers.T5ForConditionalGeneration(hf_config(config)).train()
@@ -68,7 +67,7 @@ def _serve(conn, config, bench_cfg, threads: int) -> None:
   except Exception as e:  # pylint: disable=broad-except
     conn.send(("error", f"{type(e).__name__}: {e}"))
     return
-  conn.send(("ready", threads))
+  conn.send(("ready", None))
   while (message := conn.recv()) is not None:
     conn.send(("done", step.run(message[1])))
 
