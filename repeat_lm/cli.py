@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_gin_args(p: argparse.ArgumentParser) -> None:
@@ -158,6 +159,29 @@ def _add_bench(sub) -> None:
   r = bench_sub.add_parser("report", help="Measure the zoo and rewrite docs/performance.md.")
   r.add_argument("--out", default="docs/performance.md")
   r.add_argument("--no_hf", action="store_true", help="Skip the Hugging Face comparison.")
+  a = bench_sub.add_parser(
+      "accelerator", help="On a GPU/TPU: T5 v1.1 Base step variants (scan, remat policy, cuDNN attention, batch), "
+      "one process each; write docs/performance_accelerator.md and .json.")
+  a.add_argument("--out", default="docs/performance_accelerator.md")
+  a.add_argument("--batch_size", type=int, default=128, help="T5's pre-training batch; the fastest variant is "
+                 "also run at twice this.")
+  a.add_argument("--steps", type=int, default=10, help="Steps per timed round.")
+  a.add_argument("--rounds", type=int, default=3, help="Timed rounds (the median gives the step time).")
+  a.add_argument("--time_budget_s", type=float, default=480.0,
+                 help="Start no variant after this many seconds; what was measured by then is written.")
+  a.add_argument("--variant_timeout_s", type=float, default=180.0, help="A variant's process is stopped after this.")
+  a.add_argument("--variant", action="append", default=[],
+                 help="Repeatable 'scan|unrolled:REMAT:einsum|xla|cudnn:BATCH' (e.g. unrolled:none:cudnn:128): run "
+                 "these instead of the default sweep.")
+  a.add_argument("--previous", default=None, help="JSON of an earlier run on the same device: its rows are kept.")
+  a.add_argument("--gin_file", default=None, help="Model gin (default T5 v1.1 Base).")
+  a.add_argument("--from_json", default=None, help="Only re-render OUT from this JSON of an earlier run.")
+  a.add_argument("--profile_xplane", default=None,
+                 help="Add a table of device time per kernel kind from this trace (launch/accelerator_checks.sh "
+                 "PROFILE=1 writes OUT_DIR/step.xplane.pb).")
+  a.add_argument("--profile_steps", type=int, default=3, help="Steps in the --profile_xplane trace.")
+  a.add_argument("--profile_variant", default="scan, remat none, cudnn attention, batch 128",
+                 help="The variant the --profile_xplane trace ran.")
 
 
 def _add_bench_moe(bench_sub) -> None:
@@ -198,6 +222,21 @@ def _run_bench(args, bindings: Sequence[str]) -> dict:
     return _run_bench_moe(args, bindings)
   if args.bench_command == "data":
     return _run_bench_data(args)
+  if args.bench_command == "accelerator":
+    from repeat_lm.bench import accelerator
+    if args.from_json:
+      m = json.loads(Path(args.from_json).read_text())
+    else:
+      previous = json.loads(Path(args.previous).read_text())["results"] if args.previous else []
+      m = accelerator.measure(args.out, batch_size=args.batch_size, steps=args.steps, rounds=args.rounds,
+                              time_budget_s=args.time_budget_s, variant_timeout_s=args.variant_timeout_s,
+                              previous=previous,
+                              variants=[accelerator.Variant.parse(v) for v in args.variant],
+                              model_gin=args.gin_file or accelerator.MODEL_GIN)
+    if args.profile_xplane:
+      m["profile"] = accelerator.kernel_table(args.profile_xplane, args.profile_steps, args.profile_variant)
+    accelerator.write(m, args.out)
+    return {"written": args.out, "fastest": (accelerator.fastest(m["results"]) or {}).get("name")}
   if args.bench_command == "report":
     from repeat_lm.bench import report
     report.write(args.out, compare_hf=not args.no_hf)

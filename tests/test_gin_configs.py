@@ -59,3 +59,13 @@ def test_split_gin_args():
       ["--gin_file=a.gin", "--gin.MODEL_DIR='/x'", "--gin.TRAIN_STEPS", "3", "--log_level=INFO"])
   assert bindings == ["MODEL_DIR='/x'", "TRAIN_STEPS=3"]
   assert rest == ["--gin_file=a.gin", "--log_level=INFO"]
+
+
+def test_accelerator_overlay_sets_the_measured_step_setting():
+  """gin/runs/accelerator.gin after a model and pretrain.gin: scan + remat 'minimal' + cuDNN attention."""
+  model = gin_utils.configured_macro(
+      ["gin/models/t5_1_1_base.gin", "gin/runs/pretrain.gin", "gin/runs/accelerator.gin"],
+      ["MODEL_DIR='/tmp/x'", "TRAIN_STEPS=1", "MIXTURE_OR_TASK_NAME='x'", "TASK_FEATURE_LENGTHS={}"], "MODEL")
+  config = model.module.config
+  assert (config.scan_layers, config.remat_policy, config.attention_implementation) == (True, "minimal", "cudnn")
+  assert config.dtype == "bfloat16" and config.emb_dim == 768

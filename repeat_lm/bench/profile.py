@@ -19,6 +19,7 @@ import jax
 _NOT_OPS = re.compile(r"^\$|ThunkExecutor|ThreadpoolListener|^end: |Await$")
 _HLO_LINE = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_KERNEL_SUFFIX = re.compile(r"_(\d+)$")  # XLA:GPU names the kernel of fusion `f.12` `f_12`
 
 
 def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -33,21 +34,34 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 
 def _xspace_events(trace_dir: Path) -> collections.Counter:
-  """Seconds per event name over every device/host plane of the newest trace in `trace_dir`."""
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=import-outside-toplevel
+  """Seconds per HLO op in the newest trace in `trace_dir` (see op_seconds)."""
   paths = sorted(trace_dir.glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
   if not paths:
     raise RuntimeError(f"The profiler wrote no .xplane.pb under {trace_dir}.")
-  space = xplane_pb2.XSpace()
-  space.ParseFromString(paths[-1].read_bytes())
+  return op_seconds(jax.profiler.ProfileData.from_file(str(paths[-1])))
+
+
+def op_seconds(profile: jax.profiler.ProfileData) -> collections.Counter:
+  """Seconds per HLO op of a trace.
+
+  On a GPU or TPU only the device planes count (the host's events there are launches, not the work), and a kernel is
+  named by its `hlo_op` statistic (the event itself has the CUDA kernel's name), except inside a CUDA graph: there
+  `hlo_op` is the whole `command_buffer_N`, and the kernel's own name, `loop_add_fusion_12` for the HLO fusion
+  `loop_add_fusion.12`, says more (library kernels, cuBLAS's and cuDNN's, keep their own names). On CPU the ops run
+  on host threads, so every plane counts.
+  """
+  planes = list(profile.planes)
+  devices = [p for p in planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
   seconds = collections.Counter()
-  for plane in space.planes:
-    names = {k: v.name for k, v in plane.event_metadata.items()}
+  for plane in devices or planes:
     for line in plane.lines:
       for event in line.events:
-        name = names.get(event.metadata_id, "")
+        name = event.name
+        if devices:
+          hlo_op = str(dict(event.stats).get("hlo_op", name))
+          name = _KERNEL_SUFFIX.sub(r".\1", name) if hlo_op.startswith("command_buffer") else hlo_op
         if name and not _NOT_OPS.search(name):
-          seconds[name] += event.duration_ps / 1e12
+          seconds[name] += event.duration_ns / 1e9
   return seconds
 
 

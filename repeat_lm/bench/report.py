@@ -18,28 +18,44 @@ ABLATIONS = (
     ("as shipped", {}),
     # GLIBC_TUNABLES is inherited from this process (the CLI set it), so it is removed, not just not set.
     ("without the host allocator settings", {"REPEAT_LM_HOST_MALLOC": "0", "GLIBC_TUNABLES": None}),
+    ("with YNNPACK fusions for dots only (XLA's tree reductions)",
+     {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}),
     ("with YNNPACK fusions for dots, elementwise ops and reductions",
      {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"}),
 )
 
 
-def _bench(args: list[str], env: dict[str, str | None] | None = None) -> dict:
-  """One benchmark in a fresh process, so each measurement starts from the same state; `env` entries set (or, when
-  None, remove) environment variables."""
+def run_bench(args: list[str], env: dict[str, str | None] | None = None, timeout_s: float | None = None) -> dict:
+  """`bench train --json ARGS` in a fresh process, so each measurement starts from the same state; `env` entries
+  set (or, when None, remove) environment variables. Raises RuntimeError with the end of stderr on failure."""
   environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-  out = subprocess.run([sys.executable, "-m", "repeat_lm.cli", "bench", "train", "--json", *args],
-                       capture_output=True, text=True, check=False, env=environ)
+  try:
+    out = subprocess.run([sys.executable, "-m", "repeat_lm.cli", "bench", "train", "--json", *args],
+                         capture_output=True, text=True, check=False, env=environ, timeout=timeout_s)
+  except subprocess.TimeoutExpired as e:
+    raise RuntimeError(f"bench {' '.join(args)} did not finish in {timeout_s:.0f} s") from e
   if out.returncode:
     raise RuntimeError(f"bench {' '.join(args)} failed:\n{out.stderr[-2000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def library_versions() -> dict[str, str]:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  versions = {}
+  for name in ("jax", "jaxlib", "flax"):
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
 def measure(compare_hf: bool = True, steps: int = 3, rounds: int = 5) -> dict:
   small = ["--gin_file=gin/models/t5_1_1_small.gin", "--batch_size=8", f"--steps={steps}", f"--rounds={rounds}"]
   with tempfile.TemporaryDirectory() as trace_dir:  # the trace itself is large; the table keeps what matters
-    train = [_bench(small + (["--compare=hf"] if compare_hf else []) + [f"--profile_dir={trace_dir}"])]
-  ablations = [(name, _bench(small, env)) for name, env in ABLATIONS[1:]]
-  compiles = [(size, _bench([f"--gin_file=gin/models/t5_1_1_{size}.gin", "--gin.SCAN_LAYERS=True", "--compile_only",
+    train = [run_bench(small + (["--compare=hf"] if compare_hf else []) + [f"--profile_dir={trace_dir}"])]
+  ablations = [(name, run_bench(small, env)) for name, env in ABLATIONS[1:]]
+  compiles = [(size, run_bench([f"--gin_file=gin/models/t5_1_1_{size}.gin", "--gin.SCAN_LAYERS=True", "--compile_only",
                              "--batch_size=8"])) for size in ZOO]
   return {"train": train, "ablations": [(ABLATIONS[0][0], train[0]), *ablations], "compile": compiles}
 
@@ -63,8 +79,10 @@ def to_markdown(m: dict) -> str:
         f"{hf.get('tokens_per_s', float('nan')):.0f} | {r.get('speedup_vs_hf', float('nan')):.2f}x |")
   lines += ["", f"Peak: {m['train'][0]['peak_flops'] / 1e12:.3f} TFLOP/s ({m['train'][0]['peak_flops_source']}).", ""]
   if all(r["device"].endswith("cpu") for r in m["train"]):
-    lines += ["No GPU or TPU was available where this file was generated: accelerator step times and MFU (e.g. "
-              "T5 v1.1 base on an H100) are not measured here. Run the same command there to add them.", ""]
+    lines += ["This file is measured on the CPU. Accelerator step times and MFU (T5 v1.1 Base on an H200: scan, "
+              "remat and attention variants, where the device time goes) are in "
+              "[performance_accelerator.md](performance_accelerator.md), written by `repeat-lm bench accelerator` "
+              "on the GPU (`launch/accelerator_checks.sh` runs it with the GPU-only tests).", ""]
   lines += ["Command: `repeat-lm bench train --gin_file=gin/models/t5_1_1_small.gin --batch_size=8 --compare=hf`", "",
             "## Where the time goes", "",
             "One more round of the step above under the JAX profiler (`--profile_dir`), time per HLO op with the "
@@ -84,7 +102,7 @@ def to_markdown(m: dict) -> str:
     lines.append(f"| {name} | {r['step_time_s']:.3f} ({r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}) | "
                  f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% |")
   lines += ["", "Variants: `REPEAT_LM_HOST_MALLOC=0` keeps glibc's default allocator; "
-            "`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce` replaces runtime.py's `dot`.", "",
+            "`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=...` replaces runtime.py's `dot,reduce`.", "",
             "## Compile time of the scanned training step (abstract shapes, nothing allocated)", "",
             "| model | parameters | lower (s) | lower + compile (s) |", "| --- | --- | --- | --- |"]
   for size, r in m["compile"]:

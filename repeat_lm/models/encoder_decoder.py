@@ -72,7 +72,10 @@ class EncoderDecoderModel:
     token_loss_BxT, token_z_loss_BxT = losses.cross_entropy_with_z_loss(
         logits_BxTxV, targets_BxT, z_loss=self.z_loss, label_smoothing=self.label_smoothing)
     loss = jnp.sum(token_loss_BxT * weights_BxT) / losses.loss_normalizer(weights_BxT, self.loss_normalizing_factor)
-    correct_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT).astype(jnp.float32)
+    # "The target has the largest logit", from a max reduction: argmax's (value, index) reduction was XLA:CPU's
+    # slowest kernel of the T5 v1.1 small step (63 ms of 3.6 s). A tie for the top counts as correct.
+    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    correct_BxT = (target_logit_BxT >= jnp.max(logits_BxTxV, axis=-1)).astype(jnp.float32)
     metrics = {
         "loss_sum": jnp.sum(token_loss_BxT * weights_BxT),
         "z_loss_sum": jnp.sum(token_z_loss_BxT * weights_BxT),

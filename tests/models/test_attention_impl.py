@@ -73,8 +73,14 @@ def test_xla_attention_layer_equals_einsum_with_bias_mask_and_fully_masked_rows(
   xla = attention_lib.MultiHeadAttention(heads, head_dim, implementation="xla")
   params = einsum.init(KEY, x_q, x_kv, bias, mask, True)["params"]
 
+  # The loss reads the rows that see a key: a fully masked row's output is a placeholder whose gradient is a
+  # convention (the select in 'xla' stops it, the einsum path's additive mask passes it), and no model loss reads one.
+  sees_a_key_BxQx1 = jnp.any(mask, axis=-1)[:, 0, :, None]
+  assert not sees_a_key_BxQx1.all()
+
   def out_and_grads(module):
-    f = lambda p, b: jnp.sum(jnp.sin(module.apply({"params": p}, x_q, x_kv, b, mask, True)))
+    out = lambda p, b: module.apply({"params": p}, x_q, x_kv, b, mask, True)
+    f = lambda p, b: jnp.sum(jnp.where(sees_a_key_BxQx1, jnp.sin(out(p, b)), 0.0))
     return module.apply({"params": params}, x_q, x_kv, bias, mask, True), jax.grad(f, argnums=(0, 1))(params, bias)
 
   out_e, (grads_e, dbias_e) = out_and_grads(einsum)
@@ -159,8 +165,14 @@ def relative_error(a, b) -> float:
 
 
 @pytest.mark.accelerator
-def test_cudnn_equals_xla_in_bfloat16_with_bias_gradients():
-  """Run on a GPU with `JAX_PLATFORMS=cuda pytest -q -m accelerator tests/models/test_attention_impl.py`."""
+def test_cudnn_is_as_accurate_as_xla_in_bfloat16_with_bias_gradients():
+  """Run on a GPU with `JAX_PLATFORMS=cuda pytest -q -m accelerator tests/models/test_attention_impl.py`.
+
+  Both bfloat16 kernels are measured against the float32 einsum model with the same parameters: cuDNN must be about
+  as close to it as XLA's kernel, in the real logits and in every parameter gradient, the relative-position tables
+  (whose gradient is cuDNN's dbias) included. (Comparing the two bfloat16 runs' summed losses directly is
+  ill-conditioned: the test loss cancels, and on an H200 the two differed by 3.7% with every logit close.)
+  """
   if jax.default_backend() != "gpu":
     pytest.skip("cuDNN attention needs an NVIDIA GPU (tests default to JAX_PLATFORMS=cpu; set JAX_PLATFORMS=cuda)")
   b, s, t = 4, 16, 8  # even lengths: cuDNN's backward with a bias needs them
@@ -168,16 +180,18 @@ def test_cudnn_equals_xla_in_bfloat16_with_bias_gradients():
                     num_decoder_layers=2, mlp_dim=128)
   batch = make_batch(cfg.vocab_size, b, s, t)
   params = t5.Transformer(cfg).init(KEY, **batch, enable_dropout=False)["params"]
-  loss_x, logits_x, grads_x = loss_logits_grads(dataclasses.replace(cfg, attention_implementation="xla"), params,
-                                                batch)
-  loss_c, logits_c, grads_c = loss_logits_grads(dataclasses.replace(cfg, attention_implementation="cudnn"), params,
-                                                batch)
+  _, logits_r, grads_r = loss_logits_grads(dataclasses.replace(cfg, dtype="float32"), params, batch)
+  _, logits_x, grads_x = loss_logits_grads(dataclasses.replace(cfg, attention_implementation="xla"), params, batch)
+  _, logits_c, grads_c = loss_logits_grads(dataclasses.replace(cfg, attention_implementation="cudnn"), params,
+                                           batch)
   assert np.isfinite(logits_c).all()  # padded (fully masked) rows included
   real = np.asarray(batch["decoder_target_tokens"] > 0)
-  assert relative_error(np.asarray(logits_c)[real], np.asarray(logits_x)[real]) < 2e-2
-  np.testing.assert_allclose(loss_c, loss_x, rtol=2e-2)
-  for name in grads_x:
+  errors = {"logits": (relative_error(np.asarray(logits_c)[real], np.asarray(logits_r)[real]),
+                       relative_error(np.asarray(logits_x)[real], np.asarray(logits_r)[real]))}
+  for name in grads_r:
     assert np.isfinite(grads_c[name]).all(), name
-    assert relative_error(grads_c[name], grads_x[name]) < 5e-2, name
+    errors[name] = relative_error(grads_c[name], grads_r[name]), relative_error(grads_x[name], grads_r[name])
+  for name, (cudnn, xla) in errors.items():  # bfloat16 rounding: a few 1e-3 to 1e-2
+    assert cudnn < max(3 * xla, 3e-2), (name, cudnn, xla)
   for stack in ("encoder", "decoder"):  # cuDNN really returns the bias gradient, not zeros
     assert np.abs(grads_c[f"{stack}/relpos_bias/rel_embedding"]).max() > 1e-3

@@ -1,0 +1,194 @@
+"""`repeat-lm bench accelerator`: T5 v1.1 Base training-step variants on a GPU/TPU, each in a fresh process.
+
+Measures, on whatever accelerator the process sees: scanned vs unrolled layers, each remat policy, the einsum vs the
+cuDNN attention kernel, then the fastest of those at twice the batch. The fastest variant is the measured choice of
+scan/remat/attention for that device; docs/performance_accelerator.md (+ .json) records every run, failed ones
+(out of memory, a kernel's restriction) with their error. Results are written after every variant, so a run cut
+short by a time limit keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from repeat_lm.bench import report
+
+MODEL_GIN = "gin/models/t5_1_1_base.gin"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  scan: bool
+  remat: str
+  attention: str | None  # T5Config.attention_implementation: None = einsum
+  batch_size: int
+
+  @classmethod
+  def parse(cls, spec: str) -> "Variant":
+    """'scan|unrolled:REMAT:einsum|xla|cudnn:BATCH', e.g. 'unrolled:none:cudnn:128'."""
+    try:
+      layers, remat, attention, batch = spec.split(":")
+      if layers not in ("scan", "unrolled") or attention not in ("einsum", "xla", "cudnn"):
+        raise ValueError(spec)
+      batch_size = int(batch)
+    except ValueError as e:
+      raise ValueError(f"--variant={spec!r}: expected 'scan|unrolled:REMAT:einsum|xla|cudnn:BATCH', "
+                       "e.g. 'unrolled:none:cudnn:128'.") from e
+    return cls(_name(layers == "scan", remat, None if attention == "einsum" else attention, batch_size),
+               layers == "scan", remat, None if attention == "einsum" else attention, batch_size)
+
+  def args(self, steps: int, rounds: int, model_gin: str = MODEL_GIN) -> list[str]:
+    attention = "None" if self.attention is None else repr(self.attention)
+    return [f"--gin_file={model_gin}", f"--batch_size={self.batch_size}", f"--steps={steps}", f"--rounds={rounds}",
+            f"--gin.SCAN_LAYERS={self.scan}", f"--gin.REMAT_POLICY={self.remat!r}",
+            f"--gin.t5.T5Config.attention_implementation={attention}"]
+
+
+def _name(scan: bool, remat: str, attention: str | None, batch_size: int) -> str:
+  return f"{'scan' if scan else 'unrolled'}, remat {remat}, {attention or 'einsum'} attention, batch {batch_size}"
+
+
+def base_variants(batch_size: int) -> list[Variant]:
+  """Most informative first, so a run cut short still answers the main questions (scan/remat/attention)."""
+  v = lambda scan, remat, attention: Variant(_name(scan, remat, attention, batch_size), scan, remat, attention,
+                                             batch_size)
+  return [v(True, "none", None), v(True, "none", "cudnn"), v(True, "minimal", None), v(False, "none", None),
+          v(True, "full", None)]
+
+
+def fastest(results: Sequence[dict]) -> dict | None:
+  """The successful run with the most tokens/s (None if every run failed)."""
+  ok = [r for r in results if "error" not in r]
+  return max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
+
+
+def sweep(run: Callable[[Variant], dict], variants: Sequence[Variant], *, deadline: float,
+          save: Callable[[list[dict]], None], larger_batch: bool = True) -> list[dict]:
+  """Run each variant (run raises on failure) until `deadline` (time.monotonic()); then the fastest at 2x batch."""
+  results: list[dict] = []
+
+  def one(variant: Variant) -> None:
+    start = time.monotonic()
+    try:
+      r = run(variant)
+    except Exception as e:  # pylint: disable=broad-except  # a failed variant is a result (OOM, kernel limits)
+      r = {"error": str(e)[-1500:]}
+    r.update(variant=dataclasses.asdict(variant), name=variant.name, wall_s=time.monotonic() - start)
+    results.append(r)
+    save(results)
+
+  for variant in variants:
+    if time.monotonic() > deadline:
+      break
+    one(variant)
+  best = fastest(results)
+  if larger_batch and best is not None and time.monotonic() < deadline:
+    v = Variant(**best["variant"])
+    one(dataclasses.replace(v, batch_size=2 * v.batch_size,
+                            name=_name(v.scan, v.remat, v.attention, 2 * v.batch_size)))
+  return results
+
+
+def measure(out: str | Path, *, batch_size: int = 128, steps: int = 10, rounds: int = 3,
+            time_budget_s: float = 480.0, variant_timeout_s: float = 180.0, variants: Sequence[Variant] = (),
+            previous: Sequence[dict] = (), model_gin: str = MODEL_GIN) -> dict:
+  """Run the sweep with each variant in its own process, rewriting OUT (.md) and OUT.json after every variant.
+
+  `variants` replaces the default list (and then no 2x-batch run is added); `previous` are results of an earlier
+  invocation on the same device (its JSON's "results"), kept in the table before the new ones.
+  """
+  deadline = time.monotonic() + time_budget_s
+  meta = {"date": datetime.date.today().isoformat(), "model_gin": model_gin, "steps": steps, "rounds": rounds,
+          "versions": report.library_versions()}
+
+  def run(variant: Variant) -> dict:
+    return report.run_bench(variant.args(steps, rounds, model_gin), timeout_s=variant_timeout_s)
+
+  def save(results: list[dict]) -> None:
+    write({**meta, "results": [*previous, *results]}, out)
+
+  results = sweep(run, list(variants) or base_variants(batch_size), deadline=deadline, save=save,
+                  larger_batch=not variants)
+  return {**meta, "results": [*previous, *results]}
+
+
+def kernel_table(xplane: str | Path, steps: int, variant: str, top: int = 20) -> dict:
+  """Device time per kernel kind (`loop_add_fusion.12` -> `loop_add_fusion`; library kernels by name) of a trace of
+  `steps` steps, e.g. the OUT_DIR/step.xplane.pb that launch/accelerator_checks.sh writes with PROFILE=1."""
+  from repeat_lm.bench import profile  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  seconds = profile.op_seconds(jax.profiler.ProfileData.from_file(str(xplane)))
+  kinds, counts = collections.Counter(), collections.Counter()
+  for name, s in seconds.items():
+    kind = re.sub(r"\.\d+$", "", name)
+    kinds[kind] += s / steps
+    counts[kind] += 1
+  return {"variant": variant, "steps": steps, "total_s": sum(kinds.values()),
+          "rows": [{"kind": k, "seconds": v, "ops": counts[k]} for k, v in kinds.most_common(top)]}
+
+
+def short_error(error: str) -> str:
+  """One table cell for a failed variant: the allocation that ran out, a time-out, or the error's last line."""
+  oom = re.search(r"Out of memory while trying to allocate ([\d.]+ ?[KMGT]i?B)", error)
+  if oom:
+    return f"out of memory (an allocation of {oom.group(1)})"
+  timeout = re.search(r"did not finish in (\d+) s", error)
+  if timeout:
+    return f"not finished within {timeout.group(1)} s (compile included)"
+  lines = error.strip().splitlines()
+  return (lines[-1] if lines else "failed")[:160].replace("|", "/")
+
+
+def write(m: dict, out: str | Path) -> None:
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(m, indent=1, sort_keys=True))
+  out.write_text(to_markdown(m))
+
+
+def to_markdown(m: dict) -> str:
+  ok = [r for r in m["results"] if "error" not in r]
+  device = ok[0]["device"] if ok else "(no successful run)"
+  dtype = ok[0]["dtype"] if ok else "?"
+  lines = [
+      "# Performance on an accelerator", "",
+      f"Generated by `repeat-lm bench accelerator --out=docs/performance_accelerator.md` on {m['date']} "
+      f"({', '.join(f'{k} {v}' for k, v in sorted(m['versions'].items()))}); {m['model_gin']}, "
+      f"512/114 tokens, {dtype} activations, float32 parameters, Adafactor; the training step alone, "
+      f"{m['rounds']} rounds of {m['steps']} steps after warm-up (median round). Device: **{device}**.", "",
+      "| variant | batch | step time (ms) | tokens/s | model TFLOP/s | MFU | peak memory (GiB) | compile (s) |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for r in m["results"]:
+    if "error" in r:
+      lines.append(f"| {r['name']} | {r['variant']['batch_size']} | failed: {short_error(r['error'])} | | | | | |")
+      continue
+    lines.append(
+        f"| {r['name']} | {r['batch_size']} | {1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_min_s']:.1f}-"
+        f"{1e3 * r['step_time_max_s']:.1f}) | {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} | "
+        f"{100 * r['mfu']:.1f}% | {r['peak_memory_bytes'] / 2**30:.1f} | {r['compile_time_s']:.1f} |")
+  best = fastest(m["results"])
+  if best is not None:
+    lines += ["", f"Peak for MFU: {best['peak_flops'] / 1e12:.0f} TFLOP/s ({best['peak_flops_source']}). "
+              f"Fastest: **{best['name']}** at batch {best['batch_size']}, {100 * best['mfu']:.1f}% MFU."]
+  if "profile" in m:
+    k = m["profile"]
+    lines += ["", f"## Where the device time goes ({k['variant']})", "",
+              f"A JAX profiler trace of {k['steps']} steps (launch/accelerator_checks.sh with PROFILE=1); device time "
+              f"per step by kernel kind, {1e3 * k['total_s']:.1f} ms in all:", "",
+              "| ms/step | kernel kind | distinct ops |", "| --- | --- | --- |"]
+    lines += [f"| {1e3 * r['seconds']:.2f} | `{r['kind'][:110]}` | {r['ops']} |" for r in k["rows"]]
+  lines += ["", "Each row is `repeat-lm bench train --gin_file=gin/models/t5_1_1_base.gin --batch_size=B "
+            "--gin.SCAN_LAYERS=... --gin.REMAT_POLICY=... --gin.t5.T5Config.attention_implementation=...` in a "
+            "fresh process (`--variant=scan|unrolled:REMAT:einsum|xla|cudnn:BATCH` picks rows; without it, the "
+            "fastest of the default rows is repeated at twice the batch; `--previous=JSON` keeps the rows of an "
+            "earlier run on the same device).", ""]
+  return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""`bench accelerator`: variant parsing, the sweep's bookkeeping (failures, deadline, 2x batch), the tables, and the
+GPU trace attribution (CUDA-graph kernels named by their own fusion names)."""
+
+import json
+
+import jax
+import pytest
+
+from repeat_lm import cli
+from repeat_lm.bench import accelerator, profile
+
+
+def fake_result(variant: accelerator.Variant, step_time_s: float) -> dict:
+  tokens = variant.batch_size * (512 + 114)
+  return {"device": "1 x NVIDIA H200", "dtype": "bfloat16", "batch_size": variant.batch_size,
+          "step_time_s": step_time_s, "step_time_min_s": step_time_s, "step_time_max_s": step_time_s,
+          "tokens_per_s": tokens / step_time_s, "model_tflops_per_s": 100.0, "mfu": 0.1,
+          "peak_memory_bytes": 2**30, "compile_time_s": 10.0, "peak_flops": 989e12,
+          "peak_flops_source": "table: 1 x NVIDIA H200"}
+
+
+def test_variant_parse_and_args():
+  v = accelerator.Variant.parse("unrolled:minimal:cudnn:64")
+  assert (v.scan, v.remat, v.attention, v.batch_size) == (False, "minimal", "cudnn", 64)
+  assert v.name == "unrolled, remat minimal, cudnn attention, batch 64"
+  args = v.args(steps=4, rounds=2)
+  assert "--gin.SCAN_LAYERS=False" in args and "--gin.REMAT_POLICY='minimal'" in args
+  assert "--gin.t5.T5Config.attention_implementation='cudnn'" in args and "--batch_size=64" in args
+  assert "--gin.t5.T5Config.attention_implementation=None" in accelerator.Variant.parse("scan:none:einsum:8").args(1, 1)
+  for bad in ("scan:none:einsum", "scanned:none:einsum:8", "scan:none:flash:8", "scan:none:einsum:eight"):
+    with pytest.raises(ValueError, match="expected 'scan|unrolled"):
+      accelerator.Variant.parse(bad)
+
+
+def test_sweep_records_failures_saves_each_result_and_repeats_the_fastest_at_twice_the_batch():
+  times = {"scan, remat none, einsum attention, batch 8": 0.3, "scan, remat minimal, einsum attention, batch 8": 0.2}
+  saved = []
+
+  def run(v):
+    if v.name in times:
+      return fake_result(v, times[v.name])
+    if v.batch_size == 16:
+      return fake_result(v, 0.35)
+    raise RuntimeError("Out of memory while trying to allocate 117.33GiB with allocator GPU_0_bfc")
+
+  results = accelerator.sweep(run, accelerator.base_variants(8), deadline=float("inf"),
+                              save=lambda r: saved.append(len(r)))
+  assert saved == list(range(1, len(accelerator.base_variants(8)) + 2))  # written after every variant
+  assert [r["name"] for r in results][-1] == "scan, remat minimal, einsum attention, batch 16"
+  assert accelerator.fastest(results)["name"] == "scan, remat minimal, einsum attention, batch 16"
+  failed = [r for r in results if "error" in r]
+  assert len(failed) == 3 and all("117.33GiB" in r["error"] for r in failed)
+
+
+def test_sweep_starts_nothing_after_the_deadline():
+  calls = []
+  results = accelerator.sweep(lambda v: calls.append(v) or fake_result(v, 0.1), accelerator.base_variants(8),
+                              deadline=0.0, save=lambda r: None)
+  assert results == [] and calls == []
+
+
+def test_markdown_has_every_row_failures_in_short_and_the_fastest():
+  variants = accelerator.base_variants(128)
+  results = [fake_result(variants[0], 0.3) | {"name": variants[0].name},
+             fake_result(variants[1], 0.2) | {"name": variants[1].name},
+             {"name": variants[2].name, "variant": {"batch_size": 128},
+              "error": "W ... hlo_rematerialization\nrepeat-lm: error: JaxRuntimeError: RESOURCE_EXHAUSTED: Out of "
+                       "memory while trying to allocate 117.33GiB with allocator GPU_0_bfc on device 0."},
+             {"name": variants[3].name, "variant": {"batch_size": 128},
+              "error": "bench --gin_file=x --batch_size=128 did not finish in 170 s"}]
+  text = accelerator.to_markdown({"date": "2026-11-28", "model_gin": accelerator.MODEL_GIN, "steps": 10,
+                                  "rounds": 3, "versions": {"jax": "0.11.2"}, "results": results})
+  assert "Device: **1 x NVIDIA H200**" in text and "bfloat16 activations" in text
+  assert f"| {variants[1].name} | 128 | 200.0 (200.0-200.0) | 400,640 |" in text
+  assert "failed: out of memory (an allocation of 117.33GiB)" in text
+  assert "failed: not finished within 170 s (compile included)" in text
+  assert f"Fastest: **{variants[1].name}**" in text
+
+
+def test_cli_rerenders_from_json(tmp_path, capsys):
+  v = accelerator.Variant.parse("scan:minimal:cudnn:128")
+  m = {"date": "2026-11-28", "model_gin": accelerator.MODEL_GIN, "steps": 10, "rounds": 3, "versions": {},
+       "results": [fake_result(v, 0.2) | {"name": v.name}]}
+  (tmp_path / "in.json").write_text(json.dumps(m))
+  cli.main(["bench", "accelerator", f"--from_json={tmp_path / 'in.json'}", f"--out={tmp_path / 'out.md'}"])
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fastest"] == v.name
+  assert v.name in (tmp_path / "out.md").read_text()
+  assert json.loads((tmp_path / "out.json").read_text())["results"][0]["name"] == v.name
+
+
+GPU_TRACE = """
+planes {
+  name: "/device:GPU:0"
+  lines {
+    name: "Stream #14(Compute)"
+    events { metadata_id: 1 duration_ps: 2000000000 stats { metadata_id: 9 str_value: "loop_fusion.3" } }
+    events { metadata_id: 2 offset_ps: 1 duration_ps: 1000000000 stats { metadata_id: 9 str_value: "command_buffer_7" } }
+    events { metadata_id: 3 offset_ps: 2 duration_ps: 3000000000 stats { metadata_id: 9 str_value: "command_buffer_7" } }
+    events { metadata_id: 2 offset_ps: 3 duration_ps: 1000000000 stats { metadata_id: 9 str_value: "command_buffer_7" } }
+  }
+  event_metadata { key: 1 value { id: 1 name: "loop_fusion_3" } }
+  event_metadata { key: 2 value { id: 2 name: "loop_add_fusion_12" } }
+  event_metadata { key: 3 value { id: 3 name: "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT" } }
+  stat_metadata { key: 9 value { id: 9 name: "hlo_op" } }
+}
+planes {
+  name: "/host:CPU"
+  lines { name: "python" events { metadata_id: 1 duration_ps: 9000000000 } }
+  event_metadata { key: 1 value { id: 1 name: "PjitFunction(step_fn)" } }
+}
+"""
+
+
+def test_gpu_trace_counts_device_kernels_and_names_those_in_cuda_graphs_by_their_fusion():
+  seconds = profile.op_seconds(jax.profiler.ProfileData.from_text_proto(GPU_TRACE))
+  assert dict(seconds) == pytest.approx({"loop_fusion.3": 2e-3, "loop_add_fusion.12": 2e-3,
+                                         "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT": 3e-3})  # host launch not counted
+
+
+def test_kernel_table_per_step(tmp_path):
+  path = tmp_path / "step.xplane.pb"
+  path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(GPU_TRACE))
+  table = accelerator.kernel_table(path, steps=2, variant="v")
+  assert table["total_s"] == pytest.approx(3.5e-3)
+  assert table["rows"][0] == {"kind": "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "seconds": pytest.approx(1.5e-3),
+                              "ops": 1}
