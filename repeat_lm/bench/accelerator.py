@@ -57,11 +57,12 @@ def _name(scan: bool, remat: str, attention: str | None, batch_size: int) -> str
 
 
 def base_variants(batch_size: int) -> list[Variant]:
-  """Most informative first, so a run cut short still answers the main questions (scan/remat/attention)."""
+  """Most informative first, so a run cut short still answers the main questions (remat, attention, scan)."""
   v = lambda scan, remat, attention: Variant(_name(scan, remat, attention, batch_size), scan, remat, attention,
                                              batch_size)
-  return [v(True, "none", None), v(True, "none", "cudnn"), v(True, "minimal", None), v(False, "none", None),
-          v(True, "full", None)]
+  # cuDNN attention with each remat policy first: on an H200 it beat the einsum path by 35% (scanned, no remat).
+  return [v(True, "minimal", "cudnn"), v(True, "none", "cudnn"), v(True, "full", "cudnn"), v(True, "minimal", None),
+          v(False, "none", None)]
 
 
 def fastest(results: Sequence[dict]) -> dict | None:

@@ -33,7 +33,7 @@ def test_variant_parse_and_args():
 
 
 def test_sweep_records_failures_saves_each_result_and_repeats_the_fastest_at_twice_the_batch():
-  times = {"scan, remat none, einsum attention, batch 8": 0.3, "scan, remat minimal, einsum attention, batch 8": 0.2}
+  times = {"scan, remat none, cudnn attention, batch 8": 0.3, "scan, remat minimal, einsum attention, batch 8": 0.2}
   saved = []
 
   def run(v):
