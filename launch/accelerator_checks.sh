@@ -3,8 +3,9 @@
 #   1. cuDNN attention against XLA's, bias gradients included (tests marked `accelerator`);
 #   2. `repeat-lm bench accelerator`: T5 v1.1 Base step variants (scan, remat, cuDNN, batch), one process each.
 # Usage: launch/accelerator_checks.sh [OUT_DIR [bench accelerator flags...]]
-#   (BUDGET_S: seconds after which no new benchmark variant starts; PROFILE=1 first traces the scanned cuDNN
-#   T5 v1.1 Base step into OUT_DIR/profile: ops.md there, the raw trace as OUT_DIR/step.xplane.pb)
+#   (BUDGET_S: seconds after which no new benchmark variant starts; PROFILE=1 first traces the T5 v1.1 Base step
+#   of gin/runs/accelerator.gin, scanned + remat 'minimal' + cuDNN, into OUT_DIR/profile: ops.md there, the raw
+#   trace as OUT_DIR/step.xplane.pb, and a table of it in the report)
 set -uo pipefail
 out=${1:-runs/accelerator}
 shift || true
@@ -17,11 +18,13 @@ JAX_PLATFORMS=cuda timeout 300 python3 -m pytest -q -m accelerator -p no:cachepr
   tests/models/test_attention_impl.py 2>&1 | tee "$out/pytest_accelerator.log"
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout 150 python3 -m repeat_lm.cli bench train --gin_file=gin/models/t5_1_1_base.gin --batch_size=128 --steps=3 --rounds=1 \
-    --gin.SCAN_LAYERS=True --gin.t5.T5Config.attention_implementation="'cudnn'" --profile_dir="$out/profile" \
+    --gin.SCAN_LAYERS=True --gin.REMAT_POLICY="'minimal'" --gin.t5.T5Config.attention_implementation="'cudnn'" \
+    --profile_dir="$out/profile" \
     2>&1 | tee "$out/profile.log"
   find "$out/profile" -name '*.xplane.pb' -exec cp {} "$out/step.xplane.pb" \;
   rm -rf "$out/profile/plugins"
-  set -- --profile_xplane="$out/step.xplane.pb" "$@"
+  set -- --profile_xplane="$out/step.xplane.pb" \
+    --profile_variant="scan, remat minimal, cudnn attention, batch 128" "$@"
 fi
 python3 -m repeat_lm.cli bench accelerator --out="$out/performance_accelerator.md" \
   --time_budget_s="${BUDGET_S:-300}" "$@" 2>&1 | tee "$out/bench.log"

@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 
 def _add_gin_args(p: argparse.ArgumentParser) -> None:
@@ -225,9 +224,9 @@ def _run_bench(args, bindings: Sequence[str]) -> dict:
   if args.bench_command == "accelerator":
     from repeat_lm.bench import accelerator
     if args.from_json:
-      m = json.loads(Path(args.from_json).read_text())
+      m = accelerator.read_json(args.from_json, "--from_json")
     else:
-      previous = json.loads(Path(args.previous).read_text())["results"] if args.previous else []
+      previous = accelerator.read_json(args.previous, "--previous")["results"] if args.previous else []
       m = accelerator.measure(args.out, batch_size=args.batch_size, steps=args.steps, rounds=args.rounds,
                               time_budget_s=args.time_budget_s, variant_timeout_s=args.variant_timeout_s,
                               previous=previous,

@@ -148,6 +148,21 @@ def short_error(error: str) -> str:
   return (lines[-1] if lines else "failed")[:160].replace("|", "/")
 
 
+def read_json(path: str | Path, flag: str) -> dict:
+  """An earlier run's OUT.json (for --from_json / --previous), with an error that says what to pass instead."""
+  path = Path(path)
+  try:
+    m = json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{flag}={path}: no such file; pass the .json written beside an earlier "
+                            "`bench accelerator --out=...md`.") from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{flag}={path} is not JSON ({e}); pass the .json that `bench accelerator` wrote.") from e
+  if not isinstance(m, dict) or not isinstance(m.get("results"), list):
+    raise ValueError(f"{flag}={path} has no 'results' list: it is not a `bench accelerator` JSON.")
+  return m
+
+
 def write(m: dict, out: str | Path) -> None:
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +202,7 @@ def to_markdown(m: dict) -> str:
               f"per step by kernel kind, {1e3 * k['total_s']:.1f} ms in all:", "",
               "| ms/step | kernel kind | distinct ops |", "| --- | --- | --- |"]
     lines += [f"| {1e3 * r['seconds']:.2f} | `{r['kind'][:110]}` | {r['ops']} |" for r in k["rows"]]
-  lines += ["", "Each row is `repeat-lm bench train --gin_file=gin/models/t5_1_1_base.gin --batch_size=B "
+  lines += ["", f"Each row is `repeat-lm bench train --gin_file={m['model_gin']} --batch_size=B "
             "--gin.SCAN_LAYERS=... --gin.REMAT_POLICY=... --gin.t5.T5Config.attention_implementation=...` in a "
             "fresh process (`--variant=scan|unrolled:REMAT:einsum|xla|cudnn:BATCH` picks rows; without it, the "
             "fastest of the default rows is repeated at twice the batch; `--previous=JSON` keeps the rows of an "

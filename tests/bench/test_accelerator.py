@@ -124,3 +124,26 @@ def test_kernel_table_per_step(tmp_path):
   assert table["total_s"] == pytest.approx(3.5e-3)
   assert table["rows"][0] == {"kind": "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "seconds": pytest.approx(1.5e-3),
                               "ops": 1}
+
+
+def test_launch_script_is_valid_bash_and_its_bench_flags_parse():
+  import subprocess
+  from pathlib import Path
+  script = Path(__file__).resolve().parents[2] / "launch" / "accelerator_checks.sh"
+  subprocess.run(["bash", "-n", str(script)], check=True)
+  text = script.read_text()
+  used = ["--out=o.md", "--time_budget_s=300", "--profile_xplane=s.pb"]
+  assert all(flag.split("=")[0] in text for flag in used)
+  args = cli.build_parser().parse_args(["bench", "accelerator", *used, "--variant=scan:minimal:cudnn:256"])
+  assert (args.time_budget_s, args.profile_xplane, args.variant) == (300.0, "s.pb", ["scan:minimal:cudnn:256"])
+
+
+def test_bad_json_inputs_name_the_flag_and_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="--previous=.*no such file; pass the .json"):
+    accelerator.read_json(tmp_path / "missing.json", "--previous")
+  (tmp_path / "bad.json").write_text("{not json")
+  with pytest.raises(ValueError, match="--from_json=.*is not JSON"):
+    accelerator.read_json(tmp_path / "bad.json", "--from_json")
+  (tmp_path / "other.json").write_text('{"train": []}')
+  with pytest.raises(ValueError, match="no 'results' list"):
+    accelerator.read_json(tmp_path / "other.json", "--from_json")
