@@ -140,7 +140,7 @@ class MultiHeadAttention(nn.Module):
       logits_BxHxQxK = add_shared_bias(logits_BxHxQxK, bias_1xHxQxK.astype(logits_dtype))
     if mask_Bx1xQxK is not None:
       # An additive mask, as T5X's, not a select of the logits: the backward pass is then the identity on the
-      # logits, where the select's cost XLA:CPU a pass over [B, H, Q, K] per layer (0.16 s of the 3.4 s T5 v1.1
+      # logits, where the select cost XLA:CPU a pass over [B, H, Q, K] per layer (0.16 s of the 3.4 s T5 v1.1
       # small step). In float32 -1e10 absorbs any logit under 512 in magnitude, so masked logits still become one
       # constant; masked keys get weight exactly 0, hence gradient 0, as with the select.
       logits_BxHxQxK = logits_BxHxQxK + jnp.where(mask_Bx1xQxK, 0.0, NEG_INF).astype(logits_dtype)
