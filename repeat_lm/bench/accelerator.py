@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from repeat_lm import runtime
 from repeat_lm.bench import report
 
 MODEL_GIN = "gin/models/t5_1_1_base.gin"
@@ -106,6 +107,11 @@ def measure(out: str | Path, *, batch_size: int = 128, steps: int = 10, rounds: 
   `variants` replaces the default list (and then no 2x-batch run is added); `previous` are results of an earlier
   invocation on the same device (its JSON's "results"), kept in the table before the new ones.
   """
+  if model_gin == MODEL_GIN and not runtime.accelerator_plugin_installed():
+    # Checked without starting JAX here: this process must leave the accelerator's memory to the variants' processes.
+    raise RuntimeError("bench accelerator times T5 v1.1 Base at batch 128, but no JAX GPU/TPU plugin is installed "
+                       "(CPU only): install jax[cuda12] or jax[tpu] (pip install -e '.[gpu]'), or pass --gin_file "
+                       "with a small model (e.g. gin/models/t5_1_1_tiny.gin) to try the command on CPU.")
   deadline = time.monotonic() + time_budget_s
   meta = {"date": datetime.date.today().isoformat(), "model_gin": model_gin, "steps": steps, "rounds": rounds,
           "versions": report.library_versions()}

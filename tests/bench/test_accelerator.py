@@ -147,3 +147,10 @@ def test_bad_json_inputs_name_the_flag_and_the_fix(tmp_path):
   (tmp_path / "other.json").write_text('{"train": []}')
   with pytest.raises(ValueError, match="no 'results' list"):
     accelerator.read_json(tmp_path / "other.json", "--from_json")
+
+
+def test_base_sweep_without_an_accelerator_plugin_says_what_to_do(tmp_path, monkeypatch):
+  monkeypatch.setattr(accelerator.runtime, "accelerator_plugin_installed", lambda: False)
+  with pytest.raises(RuntimeError, match="no JAX GPU/TPU plugin is installed.*--gin_file"):
+    accelerator.measure(tmp_path / "out.md")
+  assert not (tmp_path / "out.md").exists()
