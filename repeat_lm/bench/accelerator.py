@@ -26,11 +26,15 @@ MODEL_GIN = "gin/models/t5_1_1_base.gin"
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  name: str
   scan: bool
   remat: str
   attention: str | None  # T5Config.attention_implementation: None = einsum
   batch_size: int
+
+  @property
+  def name(self) -> str:
+    return (f"{'scan' if self.scan else 'unrolled'}, remat {self.remat}, {self.attention or 'einsum'} attention, "
+            f"batch {self.batch_size}")
 
   @classmethod
   def parse(cls, spec: str) -> "Variant":
@@ -43,8 +47,7 @@ class Variant:
     except ValueError as e:
       raise ValueError(f"--variant={spec!r}: expected 'scan|unrolled:REMAT:einsum|xla|cudnn:BATCH', "
                        "e.g. 'unrolled:none:cudnn:128'.") from e
-    return cls(_name(layers == "scan", remat, None if attention == "einsum" else attention, batch_size),
-               layers == "scan", remat, None if attention == "einsum" else attention, batch_size)
+    return cls(layers == "scan", remat, None if attention == "einsum" else attention, batch_size)
 
   def args(self, steps: int, rounds: int, model_gin: str = MODEL_GIN) -> list[str]:
     attention = "None" if self.attention is None else repr(self.attention)
@@ -53,17 +56,12 @@ class Variant:
             f"--gin.t5.T5Config.attention_implementation={attention}"]
 
 
-def _name(scan: bool, remat: str, attention: str | None, batch_size: int) -> str:
-  return f"{'scan' if scan else 'unrolled'}, remat {remat}, {attention or 'einsum'} attention, batch {batch_size}"
-
-
 def base_variants(batch_size: int) -> list[Variant]:
   """Most informative first, so a run cut short still answers the main questions (remat, attention, scan)."""
-  v = lambda scan, remat, attention: Variant(_name(scan, remat, attention, batch_size), scan, remat, attention,
-                                             batch_size)
   # cuDNN attention with each remat policy first: on an H200 it beat the einsum path by 35% (scanned, no remat).
-  return [v(True, "minimal", "cudnn"), v(True, "none", "cudnn"), v(True, "full", "cudnn"), v(True, "minimal", None),
-          v(False, "none", None)]
+  return [Variant(True, "minimal", "cudnn", batch_size), Variant(True, "none", "cudnn", batch_size),
+          Variant(True, "full", "cudnn", batch_size), Variant(True, "minimal", None, batch_size),
+          Variant(False, "none", None, batch_size)]
 
 
 def fastest(results: Sequence[dict]) -> dict | None:
@@ -94,8 +92,7 @@ def sweep(run: Callable[[Variant], dict], variants: Sequence[Variant], *, deadli
   best = fastest(results)
   if larger_batch and best is not None and time.monotonic() < deadline:
     v = Variant(**best["variant"])
-    one(dataclasses.replace(v, batch_size=2 * v.batch_size,
-                            name=_name(v.scan, v.remat, v.attention, 2 * v.batch_size)))
+    one(dataclasses.replace(v, batch_size=2 * v.batch_size))
   return results
 
 
@@ -135,7 +132,7 @@ def kernel_table(xplane: str | Path, steps: int, variant: str, top: int = 20) ->
   seconds = profile.op_seconds(jax.profiler.ProfileData.from_file(str(xplane)))
   kinds, counts = collections.Counter(), collections.Counter()
   for name, s in seconds.items():
-    kind = re.sub(r"\.\d+$", "", name)
+    kind = profile.op_kind(name)
     kinds[kind] += s / steps
     counts[kind] += 1
   return {"variant": variant, "steps": steps, "total_s": sum(kinds.values()),

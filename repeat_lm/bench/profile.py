@@ -33,6 +33,11 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
   return ops
 
 
+def op_kind(op: str) -> str:
+  """The kind of an HLO op, its name without the instance number: `loop_add_fusion.12` -> `loop_add_fusion`."""
+  return re.sub(r"\.\d+$", "", op)
+
+
 def _xspace_events(trace_dir: Path) -> collections.Counter:
   """Seconds per HLO op in the newest trace in `trace_dir` (see op_seconds)."""
   paths = sorted(trace_dir.glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
@@ -80,8 +85,7 @@ def profile_steps(run: Callable[[int], float], steps: int, hlo_text: str, out_di
              "source": ops.get(name, ("", ""))[1]} for name, s in seconds.most_common()]
   merged = collections.Counter()
   for row in per_op:  # one row per source op and kernel kind, the layers merged
-    kind = re.sub(r"\.\d+$", "", row["op"])
-    merged[(re.sub(r"layers_\d+", "layers_N", row["source"]), kind, row["shape"])] += row["seconds"]
+    merged[(re.sub(r"layers_\d+", "layers_N", row["source"]), op_kind(row["op"]), row["shape"])] += row["seconds"]
   result = {"wall_s_per_step": wall / steps, "op_seconds_per_step": sum(seconds.values()) / steps,
             "ops": per_op,
             "merged": [{"source": k[0], "kind": k[1], "shape": k[2], "seconds": v} for k, v in merged.most_common()]}
