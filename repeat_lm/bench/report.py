@@ -22,6 +22,7 @@ ABLATIONS = (
      {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}),
     ("with YNNPACK fusions for dots, elementwise ops and reductions",
      {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"}),
+    ("with autodiff's backward layouts (models/cpu_layouts.py off)", {"REPEAT_LM_CPU_LAYOUTS": "0"}),
 )
 
 
@@ -95,14 +96,17 @@ def to_markdown(m: dict) -> str:
     if profile:
       lines += ["", f"The ops sum to {profile['op_seconds_per_step']:.3f} s of a {profile['wall_s_per_step']:.3f} s "
                 "profiled step (a few run concurrently).", ""]
-  lines += ["## What the process settings are worth (runtime.py)", "",
-            "The same T5 v1.1 small step with each setting of `repeat_lm/runtime.py` undone, one process each:", "",
+  lines += ["## What the CPU settings are worth", "",
+            "The same T5 v1.1 small step with each CPU setting (`repeat_lm/runtime.py`, "
+            "`repeat_lm/models/cpu_layouts.py`) undone, one process each:", "",
             "| variant | step time (s) | tokens/s | MFU |", "| --- | --- | --- | --- |"]
   for name, r in m.get("ablations", []):
     lines.append(f"| {name} | {r['step_time_s']:.3f} ({r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}) | "
                  f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% |")
   lines += ["", "Variants: `REPEAT_LM_HOST_MALLOC=0` keeps glibc's default allocator; "
-            "`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=...` replaces runtime.py's `dot,reduce`.", "",
+            "`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=...` replaces runtime.py's `dot,reduce`; "
+            "`REPEAT_LM_CPU_LAYOUTS=0` keeps autodiff's backward passes, whose weight and attention gradients "
+            "XLA:CPU runs with Eigen instead of YNNPACK.", "",
             "## Compile time of the scanned training step (abstract shapes, nothing allocated)", "",
             "| model | parameters | lower (s) | lower + compile (s) |", "| --- | --- | --- | --- |"]
   for size, r in m["compile"]:

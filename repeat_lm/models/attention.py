@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repeat_lm.models import cpu_layouts
 from repeat_lm.models.layers import Array, DenseGeneral, DType, default_kernel_init, dropout
 
 # Masked logits get this value rather than -inf, so a fully masked (padding) row gives a finite, uniform softmax.
@@ -135,19 +136,29 @@ class MultiHeadAttention(nn.Module):
   def _einsum_attention(self, q_BxQxHxE: Array, k_BxKxHxE: Array, v_BxKxHxE: Array, bias_1xHxQxK: Array | None,
                         mask_Bx1xQxK: Array | None, deterministic: bool, dropout_scale: Array | float) -> Array:
     logits_dtype = jnp.float32 if self.float32_logits else self.dtype
-    logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE.astype(logits_dtype), k_BxKxHxE.astype(logits_dtype))
-    if bias_1xHxQxK is not None:
-      logits_BxHxQxK = add_shared_bias(logits_BxHxQxK, bias_1xHxQxK.astype(logits_dtype))
-    if mask_Bx1xQxK is not None:
-      # An additive mask, as T5X's, not a select of the logits: the backward pass is then the identity on the
-      # logits, where the select cost XLA:CPU a pass over [B, H, Q, K] per layer (0.16 s of the 3.4 s T5 v1.1
-      # small step). In float32 -1e10 absorbs any logit under 512 in magnitude, so masked logits still become one
-      # constant; masked keys get weight exactly 0, hence gradient 0, as with the select.
-      logits_BxHxQxK = logits_BxHxQxK + jnp.where(mask_Bx1xQxK, 0.0, NEG_INF).astype(logits_dtype)
+    q_BxQxHxE, k_BxKxHxE = q_BxQxHxE.astype(logits_dtype), k_BxKxHxE.astype(logits_dtype)
+    v_BxKxHxE = v_BxKxHxE.astype(self.dtype)
+    # An additive mask, as T5X's, not a select of the logits: the backward pass is then the identity on the
+    # logits, where the select cost XLA:CPU a pass over [B, H, Q, K] per layer (0.16 s of the 3.4 s T5 v1.1
+    # small step). In float32 -1e10 absorbs any logit under 512 in magnitude, so masked logits still become one
+    # constant; masked keys get weight exactly 0, hence gradient 0, as with the select.
+    additive_mask = None if mask_Bx1xQxK is None else jnp.where(mask_Bx1xQxK, 0.0, NEG_INF).astype(logits_dtype)
+    bias = None if bias_1xHxQxK is None else bias_1xHxQxK.astype(logits_dtype)
+    # Both paths drop out attention weights, as T5 (Mesh TF), T5X and Hugging Face do.
+    if cpu_layouts.explicit_transposes():  # the same values; every backward dot in YNNPACK's form (cpu_layouts.py)
+      heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, L, H, E] <-> [B, H, L, E]
+      weights_BxHxQxK = cpu_layouts.attention_weights(heads_major(q_BxQxHxE), heads_major(k_BxKxHxE), bias,
+                                                      additive_mask)
+      weights_BxHxQxK = dropout(weights_BxHxQxK.astype(self.dtype), self.dropout_rate, deterministic, dropout_scale)
+      return heads_major(cpu_layouts.weighted_values(weights_BxHxQxK, heads_major(v_BxKxHxE)))
+    logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE)
+    if bias is not None:
+      logits_BxHxQxK = add_shared_bias(logits_BxHxQxK, bias)
+    if additive_mask is not None:
+      logits_BxHxQxK = logits_BxHxQxK + additive_mask
     weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK.astype(jnp.float32), axis=-1).astype(self.dtype)
-    # Dropout on the attention weights, as in T5 (Mesh TF), T5X and Hugging Face.
     weights_BxHxQxK = dropout(weights_BxHxQxK, self.dropout_rate, deterministic, dropout_scale)
-    return jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE.astype(self.dtype))
+    return jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE)
 
   def _library_attention(self, q_BxQxHxE: Array, k_BxKxHxE: Array, v_BxKxHxE: Array, bias_1xHxQxK: Array | None,
                          mask_Bx1xQxK: Array | None, deterministic: bool) -> Array:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
 
-from repeat_lm.models import regularisation
+from repeat_lm.models import cpu_layouts, regularisation
 
 param_with_axes = nn_partitioning.param_with_axes
 Array = jax.Array
@@ -72,7 +72,8 @@ class DenseGeneral(nn.Module):
     kernel = param_with_axes("kernel", self.kernel_init, (int(np.prod(in_shape)), int(np.prod(features))),
                              jnp.float32, axes=self.kernel_axes)
     x_2d = jnp.asarray(x, self.dtype).reshape(*batch_shape, -1)
-    y = x_2d @ jnp.asarray(kernel, self.dtype)
+    kernel = jnp.asarray(kernel, self.dtype)
+    y = cpu_layouts.matmul(x_2d, kernel) if cpu_layouts.explicit_transposes() else x_2d @ kernel
     return y.reshape(*batch_shape, *features)
 
 

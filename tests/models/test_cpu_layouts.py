@@ -1,0 +1,115 @@
+"""The CPU backward passes of cpu_layouts.py against plain autodiff, alone and inside MultiHeadAttention/MlpBlock,
+and the property they exist for: no dot of the compiled gradient is left outside XLA:CPU's library fusions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from repeat_lm.models import attention as attention_lib
+from repeat_lm.models import cpu_layouts, layers
+
+KEYS = jax.random.split(jax.random.key(0), 8)
+
+
+def _grads(f, *args):
+  """f's value and its gradients with respect to every argument, through a random linear read-out."""
+  out = f(*args)
+  probe = jax.random.normal(KEYS[7], out.shape, out.dtype)
+  return out, jax.grad(lambda *a: jnp.sum(f(*a) * probe), argnums=tuple(range(len(args))))(*args)
+
+
+def _assert_close(got, want, rtol=2e-5, atol=2e-5):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape == w.shape and g.dtype == w.dtype
+    np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+def test_matmul_equals_autodiff_for_batched_inputs():
+  x = jax.random.normal(KEYS[0], (3, 5, 16))
+  kernel = jax.random.normal(KEYS[1], (16, 24))
+  _assert_close(_grads(cpu_layouts.matmul, x, kernel), _grads(lambda a, b: a @ b, x, kernel))
+
+
+def _plain_weights(q, k, bias, mask):
+  logits = jnp.einsum("bhqe,bhke->bhqk", q, k)
+  logits = logits if bias is None else logits + bias
+  logits = logits if mask is None else logits + mask
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@pytest.mark.parametrize("with_bias, with_mask", [(True, True), (False, True), (True, False), (False, False)])
+def test_attention_weights_and_values_equal_autodiff(with_bias, with_mask):
+  b, h, q_len, k_len, e = 2, 3, 7, 9, 8
+  q = jax.random.normal(KEYS[0], (b, h, q_len, e))
+  k = jax.random.normal(KEYS[1], (b, h, k_len, e))
+  v = jax.random.normal(KEYS[2], (b, h, k_len, e))
+  bias = jax.random.normal(KEYS[3], (1, h, q_len, k_len)) if with_bias else None
+  valid = jax.random.bernoulli(KEYS[4], 0.7, (b, 1, q_len, k_len)).at[..., 0].set(True)
+  mask = jnp.where(valid, 0.0, attention_lib.NEG_INF) if with_mask else None
+
+  def ours(q, k, v, *bias):
+    return cpu_layouts.weighted_values(cpu_layouts.attention_weights(q, k, *(bias or (None,)), mask), v)
+
+  def plain(q, k, v, *bias):
+    return jnp.einsum("bhqk,bhke->bhqe", _plain_weights(q, k, *(bias or (None,)), mask), v)
+
+  args = (q, k, v) + ((bias,) if with_bias else ())
+  got, want = _grads(ours, *args), _grads(plain, *args)
+  _assert_close(got, want)
+  if with_bias:  # the bias gradient is the batch sum of the logits gradients
+    assert got[1][3].shape == (1, h, q_len, k_len)
+
+
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.3])
+def test_attention_layer_is_the_same_on_both_paths(monkeypatch, dropout_rate):
+  """MultiHeadAttention with the CPU backward passes against autodiff's: output and every gradient, dropout too."""
+  b, q_len, d = 2, 6, 32
+  x = jax.random.normal(KEYS[0], (b, q_len, d))
+  bias = jax.random.normal(KEYS[1], (1, 4, q_len, q_len))
+  mask = attention_lib.make_attention_mask(jnp.ones((b, q_len), bool), jnp.arange(q_len)[None] < jnp.array([[6], [4]]))
+  module = attention_lib.MultiHeadAttention(num_heads=4, head_dim=8, dropout_rate=dropout_rate)
+  params = module.init(KEYS[2], x, x, bias, mask, True)
+  rngs = {"dropout": KEYS[3]}
+  run = lambda p, x, bias: module.apply(p, x, x, bias, mask, dropout_rate == 0.0, rngs=rngs)
+
+  assert cpu_layouts.explicit_transposes()  # tests run on CPU
+  ours = _grads(run, params, x, bias)
+  monkeypatch.setattr(cpu_layouts, "explicit_transposes", lambda: False)
+  _assert_close(ours, _grads(run, params, x, bias))
+
+
+def test_mlp_block_is_the_same_on_both_paths(monkeypatch):
+  x = jax.random.normal(KEYS[0], (2, 5, 16))
+  module = layers.MlpBlock(mlp_dim=24)
+  params = module.init(KEYS[1], x, True)
+  run = lambda p, x: module.apply(p, x, True)
+  ours = _grads(run, params, x)
+  monkeypatch.setattr(cpu_layouts, "explicit_transposes", lambda: False)
+  _assert_close(ours, _grads(run, params, x))
+
+
+def _top_level_dots(f, *args) -> int:
+  """Dots of f's compiled CPU gradient that no library fusion took (XLA:CPU runs those with Eigen)."""
+  hlo = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args))))).lower(
+      *args).compile().as_text()
+  return hlo[hlo.index("ENTRY"):].count(" dot(")
+
+
+def test_every_backward_dot_is_in_a_library_fusion():
+  x = jax.random.normal(KEYS[0], (4, 32, 64))
+  kernel = jax.random.normal(KEYS[1], (64, 96))
+  assert _top_level_dots(lambda a, b: a @ b, x, kernel) >= 1  # autodiff's weight gradient: x^T g
+  assert _top_level_dots(cpu_layouts.matmul, x, kernel) == 0
+
+  q, k, v = (jax.random.normal(key, (2, 4, 64, 16)) for key in KEYS[2:5])
+  plain = lambda q, k, v: jnp.einsum("bhqk,bhke->bhqe", _plain_weights(q, k, None, None), v)
+  ours = lambda q, k, v: cpu_layouts.weighted_values(cpu_layouts.attention_weights(q, k, None, None), v)
+  assert _top_level_dots(plain, q, k, v) >= 1  # p^T do and ds^T q
+  assert _top_level_dots(ours, q, k, v) == 0
+
+
+def test_opt_out_restores_autodiff(monkeypatch):
+  assert cpu_layouts.explicit_transposes()
+  monkeypatch.setenv(cpu_layouts.CPU_LAYOUTS_ENV, "0")
+  assert not cpu_layouts.explicit_transposes()
