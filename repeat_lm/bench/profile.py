@@ -52,21 +52,55 @@ def op_seconds(profile: jax.profiler.ProfileData) -> collections.Counter:
   On a GPU or TPU only the device planes count (the host's events there are launches, not the work), and a kernel is
   named by its `hlo_op` statistic (the event itself has the CUDA kernel's name), except inside a CUDA graph: there
   `hlo_op` is the whole `command_buffer_N`, and the kernel's own name, `loop_add_fusion_12` for the HLO fusion
-  `loop_add_fusion.12`, says more (library kernels, cuBLAS's and cuDNN's, keep their own names). On CPU the ops run
-  on host threads, so every plane counts.
+  `loop_add_fusion.12`, says more (library kernels, cuBLAS's and cuDNN's, keep their own names).
+
+  On CPU the ops run on XLA's host threads (the Python thread's events are the caller's), and XLA runs independent
+  ops at once: two dots side by side on two cores each take twice as long as alone. Summed durations would count
+  that time twice (the T5 v1.1 small step's ops summed to 1.5x its wall time); `shared_seconds` splits it instead.
   """
   planes = list(profile.planes)
   devices = [p for p in planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
+  if not devices:
+    return shared_seconds([[(e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
+                            if e.name and not _NOT_OPS.search(e.name)]
+                           for plane in planes for line in plane.lines if line.name != "python"])
   seconds = collections.Counter()
-  for plane in devices or planes:
+  for plane in devices:
     for line in plane.lines:
       for event in line.events:
-        name = event.name
-        if devices:
-          hlo_op = str(dict(event.stats).get("hlo_op", name))
-          name = _KERNEL_SUFFIX.sub(r".\1", name) if hlo_op.startswith("command_buffer") else hlo_op
+        hlo_op = str(dict(event.stats).get("hlo_op", event.name))
+        name = _KERNEL_SUFFIX.sub(r".\1", event.name) if hlo_op.startswith("command_buffer") else hlo_op
         if name and not _NOT_OPS.search(name):
           seconds[name] += event.duration_ns / 1e9
+  return seconds
+
+
+def shared_seconds(lines: list[list[tuple[float, float, str]]]) -> collections.Counter:
+  """Seconds per op from (start_ns, end_ns, name) events on several threads: every instant is split evenly among the
+  ops running then, so the ops sum to the time any of them ran. An event that encloses others on its own thread (a
+  while loop around its body) is their parent, not an op of its own, and is left out."""
+  leaves = []
+  for events in lines:
+    open_events, parents = [], set()
+    ordered = sorted(range(len(events)), key=lambda i: (events[i][0], -events[i][1]))
+    for i in ordered:
+      while open_events and events[open_events[-1]][1] <= events[i][0]:
+        open_events.pop()
+      if open_events:
+        parents.add(open_events[-1])
+      open_events.append(i)
+    leaves += [events[i] for i in range(len(events)) if i not in parents]
+  boundaries = sorted([(start, 1, i) for i, (start, _, _) in enumerate(leaves)] +
+                      [(end, -1, i) for i, (_, end, _) in enumerate(leaves)])
+  seconds, running, last = collections.Counter(), set(), 0.0
+  for t, step, i in boundaries:
+    for j in running:
+      seconds[leaves[j][2]] += (t - last) / len(running) / 1e9
+    last = t
+    if step > 0:
+      running.add(i)
+    else:
+      running.discard(i)
   return seconds
 
 

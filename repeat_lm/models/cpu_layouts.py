@@ -1,4 +1,5 @@
-"""Backward passes whose every matmul XLA:CPU's fast dot library takes: projections and the attention core on CPU.
+"""Backward passes whose every matmul XLA:CPU's fast dot library takes: projections, MoE experts and the attention
+core on CPU.
 
 XLA:CPU hands a dot to YNNPACK only when its left operand contracts its minor (last) dimension. Autodiff's
 backward pass has three kinds of dot that contract a major dimension instead: every weight gradient (x^T g,
@@ -6,8 +7,8 @@ contracting batch and length) and, in attention, the key and value gradients (ds
 queries). Those fell to Eigen, whose threads then ran beside YNNPACK's on the same two cores; in the profile of the
 T5 v1.1 small step (2 cores) YNNPACK's dots ran at about half their isolated speed while Eigen's were in flight.
 Here each of them contracts a transposed copy instead (`transposed`: one pass over the operand, which
-`optimization_barrier` keeps XLA from folding back into the dot), so all of the step's dots run in YNNPACK:
-3.15 -> 2.61 s per step, the same process settings (docs/performance.md has the current figure).
+`optimization_barrier` keeps XLA from folding back into the dot), so all of the step's dots run in YNNPACK: 2.98 ->
+2.50 s per step, 55% -> 70% MFU (`repeat-lm bench report`'s ablation, docs/performance.md).
 
 Values are those of autodiff up to summation order (tests/models/test_cpu_layouts.py compares both). GPU and TPU
 compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models keep plain
@@ -57,6 +58,29 @@ def _matmul_bwd(residuals, g_NxO):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@jax.custom_vjp
+def expert_matmul(x_ExGxCxI: Array, kernel_ExIxO: Array) -> Array:
+  """Each expert's tokens @ its kernel (MoE experts); the kernel gradients are transposed(x_e) @ g_e."""
+  return jnp.einsum("egci,eio->egco", x_ExGxCxI, kernel_ExIxO)
+
+
+def _expert_matmul_fwd(x_ExGxCxI, kernel_ExIxO):
+  return expert_matmul(x_ExGxCxI, kernel_ExIxO), (x_ExGxCxI, kernel_ExIxO)
+
+
+def _expert_matmul_bwd(residuals, g_ExGxCxO):
+  x_ExGxCxI, kernel_ExIxO = residuals
+  e = x_ExGxCxI.shape[0]
+  x_ExNxI = x_ExGxCxI.reshape(e, -1, x_ExGxCxI.shape[-1])
+  g_ExNxO = g_ExGxCxO.reshape(e, -1, g_ExGxCxO.shape[-1])
+  dx = jnp.einsum("egco,eio->egci", g_ExGxCxO, kernel_ExIxO).astype(x_ExGxCxI.dtype)
+  dkernel = jnp.einsum("ein,eno->eio", transposed(x_ExNxI), g_ExNxO).astype(kernel_ExIxO.dtype)
+  return dx, dkernel
+
+
+expert_matmul.defvjp(_expert_matmul_fwd, _expert_matmul_bwd)
 
 
 @jax.custom_vjp

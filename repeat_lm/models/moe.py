@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import partitioning as nn_partitioning
 
-from repeat_lm.models import layers
+from repeat_lm.models import cpu_layouts, layers
 
 Array = jax.Array
 param_with_axes = nn_partitioning.param_with_axes
@@ -225,6 +225,9 @@ class Experts(nn.Module):
   @nn.compact
   def __call__(self, x_ExGxCxD: Array, deterministic: bool, dropout_scale: Array | float = 1.0) -> Array:
     e, d, f = self.num_experts, x_ExGxCxD.shape[-1], self.mlp_dim
+    # Per expert: [E, G, C, in] @ [E, in, out]; on CPU with the kernel gradient in YNNPACK's form (cpu_layouts.py).
+    matmul = (cpu_layouts.expert_matmul if cpu_layouts.explicit_transposes()
+              else lambda x, k: jnp.einsum("egci,eio->egco", x, k))
     hidden_axes = ("expert", "expert_replicas", "length", "expert_mlp")
     hidden = None
     for i, name in enumerate(self.activations):
@@ -232,12 +235,12 @@ class Experts(nn.Module):
         raise ValueError(f"Unknown expert activation {name!r}; choose from {sorted(_ACTIVATIONS)}.")
       kernel = param_with_axes("wi" if len(self.activations) == 1 else f"wi_{i}", expert_init, (e, d, f),
                                jnp.float32, axes=("expert", "embed", "expert_mlp"))
-      h = jnp.einsum("egcd,edf->egcf", x_ExGxCxD, jnp.asarray(kernel, self.dtype))
+      h = matmul(x_ExGxCxD, jnp.asarray(kernel, self.dtype))
       h = _ACTIVATIONS[name](nn.with_logical_constraint(h, hidden_axes))
       hidden = h if hidden is None else hidden * h
     hidden = layers.dropout(hidden, self.dropout_rate, deterministic, dropout_scale)
     wo = param_with_axes("wo", expert_init, (e, f, d), jnp.float32, axes=("expert", "expert_mlp", "embed"))
-    return jnp.einsum("egcf,efd->egcd", hidden, jnp.asarray(wo, self.dtype))
+    return matmul(hidden, jnp.asarray(wo, self.dtype))
 
 
 class MoeBlock(nn.Module):

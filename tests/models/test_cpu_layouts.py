@@ -113,3 +113,12 @@ def test_opt_out_restores_autodiff(monkeypatch):
   assert cpu_layouts.explicit_transposes()
   monkeypatch.setenv(cpu_layouts.CPU_LAYOUTS_ENV, "0")
   assert not cpu_layouts.explicit_transposes()
+
+
+def test_expert_matmul_equals_autodiff():
+  x = jax.random.normal(KEYS[0], (3, 2, 5, 16))
+  kernel = jax.random.normal(KEYS[1], (3, 16, 24))
+  plain = lambda a, b: jnp.einsum("egci,eio->egco", a, b)
+  _assert_close(_grads(cpu_layouts.expert_matmul, x, kernel), _grads(plain, x, kernel))
+  assert _top_level_dots(plain, x, kernel) >= 1
+  assert _top_level_dots(cpu_layouts.expert_matmul, x, kernel) == 0
