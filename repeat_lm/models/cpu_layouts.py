@@ -7,8 +7,8 @@ contracting batch and length) and, in attention, the key and value gradients (ds
 queries). Those fell to Eigen, whose threads then ran beside YNNPACK's on the same two cores; in the profile of the
 T5 v1.1 small step (2 cores) YNNPACK's dots ran at about half their isolated speed while Eigen's were in flight.
 Here each of them contracts a transposed copy instead (`transposed`: one pass over the operand, which
-`optimization_barrier` keeps XLA from folding back into the dot), so all of the step's dots run in YNNPACK: 2.98 ->
-2.50 s per step, 55% -> 70% MFU (`repeat-lm bench report`'s ablation, docs/performance.md).
+`optimization_barrier` keeps XLA from folding back into the dot), so all of the step's dots run in YNNPACK: 2.89 ->
+2.44 s per step (`repeat-lm bench report`'s ablation, docs/performance.md).
 
 Values are those of autodiff up to summation order (tests/models/test_cpu_layouts.py compares both). GPU and TPU
 compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models keep plain
