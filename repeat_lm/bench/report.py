@@ -94,8 +94,9 @@ def to_markdown(m: dict) -> str:
     lines += [f"| {1e3 * t['seconds']:.1f} | {t['kind']} | `{t['shape']}` | `{t['source']}` |"
               for t in profile.get("top", [])]
     if profile:
-      lines += ["", f"The ops account for {profile['op_seconds_per_step']:.3f} s of a {profile['wall_s_per_step']:.3f} s "
-                "profiled step; where XLA ran two ops at once, each is given half of that time.", ""]
+      lines += ["", f"The ops account for {profile['op_seconds_per_step']:.3f} s of a "
+                f"{profile['wall_s_per_step']:.3f} s profiled step; where XLA ran two ops at once, each is given half "
+                "of that time.", ""]
   lines += ["## What the CPU settings are worth", "",
             "The same T5 v1.1 small step with each CPU setting (`repeat_lm/runtime.py`, "
             "`repeat_lm/models/cpu_layouts.py`) undone, one process each:", "",
