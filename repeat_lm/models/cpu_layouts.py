@@ -13,7 +13,8 @@ Here each of them contracts a transposed copy instead (`transposed`: one pass ov
 Values are those of autodiff up to summation order (tests/models/test_cpu_layouts.py compares both). GPU and TPU
 compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models keep plain
 autodiff; REPEAT_LM_CPU_LAYOUTS=0 does the same on CPU (`repeat-lm bench report` measures the step both ways).
-Shape letters as in layers.py; N is a flattened batch x length.
+Shape letters as in layers.py; in `matmul`, B stands for any leading batch axes and N for the axes between them
+and the contracted one.
 """
 
 from __future__ import annotations
@@ -38,49 +39,38 @@ def transposed(x: Array) -> Array:
   return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
+def _contract_last(a: Array, b: Array, b_axis: int, batch: int) -> Array:
+  """a's last axis contracted with b's axis `b_axis`, the first `batch` axes of both batch axes (no reshapes, so the
+  forward pass shards as an einsum would)."""
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b_axis,)), (tuple(range(batch)), tuple(range(batch)))))
+
+
 @jax.custom_vjp
-def matmul(x_NxI: Array, kernel_IxO: Array) -> Array:
-  """x @ kernel over x's last axis (x may have any leading axes); the kernel gradient is transposed(x) @ g."""
-  return x_NxI @ kernel_IxO
+def matmul(x_BxNxI: Array, kernel_BxIxO: Array) -> Array:
+  """x @ kernel over x's last axis, per leading batch axis of the kernel: [*B, ..., I] @ [*B, I, O] -> [*B, ..., O].
+
+  A projection has no batch axes (kernel [I, O], x [..., I]); MoE experts batch over experts (x [E, G, C, I]);
+  attention's weights @ values over batch and heads. The kernel gradient is transposed(x) @ g, x's middle axes
+  flattened.
+  """
+  return _contract_last(x_BxNxI, kernel_BxIxO, kernel_BxIxO.ndim - 2, kernel_BxIxO.ndim - 2)
 
 
-def _matmul_fwd(x_NxI, kernel_IxO):
-  return x_NxI @ kernel_IxO, (x_NxI, kernel_IxO)
+def _matmul_fwd(x_BxNxI, kernel_BxIxO):
+  return matmul(x_BxNxI, kernel_BxIxO), (x_BxNxI, kernel_BxIxO)
 
 
-def _matmul_bwd(residuals, g_NxO):
-  x_NxI, kernel_IxO = residuals
-  x_2d = x_NxI.reshape(-1, x_NxI.shape[-1])
-  g_2d = g_NxO.reshape(-1, g_NxO.shape[-1])
-  dx = (g_NxO @ kernel_IxO.T).astype(x_NxI.dtype)  # contracts the kernel's minor axis: already YNNPACK's form
-  dkernel = (transposed(x_2d) @ g_2d).astype(kernel_IxO.dtype)
+def _matmul_bwd(residuals, g_BxNxO):
+  x_BxNxI, kernel_BxIxO = residuals
+  batch = kernel_BxIxO.ndim - 2
+  flat = lambda a: a.reshape(*a.shape[:batch], -1, a.shape[-1])  # [*B, ..., I] -> [*B, N, I]
+  # g's last axis against the kernel's minor one: already YNNPACK's form.
+  dx = _contract_last(g_BxNxO, kernel_BxIxO, kernel_BxIxO.ndim - 1, batch).astype(x_BxNxI.dtype)
+  dkernel = jnp.matmul(transposed(flat(x_BxNxI)), flat(g_BxNxO)).astype(kernel_BxIxO.dtype)
   return dx, dkernel
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-@jax.custom_vjp
-def expert_matmul(x_ExGxCxI: Array, kernel_ExIxO: Array) -> Array:
-  """Each expert's tokens @ its kernel (MoE experts); the kernel gradients are transposed(x_e) @ g_e."""
-  return jnp.einsum("egci,eio->egco", x_ExGxCxI, kernel_ExIxO)
-
-
-def _expert_matmul_fwd(x_ExGxCxI, kernel_ExIxO):
-  return expert_matmul(x_ExGxCxI, kernel_ExIxO), (x_ExGxCxI, kernel_ExIxO)
-
-
-def _expert_matmul_bwd(residuals, g_ExGxCxO):
-  x_ExGxCxI, kernel_ExIxO = residuals
-  e = x_ExGxCxI.shape[0]
-  x_ExNxI = x_ExGxCxI.reshape(e, -1, x_ExGxCxI.shape[-1])
-  g_ExNxO = g_ExGxCxO.reshape(e, -1, g_ExGxCxO.shape[-1])
-  dx = jnp.einsum("egco,eio->egci", g_ExGxCxO, kernel_ExIxO).astype(x_ExGxCxI.dtype)
-  dkernel = jnp.einsum("ein,eno->eio", transposed(x_ExNxI), g_ExNxO).astype(kernel_ExIxO.dtype)
-  return dx, dkernel
-
-
-expert_matmul.defvjp(_expert_matmul_fwd, _expert_matmul_bwd)
 
 
 @jax.custom_vjp
@@ -118,23 +108,3 @@ def _attention_weights_bwd(residuals, dp_BxHxQxK):
 
 
 attention_weights.defvjp(_attention_weights_fwd, _attention_weights_bwd)
-
-
-@jax.custom_vjp
-def weighted_values(weights_BxHxQxK: Array, v_BxHxKxE: Array) -> Array:
-  """weights @ v per batch and head: [B, H, Q, E]."""
-  return jnp.einsum("bhqk,bhke->bhqe", weights_BxHxQxK, v_BxHxKxE)
-
-
-def _weighted_values_fwd(weights_BxHxQxK, v_BxHxKxE):
-  return weighted_values(weights_BxHxQxK, v_BxHxKxE), (weights_BxHxQxK, v_BxHxKxE)
-
-
-def _weighted_values_bwd(residuals, do_BxHxQxE):
-  weights_BxHxQxK, v_BxHxKxE = residuals
-  dweights = jnp.einsum("bhqe,bhke->bhqk", do_BxHxQxE, v_BxHxKxE).astype(weights_BxHxQxK.dtype)
-  dv = jnp.einsum("bhkq,bhqe->bhke", transposed(weights_BxHxQxK), do_BxHxQxE).astype(v_BxHxKxE.dtype)
-  return dweights, dv
-
-
-weighted_values.defvjp(_weighted_values_fwd, _weighted_values_bwd)

@@ -226,7 +226,7 @@ class Experts(nn.Module):
   def __call__(self, x_ExGxCxD: Array, deterministic: bool, dropout_scale: Array | float = 1.0) -> Array:
     e, d, f = self.num_experts, x_ExGxCxD.shape[-1], self.mlp_dim
     # Per expert: [E, G, C, in] @ [E, in, out]; on CPU with the kernel gradient in YNNPACK's form (cpu_layouts.py).
-    matmul = (cpu_layouts.expert_matmul if cpu_layouts.explicit_transposes()
+    matmul = (cpu_layouts.matmul if cpu_layouts.explicit_transposes()
               else lambda x, k: jnp.einsum("egci,eio->egco", x, k))
     hidden_axes = ("expert", "expert_replicas", "length", "expert_mlp")
     hidden = None

@@ -49,7 +49,7 @@ def test_attention_weights_and_values_equal_autodiff(with_bias, with_mask):
   mask = jnp.where(valid, 0.0, attention_lib.NEG_INF) if with_mask else None
 
   def ours(q, k, v, *bias):
-    return cpu_layouts.weighted_values(cpu_layouts.attention_weights(q, k, *(bias or (None,)), mask), v)
+    return cpu_layouts.matmul(cpu_layouts.attention_weights(q, k, *(bias or (None,)), mask), v)
 
   def plain(q, k, v, *bias):
     return jnp.einsum("bhqk,bhke->bhqe", _plain_weights(q, k, *(bias or (None,)), mask), v)
@@ -104,7 +104,7 @@ def test_every_backward_dot_is_in_a_library_fusion():
 
   q, k, v = (jax.random.normal(key, (2, 4, 64, 16)) for key in KEYS[2:5])
   plain = lambda q, k, v: jnp.einsum("bhqk,bhke->bhqe", _plain_weights(q, k, None, None), v)
-  ours = lambda q, k, v: cpu_layouts.weighted_values(cpu_layouts.attention_weights(q, k, None, None), v)
+  ours = lambda q, k, v: cpu_layouts.matmul(cpu_layouts.attention_weights(q, k, None, None), v)
   assert _top_level_dots(plain, q, k, v) >= 1  # p^T do and ds^T q
   assert _top_level_dots(ours, q, k, v) == 0
 
@@ -115,10 +115,10 @@ def test_opt_out_restores_autodiff(monkeypatch):
   assert not cpu_layouts.explicit_transposes()
 
 
-def test_expert_matmul_equals_autodiff():
+def test_matmul_batched_over_experts_equals_autodiff():
   x = jax.random.normal(KEYS[0], (3, 2, 5, 16))
   kernel = jax.random.normal(KEYS[1], (3, 16, 24))
   plain = lambda a, b: jnp.einsum("egci,eio->egco", a, b)
-  _assert_close(_grads(cpu_layouts.expert_matmul, x, kernel), _grads(plain, x, kernel))
+  _assert_close(_grads(cpu_layouts.matmul, x, kernel), _grads(plain, x, kernel))
   assert _top_level_dots(plain, x, kernel) >= 1
-  assert _top_level_dots(cpu_layouts.expert_matmul, x, kernel) == 0
+  assert _top_level_dots(cpu_layouts.matmul, x, kernel) == 0
