@@ -104,6 +104,12 @@ def measure(out: str | Path, *, batch_size: int = 128, steps: int = 10, rounds: 
   `variants` replaces the default list (and then no 2x-batch run is added); `previous` are results of an earlier
   invocation on the same device (its JSON's "results"), kept in the table before the new ones.
   """
+  for name, value in (("batch_size", batch_size), ("steps", steps), ("rounds", rounds)):
+    if value < 1:
+      raise ValueError(f"--{name}={value}: must be a positive integer.")
+  if time_budget_s <= 0 or variant_timeout_s <= 0:
+    raise ValueError(f"--time_budget_s={time_budget_s} and --variant_timeout_s={variant_timeout_s} must be "
+                     "positive.")
   if model_gin == MODEL_GIN and not runtime.accelerator_plugin_installed():
     # Checked without starting JAX here: this process must leave the accelerator's memory to the variants' processes.
     raise RuntimeError("bench accelerator times T5 v1.1 Base at batch 128, but no JAX GPU/TPU plugin is installed "

@@ -22,6 +22,17 @@ class DataBenchConfig:
   resume_step: int = 100_000  # a late step, to time the first batch after a resume
   train_step_s: float | None = None  # the training step's time, to compare against
 
+  def __post_init__(self):
+    if self.steps < 1:
+      raise ValueError(f"--steps={self.steps}: time at least one batch.")
+    if self.warmup < 0:
+      raise ValueError(f"warmup={self.warmup}: must be >= 0.")
+    if not 0 <= self.shard_id < self.num_shards:
+      raise ValueError(f"shard_id={self.shard_id} with --num_shards={self.num_shards}: need num_shards >= 1 and "
+                       "0 <= shard_id < num_shards.")
+    if self.train_step_s is not None and self.train_step_s <= 0:
+      raise ValueError(f"--train_step_s={self.train_step_s}: a step time must be positive.")
+
 
 def _tokens(batch) -> tuple[int, int]:
   return int((batch['encoder_input_tokens'] > 0).sum()), int((batch['decoder_target_tokens'] > 0).sum())

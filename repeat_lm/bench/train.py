@@ -21,6 +21,10 @@ from repeat_lm.models.encoder_decoder import EncoderDecoderModel
 from repeat_lm.train import flops, optim, partitioning, state as state_lib
 
 
+# Activation dtypes a benchmark may request (T5Config.dtype); parameters stay float32.
+ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
   batch_size: int = 8
@@ -30,6 +34,15 @@ class BenchConfig:
   rounds: int = 5           # Timed rounds; the median round gives the step time.
   warmup: int = 2
   seed: int = 0
+
+  def __post_init__(self):
+    # Named as the command-line flags of `bench train` / `bench moe`, which set them one to one.
+    for name in ("batch_size", "inputs_length", "targets_length", "steps", "rounds"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"--{name}={value!r}: must be a positive integer.")
+    if self.warmup < 0:
+      raise ValueError(f"warmup={self.warmup}: must be >= 0.")
 
 
 def synthetic_batch(cfg: BenchConfig, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -163,6 +176,8 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
 
 def with_dtype(model: EncoderDecoderModel, dtype: str) -> EncoderDecoderModel:
   """'auto': float32 activations on CPU (no fast bfloat16 matmuls there, and the peer runs float32), else as is."""
+  if dtype != "auto" and dtype not in ACTIVATION_DTYPES:
+    raise ValueError(f"--dtype={dtype!r}: choose 'auto' or one of {', '.join(ACTIVATION_DTYPES)}.")
   if dtype == "auto":
     dtype = "float32" if jax.devices()[0].platform == "cpu" else model.module.config.dtype
   config = dataclasses.replace(model.module.config, dtype=dtype)

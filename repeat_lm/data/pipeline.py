@@ -13,6 +13,7 @@ stream and keeps its rows, and resume replays k batches. TF never runs on an acc
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import queue
 import threading
@@ -49,6 +50,22 @@ class DatasetConfig:
   seed: int | None = 0  # None: fresh randomness each call (not reproducible, not resumable)
   pack: bool = True  # packed-format rows (segment ids / positions); repeat_lm tasks put one example per row
   use_cached: bool = False  # other SeqIO tasks only: read the output of SeqIO's cache job
+
+  def __post_init__(self):
+    if not _positive_int(self.batch_size):
+      raise ValueError(f"DatasetConfig.batch_size={self.batch_size!r}: the global batch must hold at least one "
+                       "example.")
+    bad = {k: v for k, v in dict(self.task_feature_lengths).items() if not _positive_int(v)}
+    if bad:
+      raise ValueError(f"DatasetConfig.task_feature_lengths {bad}: every feature length must be a positive "
+                       "integer (e.g. {'inputs': 512, 'targets': 114}).")
+
+
+def _positive_int(value) -> bool:
+  try:
+    return operator.index(value) >= 1
+  except TypeError:
+    return False
 
 
 def _converter(cfg: DatasetConfig) -> seqio.EncDecFeatureConverter:

@@ -73,6 +73,12 @@ class MoeConfig:
                        f"{self.num_experts}].")
     if self.sparse_every < 1:
       raise ValueError(f"MoeConfig.sparse_every={self.sparse_every} must be >= 1.")
+    if self.group_size < 1:
+      raise ValueError(f"MoeConfig.group_size={self.group_size} must be >= 1 (tokens per routing group, an upper "
+                       "bound).")
+    if self.train_capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+      raise ValueError(f"MoeConfig capacity factors must be positive, got train {self.train_capacity_factor}, "
+                       f"eval {self.eval_capacity_factor}.")
 
 
 def sparse_layer_flags(num_layers: int, cfg: MoeConfig | None) -> tuple[bool, ...]:

@@ -21,6 +21,14 @@ class CheckpointConfig:
   keep: int | None = 3         # Keep the last `keep` checkpoints; None keeps all.
   async_save: bool = True
 
+  def __post_init__(self):
+    if self.period < 1:
+      raise ValueError(f"CheckpointConfig.period={self.period}: save every N >= 1 steps (the last step and SIGTERM "
+                       "always save).")
+    if self.keep is not None and self.keep < 1:
+      raise ValueError(f"CheckpointConfig.keep={self.keep} would delete every checkpoint; keep N >= 1 (or None: "
+                       "all).")
+
 
 class CheckpointError(RuntimeError):
   pass

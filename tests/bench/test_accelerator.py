@@ -154,3 +154,12 @@ def test_base_sweep_without_an_accelerator_plugin_says_what_to_do(tmp_path, monk
   with pytest.raises(RuntimeError, match="no JAX GPU/TPU plugin is installed.*--gin_file"):
     accelerator.measure(tmp_path / "out.md")
   assert not (tmp_path / "out.md").exists()
+
+
+@pytest.mark.parametrize("kwargs,match", [({"steps": 0}, "--steps=0"), ({"rounds": -2}, "--rounds=-2"),
+                                          ({"batch_size": 0}, "--batch_size=0"),
+                                          ({"time_budget_s": 0}, "--time_budget_s=0")])
+def test_bad_sweep_settings_name_the_flag(tmp_path, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    accelerator.measure(tmp_path / "out.md", model_gin="gin/models/t5_1_1_tiny.gin", **kwargs)
+  assert not (tmp_path / "out.md").exists()

@@ -86,3 +86,24 @@ def test_profile_attributes_the_step_to_named_hlo_ops(tmp_path):
   text = (tmp_path / "prof" / "ops.md").read_text()
   assert "| ms/step | kernel | shape | source op |" in text and "layers_N" in text
   assert list((tmp_path / "prof").glob("**/*.xplane.pb"))
+
+
+@pytest.mark.parametrize("flag,value", [("batch_size", 0), ("steps", 0), ("rounds", -1), ("inputs_length", -3),
+                                        ("targets_length", 0)])
+def test_bad_sizes_name_the_flag(flag, value):
+  with pytest.raises(ValueError, match=f"--{flag}={value}: must be a positive integer"):
+    bench_train.BenchConfig(**{flag: value})
+
+
+def test_unknown_dtype_lists_the_choices():
+  with pytest.raises(ValueError, match="--dtype='float8': choose 'auto' or one of float32, bfloat16, float16"):
+    bench_train.with_dtype(tiny(), "float8")
+  assert bench_train.with_dtype(tiny(), "bfloat16").module.config.dtype == "bfloat16"
+
+
+def test_cli_reports_bad_bench_flags_without_a_traceback(capsys):
+  from repeat_lm import cli
+  assert cli.main(["bench", "train", "--gin_file=gin/models/t5_1_1_tiny.gin", "--batch_size=0"]) == 2
+  assert "--batch_size=0: must be a positive integer" in capsys.readouterr().err
+  assert cli.main(["bench", "train", "--gin_file=gin/models/t5_1_1_tiny.gin", "--dtype=float8"]) == 2
+  assert "--dtype='float8'" in capsys.readouterr().err

@@ -199,3 +199,13 @@ def test_the_trainer_refuses_more_steps_than_a_finite_task_holds(c4_path, t5_voc
                                                           num_decoder_layers=1)))
   with pytest.raises(ValueError, match=f'holds {pipeline.num_batches(cfg)} batches of 8'):
     trainer.train(model=model, model_dir=str(tmp_path), total_steps=10**6, train_dataset_cfg=cfg)
+
+
+@pytest.mark.parametrize('kwargs,match', [({'batch_size': 0}, 'batch_size=0: the global batch'),
+                                          ({'task_feature_lengths': {'inputs': 0, 'targets': 8}},
+                                           "task_feature_lengths {'inputs': 0}")])
+def test_dataset_config_rejects_empty_batches_and_lengths(kwargs, match):
+  args = {'mixture_or_task_name': 'any', 'task_feature_lengths': {'inputs': 16, 'targets': 8}, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    pipeline.DatasetConfig(**args)
+  assert pipeline.DatasetConfig('any', {'inputs': np.int64(16), 'targets': 8}, batch_size=np.int32(2))

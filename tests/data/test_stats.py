@@ -63,3 +63,12 @@ def test_bench_data(capsys, c4_d16):
   r = json.loads(out)
   assert r['host_rows'] == 4 and r['examples_per_s'] > 0 and r['tokens_per_s'] > 0
   assert r['times_faster_than_training'] > 5  # the small model's CPU step at batch 8 takes ~6 s
+
+
+@pytest.mark.parametrize('kwargs,match', [({'steps': 0}, '--steps=0'), ({'num_shards': 0}, '--num_shards=0'),
+                                          ({'shard_id': 2, 'num_shards': 2}, 'shard_id=2'),
+                                          ({'train_step_s': 0.0}, '--train_step_s=0.0')])
+def test_bench_data_rejects_bad_settings(kwargs, match):
+  from repeat_lm.bench import data as bench_data
+  with pytest.raises(ValueError, match=match):
+    bench_data.DataBenchConfig(**kwargs)

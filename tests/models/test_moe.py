@@ -234,3 +234,10 @@ def test_tiny_moe_trains_through_the_cli_with_routing_metrics(tmp_path):
   assert train[-1]["train/loss"] < train[0]["train/loss"] - 0.5
   assert any("eval/moe_fraction_dropped" in r for r in records)
   assert "moe.MoeConfig" in (model_dir / "config.gin").read_text()
+
+
+@pytest.mark.parametrize("kwargs,match", [({"group_size": 0}, "group_size=0 must be >= 1"),
+                                          ({"train_capacity_factor": 0.0}, "capacity factors must be positive")])
+def test_moe_config_rejects_empty_groups_and_capacity(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    moe.MoeConfig(**kwargs)

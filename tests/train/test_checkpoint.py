@@ -45,3 +45,10 @@ def test_corrupt_checkpoint_names_the_fix_and_is_kept(tmp_path):
   assert (tmp_path / "checkpoints" / "2").exists()  # Never deleted behind the user's back.
   restored, _ = ck.restore(checkpoint.abstract_like(state), step=1)
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+
+
+@pytest.mark.parametrize("kwargs,match", [({"period": 0}, "period=0: save every N >= 1"),
+                                          ({"keep": 0}, "keep=0 would delete every checkpoint")])
+def test_config_rejects_settings_that_never_save_or_keep_nothing(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    checkpoint.CheckpointConfig(**kwargs)

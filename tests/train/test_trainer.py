@@ -207,3 +207,14 @@ def test_evaluate_checkpoint_reproduces_training_eval(uninterrupted):
   assert result["step"] == 6
   assert result["eval/loss"] == pytest.approx(last["eval/loss"], rel=1e-6)
   assert result["eval/accuracy"] == pytest.approx(last["eval/accuracy"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"log_period": 0}, r"trainer.train.log_period=0: must be >= 1"),
+                                          ({"eval_period": 0}, r"trainer.train.eval_period=0"),
+                                          ({"eval_steps": 0}, r"trainer.train.eval_steps=0"),
+                                          ({"total_steps": -1}, r"TRAIN_STEPS \(trainer.train.total_steps\)=-1")])
+def test_bad_counts_are_clear_errors_before_anything_is_written(tmp_path, kwargs, match):
+  args = dict(model=tiny_model(), model_dir=str(tmp_path / "run"), train_dataset_cfg=TRAIN_CFG, total_steps=4)
+  with pytest.raises(ValueError, match=match):
+    trainer.train(**{**args, **kwargs})
+  assert not (tmp_path / "run").exists()
