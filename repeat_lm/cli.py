@@ -362,6 +362,9 @@ def _add_model_info(sub) -> None:
 def _run_model_info(args, bindings: Sequence[str]) -> dict | None:
   from repeat_lm import gin_utils
   from repeat_lm.models import info
+  if args.inputs_length < 1 or args.targets_length < 1:
+    raise ValueError(f"--inputs_length={args.inputs_length} and --targets_length={args.targets_length}: FLOPs per "
+                     "sequence need lengths >= 1.")
   if args.zoo:
     rows = info.zoo(args.inputs_length, args.targets_length)
     if args.update_doc:

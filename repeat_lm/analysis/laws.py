@@ -61,7 +61,17 @@ PUBLISHED = {"chinchilla": CHINCHILLA, "data-constrained": DATA_CONSTRAINED}
 
 def load_constants(path: str | Path) -> Constants:
   """Constants from a JSON file: the object `analyze fit --json` prints, or {"constants": {...}}."""
-  return Constants.from_dict(json.loads(Path(path).read_text()))
+  path = Path(path)
+  fix = "pass the JSON object `repeat-lm analyze fit --json` prints"
+  if not path.is_file():
+    raise FileNotFoundError(f"--law-constants={path}: no such file; {fix}.")
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"--law-constants={path} is not JSON ({e}); {fix}.") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"--law-constants={path} holds a JSON {type(data).__name__}, not an object; {fix}.")
+  return Constants.from_dict(data)
 
 
 def constants_for(law: str, path: str | Path | None = None) -> Constants:

@@ -78,8 +78,17 @@ def _float(text: str | None) -> float:
 
 def read_results(path: str | Path) -> list[Run]:
   path = Path(path)
-  with path.open(newline="") as f:
-    rows = list(csv.DictReader(f))
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such results table; `repeat-lm collect --root=SWEEP_ROOT` writes one "
+                            "(SWEEP_ROOT/results.csv).")
+  try:
+    with path.open(newline="", encoding="utf-8") as f:
+      rows = list(csv.DictReader(f))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text (offset {e.start}): pass the CSV `repeat-lm collect` "
+                     "writes.") from e
+  except csv.Error as e:
+    raise ValueError(f"{path} is not a CSV table ({e}): pass the CSV `repeat-lm collect` writes.") from e
   if not rows:
     raise ValueError(f"{path}: no runs in the results table.")
   if "run" not in rows[0]:

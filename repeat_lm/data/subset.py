@@ -27,7 +27,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from repeat_lm.data import sources
+from repeat_lm.data import sources, vocab as vocab_lib
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,12 @@ class TokenStore:
 
 def vocabulary_fingerprint(vocabulary: seqio.Vocabulary) -> str:
   if isinstance(vocabulary, seqio.SentencePieceVocabulary):
-    with tf.io.gfile.GFile(vocabulary.sentencepiece_model_file, 'rb') as f:  # local or gs://
-      model = hashlib.sha256(f.read()).hexdigest()
+    path = vocabulary.sentencepiece_model_file
+    try:
+      with tf.io.gfile.GFile(path, 'rb') as f:  # local or gs://
+        model = hashlib.sha256(f.read()).hexdigest()
+    except vocab_lib.UNREADABLE as e:
+      raise vocab_lib.unreadable_model_error(path, e) from e
     return f'spm:{model}:{vocabulary.extra_ids}'
   return f'{type(vocabulary).__name__}:{vocabulary.vocab_size}:{getattr(vocabulary, "extra_ids", 0)}'
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import seqio
 import sentencepiece as spm
+import tensorflow as tf
 
 from repeat_lm.data import sources
 
@@ -37,7 +38,31 @@ def t5_vocabulary(path: str | None = None, extra_ids: int = EXTRA_IDS) -> seqio.
   path: None = $REPEAT_LM_T5_VOCAB if set (a local copy, for machines without GCS access), else `T5_VOCAB_PATH`.
   """
   path = path or os.environ.get('REPEAT_LM_T5_VOCAB') or T5_VOCAB_PATH
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  return _FileVocabulary(path, extra_ids=extra_ids)
+
+
+class _FileVocabulary(seqio.SentencePieceVocabulary):
+  """seqio's vocabulary, whose (lazy) first read names the file and the fix when the model cannot be read, instead
+  of TensorFlow's file-system traceback (e.g. gs://t5-data on a machine without network access)."""
+
+  def _model_context(self):
+    try:
+      return super()._model_context()
+    except UNREADABLE as e:
+      raise unreadable_model_error(self._sentencepiece_model_file, e) from e
+
+
+# What TensorFlow's file system raises for a missing or unreachable file (local or gs://).
+UNREADABLE = (tf.errors.OpError, OSError)
+
+
+def unreadable_model_error(path: str, error: Exception) -> FileNotFoundError:
+  """The error for a SentencePiece model that cannot be read: the file, the reason, and how to point at a copy."""
+  reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return FileNotFoundError(
+      f'Cannot read the SentencePiece model {path!r} ({reason}). Point REPEAT_LM_T5_VOCAB (or '
+      "vocab.t5_vocabulary.path in gin, or --vocab) at a local copy, e.g. T5's "
+      'cc_all.32000.100extra/sentencepiece.model.')
 
 
 def _training_lines(documents: Iterable[str]) -> Iterator[str]:

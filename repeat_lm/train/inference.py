@@ -166,12 +166,26 @@ def restore_params(model_dir: str | Path, module: Any, step: int | None = None) 
   return load.load_for_module(model_dir, module, step=step)
 
 
+def read_lines(input_file: str) -> list[str]:
+  """The lines of a UTF-8 text file, or an error that names the file and the fix."""
+  path = Path(input_file)
+  if not path.is_file():
+    raise FileNotFoundError(f"--input_file={input_file}: no such file; pass a UTF-8 text file, one input per line.")
+  try:
+    return path.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--input_file={input_file} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                     f"{e.start}); re-encode it as UTF-8 (e.g. iconv -t UTF-8).") from e
+
+
 def infer(checkpoint: str, input_file: str, *, output_file: str | None = None,
           decode: decoding.DecodeConfig = decoding.DecodeConfig(), step: int | None = None,
           gin_files: Sequence[str] = (), bindings: Sequence[str] = (), sentencepiece_model: str | None = None,
           batch_size: int = 32) -> list[str]:
   """Decode every line of `input_file` with the model of MODEL_DIR `checkpoint`; one output line per input line."""
-  texts = [line.rstrip("\n") for line in Path(input_file).read_text(encoding="utf-8").splitlines()]
+  if batch_size < 1:
+    raise ValueError(f"--batch_size={batch_size}: decode at least one input at a time.")
+  texts = read_lines(input_file)
   model, task = model_from_model_dir(checkpoint, gin_files, bindings)
   vocabulary = vocabulary_of(task, sentencepiece_model)
   if vocabulary is None:

@@ -128,3 +128,15 @@ def test_constants_file_round_trip(tmp_path):
   path.write_text(json.dumps(laws.CHINCHILLA.to_dict()))
   with pytest.raises(ValueError, match="R_D_star"):
     laws.constants_for("data-constrained", path)
+
+
+def test_bad_constants_files_name_the_file_and_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such file; pass the JSON object `repeat-lm analyze fit --json`"):
+    laws.load_constants(tmp_path / "missing.json")
+  for name, text in (("bad.json", "{not json"), ("list.json", "[1, 2]")):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=f"{name} (is not JSON|holds a JSON list)"):
+      laws.load_constants(tmp_path / name)
+  (tmp_path / "ok.json").write_text(json.dumps({"constants": {"E": 1.7, "A": 400, "B": 410, "alpha": 0.34,
+                                                              "beta": 0.28}}))
+  assert laws.load_constants(tmp_path / "ok.json").A == 400

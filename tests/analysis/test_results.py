@@ -47,3 +47,14 @@ def test_bad_table(tmp_path):
   (tmp_path / "a.csv").write_text("name,params\nx,1\n")
   with pytest.raises(ValueError, match="`run` column"):
     results.read_results(tmp_path / "a.csv")
+
+
+def test_unreadable_tables_name_the_file_and_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such results table; `repeat-lm collect"):
+    results.read_results(tmp_path / "missing.csv")
+  (tmp_path / "latin1.csv").write_bytes("run,status\ncaf\xe9,done\n".encode("latin-1"))
+  with pytest.raises(ValueError, match="latin1.csv is not UTF-8 text"):
+    results.read_results(tmp_path / "latin1.csv")
+  (tmp_path / "empty.csv").write_text("")
+  with pytest.raises(ValueError, match="no runs in the results table"):
+    results.read_results(tmp_path / "empty.csv")

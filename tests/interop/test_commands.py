@@ -75,3 +75,20 @@ def test_commands_explain_a_missing_checkpoint(tmp_path, capsys, fresh_gin):
   assert "config.gin" in capsys.readouterr().err
   assert cli.main(["export", "hf", f"--checkpoint={tmp_path / 'nowhere'}", f"--out={tmp_path / 'o'}"]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_infer_names_a_missing_or_non_utf8_input_file(tmp_path, capsys, fresh_gin):
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+  assert cli.main(["infer", f"--checkpoint={tmp_path}", f"--input_file={tmp_path / 'latin1.txt'}"]) == 2
+  assert "is not UTF-8 text (byte 0xe9 at offset 3); re-encode it as UTF-8" in capsys.readouterr().err
+  assert cli.main(["infer", f"--checkpoint={tmp_path}", f"--input_file={tmp_path / 'none.txt'}"]) == 2
+  assert "none.txt: no such file" in capsys.readouterr().err
+
+
+def test_an_unreadable_vocabulary_names_the_file_and_the_fix(tmp_path):
+  from repeat_lm.data import subset
+  missing = vocab.t5_vocabulary(str(tmp_path / "missing.model"))
+  with pytest.raises(FileNotFoundError, match=r"missing.model.*Point REPEAT_LM_T5_VOCAB"):
+    missing.encode("hello")
+  with pytest.raises(FileNotFoundError, match=r"missing.model.*Point REPEAT_LM_T5_VOCAB"):
+    subset.vocabulary_fingerprint(missing)

@@ -76,3 +76,5 @@ def test_cli_prints_one_json_object(capsys):
 def test_cli_needs_a_model(capsys):
   assert cli.main(["model-info"]) == 2
   assert "--gin_file" in capsys.readouterr().err
+  assert cli.main(["model-info", "--zoo", "--inputs_length=0"]) == 2
+  assert "--inputs_length=0 and --targets_length=114: FLOPs per sequence need lengths >= 1" in capsys.readouterr().err
