@@ -48,6 +48,11 @@ class DecodeConfig:
       raise ValueError(f"Unknown decoding method {self.method!r}; choose from {METHODS}.")
     if self.max_decode_length < 1 or self.num_beams < 1:
       raise ValueError("max_decode_length and num_beams must be at least 1.")
+    if self.method == "sample" and not self.temperature > 0:
+      raise ValueError(f"temperature={self.temperature}: sampling divides the logits by it, so it must be > 0 "
+                       "(use method='greedy' for the argmax).")
+    if self.topk < 0:
+      raise ValueError(f"topk={self.topk}: keep k >= 1 most likely tokens, or 0 for all.")
 
 
 def cache_batch_axis(module: nn.Module) -> int:

@@ -133,3 +133,8 @@ def test_sampling():
 def test_decode_config_is_checked():
   with pytest.raises(ValueError, match="method"):
     decoding.DecodeConfig(method="nucleus")
+  with pytest.raises(ValueError, match="temperature=0.0: sampling divides the logits by it"):
+    decoding.DecodeConfig(method="sample", temperature=0.0)
+  with pytest.raises(ValueError, match="topk=-1"):
+    decoding.DecodeConfig(method="sample", topk=-1)
+  assert decoding.DecodeConfig(method="greedy", temperature=0.0)  # unused by greedy decoding
