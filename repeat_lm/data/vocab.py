@@ -41,6 +41,10 @@ def t5_vocabulary(path: str | None = None, extra_ids: int = EXTRA_IDS) -> seqio.
   return _FileVocabulary(path, extra_ids=extra_ids)
 
 
+# What TensorFlow's file system raises for a missing or unreachable file (local or gs://).
+UNREADABLE = (tf.errors.OpError, OSError)
+
+
 class _FileVocabulary(seqio.SentencePieceVocabulary):
   """seqio's vocabulary, whose (lazy) first read names the file and the fix when the model cannot be read, instead
   of TensorFlow's file-system traceback (e.g. gs://t5-data on a machine without network access)."""
@@ -50,10 +54,6 @@ class _FileVocabulary(seqio.SentencePieceVocabulary):
       return super()._model_context()
     except UNREADABLE as e:
       raise unreadable_model_error(self._sentencepiece_model_file, e) from e
-
-
-# What TensorFlow's file system raises for a missing or unreachable file (local or gs://).
-UNREADABLE = (tf.errors.OpError, OSError)
 
 
 def unreadable_model_error(path: str, error: Exception) -> FileNotFoundError:
