@@ -48,11 +48,17 @@ class DecodeConfig:
       raise ValueError(f"Unknown decoding method {self.method!r}; choose from {METHODS}.")
     if self.max_decode_length < 1 or self.num_beams < 1:
       raise ValueError("max_decode_length and num_beams must be at least 1.")
-    if self.method == "sample" and not self.temperature > 0:
-      raise ValueError(f"temperature={self.temperature}: sampling divides the logits by it, so it must be > 0 "
-                       "(use method='greedy' for the argmax).")
-    if self.topk < 0:
-      raise ValueError(f"topk={self.topk}: keep k >= 1 most likely tokens, or 0 for all.")
+    # Checked here too, so a bad setting fails before a checkpoint is loaded; only sampling uses the temperature.
+    check_sampling(self.temperature if self.method == "sample" else 1.0, self.topk)
+
+
+def check_sampling(temperature: float, topk: int) -> None:
+  """The settings `sample` accepts: logits are divided by the temperature, and top-k keeps k tokens (0: all)."""
+  if not temperature > 0:
+    raise ValueError(f"temperature={temperature}: sampling divides the logits by it, so it must be > 0 (use greedy "
+                     "decoding for the argmax).")
+  if topk < 0:
+    raise ValueError(f"topk={topk}: keep k >= 1 most likely tokens, or 0 for all.")
 
 
 def cache_batch_axis(module: nn.Module) -> int:
@@ -140,8 +146,7 @@ def sample(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array, max_
 
   Returns (tokens [B, L], log-probability of each token under the model, before temperature/top-k [B, L]).
   """
-  if temperature <= 0:
-    raise ValueError(f"temperature must be positive, got {temperature}; use greedy decoding for temperature 0.")
+  check_sampling(temperature, topk)
 
   def choose(logits_BxV, i):
     logits_BxV = logits_BxV / temperature

@@ -143,7 +143,7 @@ def _dropout_schedule(spec, model: EncoderDecoderModel, cfg: pipeline.DatasetCon
   return schedule
 
 
-def _check_counts(**settings: tuple[int, int]) -> None:
+def _check_counts(settings: dict[str, tuple[int, int]]) -> None:
   """Each gin setting's (value, minimum): a clear error before anything is written, not a failure mid-run."""
   for name, (value, minimum) in settings.items():
     if value < minimum:
@@ -168,9 +168,9 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   `eval_fn(model, params, partitioner) -> {'eval/...': value}` runs with the evaluation (e.g. decoding + task metrics).
   Returns the last logged training metrics (plus the last evaluation, if any).
   """
-  _check_counts(**{"TRAIN_STEPS (trainer.train.total_steps)": (total_steps, 0),
-                   "trainer.train.log_period": (log_period, 1), "trainer.train.eval_period": (eval_period, 1),
-                   "trainer.train.eval_steps": (eval_steps, 1)})
+  _check_counts({"TRAIN_STEPS (trainer.train.total_steps)": (total_steps, 0),
+                 "trainer.train.log_period": (log_period, 1), "trainer.train.eval_period": (eval_period, 1),
+                 "trainer.train.eval_steps": (eval_steps, 1)})
   model_dir_path = Path(model_dir)
   model_dir_path.mkdir(parents=True, exist_ok=True)
   _write_config(model_dir_path, operative=False)
@@ -322,7 +322,7 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
              eval_fn: EvalFn | None = None) -> dict[str, float]:
   """Evaluate a checkpoint of MODEL_DIR on `eval_dataset_cfg` (and `eval_fn`, as in `train`); writes `eval/*` to
   metrics.jsonl at its step."""
-  _check_counts(**{"trainer.evaluate.eval_steps": (eval_steps, 1)})
+  _check_counts({"trainer.evaluate.eval_steps": (eval_steps, 1)})
   partitioner = partitioner or partitioning.Partitioner()
   checkpointer = ckpt_lib.Checkpointer(model_dir)
   step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
