@@ -127,6 +127,8 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
   mcfg = model.module.config
   flops_per_step = flops.train_flops_per_sequence(mcfg, cfg.inputs_length, cfg.targets_length) * cfg.batch_size
   peak, peak_source = flops.peak_flops_total()
+  if flops.known_peak_flops(jax.devices()[0]) is None:
+    peak_source += f", the best of {cfg.rounds + 1} probes (before and between the timed rounds)"
   ours = JaxStep(model, cfg, partitioner)
   hf = None
   if compare_hf:
@@ -141,6 +143,7 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
       ours_times.append(ours.run(cfg.steps) / cfg.steps)
       if hf:
         hf_times.append(hf.run(cfg.steps) / cfg.steps)
+      peak = flops.reprobed_peak(peak)
   finally:
     if hf:
       hf.close()

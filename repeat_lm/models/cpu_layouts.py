@@ -8,7 +8,9 @@ queries). Those fell to Eigen, whose threads then ran beside YNNPACK's on the sa
 T5 v1.1 small step (2 cores) YNNPACK's dots ran at about half their isolated speed while Eigen's were in flight.
 Here each of them contracts a transposed copy instead (`transposed`: one pass over the operand, which
 `optimization_barrier` keeps XLA from folding back into the dot), so all of the step's dots run in YNNPACK: 2.89 ->
-2.44 s per step (`repeat-lm bench report`'s ablation, docs/performance.md).
+2.44 s per step (`repeat-lm bench report`'s ablation, docs/performance.md). A weight gradient transposes a
+`materialised` x, so that XLA does not redo x's elementwise producer inside the transpose (-52 to -70 ms of a
+2.6-2.9 s step, the median of 30 interleaved paired rounds each).
 
 Values are those of autodiff up to summation order (tests/models/test_cpu_layouts.py compares both). GPU and TPU
 compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models keep plain
@@ -39,6 +41,19 @@ def transposed(x: Array) -> Array:
   return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
+def materialised(x: Array) -> Array:
+  """x, read from memory by its consumers instead of recomputed inside them.
+
+  XLA:CPU fuses a cheap elementwise producer into each of its consumers, a transpose included, and a transpose with
+  fused arithmetic is ~10x slower than a plain one (strided reads, no tiling): transposing T5-small's [4096, 512]
+  MLP input took 3.1 ms with the RMSNorm scaling fused in, 0.3 ms without. A conditional is a fusion boundary
+  XLA keeps, since its predicate depends on the data (x == x is false only for NaN). Both branches return x; the
+  second is spelled `y * 1` because XLA removes a conditional whose branches are the same computation.
+  """
+  first = x[(0,) * x.ndim]
+  return jax.lax.cond(first == first, lambda y: y, lambda y: y * 1, x)
+
+
 def _contract_last(a: Array, b: Array, b_axis: int, batch: int) -> Array:
   """a's last axis contracted with b's axis `b_axis`, the first `batch` axes of both batch axes (no reshapes, so the
   forward pass shards as an einsum would)."""
@@ -66,7 +81,8 @@ def _matmul_bwd(residuals, g_BxNxO):
   flat = lambda a: a.reshape(*a.shape[:batch], -1, a.shape[-1])  # [*B, ..., I] -> [*B, N, I]
   # g's last axis against the kernel's minor one: already YNNPACK's form.
   dx = _contract_last(g_BxNxO, kernel_BxIxO, kernel_BxIxO.ndim - 1, batch).astype(x_BxNxI.dtype)
-  dkernel = jnp.matmul(transposed(flat(x_BxNxI)), flat(g_BxNxO)).astype(kernel_BxIxO.dtype)
+  # x is often the RMSNorm's or the gated GELU's output: materialised, so its transpose is a plain copy.
+  dkernel = jnp.matmul(transposed(materialised(flat(x_BxNxI))), flat(g_BxNxO)).astype(kernel_BxIxO.dtype)
   return dx, dkernel
 
 

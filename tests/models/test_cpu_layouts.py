@@ -109,6 +109,31 @@ def test_every_backward_dot_is_in_a_library_fusion():
   assert _top_level_dots(ours, q, k, v) == 0
 
 
+def _transposes_with_arithmetic(f, *args) -> int:
+  """Fusions of f's compiled CPU gradient that transpose and also compute (multiply or add) on the way."""
+  hlo = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args))))).lower(
+      *args).compile().as_text()
+  computations = hlo[:hlo.index("ENTRY")].split("\n\n")
+  return sum(" transpose(" in c and (" multiply(" in c or " add(" in c) for c in computations)
+
+
+def test_weight_gradient_transposes_a_materialised_input(monkeypatch):
+  """A normalised input's transpose reads the stored values: XLA would otherwise redo the scaling inside it."""
+  x = jax.random.normal(KEYS[0], (4, 64, 32))
+  scale = jax.random.normal(KEYS[1], (32,))
+  kernel = jax.random.normal(KEYS[2], (32, 48))
+
+  def normed_projection(x, scale, kernel):
+    normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+    return cpu_layouts.matmul(normed, kernel)
+
+  assert _transposes_with_arithmetic(normed_projection, x, scale, kernel) == 0
+  ours = _grads(normed_projection, x, scale, kernel)
+  monkeypatch.setattr(cpu_layouts, "materialised", lambda y: y)
+  assert _transposes_with_arithmetic(normed_projection, x, scale, kernel) >= 1  # what the barrier prevents
+  _assert_close(ours, _grads(normed_projection, x, scale, kernel))
+
+
 def test_opt_out_restores_autodiff(monkeypatch):
   assert cpu_layouts.explicit_transposes()
   monkeypatch.setenv(cpu_layouts.CPU_LAYOUTS_ENV, "0")

@@ -49,3 +49,12 @@ def test_peak_table_prefers_longest_name():
   assert flops.known_peak_flops(Dev()) == 989e12
   Dev.device_kind = "cpu"
   assert flops.known_peak_flops(Dev()) is None
+
+
+def test_reprobed_peak_keeps_the_best_probe_on_cpu_and_the_table_elsewhere(monkeypatch):
+  monkeypatch.setattr(flops, "matmul_rate", lambda repeats=8: 5e11)
+  assert flops.reprobed_peak(4e11) == 5e11  # a probe in a slow spell (4e11) is replaced by a faster one
+  assert flops.reprobed_peak(6e11) == 6e11  # and never lowers the peak
+  monkeypatch.setattr(flops, "known_peak_flops", lambda device: 989e12)
+  monkeypatch.setattr(flops, "matmul_rate", lambda repeats=8: pytest.fail("a table peak is not probed"))
+  assert flops.reprobed_peak(989e12) == 989e12
