@@ -9,8 +9,8 @@ T5 v1.1 small step (2 cores) YNNPACK's dots ran at about half their isolated spe
 Here each of them contracts a transposed copy instead (`transposed`: one pass over the operand, which
 `optimization_barrier` keeps XLA from folding back into the dot), so all of the step's dots run in YNNPACK: 2.89 ->
 2.44 s per step (`repeat-lm bench report`'s ablation, docs/performance.md). A weight gradient transposes a
-`materialised` x, so that XLA does not redo x's elementwise producer inside the transpose (-52 to -70 ms of a
-2.6-2.9 s step, the median of 30 interleaved paired rounds each).
+`materialised` x, so that XLA does not redo x's elementwise producer inside the transpose: -70 ms per step, the
+median difference over 30 interleaved rounds with and without it (a 2.89 s median step at the time).
 
 Values are those of autodiff up to summation order (tests/models/test_cpu_layouts.py compares both). GPU and TPU
 compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models keep plain
