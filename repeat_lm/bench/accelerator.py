@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from repeat_lm import runtime
+from repeat_lm import bench, runtime
 from repeat_lm.bench import report
 
 MODEL_GIN = "gin/models/t5_1_1_base.gin"
@@ -104,9 +104,7 @@ def measure(out: str | Path, *, batch_size: int = 128, steps: int = 10, rounds: 
   `variants` replaces the default list (and then no 2x-batch run is added); `previous` are results of an earlier
   invocation on the same device (its JSON's "results"), kept in the table before the new ones.
   """
-  for name, value in (("batch_size", batch_size), ("steps", steps), ("rounds", rounds)):
-    if value < 1:
-      raise ValueError(f"--{name}={value}: must be a positive integer.")
+  bench.require_positive_ints(batch_size=batch_size, steps=steps, rounds=rounds)
   if time_budget_s <= 0 or variant_timeout_s <= 0:
     raise ValueError(f"--time_budget_s={time_budget_s} and --variant_timeout_s={variant_timeout_s} must be "
                      "positive.")

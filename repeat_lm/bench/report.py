@@ -69,7 +69,8 @@ def peak_run(m: dict) -> dict:
 
 def to_markdown(m: dict) -> str:
   today = datetime.date.today().isoformat()
-  peak = peak_run(m)["peak_flops"]
+  best = peak_run(m)
+  peak = best["peak_flops"]
   mfu = lambda r: r["model_flops_per_step"] / r["step_time_s"] / peak
   lines = [
       "# Performance", "",
@@ -86,7 +87,7 @@ def to_markdown(m: dict) -> str:
         f"({r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}) | {r['tokens_per_s']:.0f} | "
         f"{r['model_tflops_per_s']:.3f} | {100 * mfu(r):.1f}% | "
         f"{hf.get('tokens_per_s', float('nan')):.0f} | {r.get('speedup_vs_hf', float('nan')):.2f}x |")
-  lines += ["", f"Peak: {peak / 1e12:.3f} TFLOP/s ({peak_run(m)['peak_flops_source']}; the highest of the processes "
+  lines += ["", f"Peak: {peak / 1e12:.3f} TFLOP/s ({best['peak_flops_source']}; the highest of the processes "
             "below, so every MFU here is against the same peak).", ""]
   if all(r["device"].endswith("cpu") for r in m["train"]):
     lines += ["This file is measured on the CPU. Accelerator step times and MFU (T5 v1.1 Base on an H200: scan, "

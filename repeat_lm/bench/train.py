@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repeat_lm import bench
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel
 from repeat_lm.train import flops, optim, partitioning, state as state_lib
 
@@ -37,10 +38,8 @@ class BenchConfig:
 
   def __post_init__(self):
     # Named as the command-line flags of `bench train` / `bench moe`, which set them one to one.
-    for name in ("batch_size", "inputs_length", "targets_length", "steps", "rounds"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"--{name}={value!r}: must be a positive integer.")
+    bench.require_positive_ints(**{name: getattr(self, name)
+                                   for name in ("batch_size", "inputs_length", "targets_length", "steps", "rounds")})
     if self.warmup < 0:
       raise ValueError(f"warmup={self.warmup}: must be >= 0.")
 

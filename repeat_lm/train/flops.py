@@ -88,7 +88,7 @@ def matmul_rate(sizes: tuple[int, ...] = (2048, 3072), dtype: str = "float32", r
   """FLOP/s of large square matmuls on the first device: the CPU's practical peak, where no table entry exists.
 
   The best over sizes and runs: other load on the machine only ever slows a run down, and on the 2-core test
-  machine single 2048 probes read anywhere between 0.37 and 0.51 TFLOP/s from one process to the next.
+  machine probes read anywhere between 0.37 and 0.51 TFLOP/s from one process to the next.
   """
   best_rate = 0.0
   for n in sizes:
