@@ -150,7 +150,7 @@ class MultiHeadAttention(nn.Module):
       weights_BxHxQxK = cpu_layouts.attention_weights(heads_major(q_BxQxHxE), heads_major(k_BxKxHxE), bias,
                                                       additive_mask)
       weights_BxHxQxK = dropout(weights_BxHxQxK.astype(self.dtype), self.dropout_rate, deterministic, dropout_scale)
-      return heads_major(cpu_layouts.matmul(weights_BxHxQxK, heads_major(v_BxKxHxE)))
+      return heads_major(cpu_layouts.attention_values(weights_BxHxQxK, heads_major(v_BxKxHxE)))
     logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE)
     if bias is not None:
       logits_BxHxQxK = add_shared_bias(logits_BxHxQxK, bias)

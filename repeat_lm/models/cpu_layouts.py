@@ -10,7 +10,9 @@ Here each of them contracts a transposed copy instead (`transposed`: one pass ov
 `optimization_barrier` keeps XLA from folding back into the dot), so all of the step's dots run in YNNPACK: 2.89 ->
 2.44 s per step (`repeat-lm bench report`'s ablation, docs/performance.md). A weight gradient transposes a
 `materialised` x, so that XLA does not redo x's elementwise producer inside the transpose: -70 ms per step, the
-median difference over 30 interleaved rounds with and without it (a 2.89 s median step at the time).
+median difference over 30 interleaved rounds with and without it (a 2.89 s median step at the time). Attention's
+key and value gradients transpose the small side instead (`transposed_product`): the [Q, E] head vectors and the
+[E, K] product rather than the [Q, K] weights, -53 ms per step over 12 interleaved rounds (2.67 s median step).
 
 Values are those of autodiff up to summation order (tests/models/test_cpu_layouts.py compares both). GPU and TPU
 compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models keep plain
@@ -54,6 +56,18 @@ def materialised(x: Array) -> Array:
   return jax.lax.cond(first == first, lambda y: y, lambda y: y * 1, x)
 
 
+def transposed_product(a_BxNxM: Array, b_BxNxP: Array) -> Array:
+  """a^T @ b ([*B, M, P], contracting N) computed as (b^T @ a)^T, for an `a` much bigger than b.
+
+  Both forms are YNNPACK's; this one moves N x P + P x M values through transposes instead of a's N x M: in
+  attention a is the [Q, K] weights (or logits gradient) and b the [Q, E] head vectors, 2 x 32K values against 256K
+  per head of T5-small's encoder. The barrier stops XLA folding the last swap into the dot, which would then
+  contract a's major axis again (and leave YNNPACK).
+  """
+  product_BxPxM = jax.lax.optimization_barrier(jnp.matmul(transposed(b_BxNxP), a_BxNxM))
+  return jnp.swapaxes(product_BxPxM, -1, -2)
+
+
 def _contract_last(a: Array, b: Array, b_axis: int, batch: int) -> Array:
   """a's last axis contracted with b's axis `b_axis`, the first `batch` axes of both batch axes (no reshapes, so the
   forward pass shards as an einsum would)."""
@@ -64,9 +78,8 @@ def _contract_last(a: Array, b: Array, b_axis: int, batch: int) -> Array:
 def matmul(x_BxNxI: Array, kernel_BxIxO: Array) -> Array:
   """x @ kernel over x's last axis, per leading batch axis of the kernel: [*B, ..., I] @ [*B, I, O] -> [*B, ..., O].
 
-  A projection has no batch axes (kernel [I, O], x [..., I]); MoE experts batch over experts (x [E, G, C, I]);
-  attention's weights @ values over batch and heads. The kernel gradient is transposed(x) @ g, x's middle axes
-  flattened.
+  A projection has no batch axes (kernel [I, O], x [..., I]); MoE experts batch over experts (x [E, G, C, I]).
+  The kernel gradient is transposed(x) @ g, x's middle axes flattened.
   """
   return _contract_last(x_BxNxI, kernel_BxIxO, kernel_BxIxO.ndim - 2, kernel_BxIxO.ndim - 2)
 
@@ -115,7 +128,7 @@ def _attention_weights_bwd(residuals, dp_BxHxQxK):
   ds_BxHxQxK = p_BxHxQxK * (dp_BxHxQxK - jnp.sum(dp_BxHxQxK * p_BxHxQxK, axis=-1, keepdims=True))
   ds = ds_BxHxQxK.astype(q_BxHxQxE.dtype)
   dq = jnp.einsum("bhqk,bhke->bhqe", ds, k_BxHxKxE)
-  dk = jnp.einsum("bhkq,bhqe->bhke", transposed(ds), q_BxHxQxE)
+  dk = transposed_product(ds, q_BxHxQxE)  # ds^T q
   dbias = None
   if bias_1xHxQxK is not None:  # a matmul with ones, not a reduction over the major batch axis (see add_shared_bias)
     ones_B = jnp.ones((ds_BxHxQxK.shape[0],), ds_BxHxQxK.dtype)
@@ -124,3 +137,23 @@ def _attention_weights_bwd(residuals, dp_BxHxQxK):
 
 
 attention_weights.defvjp(_attention_weights_fwd, _attention_weights_bwd)
+
+
+@jax.custom_vjp
+def attention_values(weights_BxHxQxK: Array, v_BxHxKxE: Array) -> Array:
+  """weights @ values per batch row and head: [B, H, Q, K] @ [B, H, K, E] -> [B, H, Q, E]."""
+  return jnp.matmul(weights_BxHxQxK, v_BxHxKxE)
+
+
+def _attention_values_fwd(weights_BxHxQxK, v_BxHxKxE):
+  return attention_values(weights_BxHxQxK, v_BxHxKxE), (weights_BxHxQxK, v_BxHxKxE)
+
+
+def _attention_values_bwd(residuals, g_BxHxQxE):
+  weights_BxHxQxK, v_BxHxKxE = residuals
+  dweights = jnp.einsum("bhqe,bhke->bhqk", g_BxHxQxE, v_BxHxKxE)
+  dv = transposed_product(weights_BxHxQxK, g_BxHxQxE)  # weights^T g
+  return dweights.astype(weights_BxHxQxK.dtype), dv.astype(v_BxHxKxE.dtype)
+
+
+attention_values.defvjp(_attention_values_fwd, _attention_values_bwd)

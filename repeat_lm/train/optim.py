@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from repeat_lm.train import factored_rms
+
 _SCHEDULE_FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "linear_decay", "cosine_decay")
 
 
@@ -85,10 +87,9 @@ def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | floa
   if name == "adafactor":
     # The decay stage is there even at 0, so the optimizer state (and checkpoint) has one layout per optimizer and
     # evaluation can restore a checkpoint whatever WEIGHT_DECAY it was trained with.
-    tx = optax.adafactor(
-        learning_rate=lr, min_dim_size_to_factor=128, decay_rate=adafactor_decay_rate, decay_offset=0,
-        multiply_by_parameter_scale=True, clipping_threshold=1.0, momentum=None, eps=1e-30, factored=True,
-        weight_decay_rate=weight_decay, weight_decay_mask=mask)
+    tx = factored_rms.adafactor(lr, decay_rate=adafactor_decay_rate, min_dim_size_to_factor=128,
+                                clipping_threshold=1.0, epsilon=1e-30, weight_decay_rate=weight_decay,
+                                weight_decay_mask=mask)
   elif name == "adamw":
     tx = optax.adamw(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
   else:

@@ -49,7 +49,7 @@ def test_attention_weights_and_values_equal_autodiff(with_bias, with_mask):
   mask = jnp.where(valid, 0.0, attention_lib.NEG_INF) if with_mask else None
 
   def ours(q, k, v, *bias):
-    return cpu_layouts.matmul(cpu_layouts.attention_weights(q, k, *(bias or (None,)), mask), v)
+    return cpu_layouts.attention_values(cpu_layouts.attention_weights(q, k, *(bias or (None,)), mask), v)
 
   def plain(q, k, v, *bias):
     return jnp.einsum("bhqk,bhke->bhqe", _plain_weights(q, k, *(bias or (None,)), mask), v)
@@ -104,9 +104,26 @@ def test_every_backward_dot_is_in_a_library_fusion():
 
   q, k, v = (jax.random.normal(key, (2, 4, 64, 16)) for key in KEYS[2:5])
   plain = lambda q, k, v: jnp.einsum("bhqk,bhke->bhqe", _plain_weights(q, k, None, None), v)
-  ours = lambda q, k, v: cpu_layouts.matmul(cpu_layouts.attention_weights(q, k, None, None), v)
+  ours = lambda q, k, v: cpu_layouts.attention_values(cpu_layouts.attention_weights(q, k, None, None), v)
   assert _top_level_dots(plain, q, k, v) >= 1  # p^T do and ds^T q
   assert _top_level_dots(ours, q, k, v) == 0
+
+
+def _compiled_gradient(f, *args) -> str:
+  return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args))))).lower(
+      *args).compile().as_text()
+
+
+def test_attention_backward_transposes_no_weights_sized_array():
+  """The key and value gradients transpose the [Q, E] and [E, K] sides, never a [Q, K] one (cpu_layouts.py)."""
+  b, h, q_len, k_len, e = 2, 4, 48, 64, 16
+  q = jax.random.normal(KEYS[0], (b, h, q_len, e))
+  k, v = (jax.random.normal(key, (b, h, k_len, e)) for key in KEYS[1:3])
+  transposed_weights = f"f32[{b},{h},{k_len},{q_len}]"  # what transposed(weights) or transposed(ds) would make
+  old_form = lambda p, g: jnp.matmul(cpu_layouts.transposed(p), g)  # weights^T g through the big transpose
+  assert transposed_weights in _compiled_gradient(old_form, jax.random.normal(KEYS[3], (b, h, q_len, k_len)), q)
+  ours = lambda q, k, v: cpu_layouts.attention_values(cpu_layouts.attention_weights(q, k, None, None), v)
+  assert transposed_weights not in _compiled_gradient(ours, q, k, v)
 
 
 def _transposes_with_arithmetic(f, *args) -> int:
