@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from repeat_lm.train import factored_rms
+from repeat_lm.train import adafactor
 
 _SCHEDULE_FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "linear_decay", "cosine_decay")
 
@@ -87,7 +87,7 @@ def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | floa
   if name == "adafactor":
     # The decay stage is there even at 0, so the optimizer state (and checkpoint) has one layout per optimizer and
     # evaluation can restore a checkpoint whatever WEIGHT_DECAY it was trained with.
-    tx = factored_rms.adafactor(lr, decay_rate=adafactor_decay_rate, min_dim_size_to_factor=128,
+    tx = adafactor.adafactor(lr, decay_rate=adafactor_decay_rate, min_dim_size_to_factor=128,
                                 clipping_threshold=1.0, epsilon=1e-30, weight_decay_rate=weight_decay,
                                 weight_decay_mask=mask)
   elif name == "adamw":
