@@ -1,8 +1,12 @@
 """Process settings: XLA flags defer to the user's, and the host allocator is only set for CPU-only glibc runs."""
 
 import os
+import pathlib
+import platform
+import subprocess
 import sys
 
+import jax  # noqa: F401  (the re-exec test needs JAX imported: no re-exec may happen then)
 import pytest
 
 from repeat_lm import runtime
@@ -43,3 +47,21 @@ def test_reexecutes_the_same_command_with_tunables_before_jax_only(monkeypatch):
   assert executable == sys.executable and argv == list(sys.orig_argv)
   assert env["GLIBC_TUNABLES"] == runtime.HOST_MALLOC_TUNABLES
   assert {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"} == dict(os.environ)
+
+
+def test_the_tunables_give_the_heap_huge_pages():
+  """glibc takes every name in HOST_MALLOC_TUNABLES (a misspelt one is ignored silently): a child process started
+  with them holds a fresh 64 MB buffer in transparent huge pages (0 kB of it without hugetlb=1 on this machine)."""
+  thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+  libc, version = platform.libc_ver()
+  if not thp.exists() or "[never]" in thp.read_text():
+    pytest.skip("the kernel gives no transparent huge pages here")
+  if libc != "glibc" or tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
+    pytest.skip(f"glibc.malloc.hugetlb needs glibc >= 2.35, this is {libc} {version}")
+  # A bytearray, not numpy, which asks for huge pages itself.
+  code = ("a = bytearray(b'1') * (64 << 20); "
+          "print([l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0])")
+  env = dict(os.environ, GLIBC_TUNABLES=runtime.HOST_MALLOC_TUNABLES)
+  huge_kb = int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                               check=True).stdout)
+  assert huge_kb >= 32 << 10

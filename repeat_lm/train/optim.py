@@ -88,8 +88,8 @@ def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | floa
     # The decay stage is there even at 0, so the optimizer state (and checkpoint) has one layout per optimizer and
     # evaluation can restore a checkpoint whatever WEIGHT_DECAY it was trained with.
     tx = adafactor.adafactor(lr, decay_rate=adafactor_decay_rate, min_dim_size_to_factor=128,
-                                clipping_threshold=1.0, epsilon=1e-30, weight_decay_rate=weight_decay,
-                                weight_decay_mask=mask)
+                             clipping_threshold=1.0, epsilon=1e-30, weight_decay_rate=weight_decay,
+                             weight_decay_mask=mask)
   elif name == "adamw":
     tx = optax.adamw(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
   else:

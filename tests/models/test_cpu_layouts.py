@@ -89,10 +89,15 @@ def test_mlp_block_is_the_same_on_both_paths(monkeypatch):
   _assert_close(ours, _grads(run, params, x))
 
 
+def _compiled_gradient(f, *args) -> str:
+  """The compiled CPU program (HLO text) of the gradient of sum(f(*args)^2) with respect to every argument."""
+  return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args))))).lower(
+      *args).compile().as_text()
+
+
 def _top_level_dots(f, *args) -> int:
   """Dots of f's compiled CPU gradient that no library fusion took (XLA:CPU runs those with Eigen)."""
-  hlo = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args))))).lower(
-      *args).compile().as_text()
+  hlo = _compiled_gradient(f, *args)
   return hlo[hlo.index("ENTRY"):].count(" dot(")
 
 
@@ -109,11 +114,6 @@ def test_every_backward_dot_is_in_a_library_fusion():
   assert _top_level_dots(ours, q, k, v) == 0
 
 
-def _compiled_gradient(f, *args) -> str:
-  return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args))))).lower(
-      *args).compile().as_text()
-
-
 def test_attention_backward_transposes_no_weights_sized_array():
   """The key and value gradients transpose the [Q, E] and [E, K] sides, never a [Q, K] one (cpu_layouts.py)."""
   b, h, q_len, k_len, e = 2, 4, 48, 64, 16
@@ -128,8 +128,7 @@ def test_attention_backward_transposes_no_weights_sized_array():
 
 def _transposes_with_arithmetic(f, *args) -> int:
   """Fusions of f's compiled CPU gradient that transpose and also compute (multiply or add) on the way."""
-  hlo = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args))))).lower(
-      *args).compile().as_text()
+  hlo = _compiled_gradient(f, *args)
   computations = hlo[:hlo.index("ENTRY")].split("\n\n")
   return sum(" transpose(" in c and (" multiply(" in c or " add(" in c) for c in computations)
 

@@ -45,9 +45,14 @@ def test_equals_optax_adafactor(weight_decay):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
 
 
-def test_make_optimizer_uses_it():
-  init = _params(jax.random.key(0))
-  state = optim.make_optimizer("adafactor", learning_rate=0.01).init(init)
+def test_make_optimizer_builds_it_with_t5x_settings(monkeypatch):
+  calls = []
+  build = adafactor.adafactor
+  monkeypatch.setattr(adafactor, "adafactor", lambda *args, **kwargs: calls.append(kwargs) or build(*args, **kwargs))
+  state = optim.make_optimizer("adafactor", learning_rate=0.01).init(_params(jax.random.key(0)))
+  assert len(calls) == 1
+  assert {k: calls[0][k] for k in ("decay_rate", "min_dim_size_to_factor", "clipping_threshold", "epsilon")} == {
+      "decay_rate": 0.8, "min_dim_size_to_factor": 128, "clipping_threshold": 1.0, "epsilon": 1e-30}
   factored = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.FactoredState))
               if isinstance(s, optax.FactoredState)]
   assert len(factored) == 1 and factored[0].v_col["wide"].shape == (300,)
