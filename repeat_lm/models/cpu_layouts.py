@@ -7,8 +7,8 @@ contracting batch and length) and, in attention, the key and value gradients (ds
 queries). Those fell to Eigen, whose threads then ran beside YNNPACK's on the same two cores; in the profile of the
 T5 v1.1 small step (2 cores) YNNPACK's dots ran at about half their isolated speed while Eigen's were in flight.
 Here each of them contracts a transposed copy instead (`transposed`: one pass over the operand, which
-`optimization_barrier` keeps XLA from folding back into the dot), so all of the step's dots run in YNNPACK: 3.13
--> 2.38 s per step with everything below (`repeat-lm bench report`'s ablation, docs/performance.md). A weight
+`optimization_barrier` keeps XLA from folding back into the dot), so all of the step's dots run in YNNPACK: 2.96
+-> 2.36 s per step with everything below (`repeat-lm bench report`'s ablation, docs/performance.md). A weight
 gradient transposes a `materialised` x, so that XLA does not redo x's elementwise producer inside the transpose:
 -70 ms per step, the median difference over 30 interleaved rounds with and without it (a 2.89 s median step at
 the time). Attention's key and value gradients transpose the small side instead (`transposed_product`): the
