@@ -50,8 +50,9 @@ def test_reexecutes_the_same_command_with_tunables_before_jax_only(monkeypatch):
 
 
 def test_the_tunables_give_the_heap_huge_pages():
-  """glibc takes every name in HOST_MALLOC_TUNABLES (a misspelt one is ignored silently): a child process started
-  with them holds a fresh 64 MB buffer in transparent huge pages (0 kB of it without hugetlb=1 on this machine)."""
+  """glibc takes the hugetlb=1 of HOST_MALLOC_TUNABLES (it would ignore a misspelt name silently): a child process
+  started with them holds a fresh 64 MB buffer in transparent huge pages (0 kB of it without hugetlb=1 on the test
+  machine)."""
   thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
   libc, version = platform.libc_ver()
   if not thp.exists() or "[never]" in thp.read_text():
