@@ -36,8 +36,7 @@ def _add_shared_bias_fwd(logits_BxHxQxK, bias_1xHxQxK):
 
 
 def _add_shared_bias_bwd(_, g_BxHxQxK):
-  ones_B = jnp.ones((g_BxHxQxK.shape[0],), g_BxHxQxK.dtype)
-  return g_BxHxQxK, jnp.einsum("b,bhqk->hqk", ones_B, g_BxHxQxK)[None]
+  return g_BxHxQxK, cpu_layouts.batch_sum(g_BxHxQxK)
 
 
 add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)

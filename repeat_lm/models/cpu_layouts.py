@@ -69,6 +69,13 @@ def transposed_product(a_BxNxM: Array, b_BxNxP: Array) -> Array:
   return jnp.swapaxes(product_BxPxM, -1, -2)
 
 
+def batch_sum(x_BxHxQxK: Array) -> Array:
+  """x summed over its leading batch axis, kept as [1, H, Q, K]: a matmul with a ones vector rather than a reduce
+  over the major axis, which XLA:CPU merged across layers into one strided pass (attention.add_shared_bias)."""
+  ones_B = jnp.ones((x_BxHxQxK.shape[0],), x_BxHxQxK.dtype)
+  return jnp.einsum("b,bhqk->hqk", ones_B, x_BxHxQxK)[None]
+
+
 def _contract_last(a: Array, b: Array, b_axis: int, batch: int) -> Array:
   """a's last axis contracted with b's axis `b_axis`, the first `batch` axes of both batch axes (no reshapes, so the
   forward pass shards as an einsum would)."""
@@ -131,9 +138,8 @@ def _attention_weights_bwd(residuals, dp_BxHxQxK):
   dq = jnp.einsum("bhqk,bhke->bhqe", ds, k_BxHxKxE)
   dk = transposed_product(ds, q_BxHxQxE)  # ds^T q
   dbias = None
-  if bias_1xHxQxK is not None:  # a matmul with ones, not a reduction over the major batch axis (see add_shared_bias)
-    ones_B = jnp.ones((ds_BxHxQxK.shape[0],), ds_BxHxQxK.dtype)
-    dbias = jnp.einsum("b,bhqk->hqk", ones_B, ds_BxHxQxK)[None].astype(bias_1xHxQxK.dtype)
+  if bias_1xHxQxK is not None:
+    dbias = batch_sum(ds_BxHxQxK).astype(bias_1xHxQxK.dtype)
   return dq.astype(q_BxHxQxE.dtype), dk.astype(k_BxHxKxE.dtype), dbias, None
 
 
