@@ -52,6 +52,12 @@ def make_segment_mask(query_segments_BxQ: Array, key_segments_BxK: Array) -> Arr
   return query_segments_BxQ[:, None, :, None] == key_segments_BxK[:, None, None, :]
 
 
+def padding_lengths(valid_BxL: Array) -> Array:
+  """Lengths [B] (int32) of right-padded rows from per-position validity: the count of valid positions. Only a
+  mask that is nothing but right padding (T5's unpacked examples) is described by them; packing is not."""
+  return jnp.sum(valid_BxL, axis=-1, dtype=jnp.int32)
+
+
 def make_causal_mask(length: int) -> Array:
   """[1, 1, T, T], true where key position <= query position."""
   positions = jnp.arange(length)
@@ -88,6 +94,13 @@ class MultiHeadAttention(nn.Module):
   later call takes one query position, writes its key/value at `cache_index` and attends over the whole cache. The
   caller provides the matching mask (keys <= index) and bias row, since it owns positions.
 
+  `lengths` (query lengths [B], key lengths [B]; None when packed) may describe the mask as right padding
+  (positions below the lengths, intersected with causality when `causal`): the library path then passes them and
+  `is_causal` instead of the boolean mask, so cuDNN takes T5's [1, H, Q, K] bias as it is. With a boolean mask jax
+  adds the two into one [B, H, Q, K] bias in HBM per layer, and cuDNN returns its [B, H, Q, K] gradient for jax to
+  sum over the batch. Rows past a query length then come out zero (jax's XLA kernel zeroes them) rather than a
+  uniform average; no loss reads them. The einsum path always uses the mask.
+
   `implementation` None runs the einsum path below. 'xla' or 'cudnn' call jax.nn.dot_product_attention with
   scale=1.0; it computes logits in float32 whatever `float32_logits` says, has no attention dropout (an error with a
   rate > 0 when not deterministic), and 'cudnn' takes the bias in `dtype` (see cudnn_attention_restriction). With
@@ -102,10 +115,12 @@ class MultiHeadAttention(nn.Module):
   decode: bool = False
   decode_length: int | None = None  # cache length L; defaults to the key length of the first (init) call
   implementation: str | None = None  # one of ATTENTION_IMPLEMENTATIONS
+  causal: bool = False  # the mask is causal (decoder self-attention); read only with `lengths`
 
   @nn.compact
   def __call__(self, inputs_q_BxQxD: Array, inputs_kv_BxKxD: Array, bias_1xHxQxK: Array | None,
-               mask_Bx1xQxK: Array | None, deterministic: bool, dropout_scale: Array | float = 1.0) -> Array:
+               mask_Bx1xQxK: Array | None, deterministic: bool, dropout_scale: Array | float = 1.0,
+               lengths: tuple[Array, Array] | None = None) -> Array:
     if self.implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"implementation={self.implementation!r}; choose from {ATTENTION_IMPLEMENTATIONS}.")
     projection = lambda name, init=default_kernel_init: DenseGeneral(
@@ -126,7 +141,7 @@ class MultiHeadAttention(nn.Module):
                                            deterministic, dropout_scale)
     else:
       out_BxQxHxE = self._library_attention(q_BxQxHxE, k_BxKxHxE, v_BxKxHxE, bias_1xHxQxK, mask_Bx1xQxK,
-                                            deterministic)
+                                            deterministic, lengths)
     out_BxQxHxE = nn.with_logical_constraint(out_BxQxHxE, heads_axes)
     out_BxQxD = DenseGeneral(inputs_q_BxQxD.shape[-1], kernel_axes=("joined_kv", "embed"), num_in_axes=2,
                              dtype=self.dtype, name="out")(out_BxQxHxE)
@@ -160,7 +175,8 @@ class MultiHeadAttention(nn.Module):
     return jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE)
 
   def _library_attention(self, q_BxQxHxE: Array, k_BxKxHxE: Array, v_BxKxHxE: Array, bias_1xHxQxK: Array | None,
-                         mask_Bx1xQxK: Array | None, deterministic: bool) -> Array:
+                         mask_Bx1xQxK: Array | None, deterministic: bool,
+                         lengths: tuple[Array, Array] | None) -> Array:
     """jax.nn.dot_product_attention; on unmasked rows it equals the einsum path with float32 logits.
 
     Every path turns masked logits into one constant after adding the bias (adding -1e10 there; -0.7 x float32 max
@@ -175,9 +191,9 @@ class MultiHeadAttention(nn.Module):
     bias = bias_1xHxQxK
     if self.implementation == "cudnn":
       # Without a bias or mask the lengths are free; T5 always has one of them.
-      lengths = ((q_BxQxHxE.shape[1], k_BxKxHxE.shape[1]) if bias_1xHxQxK is not None or mask_Bx1xQxK is not None
-                 else (None, None))
-      reason = cudnn_attention_restriction(self.head_dim, self.dtype, *lengths, max_head_dim=_cudnn_max_head_dim())
+      masked = bias_1xHxQxK is not None or mask_Bx1xQxK is not None or lengths is not None
+      sizes = (q_BxQxHxE.shape[1], k_BxKxHxE.shape[1]) if masked else (None, None)
+      reason = cudnn_attention_restriction(self.head_dim, self.dtype, *sizes, max_head_dim=_cudnn_max_head_dim())
       if reason is None and jax.default_backend() != "gpu":
         reason = f"cuDNN attention needs an NVIDIA GPU, the default backend is {jax.default_backend()!r}; use 'xla'"
       if reason is not None:
@@ -186,7 +202,12 @@ class MultiHeadAttention(nn.Module):
         bias = bias.astype(self.dtype)
     # q/k/v in the activation dtype, as the einsum path's weights @ v; the library takes q.k in float32 itself.
     q, k, v = (x.astype(self.dtype) for x in (q_BxQxHxE, k_BxKxHxE, v_BxKxHxE))
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask_Bx1xQxK, scale=1.0,
+    if lengths is None:
+      return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask_Bx1xQxK, scale=1.0,
+                                          implementation=self.implementation)
+    query_lengths_B, key_lengths_B = lengths
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, is_causal=self.causal,
+                                        query_seq_lengths=query_lengths_B, key_value_seq_lengths=key_lengths_B,
                                         implementation=self.implementation)
 
   def _update_cache(self, k_BxQxHxE: Array, v_BxQxHxE: Array) -> tuple[Array, Array]:

@@ -72,6 +72,9 @@ class T5Config:
   # fused flash attention on NVIDIA GPUs, restrictions in attention.cudnn_attention_restriction); both need attention
   # dropout 0 and always take float32 logits. Cached decoding runs the einsum path whatever this says.
   attention_implementation: str | None = None
+  # With 'xla' | 'cudnn', unpacked (right-padded) rows reach the kernel as lengths, not a boolean mask: cuDNN then
+  # gets the [1, H, Q, K] bias rather than a [B, H, Q, K] bias + mask (MultiHeadAttention). False keeps the mask.
+  attention_padding_lengths: bool = True
   scan_layers: bool = False  # stack layers with nn.scan: faster compiles, params get a 'layers' axis
   remat_policy: str = "none"  # 'none' | 'minimal' | 'full', see REMAT_POLICIES
   moe: moe_lib.MoeConfig | None = None  # sparse (mixture-of-experts) FFNs, see moe.py; None = dense
@@ -128,7 +131,8 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxSxD: Array, bias_1xHxSxS: Array, mask_Bx1xSxS: Array,
-               dropout_scale: Array | float = 1.0, droppath_rate: Array | float = 0.0):
+               lengths: tuple[Array, Array] | None = None, dropout_scale: Array | float = 1.0,
+               droppath_rate: Array | float = 0.0):
     cfg, dtype = self.config, self.config.activation_dtype
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, dtype, name=name)
     drop = _branch_regulariser(cfg, self.deterministic, dropout_scale, droppath_rate)
@@ -137,7 +141,7 @@ class EncoderLayer(nn.Module):
     h_BxSxD = attention_lib.MultiHeadAttention(cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"),
                                                cfg.float32_attention_logits,
                                                implementation=cfg.attention_implementation, name="attention")(
-        h_BxSxD, h_BxSxD, bias_1xHxSxS, mask_Bx1xSxS, self.deterministic, dropout_scale)
+        h_BxSxD, h_BxSxD, bias_1xHxSxS, mask_Bx1xSxS, self.deterministic, dropout_scale, lengths)
     x_BxSxD = x_BxSxD + drop(h_BxSxD)
 
     h_BxSxD = norm("pre_mlp_layer_norm")(x_BxSxD)
@@ -158,7 +162,9 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, y_BxTxD: Array, encoded_BxSxD: Array, bias_1xHxTxL: Array, self_mask_Bx1xTxL: Array,
-               cross_mask_Bx1xTxS: Array, dropout_scale: Array | float = 1.0, droppath_rate: Array | float = 0.0):
+               cross_mask_Bx1xTxS: Array, self_lengths: tuple[Array, Array] | None = None,
+               cross_lengths: tuple[Array, Array] | None = None, dropout_scale: Array | float = 1.0,
+               droppath_rate: Array | float = 0.0):
     cfg, dtype = self.config, self.config.activation_dtype
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, dtype, name=name)
     drop = _branch_regulariser(cfg, self.deterministic, dropout_scale, droppath_rate)
@@ -166,16 +172,17 @@ class DecoderLayer(nn.Module):
     attention = lambda name, decode: attention_lib.MultiHeadAttention(
         cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"), cfg.float32_attention_logits,
         decode=decode, decode_length=self.decode_length,
-        implementation=None if self.decode else cfg.attention_implementation, name=name)
+        implementation=None if self.decode else cfg.attention_implementation, causal=name == "self_attention",
+        name=name)
 
     h_BxTxD = norm("pre_self_attention_layer_norm")(y_BxTxD)
     h_BxTxD = attention("self_attention", self.decode)(h_BxTxD, h_BxTxD, bias_1xHxTxL, self_mask_Bx1xTxL,
-                                                       self.deterministic, dropout_scale)
+                                                       self.deterministic, dropout_scale, self_lengths)
     y_BxTxD = y_BxTxD + drop(h_BxTxD)
 
     h_BxTxD = norm("pre_cross_attention_layer_norm")(y_BxTxD)
     h_BxTxD = attention("encoder_decoder_attention", False)(h_BxTxD, encoded_BxSxD, None, cross_mask_Bx1xTxS,
-                                                            self.deterministic, dropout_scale)
+                                                            self.deterministic, dropout_scale, cross_lengths)
     y_BxTxD = y_BxTxD + drop(h_BxTxD)
 
     h_BxTxD = norm("pre_mlp_layer_norm")(y_BxTxD)
@@ -239,7 +246,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxSxD: Array, mask_Bx1xSxS: Array, deterministic: bool,
-               dropout_scale: Array | float = 1.0) -> Array:
+               dropout_scale: Array | float = 1.0, lengths_B: Array | None = None) -> Array:
+    """`lengths_B`: the rows' lengths when the mask is nothing but right padding (see MultiHeadAttention)."""
     cfg = self.config
     hidden_rate = cfg.dropout_rate_for("hidden")
     length = x_BxSxD.shape[1]  # positions are array indices; the segment mask makes them right for packing
@@ -248,8 +256,9 @@ class Encoder(nn.Module):
         length, length, bidirectional=True)
     x_BxSxD = nn.with_logical_constraint(layers.dropout(x_BxSxD, hidden_rate, deterministic, dropout_scale),
                                          ("batch", "length", "embed"))
+    lengths = None if lengths_B is None else (lengths_B, lengths_B)
     x_BxSxD, moe_stats = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x_BxSxD, bias_1xHxSxS,
-                                     mask_Bx1xSxS, dropout_scale=dropout_scale, deterministic=deterministic)
+                                     mask_Bx1xSxS, lengths, dropout_scale=dropout_scale, deterministic=deterministic)
     if moe_stats is not None:  # once per stack, outside any scan: EncoderDecoderModel adds the auxiliary losses
       moe_lib.sow_stats(self, moe_stats)
     x_BxSxD = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x_BxSxD)
@@ -283,6 +292,13 @@ class Decoder(nn.Module):
       query_valid_BxT = jnp.ones_like(decoder_target_tokens_BxT, bool)
       self_mask_Bx1xTxL = (key_positions_L <= cache_index)[None, None, None, :]
 
+    # Unpacked rows: both masks are right padding only (and causality), which lengths describe for the library kernels.
+    self_lengths = cross_lengths = None
+    if (cfg.attention_implementation is not None and cfg.attention_padding_lengths and not decode
+        and decoder_segment_ids_BxT is None and encoder_segment_ids_BxS is None):
+      query_lengths_B = attention_lib.padding_lengths(query_valid_BxT)
+      self_lengths = (query_lengths_B, query_lengths_B)
+      cross_lengths = (query_lengths_B, attention_lib.padding_lengths(encoder_input_tokens_BxS > 0))
     cross_mask_Bx1xTxS = attention_lib.make_attention_mask(query_valid_BxT, encoder_input_tokens_BxS > 0)
     if decoder_segment_ids_BxT is not None and encoder_segment_ids_BxS is not None and cache_state is None:
       cross_mask_Bx1xTxS &= attention_lib.make_segment_mask(decoder_segment_ids_BxT, encoder_segment_ids_BxS)
@@ -295,9 +311,9 @@ class Decoder(nn.Module):
                                          ("batch", "length", "embed"))
     # remat only pays off when gradients are taken, never while decoding.
     y_BxTxD, moe_stats = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, y_BxTxD, encoded_BxSxD,
-                                     bias_1xHxTxL, self_mask_Bx1xTxL, cross_mask_Bx1xTxS, use_remat=not decode,
-                                     dropout_scale=dropout_scale, deterministic=deterministic, decode=decode,
-                                     decode_length=max_decode_length)
+                                     bias_1xHxTxL, self_mask_Bx1xTxL, cross_mask_Bx1xTxS, self_lengths, cross_lengths,
+                                     use_remat=not decode, dropout_scale=dropout_scale, deterministic=deterministic,
+                                     decode=decode, decode_length=max_decode_length)
     if moe_stats is not None:
       moe_lib.sow_stats(self, moe_stats)
     y_BxTxD = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="decoder_norm")(y_BxTxD)
@@ -343,8 +359,13 @@ class Transformer(nn.Module):
     mask_Bx1xSxS = attention_lib.make_attention_mask(valid_BxS, valid_BxS)
     if encoder_segment_ids is not None:
       mask_Bx1xSxS &= attention_lib.make_segment_mask(encoder_segment_ids, encoder_segment_ids)
+    # Unpacked rows are right-padded: the library kernels take their lengths instead of the mask.
+    cfg = self.config
+    lengths_B = (attention_lib.padding_lengths(valid_BxS) if cfg.attention_implementation is not None
+                 and cfg.attention_padding_lengths and encoder_segment_ids is None else None)
     x_BxSxD = self.token_embedder(encoder_input_tokens)
-    return self.encoder(x_BxSxD, mask_Bx1xSxS, deterministic=not enable_dropout, dropout_scale=dropout_scale)
+    return self.encoder(x_BxSxD, mask_Bx1xSxS, deterministic=not enable_dropout, dropout_scale=dropout_scale,
+                        lengths_B=lengths_B)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, enable_dropout=True,

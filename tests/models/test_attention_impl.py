@@ -46,19 +46,108 @@ def tiny_params():
 
 
 def test_xla_equals_einsum_in_t5_logits_and_all_gradients():
-  """Padding (encoder, decoder, cross) and causal masks, fully masked padding rows, the relative bias's gradient."""
+  """Padding (encoder, decoder, cross) and causal masks, fully masked padding rows, the relative bias's gradient.
+
+  Unpacked rows reach the kernel as lengths (padded query rows come out zero, not a uniform average: their logits
+  differ, and no loss reads them); every gradient is the same.
+  """
   batch, params = make_batch(TINY.vocab_size, B, S, T), tiny_params()
   loss_e, logits_e, grads_e = loss_logits_grads(TINY, params, batch)
   loss_x, logits_x, grads_x = loss_logits_grads(dataclasses.replace(TINY, attention_implementation="xla"), params,
                                                 batch)
   assert np.isfinite(logits_x).all()  # padded rows included
-  np.testing.assert_allclose(logits_x, logits_e, rtol=1e-5, atol=1e-6)
+  real = np.asarray(batch["decoder_target_tokens"] > 0)
+  assert not real.all()
+  np.testing.assert_allclose(np.asarray(logits_x)[real], np.asarray(logits_e)[real], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss_x, loss_e, rtol=1e-5)
   assert grads_x.keys() == grads_e.keys()
   for stack in ("encoder", "decoder"):  # the learned bias gets a real gradient through the library call
     assert np.abs(grads_x[f"{stack}/relpos_bias/rel_embedding"]).max() > 1e-3
   for name in grads_e:
     np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def packed_batch(vocab_size: int) -> dict[str, jnp.ndarray]:
+  """Two rows, each packing two examples (segments 1 and 2) before trailing padding, as T5X's packed features."""
+  rng = np.random.default_rng(1)
+  def pack(lengths, total):
+    tokens, segments = np.zeros((len(lengths), total), int), np.zeros((len(lengths), total), int)
+    for row, parts in enumerate(lengths):
+      start = 0
+      for segment, n in enumerate(parts, 1):
+        tokens[row, start:start + n], segments[row, start:start + n] = rng.integers(2, vocab_size, n), segment
+        start += n
+    return tokens, segments
+  enc, enc_seg = pack([(3, 2), (2, 4)], S)
+  dec, dec_seg = pack([(2, 1), (2, 2)], T)
+  dec_in = np.where(np.roll(dec_seg, 1, axis=1) == dec_seg, np.roll(dec, 1, axis=1), 0)  # each segment starts at 0
+  return {k: jnp.asarray(v, jnp.int32) for k, v in
+          dict(encoder_input_tokens=enc, decoder_input_tokens=dec_in, decoder_target_tokens=dec,
+               encoder_segment_ids=enc_seg, decoder_segment_ids=dec_seg).items()}
+
+
+def test_xla_equals_einsum_in_a_scanned_rematerialised_stack():
+  """The lengths ride through nn.scan (as broadcast inputs) and remat like the masks."""
+  cfg = dataclasses.replace(TINY, num_encoder_layers=2, num_decoder_layers=2, scan_layers=True,
+                            remat_policy="minimal")
+  batch = make_batch(cfg.vocab_size, B, S, T)
+  params = t5.Transformer(cfg).init(KEY, **batch, enable_dropout=False)["params"]
+  _, logits_e, grads_e = loss_logits_grads(cfg, params, batch)
+  _, logits_x, grads_x = loss_logits_grads(dataclasses.replace(cfg, attention_implementation="xla"), params, batch)
+  real = np.asarray(batch["decoder_target_tokens"] > 0)
+  np.testing.assert_allclose(np.asarray(logits_x)[real], np.asarray(logits_e)[real], rtol=1e-5, atol=1e-6)
+  for name in grads_e:  # two layers of float32 rounding: a few 1e-6 absolute
+    np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_xla_equals_einsum_on_packed_rows():
+  """Packed examples keep the boolean (segment) mask in the library call, and match the einsum path."""
+  batch, params = packed_batch(TINY.vocab_size), tiny_params()
+  _, logits_e, grads_e = loss_logits_grads(TINY, params, batch)
+  _, logits_x, grads_x = loss_logits_grads(dataclasses.replace(TINY, attention_implementation="xla"), params, batch)
+  real = np.asarray(batch["decoder_target_tokens"] > 0)
+  np.testing.assert_allclose(np.asarray(logits_x)[real], np.asarray(logits_e)[real], rtol=1e-5, atol=1e-6)
+  for name in grads_e:
+    np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def library_calls(monkeypatch, batch, cfg: t5.T5Config = TINY) -> list[dict]:
+  """The arguments of every jax.nn.dot_product_attention call of one 'xla' forward pass (encoder layer first,
+  then the decoder layer's self- and cross-attention)."""
+  calls, original = [], jax.nn.dot_product_attention
+  def spy(q, k, v, bias=None, mask=None, **kwargs):
+    calls.append(dict(kwargs, bias=bias, mask=mask))
+    return original(q, k, v, bias, mask, **kwargs)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  cfg = dataclasses.replace(cfg, attention_implementation="xla")
+  t5.Transformer(cfg).apply({"params": tiny_params()}, **batch, enable_dropout=False)
+  return calls
+
+
+def test_unpacked_rows_reach_the_kernel_as_lengths_with_the_bias_unbroadcast(monkeypatch):
+  """No [B, H, Q, K] bias + mask for cuDNN to read and return a gradient of: the [1, H, Q, K] bias as it is."""
+  batch = make_batch(TINY.vocab_size, B, S, T)
+  encoder, self_attention, cross = library_calls(monkeypatch, batch)
+  enc_lengths, dec_lengths = [np.sum(np.asarray(batch[k]) > 0, axis=1) for k in
+                              ("encoder_input_tokens", "decoder_target_tokens")]
+  assert enc_lengths.tolist() == [S // 2, S - 1, S] and dec_lengths.tolist() == [T // 2, T, T]
+  for call, bias_shape, (q_len, k_len), causal in (
+      (encoder, (1, TINY.num_heads, S, S), (enc_lengths, enc_lengths), False),
+      (self_attention, (1, TINY.num_heads, T, T), (dec_lengths, dec_lengths), True),
+      (cross, None, (dec_lengths, enc_lengths), False)):
+    assert call["mask"] is None
+    assert (call["bias"] is None if bias_shape is None else call["bias"].shape == bias_shape)
+    np.testing.assert_array_equal(call["query_seq_lengths"], q_len)
+    np.testing.assert_array_equal(call["key_value_seq_lengths"], k_len)
+    assert call["is_causal"] is causal
+
+
+def test_packed_rows_and_the_opt_out_reach_the_kernel_as_a_mask(monkeypatch):
+  for call in library_calls(monkeypatch, packed_batch(TINY.vocab_size)):
+    assert call["mask"] is not None and "query_seq_lengths" not in call and "is_causal" not in call
+  opt_out = dataclasses.replace(TINY, attention_padding_lengths=False)
+  for call in library_calls(monkeypatch, make_batch(TINY.vocab_size, B, S, T), opt_out):
+    assert call["mask"] is not None and "query_seq_lengths" not in call
 
 
 def test_xla_attention_layer_equals_einsum_with_bias_mask_and_fully_masked_rows():
