@@ -170,8 +170,8 @@ def _add_bench(sub) -> None:
                  help="Start no variant after this many seconds; what was measured by then is written.")
   a.add_argument("--variant_timeout_s", type=float, default=180.0, help="A variant's process is stopped after this.")
   a.add_argument("--variant", action="append", default=[],
-                 help="Repeatable 'scan|unrolled:REMAT:einsum|xla|cudnn:BATCH' (e.g. unrolled:none:cudnn:128): run "
-                 "these instead of the default sweep.")
+                 help="Repeatable 'scan|unrolled:REMAT:einsum|xla|cudnn[-mask]:BATCH' (e.g. unrolled:none:cudnn:128; "
+                 "'-mask': padding as a boolean mask, not lengths): run these instead of the default sweep.")
   a.add_argument("--previous", default=None, help="JSON of an earlier run on the same device: its rows are kept.")
   a.add_argument("--gin_file", default=None, help="Model gin (default T5 v1.1 Base).")
   a.add_argument("--from_json", default=None, help="Only re-render OUT from this JSON of an earlier run.")

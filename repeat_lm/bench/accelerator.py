@@ -30,36 +30,44 @@ class Variant:
   remat: str
   attention: str | None  # T5Config.attention_implementation: None = einsum
   batch_size: int
+  # The library kernel gets the padding as a boolean mask (T5Config.attention_padding_lengths=False), not lengths.
+  padding_mask: bool = False
 
   @property
   def name(self) -> str:
-    return (f"{'scan' if self.scan else 'unrolled'}, remat {self.remat}, {self.attention or 'einsum'} attention, "
-            f"batch {self.batch_size}")
+    mask = " (padding mask)" if self.padding_mask else ""
+    return (f"{'scan' if self.scan else 'unrolled'}, remat {self.remat}, {self.attention or 'einsum'} attention"
+            f"{mask}, batch {self.batch_size}")
 
   @classmethod
   def parse(cls, spec: str) -> "Variant":
-    """'scan|unrolled:REMAT:einsum|xla|cudnn:BATCH', e.g. 'unrolled:none:cudnn:128'."""
+    """'scan|unrolled:REMAT:einsum|xla|cudnn[-mask]:BATCH', e.g. 'unrolled:none:cudnn:128'."""
     try:
       layers, remat, attention, batch = spec.split(":")
-      if layers not in ("scan", "unrolled") or attention not in ("einsum", "xla", "cudnn"):
+      kernel, _, mask = attention.partition("-")
+      if (layers not in ("scan", "unrolled") or kernel not in ("einsum", "xla", "cudnn")
+          or mask not in ("", "mask") or (mask and kernel == "einsum")):
         raise ValueError(spec)
       batch_size = int(batch)
     except ValueError as e:
-      raise ValueError(f"--variant={spec!r}: expected 'scan|unrolled:REMAT:einsum|xla|cudnn:BATCH', "
-                       "e.g. 'unrolled:none:cudnn:128'.") from e
-    return cls(layers == "scan", remat, None if attention == "einsum" else attention, batch_size)
+      raise ValueError(f"--variant={spec!r}: expected 'scan|unrolled:REMAT:einsum|xla|cudnn[-mask]:BATCH', "
+                       "e.g. 'unrolled:none:cudnn:128' ('-mask': the padding as a boolean mask).") from e
+    return cls(layers == "scan", remat, None if kernel == "einsum" else kernel, batch_size, bool(mask))
 
   def args(self, steps: int, rounds: int, model_gin: str = MODEL_GIN) -> list[str]:
     attention = "None" if self.attention is None else repr(self.attention)
     return [f"--gin_file={model_gin}", f"--batch_size={self.batch_size}", f"--steps={steps}", f"--rounds={rounds}",
             f"--gin.SCAN_LAYERS={self.scan}", f"--gin.REMAT_POLICY={self.remat!r}",
-            f"--gin.t5.T5Config.attention_implementation={attention}"]
+            f"--gin.t5.T5Config.attention_implementation={attention}",
+            f"--gin.t5.T5Config.attention_padding_lengths={not self.padding_mask}"]
 
 
 def base_variants(batch_size: int) -> list[Variant]:
   """Most informative first, so a run cut short still answers the main questions (remat, attention, scan)."""
   # cuDNN attention with each remat policy first: on an H200 it beat the einsum path by 35% (scanned, no remat).
-  return [Variant(True, "minimal", "cudnn", batch_size), Variant(True, "none", "cudnn", batch_size),
+  # The second row is the first's peer with the padding as a mask ([B, H, Q, K] bias), as measured before lengths.
+  return [Variant(True, "minimal", "cudnn", batch_size), Variant(True, "minimal", "cudnn", batch_size, True),
+          Variant(True, "none", "cudnn", batch_size),
           Variant(True, "full", "cudnn", batch_size), Variant(True, "minimal", None, batch_size),
           Variant(False, "none", None, batch_size)]
 
@@ -210,8 +218,9 @@ def to_markdown(m: dict) -> str:
               "| ms/step | kernel kind | distinct ops |", "| --- | --- | --- |"]
     lines += [f"| {1e3 * r['seconds']:.2f} | `{r['kind'][:110]}` | {r['ops']} |" for r in k["rows"]]
   lines += ["", f"Each row is `repeat-lm bench train --gin_file={m['model_gin']} --batch_size=B "
-            "--gin.SCAN_LAYERS=... --gin.REMAT_POLICY=... --gin.t5.T5Config.attention_implementation=...` in a "
-            "fresh process (`--variant=scan|unrolled:REMAT:einsum|xla|cudnn:BATCH` picks rows; without it, the "
+            "--gin.SCAN_LAYERS=... --gin.REMAT_POLICY=... --gin.t5.T5Config.attention_implementation=... "
+            "--gin.t5.T5Config.attention_padding_lengths=...` in a fresh process "
+            "(`--variant=scan|unrolled:REMAT:einsum|xla|cudnn[-mask]:BATCH` picks rows; without it, the "
             "fastest of the default rows is repeated at twice the batch; `--previous=JSON` keeps the rows of an "
             "earlier run on the same device).", ""]
   return "\n".join(lines)
