@@ -98,11 +98,13 @@ def test_param_count_matches_t5_v1_1(size, published):
   assert abs(count - published) / published < 0.005
 
 
-def test_sharded_equals_unsharded():
+@pytest.mark.parametrize("attention", [None, "xla"])  # 'xla': padding goes to the kernel as [B] lengths, sharded too
+def test_sharded_equals_unsharded(attention):
   partitioner = partitioning.Partitioner(data_parallel=4, model_parallel=2)
   batch = make_batch()
   variables = init(TINY)
-  expected = jax.jit(functools.partial(forward, TINY))(variables["params"], batch)
+  cfg = dataclasses.replace(TINY, attention_implementation=attention)
+  expected = jax.jit(functools.partial(forward, cfg))(variables["params"], batch)
 
   shardings = partitioner.tree_shardings(partitioning.params_logical_axes(variables["params_axes"]))
   params = jax.device_put(variables["params"], shardings)
@@ -110,7 +112,7 @@ def test_sharded_equals_unsharded():
   batch = jax.device_put(batch, partitioner.batch_sharding())
   # jax.set_mesh makes flax's logical constraints inside the model real (the legacy `with mesh:` does not).
   with partitioner.mesh, jax.set_mesh(partitioner.mesh), partitioner.axis_rules():
-    logits = jax.jit(functools.partial(forward, TINY))(params, batch)
+    logits = jax.jit(functools.partial(forward, cfg))(params, batch)
   assert logits.sharding.spec[0] == "data"
   np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
 
