@@ -53,9 +53,13 @@ def make_segment_mask(query_segments_BxQ: Array, key_segments_BxK: Array) -> Arr
 
 
 def padding_lengths(valid_BxL: Array) -> Array:
-  """Lengths [B] (int32) of right-padded rows from per-position validity: the count of valid positions. Only a
-  mask that is nothing but right padding (T5's unpacked examples) is described by them; packing is not."""
-  return jnp.sum(valid_BxL, axis=-1, dtype=jnp.int32)
+  """Lengths [B] (int32) of right-padded rows from per-position validity: the count of valid positions, at least 1.
+  Only a mask that is nothing but right padding (T5's unpacked examples) is described by them; packing is not.
+
+  An all-padding row (the zero rows that fill a final partial batch) gets length 1, so it attends to its first
+  position rather than to nothing: finite either way, no loss reads it, and no kernel is asked for an empty sequence.
+  """
+  return jnp.maximum(jnp.sum(valid_BxL, axis=-1, dtype=jnp.int32), 1)
 
 
 def make_causal_mask(length: int) -> Array:

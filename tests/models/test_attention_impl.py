@@ -86,6 +86,23 @@ def packed_batch(vocab_size: int) -> dict[str, jnp.ndarray]:
                encoder_segment_ids=enc_seg, decoder_segment_ids=dec_seg).items()}
 
 
+def test_an_all_padding_row_gets_length_one_and_changes_nothing_else():
+  """The all-zero rows of a final partial batch: finite, and the real rows' logits and all gradients as einsum's."""
+  batch = make_batch(TINY.vocab_size, B, S, T)
+  batch = {k: v.at[2].set(0) for k, v in batch.items()}  # row 2: no tokens at all
+  np.testing.assert_array_equal(attention_lib.padding_lengths(batch["encoder_input_tokens"] > 0), [S // 2, S - 1, 1])
+  params = tiny_params()
+  loss_e, logits_e, grads_e = loss_logits_grads(TINY, params, batch)
+  loss_x, logits_x, grads_x = loss_logits_grads(dataclasses.replace(TINY, attention_implementation="xla"), params,
+                                                batch)
+  assert np.isfinite(logits_x).all() and np.isfinite(loss_x)
+  real = np.asarray(batch["decoder_target_tokens"] > 0)
+  np.testing.assert_allclose(np.asarray(logits_x)[real], np.asarray(logits_e)[real], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss_x, loss_e, rtol=1e-5)
+  for name in grads_e:
+    np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_xla_equals_einsum_in_a_scanned_rematerialised_stack():
   """The lengths ride through nn.scan (as broadcast inputs) and remat like the masks."""
   cfg = dataclasses.replace(TINY, num_encoder_layers=2, num_decoder_layers=2, scan_layers=True,
