@@ -116,6 +116,12 @@ class T5Config:
   def activation_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
 
+  def padding_as_lengths(self, *segment_ids: Array | None) -> bool:
+    """Whether attention gets the padding as lengths: a library kernel, attention_padding_lengths, and no packing
+    (none of the given segment ids), so the masks are right padding only (MultiHeadAttention)."""
+    return (self.attention_implementation is not None and self.attention_padding_lengths
+            and all(s is None for s in segment_ids))
+
   def dropout_rate_for(self, place: str) -> float:
     """The configured rate of one of DROPOUT_PLACES: its override, or dropout_rate when that is None."""
     override = getattr(self, f"{place}_dropout_rate")
@@ -294,8 +300,7 @@ class Decoder(nn.Module):
 
     # Unpacked rows: both masks are right padding only (and causality), which lengths describe for the library kernels.
     self_lengths = cross_lengths = None
-    if (cfg.attention_implementation is not None and cfg.attention_padding_lengths and not decode
-        and decoder_segment_ids_BxT is None and encoder_segment_ids_BxS is None):
+    if not decode and cfg.padding_as_lengths(decoder_segment_ids_BxT, encoder_segment_ids_BxS):
       query_lengths_B = attention_lib.padding_lengths(query_valid_BxT)
       self_lengths = (query_lengths_B, query_lengths_B)
       cross_lengths = (query_lengths_B, attention_lib.padding_lengths(encoder_input_tokens_BxS > 0))
@@ -360,9 +365,8 @@ class Transformer(nn.Module):
     if encoder_segment_ids is not None:
       mask_Bx1xSxS &= attention_lib.make_segment_mask(encoder_segment_ids, encoder_segment_ids)
     # Unpacked rows are right-padded: the library kernels take their lengths instead of the mask.
-    cfg = self.config
-    lengths_B = (attention_lib.padding_lengths(valid_BxS) if cfg.attention_implementation is not None
-                 and cfg.attention_padding_lengths and encoder_segment_ids is None else None)
+    lengths_B = (attention_lib.padding_lengths(valid_BxS) if self.config.padding_as_lengths(encoder_segment_ids)
+                 else None)
     x_BxSxD = self.token_embedder(encoder_input_tokens)
     return self.encoder(x_BxSxD, mask_Bx1xSxS, deterministic=not enable_dropout, dropout_scale=dropout_scale,
                         lengths_B=lengths_B)
