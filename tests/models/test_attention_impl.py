@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +166,61 @@ def test_packed_rows_and_the_opt_out_reach_the_kernel_as_a_mask(monkeypatch):
   opt_out = dataclasses.replace(TINY, attention_padding_lengths=False)
   for call in library_calls(monkeypatch, make_batch(TINY.vocab_size, B, S, T), opt_out):
     assert call["mask"] is not None and "query_seq_lengths" not in call
+
+
+CUDNN_CALL = re.compile(r"custom_call @__cudnn\$(\w+)\((?:.*?)\) \{.*?mask_type\\22: \\22(\w+)\\22.*?\} : "
+                        r"\((.*?)\) -> \((.*?)\)")
+
+
+def cuda_program(monkeypatch, cfg: t5.T5Config) -> tuple[str, list[tuple[str, str, list[str], list[str]]]]:
+  """The training gradient's StableHLO as lowered for an NVIDIA GPU, from this CPU process, and its cuDNN calls
+  (kernel, mask type, operand types, result types) in program order.
+
+  jax lowers cuDNN attention without a GPU once its cuDNN version probe is answered (the version only gates
+  features T5 does not use), and `default_backend` reads 'gpu' so the model takes its GPU paths (no CPU layouts).
+  """
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_lowering
+  except ImportError:
+    pytest.skip("this jax has no jax._src.cudnn.fused_attention_stablehlo to lower cuDNN attention without a GPU")
+  if not hasattr(cudnn_lowering, "check_cudnn_version"):
+    pytest.skip("this jax's cuDNN lowering has no check_cudnn_version to answer without a GPU")
+  monkeypatch.setattr(cudnn_lowering, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  batch = make_batch(cfg.vocab_size, B, S, T)
+  def loss(params):
+    return jnp.sum(t5.Transformer(cfg).apply({"params": params}, **batch, enable_dropout=False).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss)).trace(tiny_params()).lower(lowering_platforms=("cuda",)).as_text()
+  split = lambda types: re.findall(r"tensor<([^>]*)>", types)
+  return text, [(m[1], m[2], split(m[3]), split(m[4])) for m in CUDNN_CALL.finditer(text)]
+
+
+def test_the_gpu_program_gives_cudnn_lengths_and_the_unbroadcast_bias(monkeypatch):
+  """What the GPU would run, checked here: cuDNN masks the padding itself (PADDING, PADDING_CAUSAL in the
+  decoder's self-attention) from the lengths, reads the [1, H, Q, K] bias and returns its [1, H, Q, K] gradient,
+  and no [B, H, Q, K] tensor is left in the program. The opt-out (attention_padding_lengths=False) is the peer
+  that shows the check can fail: jax folds the mask into [B, H, Q, K] biases, cuDNN gets NO_MASK."""
+  cfg = dataclasses.replace(TINY, dtype="bfloat16", attention_implementation="cudnn")
+  h = cfg.num_heads
+  text, calls = cuda_program(monkeypatch, cfg)
+  q_kv = lambda q, k: [f"{B}x{q}x{h}x8xbf16", f"{B}x{k}x{h}x8xbf16", f"{B}x{k}x{h}x8xbf16"]
+  lengths = [f"{B}xi32", f"{B}xi32"]
+  assert [c[:3] for c in calls if not c[0].endswith("Backward")] == [
+      ("fmhaScaleBiasSoftmax", "PADDING", q_kv(S, S) + [f"1x{h}x{S}x{S}xbf16"] + lengths),
+      ("fmhaScaleBiasSoftmax", "PADDING_CAUSAL", q_kv(T, T) + [f"1x{h}x{T}x{T}xbf16"] + lengths),
+      ("fmhaSoftmax", "PADDING", q_kv(T, S) + lengths)]
+  backward = {(kernel, mask): results for kernel, mask, _, results in calls if kernel.endswith("Backward")}
+  assert backward.keys() == {("fmhaScaleBiasSoftmaxBackward", "PADDING"),
+                             ("fmhaScaleBiasSoftmaxBackward", "PADDING_CAUSAL"), ("fmhaSoftmaxBackward", "PADDING")}
+  # dq, dk, dv, then the bias gradient, already summed over the batch by cuDNN.
+  assert backward["fmhaScaleBiasSoftmaxBackward", "PADDING"][3] == f"1x{h}x{S}x{S}xbf16"
+  assert backward["fmhaScaleBiasSoftmaxBackward", "PADDING_CAUSAL"][3] == f"1x{h}x{T}x{T}xbf16"
+  full = [rf"tensor<{B}x{h}x{q}x{k}x" for q, k in ((S, S), (T, T), (T, S))]
+  assert not any(re.search(pattern, text) for pattern in full)
+
+  text, calls = cuda_program(monkeypatch, dataclasses.replace(cfg, attention_padding_lengths=False))
+  assert {mask for _, mask, _, _ in calls} == {"NO_MASK"}
+  assert re.search(full[0], text) and re.search(full[1], text)
 
 
 def test_xla_attention_layer_equals_einsum_with_bias_mask_and_fully_masked_rows():
