@@ -84,12 +84,13 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
     rate = _decay_rate(state.count - step_offset, decay_rate)
 
     def update_leaf(grad, v_row, v_col, v, param):
-      one = jnp.zeros((1,), param.dtype)
+      # The unused statistics are [1] placeholders, as optax's; passed through rather than rebuilt, so the train
+      # step's donated state buffers are reused for them too.
       grad_sqr = jnp.square(grad) + epsilon  # parameters are real
       dims = factored_dims(param.shape, min_dim_size_to_factor)
       if dims is None:
         new_v = (rate * v + (1.0 - rate) * grad_sqr).astype(param.dtype)
-        return _Leaf(grad * new_v ** -0.5, one, one, new_v)
+        return _Leaf(grad * new_v ** -0.5, v_row, v_col, new_v)
       d1, d0 = dims
       new_v_row = (rate * v_row + (1.0 - rate) * mean_over(grad_sqr, d0)).astype(param.dtype)
       new_v_col = (rate * v_col + (1.0 - rate) * mean_over(grad_sqr, d1)).astype(param.dtype)
@@ -97,7 +98,7 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
       row_factor = (new_v_row / jnp.mean(new_v_row, axis=d1_in_v_row, keepdims=True)) ** -0.5
       col_factor = new_v_col ** -0.5
       update = grad * jnp.expand_dims(row_factor, d0) * jnp.expand_dims(col_factor, d1)
-      return _Leaf(update, new_v_row, new_v_col, one)
+      return _Leaf(update, new_v_row, new_v_col, v)
 
     leaves = jax.tree.map(update_leaf, grads, state.v_row, state.v_col, state.v, params)
     return jax.tree.map(lambda o: o.update, leaves), _state(optax.safe_increment(state.count), leaves)

@@ -126,6 +126,21 @@ def direct_sums():
   return out
 
 
+def test_train_step_donates_the_state_it_replaces():
+  """The step's input state buffers are donated (reused for the new state): one state's memory, not two."""
+  model, partitioner = tiny_model(), partitioning.Partitioner(4, 2)
+  tx = optim.make_optimizer(learning_rate=optim.make_schedule(warmup_steps=2))
+  spec = state_lib.batch_specs(pipeline.model_feature_lengths(TRAIN_CFG), TRAIN_CFG.batch_size)
+  lay = state_lib.layout(model, tx, partitioner, spec, 0)
+  state = state_lib.init_state(model, tx, lay, partitioner, spec, 0)
+  step_fn = state_lib.make_train_step(model, tx, lay, partitioner, 0, trainer._check_vocab(model, TASK))
+  batch = state_lib.global_batch(next(iter(pipeline.get_batches(TRAIN_CFG))), lay.batch_shardings)
+  new_state, _ = step_fn(state, batch)
+  assert all(x.is_deleted() for x in jax.tree.leaves(state))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(new_state)) and not any(
+      x.is_deleted() for x in jax.tree.leaves(batch))  # only the state is donated
+
+
 def expected_records(sums_per_step, logged_steps):
   """What the trainer should log at `logged_steps` (window ends) from per-step sums (step s is index s-1)."""
   out, tokens, start = {}, 0.0, 0
