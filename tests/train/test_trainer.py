@@ -111,34 +111,38 @@ def test_sigterm_checkpoints_and_stops(tmp_path, monkeypatch):
 # ---- metrics read one step late ----
 
 @pytest.fixture(scope="module")
-def direct_sums():
-  """Per-step metric sums of 6 steps from calling the train step directly and reading every step at once."""
+def direct_run():
+  """6 steps from calling the train step directly and reading every step at once: per-step metric sums, and
+  whether the first step's input state and batch buffers were deleted (donated) by the step."""
   model, partitioner = tiny_model(), partitioning.Partitioner(4, 2)
   tx = optim.make_optimizer(learning_rate=optim.make_schedule(warmup_steps=2))  # what `run` trains with
   spec = state_lib.batch_specs(pipeline.model_feature_lengths(TRAIN_CFG), TRAIN_CFG.batch_size)
   lay = state_lib.layout(model, tx, partitioner, spec, 0)
   state = state_lib.init_state(model, tx, lay, partitioner, spec, 0)
   step_fn = state_lib.make_train_step(model, tx, lay, partitioner, 0, trainer._check_vocab(model, TASK))
-  out = []
-  for _, batch in zip(range(6), pipeline.get_batches(TRAIN_CFG)):
-    state, sums = step_fn(state, state_lib.global_batch(batch, lay.batch_shardings))
+  out, deleted = [], {}
+  for _, host_batch in zip(range(6), pipeline.get_batches(TRAIN_CFG)):
+    batch = state_lib.global_batch(host_batch, lay.batch_shardings)
+    new_state, sums = step_fn(state, batch)
+    if not deleted:
+      deleted = {"state": [x.is_deleted() for x in jax.tree.leaves(state)],
+                 "new state": [x.is_deleted() for x in jax.tree.leaves(new_state)],
+                 "batch": [x.is_deleted() for x in jax.tree.leaves(batch)]}
+    state = new_state
     out.append(jax.device_get(sums))
-  return out
+  return {"sums": out, "deleted": deleted}
 
 
-def test_train_step_donates_the_state_it_replaces():
+@pytest.fixture(scope="module")
+def direct_sums(direct_run):
+  return direct_run["sums"]
+
+
+def test_train_step_donates_the_state_it_replaces(direct_run):
   """The step's input state buffers are donated (reused for the new state): one state's memory, not two."""
-  model, partitioner = tiny_model(), partitioning.Partitioner(4, 2)
-  tx = optim.make_optimizer(learning_rate=optim.make_schedule(warmup_steps=2))
-  spec = state_lib.batch_specs(pipeline.model_feature_lengths(TRAIN_CFG), TRAIN_CFG.batch_size)
-  lay = state_lib.layout(model, tx, partitioner, spec, 0)
-  state = state_lib.init_state(model, tx, lay, partitioner, spec, 0)
-  step_fn = state_lib.make_train_step(model, tx, lay, partitioner, 0, trainer._check_vocab(model, TASK))
-  batch = state_lib.global_batch(next(iter(pipeline.get_batches(TRAIN_CFG))), lay.batch_shardings)
-  new_state, _ = step_fn(state, batch)
-  assert all(x.is_deleted() for x in jax.tree.leaves(state))
-  assert not any(x.is_deleted() for x in jax.tree.leaves(new_state)) and not any(
-      x.is_deleted() for x in jax.tree.leaves(batch))  # only the state is donated
+  deleted = direct_run["deleted"]
+  assert all(deleted["state"]) and len(deleted["state"]) > 100
+  assert not any(deleted["new state"]) and not any(deleted["batch"])  # only the state is donated
 
 
 def expected_records(sums_per_step, logged_steps):
