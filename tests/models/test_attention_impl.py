@@ -176,8 +176,9 @@ def cuda_program(monkeypatch, cfg: t5.T5Config) -> tuple[str, list[tuple[str, st
   """The training gradient's StableHLO as lowered for an NVIDIA GPU, from this CPU process, and its cuDNN calls
   (kernel, mask type, operand types, result types) in program order.
 
-  jax lowers cuDNN attention without a GPU once its cuDNN version probe is answered (the version only gates
-  features T5 does not use), and `default_backend` reads 'gpu' so the model takes its GPU paths (no CPU layouts).
+  jax lowers cuDNN attention without a GPU once its cuDNN version probe is answered (in jax 0.10.2 the version
+  gates only multi-latent attention and compute capability 10.3, neither T5's), and `default_backend` reads 'gpu'
+  so the model takes its GPU paths (no CPU layouts).
   """
   try:
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_lowering
