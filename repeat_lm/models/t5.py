@@ -298,13 +298,14 @@ class Decoder(nn.Module):
       query_valid_BxT = jnp.ones_like(decoder_target_tokens_BxT, bool)
       self_mask_Bx1xTxL = (key_positions_L <= cache_index)[None, None, None, :]
 
+    encoder_valid_BxS = encoder_input_tokens_BxS > 0
     # Unpacked rows: both masks are right padding only (and causality), which lengths describe for the library kernels.
     self_lengths = cross_lengths = None
     if not decode and cfg.padding_as_lengths(decoder_segment_ids_BxT, encoder_segment_ids_BxS):
       query_lengths_B = attention_lib.padding_lengths(query_valid_BxT)
       self_lengths = (query_lengths_B, query_lengths_B)
-      cross_lengths = (query_lengths_B, attention_lib.padding_lengths(encoder_input_tokens_BxS > 0))
-    cross_mask_Bx1xTxS = attention_lib.make_attention_mask(query_valid_BxT, encoder_input_tokens_BxS > 0)
+      cross_lengths = (query_lengths_B, attention_lib.padding_lengths(encoder_valid_BxS))
+    cross_mask_Bx1xTxS = attention_lib.make_attention_mask(query_valid_BxT, encoder_valid_BxS)
     if decoder_segment_ids_BxT is not None and encoder_segment_ids_BxS is not None and cache_state is None:
       cross_mask_Bx1xTxS &= attention_lib.make_segment_mask(decoder_segment_ids_BxT, encoder_segment_ids_BxS)
     bias_1xHxTxL = layers.RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
