@@ -46,26 +46,35 @@ def tiny_params():
   return t5.Transformer(TINY).init(KEY, **batch, enable_dropout=False)["params"]
 
 
+def assert_xla_equals_einsum(cfg: t5.T5Config, params, batch, grads_atol: float = 1e-6):
+  """Run `cfg` with the einsum path and with 'xla'; the real positions' logits and every gradient must agree.
+
+  Returns (einsum loss, xla loss, xla logits, xla gradients) for the caller's own checks.
+  """
+  loss_e, logits_e, grads_e = loss_logits_grads(cfg, params, batch)
+  loss_x, logits_x, grads_x = loss_logits_grads(dataclasses.replace(cfg, attention_implementation="xla"), params,
+                                                batch)
+  real = np.asarray(batch["decoder_target_tokens"] > 0)
+  np.testing.assert_allclose(np.asarray(logits_x)[real], np.asarray(logits_e)[real], rtol=1e-5, atol=1e-6)
+  assert grads_x.keys() == grads_e.keys()
+  for name in grads_e:
+    np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=grads_atol, err_msg=name)
+  return loss_e, loss_x, logits_x, grads_x
+
+
 def test_xla_equals_einsum_in_t5_logits_and_all_gradients():
   """Padding (encoder, decoder, cross) and causal masks, fully masked padding rows, the relative bias's gradient.
 
   Unpacked rows reach the kernel as lengths (padded query rows come out zero, not a uniform average: their logits
   differ, and no loss reads them); every gradient is the same.
   """
-  batch, params = make_batch(TINY.vocab_size, B, S, T), tiny_params()
-  loss_e, logits_e, grads_e = loss_logits_grads(TINY, params, batch)
-  loss_x, logits_x, grads_x = loss_logits_grads(dataclasses.replace(TINY, attention_implementation="xla"), params,
-                                                batch)
+  batch = make_batch(TINY.vocab_size, B, S, T)
+  assert not np.asarray(batch["decoder_target_tokens"] > 0).all()
+  loss_e, loss_x, logits_x, grads_x = assert_xla_equals_einsum(TINY, tiny_params(), batch)
   assert np.isfinite(logits_x).all()  # padded rows included
-  real = np.asarray(batch["decoder_target_tokens"] > 0)
-  assert not real.all()
-  np.testing.assert_allclose(np.asarray(logits_x)[real], np.asarray(logits_e)[real], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss_x, loss_e, rtol=1e-5)
-  assert grads_x.keys() == grads_e.keys()
   for stack in ("encoder", "decoder"):  # the learned bias gets a real gradient through the library call
     assert np.abs(grads_x[f"{stack}/relpos_bias/rel_embedding"]).max() > 1e-3
-  for name in grads_e:
-    np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def packed_batch(vocab_size: int) -> dict[str, jnp.ndarray]:
@@ -92,16 +101,9 @@ def test_an_all_padding_row_gets_length_one_and_changes_nothing_else():
   batch = make_batch(TINY.vocab_size, B, S, T)
   batch = {k: v.at[2].set(0) for k, v in batch.items()}  # row 2: no tokens at all
   np.testing.assert_array_equal(attention_lib.padding_lengths(batch["encoder_input_tokens"] > 0), [S // 2, S - 1, 1])
-  params = tiny_params()
-  loss_e, logits_e, grads_e = loss_logits_grads(TINY, params, batch)
-  loss_x, logits_x, grads_x = loss_logits_grads(dataclasses.replace(TINY, attention_implementation="xla"), params,
-                                                batch)
+  loss_e, loss_x, logits_x, _ = assert_xla_equals_einsum(TINY, tiny_params(), batch)
   assert np.isfinite(logits_x).all() and np.isfinite(loss_x)
-  real = np.asarray(batch["decoder_target_tokens"] > 0)
-  np.testing.assert_allclose(np.asarray(logits_x)[real], np.asarray(logits_e)[real], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss_x, loss_e, rtol=1e-5)
-  for name in grads_e:
-    np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_xla_equals_einsum_in_a_scanned_rematerialised_stack():
@@ -110,23 +112,13 @@ def test_xla_equals_einsum_in_a_scanned_rematerialised_stack():
                             remat_policy="minimal")
   batch = make_batch(cfg.vocab_size, B, S, T)
   params = t5.Transformer(cfg).init(KEY, **batch, enable_dropout=False)["params"]
-  _, logits_e, grads_e = loss_logits_grads(cfg, params, batch)
-  _, logits_x, grads_x = loss_logits_grads(dataclasses.replace(cfg, attention_implementation="xla"), params, batch)
-  real = np.asarray(batch["decoder_target_tokens"] > 0)
-  np.testing.assert_allclose(np.asarray(logits_x)[real], np.asarray(logits_e)[real], rtol=1e-5, atol=1e-6)
-  for name in grads_e:  # two layers of float32 rounding: a few 1e-6 absolute
-    np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=1e-5, err_msg=name)
+  # Two layers of float32 rounding: gradients differ by a few 1e-6 absolute.
+  assert_xla_equals_einsum(cfg, params, batch, grads_atol=1e-5)
 
 
 def test_xla_equals_einsum_on_packed_rows():
   """Packed examples keep the boolean (segment) mask in the library call, and match the einsum path."""
-  batch, params = packed_batch(TINY.vocab_size), tiny_params()
-  _, logits_e, grads_e = loss_logits_grads(TINY, params, batch)
-  _, logits_x, grads_x = loss_logits_grads(dataclasses.replace(TINY, attention_implementation="xla"), params, batch)
-  real = np.asarray(batch["decoder_target_tokens"] > 0)
-  np.testing.assert_allclose(np.asarray(logits_x)[real], np.asarray(logits_e)[real], rtol=1e-5, atol=1e-6)
-  for name in grads_e:
-    np.testing.assert_allclose(grads_x[name], grads_e[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  assert_xla_equals_einsum(TINY, tiny_params(), packed_batch(TINY.vocab_size))
 
 
 def library_calls(monkeypatch, batch, cfg: t5.T5Config = TINY) -> list[dict]:
