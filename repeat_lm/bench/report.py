@@ -22,6 +22,8 @@ ABLATIONS = (
      {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}),
     ("with YNNPACK fusions for dots, elementwise ops and reductions",
      {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"}),
+    ("with the attention core over the whole batch (no cache-sized slices)",
+     {"REPEAT_LM_CPU_ATTENTION_CHUNKS": "0"}),
     ("with autodiff's backward layouts (models/cpu_layouts.py off)", {"REPEAT_LM_CPU_LAYOUTS": "0"}),
 )
 
@@ -116,8 +118,10 @@ def to_markdown(m: dict) -> str:
                  f"{r['tokens_per_s']:.0f} | {100 * mfu(r):.1f}% |")
   lines += ["", "Variants: `REPEAT_LM_HOST_MALLOC=0` keeps glibc's default allocator; "
             "`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=...` replaces runtime.py's `dot,reduce`; "
-            "`REPEAT_LM_CPU_LAYOUTS=0` keeps autodiff's backward passes, whose weight and attention gradients "
-            "XLA:CPU runs with Eigen instead of YNNPACK.", "",
+            "`REPEAT_LM_CPU_ATTENTION_CHUNKS=0` runs the attention core over the whole batch instead of slices that "
+            "fit the last-level cache; "
+            "`REPEAT_LM_CPU_LAYOUTS=0` keeps autodiff's backward passes (slices included), whose weight and attention "
+            "gradients XLA:CPU runs with Eigen instead of YNNPACK.", "",
             "## Compile time of the scanned training step (abstract shapes, nothing allocated)", "",
             "| model | parameters | lower (s) | lower + compile (s) |", "| --- | --- | --- | --- |"]
   for size, r in m["compile"]:

@@ -6,6 +6,8 @@ Shape letters as in layers.py: B batch, Q query length, K key length, L cache le
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -165,10 +167,21 @@ class MultiHeadAttention(nn.Module):
     # Both paths drop out attention weights, as T5 (Mesh TF), T5X and Hugging Face do.
     if cpu_layouts.explicit_transposes():  # the same values; every backward dot in YNNPACK's form (cpu_layouts.py)
       heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, L, H, E] <-> [B, H, L, E]
-      weights_BxHxQxK = cpu_layouts.attention_weights(heads_major(q_BxQxHxE), heads_major(k_BxKxHxE), bias,
-                                                      additive_mask)
-      weights_BxHxQxK = dropout(weights_BxHxQxK.astype(self.dtype), self.dropout_rate, deterministic, dropout_scale)
-      return heads_major(cpu_layouts.attention_values(weights_BxHxQxK, heads_major(v_BxKxHxE)))
+      q_BxHxQxE, k_BxHxKxE, v_BxHxKxE = (heads_major(x) for x in (q_BxQxHxE, k_BxKxHxE, v_BxKxHxE))
+      batch, heads, q_len, k_len = *q_BxHxQxE.shape[:3], k_BxHxKxE.shape[2]
+      # Cache-sized batch slices (cpu_layouts.attention_batch_chunks); with attention dropout one slice, so the
+      # dropout mask is drawn as on every other path.
+      dropping = self.dropout_rate > 0.0 and not deterministic
+      chunks = 1 if dropping else cpu_layouts.attention_batch_chunks(batch, heads, q_len, k_len)
+      outs = []
+      for rows in np.array_split(np.arange(batch), chunks):
+        # A mask shared by the batch ([1, 1, Q, K]) serves every slice as it is.
+        part = functools.partial(_batch_rows, start=int(rows[0]), stop=int(rows[-1]) + 1)
+        weights_BxHxQxK = cpu_layouts.attention_weights(part(q_BxHxQxE), part(k_BxHxKxE), bias, part(additive_mask))
+        weights_BxHxQxK = dropout(weights_BxHxQxK.astype(self.dtype), self.dropout_rate, deterministic,
+                                  dropout_scale)
+        outs.append(cpu_layouts.attention_values(weights_BxHxQxK, part(v_BxHxKxE)))
+      return heads_major(outs[0] if chunks == 1 else jnp.concatenate(outs))
     logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE)
     if bias is not None:
       logits_BxHxQxK = add_shared_bias(logits_BxHxQxK, bias)
@@ -232,6 +245,11 @@ class MultiHeadAttention(nn.Module):
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BxQxHxE.astype(self.dtype), start)
     cache_index.value = index + 1
     return cached_key.value, cached_value.value
+
+
+def _batch_rows(x: Array | None, start: int, stop: int) -> Array | None:
+  """Rows start:stop of x's batch axis; None, and an axis of 1 (broadcast over the batch), as they are."""
+  return x if x is None or x.shape[0] == 1 else x[start:stop]
 
 
 def _cudnn_max_head_dim() -> int:

@@ -79,6 +79,58 @@ def test_attention_layer_is_the_same_on_both_paths(monkeypatch, dropout_rate):
   _assert_close(ours, _grads(run, params, x, bias))
 
 
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.3])
+def test_attention_in_batch_slices_is_the_same_layer(monkeypatch, dropout_rate):
+  """Two batch slices give the one-piece layer's output and gradients (the bias's is summed over both); with
+  attention dropout the layer stays in one piece, so its mask is drawn as on every other path."""
+  b, q_len, d, heads = 4, 6, 32, 4
+  x = jax.random.normal(KEYS[0], (b, q_len, d))
+  bias = jax.random.normal(KEYS[1], (1, heads, q_len, q_len))
+  lengths = jnp.array([[6], [4], [5], [2]])
+  mask = attention_lib.make_attention_mask(jnp.ones((b, q_len), bool), jnp.arange(q_len)[None] < lengths)
+  module = attention_lib.MultiHeadAttention(num_heads=heads, head_dim=8, dropout_rate=dropout_rate)
+  params = module.init(KEYS[2], x, x, bias, mask, True)
+  run = lambda p, x, bias: module.apply(p, x, x, bias, mask, dropout_rate == 0.0, rngs={"dropout": KEYS[3]})
+  logits_type = lambda rows: f"tensor<{rows}x{heads}x{q_len}x{q_len}xf32>"
+  program = lambda: jax.jit(lambda *a: run(*a)).lower(params, x, bias).as_text()  # a new function: traced anew
+
+  monkeypatch.setattr(cpu_layouts, "attention_batch_chunks", lambda *shape: 2)
+  sliced = _grads(run, params, x, bias)
+  assert (logits_type(b // 2) in program()) == (dropout_rate == 0.0)
+  monkeypatch.setattr(cpu_layouts, "attention_batch_chunks", lambda *shape: 1)
+  assert logits_type(b // 2) not in program()
+  _assert_close(sliced, _grads(run, params, x, bias))
+
+
+def test_attention_batch_slices_fit_half_the_last_level_cache(monkeypatch):
+  monkeypatch.setattr(cpu_layouts, "last_level_cache_bytes", lambda: 32 * 2**20)
+  chunks = cpu_layouts.attention_batch_chunks
+  assert chunks(8, 6, 512, 512) == 4  # T5-small's encoder: 6 MB of logits per row, two rows per slice
+  assert chunks(16, 6, 512, 512) == 8
+  assert chunks(8, 6, 114, 512) == 1  # 11 MB in all: one piece
+  assert chunks(4, 16, 512, 512) == 1  # a row alone fills the half: no slice of two rows fits
+  assert chunks(7, 6, 512, 512) == 1  # no divisor of 7 fits
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
+    assert chunks(8, 6, 512, 512) == 4
+  with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+    assert chunks(8, 6, 512, 512) == 1  # a sharded batch is left to the partitioner
+  monkeypatch.setenv(cpu_layouts.ATTENTION_CHUNKS_ENV, "0")
+  assert chunks(8, 6, 512, 512) == 1
+
+
+def test_last_level_cache_is_the_largest_size_the_kernel_lists(tmp_path):
+  def cache_dir(name, sizes):
+    for index, size in enumerate(sizes):
+      (tmp_path / name / f"index{index}").mkdir(parents=True)
+      (tmp_path / name / f"index{index}" / "size").write_text(size + "\n")
+    return str(tmp_path / name)
+
+  zen = cache_dir("zen", ["48K", "32K", "1024K", "32768K", "unknown"])  # L1d, L1i, L2, L3, and an unreadable size
+  assert cpu_layouts.last_level_cache_bytes(zen) == 32 * 2**20
+  assert cpu_layouts.last_level_cache_bytes(cache_dir("mega", ["2M", "64M"])) == 64 * 2**20
+  assert cpu_layouts.last_level_cache_bytes(str(tmp_path / "absent")) == cpu_layouts.DEFAULT_CACHE_BYTES
+
+
 def test_mlp_block_is_the_same_on_both_paths(monkeypatch):
   x = jax.random.normal(KEYS[0], (2, 5, 16))
   module = layers.MlpBlock(mlp_dim=24)
