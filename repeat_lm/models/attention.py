@@ -6,8 +6,6 @@ Shape letters as in layers.py: B batch, Q query length, K key length, L cache le
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -173,14 +171,15 @@ class MultiHeadAttention(nn.Module):
       # dropout mask is drawn as on every other path.
       dropping = self.dropout_rate > 0.0 and not deterministic
       chunks = 1 if dropping else cpu_layouts.attention_batch_chunks(batch, heads, q_len, k_len)
+      rows = batch // chunks  # the chunk count divides the batch
       outs = []
-      for rows in np.array_split(np.arange(batch), chunks):
+      for start in range(0, batch, rows):
         # A mask shared by the batch ([1, 1, Q, K]) serves every slice as it is.
-        part = functools.partial(_batch_rows, start=int(rows[0]), stop=int(rows[-1]) + 1)
-        weights_BxHxQxK = cpu_layouts.attention_weights(part(q_BxHxQxE), part(k_BxHxKxE), bias, part(additive_mask))
-        weights_BxHxQxK = dropout(weights_BxHxQxK.astype(self.dtype), self.dropout_rate, deterministic,
-                                  dropout_scale)
-        outs.append(cpu_layouts.attention_values(weights_BxHxQxK, part(v_BxHxKxE)))
+        q, k, v, mask = (_batch_rows(x, start, start + rows)
+                         for x in (q_BxHxQxE, k_BxHxKxE, v_BxHxKxE, additive_mask))
+        weights_BxHxQxK = dropout(cpu_layouts.attention_weights(q, k, bias, mask).astype(self.dtype),
+                                  self.dropout_rate, deterministic, dropout_scale)
+        outs.append(cpu_layouts.attention_values(weights_BxHxQxK, v))
       return heads_major(outs[0] if chunks == 1 else jnp.concatenate(outs))
     logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE)
     if bias is not None:

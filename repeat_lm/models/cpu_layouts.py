@@ -68,13 +68,14 @@ def last_level_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache"
 
 
 def attention_batch_chunks(batch: int, heads: int, q_len: int, k_len: int, itemsize: int = 4) -> int:
-  """How many equal batch slices the CPU attention core runs in; 1 keeps the whole batch.
+  """How many equal batch slices the CPU attention core runs in (asked on the `explicit_transposes()` path only);
+  1 keeps the whole batch.
 
   A slice holds as many rows as keep its [rows, H, Q, K] logits within half the last-level cache (the weights and
   their gradients pass through the same cache), at least two: single-row slices were slower than none. Only
   without a device mesh to shard over (mesh size 1), where slicing the batch never moves data between devices.
   """
-  if not explicit_transposes() or os.environ.get(ATTENTION_CHUNKS_ENV, "1") == "0":
+  if os.environ.get(ATTENTION_CHUNKS_ENV, "1") == "0":
     return 1
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1:
