@@ -1,5 +1,9 @@
 """Benchmarks that ship with the library: the training step (`train.py`) and its Hugging Face peer (`hf.py`)."""
 
+import os
+import platform
+
+import jax
 import numpy as np
 
 
@@ -8,3 +12,46 @@ def require_positive_ints(**flags) -> None:
   for name, value in flags.items():
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"--{name}={value!r}: must be a positive integer.")
+
+
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The host's processor as benchmarks report it: 'AMD EPYC (family 25, model 17), 2 CPUs, 32 MiB last-level cache'.
+
+  CPU results hold only for the processor they ran on: this project's 2-core machines are drawn from hosts whose
+  float32 matmul peak differs 2x (the same 'AMD EPYC' name, families 25 and 26), so every CPU number names it. The
+  family and model come from /proc/cpuinfo (Linux; elsewhere `platform.processor()`), the count from the CPUs this
+  process may run on, the cache from sysfs (left out where the kernel lists none).
+  """
+  from repeat_lm.models import cpu_layouts  # pylint: disable=import-outside-toplevel
+  fields = {}
+  try:
+    with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        key, sep, value = line.partition(":")
+        if not sep:
+          if fields:  # the first processor's block is enough: a VM's CPUs are alike
+            break
+          continue
+        fields.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  name = fields.get("model name") or platform.processor() or platform.machine() or "unknown processor"
+  if "cpu family" in fields and "model" in fields:
+    name += f" (family {fields['cpu family']}, model {fields['model']})"
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  described = f"{name}, {cpus} CPUs"
+  caches = cpu_layouts.listed_cache_bytes()
+  return described + (f", {max(caches) / 2**20:g} MiB last-level cache" if caches else "")
+
+
+def device_fields() -> dict[str, str]:
+  """What a benchmark result says it ran on: `device` ('1 x cpu', '8 x NVIDIA H100 80GB HBM3'), and on CPU `host`."""
+  fields = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+  if jax.devices()[0].platform == "cpu":
+    fields["host"] = host_cpu()
+  return fields
+
+
+def device_label(result: dict) -> str:
+  """`device_fields` in one phrase for a report line: '1 x cpu (AMD EPYC (family 25, model 17), 2 CPUs, ...)'."""
+  return result["device"] + (f" ({result['host']})" if "host" in result else "")

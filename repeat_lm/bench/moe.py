@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from repeat_lm import bench
 from repeat_lm.bench import train as bench_train
 from repeat_lm.models import layers, moe
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel
@@ -90,7 +91,7 @@ def run_moe_benchmark(model: EncoderDecoderModel, cfg: bench_train.BenchConfig, 
   dense_time, dense_min = statistics.median(times["dense"]), min(times["dense"])
   layer_dense_min = min(layer_times["dense"])
   result = {
-      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      **bench.device_fields(),
       "mesh": dict(partitioner.mesh.shape),
       "dtype": model.module.config.dtype,
       "batch_size": cfg.batch_size, "inputs_length": cfg.inputs_length, "targets_length": cfg.targets_length,
@@ -127,7 +128,7 @@ def run_moe_benchmark(model: EncoderDecoderModel, cfg: bench_train.BenchConfig, 
 
 
 def format_report(r: dict) -> str:
-  lines = [f"device {r['device']}, mesh {r['mesh']}, {r['dtype']}, batch {r['batch_size']}, "
+  lines = [f"device {bench.device_label(r)}, mesh {r['mesh']}, {r['dtype']}, batch {r['batch_size']}, "
            f"{r['inputs_length']}/{r['targets_length']}"]
   for name, v in r["variants"].items():
     extra = ""

@@ -91,6 +91,10 @@ def to_markdown(m: dict) -> str:
         f"{hf.get('tokens_per_s', float('nan')):.0f} | {r.get('speedup_vs_hf', float('nan')):.2f}x |")
   lines += ["", f"Peak: {peak / 1e12:.3f} TFLOP/s ({best['peak_flops_source']}; the highest of the processes "
             "below, so every MFU here is against the same peak).", ""]
+  if "host" in best:
+    lines += [f"Host: {best['host']}. CPU numbers hold for that processor only: the project's 2-core machines "
+              "come with more than one processor model, whose float32 matmul peaks differ about 2x, and the share "
+              "of the step spent waiting on memory rather than on the multipliers differs with it.", ""]
   if all(r["device"].endswith("cpu") for r in m["train"]):
     lines += ["This file is measured on the CPU. Accelerator step times and MFU (T5 v1.1 Base on an H200: scan, "
               "remat and attention variants, where the device time goes) are in "

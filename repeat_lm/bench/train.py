@@ -152,7 +152,7 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
     profiled = profile.profile_steps(ours.run, cfg.steps, ours.compiled.as_text(), profile_dir)
   memory, memory_source = peak_memory_bytes()
   result = {
-      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      **bench.device_fields(),
       "mesh": dict(partitioner.mesh.shape),
       "dtype": mcfg.dtype,
       "batch_size": cfg.batch_size, "inputs_length": cfg.inputs_length, "targets_length": cfg.targets_length,
@@ -188,7 +188,7 @@ def with_dtype(model: EncoderDecoderModel, dtype: str) -> EncoderDecoderModel:
 
 def format_report(r: dict) -> str:
   lines = [
-      f"device {r['device']}, mesh {r['mesh']}, {r['dtype']}, batch {r['batch_size']}, "
+      f"device {bench.device_label(r)}, mesh {r['mesh']}, {r['dtype']}, batch {r['batch_size']}, "
       f"{r['inputs_length']}/{r['targets_length']}, scan={r['scan_layers']}, remat={r['remat_policy']}",
       f"compile {r['compile_time_s']:.1f}s; step {r['step_time_s'] * 1e3:.1f} ms "
       f"(min {r['step_time_min_s'] * 1e3:.1f}, max {r['step_time_max_s'] * 1e3:.1f}); "

@@ -51,9 +51,8 @@ def explicit_transposes() -> bool:
   return jax.default_backend() == "cpu" and os.environ.get(CPU_LAYOUTS_ENV, "1") != "0"
 
 
-@functools.lru_cache(maxsize=None)
-def last_level_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
-  """The largest cache the kernel lists for cpu0 (`index*/size`, e.g. '32768K'), else DEFAULT_CACHE_BYTES."""
+def listed_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> list[int]:
+  """The sizes of the caches the kernel lists for cpu0 (`index*/size`, e.g. '32768K'); [] where it lists none."""
   sizes = []
   for path in sorted(Path(cache_dir).glob("index*/size")):
     try:
@@ -64,7 +63,13 @@ def last_level_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache"
     digits = text[:-1] if scale > 1 else text
     if digits.isdigit():
       sizes.append(int(digits) * scale)
-  return max(sizes, default=DEFAULT_CACHE_BYTES)
+  return sizes
+
+
+@functools.lru_cache(maxsize=None)
+def last_level_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+  """The largest cache the kernel lists for cpu0, else DEFAULT_CACHE_BYTES."""
+  return max(listed_cache_bytes(cache_dir), default=DEFAULT_CACHE_BYTES)
 
 
 def attention_batch_chunks(batch: int, heads: int, q_len: int, k_len: int, itemsize: int = 4) -> int:

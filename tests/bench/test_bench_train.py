@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from repeat_lm import bench
 from repeat_lm.bench import train as bench_train
 from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer
 from repeat_lm.train import flops, partitioning, state as state_lib
@@ -41,6 +42,9 @@ def test_run_benchmark_reports_consistent_numbers():
   per_seq = flops.train_flops_per_sequence(tiny().module.config, 32, 8)
   assert r["model_tflops_per_s"] == pytest.approx(8 * per_seq / r["step_time_s"] / 1e12)
   assert r["step_time_min_s"] <= r["step_time_s"] <= r["step_time_max_s"]
+  # A CPU result names its processor: the measured peak, and so the MFU, hold for that processor only.
+  assert r["device"] == "8 x cpu" and r["host"] == bench.host_cpu()
+  assert bench_train.format_report(r).startswith(f"device 8 x cpu ({r['host']}), mesh")
 
 
 def test_compile_only_allocates_nothing_and_counts_params():
@@ -78,6 +82,10 @@ def test_report_markdown_has_every_measured_row():
   assert "[performance_accelerator.md](performance_accelerator.md)" in text
   assert "| 250.0 | ynn_fusion | `f32[8,512,512]` | `mlp/wo` |" in text
   assert all(f"| T5 v1.1 {size} | 1,000 | 1.0 | 2.0 |" in text for size in report.ZOO)
+  assert "Host:" not in text  # a result from before results named their host
+  on_host = {**run, "host": "AMD EPYC (family 25, model 17), 2 CPUs"}
+  text = report.to_markdown({"train": [on_host], "ablations": [], "compile": []})
+  assert "Host: AMD EPYC (family 25, model 17), 2 CPUs. CPU numbers hold for that processor only" in text
 
 
 def test_profile_attributes_the_step_to_named_hlo_ops(tmp_path):

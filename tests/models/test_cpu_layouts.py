@@ -129,6 +129,8 @@ def test_last_level_cache_is_the_largest_size_the_kernel_lists(tmp_path):
   assert cpu_layouts.last_level_cache_bytes(zen) == 32 * 2**20
   assert cpu_layouts.last_level_cache_bytes(cache_dir("mega", ["2M", "64M"])) == 64 * 2**20
   assert cpu_layouts.last_level_cache_bytes(str(tmp_path / "absent")) == cpu_layouts.DEFAULT_CACHE_BYTES
+  assert cpu_layouts.listed_cache_bytes(zen) == [48 * 2**10, 32 * 2**10, 2**20, 32 * 2**20]
+  assert cpu_layouts.listed_cache_bytes(str(tmp_path / "absent")) == []  # a report then names no cache size
 
 
 def test_mlp_block_is_the_same_on_both_paths(monkeypatch):
