@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import pytest
 
 from repeat_lm.train import flops
@@ -58,3 +59,18 @@ def test_reprobed_peak_keeps_the_best_probe_on_cpu_and_the_table_elsewhere(monke
   monkeypatch.setattr(flops, "known_peak_flops", lambda device: 989e12)
   monkeypatch.setattr(flops, "matmul_rate", lambda repeats=8: pytest.fail("a table peak is not probed"))
   assert flops.reprobed_peak(989e12) == 989e12
+
+
+def test_trainer_takes_the_quick_probe_and_benchmarks_the_full_one(monkeypatch):
+  probes = []
+  monkeypatch.setattr(flops, "matmul_rate", lambda **kw: probes.append(kw) or 4e11)
+  flops.measured_matmul_peak.cache_clear()
+  try:
+    quick, quick_source = flops.peak_flops_total(quick=True)
+    full, full_source = flops.peak_flops_total()
+    flops.peak_flops_total(quick=True)  # measured once per process
+  finally:
+    flops.measured_matmul_peak.cache_clear()  # the fake rate must not serve later tests
+  assert probes == [{"sizes": (2048,), "repeats": 3}, {}]
+  assert quick == full == 4e11 * jax.process_count()
+  assert "(quick probe)" in quick_source and "quick" not in full_source

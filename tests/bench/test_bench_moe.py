@@ -1,0 +1,33 @@
+"""`repeat-lm bench moe`: an MoE model's step timed against its dense twin, through the command line."""
+
+import json
+
+from repeat_lm import bench, cli
+from repeat_lm.bench import moe as bench_moe
+from repeat_lm.models import moe
+
+TINY = ["--gin_file=gin/models/switch_tiny.gin", "--batch_size=8", "--inputs_length=32", "--targets_length=8",
+        "--steps=1", "--rounds=1"]
+
+
+def test_bench_moe_times_each_variant_against_the_dense_twin(capsys):
+  assert cli.main(["bench", "moe", *TINY, "--dispatch=gather", "--json"]) == 0
+  r = json.loads(capsys.readouterr().out)
+  assert r["device"] == "8 x cpu" and r["host"] == bench.host_cpu()
+  assert set(r["variants"]) == {"dense", "moe_gather_g256"}
+  dense, sparse = r["variants"]["dense"], r["variants"]["moe_gather_g256"]
+  assert dense["step_time_vs_dense"] == 1.0
+  assert sparse["step_time_vs_dense"] == sparse["step_time_s"] / dense["step_time_s"]
+  assert r["tokens_per_step"] == 8 * 40 and sparse["tokens_per_s"] == 320 / sparse["step_time_s"]
+  # Groups and capacity as the layer computes them: 256 encoder tokens (8 x 32) on 8 data shards, 64 decoder.
+  assert sparse["groups"] == {"encoder": moe.num_groups(256, 256, 8), "decoder": moe.num_groups(64, 256, 8)}
+  assert sparse["capacity"]["encoder"] == moe.expert_capacity(256 // sparse["groups"]["encoder"], 4, 1.25, 4)
+  assert 0.0 <= sparse["fraction_dropped"] <= 1.0 and "groups" not in dense
+  lines = bench_moe.format_report(r).splitlines()
+  assert lines[0].startswith(f"device 8 x cpu ({r['host']}), mesh") and len(lines) == 3
+  assert lines[2].lstrip().startswith("moe_gather_g256: step") and "dropped" in lines[2]
+
+
+def test_bench_moe_refuses_a_dense_model_with_the_fix(capsys):
+  assert cli.main(["bench", "moe", *TINY[1:], "--gin_file=gin/models/t5_1_1_tiny.gin"]) == 2
+  assert "bench moe needs an MoE model gin (T5Config.moe set)" in capsys.readouterr().err
