@@ -1,4 +1,7 @@
-"""Benchmarks that ship with the library: the training step (`train.py`) and its Hugging Face peer (`hf.py`)."""
+"""Benchmarks that ship with the library: the training step (`train.py`) and its Hugging Face peer (`hf.py`).
+
+Here: flag checks and what every result says it ran on (`device_fields`), shared by the benchmark commands.
+"""
 
 import os
 import platform
