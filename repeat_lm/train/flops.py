@@ -102,8 +102,9 @@ def matmul_rate(sizes: tuple[int, ...] = (2048, 3072), dtype: str = "float32", r
   return best_rate
 
 
-# The trainer's probe, for the MFU it logs: the size that reads highest on the 2-core hosts, three runs. 0.4 s there
-# against the full probe's 4.3 s, which every CPU training process (smoke runs, the demo's three, a sweep's) paid.
+# The trainer's probe, for the MFU it logs: of the full probe's two sizes the one that reads higher on the 2-core
+# hosts, three runs. 0.4 s there against the full probe's 4.3 s, which every CPU training process paid once (a smoke
+# run, the demo, each run of a sweep).
 QUICK_PROBE = {"sizes": (2048,), "repeats": 3}
 
 
