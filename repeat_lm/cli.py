@@ -146,7 +146,8 @@ def _add_bench(sub) -> None:
   t.add_argument("--data_parallel", type=int, default=-1)
   t.add_argument("--model_parallel", type=int, default=1)
   t.add_argument("--dtype", default="auto",
-                 help="Activation dtype: 'auto' keeps the gin's on accelerators and uses float32 on CPU.")
+                 help="Activation dtype: 'auto' keeps the gin's on accelerators and uses float32 on CPU. With "
+                      "bfloat16 the CPU peak is a bfloat16 probe and --compare=hf runs the peer under torch.autocast.")
   t.add_argument("--compare", choices=["hf"], default=None, help="Also time Hugging Face's PyTorch T5, interleaved.")
   t.add_argument("--json", action="store_true", help="Print one JSON object only.")
   t.add_argument("--profile_dir", default=None,

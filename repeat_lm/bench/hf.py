@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+# repeat_lm activation dtypes the peer runs under torch.autocast (by torch dtype name); float32 runs as it is.
+AUTOCAST_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 INSTALL_HINT = ("--compare=hf needs PyTorch and transformers: pip install -e '.[bench]' "
                 "(or pip install torch==2.13.0 transformers==5.24.0).")
 
@@ -31,10 +33,16 @@ def hf_config(config):
 
 
 class _TorchStep:
-  """T5ForConditionalGeneration + transformers' Adafactor (T5 settings: factored, decay -0.8, clip 1.0)."""
+  """T5ForConditionalGeneration + transformers' Adafactor (T5 settings: factored, decay -0.8, clip 1.0).
+
+  Activations in bfloat16 or float16 (repeat_lm's T5Config.dtype) run the forward pass under torch.autocast, the
+  mixed precision PyTorch users train with: float32 parameters and optimizer, matmuls in the low precision.
+  """
 
   def __init__(self, config, bench_cfg, threads: int):
     torch, transformers = _import()
+    self.autocast = AUTOCAST_DTYPES.get(str(config.dtype))
+    self._torch = torch
     torch.set_num_threads(threads)
     torch.manual_seed(bench_cfg.seed)
     self.model = transformers.T5ForConditionalGeneration(hf_config(config)).train()
@@ -47,7 +55,11 @@ class _TorchStep:
     self.labels = torch.from_numpy(rng.integers(2, config.vocab_size, (b, bench_cfg.targets_length)))
 
   def step(self) -> float:
-    loss = self.model(input_ids=self.inputs, labels=self.labels).loss
+    if self.autocast:
+      with self._torch.autocast("cpu", dtype=getattr(self._torch, self.autocast)):
+        loss = self.model(input_ids=self.inputs, labels=self.labels).loss
+    else:
+      loss = self.model(input_ids=self.inputs, labels=self.labels).loss
     loss.backward()
     self.optimizer.step()
     self.optimizer.zero_grad(set_to_none=True)

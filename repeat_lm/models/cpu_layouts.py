@@ -21,6 +21,10 @@ four slices of two rows one layer's attention core (forward and backward, alone)
 step 18 ms less (the median difference over 12 rounds alternating which ran first, 8 of them faster; 2.5 s steps);
 one slice per row made the step 145 ms slower.
 
+With bfloat16 activations (the gins' dtype) every dot here multiplies bfloat16 operands and accumulates in float32
+(`wide_matmul`), and `transposed` hands its dot a row-major copy, so that XLA keeps the operands in bfloat16: on a
+Zen 4 host with AVX512-BF16 the T5 v1.1 small bfloat16 step went from 5.27 to 3.58-3.83 s (float32: 4.9-5.1 s).
+
 Values are those of autodiff up to summation order (tests/models/test_cpu_layouts.py compares both). GPU and TPU
 compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models keep plain
 autodiff; REPEAT_LM_CPU_LAYOUTS=0 does the same on CPU (`repeat-lm bench report` measures the step both ways).
@@ -93,8 +97,15 @@ def attention_batch_chunks(batch: int, heads: int, q_len: int, k_len: int, items
 
 
 def transposed(x: Array) -> Array:
-  """x with its last two axes swapped, materialised (the barrier stops XLA folding the swap into the consuming dot)."""
-  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+  """x with its last two axes swapped, materialised (the barrier stops XLA folding the swap into the consuming dot).
+
+  The unit axis makes the copy row-major before the dot sees it. Without it XLA gives the swap a column-major
+  layout (a free relabelling), and its operand upcaster, which decides before layout assignment whether a
+  bfloat16 dot may keep bfloat16 operands, turns a dot whose operand is not row-major into a float32 one:
+  T5-small's [512, 4096] x [4096, 1024] weight gradient took 22 ms that way, 12.3 ms with the unit axis (float32
+  operands: 21 ms either way).
+  """
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2)[..., None])[..., 0]
 
 
 def materialised(x: Array) -> Array:
@@ -111,14 +122,14 @@ def materialised(x: Array) -> Array:
 
 
 def transposed_product(a_BxNxM: Array, b_BxNxP: Array) -> Array:
-  """a^T @ b ([*B, M, P], contracting N) computed as (b^T @ a)^T, for an `a` much bigger than b.
+  """a^T @ b ([*B, M, P] in float32, contracting N) computed as (b^T @ a)^T, for an `a` much bigger than b.
 
   Both forms are YNNPACK's; this one moves N x P + P x M values through transposes instead of a's N x M: in
   attention a is the [Q, K] weights (or logits gradient) and b the [Q, E] head vectors, 2 x 32K values against 256K
   per head of T5-small's encoder. The barrier stops XLA folding the last swap into the dot, which would then
   contract a's major axis again (and leave YNNPACK).
   """
-  product_BxPxM = jax.lax.optimization_barrier(jnp.matmul(transposed(b_BxNxP), a_BxNxM))
+  product_BxPxM = jax.lax.optimization_barrier(wide_matmul(transposed(b_BxNxP), a_BxNxM))
   return jnp.swapaxes(product_BxPxM, -1, -2)
 
 
@@ -131,8 +142,26 @@ def batch_sum(x_BxHxQxK: Array) -> Array:
 
 def _contract_last(a: Array, b: Array, b_axis: int, batch: int) -> Array:
   """a's last axis contracted with b's axis `b_axis`, the first `batch` axes of both batch axes (no reshapes, so the
-  forward pass shards as an einsum would)."""
-  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b_axis,)), (tuple(range(batch)), tuple(range(batch)))))
+  forward pass shards as an einsum would); accumulated in float32, returned in a's dtype."""
+  dims = (((a.ndim - 1,), (b_axis,)), (tuple(range(batch)), tuple(range(batch))))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def wide_matmul(a: Array, b: Array) -> Array:
+  """jnp.matmul accumulated (and returned) in float32.
+
+  YNNPACK's bfloat16 kernels write float32: a dot asked for a bfloat16 result fell to a slower kernel, 0.18-0.20
+  TFLOP/s against 0.33-0.41 with a float32 result on the Zen 4 machines with AVX512-BF16 (T5-small's projection,
+  attention and weight-gradient shapes; float32 operands ran at 0.17-0.22). Every dot of this module therefore
+  accumulates in float32, which is also what T5X's bfloat16 activations get from the TPU's MXU; the caller rounds
+  the result to the activation dtype where the next op takes that. float32 operands are unaffected.
+  """
+  return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def wide_einsum(spec: str, a: Array, b: Array) -> Array:
+  """jnp.einsum accumulated (and returned) in float32, as `wide_matmul`."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
@@ -156,7 +185,7 @@ def _matmul_bwd(residuals, g_BxNxO):
   # g's last axis against the kernel's minor one: already YNNPACK's form.
   dx = _contract_last(g_BxNxO, kernel_BxIxO, kernel_BxIxO.ndim - 1, batch).astype(x_BxNxI.dtype)
   # x is often the RMSNorm's or the gated GELU's output: materialised, so its transpose is a plain copy.
-  dkernel = jnp.matmul(transposed(materialised(flat(x_BxNxI))), flat(g_BxNxO)).astype(kernel_BxIxO.dtype)
+  dkernel = wide_matmul(transposed(materialised(flat(x_BxNxI))), flat(g_BxNxO)).astype(kernel_BxIxO.dtype)
   return dx, dkernel
 
 
@@ -174,7 +203,7 @@ def attention_weights(q_BxHxQxE: Array, k_BxHxKxE: Array, bias_1xHxQxK: Array | 
 
 
 def _attention_weights_fwd(q_BxHxQxE, k_BxHxKxE, bias_1xHxQxK, additive_mask_Bx1xQxK):
-  logits_BxHxQxK = jnp.einsum("bhqe,bhke->bhqk", q_BxHxQxE, k_BxHxKxE)
+  logits_BxHxQxK = wide_einsum("bhqe,bhke->bhqk", q_BxHxQxE, k_BxHxKxE)
   if bias_1xHxQxK is not None:
     logits_BxHxQxK = logits_BxHxQxK + bias_1xHxQxK
   if additive_mask_Bx1xQxK is not None:
@@ -188,7 +217,7 @@ def _attention_weights_bwd(residuals, dp_BxHxQxK):
   q_BxHxQxE, k_BxHxKxE, bias_1xHxQxK, p_BxHxQxK = residuals
   ds_BxHxQxK = p_BxHxQxK * (dp_BxHxQxK - jnp.sum(dp_BxHxQxK * p_BxHxQxK, axis=-1, keepdims=True))
   ds = ds_BxHxQxK.astype(q_BxHxQxE.dtype)
-  dq = jnp.einsum("bhqk,bhke->bhqe", ds, k_BxHxKxE)
+  dq = wide_einsum("bhqk,bhke->bhqe", ds, k_BxHxKxE)
   dk = transposed_product(ds, q_BxHxQxE)  # ds^T q
   dbias = None
   if bias_1xHxQxK is not None:
@@ -201,8 +230,9 @@ attention_weights.defvjp(_attention_weights_fwd, _attention_weights_bwd)
 
 @jax.custom_vjp
 def attention_values(weights_BxHxQxK: Array, v_BxHxKxE: Array) -> Array:
-  """weights @ values per batch row and head: [B, H, Q, K] @ [B, H, K, E] -> [B, H, Q, E]."""
-  return jnp.matmul(weights_BxHxQxK, v_BxHxKxE)
+  """weights @ values per batch row and head: [B, H, Q, K] @ [B, H, K, E] -> [B, H, Q, E] in float32 (the caller
+  rounds it once it has moved it)."""
+  return wide_matmul(weights_BxHxQxK, v_BxHxKxE)
 
 
 def _attention_values_fwd(weights_BxHxQxK, v_BxHxKxE):
@@ -211,7 +241,8 @@ def _attention_values_fwd(weights_BxHxQxK, v_BxHxKxE):
 
 def _attention_values_bwd(residuals, g_BxHxQxE):
   weights_BxHxQxK, v_BxHxKxE = residuals
-  dweights = jnp.einsum("bhqe,bhke->bhqk", g_BxHxQxE, v_BxHxKxE)
+  g_BxHxQxE = g_BxHxQxE.astype(v_BxHxKxE.dtype)  # the float32 output's gradient, back in the operands' dtype
+  dweights = wide_einsum("bhqe,bhke->bhqk", g_BxHxQxE, v_BxHxKxE)
   dv = transposed_product(weights_BxHxQxK, g_BxHxQxE)  # weights^T g
   return dweights.astype(weights_BxHxQxK.dtype), dv.astype(v_BxHxKxE.dtype)
 

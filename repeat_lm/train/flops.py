@@ -14,6 +14,7 @@ import functools
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def _dims(config) -> tuple[int, int, int, int, int]:
@@ -84,16 +85,23 @@ def known_peak_flops(device: jax.Device) -> float | None:
   return None
 
 
+def probe_product(a: jax.Array) -> jax.Array:
+  """a @ a accumulated in float32, the form every CPU dot of the models takes (cpu_layouts.wide_matmul): a bfloat16
+  product returned in bfloat16 runs a slower kernel there and would understate the peak."""
+  return jnp.matmul(a, a, preferred_element_type=jnp.float32)
+
+
 def matmul_rate(sizes: tuple[int, ...] = (2048, 3072), dtype: str = "float32", repeats: int = 8) -> float:
   """FLOP/s of large square matmuls on the first device: the CPU's practical peak, where no table entry exists.
 
   The best over sizes and runs: other load on the machine only ever slows a run down, and on the 2-core test
-  machine probes read anywhere between 0.37 and 0.51 TFLOP/s from one process to the next.
+  machine probes read anywhere between 0.37 and 0.51 TFLOP/s from one process to the next. `dtype` is the
+  operands' (the model's activation dtype): CPUs with bfloat16 dot instructions multiply bfloat16 about twice as fast.
   """
   best_rate = 0.0
   for n in sizes:
     x = jax.random.uniform(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
+    f = jax.jit(probe_product)
     f(x).block_until_ready()
     for _ in range(repeats):
       start = time.perf_counter()
@@ -109,34 +117,37 @@ QUICK_PROBE = {"sizes": (2048,), "repeats": 3}
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_peak(quick: bool = False) -> float:
-  """matmul_rate() measured once per process; `quick` (the trainer) probes one size three times instead.
-  Benchmarks take the full probe and probe again beside their rounds."""
-  return matmul_rate(**QUICK_PROBE) if quick else matmul_rate()
+def measured_matmul_peak(quick: bool = False, dtype: str = "float32") -> float:
+  """matmul_rate() of `dtype` operands measured once per process; `quick` (the trainer) probes one size three
+  times instead. Benchmarks take the full probe and probe again beside their rounds."""
+  return matmul_rate(**QUICK_PROBE, dtype=dtype) if quick else matmul_rate(dtype=dtype)
 
 
-def peak_flops_total(quick: bool = False) -> tuple[float, str]:
+def peak_flops_total(quick: bool = False, dtype: str = "float32") -> tuple[float, str]:
   """(peak FLOP/s of all devices of the job, where the number came from).
 
-  Accelerators: the table's per-chip peak times the chip count. CPU: the measured matmul rate, once per host,
-  because forced host-platform "devices" (XLA_FLAGS=--xla_force_host_platform_device_count) share the same cores;
-  `quick` for a number that is logged, not reported (measured_matmul_peak).
+  Accelerators: the table's per-chip peak times the chip count. CPU: the measured matmul rate of `dtype` operands
+  (the model's activation dtype), once per host, because forced host-platform "devices"
+  (XLA_FLAGS=--xla_force_host_platform_device_count) share the same cores; `quick` for a number that is logged, not
+  reported (measured_matmul_peak).
   """
   device = jax.devices()[0]
   peak = known_peak_flops(device)
   if peak is not None:
     return peak * jax.device_count(), f"table: {jax.device_count()} x {device.device_kind}"
-  return (measured_matmul_peak(quick) * jax.process_count(),
-          f"measured float32 matmul{' (quick probe)' if quick else ''} on {jax.process_count()} x "
+  dtype = jnp.dtype(dtype).name
+  return (measured_matmul_peak(quick, dtype) * jax.process_count(),
+          f"measured {dtype} matmul{' (quick probe)' if quick else ''} on {jax.process_count()} x "
           f"{device.device_kind} host(s)")
 
 
-def reprobed_peak(peak: float) -> float:
-  """A measured (CPU) peak raised to a fresh, shorter probe where that is faster; a table peak is returned as is.
+def reprobed_peak(peak: float, dtype: str = "float32") -> float:
+  """A measured (CPU) peak raised to a fresh, shorter probe of `dtype` operands where that is faster; a table peak
+  is returned as is.
 
   The CPU's speed drifts over minutes (shared machines), so a benchmark probes beside each of its timed rounds and
   keeps the best: the MFU it reports is then never inflated by one probe taken in a slow spell.
   """
   if known_peak_flops(jax.devices()[0]) is not None:
     return peak
-  return max(peak, matmul_rate(repeats=3) * jax.process_count())
+  return max(peak, matmul_rate(dtype=jnp.dtype(dtype).name, repeats=3) * jax.process_count())

@@ -216,7 +216,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   eval_batches = _eval_batches(eval_dataset_cfg, eval_steps) if eval_dataset_cfg else []
   flops_per_step = flops.train_flops_per_sequence(model.module.config, lengths["encoder_input_tokens"],
                                                   lengths["decoder_input_tokens"]) * cfg.batch_size
-  peak, peak_source = flops.peak_flops_total(quick=True)  # for the logged MFU; `bench train` probes fully
+  # For the logged MFU; `bench train` probes fully. On CPU the probe multiplies the model's activation dtype.
+  peak, peak_source = flops.peak_flops_total(quick=True, dtype=model.module.config.dtype)
   logging.info("Peak %.3g FLOP/s (%s); %.4g model FLOPs per step", peak, peak_source, flops_per_step)
 
   def meta(at_step: int) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """The benchmark times the trainer's own step, and reports numbers consistent with the FLOP counter."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -62,6 +64,21 @@ def test_compare_hf_runs_the_peer_in_its_own_process_and_stops_it():
   assert not multiprocessing.active_children()  # the peer was shut down
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_hf_peer_runs_low_precision_activations_under_autocast(dtype):
+  """Mixed precision on both sides: float32 parameters, matmuls in the activation dtype (torch.autocast)."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from repeat_lm.bench import hf
+  config = dataclasses.replace(tiny().module.config, dtype=dtype)
+  step = hf._TorchStep(config, CFG, threads=1)  # pylint: disable=protected-access
+  seen = []
+  step.model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+  assert np.isfinite(step.step())
+  assert seen == [getattr(torch, dtype)]
+  assert {p.dtype for p in step.model.parameters()} == {torch.float32}
+
+
 def test_report_markdown_has_every_measured_row():
   from repeat_lm.bench import report
   run = {"batch_size": 8, "device": "1 x cpu", "dtype": "float32", "step_time_s": 3.5, "step_time_min_s": 3.4,
@@ -74,11 +91,17 @@ def test_report_markdown_has_every_measured_row():
   compiled = {"params": 1000, "lower_time_s": 1.0, "compile_time_s": 2.0}
   # A slower probe in another process (0.42 TFLOP/s) leaves the peak at the highest one: every MFU is against it.
   slow_probe = {**run, "step_time_s": 4.2, "peak_flops": 4.2e11}
-  text = report.to_markdown({"train": [run], "ablations": [("as shipped", run), ("no malloc", slow_probe)],
+  # A bfloat16 run's MFU is against the bfloat16 probe (twice as fast here), which leaves the float32 rows alone.
+  bf16 = {**run, "dtype": "bfloat16", "step_time_s": 2.0, "peak_flops": 9.6e11, "peak_flops_source": "bf16 probe",
+          "hf": {"tokens_per_s": 2000.0, "autocast": "bfloat16"}}
+  text = report.to_markdown({"train": [run, bf16], "ablations": [("as shipped", run), ("no malloc", slow_probe)],
                              "compile": [(size, compiled) for size in report.ZOO]})
-  assert "| 3.500 (3.400-3.600) | 1430 | 0.240 | 50.0% | 1070 | 1.34x |" in text
+  assert "| float32 | 3.500 (3.400-3.600) | 1430 | 0.240 | 50.0% | 1070 | 1.34x |" in text
+  assert "| bfloat16 | 2.000 (3.400-3.600) | 1430 | 0.240 | 43.8% | 2000 | 1.34x |" in text
   assert "| no malloc | 4.200 (3.400-3.600) | 1430 | 41.7% |" in text
-  assert "Peak: 0.480 TFLOP/s (measured; the highest" in text
+  assert "Peak (float32 rows): 0.480 TFLOP/s (measured; the highest" in text
+  assert "Peak (bfloat16 rows): 0.960 TFLOP/s (bf16 probe; the highest" in text
+  assert "under `torch.autocast`" in text
   assert "[performance_accelerator.md](performance_accelerator.md)" in text
   assert "| 250.0 | ynn_fusion | `f32[8,512,512]` | `mlp/wo` |" in text
   assert all(f"| T5 v1.1 {size} | 1,000 | 1.0 | 2.0 |" in text for size in report.ZOO)

@@ -1,6 +1,8 @@
 """The CPU backward passes of cpu_layouts.py against plain autodiff, alone and inside MultiHeadAttention/MlpBlock,
 and the property they exist for: no dot of the compiled gradient is left outside XLA:CPU's library fusions."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,3 +219,46 @@ def test_matmul_batched_over_experts_equals_autodiff():
   _assert_close(_grads(cpu_layouts.matmul, x, kernel), _grads(plain, x, kernel))
   assert _top_level_dots(plain, x, kernel) >= 1
   assert _top_level_dots(cpu_layouts.matmul, x, kernel) == 0
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
+  """(lhs, rhs) element types of every dot in compiled HLO text, looked up in the computation that holds it."""
+  found = []
+  for computation in hlo.split("\n\n"):
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
+    for lhs, rhs in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", computation):
+      found.append((types.get(lhs, "?"), types.get(rhs, "?")))
+  return found
+
+
+def test_bfloat16_dots_keep_bfloat16_operands(monkeypatch):
+  """Every dot of a bfloat16 projection's and attention core's gradient multiplies bfloat16 (float32 accumulation):
+  XLA's operand upcaster turned a dot whose operand was a column-major transpose into a float32 one, at about half
+  the speed on CPUs with bfloat16 dot instructions (cpu_layouts.transposed)."""
+  x = jax.random.normal(KEYS[0], (4, 32, 64), jnp.bfloat16)
+  kernel = jax.random.normal(KEYS[1], (64, 96), jnp.bfloat16)
+  q, k, v = (jax.random.normal(key, (2, 4, 64, 16), jnp.bfloat16) for key in KEYS[2:5])
+  core = lambda q, k, v: cpu_layouts.attention_values(
+      cpu_layouts.attention_weights(q, k, None, None).astype(jnp.bfloat16), v)
+  for f, args in ((cpu_layouts.matmul, (x, kernel)), (core, (q, k, v))):
+    dots = _dot_operand_dtypes(_compiled_gradient(lambda *a, f=f: f(*a).astype(jnp.float32), *args))
+    assert dots and set(dots) == {("bf16", "bf16")}, dots
+  # The transpose without its unit axis (a column-major copy): the weight gradient's dot goes to float32.
+  monkeypatch.setattr(cpu_layouts, "transposed",
+                      lambda y: jax.lax.optimization_barrier(jnp.swapaxes(y, -1, -2)))
+  dots = _dot_operand_dtypes(_compiled_gradient(lambda *a: cpu_layouts.matmul(*a).astype(jnp.float32), x, kernel))
+  assert ("f32", "f32") in dots, dots
+
+
+def test_bfloat16_attention_core_is_close_to_float32():
+  """bfloat16 operands, float32 accumulation and softmax: within bfloat16 rounding of the float32 computation."""
+  q, k, v = (jax.random.normal(key, (2, 4, 64, 16)) for key in KEYS[2:5])
+  q = q / 4.0  # unit-variance logits, as T5's query initialisation gives (1/sqrt(head_dim))
+  core = lambda q, k, v: cpu_layouts.attention_values(
+      cpu_layouts.attention_weights(q, k, None, None).astype(v.dtype), v)
+  want = _grads(core, q, k, v)
+  got = _grads(core, *(a.astype(jnp.bfloat16) for a in (q, k, v)))
+  assert got[0].dtype == jnp.float32  # the product comes back in float32; the layer rounds it once moved
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9): errors of a few roundings, relative to the scale.
+    assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) < 0.02 * float(jnp.max(jnp.abs(w)))

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from repeat_lm.train import flops
@@ -53,11 +54,13 @@ def test_peak_table_prefers_longest_name():
 
 
 def test_reprobed_peak_keeps_the_best_probe_on_cpu_and_the_table_elsewhere(monkeypatch):
-  monkeypatch.setattr(flops, "matmul_rate", lambda repeats=8: 5e11)
+  dtypes = []
+  monkeypatch.setattr(flops, "matmul_rate", lambda dtype="float32", repeats=8: dtypes.append(dtype) or 5e11)
   assert flops.reprobed_peak(4e11) == 5e11  # a probe in a slow spell (4e11) is replaced by a faster one
-  assert flops.reprobed_peak(6e11) == 6e11  # and never lowers the peak
+  assert flops.reprobed_peak(6e11, "bfloat16") == 6e11  # and never lowers the peak
+  assert dtypes == ["float32", "bfloat16"]  # the probe multiplies the model's activation dtype
   monkeypatch.setattr(flops, "known_peak_flops", lambda device: 989e12)
-  monkeypatch.setattr(flops, "matmul_rate", lambda repeats=8: pytest.fail("a table peak is not probed"))
+  monkeypatch.setattr(flops, "matmul_rate", lambda **kw: pytest.fail("a table peak is not probed"))
   assert flops.reprobed_peak(989e12) == 989e12
 
 
@@ -69,8 +72,18 @@ def test_trainer_takes_the_quick_probe_and_benchmarks_the_full_one(monkeypatch):
     quick, quick_source = flops.peak_flops_total(quick=True)
     full, full_source = flops.peak_flops_total()
     flops.peak_flops_total(quick=True)  # measured once per process
+    _, bf16_source = flops.peak_flops_total(quick=True, dtype="bfloat16")  # and once per activation dtype
   finally:
     flops.measured_matmul_peak.cache_clear()  # the fake rate must not serve later tests
-  assert probes == [{"sizes": (2048,), "repeats": 3}, {}]
+  assert probes == [{"sizes": (2048,), "repeats": 3, "dtype": "float32"}, {"dtype": "float32"},
+                    {"sizes": (2048,), "repeats": 3, "dtype": "bfloat16"}]
   assert quick == full == 4e11 * jax.process_count()
   assert "(quick probe)" in quick_source and "quick" not in full_source
+  assert "measured float32 matmul" in full_source and "measured bfloat16 matmul" in bf16_source
+
+
+def test_matmul_probe_multiplies_the_given_dtype_and_accumulates_in_float32():
+  assert flops.matmul_rate(sizes=(64,), dtype="bfloat16", repeats=1) > 0
+  # The form every CPU dot of the models takes (cpu_layouts.wide_matmul); a bfloat16 result runs a slower kernel.
+  product = flops.probe_product(jnp.ones((8, 8), jnp.bfloat16))
+  assert product.dtype == jnp.float32 and float(product[0, 0]) == 8.0
