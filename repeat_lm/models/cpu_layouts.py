@@ -23,7 +23,7 @@ one slice per row made the step 145 ms slower.
 
 With bfloat16 activations (the gins' dtype) every dot here multiplies bfloat16 operands and accumulates in float32
 (`wide_matmul`), and `transposed` hands its dot a row-major copy, so that XLA keeps the operands in bfloat16: on a
-Zen 4 host with AVX512-BF16 the T5 v1.1 small bfloat16 step went from 5.27 to 3.58-3.83 s (float32: 4.9-5.1 s).
+Zen 4 host with AVX512-BF16 the T5 v1.1 small bfloat16 step went from 5.27 to 3.4-3.8 s (float32: 4.9-5.1 s).
 
 Values are those of autodiff up to summation order (tests/models/test_cpu_layouts.py compares both). GPU and TPU
 compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models keep plain
@@ -150,9 +150,9 @@ def _contract_last(a: Array, b: Array, b_axis: int, batch: int) -> Array:
 def wide_matmul(a: Array, b: Array) -> Array:
   """jnp.matmul accumulated (and returned) in float32.
 
-  YNNPACK's bfloat16 kernels write float32: a dot asked for a bfloat16 result fell to a slower kernel, 0.18-0.20
-  TFLOP/s against 0.33-0.41 with a float32 result on the Zen 4 machines with AVX512-BF16 (T5-small's projection,
-  attention and weight-gradient shapes; float32 operands ran at 0.17-0.22). Every dot of this module therefore
+  YNNPACK's bfloat16 kernels write float32: a dot asked for a bfloat16 result fell to a slower kernel, 0.13-0.20
+  TFLOP/s against 0.26-0.41 with a float32 result on a Zen 4 host with AVX512-BF16 (T5-small's projection,
+  attention, weight-gradient and logits shapes; float32 operands: 0.15-0.22). Every dot of this module therefore
   accumulates in float32, which is also what T5X's bfloat16 activations get from the TPU's MXU; the caller rounds
   the result to the activation dtype where the next op takes that. float32 operands are unaffected.
   """

@@ -71,10 +71,14 @@ def test_hf_peer_runs_low_precision_activations_under_autocast(dtype):
   pytest.importorskip("transformers")
   from repeat_lm.bench import hf
   config = dataclasses.replace(tiny().module.config, dtype=dtype)
-  step = hf._TorchStep(config, CFG, threads=1)  # pylint: disable=protected-access
-  seen = []
-  step.model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-  assert np.isfinite(step.step())
+  threads = torch.get_num_threads()
+  try:
+    step = hf._TorchStep(config, CFG, threads=threads)  # pylint: disable=protected-access
+    seen = []
+    step.model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    assert np.isfinite(step.step())
+  finally:
+    torch.set_num_threads(threads)  # the step sets the process' torch threads
   assert seen == [getattr(torch, dtype)]
   assert {p.dtype for p in step.model.parameters()} == {torch.float32}
 
