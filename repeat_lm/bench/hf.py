@@ -5,6 +5,7 @@ Needs the `bench` extra (torch, transformers).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -41,8 +42,9 @@ class _TorchStep:
 
   def __init__(self, config, bench_cfg, threads: int):
     torch, transformers = _import()
-    self.autocast = AUTOCAST_DTYPES.get(str(config.dtype))
-    self._torch = torch
+    autocast = AUTOCAST_DTYPES.get(str(config.dtype))
+    self._precision = ((lambda: torch.autocast("cpu", dtype=getattr(torch, autocast))) if autocast
+                       else contextlib.nullcontext)
     torch.set_num_threads(threads)
     torch.manual_seed(bench_cfg.seed)
     self.model = transformers.T5ForConditionalGeneration(hf_config(config)).train()
@@ -55,10 +57,7 @@ class _TorchStep:
     self.labels = torch.from_numpy(rng.integers(2, config.vocab_size, (b, bench_cfg.targets_length)))
 
   def step(self) -> float:
-    if self.autocast:
-      with self._torch.autocast("cpu", dtype=getattr(self._torch, self.autocast)):
-        loss = self.model(input_ids=self.inputs, labels=self.labels).loss
-    else:
+    with self._precision():
       loss = self.model(input_ids=self.inputs, labels=self.labels).loss
     loss.backward()
     self.optimizer.step()

@@ -16,6 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from repeat_lm.models import cpu_layouts
+
 
 def _dims(config) -> tuple[int, int, int, int, int]:
   d = config.emb_dim
@@ -86,9 +88,9 @@ def known_peak_flops(device: jax.Device) -> float | None:
 
 
 def probe_product(a: jax.Array) -> jax.Array:
-  """a @ a accumulated in float32, the form every CPU dot of the models takes (cpu_layouts.wide_matmul): a bfloat16
+  """a @ a in the form every CPU dot of the models takes (cpu_layouts.wide_matmul, float32 accumulation): a bfloat16
   product returned in bfloat16 runs a slower kernel there and would understate the peak."""
-  return jnp.matmul(a, a, preferred_element_type=jnp.float32)
+  return cpu_layouts.wide_matmul(a, a)
 
 
 def matmul_rate(sizes: tuple[int, ...] = (2048, 3072), dtype: str = "float32", repeats: int = 8) -> float:
