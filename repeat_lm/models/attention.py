@@ -176,13 +176,15 @@ class MultiHeadAttention(nn.Module):
       chunks = 1 if dropping else cpu_layouts.attention_batch_chunks(batch, heads, q_len, k_len)
       rows = batch // chunks  # the chunk count divides the batch
       outs = []
-      for start in range(0, batch, rows):
+      # A mask shared by the batch ([1, 1, Q, K]) serves every slice as it is.
+      masks = (additive_mask,) * chunks if additive_mask is None or additive_mask.shape[0] == 1 else (
+          cpu_layouts.batch_slices(additive_mask, rows))
+      for q, k, v, mask in zip(*(cpu_layouts.batch_slices(x, rows) for x in (q_BxQxHxE, k_BxKxHxE, v_BxKxHxE)),
+                               masks):
         # Each slice goes to heads-major and back on its own, and the float32 products are rounded once, joined:
         # alone, moving T5-small's [8, 6, 512, 64] encoder output that way took 0.21 ms against 1.34 for the whole
         # batch's bfloat16 transpose; inside the step the two were within the noise of 6 interleaved rounds.
-        # A mask shared by the batch ([1, 1, Q, K]) serves every slice as it is.
-        q, k, v = (heads_major(_batch_rows(x, start, start + rows)) for x in (q_BxQxHxE, k_BxKxHxE, v_BxKxHxE))
-        mask = _batch_rows(additive_mask, start, start + rows)
+        q, k, v = heads_major(q), heads_major(k), heads_major(v)
         weights_BxHxQxK = dropout(cpu_layouts.attention_weights(q, k, bias, mask).astype(self.dtype),
                                   self.dropout_rate, deterministic, dropout_scale)
         outs.append(heads_major(cpu_layouts.attention_values(weights_BxHxQxK, v)))
@@ -250,11 +252,6 @@ class MultiHeadAttention(nn.Module):
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BxQxHxE.astype(self.dtype), start)
     cache_index.value = index + 1
     return cached_key.value, cached_value.value
-
-
-def _batch_rows(x: Array | None, start: int, stop: int) -> Array | None:
-  """Rows start:stop of x's batch axis; None, and an axis of 1 (broadcast over the batch), as they are."""
-  return x if x is None or x.shape[0] == 1 else x[start:stop]
 
 
 def _cudnn_max_head_dim() -> int:

@@ -96,6 +96,31 @@ def attention_batch_chunks(batch: int, heads: int, q_len: int, k_len: int, items
   return batch // max(fitting) if fitting else 1
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def batch_slices(x: Array, rows: int) -> tuple[Array, ...]:
+  """x in consecutive slices of `rows` rows (its leading axis); their gradients are joined by one concatenation.
+
+  Autodiff transposes each slice into a zero-padded full-size array and adds them up: in T5-small's bfloat16 step
+  the four slices' query, key and value gradients of each encoder layer cost 5.6 ms per [4096, 384] result that way
+  (every element read through four transposed, padded branches with a rounding after each add), 136 ms a step.
+  Joined instead, the step took 0.29 s less in bfloat16 (3.88 against 4.14 s) and 0.10 s less in float32 (4.97
+  against 5.06 s): medians of the per-round differences over 6 rounds alternating which ran first, one process.
+  """
+  return tuple(x[start:start + rows] for start in range(0, x.shape[0], rows))
+
+
+def _batch_slices_fwd(x, rows):
+  return batch_slices(x, rows), None
+
+
+def _batch_slices_bwd(rows, _, gs):
+  del rows
+  return (jnp.concatenate(gs),)
+
+
+batch_slices.defvjp(_batch_slices_fwd, _batch_slices_bwd)
+
+
 def transposed(x: Array) -> Array:
   """x with its last two axes swapped, materialised (the barrier stops XLA folding the swap into the consuming dot).
 

@@ -104,6 +104,18 @@ def test_attention_in_batch_slices_is_the_same_layer(monkeypatch, dropout_rate):
   _assert_close(sliced, _grads(run, params, x, bias))
 
 
+def test_batch_slice_gradients_are_joined_not_padded_and_added():
+  x = jax.random.normal(KEYS[0], (8, 6, 4))
+  weights = jax.random.normal(KEYS[1], (4, 6, 4))  # a different function of each slice
+  plain_slices = lambda x: tuple(x[i:i + 2] for i in range(0, 8, 2))
+  per_slice = lambda slices: jnp.concatenate([jnp.sin(s) * w for s, w in zip(slices, weights)])
+  ours, plain = (lambda x: per_slice(cpu_layouts.batch_slices(x, 2))), (lambda x: per_slice(plain_slices(x)))
+  assert [s.shape for s in cpu_layouts.batch_slices(x, 2)] == [(2, 6, 4)] * 4
+  _assert_close(_grads(ours, x), _grads(plain, x), rtol=0, atol=0)
+  assert " pad(" in _compiled_gradient(plain, x)  # autodiff: each slice's gradient zero-padded, then summed
+  assert " pad(" not in _compiled_gradient(ours, x)
+
+
 def test_attention_batch_slices_fit_half_the_last_level_cache(monkeypatch):
   monkeypatch.setattr(cpu_layouts, "last_level_cache_bytes", lambda: 32 * 2**20)
   chunks = cpu_layouts.attention_batch_chunks
