@@ -90,6 +90,36 @@ def test_rms_norm_matches_numpy():
   assert norm.init(KEY, x)["params_axes"]["scale_axes"].names == ("embed",)
 
 
+def test_bfloat16_rms_norm_is_t5xs_product_with_a_float32_scale_gradient():
+  """The output and input gradient are bit for bit T5X's (normalised x and scale multiplied in bfloat16); the
+  scale's gradient sums unrounded float32 products, so it is at least as close to the exact sum as T5X's sum of
+  rounded ones."""
+  x = jax.random.normal(KEY, (4, 64, 32)).astype(jnp.bfloat16)
+  g = jax.random.normal(jax.random.key(1), x.shape).astype(jnp.bfloat16)
+  scale = jnp.linspace(0.5, 2.0, 32)
+
+  def t5x(x, scale):
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, -1, keepdims=True) + 1e-6)).astype(jnp.bfloat16)
+    return y * scale.astype(jnp.bfloat16)
+
+  ours = lambda x, scale: layers.RMSNorm(1e-6, jnp.bfloat16).apply({"params": {"scale": scale}}, x)
+  (out, vjp), (want, want_vjp) = jax.vjp(ours, x, scale), jax.vjp(t5x, x, scale)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+  (dx, dscale), (want_dx, want_dscale) = vjp(g), want_vjp(g)
+  np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(want_dx, np.float32))
+  x32 = np.asarray(x, np.float32)
+  y = np.asarray((x32 / np.sqrt(np.mean(x32 ** 2, -1, keepdims=True) + 1e-6)).astype(jnp.bfloat16), np.float64)
+  exact = np.sum(y * np.asarray(g, np.float64), axis=(0, 1))
+  assert np.abs(dscale - exact).max() <= np.abs(want_dscale - exact).max()
+  np.testing.assert_allclose(dscale, exact, rtol=2**-8)  # the sum rounded once (the scale enters as bfloat16)
+  # What it is for: XLA:CPU reduces the float32 products in a fused pass, the rounded ones in a windowed reduction.
+  program = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), (0, 1))).lower(
+      x, scale).compile().as_text()
+  assert "reduce-window" in program(t5x) and "reduce-window" not in program(ours)
+
+
 def test_attention_has_no_logit_scaling_and_scales_query_init():
   d, heads, head_dim = 256, 4, 64
   attention = attention_lib.MultiHeadAttention(heads, head_dim)
