@@ -49,13 +49,13 @@ class RMSNorm(nn.Module):
     scale = param_with_axes("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32, axes=("embed",))
     x32 = x.astype(jnp.float32)
     mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = (x32 * jax.lax.rsqrt(mean_square + self.epsilon)).astype(self.dtype)
+    y = x32 * jax.lax.rsqrt(mean_square + self.epsilon)
     # T5X multiplies y and the scale in the activation dtype. Two bfloat16 values multiply exactly in float32, so
     # multiplying there and rounding once is that same product (and the same input gradient); the scale's gradient
     # then sums unrounded float32 products, which XLA:CPU reduces in one fused pass where bfloat16 products took a
     # materialised float32 copy and a slow windowed reduction: the norms' ops in T5-small's bfloat16 step took 83
     # ms against 153 (one profile each, `repeat-lm bench train --profile_dir`).
-    wide = lambda a: a.astype(self.dtype).astype(jnp.float32)
+    wide = lambda a: a.astype(self.dtype).astype(jnp.float32)  # rounded to the activation dtype, as T5X's casts
     return (wide(y) * wide(scale)).astype(self.dtype)
 
 
