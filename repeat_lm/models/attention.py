@@ -167,7 +167,7 @@ class MultiHeadAttention(nn.Module):
     bias = None if bias_1xHxQxK is None else bias_1xHxQxK.astype(logits_dtype)
     # Both paths drop out attention weights, as T5 (Mesh TF), T5X and Hugging Face do.
     if cpu_layouts.explicit_transposes():  # the same values; every backward dot in YNNPACK's form (cpu_layouts.py)
-      heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, L, H, E] <-> [B, H, L, E]
+      heads_major = cpu_layouts.swapped_heads  # [B, L, H, E] <-> [B, H, L, E], row-major both ways
       batch, q_len, heads = q_BxQxHxE.shape[:3]
       k_len = k_BxKxHxE.shape[1]
       # Cache-sized batch slices (cpu_layouts.attention_batch_chunks); with attention dropout one slice, so the

@@ -133,6 +133,28 @@ def transposed(x: Array) -> Array:
   return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2)[..., None])[..., 0]
 
 
+def _swap_row_major(x: Array) -> Array:
+  """x with axes 1 and 2 swapped, materialised row-major (the unit axis, as in `transposed`)."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, 1, 2)[..., None])[..., 0]
+
+
+@jax.custom_vjp
+def swapped_heads(x: Array) -> Array:
+  """[B, L, H, E] <-> [B, H, L, E] (axes 1 and 2 swapped), a row-major copy in the forward and the backward pass.
+
+  The attention core's dots take heads-major operands. A plain swap is a free relabelling to XLA, which then hands
+  the dot a column-major operand, and the bfloat16 operand upcaster (see `transposed`) makes that dot float32: in
+  the bfloat16 T5-small step the q.k, weights @ v, dp and dq dots all ran with float32 operands. Autodiff's
+  backward of a swap is another swap, so the gradients arriving in the core were column-major too; here both
+  directions are copies. One [2, 6, 512, 512] slice of the encoder's attention core (forward and backward,
+  bfloat16): 18.2 -> 13.6 ms (medians of 9).
+  """
+  return _swap_row_major(x)
+
+
+swapped_heads.defvjp(lambda x: (_swap_row_major(x), None), lambda _, g: (_swap_row_major(g),))
+
+
 def materialised(x: Array) -> Array:
   """x, read from memory by its consumers instead of recomputed inside them.
 

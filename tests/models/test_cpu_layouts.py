@@ -262,6 +262,27 @@ def test_bfloat16_dots_keep_bfloat16_operands(monkeypatch):
   assert ("f32", "f32") in dots, dots
 
 
+def test_swapped_heads_is_a_swap_both_ways():
+  x = jax.random.normal(KEYS[0], (2, 5, 3, 4))  # [B, L, H, E]
+  assert cpu_layouts.swapped_heads(x).shape == (2, 3, 5, 4)
+  plain = lambda x: jnp.sin(jnp.swapaxes(x, 1, 2))
+  _assert_close(_grads(lambda x: jnp.sin(cpu_layouts.swapped_heads(x)), x), _grads(plain, x), rtol=0, atol=0)
+
+
+def test_bfloat16_attention_layer_dots_keep_bfloat16_operands(monkeypatch):
+  """Inside MultiHeadAttention too: the core's heads-major operands, and the gradients that come back to it, are
+  row-major copies (cpu_layouts.swapped_heads), so no dot of the layer's gradient is upcast to float32."""
+  x = jax.random.normal(KEYS[0], (2, 64, 32), jnp.bfloat16)
+  module = attention_lib.MultiHeadAttention(num_heads=4, head_dim=16, dtype=jnp.bfloat16)
+  params = module.init(KEYS[2], x, x, None, None, True)
+  run = lambda p, x: module.apply(p, x, x, None, None, True).astype(jnp.float32)
+  operand_types = lambda: set(_dot_operand_dtypes(_compiled_gradient(run, params, x)))
+  assert operand_types() == {("bf16", "bf16")}
+  # A plain swap (a relabelling XLA lays out column-major) sends the core's dots to float32.
+  monkeypatch.setattr(cpu_layouts, "swapped_heads", lambda y: jnp.swapaxes(y, 1, 2))
+  assert ("f32", "f32") in operand_types()
+
+
 def test_bfloat16_attention_core_is_close_to_float32():
   """bfloat16 operands, float32 accumulation and softmax: within bfloat16 rounding of the float32 computation."""
   q, k, v = (jax.random.normal(key, (2, 4, 64, 16)) for key in KEYS[2:5])
