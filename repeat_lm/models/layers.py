@@ -174,6 +174,56 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": jax.nn.relu,
     "linear": lambda x: x,
 }
+_SQRT_2_OVER_PI = np.float32(np.sqrt(2 / np.pi))
+
+
+def _gelu_and_slope(x: Array) -> tuple[Array, Array]:
+  """jax.nn.gelu(x, approximate=True) and its derivative, in x's dtype (float32 here)."""
+  t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+  cdf = 0.5 * (1.0 + t)
+  return x * cdf, cdf + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+
+
+@jax.custom_vjp
+def gated_gelu(gate: Array, linear: Array) -> Array:
+  """gelu(gate) * linear (T5 v1.1's gated GELU), computed in float32 and rounded to the inputs' dtype once.
+
+  With bfloat16 activations autodiff's form rounds after every one of its ~10 elementwise ops, forward and
+  backward, and XLA:CPU spends a pass on each rounding: the gated GELU of one T5-small encoder layer ([8, 512,
+  1024], forward and backward) took 12.1 ms that way, 4.7 ms here (medians of 7), and the whole bfloat16 step 0.11
+  s less (3.47 -> 3.33 s; one process, 8 rounds alternating which ran first, faster in all 8). It also lands closer
+  to the float32 result (largest error 0.031 against 0.055-0.15 on unit-normal inputs), and XLA's GPU fusions keep
+  such intermediates in float32 by default too (excess precision). The backward pass recomputes the GELU from the two
+  saved inputs rather than saving float32 intermediates. float32 activations: autodiff's values up to rounding, and
+  the same step time.
+  """
+  gelu, _ = _gelu_and_slope(gate.astype(jnp.float32))
+  return (gelu * linear.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _gated_gelu_fwd(gate, linear):
+  return gated_gelu(gate, linear), (gate, linear)
+
+
+def _gated_gelu_bwd(residuals, g):
+  gate, linear = residuals
+  gelu, slope = _gelu_and_slope(gate.astype(jnp.float32))
+  g = g.astype(jnp.float32)
+  return (g * linear.astype(jnp.float32) * slope).astype(gate.dtype), (g * gelu).astype(linear.dtype)
+
+
+gated_gelu.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
+
+
+def activate(names: Sequence[str], projections: Sequence[Array]) -> Array:
+  """The product of each projection's activation (MlpBlock's and the MoE experts' hidden layer)."""
+  if tuple(names) == ("gelu", "linear"):
+    return gated_gelu(*projections)
+  hidden = None
+  for name, h in zip(names, projections):
+    h = _ACTIVATIONS[name](h)
+    hidden = h if hidden is None else hidden * h
+  return hidden
 
 
 class MlpBlock(nn.Module):
@@ -185,14 +235,14 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, deterministic: bool, dropout_scale: Array | float = 1.0) -> Array:
-    hidden_BxLxF = None
+    projections = []
     for i, name in enumerate(self.activations):
       if name not in _ACTIVATIONS:
         raise ValueError(f"Unknown MLP activation {name!r}; choose from {sorted(_ACTIVATIONS)}.")
       dense_name = "wi" if len(self.activations) == 1 else f"wi_{i}"
-      h = DenseGeneral(self.mlp_dim, kernel_axes=("embed", "mlp"), dtype=self.dtype, name=dense_name)(x_BxLxD)
-      h = _ACTIVATIONS[name](h)
-      hidden_BxLxF = h if hidden_BxLxF is None else hidden_BxLxF * h
+      projections.append(
+          DenseGeneral(self.mlp_dim, kernel_axes=("embed", "mlp"), dtype=self.dtype, name=dense_name)(x_BxLxD))
+    hidden_BxLxF = activate(self.activations, projections)
     hidden_BxLxF = dropout(hidden_BxLxF, self.dropout_rate, deterministic, dropout_scale)
     hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
     out_BxLxD = DenseGeneral(x_BxLxD.shape[-1], kernel_axes=("mlp", "embed"), dtype=self.dtype, name="wo")(hidden_BxLxF)

@@ -235,15 +235,14 @@ class Experts(nn.Module):
     matmul = (cpu_layouts.matmul if cpu_layouts.explicit_transposes()
               else lambda x, k: jnp.einsum("egci,eio->egco", x, k))
     hidden_axes = ("expert", "expert_replicas", "length", "expert_mlp")
-    hidden = None
+    projections = []
     for i, name in enumerate(self.activations):
       if name not in _ACTIVATIONS:
         raise ValueError(f"Unknown expert activation {name!r}; choose from {sorted(_ACTIVATIONS)}.")
       kernel = param_with_axes("wi" if len(self.activations) == 1 else f"wi_{i}", expert_init, (e, d, f),
                                jnp.float32, axes=("expert", "embed", "expert_mlp"))
-      h = matmul(x_ExGxCxD, jnp.asarray(kernel, self.dtype))
-      h = _ACTIVATIONS[name](nn.with_logical_constraint(h, hidden_axes))
-      hidden = h if hidden is None else hidden * h
+      projections.append(nn.with_logical_constraint(matmul(x_ExGxCxD, jnp.asarray(kernel, self.dtype)), hidden_axes))
+    hidden = layers.activate(self.activations, projections)
     hidden = layers.dropout(hidden, self.dropout_rate, deterministic, dropout_scale)
     wo = param_with_axes("wo", expert_init, (e, f, d), jnp.float32, axes=("expert", "expert_mlp", "embed"))
     return matmul(hidden, jnp.asarray(wo, self.dtype))

@@ -172,6 +172,40 @@ def test_mlp_block(activations, kernels):
   np.testing.assert_allclose(mlp.apply(variables, x, True), h @ np.asarray(p["wo"]["kernel"]), rtol=1e-5, atol=1e-5)
 
 
+def _gated_gelu_and_grads(f, gate, linear, probe):
+  out, pull = jax.vjp(f, gate, linear)
+  return (out, *pull(probe.astype(out.dtype)))
+
+
+def test_gated_gelu_is_autodiffs_in_float32_and_rounds_once_in_bfloat16():
+  gate, linear, probe = jax.random.normal(KEY, (3, 64, 48))
+  autodiff = lambda a, b: jax.nn.gelu(a, approximate=True) * b
+  want = _gated_gelu_and_grads(autodiff, gate, linear, probe)  # float32: the reference
+  for got, ref in zip(_gated_gelu_and_grads(layers.gated_gelu, gate, linear, probe), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+  bf16 = [x.astype(jnp.bfloat16) for x in (gate, linear, probe)]
+  on_bf16 = [jax.tree.map(lambda x: x.astype(jnp.float32), r)
+             for r in (_gated_gelu_and_grads(layers.gated_gelu, *bf16), _gated_gelu_and_grads(autodiff, *bf16))]
+  ours, per_op = on_bf16
+  # The float32 computation on the bfloat16 inputs, rounded once (to within one bfloat16 step: the float32 values
+  # may differ in their last bits, e.g. where the compiler fuses a multiply-add, and round the other way).
+  wide = [x.astype(jnp.float32) for x in bf16]
+  once = _gated_gelu_and_grads(autodiff, *wide)
+  for got, ref in zip(ours, once):
+    np.testing.assert_allclose(got, ref.astype(jnp.bfloat16).astype(jnp.float32), rtol=2**-7, atol=1e-30)
+  # Autodiff's bfloat16 form rounds after every op: further from the float32 result than one rounding.
+  error = lambda r: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(r, once))
+  assert error(ours) < error(per_op)
+
+
+def test_moe_and_dense_gated_gelu_share_the_activation():
+  x, y = jax.random.normal(KEY, (2, 4, 8))
+  np.testing.assert_array_equal(layers.activate(("gelu", "linear"), (x, y)), layers.gated_gelu(x, y))
+  np.testing.assert_array_equal(layers.activate(("relu",), (x,)), jax.nn.relu(x))
+  np.testing.assert_array_equal(layers.activate(("relu", "linear"), (x, y)), jax.nn.relu(x) * y)
+
+
 def test_masks():
   valid = jnp.array([[True, True, False]])
   np.testing.assert_array_equal(attention_lib.make_attention_mask(valid, valid)[0, 0],
