@@ -174,7 +174,7 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": jax.nn.relu,
     "linear": lambda x: x,
 }
-_SQRT_2_OVER_PI = np.float32(np.sqrt(2 / np.pi))
+_SQRT_2_OVER_PI = np.float32(np.sqrt(2 / np.pi))  # the tanh approximation's constant, as jax.nn.gelu's
 
 
 def _gelu_and_slope(x: Array) -> tuple[Array, Array]:

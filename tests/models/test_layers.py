@@ -199,7 +199,7 @@ def test_gated_gelu_is_autodiffs_in_float32_and_rounds_once_in_bfloat16():
   assert error(ours) < error(per_op)
 
 
-def test_moe_and_dense_gated_gelu_share_the_activation():
+def test_activate_takes_gated_gelu_for_gelu_linear_and_multiplies_otherwise():
   x, y = jax.random.normal(KEY, (2, 4, 8))
   np.testing.assert_array_equal(layers.activate(("gelu", "linear"), (x, y)), layers.gated_gelu(x, y))
   np.testing.assert_array_equal(layers.activate(("relu",), (x,)), jax.nn.relu(x))
