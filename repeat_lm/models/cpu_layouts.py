@@ -121,8 +121,9 @@ def _batch_slices_bwd(rows, _, gs):
 batch_slices.defvjp(_batch_slices_fwd, _batch_slices_bwd)
 
 
-def transposed(x: Array) -> Array:
-  """x with its last two axes swapped, materialised (the barrier stops XLA folding the swap into the consuming dot).
+def transposed(x: Array, axes: tuple[int, int] = (-1, -2)) -> Array:
+  """x with two axes (the last two unless given) swapped, materialised (the barrier stops XLA folding the swap into
+  the consuming dot).
 
   The unit axis makes the copy row-major before the dot sees it. Without it XLA gives the swap a column-major
   layout (a free relabelling), and its operand upcaster, which decides before layout assignment whether a
@@ -130,12 +131,7 @@ def transposed(x: Array) -> Array:
   T5-small's [512, 4096] x [4096, 1024] weight gradient took 22 ms that way, 12.3 ms with the unit axis (float32
   operands: 21 ms either way).
   """
-  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2)[..., None])[..., 0]
-
-
-def _swap_row_major(x: Array) -> Array:
-  """x with axes 1 and 2 swapped, materialised row-major (the unit axis, as in `transposed`)."""
-  return jax.lax.optimization_barrier(jnp.swapaxes(x, 1, 2)[..., None])[..., 0]
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, *axes)[..., None])[..., 0]
 
 
 @jax.custom_vjp
@@ -151,10 +147,10 @@ def swapped_heads(x: Array) -> Array:
   alternating which ran first, the new one faster in 5, median difference 0.28 s). float32: the same values, and
   the step within the noise (5.23 against 5.24 s, median difference 0.07 s in the new one's favour).
   """
-  return _swap_row_major(x)
+  return transposed(x, (1, 2))
 
 
-swapped_heads.defvjp(lambda x: (_swap_row_major(x), None), lambda _, g: (_swap_row_major(g),))
+swapped_heads.defvjp(lambda x: (transposed(x, (1, 2)), None), lambda _, g: (transposed(g, (1, 2)),))
 
 
 def materialised(x: Array) -> Array:
