@@ -237,6 +237,39 @@ def _matmul_bwd(residuals, g_BxNxO):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rounded_matmul(x_NxI: Array, kernel_IxO: Array, operand_dtype: jnp.dtype) -> Array:
+  """[..., I] @ [I, O] with both operands rounded to `operand_dtype`, accumulated and returned in float32; the
+  kernel's gradient stays float32.
+
+  The output logits of a bfloat16 model (layers.DenseGeneral's `operand_dtype`): T5X's float32 `logits_dense` at
+  XLA's default precision, which on TPU is this product (one bfloat16 pass, float32 accumulation) forward and
+  backward. On CPU a float32 dot is exact and runs at half the bfloat16 rate: T5-small's logits dots took 0.44 s of a
+  3.2 s bfloat16 step, and this form made the step 0.27 s faster (3.20 -> 2.93 s, medians over 6 rounds in one
+  process alternating which ran first, faster in all 6). The float32 gradient arriving is rounded once, as the TPU
+  rounds it inside each dot.
+  """
+  dims = (((x_NxI.ndim - 1,), (0,)), ((), ()))
+  return jax.lax.dot_general(x_NxI.astype(operand_dtype), kernel_IxO.astype(operand_dtype), dims,
+                             preferred_element_type=jnp.float32)
+
+
+def _rounded_matmul_fwd(x_NxI, kernel_IxO, operand_dtype):
+  return rounded_matmul(x_NxI, kernel_IxO, operand_dtype), (x_NxI, kernel_IxO)
+
+
+def _rounded_matmul_bwd(operand_dtype, residuals, g_NxO):
+  x_NxI, kernel_IxO = residuals
+  x_r, kernel_r, g_r = (a.astype(operand_dtype) for a in (x_NxI, kernel_IxO, g_NxO))
+  dx = _contract_last(g_r, kernel_r, 1, 0).astype(x_NxI.dtype)
+  flat = lambda a: a.reshape(-1, a.shape[-1])
+  dkernel = wide_matmul(transposed(materialised(flat(x_r))), flat(g_r)).astype(kernel_IxO.dtype)
+  return dx, dkernel
+
+
+rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd)
+
+
 @jax.custom_vjp
 def attention_weights(q_BxHxQxE: Array, k_BxHxKxE: Array, bias_1xHxQxK: Array | None,
                       additive_mask_Bx1xQxK: Array | None) -> Array:

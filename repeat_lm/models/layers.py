@@ -70,6 +70,9 @@ class DenseGeneral(nn.Module):
   num_in_axes: int = 1
   dtype: DType = jnp.float32
   kernel_init: Callable = default_kernel_init
+  # A narrower dtype both operands are rounded to, the product accumulating in float32 and returned in float32
+  # (`dtype` must then be float32): T5X's float32 projection at XLA's default precision on TPU. None: `dtype`.
+  operand_dtype: DType | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -77,6 +80,15 @@ class DenseGeneral(nn.Module):
     batch_shape, in_shape = x.shape[:-self.num_in_axes], x.shape[-self.num_in_axes:]
     kernel = param_with_axes("kernel", self.kernel_init, (int(np.prod(in_shape)), int(np.prod(features))),
                              jnp.float32, axes=self.kernel_axes)
+    if self.operand_dtype is not None and jnp.dtype(self.operand_dtype) != jnp.dtype(self.dtype):
+      if jnp.dtype(self.dtype) != jnp.float32:
+        raise ValueError(f"DenseGeneral(operand_dtype={self.operand_dtype}) returns float32; got dtype={self.dtype}.")
+      x_2d = jnp.asarray(x, self.operand_dtype).reshape(*batch_shape, -1)
+      if cpu_layouts.explicit_transposes():
+        y = cpu_layouts.rounded_matmul(x_2d, kernel, jnp.dtype(self.operand_dtype))
+      else:  # GPU and TPU: autodiff of the same product (the kernel's gradient comes back in operand_dtype)
+        y = jnp.matmul(x_2d, kernel.astype(self.operand_dtype), preferred_element_type=jnp.float32)
+      return y.reshape(*batch_shape, *features)
     x_2d = jnp.asarray(x, self.dtype).reshape(*batch_shape, -1)
     kernel = jnp.asarray(kernel, self.dtype)
     y = cpu_layouts.matmul(x_2d, kernel) if cpu_layouts.explicit_transposes() else x_2d @ kernel

@@ -64,6 +64,9 @@ class T5Config:
   droppath_rate: float = 0.0  # stochastic depth: per-row drop of each residual branch
   droppath_depth_scaling: str = "constant"  # 'constant' | 'linear' (layer l of L: rate * (l + 1) / L)
   logits_via_embedding: bool = False  # tie output projection to the token embedding (then logits / sqrt(D))
+  # False: logits_dense multiplies in the activation dtype, accumulating and returning float32 (what T5X's float32
+  # logits_dense computes on TPU at default precision; MaxText's default). True: exact float32 operands.
+  logits_dot_in_fp32: bool = False
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
@@ -349,7 +352,9 @@ class Transformer(nn.Module):
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg)
     if not cfg.logits_via_embedding:
-      self.logits_dense = layers.DenseGeneral(cfg.vocab_size, kernel_axes=("embed", "vocab"), dtype=jnp.float32)
+      self.logits_dense = layers.DenseGeneral(
+          cfg.vocab_size, kernel_axes=("embed", "vocab"), dtype=jnp.float32,
+          operand_dtype=None if cfg.logits_dot_in_fp32 else cfg.activation_dtype)
 
   @property
   def scan_layers(self) -> bool:

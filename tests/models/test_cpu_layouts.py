@@ -295,3 +295,41 @@ def test_bfloat16_attention_core_is_close_to_float32():
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     # bfloat16 keeps 8 significant bits (relative rounding 2^-9): errors of a few roundings, relative to the scale.
     assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) < 0.02 * float(jnp.max(jnp.abs(w)))
+
+
+def test_rounded_matmul_is_the_rounded_product_with_a_float32_kernel_gradient(monkeypatch):
+  """layers.DenseGeneral(operand_dtype=bfloat16): forward and input gradient are the products of bfloat16-rounded
+  operands (the float32 gradient rounded once), accumulated in float32; the kernel gradient is not rounded after
+  the product, so it matches the float64 sum of rounded products to float32 accuracy, where bfloat16 would be off by
+  up to 2^-9. Autodiff's form (GPU, TPU) gives the same forward and input gradient."""
+  x = jax.random.normal(KEYS[0], (3, 5, 16)).astype(jnp.bfloat16)
+  kernel = jax.random.normal(KEYS[1], (16, 24))
+  dense = layers.DenseGeneral(24, ("embed", "vocab"), dtype=jnp.float32, operand_dtype=jnp.bfloat16)
+  run = lambda kernel, x: dense.apply({"params": {"kernel": kernel}}, x)
+  out, (dkernel, dx) = _grads(run, kernel, x)
+  probe = np.asarray(jax.random.normal(KEYS[7], out.shape), np.float64)  # _grads' read-out
+  r = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+  assert out.dtype == dkernel.dtype == jnp.float32 and dx.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out, r(x) @ r(kernel), rtol=1e-5, atol=1e-5)
+  want_dx = r(probe) @ r(kernel).T
+  assert np.abs(np.asarray(dx, np.float64) - want_dx).max() <= 2**-8 * np.abs(want_dx).max()
+  want_dkernel = np.einsum("btd,btv->dv", r(x), r(probe))
+  np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(r(want_dkernel), want_dkernel, rtol=1e-5, atol=1e-5)  # bfloat16 would not pass that
+  dots = _dot_operand_dtypes(_compiled_gradient(lambda k, x: run(k, x), kernel, x))
+  assert dots and set(dots) == {("bf16", "bf16")}, dots
+
+  monkeypatch.setattr(cpu_layouts, "explicit_transposes", lambda: False)
+  plain_out, (plain_dkernel, plain_dx) = _grads(run, kernel, x)
+  np.testing.assert_allclose(plain_out, out, rtol=1e-5, atol=1e-5)
+  # Within a few bfloat16 roundings of the scale: autodiff may round the float32 gradient inside the dot, and it
+  # rounds the kernel's gradient to bfloat16.
+  for plain, ours in ((plain_dx, dx), (plain_dkernel, dkernel)):
+    ours = np.asarray(ours, np.float32)
+    assert np.abs(np.asarray(plain, np.float32) - ours).max() <= 2**-7 * np.abs(ours).max()
+
+
+def test_dense_general_operand_dtype_needs_a_float32_result():
+  dense = layers.DenseGeneral(4, ("embed", "vocab"), dtype=jnp.bfloat16, operand_dtype=jnp.float16)
+  with pytest.raises(ValueError, match="returns float32"):
+    dense.init(KEYS[0], jnp.ones((2, 3)))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 from pathlib import Path
 
 import gin
@@ -231,6 +232,19 @@ def test_bfloat16_activations_and_tied_logits():
   assert "logits_dense" not in tied_params
   assert t5.param_count(tied_params) == t5.param_count(params) - TINY.emb_dim * TINY.vocab_size
   assert np.isfinite(forward(tied, tied_params, batch)).all()
+
+
+@pytest.mark.parametrize("logits_dot_in_fp32, operands", [(False, "bf16"), (True, "f32")])
+def test_bfloat16_logits_dense_operands(logits_dot_in_fp32, operands):
+  """A bfloat16 model's logits_dense multiplies bfloat16 operands into float32 logits (T5X's float32 logits_dense
+  at TPU's default precision), or exact float32 ones with logits_dot_in_fp32; the logits are float32 either way."""
+  cfg = dataclasses.replace(TINY, dtype="bfloat16", logits_dot_in_fp32=logits_dot_in_fp32)
+  batch = make_batch()
+  lowered = jax.jit(lambda p: forward(cfg, p, batch)).lower(init(TINY)["params"]).as_text()
+  d, v = TINY.emb_dim, TINY.vocab_size
+  logits_dots = re.findall(rf"dot_general.*: \(tensor<[0-9x]*x{d}x(\w+)>, tensor<{d}x{v}x(\w+)>\) -> "
+                           rf"tensor<[0-9x]*x{v}xf32>", lowered)
+  assert logits_dots == [(operands, operands)], logits_dots
 
 
 def test_dropout_only_when_enabled():
