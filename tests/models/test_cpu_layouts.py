@@ -316,7 +316,7 @@ def test_rounded_matmul_is_the_rounded_product_with_a_float32_kernel_gradient(mo
   want_dkernel = np.einsum("btd,btv->dv", r(x), r(probe))
   np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-5, atol=1e-5)
   assert not np.allclose(r(want_dkernel), want_dkernel, rtol=1e-5, atol=1e-5)  # bfloat16 would not pass that
-  dots = _dot_operand_dtypes(_compiled_gradient(lambda k, x: run(k, x), kernel, x))
+  dots = _dot_operand_dtypes(_compiled_gradient(run, kernel, x))
   assert dots and set(dots) == {("bf16", "bf16")}, dots
 
   monkeypatch.setattr(cpu_layouts, "explicit_transposes", lambda: False)
