@@ -223,15 +223,19 @@ def _matmul_fwd(x_BxNxI, kernel_BxIxO):
   return matmul(x_BxNxI, kernel_BxIxO), (x_BxNxI, kernel_BxIxO)
 
 
+def _kernel_gradient(x_BxNxI: Array, g_BxNxO: Array, batch: int) -> Array:
+  """x^T @ g over x's middle axes, per leading batch axis (`batch` of them): [*B, I, O] in float32."""
+  flat = lambda a: a.reshape(*a.shape[:batch], -1, a.shape[-1])  # [*B, ..., I] -> [*B, N, I]
+  # x is often the RMSNorm's or the gated GELU's output: materialised, so its transpose is a plain copy.
+  return wide_matmul(transposed(materialised(flat(x_BxNxI))), flat(g_BxNxO))
+
+
 def _matmul_bwd(residuals, g_BxNxO):
   x_BxNxI, kernel_BxIxO = residuals
   batch = kernel_BxIxO.ndim - 2
-  flat = lambda a: a.reshape(*a.shape[:batch], -1, a.shape[-1])  # [*B, ..., I] -> [*B, N, I]
   # g's last axis against the kernel's minor one: already YNNPACK's form.
   dx = _contract_last(g_BxNxO, kernel_BxIxO, kernel_BxIxO.ndim - 1, batch).astype(x_BxNxI.dtype)
-  # x is often the RMSNorm's or the gated GELU's output: materialised, so its transpose is a plain copy.
-  dkernel = wide_matmul(transposed(materialised(flat(x_BxNxI))), flat(g_BxNxO)).astype(kernel_BxIxO.dtype)
-  return dx, dkernel
+  return dx, _kernel_gradient(x_BxNxI, g_BxNxO, batch).astype(kernel_BxIxO.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -262,9 +266,7 @@ def _rounded_matmul_bwd(operand_dtype, residuals, g_NxO):
   x_NxI, kernel_IxO = residuals
   x_r, kernel_r, g_r = (a.astype(operand_dtype) for a in (x_NxI, kernel_IxO, g_NxO))
   dx = _contract_last(g_r, kernel_r, 1, 0).astype(x_NxI.dtype)
-  flat = lambda a: a.reshape(-1, a.shape[-1])
-  dkernel = wide_matmul(transposed(materialised(flat(x_r))), flat(g_r)).astype(kernel_IxO.dtype)
-  return dx, dkernel
+  return dx, _kernel_gradient(x_r, g_r, 0).astype(kernel_IxO.dtype)  # float32, not rounded again
 
 
 rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd)
