@@ -61,6 +61,12 @@ def test_compare_hf_runs_the_peer_in_its_own_process_and_stops_it():
   r = bench_train.run_benchmark(tiny(), CFG, compare_hf=True, partitioner=partitioning.Partitioner(4, 2))
   assert r["speedup_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf"]["tokens_per_s"])
   assert r["hf"]["step_time_min_s"] <= r["hf"]["step_time_s"] <= r["hf"]["step_time_max_s"]
+  # Round by round: each of Hugging Face's rounds over the repeat_lm round just before it, and their median.
+  ours, theirs = r["round_step_times_s"], r["hf"]["round_step_times_s"]
+  assert len(ours) == len(theirs) == CFG.rounds and r["step_time_s"] == pytest.approx(np.median(ours))
+  assert r["speedup_vs_hf_by_round"] == pytest.approx([h / o for o, h in zip(ours, theirs)])
+  assert r["speedup_vs_hf_paired"] == pytest.approx(np.median(r["speedup_vs_hf_by_round"]))
+  assert "round by round: median" in bench_train.format_report(r)
   assert not multiprocessing.active_children()  # the peer was shut down
 
 
@@ -89,7 +95,7 @@ def test_report_markdown_has_every_measured_row():
          "step_time_max_s": 3.6, "tokens_per_s": 1430.0, "model_tflops_per_s": 0.24, "mfu": 0.5,
          "peak_flops": 4.8e11, "peak_flops_source": "measured", "hf": {"tokens_per_s": 1070.0},
          "model_flops_per_step": 0.84e12,
-         "speedup_vs_hf": 1.34,
+         "speedup_vs_hf": 1.34, "speedup_vs_hf_by_round": [1.30, 1.36, 1.41], "speedup_vs_hf_paired": 1.36,
          "profile": {"wall_s_per_step": 3.5, "op_seconds_per_step": 3.7,
                      "top": [{"seconds": 0.25, "kind": "ynn_fusion", "shape": "f32[8,512,512]", "source": "mlp/wo"}]}}
   compiled = {"params": 1000, "lower_time_s": 1.0, "compile_time_s": 2.0}
@@ -98,10 +104,12 @@ def test_report_markdown_has_every_measured_row():
   # A bfloat16 run's MFU is against the bfloat16 probe (twice as fast here), which leaves the float32 rows alone.
   bf16 = {**run, "dtype": "bfloat16", "step_time_s": 2.0, "peak_flops": 9.6e11, "peak_flops_source": "bf16 probe",
           "hf": {"tokens_per_s": 2000.0, "autocast": "bfloat16"}}
+  del bf16["speedup_vs_hf_by_round"], bf16["speedup_vs_hf_paired"]  # a result from before rounds were paired
   text = report.to_markdown({"train": [run, bf16], "ablations": [("as shipped", run), ("no malloc", slow_probe)],
                              "compile": [(size, compiled) for size in report.ZOO]})
-  assert "| float32 | 3.500 (3.400-3.600) | 1430 | 0.240 | 50.0% | 1070 | 1.34x |" in text
-  assert "| bfloat16 | 2.000 (3.400-3.600) | 1430 | 0.240 | 43.8% | 2000 | 1.34x |" in text
+  assert "| float32 | 3.500 (3.400-3.600) | 1430 | 0.240 | 50.0% | 1070 | 1.34x | 1.36x (1.30-1.41) |" in text
+  assert "| bfloat16 | 2.000 (3.400-3.600) | 1430 | 0.240 | 43.8% | 2000 | 1.34x | - |" in text
+  assert "\"round by round\" is the median (and range)" in text
   assert "| no malloc | 4.200 (3.400-3.600) | 1430 | 41.7% |" in text
   assert "Peak (float32 rows): 0.480 TFLOP/s (measured; the highest" in text
   assert "Peak (bfloat16 rows): 0.960 TFLOP/s (bf16 probe; the highest" in text
