@@ -19,7 +19,11 @@ The attention core also runs in batch slices whose [B, H, Q, K] arrays fit the l
 (`attention_batch_chunks`): T5-small's encoder layer makes 50 MB of logits for batch 8 against a 32 MB cache. In
 four slices of two rows one layer's attention core (forward and backward, alone) took 46-47 ms against 50, and the
 step 18 ms less (the median difference over 12 rounds alternating which ran first, 8 of them faster; 2.5 s steps);
-one slice per row made the step 145 ms slower.
+one slice per row made the step 145 ms slower. On a family-25 EPYC host (half the multiply width, 4.9 s float32
+steps) with the core as it is now, the slices are within the noise: 4.935 against 4.923 s without them in float32
+(`bench report`'s ablation, one process each); in bfloat16 the whole batch was a median 6 ms faster over 8 rounds
+in one process alternating which ran first, the slices faster in 4 of the 8. They stay for the hosts where they
+were measured to pay (the 2.5 s steps above).
 
 With bfloat16 activations (the gins' dtype) every dot here multiplies bfloat16 operands and accumulates in float32
 (`wide_matmul`), and `transposed` hands its dot a row-major copy, so that XLA keeps the operands in bfloat16: on a
