@@ -58,3 +58,12 @@ def device_fields() -> dict[str, str]:
 def device_label(result: dict) -> str:
   """`device_fields` in one phrase for a report line: '1 x cpu (AMD EPYC (family 25, model 17), 2 CPUs, ...)'."""
   return result["device"] + (f" ({result['host']})" if "host" in result else "")
+
+
+def paired_speedup_label(result: dict) -> str | None:
+  """The round-by-round speed-up (train.paired_speedups) in one phrase, '1.23x (1.20-1.24)': the median and the
+  range of the per-round ratios; None for a result without them (no --compare=hf, or from before they existed)."""
+  if "speedup_vs_hf_paired" not in result:
+    return None
+  rounds = result["speedup_vs_hf_by_round"]
+  return f"{result['speedup_vs_hf_paired']:.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"

@@ -10,6 +10,8 @@ import tempfile
 import sys
 from pathlib import Path
 
+from repeat_lm import bench
+
 ZOO = ("small", "base", "large", "xl", "xxl")
 
 
@@ -77,14 +79,6 @@ def peak_runs(m: dict) -> dict[str, dict]:
   return best
 
 
-def paired(r: dict) -> str:
-  """The median of the per-round speed-ups and their range (train.paired_speedups); '-' for a run without them."""
-  if "speedup_vs_hf_paired" not in r:
-    return "-"
-  rounds = r["speedup_vs_hf_by_round"]
-  return f"{r['speedup_vs_hf_paired']:.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
-
-
 def to_markdown(m: dict) -> str:
   today = datetime.date.today().isoformat()
   peaks = peak_runs(m)
@@ -106,7 +100,7 @@ def to_markdown(m: dict) -> str:
         f"({r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}) | {r['tokens_per_s']:.0f} | "
         f"{r['model_tflops_per_s']:.3f} | {100 * mfu(r):.1f}% | "
         f"{hf.get('tokens_per_s', float('nan')):.0f} | {r.get('speedup_vs_hf', float('nan')):.2f}x | "
-        f"{paired(r)} |")
+        f"{bench.paired_speedup_label(r) or '-'} |")
   lines.append("")
   for dtype, r in peaks.items():
     lines += [f"Peak ({dtype} rows): {r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_flops_source']}; the highest "
