@@ -36,7 +36,7 @@ def _add_shared_bias_fwd(logits_BxHxQxK, bias_1xHxQxK):
 
 
 def _add_shared_bias_bwd(_, g_BxHxQxK):
-  return g_BxHxQxK, cpu_layouts.batch_sum(g_BxHxQxK)
+  return g_BxHxQxK, cpu_layouts.batch_sum(g_BxHxQxK).astype(g_BxHxQxK.dtype)
 
 
 add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)

@@ -283,18 +283,36 @@ def test_bfloat16_attention_layer_dots_keep_bfloat16_operands(monkeypatch):
   assert ("f32", "f32") in operand_types()
 
 
-def test_bfloat16_attention_core_is_close_to_float32():
-  """bfloat16 operands, float32 accumulation and softmax: within bfloat16 rounding of the float32 computation."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bfloat16_attention_core_is_close_to_float32(with_bias):
+  """bfloat16 operands, float32 accumulation and softmax, bfloat16 weights and logits gradient: within bfloat16
+  rounding of the float32 computation, the (float32) bias's batch-summed gradient included."""
   q, k, v = (jax.random.normal(key, (2, 4, 64, 16)) for key in KEYS[2:5])
   q = q / 4.0  # unit-variance logits, as T5's query initialisation gives (1/sqrt(head_dim))
-  core = lambda q, k, v: cpu_layouts.attention_values(
-      cpu_layouts.attention_weights(q, k, None, None).astype(v.dtype), v)
-  want = _grads(core, q, k, v)
-  got = _grads(core, *(a.astype(jnp.bfloat16) for a in (q, k, v)))
+  bias = (jax.random.normal(KEYS[5], (1, 4, 64, 64)),) if with_bias else ()
+  valid = jax.random.bernoulli(KEYS[6], 0.8, (2, 1, 64, 64)).at[..., 0].set(True)
+  mask = jnp.where(valid, 0.0, attention_lib.NEG_INF)
+  core = lambda q, k, v, *bias: cpu_layouts.attention_values(
+      cpu_layouts.attention_weights(q, k, *(bias or (None,)), mask).astype(v.dtype), v)
+  want = _grads(core, q, k, v, *bias)
+  got = _grads(core, *(a.astype(jnp.bfloat16) for a in (q, k, v)), *bias)
   assert got[0].dtype == jnp.float32  # the product comes back in float32; the layer rounds it once moved
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     # bfloat16 keeps 8 significant bits (relative rounding 2^-9): errors of a few roundings, relative to the scale.
     assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) < 0.02 * float(jnp.max(jnp.abs(w)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_attention_weights_are_kept_for_the_backward_pass_in_the_operands_dtype(dtype):
+  """The [B, H, Q, K] weights come back, and are what the backward pass keeps, in q and k's dtype: half of float32's
+  memory and traffic with bfloat16 activations. The float32 bias still gets a float32 gradient."""
+  q, k = (jax.random.normal(key, (2, 4, 64, 16), dtype) for key in KEYS[2:4])
+  bias = jax.random.normal(KEYS[5], (1, 4, 64, 64))
+  weights, backward = jax.vjp(lambda q, k, bias: cpu_layouts.attention_weights(q, k, bias, None), q, k, bias)
+  assert weights.dtype == dtype
+  kept = [x for x in jax.tree.leaves(backward) if x.shape == weights.shape]
+  assert kept and {x.dtype for x in kept} == {jnp.dtype(dtype)}
+  assert [g.dtype for g in backward(jnp.ones_like(weights))] == [dtype, dtype, jnp.float32]
 
 
 def test_rounded_matmul_is_the_rounded_product_with_a_float32_kernel_gradient(monkeypatch):
