@@ -30,11 +30,11 @@ With bfloat16 activations (the gins' dtype) every dot here multiplies bfloat16 o
 Zen 4 host with AVX512-BF16 the T5 v1.1 small bfloat16 step went from 5.27 to 3.4-3.8 s (float32: 4.9-5.1 s).
 
 Values are those of autodiff up to summation order (tests/models/test_cpu_layouts.py compares both), except that
-with bfloat16 operands the attention core keeps its weights and logits gradient in bfloat16 (`attention_weights`). GPU and TPU
-compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models keep plain
-autodiff; REPEAT_LM_CPU_LAYOUTS=0 does the same on CPU (`repeat-lm bench report` measures the step both ways).
-Shape letters as in layers.py; in `matmul`, B stands for any leading batch axes and N for the axes between them
-and the contracted one.
+with bfloat16 operands the attention core keeps its weights and logits gradient in bfloat16 (`attention_weights`).
+GPU and TPU compilers choose operand layouts themselves, so `explicit_transposes()` is False there and the models
+keep plain autodiff; REPEAT_LM_CPU_LAYOUTS=0 does the same on CPU (`repeat-lm bench report` measures the step both
+ways). Shape letters as in layers.py; in `matmul`, B stands for any leading batch axes and N for the axes between
+them and the contracted one.
 """
 
 from __future__ import annotations
