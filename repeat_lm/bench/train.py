@@ -219,10 +219,11 @@ def format_report(r: dict) -> str:
   ]
   if "hf" in r:
     autocast = f", torch.autocast {r['hf']['autocast']}" if r["hf"].get("autocast") else ""
+    paired = bench.paired_speedup_label(r)
     lines.append(f"Hugging Face (PyTorch, {r['hf']['torch_threads']} threads{autocast}): step "
                  f"{r['hf']['step_time_s'] * 1e3:.1f} ms, {r['hf']['tokens_per_s']:.0f} tokens/s, "
-                 f"MFU {100 * r['hf']['mfu']:.1f}%; repeat_lm / HF = {r['speedup_vs_hf']:.2f}x" + (
-                     f"; round by round {paired}" if (paired := bench.paired_speedup_label(r)) else ""))
+                 f"MFU {100 * r['hf']['mfu']:.1f}%; repeat_lm / HF = {r['speedup_vs_hf']:.2f}x"
+                 + (f"; round by round {paired}" if paired else ""))
   if "profile" in r:
     p = r["profile"]
     lines.append(f"profile ({p['dir']}/ops.md, trace beside it): ops sum to {p['op_seconds_per_step']:.3f} s of "
