@@ -3,6 +3,8 @@
 `repeat-lm bench train --profile_dir=DIR` writes the trace (open it in TensorBoard or Perfetto) and DIR/ops.md, the
 ops by total time, each with its shape and the JAX source op it came from (e.g. `encoder/layers_3/mlp/wi_0/dot_general`),
 and a second table with the layers merged. This is how the CPU fixes in runtime.py and layers.py were found.
+`time_by_part` adds the time per part of the model (encoder MLP, cross-attention core, logits, ...) against the
+part's floor, the time its model FLOPs take at the peak: how far each part is from what the multipliers allow.
 """
 
 from __future__ import annotations
@@ -36,6 +38,50 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
 def op_kind(op: str) -> str:
   """The kind of an HLO op, its name without the instance number: `loop_add_fusion.12` -> `loop_add_fusion`."""
   return re.sub(r"\.\d+$", "", op)
+
+
+# Which part of the model (train/flops.py's PARTS) an op's JAX source op belongs to, by the module path in it;
+# unrolled stacks name their layers `encoder/layers_3/`, scanned ones `encoder/while/body/closed_call/layers/`.
+# First match wins (projections before cores).
+_ENCODER, _DECODER = (rf"/{stack}/(?:[^/]+/)*?layers(?:_\d+)?/" for stack in ("encoder", "decoder"))
+_PROJECTION = r"/(?:query|key|value|out)/"
+_PART_PATTERNS = tuple((re.compile(pattern), part) for pattern, part in (
+    (_ENCODER + "attention" + _PROJECTION, "encoder attention projections"),
+    (_ENCODER + "attention/", "encoder attention core"),
+    (_ENCODER + "mlp/", "encoder mlp"),
+    (_DECODER + "self_attention" + _PROJECTION, "decoder self-attention projections"),
+    (_DECODER + "self_attention/", "decoder self-attention core"),
+    (_DECODER + "encoder_decoder_attention" + _PROJECTION, "cross-attention projections"),
+    (_DECODER + "encoder_decoder_attention/", "cross-attention core"),
+    (_DECODER + "mlp/", "decoder mlp"),
+    ("/logits_dense/", "logits"),
+))
+# Ops outside those modules: norms, embeddings, the position bias, the loss, the optimizer, layout copies XLA made
+# without a source op. They do no model FLOPs.
+OTHER_PART = "everything else"
+
+
+def part_of(source: str) -> str:
+  """The model part (flops.PARTS, or OTHER_PART) of an op from its JAX source op name."""
+  for pattern, part in _PART_PATTERNS:
+    if pattern.search(source):
+      return part
+  return OTHER_PART
+
+
+def time_by_part(ops: list[dict], flops_by_part: dict[str, float], peak_flops: float) -> list[dict]:
+  """Per model part: profiled seconds per step, model FLOPs per step, and `floor_s`, the seconds those FLOPs take at
+  `peak_flops` (a part's time can go below its floor only where its dots beat the peak probe).
+
+  `ops` rows as profile_steps' (seconds per step and source); the rows follow `flops_by_part`'s order, then
+  OTHER_PART.
+  """
+  seconds = collections.Counter()
+  for row in ops:
+    seconds[part_of(row["source"])] += row["seconds"]
+  parts = [*flops_by_part, OTHER_PART]
+  return [{"part": part, "seconds": seconds[part], "model_flops": flops_by_part.get(part, 0),
+           "floor_s": flops_by_part.get(part, 0) / peak_flops} for part in parts]
 
 
 def _xspace_events(trace_dir: Path) -> collections.Counter:

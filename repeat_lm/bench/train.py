@@ -179,8 +179,11 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
       **summarize_times(ours_times, cfg, flops_per_step, peak),
   }
   if profiled:
+    flops_by_part = {part: n * cfg.batch_size
+                     for part, n in flops.train_flops_by_part(mcfg, cfg.inputs_length, cfg.targets_length).items()}
     result["profile"] = {"dir": str(profile_dir), "wall_s_per_step": profiled["wall_s_per_step"],
-                         "op_seconds_per_step": profiled["op_seconds_per_step"], "top": profiled["merged"][:15]}
+                         "op_seconds_per_step": profiled["op_seconds_per_step"], "top": profiled["merged"][:15],
+                         "parts": profile.time_by_part(profiled["ops"], flops_by_part, peak)}
   if hf:
     hf_summary = summarize_times(hf_times, cfg, flops_per_step, peak)
     result["hf"] = {k: hf_summary[k] for k in ("step_time_s", "step_time_min_s", "step_time_max_s",
@@ -230,6 +233,9 @@ def format_report(r: dict) -> str:
                  f"{p['wall_s_per_step']:.3f} s per step; the largest, layers merged:")
     lines += [f"  {1e3 * t['seconds']:8.1f} ms  {t['kind']:<24} {t['shape']:<28} {t['source'][-90:]}"
               for t in p["top"][:10]]
+    lines.append("per part of the model, against the time its model FLOPs take at the peak:")
+    lines += [f"  {1e3 * row['seconds']:8.1f} ms  {row['part']:<36} floor {1e3 * row['floor_s']:8.1f} ms"
+              for row in p.get("parts", [])]
   return "\n".join(lines)
 
 

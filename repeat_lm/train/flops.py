@@ -37,27 +37,58 @@ def ffn_flops_per_token(config, sparse: bool = False) -> int:
   return 2 * d * moe_cfg.num_experts + moe_cfg.num_selected_experts * 2 * expert_k * d * moe_cfg.expert_mlp_dim
 
 
-def encoder_layer_flops(config, s_e: int, sparse: bool = False) -> int:
+# The parts of the model the counter (and `bench train --profile_dir`'s table of time per part) splits FLOPs into.
+PARTS = ("encoder attention projections", "encoder attention core", "encoder mlp",
+         "decoder self-attention projections", "decoder self-attention core",
+         "cross-attention projections", "cross-attention core", "decoder mlp", "logits")
+
+
+def encoder_layer_parts(config, s_e: int, sparse: bool = False) -> dict[str, int]:
   d, a, _, _, _ = _dims(config)
-  return s_e * 8 * d * a + 4 * s_e * s_e * a + s_e * ffn_flops_per_token(config, sparse)
+  return {"encoder attention projections": s_e * 8 * d * a, "encoder attention core": 4 * s_e * s_e * a,
+          "encoder mlp": s_e * ffn_flops_per_token(config, sparse)}
+
+
+def decoder_layer_parts(config, s_e: int, s_d: int, sparse: bool = False) -> dict[str, int]:
+  d, a, _, _, _ = _dims(config)
+  return {"decoder self-attention projections": s_d * 8 * d * a, "decoder self-attention core": 4 * s_d * s_d * a,
+          # Q/O on decoder tokens, K/V over encoder tokens.
+          "cross-attention projections": s_d * 4 * d * a + s_e * 4 * d * a,
+          "cross-attention core": 4 * s_d * s_e * a,
+          "decoder mlp": s_d * ffn_flops_per_token(config, sparse)}
+
+
+def encoder_layer_flops(config, s_e: int, sparse: bool = False) -> int:
+  return sum(encoder_layer_parts(config, s_e, sparse).values())
 
 
 def decoder_layer_flops(config, s_e: int, s_d: int, sparse: bool = False) -> int:
-  d, a, _, _, _ = _dims(config)
-  self_attn = s_d * 8 * d * a + 4 * s_d * s_d * a
-  cross_attn = s_d * 4 * d * a + s_e * 4 * d * a + 4 * s_d * s_e * a  # Q/O on decoder, K/V over encoder tokens.
-  return self_attn + cross_attn + s_d * ffn_flops_per_token(config, sparse)
+  return sum(decoder_layer_parts(config, s_e, s_d, sparse).values())
 
 
-def forward_flops_per_sequence(config, s_e: int, s_d: int) -> int:
+def forward_flops_by_part(config, s_e: int, s_d: int) -> dict[str, int]:
+  """Forward FLOPs of one sequence per part of the model (PARTS, in that order)."""
   from repeat_lm.models import moe  # noqa: PLC0415 (keeps this module importable without flax models)
   d, _, _, _, v = _dims(config)
   moe_cfg = getattr(config, "moe", None)
-  encoder = sum(encoder_layer_flops(config, s_e, sparse)
-                for sparse in moe.sparse_layer_flags(config.num_encoder_layers, moe_cfg))
-  decoder = sum(decoder_layer_flops(config, s_e, s_d, sparse)
-                for sparse in moe.sparse_layer_flags(config.num_decoder_layers, moe_cfg))
-  return encoder + decoder + 2 * s_d * d * v
+  parts = dict.fromkeys(PARTS, 0)
+  layers = [encoder_layer_parts(config, s_e, sparse)
+            for sparse in moe.sparse_layer_flags(config.num_encoder_layers, moe_cfg)]
+  layers += [decoder_layer_parts(config, s_e, s_d, sparse)
+             for sparse in moe.sparse_layer_flags(config.num_decoder_layers, moe_cfg)]
+  for layer in layers:
+    for name, n in layer.items():
+      parts[name] += n
+  parts["logits"] = 2 * s_d * d * v
+  return parts
+
+
+def forward_flops_per_sequence(config, s_e: int, s_d: int) -> int:
+  return sum(forward_flops_by_part(config, s_e, s_d).values())
+
+
+def train_flops_by_part(config, s_e: int, s_d: int) -> dict[str, int]:
+  return {name: 3 * n for name, n in forward_flops_by_part(config, s_e, s_d).items()}
 
 
 def train_flops_per_sequence(config, s_e: int, s_d: int) -> int:

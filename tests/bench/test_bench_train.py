@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from repeat_lm import bench
-from repeat_lm.bench import train as bench_train
+from repeat_lm.bench import profile, train as bench_train
 from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer
 from repeat_lm.train import flops, partitioning, state as state_lib
 
@@ -98,8 +98,11 @@ def test_report_markdown_has_every_measured_row():
          "peak_flops": 4.8e11, "peak_flops_source": "measured", "hf": {"tokens_per_s": 1070.0},
          "model_flops_per_step": 0.84e12,
          "speedup_vs_hf": 1.34, "speedup_vs_hf_by_round": [1.30, 1.36, 1.41], "speedup_vs_hf_paired": 1.36,
+         "inputs_length": 512, "targets_length": 114,
          "profile": {"wall_s_per_step": 3.5, "op_seconds_per_step": 3.7,
-                     "top": [{"seconds": 0.25, "kind": "ynn_fusion", "shape": "f32[8,512,512]", "source": "mlp/wo"}]}}
+                     "top": [{"seconds": 0.25, "kind": "ynn_fusion", "shape": "f32[8,512,512]", "source": "mlp/wo"}],
+                     "parts": [{"part": "encoder mlp", "seconds": 3.0, "model_flops": 0.72e12},
+                               {"part": "everything else", "seconds": 0.7, "model_flops": 0}]}}
   compiled = {"params": 1000, "lower_time_s": 1.0, "compile_time_s": 2.0}
   # A slower probe in another process (0.42 TFLOP/s) leaves the peak at the highest one: every MFU is against it.
   slow_probe = {**run, "step_time_s": 4.2, "peak_flops": 4.2e11}
@@ -118,6 +121,12 @@ def test_report_markdown_has_every_measured_row():
   assert "under `torch.autocast`" in text
   assert "[performance_accelerator.md](performance_accelerator.md)" in text
   assert "| 250.0 | ynn_fusion | `f32[8,512,512]` | `mlp/wo` |" in text
+  # The parts against their floor at the float32 peak (0.48 TFLOP/s): 720 GFLOP take 1.5 s there.
+  assert "| encoder mlp | 3000.0 | 720.0 | 1500.0 | 1500.0 |" in text
+  assert "| all | 3700.0 | 720.0 | 1500.0 | 2200.0 |" in text
+  # 1.25 x 1070 tokens/s for 8 x 626 tokens: 3.744 s a step, of which 1.5 s at the floor.
+  assert "the step would take 3.744 s, 40.1% MFU: its matmuls at the peak take 1.500 s of that, which leaves " \
+         "2.244 s for everything above the floor, against 2.200 s in the profile." in text
   assert all(f"| T5 v1.1 {size} | 1,000 | 1.0 | 2.0 |" in text for size in report.ZOO)
   assert "Host:" not in text  # a result from before results named their host
   on_host = {**run, "host": "AMD EPYC (family 25, model 17), 2 CPUs"}
@@ -133,6 +142,11 @@ def test_profile_attributes_the_step_to_named_hlo_ops(tmp_path):
   assert p["op_seconds_per_step"] > 0 and p["top"]
   # Ops are named by the optimized HLO, so time traces back to the model's own source ops.
   assert any("Transformer.encode/encoder/layers_N" in t["source"] for t in p["top"])
+  # Every op is in one part; the parts carry the whole step's model FLOPs, and the model's parts do take time.
+  assert [row["part"] for row in p["parts"]] == [*flops.PARTS, profile.OTHER_PART]
+  assert sum(row["seconds"] for row in p["parts"]) == pytest.approx(p["op_seconds_per_step"])
+  assert sum(row["model_flops"] for row in p["parts"]) == r["model_flops_per_step"]
+  assert all(row["seconds"] > 0 for row in p["parts"])
   text = (tmp_path / "prof" / "ops.md").read_text()
   assert "| ms/step | kernel | shape | source op |" in text and "layers_N" in text
   assert list((tmp_path / "prof").glob("**/*.xplane.pb"))

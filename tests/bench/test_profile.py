@@ -1,4 +1,5 @@
-"""profile.shared_seconds: overlapping host-thread ops split the time they share; enclosing events are parents."""
+"""profile.shared_seconds: overlapping host-thread ops split the time they share; enclosing events are parents.
+profile.part_of / time_by_part: ops go to the model part named in their source op, unrolled or scanned."""
 
 import pytest
 
@@ -22,3 +23,45 @@ def test_an_event_enclosing_others_on_its_thread_is_their_parent():
   seconds = profile.shared_seconds([thread])
   assert "while.1" not in seconds
   assert seconds == pytest.approx({"dot.2": 0.003, "add.3": 0.005, "mul.4": 0.001})
+
+
+STEP = "jit(step_fn)/transpose(jvp(Transformer))/"
+
+
+@pytest.mark.parametrize("source,part", [
+    (STEP + "Transformer.encode/encoder/layers_3/attention/key/dot_general", "encoder attention projections"),
+    (STEP + "Transformer.encode/encoder/layers_3/attention/attention._einsum_attention/reduce_sum",
+     "encoder attention core"),
+    (STEP + "Transformer.encode/encoder/layers_3/pre_attention_layer_norm/reduce_sum", profile.OTHER_PART),
+    (STEP + "Transformer.encode/encoder/layers_0/mlp/wi_1/dot_general", "encoder mlp"),
+    # Scanned layers, and MoE units of layers inside the scan.
+    (STEP + "Transformer.encode/encoder/while/body/closed_call/layers/attention/out/dot_general",
+     "encoder attention projections"),
+    (STEP + "Transformer.decode/decoder/while/body/closed_call/layers/layers_1/mlp/experts/dot_general", "decoder mlp"),
+    (STEP + "Transformer.decode/decoder/layers_7/self_attention/query/dot_general",
+     "decoder self-attention projections"),
+    (STEP + "Transformer.decode/decoder/layers_7/self_attention/self_attention._einsum_attention/exp",
+     "decoder self-attention core"),
+    (STEP + "Transformer.decode/decoder/layers_2/encoder_decoder_attention/value/dot_general",
+     "cross-attention projections"),
+    (STEP + "Transformer.decode/decoder/layers_2/encoder_decoder_attention/encoder_decoder_attention._einsum_attention/"
+     "dot_general", "cross-attention core"),
+    (STEP + "Transformer.decode/logits_dense/dot_general", "logits"),
+    (STEP + "Transformer.encode/token_embedder/jit(_take)/scatter-add", profile.OTHER_PART),
+    ("jit(step_fn)/mul", profile.OTHER_PART),  # the optimizer
+    ("", profile.OTHER_PART),  # a copy XLA made
+])
+def test_ops_go_to_the_part_their_source_op_names(source, part):
+  assert profile.part_of(source) == part
+
+
+def test_time_by_part_sums_the_ops_and_puts_each_parts_flops_at_the_peak():
+  ops = [{"seconds": 0.5, "source": "/encoder/layers_0/mlp/wo/dot_general"},
+         {"seconds": 0.25, "source": "/encoder/layers_1/mlp/wi_0/dot_general"},
+         {"seconds": 0.125, "source": "/logits_dense/dot_general"},
+         {"seconds": 0.0625, "source": "add"}]
+  rows = profile.time_by_part(ops, {"encoder mlp": 6e11, "logits": 1e11}, peak_flops=1e12)
+  assert rows == [
+      {"part": "encoder mlp", "seconds": 0.75, "model_flops": 6e11, "floor_s": 0.6},
+      {"part": "logits", "seconds": 0.125, "model_flops": 1e11, "floor_s": 0.1},
+      {"part": profile.OTHER_PART, "seconds": 0.0625, "model_flops": 0, "floor_s": 0.0}]

@@ -43,6 +43,17 @@ def test_relu_mlp_counts_two_matrices():
   assert gated - relu == 512 * 2 * 768 * 2048
 
 
+def test_parts_add_up_to_the_total_each_by_its_own_term():
+  d, a, f, v, se, sd, layers = 768, 768, 2048, 32128, 512, 114, 12
+  parts = flops.train_flops_by_part(BASE, se, sd)
+  assert tuple(parts) == flops.PARTS
+  assert sum(parts.values()) == flops.train_flops_per_sequence(BASE, se, sd)
+  assert parts["logits"] == 3 * 2 * sd * d * v
+  assert parts["encoder attention core"] == 3 * layers * 4 * se * se * a
+  assert parts["cross-attention projections"] == 3 * layers * (sd + se) * 4 * d * a
+  assert parts["decoder mlp"] == 3 * layers * sd * 2 * 3 * d * f
+
+
 def test_peak_table_prefers_longest_name():
   class Dev:
     device_kind = "TPU v5 lite"
