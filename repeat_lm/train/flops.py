@@ -58,14 +58,6 @@ def decoder_layer_parts(config, s_e: int, s_d: int, sparse: bool = False) -> dic
           "decoder mlp": s_d * ffn_flops_per_token(config, sparse)}
 
 
-def encoder_layer_flops(config, s_e: int, sparse: bool = False) -> int:
-  return sum(encoder_layer_parts(config, s_e, sparse).values())
-
-
-def decoder_layer_flops(config, s_e: int, s_d: int, sparse: bool = False) -> int:
-  return sum(decoder_layer_parts(config, s_e, s_d, sparse).values())
-
-
 def forward_flops_by_part(config, s_e: int, s_d: int) -> dict[str, int]:
   """Forward FLOPs of one sequence per part of the model (PARTS, in that order)."""
   from repeat_lm.models import moe  # noqa: PLC0415 (keeps this module importable without flax models)

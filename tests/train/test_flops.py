@@ -38,8 +38,8 @@ def test_formula_expanded_by_hand():
 
 
 def test_relu_mlp_counts_two_matrices():
-  gated = flops.encoder_layer_flops(BASE, 512)
-  relu = flops.encoder_layer_flops(dataclasses.replace(BASE, mlp_activations=("relu",)), 512)
+  gated = sum(flops.encoder_layer_parts(BASE, 512).values())
+  relu = sum(flops.encoder_layer_parts(dataclasses.replace(BASE, mlp_activations=("relu",)), 512).values())
   assert gated - relu == 512 * 2 * 768 * 2048
 
 
