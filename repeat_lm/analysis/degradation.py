@@ -4,7 +4,8 @@ Onset (the definition the report states): with `bad` = loss, or -accuracy, and `
 evaluation points, a point is *within tolerance* when bad <= bad[best] + tol (tol = `tolerance`, else
 `rel_tolerance` x |best value|, 0.5% by default). Degradation is sustained from the first point after the last
 within-tolerance point, provided at least `min_points` (2) evaluation points follow and none returns within
-tolerance; that point is the onset. A NaN (diverged) evaluation counts as worse than any value.
+tolerance; that point is the onset. A NaN (diverged) evaluation counts as worse than any value; a curve with no
+finite value has no best, no gap and no onset.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def detect(values, *, higher_is_better: bool, tolerance: float | None = None, re
     raise ValueError("An empty curve has no best point.")
   bad = np.where(np.isnan(v), np.inf, -v if higher_is_better else v)
   best = int(np.argmin(bad))
+  if not np.isfinite(bad[best]):  # every evaluation diverged: nothing to measure degradation from
+    return Onset(best, float(v[best]), float(v[-1]), math.nan, None, False, math.nan)
   tol = float(tolerance) if tolerance is not None else rel_tolerance * abs(v[best])
   within = np.flatnonzero(bad <= bad[best] + tol)
   start = int(within[-1]) + 1
@@ -63,7 +66,8 @@ def run_rows(runs: list[results.Run], metric: str, tolerance: float | None = Non
     row = {"run": r.run, "status": r.status, "source": "curve" if curve is not None else "table"}
     if curve is None:
       best, final = getattr(r, f"best_eval_{suffix}"), getattr(r, f"final_eval_{suffix}")
-      row.update(best=best, best_step=r.best_step, best_tokens=math.nan, final=final,
+      # The table's best_step is the best accuracy's; the best loss's step is not in it.
+      row.update(best=best, best_step=r.best_step if higher else math.nan, best_tokens=math.nan, final=final,
                  gap=(best - final) if higher else (final - best), onset_step=None, onset_tokens=None,
                  onset_epoch=None)
     else:

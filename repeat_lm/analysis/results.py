@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 NUMERIC = ("params", "params_per_token", "flops_per_token", "unique_tokens", "epochs", "tokens_seen",
-           "final_eval_loss", "best_eval_loss", "final_eval_accuracy", "best_eval_accuracy", "best_step")
+           "final_eval_tokens", "final_eval_loss", "best_eval_loss", "final_eval_accuracy", "best_eval_accuracy",
+           "best_step")
 # Not factors of an experiment even when they differ between runs.
 NOT_FACTORS = {"run", "status", "model_dir", "params_per_token", "flops_per_token", "tokens_seen", "best_step",
-               "final_eval_loss", "best_eval_loss", "final_eval_accuracy", "best_eval_accuracy", "error",
-               "train_steps"}
+               "final_eval_tokens", "final_eval_loss", "best_eval_loss", "final_eval_accuracy", "best_eval_accuracy",
+               "error", "model_error", "train_steps"}
 # Outcomes collect adds: fine-tuning scores (eval/squad_em -> squad_em) and fine-tuning stages' statuses.
 NOT_FACTOR_SUFFIXES = ("_s", "_hours", "_status", "_em", "_f1", "_f1a", "_accuracy")
 
@@ -36,7 +37,8 @@ class Run:
   flops_per_token: float = math.nan
   unique_tokens: float = math.nan
   epochs: float = math.nan
-  tokens_seen: float = math.nan
+  tokens_seen: float = math.nan  # at the last train record
+  final_eval_tokens: float = math.nan  # at the final evaluation (collect.tokens_at_step)
   final_eval_loss: float = math.nan
   best_eval_loss: float = math.nan
   final_eval_accuracy: float = math.nan
@@ -154,9 +156,10 @@ def load_curve(run: Run, metric: str) -> Curve | None:
     return None
   steps, values, train_steps, train_tokens = [], [], [0.0], [0.0]
   for line in (Path(run.model_dir) / "metrics.jsonl").read_text().splitlines():
-    if not line.strip():
-      continue
-    record = json.loads(line)
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a blank line, or one cut by a crash mid-write (collect skips it too)
     if "train/tokens_seen" in record:
       train_steps.append(float(record["step"]))
       train_tokens.append(float(record["train/tokens_seen"]))

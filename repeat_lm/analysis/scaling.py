@@ -1,8 +1,10 @@
 """Scaling-law fits on a results table, and the paper's question: does an encoder-decoder need tokens linearly in
 parameters (Chinchilla's D_opt / N_opt constant in C)?
 
-A run enters a fit with finite `params`, `tokens_seen` (D) and `final_eval_loss`; `unique_tokens` (U) is used by
-the data-constrained law (missing: every token unique). Compute is C = 6 N D, as in the laws.
+A run enters a fit with finite `params`, tokens (D) and `final_eval_loss`; `unique_tokens` (U) is used by the
+data-constrained law (missing: every token unique). D is `final_eval_tokens`, the tokens seen when that loss was
+measured (a run stopped between evaluations has trained past its last one), else `tokens_seen` for tables written
+before that column. Compute is C = 6 N D, as in the laws.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ import numpy as np
 from repeat_lm.analysis import laws, plots, report, results
 
 
+def loss_tokens(r: results.Run) -> float:
+  """D of a run's point: the tokens seen at its final evaluation (see the module docstring)."""
+  return r.final_eval_tokens if math.isfinite(r.final_eval_tokens) else r.tokens_seen
+
+
 def fit_data(runs: list[results.Run], max_epochs: float | None = None) -> tuple[list[results.Run], dict]:
   """The runs a fit can use and their arrays n, d, u, loss."""
-  used = [r for r in runs if all(math.isfinite(x) and x > 0 for x in (r.params, r.tokens_seen, r.final_eval_loss))]
+  used = [r for r in runs if all(math.isfinite(x) and x > 0 for x in (r.params, loss_tokens(r), r.final_eval_loss))]
   if max_epochs is not None:
-    used = [r for r in used if not (r.unique_tokens > 0) or r.tokens_seen / r.unique_tokens <= max_epochs + 1e-9]
-  arrays = {"n": np.array([r.params for r in used]), "d": np.array([r.tokens_seen for r in used]),
+    used = [r for r in used if not (r.unique_tokens > 0) or loss_tokens(r) / r.unique_tokens <= max_epochs + 1e-9]
+  arrays = {"n": np.array([r.params for r in used]), "d": np.array([loss_tokens(r) for r in used]),
             "u": np.array([r.unique_tokens if r.unique_tokens > 0 else math.nan for r in used]),
             "loss": np.array([r.final_eval_loss for r in used])}
   return used, arrays
@@ -91,22 +98,22 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
   compute-optimal tokens per parameter at the runs' budgets. `auto`: chinchilla if no run repeats data."""
   out_dir = Path(out_dir)
   if law == "auto":
-    repeats = any(r.unique_tokens > 0 and r.tokens_seen > r.unique_tokens * (1 + 1e-9) for r in runs)
+    repeats = any(r.unique_tokens > 0 and loss_tokens(r) > r.unique_tokens * (1 + 1e-9) for r in runs)
     law = "data-constrained" if repeats else "chinchilla"
   f, used, _ = fit_runs(runs, law, bootstrap=bootstrap, seed=seed)
   samples = f.samples
   exp_a, exp_b = laws.optimal_exponents(f.constants)
   ratio_ci = _interval([_b_over_a(s) for s in samples])
   linear = None if ratio_ci is None else bool(ratio_ci[0] <= 1.0 <= ratio_ci[1])
-  budgets = sorted({float(f"{6 * r.params * r.tokens_seen:.3g}") for r in used})
+  budgets = sorted({float(f"{6 * r.params * loss_tokens(r):.3g}") for r in used})
   rows = []
   for c_budget in budgets:
     n_opt, d_opt = laws.compute_optimal(f.constants, c_budget)
     interval = _interval([_tokens_per_param(s, c_budget) for s in samples]) or [None, None]
-    runs_here = [r for r in used if math.isclose(6 * r.params * r.tokens_seen, c_budget, rel_tol=5e-3)]
+    runs_here = [r for r in used if math.isclose(6 * r.params * loss_tokens(r), c_budget, rel_tol=5e-3)]
     rows.append({"compute_C": c_budget, "N_opt": float(n_opt), "D_opt": float(d_opt),
                  "tokens_per_param": float(d_opt / n_opt), "ci_low": interval[0], "ci_high": interval[1],
-                 "runs_tokens_per_param": ", ".join(f"{r.tokens_seen / r.params:.3g}" for r in runs_here)})
+                 "runs_tokens_per_param": ", ".join(f"{loss_tokens(r) / r.params:.3g}" for r in runs_here)})
   ref_a, ref_b = laws.optimal_exponents(laws.CHINCHILLA)
   verdict = ("no bootstrap, so no interval: rerun with --bootstrap" if linear is None else
              ("consistent with 1: tokens should grow linearly with parameters" if linear else
@@ -133,11 +140,11 @@ def _check_plot(path: Path, f: laws.Fit, budgets: list[float], used: list[result
     ns = np.array([laws.compute_optimal(s, cs)[0] for s in f.samples])
     lo, hi = np.percentile(ns, [2.5, 97.5], axis=0)
     bands = {"n": (lo, hi), "d": (cs / (6 * hi), cs / (6 * lo))}
-  run_c = [6 * r.params * r.tokens_seen for r in used]
+  run_c = [6 * r.params * loss_tokens(r) for r in used]
   series = [plots.Series(cs, n_opt, "N_opt (fit)", "tab:blue", band=bands.get("n")),
             plots.Series(cs, d_opt, "D_opt (fit)", "tab:orange", band=bands.get("d")),
             plots.Series(run_c, [r.params for r in used], "runs: N", "tab:blue", "o"),
-            plots.Series(run_c, [r.tokens_seen for r in used], "runs: D", "tab:orange", "x")]
+            plots.Series(run_c, [loss_tokens(r) for r in used], "runs: D", "tab:orange", "x")]
   return plots.save(path, series, logx=True, logy=True, title="compute-optimal N and D (C = 6ND)",
                     xlabel="compute C (FLOPs)", ylabel="parameters / tokens")
 

@@ -28,6 +28,14 @@ class Denoiser:
   mean_noise_span_length: float | None = 3.0  # None: prefix LM (one span: the suffix)
   mode: str = ''  # UL2 paradigm token, prepended as text when the objective's mode tokens are on
 
+  def __post_init__(self):
+    if not 0 < self.noise_density < 1:
+      raise ValueError(f'Denoiser {self.name!r}: noise_density={self.noise_density} must lie strictly between 0 and '
+                       '1 (the share of tokens hidden; T5 uses 0.15).')
+    if self.mean_noise_span_length is not None and not self.mean_noise_span_length >= 1:
+      raise ValueError(f'Denoiser {self.name!r}: mean_noise_span_length={self.mean_noise_span_length} must be at '
+                       'least 1 token (T5 uses 3), or None for a prefix LM.')
+
   @property
   def prefix_lm(self) -> bool:
     return self.mean_noise_span_length is None
@@ -89,7 +97,7 @@ def objective_named(name: str) -> Objective:
 # ---------------------------------------------------------------------------------------------------- lengths
 
 
-def _span_counts(length: int, density: float, mean_span: float) -> tuple[int, int]:
+def span_counts(length: int, density: float, mean_span: float) -> tuple[int, int]:
   """(num_noise, num_spans) for a chunk of `length` tokens; Python rounds half to even, as numpy does below."""
   if length < 2:
     return 0, 0
@@ -109,7 +117,7 @@ def max_lengths(d: Denoiser, raw_length: int, mode_length: int = 0) -> tuple[int
   """(inputs, targets) lengths, each with one EOS, of the longest example a raw chunk of `raw_length` can give."""
   if d.prefix_lm:
     return mode_length + raw_length - 1 + 1, _prefix_max_target(raw_length, d.noise_density) + 1
-  num_noise, num_spans = _span_counts(raw_length, d.noise_density, d.mean_noise_span_length)
+  num_noise, num_spans = span_counts(raw_length, d.noise_density, d.mean_noise_span_length)
   return mode_length + raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
 
@@ -147,7 +155,7 @@ def _segment_lengths(num_items: int, num_segments: int, key: int) -> np.ndarray:
 
 def noise_mask(length: int, noise_density: float, mean_noise_span_length: float, key: int) -> np.ndarray:
   """bool [length], True on noise; clean and noise spans alternate starting with clean (so it ends with noise)."""
-  num_noise, num_spans = _span_counts(length, noise_density, mean_noise_span_length)
+  num_noise, num_spans = span_counts(length, noise_density, mean_noise_span_length)
   if num_noise == 0:
     return np.zeros(length, bool)
   noise = _segment_lengths(num_noise, num_spans, hashing.derive(key, 'noise'))

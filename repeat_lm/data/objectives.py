@@ -19,13 +19,16 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from repeat_lm.data import denoisers as den_lib
+
 log = logging.getLogger(__name__)
 
 
 def _corrupted_lengths(raw_length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-  """(inputs, targets) lengths, each with one EOS, for a chunk of `raw_length` tokens."""
-  num_noise = int(round(raw_length * noise_density))
-  num_spans = int(round(num_noise / mean_noise_span_length))
+  """(inputs, targets) lengths, each with one EOS, for a chunk of `raw_length` tokens, with the clamps
+  `noise_span_mask` applies (at least one span; T5's own arithmetic omits them, and so promised one token too few
+  where round(num_noise / mean_span) is 0: short inputs or long spans; at 512/0.15/3 the clamps are inactive)."""
+  num_noise, num_spans = den_lib.span_counts(raw_length, noise_density, mean_noise_span_length)
   return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
 
@@ -156,6 +159,9 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
     raise ValueError("span_corruption needs sequence_length['inputs'] (the task_feature_lengths).")
   raw_length, targets_length = random_spans_lengths(
       sequence_length['inputs'], noise_density, mean_noise_span_length)
+  if raw_length < 2:  # a 1-token chunk has nothing to hide; 0 tokens cannot be chunked at all
+    raise ValueError(f"span_corruption: inputs length {sequence_length['inputs']} is too short, no chunk of 2+ "
+                     "tokens fits (its inputs need a token, a sentinel and EOS); use at least 3.")
   if sequence_length.get('targets', targets_length) < targets_length:
     log.warning("targets length %d < %d needed for inputs length %d: targets will be truncated.",
                 sequence_length['targets'], targets_length, sequence_length['inputs'])

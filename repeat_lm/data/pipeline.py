@@ -55,6 +55,10 @@ class DatasetConfig:
     if not _positive_int(self.batch_size):
       raise ValueError(f"DatasetConfig.batch_size={self.batch_size!r}: the global batch must hold at least one "
                        "example.")
+    missing = [k for k in ("inputs", "targets") if k not in dict(self.task_feature_lengths)]
+    if missing:  # an encoder-decoder needs both
+      raise ValueError(f"DatasetConfig.task_feature_lengths {dict(self.task_feature_lengths)} has no "
+                       f"{' or '.join(repr(k) for k in missing)}: give both, e.g. {{'inputs': 512, 'targets': 114}}.")
     bad = {k: v for k, v in dict(self.task_feature_lengths).items() if not _positive_int(v)}
     if bad:
       raise ValueError(f"DatasetConfig.task_feature_lengths {bad}: every feature length must be a positive "
@@ -245,8 +249,8 @@ def get_batches(cfg: DatasetConfig, *, start_step: int = 0, shard_id: int = 0, n
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
-_MUST_MATCH = ('mixture_or_task_name', 'split', 'seed', 'batch_size', 'task_feature_lengths', 'store_fingerprint',
-               'examples_per_epoch')
+_MUST_MATCH = ('mixture_or_task_name', 'split', 'seed', 'batch_size', 'shuffle', 'pack', 'task_feature_lengths',
+               'store_fingerprint', 'examples_per_epoch', 'static_masks')
 
 
 def data_state(cfg: DatasetConfig, step: int) -> dict[str, Any]:
@@ -256,7 +260,7 @@ def data_state(cfg: DatasetConfig, step: int) -> dict[str, Any]:
   that the stream is the same one (`check_resume`) and lets a person see where the run is (epoch, example).
   """
   state: dict[str, Any] = {'mixture_or_task_name': cfg.mixture_or_task_name, 'split': cfg.split, 'seed': cfg.seed,
-                           'batch_size': cfg.batch_size, 'shuffle': cfg.shuffle,
+                           'batch_size': cfg.batch_size, 'shuffle': cfg.shuffle, 'pack': cfg.pack,
                            'task_feature_lengths': dict(cfg.task_feature_lengths),
                            'examples_consumed': step * cfg.batch_size}
   stream = example_stream(cfg, seed=cfg.seed) if cfg.seed is not None else None

@@ -231,6 +231,8 @@ def repeated_task(source: str | subset.TextSource = 'wiki', *, corpus: str | Non
   vocab_name, vocabulary = _resolve_vocabulary(vocabulary, text_source)
   unique_tokens = _check_count('unique_tokens', unique_tokens)
   epochs, total_tokens = _check_count('epochs', epochs), _check_count('total_tokens', total_tokens)
+  if _check_count('validation_tokens', validation_tokens) is None:
+    raise ValueError('validation_tokens must be a positive integer (the validation split needs tokens), got None.')
   if total_tokens is not None:
     if unique_tokens is None or total_tokens % unique_tokens:
       raise ValueError(f'total_tokens={total_tokens} must be a multiple of unique_tokens={unique_tokens} '

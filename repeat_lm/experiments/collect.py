@@ -4,7 +4,8 @@
 A row holds the run's status (runs still going or failed are rows too), its varied gin values (from status.json),
 its model's parameters and FLOPs (models/info.py on the run's own gin), its data (unique tokens, epochs, tokens
 seen), its validation loss and accuracy (final and best, and the step of the best accuracy, from metrics.jsonl) and
-the scores of its fine-tuning stages (eval/squad_em of ROOT/RUN/ft_squad -> column squad_em).
+the scores of its fine-tuning stages (eval/squad_em of ROOT/RUN/ft_squad -> column squad_em; with several stages
+ft_<stage>_squad_em, one set per stage).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 from repeat_lm.experiments import status as status_lib
 
 BASE_COLUMNS = ("run", "status", "model_dir", "params", "params_per_token", "flops_per_token", "unique_tokens",
-                "epochs", "tokens_seen", "final_eval_loss", "best_eval_loss", "final_eval_accuracy",
-                "best_eval_accuracy", "best_step", "final_step", "train_steps", "final_train_loss", "elapsed_s",
-                "error")
+                "epochs", "tokens_seen", "final_eval_tokens", "final_eval_loss", "best_eval_loss",
+                "final_eval_accuracy", "best_eval_accuracy", "best_step", "final_step", "train_steps",
+                "final_train_loss", "elapsed_s", "error", "model_error")
 # Evaluation keys that are the pre-training objective's, not a fine-tuning task's score.
 _OBJECTIVE_EVAL = {"eval/loss", "eval/accuracy", "eval/z_loss"}
 
@@ -62,7 +63,8 @@ def metrics_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
   if evals:
     loss = [_number(r["eval/loss"]) for r in evals]
     acc = [_number(r.get("eval/accuracy")) for r in evals]
-    out.update(final_eval_loss=loss[-1], final_eval_accuracy=acc[-1])
+    out.update(final_eval_loss=loss[-1], final_eval_accuracy=acc[-1],
+               final_eval_tokens=tokens_at_step(train, evals[-1]["step"]))
     finite_loss = [v for v in loss if math.isfinite(v)]
     finite_acc = [(v, r["step"]) for v, r in zip(acc, evals) if math.isfinite(v)]
     out["best_eval_loss"] = min(finite_loss) if finite_loss else math.nan
@@ -70,6 +72,24 @@ def metrics_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
       best = max(finite_acc, key=lambda t: t[0])  # the first step reaching the best value
       out.update(best_eval_accuracy=best[0], best_step=best[1])
   return out
+
+
+def tokens_at_step(train: Sequence[dict[str, Any]], step: int) -> float:
+  """Tokens seen at `step` from the train records: the record at that step, else linear between the records around
+  it (from 0 tokens at step 0), past the last one at its rate. The final evaluation of a run that stopped early can
+  lie between train records; a scaling-law point pairs its loss with these tokens, not the last train record's."""
+  points = sorted((r["step"], _number(r.get("train/tokens_seen"))) for r in train)
+  points = [(s, t) for s, t in points if math.isfinite(t)]
+  if not points:
+    return math.nan
+  for s, t in points:
+    if s == step:
+      return t
+  steps, tokens = [0, *(s for s, _ in points)], [0.0, *(t for _, t in points)]
+  if step > steps[-1]:
+    return tokens[-1] * step / steps[-1] if steps[-1] > 0 else math.nan
+  i = next(i for i, s in enumerate(steps) if s > step)
+  return tokens[i - 1] + (tokens[i] - tokens[i - 1]) * (step - steps[i - 1]) / (steps[i] - steps[i - 1])
 
 
 def downstream_scores(records: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -139,7 +159,8 @@ def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
                        "model_dir": _relative(run_dir, out_dir), "train_steps": status_lib.train_steps(gin_text),
                        "elapsed_s": record.get("elapsed_s"), "error": record.get("error")}
   m = model_summary(gin_path) if gin_text else {}
-  r.update(params=m.get("params"), params_per_token=m.get("params_per_token"))
+  # A gin the model cannot be built from leaves params empty; model_error says why.
+  r.update(params=m.get("params"), params_per_token=m.get("params_per_token"), model_error=m.get("model_error"))
   summary = metrics_summary(read_metrics(run_dir))
   r.update({k: v for k, v in summary.items() if k != "measured_unique_tokens"})
   data = task_data(m.get("task"))
@@ -153,10 +174,14 @@ def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
     r["flops_per_token"] = (m["flops_per_sequence"] * m["batch_size"] * step / seen if seen and step
                             else m["flops_per_slot"])
   r.update(record.get("values") or {})
-  for name in record.get("finetune") or []:
+  stages = record.get("finetune") or []
+  for name in stages:
     ft_dir = run_dir / f"ft_{name}"
     r[f"ft_{name}_status"] = status_lib.effective(status_lib.read(ft_dir))
-    r.update(downstream_scores(read_metrics(ft_dir)))
+    scores = downstream_scores(read_metrics(ft_dir))
+    # One stage: squad_em. Several (say two learning rates on one task) would write the same names, so each
+    # stage's scores carry its name: ft_squad_lr1_squad_em.
+    r.update(scores if len(stages) == 1 else {f"ft_{name}_{k}": v for k, v in scores.items()})
   return r
 
 

@@ -86,7 +86,10 @@ def _resolve_best(best: sweep.Best, root: Path, names: Sequence[str]) -> tuple[b
   if not scored:
     return False, best.default
   pick = (max if best.mode == "max" else min)(scored, key=lambda r: float(r[best.metric]))
-  return True, pick.get(best.column)
+  if best.column not in pick:  # a misspelt column would hand the dependent run None
+    raise ValueError(f"sweep.Best(runs={best.runs!r}, column={best.column!r}): the best of those runs has no "
+                     f"column {best.column!r}; choose one of {sorted(pick)}.")
+  return True, pick[best.column]
 
 
 def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, varied: Sequence[str]) -> None:
@@ -227,7 +230,7 @@ def _run_blocking(stage: Stage, command: list[str], progress: _Progress, i: int,
   start = time.time()
   first = (None, None)  # (time, step) of the first step seen in this attempt, for the step rate
   with log_path.open("a") as log:
-    log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+    log.write(f"\n{status_lib.ATTEMPT_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
     log.flush()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

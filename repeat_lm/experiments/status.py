@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 STATUS_FILE, LOCK_FILE, LOG_FILE, GIN_FILE = "status.json", ".lock", "train.log", "run.gin"
 PENDING, RUNNING, FINISHED, FAILED = "pending", "running", "finished", "failed"
+# The line each attempt's command starts with in train.log (runner._run_blocking), so an error is read per attempt.
+ATTEMPT_HEADER = "==== "
 # A 'running' run whose process is gone (the sweep was killed): shown by collect, resumed by the next sweep.
 INTERRUPTED = "interrupted"
 
@@ -62,18 +65,29 @@ def is_complete(run_dir: str | Path) -> bool:
   return steps is not None and steps in checkpoint_steps(run_dir)
 
 
-def error_text(log_path: str | Path, tail: int = 15) -> str:
-  """The error a failed command printed: `repeat-lm: error: ...`, else the last traceback line, else the tail."""
+def error_text(log_path: str | Path, tail: int = 15, returncode: int | None = None) -> str:
+  """The error the last attempt in a log printed: `repeat-lm: error: ...`, else the last traceback line, else (killed
+  by a signal, `returncode` < 0) the signal, else the tail.
+
+  train.log holds every attempt, each after a `==== TIME COMMAND` line (runner._run_blocking); an earlier attempt's
+  error is not this one's (an attempt killed for memory prints nothing)."""
   path = Path(log_path)
   if not path.exists():
     return f"no log at {path}"
   lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+  headers = [i for i, line in enumerate(lines) if line.startswith(ATTEMPT_HEADER)]
+  if headers:
+    lines = lines[headers[-1] + 1:]
   for line in reversed(lines):
     if "repeat-lm: error:" in line:
       return line.split("repeat-lm: error:", 1)[1].strip()
   for i in range(len(lines) - 1, -1, -1):
     if lines[i].startswith("Traceback"):
       return lines[-1].strip()
+  if returncode is not None and returncode < 0:
+    name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+    killed = f"killed by signal {-returncode} ({name}"
+    return killed + (", often the out-of-memory killer)" if -returncode == signal.SIGKILL else ")")
   return "\n".join(lines[-tail:])
 
 
@@ -96,8 +110,8 @@ def exited(run_dir: str | Path, returncode: int, log: str | Path | None = None) 
     return write(run_dir, status=PENDING, returncode=0, elapsed_s=elapsed,
                  error=f"stopped at step {steps[-1] if steps else 0} before its last step (SIGTERM or preemption); "
                  "the next sweep resumes it from its checkpoint")
-  return write(run_dir, status=FAILED, returncode=returncode, error=error_text(log), elapsed_s=elapsed,
-               finished=time.time())
+  return write(run_dir, status=FAILED, returncode=returncode, error=error_text(log, returncode=returncode),
+               elapsed_s=elapsed, finished=time.time())
 
 
 def _alive(pid: int) -> bool:

@@ -49,7 +49,7 @@ class Finetune:
 
   Its gin is the run's model gin, `gin_files`, the run's model settings (t5.T5Config, moe.MoeConfig bindings that
   are not macros) and `bindings`; it trains into ROOT/RUN/ft_<name>, and `collect` adds its scores (eval/squad_em ->
-  column squad_em).
+  column squad_em; ft_<name>_squad_em when a run has several stages).
   """
   name: str
   bindings: Mapping[str, Any] = dataclasses.field(default_factory=dict)

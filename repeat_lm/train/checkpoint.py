@@ -34,6 +34,40 @@ class CheckpointError(RuntimeError):
   pass
 
 
+# What Orbax says when the configured state is not the one saved (another model or optimizer), not corrupt files:
+# another tree, or a leaf of another shape ('Requested shape: (32, 64) is not compatible with the stored shape').
+# Checked before restoring (`stored_state_mismatch`); these are the fallback where the metadata cannot be read.
+_MISMATCH_SIGNS = ("do not match", "tree structure", "not compatible with the stored shape")
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Leaf shapes by a path such as 'opt_state/0/v_row/w': Orbax's metadata holds a NamedTuple's fields (optax's
+  states) as dict keys, so attribute, key and index steps are all written the same way."""
+  step_name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(step_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def stored_state_mismatch(state_dir: Path, abstract_state: Any, shown: int = 3) -> str | None:
+  """How the state saved in `state_dir` differs from `abstract_state` (leaves missing, extra or of another shape),
+  from the checkpoint's metadata alone; None if it matches or the metadata cannot be read (then the restore itself
+  decides). Comparing first means a configuration change is named leaf by leaf and no array read is started."""
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      stored = _shapes_by_path(reader.metadata(state_dir).item_metadata.tree)
+  except Exception:  # pylint: disable=broad-except  # unreadable metadata: left to the restore's error
+    return None
+  wanted = _shapes_by_path(abstract_state)
+  problems = [f"{k} is missing from the checkpoint" for k in wanted if k not in stored]
+  problems += [f"{k} is in the checkpoint but not in the configured state" for k in stored if k not in wanted]
+  problems += [f"{k} has shape {stored[k]} in the checkpoint, {wanted[k]} configured" for k in wanted
+               if k in stored and stored[k] != wanted[k]]
+  if not problems:
+    return None
+  more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+  return "; ".join(problems[:shown]) + more
+
+
 class Checkpointer:
   """Saves/restores {'state': train state pytree, 'meta': JSON dict} under MODEL_DIR/checkpoints/<step>."""
 
@@ -64,15 +98,15 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"No checkpoint found under {self.directory}.")
+    mismatch = stored_state_mismatch(self.directory / str(step) / "state", abstract_state)
+    if mismatch is not None:
+      raise CheckpointError(self._mismatch_message(step, mismatch))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types; all mean the same thing to the user.
-      if "do not match" in str(e) or "tree structure" in str(e):
-        raise CheckpointError(
-            f"Checkpoint {self.directory / str(step)} holds a different model or optimizer state than the one "
-            f"configured ({e}). It was left untouched. Use the configuration it was written with "
-            f"({self.directory.parent / 'config.gin'}), or point MODEL_DIR at a fresh directory.") from e
+      if any(sign in str(e) for sign in _MISMATCH_SIGNS):
+        raise CheckpointError(self._mismatch_message(step, str(e))) from e
       older = [s for s in self.all_steps() if s < step]
       hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
               f"{older[-1]}" if older else "delete it or point MODEL_DIR at a fresh directory")
@@ -82,6 +116,11 @@ class Checkpointer:
           "written, use the configuration it was written with (MODEL_DIR/config.gin).") from e
     logging.info("Restored checkpoint %s", self.directory / str(step))
     return restored["state"], dict(restored["meta"])
+
+  def _mismatch_message(self, step: int, detail: str) -> str:
+    return (f"Checkpoint {self.directory / str(step)} holds a different model or optimizer state than the one "
+            f"configured ({detail}). It was left untouched. Use the configuration it was written with "
+            f"({self.directory.parent / 'config.gin'}), or point MODEL_DIR at a fresh directory.")
 
   def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
     """Only the parameters (for evaluation, export or initialisation): any optimizer's checkpoint will do."""

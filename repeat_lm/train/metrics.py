@@ -6,10 +6,19 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+
+
+def _step_of(line: str) -> float:
+  """The step of a metrics.jsonl line; infinite for a line that is no record (blank, or cut by a crash mid-write)."""
+  try:
+    return json.loads(line).get("step", 0)
+  except (json.JSONDecodeError, AttributeError):
+    return math.inf
 
 
 class MetricsWriter:
@@ -22,16 +31,35 @@ class MetricsWriter:
     self._tb_root = Path(model_dir) if tensorboard else None
 
   def truncate_after(self, step: int) -> None:
-    """On resume, drop records past the restored step: the resumed run writes them again, identically."""
+    """On resume, drop records past the restored step: the resumed run writes them again, identically. A line cut
+    by a crash mid-write is dropped too (it is no record, and the next one would be appended to it)."""
     if not self.enabled or not self.path.exists():
       return
     lines = self.path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if _step_of(line) <= step]
     if len(kept) != len(lines):
-      logging.info("metrics.jsonl: dropping %d records after restored step %d", len(lines) - len(kept), step)
+      logging.info("metrics.jsonl: dropping %d records after restored step %d (or unreadable)",
+                   len(lines) - len(kept), step)
       tmp = self.path.with_suffix(".jsonl.tmp")
       tmp.write_text("".join(line + "\n" for line in kept))
       tmp.replace(self.path)
+
+  def set_aside(self) -> Path | None:
+    """A run starting from step 0 (no checkpoint yet): move an earlier attempt's records out of its way, to
+    metrics.jsonl.replaced-TIME. Its steps would otherwise mix with the new ones (say, a run that diverged before
+    its first checkpoint, rerun with a lower learning rate); they are kept, not deleted."""
+    if not self.enabled or not self.path.exists() or not self.path.read_text().strip():
+      return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+    n = 1
+    while aside.exists():  # two restarts within a second
+      n += 1
+      aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}-{n}")
+    self.path.replace(aside)
+    logging.warning("metrics.jsonl: no checkpoint to resume from, so this run starts at step 0; the earlier "
+                    "attempt's records were moved to %s", aside)
+    return aside
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:

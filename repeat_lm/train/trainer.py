@@ -173,7 +173,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
                  "trainer.train.eval_steps": (eval_steps, 1)})
   model_dir_path = Path(model_dir)
   model_dir_path.mkdir(parents=True, exist_ok=True)
-  _write_config(model_dir_path, operative=False)
+  if not (model_dir_path / "config.gin").exists():  # else it may be what the checkpoints were written with
+    _write_config(model_dir_path, operative=False)
   partitioner = partitioner or partitioning.Partitioner()
   tx = optimizer or optim.make_optimizer(learning_rate=learning_rate)
   cfg = train_dataset_cfg
@@ -200,16 +201,23 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     pipeline.check_resume(cfg, restored_meta.get("data"))  # a changed data stream cannot resume exactly
     writer.truncate_after(int(restored_meta["step"]))
   else:
+    writer.set_aside()
     state = state_lib.init_state(model, tx, lay, partitioner, batch_spec, random_seed)
     if initial_checkpoint_path:
       from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
       # Fresh optimizer moments are zeros whatever the parameters, so only the parameters need replacing.
       state["params"] = load_lib.load_params(initial_checkpoint_path, lay.abstract["params"],
                                              config=getattr(model.module, "config", None))
+  # Only now, with the state restored (or new), is this run's configuration the MODEL_DIR's: a rerun whose model
+  # does not match the checkpoints fails above and leaves their config.gin as it was.
+  _write_config(model_dir_path, operative=False)
   step = int(jax.device_get(state["step"]))
   tokens_seen = float(restored_meta.get("tokens_seen", 0.0))
   logging.info("Starting at step %d of %d (%.1fs to build or restore the state)", step, total_steps,
                time.perf_counter() - start)
+  if step >= total_steps:
+    logging.warning("MODEL_DIR's checkpoint is at step %d, at or past TRAIN_STEPS=%d: nothing to train (raise "
+                    "TRAIN_STEPS to continue, or point MODEL_DIR at a fresh directory).", step, total_steps)
 
   train_step = state_lib.make_train_step(model, tx, lay, partitioner, random_seed, first_sentinel, schedule)
   eval_step = state_lib.make_eval_step(model, lay, partitioner) if eval_dataset_cfg else None
@@ -222,15 +230,19 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
 
   def meta(at_step: int) -> dict[str, Any]:
     # The batch at step s is a function of the data config and s; `data` records both (and the epoch position).
+    # The open logging window too: a resumed run then logs the same averages at the same steps as one that never
+    # stopped (save and log periods need not align).
     return {"step": at_step, "tokens_seen": tokens_seen, "batches_consumed": at_step,
-            "data": pipeline.data_state(cfg, at_step)}
+            "data": pipeline.data_state(cfg, at_step),
+            "log_window": {"sums": window, "steps": window_steps, "seconds": window_time}}
 
   batches: Iterator[dict[str, np.ndarray]] = pipeline.get_batches(
       cfg, start_step=step, shard_id=jax.process_index(), num_shards=jax.process_count())
   stop = _StopSignal()
   progress = metrics_lib.Progress(step, total_steps)
-  window: dict[str, float] = {}
-  window_steps, window_time, last = 0, 0.0, {}
+  opened = restored_meta.get("log_window") or {}  # absent in checkpoints from before it was saved
+  window: dict[str, float] = {k: float(v) for k, v in (opened.get("sums") or {}).items()}
+  window_steps, window_time, last = int(opened.get("steps", 0)), float(opened.get("seconds", 0.0)), {}
   clock = time.perf_counter()  # when the last step was read (or the loop last paused for evaluation or a save)
 
   def record(at_step: int, device_sums: Mapping[str, jax.Array]) -> None:
@@ -249,8 +261,9 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     if at_step == 1 or at_step % log_period == 0 or at_step == total_steps:
       step_time = window_time / window_steps
       last = {f"train/{k}": v for k, v in summarize(window).items()}
+      if optimizer is None or learning_rate is not None:  # else only the given optimizer knows its rate
+        last["train/learning_rate"] = optim.learning_rate_at(learning_rate, at_step - 1)
       last.update({
-          "train/learning_rate": optim.learning_rate_at(learning_rate, at_step - 1),
           "train/grad_norm": window["grad_norm"], "train/param_norm": window["param_norm"],
           "train/tokens_seen": tokens_seen, "train/step_time_s": step_time,
           "train/sequences_per_s": cfg.batch_size / step_time,

@@ -54,6 +54,22 @@ def test_divergence_counts_as_worst():
   assert (o.best_index, o.onset_index, o.gap) == (1, 2, float("inf"))
 
 
+def test_a_curve_that_never_had_a_finite_value_has_no_best_and_no_onset():
+  o = degradation.detect([float("nan")] * 4, higher_is_better=False)  # the relative tolerance of a NaN best
+  assert (o.best_index, o.onset_index, o.improved) == (0, None, False)
+  assert np.isnan(o.best_value) and np.isnan(o.gap) and np.isnan(o.tolerance)
+
+
+def test_a_row_from_the_table_gives_the_best_step_only_for_accuracy():
+  # collect's best_step is where the best accuracy was reached; the best loss's step is not in the table.
+  run = results.Run(run="r", status="finished", model_dir=None, best_eval_loss=2.5, final_eval_loss=2.6,
+                    best_eval_accuracy=0.62, final_eval_accuracy=0.6, best_step=1000.0)
+  (loss_row,), _ = degradation.run_rows([run], "eval/loss")
+  (acc_row,), _ = degradation.run_rows([run], "eval/accuracy")
+  assert loss_row["best"] == 2.5 and np.isnan(loss_row["best_step"])
+  assert (acc_row["best"], acc_row["best_step"]) == (0.62, 1000.0)
+
+
 def test_analyze_table(results_csv, tmp_path):
   runs = results.read_results(results_csv)
   out = degradation.analyze(runs, tmp_path / "out", group_by="unique_tokens")

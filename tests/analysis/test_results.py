@@ -43,6 +43,15 @@ def test_curve_tokens_interpolated(tmp_path):
   assert results.load_curve(results.Run(run="x", status="", model_dir=None), "eval/loss") is None
 
 
+def test_a_curve_skips_a_line_cut_by_a_crash(tmp_path):
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  (model_dir / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/loss": 3.0}) + "\n\n"
+                                           + '{"step": 20, "eval/lo')
+  c = results.load_curve(results.Run(run="r", status="running", model_dir=str(model_dir)), "eval/loss")
+  np.testing.assert_array_equal(c.step, [10])
+
+
 def test_bad_table(tmp_path):
   (tmp_path / "a.csv").write_text("name,params\nx,1\n")
   with pytest.raises(ValueError, match="`run` column"):

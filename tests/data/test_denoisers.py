@@ -86,7 +86,7 @@ def test_measured_density_and_span_length_match_the_denoiser(name):
     assert density == pytest.approx(d.noise_density, abs=0.01)
     assert span == pytest.approx(round(raw * d.noise_density), rel=0.05)
   else:  # T5's arithmetic: round(raw * r) noise tokens in round(noise / mu) spans (e.g. mu 64 at 600 raw: 1 span)
-    noise, spans = D._span_counts(raw, d.noise_density, d.mean_noise_span_length)  # pylint: disable=protected-access
+    noise, spans = D.span_counts(raw, d.noise_density, d.mean_noise_span_length)
     assert density == pytest.approx(noise / raw) and density == pytest.approx(d.noise_density, abs=0.005)
     assert span == pytest.approx(noise / spans)
     if spans > 1:
@@ -127,3 +127,10 @@ def test_objectives_by_name():
     D.ul2((1, 2))
   with pytest.raises(ValueError, match='too short'):
     D.raw_length(SPAN, 2, 2)
+  # Span parameters a task name can spell: a density outside (0, 1) or spans under a token are no objective.
+  with pytest.raises(ValueError, match='noise_density=1.5 must lie strictly between 0 and 1'):
+    D.objective_named('span_r1p5_mu3')
+  with pytest.raises(ValueError, match='noise_density=0.0 must'):
+    D.objective_named('span_r0_mu3')
+  with pytest.raises(ValueError, match='mean_noise_span_length=0.0 must be at least 1'):
+    D.objective_named('span_r0p15_mu0')

@@ -37,6 +37,26 @@ def test_full_chunk_fills_the_lengths_exactly(mu, density):
     assert len(targets) + 1 == targets_length
 
 
+@pytest.mark.parametrize('inputs_length, density, mu', [(128, 0.15, 64), (256, 0.15, 64), (8, 0.15, 3), (3, 0.15, 3),
+                                                         (20, 0.5, 64)])
+def test_short_inputs_and_long_spans_still_fit(inputs_length, density, mu):
+  # round(num_noise / mu) is 0 here; the mask still makes one span, and the lengths must count it.
+  raw, targets_length = objectives.random_spans_lengths(inputs_length, density, mu)
+  for seed in [(0, 0), (5, 7)]:
+    inputs, targets = corrupt(np.arange(3, 3 + raw), seed, density=density, mu=mu)
+    assert len(inputs) + 1 == inputs_length and len(targets) + 1 == targets_length
+    assert inputs[-1] >= V - 100  # the chunk ends in noise: its last input is a sentinel, kept within the length
+
+
+@pytest.mark.parametrize('inputs_length', [1, 2])
+def test_inputs_too_short_for_any_noise_are_a_clear_error(inputs_length):
+  vocab = seqio.PassThroughVocabulary(size=V, eos_id=1)
+  features = {'inputs': seqio.Feature(vocab), 'targets': seqio.Feature(vocab)}
+  dataset = tf.data.Dataset.from_tensors({'targets': tf.range(3, 40, dtype=tf.int32)})
+  with pytest.raises(ValueError, match=f'inputs length {inputs_length} is too short.*use at least 3'):
+    objectives.span_corruption(dataset, {'inputs': inputs_length, 'targets': 8}, features)
+
+
 @pytest.mark.parametrize('length', [2, 3, 10, 37, 100, 568, 1006])
 def test_mask_has_exact_noise_count_and_alternating_spans(length):
   num_noise = min(max(round(length * 0.15), 1), length - 1)

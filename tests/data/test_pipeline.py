@@ -153,6 +153,10 @@ def test_data_state_and_resume_check(c4_d16):
   pipeline.check_resume(cfg, {'step': 3})  # an older checkpoint without the details: nothing to compare
   with pytest.raises(ValueError, match='batch_size was 8'):
     pipeline.check_resume(pipeline.DatasetConfig(c4_d16, SMALL, batch_size=16, seed=1), state)
+  with pytest.raises(ValueError, match='shuffle was True'):  # one ordered pass is another stream
+    pipeline.check_resume(pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=1, shuffle=False), state)
+  with pytest.raises(ValueError, match='pack was True'):  # other rows for the model
+    pipeline.check_resume(pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=1, pack=False), state)
 
 
 def test_other_seqio_tasks_fall_back_to_a_global_stream():
@@ -203,7 +207,8 @@ def test_the_trainer_refuses_more_steps_than_a_finite_task_holds(c4_path, t5_voc
 
 @pytest.mark.parametrize('kwargs,match', [({'batch_size': 0}, 'batch_size=0: the global batch'),
                                           ({'task_feature_lengths': {'inputs': 0, 'targets': 8}},
-                                           "task_feature_lengths {'inputs': 0}")])
+                                           "task_feature_lengths {'inputs': 0}"),
+                                          ({'task_feature_lengths': {'inputs': 512}}, "has no 'targets': give both")])
 def test_dataset_config_rejects_empty_batches_and_lengths(kwargs, match):
   args = {'mixture_or_task_name': 'any', 'task_feature_lengths': {'inputs': 16, 'targets': 8}, **kwargs}
   with pytest.raises(ValueError, match=match):

@@ -67,6 +67,8 @@ def test_budget_errors():
     tasks.repeated_task('c4', unique_tokens=3, total_tokens=10)
   with pytest.raises(ValueError, match='positive integer'):
     tasks.repeated_task('c4', unique_tokens=0, epochs=1)
+  with pytest.raises(ValueError, match='validation_tokens must be a positive integer'):
+    tasks.repeated_task('c4', unique_tokens=12, epochs=1, validation_tokens=0)
 
 
 def test_registration_is_idempotent_and_replaces_changed_specs(tmp_path):
@@ -253,8 +255,8 @@ def test_ul2_mode_tokens_and_per_denoiser_statistics(c4_path, t5_vocab_file):
     if d.prefix_lm:
       assert got['mean_noise_span_length'] == pytest.approx(d.noise_density * got['raw_length'], rel=0.15)
     else:
-      noise, spans = denoisers._span_counts(got['raw_length'], d.noise_density,  # pylint: disable=protected-access
-                                            d.mean_noise_span_length)
+      noise, spans = denoisers.span_counts(got['raw_length'], d.noise_density,
+                                           d.mean_noise_span_length)
       assert got['mean_noise_span_length'] == pytest.approx(noise / spans, rel=0.05), d.name
   rates = np.array([s['denoisers'][d.name]['examples'] for d in stream.objective.denoisers]) / s['examples']
   # Denoisers are drawn per position of the epoch's layout (the same in every epoch): R independent draws.

@@ -71,6 +71,39 @@ def test_one_row_per_run_with_the_analysis_columns(sweep_root, tmp_path):
   assert results.load_curve(runs["a"], "eval/loss") is not None
 
 
+def test_tokens_at_the_final_evaluation():
+  train = [{"step": s, "train/tokens_seen": 100.0 * s} for s in (10, 20, 30)]
+  assert collect.tokens_at_step(train, 20) == 2000.0
+  assert collect.tokens_at_step(train, 15) == 1500.0 and collect.tokens_at_step(train, 5) == 500.0
+  assert collect.tokens_at_step(train, 40) == 4000.0  # past the last record, at its rate
+  assert math.isnan(collect.tokens_at_step([], 10))
+  # A run stopped between evaluations: its loss was measured at step 2's tokens, not at the last train record's.
+  records = [*({"step": s, "train/loss": 2.0, "train/tokens_seen": 160.0 * s} for s in (1, 2, 3)),
+             {"step": 2, "eval/loss": 3.0, "eval/accuracy": 0.5}]
+  summary = collect.metrics_summary(records)
+  assert (summary["tokens_seen"], summary["final_eval_tokens"], summary["final_eval_loss"]) == (480.0, 320.0, 3.0)
+
+
+def test_every_fine_tuning_stage_keeps_its_scores(sweep_root):
+  status.write(sweep_root / "a", finetune=["squad_lr1", "squad_lr2"])
+  for name, em in (("squad_lr1", 70.0), ("squad_lr2", 80.0)):
+    (sweep_root / "a" / f"ft_{name}").mkdir()
+    (sweep_root / "a" / f"ft_{name}" / "metrics.jsonl").write_text(
+        json.dumps({"step": 2, "eval/squad_em": em, "eval/squad_f1": em + 5}) + "\n")
+  row = collect.row(sweep_root / "a")
+  assert (row["ft_squad_lr1_squad_em"], row["ft_squad_lr2_squad_em"], row["ft_squad_lr2_squad_f1"]) == (70.0, 80.0,
+                                                                                                       85.0)
+  assert "squad_em" not in row
+
+
+def test_a_model_that_cannot_be_built_says_why(sweep_root):
+  gin_path = sweep_root / "b" / "run.gin"
+  gin_path.write_text(gin_path.read_text() + "\nt5.T5Config.emb_dim = 10_bad\n")
+  row = collect.row(sweep_root / "b")
+  assert row["params"] is None and "run.gin, line" in row["model_error"]
+  assert collect.row(sweep_root / "a")["model_error"] is None
+
+
 def test_parquet(sweep_root, tmp_path):
   pq = pytest.importorskip("pyarrow.parquet")
   collect.collect(sweep_root, tmp_path / "results.parquet")
@@ -89,3 +122,6 @@ def test_best_resolves_from_finished_runs_only(sweep_root):
   assert runner._resolve_best(best, sweep_root, ["a", "b", "c"]) == (True, 0.0)  # noqa: SLF001 ('b' failed)
   waiting = sweep.Best(runs="*", column="DROPOUT_RATE", default=0.3)
   assert runner._resolve_best(waiting, sweep_root, ["a", "b", "c"]) == (False, 0.3)  # noqa: SLF001 ('c' runs)
+  misspelt = sweep.Best(runs="[ab]", column="DROPOUT", metric="best_eval_accuracy")
+  with pytest.raises(ValueError, match="no column 'DROPOUT'; choose one of .*'DROPOUT_RATE'"):
+    runner._resolve_best(misspelt, sweep_root, ["a", "b", "c"])  # noqa: SLF001

@@ -50,6 +50,17 @@ def test_failure_keeps_the_error(tmp_path):
   assert status.error_text(run / "train.log") == "MemoryError: out of memory"
 
 
+def test_the_error_is_the_last_attempts_own(tmp_path):
+  first = "\n==== 2026-01-01 00:00:00 repeat-lm train\nrepeat-lm: error: ValueError: Unknown source 'nosuch'\n"
+  run = make_run(tmp_path, log=first + "\n==== 2026-01-02 00:00:00 repeat-lm train\nI step 10\nI step 20\n")
+  status.started(run)
+  record = status.exited(run, -9)  # killed for memory: the attempt printed no error of its own
+  assert record["status"] == "failed" and record["error"].startswith("killed by signal 9 (SIGKILL")
+  assert status.error_text(run / "train.log") == "I step 10\nI step 20"
+  (run / "train.log").write_text(first)
+  assert status.error_text(run / "train.log", returncode=1) == "ValueError: Unknown source 'nosuch'"
+
+
 def test_a_running_run_of_a_dead_process_reads_as_interrupted(tmp_path):
   run = make_run(tmp_path)
   status.write(run, status="running", host=socket.gethostname(), pid=dead_pid())

@@ -47,6 +47,22 @@ def test_corrupt_checkpoint_names_the_fix_and_is_kept(tmp_path):
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
 
 
+@pytest.mark.parametrize("params,names", [
+    ({"w": jnp.zeros((4, 8))}, "params/w has shape (8, 8) in the checkpoint, (4, 8) configured"),
+    ({"w": jnp.zeros((8, 8)), "b": jnp.zeros(8)}, "params/b is missing from the checkpoint"),
+    ({}, "params/w is in the checkpoint but not in the configured state")])
+def test_another_model_is_named_leaf_by_leaf_not_called_corrupt(tmp_path, params, names):
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck.save(1, _state(), {"step": 1})
+  ck.close()
+  ck = checkpoint.Checkpointer(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match="holds a different model or optimizer state") as e:
+    ck.restore(checkpoint.abstract_like({"step": jnp.asarray(7, jnp.int32), "params": params}))
+  assert names in str(e.value) and "corrupt" not in str(e.value)
+  assert (tmp_path / "checkpoints" / "1").exists()
+  ck.close()
+
+
 @pytest.mark.parametrize("kwargs,match", [({"period": 0}, "period=0: save every N >= 1"),
                                           ({"keep": 0}, "keep=0 would delete every checkpoint")])
 def test_config_rejects_settings_that_never_save_or_keep_nothing(kwargs, match):
