@@ -226,7 +226,11 @@ class LocalText:
       resolve_paths(self.corpus)  # fail now, naming the path, rather than deep inside a pipeline
     if isinstance(self.validation, str):
       object.__setattr__(self, 'validation', _absolute(self.validation))
-      resolve_paths(self.validation)
+      train = set() if self.corpus == 'wiki' else set(resolve_paths(self.corpus))  # wiki: not fetched here
+      shared = set(resolve_paths(self.validation)) & train
+      if shared:  # validation documents that are also trained on measure memorisation, not generalisation
+        raise ValueError(f'LocalText: the validation files are also training files ({sorted(shared)[:3]}); give '
+                         'validation a path outside the corpus, or a fraction (e.g. 0.05) to hold documents out.')
     else:
       object.__setattr__(self, 'validation', float(self.validation))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import seqio
 import sentencepiece as spm
 import tensorflow as tf
+from google.protobuf import message
 
 from repeat_lm.data import sources
 
@@ -54,6 +55,10 @@ class _FileVocabulary(seqio.SentencePieceVocabulary):
       return super()._model_context()
     except UNREADABLE as e:
       raise unreadable_model_error(self._sentencepiece_model_file, e) from e
+    except message.DecodeError as e:  # read, but not a SentencePiece model (the wrong file, a truncated copy)
+      raise ValueError(f'{self._sentencepiece_model_file!r} is not a SentencePiece model ({e}). Point '
+                       "REPEAT_LM_T5_VOCAB (or vocab.t5_vocabulary.path in gin, or --vocab) at T5's "
+                       'cc_all.32000.100extra/sentencepiece.model or another .model file.') from e
 
 
 def unreadable_model_error(path: str, error: Exception) -> FileNotFoundError:

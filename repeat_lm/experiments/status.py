@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -125,12 +126,30 @@ def _alive(pid: int) -> bool:
 
 
 def effective(record: dict[str, Any]) -> str:
-  """The recorded status, or 'interrupted' for a run recorded as running by a process of this host that is gone."""
+  """The recorded status, or 'interrupted' for a run recorded as running whose process is gone: a process of this
+  host, or a SLURM job that squeue no longer lists (scancel, a node failure: the batch script never recorded its
+  exit, and the run would otherwise be skipped as submitted by every later sweep)."""
   state = record.get("status", PENDING)
   if state == RUNNING and record.get("host") == socket.gethostname() and record.get("pid") and \
       not _alive(int(record["pid"])):
     return INTERRUPTED
+  if state == RUNNING and record.get("job_id") and _slurm_job_alive(str(record["job_id"])) is False:
+    return INTERRUPTED
   return state
+
+
+def _slurm_job_alive(job_id: str) -> bool | None:
+  """Whether squeue lists the job (pending, running, requeued...); None where squeue cannot say (not installed, no
+  controller), which leaves the recorded status as it is."""
+  try:
+    out = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format=%T"], capture_output=True, text=True,
+                         timeout=20, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  if out.returncode == 0:
+    return bool(out.stdout.strip())
+  # A job that ended long enough ago is unknown to the controller: squeue fails, naming the job id.
+  return False if "invalid job id" in out.stderr.lower() else None
 
 
 def acquire(run_dir: str | Path) -> bool:

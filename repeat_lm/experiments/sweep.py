@@ -178,6 +178,10 @@ def _axis_points(grid: Grid) -> list[list[tuple[str, Any]]]:
 
 def expand(grid: Grid) -> list[RunSpec]:
   """The grid's runs, arms outermost, each with a name made of its arm's and axes' labels."""
+  empty = sorted(k for k, values in grid.axes.items() if not len(values))
+  if empty:  # a product over an empty axis has no runs, and a sweep of nothing would look like a finished one
+    raise ValueError(f"sweep.Grid axes {empty} have no values (a grid over them has no runs): give each axis at "
+                     "least one value, or drop it.")
   arms = [dict(a) for a in (grid.arms or [{}])]
   arm_values: dict[str, list[Any]] = {}
   for arm in arms:

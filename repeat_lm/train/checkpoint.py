@@ -98,6 +98,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"No checkpoint found under {self.directory}.")
+    self._check_step_exists(step)
     mismatch = stored_state_mismatch(self.directory / str(step) / "state", abstract_state)
     if mismatch is not None:
       raise CheckpointError(self._mismatch_message(step, mismatch))
@@ -117,6 +118,11 @@ class Checkpointer:
     logging.info("Restored checkpoint %s", self.directory / str(step))
     return restored["state"], dict(restored["meta"])
 
+  def _check_step_exists(self, step: int) -> None:
+    if step not in self.all_steps():
+      raise CheckpointError(f"No checkpoint of step {step} under {self.directory}; it holds steps {self.all_steps()} "
+                            "(CHECKPOINT_STEP picks one of them; None: the latest).")
+
   def _mismatch_message(self, step: int, detail: str) -> str:
     return (f"Checkpoint {self.directory / str(step)} holds a different model or optimizer state than the one "
             f"configured ({detail}). It was left untouched. Use the configuration it was written with "
@@ -127,6 +133,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"No checkpoint found under {self.directory}.")
+    self._check_step_exists(step)
     target = {"params": abstract_params}
     # A separate manager: this one may already have bound the 'state' item to the full-state handler.
     with ocp.CheckpointManager(self.directory.absolute()) as reader:

@@ -100,6 +100,13 @@ def test_streaming_reads_only_what_it_needs(tmp_path):
   assert next(source.documents('train', stats)) == 'first'  # the malformed line after it is never parsed
 
 
+def test_validation_files_inside_the_training_corpus_are_an_error(tmp_path):
+  write_jsonl(tmp_path / 'a.jsonl', ['a'])
+  held_out = write_jsonl(tmp_path / 'b.jsonl', ['b'])
+  with pytest.raises(ValueError, match=r'validation files are also training files .*b.jsonl'):
+    sources.LocalText(str(tmp_path), held_out)  # the directory holds b.jsonl too
+
+
 def test_corrupt_gzip_names_the_file(tmp_path):
   path = tmp_path / 'bad.jsonl.gz'
   data = gzip.compress(b''.join(b'{"text": "%s"}\n' % os.urandom(20).hex().encode() for _ in range(1000)))

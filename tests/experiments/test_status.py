@@ -69,6 +69,21 @@ def test_a_running_run_of_a_dead_process_reads_as_interrupted(tmp_path):
   assert status.effective(status.read(run)) == "running"
 
 
+def test_a_slurm_job_squeue_no_longer_lists_reads_as_interrupted(tmp_path, monkeypatch):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  squeue = bin_dir / "squeue"  # job 1 is queued; any other id is unknown to the controller, as after scancel
+  squeue.write_text('#!/bin/sh\ncase "$*" in *"--jobs 1 "*) echo RUNNING;; '
+                    '*) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1;; esac\n')
+  squeue.chmod(0o755)
+  run = make_run(tmp_path)
+  status.write(run, status="running", job_id="1", host=None, pid=None)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  assert status.effective(status.read(run)) == "running"
+  status.write(run, job_id="2")
+  assert status.effective(status.read(run)) == "interrupted"
+
+
 def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
   run = make_run(tmp_path)
   assert status.acquire(run) and not status.acquire(run)  # held by this (live) process

@@ -50,6 +50,11 @@ def test_duplicate_names_are_an_error():
     sweep.expand_all(["not a grid"])
 
 
+def test_an_axis_without_values_is_an_error():
+  with pytest.raises(ValueError, match=r"axes \['X'\] have no values"):
+    sweep.expand(sweep.Grid(axes={"X": [], "Y": [1, 2]}))
+
+
 def test_best_values_are_labelled_and_render_their_default():
   best = sweep.Best(runs="moe_*", column="DROPOUT_RATE", default=0.2)
   [run] = sweep.expand(sweep.Grid(axes={"DROPOUT_RATE": [best]}, prefix="xl"))

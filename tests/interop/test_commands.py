@@ -92,3 +92,6 @@ def test_an_unreadable_vocabulary_names_the_file_and_the_fix(tmp_path):
     missing.encode("hello")
   with pytest.raises(FileNotFoundError, match=r"missing.model.*Point REPEAT_LM_T5_VOCAB"):
     subset.vocabulary_fingerprint(missing)
+  (tmp_path / "notes.model").write_text("not a SentencePiece model")  # the wrong file, or a truncated copy
+  with pytest.raises(ValueError, match=r"notes.model' is not a SentencePiece model.*Point REPEAT_LM_T5_VOCAB"):
+    vocab.t5_vocabulary(str(tmp_path / "notes.model")).encode("hello")

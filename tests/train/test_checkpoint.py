@@ -45,6 +45,10 @@ def test_corrupt_checkpoint_names_the_fix_and_is_kept(tmp_path):
   assert (tmp_path / "checkpoints" / "2").exists()  # Never deleted behind the user's back.
   restored, _ = ck.restore(checkpoint.abstract_like(state), step=1)
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+  with pytest.raises(checkpoint.CheckpointError, match=r"No checkpoint of step 7 .*holds steps \[1, 2\]"):
+    ck.restore(checkpoint.abstract_like(state), step=7)  # not a corrupt one: nothing to move aside
+  with pytest.raises(checkpoint.CheckpointError, match="No checkpoint of step 7"):
+    ck.restore_params(checkpoint.abstract_like(state)["params"], step=7)
 
 
 @pytest.mark.parametrize("params,names", [
