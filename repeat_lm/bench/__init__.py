@@ -17,6 +17,11 @@ def require_positive_ints(**flags) -> None:
       raise ValueError(f"--{name}={value!r}: must be a positive integer.")
 
 
+def usable_cpus() -> int:
+  """The CPUs this process may run on (its affinity set: a cpuset or taskset can hold fewer than the host has)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
   """The host's processor as benchmarks report it: 'AMD EPYC (family 25, model 17), 2 CPUs, 32 MiB last-level cache'.
 
@@ -41,7 +46,7 @@ def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
   name = fields.get("model name") or platform.processor() or platform.machine() or "unknown processor"
   if "cpu family" in fields and "model" in fields:
     name += f" (family {fields['cpu family']}, model {fields['model']})"
-  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cpus = usable_cpus()
   described = f"{name}, {cpus} CPUs"
   caches = cpu_layouts.listed_cache_bytes()
   return described + (f", {max(caches) / 2**20:g} MiB last-level cache" if caches else "")

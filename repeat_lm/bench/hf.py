@@ -6,10 +6,11 @@ Needs the `bench` extra (torch, transformers).
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 
 import numpy as np
+
+from repeat_lm import bench
 
 # repeat_lm activation dtypes the peer runs under torch.autocast (by torch dtype name); float32 runs as it is.
 AUTOCAST_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -33,6 +34,33 @@ def hf_config(config):
   return hf.hf_config(config)
 
 
+def check_comparable(config) -> None:
+  """Raise unless T5ForConditionalGeneration can be the same model: dense, every layer its own parameters, on CPU
+  (the peer runs PyTorch on the host; against a GPU step its ratio would compare two machines)."""
+  if config.moe is not None or config.param_share not in ("none", 1):
+    raise ValueError("--compare=hf compares dense T5 without parameter sharing (T5ForConditionalGeneration); this "
+                     "model has MoE layers or shared parameters, which that peer would silently leave out. Use "
+                     "`repeat-lm bench moe` for MoE.")
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() != "cpu":
+    raise ValueError(f"--compare=hf runs Hugging Face's step on the CPU, and this step on {jax.default_backend()}; "
+                     "compare on a CPU host (JAX_PLATFORMS=cpu), where both run on the same cores.")
+
+
+def peer_model(config):
+  """T5ForConditionalGeneration with repeat_lm's parameters: transformers 5 ties lm_head to the embedding whatever
+  the config says (T5Config forces tie_word_embeddings=True; only from_pretrained unties, when a checkpoint holds
+  both), so a T5 v1.1 peer built from a config had one V x D matrix fewer to differentiate and update (24.7M of
+  T5-Base's 247.6M parameters). Untied here, as in T5 v1.1 and as repeat_lm trains it."""
+  torch, transformers = _import()
+  check_comparable(config)
+  model = transformers.T5ForConditionalGeneration(hf_config(config))
+  if not config.logits_via_embedding:
+    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+  return model
+
+
 class _TorchStep:
   """T5ForConditionalGeneration + transformers' Adafactor (T5 settings: factored, decay -0.8, clip 1.0).
 
@@ -47,7 +75,7 @@ class _TorchStep:
                        else contextlib.nullcontext)
     torch.set_num_threads(threads)
     torch.manual_seed(bench_cfg.seed)
-    self.model = transformers.T5ForConditionalGeneration(hf_config(config)).train()
+    self.model = peer_model(config).train()
     from transformers.optimization import Adafactor
     self.optimizer = Adafactor(self.model.parameters(), lr=1e-3, scale_parameter=True, relative_step=False,
                                warmup_init=False, decay_rate=-0.8, clip_threshold=1.0)
@@ -95,7 +123,7 @@ class HfStep:
   def __init__(self, config, bench_cfg, threads: int | None = None):
     _import()  # fail here, with the install hint, before starting a process
     import multiprocessing
-    self.threads = threads or os.cpu_count() or 1
+    self.threads = threads or bench.usable_cpus()  # as many threads as XLA's pool gets, no more
     ctx = multiprocessing.get_context("spawn")  # never fork a process that has started JAX's threads
     self._conn, child = ctx.Pipe()
     self._process = ctx.Process(target=_serve, args=(child, config, bench_cfg, self.threads), daemon=True)

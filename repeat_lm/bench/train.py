@@ -138,6 +138,9 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
   """
   partitioner = partitioner or partitioning.Partitioner()
   mcfg = model.module.config
+  if compare_hf:
+    from repeat_lm.bench import hf as hf_lib
+    hf_lib.check_comparable(mcfg)  # before anything is compiled or timed
   flops_per_step = flops.train_flops_per_sequence(mcfg, cfg.inputs_length, cfg.targets_length) * cfg.batch_size
   peak, peak_source = flops.peak_flops_total(dtype=mcfg.dtype)
   if flops.known_peak_flops(jax.devices()[0]) is None:
@@ -145,7 +148,6 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
   ours = JaxStep(model, cfg, partitioner)
   hf = None
   if compare_hf:
-    from repeat_lm.bench import hf as hf_lib
     hf = hf_lib.HfStep(mcfg, cfg)
   ours_times, hf_times = [], []
   try:

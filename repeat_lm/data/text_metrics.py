@@ -61,11 +61,6 @@ def _f1_for_class(targets: Sequence[int], predictions: Sequence[int], cls: int) 
   return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
-def binary_f1(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
-  """F1 of the positive class (1); predictions that are no class (-1) count as negative."""
-  return {"f1": 100.0 * _f1_for_class(targets, predictions, 1)}
-
-
 def mean_3class_f1(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
   """CB's metric: the unweighted mean of the per-class F1 of classes 0, 1, 2."""
   return {"mean_3class_f1": 100.0 * float(np.mean([_f1_for_class(targets, predictions, c) for c in range(3)]))}
@@ -76,7 +71,10 @@ def multirc(targets: Sequence[tuple[Any, int]], predictions: Sequence[tuple[Any,
 
   targets / predictions: (question group, label) pairs; the group ids the answer options of one question.
   """
-  labels, preds = [t for _, t in targets], [p for _, p in predictions]
+  labels = [t for _, t in targets]
+  # T5's f1_score_with_invalid: a prediction that is no label (-1) is the wrong one, so it costs F1 whatever the
+  # target (counted as a negative, it would be a free true negative on a False option), as it costs EM below.
+  preds = [p if p in (0, 1) else 1 - t for (_, p), t in zip(predictions, labels)]
   groups: dict[Any, list[bool]] = collections.defaultdict(list)
   for (group, t), (_, p) in zip(targets, predictions):
     groups[group].append(t == p)

@@ -244,8 +244,14 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> list[str]:
-  """One model.safetensors, or shards plus model.safetensors.index.json past `max_shard_bytes` (as save_pretrained)."""
+  """One model.safetensors, or shards plus model.safetensors.index.json past `max_shard_bytes` (as save_pretrained).
+
+  An earlier export's weight files go first, as save_pretrained removes them: a sharded export's index left beside a
+  new single file would make readers of the index (load_hf) and of the file (transformers) see different models."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  for stale in ["model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json",
+                *(p.name for p in out_dir.glob("model-*-of-*.safetensors"))]:
+    (out_dir / stale).unlink(missing_ok=True)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for key in sorted(state):
@@ -304,14 +310,21 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
   SwitchTransformersForConditionalGeneration (see `hf_switch`; raises ValueError when the layout does not map).
   dtype: 'float32' (exact) or 'bfloat16' (half the size).
   """
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"export dtype={dtype!r}: choose 'float32' (exact) or 'bfloat16' (half the size).")
   out_dir = Path(out_dir)
+  if (out_dir / "checkpoints").is_dir() or (out_dir / "config.gin").exists():
+    # Its config.json would sit beside the checkpoints, and readers that look for a Hugging Face directory first
+    # would take the export for the run.
+    raise ValueError(f"{out_dir} is a repeat_lm MODEL_DIR (it holds checkpoints/ or config.gin): export to a "
+                     "directory of its own, e.g. --out=MODEL_DIR/hf.")
   out_dir.mkdir(parents=True, exist_ok=True)
   if getattr(config, "moe", None) is None:
     state, config_json = to_hf_state_dict(params, config), hf_config_dict(config)
   else:
     from repeat_lm.interop import hf_switch  # pylint: disable=import-outside-toplevel
     state, config_json = hf_switch.to_switch_state_dict(params, config), hf_switch.switch_config_dict(config)
-  np_dtype = np.dtype(dtype) if dtype == "float32" else np.dtype(__import__("ml_dtypes").bfloat16)
+  np_dtype = np.dtype(np.float32) if dtype == "float32" else np.dtype(__import__("ml_dtypes").bfloat16)
   state = {k: v.astype(np_dtype) for k, v in state.items()}
   config_json["dtype"] = dtype
   write_safetensors(state, out_dir, max_shard_bytes)

@@ -47,10 +47,11 @@ def checkpoint_kind(path: str | Path) -> str:
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"Initial checkpoint {path} does not exist.")
-  if (path / "config.json").exists():
-    return "hf"
+  # A MODEL_DIR's own checkpoints come first: a config.json beside them is some other file, not the model.
   if _repeat_lm_step_dir(path, None) is not None:
     return "repeat_lm"
+  if (path / "config.json").exists():
+    return "hf"
   if t5x.is_t5x_checkpoint(path):
     return "t5x"
   raise FileNotFoundError(
@@ -136,7 +137,7 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
   path = Path(path)
   target_flat = layout.flatten(abstract_params)
   step_dir = _repeat_lm_step_dir(path, step) if path.exists() else None
-  if step_dir is not None and not (path / "config.json").exists():
+  if step_dir is not None:
     metadata = _metadata_params(step_dir)
     if {k: tuple(v.shape) for k, v in metadata.items()} == {k: tuple(v.shape) for k, v in target_flat.items()}:
       log.info("Loading parameters from repeat_lm checkpoint %s", step_dir)

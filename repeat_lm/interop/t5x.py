@@ -137,11 +137,13 @@ def _read_legacy(path: Path) -> dict[str, Any]:
       import tensorstore as ts  # pylint: disable=import-outside-toplevel
       spec = dict(leaf)
       kvstore = dict(spec["kvstore"])
-      if kvstore.get("driver") not in ("file", "gfile"):
+      if kvstore.get("driver") not in ("file", "gfile", "gcs"):
         raise ValueError(f"Cannot read a {kvstore.get('driver')!r} TensorStore array locally: copy the checkpoint to "
                          "a local directory first (gsutil -m cp -r ...).")
-      kvstore.update(driver="file", path=str(path / kvstore["path"]))
-      spec["kvstore"] = kvstore
+      # The array's path is relative to the checkpoint directory whatever it was written to: a checkpoint written
+      # on GCS (Google's published T5X checkpoints) names driver 'gcs' and its bucket, and reads from a local copy
+      # with the 'file' driver, as T5X's own restore does.
+      spec["kvstore"] = {"driver": "file", "path": str(path / kvstore["path"])}
       return np.asarray(ts.open(spec).result().read().result())
     return np.asarray(leaf)
 

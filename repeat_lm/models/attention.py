@@ -156,7 +156,9 @@ class MultiHeadAttention(nn.Module):
     logits_dtype = jnp.float32 if self.float32_logits else self.dtype
     # The CPU path's dots take q and k in the activation dtype and accumulate in float32 (cpu_layouts.wide_matmul):
     # the float32 logits of float32 copies, since widening a bfloat16 value is exact, at bfloat16 dot speed.
-    qk_dtype = self.dtype if cpu_layouts.explicit_transposes() else logits_dtype
+    # The CPU core keeps q.k in float32 (wide_matmul); logits in the activation dtype are the einsum path's.
+    cpu_core = cpu_layouts.explicit_transposes() and self.float32_logits
+    qk_dtype = self.dtype if cpu_core else logits_dtype
     q_BxQxHxE, k_BxKxHxE = q_BxQxHxE.astype(qk_dtype), k_BxKxHxE.astype(qk_dtype)
     v_BxKxHxE = v_BxKxHxE.astype(self.dtype)
     # An additive mask, as T5X's, not a select of the logits: the backward pass is then the identity on the
@@ -166,7 +168,7 @@ class MultiHeadAttention(nn.Module):
     additive_mask = None if mask_Bx1xQxK is None else jnp.where(mask_Bx1xQxK, 0.0, NEG_INF).astype(logits_dtype)
     bias = None if bias_1xHxQxK is None else bias_1xHxQxK.astype(logits_dtype)
     # Both paths drop out attention weights, as T5 (Mesh TF), T5X and Hugging Face do.
-    if cpu_layouts.explicit_transposes():  # the same values; every backward dot in YNNPACK's form (cpu_layouts.py)
+    if cpu_core:  # the same values; every backward dot in YNNPACK's form (cpu_layouts.py)
       heads_major = cpu_layouts.swapped_heads  # [B, L, H, E] <-> [B, H, L, E], row-major both ways
       batch, q_len, heads = q_BxQxHxE.shape[:3]
       k_len = k_BxKxHxE.shape[1]

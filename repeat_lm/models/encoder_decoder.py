@@ -30,6 +30,10 @@ class EncoderDecoderModel:
   label_smoothing: float = 0.0
   loss_normalizing_factor: float | str | None = "NUM_REAL_TARGET_TOKENS"
 
+  def __post_init__(self):
+    if not 0.0 <= self.label_smoothing < 1.0:  # 1 leaves no mass on the target, and the loss's constant is log 0
+      raise ValueError(f"label_smoothing={self.label_smoothing} must lie in [0, 1) (LABEL_SMOOTHING; 0.1 is usual).")
+
   @property
   def vocab_size(self) -> int:
     return self.module.config.vocab_size

@@ -87,9 +87,13 @@ def train_flops_per_sequence(config, s_e: int, s_d: int) -> int:
   return 3 * forward_flops_per_sequence(config, s_e, s_d)
 
 
-# Dense bf16 peaks in FLOP/s per chip (reference section 6), matched against `device.device_kind`.
-PEAK_FLOPS = {
+# Dense bf16 peaks in FLOP/s per chip (reference section 6), matched against `device.device_kind`. The H100's 989
+# is the SXM part's; the PCIe and NVL cards run slower clocks, so they are listed as unknown (a measured peak) rather
+# than given SXM's number.
+PEAK_FLOPS: dict[str, float | None] = {
     "A100": 312e12,
+    "H100 PCIe": None,
+    "H100 NVL": None,
     "H100": 989e12,
     "H200": 989e12,
     "TPU v4": 275e12,
@@ -161,9 +165,14 @@ def peak_flops_total(quick: bool = False, dtype: str = "float32") -> tuple[float
   if peak is not None:
     return peak * jax.device_count(), f"table: {jax.device_count()} x {device.device_kind}"
   dtype = jnp.dtype(dtype).name
-  return (measured_matmul_peak(quick, dtype) * jax.process_count(),
-          f"measured {dtype} matmul{' (quick probe)' if quick else ''} on {jax.process_count()} x "
-          f"{device.device_kind} host(s)")
+  if device.platform == "cpu":  # one probe per host: its forced "devices" share the host's cores
+    return (measured_matmul_peak(quick, dtype) * jax.process_count(),
+            f"measured {dtype} matmul{' (quick probe)' if quick else ''} on {jax.process_count()} x "
+            f"{device.device_kind} host(s)")
+  # An accelerator missing from the table: the probe ran on one chip, and the job has jax.device_count() of them.
+  return (measured_matmul_peak(quick, dtype) * jax.device_count(),
+          f"measured {dtype} matmul{' (quick probe)' if quick else ''} on 1 of {jax.device_count()} x "
+          f"{device.device_kind}")
 
 
 def reprobed_peak(peak: float, dtype: str = "float32") -> float:
@@ -173,6 +182,8 @@ def reprobed_peak(peak: float, dtype: str = "float32") -> float:
   The CPU's speed drifts over minutes (shared machines), so a benchmark probes beside each of its timed rounds and
   keeps the best: the MFU it reports is then never inflated by one probe taken in a slow spell.
   """
-  if known_peak_flops(jax.devices()[0]) is not None:
+  device = jax.devices()[0]
+  if known_peak_flops(device) is not None:
     return peak
-  return max(peak, matmul_rate(dtype=jnp.dtype(dtype).name, repeats=3) * jax.process_count())
+  copies = jax.process_count() if device.platform == "cpu" else jax.device_count()  # as peak_flops_total counts
+  return max(peak, matmul_rate(dtype=jnp.dtype(dtype).name, repeats=3) * copies)

@@ -72,6 +72,26 @@ def test_compare_hf_runs_the_peer_in_its_own_process_and_stops_it():
   assert not multiprocessing.active_children()  # the peer was shut down
 
 
+def test_hf_peer_has_the_models_parameters_untied():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from repeat_lm.bench import hf
+  from repeat_lm.models import info
+  config = tiny().module.config  # T5 v1.1: the output layer is its own matrix, not the embedding
+  model = hf.peer_model(config)
+  assert model.lm_head.weight is not model.shared.weight
+  assert sum(p.numel() for p in model.parameters()) == info.param_counts(config)["params_total"]
+
+
+def test_compare_hf_refuses_models_its_peer_is_not():
+  from repeat_lm.models import moe
+  for config in (dataclasses.replace(tiny().module.config, moe=moe.MoeConfig(num_experts=2, expert_mlp_dim=32)),
+                 dataclasses.replace(tiny().module.config, param_share="all")):
+    model = EncoderDecoderModel(module=Transformer(config))
+    with pytest.raises(ValueError, match="compares dense T5 without parameter sharing"):
+      bench_train.run_benchmark(model, CFG, compare_hf=True, partitioner=partitioning.Partitioner(4, 2))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_hf_peer_runs_low_precision_activations_under_autocast(dtype):
   """Mixed precision on both sides: float32 parameters, matmuls in the activation dtype (torch.autocast)."""

@@ -47,6 +47,11 @@ def test_superglue_metrics():
   assert text_metrics.mean_3class_f1([0, 1, 2], [0, 1, 2]) == {"mean_3class_f1": 100.0}
   got = text_metrics.multirc([((0, 0), 1), ((0, 0), 0), ((0, 1), 1)], [((0, 0), 1), ((0, 0), 1), ((0, 1), 1)])
   assert got == {"f1a": pytest.approx(100 * 2 * 2 / (2 * 2 + 1)), "em": 50.0}
+  # An answer that parses to no label (-1) is wrong either way, as in T5's f1_score_with_invalid: on the False
+  # option it is a false positive (TP 2, FP 1, FN 0 below: F1a 80), never a free true negative.
+  invalid = text_metrics.multirc([((0, 0), 1), ((0, 0), 0), ((0, 1), 1)], [((0, 0), 1), ((0, 0), -1), ((0, 1), 1)])
+  assert invalid == {"f1a": pytest.approx(80.0), "em": 50.0}
+  assert text_metrics.multirc([((0, 0), 1)], [((0, 0), -1)]) == {"f1a": 0.0, "em": 0.0}  # a false negative
 
 
 def write_squad_fixture(directory: Path) -> Path:

@@ -112,3 +112,22 @@ def test_config_json_states_untied_v1_1(tmp_path):
   assert cfg["scale_decoder_outputs"] is False and cfg["dtype"] == "bfloat16"
   config, params = hf.load_hf(tmp_path)  # bfloat16 weights come back as float32 parameters
   assert jax.tree.leaves(params)[0].dtype == np.float32 and config.mlp_activations == ("gelu", "linear")
+
+
+def test_an_export_replaces_the_weights_of_an_earlier_one(tmp_path):
+  first, second = random_params(TINY), init_params(TINY)
+  hf.export_hf(first, TINY, tmp_path, max_shard_bytes=2**16)  # sharded, with model.safetensors.index.json
+  assert (tmp_path / hf.SAFETENSORS_INDEX).exists()
+  hf.export_hf(second, TINY, tmp_path)  # one file: the shards and their index must not outlive it
+  assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
+  _, loaded = hf.load_hf(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, second))
+
+
+def test_export_refuses_a_model_dir_and_an_unknown_dtype(tmp_path):
+  with pytest.raises(ValueError, match="dtype='float16': choose 'float32'"):
+    hf.export_hf(init_params(TINY), TINY, tmp_path / "out", dtype="float16")
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(ValueError, match="is a repeat_lm MODEL_DIR .*--out=MODEL_DIR/hf"):
+    hf.export_hf(init_params(TINY), TINY, tmp_path / "run")
+  assert not (tmp_path / "run" / "config.json").exists()

@@ -74,8 +74,10 @@ def test_loads_onto_a_sharded_scanned_model(t5x_model_dir):
                              atol=1e-5)
 
 
-def test_reads_legacy_msgpack_tensorstore_checkpoint(tmp_path):
-  """T5X before Orbax: a msgpack `checkpoint` whose large arrays are TensorStore specs relative to the directory."""
+@pytest.mark.parametrize("kvstore", [{"driver": "file"}, {"driver": "gcs", "bucket": "t5-data"}])
+def test_reads_legacy_msgpack_tensorstore_checkpoint(tmp_path, kvstore):
+  """T5X before Orbax: a msgpack `checkpoint` whose large arrays are TensorStore specs relative to the directory.
+  Written on GCS (Google's published checkpoints) they name the 'gcs' driver and a bucket; a local copy reads too."""
   ts = pytest.importorskip("tensorstore")
   flat = t5x_target(init_params(TINY))
   stored = {}
@@ -84,7 +86,7 @@ def test_reads_legacy_msgpack_tensorstore_checkpoint(tmp_path):
       stored[path] = value  # small arrays sit in the msgpack itself
       continue
     name = "target." + path.replace("/", ".")
-    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": name},
+    spec = {"driver": "zarr", "kvstore": {**kvstore, "path": name},
             "metadata": {"shape": list(value.shape), "chunks": list(value.shape), "dtype": "<f4"}}
     ts.open({**spec, "kvstore": {"driver": "file", "path": str(tmp_path / name)}}, create=True).result().write(
         value).result()

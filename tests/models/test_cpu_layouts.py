@@ -81,6 +81,20 @@ def test_attention_layer_is_the_same_on_both_paths(monkeypatch, dropout_rate):
   _assert_close(ours, _grads(run, params, x, bias))
 
 
+def test_bfloat16_logits_take_the_plain_path_on_cpu_too(monkeypatch):
+  """float32_logits=False rounds q.k to bfloat16 (T5X's option); the float32 CPU core must not quietly skip that."""
+  b, q_len, d = 2, 6, 32
+  x = jax.random.normal(KEYS[0], (b, q_len, d)).astype(jnp.bfloat16)
+  bias = jax.random.normal(KEYS[1], (1, 4, q_len, q_len))
+  module = attention_lib.MultiHeadAttention(num_heads=4, head_dim=8, dtype=jnp.bfloat16, float32_logits=False)
+  params = module.init(KEYS[2], x, x, bias, None, True)
+  run = jax.jit(lambda p: module.apply(p, x, x, bias, None, True).astype(jnp.float32))
+  ours = run(params)
+  monkeypatch.setattr(cpu_layouts, "explicit_transposes", lambda: False)
+  np.testing.assert_array_equal(ours, jax.jit(lambda p: module.apply(p, x, x, bias, None, True).astype(
+      jnp.float32))(params))
+
+
 @pytest.mark.parametrize("dropout_rate", [0.0, 0.3])
 def test_attention_in_batch_slices_is_the_same_layer(monkeypatch, dropout_rate):
   """Two batch slices give the one-piece layer's output and gradients (the bias's is summed over both); with

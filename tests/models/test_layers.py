@@ -44,6 +44,13 @@ def test_relative_position_bucket_matches_float64_formula(bidirectional):
   np.testing.assert_array_equal(got, [reference(int(r)) for r in rel])
 
 
+@pytest.mark.parametrize("buckets, distance", [(32, 16), (2, 128), (8, 4)])
+def test_bucket_settings_without_a_logarithmic_range_are_refused(buckets, distance):
+  from repeat_lm.models import T5Config
+  with pytest.raises(ValueError, match="need at least 4 buckets and a max distance above num_buckets // 2"):
+    T5Config(relative_attention_num_buckets=buckets, relative_attention_max_distance=distance)
+
+
 def test_relative_position_bias_shape_and_values():
   module = layers.RelativePositionBias(num_heads=3)
   positions = jnp.arange(5)

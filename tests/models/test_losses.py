@@ -42,3 +42,10 @@ def test_normalizer():
   assert float(losses.loss_normalizer(w, 233472)) == 233472.0
   with pytest.raises(ValueError, match="NUM_REAL_TARGET_TOKENS"):
     losses.loss_normalizer(w, "tokens")
+
+
+@pytest.mark.parametrize("ls", [1.0, -0.1])
+def test_label_smoothing_outside_zero_one_is_refused(ls):
+  from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer
+  with pytest.raises(ValueError, match=r"label_smoothing=.* must lie in \[0, 1\)"):
+    EncoderDecoderModel(module=Transformer(T5Config(vocab_size=128)), label_smoothing=ls)

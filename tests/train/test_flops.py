@@ -60,8 +60,22 @@ def test_peak_table_prefers_longest_name():
   assert flops.known_peak_flops(Dev()) == 197e12
   Dev.device_kind = "NVIDIA H100 80GB HBM3"
   assert flops.known_peak_flops(Dev()) == 989e12
+  for kind in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL"):  # not the SXM part the table's 989 TFLOP/s is for
+    Dev.device_kind = kind
+    assert flops.known_peak_flops(Dev()) is None
   Dev.device_kind = "cpu"
   assert flops.known_peak_flops(Dev()) is None
+
+
+def test_an_accelerator_missing_from_the_table_counts_every_chip(monkeypatch):
+  class Chip:
+    platform, device_kind = "gpu", "NVIDIA B200"
+  monkeypatch.setattr(jax, "devices", lambda: [Chip()] * 8)
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  monkeypatch.setattr(flops, "measured_matmul_peak", lambda quick, dtype: 2e15)
+  peak, source = flops.peak_flops_total()
+  assert peak == 8 * 2e15 and source == "measured float32 matmul on 1 of 8 x NVIDIA B200"
 
 
 def test_reprobed_peak_keeps_the_best_probe_on_cpu_and_the_table_elsewhere(monkeypatch):
