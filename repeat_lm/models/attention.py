@@ -154,9 +154,9 @@ class MultiHeadAttention(nn.Module):
   def _einsum_attention(self, q_BxQxHxE: Array, k_BxKxHxE: Array, v_BxKxHxE: Array, bias_1xHxQxK: Array | None,
                         mask_Bx1xQxK: Array | None, deterministic: bool, dropout_scale: Array | float) -> Array:
     logits_dtype = jnp.float32 if self.float32_logits else self.dtype
-    # The CPU path's dots take q and k in the activation dtype and accumulate in float32 (cpu_layouts.wide_matmul):
-    # the float32 logits of float32 copies, since widening a bfloat16 value is exact, at bfloat16 dot speed.
-    # The CPU core keeps q.k in float32 (wide_matmul); logits in the activation dtype are the einsum path's.
+    # The CPU core's dots take q and k in the activation dtype and accumulate in float32 (cpu_layouts.wide_matmul):
+    # the float32 logits of float32 copies, since widening a bfloat16 value is exact, at bfloat16 dot speed. Logits
+    # kept in the activation dtype (float32_logits=False) are the einsum path's.
     cpu_core = cpu_layouts.explicit_transposes() and self.float32_logits
     qk_dtype = self.dtype if cpu_core else logits_dtype
     q_BxQxHxE, k_BxKxHxE = q_BxQxHxE.astype(qk_dtype), k_BxKxHxE.astype(qk_dtype)
