@@ -118,6 +118,13 @@ def example_stream(cfg: DatasetConfig, num_epochs: int | None | str = 'default',
   return tasks.stream(name, cfg.split, lengths, seed, cfg.shuffle, num_epochs)
 
 
+def steps_per_epoch(cfg: DatasetConfig) -> float | None:
+  """Global batches per pass over a repeated task's unique tokens, counted from its stream (any objective: UL2's
+  denoisers cut chunks of other lengths than span corruption's); None where the stream is not one task's."""
+  stream = example_stream(cfg, seed=cfg.seed) if cfg.seed is not None else None
+  return stream.examples_per_epoch / cfg.batch_size if isinstance(stream, plan.Stream) else None
+
+
 def num_batches(cfg: DatasetConfig) -> int | None:
   """Global batches in the stream (the last one may be padded); None when it never ends or is not repeat_lm's."""
   stream = example_stream(cfg)

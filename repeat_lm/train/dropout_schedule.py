@@ -55,7 +55,9 @@ def steps_per_epoch(source_tokens: int, batch_size: int, inputs_length: int, noi
 
   Each example is one chunk of the raw length whose corrupted inputs fill `inputs_length` (568 tokens for 512 at
   the T5 defaults), so packing puts one chunk in each row and a step consumes batch_size x raw_length tokens. For
-  other objectives it is an estimate; the trainer's `train/epochs` metric counts the tokens actually consumed.
+  other objectives it is an estimate: the trainer counts a repeated task's steps per epoch from its stream
+  (`pipeline.steps_per_epoch`) and uses this only where there is none, and its `train/epochs` metric counts the
+  tokens actually consumed.
   """
   from repeat_lm.data import objectives  # imports TensorFlow: only when epochs are used
   raw_length, _ = objectives.random_spans_lengths(inputs_length, noise_density, mean_noise_span_length)

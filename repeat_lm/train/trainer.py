@@ -128,8 +128,9 @@ def _dropout_schedule(spec, model: EncoderDecoderModel, cfg: pipeline.DatasetCon
     return None
   epoch_steps = None
   if dropout_schedule_lib.uses_epochs(spec) and source_tokens:
-    epoch_steps = dropout_schedule_lib.steps_per_epoch(source_tokens, cfg.batch_size,
-                                                       cfg.task_feature_lengths["inputs"])
+    # Counted from the task's own stream where it has one; the span-corruption estimate otherwise (a mixture).
+    epoch_steps = pipeline.steps_per_epoch(cfg) or dropout_schedule_lib.steps_per_epoch(
+        source_tokens, cfg.batch_size, cfg.task_feature_lengths["inputs"])
   schedule = dropout_schedule_lib.resolve(spec, epoch_steps)
   model_cfg = getattr(model.module, "config", None)
   rates = [model_cfg.dropout_rate_for(p) for p in t5.DROPOUT_PLACES] if hasattr(model_cfg, "dropout_rate_for") else []

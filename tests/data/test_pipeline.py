@@ -1,6 +1,7 @@
 """Batches for the trainer: shapes, determinism, O(1) resume, host-count independence, finite streams, eval."""
 
 import itertools
+import math
 import subprocess
 import sys
 import textwrap
@@ -141,6 +142,18 @@ def test_validation_stream_when_shuffled_repeats(c4_task):
   cfg = pipeline.DatasetConfig(c4_task, SMALL, split='validation', batch_size=32, seed=0)
   batches = take(cfg, 12)  # 12 x 32 rows > 238 chunks of one epoch
   assert source_tokens(batches) > pipeline.source_token_count(c4_task, 'validation')
+
+
+def test_steps_per_epoch_is_counted_from_the_stream_for_ul2_too(c4_path, t5_vocab_file):
+  from repeat_lm.train import dropout_schedule
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, objective='ul2', mode_tokens=False,
+                             unique_tokens=2**14, epochs=2)
+  cfg = pipeline.DatasetConfig(name, SMALL, batch_size=8, seed=1)
+  steps = pipeline.steps_per_epoch(cfg)
+  # The first epoch holds each of the 2^14 tokens once: whole batches before its end hold fewer, through it more.
+  assert source_tokens(take(cfg, math.floor(steps))) <= 2**14 <= source_tokens(take(cfg, math.ceil(steps)))
+  # Span corruption's estimate (the fallback) is far off for UL2's mix of chunk lengths.
+  assert steps > 1.2 * dropout_schedule.steps_per_epoch(2**14, 8, SMALL['inputs'])
 
 
 def test_data_state_and_resume_check(c4_d16):
