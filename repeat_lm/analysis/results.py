@@ -154,7 +154,7 @@ def load_curve(run: Run, metric: str) -> Curve | None:
   metrics.jsonl. Eval records carry no `train/tokens_seen`: it is interpolated from the train records by step."""
   if not run.model_dir or not (Path(run.model_dir) / "metrics.jsonl").exists():
     return None
-  steps, values, train_steps, train_tokens = [], [], [0.0], [0.0]
+  steps, values, train_steps, train_tokens = [], [], [], []
   for line in (Path(run.model_dir) / "metrics.jsonl").read_text().splitlines():
     try:
       record = json.loads(line)
@@ -174,12 +174,18 @@ def load_curve(run: Run, metric: str) -> Curve | None:
 
 
 def _tokens_at(step: np.ndarray, train_steps: list[float], train_tokens: list[float], run: Run) -> np.ndarray:
-  xs, ys = np.array(train_steps), np.array(train_tokens)
-  order = np.argsort(xs, kind="stable")
-  xs, ys = xs[order], ys[order]
-  if xs[-1] <= 0:  # no train records: assume a constant number of tokens per step
+  if not any(s > 0 for s in train_steps):  # no train records: assume a constant number of tokens per step
     per_step = run.tokens_seen / step.max() if math.isfinite(run.tokens_seen) and step.max() > 0 else 1.0
     return step * per_step
+  return tokens_at(step, train_steps, train_tokens)
+
+
+def tokens_at(step: np.ndarray, train_steps: list[float], train_tokens: list[float]) -> np.ndarray:
+  """Tokens seen at each `step` from train records (step, tokens seen), at least one past step 0: linear between
+  them from 0 tokens at step 0, past the last one at its rate. Also what collect pairs a final evaluation with."""
+  xs, ys = np.array([0.0, *train_steps]), np.array([0.0, *train_tokens])
+  order = np.argsort(xs, kind="stable")
+  xs, ys = xs[order], ys[order]
   tokens = np.interp(step, xs, ys)
   beyond = step > xs[-1]  # evaluations after the last train record: extrapolate at the last rate
   tokens[beyond] = ys[-1] * step[beyond] / xs[-1]

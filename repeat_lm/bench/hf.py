@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+import jax
 import numpy as np
 
 from repeat_lm import bench
@@ -34,14 +35,19 @@ def hf_config(config):
   return hf.hf_config(config)
 
 
-def check_comparable(config) -> None:
-  """Raise unless T5ForConditionalGeneration can be the same model: dense, every layer its own parameters, on CPU
-  (the peer runs PyTorch on the host; against a GPU step its ratio would compare two machines)."""
+def check_same_model(config) -> None:
+  """Raise unless T5ForConditionalGeneration can be the same model: dense, every layer its own parameters."""
   if config.moe is not None or config.param_share not in ("none", 1):
     raise ValueError("--compare=hf compares dense T5 without parameter sharing (T5ForConditionalGeneration); this "
                      "model has MoE layers or shared parameters, which that peer would silently leave out. Use "
                      "`repeat-lm bench moe` for MoE.")
-  import jax  # pylint: disable=import-outside-toplevel
+
+
+def check_comparable(config) -> None:
+  """check_same_model, and that repeat_lm's step runs on the CPU: the peer runs PyTorch on the host, and against a
+  GPU step its ratio would compare two machines. Asked in the benchmark's process, which has a JAX backend running
+  (the peer's process starts none)."""
+  check_same_model(config)
   if jax.default_backend() != "cpu":
     raise ValueError(f"--compare=hf runs Hugging Face's step on the CPU, and this step on {jax.default_backend()}; "
                      "compare on a CPU host (JAX_PLATFORMS=cpu), where both run on the same cores.")
@@ -53,7 +59,7 @@ def peer_model(config):
   both), so a T5 v1.1 peer built from a config had one V x D matrix fewer to differentiate and update (24.7M of
   T5-Base's 247.6M parameters). Untied here, as in T5 v1.1 and as repeat_lm trains it."""
   torch, transformers = _import()
-  check_comparable(config)
+  check_same_model(config)
   model = transformers.T5ForConditionalGeneration(hf_config(config))
   if not config.logits_via_embedding:
     model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())

@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from repeat_lm.analysis import results
 from repeat_lm.experiments import status as status_lib
 
 BASE_COLUMNS = ("run", "status", "model_dir", "params", "params_per_token", "flops_per_token", "unique_tokens",
@@ -75,21 +78,14 @@ def metrics_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def tokens_at_step(train: Sequence[dict[str, Any]], step: int) -> float:
-  """Tokens seen at `step` from the train records: the record at that step, else linear between the records around
-  it (from 0 tokens at step 0), past the last one at its rate. The final evaluation of a run that stopped early can
-  lie between train records; a scaling-law point pairs its loss with these tokens, not the last train record's."""
-  points = sorted((r["step"], _number(r.get("train/tokens_seen"))) for r in train)
-  points = [(s, t) for s, t in points if math.isfinite(t)]
+  """Tokens seen at `step` from the train records, as analysis reads curves (`results.tokens_at`); NaN without any.
+  The final evaluation of a run that stopped early can lie between train records; a scaling-law point pairs its loss
+  with these tokens, not the last train record's."""
+  points = [(float(r["step"]), _number(r.get("train/tokens_seen"))) for r in train]
+  points = [(s, t) for s, t in points if math.isfinite(t) and s > 0]
   if not points:
     return math.nan
-  for s, t in points:
-    if s == step:
-      return t
-  steps, tokens = [0, *(s for s, _ in points)], [0.0, *(t for _, t in points)]
-  if step > steps[-1]:
-    return tokens[-1] * step / steps[-1] if steps[-1] > 0 else math.nan
-  i = next(i for i, s in enumerate(steps) if s > step)
-  return tokens[i - 1] + (tokens[i] - tokens[i - 1]) * (step - steps[i - 1]) / (steps[i] - steps[i - 1])
+  return float(results.tokens_at(np.array([float(step)]), *map(list, zip(*points)))[0])
 
 
 def downstream_scores(records: Sequence[dict[str, Any]]) -> dict[str, float]:

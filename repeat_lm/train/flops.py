@@ -165,14 +165,18 @@ def peak_flops_total(quick: bool = False, dtype: str = "float32") -> tuple[float
   if peak is not None:
     return peak * jax.device_count(), f"table: {jax.device_count()} x {device.device_kind}"
   dtype = jnp.dtype(dtype).name
-  if device.platform == "cpu":  # one probe per host: its forced "devices" share the host's cores
-    return (measured_matmul_peak(quick, dtype) * jax.process_count(),
-            f"measured {dtype} matmul{' (quick probe)' if quick else ''} on {jax.process_count()} x "
-            f"{device.device_kind} host(s)")
-  # An accelerator missing from the table: the probe ran on one chip, and the job has jax.device_count() of them.
-  return (measured_matmul_peak(quick, dtype) * jax.device_count(),
-          f"measured {dtype} matmul{' (quick probe)' if quick else ''} on 1 of {jax.device_count()} x "
-          f"{device.device_kind}")
+  copies, where = _probe_copies(device)
+  return (measured_matmul_peak(quick, dtype) * copies,
+          f"measured {dtype} matmul{' (quick probe)' if quick else ''} on {where}")
+
+
+def _probe_copies(device: jax.Device) -> tuple[int, str]:
+  """How many times the job holds what one matmul probe measured, and how to say so. CPU: one probe per host, whose
+  forced "devices" share its cores. An accelerator missing from the table: the probe ran on one chip, and the job
+  has jax.device_count() of them."""
+  if device.platform == "cpu":
+    return jax.process_count(), f"{jax.process_count()} x {device.device_kind} host(s)"
+  return jax.device_count(), f"1 of {jax.device_count()} x {device.device_kind}"
 
 
 def reprobed_peak(peak: float, dtype: str = "float32") -> float:
@@ -185,5 +189,5 @@ def reprobed_peak(peak: float, dtype: str = "float32") -> float:
   device = jax.devices()[0]
   if known_peak_flops(device) is not None:
     return peak
-  copies = jax.process_count() if device.platform == "cpu" else jax.device_count()  # as peak_flops_total counts
+  copies, _ = _probe_copies(device)
   return max(peak, matmul_rate(dtype=jnp.dtype(dtype).name, repeats=3) * copies)

@@ -82,17 +82,23 @@ def test_resume_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
   assert losses(tmp_path) == losses(d)
 
 
-def test_resume_between_logged_steps_logs_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
-  run(tmp_path / "whole", 6, log_period=4)
+def sigterm_after_writing(at_step):
+  """MetricsWriter.write that sends this process SIGTERM once it has written step `at_step`'s record. Hooked on the
+  metrics write, not the data: batches are read ahead in a thread, at no fixed step."""
   real_write = metrics_lib.MetricsWriter.write
 
   def write_then_sigterm(self, step, scalars):
     real_write(self, step, scalars)
-    if step == 1:  # read once step 2 is dispatched: stopped and saved at 2, inside the logging window 2..4
+    if step == at_step:
       os.kill(os.getpid(), signal.SIGTERM)
+  return write_then_sigterm
 
+
+def test_resume_between_logged_steps_logs_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
+  run(tmp_path / "whole", 6, log_period=4)
   with monkeypatch.context() as patch:
-    patch.setattr(metrics_lib.MetricsWriter, "write", write_then_sigterm)
+    # Step 1's record is read once step 2 is dispatched: stopped and saved at 2, inside the logging window 2..4.
+    patch.setattr(metrics_lib.MetricsWriter, "write", sigterm_after_writing(1))
     run(tmp_path / "resumed", 6, log_period=4)
   assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [2]
   run(tmp_path / "resumed", 6, log_period=4)
@@ -139,15 +145,8 @@ def test_sharded_equals_single_device(tmp_path):
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path, monkeypatch):
-  # Hooked on the metrics write, not the data: batches are read ahead in a thread, at no fixed step.
-  real_write = metrics_lib.MetricsWriter.write
-
-  def write_then_sigterm(self, step, scalars):
-    real_write(self, step, scalars)
-    if step == 3:  # Step 3's metrics are read at its periodic save, so the stop is seen once step 4 runs.
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(metrics_lib.MetricsWriter, "write", write_then_sigterm)
+  # Step 3's metrics are read at its periodic save, so the stop is seen once step 4 runs.
+  monkeypatch.setattr(metrics_lib.MetricsWriter, "write", sigterm_after_writing(3))
   run(tmp_path, 50)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [3, 4]  # 4 is off the period (3): saved because of the SIGTERM
