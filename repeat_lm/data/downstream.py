@@ -152,8 +152,9 @@ def squad_jsonl_task(files: Mapping[str, str] | str, name: str | None = None,
 # ---- SuperGLUE ----
 
 _SUPER_GLUE: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[Callable, ...]]] = {
-    # task: (input fields in order, label names, metrics)
-    "boolq": (("question", "passage"), ("False", "True"), (text_metrics.accuracy,)),
+    # task: (input fields in order, label names, metrics). The order is T5's: sorted field names, except MultiRC and
+    # WiC, whose order T5 gives explicitly ('boolq passage: ... question: ...').
+    "boolq": (("passage", "question"), ("False", "True"), (text_metrics.accuracy,)),
     "cb": (("hypothesis", "premise"), ("entailment", "contradiction", "neutral"),
            (text_metrics.accuracy, text_metrics.mean_3class_f1)),
     "copa": (("choice1", "choice2", "premise", "question"), ("choice1", "choice2"), (text_metrics.accuracy,)),
@@ -169,6 +170,8 @@ def _glue_preprocessor(ds: tf.data.Dataset, benchmark: str, fields: Sequence[str
 
   def fn(x):
     parts = [benchmark] + [p for f in fields for p in (f"{f}:", x[f])]
+    if benchmark == "multirc":  # T5 strips MultiRC's HTML ('<b>Sent 1: </b>...<br>'): '<' is no T5 vocabulary piece
+      parts = [tf.strings.regex_replace(tf.strings.regex_replace(p, "<br>", " "), "<(/)?b>", "") for p in parts]
     # Test splits are unlabeled (-1): their target is a placeholder that no metric reads.
     target = tf.where(x["label"] >= 0, names[tf.maximum(tf.cast(x["label"], tf.int32), 0)], "<unk>")
     out = {"inputs": _join(*parts), "targets": target, "label": tf.cast(x["label"], tf.int32)}

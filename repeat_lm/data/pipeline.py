@@ -125,6 +125,23 @@ def steps_per_epoch(cfg: DatasetConfig) -> float | None:
   return stream.examples_per_epoch / cfg.batch_size if isinstance(stream, plan.Stream) else None
 
 
+def source_tokens_per_step(cfg: DatasetConfig) -> Callable[[int], int] | None:
+  """step s (1-based) -> the source-text tokens of global batch s-1, exactly (the raw chunks' lengths: no mode tokens,
+  sentinels, EOS or padding); None where the stream is not repeat_lm's or its seed is None. The device can only count
+  ids, and UL2's mode tokens and the sentinels past the extra ids (128 spans at mu 3, r 0.5, 512 inputs) are
+  ordinary ids."""
+  stream = example_stream(cfg, seed=cfg.seed) if cfg.seed is not None else None
+  if stream is None:
+    return None
+  total = stream.total_examples
+
+  def count(step: int) -> int:
+    lo, hi = (step - 1) * cfg.batch_size, step * cfg.batch_size
+    return sum(stream.raw_length(g) for g in range(lo, hi if total is None else min(hi, total)))
+
+  return count
+
+
 def num_batches(cfg: DatasetConfig) -> int | None:
   """Global batches in the stream (the last one may be padded); None when it never ends or is not repeat_lm's."""
   stream = example_stream(cfg)

@@ -161,6 +161,12 @@ class Stream:
       start, i = piece_end, i + 1
     return out
 
+  def raw_length(self, g: int) -> int:
+    """Source tokens example g covers (its raw chunk's length), without building the example."""
+    _, _, k, _, _, _ = self._source(g)
+    start, end, _ = self.layout.example(k)
+    return end - start
+
   def raw(self, g: int) -> np.ndarray:
     """The raw (uncorrupted) tokens of example g."""
     parts = [self.store.tokens[self.store.offsets[d] + a:self.store.offsets[d] + b] for d, a, b in self.pieces(g)]
@@ -216,3 +222,7 @@ class MixtureStream:
   def example(self, g: int) -> Example:
     t, i = self.locate(g)
     return self.streams[t].example(i)
+
+  def raw_length(self, g: int) -> int:
+    t, i = self.locate(g)
+    return self.streams[t].raw_length(i)

@@ -135,6 +135,9 @@ def iter_jsonl(paths: Sequence[str], stats: ReadStats, text_key: str = 'text',
             if not isinstance(text, str):
               raise TypeError(f'{text_key!r} is {type(text).__name__}')
           except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if b'\x00' in raw:  # UTF-8 text never holds NUL bytes; UTF-16 and UTF-32 ASCII does, in every character
+              raise ValueError(f'{path}:{lineno}: the file looks UTF-16 or UTF-32 encoded (NUL bytes); JSON Lines '
+                               'corpora must be UTF-8: re-encode it, e.g. `iconv -f UTF-16 -t UTF-8`') from e
             raise ValueError(f'{path}:{lineno}: expected a JSON object with a {text_key!r} string ({e!r})') from e
           if '\ufffd' in line and not _valid_utf8(raw):
             stats.replaced_invalid_utf8 += 1

@@ -101,30 +101,28 @@ def record(targets: Sequence[tuple[Any, Sequence[str]]], predictions: Sequence[t
   return squad(references, replies)
 
 
-# Words that do not change which entity a noun phrase names ('the dog', 'his dog' and 'dog' all name the dog).
-_DETERMINERS = frozenset("a an the this that these those my your his her its our their some each every many much few "
-                         "which whose".split())
-_NOT_APOSTROPHE = frozenset(_PUNCTUATION - {"'"})
+# T5's determiner list for WSC (t5.data.postprocessors.wsc_simple): 'the dog', 'his dog' and 'dog' name the same
+# dog. 'its' is not in it, and nothing strips punctuation: scores stay comparable with T5's published WSC numbers.
+_WSC_DETERMINERS = frozenset("a an few her his each every many much my our some that the their these this those "
+                             "which whose your".split())
 
 
-def _referent_words(text: str) -> list[str]:
-  text = "".join(ch for ch in text.lower().replace("\u2019", "'") if ch not in _NOT_APOSTROPHE)
-  return [w for w in text.split() if w not in _DETERMINERS]
+def _wsc_clean(text: str) -> str:
+  return " ".join(w for w in text.strip().lower().split(" ") if w not in _WSC_DETERMINERS)
 
 
 def wsc_referent_match(prediction: str, referent: str) -> int:
   """Whether a decoded noun phrase names `referent` (WSC's span1): 1 yes, 0 no, -1 for an empty prediction.
 
-  The rule (T5's, for 'wsc_simple'): lowercase, drop punctuation except apostrophes, drop determiners and possessive
-  determiners; then the two name the same thing when one's set of words contains the other's ('the big dog' and
-  'dog' match, 'dog' and 'cat' do not), unless only one is possessive ("Bob" names Bob, not "Bob's dog"). -1 equals
-  no label, so an empty or determiner-only prediction is always scored wrong.
+  T5's rule for 'wsc_simple', exactly: lowercase, split on spaces, drop the determiners; then the two name the same
+  thing when one's set of words contains the other's ('the big dog' and 'dog' match, 'dog' and 'cat' do not), unless
+  only one has an apostrophe ("Bob" names Bob, not "Bob's hat"). Punctuation is kept ('Tom.' is not 'Tom'), as in
+  T5. -1 equals no label, so an empty or determiner-only prediction is always scored wrong.
   """
-  pred, ref = _referent_words(prediction), _referent_words(referent)
+  pred, ref = _wsc_clean(prediction), _wsc_clean(referent)
   if not pred:
     return -1
-  if not ref:  # a referent of determiners only names nothing the prediction could match
+  if ("'" in pred) != ("'" in ref):
     return 0
-  if any("'" in w for w in pred) != any("'" in w for w in ref):
-    return 0
-  return int(set(pred) <= set(ref) or set(ref) <= set(pred))
+  pred_words, ref_words = set(pred.split(" ")), set(ref.split(" "))
+  return int(pred_words <= ref_words or ref_words <= pred_words)

@@ -185,6 +185,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   first_sentinel = _check_vocab(model, cfg.mixture_or_task_name)
   lengths = pipeline.model_feature_lengths(cfg)
   source_tokens = pipeline.source_token_count(cfg.mixture_or_task_name, cfg.split)
+  step_source_tokens = pipeline.source_tokens_per_step(cfg)  # None: count the ids the device saw instead
   available = pipeline.num_batches(cfg)  # None: the stream never ends
   if available is not None and total_steps > available:
     raise ValueError(f"Task {cfg.mixture_or_task_name!r} holds {available} batches of {cfg.batch_size} (all its "
@@ -258,7 +259,9 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     window_steps += 1
     for k, v in sums.items():
       window[k] = window.get(k, 0.0) + float(v) if k not in _LAST_VALUE_METRICS else float(v)
-    tokens_seen += float(sums["source_tokens"])
+    text_tokens = float(step_source_tokens(at_step) if step_source_tokens else sums["source_tokens"])
+    tokens_seen += text_tokens
+    window["text_tokens"] = window.get("text_tokens", 0.0) + text_tokens
     if at_step == 1 or at_step % log_period == 0 or at_step == total_steps:
       step_time = window_time / window_steps
       last = {f"train/{k}": v for k, v in summarize(window).items()}
@@ -268,8 +271,10 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
           "train/grad_norm": window["grad_norm"], "train/param_norm": window["param_norm"],
           "train/tokens_seen": tokens_seen, "train/step_time_s": step_time,
           "train/sequences_per_s": cfg.batch_size / step_time,
+          # Encoder + decoder positions, padding included (bench train's and T5X's convention); the text alone:
           "train/tokens_per_s": cfg.batch_size * (lengths["encoder_input_tokens"] +
                                                   lengths["decoder_input_tokens"]) / step_time,
+          "train/text_tokens_per_s": window["text_tokens"] / window_time if window_time > 0 else 0.0,
           "train/mfu": flops_per_step / step_time / peak,
       })
       if source_tokens:

@@ -227,3 +227,21 @@ def test_dataset_config_rejects_empty_batches_and_lengths(kwargs, match):
   with pytest.raises(ValueError, match=match):
     pipeline.DatasetConfig(**args)
   assert pipeline.DatasetConfig('any', {'inputs': np.int64(16), 'targets': 8}, batch_size=np.int32(2))
+
+
+@pytest.mark.parametrize('objective', ['ul2', 'span_r0p5_mu3'])
+def test_source_tokens_per_step_count_the_text_exactly(c4_path, t5_vocab_file, objective):
+  """UL2's mode tokens and the sentinels past the 100 extra ids (128 spans at mu 3, r 0.5) are ordinary ids, so
+  counting ids overcounts the text; the stream's chunk lengths do not: all epochs = epochs x D."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from repeat_lm.train import state  # pylint: disable=import-outside-toplevel
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, objective=objective, unique_tokens=2**14,
+                             epochs=2)
+  cfg = pipeline.DatasetConfig(name, {'inputs': 512, 'targets': 512}, batch_size=4)
+  steps, count = pipeline.num_batches(cfg), pipeline.source_tokens_per_step(cfg)
+  assert sum(count(s) for s in range(1, steps + 1)) == 2 * 2**14
+  first = 32000
+  by_ids = sum(float(state.count_source_tokens(jnp.asarray(b['encoder_input_tokens']), first) +
+                     state.count_source_tokens(jnp.asarray(b['decoder_target_tokens']), first))
+               for b in pipeline.get_batches(cfg))
+  assert by_ids > 2 * 2**14  # what the trainer logged before

@@ -52,6 +52,14 @@ def test_missing_corpus_is_a_clear_error(tmp_path, name):
   assert path in str(e.value)
 
 
+@pytest.mark.parametrize('encoding', ['utf-16', 'utf-16-be', 'utf-32'])
+def test_utf16_or_32_corpus_says_to_re_encode(tmp_path, encoding):
+  path = tmp_path / 'a.jsonl'
+  path.write_bytes('{"text": "caf\u00e9"}\n'.encode(encoding))
+  with pytest.raises(ValueError, match=r'a\.jsonl:1: the file looks UTF-16 or UTF-32 encoded.*re-encode'):
+    sources.read_jsonl([str(path)])
+
+
 def test_malformed_json_names_file_and_line(tmp_path):
   path = write_jsonl(tmp_path / 'a.jsonl', ['ok'], raw_lines=[b'{"text": "cut off\n'])
   with pytest.raises(ValueError, match=r'a\.jsonl:2'):

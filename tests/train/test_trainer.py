@@ -73,6 +73,11 @@ def test_writes_metrics_config_and_checkpoints(uninterrupted):
   assert sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
   tokens = [r["train/tokens_seen"] for r in records if "train/tokens_seen" in r]
   assert all(b > a for a, b in zip(tokens, tokens[1:]))
+  # Step 1's window is that one step: its text rate x its time is the text it read; padding makes positions more.
+  first = records[0]
+  assert first["step"] == 1
+  assert first["train/text_tokens_per_s"] * first["train/step_time_s"] == pytest.approx(first["train/tokens_seen"])
+  assert 0 < first["train/text_tokens_per_s"] < first["train/tokens_per_s"]
 
 
 def test_resume_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
