@@ -105,7 +105,9 @@ def init_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, lay
 def count_source_tokens(tokens_BxL: jax.Array, first_sentinel_id: int | None) -> jax.Array:
   """Tokens of the original text in a span-corrupted example: not padding (0), EOS (1) or a sentinel.
 
-  Every source token lands in exactly one of inputs or targets, so inputs + targets counts the text consumed.
+  Every source token lands in exactly one of inputs or targets, so inputs + targets counts the text consumed. The
+  trainer uses it only for tasks that are not repeat_lm's (their chunk lengths are not known on the host): UL2's mode
+  tokens, and sentinels past the vocabulary's extra ids, are ordinary ids and count as text here.
   """
   real = tokens_BxL > 1
   if first_sentinel_id is not None:
