@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -568,7 +569,9 @@ def _add_run_status(sub) -> None:
 def _run_run_status(args, bindings: Sequence[str]) -> dict:
   del bindings
   from repeat_lm.experiments import status
-  record = status.started(args.run_dir) if args.started else status.exited(args.run_dir, args.exit_code, args.log)
+  # launch/slurm.sbatch: the attempt is the job's (squeue tells whether it lives), not this short-lived process's.
+  record = status.started(args.run_dir, job_id=os.environ.get("SLURM_JOB_ID")) if args.started else \
+      status.exited(args.run_dir, args.exit_code, args.log)
   return {"status": record["status"], "error": record.get("error")}
 
 

@@ -194,7 +194,10 @@ def run_dirs(root: str | Path) -> list[Path]:
 def collect(root: str | Path, out: str | Path | None = None) -> list[dict[str, Any]]:
   """Rows of every run under `root`; written to `out` (.csv, or .parquet via pyarrow) if given."""
   out_dir = Path(out).parent if out else None
-  rows = [row(d, out_dir) for d in run_dirs(root)]
+  dirs = run_dirs(root)
+  with status_lib.slurm_cache():  # one squeue call for all the runs' jobs
+    status_lib.prefetch_slurm(status_lib.read(p) for d in dirs for p in [d, *d.glob("ft_*")])
+    rows = [row(d, out_dir) for d in dirs]
   if out:
     write_table(rows, out)
   return rows

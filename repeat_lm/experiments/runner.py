@@ -152,6 +152,10 @@ def plan(exp: compose.Experiment, root: Path, only: str | None) -> list[Stage]:
     try:
       write_run(exp, stage, root, exp.runs.index(stage.spec), varied)
     except (gin_utils.GinConfigError, FileNotFoundError) as e:  # one bad arm must not hide the others
+      if status_lib.read(stage.run_dir).get("status") == status_lib.FINISHED:  # its results stand as they are
+        logging.warning("%s is finished; its configuration no longer composes (%s), it is left as it is.",
+                        stage.name, e)
+        continue
       status_lib.write(stage.run_dir, run=stage.name, experiment=exp.path, status=status_lib.FAILED,
                        error=f"{_COMPOSE_ERROR}: {e}")
   return stages
@@ -233,6 +237,7 @@ def _run_blocking(stage: Stage, command: list[str], progress: _Progress, i: int,
     log.write(f"\n{status_lib.ATTEMPT_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
     log.flush()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    status_lib.trainer_started(stage.run_dir, proc.pid)
     try:
       while True:
         try:
@@ -285,12 +290,14 @@ def run_blocking(exp: compose.Experiment, root: Path, stages: list[Stage], opts:
   the current trainer is told to checkpoint and stop, so no trainer outlives its sweep (its own session keeps it
   from the terminal's Ctrl-C, which the sweep forwards as SIGTERM)."""
   main = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+  # SIGHUP too (a closed terminal, a lost ssh session): the trainer runs in its own session and never gets it.
+  signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+  previous = {s: signal.signal(s, _interrupt) for s in signums} if main else {}
   try:
     _run_stages(exp, root, stages, opts)
   finally:
-    if main:
-      signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 def _run_stages(exp: compose.Experiment, root: Path, stages: list[Stage], opts: Options) -> None:
@@ -358,6 +365,7 @@ def submit_slurm(stages: list[Stage], opts: Options) -> None:
 
 
 def summary(exp: compose.Experiment, root: Path, stages: list[Stage], wall_s: float) -> dict[str, Any]:
+  status_lib.prefetch_slurm(status_lib.read(s.run_dir) for s in stages)  # jobs submitted since: one squeue call
   counts: dict[str, int] = {}
   failed = {}
   for s in stages:
@@ -380,7 +388,14 @@ def run_sweep(experiment: str, root: str | Path, opts: Options | None = None) ->
   start = time.time()
   root = Path(root).absolute()  # MODEL_DIR must not depend on the directory a run is started from
   exp = compose.load(experiment, opts.bindings)
+  with status_lib.slurm_cache():  # one squeue call for all the runs' jobs, not one per run and per look at it
+    return _run_sweep(exp, root, opts, start)
+
+
+def _run_sweep(exp: compose.Experiment, root: Path, opts: Options, start: float) -> dict[str, Any]:
+  status_lib.prefetch_slurm(status_lib.read(root / r.name) for r in sweep.select(exp.runs, opts.only))
   stages = plan(exp, root, opts.only)
+  status_lib.prefetch_slurm(status_lib.read(s.run_dir) for s in stages if s.verb == "finetune")
   if not stages:
     raise ValueError(f"--only={opts.only!r} matches none of the {len(exp.runs)} runs: "
                      f"{[r.name for r in exp.runs]}.")

@@ -7,6 +7,7 @@ time: ROOT/RUN/.lock (host and pid) keeps two sweeps on the same ROOT from train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +94,24 @@ def error_text(log_path: str | Path, tail: int = 15, returncode: int | None = No
   return "\n".join(lines[-tail:])
 
 
-def started(run_dir: str | Path, **info: Any) -> dict[str, Any]:
+def started(run_dir: str | Path, job_id: str | None = None, **info: Any) -> dict[str, Any]:
+  """Record an attempt's start: by this process (its liveness is its pid's, and its trainer's, see `trainer_started`)
+  or, with `job_id`, by a SLURM job (its liveness is squeue's: the process recording it exits at once). Either way
+  the other identity of an earlier attempt is cleared, so a stale job id or pid never speaks for this attempt."""
   record = read(run_dir)
-  return write(run_dir, status=RUNNING, started=time.time(), host=socket.gethostname(), pid=os.getpid(),
+  return write(run_dir, status=RUNNING, started=time.time(), host=socket.gethostname(),
+               pid=None if job_id else os.getpid(), job_id=job_id or None, trainer_pid=None,
                attempts=int(record.get("attempts", 0)) + 1, error=None, returncode=None, **info)
+
+
+def trainer_started(run_dir: str | Path, trainer_pid: int) -> None:
+  """Record the trainer's pid (status.json and the lock): a sweep killed without forwarding a signal (SIGKILL, a lost
+  terminal) leaves its trainer running in its own session, and the run must not read as interrupted (or its lock as
+  stale) while that trainer still writes MODEL_DIR."""
+  write(run_dir, trainer_pid=trainer_pid)
+  path = Path(run_dir) / LOCK_FILE
+  if path.exists():
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "trainer_pid": trainer_pid}))
 
 
 def exited(run_dir: str | Path, returncode: int, log: str | Path | None = None) -> dict[str, Any]:
@@ -130,17 +146,69 @@ def effective(record: dict[str, Any]) -> str:
   host, or a SLURM job that squeue no longer lists (scancel, a node failure: the batch script never recorded its
   exit, and the run would otherwise be skipped as submitted by every later sweep)."""
   state = record.get("status", PENDING)
-  if state == RUNNING and record.get("host") == socket.gethostname() and record.get("pid") and \
-      not _alive(int(record["pid"])):
-    return INTERRUPTED
-  if state == RUNNING and record.get("job_id") and _slurm_job_alive(str(record["job_id"])) is False:
+  if state != RUNNING:
+    return state
+  if record.get("job_id"):  # a SLURM job: the pid (if any) is of the short-lived `run-status` that recorded it
+    return INTERRUPTED if _slurm_job_alive(str(record["job_id"])) is False else state
+  pids = [int(record[k]) for k in ("pid", "trainer_pid") if record.get(k)]
+  if record.get("host") == socket.gethostname() and pids and not any(_alive(p) for p in pids):
     return INTERRUPTED
   return state
+
+
+# squeue's answers within one `sweep` or `collect` (slurm_cache): one squeue call for all the runs' jobs, not one per
+# run and per look at it.
+_SQUEUE_TTL_S = 60.0
+_squeue_cache: dict[str, tuple[float, bool | None]] | None = None
+
+
+@contextlib.contextmanager
+def slurm_cache():
+  """Within the block, squeue's answers are kept (for _SQUEUE_TTL_S); prefetch_slurm asks for many jobs at once."""
+  global _squeue_cache
+  outer = _squeue_cache
+  _squeue_cache = {} if outer is None else outer
+  try:
+    yield
+  finally:
+    _squeue_cache = outer
+
+
+def prefetch_slurm(records: Iterable[dict[str, Any]]) -> None:
+  """Inside slurm_cache: one squeue call for the jobs of every running record (else one call per job, later)."""
+  if _squeue_cache is None:
+    return
+  now = time.monotonic()
+  ids = sorted({str(r["job_id"]) for r in records if r.get("status") == RUNNING and r.get("job_id")} -
+               {j for j, (t, _) in _squeue_cache.items() if now - t < _SQUEUE_TTL_S})
+  if len(ids) < 2:
+    return
+  try:
+    out = subprocess.run(["squeue", "--noheader", "--jobs", ",".join(ids), "--format=%i"], capture_output=True,
+                         text=True, timeout=60, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return
+  if out.returncode != 0:  # e.g. an id the controller has forgotten: they are asked one by one instead
+    return
+  listed = {tok.split("_")[0].split("+")[0] for tok in out.stdout.split()}
+  now = time.monotonic()
+  for j in ids:
+    _squeue_cache[j] = (now, j in listed)
 
 
 def _slurm_job_alive(job_id: str) -> bool | None:
   """Whether squeue lists the job (pending, running, requeued...); None where squeue cannot say (not installed, no
   controller), which leaves the recorded status as it is."""
+  if _squeue_cache is not None and job_id in _squeue_cache and \
+      time.monotonic() - _squeue_cache[job_id][0] < _SQUEUE_TTL_S:
+    return _squeue_cache[job_id][1]
+  alive = _query_job(job_id)
+  if _squeue_cache is not None:
+    _squeue_cache[job_id] = (time.monotonic(), alive)
+  return alive
+
+
+def _query_job(job_id: str) -> bool | None:
   try:
     out = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format=%T"], capture_output=True, text=True,
                          timeout=20, check=False)
@@ -164,8 +232,8 @@ def acquire(run_dir: str | Path) -> bool:
         holder = json.loads(path.read_text())
       except (OSError, json.JSONDecodeError):
         holder = {}
-      pid = int(holder.get("pid") or 0)
-      if holder.get("host") == socket.gethostname() and (not pid or not _alive(pid)):
+      pids = [int(holder.get(k) or 0) for k in ("pid", "trainer_pid")]
+      if holder.get("host") == socket.gethostname() and not any(p and _alive(p) for p in pids):
         path.unlink(missing_ok=True)  # its sweep died: the lock is stale
         continue
       return False

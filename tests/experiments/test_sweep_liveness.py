@@ -1,0 +1,137 @@
+"""Who is running a run: SLURM jobs recorded on their batch host, a local attempt after a SLURM one, a trainer its
+killed sweep left behind, a sweep's lost terminal; one squeue call per sweep or collect; a finished run that a broken
+configuration cannot turn into a failed one."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from experiment_helpers import tiny_experiment
+from repeat_lm.experiments import collect, runner, status
+
+
+def _fake(bin_dir, name, body):
+  bin_dir.mkdir(exist_ok=True)
+  path = bin_dir / name
+  path.write_text("#!/bin/sh\n" + body)
+  path.chmod(0o755)
+
+
+def _squeue(tmp_path, monkeypatch, alive=True):
+  """A stand-in squeue logging its calls: every job listed (alive) or unknown to the controller."""
+  log = tmp_path / "squeue.calls"
+  body = f'echo "$*" >> {log}\n' + ('for a in "$@"; do case "$a" in --jobs) next=1;; *) [ -n "$next" ] && '
+                                    'echo "$a" | tr , "\\n"; next=;; esac; done\n' if alive else
+                                    'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1\n')
+  _fake(tmp_path / "bin", "squeue", body)
+  monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+  return log
+
+
+def test_a_job_started_on_this_host_by_the_batch_script_is_running(tmp_path, monkeypatch):
+  _squeue(tmp_path, monkeypatch, alive=True)
+  run = tmp_path / "run"
+  status.write(run, status="running", job_id="7", host=None, pid=None)  # sweep --launcher=slurm --submit
+  # launch/slurm.sbatch on this host (one-node cluster, or a sweep from inside an allocation): a process that exits
+  subprocess.run([sys.executable, "-m", "repeat_lm.cli", "run-status", f"--run_dir={run}", "--started"], check=True,
+                 env={**os.environ, "SLURM_JOB_ID": "7"}, capture_output=True)
+  assert status.effective(status.read(run)) == "running"  # squeue lists job 7: not resubmitted
+
+
+def test_a_local_attempt_after_a_cancelled_job_is_running(tmp_path, monkeypatch):
+  _squeue(tmp_path, monkeypatch, alive=False)
+  run = tmp_path / "run"
+  status.write(run, status="running", job_id="5", host=None, pid=None)
+  assert status.effective(status.read(run)) == "interrupted"
+  status.started(run)  # the local launcher trains it now, in this (live) process
+  assert status.effective(status.read(run)) == "running"
+
+
+def _sweep_process(tmp_path, name="a"):
+  """A local sweep in a subprocess whose 'trainer' sleeps (writing its pid first); returns (sweep, pid file)."""
+  exp = tiny_experiment(tmp_path / "exp.gin", arms=f"[{{'name': '{name}'}}]")
+  pid_file = tmp_path / "trainer.pid"
+  script = textwrap.dedent(f"""
+      import sys
+      from repeat_lm.experiments import runner
+      runner._local_command = lambda stage: [sys.executable, "-c",
+          "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+      runner.run_sweep({exp!r}, {str(tmp_path / 'root')!r}, runner.Options(stream=sys.stderr))
+      """)
+  sweep = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not (pid_file.exists() and pid_file.read_text()):
+    assert time.time() < deadline and sweep.poll() is None, "the sweep did not start its trainer"
+    time.sleep(0.2)
+  time.sleep(0.5)
+  return sweep, int(pid_file.read_text())
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+@pytest.mark.slow
+def test_a_killed_sweeps_trainer_keeps_its_run(tmp_path):
+  sweep, trainer = _sweep_process(tmp_path)
+  run = tmp_path / "root" / "a"
+  try:
+    sweep.kill()
+    sweep.wait()
+    assert _alive(trainer)  # its own session: SIGKILL of the sweep leaves it training
+    assert status.effective(status.read(run)) == "running"
+    assert not status.acquire(run)  # a second sweep must not start a second trainer on the same MODEL_DIR
+  finally:
+    os.kill(trainer, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_lost_terminal_stops_the_trainer_like_sigterm(tmp_path):
+  sweep, trainer = _sweep_process(tmp_path)
+  try:
+    sweep.send_signal(signal.SIGHUP)
+    sweep.wait(timeout=60)
+    time.sleep(0.5)
+    assert not _alive(trainer)
+    record = status.read(tmp_path / "root" / "a")
+    assert record["status"] == "pending" and "interrupted" in record["error"]
+  finally:
+    if _alive(trainer):
+      os.kill(trainer, signal.SIGKILL)
+
+
+def test_one_squeue_call_per_sweep_and_per_collect(tmp_path, monkeypatch):
+  log = _squeue(tmp_path, monkeypatch, alive=True)
+  arms = "[" + ", ".join(f"{{'name': 'r{i}'}}" for i in range(3)) + "]"
+  exp = tiny_experiment(tmp_path / "exp.gin", arms=arms)
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  for i in range(3):
+    status.write(root / f"r{i}", status="running", job_id=str(100 + i), host=None, pid=None)
+  result = runner.run_sweep(exp, root, runner.Options(launcher="slurm", stream=io.StringIO()))
+  assert result["status"] == {"running": 3}
+  assert len(log.read_text().splitlines()) == 1, log.read_text()
+  log.unlink()
+  rows = collect.collect(root)
+  assert {r["status"] for r in rows} == {"running"} and len(log.read_text().splitlines()) == 1
+
+
+def test_a_configuration_that_no_longer_composes_leaves_a_finished_run_finished(tmp_path):
+  exp = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'a'}]")
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  status.write(root / "a", status="finished", returncode=0)
+  broken = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'a', 'model': 'gin/models/renamed.gin'}]")
+  runner.run_sweep(broken, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  assert status.read(root / "a")["status"] == "finished"
