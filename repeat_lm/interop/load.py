@@ -114,7 +114,8 @@ def _restore_repeat_lm(step_dir: Path, abstract_params: Any | None) -> Any:
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
       if getattr(a, "sharding", None) is not None else ocp.RestoreArgs(restore_type=np.ndarray), abstract_params)
-  restored = checkpointer.restore(str(step_dir / "state"), args=ocp.args.PyTreeRestore(
+  # Orbax reads relative directories as missing (metadata None): always hand it an absolute path.
+  restored = checkpointer.restore(str((step_dir / "state").absolute()), args=ocp.args.PyTreeRestore(
       item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
   return restored["params"]
 
@@ -151,7 +152,7 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
 
 def _metadata_params(step_dir: Path) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  metadata = ocp.PyTreeCheckpointer().metadata(str(step_dir / "state"))
+  metadata = ocp.PyTreeCheckpointer().metadata(str((step_dir / "state").absolute()))
   metadata = getattr(metadata, "item_metadata", metadata)
   return layout.flatten(_plain(metadata["params"]))
 

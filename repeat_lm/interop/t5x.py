@@ -84,6 +84,7 @@ def _find_target(tree: dict[str, Any]) -> dict[str, Any]:
 def _read_orbax(path: Path) -> dict[str, Any] | None:
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  path = path.absolute()  # Orbax finds no item metadata under a relative directory
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     metadata = checkpointer.metadata(str(path))

@@ -7,8 +7,8 @@ Every method runs the decoder one token per step through its key/value cache, wi
   3. step    = apply({'params', 'cache'}, encoded, inputs, token_Bx1, token_Bx1, decode=True, mutable=['cache'],
                      method='decode')                                  (writes position i, returns logits [B, 1, V])
 Decoding starts from token 0 (T5's BOS = pad) and stops at EOS (1); positions after EOS hold 0. A module whose
-`scan_layers` is true stacks its cache on axis 0 ([layers, B, ...]), so beam search reorders axis 1 there (and
-parameter-shared stacks add a repeat axis: keys and values are reordered on their own batch axis, rank - 4).
+`scan_layers` is true stacks its cache on axis 0 ([layers, B, ...]), so beam search reorders axis 1 there
+(parameter-shared stacks put their repeat axis after the batch axis, so the batch stays there).
 
 Shapes: B batch, K beams, S encoder length, L max decode length, V vocabulary.
 """
@@ -69,17 +69,12 @@ def cache_batch_axis(module: nn.Module) -> int:
 def map_cache(fn, cache: Any, default_axis: int = 0) -> Any:
   """fn(array, batch_axis) on every cache array except the `cache_index` counters (which have no batch axis).
 
-  Keys and values are [..., B, L, H, E] whatever stacks them in front (a scan's layer axis, a shared group's repeat
-  axis), so their batch axis is read off their rank; other arrays use `default_axis`.
+  The batch axis is `default_axis` (cache_batch_axis) for every array, as T5X's decoding assumes: a shared group's
+  repeat axis sits after it (stack.py).
   """
   flat = traverse_util.flatten_dict(unfreeze(cache))
-  out = {}
-  for k, v in flat.items():
-    if k[-1] == "cache_index":
-      out[k] = v
-    else:
-      out[k] = fn(v, v.ndim - 4 if k[-1] in ("cached_key", "cached_value") else default_axis)
-  return traverse_util.unflatten_dict(out)
+  return traverse_util.unflatten_dict({k: v if k[-1] == "cache_index" else fn(v, default_axis)
+                                       for k, v in flat.items()})
 
 
 def repeat_batch(x: Array, k: int, axis: int = 0) -> Array:

@@ -136,13 +136,24 @@ def run_layers(layer_cls: type[nn.Module], cfg: Any, num_layers: int, x: Array, 
   return x, _total(stats)
 
 
+def _swap_repeats_and_batch(cache: Any) -> Any:
+  """[repeats, B, L, H, E] <-> [B, repeats, L, H, E] on keys and values; the counters ([repeats]) stay."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1) if x.ndim >= 5 else x, cache)
+
+
 def _repeat_shared(unit_cls, repeats: int, in_axes):
-  """unit applied `repeats` times with one set of parameters: a scan that broadcasts 'params'."""
-  return nn_partitioning.scan_with_axes(
+  """unit applied `repeats` times with one set of parameters: a scan that broadcasts 'params'.
+
+  Each application keeps its own decoding cache; keys and values store the repeat axis after the batch axis, so the
+  batch sits where T5X's beam search and sampling look for it (axis 0, or 1 under the stack's layer scan).
+  """
+  scanned = nn_partitioning.scan_with_axes(
       unit_cls,
       variable_broadcast="params",
-      variable_axes={"cache": 0},  # each application keeps its own decoding cache
+      variable_axes={"cache": 0},
       split_rngs={"params": False, "dropout": True},
       in_axes=in_axes,
       length=repeats,
       axis_name="repeats")
+  return nn.map_variables(scanned, "cache", trans_in_fn=_swap_repeats_and_batch,
+                          trans_out_fn=_swap_repeats_and_batch, mutable=True)

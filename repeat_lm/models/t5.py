@@ -339,7 +339,8 @@ class Decoder(nn.Module):
     """(cache_index, cache length L) read from the layers' self-attention cache, or None before it exists.
 
     All layers advance together, so any layer's index is the decoder's position. With scan the cache has a leading
-    layer axis; the length is axis -3 of cached_key [..., B, L, H, E] either way.
+    layer axis (and a shared group a repeat axis after the batch); the length is axis -3 of cached_key
+    [..., L, H, E] either way.
     """
     if not self.has_variable("cache", "layers") and not self.has_variable("cache", "layers_0"):
       return None

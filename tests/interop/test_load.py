@@ -47,3 +47,15 @@ def test_unknown_directory_is_refused(tmp_path):
     load.checkpoint_kind(tmp_path)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     load.checkpoint_kind(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["same-layout", "into-scanned"])
+def test_a_relative_model_dir_loads(tiny_model_dir, scan, monkeypatch):
+  """`repeat-lm infer --checkpoint=run` and INITIAL_CHECKPOINT_PATH=run: Orbax sees nothing under a relative path."""
+  monkeypatch.chdir(tiny_model_dir.parent)
+  config = dataclasses.replace(TINY, scan_layers=scan)
+  params = load.load_for_module(tiny_model_dir.name, t5.Transformer(config))
+  expected = layout.from_per_layer(layout.flatten(jax.tree.map(np.asarray, init_params(TINY))),
+                                   layout.layouts_for(config))
+  for path, value in layout.flatten(params).items():
+    np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=path)

@@ -57,6 +57,12 @@ def test_reads_orbax_t5x_checkpoint(t5x_model_dir):
   jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, init_params(TINY)))
 
 
+def test_reads_a_relative_t5x_path(t5x_model_dir, monkeypatch):
+  monkeypatch.chdir(t5x_model_dir.parent)
+  params = t5x.load_t5x(t5x_model_dir.name)
+  jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, init_params(TINY)))
+
+
 def test_loads_onto_a_sharded_scanned_model(t5x_model_dir):
   config = dataclasses.replace(TINY, scan_layers=True)
   partitioner = partitioning.Partitioner(4, 2)

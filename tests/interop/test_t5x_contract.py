@@ -55,6 +55,19 @@ def test_encoder_decoder_model_contract(scan):
   np.testing.assert_array_equal(tokens, np.asarray(ours))
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+def test_shared_parameters_decode_through_t5x_beam_expansion(scan):
+  """param_share keeps one cache per application; T5X still finds the batch on axis `1 if scan_layers else 0`."""
+  config = dataclasses.replace(TINY, vocab_size=256, scan_layers=scan, param_share="all")
+  model = t5x_double.EncoderDecoderModel(t5.Transformer(config))
+  params = model.get_initial_variables(jax.random.key(0), {"encoder_input_tokens": (2, INPUTS),
+                                                           "decoder_input_tokens": (2, TARGETS)})["params"]
+  unpacked = converter_batch(config.vocab_size, pack=False)
+  ours = jax.jit(lambda p, e: decoding.greedy(t5.Transformer(config), p, e, TARGETS)[0])(
+      params, unpacked["encoder_input_tokens"])
+  np.testing.assert_array_equal(model.predict_batch(params, unpacked, num_decodes=3), np.asarray(ours))
+
+
 def test_moe_model_reads_the_sown_losses():
   config = dataclasses.replace(TINY_SWITCH, scan_layers=True, num_encoder_layers=1, num_decoder_layers=1,
                                moe=dataclasses.replace(TINY_SWITCH.moe, sparse_every=1))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from repeat_lm.models import info, t5
 from repeat_lm.train import flops
@@ -86,7 +87,11 @@ def test_shared_layers_keep_separate_decoding_caches():
   model, batch = t5.Transformer(cfg), make_batch()
   variables = jax.jit(lambda k: model.init(k, **batch, enable_dropout=False, decode=True))(jax.random.key(0))
   params, cache = variables["params"], variables["cache"]
-  assert all(x.shape[0] == 2 for x in jax.tree.leaves(cache))  # one cache per application of the shared layer
+  # One cache per application of the shared layer: counters [2]; keys and values [B, 2, L, H, E], the batch first as
+  # T5X's beam search expects of an unscanned module.
+  flat = traverse_util.flatten_dict(cache)
+  assert all(v.shape == ((2,) if k[-1] == "cache_index" else (B, 2, T, cfg.num_heads, cfg.head_dim))
+             for k, v in flat.items())
   encoded = jax.jit(lambda p, x: model.apply({"params": p}, x, enable_dropout=False, method="encode"))(
       params, batch["encoder_input_tokens"])
 
