@@ -134,7 +134,8 @@ def _run_export(args, bindings: Sequence[str]) -> dict:
 
 def _add_bench(sub) -> None:
   p = sub.add_parser("bench", help="Benchmarks: `bench train` times the compiled training step, "
-                     "`bench moe` an MoE step against its dense twin.")
+                     "`bench moe` an MoE step against its dense twin, `bench data` the input pipeline; "
+                     "`bench report` / `bench accelerator` rewrite docs/performance*.md.")
   bench_sub = p.add_subparsers(dest="bench_command", required=True)
   t = bench_sub.add_parser("train", help="Time the training step of a model gin; optionally against Hugging Face.",
                            description="Gin bindings: --gin.KEY=VALUE apply to the model gin.")

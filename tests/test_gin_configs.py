@@ -69,3 +69,13 @@ def test_accelerator_overlay_sets_the_measured_step_setting():
   config = model.module.config
   assert (config.scan_layers, config.remat_policy, config.attention_implementation) == (True, "minimal", "cudnn")
   assert config.dtype == "bfloat16" and config.emb_dim == 768
+
+
+def test_readme_c4_gin_snippet_parses(tmp_path):
+  # README's "Real C4 and the T5 vocabulary" block, written to a file as it says ("in a gin file, after the run gin").
+  readme = (GIN_DIR.parent / "README.md").read_text()
+  block = readme.split("# in a gin file, after the run gin\n", 1)[1].split("```", 1)[0]
+  snippet = tmp_path / "c4.gin"
+  snippet.write_text(block)
+  _parse("gin/models/t5_1_1_small.gin", "gin/runs/pretrain.gin", str(snippet))
+  assert "span_corruption_task" in repr(gin.query_parameter("%MIXTURE_OR_TASK_NAME"))

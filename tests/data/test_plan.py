@@ -41,6 +41,16 @@ def test_layout_covers_the_stream_exactly(monkeypatch):
       layout.example(layout.num_examples)
 
 
+def test_layout_draws_each_denoiser_at_its_rate():
+  # UL2's mixture (reference.md section 4): 0.13 for each R/X denoiser, 0.22 for S, one draw per example.
+  layout = plan.Layout(2_000_000, [70, 13, 200, 90, 100, 120, 140], D.UL2_RATES, seed=3)
+  draws = np.array([layout.example(j)[2] for j in range(layout.num_examples)])
+  n = len(draws)
+  assert n > 10_000
+  rates = np.asarray(D.UL2_RATES) / sum(D.UL2_RATES)
+  np.testing.assert_allclose(np.bincount(draws, minlength=7) / n, rates, atol=5 * np.sqrt(0.25 / n))
+
+
 @pytest.mark.parametrize('objective', [D.span_corruption(), D.ul2(mode_tokens=False)])
 def test_every_epoch_is_the_whole_subset_in_a_new_document_order(objective):
   store = make_store()

@@ -45,6 +45,18 @@ def test_export_matches_transformers(case, tmp_path):
   assert diff < TOLERANCE
 
 
+def test_export_matches_transformers_with_other_relative_position_buckets(tmp_path):
+  """Non-default bucket settings reach the model and the export: 16 buckets up to distance 20 (T5: 32 up to 128).
+  Inputs of 40 and targets of 24 tokens reach the logarithmic buckets of both stacks, where max_distance matters."""
+  config = dataclasses.replace(TINY, relative_attention_num_buckets=16, relative_attention_max_distance=20)
+  params = random_params(config)
+  batch = make_batch(config.vocab_size, inputs=40, targets=24)
+  hf.export_hf(params, config, tmp_path)
+  model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+  assert max_diff(logits(config, params, batch), hf_logits(model, batch), batch) < TOLERANCE
+  assert hf.load_hf(tmp_path)[0] == config
+
+
 def test_import_transformers_initialised_t5_v1_1(tmp_path):
   torch.manual_seed(0)
   hf_cfg = hf.hf_config(TINY)

@@ -24,7 +24,9 @@ def test_matches_numpy(ls, z):
   targets = rng.integers(0, 17, size=(3, 5))
   got, got_z = losses.cross_entropy_with_z_loss(logits.astype(np.float32), targets, z_loss=z, label_smoothing=ls)
   np.testing.assert_allclose(np.asarray(got), numpy_reference(logits, targets, z, ls), rtol=1e-4, atol=1e-4)
-  assert np.all(np.asarray(got_z) >= 0)
+  # The z-loss part (logged as train/z_loss, eval/z_loss) is z x logsumexp(logits)^2 itself, weight included.
+  log_z = np.log(np.sum(np.exp(logits), -1))
+  np.testing.assert_allclose(np.asarray(got_z), z * log_z**2, rtol=1e-5, atol=1e-12)
 
 
 def test_perfect_smoothed_prediction_costs_zero():

@@ -130,6 +130,22 @@ def test_identical_experts_equal_the_dense_ffn_scaled_by_the_gate(dispatch, top_
   np.testing.assert_allclose(sparse, gate * dense, atol=1e-5, rtol=1e-5)
 
 
+def test_router_jitter_only_in_training():
+  """Switch's jitter (MoeConfig.jitter_noise): router inputs x U(1 - eps, 1 + eps) when training, never at eval."""
+  cfg = moe.MoeConfig(num_experts=4, expert_mlp_dim=16, group_size=16, train_capacity_factor=4.0,
+                      eval_capacity_factor=4.0)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 8))
+  params = moe.MoeBlock(cfg).init(jax.random.key(0), x, None, True)["params"]
+  rngs = {"dropout": jax.random.key(3)}
+
+  def run(jitter, deterministic):
+    block = moe.MoeBlock(dataclasses.replace(cfg, jitter_noise=jitter))
+    return block.apply({"params": params}, x, None, deterministic, rngs=rngs)[1]["router_confidence"]
+
+  assert float(run(0.5, True)) == float(run(0.0, True))  # evaluation: no noise
+  assert float(run(0.5, False)) != float(run(0.0, False))  # training: the router sees jittered inputs
+
+
 def test_dispatch_methods_agree_under_overflow():
   cfg = moe.MoeConfig(num_experts=4, expert_mlp_dim=16, group_size=16, eval_capacity_factor=0.5, min_expert_capacity=1,
                       num_selected_experts=2)

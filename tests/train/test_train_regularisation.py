@@ -72,6 +72,7 @@ def test_optimizer_state_layout_does_not_depend_on_weight_decay():
     (None, [1, 1, 1, 1, 1]), ("constant", [1, 1, 1, 1, 1]), ("staged:2", [0, 0, 1, 1, 1]),
     ("linear:1:3", [0, 0, 0.5, 1, 1]), ("piecewise:1=0.5,3=1", [0, 0.5, 0.5, 1, 1]),
     ("staged:0.5ep", [0, 0, 1, 1, 1]),  # 4 steps per epoch below
+    ("staged:0.4ep", [0, 0, 1, 1, 1]), ("linear:0.4ep:0.9ep", [0, 0, 0, 0.5, 1]),  # nearest: 1.6 -> 2, 3.6 -> 4
 ])
 def test_dropout_schedule_factors(spec, factors):
   schedule = dropout_schedule.resolve(spec, epoch_steps=4.0)

@@ -29,9 +29,10 @@ def tiny_model(**overrides):
 TRAIN_CFG = pipeline.DatasetConfig(TASK, LENGTHS, batch_size=8, seed=3)
 
 
-def run(model_dir, steps, *, mesh=(4, 2), devices=None, eval_=False, learning_rate=None, log_period=1, **kwargs):
+def run(model_dir, steps, *, mesh=(4, 2), devices=None, eval_=False, learning_rate=None, log_period=1, model=None,
+        **kwargs):
   return trainer.train(
-      model=tiny_model(), model_dir=str(model_dir), total_steps=steps, train_dataset_cfg=TRAIN_CFG,
+      model=model or tiny_model(), model_dir=str(model_dir), total_steps=steps, train_dataset_cfg=TRAIN_CFG,
       eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8,
                                               shuffle=False) if eval_ else None,
       partitioner=partitioning.Partitioner(*mesh, devices=devices),
@@ -85,6 +86,16 @@ def test_resume_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
   run(tmp_path, 3)
   run(tmp_path, 6)  # Resumes from the step-3 checkpoint, including the data position.
   assert losses(tmp_path) == losses(d)
+
+
+def test_resume_with_dropout_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
+  """Dropout at step s depends on (seed, s) only: a resumed run draws the masks the uninterrupted one drew."""
+  model = tiny_model(dropout_rate=0.1)
+  run(tmp_path / "whole", 6, model=model)
+  run(tmp_path / "resumed", 3, model=model)
+  run(tmp_path / "resumed", 6, model=model)
+  assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
+  assert losses(tmp_path / "whole") != losses(uninterrupted[0])  # dropout really was on
 
 
 def sigterm_after_writing(at_step):
