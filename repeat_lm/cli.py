@@ -120,6 +120,8 @@ def _run_export(args, bindings: Sequence[str]) -> dict:
   from repeat_lm.train import inference
   model, task = inference.model_from_model_dir(args.checkpoint, args.gin_file, bindings)
   vocabulary = inference.vocabulary_of(task, args.vocabulary)
+  if args.vocabulary:  # a task's vocabulary was checked against the model when it trained
+    inference.check_vocabulary_fits(vocabulary, model.module.config.vocab_size)
   params = inference.restore_params(args.checkpoint, model.module, args.step)
   spm = getattr(vocabulary, "sentencepiece_model_file", None) if vocabulary is not None else None
   out = hf.export_hf(params, model.module.config, args.out, sentencepiece_model=spm,
@@ -659,7 +661,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     result = COMMANDS[args.command][1](args, bindings)
-  except (gin_utils.GinConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
+  except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as e:
+    # A path of the wrong kind or an unwritable one: the OS error names the path; say what to change.
+    print(f"repeat-lm: error: {type(e).__name__}: {e}. Check the paths given on the command line (an output must be "
+          "a writable file or directory path whose parent folders are directories).", file=sys.stderr)
+    return 2
+  except OSError as e:
+    if not isinstance(e, FileNotFoundError):  # ENOSPC, EIO, ...: e.g. a full disk while writing an output
+      print(f"repeat-lm: error: {type(e).__name__}: {e}. Free space or write elsewhere; what was written before "
+            "this command is left as it was.", file=sys.stderr)
+      return 2
+    print(f"repeat-lm: error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 2
+  except (gin_utils.GinConfigError, RuntimeError, ValueError) as e:
     if isinstance(e, (RuntimeError, ValueError)) and not isinstance(e, gin_utils.GinConfigError) and \
         args.log_level.upper() == "DEBUG":
       raise

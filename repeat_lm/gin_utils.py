@@ -108,6 +108,13 @@ def call_configured(fn, **kwargs):
       raise GinConfigError(
           f"{msg}\nA required setting is missing: bind it on the command line, e.g. --gin.MODEL_DIR=\"'/tmp/run'\" "
           "--gin.TRAIN_STEPS=1000, or in a gin file.") from e
+    if isinstance(e, TypeError) and "required keyword-only argument" in msg and f"{fn.__name__}()" in msg:
+      # Nothing binds the function's own arguments: the gin files are for another command (e.g. `eval` given the
+      # pre-training gin, which configures trainer.train only).
+      raise GinConfigError(
+          f"{msg}\nThe gin files configure no {fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}: include the run gin "
+          f"of this command (gin/runs/{'eval' if fn.__name__ == 'evaluate' else 'pretrain'}.gin) after the model "
+          "gin.") from e
     raise
 
 
@@ -121,8 +128,11 @@ def configured_macro(gin_files: Sequence[str], bindings: Sequence[str], macro: s
   """Parse gin and return the value of `macro` (e.g. the MODEL a model gin builds)."""
   # Only the model modules: reading a model gin must not depend on the data stack.
   parse(gin_files, [*bindings, f"gin_utils.macro_value.value = %{macro}"], search_paths, prelude=MODEL_PRELUDE)
+  if macro not in {scope for (scope, selector) in gin.config._CONFIG if selector == "gin.macro"}:  # pylint: disable=protected-access
+    raise GinConfigError(f"The gin files {list(gin_files)} do not define {macro}: include a model gin such as "
+                         "gin/models/t5_1_1_small.gin.")
   try:
     return gin.configurable(macro_value)()
   except Exception as e:
-    raise GinConfigError(f"The gin files {list(gin_files)} do not define {macro}: include a model gin such as "
-                         f"gin/models/t5_1_1_small.gin ({type(e).__name__}: {e}).") from e
+    raise GinConfigError(f"{macro} of the gin files {list(gin_files)} could not be built: {type(e).__name__}: {e}\n"
+                         "Fix the binding it names (--gin.KEY=VALUE or the gin file).") from e

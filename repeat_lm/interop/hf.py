@@ -249,9 +249,27 @@ def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_
   An earlier export's weight files go first, as save_pretrained removes them: a sharded export's index left beside a
   new single file would make readers of the index (load_hf) and of the file (transformers) see different models."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  for stale in ["model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json",
-                *(p.name for p in out_dir.glob("model-*-of-*.safetensors"))]:
-    (out_dir / stale).unlink(missing_ok=True)
+  stale = ["model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json",
+           *(p.name for p in out_dir.glob("model-*-of-*.safetensors"))]
+  staging = out_dir / ".weights_staging"
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir()
+  try:
+    names = _write_safetensors_to(state, staging, max_shard_bytes, save_file)
+  except BaseException as e:
+    shutil.rmtree(staging, ignore_errors=True)  # the earlier export's weights are still in place
+    if isinstance(e, Exception) and not isinstance(e, OSError) and "os error" in str(e):  # safetensors' I/O errors
+      raise OSError(f"Writing the weights into {out_dir} failed ({e}); any earlier export there is untouched") from e
+    raise
+  for name in stale:  # only once the new weights are complete
+    (out_dir / name).unlink(missing_ok=True)
+  for name in sorted(p.name for p in staging.iterdir()):
+    (staging / name).replace(out_dir / name)
+  staging.rmdir()
+  return names
+
+
+def _write_safetensors_to(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_bytes: int, save_file) -> list[str]:
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for key in sorted(state):

@@ -178,6 +178,24 @@ def read_lines(input_file: str) -> list[str]:
                      f"{e.start}); re-encode it as UTF-8 (e.g. iconv -t UTF-8).") from e
 
 
+def check_output_file(output_file: str) -> None:
+  """Fail before any decoding when `output_file` cannot be written (a directory, or no directory to hold it)."""
+  path = Path(output_file)
+  if path.is_dir():
+    raise ValueError(f"--output_file={output_file} is a directory; name a file, e.g. {path / 'outputs.txt'}.")
+  if not path.parent.is_dir():
+    raise FileNotFoundError(f"--output_file={output_file}: its directory {path.parent} does not exist; create it "
+                            "or name a file in an existing directory.")
+
+
+def check_vocabulary_fits(vocabulary: seqio.Vocabulary, model_vocab_size: int) -> None:
+  """A vocabulary with more ids than the model's embedding rows decodes nonsense (ids past the table are clipped)."""
+  if vocabulary.vocab_size > model_vocab_size:
+    raise ValueError(f"The vocabulary has {vocabulary.vocab_size} ids but the model's vocab_size is "
+                     f"{model_vocab_size}: it is not the vocabulary this model was trained with. Drop --vocabulary "
+                     "(the MODEL_DIR's task gives the right one) or pass the SentencePiece model it was trained on.")
+
+
 def infer(checkpoint: str, input_file: str, *, output_file: str | None = None,
           decode: decoding.DecodeConfig = decoding.DecodeConfig(), step: int | None = None,
           gin_files: Sequence[str] = (), bindings: Sequence[str] = (), sentencepiece_model: str | None = None,
@@ -186,11 +204,15 @@ def infer(checkpoint: str, input_file: str, *, output_file: str | None = None,
   if batch_size < 1:
     raise ValueError(f"--batch_size={batch_size}: decode at least one input at a time.")
   texts = read_lines(input_file)
+  if output_file:
+    check_output_file(output_file)
   model, task = model_from_model_dir(checkpoint, gin_files, bindings)
   vocabulary = vocabulary_of(task, sentencepiece_model)
   if vocabulary is None:
     raise ValueError("The gin configuration names no MIXTURE_OR_TASK_NAME, so the vocabulary is unknown: pass "
                      "--vocabulary=PATH (a SentencePiece model).")
+  if sentencepiece_model:  # a task's vocabulary was checked against the model when it trained
+    check_vocabulary_fits(vocabulary, model.module.config.vocab_size)
   params = restore_params(checkpoint, model.module, step)
   outputs = predict_texts(model.module, params, vocabulary, texts, decode, batch_size=batch_size)
   if output_file:

@@ -1,0 +1,83 @@
+"""Bad input across the commands: a message that names the problem and the fix, and nothing earlier is lost."""
+
+import csv
+import errno
+
+import pytest
+
+from repeat_lm import cli, gin_utils
+
+
+def test_an_invalid_model_setting_is_not_reported_as_a_missing_model(capsys):
+  assert cli.main(["model-info", "--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.DROPOUT_RATE=1.5"]) == 2
+  err = capsys.readouterr().err
+  assert "do not define MODEL" not in err and "must lie in [0, 1)" in err
+  assert cli.main(["model-info", "--gin_file=gin/runs/pretrain.gin"]) == 2
+  assert "do not define MODEL" in capsys.readouterr().err
+
+
+def test_eval_with_the_pretraining_gin_names_the_eval_gin(tmp_path, capsys):
+  code = cli.main(["eval", "--gin_file=gin/runs/smoke.gin", f"--gin.MODEL_DIR='{tmp_path}'"])
+  assert code == 2
+  assert "gin/runs/eval.gin" in capsys.readouterr().err
+
+
+def test_an_output_path_of_the_wrong_kind_is_an_error_not_a_traceback(tmp_path, capsys):
+  (tmp_path / "a_file").write_text("x")
+  code = cli.main(["sweep", "--experiment=gin/experiments/rq1_repetition_cpu.gin", f"--root={tmp_path / 'a_file'}",
+                   "--dry-run"])
+  assert code == 2
+  assert "Not a directory" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_an_error_not_a_traceback(monkeypatch, capsys):
+  def full(*_):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setitem(cli.COMMANDS, "plan", (cli.COMMANDS["plan"][0], full))
+  assert cli.main(["plan", "--unique-tokens=1e9", "--compute=1e20"]) == 2
+  assert "No space left on device" in capsys.readouterr().err
+
+
+def test_collect_of_a_root_without_runs_keeps_the_results_table(tmp_path, capsys):
+  from repeat_lm.experiments import collect
+  table = tmp_path / "results.csv"
+  collect.write_table([{"run": "a", "status": "finished", "final_eval_loss": 3.0}], table)
+  before = table.read_text()
+  (tmp_path / "not_a_sweep").mkdir()
+  assert cli.main(["collect", f"--root={tmp_path / 'not_a_sweep'}", f"--out={table}"]) == 2
+  assert "holds no sweep runs" in capsys.readouterr().err
+  assert table.read_text() == before
+  assert list(csv.DictReader(table.open()))[0]["run"] == "a"
+
+
+def test_a_failed_export_keeps_the_earlier_weights(tmp_path, monkeypatch):
+  import numpy as np
+  import safetensors.numpy
+  from repeat_lm.interop import hf
+  hf.write_safetensors({"w": np.ones(3, np.float32)}, tmp_path)
+  before = (tmp_path / "model.safetensors").read_bytes()
+
+  def full(*_, **__):
+    raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+  monkeypatch.setattr(safetensors.numpy, "save_file", full)
+  with pytest.raises(OSError, match="No space left"):
+    hf.write_safetensors({"w": np.zeros(5, np.float32)}, tmp_path)
+  assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_infer_refuses_a_vocabulary_larger_than_the_model():
+  from repeat_lm.data import vocab
+  from repeat_lm.train import inference
+  small = vocab.default_vocabulary()
+  inference.check_vocabulary_fits(small, 8192)
+  with pytest.raises(ValueError, match="vocab_size is 4096"):
+    inference.check_vocabulary_fits(small, 4096)
+
+
+def test_infer_checks_the_output_file_before_decoding(tmp_path):
+  from repeat_lm.train import inference
+  with pytest.raises(ValueError, match="is a directory"):
+    inference.check_output_file(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    inference.check_output_file(str(tmp_path / "missing" / "out.txt"))
+  inference.check_output_file(str(tmp_path / "out.txt"))
