@@ -216,7 +216,9 @@ def _check_settings(model_dir: Path, record: dict) -> None:
   if path.exists():
     old = json.loads(path.read_text())
     if old.get("settings") != record["settings"]:
-      raise ValueError(f"{model_dir} holds a demo run with other settings ({old.get('settings')}); use another "
+      stored, given = old.get("settings") or {}, record["settings"]
+      changed = {k: (stored.get(k), given.get(k)) for k in sorted({*stored, *given}) if stored.get(k) != given.get(k)}
+      raise ValueError(f"{model_dir} holds a demo run with other settings (stored -> given: {changed}); use another "
                        "--out or delete that directory.")
 
 
@@ -442,6 +444,8 @@ def run_demo(out: str | Path, *, seed: int = 0, quick: bool = False, steps: int 
   out = Path(out)
   s = settings or (QUICK if quick else FULL)
   if steps is not None:
+    if steps < 1:  # 0 would read as "the whole budget" below
+      raise ValueError(f"--steps={steps}: give at least 1 step, or leave it out to train the whole token budget.")
     s = dataclasses.replace(s, steps=steps)
   specs = run_specs(s)
   total = s.steps or budget_steps(s, specs)

@@ -68,6 +68,19 @@ def test_rerun_reuses_finished_runs(quick_demo):
   assert [r["final_eval_loss"] for r in after["runs"]] == [r["final_eval_loss"] for r in before["runs"]]
 
 
+@pytest.mark.slow
+def test_rerun_with_other_settings_names_what_changed(quick_demo, capsys):
+  assert cli.main(["demo", "--out", str(quick_demo), "--quick", "--steps=7"]) == 2
+  assert "(stored -> given: {'steps': (None, 7)})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_steps_below_one_are_refused(tmp_path, capsys, steps):
+  assert cli.main(["demo", "--out", str(tmp_path), "--quick", f"--steps={steps}"]) == 2
+  assert "give at least 1 step" in capsys.readouterr().err
+  assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_every_run_evaluates_on_the_same_held_out_text():
   from repeat_lm.data import pipeline, tasks
   s = demo.QUICK

@@ -86,6 +86,11 @@ class T5Config:
   param_share: str | int = "none"
 
   def __post_init__(self):
+    sizes = {k: getattr(self, k) for k in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                                           "num_encoder_layers", "num_decoder_layers")}
+    bad_sizes = {k: v for k, v in sizes.items() if isinstance(v, bool) or int(v) != v or v < 1}
+    if bad_sizes:  # else a ZeroDivisionError or an out-of-range slice deep inside init
+      raise ValueError(f"T5Config sizes must be whole numbers of at least 1: {bad_sizes}.")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}.")
     for n in (self.num_encoder_layers, self.num_decoder_layers):  # fail at config time, not deep inside init

@@ -51,6 +51,14 @@ def test_bucket_settings_without_a_logarithmic_range_are_refused(buckets, distan
     T5Config(relative_attention_num_buckets=buckets, relative_attention_max_distance=distance)
 
 
+@pytest.mark.parametrize("field, value", [("num_heads", 0), ("emb_dim", -4), ("num_encoder_layers", 0),
+                                          ("head_dim", 1.5), ("mlp_dim", True)])
+def test_sizes_below_one_or_not_whole_are_refused(field, value):
+  from repeat_lm.models import T5Config
+  with pytest.raises(ValueError, match=f"sizes must be whole numbers of at least 1: {{'{field}'"):
+    T5Config(**{field: value})
+
+
 def test_relative_position_bias_shape_and_values():
   module = layers.RelativePositionBias(num_heads=3)
   positions = jnp.arange(5)
