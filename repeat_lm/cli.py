@@ -450,7 +450,7 @@ def _run_analyze(args, bindings: Sequence[str]) -> dict | None:
   from repeat_lm.analysis import degradation, laws, proxy, results, scaling
   cmd = args.analyze_command
   if cmd == "predict":
-    out = scaling.prediction(laws.constants_for(args.law, args.constants), args.params, args.tokens,
+    out = scaling.prediction(laws.constants_for(args.law, args.constants, "--constants"), args.params, args.tokens,
                              args.unique_tokens)
     if not args.json:
       print(f"predicted loss ({args.law}): {out['loss']:.4f}")

@@ -81,3 +81,9 @@ def test_infer_checks_the_output_file_before_decoding(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     inference.check_output_file(str(tmp_path / "missing" / "out.txt"))
   inference.check_output_file(str(tmp_path / "out.txt"))
+
+
+def test_a_missing_vocabulary_file_names_the_infer_flag(tmp_path):
+  from repeat_lm.train import inference
+  with pytest.raises(FileNotFoundError, match=r"--vocabulary=.*nowhere\.model: no such file"):
+    inference.vocabulary_of(None, str(tmp_path / "nowhere.model"))

@@ -59,25 +59,26 @@ DATA_CONSTRAINED = Constants(E=math.exp(0.6254804), A=math.exp(6.255414), B=math
 PUBLISHED = {"chinchilla": CHINCHILLA, "data-constrained": DATA_CONSTRAINED}
 
 
-def load_constants(path: str | Path) -> Constants:
-  """Constants from a JSON file: the object `analyze fit --json` prints, or {"constants": {...}}."""
+def load_constants(path: str | Path, flag: str = "--law-constants") -> Constants:
+  """Constants from a JSON file: the object `analyze fit --json` prints, or {"constants": {...}}. `flag`: the
+  command-line option that named the file, for the error messages."""
   path = Path(path)
   fix = "pass the JSON object `repeat-lm analyze fit --json` prints"
   if not path.is_file():
-    raise FileNotFoundError(f"--law-constants={path}: no such file; {fix}.")
+    raise FileNotFoundError(f"{flag}={path}: no such file; {fix}.")
   try:
     data = json.loads(path.read_text(encoding="utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"--law-constants={path} is not JSON ({e}); {fix}.") from e
+    raise ValueError(f"{flag}={path} is not JSON ({e}); {fix}.") from e
   if not isinstance(data, dict):
-    raise ValueError(f"--law-constants={path} holds a JSON {type(data).__name__}, not an object; {fix}.")
+    raise ValueError(f"{flag}={path} holds a JSON {type(data).__name__}, not an object; {fix}.")
   return Constants.from_dict(data)
 
 
-def constants_for(law: str, path: str | Path | None = None) -> Constants:
+def constants_for(law: str, path: str | Path | None = None, flag: str = "--law-constants") -> Constants:
   if law not in LAWS:
     raise ValueError(f"Unknown law {law!r}; choose one of {', '.join(LAWS)}.")
-  c = load_constants(path) if path else PUBLISHED[law]
+  c = load_constants(path, flag) if path else PUBLISHED[law]
   if law == "data-constrained" and c.R_D_star is None:
     raise ValueError("The data-constrained law needs R_D_star and R_N_star in the constants.")
   return c if law == "data-constrained" else dataclasses.replace(c, R_D_star=None, R_N_star=None)

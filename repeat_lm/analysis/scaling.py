@@ -151,6 +151,10 @@ def _check_plot(path: Path, f: laws.Fit, budgets: list[float], used: list[result
 
 def prediction(c: laws.Constants, n: float, d: float, u: float | None = None) -> dict:
   """`analyze predict`: the predicted loss and, for the data-constrained law, the effective N' and D'."""
+  given = {"--params": n, "--tokens": d, **({} if u is None else {"--unique-tokens": u})}
+  bad = {k: v for k, v in given.items() if not (math.isfinite(v) and v > 0)}
+  if bad:  # the power laws of a non-positive count are NaN, not a loss
+    raise ValueError(f"analyze predict needs positive, finite counts: {bad}.")
   out = {"law": c.law, "params": n, "tokens": d, "loss": float(laws.predict(c, n, d, u)), "constants": c.to_dict()}
   if c.R_D_star is not None:
     u = d if u is None else min(u, d)

@@ -115,9 +115,25 @@ def _restore_repeat_lm(step_dir: Path, abstract_params: Any | None) -> Any:
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
       if getattr(a, "sharding", None) is not None else ocp.RestoreArgs(restore_type=np.ndarray), abstract_params)
   # Orbax reads relative directories as missing (metadata None): always hand it an absolute path.
-  restored = checkpointer.restore(str((step_dir / "state").absolute()), args=ocp.args.PyTreeRestore(
-      item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+  try:
+    restored = checkpointer.restore(str((step_dir / "state").absolute()), args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+  except Exception as e:  # Orbax and TensorStore raise many types; all mean the same thing to the user
+    raise _unreadable(step_dir, f"{type(e).__name__}: {_first_line(e)}") from e
   return restored["params"]
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _unreadable(step_dir: Path, reason: str) -> ValueError:
+  """A damaged step of a repeat_lm MODEL_DIR: what failed, and the step before it, which --step can read."""
+  steps = sorted(int(p.name) for p in step_dir.parent.iterdir() if p.name.isdigit())
+  older = [s for s in steps if s < int(step_dir.name)] if step_dir.name.isdigit() else []
+  other = f" --step={older[-1]} reads the step before it." if older else ""
+  return ValueError(f"Checkpoint {step_dir} could not be read ({reason}); it may be corrupt or truncated (steps "
+                    f"here: {steps}).{other} It was left untouched.")
 
 
 def _plain(tree: Any) -> Any:
@@ -152,8 +168,13 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
 
 def _metadata_params(step_dir: Path) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  metadata = ocp.PyTreeCheckpointer().metadata(str((step_dir / "state").absolute()))
+  try:
+    metadata = ocp.PyTreeCheckpointer().metadata(str((step_dir / "state").absolute()))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _unreadable(step_dir, f"its metadata: {type(e).__name__}: {_first_line(e)}") from e
   metadata = getattr(metadata, "item_metadata", metadata)
+  if metadata is None or "params" not in metadata:
+    raise _unreadable(step_dir, "no parameter metadata in state/")
   return layout.flatten(_plain(metadata["params"]))
 
 

@@ -141,9 +141,14 @@ class Checkpointer:
         restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
       except Exception as e:
+        if any(sign in str(e) for sign in _MISMATCH_SIGNS):
+          raise CheckpointError(self._mismatch_message(step, str(e))) from e
+        older = [s for s in self.all_steps() if s < step]
+        other = f" CHECKPOINT_STEP={older[-1]} evaluates the step before it." if older else ""
         raise CheckpointError(
             f"Parameters of checkpoint {self.directory / str(step)} could not be restored "
-            f"({type(e).__name__}: {e}). It was left untouched. Check that the model gin matches the one in "
+            f"({type(e).__name__}: {e}). It was left untouched. If it is corrupt or truncated, another step can be "
+            f"read (steps here: {self.all_steps()}).{other} If the model changed since it was written, use "
             f"{self.directory.parent / 'config.gin'}.") from e
     return restored["state"]["params"], step
 

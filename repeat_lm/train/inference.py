@@ -153,6 +153,9 @@ def vocabulary_of(task: str | None, sentencepiece_model: str | None = None) -> s
   """The task's output vocabulary, or a T5-style vocabulary over an explicit SentencePiece model."""
   if sentencepiece_model:
     from repeat_lm.data import vocab  # pylint: disable=import-outside-toplevel
+    if "://" not in sentencepiece_model and not Path(sentencepiece_model).is_file():
+      raise FileNotFoundError(f"--vocabulary={sentencepiece_model}: no such file; pass the SentencePiece model the "
+                              "run was trained with, or leave --vocabulary out to use its task's.")
     return vocab.t5_vocabulary(sentencepiece_model)
   if task is None:
     return None

@@ -52,6 +52,23 @@ def test_predict_published(capsys):
   assert capsys.readouterr().out.startswith("predicted loss (data-constrained): ")
 
 
+@pytest.mark.parametrize("flags, named", [(["--params=-1", "--tokens=1e10"], "'--params': -1.0"),
+                                          (["--params=1e8", "--tokens=nan"], "'--tokens': nan"),
+                                          (["--params=1e8", "--tokens=1e10", "--unique-tokens=0"],
+                                           "'--unique-tokens': 0.0")])
+def test_predict_refuses_counts_that_are_not_positive(capsys, flags, named):
+  assert cli.main(["analyze", "predict", "--law=data-constrained", *flags]) == 2
+  assert f"needs positive, finite counts: {{{named}}}" in capsys.readouterr().err
+
+
+def test_predict_names_its_own_constants_flag(tmp_path, capsys):
+  bad = tmp_path / "c.json"
+  bad.write_text("{bad")
+  assert cli.main(["analyze", "predict", "--law=chinchilla", "--params=1e8", "--tokens=1e10",
+                   f"--constants={bad}"]) == 2
+  assert f"--constants={bad} is not JSON" in capsys.readouterr().err
+
+
 def test_chinchilla_check(results_csv, tmp_path, capsys):
   out = _json(capsys, ["analyze", "chinchilla-check", f"--results={results_csv}", "--bootstrap=3",
                        f"--out={tmp_path}", "--json"])

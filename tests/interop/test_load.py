@@ -59,3 +59,19 @@ def test_a_relative_model_dir_loads(tiny_model_dir, scan, monkeypatch):
                                    layout.layouts_for(config))
   for path, value in layout.flatten(params).items():
     np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=path)
+
+
+def test_a_corrupt_step_names_the_step_before_it(tiny_model_dir, tmp_path):
+  """infer / export / INITIAL_CHECKPOINT_PATH: damaged array files are named, with the step that can be read."""
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(tiny_model_dir, run)
+  steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  older = run / "checkpoints" / str(steps[-1] + 1)
+  shutil.copytree(run / "checkpoints" / str(steps[-1]), older)  # a later step, then damaged
+  for f in (older / "state").rglob("*"):
+    if f.is_file() and "METADATA" not in f.name:
+      f.write_bytes(b"garbage")
+  with pytest.raises(ValueError, match=rf"could not be read .*corrupt or truncated.*--step={steps[-1]} reads"):
+    load.load_for_module(run, t5.Transformer(TINY))
+  load.load_for_module(run, t5.Transformer(TINY), step=steps[-1])

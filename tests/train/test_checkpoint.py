@@ -49,6 +49,10 @@ def test_corrupt_checkpoint_names_the_fix_and_is_kept(tmp_path):
     ck.restore(checkpoint.abstract_like(state), step=7)  # not a corrupt one: nothing to move aside
   with pytest.raises(checkpoint.CheckpointError, match="No checkpoint of step 7"):
     ck.restore_params(checkpoint.abstract_like(state)["params"], step=7)
+  # Evaluation reads only the parameters: the same damage names the step it can read instead.
+  with pytest.raises(checkpoint.CheckpointError, match=r"corrupt or truncated.*CHECKPOINT_STEP=1 evaluates"):
+    ck.restore_params(checkpoint.abstract_like(state)["params"])
+  assert (tmp_path / "checkpoints" / "2").exists()
 
 
 @pytest.mark.parametrize("params,names", [
