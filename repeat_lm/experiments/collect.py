@@ -27,6 +27,9 @@ BASE_COLUMNS = ("run", "status", "model_dir", "params", "params_per_token", "flo
                 "epochs", "tokens_seen", "final_eval_tokens", "final_eval_loss", "best_eval_loss",
                 "final_eval_accuracy", "best_eval_accuracy", "best_step", "final_step", "train_steps",
                 "final_train_loss", "elapsed_s", "error", "model_error")
+# Columns that hold text whatever their cells (all empty when no run failed): Parquet types them as strings, so the
+# schema of two sweeps' tables is the same and they concatenate.
+TEXT_COLUMNS = ("run", "status", "model_dir", "error", "model_error")
 # Evaluation keys that are the pre-training objective's, not a fine-tuning task's score.
 _OBJECTIVE_EVAL = {"eval/loss", "eval/accuracy", "eval/z_loss"}
 
@@ -229,7 +232,8 @@ def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
     data = {}
     for c in cols:
       values = [r[c] for r in cells]
-      numeric = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+      numeric = c not in TEXT_COLUMNS and all(
+          v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
       data[c] = pa.array([None if v is None else float(v) for v in values], pa.float64()) if numeric else \
           pa.array([None if v is None else str(v) for v in values], pa.string())
     pq.write_table(pa.table(data), out)

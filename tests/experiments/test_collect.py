@@ -110,6 +110,9 @@ def test_parquet(sweep_root, tmp_path):
   table = pq.read_table(tmp_path / "results.parquet")
   assert table.num_rows == 3 and set(REQUIRED) <= set(table.column_names)
   assert table.column("squad_f1").to_pylist() == [40.0, None, None]
+  # Text columns stay strings when every cell is empty (no run failed): one schema for every sweep's table.
+  assert {c: str(table.schema.field(c).type) for c in ("error", "model_error", "final_eval_loss")} == \
+      {"error": "string", "model_error": "string", "final_eval_loss": "double"}
   with pytest.raises(ValueError, match=".csv or a .parquet"):
     collect.collect(sweep_root, tmp_path / "results.txt")
 
