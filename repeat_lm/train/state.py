@@ -6,6 +6,7 @@ Shapes: B global batch, S encoder length, T decoder length.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,6 +48,12 @@ def layout(model: EncoderDecoderModel, tx: optax.GradientTransformation, partiti
                      "flax.linen.partitioning.param_with_axes so they can be sharded (the T5X contract).")
   logical = partitioning.params_logical_axes(variables["params_axes"])
   param_shardings = partitioner.tree_shardings(logical)
+  _check_divisible(variables["params"], param_shardings, logical, partitioner)
+  for name, spec in batch.items():
+    if spec.shape and spec.shape[0] % partitioner.batch_shards:
+      raise ValueError(f"Batch size {spec.shape[0]} ({name}) is not divisible by the {partitioner.batch_shards} "
+                       "devices the batch is split over ('data' x 'expert' mesh axes); change the batch size "
+                       "(BATCH_SIZE, bench's --batch_size) or the mesh.")
   abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  variables["params"], param_shardings)
   abstract_opt = optimizer_state_layout(jax.eval_shape(tx.init, abstract_params), abstract_params, partitioner)
@@ -56,6 +63,30 @@ def layout(model: EncoderDecoderModel, tx: optax.GradientTransformation, partiti
   shardings = jax.tree.map(lambda s: s.sharding, abstract)
   batch_shardings = {k: partitioner.batch_sharding() for k in batch}
   return StateLayout(abstract, shardings, batch_shardings, logical)
+
+
+def _check_divisible(params: Any, shardings: Any, logical: Any, partitioner: partitioning.Partitioner) -> None:
+  """Every sharded parameter dimension must split evenly over its mesh axes; name the first that does not (else
+  XLA's IndivisibleError names neither the model setting nor the mesh)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    sharding = _leaf_at(shardings, path)
+    names = tuple(_leaf_at(logical, path) or ()) + (None,) * len(leaf.shape)
+    for dim, (size, axes) in enumerate(zip(leaf.shape, tuple(sharding.spec) + (None,) * len(leaf.shape))):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      split = math.prod(partitioner.mesh.shape[a] for a in axes)
+      if size % split:
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ValueError(
+            f"Parameter {where} has {size} along its '{names[dim]}' axis, which the mesh splits over "
+            f"{' x '.join(f'{a}={partitioner.mesh.shape[a]}' for a in axes)} = {split} devices: it must divide it. "
+            "Change the model size (num_heads x head_dim, mlp_dim, vocab_size, num_experts) or the mesh "
+            "(MODEL_PARALLEL, EXPERT_PARALLEL).")
+
+
+def _leaf_at(tree: Any, path: tuple) -> Any:
+  for k in path:
+    tree = tree[getattr(k, "key", getattr(k, "idx", k))]
+  return tree
 
 
 def optimizer_state_layout(abstract_opt: Any, abstract_params: Any, partitioner: partitioning.Partitioner) -> Any:

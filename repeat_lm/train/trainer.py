@@ -179,9 +179,6 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   partitioner = partitioner or partitioning.Partitioner()
   tx = optimizer or optim.make_optimizer(learning_rate=learning_rate)
   cfg = train_dataset_cfg
-  if cfg.batch_size % partitioner.batch_shards:
-    raise ValueError(f"Batch size {cfg.batch_size} is not divisible by the {partitioner.batch_shards} devices "
-                     "the batch is split over ('data' x 'expert' mesh axes); change BATCH_SIZE or the mesh.")
   first_sentinel = _check_vocab(model, cfg.mixture_or_task_name)
   lengths = pipeline.model_feature_lengths(cfg)
   source_tokens = pipeline.source_token_count(cfg.mixture_or_task_name, cfg.split)

@@ -33,3 +33,21 @@ def test_params_axes_become_tuples():
   from flax.linen import partitioning as nnp
   axes = {"dense": {"kernel_axes": nnp.AxisMetadata(names=("embed", "mlp"))}}
   assert partitioning.params_logical_axes(axes) == {"dense": {"kernel": ("embed", "mlp")}}
+
+
+@pytest.mark.parametrize("overrides, batch, message", [
+    ({"num_heads": 3}, 8, r"relpos_bias/rel_embedding has 3 along its 'heads' axis, which the mesh splits over "
+                          r"model=2 = 2 devices"),
+    ({"mlp_dim": 63}, 8, r"has 63 along its 'mlp' axis"),
+    ({}, 6, r"Batch size 6 \(encoder_input_tokens\) is not divisible by the 4 devices"),
+])
+def test_shapes_the_mesh_cannot_split_are_named_before_compiling(overrides, batch, message):
+  from repeat_lm.models import t5
+  from repeat_lm.models.encoder_decoder import EncoderDecoderModel
+  from repeat_lm.train import optim, state
+  config = t5.T5Config(**{**dict(vocab_size=256, dtype="float32", emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
+                              num_encoder_layers=1, num_decoder_layers=1), **overrides})
+  spec = state.batch_specs({"encoder_input_tokens": 16, "decoder_input_tokens": 8, "decoder_target_tokens": 8}, batch)
+  with pytest.raises(ValueError, match=message):
+    state.layout(EncoderDecoderModel(module=t5.Transformer(config)), optim.make_optimizer(),
+                 partitioning.Partitioner(4, 2), spec, 0)
