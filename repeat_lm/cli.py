@@ -661,17 +661,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     result = COMMANDS[args.command][1](args, bindings)
-  except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as e:
-    # A path of the wrong kind or an unwritable one: the OS error names the path; say what to change.
-    print(f"repeat-lm: error: {type(e).__name__}: {e}. Check the paths given on the command line (an output must be "
-          "a writable file or directory path whose parent folders are directories).", file=sys.stderr)
-    return 2
   except OSError as e:
-    if not isinstance(e, FileNotFoundError):  # ENOSPC, EIO, ...: e.g. a full disk while writing an output
-      print(f"repeat-lm: error: {type(e).__name__}: {e}. Free space or write elsewhere; what was written before "
-            "this command is left as it was.", file=sys.stderr)
-      return 2
-    print(f"repeat-lm: error: {type(e).__name__}: {e}", file=sys.stderr)
+    # The OS error names the path; say what to change (FileNotFoundError's messages here already do).
+    hint = ("" if isinstance(e, FileNotFoundError) else
+            ". Check the paths given on the command line: an output must be a writable file or directory path whose "
+            "parent folders are directories" if isinstance(e, (IsADirectoryError, NotADirectoryError, FileExistsError,
+                                                                PermissionError)) else
+            ". Free space, or write the output elsewhere")  # ENOSPC, EIO, ...: e.g. a full disk
+    print(f"repeat-lm: error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
     return 2
   except (gin_utils.GinConfigError, RuntimeError, ValueError) as e:
     if isinstance(e, (RuntimeError, ValueError)) and not isinstance(e, gin_utils.GinConfigError) and \

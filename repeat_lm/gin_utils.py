@@ -128,7 +128,9 @@ def configured_macro(gin_files: Sequence[str], bindings: Sequence[str], macro: s
   """Parse gin and return the value of `macro` (e.g. the MODEL a model gin builds)."""
   # Only the model modules: reading a model gin must not depend on the data stack.
   parse(gin_files, [*bindings, f"gin_utils.macro_value.value = %{macro}"], search_paths, prelude=MODEL_PRELUDE)
-  if macro not in {scope for (scope, selector) in gin.config._CONFIG if selector == "gin.macro"}:  # pylint: disable=protected-access
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  macros = {scope for scope, selector in config if selector == "gin.macro"}
+  if macro not in macros:  # unbound; any other failure to build it is the model's own error, named below
     raise GinConfigError(f"The gin files {list(gin_files)} do not define {macro}: include a model gin such as "
                          "gin/models/t5_1_1_small.gin.")
   try:

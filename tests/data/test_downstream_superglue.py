@@ -201,7 +201,8 @@ def test_record_through_the_task_preprocessors():
                  "label": np.int32(1), "idx": {"paragraph": np.int32(0), "question": np.int32(0),
                                                "answer": np.int32(0)}},
      "multirc question: Who ran? answer: The dog paragraph: Sent 1: The dog ran. Sent 2: It was fast."),
-    ("cb", {"hypothesis": "h.", "premise": "p.", "label": np.int32(2), "idx": np.int32(0)}, "cb hypothesis: h. premise: p."),
+    ("cb", {"hypothesis": "h.", "premise": "p.", "label": np.int32(2), "idx": np.int32(0)},
+     "cb hypothesis: h. premise: p."),
 ])
 def test_label_task_inputs_follow_t5(task, example, inputs):
   (out,) = run(lambda ds: seqio.get_mixture_or_task(f"repeat_lm.super_glue.{task}").preprocessors[0](ds), example)
