@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,12 +142,27 @@ def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), b
       raise FileNotFoundError(f"{config_gin} does not exist: point --checkpoint at a MODEL_DIR written by "
                               "`repeat-lm train`, or pass the model's gin files with --gin_file.")
     gin_files = [str(config_gin)]
+    bindings = scoped_like(config_gin.read_text(), bindings)
   model = gin_utils.configured_macro(gin_files, bindings, "MODEL")
   try:
     task = gin_utils.configured_macro(gin_files, bindings, "MIXTURE_OR_TASK_NAME")
   except gin_utils.GinConfigError:
     task = None
   return model, task if isinstance(task, str) else None
+
+
+def scoped_like(config_text: str, bindings: Sequence[str]) -> list[str]:
+  """`--gin.t5.T5Config.X=V` as `MODEL/t5.T5Config.X=V` where the saved config binds X under that scope: the trainer's
+  config.gin scopes the model's parameters (MODEL/...), and gin lets a scoped binding win over an unscoped one, so the
+  override would be silently ignored."""
+  out = []
+  for binding in bindings:
+    key, sep, value = binding.partition("=")
+    key = key.strip()
+    scopes = {m.group(1) for m in re.finditer(rf"^([\w.]+)/{re.escape(key)}\s*=", config_text, re.M)} \
+        if "/" not in key else set()
+    out.append(f"{scopes.pop()}/{key}{sep}{value}" if len(scopes) == 1 else binding)
+  return out
 
 
 def vocabulary_of(task: str | None, sentencepiece_model: str | None = None) -> seqio.Vocabulary | None:

@@ -341,6 +341,9 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   metrics.jsonl at its step."""
   _check_counts({"trainer.evaluate.eval_steps": (eval_steps, 1)})
   partitioner = partitioner or partitioning.Partitioner()
+  if not (Path(model_dir) / "checkpoints").is_dir():  # before the Checkpointer, which would create it
+    raise FileNotFoundError(f"No checkpoints directory under MODEL_DIR={model_dir}; train first or point MODEL_DIR "
+                            "at a run's directory.")
   checkpointer = ckpt_lib.Checkpointer(model_dir)
   step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
   if step is None:

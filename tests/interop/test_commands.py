@@ -95,3 +95,19 @@ def test_an_unreadable_vocabulary_names_the_file_and_the_fix(tmp_path):
   (tmp_path / "notes.model").write_text("not a SentencePiece model")  # the wrong file, or a truncated copy
   with pytest.raises(ValueError, match=r"notes.model' is not a SentencePiece model.*Point REPEAT_LM_T5_VOCAB"):
     vocab.t5_vocabulary(str(tmp_path / "notes.model")).encode("hello")
+
+
+def test_a_binding_overrides_the_scoped_model_settings_of_config_gin(tiny_model_dir, tmp_path, fresh_gin):
+  """The trainer's operative config.gin binds the model under MODEL/ (gin's scoped bindings win over unscoped ones):
+  --gin.t5.T5Config.X must still change X, as it does on the model gin."""
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(tiny_model_dir, run)
+  text = (run / "config.gin").read_text()
+  (run / "config.gin").write_text(text.replace("\nt5.T5Config.", "\nMODEL/t5.T5Config."))
+  assert "MODEL/t5.T5Config.dropout_rate" in (run / "config.gin").read_text()
+  model, _ = inference.model_from_model_dir(run, bindings=["t5.T5Config.dropout_rate = 0.3"])
+  assert model.module.config.dropout_rate == 0.3
+  assert inference.scoped_like("MODEL/t5.T5Config.x = 1\nA/b.c = 2\nB/b.c = 3\n",
+                               ["t5.T5Config.x=2", "b.c = 4", "MODEL/t5.T5Config.x=5", "d.e=6"]) == \
+      ["MODEL/t5.T5Config.x=2", "b.c = 4", "MODEL/t5.T5Config.x=5", "d.e=6"]  # b.c: two scopes, left as given

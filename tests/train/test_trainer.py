@@ -290,6 +290,14 @@ def test_evaluate_checkpoint_reproduces_training_eval(uninterrupted):
   assert result["eval/accuracy"] == pytest.approx(last["eval/accuracy"], rel=1e-6)
 
 
+def test_evaluate_a_directory_without_checkpoints_creates_nothing(tmp_path):
+  typo = tmp_path / "rnu"
+  with pytest.raises(FileNotFoundError, match="No checkpoints directory under MODEL_DIR"):
+    trainer.evaluate(model=tiny_model(), model_dir=str(typo),
+                     eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8))
+  assert not typo.exists()
+
+
 @pytest.mark.parametrize("kwargs,match", [({"log_period": 0}, r"trainer.train.log_period=0: must be >= 1"),
                                           ({"eval_period": 0}, r"trainer.train.eval_period=0"),
                                           ({"eval_steps": 0}, r"trainer.train.eval_steps=0"),
