@@ -453,7 +453,7 @@ def _run_analyze(args, bindings: Sequence[str]) -> dict | None:
     out = scaling.prediction(laws.constants_for(args.law, args.constants, "--constants"), args.params, args.tokens,
                              args.unique_tokens)
     if not args.json:
-      print(f"predicted loss ({args.law}): {out['loss']:.4f}")
+      print(f"predicted loss ({args.law}): {out['loss']:.4f}" + (f" ({out['note']})" if "note" in out else ""))
       return None
     return out
   runs = results.read_results(args.results)

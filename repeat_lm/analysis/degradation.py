@@ -39,6 +39,10 @@ class Onset:
 def detect(values, *, higher_is_better: bool, tolerance: float | None = None, rel_tolerance: float = REL_TOLERANCE,
            min_points: int = MIN_POINTS) -> Onset:
   """Onset of sustained degradation in one curve (see the module docstring)."""
+  if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+    raise ValueError(f"--tolerance must be a finite number >= 0 (metric units); got {tolerance}.")
+  if not (math.isfinite(rel_tolerance) and rel_tolerance >= 0):
+    raise ValueError(f"The relative tolerance must be a finite number >= 0; got {rel_tolerance}.")
   v = np.asarray(values, float)
   if v.size == 0:
     raise ValueError("An empty curve has no best point.")

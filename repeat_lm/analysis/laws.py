@@ -49,7 +49,14 @@ class Constants:
     if missing:
       raise ValueError(f"Constants need {', '.join(names[:5])} (and R_D_star, R_N_star for the data-constrained "
                        f"law); missing: {', '.join(missing)}.")
-    return cls(**{k: float(d[k]) for k in names if d.get(k) is not None})
+    c = cls(**{k: float(d[k]) for k in names if d.get(k) is not None})
+    if (c.R_D_star is None) != (c.R_N_star is None):
+      raise ValueError("The data-constrained law needs both R_D_star and R_N_star; got only "
+                       f"{'R_D_star' if c.R_N_star is None else 'R_N_star'}.")
+    bad = [f"{k}={v}" for k, v in c.to_dict().items() if not (math.isfinite(v) and v > 0)]
+    if bad:
+      raise ValueError(f"Every constant must be positive and finite; got {', '.join(bad)}.")
+    return c
 
 
 CHINCHILLA = Constants(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -246,6 +253,29 @@ def _minimise(obj: _Objective, starts: np.ndarray) -> tuple[np.ndarray, float]:
   return best, best_value
 
 
+def check_identifiable(law: str, n, d, u, n_params: int) -> None:
+  """Refuse data that cannot determine the law's constants: too few distinct (N, D, U) points, one N, one D, or
+  tokens per parameter the same for every run (alpha and beta trade off), and for the data-constrained law no
+  run that repeats data (R_D* free)."""
+  points = np.unique(np.stack([n, d, np.minimum(u, d)], axis=-1), axis=0) if n.size else np.zeros((0, 3))
+  if len(points) <= n_params:
+    raise ValueError(f"Fitting the {law} law ({n_params} constants) needs more than {n_params} runs with a final "
+                     f"loss at distinct (params, tokens{', unique tokens' if law == 'data-constrained' else ''}); "
+                     f"got {len(points)} distinct of {n.size}.")
+  log_n, log_d = np.log(points[:, 0]), np.log(points[:, 1])
+  if np.ptp(log_n) < 1e-9 or np.ptp(log_d) < 1e-9:
+    which = "params N" if np.ptp(log_n) < 1e-9 else "tokens D"
+    raise ValueError(f"Every run has the same {which}: its exponent and coefficient cannot be fitted; add runs "
+                     f"that vary {which.split()[-1]}.")
+  design = np.stack([np.ones_like(log_n), log_n, log_d], axis=-1)
+  if np.linalg.matrix_rank(design, tol=1e-6 * max(1.0, float(np.abs(design).max()))) < 3:
+    raise ValueError("log D is a linear function of log N in every run (e.g. the same tokens per parameter): "
+                     "alpha and beta cannot be told apart; add runs off that line.")
+  if law == "data-constrained" and not np.any(points[:, 1] > points[:, 2] * (1 + 1e-9)):
+    raise ValueError("No run repeats data (tokens seen > unique tokens): the data-constrained law's R_D* cannot be "
+                     "fitted; fit the chinchilla law, or add repeated runs.")
+
+
 def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: int = 8, bootstrap: int = 0,
         seed: int = 0) -> Fit:
   """Fit `law` to runs (N params, D tokens seen, U unique tokens, final loss).
@@ -258,10 +288,12 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
     raise ValueError(f"Unknown law {law!r}; choose one of {', '.join(LAWS)}.")
   n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
   u = d if u is None else np.where(np.isfinite(np.asarray(u, float)), np.asarray(u, float), d)
+  bad = ~(np.isfinite(n) & np.isfinite(d) & np.isfinite(loss) & (n > 0) & (d > 0) & (loss > 0) & (u > 0))
+  if bad.any():
+    raise ValueError(f"Every run of a fit needs positive, finite N, D, U and loss; {int(bad.sum())} of {n.size} "
+                     "do not (scaling.fit_data leaves such runs out).")
   n_params = 7 if law == "data-constrained" else 5
-  if n.size <= n_params:
-    raise ValueError(f"Fitting the {law} law ({n_params} constants) needs more than {n_params} runs with a final "
-                     f"loss; got {n.size}.")
+  check_identifiable(law, n, d, u, n_params)
   obj = _Objective(n, d, u, loss, delta)
   grid = _grid(law)
   values = np.concatenate([obj.values(chunk) for chunk in np.array_split(grid, max(1, len(grid) // 4096))])

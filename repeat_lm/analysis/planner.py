@@ -108,7 +108,9 @@ def dropout_advice(params: float, epochs: float, runs: list[results.Run] | None 
 def measured_dropout(runs: list[results.Run], params: float) -> dict | None:
   """Best dropout rate by mean best_eval_accuracy (else lowest best_eval_loss) among runs within NEAR_PARAMS x of
   `params` (else the nearest size), preferring runs that repeat data."""
-  column = next((c for c in results.columns(runs) if "dropout" in c.lower()), None)
+  # The first dropout column holding a number in some run (a text one, e.g. DROPOUT_SCHEDULE, is not a rate).
+  column = next((c for c in results.columns(runs) if "dropout" in c.lower()
+                 and any(isinstance(r.get(c), float) and math.isfinite(r.get(c)) for r in runs)), None)
   rated = [r for r in runs if column and isinstance(r.get(column), float) and r.params > 0]
   if not rated:
     return None
@@ -139,8 +141,9 @@ def plan(unique_tokens: float, compute: float, constants: laws.Constants = laws.
   c = constants
   if c.R_D_star is None:
     raise ValueError("The planner needs data-constrained constants (R_D_star, R_N_star).")
-  if not (unique_tokens > 0 and compute > 0):
-    raise ValueError("--unique-tokens and --compute must be positive.")
+  if not (unique_tokens > 0 and 0 < compute < math.inf):
+    raise ValueError(f"--unique-tokens must be positive and --compute positive and finite; got {unique_tokens:g} "
+                     f"and {compute:g}.")
   rec = _choice(c, optimal_params(c, unique_tokens, compute), compute, unique_tokens)
   n_chin = float(laws.compute_optimal(c, compute)[0])
   chin = _choice(c, n_chin, compute, unique_tokens)

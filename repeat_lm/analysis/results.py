@@ -95,6 +95,12 @@ def read_results(path: str | Path) -> list[Run]:
     raise ValueError(f"{path}: no runs in the results table.")
   if "run" not in rows[0]:
     raise ValueError(f"{path}: the results table needs a `run` column (the CSV `repeat-lm collect` writes).")
+  seen: dict[str, int] = {}
+  for line, row in enumerate(rows, start=2):
+    if row["run"] in seen:  # curves and plots are keyed by run: one would be drawn with the other's
+      raise ValueError(f"{path}: run {row['run']!r} appears on lines {seen[row['run']]} and {line}; give every row its "
+                       "own name (e.g. prefix the sweep's when concatenating tables).")
+    seen[row["run"]] = line
   runs = []
   for row in rows:
     model_dir = row.get("model_dir") or None

@@ -57,7 +57,7 @@ def _fit_plots(out_dir: Path, f: laws.Fit, used: list[results.Run], a: dict) -> 
                        title=f"{f.constants.law} fit: final eval loss", xlabel="predicted", ylabel="observed")
   groups = defaultdict(list)  # one fitted curve per (N, U)
   for i, r in enumerate(used):
-    groups[(r.params, a["u"][i])].append(i)
+    groups[(r.params, float(a["u"][i]) if math.isfinite(a["u"][i]) else math.inf)].append(i)  # NaN != NaN
   palette = plots.colors(len(groups))
   series = []
   for color, ((n, u), idx) in zip(palette, sorted(groups.items(), key=lambda kv: (kv[0][0], np.nan_to_num(kv[0][1])))):
@@ -156,6 +156,9 @@ def prediction(c: laws.Constants, n: float, d: float, u: float | None = None) ->
   if bad:  # the power laws of a non-positive count are NaN, not a loss
     raise ValueError(f"analyze predict needs positive, finite counts: {bad}.")
   out = {"law": c.law, "params": n, "tokens": d, "loss": float(laws.predict(c, n, d, u)), "constants": c.to_dict()}
+  if u is not None and c.R_D_star is None:
+    out["note"] = ("--unique-tokens ignored: the chinchilla law treats every token as fresh (repetition needs "
+                   "--law=data-constrained)")
   if c.R_D_star is not None:
     u = d if u is None else min(u, d)
     out.update(unique_tokens=u, epochs=d / u, effective_tokens=float(laws.effective_data(c, d, u)),

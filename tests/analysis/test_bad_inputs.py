@@ -1,0 +1,95 @@
+"""Degenerate inputs get clear messages, not confident wrong answers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from repeat_lm.analysis import degradation, laws, planner, results, scaling
+
+
+def _chinchilla_runs(n, d):
+  return np.asarray(n, float), np.asarray(d, float), laws.predict(laws.CHINCHILLA, np.asarray(n), np.asarray(d))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("same_n", "same params N"), ("same_ratio", "linear function of log N"), ("duplicates", "2 distinct of 6")])
+def test_unidentifiable_chinchilla_fits_are_refused(case, match):
+  if case == "same_n":
+    n, d = np.full(8, 1e8), np.geomspace(1e9, 1e11, 8)
+  elif case == "same_ratio":
+    n = np.geomspace(1e7, 1e10, 8)
+    d = 20 * n
+  else:
+    n, d = np.array([1e8, 1e9] * 3), np.full(6, 1e10)
+  n, d, loss = _chinchilla_runs(n, d)
+  with pytest.raises(ValueError, match=match):
+    laws.fit("chinchilla", n, d, loss)
+
+
+def test_data_constrained_fit_needs_a_repeated_run():
+  n, d = (x.ravel() for x in np.meshgrid([1e7, 3e7, 1e8, 3e8], [1e9, 3e9, 1e10]))
+  loss = laws.predict(laws.DATA_CONSTRAINED, n, d, d)
+  with pytest.raises(ValueError, match="No run repeats data"):
+    laws.fit("data-constrained", n, d, loss, d)
+
+
+def test_fit_refuses_nan_losses():
+  n, d = (x.ravel() for x in np.meshgrid([1e7, 1e8, 1e9], [1e9, 1e10, 1e11]))
+  n, d, loss = _chinchilla_runs(n, d)
+  loss[0] = math.nan
+  with pytest.raises(ValueError, match="positive, finite"):
+    laws.fit("chinchilla", n, d, loss)
+
+
+def test_fit_plot_draws_one_curve_per_params_without_unique_tokens(tmp_path, monkeypatch):
+  runs = [results.Run(run=f"r{i}", status="done", model_dir=None, params=n, tokens_seen=d,
+                      final_eval_loss=float(laws.predict(laws.CHINCHILLA, n, d)))
+          for i, (n, d) in enumerate((n, d) for n in (1e7, 1e8, 1e9) for d in (1e9, 1e10, 1e11))]
+  saved = {}
+  real = scaling.plots.save
+  monkeypatch.setattr(scaling.plots, "save", lambda path, series, **kw: (saved.update({path.name: series}),
+                                                                           real(path, series, **kw))[1])
+  scaling.fit_report(runs, "chinchilla", tmp_path, bootstrap=0)
+  labels = [s.label for s in saved["fit_loss_vs_tokens.png"] if s.label]
+  assert labels == ["N=1e+07", "N=1e+08", "N=1e+09"]
+
+
+@pytest.mark.parametrize("tolerance", [-0.01, math.nan])
+def test_bad_tolerance_is_named(tolerance):
+  with pytest.raises(ValueError, match="--tolerance"):
+    degradation.detect([3.0, 2.0, 2.5, 2.6], higher_is_better=False, tolerance=tolerance)
+
+
+def test_constants_need_both_r_stars_and_positive_values():
+  base = {"E": 1.87, "A": 520.0, "B": 1487.0, "alpha": 0.35, "beta": 0.35}
+  with pytest.raises(ValueError, match="both R_D_star and R_N_star"):
+    laws.Constants.from_dict({**base, "R_D_star": 15.4})
+  with pytest.raises(ValueError, match="R_D_star=0"):
+    laws.Constants.from_dict({**base, "R_D_star": 0, "R_N_star": 5.3})
+
+
+def test_plan_refuses_infinite_compute():
+  with pytest.raises(ValueError, match="--compute positive and finite"):
+    planner.plan(1e9, math.inf)
+
+
+def test_predict_chinchilla_says_unique_tokens_are_ignored():
+  assert "ignored" in scaling.prediction(laws.CHINCHILLA, 1e8, 1e10, 1e8)["note"]
+  assert "note" not in scaling.prediction(laws.DATA_CONSTRAINED, 1e8, 1e10, 1e8)
+
+
+def test_measured_dropout_skips_a_text_dropout_column():
+  def run(name, schedule, rate, acc):
+    return results.Run(run=name, status="done", model_dir=None, params=2.5e8, epochs=256.0, best_eval_accuracy=acc,
+                       extra={"DROPOUT_SCHEDULE": schedule, "DROPOUT_RATE": str(rate)})
+  runs = [run("a", "", 0.0, 0.617), run("b", "", 0.1, 0.630), run("c", "staged:4ep", 0.1, 0.628)]
+  m = planner.measured_dropout(runs, 2.5e8)
+  assert m is not None and m["column"] == "DROPOUT_RATE" and m["best_rate"] == 0.1
+
+
+def test_duplicate_run_names_are_refused(tmp_path):
+  table = tmp_path / "results.csv"
+  table.write_text("run,status,final_eval_loss\nbase,finished,3.0\nlarge,finished,2.9\nbase,finished,3.1\n")
+  with pytest.raises(ValueError, match="run 'base' appears on lines 2 and 4"):
+    results.read_results(table)
