@@ -13,6 +13,8 @@ stream and keeps its rows, and resume replays k batches. TF never runs on an acc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import operator
 import os
 import queue
@@ -157,7 +159,10 @@ def fill_row(batch: dict[str, np.ndarray], r: int, inputs: np.ndarray, targets: 
   a, b = len(inputs), len(targets)
   batch['encoder_input_tokens'][r, :a] = inputs
   batch['decoder_target_tokens'][r, :b] = targets
-  batch['decoder_input_tokens'][r, 1:b] = targets[:-1]  # shifted right, 0 first
+  # Shifted right, 0 first. Packed rows end the segment at its EOS (seqio zeroes the shift into another segment);
+  # unpacked rows shift the whole padded row, so the EOS lands after the targets when the row is not full.
+  shifted = targets if 'encoder_segment_ids' not in batch else targets[:-1]
+  batch['decoder_input_tokens'][r, 1:1 + len(shifted)] = shifted[:n_tgt - 1]
   batch['decoder_loss_weights'][r, :b] = 1
   if 'encoder_segment_ids' in batch:
     batch['encoder_segment_ids'][r, :a] = 1
@@ -274,7 +279,24 @@ def get_batches(cfg: DatasetConfig, *, start_step: int = 0, shard_id: int = 0, n
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 _MUST_MATCH = ('mixture_or_task_name', 'split', 'seed', 'batch_size', 'shuffle', 'pack', 'task_feature_lengths',
-               'store_fingerprint', 'examples_per_epoch', 'static_masks')
+               'store_fingerprint', 'examples_per_epoch', 'static_masks', 'stream_definition')
+
+
+def _definition(stream: plan.Stream | plan.MixtureStream) -> dict[str, Any]:
+  """What decides a stream's examples besides the config's own fields: each task's subset, objective (denoisers,
+  rates, mode tokens), static masks and layout, and a mixture's quotas. A task name alone does not pin these (a
+  custom `name=`, a mixture named by hand, a corpus file changed under the same path)."""
+  if isinstance(stream, plan.MixtureStream):
+    return {'quotas': [int(q) for q in stream.quotas], 'block': stream.block,
+            'tasks': [_definition(s) for s in stream.streams]}
+  return {'store': stream.store.info.get('fingerprint'), 'vocab_size': int(stream.vocab_size),
+          'denoisers': [dataclasses.asdict(d) for d in stream.objective.denoisers],
+          'rates': [float(r) for r in stream.objective.rates], 'mode_ids': [m.tolist() for m in stream.mode_ids],
+          'raw_lengths': [int(n) for n in stream.raw_lengths], 'static_masks': bool(stream.static_masks)}
+
+
+def _definition_hash(stream: plan.Stream | plan.MixtureStream) -> str:
+  return hashlib.sha256(json.dumps(_definition(stream), sort_keys=True).encode()).hexdigest()[:32]
 
 
 def data_state(cfg: DatasetConfig, step: int) -> dict[str, Any]:
@@ -293,6 +315,8 @@ def data_state(cfg: DatasetConfig, step: int) -> dict[str, Any]:
     state.update({'epoch': epoch, 'example_in_epoch': index, 'examples_per_epoch': stream.examples_per_epoch,
                   'epochs': stream.epochs, 'unique_tokens': stream.store.num_tokens,
                   'static_masks': stream.static_masks, 'store_fingerprint': stream.store.info.get('fingerprint')})
+  if stream is not None:
+    state['stream_definition'] = _definition_hash(stream)
   return state
 
 

@@ -51,9 +51,9 @@ def test_c4_batches_at_512_114(c4_d16):
     np.testing.assert_array_equal(batch['encoder_positions'][0], np.arange(512))
 
 
-def test_rows_are_what_seqios_feature_converter_makes(c4_d16):
-  lengths = {'inputs': 512, 'targets': 114}
-  for pack in (True, False):
+@pytest.mark.parametrize('lengths', [{'inputs': 512, 'targets': 114}, {'inputs': 512, 'targets': 128}])
+def test_rows_are_what_seqios_feature_converter_makes(c4_d16, lengths):
+  for pack in (True, False):  # 512/128: the targets do not fill the row
     cfg = pipeline.DatasetConfig(c4_d16, lengths, batch_size=4, pack=pack)
     ours = take(cfg, 1)[0]
     task = seqio.get_mixture_or_task(c4_d16)
@@ -170,6 +170,31 @@ def test_data_state_and_resume_check(c4_d16):
     pipeline.check_resume(pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=1, shuffle=False), state)
   with pytest.raises(ValueError, match='pack was True'):  # other rows for the model
     pipeline.check_resume(pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=1, pack=False), state)
+
+
+def test_resume_check_sees_changes_a_name_does_not_spell(c4_path, t5_vocab_file):
+  def refused(name, state):
+    with pytest.raises(ValueError, match='stream_definition'):
+      pipeline.check_resume(pipeline.DatasetConfig(name, SMALL, batch_size=8), state)
+
+  # A task registered under a custom name with another objective (same examples per epoch at 64/14).
+  tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**14, epochs=2, name='resume_t')
+  cfg = pipeline.DatasetConfig('resume_t', SMALL, batch_size=8)
+  state = pipeline.data_state(cfg, 3)
+  pipeline.check_resume(cfg, state)
+  tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**14, epochs=2, name='resume_t',
+                      objective='span_r0p15_mu3p1')
+  assert pipeline.data_state(cfg, 3)['examples_per_epoch'] == state['examples_per_epoch']
+  refused('resume_t', state)
+  # A mixture whose rates changed under its name.
+  a = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**14, epochs=2)
+  b = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**15, epochs=2)
+  tasks.repeated_mixture([a, b], [0.5, 0.5], name='resume_mix')
+  cfg = pipeline.DatasetConfig('resume_mix', SMALL, batch_size=8)
+  state = pipeline.data_state(cfg, 3)
+  pipeline.check_resume(cfg, state)
+  tasks.repeated_mixture([a, b], [0.2, 0.8], name='resume_mix')
+  refused('resume_mix', state)
 
 
 def test_other_seqio_tasks_fall_back_to_a_global_stream():
