@@ -142,6 +142,28 @@ class Partitioner:
     replicated over 'model'."""
     return NamedSharding(self.mesh, PartitionSpec(self.logical_to_spec(("batch",))[0]))
 
+  def data_layout(self, batch_size: int, process_index: int | None = None,
+                  process_of=lambda device: device.process_index) -> tuple[int, int]:
+    """(shard_id, num_shards) of this process's rows of a global batch of `batch_size`, as the mesh places them
+    (T5X's `get_data_layout`): the rows held by this process's devices are block `shard_id` of `num_shards` equal
+    blocks. Processes whose devices differ only along 'model' share a block, so they must read the same rows; when
+    the batch axes span fewer hosts than there are processes, num_shards < jax.process_count().
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    sharding = self.batch_sharding()
+    rows = set()
+    for device, index in sharding.devices_indices_map((batch_size,)).items():
+      if process_of(device) == process_index:
+        start, stop, _ = index[0].indices(batch_size)
+        rows.update(range(start, stop))
+    if not rows:
+      raise ValueError(f"Process {process_index} has no device in the mesh.")
+    lo, hi = min(rows), max(rows) + 1
+    if len(rows) != hi - lo or batch_size % (hi - lo):
+      raise ValueError(f"The mesh gives process {process_index} batch rows {sorted(rows)} of {batch_size}: not one "
+                       "contiguous block of an even split. Order the devices so each host's are adjacent on 'data'.")
+    return lo // (hi - lo), batch_size // (hi - lo)
+
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
 

@@ -197,6 +197,20 @@ def make_eval_step(model: EncoderDecoderModel, lay: StateLayout, partitioner: pa
 
 
 def global_batch(host_batch: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
-  """Assemble each host's rows into one global array per feature, sharded over 'data'."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()
-          if k in shardings}
+  """Assemble each host's rows into one global array per feature, sharded over 'data'.
+
+  A host holds 1/num_shards of the batch, num_shards being the number of distinct row blocks the processes' devices
+  hold (Partitioner.data_layout): the global shape is given, not inferred from the host's rows.
+  """
+  return {k: jax.make_array_from_process_local_data(
+              shardings[k], v, (v.shape[0] * _row_blocks(shardings[k]), *v.shape[1:]))
+          for k, v in host_batch.items() if k in shardings}
+
+
+def _row_blocks(sharding: NamedSharding) -> int:
+  """How many different sets of batch rows the processes hold under `sharding`."""
+  n = sharding.mesh.size  # any length the batch axes divide
+  rows_of: dict[int, set[int]] = {}
+  for device, index in sharding.devices_indices_map((n,)).items():
+    rows_of.setdefault(device.process_index, set()).update(range(*index[0].indices(n)[:2]))
+  return len({frozenset(r) for r in rows_of.values()})

@@ -59,8 +59,10 @@ def _check_vocab(model: EncoderDecoderModel, task: str) -> int | None:
   return vocab.vocab_size - extra_ids if extra_ids else None
 
 
-def _eval_batches(cfg: pipeline.DatasetConfig, steps: int) -> list[dict[str, np.ndarray]]:
-  it = pipeline.get_batches(cfg, shard_id=jax.process_index(), num_shards=jax.process_count())
+def _eval_batches(cfg: pipeline.DatasetConfig, steps: int,
+                  partitioner: partitioning.Partitioner) -> list[dict[str, np.ndarray]]:
+  shard_id, num_shards = partitioner.data_layout(cfg.batch_size)
+  it = pipeline.get_batches(cfg, shard_id=shard_id, num_shards=num_shards)
   out = [b for _, b in zip(range(steps), it)]
   if not out:
     raise ValueError(f"The evaluation split of {cfg.mixture_or_task_name!r} gave no full batch of "
@@ -220,7 +222,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
 
   train_step = state_lib.make_train_step(model, tx, lay, partitioner, random_seed, first_sentinel, schedule)
   eval_step = state_lib.make_eval_step(model, lay, partitioner) if eval_dataset_cfg else None
-  eval_batches = _eval_batches(eval_dataset_cfg, eval_steps) if eval_dataset_cfg else []
+  eval_batches = _eval_batches(eval_dataset_cfg, eval_steps, partitioner) if eval_dataset_cfg else []
   flops_per_step = flops.train_flops_per_sequence(model.module.config, lengths["encoder_input_tokens"],
                                                   lengths["decoder_input_tokens"]) * cfg.batch_size
   # For the logged MFU; `bench train` probes fully. On CPU the probe multiplies the model's activation dtype.
@@ -235,8 +237,10 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
             "data": pipeline.data_state(cfg, at_step),
             "log_window": {"sums": window, "steps": window_steps, "seconds": window_time}}
 
+  # This host's rows as the mesh places them: hosts that differ only along 'model' read the same rows.
+  shard_id, num_shards = partitioner.data_layout(cfg.batch_size)
   batches: Iterator[dict[str, np.ndarray]] = pipeline.get_batches(
-      cfg, start_step=step, shard_id=jax.process_index(), num_shards=jax.process_count())
+      cfg, start_step=step, shard_id=shard_id, num_shards=num_shards)
   stop = _StopSignal()
   progress = metrics_lib.Progress(step, total_steps)
   opened = restored_meta.get("log_window") or {}  # absent in checkpoints from before it was saved
@@ -357,7 +361,7 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   params, _ = checkpointer.restore_params(lay.abstract["params"], step)
   checkpointer.close()
   result = {f"eval/{k}": v for k, v in _run_eval(state_lib.make_eval_step(model, lay, partitioner),
-                                                 params, _eval_batches(eval_dataset_cfg, eval_steps),
+                                                 params, _eval_batches(eval_dataset_cfg, eval_steps, partitioner),
                                                  lay).items()}
   result.update(eval_fn(model, params, partitioner) if eval_fn else {})
   writer = metrics_lib.MetricsWriter(model_dir)

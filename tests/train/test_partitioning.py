@@ -51,3 +51,19 @@ def test_shapes_the_mesh_cannot_split_are_named_before_compiling(overrides, batc
   with pytest.raises(ValueError, match=message):
     state.layout(EncoderDecoderModel(module=t5.Transformer(config)), optim.make_optimizer(),
                  partitioning.Partitioner(4, 2), spec, 0)
+
+
+@pytest.mark.parametrize("data,model,expected", [
+    (8, 1, [(0, 2)] * 4 + [(1, 2)] * 4),  # each host holds half the batch
+    (2, 4, [(0, 2)] * 4 + [(1, 2)] * 4),
+    (1, 8, [(0, 1)] * 8),  # 'model' spans both hosts: they read the same (whole) batch
+])
+def test_data_layout_follows_the_mesh_not_the_process_count(data, model, expected):
+  """T5X's get_data_layout: a host's data shard is the block of rows its devices hold. Two pretend hosts of 4 CPU
+  devices each (devices 0-3 and 4-7)."""
+  devices = jax.devices()[:8]
+  p = partitioning.Partitioner(data, model, devices=devices)
+  host = {d: i // 4 for i, d in enumerate(devices)}
+  for host_id in (0, 1):
+    want = expected[4 * host_id]
+    assert p.data_layout(16, process_index=host_id, process_of=host.__getitem__) == want
