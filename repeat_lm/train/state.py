@@ -16,7 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel
-from repeat_lm.train import partitioning
+from repeat_lm.train import adafactor, partitioning
 
 # Purposes of the run seed, so that parameter init and dropout never share a stream.
 PARAMS_PURPOSE, DROPOUT_PURPOSE = 0, 1
@@ -163,7 +163,8 @@ def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation
     grad_fn = jax.value_and_grad(lambda p: model.loss_and_metrics(p, batch, dropout_rng=rng, dropout_scale=scale),
                                  has_aux=True)
     (_, sums), grads = grad_fn(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    with adafactor.logical_axes(lay.params_axes):  # T5X's per-layer / per-expert RMS for stacked parameters
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if scale is not None:
       sums = dict(sums, dropout_scale=scale)

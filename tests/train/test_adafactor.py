@@ -81,3 +81,68 @@ def test_param_rms_equals_optax_without_its_second_pass():
   assert got["zero"][0, 0] == np.float32(0.5) * np.float32(1e-3)  # the floor
   lowered = lambda tx: jax.jit(lambda u, p: tx.update(u, tx.init(p), p)[0]).lower(updates, params).as_text()
   assert "select" in lowered(theirs) and "select" not in lowered(ours)
+
+
+def test_stacked_parameters_update_each_block_as_its_own_parameter():
+  """T5X's factor rules make 'layers' and 'expert' BATCH axes: a scanned kernel [layers, embed, mlp] (or experts
+  [expert, embed, mlp]) gets the updates its layers would get as separate parameters, per-layer parameter scale and
+  update clipping included. Layers of very different scale make the whole-tensor RMS (optax's) visibly wrong."""
+  scales = jnp.asarray([0.05, 1.0, 0.3])[:, None, None]
+  stacked = {"w": jax.random.normal(jax.random.key(0), (3, 160, 140)) * scales, "s": jnp.ones((3, 140))}
+  grads = {"w": jax.random.normal(jax.random.key(1), (3, 160, 140)), "s": jax.random.normal(jax.random.key(2), (3, 140))}
+  names = {"w": ("layers", "embed", "mlp"), "s": ("layers", "embed")}
+  tx = adafactor.adafactor(0.01)
+
+  def update(params, grads, logical):
+    with adafactor.logical_axes(logical):
+      return tx.update(grads, tx.init(params), params)[0]
+
+  together = jax.jit(lambda p, g: update(p, g, names))(stacked, grads)
+  for i in range(3):
+    alone = update({k: v[i] for k, v in stacked.items()}, {k: v[i] for k, v in grads.items()},
+                   {"w": ("embed", "mlp"), "s": ("embed",)})
+    for k in stacked:
+      np.testing.assert_allclose(together[k][i], alone[k], rtol=1e-5, atol=1e-9, err_msg=f"{k}[{i}]")
+  whole = jax.jit(lambda p, g: tx.update(g, tx.init(p), p)[0])(stacked, grads)  # no names: optax's whole-tensor RMS
+  assert not np.allclose(whole["w"][0], together["w"][0], rtol=0.1)
+
+
+def test_the_train_step_of_a_scanned_model_updates_like_the_unscanned_one():
+  """The train step hands Adafactor the parameters' logical names: scanning the layers changes nothing."""
+  import dataclasses
+  from repeat_lm.models import t5
+  from repeat_lm.models.encoder_decoder import EncoderDecoderModel
+  from repeat_lm.train import partitioning, state
+  config = t5.T5Config(vocab_size=256, dtype="float32", emb_dim=32, num_heads=2, head_dim=16, mlp_dim=160,
+                       num_encoder_layers=2, num_decoder_layers=2)
+  lengths = {"encoder_input_tokens": 16, "decoder_input_tokens": 8, "decoder_target_tokens": 8}
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(2, 256, size=(2, n)).astype(np.int32) for k, n in lengths.items()}
+  batch["decoder_input_tokens"][:, 0] = 0
+  partitioner = partitioning.Partitioner(1, 1, devices=jax.devices()[:1])
+  tx = optim.make_optimizer(learning_rate=0.01)
+  stepped = {}
+  for scan in (False, True):
+    model = EncoderDecoderModel(module=t5.Transformer(dataclasses.replace(config, scan_layers=scan)))
+    lay = state.layout(model, tx, partitioner, state.batch_specs(lengths, 2), 0)
+    init = state.init_state(model, tx, lay, partitioner, state.batch_specs(lengths, 2), 0)
+    if scan:  # the unscanned model's initial values, stacked as the scan stores them
+      params = _stack(stepped["init"])
+      init = {"step": init["step"], "params": params, "opt_state": tx.init(params)}
+      init = jax.tree.map(lambda x: jnp.array(x, copy=True), init)  # the step donates: no shared buffers
+    else:
+      stepped["init"] = jax.tree.map(np.asarray, init["params"])
+    step = state.make_train_step(model, tx, lay, partitioner, 0)
+    stepped[scan] = jax.tree.map(np.asarray, step(init, state.global_batch(batch, lay.batch_shardings))[0]["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), stepped[True],
+               _stack(stepped[False]))
+
+
+def _stack(params):
+  from repeat_lm.models import t5
+  out = dict(params)
+  for stack in ("encoder", "decoder"):
+    names = sorted((k for k in params[stack] if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    layers = jax.tree.map(lambda *xs: np.stack(xs, axis=t5.PARAM_SCAN_AXIS), *[params[stack][n] for n in names])
+    out[stack] = {k: v for k, v in params[stack].items() if k not in names} | {"layers": layers}
+  return out
