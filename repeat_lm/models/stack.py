@@ -96,6 +96,10 @@ def run_layers(layer_cls: type[nn.Module], cfg: Any, num_layers: int, x: Array, 
   if group > 1 and group % block:
     raise ValueError(f"param_share={cfg.param_share!r} splits the {block}-layer dense/sparse blocks of the MoE "
                      f"layout; use a multiple of MoeConfig.sparse_every={block} (or 'all').")
+  if block > 1 and group == block:  # one dense/sparse block per group: its dense and sparse layers cannot share
+    raise ValueError(f"param_share={cfg.param_share!r} makes groups of {group} layers, one dense/sparse block of "
+                     f"MoeConfig.sparse_every={block} each, so no two layers of this {num_layers}-layer stack would "
+                     f"share parameters; use a multiple of {2 * block} layers (blocks share whole).")
   per_axes = (nn.broadcast,) * len(broadcast_args) + (0,) * len(per_layer_args)
 
   if group == 1 and not cfg.scan_layers:

@@ -118,3 +118,17 @@ def test_bad_sharing_is_a_clear_error():
     dataclasses.replace(BASE, param_share=3)
   with pytest.raises(ValueError, match="param_share"):
     dataclasses.replace(BASE, param_share="some")
+
+
+def test_moe_sharing_of_one_block_per_group_is_refused():
+  """param_share = sparse_every would put one dense/sparse block in each group: nothing shared, the unshared model's
+  parameter count, silently. It must be an error, and a multiple of two blocks must still share."""
+  from repeat_lm.models import moe
+  batch = make_batch()
+  mcfg = moe.MoeConfig(num_experts=2, expert_mlp_dim=8, sparse_every=2)
+  cfg = dataclasses.replace(BASE, num_encoder_layers=4, num_decoder_layers=4, moe=mcfg)
+  count = lambda c: t5.param_count(jax.eval_shape(lambda: t5.Transformer(c).init(
+      {"params": jax.random.key(0)}, **batch, enable_dropout=False))["params"])
+  with pytest.raises(ValueError, match="no two layers"):
+    count(dataclasses.replace(cfg, param_share=2))
+  assert count(dataclasses.replace(cfg, param_share=4)) < count(cfg)
