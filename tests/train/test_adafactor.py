@@ -89,7 +89,8 @@ def test_stacked_parameters_update_each_block_as_its_own_parameter():
   update clipping included. Layers of very different scale make the whole-tensor RMS (optax's) visibly wrong."""
   scales = jnp.asarray([0.05, 1.0, 0.3])[:, None, None]
   stacked = {"w": jax.random.normal(jax.random.key(0), (3, 160, 140)) * scales, "s": jnp.ones((3, 140))}
-  grads = {"w": jax.random.normal(jax.random.key(1), (3, 160, 140)), "s": jax.random.normal(jax.random.key(2), (3, 140))}
+  grads = {"w": jax.random.normal(jax.random.key(1), (3, 160, 140)),
+           "s": jax.random.normal(jax.random.key(2), (3, 140))}
   names = {"w": ("layers", "embed", "mlp"), "s": ("layers", "embed")}
   tx = adafactor.adafactor(0.01)
 
@@ -112,6 +113,7 @@ def test_the_train_step_of_a_scanned_model_updates_like_the_unscanned_one():
   import dataclasses
   from repeat_lm.models import t5
   from repeat_lm.models.encoder_decoder import EncoderDecoderModel
+  from repeat_lm.interop import layout
   from repeat_lm.train import partitioning, state
   config = t5.T5Config(vocab_size=256, dtype="float32", emb_dim=32, num_heads=2, head_dim=16, mlp_dim=160,
                        num_encoder_layers=2, num_decoder_layers=2)
@@ -127,22 +129,15 @@ def test_the_train_step_of_a_scanned_model_updates_like_the_unscanned_one():
     lay = state.layout(model, tx, partitioner, state.batch_specs(lengths, 2), 0)
     init = state.init_state(model, tx, lay, partitioner, state.batch_specs(lengths, 2), 0)
     if scan:  # the unscanned model's initial values, stacked as the scan stores them
-      params = _stack(stepped["init"])
+      scanned = layout.layouts_for(model.module.config)
+      params = layout.unflatten(layout.from_per_layer(layout.flatten(stepped["init"]), scanned))
       init = {"step": init["step"], "params": params, "opt_state": tx.init(params)}
       init = jax.tree.map(lambda x: jnp.array(x, copy=True), init)  # the step donates: no shared buffers
     else:
       stepped["init"] = jax.tree.map(np.asarray, init["params"])
     step = state.make_train_step(model, tx, lay, partitioner, 0)
     stepped[scan] = jax.tree.map(np.asarray, step(init, state.global_batch(batch, lay.batch_shardings))[0]["params"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), stepped[True],
-               _stack(stepped[False]))
+  expected = layout.from_per_layer(layout.flatten(stepped[False]), layout.layouts_for(model.module.config))
+  for path, value in layout.flatten(stepped[True]).items():
+    np.testing.assert_allclose(value, expected[path], rtol=2e-5, atol=1e-7, err_msg=path)
 
-
-def _stack(params):
-  from repeat_lm.models import t5
-  out = dict(params)
-  for stack in ("encoder", "decoder"):
-    names = sorted((k for k in params[stack] if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
-    layers = jax.tree.map(lambda *xs: np.stack(xs, axis=t5.PARAM_SCAN_AXIS), *[params[stack][n] for n in names])
-    out[stack] = {k: v for k, v in params[stack].items() if k not in names} | {"layers": layers}
-  return out
