@@ -1,8 +1,8 @@
 """The full-scale experiment gins against the paper's settings: every run's flattened configuration (the gin
 `repeat-lm sweep` writes as ROOT/RUN/run.gin, and each fine-tuning stage's) has the model, batch, lengths, dropout,
-optimizer, schedule, token budget and unique-token subset that docs reference.md gives.
+optimizer, schedule, token budget and unique-token subset that ../shared/docs/reference.md gives.
 
-Every expected value below is a literal copied from /work/shared/docs/reference.md (the section is named beside it),
+Every expected value below is a literal copied from ../shared/docs/reference.md (the section is named beside it),
 never read from the project's gins or code, so a gin that drifts from the paper fails here. Where the reference gives
 no value (the RQ3 rates, the paper's MoE layouts) only what it does say is checked. Compose and parse only: no data,
 no training, a few seconds in all. test_experiment_gins.py checks the runs' count, names and that they parse.
