@@ -129,9 +129,10 @@ def _first_line(e: Exception) -> str:
 
 def _unreadable(step_dir: Path, reason: str) -> ValueError:
   """A damaged step of a repeat_lm MODEL_DIR: what failed, and the step before it, which --step can read."""
+  from repeat_lm.train import checkpoint  # pylint: disable=import-outside-toplevel
   steps = sorted(int(p.name) for p in step_dir.parent.iterdir() if p.name.isdigit())
-  older = [s for s in steps if s < int(step_dir.name)] if step_dir.name.isdigit() else []
-  other = f" --step={older[-1]} reads the step before it." if older else ""
+  older = checkpoint.step_before(steps, int(step_dir.name)) if step_dir.name.isdigit() else None
+  other = f" --step={older} reads the step before it." if older is not None else ""
   return ValueError(f"Checkpoint {step_dir} could not be read ({reason}); it may be corrupt or truncated (steps "
                     f"here: {steps}).{other} It was left untouched.")
 

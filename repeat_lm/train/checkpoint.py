@@ -68,6 +68,11 @@ def stored_state_mismatch(state_dir: Path, abstract_state: Any, shown: int = 3) 
   return "; ".join(problems[:shown]) + more
 
 
+def step_before(steps: list[int], step: int) -> int | None:
+  """The latest of `steps` before `step` (what a damaged checkpoint's error points at), or None."""
+  return max((s for s in steps if s < step), default=None)
+
+
 class Checkpointer:
   """Saves/restores {'state': train state pytree, 'meta': JSON dict} under MODEL_DIR/checkpoints/<step>."""
 
@@ -108,9 +113,9 @@ class Checkpointer:
     except Exception as e:  # Orbax raises many types; all mean the same thing to the user.
       if any(sign in str(e) for sign in _MISMATCH_SIGNS):
         raise CheckpointError(self._mismatch_message(step, str(e))) from e
-      older = [s for s in self.all_steps() if s < step]
+      older = step_before(self.all_steps(), step)
       hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
-              f"{older[-1]}" if older else "delete it or point MODEL_DIR at a fresh directory")
+              f"{older}" if older is not None else "delete it or point MODEL_DIR at a fresh directory")
       raise CheckpointError(
           f"Checkpoint {self.directory / str(step)} could not be restored ({type(e).__name__}: {e}). It was left "
           f"untouched. If it is corrupt, {hint}. If the model or optimizer configuration changed since it was "
@@ -143,8 +148,8 @@ class Checkpointer:
       except Exception as e:
         if any(sign in str(e) for sign in _MISMATCH_SIGNS):
           raise CheckpointError(self._mismatch_message(step, str(e))) from e
-        older = [s for s in self.all_steps() if s < step]
-        other = f" CHECKPOINT_STEP={older[-1]} evaluates the step before it." if older else ""
+        older = step_before(self.all_steps(), step)
+        other = f" CHECKPOINT_STEP={older} evaluates the step before it." if older is not None else ""
         raise CheckpointError(
             f"Parameters of checkpoint {self.directory / str(step)} could not be restored "
             f"({type(e).__name__}: {e}). It was left untouched. If it is corrupt or truncated, another step can be "

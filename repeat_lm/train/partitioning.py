@@ -150,22 +150,28 @@ class Partitioner:
     the batch axes span fewer hosts than there are processes, num_shards < jax.process_count().
     """
     process_index = jax.process_index() if process_index is None else process_index
-    sharding = self.batch_sharding()
-    rows = set()
-    for device, index in sharding.devices_indices_map((batch_size,)).items():
-      if process_of(device) == process_index:
-        start, stop, _ = index[0].indices(batch_size)
-        rows.update(range(start, stop))
-    if not rows:
-      raise ValueError(f"Process {process_index} has no device in the mesh.")
-    lo, hi = min(rows), max(rows) + 1
-    if len(rows) != hi - lo or batch_size % (hi - lo):
-      raise ValueError(f"The mesh gives process {process_index} batch rows {sorted(rows)} of {batch_size}: not one "
-                       "contiguous block of an even split. Order the devices so each host's are adjacent on 'data'.")
-    return lo // (hi - lo), batch_size // (hi - lo)
+    return row_block(self.batch_sharding(), batch_size, process_index, process_of)
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
+
+
+def row_block(sharding: NamedSharding, batch_size: int, process_index: int,
+              process_of=lambda device: device.process_index) -> tuple[int, int]:
+  """(block, blocks): the rows of a `batch_size` leading axis that `sharding` gives this process's devices are block
+  `block` of `blocks` equal, contiguous blocks (Partitioner.data_layout; state.global_batch's global shape)."""
+  rows = set()
+  for device, index in sharding.devices_indices_map((batch_size,)).items():
+    if process_of(device) == process_index:
+      start, stop, _ = index[0].indices(batch_size)
+      rows.update(range(start, stop))
+  if not rows:
+    raise ValueError(f"Process {process_index} has no device in the mesh.")
+  lo, hi = min(rows), max(rows) + 1
+  if len(rows) != hi - lo or batch_size % (hi - lo):
+    raise ValueError(f"The mesh gives process {process_index} batch rows {sorted(rows)} of {batch_size}: not one "
+                     "contiguous block of an even split. Order the devices so each host's are adjacent on 'data'.")
+  return lo // (hi - lo), batch_size // (hi - lo)
 
 
 def params_logical_axes(params_axes: Any) -> Any:

@@ -6,6 +6,7 @@ Shapes: B global batch, S encoder length, T decoder length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -200,18 +201,16 @@ def make_eval_step(model: EncoderDecoderModel, lay: StateLayout, partitioner: pa
 def global_batch(host_batch: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
   """Assemble each host's rows into one global array per feature, sharded over 'data'.
 
-  A host holds 1/num_shards of the batch, num_shards being the number of distinct row blocks the processes' devices
-  hold (Partitioner.data_layout): the global shape is given, not inferred from the host's rows.
+  A host holds 1/num_shards of the batch, num_shards being the number of row blocks the processes' devices hold
+  (Partitioner.data_layout): the global shape is given, not inferred from the host's rows.
   """
   return {k: jax.make_array_from_process_local_data(
               shardings[k], v, (v.shape[0] * _row_blocks(shardings[k]), *v.shape[1:]))
           for k, v in host_batch.items() if k in shardings}
 
 
+@functools.lru_cache
 def _row_blocks(sharding: NamedSharding) -> int:
-  """How many different sets of batch rows the processes hold under `sharding`."""
-  n = sharding.mesh.size  # any length the batch axes divide
-  rows_of: dict[int, set[int]] = {}
-  for device, index in sharding.devices_indices_map((n,)).items():
-    rows_of.setdefault(device.process_index, set()).update(range(*index[0].indices(n)[:2]))
-  return len({frozenset(r) for r in rows_of.values()})
+  """How many row blocks `sharding` splits a batch into across processes; once per sharding, not per step (the
+  mesh's size is a length every batch sharding divides)."""
+  return partitioning.row_block(sharding, sharding.mesh.size, jax.process_index())[1]
