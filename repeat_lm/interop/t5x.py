@@ -50,13 +50,19 @@ UNSUPPORTED = (
      "(extra_mlp)"),
 )
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
+_STATE_SUBDIR = "state"  # T5X's Orbax CheckpointManager item holding the train state
 
 
 def latest_checkpoint_dir(path: str | Path) -> Path:
-  """A T5X MODEL_DIR (holding checkpoint_<step>/ dirs) -> its latest checkpoint dir; a checkpoint dir -> itself."""
+  """A T5X MODEL_DIR (holding checkpoint_<step>/ dirs) -> its latest checkpoint dir; a checkpoint dir -> itself.
+
+  T5X's Orbax CheckpointManager writes the train state one level down, in `checkpoint_<step>/state/` (beside
+  `dataset/`); T5X's restore looks there first, and so does this.
+  """
   path = Path(path)
   steps = sorted((int(m.group(1)), p) for p in path.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
-  return steps[-1][1] if steps else path
+  path = steps[-1][1] if steps else path
+  return path / _STATE_SUBDIR if (path / _STATE_SUBDIR).is_dir() else path
 
 
 def is_t5x_checkpoint(path: str | Path) -> bool:
@@ -65,6 +71,8 @@ def is_t5x_checkpoint(path: str | Path) -> bool:
     return False
   if any(_STEP_DIR.match(p.name) for p in path.iterdir()):
     return True
+  if (path / _STATE_SUBDIR).is_dir() and path.name != _STATE_SUBDIR:
+    path = path / _STATE_SUBDIR
   return (path / "checkpoint").exists() or (path / "_METADATA").exists() or (path / "manifest.ocdbt").exists()
 
 
@@ -138,6 +146,8 @@ def _read_legacy(path: Path) -> dict[str, Any]:
       import tensorstore as ts  # pylint: disable=import-outside-toplevel
       spec = dict(leaf)
       kvstore = dict(spec["kvstore"])
+      if "path" not in kvstore and "path" in spec:  # tensorstore < 0.1.14 kept the path outside the kvstore
+        kvstore["path"] = spec.pop("path")
       if kvstore.get("driver") not in ("file", "gfile", "gcs"):
         raise ValueError(f"Cannot read a {kvstore.get('driver')!r} TensorStore array locally: copy the checkpoint to "
                          "a local directory first (gsutil -m cp -r ...).")

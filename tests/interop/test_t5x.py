@@ -171,3 +171,32 @@ def test_flaxformer_moe_parts_without_equivalent_are_named(path, reason):
   with pytest.raises(ValueError, match="no repeat_lm equivalent") as e:
     t5x.to_repeat_lm({"token_embedder/embedding": np.zeros((4, 2)), path: np.zeros((2, 2))})
   assert reason in str(e.value) and path in str(e.value)
+
+
+def test_reads_t5x_checkpoint_manager_layout(tmp_path):
+  """T5X's Orbax CheckpointManager puts the train state in checkpoint_<step>/state/ (beside dataset/)."""
+  flat = t5x_target(init_params(TINY))
+  target = layout.unflatten(flat)
+  manager = ocp.CheckpointManager(tmp_path, item_names=("state",),
+                                  options=ocp.CheckpointManagerOptions(step_prefix="checkpoint"))
+  manager.save(1000, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"target": target, "state": {"step": 1000}})))
+  manager.wait_until_finished()
+  assert (tmp_path / "checkpoint_1000" / "state").is_dir()
+  for path in (tmp_path, tmp_path / "checkpoint_1000"):
+    assert load.checkpoint_kind(path) == "t5x"
+    jax.tree.map(np.testing.assert_array_equal, t5x.load_t5x(path), jax.tree.map(np.asarray, init_params(TINY)))
+
+
+def test_reads_legacy_specs_with_the_path_outside_the_kvstore(tmp_path):
+  """TensorStore < 0.1.14 wrote specs as {'kvstore': {'driver', 'bucket'}, 'path': name}; T5X still reads them."""
+  ts = pytest.importorskip("tensorstore")
+  stored = {}
+  for path, value in t5x_target(init_params(TINY)).items():
+    name = "target." + path.replace("/", ".")
+    meta = {"shape": list(value.shape), "chunks": list(value.shape), "dtype": "<f4"}
+    ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / name)}, "metadata": meta},
+            create=True).result().write(value).result()
+    stored[path] = {"driver": "zarr", "kvstore": {"driver": "gcs", "bucket": "t5x-dummy-bucket"}, "path": name,
+                    "metadata": meta}
+  (tmp_path / "checkpoint").write_bytes(serialization.msgpack_serialize({"target": layout.unflatten(stored)}))
+  jax.tree.map(np.testing.assert_array_equal, t5x.load_t5x(tmp_path), jax.tree.map(np.asarray, init_params(TINY)))
