@@ -22,6 +22,9 @@ from repeat_lm import bench, runtime
 from repeat_lm.bench import report
 
 MODEL_GIN = "gin/models/t5_1_1_base.gin"
+# T5Config.remat_policy's names (models/t5.py REMAT_POLICIES), here without importing JAX: this process leaves the
+# accelerator to the variants' processes.
+REMAT_POLICIES = ("none", "minimal", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +48,15 @@ class Variant:
     try:
       layers, remat, attention, batch = spec.split(":")
       kernel, _, mask = attention.partition("-")
-      if (layers not in ("scan", "unrolled") or kernel not in ("einsum", "xla", "cudnn")
-          or mask not in ("", "mask") or (mask and kernel == "einsum")):
-        raise ValueError(spec)
       batch_size = int(batch)
+      if (layers not in ("scan", "unrolled") or kernel not in ("einsum", "xla", "cudnn")
+          or mask not in ("", "mask") or (mask and kernel == "einsum") or remat not in REMAT_POLICIES
+          or batch_size < 1):
+        raise ValueError(spec)
     except ValueError as e:
-      raise ValueError(f"--variant={spec!r}: expected 'scan|unrolled:REMAT:einsum|xla|cudnn[-mask]:BATCH', "
-                       "e.g. 'unrolled:none:cudnn:128' ('-mask': the padding as a boolean mask).") from e
+      raise ValueError(f"--variant={spec!r}: expected 'scan|unrolled:REMAT:einsum|xla|cudnn[-mask]:BATCH' with "
+                       f"REMAT one of {', '.join(REMAT_POLICIES)} and BATCH >= 1, e.g. 'unrolled:none:cudnn:128' "
+                       "('-mask': the padding as a boolean mask).") from e
     return cls(layers == "scan", remat, None if kernel == "einsum" else kernel, batch_size, bool(mask))
 
   def args(self, steps: int, rounds: int, model_gin: str = MODEL_GIN) -> list[str]:
@@ -160,7 +165,9 @@ def short_error(error: str) -> str:
   if timeout:
     return f"not finished within {timeout.group(1)} s (compile included)"
   lines = error.strip().splitlines()
-  return (lines[-1] if lines else "failed")[:160].replace("|", "/")
+  # The command line's own message ('repeat-lm: error: ...') names the cause; lines after it are hints.
+  cause = [line for line in lines if line.startswith("repeat-lm: error: ")]
+  return (cause[-1][len("repeat-lm: error: "):] if cause else lines[-1] if lines else "failed")[:160].replace("|", "/")
 
 
 def read_json(path: str | Path, flag: str) -> dict:

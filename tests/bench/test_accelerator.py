@@ -33,7 +33,8 @@ def test_variant_parse_and_args():
   assert masked.name == "scan, remat minimal, cudnn attention (padding mask), batch 128"
   assert "--gin.t5.T5Config.attention_padding_lengths=False" in masked.args(1, 1)
   for bad in ("scan:none:einsum", "scanned:none:einsum:8", "scan:none:flash:8", "scan:none:einsum:eight",
-              "scan:none:einsum-mask:8", "scan:none:cudnn-bias:8"):
+              "scan:none:einsum-mask:8", "scan:none:cudnn-bias:8", "scan:nonee:einsum:8", "scan:none:einsum:0",
+              "scan:none:einsum:-8"):
     with pytest.raises(ValueError, match="expected 'scan|unrolled"):
       accelerator.Variant.parse(bad)
 
@@ -169,3 +170,11 @@ def test_bad_sweep_settings_name_the_flag(tmp_path, kwargs, match):
   with pytest.raises(ValueError, match=match):
     accelerator.measure(tmp_path / "out.md", model_gin="gin/models/t5_1_1_tiny.gin", **kwargs)
   assert not (tmp_path / "out.md").exists()
+
+
+def test_a_failed_variant_is_named_by_the_cause_not_the_hint_after_it():
+  error = ("bench --gin_file=x failed:\n2026 INFO noise\nrepeat-lm: error: MODEL of the gin files ['x'] could not be "
+           "built: ValueError: attention_implementation='cudnn' needs a GPU.\n  In call to configurable 'T5Config'\n"
+           "Fix the binding it names (--gin.KEY=VALUE or the gin file).")
+  assert "needs a GPU" in accelerator.short_error(error)
+  assert accelerator.short_error("one line") == "one line"

@@ -131,7 +131,8 @@ def test_report_markdown_has_every_measured_row():
           "hf": {"tokens_per_s": 2000.0, "autocast": "bfloat16"}}
   del bf16["speedup_vs_hf_by_round"], bf16["speedup_vs_hf_paired"]  # a result from before rounds were paired
   text = report.to_markdown({"train": [run, bf16], "ablations": [("as shipped", run), ("no malloc", slow_probe)],
-                             "compile": [(size, compiled) for size in report.ZOO]})
+                             "compile": [(size, compiled) for size in report.ZOO], "steps": 3, "rounds": 5})
+  assert "--batch_size=8 --steps=3 --rounds=5 --compare=hf`" in text  # the command that ran, not the defaults
   assert "| float32 | 3.500 (3.400-3.600) | 1430 | 0.240 | 50.0% | 1070 | 1.34x | 1.36x (1.30-1.41) |" in text
   assert "| bfloat16 | 2.000 (3.400-3.600) | 1430 | 0.240 | 43.8% | 2000 | 1.34x | - |" in text
   assert "\"round by round\" is the median (and range)" in text
@@ -191,3 +192,35 @@ def test_cli_reports_bad_bench_flags_without_a_traceback(capsys):
   assert "--batch_size=0: must be a positive integer" in capsys.readouterr().err
   assert cli.main(["bench", "train", "--gin_file=gin/models/t5_1_1_tiny.gin", "--dtype=float8"]) == 2
   assert "--dtype='float8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes", [{"droppath_rate": 0.1},
+                                     {"dropout_rate": 0.1, "attention_dropout_rate": 0.0, "mlp_dropout_rate": 0.0},
+                                     {"hidden_dropout_rate": 0.1}])
+def test_compare_hf_refuses_regularisers_its_peer_would_not_run(changes):
+  """Hugging Face's T5 has one dropout_rate and no DropPath: a peer built from these would do other work."""
+  from repeat_lm.bench import hf
+  with pytest.raises(ValueError, match="one dropout rate everywhere and has no DropPath"):
+    hf.check_comparable(dataclasses.replace(tiny().module.config, **changes))
+  hf.check_comparable(dataclasses.replace(tiny().module.config, dropout_rate=0.1))  # one rate: the peer's too
+
+
+def test_compare_hf_refuses_an_mlp_its_peer_cannot_express_before_compiling(monkeypatch):
+  from repeat_lm.bench import hf
+  monkeypatch.setattr(bench_train, "JaxStep", lambda *a, **k: pytest.fail("compiled before the check"))
+  model = EncoderDecoderModel(module=Transformer(dataclasses.replace(tiny().module.config,
+                                                                     mlp_activations=("gelu", "gelu"))))
+  with pytest.raises(ValueError, match="no Hugging Face T5 equivalent"):
+    bench_train.run_benchmark(model, CFG, compare_hf=True, partitioner=partitioning.Partitioner(4, 2))
+
+
+def test_report_ablations_are_one_command_each_the_shipped_row_included(monkeypatch):
+  from repeat_lm.bench import report
+  calls = []
+  monkeypatch.setattr(report, "run_bench", lambda args, env=None, timeout_s=None: calls.append((args, env)) or
+                      {"args": args, "env": env})
+  m = report.measure(compare_hf=True)
+  rows = [r for _, r in m["ablations"]]
+  assert [name for name, _ in m["ablations"]] == [name for name, _ in report.ABLATIONS]
+  assert all(r["args"] == rows[0]["args"] for r in rows)  # no row ran beside Hugging Face or under the profiler
+  assert not any(a.startswith(("--compare", "--profile_dir")) for a in rows[0]["args"])
