@@ -53,7 +53,8 @@ def _layer_step(model: EncoderDecoderModel, tokens: int):
     apply = lambda p, x: block.apply({"params": p}, x, True)
   else:
     block = moe.MoeBlock(cfg.moe, dtype)
-    apply = lambda p, x: block.apply({"params": p}, x, None, False)[0]  # training capacity
+    # Training capacity; router jitter (MoeConfig.jitter_noise > 0) draws from the 'dropout' stream when training.
+    apply = lambda p, x: block.apply({"params": p}, x, None, False, rngs={"dropout": jax.random.key(2)})[0]
   params = jax.jit(lambda k: block.init(k, x, *(() if cfg.moe is None else (None,)), True)["params"])(
       jax.random.key(1))
   grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.square(apply(p, x).astype(jnp.float32))), argnums=(0, 1)))

@@ -35,8 +35,8 @@ param_with_axes = nn_partitioning.param_with_axes
 
 DISPATCH_METHODS = ("einsum", "gather")
 # Names of the per-layer statistics, summed over a stack's sparse layers; 'num_sparse_layers' turns sums into means.
-STAT_NAMES = ("load_balancing_loss", "router_z_loss", "fraction_dropped", "router_confidence", "expert_usage_min",
-              "expert_usage_max", "num_sparse_layers")
+STAT_NAMES = ("load_balancing_loss", "router_z_loss", "fraction_dropped", "fraction_left_behind", "router_confidence",
+              "kept_router_confidence", "expert_usage_min", "expert_usage_max", "num_sparse_layers")
 # flaxformer's router init: small normal weights, so routing starts near uniform.
 router_init = nn.initializers.normal(stddev=2e-2)
 # Experts accept the dense MlpBlock's activation names.
@@ -168,7 +168,12 @@ def route_tokens(logits_GxSxE: Array, valid_GxS: Array, *, num_selected: int, ca
       "load_balancing_loss": num_experts * jnp.sum(fraction_routed_E * mean_prob_E),
       "router_z_loss": jnp.sum(jnp.square(log_z_GxS) * valid_f) / num_valid,
       "fraction_dropped": 1.0 - jnp.sum(kept_GxSxK.astype(jnp.float32)) / (k * num_valid),
+      # flaxformer's two (what T5X logs as fraction_tokens_left_behind / router_confidence): the share of tokens no
+      # expert processed, and the mean gate of the assignments kept. Both equal the two above only for top-1 with
+      # nothing dropped.
+      "fraction_left_behind": 1.0 - jnp.sum(jnp.any(kept_GxSxK, axis=-1).astype(jnp.float32)) / num_valid,
       "router_confidence": jnp.sum(top_prob_GxSxK[..., 0] * valid_f) / num_valid,
+      "kept_router_confidence": jnp.sum(gate_GxSxK) / jnp.maximum(jnp.sum(kept_GxSxK.astype(jnp.float32)), 1.0),
       "expert_usage_min": jnp.min(usage_E),
       "expert_usage_max": jnp.max(usage_E),
       "num_sparse_layers": jnp.ones((), jnp.float32),
@@ -313,7 +318,7 @@ SOW_NAME = "moe_stats"  # what Encoder / Decoder sow into 'intermediates': a sta
 # T5X's MoeEncoderDecoderModel (t5x/contrib/moe/models.py) averages every 'intermediates' leaf with these names and
 # adds aux_loss_factor x auxiliary_loss + router_z_loss_factor x router_z_loss to its loss: T5X name -> ours.
 T5X_STAT_NAMES = {"auxiliary_loss": "load_balancing_loss", "router_z_loss": "router_z_loss",
-                  "fraction_tokens_left_behind": "fraction_dropped", "router_confidence": "router_confidence",
+                  "fraction_tokens_left_behind": "fraction_left_behind", "router_confidence": "kept_router_confidence",
                   "expert_usage": "expert_usage_min"}
 
 

@@ -4,7 +4,8 @@ import json
 
 from repeat_lm import bench, cli
 from repeat_lm.bench import moe as bench_moe
-from repeat_lm.models import moe
+from repeat_lm.models import moe, t5
+from repeat_lm.models.encoder_decoder import EncoderDecoderModel
 
 TINY = ["--gin_file=gin/models/switch_tiny.gin", "--batch_size=8", "--inputs_length=32", "--targets_length=8",
         "--steps=1", "--rounds=1"]
@@ -31,3 +32,12 @@ def test_bench_moe_times_each_variant_against_the_dense_twin(capsys):
 def test_bench_moe_refuses_a_dense_model_with_the_fix(capsys):
   assert cli.main(["bench", "moe", *TINY[1:], "--gin_file=gin/models/t5_1_1_tiny.gin"]) == 2
   assert "bench moe needs an MoE model gin (T5Config.moe set)" in capsys.readouterr().err
+
+
+def test_ffn_layer_timing_runs_with_router_jitter():
+  """The FFN sublayer runs with training capacity, where jitter_noise > 0 needs a 'dropout' rng."""
+  cfg = t5.T5Config(vocab_size=64, dtype="float32", emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=2,
+                    num_decoder_layers=2, mlp_dim=32, moe=moe.MoeConfig(num_experts=4, expert_mlp_dim=32,
+                                                                       jitter_noise=0.01))
+  run = bench_moe._layer_step(EncoderDecoderModel(t5.Transformer(cfg)), 64)  # pylint: disable=protected-access
+  assert run(1) > 0.0

@@ -62,6 +62,9 @@ def test_load_balancing_and_z_loss_equal_their_formulas_by_hand():
   np.testing.assert_allclose(r.stats["router_confidence"], (3 * 0.75 + 0.8) / 4, rtol=1e-6)
   np.testing.assert_allclose([r.stats["expert_usage_min"], r.stats["expert_usage_max"]], [0.5, 1.5], rtol=1e-6)
   assert float(r.stats["fraction_dropped"]) == 0.0
+  # Top-1 with nothing dropped: flaxformer's two statistics equal the two above.
+  assert float(r.stats["fraction_left_behind"]) == 0.0
+  np.testing.assert_allclose(r.stats["kept_router_confidence"], r.stats["router_confidence"], rtol=1e-6)
   np.testing.assert_array_equal(r.kept_GxSxK[0, :, 0], [True, True, True, True, False])
 
 
@@ -89,6 +92,12 @@ def test_capacity_overflow_drops_exactly_the_later_tokens():
   np.testing.assert_array_equal(top2.kept_GxSxK[0, :, 0], [True, True, True, True, False, True])
   np.testing.assert_array_equal(top2.kept_GxSxK[0, :, 1], [True, False, False, False, False, False])
   np.testing.assert_allclose(top2.stats["fraction_dropped"], 1 - 6 / 12)
+  # flaxformer's (T5X's) definitions: only token 4 reached no expert; the kept assignments' mean router probability.
+  np.testing.assert_allclose(top2.stats["fraction_left_behind"], 1 / 6, rtol=1e-6)
+  probs = np.exp(logits[0]) / np.exp(logits[0]).sum(-1, keepdims=True)
+  kept_probs = np.sort(probs, axis=-1)[:, ::-1][np.asarray(top2.kept_GxSxK[0])]
+  np.testing.assert_allclose(top2.stats["kept_router_confidence"], kept_probs.mean(), rtol=1e-6)
+  np.testing.assert_allclose(top2.stats["kept_router_confidence"], 0.7409, atol=1e-4)
 
 
 def test_group_count_and_capacity():
@@ -244,7 +253,8 @@ def test_tiny_moe_trains_through_the_cli_with_routing_metrics(tmp_path):
   records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in records if "train/loss" in r]
   for key in ("train/moe_load_balancing_loss", "train/moe_router_z_loss", "train/moe_fraction_dropped",
-              "train/moe_router_confidence", "train/moe_expert_usage_min", "train/moe_expert_usage_max"):
+              "train/moe_fraction_left_behind", "train/moe_router_confidence", "train/moe_kept_router_confidence",
+              "train/moe_expert_usage_min", "train/moe_expert_usage_max"):
     assert all(np.isfinite(r[key]) for r in train), key
   assert 0.9 < train[-1]["train/moe_load_balancing_loss"] < 4.0  # 1 = perfectly balanced, E = 4 at worst
   assert train[-1]["train/loss"] < train[0]["train/loss"] - 0.5
@@ -257,3 +267,20 @@ def test_tiny_moe_trains_through_the_cli_with_routing_metrics(tmp_path):
 def test_moe_config_rejects_empty_groups_and_capacity(kwargs, match):
   with pytest.raises(ValueError, match=match):
     moe.MoeConfig(**kwargs)
+
+
+def test_t5x_names_carry_flaxformer_definitions():
+  """t5x.contrib.moe logs the sown leaves as experts/<name>; each must be flaxformer's statistic of that name."""
+  summed = {name: jnp.asarray(float(i + 1)) for i, name in enumerate(moe.STAT_NAMES)}
+  summed["num_sparse_layers"] = jnp.asarray(2.0)
+
+  class Stack(nn.Module):
+    def __call__(self):
+      moe.sow_stats(self, summed)
+
+  _, state = Stack().apply({}, mutable=["intermediates"])
+  sown = {k: float(v[0]) for k, v in state["intermediates"].items() if k != moe.SOW_NAME}
+  means = {k: float(v) / 2 for k, v in summed.items()}
+  assert sown == {"auxiliary_loss": means["load_balancing_loss"], "router_z_loss": means["router_z_loss"],
+                  "fraction_tokens_left_behind": means["fraction_left_behind"],
+                  "router_confidence": means["kept_router_confidence"], "expert_usage": means["expert_usage_min"]}
