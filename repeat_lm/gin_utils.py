@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +39,23 @@ class GinConfigError(ValueError):
   pass
 
 
+@functools.cache
+def installed_gin_root() -> Path | None:
+  """Where a wheel install put the shipped gin/ tree (<prefix>/share/repeat_lm, pyproject's data-files), if any."""
+  try:
+    files = importlib.metadata.distribution("repeat_lm").files or ()
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for f in files:
+    if f.as_posix().endswith("share/repeat_lm/gin/runs/pretrain.gin"):
+      return Path(f.locate()).resolve().parents[2]
+  return None
+
+
 def default_search_paths() -> list[str]:
-  return [os.getcwd(), str(REPO_ROOT)]
+  """The current directory, the source checkout (editable installs) and the installed gin files (wheels)."""
+  installed = installed_gin_root()
+  return [os.getcwd(), str(REPO_ROOT), *([str(installed)] if installed else [])]
 
 
 def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -70,7 +87,8 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
     gin.add_config_file_search_path(path)
   for f in gin_files:
     if not any((Path(p) / f).is_file() for p in ["", *search_paths, *default_search_paths()]):
-      raise GinConfigError(f"Gin file {f!r} not found (searched the current directory and {REPO_ROOT}); "
+      raise GinConfigError(f"Gin file {f!r} not found (searched {', '.join(default_search_paths()[1:])} and the "
+                           "current directory); "
                            "pass an existing path, e.g. --gin_file=gin/runs/smoke.gin.")
   try:
     bindings = [prelude + bindings[0], *bindings[1:]] if bindings else []

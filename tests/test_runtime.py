@@ -66,3 +66,13 @@ def test_the_tunables_give_the_heap_huge_pages():
   huge_kb = int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                check=True).stdout)
   assert huge_kb >= 32 << 10
+
+
+def test_python_m_train_gets_the_host_allocator_like_the_command_line():
+  # README: `python -m repeat_lm.train ...` is the same command as `repeat-lm train ...`.
+  code = ("import runpy, sys; from repeat_lm import runtime; "
+          "runtime.configure_host_allocator = lambda: print('HOST_ALLOCATOR'); "
+          "sys.argv = ['repeat_lm.train', '--help']; runpy.run_module('repeat_lm.train', run_name='__main__')")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "HOST_ALLOCATOR" in out.stdout

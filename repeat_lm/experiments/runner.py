@@ -385,6 +385,11 @@ def run_sweep(experiment: str, root: str | Path, opts: Options | None = None) ->
     raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {opts.launcher!r}.")
   if opts.launcher == "tpu-vm" and opts.submit and not opts.dry_run and not (opts.tpu and opts.zone):
     raise ValueError("--launcher=tpu-vm --submit needs --tpu=NAME and --zone=ZONE.")
+  script = {"tpu-vm": "tpu_vm.sh", "slurm": "slurm.sbatch"}.get(opts.launcher)
+  if script and not (LAUNCH_DIR / script).is_file():  # a wheel install ships the gin files, not launch/
+    raise FileNotFoundError(f"--launcher={opts.launcher} runs {LAUNCH_DIR / script}, which this install does not "
+                            "have: the launch scripts come with a source checkout (git clone, then "
+                            "pip install -e '.[gpu]' or '.[tpu]'); run the sweep from there.")
   start = time.time()
   root = Path(root).absolute()  # MODEL_DIR must not depend on the directory a run is started from
   exp = compose.load(experiment, opts.bindings)

@@ -13,11 +13,18 @@ def _env_int(*names: str) -> int | None:
   return None
 
 
+# What jax's SLURM cluster detection needs: the variables of an srun step. SLURM_NTASKS alone is also set in a job's
+# batch shell and in an salloc shell, where this process is the only one and no peer will ever join.
+SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
 def is_multiprocess_environment() -> bool:
-  """True when a launcher started several processes (our launchers, SLURM, or a multi-worker TPU VM slice)."""
-  num = _env_int("JAX_NUM_PROCESSES", "SLURM_NTASKS")
+  """True when a launcher started several processes (our launchers, an srun step, or a multi-worker TPU VM slice)."""
+  num = _env_int("JAX_NUM_PROCESSES")
   if num is not None:
     return num > 1
+  if all(os.environ.get(name) for name in SLURM_STEP_VARIABLES):
+    return int(os.environ["SLURM_NTASKS"]) > 1
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 

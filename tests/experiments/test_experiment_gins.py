@@ -105,6 +105,15 @@ def test_remote_launchers_print_their_commands(launcher, expected, tmp_path):
   assert status.read(tmp_path / "d27_e8")["status"] == "pending"
 
 
+@pytest.mark.parametrize("launcher", ["tpu-vm", "slurm"])
+def test_remote_launchers_need_the_launch_scripts(launcher, tmp_path, monkeypatch):
+  monkeypatch.setattr(runner, "LAUNCH_DIR", tmp_path / "site-packages" / "launch")  # a wheel install: no launch/
+  with pytest.raises(FileNotFoundError, match="come with a source checkout"):
+    runner.run_sweep("gin/experiments/rq1_repetition.gin", tmp_path / "root", runner.Options(
+        launcher=launcher, only="d27_e8", tpu="my-pod", zone="us-central2-b", stream=io.StringIO()))
+  assert not (tmp_path / "root").exists()
+
+
 @pytest.mark.parametrize("script", ["tpu_vm.sh", "slurm.sbatch", "local_multiprocess.sh"])
 def test_launch_scripts_are_valid_bash(script):
   path = GIN_DIR.parents[1] / "launch" / script

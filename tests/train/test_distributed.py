@@ -1,0 +1,50 @@
+"""When a command starts jax.distributed: only when this process is one of several (launcher, srun step, TPU pod)."""
+
+import pytest
+
+from repeat_lm.train import distributed
+
+_VARS = ("JAX_NUM_PROCESSES", "JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID", "TPU_WORKER_HOSTNAMES",
+         *distributed.SLURM_STEP_VARIABLES)
+
+
+@pytest.fixture
+def env(monkeypatch):
+  for name in _VARS:
+    monkeypatch.delenv(name, raising=False)
+  return monkeypatch
+
+
+def test_single_process_by_default(env):
+  assert not distributed.is_multiprocess_environment()
+
+
+def test_explicit_process_count_wins(env):
+  env.setenv("JAX_NUM_PROCESSES", "2")
+  env.setenv("SLURM_NTASKS", "1")
+  assert distributed.is_multiprocess_environment()
+  env.setenv("JAX_NUM_PROCESSES", "1")
+  env.setenv("SLURM_NTASKS", "4")
+  assert not distributed.is_multiprocess_environment()
+
+
+def test_slurm_allocation_shell_is_one_process(env):
+  # `salloc -n 2` or a multi-task sbatch script running repeat-lm itself, outside srun: no peer will join.
+  env.setenv("SLURM_JOB_ID", "5")
+  env.setenv("SLURM_NTASKS", "2")
+  assert not distributed.is_multiprocess_environment()
+
+
+def test_srun_step_with_several_tasks_is_multiprocess(env):
+  for name, value in zip(distributed.SLURM_STEP_VARIABLES, ("5", "node[1-2]", "2", "1", "0")):
+    env.setenv(name, value)
+  assert distributed.is_multiprocess_environment()
+  env.setenv("SLURM_NTASKS", "1")
+  assert not distributed.is_multiprocess_environment()
+
+
+def test_tpu_pod_workers(env):
+  env.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+  assert distributed.is_multiprocess_environment()
+  env.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1")
+  assert not distributed.is_multiprocess_environment()
