@@ -48,14 +48,24 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
   return {"/".join(step_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def stored_state_mismatch(state_dir: Path, abstract_state: Any, shown: int = 3) -> str | None:
-  """How the state saved in `state_dir` differs from `abstract_state` (leaves missing, extra or of another shape),
-  from the checkpoint's metadata alone; None if it matches or the metadata cannot be read (then the restore itself
-  decides). Comparing first means a configuration change is named leaf by leaf and no array read is started."""
+def stored_shapes(state_dir: Path) -> dict[str, tuple[int, ...]] | None:
+  """Leaf shapes of the state saved in `state_dir`, from its metadata; None if the metadata cannot be read (Orbax
+  writes it before a checkpoint is committed, so a committed checkpoint without it is damaged)."""
   try:
     with ocp.StandardCheckpointer() as reader:
-      stored = _shapes_by_path(reader.metadata(state_dir).item_metadata.tree)
+      return _shapes_by_path(reader.metadata(state_dir).item_metadata.tree)
   except Exception:  # pylint: disable=broad-except  # unreadable metadata: left to the restore's error
+    return None
+
+
+def stored_state_mismatch(state_dir: Path, abstract_state: Any, shown: int = 3,
+                          stored: dict[str, tuple[int, ...]] | None = None) -> str | None:
+  """How the state saved in `state_dir` differs from `abstract_state` (leaves missing, extra or of another shape),
+  from the checkpoint's metadata alone (`stored`, if already read); None if it matches or the metadata cannot be
+  read (then the restore itself decides). Comparing first means a configuration change is named leaf by leaf and no
+  array read is started."""
+  stored = stored_shapes(state_dir) if stored is None else stored
+  if stored is None:
     return None
   wanted = _shapes_by_path(abstract_state)
   problems = [f"{k} is missing from the checkpoint" for k in wanted if k not in stored]
@@ -104,14 +114,17 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"No checkpoint found under {self.directory}.")
     self._check_step_exists(step)
-    mismatch = stored_state_mismatch(self.directory / str(step) / "state", abstract_state)
+    stored = stored_shapes(self.directory / str(step) / "state")
+    mismatch = stored_state_mismatch(self.directory / str(step) / "state", abstract_state, stored=stored)
     if mismatch is not None:
       raise CheckpointError(self._mismatch_message(step, mismatch))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types; all mean the same thing to the user.
-      if any(sign in str(e) for sign in _MISMATCH_SIGNS):
+      # Without readable metadata the checkpoint is damaged, whatever the restore's error looks like (a missing
+      # state/_METADATA makes Orbax guess the tree: 'pytree structure error').
+      if stored is not None and any(sign in str(e) for sign in _MISMATCH_SIGNS):
         raise CheckpointError(self._mismatch_message(step, str(e))) from e
       older = step_before(self.all_steps(), step)
       hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "

@@ -235,7 +235,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     # stopped (save and log periods need not align).
     return {"step": at_step, "tokens_seen": tokens_seen, "batches_consumed": at_step,
             "data": pipeline.data_state(cfg, at_step),
-            "log_window": {"sums": window, "steps": window_steps, "seconds": window_time}}
+            # A copy: Orbax serialises the JSON in a background thread, after later steps have added to `window`.
+            "log_window": {"sums": dict(window), "steps": window_steps, "seconds": window_time}}
 
   # This host's rows as the mesh places them: hosts that differ only along 'model' read the same rows.
   shard_id, num_shards = partitioner.data_layout(cfg.batch_size)
@@ -329,9 +330,13 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     device_batches.close()
     progress.update(window_steps)
     progress.close()
-    stop.restore()
     writer.close()
-    checkpointer.close()
+    # Still under the SIGTERM handler: an asynchronous save (the last step's, or the one SIGTERM asked for) is
+    # finished here, and a SIGTERM now must not kill the process before it is committed.
+    try:
+      checkpointer.close()
+    finally:
+      stop.restore()
   _write_config(model_dir_path, operative=True)
   return last
 

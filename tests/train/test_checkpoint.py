@@ -55,6 +55,22 @@ def test_corrupt_checkpoint_names_the_fix_and_is_kept(tmp_path):
   assert (tmp_path / "checkpoints" / "2").exists()
 
 
+def test_a_checkpoint_without_its_state_metadata_is_damaged_not_another_model(tmp_path):
+  # An optimizer state holds tuples: without state/_METADATA Orbax guesses lists and reports a 'pytree structure
+  # error', which must not be read as a configuration change (that message hides the step to resume from).
+  state = dict(_state(), opt_state=(jnp.zeros(8), jnp.ones(8)))
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck.save(1, state, {"step": 1})
+  ck.save(2, state, {"step": 2})
+  ck.close()
+  (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()  # e.g. an interrupted copy of MODEL_DIR
+  ck = checkpoint.Checkpointer(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match="resume from step 1") as e:
+    ck.restore(checkpoint.abstract_like(state))
+  assert "different model" not in str(e.value)
+  ck.close()
+
+
 @pytest.mark.parametrize("params,names", [
     ({"w": jnp.zeros((4, 8))}, "params/w has shape (8, 8) in the checkpoint, (4, 8) configured"),
     ({"w": jnp.zeros((8, 8)), "b": jnp.zeros(8)}, "params/b is missing from the checkpoint"),

@@ -170,6 +170,60 @@ def test_sigterm_checkpoints_and_stops(tmp_path, monkeypatch):
   assert not prefetch_threads()
 
 
+def slow_json_writes(patch, seconds=1.0, until: threading.Event | None = None):
+  """Orbax writes a checkpoint's JSON in a background thread; on slow storage (GCS) that is seconds after save()
+  returned, while training goes on. `until`: the write waits for that event instead (at most 60 s)."""
+  import asyncio
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as json_handler
+  real = json_handler.JsonCheckpointHandler._save_fn
+
+  async def slow(self, item, directory):
+    if until is None:
+      await asyncio.sleep(seconds)
+    else:
+      await asyncio.to_thread(until.wait, 60)
+    return await real(self, item, directory)
+  patch.setattr(json_handler.JsonCheckpointHandler, "_save_fn", slow)
+
+
+def test_a_checkpoints_log_window_is_the_one_at_its_step_on_slow_storage(tmp_path, monkeypatch):
+  # Saved at 3 inside the window 2..4, its JSON written only once the next save starts (at 5, after step 4 was
+  # logged): the checkpoint must hold step 2 and 3's sums, not also step 4's.
+  next_save = threading.Event()
+  slow_json_writes(monkeypatch, until=next_save)
+  real_save = checkpoint.Checkpointer.save
+
+  def save(self, step, *args, **kwargs):
+    if step > 3:
+      next_save.set()
+    real_save(self, step, *args, **kwargs)
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+  run(tmp_path, 5, log_period=4)
+  meta = json.loads((tmp_path / "checkpoints" / "3" / "meta" / "metadata").read_text())
+  window = meta["log_window"]
+  assert window["steps"] == 2
+  assert window["sums"]["text_tokens"] == meta["tokens_seen"] - train_records(tmp_path)[1]["train/tokens_seen"]
+
+
+def test_sigterm_while_the_last_save_is_written_waits_for_it(tmp_path, monkeypatch):
+  # A preemption notice that comes while the final checkpoint is still being written (asynchronously).
+  slow_json_writes(monkeypatch)
+  real_close = checkpoint.Checkpointer.close
+
+  def sigterm_then_close(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    real_close(self)
+  monkeypatch.setattr(checkpoint.Checkpointer, "close", sigterm_then_close)
+  outside = []  # the handler in place before train(): it must not see the signal (the default one kills)
+  previous = signal.signal(signal.SIGTERM, lambda *_: outside.append(1))
+  try:
+    run(tmp_path, 2)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert not outside
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
 # ---- metrics read one step late ----
 
 @pytest.fixture(scope="module")
