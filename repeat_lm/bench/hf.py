@@ -37,18 +37,21 @@ def hf_config(config):
 
 def check_same_model(config) -> None:
   """Raise unless T5ForConditionalGeneration can be the same model: dense, every layer its own parameters, one
-  dropout rate in every place (Hugging Face's T5 has a single `dropout_rate`, which hf_config gives it), no DropPath
-  (Hugging Face's T5 has none), and an MLP it can express."""
+  dropout rate in every place (Hugging Face's T5 has a single `dropout_rate`, which hf_config gives it) drawn per
+  element, no DropPath (Hugging Face's T5 has none), and an MLP it can express."""
   if config.moe is not None or config.param_share not in ("none", 1):
     raise ValueError("--compare=hf compares dense T5 without parameter sharing (T5ForConditionalGeneration); this "
                      "model has MoE layers or shared parameters, which that peer would silently leave out. Use "
                      "`repeat-lm bench moe` for MoE.")
   rates = {place: config.dropout_rate_for(place) for place in ("attention", "hidden", "mlp")}
-  if config.droppath_rate or any(rate != config.dropout_rate for rate in rates.values()):
+  if config.droppath_rate or any(rate != config.dropout_rate for rate in rates.values()) or (
+      config.dropout_rate and config.dropout_broadcast_length):
     raise ValueError(f"--compare=hf: Hugging Face's T5 applies one dropout rate everywhere and has no DropPath, and "
                      f"its peer would run dropout_rate={config.dropout_rate} in every place; this model has "
                      f"{', '.join(f'{p} dropout {r}' for p, r in rates.items())} and DropPath "
-                     f"{config.droppath_rate}. Set DROPOUT_RATE alone (no per-place overrides) and DROPPATH_RATE=0.")
+                     f"{config.droppath_rate}, masks {'shared along' if config.dropout_broadcast_length else 'per'} "
+                     "position. Set DROPOUT_RATE alone (no per-place overrides), DROPPATH_RATE=0 and, with dropout, "
+                     "--gin.t5.T5Config.dropout_broadcast_length=False (Hugging Face draws every element).")
   from repeat_lm.interop import hf  # pylint: disable=import-outside-toplevel
   hf.feed_forward_proj(config.mlp_activations)  # raises for an MLP Hugging Face's T5 cannot express
 

@@ -120,6 +120,7 @@ class MultiHeadAttention(nn.Module):
   decode_length: int | None = None  # cache length L; defaults to the key length of the first (init) call
   implementation: str | None = None  # one of ATTENTION_IMPLEMENTATIONS
   causal: bool = False  # the mask is causal (decoder self-attention); read only with `lengths`
+  dropout_broadcast_length: bool = False  # one attention-dropout draw for every query (T5X's broadcast_dropout)
 
   @nn.compact
   def __call__(self, inputs_q_BxQxD: Array, inputs_kv_BxKxD: Array, bias_1xHxQxK: Array | None,
@@ -189,7 +190,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = heads_major(q), heads_major(k), heads_major(v)
         # The weights come back in q's dtype, self.dtype here (qk_dtype above).
         weights_BxHxQxK = dropout(cpu_layouts.attention_weights(q, k, bias, mask), self.dropout_rate, deterministic,
-                                  dropout_scale)
+                                  dropout_scale, self.dropout_broadcast_length)
         outs.append(heads_major(cpu_layouts.attention_values(weights_BxHxQxK, v)))
       return (outs[0] if chunks == 1 else jnp.concatenate(outs)).astype(self.dtype)
     logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE)
@@ -198,7 +199,8 @@ class MultiHeadAttention(nn.Module):
     if additive_mask is not None:
       logits_BxHxQxK = logits_BxHxQxK + additive_mask
     weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK.astype(jnp.float32), axis=-1).astype(self.dtype)
-    weights_BxHxQxK = dropout(weights_BxHxQxK, self.dropout_rate, deterministic, dropout_scale)
+    weights_BxHxQxK = dropout(weights_BxHxQxK, self.dropout_rate, deterministic, dropout_scale,
+                              self.dropout_broadcast_length)
     return jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE)
 
   def _library_attention(self, q_BxQxHxE: Array, k_BxKxHxE: Array, v_BxKxHxE: Array, bias_1xHxQxK: Array | None,

@@ -29,14 +29,17 @@ DType = jnp.dtype | type
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
-def dropout(x: Array, rate: float, deterministic: bool, scale: Array | float = 1.0) -> Array:
-  """Plain (unbroadcast) dropout at `rate * scale`, like Hugging Face's T5; draws from the 'dropout' rng stream.
+def dropout(x: Array, rate: float, deterministic: bool, scale: Array | float = 1.0,
+            broadcast_length: bool = False) -> Array:
+  """Dropout at `rate * scale`; draws from the 'dropout' rng stream.
 
-  Call from a compact method. `scale` is the dropout schedule's (possibly traced) factor, see regularisation.py.
+  Plain (one draw per element, like Hugging Face's T5), or with `broadcast_length` one draw shared along axis -2
+  (the length of [B, L, D] / [B, L, F], the query of [B, H, Q, K]), as T5X / flaxformer's T5 (`broadcast_dims=(-2,)`,
+  `broadcast_dropout=True`). Call from a compact method. `scale` is the dropout schedule's (possibly traced) factor.
   """
   if rate == 0.0 or deterministic:
     return x
-  return regularisation.Dropout(rate)(x, deterministic=False, scale=scale)
+  return regularisation.Dropout(rate, (-2,) if broadcast_length else ())(x, deterministic=False, scale=scale)
 
 
 class RMSNorm(nn.Module):
@@ -244,6 +247,7 @@ class MlpBlock(nn.Module):
   activations: Sequence[str] = ("gelu", "linear")
   dtype: DType = jnp.float32
   dropout_rate: float = 0.0
+  dropout_broadcast_length: bool = False  # T5Config.dropout_broadcast_length
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, deterministic: bool, dropout_scale: Array | float = 1.0) -> Array:
@@ -255,7 +259,8 @@ class MlpBlock(nn.Module):
       projections.append(
           DenseGeneral(self.mlp_dim, kernel_axes=("embed", "mlp"), dtype=self.dtype, name=dense_name)(x_BxLxD))
     hidden_BxLxF = activate(self.activations, projections)
-    hidden_BxLxF = dropout(hidden_BxLxF, self.dropout_rate, deterministic, dropout_scale)
+    hidden_BxLxF = dropout(hidden_BxLxF, self.dropout_rate, deterministic, dropout_scale,
+                           self.dropout_broadcast_length)
     hidden_BxLxF = nn.with_logical_constraint(hidden_BxLxF, ("batch", "length", "mlp"))
     out_BxLxD = DenseGeneral(x_BxLxD.shape[-1], kernel_axes=("mlp", "embed"), dtype=self.dtype, name="wo")(hidden_BxLxF)
     return nn.with_logical_constraint(out_BxLxD, ("batch", "length", "embed"))

@@ -232,6 +232,7 @@ class Experts(nn.Module):
   activations: Sequence[str] = ("relu",)
   dtype: layers.DType = jnp.float32
   dropout_rate: float = 0.0
+  dropout_broadcast_length: bool = False  # one draw for every capacity slot of an expert's group
 
   @nn.compact
   def __call__(self, x_ExGxCxD: Array, deterministic: bool, dropout_scale: Array | float = 1.0) -> Array:
@@ -248,7 +249,7 @@ class Experts(nn.Module):
                                jnp.float32, axes=("expert", "embed", "expert_mlp"))
       projections.append(nn.with_logical_constraint(matmul(x_ExGxCxD, jnp.asarray(kernel, self.dtype)), hidden_axes))
     hidden = layers.activate(self.activations, projections)
-    hidden = layers.dropout(hidden, self.dropout_rate, deterministic, dropout_scale)
+    hidden = layers.dropout(hidden, self.dropout_rate, deterministic, dropout_scale, self.dropout_broadcast_length)
     wo = param_with_axes("wo", expert_init, (e, f, d), jnp.float32, axes=("expert", "expert_mlp", "embed"))
     return matmul(hidden, jnp.asarray(wo, self.dtype))
 
@@ -260,6 +261,7 @@ class MoeBlock(nn.Module):
   dtype: layers.DType = jnp.float32
   dropout_rate: float = 0.0  # expert dropout: T5Config.dropout_rate_for('expert')
   batch_prioritized: bool = False  # the encoder passes MoeConfig.batch_prioritized_routing, the decoder False
+  dropout_broadcast_length: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, valid_BxL: Array | None, deterministic: bool,
@@ -295,7 +297,8 @@ class MoeBlock(nn.Module):
     inputs_GxExCxD = nn.with_logical_constraint(inputs_GxExCxD, token_axes)
     inputs_ExGxCxD = nn.with_logical_constraint(jnp.swapaxes(inputs_GxExCxD, 0, 1), expert_major_axes)
     out_ExGxCxD = Experts(e, cfg.expert_mlp_dim, cfg.expert_activations, self.dtype, self.dropout_rate,
-                          name="experts")(inputs_ExGxCxD, deterministic, dropout_scale)
+                          self.dropout_broadcast_length, name="experts")(inputs_ExGxCxD, deterministic,
+                                                                        dropout_scale)
     out_ExGxCxD = nn.with_logical_constraint(out_ExGxCxD, expert_major_axes)
     out_GxExCxD = nn.with_logical_constraint(jnp.swapaxes(out_ExGxCxD, 0, 1), token_axes)
 

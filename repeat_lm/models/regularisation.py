@@ -30,14 +30,18 @@ def _keep_and_rescale(x: Array, keep: Array, rate: Array) -> Array:
 class Dropout(nn.Module):
   """Elementwise dropout at `rate * scale`; `scale` may be a traced scalar (the dropout schedule's factor)."""
   rate: float  # the configured rate; 0 means no op at all
+  # Axes sharing one mask (T5X / flaxformer's T5 uses (-2,): one draw per feature for the whole sequence).
+  broadcast_dims: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool, scale: Array | float = 1.0) -> Array:
     if self.rate == 0.0 or deterministic:
       return x
     rate = self.rate * jnp.asarray(scale, jnp.float32)
+    broadcast = {d % x.ndim for d in self.broadcast_dims}
+    mask_shape = tuple(1 if i in broadcast else n for i, n in enumerate(x.shape))
     # uniform is in [0, 1): at rate 0 every unit is kept, whatever the draw.
-    keep = jax.random.uniform(self.make_rng("dropout"), x.shape) >= rate
+    keep = jnp.broadcast_to(jax.random.uniform(self.make_rng("dropout"), mask_shape) >= rate, x.shape)
     return _keep_and_rescale(x, keep, rate)
 
 

@@ -61,6 +61,9 @@ class T5Config:
   hidden_dropout_rate: float | None = None  # embeddings, residual-branch outputs, final-norm outputs [B, L, D]
   mlp_dropout_rate: float | None = None  # FFN activations [B, L, F]
   expert_dropout_rate: float | None = None  # MoE expert FFN activations; read with dropout_rate_for('expert')
+  # True: every dropout mask is shared along the length axis (attention: along queries), as T5X / flaxformer's T5
+  # (Dropout(broadcast_dims=(-2,)), broadcast_dropout=True); False: one draw per element, as Hugging Face's T5.
+  dropout_broadcast_length: bool = False
   droppath_rate: float = 0.0  # stochastic depth: per-row drop of each residual branch
   droppath_depth_scaling: str = "constant"  # 'constant' | 'linear' (layer l of L: rate * (l + 1) / L)
   logits_via_embedding: bool = False  # tie output projection to the token embedding (then logits / sqrt(D))
@@ -161,7 +164,9 @@ class EncoderLayer(nn.Module):
     h_BxSxD = norm("pre_attention_layer_norm")(x_BxSxD)
     h_BxSxD = attention_lib.MultiHeadAttention(cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"),
                                                cfg.float32_attention_logits,
-                                               implementation=cfg.attention_implementation, name="attention")(
+                                               implementation=cfg.attention_implementation,
+                                               dropout_broadcast_length=cfg.dropout_broadcast_length,
+                                               name="attention")(
         h_BxSxD, h_BxSxD, bias_1xHxSxS, mask_Bx1xSxS, self.deterministic, dropout_scale, lengths)
     x_BxSxD = x_BxSxD + drop(h_BxSxD)
 
@@ -194,7 +199,7 @@ class DecoderLayer(nn.Module):
         cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate_for("attention"), cfg.float32_attention_logits,
         decode=decode, decode_length=self.decode_length,
         implementation=None if self.decode else cfg.attention_implementation, causal=name == "self_attention",
-        name=name)
+        dropout_broadcast_length=cfg.dropout_broadcast_length, name=name)
 
     h_BxTxD = norm("pre_self_attention_layer_norm")(y_BxTxD)
     h_BxTxD = attention("self_attention", self.decode)(h_BxTxD, h_BxTxD, bias_1xHxTxL, self_mask_Bx1xTxL,
@@ -218,7 +223,8 @@ def _feed_forward(cfg: T5Config, sparse: bool, deterministic: bool, h_BxLxD: Arr
   """The layer's FFN, named 'mlp': dense MlpBlock (stats None) or MoeBlock (routing statistics)."""
   dtype = cfg.activation_dtype
   if not sparse:
-    return layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, dtype, cfg.dropout_rate_for("mlp"), name="mlp")(
+    return layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, dtype, cfg.dropout_rate_for("mlp"),
+                           cfg.dropout_broadcast_length, name="mlp")(
         h_BxLxD, deterministic, dropout_scale), None
   # A token attends to itself iff it is real, so the self-attention mask's diagonal marks the tokens to route (it is
   # square except for one cached decoding step, where the single query is real).
@@ -228,7 +234,8 @@ def _feed_forward(cfg: T5Config, sparse: bool, deterministic: bool, h_BxLxD: Arr
   if valid_BxL is not None:
     valid_BxL = jnp.broadcast_to(valid_BxL, h_BxLxD.shape[:2])
   return moe_lib.MoeBlock(cfg.moe, dtype, cfg.dropout_rate_for("expert"),
-                          batch_prioritized and cfg.moe.batch_prioritized_routing, name="mlp")(
+                          batch_prioritized and cfg.moe.batch_prioritized_routing, cfg.dropout_broadcast_length,
+                          name="mlp")(
       h_BxLxD, valid_BxL, deterministic, dropout_scale)
 
 
@@ -254,7 +261,7 @@ def _branch_regulariser(cfg: T5Config, deterministic: bool, dropout_scale: Array
                         droppath_rate: Array | float):
   """h -> DropPath(dropout(h)) for a residual branch's output; call inside a compact method (makes submodules)."""
   def regularise(h: Array) -> Array:
-    h = layers.dropout(h, cfg.dropout_rate_for("hidden"), deterministic, dropout_scale)
+    h = layers.dropout(h, cfg.dropout_rate_for("hidden"), deterministic, dropout_scale, cfg.dropout_broadcast_length)
     if cfg.droppath_rate > 0.0:  # static: no DropPath op at all when it is off
       h = regularisation.DropPath()(h, droppath_rate, deterministic)
     return h
@@ -275,7 +282,8 @@ class Encoder(nn.Module):
     bias_1xHxSxS = layers.RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
                                                cfg.relative_attention_max_distance, name="relpos_bias")(
         length, length, bidirectional=True)
-    x_BxSxD = nn.with_logical_constraint(layers.dropout(x_BxSxD, hidden_rate, deterministic, dropout_scale),
+    x_BxSxD = nn.with_logical_constraint(layers.dropout(x_BxSxD, hidden_rate, deterministic, dropout_scale,
+                                                        cfg.dropout_broadcast_length),
                                          ("batch", "length", "embed"))
     lengths = None if lengths_B is None else (lengths_B, lengths_B)
     x_BxSxD, moe_stats = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x_BxSxD, bias_1xHxSxS,
@@ -283,7 +291,7 @@ class Encoder(nn.Module):
     if moe_stats is not None:  # once per stack, outside any scan: EncoderDecoderModel adds the auxiliary losses
       moe_lib.sow_stats(self, moe_stats)
     x_BxSxD = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x_BxSxD)
-    return layers.dropout(x_BxSxD, hidden_rate, deterministic, dropout_scale)
+    return layers.dropout(x_BxSxD, hidden_rate, deterministic, dropout_scale, cfg.dropout_broadcast_length)
 
 
 class Decoder(nn.Module):
@@ -328,7 +336,8 @@ class Decoder(nn.Module):
         query_positions_T, key_positions_L, bidirectional=False)
 
     hidden_rate = cfg.dropout_rate_for("hidden")
-    y_BxTxD = nn.with_logical_constraint(layers.dropout(y_BxTxD, hidden_rate, deterministic, dropout_scale),
+    y_BxTxD = nn.with_logical_constraint(layers.dropout(y_BxTxD, hidden_rate, deterministic, dropout_scale,
+                                                        cfg.dropout_broadcast_length),
                                          ("batch", "length", "embed"))
     # remat only pays off when gradients are taken, never while decoding.
     y_BxTxD, moe_stats = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, y_BxTxD, encoded_BxSxD,
@@ -338,7 +347,7 @@ class Decoder(nn.Module):
     if moe_stats is not None:
       moe_lib.sow_stats(self, moe_stats)
     y_BxTxD = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="decoder_norm")(y_BxTxD)
-    return layers.dropout(y_BxTxD, hidden_rate, deterministic, dropout_scale)
+    return layers.dropout(y_BxTxD, hidden_rate, deterministic, dropout_scale, cfg.dropout_broadcast_length)
 
   def _cache_state(self) -> tuple[Array, int] | None:
     """(cache_index, cache length L) read from the layers' self-attention cache, or None before it exists.

@@ -105,7 +105,7 @@ def resolve(spec: str | Callable[[jax.Array], jax.Array] | None,
 
 def uses_epochs(spec: str | Callable | None) -> bool:
   """Whether a spec gives any switch point in epochs (then the trainer works out the steps per epoch)."""
-  return isinstance(spec, str) and re.search(r"[\d.]ep\b", spec) is not None
+  return isinstance(spec, str) and re.search(r"[\d.]ep\b", spec.replace(" ", "")) is not None  # as `resolve` reads it
 
 
 def max_factor(schedule: Callable[[jax.Array], jax.Array]) -> float:

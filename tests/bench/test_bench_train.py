@@ -196,13 +196,15 @@ def test_cli_reports_bad_bench_flags_without_a_traceback(capsys):
 
 @pytest.mark.parametrize("changes", [{"droppath_rate": 0.1},
                                      {"dropout_rate": 0.1, "attention_dropout_rate": 0.0, "mlp_dropout_rate": 0.0},
-                                     {"hidden_dropout_rate": 0.1}])
+                                     {"hidden_dropout_rate": 0.1},
+                                     {"dropout_rate": 0.1, "dropout_broadcast_length": True}])
 def test_compare_hf_refuses_regularisers_its_peer_would_not_run(changes):
   """Hugging Face's T5 has one dropout_rate and no DropPath: a peer built from these would do other work."""
   from repeat_lm.bench import hf
   with pytest.raises(ValueError, match="one dropout rate everywhere and has no DropPath"):
     hf.check_comparable(dataclasses.replace(tiny().module.config, **changes))
-  hf.check_comparable(dataclasses.replace(tiny().module.config, dropout_rate=0.1))  # one rate: the peer's too
+  # One rate drawn per element: the peer's too.
+  hf.check_comparable(dataclasses.replace(tiny().module.config, dropout_rate=0.1, dropout_broadcast_length=False))
 
 
 def test_compare_hf_refuses_an_mlp_its_peer_cannot_express_before_compiling(monkeypatch):

@@ -135,3 +135,30 @@ def test_regularised_model_is_deterministic_at_evaluation():
   apply = lambda cfg: np.asarray(jax.jit(lambda p: t5.Transformer(cfg).apply(
       {"params": p}, **batch(), enable_dropout=False, rngs={"dropout": jax.random.key(1)}))(params_for(True)))
   np.testing.assert_array_equal(apply(regularised), apply(plain))
+
+
+def test_dropout_can_share_its_mask_along_length_as_t5x():
+  # T5X / flaxformer's T5: Dropout(broadcast_dims=(-2,)) for hidden and MLP activations, broadcast_dropout=True
+  # for attention weights: one draw per (batch, feature) for every position of the sequence.
+  x = jnp.ones((64, 32, 256), jnp.float32)
+  y = np.asarray(regularisation.Dropout(0.3, (-2,)).apply({}, x, False, rngs={"dropout": jax.random.key(0)}))
+  assert np.all(y == y[:, :1, :])  # one mask for every position
+  assert within_sampling_error(np.mean(y[:, 0, :] == 0), 0.3, 64 * 256)
+  cfg = dataclasses.replace(TINY, dropout_rate=0.3, dropout_broadcast_length=True)
+  masks = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, regularisation.Dropout) and context.method_name == "__call__":
+      # (dropped, kept) where the input is non-zero (masked attention weights are 0 either way).
+      jax.debug.callback(lambda d, k: masks.append((np.asarray(d), np.asarray(k))), (out == 0) & (args[0] != 0),
+                         (out != 0) & (args[0] != 0))
+    return out
+
+  with nn.intercept_methods(interceptor):
+    jax.block_until_ready(jax.jit(lambda p: t5.Transformer(cfg).apply(
+        {"params": p}, **batch(), enable_dropout=True, rngs={"dropout": jax.random.key(1)}))(params_for(False)))
+  assert len(masks) == 11 + 4 + 3  # hidden, attention, mlp (see test_each_place_gets_its_rate_and_droppath_grows_with_depth)
+  for dropped, kept in masks:  # no feature (key) is dropped at one position (query) and kept at another
+    assert not np.any(dropped.any(axis=-2) & kept.any(axis=-2))
+    assert dropped.any()

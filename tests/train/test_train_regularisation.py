@@ -89,6 +89,8 @@ def test_bad_dropout_schedule_says_what_is_accepted(spec, message):
 
 def test_epochs_need_a_known_epoch_length():
   assert dropout_schedule.uses_epochs("linear:0:2.5ep") and not dropout_schedule.uses_epochs("staged:100")
+  # resolve ignores spaces, so the trainer must see these epochs too (else it never works out the epoch length)
+  assert dropout_schedule.uses_epochs("staged:4 ep") and dropout_schedule.uses_epochs("linear:0 : 2.5 ep")
   with pytest.raises(ValueError, match="give the switch points in steps"):
     dropout_schedule.resolve("staged:2ep", epoch_steps=None)
   # T5 span corruption: 512 input tokens hold a 568-token chunk of text, one chunk per row.
