@@ -257,7 +257,9 @@ def check_identifiable(law: str, n, d, u, n_params: int) -> None:
   """Refuse data that cannot determine the law's constants: too few distinct (N, D, U) points, one N, one D, or
   tokens per parameter the same for every run (alpha and beta trade off), and for the data-constrained law no
   run that repeats data (R_D* free)."""
-  points = np.unique(np.stack([n, d, np.minimum(u, d)], axis=-1), axis=0) if n.size else np.zeros((0, 3))
+  # The chinchilla law sees (N, D) only: runs that differ only in U are one point to it.
+  u = np.minimum(u, d) if law == "data-constrained" else d
+  points = np.unique(np.stack([n, d, u], axis=-1), axis=0) if n.size else np.zeros((0, 3))
   if len(points) <= n_params:
     raise ValueError(f"Fitting the {law} law ({n_params} constants) needs more than {n_params} runs with a final "
                      f"loss at distinct (params, tokens{', unique tokens' if law == 'data-constrained' else ''}); "

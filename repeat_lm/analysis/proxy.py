@@ -89,7 +89,8 @@ def run_chip_hours(run: results.Run, chip_flops_per_s: float | None) -> float | 
 
 def tuning_cost(sweep: list[results.Run], dense: list[results.Run], column: str, chosen: float,
                 cost=run_flops) -> dict:
-  """Proxy (sweep + one dense run at `chosen`) vs direct (dense at every sweep rate), in units of `cost(run)`."""
+  """Proxy (sweep + one dense run at `chosen`) vs direct (a dense run for every run of the sweep, at its rate: as
+  many seeds per rate as the sweep ran), in units of `cost(run)`."""
   dense_at = defaultdict(list)
   for r in dense:
     dense_at[r.get(column)].append(cost(r))
@@ -97,7 +98,8 @@ def tuning_cost(sweep: list[results.Run], dense: list[results.Run], column: str,
   one = lambda rate: float(np.mean(dense_at[rate])) if rate in dense_at else mean_dense  # noqa: E731
   proxy_sweep = float(sum(cost(r) for r in sweep))
   proxy = proxy_sweep + one(chosen)
-  direct = float(sum(one(rate) for rate in sorted({r.get(column) for r in sweep})))
+  # The dense model tuned the way the proxy was: one dense run for every run of the sweep (seeds included).
+  direct = float(sum(one(r.get(column)) for r in sweep))
   return {"proxy_sweep": proxy_sweep, "dense_run": one(chosen), "proxy": proxy, "direct": direct,
           "ratio": proxy / direct}
 

@@ -174,9 +174,11 @@ def load_curve(run: Run, metric: str) -> Curve | None:
       values.append(float(record[metric]))  # "nan" / "inf" strings parse too
   if not steps:
     return None
-  step = np.array(steps)
-  order = np.argsort(step, kind="stable")
-  return Curve(step[order], _tokens_at(step[order], train_steps, train_tokens, run), np.array(values)[order])
+  # One point per step: a step evaluated twice (`repeat-lm eval` of a checkpoint already evaluated in training)
+  # keeps its last record, as collect's final value does; a duplicate would count as two evaluation points.
+  by_step = dict(zip(steps, values))
+  step = np.array(sorted(by_step))
+  return Curve(step, _tokens_at(step, train_steps, train_tokens, run), np.array([by_step[s] for s in step]))
 
 
 def _tokens_at(step: np.ndarray, train_steps: list[float], train_tokens: list[float], run: Run) -> np.ndarray:

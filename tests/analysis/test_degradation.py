@@ -89,3 +89,19 @@ def test_analyze_table(results_csv, tmp_path):
 def test_unknown_metric():
   with pytest.raises(ValueError, match="--metric"):
     degradation.run_rows([], "eval/f1")
+
+
+def test_a_step_evaluated_twice_is_one_evaluation_point(tmp_path):
+  """`repeat-lm eval` of the final checkpoint appends a second record at its step: still one (the last) point, so a
+  single bad final evaluation is not sustained degradation."""
+  import json
+  lines = []
+  for step, acc in ((100, 0.5), (200, 0.6), (300, 0.6), (400, 0.6), (500, 0.55)):
+    lines += [{"step": step, "train/loss": 2.0, "train/tokens_seen": step * 1000.0},
+              {"step": step, "eval/accuracy": acc}]
+  lines.append({"step": 500, "eval/accuracy": 0.551})
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  run = results.Run(run="r", status="finished", model_dir=str(tmp_path), unique_tokens=1e5)
+  (row,), curves = degradation.run_rows([run], "eval/accuracy")
+  assert list(curves["r"].step) == [100, 200, 300, 400, 500] and curves["r"].value[-1] == 0.551
+  assert row["onset_step"] is None and row["final"] == 0.551

@@ -133,6 +133,10 @@ def test_fit_data_constrained_recovers_constants():
 def test_too_few_runs():
   with pytest.raises(ValueError, match="more than 5 runs"):
     laws.fit("chinchilla", [1e8] * 3, [1e9] * 3, [3.0] * 3)
+  # Six runs, but only three (N, D) points: their unique tokens do not enter the chinchilla law.
+  n, d, u = [1e8, 1e8, 3e8, 3e8, 1e9, 1e9], [2e9, 2e9, 2e9, 2e9, 5e10, 5e10], [1e8, 1e9] * 3
+  with pytest.raises(ValueError, match="got 3 distinct of 6"):
+    laws.fit("chinchilla", n, d, laws.predict(DC, np.array(n), np.array(d), np.array(u)), u)
 
 
 def test_constants_file_round_trip(tmp_path):

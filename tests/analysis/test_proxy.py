@@ -78,3 +78,11 @@ def test_selection_errors(tmp_path):
     proxy.analyze(runs, "nothing_*", "dense_*", tmp_path)
   with pytest.raises(ValueError, match="both"):
     proxy.analyze(runs, "*", "dense_*", tmp_path)
+
+
+def test_direct_cost_counts_the_seeds_the_sweep_ran(tmp_path):
+  """Two seeds per rate on both sides: the direct sweep costs 10 dense runs, not 5, as the proxy's costs 10 MoE runs."""
+  moe = [_run(f"moe_d{r}_s{s}", r, a + 0.01 * s, 1e9) for r, a in MOE.items() for s in (0, 1)]
+  dense = [_run(f"dense_d{r}_s{s}", r, a + 0.05 + 0.01 * s, 3e9) for r, a in MOE.items() for s in (0, 1)]
+  cost = proxy.analyze(moe + dense, "moe_*", "dense_*", tmp_path)["cost"]["flops"]
+  assert (cost["proxy"], cost["direct"]) == (pytest.approx(10e19 + 3e19), pytest.approx(30e19))
