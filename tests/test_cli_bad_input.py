@@ -87,3 +87,16 @@ def test_a_missing_vocabulary_file_names_the_infer_flag(tmp_path):
   from repeat_lm.train import inference
   with pytest.raises(FileNotFoundError, match=r"--vocabulary=.*nowhere\.model: no such file"):
     inference.vocabulary_of(None, str(tmp_path / "nowhere.model"))
+
+
+def test_infer_reads_one_input_per_newline(tmp_path):
+  r"""Form feeds, U+2028, \x1d and a stray \r inside a line do not split it: one output per line of the file."""
+  from repeat_lm.train import inference
+  path = tmp_path / "in.txt"
+  path.write_bytes("first\r\nsecond\x0cpage two\nthird \u2028 sep\nfourth\x1dgroup\rend\n\nlast".encode("utf-8"))
+  assert inference.read_lines(str(path)) == ["first", "second\x0cpage two", "third \u2028 sep", "fourth\x1dgroup\rend",
+                                             "", "last"]
+  path.write_text("a\nb\n", encoding="utf-8")
+  assert inference.read_lines(str(path)) == ["a", "b"]
+  path.write_text("", encoding="utf-8")
+  assert inference.read_lines(str(path)) == []

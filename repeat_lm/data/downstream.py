@@ -111,9 +111,12 @@ def _read_squad_jsonl(path: str) -> list[dict[str, Any]]:
         answers = answers.get("text")
       if isinstance(answers, str):
         answers = [answers]
-      if not answers or "question" not in row or "context" not in row:
+      if isinstance(answers, list):  # the official SQuAD JSON layout: [{'text': ..., 'answer_start': ...}, ...]
+        answers = [a.get("text") if isinstance(a, Mapping) else a for a in answers]
+      if (not answers or not all(isinstance(a, (str, int, float)) for a in answers) or "question" not in row
+          or "context" not in row):
         raise ValueError(f"{path}:{n + 1}: a SQuAD-format line needs 'question', 'context' and a non-empty "
-                         "'answers' (a list of strings, or {'text': [...]}).")
+                         "'answers' (a list of strings, {'text': [...]} or [{'text': ...}, ...]).")
       rows.append({"id": str(row.get("id", f"{os.path.basename(path)}:{n}")), "question": row["question"],
                    "context": row["context"], "answers": [str(a) for a in answers]})
   return rows

@@ -191,10 +191,17 @@ def read_lines(input_file: str) -> list[str]:
   if not path.is_file():
     raise FileNotFoundError(f"--input_file={input_file}: no such file; pass a UTF-8 text file, one input per line.")
   try:
-    return path.read_text(encoding="utf-8").splitlines()
+    # Lines end at '\n' (or '\r\n') only, as `wc -l` counts them: str.splitlines() would also split at form feeds,
+    # '\x1c'-'\x1e', '\x85', U+2028/U+2029 and lone '\r' inside a line, giving more outputs than input lines.
+    with open(path, encoding="utf-8", newline="") as f:
+      text = f.read()
   except UnicodeDecodeError as e:
     raise ValueError(f"--input_file={input_file} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                      f"{e.start}); re-encode it as UTF-8 (e.g. iconv -t UTF-8).") from e
+  lines = text.split("\n")
+  if lines[-1] == "":  # the newline that ends the last line starts no further one
+    lines.pop()
+  return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def check_output_file(output_file: str) -> None:

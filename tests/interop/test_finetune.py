@@ -162,3 +162,16 @@ def test_tfds_tasks_under_mock_data(fresh_gin):
           "eval/copa_accuracy", "eval/multirc_f1a", "eval/multirc_em", "eval/record_em", "eval/record_f1",
           "eval/rte_accuracy", "eval/wic_accuracy", "eval/wsc_accuracy"} == set(results)
   assert all(0.0 <= v <= 100.0 for v in results.values())
+
+
+def test_squad_jsonl_reads_the_official_answer_layout(tmp_path):
+  """SQuAD's own JSON gives answers as [{'text', 'answer_start'}, ...]: the texts are the references, not the
+  dicts' repr."""
+  path = tmp_path / "validation.jsonl"
+  path.write_text(json.dumps({"id": "q1", "question": "Who won?", "context": "The Denver Broncos won.",
+                              "answers": [{"text": "Denver Broncos", "answer_start": 4},
+                                          {"text": "The Denver Broncos", "answer_start": 0}]}) + "\n")
+  assert downstream._read_squad_jsonl(str(path))[0]["answers"] == ["Denver Broncos", "The Denver Broncos"]
+  path.write_text(json.dumps({"question": "q", "context": "c", "answers": [{"answer_start": 4}]}) + "\n")
+  with pytest.raises(ValueError, match="non-empty 'answers'"):
+    downstream._read_squad_jsonl(str(path))
