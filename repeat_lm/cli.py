@@ -292,6 +292,13 @@ def _task_from_args(args) -> str:
   if (args.task is None) == (args.corpus is None):
     raise ValueError("Give either --task=NAME or --corpus=PATH (with --vocab, --unique_tokens, --epochs).")
   if args.task:
+    # These define a corpus task; with --task they would be ignored and the statistics be of another subset.
+    given = [f"--{k}" for k in ("vocab", "unique_tokens", "epochs") if getattr(args, k) is not None]
+    given += ["--objective"] if args.objective != "span_corruption" else []
+    given += ["--static_masks"] if args.static_masks else []
+    if given:
+      raise ValueError(f"{', '.join(given)} describe a --corpus task; --task={args.task} fixes its own budget, "
+                       "epochs, vocabulary, objective and masks (name them in the task name, docs/data.md).")
     return tasks.ensure_registered(args.task)
   return tasks.repeated_task(corpus=args.corpus, vocabulary=args.vocab, objective=args.objective,
                              unique_tokens=args.unique_tokens, epochs=args.epochs, static_masks=args.static_masks)

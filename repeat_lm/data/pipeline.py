@@ -279,27 +279,30 @@ def get_batches(cfg: DatasetConfig, *, start_step: int = 0, shard_id: int = 0, n
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 _MUST_MATCH = ('mixture_or_task_name', 'split', 'seed', 'batch_size', 'shuffle', 'pack', 'task_feature_lengths',
-               'store_fingerprint', 'examples_per_epoch', 'static_masks', 'stream_definition')
+               'store_content', 'examples_per_epoch', 'static_masks', 'stream_definition')
 
 
-def _definition(stream: plan.Stream | plan.MixtureStream) -> dict[str, Any]:
+def _definition(stream: plan.Stream | plan.MixtureStream, by_content: bool = True) -> dict[str, Any]:
   """What decides a stream's examples besides the config's own fields: each task's subset, objective (denoisers,
   rates, mode tokens), static masks and layout, and a mixture's quotas. A task name alone does not pin these (a
   custom `name=`, a mixture named by hand, a corpus file changed under the same path)."""
   if isinstance(stream, plan.MixtureStream):
     return {'quotas': [int(q) for q in stream.quotas], 'block': stream.block,
-            'tasks': [_definition(s) for s in stream.streams]}
-  return {'store': stream.store.info.get('fingerprint'), 'vocab_size': int(stream.vocab_size),
+            'tasks': [_definition(s, by_content) for s in stream.streams]}
+  # The subset's content, not its cache key: the key changes with a corpus file's path and mtime (a copy on another
+  # host, a `touch`), which must not stop an identical stream from resuming.
+  store = stream.store.info.get('content') if by_content else stream.store.info.get('fingerprint')
+  return {'store': store, 'vocab_size': int(stream.vocab_size),
           'denoisers': [dataclasses.asdict(d) for d in stream.objective.denoisers],
           'rates': [float(r) for r in stream.objective.rates], 'mode_ids': [m.tolist() for m in stream.mode_ids],
           'raw_lengths': [int(n) for n in stream.raw_lengths], 'static_masks': bool(stream.static_masks)}
 
 
-def _definition_hash(stream: plan.Stream | plan.MixtureStream) -> str:
-  return hashlib.sha256(json.dumps(_definition(stream), sort_keys=True).encode()).hexdigest()[:32]
+def _definition_hash(stream: plan.Stream | plan.MixtureStream, by_content: bool = True) -> str:
+  return hashlib.sha256(json.dumps(_definition(stream, by_content), sort_keys=True).encode()).hexdigest()[:32]
 
 
-def data_state(cfg: DatasetConfig, step: int) -> dict[str, Any]:
+def data_state(cfg: DatasetConfig, step: int, by_content: bool = True) -> dict[str, Any]:
   """What a checkpoint records about the data at `step`: the config that defines the stream, and where step is.
 
   Resuming needs only `step` (the batch at step s is a function of the config and s); the rest lets a restart check
@@ -314,9 +317,12 @@ def data_state(cfg: DatasetConfig, step: int) -> dict[str, Any]:
     epoch, index = divmod(step * cfg.batch_size, stream.examples_per_epoch)
     state.update({'epoch': epoch, 'example_in_epoch': index, 'examples_per_epoch': stream.examples_per_epoch,
                   'epochs': stream.epochs, 'unique_tokens': stream.store.num_tokens,
-                  'static_masks': stream.static_masks, 'store_fingerprint': stream.store.info.get('fingerprint')})
+                  'static_masks': stream.static_masks, 'store_fingerprint': stream.store.info.get('fingerprint'),
+                  'store_content': stream.store.info.get('content')})
   if stream is not None:
-    state['stream_definition'] = _definition_hash(stream)
+    state['stream_definition'] = _definition_hash(stream, by_content)
+    if by_content:
+      state['stream_definition_by'] = 'content'
   return state
 
 
@@ -324,8 +330,10 @@ def check_resume(cfg: DatasetConfig, saved: Mapping[str, Any] | None) -> None:
   """Raises if a checkpoint's data state was written for a different stream than `cfg` gives now."""
   if not saved:
     return
-  now = data_state(cfg, 0)
-  for key in _MUST_MATCH:
+  # Checkpoints written before 'store_content' identified the subset by its cache key.
+  by_content = saved.get('stream_definition_by') == 'content'
+  now = data_state(cfg, 0, by_content)
+  for key in _MUST_MATCH + (() if by_content else ('store_fingerprint',)):
     if key in saved and key in now and saved[key] != now[key]:
       raise ValueError(f'The checkpoint was trained on a different data stream: {key} was {saved[key]!r}, now '
                        f'{now[key]!r}. Resuming would not reproduce the uninterrupted run; restore the data config '

@@ -134,7 +134,21 @@ def build_store(source: TextSource, split: str, vocabulary: seqio.Vocabulary, ma
   log.info('Tokenised %s tokens in %d documents of %s %r in %.1fs', f'{total:,}', len(lengths), source.tag, split,
            time.time() - start)
   offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-  return TokenStore(np.concatenate(pieces), offsets, info)
+  tokens = np.concatenate(pieces)
+  info['content'] = content_hash(tokens, offsets)
+  return TokenStore(tokens, offsets, info)
+
+
+def content_hash(tokens: np.ndarray, offsets: np.ndarray) -> str:
+  """What the subset holds (token ids and document boundaries), independent of file paths, mtimes and the cache:
+  the same text gives the same hash on every host and after a copy, a different text a different one."""
+  h = hashlib.blake2b(digest_size=16)
+  h.update(np.asarray(offsets, np.int64).tobytes())
+  h.update(str(np.dtype(tokens.dtype)).encode())
+  step = 1 << 26
+  for i in range(0, len(tokens), step):  # a memory-mapped store is hashed in pieces (~1 s per GiB, once per build)
+    h.update(np.ascontiguousarray(tokens[i:i + step]).tobytes())
+  return h.hexdigest()
 
 
 def _fingerprint(source: TextSource, split: str, vocabulary: seqio.Vocabulary, max_tokens: int | None,
@@ -146,8 +160,10 @@ def _fingerprint(source: TextSource, split: str, vocabulary: seqio.Vocabulary, m
 def _load(path: str) -> TokenStore:
   with open(os.path.join(path, 'info.json')) as f:
     info = json.load(f)
-  return TokenStore(np.load(os.path.join(path, 'tokens.npy'), mmap_mode='r'),
-                    np.load(os.path.join(path, 'offsets.npy')), info)
+  tokens, offsets = np.load(os.path.join(path, 'tokens.npy'), mmap_mode='r'), np.load(os.path.join(path, 'offsets.npy'))
+  if 'content' not in info:  # written before the content hash existed
+    info['content'] = content_hash(tokens, offsets)
+  return TokenStore(tokens, offsets, info)
 
 
 def _save(store: TokenStore, path: str) -> None:

@@ -72,3 +72,8 @@ def test_bench_data_rejects_bad_settings(kwargs, match):
   from repeat_lm.bench import data as bench_data
   with pytest.raises(ValueError, match=match):
     bench_data.DataBenchConfig(**kwargs)
+
+
+def test_corpus_flags_with_a_task_are_an_error_not_ignored(capsys, c4_d16):
+  assert cli.main(['data', 'stats', f'--task={c4_d16}', '--unique_tokens=1024', '--epochs=2']) == 2
+  assert '--unique_tokens, --epochs describe a --corpus task' in capsys.readouterr().err
