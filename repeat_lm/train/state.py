@@ -114,9 +114,18 @@ def optimizer_state_layout(abstract_opt: Any, abstract_params: Any, partitioner:
     shape, spec = match
     if tuple(leaf.shape) == tuple(shape):
       return NamedSharding(partitioner.mesh, PartitionSpec(*spec[:len(shape)]))
-    for dropped in range(len(shape)):  # Factored statistics: the parameter's shape minus one dimension.
-      if tuple(shape[:dropped]) + tuple(shape[dropped + 1:]) == tuple(leaf.shape):
-        return NamedSharding(partitioner.mesh, PartitionSpec(*(spec[:dropped] + spec[dropped + 1:len(shape)])))
+    # Factored statistics: the parameter's shape minus one dimension. Where two dimensions have the same length
+    # (a square [768, 768] kernel) the shape alone does not say which was dropped: Adafactor's (and optax's) v_row
+    # drops the largest dimension, v_col the second largest (factored_dims, argsort order for ties).
+    candidates = [d for d in range(len(shape)) if tuple(shape[:d]) + tuple(shape[d + 1:]) == tuple(leaf.shape)]
+    field = next((k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)
+                  and k.name in ("v_row", "v_col")), None)
+    if len(candidates) > 1 and field is not None and len(shape) >= 2:
+      d1, d0 = adafactor.factored_dims(tuple(shape), 0)
+      candidates = [d0 if field == "v_row" else d1]
+    if candidates:
+      dropped = candidates[0]
+      return NamedSharding(partitioner.mesh, PartitionSpec(*(spec[:dropped] + spec[dropped + 1:len(shape)])))
     return partitioner.replicated()
 
   return jax.tree_util.tree_map_with_path(

@@ -61,6 +61,10 @@ def _check_vocab(model: EncoderDecoderModel, task: str) -> int | None:
 
 def _eval_batches(cfg: pipeline.DatasetConfig, steps: int,
                   partitioner: partitioning.Partitioner) -> list[dict[str, np.ndarray]]:
+  if cfg.batch_size % partitioner.batch_shards:  # else XLA's IndivisibleError, naming neither setting
+    raise ValueError(f"Evaluation batch size {cfg.batch_size} is not divisible by the {partitioner.batch_shards} "
+                     "devices the batch is split over ('data' x 'expert' mesh axes); change EVAL_BATCH_SIZE or the "
+                     "mesh (DATA_PARALLEL, EXPERT_PARALLEL).")
   shard_id, num_shards = partitioner.data_layout(cfg.batch_size)
   it = pipeline.get_batches(cfg, shard_id=shard_id, num_shards=num_shards)
   out = [b for _, b in zip(range(steps), it)]

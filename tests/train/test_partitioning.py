@@ -67,3 +67,35 @@ def test_data_layout_follows_the_mesh_not_the_process_count(data, model, expecte
   for host_id in (0, 1):
     want = expected[4 * host_id]
     assert p.data_layout(16, process_index=host_id, process_of=host.__getitem__) == want
+
+
+def test_factored_statistics_of_a_square_kernel_follow_their_own_axis():
+  """Adafactor's v_row keeps the parameter's rows (drops its largest axis, the last of a square kernel), v_col its
+  columns: each is sharded like the axis it keeps, even when both axes have the same length (T5 v1.1 base's
+  [768, 12 x 64] attention kernels). Sharded like the other axis, every step all-gathers them."""
+  from repeat_lm.models import t5
+  from repeat_lm.models.encoder_decoder import EncoderDecoderModel
+  from repeat_lm.train import optim, state
+  config = t5.T5Config(vocab_size=512, dtype="float32", emb_dim=128, num_heads=2, head_dim=64, mlp_dim=256,
+                       num_encoder_layers=1, num_decoder_layers=1)
+  spec = state.batch_specs({"encoder_input_tokens": 16, "decoder_input_tokens": 8, "decoder_target_tokens": 8}, 8)
+  lay = state.layout(EncoderDecoderModel(module=t5.Transformer(config)), optim.make_optimizer(),
+                     partitioning.Partitioner(4, 2), spec, 0)
+  factored = lay.abstract["opt_state"][0]
+  attention = lambda tree: tree["encoder"]["layers_0"]["attention"]
+  params = attention(lay.abstract["params"])
+  for name in ("query", "out"):
+    kernel_spec = params[name]["kernel"].sharding.spec  # (None, 'model') and ('model', None)
+    assert params[name]["kernel"].shape == (128, 128)
+    assert attention(factored.v_row)[name]["kernel"].sharding.spec == P(kernel_spec[0])
+    assert attention(factored.v_col)[name]["kernel"].sharding.spec == P(kernel_spec[1])
+
+
+def test_an_evaluation_batch_the_mesh_cannot_split_is_named():
+  """train() lays out the state for the training batch only; the evaluation batch is split by its own size."""
+  from repeat_lm.data import pipeline
+  from repeat_lm.train import trainer
+  cfg = pipeline.DatasetConfig("repeat_lm.wiki_span_corruption", {"inputs": 64, "targets": 16}, split="validation",
+                               batch_size=6, shuffle=False)
+  with pytest.raises(ValueError, match=r"Evaluation batch size 6 is not divisible by the 4 devices.*EVAL_BATCH_SIZE"):
+    trainer._eval_batches(cfg, 1, partitioning.Partitioner(4, 2))
