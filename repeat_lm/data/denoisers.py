@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import numpy as np
 
 from repeat_lm.data import hashing
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +55,8 @@ class Objective:
   def __post_init__(self):
     if len(self.denoisers) != len(self.rates) or not self.denoisers:
       raise ValueError(f'{len(self.denoisers)} denoisers but {len(self.rates)} rates.')
-    if any(r < 0 for r in self.rates) or sum(self.rates) <= 0:
-      raise ValueError(f'Rates must be >= 0 with a positive sum, got {self.rates}.')
+    if not all(np.isfinite(r) and r >= 0 for r in self.rates) or sum(self.rates) <= 0:
+      raise ValueError(f'Rates must be finite and >= 0 with a positive sum, got {self.rates}.')
 
 
 def span_corruption(noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> Objective:
@@ -139,6 +142,21 @@ def raw_length(d: Denoiser, inputs_length: int, targets_length: int, mode_length
     raise ValueError(f'Feature lengths inputs={inputs_length}, targets={targets_length} are too short for denoiser '
                      f'{d.name} (with {mode_length} mode tokens): no chunk of 2+ tokens fits.')
   return best
+
+
+def warn_if_sentinels_overflow(objective: Objective, raw_lengths, extra_ids: int) -> list[str]:
+  """Logs (and returns) the denoisers whose full chunk has more noise spans than `extra_ids`: their later sentinels
+  count on down into ordinary token ids, as in T5 (e.g. mu 3, r 0.5 at 512/512: 127-128 spans, 100 extra ids)."""
+  over = []
+  for d, raw in zip(objective.denoisers, raw_lengths):
+    if d.prefix_lm:
+      continue
+    spans = span_counts(int(raw), d.noise_density, d.mean_noise_span_length)[1]
+    if spans > extra_ids:
+      over.append(d.name)
+      log.warning('Denoiser %s: %d noise spans per %d-token chunk but only %d extra ids: the last %d sentinels reuse '
+                  'ordinary token ids.', d.name, spans, raw, extra_ids, spans - extra_ids)
+  return over
 
 
 # ---------------------------------------------------------------------------------------------------- corruption

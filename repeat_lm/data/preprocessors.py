@@ -33,6 +33,7 @@ def denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int], output
   raw = [den_lib.raw_length(d, sequence_length['inputs'], sequence_length['targets'], len(m))
          for d, m in zip(objective.denoisers, modes)]
   vocab_size = vocabulary.vocab_size
+  den_lib.warn_if_sentinels_overflow(objective, raw, getattr(vocabulary, 'extra_ids', 0) or 0)
 
   def examples(chunk: np.ndarray, seed: np.ndarray):
     key = hashing.derive(*(int(s) for s in seed))

@@ -342,6 +342,8 @@ def stream(name: str, split: str, feature_lengths: Mapping[str, int], seed: int,
           store(name, split), s.objective, feature_lengths['inputs'], feature_lengths['targets'],
           s.vocabulary.vocab_size, mode_ids(s), seed=seed, shuffle=shuffle, static_masks=s.static_masks,
           epochs=epochs)
+      den_lib.warn_if_sentinels_overflow(s.objective, _STREAMS[key].raw_lengths,
+                                         getattr(s.vocabulary, 'extra_ids', 0) or 0)
     return _STREAMS[key]
 
 

@@ -134,3 +134,17 @@ def test_objectives_by_name():
     D.objective_named('span_r0_mu3')
   with pytest.raises(ValueError, match='mean_noise_span_length=0.0 must be at least 1'):
     D.objective_named('span_r0p15_mu0')
+
+
+def test_sentinel_overflow_is_named():
+  ul2 = D.ul2()
+  raws = [D.raw_length(d, 512, 512) for d in ul2.denoisers]
+  assert D.warn_if_sentinels_overflow(ul2, raws, 100) == ['X_mu3_r0.5']  # 128 spans at 766 raw tokens
+  assert D.warn_if_sentinels_overflow(ul2, [D.raw_length(d, 512, 114) for d in ul2.denoisers], 100) == []
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_non_finite_rates_are_refused(bad):
+  # Accepted before: every example then drew the first denoiser (NaN / inf CDF).
+  with pytest.raises(ValueError, match='finite'):
+    D.ul2((bad,) + (0.13,) * 5 + (0.22,))

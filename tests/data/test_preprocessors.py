@@ -50,3 +50,12 @@ def test_seeded_and_span_corruption_too(features):
   assert any(not np.array_equal(x['inputs'], y['inputs']) for x, y in zip(a, c))
   _, span = run(features, 0, denoisers.span_corruption())
   assert {len(ex['inputs']) for ex in span[:-1]} == {511} and {len(ex['targets']) for ex in span[:-1]} == {113}
+
+
+def test_warns_when_spans_outnumber_the_extra_ids(features, caplog):
+  # X (mu 3, r 0.5) at 512/512: 127 noise spans per full chunk, 100 extra ids (docs/data.md section 5: logged).
+  import logging
+  with caplog.at_level(logging.WARNING):
+    run(features, 0)
+  assert 'X_mu3_r0.5: 127 noise spans per 760-token chunk but only 100 extra ids' in caplog.text
+  assert 'R_mu3_r0.15' not in caplog.text and 'S_r0.25' not in caplog.text
