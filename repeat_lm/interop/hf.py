@@ -44,6 +44,9 @@ INSTALL_HINT = ("Hugging Face export/import needs transformers (and safetensors)
 _TO_HF_ACT = {"gelu": "gelu_new", "relu": "relu", "linear": "linear"}
 _FROM_HF_ACT = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "linear": "linear"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# What write_tokenizer (T5Tokenizer.save_pretrained) leaves, in transformers 4 and 5.
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 def import_transformers():
@@ -350,6 +353,15 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
   _write_generation_config(out_dir)
   if sentencepiece_model is not None:
     write_tokenizer(sentencepiece_model, out_dir, extra_ids)
+  else:
+    # An earlier export's tokenizer would load beside these weights as theirs (AutoTokenizer reads it): remove it, as
+    # write_safetensors removes an earlier export's weights.
+    stale = [name for name in TOKENIZER_FILES if (out_dir / name).exists()]
+    for name in stale:
+      (out_dir / name).unlink()
+    if stale:
+      log.warning("Removed an earlier export's tokenizer from %s (%s): this export has none.", out_dir,
+                  ", ".join(stale))
   log.info("Exported %d tensors to %s", len(state), out_dir)
   return out_dir
 
@@ -381,4 +393,11 @@ def from_hf_model(model: Any, **config_overrides) -> tuple[t5.T5Config, dict[str
 
 def describe_mapping(config: t5.T5Config) -> list[tuple[str, str]]:
   """(repeat_lm path, Hugging Face name) pairs, for documentation and debugging."""
-  return [(rl, hf) for hf, rl, _ in name_pairs(dataclasses.replace(config, scan_layers=False))]
+  config = dataclasses.replace(config, scan_layers=False)
+  if getattr(config, "moe", None) is None:
+    return [(rl, hf) for hf, rl, _ in name_pairs(config)]
+  from repeat_lm.interop import hf_switch  # pylint: disable=import-outside-toplevel
+  pairs = [(rl, hf) for hf, rl, _ in hf_switch.switch_name_pairs(config)]
+  for hf_prefix, rl_prefix in hf_switch.expert_prefixes(config):
+    pairs += [(f"{rl_prefix}/{n}", f"{hf_prefix}.expert_<e>.{n}.weight") for n in ("wi", "wo")]
+  return pairs

@@ -114,7 +114,7 @@ def switch_config_dict(config: t5.T5Config, expert_capacity: int = NO_DROP_CAPAC
       expert_capacity=expert_capacity, num_layers=config.num_encoder_layers,
       num_sparse_encoder_layers=num_sparse["encoder"], num_decoder_layers=config.num_decoder_layers,
       num_sparse_decoder_layers=num_sparse["decoder"], num_heads=config.num_heads, num_experts=m.num_experts,
-      router_bias=False, router_jitter_noise=0.0, router_dtype="float32", router_ignore_padding_tokens=False,
+      router_bias=False, router_jitter_noise=m.jitter_noise, router_dtype="float32", router_ignore_padding_tokens=False,
       relative_attention_num_buckets=config.relative_attention_num_buckets,
       relative_attention_max_distance=config.relative_attention_max_distance, dropout_rate=config.dropout_rate,
       layer_norm_epsilon=config.layer_norm_epsilon, router_z_loss_coef=m.router_z_loss_weight,
@@ -180,9 +180,13 @@ def t5_config_from_switch(hf_cfg: Mapping[str, Any], **overrides) -> t5.T5Config
   if get("router_dtype") != "float32":
     log.warning("The checkpoint's router ran in %s; repeat_lm's runs in float32, so routing near ties may differ.",
                 get("router_dtype"))
+  # NO_DROP_CAPACITY is what the export writes so that Hugging Face drops no token, not a capacity the model trained
+  # with: as a minimum it would give every expert a whole routing group (E x the expert compute), so keep the default.
+  capacity = get("expert_capacity")
+  min_capacity = capacity if capacity < NO_DROP_CAPACITY else moe_lib.MoeConfig.min_expert_capacity
   moe = moe_lib.MoeConfig(
       num_experts=get("num_experts"), expert_mlp_dim=kwargs["mlp_dim"], expert_activations=(act,),
-      num_selected_experts=1, min_expert_capacity=get("expert_capacity"), jitter_noise=get("router_jitter_noise"),
+      num_selected_experts=1, min_expert_capacity=min_capacity, jitter_noise=get("router_jitter_noise"),
       load_balancing_loss_weight=get("router_aux_loss_coef"), router_z_loss_weight=get("router_z_loss_coef"),
       sparse_every=placement[0], sparse_first=placement[1])
   moe_overrides = overrides.pop("moe", None)

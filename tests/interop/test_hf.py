@@ -143,3 +143,14 @@ def test_export_refuses_a_model_dir_and_an_unknown_dtype(tmp_path):
   with pytest.raises(ValueError, match="is a repeat_lm MODEL_DIR .*--out=MODEL_DIR/hf"):
     hf.export_hf(init_params(TINY), TINY, tmp_path / "run")
   assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_an_export_without_tokenizer_removes_an_earlier_exports_tokenizer(tmp_path):
+  """A tokenizer left by an earlier export would load beside the new weights as theirs."""
+  from repeat_lm.data import vocab
+  hf.export_hf(random_params(TINY), TINY, tmp_path, sentencepiece_model=vocab.default_vocabulary().sentencepiece_model_file)
+  (tmp_path / "README.md").write_text("mine")
+  other = dataclasses.replace(TINY, vocab_size=32128)
+  hf.export_hf(random_params(other), other, tmp_path)
+  assert not any((tmp_path / name).exists() for name in hf.TOKENIZER_FILES)
+  assert (tmp_path / "README.md").read_text() == "mine"

@@ -148,3 +148,22 @@ def test_loading_a_switch_checkpoint_into_a_dense_model_is_explained(tmp_path):
   top2 = dataclasses.replace(config, moe=dataclasses.replace(config.moe, num_selected_experts=2))
   with pytest.raises(ValueError, match=r"moe.num_selected_experts: checkpoint 1 vs model 2"):
     load.load_for_module(tmp_path, t5.Transformer(top2))
+
+
+def test_switch_round_trip_keeps_router_settings(tmp_path):
+  """Jitter reaches config.json (Hugging Face applies it in training, as repeat_lm), and the no-drop capacity the export
+  writes does not come back as a minimum capacity (every expert would get a whole routing group)."""
+  import json
+  moe = dataclasses.replace(TINY_SWITCH.moe, jitter_noise=0.01, min_expert_capacity=4)
+  config = dataclasses.replace(TINY_SWITCH, moe=moe)
+  hf.export_hf(random_params(config), config, tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["router_jitter_noise"] == 0.01
+  back = hf.load_hf(tmp_path, moe={"eval_capacity_factor": moe.eval_capacity_factor})[0].moe
+  assert back.jitter_noise == 0.01 and back.min_expert_capacity == 4
+
+
+def test_describe_mapping_names_switch_tensors():
+  names = dict(hf.describe_mapping(TINY_SWITCH))
+  assert names["encoder/layers_1/mlp/router"] == "encoder.block.1.layer.1.mlp.router.classifier.weight"
+  assert names["decoder/layers_1/mlp/experts/wi"] == "decoder.block.1.layer.2.mlp.experts.expert_<e>.wi.weight"
+  assert names["encoder/layers_0/mlp/wi/kernel"] == "encoder.block.0.layer.1.mlp.wi.weight"
