@@ -105,3 +105,24 @@ def test_a_step_evaluated_twice_is_one_evaluation_point(tmp_path):
   (row,), curves = degradation.run_rows([run], "eval/accuracy")
   assert list(curves["r"].step) == [100, 200, 300, 400, 500] and curves["r"].value[-1] == 0.551
   assert row["onset_step"] is None and row["final"] == 0.551
+
+
+def test_zero_tolerance_counts_a_tie_with_the_best_as_within():
+  # tolerance 0: the best itself and a later equal point are within (bad <= best), degradation starts after them.
+  o = degradation.detect([3.0, 2.0, 2.0, 2.5, 2.6], higher_is_better=False, tolerance=0.0)
+  assert (o.best_index, o.onset_index, o.gap) == (1, 3, pytest.approx(0.6))
+
+
+def test_improved_means_better_than_the_first_point_by_more_than_the_tolerance():
+  # 0.5% of 0.999 is ~0.005: 1.000 -> 0.999 is within it, so the run never improved; 1.000 -> 0.9 did.
+  assert not degradation.detect([1.0, 0.999, 1.0], higher_is_better=False).improved
+  assert degradation.detect([1.0, 0.9, 1.0], higher_is_better=False).improved
+
+
+def test_factor_summary_takes_the_median_onset_and_leaves_diverged_gaps_out():
+  runs = [{"lr": 1.0}] * 3 + [{"lr": 2.0}]
+  row = lambda gap, onset: {"gap": gap, "onset_step": None if onset is None else 1.0, "onset_epoch": onset}
+  rows = [row(0.1, 1.0), row(0.3, 2.0), row(float("inf"), 6.0), row(0.2, None)]
+  by_lr = {s["lr"]: s for s in degradation.factor_summary(runs, rows, "lr")}
+  assert by_lr[1.0]["median_onset_epoch"] == 2.0 and by_lr[1.0]["mean_gap"] == pytest.approx(0.2)
+  assert by_lr[1.0]["degrading"] == 3 and by_lr[2.0]["degrading"] == 0 and by_lr[2.0]["median_onset_epoch"] is None

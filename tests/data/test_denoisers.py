@@ -148,3 +148,60 @@ def test_non_finite_rates_are_refused(bad):
   # Accepted before: every example then drew the first denoiser (NaN / inf CDF).
   with pytest.raises(ValueError, match='finite'):
     D.ul2((bad,) + (0.13,) * 5 + (0.22,))
+
+
+@pytest.mark.parametrize('length, density, mu, noise, spans', [(8, 0.75, 1.0, 6, 2), (10, 0.9, 1.0, 9, 1)])
+def test_dense_noise_keeps_a_clean_token_before_every_span(length, density, mu, noise, spans):
+  # Alternation starting with clean needs a clean token per span: at most length - num_noise spans (section 4's
+  # clamp), e.g. 6 noise tokens of 8 at mu 1 in 2 spans, not 6.
+  assert D.span_counts(length, density, mu) == (noise, spans)
+  for key in range(5):
+    m = D.noise_mask(length, density, mu, key)
+    starts = m & ~np.concatenate([[False], m[:-1]])
+    assert len(m) == length and m.sum() == noise and starts.sum() == spans and not m[0] and m[-1]
+
+
+def test_prefix_lm_lengths_by_hand():
+  # A chunk of 100 split into a prefix and a suffix of 1..2 * round(100 * 0.25) - 1 = 49 tokens: the prefix is at
+  # most 99 tokens, plus EOS 100; the suffix at most 49, plus EOS 50. So 100 raw tokens fit inputs of exactly 100.
+  s = BY_NAME['S_r0.25']
+  assert D.max_lengths(s, 100) == (100, 50) and D.max_lengths(s, 100, 4) == (104, 50)
+  assert D.raw_length(s, 100, 512) == 100
+
+
+def test_prefix_lm_gets_its_mode_tokens_too():
+  s, mode = BY_NAME['S_r0.25'], np.array([784, 567, 134, 908], np.int32)
+  tokens = np.arange(3, 203, dtype=np.int32)
+  inputs, targets = D.corrupt(tokens, s, 5, V, mode)
+  plain = D.corrupt(tokens, s, 5, V)
+  np.testing.assert_array_equal(inputs, np.concatenate([mode, plain[0]]))
+  np.testing.assert_array_equal(targets, plain[1])
+  assert D.measure(inputs, targets, s, V, 4)[0] == 200
+
+
+def test_measure_ignores_eos_and_padding():
+  for d in (SPAN, BY_NAME['S_r0.25']):
+    tokens = np.arange(3, 103, dtype=np.int32)
+    inputs, targets = D.corrupt(tokens, d, 7, V)
+    want = D.measure(inputs, targets, d, V)
+    pad = lambda x: np.concatenate([x, [1], np.zeros(5, np.int32)])  # EOS then padding, as fed to the model
+    assert D.measure(pad(inputs), pad(targets), d, V) == want and want[0] == 100
+  assert D.measure(np.array([5, 1, 0]), np.array([1, 0]), BY_NAME['S_r0.25'], V) == (1, 0, 0)  # nothing hidden
+
+
+def test_noise_and_clean_spans_are_drawn_independently():
+  # Half noise, so both segmentations split 30 tokens into 10 parts; with one draw for both every noise span would
+  # be as long as the clean span before it.
+  same = []
+  for key in range(10):
+    m = D.noise_mask(60, 0.5, 3.0, key)
+    runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[-1], m.astype(int), [-1]]))))
+    same.append(np.array_equal(runs[0::2], runs[1::2]))
+  assert not all(same)
+
+
+@pytest.mark.parametrize('name, match', [('span_r1_mu3', 'noise_density=1.0 must'),
+                                         ('span_r0p15_mu0p5', 'mean_noise_span_length=0.5 must be at least 1')])
+def test_boundary_span_parameters_are_refused(name, match):
+  with pytest.raises(ValueError, match=match):
+    D.objective_named(name)

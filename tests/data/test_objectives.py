@@ -166,3 +166,28 @@ def test_warns_when_spans_outnumber_sentinels(caplog):
   with caplog.at_level(logging.WARNING):
     objectives.span_corruption(ds, {'inputs': 512, 'targets': 512}, features, noise_density=0.5)
   assert '128 noise spans per chunk but only 0 extra ids' in caplog.text
+
+
+def test_dense_noise_keeps_a_clean_token_before_every_span():
+  # 6 noise tokens of 8 at mu 1: round(6 / 1) = 6 spans would need 6 clean tokens; the clamp gives 2 (section 4).
+  for seed in range(2):
+    m = mask(8, (seed, 3), density=0.75, mu=1.0)
+    starts = m & ~np.concatenate([[False], m[:-1]])
+    assert len(m) == 8 and m.sum() == 6 and starts.sum() == 2 and not m[0] and m[-1]
+
+
+def test_uncorrupt_counts_the_lowest_sentinel_as_one():
+  # first_sentinel is the lowest sentinel id itself (vocab_size - extra_ids), so a chunk using every extra id
+  # (here: two, 32099 and 32098) reads back whole.
+  inputs, targets = [5, 32099, 7, 32098], [32099, 11, 12, 32098, 13]
+  assert objectives.uncorrupt(inputs, targets, first_sentinel=32098) == [5, 11, 12, 7, 13]
+
+
+def test_a_stream_ending_on_a_chunk_boundary_gives_no_empty_chunk():
+  # 5 + 7 = 12 tokens in chunks of 4: three full chunks, and no fourth, empty one (it would become an example with
+  # no tokens at all).
+  docs = [np.arange(3, 8, dtype=np.int32), np.arange(10, 17, dtype=np.int32)]
+  ds = tf.data.Dataset.from_generator(lambda: ({'targets': d} for d in docs),
+                                      output_signature={'targets': tf.TensorSpec([None], tf.int32)})
+  chunks = [c['targets'].numpy().tolist() for c in objectives.concat_and_chunk(ds, 4)]
+  assert chunks == [[3, 4, 5, 6], [7, 10, 11, 12], [13, 14, 15, 16]]

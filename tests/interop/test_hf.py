@@ -154,3 +154,16 @@ def test_an_export_without_tokenizer_removes_an_earlier_exports_tokenizer(tmp_pa
   hf.export_hf(random_params(other), other, tmp_path)
   assert not any((tmp_path / name).exists() for name in hf.TOKENIZER_FILES)
   assert (tmp_path / "README.md").read_text() == "mine"
+
+
+def test_config_fields_survive_the_round_trip():
+  """Every field config.json carries comes back, non-defaults included (transformers' own defaults are dropout 0.1,
+  epsilon 1e-6, as many decoder as encoder layers); a transformers 4 file may leave out dense_act_fn, epsilon and
+  tie_word_embeddings (then True: original T5's tied, scaled output layer)."""
+  config = dataclasses.replace(TINY, num_decoder_layers=3, dropout_rate=0.05, layer_norm_epsilon=1e-5,
+                               relative_attention_num_buckets=16, relative_attention_max_distance=20)
+  assert hf.t5_config_from_hf(json.loads(json.dumps(hf.hf_config_dict(config)))) == config
+  old = {"model_type": "t5", "vocab_size": 100, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1,
+         "num_heads": 2, "feed_forward_proj": "gated-gelu"}
+  got = hf.t5_config_from_hf(old)
+  assert got.mlp_activations == ("gelu", "linear") and got.layer_norm_epsilon == 1e-6 and got.logits_via_embedding

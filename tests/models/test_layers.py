@@ -167,6 +167,12 @@ def test_attention_cache_shapes_and_single_step_updates():
   _, mutated = attention.apply(step, x[:, :1], x[:, :1], None, None, True, mutable=["cache"])
   assert int(mutated["cache"]["cache_index"]) == 1
   assert np.abs(np.asarray(mutated["cache"]["cached_key"][:, 1:])).max() == 0  # only position 0 written
+  # The next step writes at position 1: the cache holds both steps' keys, in order.
+  step = {"params": variables["params"], "cache": mutated["cache"]}
+  _, mutated = attention.apply(step, x[:, 1:2], x[:, 1:2], None, None, True, mutable=["cache"])
+  keys = (np.asarray(x[:, :2]) @ np.asarray(variables["params"]["key"]["kernel"])).reshape(3, 2, 2, 4)
+  np.testing.assert_allclose(mutated["cache"]["cached_key"][:, :2], keys, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(mutated["cache"]["cached_key"][:, 2:])).max() == 0
   with pytest.raises(ValueError, match="one position per call"):
     attention.apply(step, x[:, :2], x[:, :2], None, None, True, mutable=["cache"])
 
@@ -229,3 +235,10 @@ def test_masks():
   np.testing.assert_array_equal(attention_lib.make_segment_mask(segments, segments)[0, 0],
                                 [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
   np.testing.assert_array_equal(attention_lib.make_causal_mask(3)[0, 0], [[1, 0, 0], [1, 1, 0], [1, 1, 1]])
+
+
+def test_plain_gelu_is_the_tanh_approximation():
+  # 'gelu' exports as Hugging Face's gelu_new: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+  x = np.linspace(-4, 4, 33, dtype=np.float32)
+  want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  np.testing.assert_allclose(layers.activate(("gelu",), (jnp.asarray(x),)), want, rtol=1e-6, atol=1e-6)

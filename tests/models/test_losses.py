@@ -51,3 +51,9 @@ def test_label_smoothing_outside_zero_one_is_refused(ls):
   from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer
   with pytest.raises(ValueError, match=r"label_smoothing=.* must lie in \[0, 1\)"):
     EncoderDecoderModel(module=Transformer(T5Config(vocab_size=128)), label_smoothing=ls)
+
+
+def test_a_batch_without_target_tokens_divides_by_one():
+  # An all-padding batch (a final partial batch's filler rows) has a zero loss sum; dividing by its 0 real tokens
+  # would make the mean NaN.
+  assert float(losses.loss_normalizer(np.zeros((2, 3)), "NUM_REAL_TARGET_TOKENS")) == 1.0

@@ -112,3 +112,11 @@ def test_matmul_probe_multiplies_the_given_dtype_and_accumulates_in_float32():
   # The form every CPU dot of the models takes (cpu_layouts.wide_matmul); a bfloat16 result runs a slower kernel.
   product = flops.probe_product(jnp.ones((8, 8), jnp.bfloat16))
   assert product.dtype == jnp.float32 and float(product[0, 0]) == 8.0
+
+
+def test_top_k_routing_counts_k_experts():
+  # Reference section 6: a sparse layer costs the router (2 d E per token) plus the K chosen experts' FFNs.
+  from repeat_lm.models import moe
+  cfg = dataclasses.replace(BASE, mlp_activations=("relu",))
+  cfg.moe = moe.MoeConfig(num_experts=8, expert_mlp_dim=1024, expert_activations=("relu",), num_selected_experts=2)
+  assert flops.ffn_flops_per_token(cfg, sparse=True) == 2 * 768 * 8 + 2 * (2 * 2 * 768 * 1024)

@@ -56,3 +56,24 @@ def test_adafactor_factors_large_matrices():
 def test_unknown_optimizer():
   with pytest.raises(ValueError, match="adafactor"):
     optim.make_optimizer("sgd")
+
+
+def test_linear_and_cosine_decay_end_at_the_given_fraction():
+  # From 1 at the end of warm-up (step 10) to end_learning_rate_fraction (0.1) at total_steps (110), then flat:
+  # linear halfway 0.1 + 0.9 * 0.5 = 0.55; cosine halfway the same, a quarter in 0.1 + 0.9 * (1 + cos(pi / 4)) / 2.
+  kwargs = dict(base_learning_rate=2.0, warmup_steps=10, total_steps=110, end_learning_rate_fraction=0.1)
+  linear = optim.make_schedule("constant * linear_decay", **kwargs)
+  cosine = optim.make_schedule("constant * cosine_decay", **kwargs)
+  for s in (linear, cosine):
+    assert [float(s(t)) for t in (0, 10, 60, 110, 500)] == pytest.approx([2.0, 2.0, 1.1, 0.2, 0.2], abs=1e-5)
+  assert float(linear(35)) == pytest.approx(2 * (0.1 + 0.9 * 0.75), abs=1e-5)
+  assert float(cosine(35)) == pytest.approx(2 * (0.1 + 0.9 * (1 + np.cos(np.pi / 4)) / 2), abs=1e-5)
+
+
+def test_gradient_norm_clipping_clips_the_gradients_not_the_updates():
+  # AdamW's first update is -lr * g / (|g| + eps) per element whatever g's scale: clipping the gradient to norm 1e-3
+  # leaves it at lr, clipping the update would shrink it to norm 1e-3.
+  tx = optim.make_optimizer("adamw", learning_rate=0.1, clip_gradient_norm=1e-3, eps=1e-12)
+  params = {"w": jnp.zeros(4)}
+  updates, _ = tx.update({"w": jnp.array([3.0, -4.0, 5.0, -6.0])}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], [-0.1, 0.1, -0.1, 0.1], rtol=1e-4)
