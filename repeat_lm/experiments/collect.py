@@ -32,6 +32,8 @@ BASE_COLUMNS = ("run", "status", "model_dir", "params", "params_per_token", "flo
 TEXT_COLUMNS = ("run", "status", "model_dir", "error", "model_error")
 # Evaluation keys that are the pre-training objective's, not a fine-tuning task's score.
 _OBJECTIVE_EVAL = {"eval/loss", "eval/accuracy", "eval/z_loss"}
+# The MoE router's statistics (eval/moe_router_confidence, ...) are the model's, not a task's score.
+_MODEL_EVAL_PREFIX = "eval/moe_"
 
 
 def _number(value: Any) -> float:
@@ -96,7 +98,7 @@ def downstream_scores(records: Sequence[dict[str, Any]]) -> dict[str, float]:
   scores: dict[str, float] = {}
   for r in sorted(records, key=lambda r: r["step"]):
     for k, v in r.items():
-      if k.startswith("eval/") and k not in _OBJECTIVE_EVAL:
+      if k.startswith("eval/") and k not in _OBJECTIVE_EVAL and not k.startswith(_MODEL_EVAL_PREFIX):
         scores[k[len("eval/"):]] = _number(v)
   return scores
 

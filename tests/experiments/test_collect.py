@@ -128,3 +128,11 @@ def test_best_resolves_from_finished_runs_only(sweep_root):
   misspelt = sweep.Best(runs="[ab]", column="DROPOUT", metric="best_eval_accuracy")
   with pytest.raises(ValueError, match="no column 'DROPOUT'; choose one of .*'DROPOUT_RATE'"):
     runner._resolve_best(misspelt, sweep_root, ["a", "b", "c"])  # noqa: SLF001
+
+
+def test_fine_tuning_scores_leave_out_the_moe_router_statistics():
+  """An MoE's fine-tuning evaluation also logs router statistics: they are no task score, and in the table they would
+  be read as experiment factors by `analyze` (a plot per statistic)."""
+  scores = collect.downstream_scores([{"step": 2, "eval/loss": 3.0, "eval/squad_em": 25.0, "eval/squad_f1": 40.0,
+                                       "eval/moe_router_confidence": 0.3, "eval/moe_load_balancing_loss": 1.3}])
+  assert scores == {"squad_em": 25.0, "squad_f1": 40.0}
