@@ -148,7 +148,8 @@ def test_export_refuses_a_model_dir_and_an_unknown_dtype(tmp_path):
 def test_an_export_without_tokenizer_removes_an_earlier_exports_tokenizer(tmp_path):
   """A tokenizer left by an earlier export would load beside the new weights as theirs."""
   from repeat_lm.data import vocab
-  hf.export_hf(random_params(TINY), TINY, tmp_path, sentencepiece_model=vocab.default_vocabulary().sentencepiece_model_file)
+  spm = vocab.default_vocabulary().sentencepiece_model_file
+  hf.export_hf(random_params(TINY), TINY, tmp_path, sentencepiece_model=spm)
   (tmp_path / "README.md").write_text("mine")
   other = dataclasses.replace(TINY, vocab_size=32128)
   hf.export_hf(random_params(other), other, tmp_path)

@@ -158,7 +158,8 @@ def test_dropout_can_share_its_mask_along_length_as_t5x():
   with nn.intercept_methods(interceptor):
     jax.block_until_ready(jax.jit(lambda p: t5.Transformer(cfg).apply(
         {"params": p}, **batch(), enable_dropout=True, rngs={"dropout": jax.random.key(1)}))(params_for(False)))
-  assert len(masks) == 11 + 4 + 3  # hidden, attention, mlp (see test_each_place_gets_its_rate_and_droppath_grows_with_depth)
+  # hidden, attention, mlp places (as test_each_place_gets_its_rate_and_droppath_grows_with_depth counts them)
+  assert len(masks) == 11 + 4 + 3
   for dropped, kept in masks:  # no feature (key) is dropped at one position (query) and kept at another
     assert not np.any(dropped.any(axis=-2) & kept.any(axis=-2))
     assert dropped.any()
