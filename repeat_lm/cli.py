@@ -378,6 +378,11 @@ def _run_model_info(args, bindings: Sequence[str]) -> dict | None:
     raise ValueError(f"--inputs_length={args.inputs_length} and --targets_length={args.targets_length}: FLOPs per "
                      "sequence need lengths >= 1.")
   if args.zoo:
+    ignored = [flag for flag, given in (("--gin_file", args.gin_file), ("--gin_search_path", args.gin_search_path),
+                                        ("--gin.KEY=VALUE", bindings), ("--dense_reference", args.dense_reference))
+               if given]
+    if ignored:  # the zoo is gin/models' own files with their fixed references
+      raise ValueError(f"model-info --zoo takes no {', '.join(ignored)}: it reports the zoo's gins as they are.")
     rows = info.zoo(args.inputs_length, args.targets_length)
     if args.update_doc:
       info.update_doc(args.update_doc, info.zoo_markdown(rows))
@@ -386,6 +391,8 @@ def _run_model_info(args, bindings: Sequence[str]) -> dict | None:
       print(info.zoo_markdown(rows), end="")
       return None
     return {"models": rows}
+  if args.markdown or args.update_doc:
+    raise ValueError("--markdown and --update_doc need --zoo (one model prints a JSON object).")
   if not args.gin_file:
     raise ValueError("model-info needs a model gin (--gin_file=gin/models/t5_1_1_base.gin) or --zoo.")
   config = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path).module.config

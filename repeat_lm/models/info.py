@@ -81,9 +81,12 @@ def model_info(config: t5.T5Config, inputs_length: int = 512, targets_length: in
       "sparse_layers": [sum(moe.sparse_layer_flags(n, moe_cfg)) for n in (config.num_encoder_layers,
                                                                           config.num_decoder_layers)],
   }
-  share = [stack.share_group_size(config.param_share, n) for n in (config.num_encoder_layers,
-                                                                    config.num_decoder_layers)]
-  info["distinct_layers"] = [config.num_encoder_layers // share[0], config.num_decoder_layers // share[1]]
+  # A shared group of k layers is one block (a dense layer and its sparse_every - 1 neighbours, or one dense layer)
+  # applied k / block times (stack.apply_layers): its distinct layers are the block's, not one.
+  block = moe_cfg.sparse_every if moe_cfg else 1
+  info["distinct_layers"] = [n if (share := stack.share_group_size(config.param_share, n)) == 1
+                             else n // share * block
+                             for n in (config.num_encoder_layers, config.num_decoder_layers)]
   if moe_cfg:
     info["moe"] = {"num_experts": moe_cfg.num_experts, "top_k": moe_cfg.num_selected_experts,
                    "expert_mlp_dim": moe_cfg.expert_mlp_dim, "expert_activations": list(moe_cfg.expert_activations),

@@ -95,6 +95,7 @@ PEAK_FLOPS: dict[str, float | None] = {
     "H100 PCIe": None,
     "H100 NVL": None,
     "H100": 989e12,
+    "H200 NVL": None,  # 1671 TFLOP/s with sparsity on NVIDIA's sheet, ~836 dense: not the SXM part's 989
     "H200": 989e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,

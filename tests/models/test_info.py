@@ -78,3 +78,32 @@ def test_cli_needs_a_model(capsys):
   assert "--gin_file" in capsys.readouterr().err
   assert cli.main(["model-info", "--zoo", "--inputs_length=0"]) == 2
   assert "--inputs_length=0 and --targets_length=114: FLOPs per sequence need lengths >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("share, distinct", [(4, 6), (12, 2), ("all", 2)])
+def test_distinct_layers_of_a_shared_moe_count_whole_blocks(share, distinct):
+  # A shared group of k MoE layers is one dense/sparse block (sparse_every = 2 layers) applied k / 2 times: its
+  # distinct layers are the block's two, as the expert weights (one sparse layer per block) show.
+  import dataclasses  # noqa: PLC0415
+  config = info.load_config(str(REPO_ROOT / "gin" / "models" / "switch_tiny.gin"))
+  config = dataclasses.replace(config, num_encoder_layers=12, num_decoder_layers=12, param_share=share)
+  row = info.model_info(config, 16, 8)
+  assert row["distinct_layers"] == [distinct, distinct]
+  m = config.moe
+  per_sparse_layer = m.num_experts * (len(m.expert_activations) + 1) * config.emb_dim * m.expert_mlp_dim
+  assert row["params_experts"] == 2 * (distinct // m.sparse_every) * per_sparse_layer
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gin_file=gin/models/t5_1_1_tiny.gin", "--update_doc=unchanged.md"], "--markdown and --update_doc need --zoo"),
+    (["--gin_file=gin/models/t5_1_1_tiny.gin", "--markdown"], "--markdown and --update_doc need --zoo"),
+    (["--zoo", "--gin.moe.MoeConfig.num_experts=16"], "model-info --zoo takes no --gin.KEY=VALUE"),
+    (["--zoo", "--dense_reference=gin/models/t5_1_1_xl.gin"], "model-info --zoo takes no --dense_reference"),
+])
+def test_cli_refuses_flags_it_would_ignore(argv, message, capsys, tmp_path):
+  doc = tmp_path / "unchanged.md"
+  doc.write_text(f"{info.DOC_BEGIN}\nold\n{info.DOC_END}\n")
+  argv = [a.replace("unchanged.md", str(doc)) for a in argv]
+  assert cli.main(["model-info", *argv]) == 2
+  assert message in capsys.readouterr().err
+  assert "old" in doc.read_text()

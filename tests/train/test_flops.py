@@ -60,7 +60,7 @@ def test_peak_table_prefers_longest_name():
   assert flops.known_peak_flops(Dev()) == 197e12
   Dev.device_kind = "NVIDIA H100 80GB HBM3"
   assert flops.known_peak_flops(Dev()) == 989e12
-  for kind in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL"):  # not the SXM part the table's 989 TFLOP/s is for
+  for kind in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL"):  # not the SXM part the table's 989 TFLOP/s is for
     Dev.device_kind = kind
     assert flops.known_peak_flops(Dev()) is None
   Dev.device_kind = "cpu"
