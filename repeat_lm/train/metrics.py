@@ -70,16 +70,25 @@ class MetricsWriter:
     if self._tb_root is not None:
       self._write_tensorboard(step, scalars)
 
-  def _write_tensorboard(self, step: int, scalars: dict[str, float]) -> None:
+  def prepare(self, *runs: str) -> None:
+    """Open the TensorBoard writers of `runs` now (the first import of tensorboardX takes about a second)."""
+    if self.enabled and self._tb_root is not None:
+      for run in runs:
+        self._writer(run)
+
+  def _writer(self, run: str):
     # tensorboardX writes the event files TensorBoard reads, without needing the tensorboard package.
     from tensorboardX import SummaryWriter
+    if run not in self._tb:
+      self._tb[run] = SummaryWriter(str(self._tb_root / run))
+    return self._tb[run]
+
+  def _write_tensorboard(self, step: int, scalars: dict[str, float]) -> None:
     for key, value in scalars.items():
       run, _, name = key.partition("/")
       if not name:
         run, name = "train", key
-      if run not in self._tb:
-        self._tb[run] = SummaryWriter(str(self._tb_root / run))
-      self._tb[run].add_scalar(name, float(value), int(step))
+      self._writer(run).add_scalar(name, float(value), int(step))
 
   def flush(self) -> None:
     for writer in self._tb.values():

@@ -251,6 +251,11 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   opened = restored_meta.get("log_window") or {}  # absent in checkpoints from before it was saved
   window: dict[str, float] = {k: float(v) for k, v in (opened.get("sums") or {}).items()}
   window_steps, window_time, last = int(opened.get("steps", 0)), float(opened.get("seconds", 0.0)), {}
+  # One-time costs of the first log (importing tensorboardX and opening its writer, tracing the schedule) happen
+  # here, not while step 2 runs: read-to-read time would charge them to step 2's window (2.5 s on CPU).
+  writer.prepare("train")
+  if optimizer is None or learning_rate is not None:
+    optim.learning_rate_at(learning_rate, step)
   clock = time.perf_counter()  # when the last step was read (or the loop last paused for evaluation or a save)
 
   def record(at_step: int, device_sums: Mapping[str, jax.Array]) -> None:
