@@ -3,6 +3,7 @@
 An experiment gin includes a model gin and a run gin, sets what every run shares, and binds `SWEEP` to one grid or a
 list of grids (gin scopes tell them apart):
 
+  from __gin__ import dynamic_registration
   from repeat_lm.experiments import sweep
   SWEEP = @sweep.Grid()
   sweep.Grid.axes = {'MIXTURE_OR_TASK_NAME': ['repeat_lm.c4.t5.span.d27.e8', 'repeat_lm.c4.t5.span.d35.e0'],

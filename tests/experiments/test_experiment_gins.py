@@ -142,3 +142,15 @@ def test_slurm_submit_chains_fine_tuning_on_its_run(tmp_path, monkeypatch):
   runner.run_sweep("gin/experiments/rq1_repetition.gin", root, runner.Options(
       launcher="slurm", submit=True, only="d27_e8", stream=out))
   assert len((tmp_path / "sbatch.calls").read_text().splitlines()) == 2
+
+
+def test_docs_sweep_example_dry_runs(tmp_path):
+  """docs/experiments.md's "Expressing a sweep in gin" block, as written (its '...' line left out)."""
+  doc = (GIN_DIR.parents[1] / "docs" / "experiments.md").read_text()
+  block = doc.split("## Expressing a sweep in gin", 1)[1].split("```\n", 2)[1]
+  experiment = tmp_path / "example.gin"
+  experiment.write_text("\n".join(line for line in block.splitlines() if line.strip() != "..."))
+  out = runner.run_sweep(str(experiment), tmp_path / "root", runner.Options(dry_run=True, stream=io.StringIO()))
+  assert sorted(p.name for p in (tmp_path / "root").iterdir()) == sorted([
+      "base_d27_e8", "base_d29_e6", "large_d27_e8", "large_d29_e6", "reg_none", "reg_dropout0.1", "reg_staged"])
+  assert out["runs"] == 7
