@@ -89,7 +89,9 @@ class PredictionEval:
 
   def examples(self, task: seqio.Task) -> list[dict[str, Any]]:
     # One ordered pass; no in-memory caching (it would ask the source for its size, which TFDS mocks lack).
-    ds = task.get_dataset(sequence_length=dict(self.task_feature_lengths), split=self.split, shuffle=False,
+    # Inputs untrimmed, as T5X's infer_eval (task_feature_lengths=None): a long context keeps its answer.
+    lengths = {**self.task_feature_lengths, "inputs": None}
+    ds = task.get_dataset(sequence_length=lengths, split=self.split, shuffle=False,
                           num_epochs=1, use_cached=False, try_in_mem_cache=False)
     if self.max_examples:
       ds = ds.take(self.max_examples)
@@ -110,7 +112,8 @@ class PredictionEval:
       if not examples:
         log.warning("Task %s has no %s examples to evaluate.", task.name, self.split)
         continue
-      inputs_BxS = np.zeros((len(examples), int(self.task_feature_lengths["inputs"])), np.int32)
+      width = max(int(self.task_feature_lengths["inputs"]), *(len(ex["inputs"]) for ex in examples))
+      inputs_BxS = np.zeros((len(examples), width), np.int32)
       for row, ex in enumerate(examples):
         inputs_BxS[row, :len(ex["inputs"])] = ex["inputs"]
       tokens = predict_tokens(module, params, inputs_BxS, cfg, batch_size=self.batch_size, partitioner=partitioner)

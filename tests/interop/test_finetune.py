@@ -175,3 +175,17 @@ def test_squad_jsonl_reads_the_official_answer_layout(tmp_path):
   path.write_text(json.dumps({"question": "q", "context": "c", "answers": [{"answer_start": 4}]}) + "\n")
   with pytest.raises(ValueError, match="non-empty 'answers'"):
     downstream._read_squad_jsonl(str(path))
+
+
+def test_prediction_eval_keeps_long_inputs_whole(tmp_path):
+  """T5X's infer_eval decodes untrimmed inputs (task_feature_lengths=None): a context past the training length keeps
+  its answer."""
+  context = "Filler sentence about nothing in particular. " * 20 + "The capital of France is Paris."
+  for split in ("train", "validation"):
+    (tmp_path / f"{split}.jsonl").write_text(json.dumps(
+        {"id": "x", "question": "What is the capital of France?", "context": context, "answers": ["Paris"]}) + "\n")
+  name = downstream.squad_jsonl_task(str(tmp_path))
+  task = seqio.get_mixture_or_task(name)
+  example = inference.PredictionEval(name, {"inputs": 32, "targets": 8}).examples(task)[0]
+  vocabulary = task.output_features["inputs"].vocabulary
+  assert len(example["inputs"]) > 32 and "Paris" in vocabulary.decode(example["inputs"].tolist())
