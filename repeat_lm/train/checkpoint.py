@@ -58,13 +58,10 @@ def stored_shapes(state_dir: Path) -> dict[str, tuple[int, ...]] | None:
     return None
 
 
-def stored_state_mismatch(state_dir: Path, abstract_state: Any, shown: int = 3,
-                          stored: dict[str, tuple[int, ...]] | None = None) -> str | None:
-  """How the state saved in `state_dir` differs from `abstract_state` (leaves missing, extra or of another shape),
-  from the checkpoint's metadata alone (`stored`, if already read); None if it matches or the metadata cannot be
-  read (then the restore itself decides). Comparing first means a configuration change is named leaf by leaf and no
-  array read is started."""
-  stored = stored_shapes(state_dir) if stored is None else stored
+def stored_state_mismatch(stored: dict[str, tuple[int, ...]] | None, abstract_state: Any, shown: int = 3) -> str | None:
+  """How the saved state (its leaf shapes `stored`, from `stored_shapes`) differs from `abstract_state` (leaves
+  missing, extra or of another shape); None if it matches or the metadata could not be read (then the restore itself
+  decides). Comparing first means a configuration change is named leaf by leaf and no array read is started."""
   if stored is None:
     return None
   wanted = _shapes_by_path(abstract_state)
@@ -115,7 +112,7 @@ class Checkpointer:
       raise CheckpointError(f"No checkpoint found under {self.directory}.")
     self._check_step_exists(step)
     stored = stored_shapes(self.directory / str(step) / "state")
-    mismatch = stored_state_mismatch(self.directory / str(step) / "state", abstract_state, stored=stored)
+    mismatch = stored_state_mismatch(stored, abstract_state)
     if mismatch is not None:
       raise CheckpointError(self._mismatch_message(step, mismatch))
     try:

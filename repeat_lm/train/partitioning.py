@@ -111,6 +111,13 @@ class Partitioner:
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     return math.prod(self.mesh.shape[a] for a in axes)
 
+  def check_batch_size(self, what: str, batch_size: int, fix: str) -> None:
+    """Raise, naming `what` and the setting to change (`fix`), unless a global batch of `batch_size` rows splits
+    evenly over the batch axes (else XLA's IndivisibleError, which names neither)."""
+    if batch_size % self.batch_shards:
+      raise ValueError(f"{what} is not divisible by the {self.batch_shards} devices the batch is split over ('data' x "
+                       f"'expert' mesh axes); change {fix} or the mesh (DATA_PARALLEL, EXPERT_PARALLEL).")
+
   def axis_rules(self):
     """Context manager under which `nn.with_logical_constraint` resolves names with these rules."""
     return nn_partitioning.axis_rules(self.rules)

@@ -51,10 +51,9 @@ def layout(model: EncoderDecoderModel, tx: optax.GradientTransformation, partiti
   param_shardings = partitioner.tree_shardings(logical)
   _check_divisible(variables["params"], param_shardings, logical, partitioner)
   for name, spec in batch.items():
-    if spec.shape and spec.shape[0] % partitioner.batch_shards:
-      raise ValueError(f"Batch size {spec.shape[0]} ({name}) is not divisible by the {partitioner.batch_shards} "
-                       "devices the batch is split over ('data' x 'expert' mesh axes); change the batch size "
-                       "(BATCH_SIZE, bench's --batch_size) or the mesh.")
+    if spec.shape:
+      partitioner.check_batch_size(f"Batch size {spec.shape[0]} ({name})", spec.shape[0],
+                                   "the batch size (BATCH_SIZE, bench's --batch_size)")
   abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  variables["params"], param_shardings)
   abstract_opt = optimizer_state_layout(jax.eval_shape(tx.init, abstract_params), abstract_params, partitioner)
@@ -120,7 +119,7 @@ def optimizer_state_layout(abstract_opt: Any, abstract_params: Any, partitioner:
     candidates = [d for d in range(len(shape)) if tuple(shape[:d]) + tuple(shape[d + 1:]) == tuple(leaf.shape)]
     field = next((k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)
                   and k.name in ("v_row", "v_col")), None)
-    if len(candidates) > 1 and field is not None and len(shape) >= 2:
+    if len(candidates) > 1 and field is not None:
       d1, d0 = adafactor.factored_dims(tuple(shape), 0)
       candidates = [d0 if field == "v_row" else d1]
     if candidates:

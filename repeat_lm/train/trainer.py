@@ -61,10 +61,7 @@ def _check_vocab(model: EncoderDecoderModel, task: str) -> int | None:
 
 def _eval_batches(cfg: pipeline.DatasetConfig, steps: int,
                   partitioner: partitioning.Partitioner) -> list[dict[str, np.ndarray]]:
-  if cfg.batch_size % partitioner.batch_shards:  # else XLA's IndivisibleError, naming neither setting
-    raise ValueError(f"Evaluation batch size {cfg.batch_size} is not divisible by the {partitioner.batch_shards} "
-                     "devices the batch is split over ('data' x 'expert' mesh axes); change EVAL_BATCH_SIZE or the "
-                     "mesh (DATA_PARALLEL, EXPERT_PARALLEL).")
+  partitioner.check_batch_size(f"Evaluation batch size {cfg.batch_size}", cfg.batch_size, "EVAL_BATCH_SIZE")
   shard_id, num_shards = partitioner.data_layout(cfg.batch_size)
   it = pipeline.get_batches(cfg, shard_id=shard_id, num_shards=num_shards)
   out = [b for _, b in zip(range(steps), it)]
@@ -254,7 +251,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   # One-time costs of the first log (importing tensorboardX and opening its writer, tracing the schedule) happen
   # here, not while step 2 runs: read-to-read time would charge them to step 2's window (2.5 s on CPU).
   writer.prepare("train")
-  if optimizer is None or learning_rate is not None:
+  logs_rate = optimizer is None or learning_rate is not None  # else only the given optimizer knows its rate
+  if logs_rate:
     optim.learning_rate_at(learning_rate, step)
   clock = time.perf_counter()  # when the last step was read (or the loop last paused for evaluation or a save)
 
@@ -276,7 +274,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     if at_step == 1 or at_step % log_period == 0 or at_step == total_steps:
       step_time = window_time / window_steps
       last = {f"train/{k}": v for k, v in summarize(window).items()}
-      if optimizer is None or learning_rate is not None:  # else only the given optimizer knows its rate
+      if logs_rate:
         last["train/learning_rate"] = optim.learning_rate_at(learning_rate, at_step - 1)
       last.update({
           "train/grad_norm": window["grad_norm"], "train/param_norm": window["param_norm"],
