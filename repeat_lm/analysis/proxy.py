@@ -129,7 +129,9 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
       if s:
         similarity.append({column: rate, "moe_run": m[0].run, "dense_run": d[0].run, **s})
   costs = {"flops": tuning_cost(sweep, dense, column, moe_best)}
-  if chip_flops_per_s or all(isinstance(r.get("chip_hours"), float) for r in sweep + dense):
+  # Every run needs a number: a `nan` chip_hours cell (csv writes missing floats so) without --chip_flops_per_s has
+  # none, and one missing run would make the sums fail.
+  if all(run_chip_hours(r, chip_flops_per_s) is not None for r in sweep + dense):
     costs["chip_hours"] = tuning_cost(sweep, dense, column, moe_best,
                                       lambda r: run_chip_hours(r, chip_flops_per_s))
     if price_per_chip_hour:

@@ -98,7 +98,9 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
   compute-optimal tokens per parameter at the runs' budgets. `auto`: chinchilla if no run repeats data."""
   out_dir = Path(out_dir)
   if law == "auto":
-    repeats = any(r.unique_tokens > 0 and loss_tokens(r) > r.unique_tokens * (1 + 1e-9) for r in runs)
+    # Only the runs the fit can use count: a repeated run that diverged (no final loss) would otherwise pick the
+    # data-constrained law for a fit that has no repeated point to determine R_D*.
+    repeats = any(r.unique_tokens > 0 and loss_tokens(r) > r.unique_tokens * (1 + 1e-9) for r in fit_data(runs)[0])
     law = "data-constrained" if repeats else "chinchilla"
   f, used, _ = fit_runs(runs, law, bootstrap=bootstrap, seed=seed)
   samples = f.samples
@@ -160,9 +162,12 @@ def prediction(c: laws.Constants, n: float, d: float, u: float | None = None) ->
     out["note"] = ("--unique-tokens ignored: the chinchilla law treats every token as fresh (repetition needs "
                    "--law=data-constrained)")
   if c.R_D_star is not None:
-    u = d if u is None else min(u, d)
-    out.update(unique_tokens=u, epochs=d / u, effective_tokens=float(laws.effective_data(c, d, u)),
-               effective_params=float(laws.effective_params(c, n, u)))
+    # The law takes U_D = min(U, D) (no more unique tokens than seen), but the epochs are D / U: 1e9 tokens of 1e10
+    # unique ones are 0.1 epochs, as the planner reports them, not 1.
+    u = d if u is None else u
+    u_d = min(u, d)
+    out.update(unique_tokens=u, epochs=d / u, effective_tokens=float(laws.effective_data(c, d, u_d)),
+               effective_params=float(laws.effective_params(c, n, u_d)))
   return out
 
 

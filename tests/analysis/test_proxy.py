@@ -86,3 +86,14 @@ def test_direct_cost_counts_the_seeds_the_sweep_ran(tmp_path):
   dense = [_run(f"dense_d{r}_s{s}", r, a + 0.05 + 0.01 * s, 3e9) for r, a in MOE.items() for s in (0, 1)]
   cost = proxy.analyze(moe + dense, "moe_*", "dense_*", tmp_path)["cost"]["flops"]
   assert (cost["proxy"], cost["direct"]) == (pytest.approx(10e19 + 3e19), pytest.approx(30e19))
+
+
+def test_a_nan_chip_hours_cell_without_a_throughput_leaves_chip_hours_out(tmp_path):
+  # csv writes a missing float as "nan": that run has no chip-hours, so no chip-hour (or USD) cost, not a crash.
+  runs = _table({0.3: 0.67}, moe_hours=2120, dense_hours=7400)
+  runs[1].extra["chip_hours"] = "nan"
+  out = proxy.analyze(runs, "moe_*", "dense_*", tmp_path, price_per_chip_hour=1.0)
+  assert set(out["cost"]) == {"flops"}
+  # A throughput fills it in.
+  out = proxy.analyze(runs, "moe_*", "dense_*", tmp_path, price_per_chip_hour=1.0, chip_flops_per_s=1e15)
+  assert out["cost"]["chip_hours"]["proxy_sweep"] == pytest.approx(4 * 2120 + 1e19 / 1e15 / 3600)

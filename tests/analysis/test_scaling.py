@@ -3,8 +3,9 @@
 import math
 
 import numpy as np
+import pytest
 
-from repeat_lm.analysis import results, scaling
+from repeat_lm.analysis import laws, results, scaling
 
 
 def test_a_fit_pairs_the_final_loss_with_the_tokens_at_that_evaluation():
@@ -20,3 +21,25 @@ def test_a_fit_pairs_the_final_loss_with_the_tokens_at_that_evaluation():
   # The epoch cut reads the same D: 6.5 epochs at its evaluation, 9.8 at its last train record.
   assert [r.run for r in scaling.fit_data([stopped], max_epochs=7)[0]] == ["stopped"]
   assert math.isnan(results.Run(run="x", status="", model_dir=None).final_eval_tokens)
+
+
+def test_auto_law_looks_only_at_the_runs_the_fit_uses(tmp_path):
+  # Six fresh runs, and a repeated one that diverged (no final loss): the fit has no repeated point, so `auto` is
+  # the chinchilla law, not a data-constrained fit that cannot determine R_D*.
+  runs = [results.Run(run=f"n{n:g}_d{d:g}", status="done", model_dir=None, params=n, tokens_seen=d, unique_tokens=1e10,
+                      final_eval_loss=float(laws.predict(laws.CHINCHILLA, n, d)))
+          for n in (1e7, 3e7, 1e8) for d in (1e8, 1e9)]
+  runs.append(results.Run(run="repeated", status="failed", model_dir=None, params=1e7, tokens_seen=1e9,
+                          unique_tokens=1e7))
+  assert scaling.chinchilla_check(runs, tmp_path, bootstrap=0)["law"] == "chinchilla"
+
+
+def test_predict_counts_epochs_against_the_unique_tokens_given():
+  # 1e9 tokens of 1e10 unique ones: a tenth of an epoch, every token fresh (the law takes U_D = min(U, D) = D).
+  out = scaling.prediction(laws.DATA_CONSTRAINED, 5e7, 1e9, 1e10)
+  assert (out["unique_tokens"], out["epochs"]) == (1e10, pytest.approx(0.1))
+  assert out["loss"] == pytest.approx(float(laws.predict(laws.DATA_CONSTRAINED, 5e7, 1e9)))
+  assert out["effective_tokens"] == pytest.approx(1e9)
+  # Repeated data is as before.
+  out = scaling.prediction(laws.DATA_CONSTRAINED, 5e7, 1e10, 1e9)
+  assert (out["unique_tokens"], out["epochs"]) == (1e9, pytest.approx(10.0))
