@@ -55,10 +55,15 @@ def checkpoint_steps(model_dir: str | Path) -> list[int]:
 
 
 def train_steps(gin_text: str) -> int | None:
-  """TRAIN_STEPS of a flattened run gin."""
-  m = re.search(r"^TRAIN_STEPS = (\d+)\s*$", gin_text, re.M) or re.search(
-      r"^trainer\.train\.total_steps = (\d+)\s*$", gin_text, re.M)
-  return int(m.group(1)) if m else None
+  """The steps a flattened run gin trains to: trainer.train.total_steps, read through the macro it names (TRAIN_STEPS
+  unless bound otherwise). A literal `--gin.trainer.train.total_steps=N` overrides TRAIN_STEPS, which the flattened
+  gin still lists: reading that macro first would wait for a checkpoint the trainer never writes."""
+  m = re.search(r"^trainer\.train\.total_steps = (\S+)\s*$", gin_text, re.M)
+  value = m.group(1) if m else "%TRAIN_STEPS"
+  if value.startswith("%"):
+    m = re.search(rf"^{re.escape(value[1:])} = (\d+)\s*$", gin_text, re.M)
+    value = m.group(1) if m else ""
+  return int(value) if value.isdigit() else None
 
 
 def is_complete(run_dir: str | Path) -> bool:

@@ -183,6 +183,10 @@ def expand(grid: Grid) -> list[RunSpec]:
   if empty:  # a product over an empty axis has no runs, and a sweep of nothing would look like a finished one
     raise ValueError(f"sweep.Grid axes {empty} have no values (a grid over them has no runs): give each axis at "
                      "least one value, or drop it.")
+  stage_names = [f.name for f in grid.finetune]
+  if len(set(stage_names)) < len(stage_names):  # stages of one name would share ROOT/RUN/ft_<name>: one never runs
+    raise ValueError(f"sweep.Finetune names {stage_names} are not unique: each stage trains into ROOT/RUN/ft_<name>; "
+                     "give every stage its own name.")
   arms = [dict(a) for a in (grid.arms or [{}])]
   arm_values: dict[str, list[Any]] = {}
   for arm in arms:

@@ -33,6 +33,17 @@ def test_finished_only_with_the_last_steps_checkpoint(tmp_path):
   assert status.checkpoint_steps(run) == [2, 3] and status.train_steps((run / "run.gin").read_text()) == 3
 
 
+def test_the_last_step_is_trainer_train_total_steps_through_its_macro(tmp_path):
+  # `--gin.trainer.train.total_steps=2` overrides TRAIN_STEPS, which the flattened gin still lists as 3: the trainer
+  # stops (and checkpoints) at 2, so the run is finished there, not pending forever.
+  run = make_run(tmp_path, checkpoints=[2])
+  (run / "run.gin").write_text("TRAIN_STEPS = 3\ntrainer.train.total_steps = 2\n")
+  status.started(run)
+  assert status.exited(run, 0)["status"] == "finished"
+  assert status.train_steps("FT_STEPS = 5\nTRAIN_STEPS = 3\ntrainer.train.total_steps = %FT_STEPS\n") == 5
+  assert status.train_steps("TRAIN_STEPS = 3\ntrainer.train.total_steps = %TRAIN_STEPS\n") == 3
+
+
 def test_exit_zero_before_the_last_step_stays_pending(tmp_path):
   run = make_run(tmp_path, checkpoints=[2])  # SIGTERM (preemption): the trainer saved step 2 and exited 0
   status.started(run)

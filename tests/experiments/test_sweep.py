@@ -50,6 +50,14 @@ def test_duplicate_names_are_an_error():
     sweep.expand_all(["not a grid"])
 
 
+def test_fine_tuning_stages_of_one_name_are_an_error():
+  # Both would train into ROOT/RUN/ft_squad: the second stage's bindings would never run.
+  grid = sweep.Grid(finetune=[sweep.Finetune("squad", {"LEARNING_RATE": 1e-3}),
+                              sweep.Finetune("squad", {"LEARNING_RATE": 1e-4})])
+  with pytest.raises(ValueError, match="Finetune names .* not unique"):
+    sweep.expand_all([grid])
+
+
 def test_an_axis_without_values_is_an_error():
   with pytest.raises(ValueError, match=r"axes \['X'\] have no values"):
     sweep.expand(sweep.Grid(axes={"X": [], "Y": [1, 2]}))
