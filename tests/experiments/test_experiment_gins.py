@@ -3,6 +3,7 @@ that expands to the expected runs, a self-contained gin per run (and fine-tuning
 and a TRAIN_STEPS each run's task can feed."""
 
 import io
+import json
 import math
 import os
 import re
@@ -142,6 +143,29 @@ def test_slurm_submit_chains_fine_tuning_on_its_run(tmp_path, monkeypatch):
   runner.run_sweep("gin/experiments/rq1_repetition.gin", root, runner.Options(
       launcher="slurm", submit=True, only="d27_e8", stream=out))
   assert len((tmp_path / "sbatch.calls").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("recorded,trainer_code,job_code", [("pending", 0, 75), ("finished", 0, 0), ("failed", 3, 3)])
+def test_a_slurm_job_stopped_before_its_last_step_is_not_a_success(tmp_path, recorded, trainer_code, job_code):
+  """Fine-tuning is chained on the job with afterok: a trainer that checkpointed at SIGTERM and exited 0 must not
+  let it start from the unfinished run. slurm.sbatch with stand-ins for SLURM and for repeat-lm (which answers
+  run-status as the command line prints it)."""
+  repo, bin_dir, run = tmp_path / "repo", tmp_path / "bin", tmp_path / "run"
+  for d in (repo / ".venv" / "bin", bin_dir, run):
+    d.mkdir(parents=True)
+  answer = json.dumps({"error": None, "status": recorded}, sort_keys=True)  # cli.main's print
+  rlm = f"case \"$1\" in run-status) echo '{answer}';; *) exit {trainer_code};; esac"  # the trainer: exits
+  stubs = {repo / ".venv" / "bin" / "repeat-lm": rlm,
+           bin_dir / "scontrol": "echo node1",
+           bin_dir / "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"'}  # drop srun's own options
+  for path, body in stubs.items():
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REPO_DIR": str(repo), "SLURM_JOB_NODELIST": "node1",
+         "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
+  out = subprocess.run(["bash", str(GIN_DIR.parents[1] / "launch" / "slurm.sbatch"), str(run), "train"], env=env,
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == job_code, out.stderr
 
 
 def test_docs_sweep_example_dry_runs(tmp_path):
