@@ -104,6 +104,8 @@ class Embed(nn.Module):
   features: int
   dtype: DType = jnp.float32
   embedding_init: Callable = nn.initializers.normal(stddev=1.0)
+  # The operand dtype of `attend` (None: `dtype`); its logits are float32 either way.
+  attend_dtype: DType | None = None
 
   def setup(self):
     self.embedding = param_with_axes("embedding", self.embedding_init, (self.num_embeddings, self.features),
@@ -113,7 +115,17 @@ class Embed(nn.Module):
     return jnp.take(jnp.asarray(self.embedding, self.dtype), tokens, axis=0)
 
   def attend(self, x_BxTxD: Array) -> Array:
-    return jnp.einsum("btd,vd->btv", jnp.asarray(x_BxTxD, self.dtype), jnp.asarray(self.embedding, self.dtype))
+    """float32 logits [B, T, V]: operands rounded to `attend_dtype`, products accumulated and returned in float32.
+
+    T5X / flaxformer's tied embedder attends in float32 (attend_dtype, "for logit training stability"), which on TPU
+    at default precision is this product, as DenseGeneral's `operand_dtype` computes logits_dense. A bfloat16 result
+    would round every logit to 8 significant bits (steps of 1/32 at |logit| 4-8) before the loss and the accuracy.
+    """
+    operand_dtype = jnp.dtype(self.attend_dtype or self.dtype)
+    if cpu_layouts.explicit_transposes() and operand_dtype != jnp.float32:
+      return cpu_layouts.rounded_matmul(x_BxTxD, jnp.transpose(self.embedding), operand_dtype)
+    return jnp.einsum("btd,vd->btv", jnp.asarray(x_BxTxD, operand_dtype), jnp.asarray(self.embedding, operand_dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int = 32,

@@ -67,8 +67,9 @@ class T5Config:
   droppath_rate: float = 0.0  # stochastic depth: per-row drop of each residual branch
   droppath_depth_scaling: str = "constant"  # 'constant' | 'linear' (layer l of L: rate * (l + 1) / L)
   logits_via_embedding: bool = False  # tie output projection to the token embedding (then logits / sqrt(D))
-  # False: logits_dense multiplies in the activation dtype, accumulating and returning float32 (what T5X's float32
-  # logits_dense computes on TPU at default precision; MaxText's default). True: exact float32 operands.
+  # False: logits_dense (or the tied embedding's attend) multiplies in the activation dtype, accumulating and returning
+  # float32 (what T5X's float32 logits_dense computes on TPU at default precision; MaxText's default). True: exact
+  # float32 operands.
   logits_dot_in_fp32: bool = False
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
@@ -370,7 +371,8 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype)  # shared by both stacks
+    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype,  # shared by both stacks
+                                       attend_dtype=jnp.float32 if cfg.logits_dot_in_fp32 else None)
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg)
     if not cfg.logits_via_embedding:

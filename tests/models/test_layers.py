@@ -135,6 +135,24 @@ def test_bfloat16_rms_norm_is_t5xs_product_with_a_float32_scale_gradient():
   assert "reduce-window" in program(t5x) and "reduce-window" not in program(ours)
 
 
+@pytest.mark.parametrize("attend_dtype", [None, jnp.float32])
+def test_bfloat16_tied_logits_are_float32_products(attend_dtype):
+  """A bfloat16 embedder's attend (tied output logits) multiplies operands rounded to attend_dtype (default bfloat16)
+  and returns the float32 sums, as T5X's float32 attend at TPU precision; not logits rounded to bfloat16."""
+  embed = layers.Embed(256, 32, jnp.bfloat16, **({} if attend_dtype is None else {"attend_dtype": attend_dtype}))
+  params = embed.init(KEY, jnp.zeros((1, 1), jnp.int32))
+  x = jax.random.normal(jax.random.key(1), (2, 4, 32)) * 4.0
+  logits, vjp = jax.vjp(lambda x, p: embed.apply(p, x, method=embed.attend), x, params)
+  assert logits.dtype == jnp.float32
+  rounded = lambda a: np.asarray(jnp.asarray(a, attend_dtype or jnp.bfloat16), np.float64)
+  table = params["params"]["embedding"]
+  np.testing.assert_allclose(logits, np.einsum("btd,vd->btv", rounded(x), rounded(table)), rtol=1e-5, atol=1e-4)
+  g = jax.random.normal(jax.random.key(2), logits.shape)
+  dx, dparams = vjp(g)
+  np.testing.assert_allclose(dx, np.asarray(g) @ np.asarray(table), rtol=0.02, atol=0.2)
+  np.testing.assert_allclose(dparams["params"]["embedding"], np.einsum("btv,btd->vd", g, x), rtol=0.02, atol=0.2)
+
+
 def test_attention_has_no_logit_scaling_and_scales_query_init():
   d, heads, head_dim = 256, 4, 64
   attention = attention_lib.MultiHeadAttention(heads, head_dim)
