@@ -82,6 +82,31 @@ def infer_layouts(flat: Mapping[str, Any]) -> dict[str, StackLayout]:
   return out
 
 
+def shared_like(flat: Mapping[str, Any], target: Mapping[str, StackLayout]) -> dict[str, StackLayout]:
+  """The source layouts of `flat`, reading parameter sharing off the target model where it fits.
+
+  Sharing leaves no trace in the paths, so `infer_layouts` takes one parameter set per layer: a checkpoint of a
+  param_share model (layers_<u> or a 'layers' scan over groups) would then look like fewer, distinct layers, and
+  loading it into the same model with the other scan setting refused its groups as unequal weights. A stack whose
+  group count is exactly what the target's sharing gives is read with the target's sharing (and MoE blocks).
+  """
+  out = infer_layouts(flat)
+  for name, lay in target.items():
+    if lay.share == 1 or name not in out:
+      continue
+    groups = lay.num_layers // max(lay.share, lay.block)
+    scanned = out[name].scanned
+    if scanned:
+      first = next(p for p in flat if p.startswith(f"{name}/layers/"))
+      fits = np.shape(flat[first])[t5.PARAM_SCAN_AXIS] == groups
+    else:
+      fits = {int(m.group(1)) for p in flat if p.startswith(f"{name}/layers_")
+              if (m := _LAYER.match(p.split("/")[1]))} == set(range(groups))
+    if fits:
+      out[name] = dataclasses.replace(lay, scanned=scanned)
+  return out
+
+
 def to_per_layer(flat: Mapping[str, Any], layouts: Mapping[str, StackLayout]) -> dict[str, Any]:
   """Any layout -> '<stack>/layers_<i>/...' (shared parameters are copied into every layer that uses them)."""
   out = {p: v for p, v in flat.items() if not _is_layer_path(p)}
@@ -137,7 +162,9 @@ def match_target(flat: Mapping[str, Any], target_flat: Mapping[str, Any], source
   target_flat: the model's own parameters (arrays or ShapeDtypeStructs) as flat paths. Raises ValueError naming
   the missing, unexpected and mis-shaped parameters, so a wrong model gin is obvious.
   """
-  per_layer = to_per_layer(flat, source_layouts or infer_layouts(flat))
+  if source_layouts is None:
+    source_layouts = shared_like(flat, target_layouts) if target_layouts else infer_layouts(flat)
+  per_layer = to_per_layer(flat, source_layouts)
   converted = from_per_layer(per_layer, target_layouts or infer_layouts(target_flat))
   missing = sorted(set(target_flat) - set(converted))
   unexpected = sorted(set(converted) - set(target_flat))

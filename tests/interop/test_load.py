@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from interop_helpers import TINY, init_params
+from interop_helpers import TINY, TINY_SWITCH, init_params, random_params, write_model_dir
 from repeat_lm.interop import layout, load
 from repeat_lm.models import t5
 from repeat_lm.train import partitioning
@@ -75,3 +75,24 @@ def test_a_corrupt_step_names_the_step_before_it(tiny_model_dir, tmp_path):
   with pytest.raises(ValueError, match=rf"could not be read .*corrupt or truncated.*--step={steps[-1]} reads"):
     load.load_for_module(run, t5.Transformer(TINY))
   load.load_for_module(run, t5.Transformer(TINY), step=steps[-1])
+
+
+SHARED = dataclasses.replace(TINY, num_encoder_layers=4, num_decoder_layers=4, param_share=2)
+SHARED_SWITCH = dataclasses.replace(TINY_SWITCH, param_share=4)  # one group of two dense/sparse blocks per stack
+
+
+@pytest.mark.parametrize("config", [SHARED, SHARED_SWITCH], ids=["dense", "moe"])
+@pytest.mark.parametrize("saved_scanned", [False, True], ids=["unscanned-into-scanned", "scanned-into-unscanned"])
+def test_a_shared_model_loads_into_the_other_scan_layout(tmp_path, config, saved_scanned):
+  """Sharing is invisible in a checkpoint's paths: its groups used to be read as distinct layers, so the same
+  param_share model with the other scan setting refused them ('share parameters ... different weights')."""
+  saved = dataclasses.replace(config, scan_layers=saved_scanned)
+  target = dataclasses.replace(config, scan_layers=not saved_scanned)
+  params = random_params(saved)
+  write_model_dir(tmp_path / "run", saved, params)
+  loaded = load.load_for_module(tmp_path / "run", t5.Transformer(target))
+  per_layer = layout.to_per_layer(layout.flatten(params), layout.layouts_for(saved))
+  expected = layout.from_per_layer(per_layer, layout.layouts_for(target))
+  assert set(layout.flatten(loaded)) == set(expected)
+  for path, value in layout.flatten(loaded).items():
+    np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=path)
