@@ -1,6 +1,7 @@
 """The benchmark times the trainer's own step, and reports numbers consistent with the FLOP counter."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -153,6 +154,44 @@ def test_report_markdown_has_every_measured_row():
   on_host = {**run, "host": "AMD EPYC (family 25, model 17), 2 CPUs"}
   text = report.to_markdown({"train": [on_host], "ablations": [], "compile": []})
   assert "Host: AMD EPYC (family 25, model 17), 2 CPUs. CPU numbers hold for that processor only" in text
+
+
+def test_report_keeps_the_rows_of_other_hosts_and_replaces_its_own(monkeypatch, tmp_path):
+  from repeat_lm.bench import report
+  row = {"batch_size": 8, "device": "1 x cpu", "dtype": "float32", "step_time_s": 4.0, "step_time_min_s": 3.9,
+         "step_time_max_s": 4.2, "tokens_per_s": 1252.0, "model_tflops_per_s": 0.21, "peak_flops": 4.25e11,
+         "peak_flops_source": "measured", "model_flops_per_step": 0.85e12, "hf": {"tokens_per_s": 500.0},
+         "speedup_vs_hf": 2.5, "speedup_vs_hf_by_round": [2.4, 2.6], "speedup_vs_hf_paired": 2.5,
+         "inputs_length": 512, "targets_length": 114, "host": "Xeon"}
+  measured = []
+  monkeypatch.setattr(report, "measure", lambda compare_hf: measured.append(1) or
+                      {"train": [{**row, "step_time_s": 4.0 + len(measured)}], "ablations": [], "compile": []})
+  out = tmp_path / "performance.md"
+  report.write(out)
+  assert "On other hosts" not in out.read_text()
+  # A host measured earlier (its entry as the history keeps it) stays; this host's own entry is replaced.
+  history = json.loads((tmp_path / "performance.json").read_text())
+  epyc = {"date": "2026-11-30", "train": [{**history["hosts"]["Xeon"]["train"][0], "mfu": 0.795,
+                                           "vs_hf_round_by_round": "1.14x (0.81-1.16)"}]}
+  (tmp_path / "performance.json").write_text(json.dumps({"hosts": {**history["hosts"], "EPYC": epyc}}))
+  report.write(out)
+  hosts = json.loads((tmp_path / "performance.json").read_text())["hosts"]
+  assert sorted(hosts) == ["EPYC", "Xeon"] and hosts["EPYC"] == epyc
+  # 0.85 TFLOP over a 6 s step at 0.425 TFLOP/s: 33.3% MFU, this host's second report.
+  assert hosts["Xeon"]["train"][0]["mfu"] == pytest.approx(1 / 3)
+  assert hosts["Xeon"]["train"][0]["vs_hf_round_by_round"] == "2.50x (2.40-2.60)"
+  text = out.read_text()
+  assert "| EPYC | 2026-11-30 | float32 | 5.000 (3.900-4.200) | 1252 | 79.5% | 500 | 2.50x | 1.14x (0.81-1.16) |" \
+      in text
+  assert "| Xeon |" not in text and "| float32 | 6.000 (3.900-4.200) |" in text
+  # A damaged history stops the report before it measures, and is left as it was.
+  del epyc["train"][0]["mfu"]
+  for damaged in ("{not json", json.dumps({"hosts": {"EPYC": epyc}}), json.dumps({"hosts": {"EPYC": {"train": 1}}})):
+    (tmp_path / "performance.json").write_text(damaged)
+    with pytest.raises(ValueError, match="performance.json: not the host history .* left as it is"):
+      report.write(out)
+    assert (tmp_path / "performance.json").read_text() == damaged
+  assert len(measured) == 2
 
 
 def test_profile_attributes_the_step_to_named_hlo_ops(tmp_path):
