@@ -101,11 +101,20 @@ def squad_task(name: str = SQUAD_TASK, vocabulary: seqio.Vocabulary | str | None
 
 def _read_squad_jsonl(path: str) -> list[dict[str, Any]]:
   rows = []
-  with tf.io.gfile.GFile(path) as f:
-    for n, line in enumerate(f):
-      if not line.strip():
+  with tf.io.gfile.GFile(path, "rb") as f:
+    for n, raw in enumerate(f):
+      if not raw.strip():
         continue
-      row = json.loads(line)
+      # Bad lines name the file and line, as corpora do, instead of a bare decoder error (or TensorFlow's
+      # "Unsupported object type" when the dataset is first read).
+      try:
+        row = json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{n + 1}: not valid UTF-8 ({e}); SQuAD-format files must be UTF-8.") from e
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n + 1}: malformed JSON ({e}).") from e
+      if not isinstance(row, Mapping):
+        raise ValueError(f"{path}:{n + 1}: expected a JSON object, got {type(row).__name__}.")
       answers = row.get("answers")
       if isinstance(answers, Mapping):  # the TFDS / official layout {'text': [...], 'answer_start': [...]}
         answers = answers.get("text")
@@ -113,12 +122,14 @@ def _read_squad_jsonl(path: str) -> list[dict[str, Any]]:
         answers = [answers]
       if isinstance(answers, list):  # the official SQuAD JSON layout: [{'text': ..., 'answer_start': ...}, ...]
         answers = [a.get("text") if isinstance(a, Mapping) else a for a in answers]
-      if (not answers or not all(isinstance(a, (str, int, float)) for a in answers) or "question" not in row
-          or "context" not in row):
-        raise ValueError(f"{path}:{n + 1}: a SQuAD-format line needs 'question', 'context' and a non-empty "
-                         "'answers' (a list of strings, {'text': [...]} or [{'text': ...}, ...]).")
+      if (not answers or not all(isinstance(a, (str, int, float)) for a in answers)
+          or not isinstance(row.get("question"), str) or not isinstance(row.get("context"), str)):
+        raise ValueError(f"{path}:{n + 1}: a SQuAD-format line needs 'question' and 'context' strings and a "
+                         "non-empty 'answers' (a list of strings, {'text': [...]} or [{'text': ...}, ...]).")
       rows.append({"id": str(row.get("id", f"{os.path.basename(path)}:{n}")), "question": row["question"],
                    "context": row["context"], "answers": [str(a) for a in answers]})
+  if not rows:  # an empty split would evaluate to EM = F1 = 0 (or train on nothing) without a word
+    raise ValueError(f"{path}: no SQuAD-format examples (the file is empty).")
   return rows
 
 

@@ -177,6 +177,22 @@ def test_squad_jsonl_reads_the_official_answer_layout(tmp_path):
     downstream._read_squad_jsonl(str(path))
 
 
+@pytest.mark.parametrize("content, match", [
+    (b'{"question": "q", "context": "c", "answers": ["a"]}\n{bad json\n', r"validation.jsonl:2: malformed JSON"),
+    (b'["q", "c", "a"]\n', r"validation.jsonl:1: expected a JSON object, got list"),
+    (b'{"question": "q\xff", "context": "c", "answers": ["a"]}\n', r"validation.jsonl:1: not valid UTF-8"),
+    (b'{"question": null, "context": "c", "answers": ["a"]}\n', r"validation.jsonl:1: .*'context' strings"),
+    (b"\n", r"validation.jsonl: no SQuAD-format examples"),
+])
+def test_squad_jsonl_bad_lines_name_the_file_and_line(tmp_path, content, match):
+  """A bad line is a ValueError naming file and line, not a bare JSON/Unicode error or a TensorFlow error at the
+  first read; an empty file is an error, not a split that scores EM = F1 = 0."""
+  path = tmp_path / "validation.jsonl"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=match):
+    downstream._read_squad_jsonl(str(path))
+
+
 def test_prediction_eval_keeps_long_inputs_whole(tmp_path):
   """T5X's infer_eval decodes untrimmed inputs (task_feature_lengths=None): a context past the training length keeps
   its answer."""
