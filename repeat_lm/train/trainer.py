@@ -248,6 +248,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   opened = restored_meta.get("log_window") or {}  # absent in checkpoints from before it was saved
   window: dict[str, float] = {k: float(v) for k, v in (opened.get("sums") or {}).items()}
   window_steps, window_time, last = int(opened.get("steps", 0)), float(opened.get("seconds", 0.0)), {}
+  # Steps this process ran and the progress bar has not counted: a restored window's steps are already in its start.
+  unshown = 0
   # One-time costs of the first log (importing tensorboardX and opening its writer, tracing the schedule) happen
   # here, not while step 2 runs: read-to-read time would charge them to step 2's window (2.5 s on CPU).
   writer.prepare("train")
@@ -258,7 +260,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
 
   def record(at_step: int, device_sums: Mapping[str, jax.Array]) -> None:
     """Read step `at_step`'s metrics (waiting for that step only), check them, and log its window if it ends."""
-    nonlocal tokens_seen, window, window_steps, window_time, last, clock
+    nonlocal tokens_seen, window, window_steps, window_time, last, clock, unshown
     sums = jax.device_get(device_sums)
     _check_finite(sums, at_step, checkpointer)  # every step, before anything of it or a later step is saved
     now = time.perf_counter()
@@ -266,6 +268,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     window_time += now - clock
     clock = now
     window_steps += 1
+    unshown += 1
     for k, v in sums.items():
       window[k] = window.get(k, 0.0) + float(v) if k not in _LAST_VALUE_METRICS else float(v)
     text_tokens = float(step_source_tokens(at_step) if step_source_tokens else sums["source_tokens"])
@@ -292,7 +295,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
       last["train/dropout_scale"] = window.get("dropout_scale", 1.0)
       last["train/dropout_rate"] = last["train/dropout_scale"] * _dropout_rate(model)
       writer.write(at_step, last)
-      progress.update(window_steps, loss=last["train/loss"], acc=last["train/accuracy"])
+      progress.update(unshown, loss=last["train/loss"], acc=last["train/accuracy"])
+      unshown = 0
       if at_step == 1:
         _write_config(model_dir_path, operative=True)
       window, window_steps, window_time = {}, 0, 0.0
@@ -335,7 +339,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
       clock = time.perf_counter()  # evaluation and saving are not step time
   finally:
     device_batches.close()
-    progress.update(window_steps)
+    progress.update(unshown)
     progress.close()
     writer.close()
     # Still under the SIGTERM handler: an asynchronous save (the last step's, or the one SIGTERM asked for) is

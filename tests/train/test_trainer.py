@@ -110,6 +110,22 @@ def sigterm_after_writing(at_step):
   return write_then_sigterm
 
 
+class CountingProgress:
+  """metrics_lib.Progress that records where its bar starts and every move."""
+  started, moved = [], []
+
+  def __init__(self, start, total):
+    del total
+    CountingProgress.started.append(start)
+
+  def update(self, n=1, **postfix):
+    del postfix
+    CountingProgress.moved.append(n)
+
+  def close(self):
+    pass
+
+
 def test_resume_between_logged_steps_logs_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
   run(tmp_path / "whole", 6, log_period=4)
   with monkeypatch.context() as patch:
@@ -117,7 +133,12 @@ def test_resume_between_logged_steps_logs_what_an_uninterrupted_run_logs(tmp_pat
     patch.setattr(metrics_lib.MetricsWriter, "write", sigterm_after_writing(1))
     run(tmp_path / "resumed", 6, log_period=4)
   assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [2]
+  monkeypatch.setattr(metrics_lib, "Progress", CountingProgress)
+  CountingProgress.started, CountingProgress.moved = [], []
   run(tmp_path / "resumed", 6, log_period=4)
+  # The progress bar starts at the restored step 2 and moves by the 4 steps this process ran (3..6), not also by the
+  # restored window's step (it ended at 7 of 6).
+  assert CountingProgress.started == [2] and sum(CountingProgress.moved) == 4
   whole, resumed = train_records(tmp_path / "whole"), train_records(tmp_path / "resumed")
   assert sorted(whole) == sorted(resumed) == [1, 4, 6]
   for step in whole:
