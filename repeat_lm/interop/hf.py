@@ -44,6 +44,7 @@ INSTALL_HINT = ("Hugging Face export/import needs transformers (and safetensors)
 _TO_HF_ACT = {"gelu": "gelu_new", "relu": "relu", "linear": "linear"}
 _FROM_HF_ACT = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "linear": "linear"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
 # What write_tokenizer (T5Tokenizer.save_pretrained) leaves, in transformers 4 and 5.
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
@@ -121,6 +122,11 @@ def activation_from_hf(act: str) -> str:
 
 def base_config_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
   """The T5Config fields T5 and SwitchTransformers config.json files spell alike."""
+  # A config.json without model_type reads as T5; one of some other tool's would otherwise fail with a bare KeyError.
+  missing = [k for k in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers") if k not in hf]
+  if missing:
+    raise ValueError(f"This config.json (model_type={hf.get('model_type')!r}) is not a Hugging Face T5 or "
+                     f"SwitchTransformers config: it lacks {missing}.")
   return dict(
       vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"], head_dim=hf["d_kv"],
       mlp_dim=hf["d_ff"], num_encoder_layers=hf["num_layers"],
@@ -225,19 +231,24 @@ def from_hf_state_dict(state: Mapping[str, np.ndarray], config: t5.T5Config, pai
 # ---- files ----
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-  """All tensors of a from_pretrained-style directory: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+  """All tensors of a from_pretrained-style directory: model.safetensors or pytorch_model.bin, either sharded."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   path = Path(path)
   if (path / SAFETENSORS_INDEX).exists():
     files = sorted(set(json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"].values()))
   elif (path / "model.safetensors").exists():
     files = ["model.safetensors"]
-  elif (path / "pytorch_model.bin").exists():
+  elif (path / "pytorch_model.bin").exists() or (path / BIN_INDEX).exists():
+    # Large Hub checkpoints saved before safetensors (e.g. Switch's many-expert ones) come as .bin shards + index.
     import torch  # pylint: disable=import-outside-toplevel
-    state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    bins = (sorted(set(json.loads((path / BIN_INDEX).read_text())["weight_map"].values()))
+            if (path / BIN_INDEX).exists() else ["pytorch_model.bin"])
+    state = {}
+    for name in bins:
+      state.update(torch.load(path / name, map_location="cpu", weights_only=True))
     return {k: v.float().numpy() for k, v in state.items()}
   else:
-    raise FileNotFoundError(f"No model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin in {path}.")
+    raise FileNotFoundError(f"No model.safetensors, {SAFETENSORS_INDEX}, pytorch_model.bin or {BIN_INDEX} in {path}.")
   state = {}
   for name in files:
     with safe_open(str(path / name), framework="numpy") as f:
@@ -252,7 +263,7 @@ def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_
   An earlier export's weight files go first, as save_pretrained removes them: a sharded export's index left beside a
   new single file would make readers of the index (load_hf) and of the file (transformers) see different models."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  stale = ["model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json",
+  stale = ["model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX,
            *(p.name for p in out_dir.glob("model-*-of-*.safetensors"))]
   staging = out_dir / ".weights_staging"
   shutil.rmtree(staging, ignore_errors=True)

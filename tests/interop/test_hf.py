@@ -168,3 +168,25 @@ def test_config_fields_survive_the_round_trip():
          "num_heads": 2, "feed_forward_proj": "gated-gelu"}
   got = hf.t5_config_from_hf(old)
   assert got.mlp_activations == ("gelu", "linear") and got.layer_norm_epsilon == 1e-6 and got.logits_via_embedding
+
+
+def test_import_sharded_pytorch_bin_checkpoint(tmp_path):
+  """Hub checkpoints saved before safetensors come as pytorch_model-*-of-*.bin shards plus their index."""
+  model = transformers.T5ForConditionalGeneration(hf.hf_config(TINY)).eval()
+  state = {k: v.clone() for k, v in model.state_dict().items()}
+  names = sorted(state)
+  shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+  for shard, keys in shards.items():
+    torch.save({k: state[k] for k in keys}, tmp_path / shard)
+  weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+  (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  (tmp_path / "config.json").write_text(model.config.to_json_string())
+  config, params = hf.load_hf(tmp_path)
+  batch = make_batch(TINY.vocab_size)
+  assert max_diff(logits(config, params, batch), hf_logits(model, batch), batch) < TOLERANCE
+
+
+def test_a_config_json_of_another_tool_is_explained():
+  """A config.json without model_type reads as T5; one that is no T5 config says so, not KeyError('vocab_size')."""
+  with pytest.raises(ValueError, match=r"not a Hugging Face T5 .* lacks \['vocab_size'"):
+    hf.t5_config_from_hf({"learning_rate": 0.1})
