@@ -12,8 +12,8 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One persistent compilation cache for the session, inherited by the subprocesses the tests start (`repeat-lm train`
-# runs of a sweep, the launcher's processes, the demo): many tests compile the same tiny programs, and on the 2-core
+# One persistent compilation cache for the session, inherited by the subprocesses the tests start (pytest-xdist's
+# workers, `repeat-lm train` runs of a sweep, the launcher's processes, the demo): many tests compile the same tiny programs, and on the 2-core
 # CI host the first compilation of a tiny T5's step takes ~3.5 s where a cache hit takes ~0.2 s (with the benchmark
 # tests' smaller probe, tests/bench/conftest.py, the suite went 784 s -> 670 s). Removed at exit.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
