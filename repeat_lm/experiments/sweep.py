@@ -19,11 +19,12 @@ its varied values: 'd27_e8_dropout0.1' (see `label`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,15 +178,20 @@ def _axis_points(grid: Grid) -> list[list[tuple[str, Any]]]:
   return [list(zip(keys, combo)) for combo in combos]
 
 
+def _repeated(names: Iterable[str]) -> list[str]:
+  """The names that occur more than once, sorted."""
+  return sorted(n for n, count in collections.Counter(names).items() if count > 1)
+
+
 def expand(grid: Grid) -> list[RunSpec]:
   """The grid's runs, arms outermost, each with a name made of its arm's and axes' labels."""
   empty = sorted(k for k, values in grid.axes.items() if not len(values))
   if empty:  # a product over an empty axis has no runs, and a sweep of nothing would look like a finished one
     raise ValueError(f"sweep.Grid axes {empty} have no values (a grid over them has no runs): give each axis at "
                      "least one value, or drop it.")
-  stage_names = [f.name for f in grid.finetune]
-  if len(set(stage_names)) < len(stage_names):  # stages of one name would share ROOT/RUN/ft_<name>: one never runs
-    raise ValueError(f"sweep.Finetune names {stage_names} are not unique: each stage trains into ROOT/RUN/ft_<name>; "
+  stage_dupes = _repeated(f.name for f in grid.finetune)
+  if stage_dupes:  # stages of one name would share ROOT/RUN/ft_<name>: one never runs
+    raise ValueError(f"sweep.Finetune names {stage_dupes} are not unique: each stage trains into ROOT/RUN/ft_<name>; "
                      "give every stage its own name.")
   arms = [dict(a) for a in (grid.arms or [{}])]
   arm_values: dict[str, list[Any]] = {}
@@ -217,10 +223,7 @@ def expand_all(sweep: Grid | Sequence[Grid]) -> list[RunSpec]:
   if not grids or not all(isinstance(g, Grid) for g in grids):
     raise ValueError(f"SWEEP must be a sweep.Grid or a list of them, got {sweep!r}.")
   runs = [r for g in grids for r in expand(g)]
-  seen: dict[str, int] = {}
-  for r in runs:
-    seen[r.name] = seen.get(r.name, 0) + 1
-  dupes = sorted(n for n, c in seen.items() if c > 1)
+  dupes = _repeated(r.name for r in runs)
   if dupes:
     raise ValueError(f"Run names are not unique: {dupes}. Give the arms a 'name', the grids a `prefix`, or "
                      "`labels` that tell the values apart.")

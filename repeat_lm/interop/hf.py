@@ -230,21 +230,24 @@ def from_hf_state_dict(state: Mapping[str, np.ndarray], config: t5.T5Config, pai
 
 # ---- files ----
 
+def _weight_files(path: Path, index: str, single: str) -> list[str]:
+  """The weight files of one format in `path`: the shards its `index` names where there is one, else `single`."""
+  if (path / index).exists():
+    return sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+  return [single]
+
+
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
   """All tensors of a from_pretrained-style directory: model.safetensors or pytorch_model.bin, either sharded."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   path = Path(path)
-  if (path / SAFETENSORS_INDEX).exists():
-    files = sorted(set(json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"].values()))
-  elif (path / "model.safetensors").exists():
-    files = ["model.safetensors"]
+  if (path / SAFETENSORS_INDEX).exists() or (path / "model.safetensors").exists():
+    files = _weight_files(path, SAFETENSORS_INDEX, "model.safetensors")
   elif (path / "pytorch_model.bin").exists() or (path / BIN_INDEX).exists():
     # Large Hub checkpoints saved before safetensors (e.g. Switch's many-expert ones) come as .bin shards + index.
     import torch  # pylint: disable=import-outside-toplevel
-    bins = (sorted(set(json.loads((path / BIN_INDEX).read_text())["weight_map"].values()))
-            if (path / BIN_INDEX).exists() else ["pytorch_model.bin"])
     state = {}
-    for name in bins:
+    for name in _weight_files(path, BIN_INDEX, "pytorch_model.bin"):
       state.update(torch.load(path / name, map_location="cpu", weights_only=True))
     return {k: v.float().numpy() for k, v in state.items()}
   else:
