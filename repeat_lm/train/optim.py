@@ -20,8 +20,9 @@ def make_schedule(factors: str = "constant * rsqrt_decay", base_learning_rate: f
                   end_learning_rate_fraction: float = 0.0) -> optax.Schedule:
   """A product of named factors, as T5X's `create_learning_rate_scheduler`.
 
-  constant: base_learning_rate. linear_warmup: min(1, step / warmup_steps). rsqrt_decay: 1 / sqrt(max(step,
-  warmup_steps)) (flat during warm-up, so with base 1.0 and 10k warm-up steps T5's rate is 0.01 then decays).
+  constant: base_learning_rate. linear_warmup: min(1, step / warmup_steps), 1 when warmup_steps is 0. rsqrt_decay:
+  1 / sqrt(max(step, warmup_steps)) (flat during warm-up, so with base 1.0 and 10k warm-up steps T5's rate is 0.01
+  then decays).
   linear_decay / cosine_decay: from 1 at the end of warm-up to `end_learning_rate_fraction` at `total_steps`.
   """
   names = [f.strip() for f in factors.split("*")]
@@ -38,7 +39,8 @@ def make_schedule(factors: str = "constant * rsqrt_decay", base_learning_rate: f
       if name == "constant":
         lr *= base_learning_rate
       elif name == "linear_warmup":
-        lr *= jnp.minimum(1.0, step / max(warmup_steps, 1))
+        if warmup_steps > 0:  # without warm-up the full rate from step 0 (step / 1 would make step 0's rate 0)
+          lr *= jnp.minimum(1.0, step / warmup_steps)
       elif name == "rsqrt_decay":
         lr *= jnp.reciprocal(jnp.sqrt(jnp.maximum(step, max(warmup_steps, 1))))
       else:

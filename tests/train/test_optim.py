@@ -25,6 +25,14 @@ def test_warmup_and_cosine():
   assert float(s(110)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_linear_warmup_of_zero_steps_gives_the_full_rate_from_step_0():
+  # No warm-up: step 0 (the first update) gets the full rate, as every later step; a factor of 0 / 1 wasted it.
+  for factors in ("constant * linear_warmup", "constant * linear_warmup * cosine_decay"):
+    s = optim.make_schedule(factors, base_learning_rate=2.0, warmup_steps=0, total_steps=100)
+    assert float(s(0)) == pytest.approx(2.0)
+    assert float(s(1)) == pytest.approx(2.0 if "cosine" not in factors else (1 + np.cos(np.pi / 100)), abs=1e-5)
+
+
 def test_bad_schedule_names_the_problem():
   with pytest.raises(ValueError, match="Unknown learning-rate factor"):
     optim.make_schedule("constant * exponential")
