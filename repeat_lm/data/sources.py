@@ -135,6 +135,10 @@ def iter_jsonl(paths: Sequence[str], stats: ReadStats, text_key: str = 'text',
             if not isinstance(text, str):
               raise TypeError(f'{text_key!r} is {type(text).__name__}')
           except (json.JSONDecodeError, KeyError, TypeError) as e:
+            packed = _compression(raw) if lineno == 1 and f is raw_f else None
+            if packed:  # compressed bytes hold NUL bytes too: name the format, not a text encoding
+              raise ValueError(f'{path}: the file is {packed[0]}-compressed; JSON Lines corpora are read as plain '
+                               f'text, or as gzip when the name ends in .gz: {packed[1]}') from e
             if b'\x00' in raw:  # UTF-8 text never holds NUL bytes; UTF-16 and UTF-32 ASCII does, in every character
               raise ValueError(f'{path}:{lineno}: the file looks UTF-16 or UTF-32 encoded (NUL bytes); JSON Lines '
                                'corpora must be UTF-8: re-encode it, e.g. `iconv -f UTF-16 -t UTF-8`') from e
@@ -146,6 +150,25 @@ def iter_jsonl(paths: Sequence[str], stats: ReadStats, text_key: str = 'text',
             yield text
       except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ValueError(f'{path}: corrupt or truncated gzip after line {lineno} ({e!r})') from e
+
+
+# Magic bytes of the compressed formats corpora ship in (Pile / SlimPajama .jsonl.zst, .bz2, .xz, a .zip), and gzip
+# under a name without .gz: what to do about each.
+_COMPRESSED = (
+    (b'\x1f\x8b', 'gzip', 'give the file a name ending in .gz'),
+    (b'BZh', 'bzip2', 'decompress it (bzip2 -d) or re-compress it with gzip'),
+    (b'\xfd7zXZ\x00', 'xz', 'decompress it (xz -d) or re-compress it with gzip'),
+    (b'\x28\xb5\x2f\xfd', 'zstd', 'decompress it (zstd -d) or re-compress it with gzip'),
+    (b'PK\x03\x04', 'zip', 'extract it (unzip) and point the corpus at the JSONL files'),
+)
+
+
+def _compression(head: bytes) -> tuple[str, str] | None:
+  """(format, fix) when `head`, a file's first bytes, starts like a compressed file."""
+  for magic, kind, fix in _COMPRESSED:
+    if head.startswith(magic):
+      return kind, fix
+  return None
 
 
 def _valid_utf8(raw: bytes) -> bool:

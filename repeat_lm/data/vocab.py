@@ -55,7 +55,9 @@ class _FileVocabulary(seqio.SentencePieceVocabulary):
       return super()._model_context()
     except UNREADABLE as e:
       raise unreadable_model_error(self._sentencepiece_model_file, e) from e
-    except message.DecodeError as e:  # read, but not a SentencePiece model (the wrong file, a truncated copy)
+    # Read, but not a SentencePiece model: the wrong file or a truncated copy fail to parse (DecodeError); an empty
+    # file parses as an empty model that SentencePiece refuses to load (RuntimeError 'unk is not defined').
+    except (message.DecodeError, RuntimeError) as e:
       raise ValueError(f'{self._sentencepiece_model_file!r} is not a SentencePiece model ({e}). Point '
                        "REPEAT_LM_T5_VOCAB (or vocab.t5_vocabulary.path in gin, or --vocab) at T5's "
                        'cc_all.32000.100extra/sentencepiece.model or another .model file.') from e

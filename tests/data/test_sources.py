@@ -1,7 +1,9 @@
 """Corpus reading: JSONL(.gz), bad input, validation split, local text sources, the default Wikipedia corpus."""
 
+import bz2
 import gzip
 import logging
+import lzma
 import os
 import threading
 import time
@@ -57,6 +59,17 @@ def test_utf16_or_32_corpus_says_to_re_encode(tmp_path, encoding):
   path = tmp_path / 'a.jsonl'
   path.write_bytes('{"text": "caf\u00e9"}\n'.encode(encoding))
   with pytest.raises(ValueError, match=r'a\.jsonl:1: the file looks UTF-16 or UTF-32 encoded.*re-encode'):
+    sources.read_jsonl([str(path)])
+
+
+@pytest.mark.parametrize('name, packed, kind', [
+    ('a.jsonl.bz2', bz2.compress, 'bzip2'), ('a.jsonl.xz', lzma.compress, 'xz'),
+    ('a.jsonl.zst', lambda b: b'\x28\xb5\x2f\xfd\x00\x58' + b, 'zstd'), ('a.json', gzip.compress, 'gzip')])
+def test_a_compressed_corpus_is_named_as_such_not_as_utf16(tmp_path, name, packed, kind):
+  # Compressed bytes hold NUL bytes, which read as the UTF-16 diagnosis ('re-encode it with iconv') before.
+  path = tmp_path / name
+  path.write_bytes(packed(b'{"text": "one"}\n' * 50))
+  with pytest.raises(ValueError, match=rf'{name}: the file is {kind}-compressed'):
     sources.read_jsonl([str(path)])
 
 
