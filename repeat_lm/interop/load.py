@@ -5,7 +5,7 @@ Accepted paths (what `trainer.train(initial_checkpoint_path=...)` / INITIAL_CHEC
   - a Hugging Face T5 or SwitchTransformers directory (config.json + safetensors or pytorch_model.bin), e.g. from
     `save_pretrained`;
   - a T5X checkpoint dir `checkpoint_<step>` (Orbax or msgpack + TensorStore), or a T5X MODEL_DIR (its latest), of
-    the T5 v1.1 network or a flaxformer MoE one (see t5x.py).
+    the T5 v1.1 network or a flaxformer MoE one (see t5x.py); `step` picks a checkpoint_<step> of a T5X MODEL_DIR.
 Only parameters are read; optimizer states are left behind. Either scan layout loads into either.
 """
 
@@ -95,12 +95,15 @@ def read_flat(path: str | Path, config: Any = None, step: int | None = None) -> 
   path = Path(path)
   kind = checkpoint_kind(path)
   if kind == "hf":
+    if step is not None:  # its weights are those of whichever step was exported, not necessarily this one
+      raise ValueError(f"{path} is a Hugging Face directory, which holds one set of weights: a checkpoint step "
+                       f"({step}) applies to repeat_lm and T5X checkpoints only; leave it unset.")
     if config is not None:
       _check_hf_config(path, config)
     hf_config = hf.t5_config_from_hf(json.loads((path / "config.json").read_text()))
     return kind, hf.from_hf_state_dict(hf.read_state_dict(path), hf_config)
   if kind == "t5x":
-    return kind, t5x.to_repeat_lm(t5x.read_params(path))
+    return kind, t5x.to_repeat_lm(t5x.read_params(path, step))
   return kind, layout.flatten(_restore_repeat_lm(_repeat_lm_step_dir(path, step), None))
 
 

@@ -53,15 +53,24 @@ _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
 _STATE_SUBDIR = "state"  # T5X's Orbax CheckpointManager item holding the train state
 
 
-def latest_checkpoint_dir(path: str | Path) -> Path:
-  """A T5X MODEL_DIR (holding checkpoint_<step>/ dirs) -> its latest checkpoint dir; a checkpoint dir -> itself.
+def latest_checkpoint_dir(path: str | Path, step: int | None = None) -> Path:
+  """A T5X MODEL_DIR (holding checkpoint_<step>/ dirs) -> its latest checkpoint dir, or that of `step`; a checkpoint
+  dir -> itself (if it is `step`'s). FileNotFoundError, naming the steps there, for a step that is not.
 
   T5X's Orbax CheckpointManager writes the train state one level down, in `checkpoint_<step>/state/` (beside
   `dataset/`); T5X's restore looks there first, and so does this.
   """
   path = Path(path)
   steps = sorted((int(m.group(1)), p) for p in path.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
-  path = steps[-1][1] if steps else path
+  if step is not None:
+    # A step asked for is that step's parameters or an error: never another step's (the latest) in its place.
+    name = path.parent.name if path.name == _STATE_SUBDIR else path.name  # checkpoint_<step>/ or its state/
+    here = dict(steps) if steps else {int(m.group(1)): path} if (m := _STEP_DIR.match(name)) else {}
+    if step not in here:
+      raise FileNotFoundError(f"No T5X checkpoint of step {step} in {path}; steps here: {sorted(here)}.")
+    path = here[step]
+  else:
+    path = steps[-1][1] if steps else path
   return path / _STATE_SUBDIR if (path / _STATE_SUBDIR).is_dir() else path
 
 
@@ -167,9 +176,10 @@ def _map_leaves(fn, tree):
   return fn(tree)
 
 
-def read_params(path: str | Path) -> dict[str, np.ndarray]:
-  """Flat T5X parameter paths -> numpy arrays, from a checkpoint dir or a MODEL_DIR (its latest checkpoint)."""
-  path = latest_checkpoint_dir(path)
+def read_params(path: str | Path, step: int | None = None) -> dict[str, np.ndarray]:
+  """Flat T5X parameter paths -> numpy arrays, from a checkpoint dir or a MODEL_DIR (its latest checkpoint, or
+  `step`'s)."""
+  path = latest_checkpoint_dir(path, step)
   tree = _read_orbax(path)
   if tree is None:
     tree = _read_legacy(path)

@@ -42,6 +42,14 @@ def test_hf_architecture_mismatch_is_named(tmp_path):
     load.load_for_module(tmp_path, t5.Transformer(relu))
 
 
+def test_a_step_is_refused_for_a_hugging_face_directory(tmp_path):
+  """Its weights are whichever step was exported: --step cannot be honoured, so it is not silently ignored."""
+  from repeat_lm.interop import hf
+  hf.export_hf(random_params(TINY), TINY, tmp_path)
+  with pytest.raises(ValueError, match="Hugging Face directory, which holds one set of weights.*step \\(3\\)"):
+    load.load_for_module(tmp_path, t5.Transformer(TINY), step=3)
+
+
 def test_unknown_directory_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a checkpoint repeat_lm can read"):
     load.checkpoint_kind(tmp_path)

@@ -2,6 +2,7 @@
 T5X's layout and naming)."""
 
 import dataclasses
+import shutil
 
 import jax
 import numpy as np
@@ -101,6 +102,23 @@ def test_reads_legacy_msgpack_tensorstore_checkpoint(tmp_path, kvstore):
   (tmp_path / "checkpoint").write_bytes(serialization.msgpack_serialize(tree))
   params = t5x.load_t5x(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, init_params(TINY)))
+
+
+def test_a_step_of_a_t5x_model_dir_is_that_steps_parameters(t5x_model_dir, tmp_path):
+  """infer / export --step on a T5X MODEL_DIR: that checkpoint_<step>, not the latest in its place."""
+  shutil.copytree(t5x_model_dir / "checkpoint_1000", tmp_path / "checkpoint_1000")
+  later = layout.unflatten(t5x_target(random_params(TINY, seed=1)))
+  ocp.PyTreeCheckpointer().save(str(tmp_path / "checkpoint_2000"), {"target": later, "state": {"step": 2000}})
+  wo = lambda params: np.asarray(params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"])  # noqa: E731
+  module = t5.Transformer(TINY)
+  np.testing.assert_array_equal(wo(load.load_for_module(tmp_path, module, step=1000)), wo(init_params(TINY)))
+  np.testing.assert_array_equal(wo(load.load_for_module(tmp_path, module)), wo(random_params(TINY, seed=1)))
+  np.testing.assert_array_equal(wo(load.load_for_module(tmp_path / "checkpoint_1000", module, step=1000)),
+                                wo(init_params(TINY)))
+  with pytest.raises(FileNotFoundError, match=r"No T5X checkpoint of step 1500 .*steps here: \[1000, 2000\]"):
+    load.load_for_module(tmp_path, module, step=1500)
+  with pytest.raises(FileNotFoundError, match=r"step 2000 .*steps here: \[1000\]"):
+    load.load_for_module(tmp_path / "checkpoint_1000", module, step=2000)
 
 
 def test_wrong_architecture_is_a_clear_error(t5x_model_dir):
