@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.metadata
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,14 +92,60 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
       raise GinConfigError(f"Gin file {f!r} not found (searched {', '.join(default_search_paths()[1:])} and the "
                            "current directory); "
                            "pass an existing path, e.g. --gin_file=gin/runs/smoke.gin.")
+  # One parse per file and per binding (what gin.parse_config_files_and_bindings does in one go), so an error can
+  # name its source: gin numbers the lines of the bindings joined after the prelude, and a tokenizer error (an
+  # unclosed bracket) names no file or line at all.
+  source = ""
   try:
-    bindings = [prelude + bindings[0], *bindings[1:]] if bindings else []
-    gin.parse_config_files_and_bindings(list(gin_files), bindings, finalize_config=False)
+    for f in gin_files:
+      source = f"--gin_file={f} (or a file it includes)"
+      gin.parse_config_file(f)
+    for binding in bindings:
+      source = f"--gin.{binding}"
+      gin.parse_config(prelude + binding)
   except Exception as e:  # Gin reports syntax errors, unknown names and bad includes with various types.
     raise GinConfigError(
-        f"Could not parse the gin configuration ({type(e).__name__}): {e}\n"
+        f"Could not parse the gin configuration ({type(e).__name__}) in {source}: {e}\n"
         "Check the --gin_file paths and the --gin.KEY=VALUE bindings: string values need inner quotes "
         "(--gin.MODEL_DIR=\"'/tmp/run'\"), names must exist in the imported modules.") from e
+  _check_macro_bindings_used(bindings)
+
+
+def _referenced_macros(value, out: set[str]) -> None:
+  """Adds the names of the macros a bound gin value (possibly nested in lists, tuples and dicts) refers to."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    if value.selector == "gin.macro":
+      out.add("/".join(value.scopes))
+  elif isinstance(value, dict):
+    for k, v in value.items():
+      _referenced_macros(k, out)
+      _referenced_macros(v, out)
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      _referenced_macros(v, out)
+
+
+def _check_macro_bindings_used(bindings: Sequence[str]) -> None:
+  """A binding of a macro nothing refers to (--gin.DROPOUT_RAT=0.1) would be accepted by gin and change nothing."""
+  keys = [b.partition("=")[0].strip() for b in bindings]
+  macros = [k for k in keys if re.fullmatch(r"[A-Za-z_][\w/]*", k)]  # no '.': a macro, not configurable.param
+  if not macros:
+    return
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  referenced: set[str] = set()
+  for params in config.values():
+    for value in params.values():
+      _referenced_macros(value, referenced)
+  unused = [m for m in macros if m not in referenced]
+  if unused:
+    defined = sorted(scope for scope, selector in config if selector == "gin.macro" and scope in referenced)
+    hints = [f"--gin.{m}" + (f" (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(
+        m, defined, n=2)) else "") for m in unused]
+    one = len(unused) == 1
+    raise GinConfigError(f"{'; '.join(hints)}: no gin file uses {'this macro' if one else 'these macros'}, so "
+                         f"{'the binding' if one else 'these bindings'} would change nothing. Check the spelling, or "
+                         "include the gin file that uses it (a run gin such as gin/runs/pretrain.gin for run "
+                         "settings).")
 
 
 def unbound_required_macros() -> list[str]:

@@ -16,6 +16,14 @@ def test_an_invalid_model_setting_is_not_reported_as_a_missing_model(capsys):
   assert "do not define MODEL" in capsys.readouterr().err
 
 
+def test_a_misspelt_macro_or_a_bad_dtype_is_an_error_not_ignored_or_a_traceback(capsys):
+  tiny = "--gin_file=gin/models/t5_1_1_tiny.gin"
+  assert cli.main(["model-info", tiny, "--gin.DROPOUT_RAT=0.1"]) == 2
+  assert "did you mean DROPOUT_RATE" in capsys.readouterr().err
+  assert cli.main(["model-info", tiny, "--gin.t5.T5Config.dtype='bfloat61'"]) == 2
+  assert "dtype='bfloat61' is not a floating-point dtype" in capsys.readouterr().err
+
+
 def test_eval_with_the_pretraining_gin_names_the_eval_gin(tmp_path, capsys):
   code = cli.main(["eval", "--gin_file=gin/runs/smoke.gin", f"--gin.MODEL_DIR='{tmp_path}'"])
   assert code == 2

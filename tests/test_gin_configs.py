@@ -49,6 +49,24 @@ def test_malformed_binding_is_a_clear_error(binding):
     gin_utils.parse(["gin/runs/smoke.gin"], [binding])
 
 
+def test_a_misspelt_macro_binding_is_an_error_naming_the_macro():
+  # gin accepts a binding of a macro that nothing uses: --gin.BATCH_SIZ=4 trained at the smoke gin's 16.
+  with pytest.raises(gin_utils.GinConfigError, match=r"--gin.BATCH_SIZ \(did you mean BATCH_SIZE"):
+    gin_utils.parse(["gin/runs/smoke.gin"], ["BATCH_SIZE=8", "BATCH_SIZ=4"])
+  with pytest.raises(gin_utils.GinConfigError, match=r"--gin.MODEL_DIR: no gin file uses this macro"):
+    gin_utils.parse(["gin/models/t5_1_1_tiny.gin"], ["MODEL_DIR='/tmp/x'"])  # a run setting without a run gin
+
+
+def test_a_parse_error_names_the_binding_or_file_at_fault(tmp_path):
+  # gin numbered the lines of all bindings joined after the prelude ("line 16"), naming none of them.
+  with pytest.raises(gin_utils.GinConfigError, match=r"in --gin.MODEL_DIR=/tmp/x:"):
+    gin_utils.parse(["gin/runs/smoke.gin"], ["TRAIN_STEPS=3", "MODEL_DIR=/tmp/x", "BATCH_SIZE=4"])
+  unclosed = tmp_path / "unclosed.gin"
+  unclosed.write_text("t5.T5Config.emb_dim = (64\n")  # a tokenizer error: gin names no file
+  with pytest.raises(gin_utils.GinConfigError, match=f"in --gin_file={unclosed}"):
+    gin_utils.parse(["gin/models/t5_1_1_tiny.gin", str(unclosed), "gin/runs/pretrain.gin"], [])
+
+
 def test_missing_gin_file():
   with pytest.raises(gin_utils.GinConfigError, match="not found"):
     gin_utils.parse(["gin/runs/no_such_run.gin"], [])

@@ -95,6 +95,13 @@ class T5Config:
     bad_sizes = {k: v for k, v in sizes.items() if isinstance(v, bool) or int(v) != v or v < 1}
     if bad_sizes:  # else a ZeroDivisionError or an out-of-range slice deep inside init
       raise ValueError(f"T5Config sizes must be whole numbers of at least 1: {bad_sizes}.")
+    # A misspelt or non-float dtype would otherwise surface as a bare TypeError when the model is first built.
+    try:
+      floating = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
+    except TypeError:
+      floating = False
+    if not floating:
+      raise ValueError(f"T5Config.dtype={self.dtype!r} is not a floating-point dtype; use 'bfloat16' or 'float32'.")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}.")
     for n in (self.num_encoder_layers, self.num_decoder_layers):  # fail at config time, not deep inside init

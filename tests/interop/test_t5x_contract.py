@@ -137,6 +137,23 @@ def test_documented_gin_parses_with_repeat_lm(doc, model_cls, moe, tmp_path, mon
   assert gin.query_parameter("tasks.span_corruption_task.corpus").endswith(".json.gz")
 
 
+@pytest.mark.parametrize("doc", ["t5x_example.gin", "t5x_example_moe.gin"])
+def test_documented_gin_drops_out_as_t5x_and_the_model_gins(doc, tmp_path, monkeypatch, fresh_gin):
+  # T5X's T5 shares each dropout mask along the length axis (broadcast_dims=(-2,)), as gin/models/ does; the
+  # documented gins left T5Config's per-element default, so fine-tuning under T5X at DROPOUT_RATE 0.1 dropped out
+  # differently from both.
+  t5x_double.install_stand_ins(monkeypatch)
+  path = tmp_path / "model.gin"
+  path.write_text((DOCS / doc).read_text())
+  gin.parse_config_files_and_bindings([str(path)], ["from repeat_lm import gin_utils\n"
+                                                    "gin_utils.macro_value.value = %MODEL"], finalize_config=False)
+  from repeat_lm import gin_utils
+  config = gin.configurable(gin_utils.macro_value)().module.config
+  assert config.dropout_broadcast_length
+  if doc == "t5x_example.gin":  # "repeat_lm's T5 v1.1 Base": the same network as gin/models/t5_1_1_base.gin
+    assert config == gin_utils.configured_macro(["gin/models/t5_1_1_base.gin"], [], "MODEL").module.config
+
+
 @pytest.mark.parametrize("typo", [("emb_dim = 768", "emb_dimm = 768"), ("@t5.Transformer()", "@t5.Transformr()"),
                                   ("from repeat_lm.models import t5", "from repeat_lm.model import t5")])
 def test_documented_gin_with_a_wrong_repeat_lm_name_fails(typo, tmp_path, monkeypatch, fresh_gin):

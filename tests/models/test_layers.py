@@ -59,6 +59,14 @@ def test_sizes_below_one_or_not_whole_are_refused(field, value):
     T5Config(**{field: value})
 
 
+@pytest.mark.parametrize("dtype", ["bfloat61", "int32"])
+def test_a_dtype_that_is_not_a_float_is_refused_at_config_time(dtype):
+  # --gin.t5.T5Config.dtype="'bfloat61'" used to pass the config and end in a bare TypeError when the model was built.
+  from repeat_lm.models import T5Config
+  with pytest.raises(ValueError, match=f"dtype='{dtype}' is not a floating-point dtype"):
+    T5Config(dtype=dtype)
+
+
 def test_relative_position_bias_shape_and_values():
   module = layers.RelativePositionBias(num_heads=3)
   positions = jnp.arange(5)
