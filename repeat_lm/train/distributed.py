@@ -38,9 +38,13 @@ def maybe_initialize() -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if coordinator:
-    jax.distributed.initialize(coordinator_address=coordinator,
-                               num_processes=_env_int("JAX_NUM_PROCESSES"),
-                               process_id=_env_int("JAX_PROCESS_ID"))
+    num_processes, process_id = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+    # With all three given, nothing is left to detect. Detection would also make up the visible devices: inside an
+    # srun step jax takes SLURM_LOCALID as this process's only GPU (one process per GPU), so slurm.sbatch's one
+    # process per node would drive GPU 0 alone. JAX_LOCAL_DEVICE_IDS still restricts them where that is wanted.
+    explicit = num_processes is not None and process_id is not None
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               cluster_detection_method="deactivate" if explicit else None)
   else:
     jax.distributed.initialize()
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),

@@ -7,6 +7,7 @@ Shapes: B batch, S input length, L max decode length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -57,11 +58,19 @@ def predict_tokens(module: Any, params: Any, inputs_BxS: np.ndarray, cfg: decodi
         tokens = decoding.decode(module, params, jax.device_put(padded, NamedSharding(partitioner.mesh,
                                                                                       PartitionSpec())),
                                  cfg, jax.random.fold_in(rng, start))
+        # The rows come back split over the batch devices; on several hosts a process cannot read the others' rows
+        # (device_get raises), so every device gathers the whole batch first.
+        tokens = _replicate(tokens, partitioner.replicated())
     else:
       tokens = decoding.decode(module, params, padded, cfg, jax.random.fold_in(rng, start))
     tokens = np.asarray(jax.device_get(tokens))
     out.extend(decoding.trim_after_eos(t) for t in tokens[:len(chunk)])
   return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _replicate(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+  return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def predict_texts(module: Any, params: Any, vocabulary: seqio.Vocabulary, texts: Sequence[str],

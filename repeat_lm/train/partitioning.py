@@ -76,6 +76,8 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
   shape = ", ".join(f"{k}={v}" for k, v in zip(names, dims))
   if dims.count(-1) > 1:
     raise ValueError(f"Mesh shape {shape}: at most one axis may be -1.")
+  if any(d != -1 and d < 1 for d in dims):
+    raise ValueError(f"Mesh shape {shape}: every axis needs a size of at least 1 (or -1: all remaining devices).")
   known = math.prod(d for d in dims if d != -1)
   if known <= 0 or n % known:
     raise ValueError(
@@ -88,7 +90,19 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
     device_array = mesh_utils.create_device_mesh(dims, devices=devices)
   except Exception:  # CPU / odd topologies: plain row-major order is fine.
     device_array = np.asarray(devices).reshape(dims)
-  return Mesh(device_array, names)
+  return Mesh(_hosts_adjacent(device_array), names)
+
+
+def _hosts_adjacent(device_array: np.ndarray) -> np.ndarray:
+  """`device_array` with its batch positions (every axis but the last, 'model', flattened: the order in which the
+  batch rows are laid out) stably sorted by the processes that own them, so each process holds one contiguous block
+  of rows (row_block). The topology-aware order can interleave hosts: on a TPU v4 pod slice each host owns a 2x2x1
+  block of the torus, and create_device_mesh([8, 1, 1]) over a 2x2x2 slice alternates the two hosts along 'data'.
+  One process: nothing moves."""
+  positions = device_array.reshape(-1, device_array.shape[-1])
+  owners = [tuple(sorted({d.process_index for d in row})) for row in positions]
+  order = sorted(range(len(owners)), key=owners.__getitem__)
+  return positions[order].reshape(device_array.shape)
 
 
 class Partitioner:

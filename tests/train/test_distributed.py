@@ -48,3 +48,20 @@ def test_tpu_pod_workers(env):
   assert distributed.is_multiprocess_environment()
   env.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1")
   assert not distributed.is_multiprocess_environment()
+
+
+def test_launcher_variables_leave_every_gpu_of_an_srun_task_visible(env):
+  """slurm.sbatch: one srun task per node drives all its GPUs. Left to detect, jax makes SLURM_LOCALID (0) the
+  task's only visible GPU; the launcher's JAX_* variables say everything, so nothing is detected."""
+  import jax
+  for name, value in zip(distributed.SLURM_STEP_VARIABLES, ("5", "node[1-2]", "2", "1", "0")):
+    env.setenv(name, value)
+  env.setenv("JAX_COORDINATOR_ADDRESS", "node1:12355")
+  env.setenv("JAX_NUM_PROCESSES", "2")
+  env.setenv("JAX_PROCESS_ID", "1")
+  calls = []
+  env.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  env.setattr(jax.config, "update", lambda *args: None)
+  distributed.maybe_initialize()
+  assert calls == [{"coordinator_address": "node1:12355", "num_processes": 2, "process_id": 1,
+                    "cluster_detection_method": "deactivate"}]

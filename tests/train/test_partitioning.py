@@ -1,5 +1,8 @@
 """Mesh construction and logical-axis shardings."""
 
+import dataclasses
+import itertools
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -14,7 +17,7 @@ def test_mesh_uses_all_devices():
   assert dict(partitioning.make_mesh(8, -1).shape) == {"data": 8, "model": 1}
 
 
-@pytest.mark.parametrize("data,model", [(3, -1), (-1, -1), (2, 2), (16, 1)])
+@pytest.mark.parametrize("data,model", [(3, -1), (-1, -1), (2, 2), (16, 1), (-2, -4), (0, 8)])
 def test_impossible_mesh_is_a_clear_error(data, model):
   with pytest.raises(ValueError, match="Mesh shape|at most one axis"):
     partitioning.make_mesh(data, model)
@@ -67,6 +70,27 @@ def test_data_layout_follows_the_mesh_not_the_process_count(data, model, expecte
   for host_id in (0, 1):
     want = expected[4 * host_id]
     assert p.data_layout(16, process_index=host_id, process_of=host.__getitem__) == want
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpuV4:
+  id: int
+  process_index: int
+  coords: tuple[int, int, int]
+  core_on_chip: int = 0
+  platform: str = "tpu"
+  device_kind: str = "TPU v4"
+
+
+@pytest.mark.parametrize("data,model", [(-1, 1), (4, 2), (1, 8)])
+def test_each_pod_host_holds_one_block_of_rows(data, model):
+  """A v4-16 slice: a 2x2x2 torus whose two hosts each own a 2x2x1 block (z = host). The topology-aware order
+  alternates the hosts along 'data'; the input pipeline gives each host one contiguous block of rows, so the mesh
+  must keep each host's devices adjacent (else the default DATA_PARALLEL=-1 could not start on a pod)."""
+  devices = [FakeTpuV4(i, z, (x, y, z)) for i, (z, y, x) in enumerate(itertools.product(range(2), repeat=3))]
+  p = partitioning.Partitioner(data, model, devices=devices)
+  blocks = [p.data_layout(16, process_index=host) for host in (0, 1)]
+  assert blocks == ([(0, 1)] * 2 if data == 1 else [(0, 2), (1, 2)])
 
 
 def test_factored_statistics_of_a_square_kernel_follow_their_own_axis():
