@@ -412,7 +412,7 @@ def _add_analyze(sub) -> None:
   a = p.add_subparsers(dest="analyze_command", required=True)
 
   def table(q, name: str) -> None:
-    q.add_argument("--results", required=True, help="CSV written by `repeat-lm collect`.")
+    q.add_argument("--results", required=True, help="Table written by `repeat-lm collect` (.csv or .parquet).")
     q.add_argument("--out", default=None, help=f"Report folder (default: analysis/{name} next to the table).")
     q.add_argument("--json", action="store_true", help="Print one JSON object instead of the Markdown report.")
 
@@ -619,7 +619,8 @@ def _add_demo(sub) -> None:
   p.add_argument("--out", default="runs/demo", help="Output folder; running again reuses its finished runs.")
   p.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data order and masks.")
   p.add_argument("--quick", action="store_true", help="A few dozen steps per run (checks the plumbing only).")
-  p.add_argument("--steps", type=int, default=None, help="Training steps per run (default: the whole budget).")
+  p.add_argument("--steps", type=int, default=None,
+                 help="Training steps per run, at most the whole budget (the default).")
 
 
 def _run_demo(args, bindings: Sequence[str]) -> None:

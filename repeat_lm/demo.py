@@ -448,7 +448,11 @@ def run_demo(out: str | Path, *, seed: int = 0, quick: bool = False, steps: int 
       raise ValueError(f"--steps={steps}: give at least 1 step, or leave it out to train the whole token budget.")
     s = dataclasses.replace(s, steps=steps)
   specs = run_specs(s)
-  total = s.steps or budget_steps(s, specs)
+  budget = budget_steps(s, specs)
+  if s.steps is not None and s.steps > budget:  # the fresh run's task holds the budget once: no batch beyond it
+    raise ValueError(f"--steps={s.steps}: the runs read a budget of 2^{s.budget_log2} tokens, {budget} full batches "
+                     f"of {s.batch_size}; give at most {budget} steps.")
+  total = s.steps or budget
   root = out / "runs" / f"{'quick' if quick else 'full'}_seed{seed}"
   dirs = [root / run.name for run in specs]
   records = [{"settings": _settings_record(s), "steps": total, "seed": seed, "task": task_name(s, run)}

@@ -81,6 +81,14 @@ def test_steps_below_one_are_refused(tmp_path, capsys, steps):
   assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_steps_beyond_the_budget_are_refused_before_training(tmp_path, capsys):
+  # The fresh run's task holds the budget once, so the trainer could not run more steps than it has batches.
+  budget = demo.budget_steps(demo.QUICK, demo.run_specs(demo.QUICK))
+  assert cli.main(["demo", "--out", str(tmp_path), "--quick", f"--steps={2 * budget}"]) == 2
+  assert f"give at most {budget} steps" in capsys.readouterr().err
+  assert not any(tmp_path.iterdir())
+
+
 def test_every_run_evaluates_on_the_same_held_out_text():
   from repeat_lm.data import pipeline, tasks
   s = demo.QUICK

@@ -1,4 +1,4 @@
-"""Read the results table of `repeat-lm collect` (CSV, one row per run) and each run's MODEL_DIR/metrics.jsonl.
+"""Read the results table of `repeat-lm collect` (CSV or Parquet, one row per run) and each run's metrics.jsonl.
 
 Required of the table: a header row; `run`; the numeric columns below (empty cells read as NaN); `model_dir` (the
 run's directory, absolute or relative to the CSV's folder) for curves. Every other column is kept as text in
@@ -78,19 +78,40 @@ def _float(text: str | None) -> float:
     return math.nan
 
 
+def _parquet_rows(path: Path) -> list[dict[str, str]]:
+  """The rows of collect's Parquet table as text, as csv.DictReader gives the CSV's: empty cells (null, NaN) read
+  as "", and a whole float (collect stores every numeric column as float64) without its ".0"."""
+  import pyarrow as pa  # noqa: PLC0415 - only Parquet tables need it
+  import pyarrow.parquet as pq  # noqa: PLC0415
+
+  def text(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+      return ""
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+  try:
+    table = pq.read_table(path)
+  except (pa.ArrowException, OSError) as e:
+    raise ValueError(f"{path} is not a Parquet table ({e}): pass the table `repeat-lm collect` writes.") from e
+  return [{k: text(v) for k, v in row.items()} for row in table.to_pylist()]
+
+
 def read_results(path: str | Path) -> list[Run]:
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such results table; `repeat-lm collect --root=SWEEP_ROOT` writes one "
                             "(SWEEP_ROOT/results.csv).")
-  try:
-    with path.open(newline="", encoding="utf-8") as f:
-      rows = list(csv.DictReader(f))
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{path} is not UTF-8 text (offset {e.start}): pass the CSV `repeat-lm collect` "
-                     "writes.") from e
-  except csv.Error as e:
-    raise ValueError(f"{path} is not a CSV table ({e}): pass the CSV `repeat-lm collect` writes.") from e
+  if path.suffix == ".parquet":  # `repeat-lm collect --out=results.parquet`
+    rows = _parquet_rows(path)
+  else:
+    try:
+      with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path} is not UTF-8 text (offset {e.start}): pass the CSV `repeat-lm collect` "
+                       "writes.") from e
+    except csv.Error as e:
+      raise ValueError(f"{path} is not a CSV table ({e}): pass the CSV `repeat-lm collect` writes.") from e
   if not rows:
     raise ValueError(f"{path}: no runs in the results table.")
   if "run" not in rows[0]:

@@ -1,5 +1,6 @@
 """Reading the results table and the runs' curves."""
 
+import csv
 import json
 import math
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from repeat_lm.analysis import results
+from repeat_lm.experiments import collect
 
 
 def test_read_table(results_csv):
@@ -67,3 +69,21 @@ def test_unreadable_tables_name_the_file_and_the_fix(tmp_path):
   (tmp_path / "empty.csv").write_text("")
   with pytest.raises(ValueError, match="no runs in the results table"):
     results.read_results(tmp_path / "empty.csv")
+
+
+def test_the_parquet_table_of_collect_reads_as_its_csv(results_csv):
+  # `repeat-lm collect --out=results.parquet` writes numeric columns as float64 and empty cells as nulls.
+  with results_csv.open(newline="") as f:
+    rows = [{k: results._float(v) if k in {*results.NUMERIC, "DROPOUT_RATE"} else v for k, v in row.items()}
+            for row in csv.DictReader(f)]
+  rows[0]["best_step"] = math.nan  # an empty cell
+  parquet = collect.write_table(rows, results_csv.with_suffix(".parquet"))
+  from_csv, from_parquet = results.read_results(results_csv), results.read_results(parquet)
+  from_csv[0].best_step = math.nan
+  assert [(r.run, r.params, r.model_dir, r.get("DROPOUT_RATE"), r.get("model")) for r in from_parquet] == \
+      [(r.run, r.params, r.model_dir, r.get("DROPOUT_RATE"), r.get("model")) for r in from_csv]
+  assert math.isnan(from_parquet[0].best_step) and from_parquet[1].best_step == from_csv[1].best_step
+  assert results.varied_factors(from_parquet) == results.varied_factors(from_csv)
+  (results_csv.parent / "bad.parquet").write_text("not parquet")
+  with pytest.raises(ValueError, match="bad.parquet is not a Parquet table"):
+    results.read_results(results_csv.parent / "bad.parquet")
