@@ -3,9 +3,9 @@
 Onset (the definition the report states): with `bad` = loss, or -accuracy, and `best` its first minimum over the
 evaluation points, a point is *within tolerance* when bad <= bad[best] + tol (tol = `tolerance`, else
 `rel_tolerance` x |best value|, 0.5% by default). Degradation is sustained from the first point after the last
-within-tolerance point, provided at least `min_points` (2) evaluation points follow and none returns within
-tolerance; that point is the onset. A NaN (diverged) evaluation counts as worse than any value; a curve with no
-finite value has no best, no gap and no onset.
+within-tolerance point, provided at least `min_points` (2) evaluation points lie from it (included) to the end and
+none returns within tolerance; that point is the onset. A NaN (diverged) evaluation counts as worse than any value;
+a curve with no finite value has no best (nor its step), no gap and no onset.
 """
 
 from __future__ import annotations
@@ -78,8 +78,11 @@ def run_rows(runs: list[results.Run], metric: str, tolerance: float | None = Non
       curves[r.run] = curve
       o = detect(curve.value, higher_is_better=higher, tolerance=tolerance, rel_tolerance=rel_tolerance)
       onset_tokens = None if o.onset_index is None else float(curve.tokens_seen[o.onset_index])
-      row.update(best=o.best_value, best_step=float(curve.step[o.best_index]),
-                 best_tokens=float(curve.tokens_seen[o.best_index]), final=o.final_value, gap=o.gap,
+      # A curve with no finite value has no best: no step or tokens of one either (not its first evaluation's).
+      has_best = math.isfinite(o.best_value)
+      row.update(best=o.best_value, best_step=float(curve.step[o.best_index]) if has_best else math.nan,
+                 best_tokens=float(curve.tokens_seen[o.best_index]) if has_best else math.nan,
+                 final=o.final_value, gap=o.gap,
                  onset_step=None if o.onset_index is None else float(curve.step[o.onset_index]),
                  onset_tokens=onset_tokens,
                  onset_epoch=onset_tokens / r.unique_tokens if onset_tokens is not None and r.unique_tokens > 0
@@ -93,7 +96,11 @@ def _slug(text: str) -> str:
 
 
 def _sort_key(value):
-  return (0, value, "") if isinstance(value, float) else (1, 0.0, str(value))
+  # NaN (an empty cell, e.g. `unique_tokens` of a run without repetition) last: compared as a number it is neither
+  # smaller nor larger than anything, and sorted() would leave the other values out of order around it.
+  if isinstance(value, float):
+    return (2, 0.0, "") if math.isnan(value) else (0, value, "")
+  return (1, 0.0, str(value))
 
 
 def factor_summary(runs: list[results.Run], rows: list[dict], factor: str) -> list[dict]:
@@ -153,11 +160,14 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
   text = (f"{len(rows)} runs, {len(curves)} with curves (metrics.jsonl); metric `{metric}`. "
           f"{len(degrading)} show sustained degradation.\n\n"
           f"Onset: the first evaluation point after which `{metric}` never comes back within the tolerance "
-          f"({tol_text}) of the run's best value, with at least {MIN_POINTS} evaluation points after it. "
+          f"({tol_text}) of the run's best value, with at least {MIN_POINTS} evaluation points from it to the end. "
           "Gap: how much worse the final value is than the best. Onset epoch = tokens seen at the onset / unique "
           "tokens.")
   if degrading:
-    first = min(degrading, key=lambda row: row["onset_epoch"] if row["onset_epoch"] is not None else math.inf)
+    # Epochs compare runs of different unique tokens; a run without unique_tokens has none, and ranking it after
+    # every run that has would name a later onset as the earliest: then compare tokens seen.
+    by_epoch = all(row["onset_epoch"] is not None for row in degrading)
+    first = min(degrading, key=lambda row: row["onset_epoch"] if by_epoch else row["onset_tokens"])
     largest = max(rows, key=lambda row: row["gap"] if math.isfinite(row["gap"]) else -math.inf)
     text += (f"\n\nEarliest onset: `{first['run']}` at step {report.fmt(first['onset_step'])}"
              + (f" (epoch {first['onset_epoch']:.3g})" if first["onset_epoch"] is not None else "")

@@ -66,16 +66,17 @@ class Curve:
 
 def _maybe_float(text: str):
   try:
-    return float(text)
+    value = float(text)
   except ValueError:
     return text
+  # Every NaN cell ("nan", as csv writes a float NaN) is the one math.nan object, as an empty cell is: NaN != NaN,
+  # so distinct NaN objects would each be a group of their own when runs are grouped by a column's value.
+  return math.nan if math.isnan(value) else value
 
 
 def _float(text: str | None) -> float:
-  try:
-    return float(text) if text not in (None, "") else math.nan
-  except ValueError:
-    return math.nan
+  value = math.nan if text in (None, "") else _maybe_float(text)
+  return value if isinstance(value, float) else math.nan
 
 
 def _parquet_rows(path: Path) -> list[dict[str, str]]:

@@ -1,5 +1,7 @@
 """Onset of degradation on hand-made curves, and the analysis of a synthetic table."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,45 @@ def test_factor_summary_takes_the_median_onset_and_leaves_diverged_gaps_out():
   by_lr = {s["lr"]: s for s in degradation.factor_summary(runs, rows, "lr")}
   assert by_lr[1.0]["median_onset_epoch"] == 2.0 and by_lr[1.0]["mean_gap"] == pytest.approx(0.2)
   assert by_lr[1.0]["degrading"] == 3 and by_lr[2.0]["degrading"] == 0 and by_lr[2.0]["median_onset_epoch"] is None
+
+
+def _write_curve(model_dir, accuracies, tokens_per_step=100.0):
+  """Evaluations every 10 steps, train records every 5 (tokens seen only there, as the trainer writes them)."""
+  import json
+  model_dir.mkdir(parents=True)
+  lines = [{"step": s, "train/loss": 2.0, "train/tokens_seen": s * tokens_per_step}
+           for s in range(5, 10 * len(accuracies) + 1, 5)]
+  lines += [{"step": 10 * (i + 1), "eval/accuracy": a} for i, a in enumerate(accuracies)]
+  (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  return str(model_dir)
+
+
+def test_earliest_onset_compares_tokens_when_a_run_has_no_unique_tokens(tmp_path):
+  # `late` degrades from step 40 (4000 tokens, epoch 4 of its 1000 unique tokens); `early`, with no unique_tokens
+  # (no onset epoch), from step 20 (2000 tokens): the earliest onset is `early`'s.
+  runs = [results.Run(run="late", status="done", unique_tokens=1000.0,
+                      model_dir=_write_curve(tmp_path / "late", [0.5, 0.6, 0.6, 0.5, 0.4, 0.3])),
+          results.Run(run="early", status="done",
+                      model_dir=_write_curve(tmp_path / "early", [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]))]
+  out = degradation.analyze(runs, tmp_path / "out")
+  assert [r["onset_step"] for r in out["runs"]] == [40.0, 20.0]
+  text = (tmp_path / "out" / "report.md").read_text()
+  assert "Earliest onset: `early` at step 20." in text
+  # The report states the rule the code applies: 2 points counting the onset (here 20 and 30 of [0.6, 0.5, 0.4]).
+  assert "at least 2 evaluation points from it to the end" in text
+  assert degradation.detect([0.6, 0.5, 0.4], higher_is_better=True).onset_index == 1
+
+
+def test_factor_summary_sorts_values_with_an_empty_cell_last():
+  # unique_tokens in the experiment's order, the fresh run's cell empty (NaN): NaN used to stop the sort.
+  values = [2.0 ** 27, math.nan, 2.0 ** 29, 2.0 ** 23, 2.0 ** 25]
+  runs = [{"unique_tokens": v} for v in values]
+  rows = [{"gap": 0.0, "onset_step": None, "onset_epoch": None}] * len(runs)
+  order = [s["unique_tokens"] for s in degradation.factor_summary(runs, rows, "unique_tokens")]
+  assert order[:4] == [2.0 ** 23, 2.0 ** 25, 2.0 ** 27, 2.0 ** 29] and math.isnan(order[4])
+
+
+def test_a_curve_without_a_finite_value_has_no_best_step(tmp_path):
+  run = results.Run(run="r", status="failed", model_dir=_write_curve(tmp_path / "r", ["nan", "nan"]))
+  (row,), _ = degradation.run_rows([run], "eval/accuracy")
+  assert math.isnan(row["best"]) and math.isnan(row["best_step"]) and math.isnan(row["best_tokens"])

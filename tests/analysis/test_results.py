@@ -87,3 +87,14 @@ def test_the_parquet_table_of_collect_reads_as_its_csv(results_csv):
   (results_csv.parent / "bad.parquet").write_text("not parquet")
   with pytest.raises(ValueError, match="bad.parquet is not a Parquet table"):
     results.read_results(results_csv.parent / "bad.parquet")
+
+
+def test_nan_cells_are_one_value_when_runs_are_grouped(tmp_path):
+  # csv writes a float NaN as "nan": two such cells must group together, as two empty cells do (NaN != NaN).
+  from repeat_lm.analysis import degradation
+  (tmp_path / "r.csv").write_text("run,epochs,model\na,nan,x\nb,nan,x\nc,4,x\nd,,x\n")
+  runs = results.read_results(tmp_path / "r.csv")
+  rows = [{"gap": 0.0, "onset_step": None, "onset_epoch": None}] * len(runs)
+  summary = degradation.factor_summary(runs, rows, "epochs")
+  assert [s["runs"] for s in summary] == [1, 3] and summary[0]["epochs"] == 4.0
+  assert math.isnan(summary[1]["epochs"])
