@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _add_gin_args(p: argparse.ArgumentParser) -> None:
@@ -546,7 +548,7 @@ def _run_sweep(args, bindings: Sequence[str]) -> dict:
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the current run checkpointed and was left pending
     raise RuntimeError(f"sweep interrupted ({e or 'Ctrl-C'}); run the same command again to resume.") from e
   if result["failed"] and not args.dry_run:
-    print(json.dumps(result, sort_keys=True))
+    print(json.dumps(strict_json(result), sort_keys=True, allow_nan=False))
     raise RuntimeError(f"{len(result['failed'])} run(s) failed: " + "; ".join(
         f"{k}: {v}" for k, v in result["failed"].items()) + f". Logs: {args.root}/RUN/train.log; re-running the "
         "sweep retries them.")
@@ -658,6 +660,18 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def strict_json(value: Any) -> Any:
+  """`value` with every non-finite float as None (JSON null): `--json` prints one JSON object, and strict parsers (jq,
+  JSON.parse, Go's encoding/json) reject Python's NaN / Infinity, which a diverged run or a run without a curve has."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json(v) for v in value]
+  return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   from repeat_lm import runtime
   if argv is None:  # a command line, not a call from Python: may re-execute with the host allocator settings
@@ -693,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           else f"repeat-lm: error: {e}", file=sys.stderr)
     return 2
   if result is not None:
-    print(json.dumps(result, sort_keys=True))
+    print(json.dumps(strict_json(result), sort_keys=True, allow_nan=False))
   return 0
 
 

@@ -7,9 +7,13 @@ import pytest
 from repeat_lm import cli
 
 
+def _strict(constant):
+  raise AssertionError(f"{constant} is not JSON (strict parsers such as jq reject it)")
+
+
 def _json(capsys, argv) -> dict:
   assert cli.main(argv) == 0
-  return json.loads(capsys.readouterr().out)
+  return json.loads(capsys.readouterr().out, parse_constant=_strict)
 
 
 def _assert_report(out_dir, *pngs):
@@ -26,6 +30,14 @@ def test_degradation(results_csv, capsys):
                    f"--out={results_csv.parent / 'loss'}"]) == 0
   assert capsys.readouterr().out.startswith("# Degradation (eval/loss)")
   _assert_report(results_csv.parent / "loss", "eval_loss_by_unique_tokens.png")
+
+
+def test_json_has_null_where_a_number_is_missing(tmp_path, capsys):
+  # A run without a curve has no best step: NaN in Python, null on stdout (Python's json printed a bare NaN).
+  table = tmp_path / "results.csv"
+  table.write_text("run,final_eval_accuracy,best_eval_accuracy\nno_curve,0.5,\n")
+  out = _json(capsys, ["analyze", "degradation", f"--results={table}", "--json"])
+  assert out["runs"][0]["best"] is None and out["runs"][0]["final"] == 0.5
 
 
 @pytest.mark.parametrize("law", ["chinchilla", "data-constrained"])
