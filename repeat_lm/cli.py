@@ -397,7 +397,7 @@ def _run_model_info(args, bindings: Sequence[str]) -> dict | None:
     raise ValueError("--markdown and --update_doc need --zoo (one model prints a JSON object).")
   if not args.gin_file:
     raise ValueError("model-info needs a model gin (--gin_file=gin/models/t5_1_1_base.gin) or --zoo.")
-  config = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path).module.config
+  config = info.model_config(gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path))
   reference = (info.load_config(args.dense_reference, (), args.gin_search_path) if args.dense_reference
                else None)
   return info.model_info(config, args.inputs_length, args.targets_length, reference)

@@ -22,6 +22,8 @@ def test_a_misspelt_macro_or_a_bad_dtype_is_an_error_not_ignored_or_a_traceback(
   assert "did you mean DROPOUT_RATE" in capsys.readouterr().err
   assert cli.main(["model-info", tiny, "--gin.t5.T5Config.dtype='bfloat61'"]) == 2
   assert "dtype='bfloat61' is not a floating-point dtype" in capsys.readouterr().err
+  assert cli.main(["model-info", tiny, "--gin.MODEL=@t5.T5Config()"]) == 2  # was AttributeError's traceback
+  assert "The gin's MODEL is a T5Config, not a model" in capsys.readouterr().err
 
 
 def test_eval_with_the_pretraining_gin_names_the_eval_gin(tmp_path, capsys):

@@ -28,6 +28,11 @@ def _import():
   return torch, transformers
 
 
+def require_torch() -> None:
+  """Raise RuntimeError with the install hint unless torch and transformers import."""
+  _import()
+
+
 def hf_config(config):
   """transformers.T5Config equivalent to a repeat_lm T5Config (one mapping for bench and export: interop/hf.py)."""
   _import()  # the bench's install hint when torch or transformers is missing

@@ -54,7 +54,8 @@ _PART_PATTERNS = tuple((re.compile(pattern), part) for pattern, part in (
     (_DECODER + "encoder_decoder_attention" + _PROJECTION, "cross-attention projections"),
     (_DECODER + "encoder_decoder_attention/", "cross-attention core"),
     (_DECODER + "mlp/", "decoder mlp"),
-    ("/logits_dense/", "logits"),
+    # Untied output layer, or the tied embedding's attend (logits_via_embedding: the Switch gins).
+    (r"/(?:logits_dense|token_embedder\.attend)/", "logits"),
 ))
 # Ops outside those modules: norms, embeddings, the position bias, the loss, the optimizer, layout copies XLA made
 # without a source op. They do no model FLOPs.

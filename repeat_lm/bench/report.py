@@ -101,6 +101,15 @@ def history_path(out: str | Path) -> Path:
 HISTORY_ROW_KEYS = ("step_time_s", "step_time_min_s", "step_time_max_s", "tokens_per_s", "mfu")
 
 
+# The other fields the table of other hosts prints, each with what it may hold (None: absent).
+HISTORY_ROW_FIELDS = {
+    "dtype": lambda v: isinstance(v, str),
+    "hf_tokens_per_s": lambda v: v is None or isinstance(v, (int, float)),
+    "speedup_vs_hf": lambda v: v is None or isinstance(v, (int, float)),
+    "vs_hf_round_by_round": lambda v: v is None or isinstance(v, str),
+}
+
+
 def read_history(path: Path) -> dict[str, dict]:
   """The host history at `path` ({host: {"date", "train": [rows]}}); {} where there is none yet."""
   if not path.exists():
@@ -114,6 +123,13 @@ def read_history(path: Path) -> dict[str, dict]:
       missing = sorted({k for r in rows for k in HISTORY_ROW_KEYS if not isinstance(r.get(k), (int, float))})
       if missing:
         raise ValueError(f"the training rows of {host!r} have no numbers for {missing}")
+      # The other fields the table prints: a hand edit that breaks one would otherwise crash the report after it
+      # has measured, and lose the measurements.
+      if not isinstance(entry.get("date", ""), str):
+        raise ValueError(f"the date of {host!r} is not a string")
+      wrong = sorted({k for r in rows for k, ok in HISTORY_ROW_FIELDS.items() if not ok(r.get(k))})
+      if wrong:
+        raise ValueError(f"the training rows of {host!r} have unreadable {wrong}")
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise ValueError(f"{path}: not the host history `repeat-lm bench report` writes ({type(e).__name__}: {e}). "
                      "It was left as it is: restore it (e.g. `git checkout` it) or move it aside to start a new "
@@ -154,7 +170,8 @@ def other_hosts_lines(others: dict[str, dict]) -> list[str]:
           f"| {host} | {entry.get('date', '?')} | {r['dtype']} | {r['step_time_s']:.3f} "
           f"({r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}) | {r['tokens_per_s']:.0f} | "
           f"{100 * r['mfu']:.1f}% | {nan if hf_rate is None else hf_rate:.0f} | "
-          f"{r.get('speedup_vs_hf', nan):.2f}x | {r.get('vs_hf_round_by_round') or '-'} |")
+          f"{nan if r.get('speedup_vs_hf') is None else r['speedup_vs_hf']:.2f}x | "
+          f"{r.get('vs_hf_round_by_round') or '-'} |")
   return lines + [""]
 
 
@@ -233,8 +250,11 @@ def to_markdown(m: dict, others: dict[str, dict] | None = None) -> str:
               "Face's step time over repeat_lm's in each pair of rounds that ran one after the other, which cancels "
               "the host's drift between fast and slow spells (train.paired_speedups).", ""]
   timing = "".join(f" --{k}={m[k]}" for k in ("steps", "rounds") if k in m)  # what measure() ran, not the defaults
-  lines += [f"Command: `repeat-lm bench train --gin_file=gin/models/t5_1_1_small.gin --batch_size=8{timing} "
-            "--compare=hf` (the bfloat16 row: `--dtype=bfloat16`; the CPU-settings rows: without `--compare=hf`)", ""]
+  # `bench report --no_hf` runs the rows without the peer: the command says so.
+  compared = any("hf" in r for r in m["train"])
+  lines += [f"Command: `repeat-lm bench train --gin_file=gin/models/t5_1_1_small.gin --batch_size=8{timing}"
+            f"{' --compare=hf' if compared else ''}` (the bfloat16 row: `--dtype=bfloat16`"
+            f"{'; the CPU-settings rows: without `--compare=hf`' if compared else ''})", ""]
   lines += other_hosts_lines(others or {})
   lines += ["## Where the time goes", ""]
   for r in m["train"][:1]:

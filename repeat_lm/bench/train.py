@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repeat_lm import bench
+from repeat_lm.models import info
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel
 from repeat_lm.train import flops, optim, partitioning, state as state_lib
 
@@ -141,6 +142,7 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
   if compare_hf:
     from repeat_lm.bench import hf as hf_lib
     hf_lib.check_comparable(mcfg)  # before anything is compiled or timed
+    hf_lib.require_torch()  # likewise: the peer's process would only find torch missing after the compile
   flops_per_step = flops.train_flops_per_sequence(mcfg, cfg.inputs_length, cfg.targets_length) * cfg.batch_size
   peak, peak_source = flops.peak_flops_total(dtype=mcfg.dtype)
   if flops.known_peak_flops(jax.devices()[0]) is None:
@@ -204,6 +206,7 @@ def with_dtype(model: EncoderDecoderModel, dtype: str) -> EncoderDecoderModel:
   is in, and every CPU runs it; the gins' bfloat16 is `--dtype=bfloat16`, fast where the CPU has bfloat16 dot
   instructions (AVX512-BF16, AMX), and then compared with Hugging Face under torch.autocast.
   """
+  info.model_config(model)  # a gin binding MODEL to something else (a T5Config, a module) is named
   if dtype != "auto" and dtype not in ACTIVATION_DTYPES:
     raise ValueError(f"--dtype={dtype!r}: choose 'auto' or one of {', '.join(ACTIVATION_DTYPES)}.")
   if dtype == "auto":

@@ -37,8 +37,16 @@ DOC_BEGIN, DOC_END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
 def load_config(gin_file: str, bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> t5.T5Config:
   """The T5Config of the MODEL a model gin builds."""
   from repeat_lm import gin_utils  # noqa: PLC0415
-  model = gin_utils.configured_macro([gin_file], bindings, "MODEL", search_paths)
-  return model.module.config
+  return model_config(gin_utils.configured_macro([gin_file], bindings, "MODEL", search_paths))
+
+
+def model_config(model: Any) -> t5.T5Config:
+  """The T5Config of a gin's MODEL, or a ValueError naming what MODEL is when it is no model (a T5Config, a module)."""
+  config = getattr(getattr(model, "module", None), "config", None)
+  if not isinstance(config, t5.T5Config):
+    raise ValueError(f"The gin's MODEL is a {type(model).__name__}, not a model (EncoderDecoderModel): include a "
+                     "model gin such as gin/models/t5_1_1_small.gin, or bind MODEL as it does.")
+  return config
 
 
 @functools.lru_cache(maxsize=None)

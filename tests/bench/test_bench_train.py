@@ -151,6 +151,11 @@ def test_report_markdown_has_every_measured_row():
          "2.244 s for everything above the floor, against 2.200 s in the profile." in text
   assert all(f"| T5 v1.1 {size} | 1,000 | 1.0 | 2.0 |" in text for size in report.ZOO)
   assert "Host:" not in text  # a result from before results named their host
+  # `bench report --no_hf`: no row ran beside Hugging Face, and the command says so.
+  alone = {k: v for k, v in run.items() if not k.startswith(("hf", "speedup"))}
+  text = report.to_markdown({"train": [alone], "ablations": [], "compile": [], "steps": 3, "rounds": 5})
+  assert "Command: `repeat-lm bench train --gin_file=gin/models/t5_1_1_small.gin --batch_size=8 --steps=3 " \
+         "--rounds=5` (the bfloat16 row: `--dtype=bfloat16`)" in text
   on_host = {**run, "host": "AMD EPYC (family 25, model 17), 2 CPUs"}
   text = report.to_markdown({"train": [on_host], "ablations": [], "compile": []})
   assert "Host: AMD EPYC (family 25, model 17), 2 CPUs. CPU numbers hold for that processor only" in text
@@ -192,6 +197,26 @@ def test_report_keeps_the_rows_of_other_hosts_and_replaces_its_own(monkeypatch, 
       report.write(out)
     assert (tmp_path / "performance.json").read_text() == damaged
   assert len(measured) == 2
+  # Hand edits that would break the table of other hosts stop the report before it measures, not after.
+  good = {**history["hosts"]["Xeon"]["train"][0], "mfu": 0.5}
+  for bad in ({k: v for k, v in good.items() if k != "dtype"}, {**good, "hf_tokens_per_s": "500"},
+              {**good, "speedup_vs_hf": "2.5x"}, {**good, "vs_hf_round_by_round": 1.1}):
+    damaged = json.dumps({"hosts": {"EPYC": {"date": "2026-11-30", "train": [bad]}}})
+    (tmp_path / "performance.json").write_text(damaged)
+    with pytest.raises(ValueError, match="performance.json: not the host history .* left as it is"):
+      report.write(out)
+    assert (tmp_path / "performance.json").read_text() == damaged
+  damaged = json.dumps({"hosts": {"EPYC": {"date": 20261130, "train": [good]}, "AMD": {"train": [good]}}})
+  (tmp_path / "performance.json").write_text(damaged)
+  with pytest.raises(ValueError, match="the date of 'EPYC' is not a string"):
+    report.write(out)
+  assert len(measured) == 2
+  # A row with no Hugging Face numbers (null, as a --no_hf report or a hand edit leaves them) still prints.
+  (tmp_path / "performance.json").write_text(json.dumps(
+      {"hosts": {"EPYC": {"date": "2026-11-30", "train": [{**good, "hf_tokens_per_s": None, "speedup_vs_hf": None}]}}}))
+  report.write(out)
+  assert "| EPYC | 2026-11-30 | float32 | 5.000 (3.900-4.200) | 1252 | 50.0% | nan | nanx | 2.50x (2.40-2.60) |" \
+      in out.read_text()
 
 
 def test_profile_attributes_the_step_to_named_hlo_ops(tmp_path):
@@ -244,6 +269,22 @@ def test_compare_hf_refuses_regularisers_its_peer_would_not_run(changes):
     hf.check_comparable(dataclasses.replace(tiny().module.config, **changes))
   # One rate drawn per element: the peer's too.
   hf.check_comparable(dataclasses.replace(tiny().module.config, dropout_rate=0.1, dropout_broadcast_length=False))
+
+
+def test_compare_hf_without_torch_fails_with_the_install_hint_before_compiling(monkeypatch):
+  import sys
+  from repeat_lm.bench import hf
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+  monkeypatch.setattr(bench_train, "JaxStep", lambda *a, **k: pytest.fail("compiled before finding torch missing"))
+  with pytest.raises(RuntimeError, match="--compare=hf needs PyTorch and transformers") as e:
+    bench_train.run_benchmark(tiny(), CFG, compare_hf=True, partitioner=partitioning.Partitioner(4, 2))
+  assert str(e.value) == hf.INSTALL_HINT
+
+
+def test_a_gin_whose_model_is_not_a_model_is_refused_by_name(capsys):
+  from repeat_lm import cli
+  assert cli.main(["bench", "train", "--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.MODEL=@t5.T5Config()"]) == 2
+  assert "The gin's MODEL is a T5Config, not a model (EncoderDecoderModel)" in capsys.readouterr().err
 
 
 def test_compare_hf_refuses_an_mlp_its_peer_cannot_express_before_compiling(monkeypatch):

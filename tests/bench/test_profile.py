@@ -47,6 +47,8 @@ STEP = "jit(step_fn)/transpose(jvp(Transformer))/"
     (STEP + "Transformer.decode/decoder/layers_2/encoder_decoder_attention/encoder_decoder_attention._einsum_attention/"
      "dot_general", "cross-attention core"),
     (STEP + "Transformer.decode/logits_dense/dot_general", "logits"),
+    # Tied output layer (logits_via_embedding, the Switch gins): the embedding's attend is the logits matmul.
+    (STEP + "Transformer.decode/token_embedder.attend/btd,vd->btv/dot_general", "logits"),
     (STEP + "Transformer.encode/token_embedder/jit(_take)/scatter-add", profile.OTHER_PART),
     ("jit(step_fn)/mul", profile.OTHER_PART),  # the optimizer
     ("", profile.OTHER_PART),  # a copy XLA made
