@@ -151,11 +151,12 @@ def num_batches(cfg: DatasetConfig) -> int | None:
   return None if total is None else -(-total // cfg.batch_size)
 
 
-def fill_row(batch: dict[str, np.ndarray], r: int, inputs: np.ndarray, targets: np.ndarray) -> None:
+def fill_row(batch: dict[str, np.ndarray], r: int, inputs: np.ndarray, targets: np.ndarray,
+             eos_id: int = EOS) -> None:
   """Writes one example (EOS appended) into row r, as seqio.EncDecFeatureConverter lays out a one-example row."""
   n_in, n_tgt = batch['encoder_input_tokens'].shape[1], batch['decoder_target_tokens'].shape[1]
-  inputs = np.append(inputs[:n_in - 1], EOS)  # by construction they fit; trim like append_eos_after_trim if not
-  targets = np.append(targets[:n_tgt - 1], EOS)
+  inputs = np.append(inputs[:n_in - 1], eos_id)  # by construction they fit; trim like append_eos_after_trim if not
+  targets = np.append(targets[:n_tgt - 1], eos_id)
   a, b = len(inputs), len(targets)
   batch['encoder_input_tokens'][r, :a] = inputs
   batch['decoder_target_tokens'][r, :b] = targets
@@ -171,8 +172,8 @@ def fill_row(batch: dict[str, np.ndarray], r: int, inputs: np.ndarray, targets: 
     batch['decoder_positions'][r, :b] = np.arange(b)
 
 
-def _indexed_batches(stream, cfg: DatasetConfig, start_step: int, shard_id: int,
-                     num_shards: int) -> Iterator[dict[str, np.ndarray]]:
+def _indexed_batches(stream, cfg: DatasetConfig, start_step: int, shard_id: int, num_shards: int,
+                     eos_id: int = EOS) -> Iterator[dict[str, np.ndarray]]:
   rows = cfg.batch_size // num_shards
   lengths = model_feature_lengths(cfg)
   total = stream.total_examples
@@ -184,7 +185,7 @@ def _indexed_batches(stream, cfg: DatasetConfig, start_step: int, shard_id: int,
       if total is not None and first + r >= total:
         break  # the final partial global batch: the rest stay all-zero rows (loss weight 0)
       ex = stream.example(first + r)
-      fill_row(batch, r, ex.inputs, ex.targets)
+      fill_row(batch, r, ex.inputs, ex.targets, eos_id)
     yield batch
     step += 1
 
@@ -273,7 +274,11 @@ def get_batches(cfg: DatasetConfig, *, start_step: int = 0, shard_id: int = 0, n
   if stream is None:
     epochs = (None if cfg.shuffle else 1) if num_epochs is None else num_epochs
     return _prefetch(lambda: _seqio_batches(cfg, seed, epochs, start_step, shard_id, num_shards))
-  return _prefetch(lambda: _indexed_batches(stream, cfg, start_step, shard_id, num_shards))
+  # The vocabulary's EOS, as SeqIO's append_eos_after_trim (and T5X's decoding) use it: not every vocabulary is T5's
+  # (SentencePiece's own default is eos 2).
+  eos_id = vocabulary_for(cfg.mixture_or_task_name).eos_id
+  eos_id = EOS if eos_id is None else int(eos_id)
+  return _prefetch(lambda: _indexed_batches(stream, cfg, start_step, shard_id, num_shards, eos_id))
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

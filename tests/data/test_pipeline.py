@@ -64,6 +64,24 @@ def test_rows_are_what_seqios_feature_converter_makes(c4_d16, lengths):
       np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
 
 
+def test_rows_end_with_the_vocabularys_eos_as_seqio_does(c4_docs, c4_path, tmp_path):
+  # SentencePiece's own default is eos 2 (T5's is 1): SeqIO's append_eos_after_trim (and T5X's decoding) use the
+  # vocabulary's, so the rows must end with it too.
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  model = tmp_path / 'eos2.model'
+  lines = [line for d in c4_docs[:40] for line in d.splitlines() if line]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(model.with_suffix('')), vocab_size=300,
+                                 pad_id=0, unk_id=1, eos_id=2, bos_id=-1, minloglevel=2)
+  vocab = seqio.SentencePieceVocabulary(str(model), extra_ids=100)
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=vocab, unique_tokens=2**10, epochs=1, name='test.eos2')
+  batch = take(pipeline.DatasetConfig(name, SMALL, batch_size=4, pack=False), 1)[0]
+  for key in ('encoder_input_tokens', 'decoder_target_tokens'):
+    rows = batch[key]
+    last = [row[np.flatnonzero(row)[-1]] for row in rows]  # each row's last token before the padding
+    assert last == [vocab.eos_id] * len(rows), key
+  np.testing.assert_array_equal(batch['decoder_input_tokens'][:, 1:], batch['decoder_target_tokens'][:, :-1])
+
+
 def test_same_config_same_batches_other_seed_other_batches(c4_d16):
   cfg = pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8, seed=3)
   assert_same(take(cfg, 3), take(cfg, 3))
