@@ -1,10 +1,11 @@
 """SeqIO tasks for fine-tuning and evaluation: SQuAD v1.1 and SuperGLUE (over TFDS), and SQuAD-format JSONL files.
 
 Text-to-text formats as in T5: SQuAD 'question: <q> context: <c>' -> the first answer (metrics take every reference
-answer); SuperGLUE '<task> <field>: <value> ...' -> the label's name, except ReCoRD ('record query: <q> entities:
-<e, ...> passage: <p>' -> an answer entity, one example per answer) and WSC (T5's 'wsc_simple': 'wsc: <text with the
-pronoun *marked*>' -> the candidate referent, span1). Registering touches no data: TFDS sources load on first use
-(`tfds_data_dir`, default ~/tensorflow_datasets; download them beforehand on machines without network).
+answer), punctuation spaced in all three as T5 does ('U . S .'); SuperGLUE '<task> <field>: <value> ...' -> the
+label's name, except ReCoRD ('record query: <q> entities: <e, ...> passage: <p>' -> an answer entity, one example per
+answer) and WSC (T5's 'wsc_simple': 'wsc: <text with the pronoun *marked*>' -> the candidate referent, span1).
+Registering touches no data: TFDS sources load on first use (`tfds_data_dir`, default ~/tensorflow_datasets; download
+them beforehand on machines without network).
 
 Registered at import with the default vocabulary (tasks below); for another vocabulary call the functions, e.g. in gin
   from repeat_lm.data import downstream
@@ -70,8 +71,19 @@ def _join(*parts: Any) -> tf.Tensor:
 
 # ---- SQuAD ----
 
+def _space_punctuation(text: tf.Tensor) -> tf.Tensor:
+  """Every ASCII punctuation mark as a word of its own ('U.S.' -> 'U . S .'), whitespace collapsed."""
+  return tf.strings.strip(tf.strings.regex_replace(tf.strings.regex_replace(text, r"([[:punct:]])", r" \1 "),
+                                                   r"\s+", " "))
+
+
 def _squad_example(question: tf.Tensor, context: tf.Tensor, answers: tf.Tensor, example_id: tf.Tensor) -> dict:
-  return {"inputs": tf.strings.strip(_join("question:", question, "context:", context)),
+  # T5's squad preprocessor spaces the punctuation of question, context and answers alike: the model reads and
+  # writes 'U . S .', and the references the metric scores against are the spaced answers (T5's `qa` postprocessor),
+  # so EM/F1 compare with T5's and the paper's SQuAD numbers ('3-1 win' vs '3-1' is F1 0.8 there, 0.67 unspaced).
+  answers = _space_punctuation(answers)
+  return {"inputs": tf.strings.strip(_join("question:", _space_punctuation(question), "context:",
+                                           _space_punctuation(context))),
           "targets": answers[0], "answers": answers, "id": example_id}
 
 
@@ -153,6 +165,9 @@ def squad_jsonl_task(files: Mapping[str, str] | str, name: str | None = None,
 
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one file per split: nothing to shuffle at the file level
+    if split not in files:  # e.g. a directory without validation.jsonl, read by evaluation (a bare KeyError before)
+      raise FileNotFoundError(f"SQuAD-format task {name!r} has no {split!r} split: its files are {dict(files)}; add "
+                              f"{split}.jsonl to the directory or a {split!r} entry to `files`.")
     rows = _read_squad_jsonl(files[split])
     signature = {"id": tf.TensorSpec([], tf.string), "question": tf.TensorSpec([], tf.string),
                  "context": tf.TensorSpec([], tf.string), "answers": tf.TensorSpec([None], tf.string)}

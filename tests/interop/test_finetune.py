@@ -8,6 +8,7 @@ import gin
 import numpy as np
 import pytest
 import seqio
+import tensorflow as tf
 
 from interop_helpers import TINY, init_params
 from repeat_lm import cli, gin_utils
@@ -164,6 +165,18 @@ def test_tfds_tasks_under_mock_data(fresh_gin):
   assert all(0.0 <= v <= 100.0 for v in results.values())
 
 
+def test_squad_format_spaces_punctuation_as_t5():
+  """T5's squad preprocessor spaces the punctuation of question, context and answers; the spaced answers are the
+  references, so partial matches score as in T5 ('3-1 win' vs '3-1': F1 0.8, not the unspaced 0.67)."""
+  example = {"id": "q1", "question": "Who won, the U.S.?", "context": "The U.S. won 3-1 (at home).",
+             "answers": {"text": ["3-1", "U.S."], "answer_start": [13, 4]}}
+  (out,) = downstream._squad_tfds_preprocessor(tf.data.Dataset.from_tensors(example)).as_numpy_iterator()
+  assert out["inputs"].decode() == "question: Who won , the U . S . ? context: The U . S . won 3 - 1 ( at home ) ."
+  assert out["targets"].decode() == "3 - 1" and out["answers"].tolist() == [b"3 - 1", b"U . S ."]
+  references = downstream._squad_postprocess("", out, is_target=True)
+  assert text_metrics.squad([references], ["3 - 1 win"]) == {"em": 0.0, "f1": pytest.approx(80.0)}
+
+
 def test_squad_jsonl_reads_the_official_answer_layout(tmp_path):
   """SQuAD's own JSON gives answers as [{'text', 'answer_start'}, ...]: the texts are the references, not the
   dicts' repr."""
@@ -191,6 +204,15 @@ def test_squad_jsonl_bad_lines_name_the_file_and_line(tmp_path, content, match):
   path.write_bytes(content)
   with pytest.raises(ValueError, match=match):
     downstream._read_squad_jsonl(str(path))
+
+
+def test_squad_jsonl_missing_split_names_the_file(tmp_path):
+  """A directory without validation.jsonl registers a train-only task; evaluating it says which file is missing
+  (it was a bare KeyError: 'validation')."""
+  (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q?", "context": "c.", "answers": ["c"]}) + "\n")
+  name = downstream.squad_jsonl_task(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no 'validation' split.*validation.jsonl"):
+    inference.PredictionEval(name, {"inputs": 32, "targets": 8}).examples(seqio.get_mixture_or_task(name))
 
 
 def test_prediction_eval_keeps_long_inputs_whole(tmp_path):
