@@ -225,10 +225,23 @@ def _cell(value: Any) -> Any:
 
 def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
   out = Path(out)
+  if out.suffix not in (".parquet", ".csv"):
+    raise ValueError(f"--out={out}: write a .csv or a .parquet file.")
   out.parent.mkdir(parents=True, exist_ok=True)
+  # Written beside `out` and renamed over it: a collect interrupted mid-write leaves the previous table whole.
+  tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+  try:
+    _write_table(rows, tmp, parquet=out.suffix == ".parquet")
+    tmp.replace(out)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return out
+
+
+def _write_table(rows: Sequence[dict[str, Any]], out: Path, parquet: bool) -> None:
   cols = columns(rows)
   cells = [{c: _cell(r.get(c)) for c in cols} for r in rows]
-  if out.suffix == ".parquet":
+  if parquet:
     import pyarrow as pa  # noqa: PLC0415
     import pyarrow.parquet as pq  # noqa: PLC0415
     data = {}
@@ -239,11 +252,8 @@ def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
       data[c] = pa.array([None if v is None else float(v) for v in values], pa.float64()) if numeric else \
           pa.array([None if v is None else str(v) for v in values], pa.string())
     pq.write_table(pa.table(data), out)
-  elif out.suffix == ".csv":
+  else:
     with out.open("w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=cols)
       writer.writeheader()
       writer.writerows({c: "" if v is None else v for c, v in r.items()} for r in cells)
-  else:
-    raise ValueError(f"--out={out}: write a .csv or a .parquet file.")
-  return out

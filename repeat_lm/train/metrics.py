@@ -29,6 +29,7 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     self._tb: dict[str, Any] = {}
     self._tb_root = Path(model_dir) if tensorboard else None
+    self._line_start_checked = False
 
   def truncate_after(self, step: int) -> None:
     """On resume, drop records past the restored step: the resumed run writes them again, identically. A line cut
@@ -65,10 +66,26 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in scalars.items()}
+    # A file left by a crash mid-write may end inside a line: appended to it, this record would be unreadable too
+    # (`repeat-lm eval` appends without the trainer's truncate_after). Start on a line of its own.
+    lead = "" if self._line_start_checked or self._ends_a_line() else "\n"
+    self._line_start_checked = True
     with self.path.open("a") as f:
-      f.write(json.dumps({"step": int(step), **clean}, sort_keys=True) + "\n")
+      f.write(lead + json.dumps({"step": int(step), **clean}, sort_keys=True) + "\n")
     if self._tb_root is not None:
       self._write_tensorboard(step, scalars)
+
+  def _ends_a_line(self) -> bool:
+    """Whether metrics.jsonl is absent, empty or ends with a newline."""
+    try:
+      with self.path.open("rb") as f:
+        f.seek(0, 2)
+        if f.tell() == 0:
+          return True
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+    except FileNotFoundError:
+      return True
 
   def prepare(self, *runs: str) -> None:
     """Open the TensorBoard writers of `runs` now (the first import of tensorboardX takes about a second)."""

@@ -6,6 +6,7 @@ Everything here is a gin configurable (`trainer.train.*`, `trainer.evaluate.*`);
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -83,7 +84,11 @@ def _run_eval(eval_step, params, batches, lay) -> dict[str, float]:
 def _write_config(model_dir: Path, operative: bool) -> None:
   if jax.process_index() == 0:
     text = gin.operative_config_str() if operative else gin.config_str()
-    (model_dir / "config.gin").write_text(text)
+    # Renamed into place: `infer`, `export` and a mismatching rerun rebuild the model from it, and a process killed
+    # while rewriting it (it is rewritten at the first step and at the end) must not leave half a configuration.
+    tmp = model_dir / f".config.gin.{os.getpid()}.tmp"
+    tmp.write_text(text)
+    tmp.replace(model_dir / "config.gin")
 
 
 # Step metrics that are a state, not a sum: a logging window reports the last step's value.

@@ -136,3 +136,18 @@ def test_fine_tuning_scores_leave_out_the_moe_router_statistics():
   scores = collect.downstream_scores([{"step": 2, "eval/loss": 3.0, "eval/squad_em": 25.0, "eval/squad_f1": 40.0,
                                        "eval/moe_router_confidence": 0.3, "eval/moe_load_balancing_loss": 1.3}])
   assert scores == {"squad_em": 25.0, "squad_f1": 40.0}
+
+
+def test_an_interrupted_write_leaves_the_previous_table_whole(tmp_path, monkeypatch):
+  out = tmp_path / "results.csv"
+  collect.write_table([{"run": "a", "final_eval_loss": 2.5}], out)
+  before = out.read_text()
+
+  def interrupted(self, rows):
+    self.writerow(next(iter(rows)))
+    raise KeyboardInterrupt  # Ctrl-C (or a full disk) after the first row of the new table
+  monkeypatch.setattr(collect.csv.DictWriter, "writerows", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    collect.write_table([{"run": "b", "final_eval_loss": 3.0}, {"run": "c", "final_eval_loss": 4.0}], out)
+  assert out.read_text() == before
+  assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left behind
