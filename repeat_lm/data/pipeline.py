@@ -49,7 +49,9 @@ class DatasetConfig:
   split: str = 'train'
   batch_size: int = 128  # GLOBAL batch size (all hosts)
   shuffle: bool = True  # True: training stream (the task's epochs, each reordered); False: one ordered pass
-  seed: int | None = 0  # None: fresh randomness each call (not reproducible, not resumable)
+  # None: in training, a seed drawn once per run (trainer._draw_seed; kept in its checkpoints); elsewhere fresh
+  # randomness each call
+  seed: int | None = 0
   pack: bool = True  # packed-format rows (segment ids / positions); repeat_lm tasks put one example per row
   use_cached: bool = False  # other SeqIO tasks only: read the output of SeqIO's cache job
 

@@ -5,6 +5,7 @@ Everything here is a gin configurable (`trainer.train.*`, `trainer.evaluate.*`);
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import gin
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from repeat_lm.data import pipeline
 from repeat_lm.models import t5
@@ -79,6 +81,26 @@ def _run_eval(eval_step, params, batches, lay) -> dict[str, float]:
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return summarize(totals)
+
+
+def _draw_seed() -> int:
+  """The data seed of a run whose DatasetConfig.seed is None: drawn once, by process 0 on several hosts and broadcast.
+
+  A draw per host would order each host's stream differently, so their rows of a global batch would repeat and miss
+  examples; a draw per call would let the batch count checked before training differ from the stream read (a UL2
+  layout depends on the seed). The checkpoints keep it (data_state), so the run resumes on the same stream.
+  """
+  seed = np.int32(int.from_bytes(os.urandom(4), "little") >> 1)
+  if jax.process_count() > 1:
+    seed = multihost_utils.broadcast_one_to_all(seed)
+  return int(seed)
+
+
+def _check_available(cfg: pipeline.DatasetConfig, total_steps: int) -> None:
+  available = pipeline.num_batches(cfg)  # None: the stream never ends
+  if available is not None and total_steps > available:
+    raise ValueError(f"Task {cfg.mixture_or_task_name!r} holds {available} batches of {cfg.batch_size} (all its "
+                     f"epochs), fewer than total_steps={total_steps}; lower TRAIN_STEPS or raise the task's epochs.")
 
 
 def _write_config(model_dir: Path, operative: bool) -> None:
@@ -187,14 +209,13 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   partitioner = partitioner or partitioning.Partitioner()
   tx = optimizer or optim.make_optimizer(learning_rate=learning_rate)
   cfg = train_dataset_cfg
+  if cfg.seed is None:  # one stream for the whole run (and every host), kept in its checkpoints: see _draw_seed
+    cfg = dataclasses.replace(cfg, seed=_draw_seed())
   first_sentinel = _check_vocab(model, cfg.mixture_or_task_name)
   lengths = pipeline.model_feature_lengths(cfg)
   source_tokens = pipeline.source_token_count(cfg.mixture_or_task_name, cfg.split)
   step_source_tokens = pipeline.source_tokens_per_step(cfg)  # None: count the ids the device saw instead
-  available = pipeline.num_batches(cfg)  # None: the stream never ends
-  if available is not None and total_steps > available:
-    raise ValueError(f"Task {cfg.mixture_or_task_name!r} holds {available} batches of {cfg.batch_size} (all its "
-                     f"epochs), fewer than total_steps={total_steps}; lower TRAIN_STEPS or raise the task's epochs.")
+  _check_available(cfg, total_steps)
   schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens)
   batch_spec = state_lib.batch_specs(lengths, cfg.batch_size)
   lay = state_lib.layout(model, tx, partitioner, batch_spec, random_seed)
@@ -205,7 +226,11 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   restored_meta: dict[str, Any] = {}
   if checkpointer.latest_step() is not None:
     state, restored_meta = checkpointer.restore(lay.abstract)
-    pipeline.check_resume(cfg, restored_meta.get("data"))  # a changed data stream cannot resume exactly
+    saved = restored_meta.get("data") or {}
+    if train_dataset_cfg.seed is None and "seed" in saved:  # the seed drawn when the run started, not a new one
+      cfg = dataclasses.replace(cfg, seed=saved["seed"])  # (None from checkpoints written before seeds were drawn)
+      _check_available(cfg, total_steps)  # a UL2 layout, and so the batch count, depends on the seed
+    pipeline.check_resume(cfg, saved)  # a changed data stream cannot resume exactly
     writer.truncate_after(int(restored_meta["step"]))
   else:
     writer.set_aside()

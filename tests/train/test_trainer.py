@@ -1,6 +1,7 @@
 """The training loop end to end on the tiny model: exact resume, sharded == unsharded, SIGTERM, divergence, and
 metrics read one step late equal to stepping the train step directly."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -30,9 +31,9 @@ TRAIN_CFG = pipeline.DatasetConfig(TASK, LENGTHS, batch_size=8, seed=3)
 
 
 def run(model_dir, steps, *, mesh=(4, 2), devices=None, eval_=False, learning_rate=None, log_period=1, model=None,
-        **kwargs):
+        train_cfg=TRAIN_CFG, **kwargs):
   return trainer.train(
-      model=model or tiny_model(), model_dir=str(model_dir), total_steps=steps, train_dataset_cfg=TRAIN_CFG,
+      model=model or tiny_model(), model_dir=str(model_dir), total_steps=steps, train_dataset_cfg=train_cfg,
       eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8,
                                               shuffle=False) if eval_ else None,
       partitioner=partitioning.Partitioner(*mesh, devices=devices),
@@ -86,6 +87,24 @@ def test_resume_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
   run(tmp_path, 3)
   run(tmp_path, 6)  # Resumes from the step-3 checkpoint, including the data position.
   assert losses(tmp_path) == losses(d)
+
+
+def test_an_unseeded_run_draws_one_seed_and_resumes_on_it(uninterrupted, tmp_path, monkeypatch):
+  # DatasetConfig(seed=None): one seed per run, kept in the checkpoints. The resumed half must not read the stream of
+  # a new draw (99); drawing 3 (TRAIN_CFG's seed) first makes the run the uninterrupted fixture's.
+  draws = iter([3, 99])
+  monkeypatch.setattr(trainer, "_draw_seed", lambda: next(draws))
+  unseeded = dataclasses.replace(TRAIN_CFG, seed=None)
+  run(tmp_path, 3, train_cfg=unseeded)
+  run(tmp_path, 6, train_cfg=unseeded)
+  assert losses(tmp_path) == losses(uninterrupted[0])
+
+
+def test_several_hosts_take_process_0s_seed(monkeypatch):
+  # Each host's own draw would order its stream differently: rows of a global batch repeated and missed.
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(trainer.multihost_utils, "broadcast_one_to_all", lambda x: np.int32(1234))
+  assert trainer._draw_seed() == 1234  # pylint: disable=protected-access
 
 
 def test_resume_with_dropout_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
