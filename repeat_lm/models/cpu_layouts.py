@@ -247,10 +247,11 @@ def _matmul_bwd(residuals, g_BxNxO):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rounded_matmul(x_NxI: Array, kernel_IxO: Array, operand_dtype: jnp.dtype) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rounded_matmul(x_NxI: Array, kernel: Array, operand_dtype: jnp.dtype, kernel_out_major: bool = False) -> Array:
   """[..., I] @ [I, O] with both operands rounded to `operand_dtype`, accumulated and returned in float32; the
-  kernel's gradient stays float32.
+  kernel's gradient stays float32. With `kernel_out_major` the kernel is stored [O, I] (the tied embedding table,
+  `Embed.attend`) and its gradient comes back [O, I] too.
 
   The output logits of a bfloat16 model (layers.DenseGeneral's `operand_dtype`): T5X's float32 `logits_dense` at
   XLA's default precision, which on TPU is this product (one bfloat16 pass, float32 accumulation) forward and
@@ -258,21 +259,27 @@ def rounded_matmul(x_NxI: Array, kernel_IxO: Array, operand_dtype: jnp.dtype) ->
   3.2 s bfloat16 step, and this form made the step 0.27 s faster (3.20 -> 2.93 s, medians over 6 rounds in one
   process alternating which ran first, faster in all 6). The float32 gradient arriving is rounded once, as the TPU
   rounds it inside each dot.
+
+  An [O, I] table must not be passed as its transpose: XLA then folds the transpose of the [I, O] gradient into
+  the weight-gradient dot, whose output layout XLA:CPU's fallback dot cannot write from bfloat16 operands
+  ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32", on one device).
   """
-  dims = (((x_NxI.ndim - 1,), (0,)), ((), ()))
-  return jax.lax.dot_general(x_NxI.astype(operand_dtype), kernel_IxO.astype(operand_dtype), dims,
+  dims = (((x_NxI.ndim - 1,), (1 if kernel_out_major else 0,)), ((), ()))
+  return jax.lax.dot_general(x_NxI.astype(operand_dtype), kernel.astype(operand_dtype), dims,
                              preferred_element_type=jnp.float32)
 
 
-def _rounded_matmul_fwd(x_NxI, kernel_IxO, operand_dtype):
-  return rounded_matmul(x_NxI, kernel_IxO, operand_dtype), (x_NxI, kernel_IxO)
+def _rounded_matmul_fwd(x_NxI, kernel, operand_dtype, kernel_out_major):
+  return rounded_matmul(x_NxI, kernel, operand_dtype, kernel_out_major), (x_NxI, kernel)
 
 
-def _rounded_matmul_bwd(operand_dtype, residuals, g_NxO):
-  x_NxI, kernel_IxO = residuals
-  x_r, kernel_r, g_r = (a.astype(operand_dtype) for a in (x_NxI, kernel_IxO, g_NxO))
-  dx = _contract_last(g_r, kernel_r, 1, 0).astype(x_NxI.dtype)
-  return dx, _kernel_gradient(x_r, g_r, 0).astype(kernel_IxO.dtype)  # float32, not rounded again
+def _rounded_matmul_bwd(operand_dtype, kernel_out_major, residuals, g_NxO):
+  x_NxI, kernel = residuals
+  x_r, kernel_r, g_r = (a.astype(operand_dtype) for a in (x_NxI, kernel, g_NxO))
+  dx = _contract_last(g_r, kernel_r, 0 if kernel_out_major else 1, 0).astype(x_NxI.dtype)
+  # float32, not rounded again; [O, I] as g^T @ x, [I, O] as x^T @ g.
+  dkernel = _kernel_gradient(g_r, x_r, 0) if kernel_out_major else _kernel_gradient(x_r, g_r, 0)
+  return dx, dkernel.astype(kernel.dtype)
 
 
 rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd)

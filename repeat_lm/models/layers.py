@@ -123,7 +123,7 @@ class Embed(nn.Module):
     """
     operand_dtype = jnp.dtype(self.attend_dtype or self.dtype)
     if cpu_layouts.explicit_transposes() and operand_dtype != jnp.float32:
-      return cpu_layouts.rounded_matmul(x_BxTxD, jnp.transpose(self.embedding), operand_dtype)
+      return cpu_layouts.rounded_matmul(x_BxTxD, self.embedding, operand_dtype, True)
     return jnp.einsum("btd,vd->btv", jnp.asarray(x_BxTxD, operand_dtype), jnp.asarray(self.embedding, operand_dtype),
                       preferred_element_type=jnp.float32)
 

@@ -361,6 +361,25 @@ def test_rounded_matmul_is_the_rounded_product_with_a_float32_kernel_gradient(mo
     assert np.abs(np.asarray(plain, np.float32) - ours).max() <= 2**-7 * np.abs(ours).max()
 
 
+def test_tied_embedding_attend_gradient_compiles_in_bfloat16():
+  """A bfloat16 model's tied logits (Embed.attend): its jitted gradient used to abort on one CPU device with
+  "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32" (the table passed as its transpose, whose
+  gradient's transpose XLA folded into the dot). The table's gradient is the float32 sum of bfloat16-rounded
+  products."""
+  x = jax.random.normal(KEYS[0], (3, 5, 16)).astype(jnp.bfloat16)
+  table = jax.random.normal(KEYS[1], (24, 16))
+  embed = layers.Embed(24, 16, jnp.bfloat16)
+  run = lambda table, x: embed.apply({"params": {"embedding": table}}, x, method="attend")
+  out, (dtable, dx) = jax.jit(lambda t, x: _grads(run, t, x))(table, x)
+  probe = np.asarray(jax.random.normal(KEYS[7], out.shape), np.float64)  # _grads' read-out
+  r = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+  assert out.dtype == dtable.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and dtable.shape == table.shape
+  np.testing.assert_allclose(out, r(x) @ r(table).T, rtol=1e-5, atol=1e-5)
+  want_dx = r(probe) @ r(table)
+  assert np.abs(np.asarray(dx, np.float64) - want_dx).max() <= 2**-8 * np.abs(want_dx).max()
+  np.testing.assert_allclose(dtable, np.einsum("btv,btd->vd", r(probe), r(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_dense_general_operand_dtype_needs_a_float32_result():
   dense = layers.DenseGeneral(4, ("embed", "vocab"), dtype=jnp.bfloat16, operand_dtype=jnp.float16)
   with pytest.raises(ValueError, match="returns float32"):
