@@ -109,8 +109,11 @@ def _write_config(model_dir: Path, operative: bool) -> None:
     # Renamed into place: `infer`, `export` and a mismatching rerun rebuild the model from it, and a process killed
     # while rewriting it (it is rewritten at the first step and at the end) must not leave half a configuration.
     tmp = model_dir / f".config.gin.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    tmp.replace(model_dir / "config.gin")
+    try:
+      tmp.write_text(text)
+      tmp.replace(model_dir / "config.gin")
+    finally:
+      tmp.unlink(missing_ok=True)  # left only by a failed write (a full disk)
 
 
 # Step metrics that are a state, not a sum: a logging window reports the last step's value.

@@ -432,3 +432,4 @@ def test_a_config_rewrite_cut_short_leaves_the_previous_config(tmp_path, monkeyp
   with pytest.raises(KeyboardInterrupt):
     trainer._write_config(tmp_path, operative=False)
   assert (tmp_path / "config.gin").read_text() == written
+  assert [p.name for p in tmp_path.iterdir()] == ["config.gin"]  # no temporary file left beside it
