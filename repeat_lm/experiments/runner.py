@@ -84,6 +84,10 @@ def _resolve_best(best: sweep.Best, root: Path, names: Sequence[str]) -> tuple[b
   scored = [r for r in rows if r["status"] == status_lib.FINISHED and r.get(best.metric) is not None and
             math.isfinite(float(r[best.metric]))]
   if not scored:
+    finished = [r for r in rows if r["status"] == status_lib.FINISHED]
+    if finished and not any(best.metric in r for r in finished):  # a misspelt metric would wait forever
+      raise ValueError(f"sweep.Best(runs={best.runs!r}, metric={best.metric!r}): no finished run of those has a "
+                       f"metric {best.metric!r}; choose one of {sorted(set().union(*finished))}.")
     return False, best.default
   pick = (max if best.mode == "max" else min)(scored, key=lambda r: float(r[best.metric]))
   if best.column not in pick:  # a misspelt column would hand the dependent run None
@@ -167,16 +171,30 @@ def _local_command(stage: Stage) -> list[str]:
   return [sys.executable, "-m", "repeat_lm.cli", stage.verb, f"--gin_file={stage.gin}"]
 
 
+# Printed in place of a --tpu / --zone not given, for the shell to fill in from its environment.
+_PLACEHOLDERS = ("$TPU_NAME", "$ZONE")
+
+
 def display_command(stage: Stage, opts: Options) -> list[str]:
   """The command a launcher runs (or prints) for a stage."""
   if opts.launcher == "tpu-vm":
-    flags = [f"--tpu={opts.tpu or '$TPU_NAME'}", f"--zone={opts.zone or '$ZONE'}"]
+    flags = [f"--tpu={opts.tpu or _PLACEHOLDERS[0]}", f"--zone={opts.zone or _PLACEHOLDERS[1]}"]
     flags += [f"--project={opts.project}"] if opts.project else []
     return [str(LAUNCH_DIR / "tpu_vm.sh"), *flags, stage.verb, f"--gin_file={stage.gin.resolve()}"]
   if opts.launcher == "slurm":
     return ["sbatch", f"--job-name={stage.name.replace('/', '.')}", f"--output={stage.run_dir.resolve()}/slurm-%j.log",
             *opts.sbatch_args, str(LAUNCH_DIR / "slurm.sbatch"), str(stage.run_dir.resolve()), stage.verb]
   return ["repeat-lm", stage.verb, f"--gin_file={stage.gin}"]
+
+
+def shell_line(command: Sequence[str]) -> str:
+  """A command as a line to paste into a shell: quoted like shlex.join, except that a placeholder stays a variable
+  (`--tpu="$TPU_NAME"`; shlex.join's '--tpu=$TPU_NAME' would hand gcloud the TPU name '$TPU_NAME')."""
+  parts = []
+  for arg in command:
+    var = next((v for v in _PLACEHOLDERS if arg.endswith("=" + v)), None)
+    parts.append(f'{shlex.quote(arg[:-len(var)])}"{var}"' if var else shlex.quote(arg))
+  return " ".join(parts)
 
 
 # ---- running ----
@@ -316,10 +334,16 @@ def _run_stages(exp: compose.Experiment, root: Path, stages: list[Stage], opts: 
     if not status_lib.acquire(stage.run_dir):
       progress.line(f"{label}: another sweep is running it, skipped", final=True)
       continue
+    # Read again under the lock: another sweep may have finished the run (and let go of its lock) since.
+    reason = _claimable(stage)
+    if reason:
+      status_lib.release(stage.run_dir)
+      progress.line(f"{label}: {reason}, skipped", final=True)
+      continue
     left = sum(1 for s in stages[i + 1:] if _claimable(s) is None or s.parent is stage)
     command = _local_command(stage) if opts.launcher == "local" else display_command(stage, opts)
     try:
-      status_lib.started(stage.run_dir, command=shlex.join(display_command(stage, opts)))
+      status_lib.started(stage.run_dir, command=shell_line(display_command(stage, opts)))
       start = time.time()
       try:
         code = _run_blocking(stage, command, progress, n_run, len(runs), left)
@@ -412,7 +436,7 @@ def _run_sweep(exp: compose.Experiment, root: Path, opts: Options, start: float)
     for s in stages:
       state = status_lib.effective(status_lib.read(s.run_dir))
       note = f"  # {state}" + (f"; waiting for {'; '.join(s.waiting)}" if s.waiting else "")
-      opts.stream.write(f"{shlex.join(display_command(s, opts))}{note}\n")
+      opts.stream.write(f"{shell_line(display_command(s, opts))}{note}\n")
     result = summary(exp, root, stages, time.time() - start)
     result["run_names"] = [s.name for s in runs]
     return result

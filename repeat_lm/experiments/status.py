@@ -8,6 +8,7 @@ time: ROOT/RUN/.lock (host and pid) keeps two sweeps on the same ROOT from train
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -15,11 +16,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 STATUS_FILE, LOCK_FILE, LOG_FILE, GIN_FILE = "status.json", ".lock", "train.log", "run.gin"
+# Held (flock) while status.json is read and rewritten; LOCK_FILE is the run's, held for a whole attempt.
+STATUS_LOCK_FILE = ".status.lock"
 PENDING, RUNNING, FINISHED, FAILED = "pending", "running", "finished", "failed"
 # The line each attempt's command starts with in train.log (runner._run_blocking), so an error is read per attempt.
 ATTEMPT_HEADER = "==== "
@@ -39,12 +42,25 @@ def read(run_dir: str | Path) -> dict[str, Any]:
 
 def write(run_dir: str | Path, **updates: Any) -> dict[str, Any]:
   """Merge `updates` into status.json (atomically: readers never see half a file)."""
+  return _update(run_dir, lambda record: updates)
+
+
+def _update(run_dir: str | Path, updates: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+  """Merge `updates(current record)` into status.json, one process at a time: two sweeps on one ROOT (one recording
+  a run's exit, the other writing the run's entry as it plans) would otherwise each write back what they read, and
+  the later would undo the earlier (a finished run back to running)."""
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  record = {**read(run_dir), **updates}
-  tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
-  tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-  tmp.replace(run_dir / STATUS_FILE)
+  with (run_dir / STATUS_LOCK_FILE).open("a") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    except OSError:  # a filesystem without locks (gcsfuse): as before, the last writer wins
+      pass
+    current = read(run_dir)
+    record = {**current, **updates(current)}
+    tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    tmp.replace(run_dir / STATUS_FILE)
   return record
 
 
@@ -103,10 +119,10 @@ def started(run_dir: str | Path, job_id: str | None = None, **info: Any) -> dict
   """Record an attempt's start: by this process (its liveness is its pid's, and its trainer's, see `trainer_started`)
   or, with `job_id`, by a SLURM job (its liveness is squeue's: the process recording it exits at once). Either way
   the other identity of an earlier attempt is cleared, so a stale job id or pid never speaks for this attempt."""
-  record = read(run_dir)
-  return write(run_dir, status=RUNNING, started=time.time(), host=socket.gethostname(),
-               pid=None if job_id else os.getpid(), job_id=job_id or None, trainer_pid=None,
-               attempts=int(record.get("attempts", 0)) + 1, error=None, returncode=None, **info)
+  return _update(run_dir, lambda record: dict(
+      status=RUNNING, started=time.time(), host=socket.gethostname(), pid=None if job_id else os.getpid(),
+      job_id=job_id or None, trainer_pid=None, attempts=int(record.get("attempts", 0)) + 1, error=None,
+      returncode=None, **info))
 
 
 def trainer_started(run_dir: str | Path, trainer_pid: int) -> None:

@@ -44,6 +44,11 @@ class Best:
   mode: str = "max"  # 'max' for accuracy, 'min' for loss
   default: Any = None
 
+  def __post_init__(self):
+    if self.mode not in ("max", "min"):  # any other word would silently pick the worst run
+      raise ValueError(f"sweep.Best(runs={self.runs!r}).mode must be 'max' (accuracy) or 'min' (loss), got "
+                       f"{self.mode!r}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class Finetune:
@@ -227,6 +232,12 @@ def expand_all(sweep: Grid | Sequence[Grid]) -> list[RunSpec]:
   if dupes:
     raise ValueError(f"Run names are not unique: {dupes}. Give the arms a 'name', the grids a `prefix`, or "
                      "`labels` that tell the values apart.")
+  for run in runs:  # a Best over no run, or over the run that waits for it, would keep that run waiting forever
+    for key, best in run.best.items():
+      matched = [r.name for r in select(runs, best.runs)]
+      if not matched or run.name in matched:
+        raise ValueError(f"Run {run.name}: {key} = sweep.Best(runs={best.runs!r}) matches "
+                         f"{'its own run' if matched else 'none of the runs'}; the runs are {[r.name for r in runs]}.")
   return runs
 
 

@@ -128,6 +128,10 @@ def test_best_resolves_from_finished_runs_only(sweep_root):
   misspelt = sweep.Best(runs="[ab]", column="DROPOUT", metric="best_eval_accuracy")
   with pytest.raises(ValueError, match="no column 'DROPOUT'; choose one of .*'DROPOUT_RATE'"):
     runner._resolve_best(misspelt, sweep_root, ["a", "b", "c"])  # noqa: SLF001
+  # A misspelt metric would otherwise leave the dependent run waiting on every sweep, its gin at the default.
+  wrong_metric = sweep.Best(runs="[ab]", column="DROPOUT_RATE", metric="best_eval_acc")
+  with pytest.raises(ValueError, match="no finished run of those has a metric 'best_eval_acc'; choose .*'best_eval_acc"):
+    runner._resolve_best(wrong_metric, sweep_root, ["a", "b", "c"])  # noqa: SLF001
 
 
 def test_fine_tuning_scores_leave_out_the_moe_router_statistics():

@@ -106,6 +106,23 @@ def test_remote_launchers_print_their_commands(launcher, expected, tmp_path):
   assert status.read(tmp_path / "d27_e8")["status"] == "pending"
 
 
+def test_a_printed_tpu_vm_line_takes_the_tpu_and_zone_from_the_shell(tmp_path):
+  """Without --tpu / --zone the printed line leaves them to the shell's $TPU_NAME / $ZONE: pasted, it reaches gcloud
+  with their values (a stand-in gcloud records its arguments), not the literal words."""
+  out = io.StringIO()
+  runner.run_sweep("gin/experiments/rq1_repetition_cpu.gin", tmp_path / "root", runner.Options(
+      launcher="tpu-vm", only="d19_e0", stream=out))
+  [line] = [line for line in out.getvalue().splitlines() if "tpu_vm.sh" in line]
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "gcloud.calls"}\n')
+  (bin_dir / "gcloud").chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TPU_NAME": "my-pod", "ZONE": "us-central2-b"}
+  subprocess.run(["bash", "-c", line.split("  #")[0]], env=env, check=True, capture_output=True)
+  ssh = (tmp_path / "gcloud.calls").read_text().splitlines()[-1]
+  assert ssh.startswith("compute tpus tpu-vm ssh my-pod --zone=us-central2-b --worker=all"), ssh
+
+
 @pytest.mark.parametrize("launcher", ["tpu-vm", "slurm"])
 def test_remote_launchers_need_the_launch_scripts(launcher, tmp_path, monkeypatch):
   monkeypatch.setattr(runner, "LAUNCH_DIR", tmp_path / "site-packages" / "launch")  # a wheel install: no launch/

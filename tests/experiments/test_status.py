@@ -101,3 +101,19 @@ def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
   status.release(run)
   (run / ".lock").write_text(f'{{"host": "{socket.gethostname()}", "pid": {dead_pid()}}}')
   assert status.acquire(run)
+
+
+def test_two_processes_writing_one_status_file_lose_no_update(tmp_path):
+  """Two sweeps on one ROOT write the same run's status.json (one records the run's exit, the other the run's entry
+  as it plans): each merge is of the record as the other left it, so neither undoes the other's update."""
+  code = ("import sys; from repeat_lm.experiments import status\n"
+          "lost = 0\n"
+          "for i in range(300):\n"
+          "  status.write(sys.argv[1], **{sys.argv[2]: i})\n"
+          "  lost += status.read(sys.argv[1]).get(sys.argv[2]) != i\n"
+          "print(lost)\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), key], stdout=subprocess.PIPE, text=True,
+                            env=env) for key in ("a", "b")]
+  assert [int(p.communicate(timeout=60)[0]) for p in procs] == [0, 0]
+  assert status.read(tmp_path) == {"status": "pending", "a": 299, "b": 299}

@@ -83,3 +83,19 @@ def test_select_by_globs():
   assert [r.name for r in sweep.select(runs, "d35_*,d27_e8_dropout0")] == [
       "d27_e8_dropout0", "d35_e0_dropout0", "d35_e0_dropout0.1"]
   assert sweep.select(runs, None) == runs
+
+
+def test_a_best_that_could_never_resolve_is_an_error():
+  """A direction other than 'max' / 'min' would pick the worst run; a glob over no run, or over the run that waits
+  for the value, would keep that run waiting on every sweep."""
+  with pytest.raises(ValueError, match="mode must be 'max'.*got 'Max'"):
+    sweep.Best(runs="moe_*", column="DROPOUT_RATE", mode="Max")
+  moe = sweep.Grid(axes={"DROPOUT_RATE": [0.1, 0.2]}, prefix="moe")
+  typo = sweep.Grid(axes={"DROPOUT_RATE": [sweep.Best(runs="mo_*", column="DROPOUT_RATE")]}, prefix="dense")
+  with pytest.raises(ValueError, match=r"dense_dropoutbest: DROPOUT_RATE = sweep.Best\(runs='mo_\*'\) matches none"):
+    sweep.expand_all([moe, typo])
+  itself = sweep.Grid(axes={"DROPOUT_RATE": [sweep.Best(runs="*dropout*", column="DROPOUT_RATE")]}, prefix="dense")
+  with pytest.raises(ValueError, match="matches its own run"):
+    sweep.expand_all([moe, itself])
+  ok = sweep.Grid(axes={"DROPOUT_RATE": [sweep.Best(runs="moe_*", column="DROPOUT_RATE")]}, prefix="dense")
+  assert [r.name for r in sweep.expand_all([moe, ok])] == ["moe_dropout0.1", "moe_dropout0.2", "dense_dropoutbest"]

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -135,3 +136,23 @@ def test_a_configuration_that_no_longer_composes_leaves_a_finished_run_finished(
   broken = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'a', 'model': 'gin/models/renamed.gin'}]")
   runner.run_sweep(broken, root, runner.Options(dry_run=True, stream=io.StringIO()))
   assert status.read(root / "a")["status"] == "finished"
+
+
+def test_a_run_another_sweep_finishes_before_the_lock_is_taken_is_not_run_again(tmp_path, monkeypatch):
+  """Another sweep runs 'a' when this one looks at it (running: the lock decides), then finishes it and lets go of its
+  lock before this one takes it: the run is read again under the lock, and not trained a second time."""
+  exp = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a'}]")
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  status.write(root / "a", status="running", host=socket.gethostname(), pid=os.getppid())  # the other sweep
+  acquire = status.acquire
+
+  def other_sweep_finishes_first(run_dir):
+    status.write(run_dir, status="finished", pid=None)
+    return acquire(run_dir)
+
+  monkeypatch.setattr(status, "acquire", other_sweep_finishes_first)
+  monkeypatch.setattr(runner, "_run_blocking", lambda *a: pytest.fail("a finished run was trained again"))
+  log = io.StringIO()
+  runner.run_sweep(exp, root, runner.Options(stream=log))
+  assert "[1/1] a: finished, skipped" in log.getvalue() and not (root / "a" / status.LOCK_FILE).exists()
