@@ -551,7 +551,7 @@ def _run_sweep(args, bindings: Sequence[str]) -> dict:
     print(json.dumps(strict_json(result), sort_keys=True, allow_nan=False))
     raise RuntimeError(f"{len(result['failed'])} run(s) failed: " + "; ".join(
         f"{k}: {v}" for k, v in result["failed"].items()) + f". Logs: {args.root}/RUN/train.log; re-running the "
-        "sweep retries them.")
+        "sweep retries them (a diverged run once its settings change).")
   return result
 
 

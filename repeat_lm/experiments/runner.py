@@ -34,6 +34,9 @@ from repeat_lm.experiments import collect, compose, status as status_lib, sweep
 LAUNCHERS = ("local", "tpu-vm", "slurm")
 LAUNCH_DIR = gin_utils.REPO_ROOT / "launch"
 _COMPOSE_ERROR = "could not compose its gin"
+# The error of a run whose training went non-finite (trainer.TrainingDivergedError, as `error_text` reads it): resuming
+# is exact, so a retry restores the last good checkpoint and diverges again at the same step.
+_DIVERGED_ERROR = "TrainingDivergedError"
 
 
 @dataclasses.dataclass
@@ -131,9 +134,15 @@ def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, var
   update: dict[str, Any] = {"run": stage.name, "experiment": exp.path, "index": index}
   if str(record.get("error") or "").startswith(_COMPOSE_ERROR):  # fixed since: runnable again
     update.update(status=status_lib.PENDING, error=None)
+  if changed and _diverged(record):  # new settings (a lower rate, more dropout) may train: retried
+    update.update(status=status_lib.PENDING, error=None)
   if stage.verb == "train":
     update.update(values=values, finetune=[f.name for f in stage.spec.finetune])
   status_lib.write(stage.run_dir, **update)
+
+
+def _diverged(record: dict[str, Any]) -> bool:
+  return record.get("status") == status_lib.FAILED and str(record.get("error") or "").startswith(_DIVERGED_ERROR)
 
 
 def _body(gin_text: str) -> str:
@@ -296,6 +305,9 @@ def _claimable(stage: Stage) -> str | None:
     return "waiting for " + "; ".join(stage.waiting)
   if str(record.get("error") or "").startswith(_COMPOSE_ERROR):
     return "failed: " + record["error"]
+  if _diverged(record):
+    return (f"diverged, not retried (resuming would diverge again at the same step): change its settings, or delete "
+            f"{stage.run_dir} to train it afresh")
   return None
 
 

@@ -156,3 +156,19 @@ def test_a_run_another_sweep_finishes_before_the_lock_is_taken_is_not_run_again(
   log = io.StringIO()
   runner.run_sweep(exp, root, runner.Options(stream=log))
   assert "[1/1] a: finished, skipped" in log.getvalue() and not (root / "a" / status.LOCK_FILE).exists()
+
+
+def test_a_diverged_run_is_retried_only_once_its_configuration_changes(tmp_path, monkeypatch):
+  # Resuming is exact: a retry would restore the last good checkpoint and diverge again at the same step.
+  exp = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a'}]")
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  status.write(root / "a", status="failed", returncode=2,
+               error="TrainingDivergedError: Training diverged at step 3: summed loss nan")
+  monkeypatch.setattr(runner, "_run_blocking", lambda *a: pytest.fail("a diverged run was retried"))
+  log = io.StringIO()
+  runner.run_sweep(exp, root, runner.Options(stream=log))
+  assert "[1/1] a: diverged, not retried" in log.getvalue()
+  lower = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a', 'optim.make_schedule.base_learning_rate': 0.5}]")
+  runner.run_sweep(lower, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  assert status.read(root / "a")["status"] == "pending"  # new settings: runnable again
