@@ -40,7 +40,7 @@ class DecodeConfig:
   num_beams: int = 4  # beam search
   length_penalty_alpha: float = 0.6  # beam search: scores are log p / ((5 + length) / 6) ** alpha, as in T5/GNMT
   temperature: float = 1.0  # sampling
-  topk: int = 0  # sampling: keep the k most likely tokens (0: all)
+  topk: int = 0  # sampling: keep the k most likely tokens (0, or k >= the vocabulary: all)
   seed: int = 0  # sampling
 
   def __post_init__(self):
@@ -145,7 +145,8 @@ def sample(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array, max_
 
   def choose(logits_BxV, i):
     logits_BxV = logits_BxV / temperature
-    if topk:
+    # k >= V keeps every token, as k = 0 does (lax.top_k refuses a k larger than the vocabulary).
+    if 0 < topk < logits_BxV.shape[-1]:
       kth_B1 = jax.lax.top_k(logits_BxV, topk)[0][:, -1:]
       logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
     return jax.random.categorical(jax.random.fold_in(rng, i), logits_BxV, axis=-1)

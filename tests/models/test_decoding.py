@@ -130,6 +130,16 @@ def test_sampling():
     assert (top4 == tokens[..., None]).any(-1)[valid].all()
 
 
+def test_topk_beyond_the_vocabulary_keeps_every_token():
+  """`--topk` at or above the vocabulary size keeps all tokens, as 0 does (lax.top_k raised a ValueError for k > V,
+  after infer had loaded the checkpoint)."""
+  module, params, inputs = setup("dense")
+  cfg = decoding.DecodeConfig("sample", L, temperature=5.0, seed=2)
+  everything = decoding.decode(module, params, inputs, cfg)
+  np.testing.assert_array_equal(decoding.decode(module, params, inputs, dataclasses.replace(
+      cfg, topk=DENSE.vocab_size + 1)), everything)
+
+
 def test_decode_config_is_checked():
   with pytest.raises(ValueError, match="method"):
     decoding.DecodeConfig(method="nucleus")
