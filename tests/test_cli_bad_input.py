@@ -93,6 +93,24 @@ def test_infer_checks_the_output_file_before_decoding(tmp_path):
   inference.check_output_file(str(tmp_path / "out.txt"))
 
 
+def test_infer_refuses_an_output_file_that_is_its_input_or_a_file_of_the_checkpoint(tmp_path):
+  """It decoded and then wrote over them: the inputs replaced by outputs, MODEL_DIR/config.gin (so the run no longer
+  loads) or metrics.jsonl lost."""
+  from repeat_lm.train import inference
+  model_dir, inputs = tmp_path / "run", tmp_path / "in.txt"
+  (model_dir / "checkpoints" / "4").mkdir(parents=True)
+  for name in ("config.gin", "metrics.jsonl", "checkpoints/4/commit_success.txt", "outputs.txt"):
+    (model_dir / name).write_text("kept")
+  inputs.write_text("a\n")
+  with pytest.raises(ValueError, match="is the --input_file"):
+    inference.check_output_file(str(inputs), str(inputs), str(model_dir))
+  for name in ("config.gin", "metrics.jsonl", "checkpoints/4/commit_success.txt"):
+    with pytest.raises(ValueError, match="is a file of the checkpoint"):
+      inference.check_output_file(str(model_dir / name), str(inputs), str(model_dir))
+  inference.check_output_file(str(model_dir / "outputs.txt"), str(inputs), str(model_dir))  # an earlier output
+  inference.check_output_file(str(model_dir / "new.jsonl"), str(inputs), str(model_dir))  # a new file
+
+
 def test_a_missing_vocabulary_file_names_the_infer_flag(tmp_path):
   from repeat_lm.train import inference
   with pytest.raises(FileNotFoundError, match=r"--vocabulary=.*nowhere\.model: no such file"):
@@ -110,3 +128,32 @@ def test_infer_reads_one_input_per_newline(tmp_path):
   assert inference.read_lines(str(path)) == ["a", "b"]
   path.write_text("", encoding="utf-8")
   assert inference.read_lines(str(path)) == []
+
+
+def test_bench_accelerator_out_never_overwrites_results(tmp_path, capsys):
+  """--out=X.json wrote the results to X.json, then the Markdown report over them (with --from_json=X.json, the only
+  copy); --out=docs/performance.md replaced `bench report`'s history of every host, docs/performance.json."""
+  measured = tmp_path / "acc.json"
+  measured.write_text('{"date": "d", "model_gin": "g", "steps": 1, "rounds": 1, "versions": {}, "results": []}')
+  history = tmp_path / "performance.json"
+  history.write_text('{"hosts": {"cpu": {"date": "d", "train": []}}}')
+  before = measured.read_text(), history.read_text()
+  assert cli.main(["bench", "accelerator", f"--from_json={measured}", f"--out={measured}"]) == 2
+  assert "its results are written to" in capsys.readouterr().err
+  assert cli.main(["bench", "accelerator", f"--from_json={measured}", f"--out={tmp_path / 'performance.md'}"]) == 2
+  assert "is not a `bench accelerator` JSON" in capsys.readouterr().err
+  assert (measured.read_text(), history.read_text()) == before
+  assert cli.main(["bench", "accelerator", f"--from_json={measured}", f"--out={tmp_path / 'acc.md'}"]) == 0
+  assert (tmp_path / "acc.md").read_text().startswith("# Performance on an accelerator")
+
+
+def test_a_non_utf8_gin_is_named_with_its_file(tmp_path, capsys):
+  # A bare "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff" named neither the file nor the fix.
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.gin").write_bytes(b"\xff\xfeM\x00")
+  (tmp_path / "in.txt").write_text("a\n")
+  assert cli.main(["infer", f"--checkpoint={tmp_path / 'run'}", f"--input_file={tmp_path / 'in.txt'}"]) == 2
+  assert f"{tmp_path / 'run' / 'config.gin'} is not UTF-8 text" in capsys.readouterr().err
+  assert cli.main(["sweep", f"--experiment={tmp_path / 'run' / 'config.gin'}", f"--root={tmp_path / 'sweep'}",
+                   "--dry-run"]) == 2
+  assert "config.gin' is not UTF-8 text" in capsys.readouterr().err

@@ -118,6 +118,7 @@ def measure(out: str | Path, *, batch_size: int = 128, steps: int = 10, rounds: 
   invocation on the same device (its JSON's "results"), kept in the table before the new ones.
   """
   bench.require_positive_ints(batch_size=batch_size, steps=steps, rounds=rounds)
+  check_out(out)
   if time_budget_s <= 0 or variant_timeout_s <= 0:
     raise ValueError(f"--time_budget_s={time_budget_s} and --variant_timeout_s={variant_timeout_s} must be "
                      "positive.")
@@ -183,6 +184,26 @@ def read_json(path: str | Path, flag: str) -> dict:
   if not isinstance(m, dict) or not isinstance(m.get("results"), list):
     raise ValueError(f"{flag}={path} has no 'results' list: it is not a `bench accelerator` JSON.")
   return m
+
+
+def check_out(out: str | Path) -> None:
+  """Before measuring: OUT is the Markdown report and OUT.json beside it the results, both rewritten. A .json OUT
+  would have its results overwritten by the report; an OUT.json of another kind (docs/performance.md's is `bench
+  report`'s history of every host) would be replaced."""
+  out = Path(out)
+  if out.suffix == ".json":
+    raise ValueError(f"--out={out} names the Markdown report, but its results are written to "
+                     f"{out.with_suffix('.json')}: the report would overwrite them. Name a .md file, e.g. "
+                     f"--out={out.with_suffix('.md')}.")
+  results = out.with_suffix(".json")
+  if results.exists():
+    try:
+      m = json.loads(results.read_text())
+    except (OSError, ValueError):  # a directory, not UTF-8, not JSON
+      m = None
+    if not isinstance(m, dict) or not isinstance(m.get("results"), list):
+      raise ValueError(f"--out={out} would replace {results}, which is not a `bench accelerator` JSON: choose another "
+                       "--out (e.g. docs/performance_accelerator.md) or move that file aside.")
 
 
 def write(m: dict, out: str | Path) -> None:

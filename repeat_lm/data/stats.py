@@ -100,6 +100,8 @@ def show_examples(task: str, n: int = 3, split: str = 'train', start: int = 0,
   vocabulary: seqio.Vocabulary = tasks.spec(task).vocabulary
   out = []
   last = stream.total_examples if stream.total_examples is not None else start + n
+  if stream.total_examples is not None and start >= last:  # else nothing is shown, as if the stream were empty
+    raise ValueError(f'--start={start} is past the {last} examples of this stream (indices 0 to {last - 1}).')
   for g in range(start, min(start + n, last)):
     ex = stream.example(g)
     out.append({'index': g, 'epoch': ex.epoch, 'example_in_epoch': ex.index,

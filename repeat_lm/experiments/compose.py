@@ -43,7 +43,12 @@ def _resolve_path(path: str) -> Path:
 
 def load(path: str, bindings: Sequence[str] = ()) -> Experiment:
   """Parse an experiment gin and expand its SWEEP into runs."""
-  text = _resolve_path(path).read_text()
+  try:
+    text = _resolve_path(path).read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:  # its message names no file
+    raise gin_utils.GinConfigError(f"Experiment gin {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                                   f"offset {e.start}); pass a gin file, e.g. "
+                                   "--experiment=gin/experiments/rq1_repetition_cpu.gin.") from e
   includes = [m["path"] for m in _MODEL_INCLUDE.finditer(text)]
   if len(includes) > 1:
     raise gin_utils.GinConfigError(f"{path} includes several model gins ({includes}); an experiment includes one "

@@ -154,7 +154,12 @@ def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), b
       raise FileNotFoundError(f"{config_gin} does not exist: point --checkpoint at a MODEL_DIR written by "
                               "`repeat-lm train`, or pass the model's gin files with --gin_file.")
     gin_files = [str(config_gin)]
-    bindings = scoped_like(config_gin.read_text(), bindings)
+    try:
+      text = config_gin.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # its message names no file
+      raise ValueError(f"{config_gin} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): it is "
+                       "damaged; pass the model's gin files with --gin_file instead.") from e
+    bindings = scoped_like(text, bindings)
   model = gin_utils.configured_macro(gin_files, bindings, "MODEL")
   try:
     task = gin_utils.configured_macro(gin_files, bindings, "MIXTURE_OR_TASK_NAME")
@@ -216,14 +221,27 @@ def read_lines(input_file: str) -> list[str]:
   return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def check_output_file(output_file: str) -> None:
-  """Fail before any decoding when `output_file` cannot be written (a directory, or no directory to hold it)."""
+def check_output_file(output_file: str, input_file: str | None = None, checkpoint: str | None = None) -> None:
+  """Fail before any decoding when `output_file` cannot be written (a directory, or no directory to hold it), or
+  when writing it would destroy the inputs or a file of the checkpoint (its config.gin, metrics.jsonl, weights)."""
   path = Path(output_file)
   if path.is_dir():
     raise ValueError(f"--output_file={output_file} is a directory; name a file, e.g. {path / 'outputs.txt'}.")
   if not path.parent.is_dir():
     raise FileNotFoundError(f"--output_file={output_file}: its directory {path.parent} does not exist; create it "
                             "or name a file in an existing directory.")
+  if not path.exists():
+    return
+  if input_file is not None and Path(input_file).exists() and path.samefile(input_file):
+    raise ValueError(f"--output_file={output_file} is the --input_file: the outputs would replace the inputs; name "
+                     "another file.")
+  # Earlier outputs (.txt) may be overwritten; the run's records and weights (config.gin, metrics.jsonl, anything
+  # under checkpoints/, a Hugging Face model.safetensors) may not.
+  root = Path(checkpoint).resolve() if checkpoint is not None else None
+  target = path.resolve()
+  if root is not None and root in target.parents and (target.parent != root or target.suffix != ".txt"):
+    raise ValueError(f"--output_file={output_file} is a file of the checkpoint --checkpoint={checkpoint}; writing the "
+                     f"outputs over it would lose it. Name a new file, e.g. {Path(checkpoint) / 'outputs.txt'}.")
 
 
 def check_vocabulary_fits(vocabulary: seqio.Vocabulary, model_vocab_size: int) -> None:
@@ -243,7 +261,7 @@ def infer(checkpoint: str, input_file: str, *, output_file: str | None = None,
     raise ValueError(f"--batch_size={batch_size}: decode at least one input at a time.")
   texts = read_lines(input_file)
   if output_file:
-    check_output_file(output_file)
+    check_output_file(output_file, input_file, checkpoint)
   model, task = model_from_model_dir(checkpoint, gin_files, bindings)
   vocabulary = vocabulary_of(task, sentencepiece_model)
   if vocabulary is None:

@@ -184,6 +184,14 @@ def _check_counts(settings: dict[str, tuple[int, int]]) -> None:
       raise ValueError(f"{name}={value}: must be >= {minimum}.")
 
 
+def _check_model_dir(model_dir: str) -> None:
+  """An empty MODEL_DIR (say --gin.MODEL_DIR="'$MODEL_DIR'" with the shell variable unset) is the current directory
+  to Path: the run would write, or resume, checkpoints wherever the command was started."""
+  if not str(model_dir).strip():
+    raise ValueError("MODEL_DIR is empty: bind it to the run's directory, e.g. --gin.MODEL_DIR=\"'/tmp/run'\" (a shell "
+                     "variable inside the quotes may be unset).")
+
+
 def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipeline.DatasetConfig,
           total_steps: int, eval_dataset_cfg: pipeline.DatasetConfig | None = None,
           partitioner: partitioning.Partitioner | None = None, optimizer: optax.GradientTransformation | None = None,
@@ -205,6 +213,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   _check_counts({"TRAIN_STEPS (trainer.train.total_steps)": (total_steps, 0),
                  "trainer.train.log_period": (log_period, 1), "trainer.train.eval_period": (eval_period, 1),
                  "trainer.train.eval_steps": (eval_steps, 1)})
+  _check_model_dir(model_dir)
   model_dir_path = Path(model_dir)
   model_dir_path.mkdir(parents=True, exist_ok=True)
   if not (model_dir_path / "config.gin").exists():  # else it may be what the checkpoints were written with
@@ -393,6 +402,7 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   """Evaluate a checkpoint of MODEL_DIR on `eval_dataset_cfg` (and `eval_fn`, as in `train`); writes `eval/*` to
   metrics.jsonl at its step."""
   _check_counts({"trainer.evaluate.eval_steps": (eval_steps, 1)})
+  _check_model_dir(model_dir)
   partitioner = partitioner or partitioning.Partitioner()
   if not (Path(model_dir) / "checkpoints").is_dir():  # before the Checkpointer, which would create it
     raise FileNotFoundError(f"No checkpoints directory under MODEL_DIR={model_dir}; train first or point MODEL_DIR "

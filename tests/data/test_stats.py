@@ -57,6 +57,16 @@ def test_errors_are_clear(capsys, c4_path):
   assert '/no/such/file.jsonl' in capsys.readouterr().err
 
 
+def test_impossible_counts_and_starts_are_errors(capsys):
+  # They gave an IndexError traceback (--start=-5), 'examples: -3' or an empty listing with exit code 0.
+  task = 'repeat_lm.wiki.wiki8k.span.d14.e2'
+  for argv, match in ((['show', '--start=-5'], '--start=-5'), (['show', '-n', '0'], '-n=0'),
+                      (['stats', '--max_examples=-3'], '--max_examples=-3'),
+                      (['show', '--start=100000000'], '--start=100000000 is past the')):
+    assert cli.main(['data', argv[0], f'--task={task}', *argv[1:]]) == 2
+    assert match in capsys.readouterr().err
+
+
 def test_bench_data(capsys, c4_d16):
   out = run(capsys, 'bench', 'data', f'--task={c4_d16}', '--batch_size=8', '--inputs_length=512',
             '--targets_length=114', '--steps=5', '--num_shards=2', '--train_step_s=6', '--json')

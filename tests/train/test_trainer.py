@@ -403,6 +403,16 @@ def test_bad_counts_are_clear_errors_before_anything_is_written(tmp_path, kwargs
   assert not (tmp_path / "run").exists()
 
 
+def test_an_empty_model_dir_is_an_error_not_the_current_directory(tmp_path, monkeypatch):
+  # --gin.MODEL_DIR="'$MODEL_DIR'" with the variable unset: the run wrote (or resumed) checkpoints where it started.
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="MODEL_DIR is empty"):
+    trainer.train(model=tiny_model(), model_dir="", train_dataset_cfg=TRAIN_CFG, total_steps=4)
+  with pytest.raises(ValueError, match="MODEL_DIR is empty"):
+    trainer.evaluate(model=tiny_model(), model_dir=" ", eval_dataset_cfg=TRAIN_CFG)
+  assert not list(tmp_path.iterdir())
+
+
 def test_first_logs_one_time_costs_are_not_step_time(tmp_path, monkeypatch):
   # Opening the first TensorBoard writer (importing tensorboardX, ~1 s) and tracing the schedule happened while logging
   # step 1, so read-to-read time charged them to step 2's window: smoke.gin's step-10 step_time_s was 2.8x the rest.
