@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -51,16 +52,20 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
     raise ValueError(f"num_processes ({num_processes}) and devices_per_process ({devices_per_process}) must be >= 1.")
   port = port or free_port()
   procs, pumps = [], []
-  for i in range(num_processes):
-    p = subprocess.Popen([sys.executable, "-m", "repeat_lm.cli", *argv], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True,
-                         env=process_env(i, num_processes, port, devices_per_process))
-    t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", sys.stderr), daemon=True)
-    t.start()
-    procs.append(p)
-    pumps.append(t)
+  # SIGTERM (a job's time limit, `timeout`, kill) acts as Ctrl-C: forwarded to the processes, whose trainers then
+  # checkpoint and stop. Left to its default it killed this process alone and orphaned them, training on.
+  main = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
   rc = 0
   try:
+    for i in range(num_processes):
+      p = subprocess.Popen([sys.executable, "-m", "repeat_lm.cli", *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True,
+                           env=process_env(i, num_processes, port, devices_per_process))
+      t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", sys.stderr), daemon=True)
+      t.start()
+      procs.append(p)
+      pumps.append(t)
     pending = list(procs)
     while pending:
       for p in list(pending):
@@ -85,7 +90,14 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
         p.kill()
     for t in pumps:
       t.join(timeout=5)
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return rc
+
+
+def _interrupt(signum, frame):
+  del frame
+  raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

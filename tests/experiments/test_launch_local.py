@@ -1,6 +1,10 @@
 """Two processes joined by jax.distributed on localhost train exactly like one process with the same devices."""
 
 import json
+import os
+import signal
+import sys
+import threading
 
 import pytest
 
@@ -25,6 +29,24 @@ def test_process_env_splits_devices_and_names_the_coordinator():
 
 
 @pytest.mark.slow
+def test_sigterm_is_forwarded_to_the_processes(monkeypatch):
+  # Left to SIGTERM's default, launch-local died alone and its processes trained on as orphans.
+  started = []
+  real_popen = launch_local.subprocess.Popen
+
+  def sleeper(cmd, **kwargs):
+    del cmd
+    p = real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+    started.append(p)
+    return p
+
+  monkeypatch.setattr(launch_local.subprocess, "Popen", sleeper)
+  threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+  assert launch_local.launch(["train"], num_processes=2) == 130
+  assert len(started) == 2 and all(p.returncode == -signal.SIGTERM for p in started)
+  assert signal.getsignal(signal.SIGTERM) is not launch_local._interrupt  # pylint: disable=protected-access
+
+
 def test_two_processes_match_one_process(tmp_path, fresh_gin):
   # Each process reads only its half of every global batch (pipeline: host h's block of rows) and the mesh spans
   # both processes' devices, so the global batch, hence every loss, must be the single-process one.
