@@ -397,6 +397,8 @@ class Transformer(nn.Module):
 
     `dropout_scale` (a scalar, may be traced) multiplies every dropout rate: the dropout schedule's factor.
     """
+    # T5X's get_initial_variables passes float32 tokens when it has no input types (t5x/eval.py): ids, as T5X's T5.
+    encoder_input_tokens = jnp.asarray(encoder_input_tokens).astype(jnp.int32)
     valid_BxS = encoder_input_tokens > 0
     mask_Bx1xSxS = attention_lib.make_attention_mask(valid_BxS, valid_BxS)
     if encoder_segment_ids is not None:
@@ -418,7 +420,7 @@ class Transformer(nn.Module):
     for T5X compatibility but unused: relative positions come from array indices or the cache index.
     """
     del decoder_positions
-    y_BxTxD = self.token_embedder(decoder_input_tokens)
+    y_BxTxD = self.token_embedder(jnp.asarray(decoder_input_tokens).astype(jnp.int32))  # float32 from T5X's init
     y_BxTxD = self.decoder(y_BxTxD, encoded, decoder_target_tokens, encoder_input_tokens, decoder_segment_ids,
                            encoder_segment_ids, deterministic=not enable_dropout, decode=decode,
                            max_decode_length=max_decode_length, dropout_scale=dropout_scale)

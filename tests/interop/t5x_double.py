@@ -2,9 +2,9 @@
 
 Written from T5X's documented behaviour (t5x/models.py, t5x/contrib/moe/models.py, t5x/decoding.py,
 t5x/adafactor.py, t5x/partitioning.py), not copied from it. What it holds a module to:
-  - init: `module.init(rng, ones(enc), ones(dec), ones(dec), decode=False, enable_dropout=False)` must return a
-    'params_axes' collection (T5X refuses a model without it) whose names T5X's partitioning and Adafactor factor
-    rules know;
+  - init: `module.init(rng, ones(enc), ones(dec), ones(dec), decode=False, enable_dropout=False)` (float32 tokens
+    unless input types are given: t5x/eval.py gives none) must return a 'params_axes' collection (T5X refuses a model
+    without it) whose names T5X's partitioning and Adafactor factor rules know;
   - training: `module.apply({'params'}, <the batch keys of seqio.EncDecFeatureConverter>, enable_dropout=...,
     rngs={'dropout'}, mutable=...)`; the MoE model class also asks for mutable=['intermediates'] and averages every
     leaf named as in MOE_METRICS into its loss;
@@ -74,10 +74,17 @@ class EncoderDecoderModel:
     self.optimizer_def, self.decode_fn = optimizer_def, decode_fn
     self.label_smoothing, self.z_loss, self.loss_normalizing_factor = label_smoothing, z_loss, loss_normalizing_factor
 
-  def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, tuple[int, ...]]):
-    enc = jnp.ones(input_shapes["encoder_input_tokens"], jnp.int32)
-    dec = jnp.ones(input_shapes["decoder_input_tokens"], jnp.int32)
-    variables = jax.jit(lambda r: self.module.init(r, enc, dec, dec, decode=False, enable_dropout=False))(rng)
+  def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, tuple[int, ...]],
+                            input_types: Mapping[str, Any] | None = None):
+    # As T5X: token arrays are float32 unless `input_types` says otherwise (t5x/eval.py passes no input_types), so
+    # the module must cast tokens itself; packing features are int32 ones when their shapes are given.
+    input_types = input_types or {}
+    enc = jnp.ones(input_shapes["encoder_input_tokens"], input_types.get("encoder_input_tokens", jnp.float32))
+    dec = jnp.ones(input_shapes["decoder_input_tokens"], input_types.get("decoder_input_tokens", jnp.float32))
+    packing = {k: jnp.ones(input_shapes[k], input_types.get(k, jnp.int32)) for k in PACKING_FEATURES
+               if k in input_shapes}
+    variables = jax.jit(lambda r: self.module.init(r, enc, dec, dec, **packing, decode=False,
+                                                   enable_dropout=False))(rng)
     if "params_axes" not in variables:
       raise ValueError("T5X needs a 'params_axes' collection: create parameters with param_with_axes.")
     params = traverse_util.flatten_dict(unfreeze(variables["params"]))

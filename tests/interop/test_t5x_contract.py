@@ -171,3 +171,16 @@ def test_params_use_only_t5x_logical_axes():
                                                                        enable_dropout=False))
     names = {n for v in t5x_double.logical_axes(variables).values() for n in v}
     assert names <= axes, names - axes
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+def test_initial_variables_from_float_tokens_as_t5x_eval(scan):
+  # t5x/eval.py builds its train state without input_types, so T5X's get_initial_variables initialises the module
+  # with float32 ones as tokens (T5X's own network casts them to int32); the embedding lookup refused them.
+  config = dataclasses.replace(TINY, vocab_size=256, scan_layers=scan, num_encoder_layers=1, num_decoder_layers=1)
+  model = t5x_double.EncoderDecoderModel(t5.Transformer(config))
+  shapes = {"encoder_input_tokens": (2, INPUTS), "decoder_input_tokens": (2, TARGETS)}
+  variables = jax.eval_shape(lambda: model.get_initial_variables(jax.random.key(0), shapes))
+  ints = jax.eval_shape(lambda: model.get_initial_variables(jax.random.key(0), shapes, {k: jnp.int32 for k in shapes}))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), variables["params"]) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), ints["params"])
