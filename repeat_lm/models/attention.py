@@ -12,12 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from repeat_lm.models import cpu_layouts
-from repeat_lm.models.layers import Array, DenseGeneral, DType, default_kernel_init, dropout
+from repeat_lm.models.layers import Array, DenseGeneral, DType, dropout
 
 # Masked logits get this value rather than -inf, so a fully masked (padding) row gives a finite, uniform softmax.
 NEG_INF = -1e10
 # MultiHeadAttention's kernels: None is its own einsum path; the others name jax.nn.dot_product_attention's backends.
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+# T5X's and flaxformer's T5 (1.0 and 1.1) attention kernels: an untruncated normal of variance 1 / fan_in, where their
+# MLP and logits kernels are truncated (layers.default_kernel_init).
+attention_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
 @jax.custom_vjp
@@ -128,11 +131,11 @@ class MultiHeadAttention(nn.Module):
                lengths: tuple[Array, Array] | None = None) -> Array:
     if self.implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"implementation={self.implementation!r}; choose from {ATTENTION_IMPLEMENTATIONS}.")
-    projection = lambda name, init=default_kernel_init: DenseGeneral(
+    projection = lambda name, init=attention_kernel_init: DenseGeneral(
         (self.num_heads, self.head_dim), kernel_axes=("embed", "joined_kv"), dtype=self.dtype, kernel_init=init,
         name=name)
     # T5 scales the query init instead of the logits; at the same init this equals dividing q.k by sqrt(E).
-    query_init = lambda *a: default_kernel_init(*a) / np.sqrt(self.head_dim).astype(np.float32)
+    query_init = lambda *a: attention_kernel_init(*a) / np.sqrt(self.head_dim).astype(np.float32)
     heads_axes = ("batch", "length", "heads", "kv")
     q_BxQxHxE = nn.with_logical_constraint(projection("query", query_init)(inputs_q_BxQxD), heads_axes)
     k_BxKxHxE = nn.with_logical_constraint(projection("key")(inputs_kv_BxKxD), heads_axes)
@@ -149,7 +152,7 @@ class MultiHeadAttention(nn.Module):
                                             deterministic, lengths)
     out_BxQxHxE = nn.with_logical_constraint(out_BxQxHxE, heads_axes)
     out_BxQxD = DenseGeneral(inputs_q_BxQxD.shape[-1], kernel_axes=("joined_kv", "embed"), num_in_axes=2,
-                             dtype=self.dtype, name="out")(out_BxQxHxE)
+                             dtype=self.dtype, kernel_init=attention_kernel_init, name="out")(out_BxQxHxE)
     return nn.with_logical_constraint(out_BxQxD, ("batch", "length", "embed"))
 
   def _einsum_attention(self, q_BxQxHxE: Array, k_BxKxHxE: Array, v_BxKxHxE: Array, bias_1xHxQxK: Array | None,

@@ -25,7 +25,8 @@ param_with_axes = nn_partitioning.param_with_axes
 Array = jax.Array
 DType = jnp.dtype | type
 
-# T5's kernel init: truncated normal with variance 1 / fan_in, fan_in being the contracted size.
+# T5's MLP and logits kernel init: truncated normal with variance 1 / fan_in, fan_in being the contracted size
+# (attention kernels: attention.attention_kernel_init).
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 

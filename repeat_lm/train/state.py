@@ -194,9 +194,13 @@ def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation
 
 
 def make_eval_step(model: EncoderDecoderModel, lay: StateLayout, partitioner: partitioning.Partitioner):
-  """params, batch -> metric sums (no dropout)."""
+  """params, batch -> metric sums (no dropout).
+
+  The batch may hold other features than the training batch `lay` was made for (an evaluation set packed or not
+  independently of the training set): one batch sharding is the prefix of any batch dict.
+  """
   jitted = jax.jit(lambda params, batch: model.loss_and_metrics(params, batch)[1],
-                   in_shardings=(lay.shardings["params"], lay.batch_shardings),
+                   in_shardings=(lay.shardings["params"], partitioner.batch_sharding()),
                    out_shardings=partitioner.replicated())
 
   def run(params, batch):

@@ -76,8 +76,11 @@ def _eval_batches(cfg: pipeline.DatasetConfig, steps: int,
 
 def _run_eval(eval_step, params, batches, lay) -> dict[str, float]:
   totals: dict[str, float] = {}
+  # Every feature of the evaluation batch, sharded as the training batch's (rows over the batch axes): the two sets
+  # may be packed or not independently, and global_batch keeps only the features it is given shardings for.
+  sharding = next(iter(lay.batch_shardings.values()))
   for b in batches:
-    sums = jax.device_get(eval_step(params, state_lib.global_batch(b, lay.batch_shardings)))
+    sums = jax.device_get(eval_step(params, state_lib.global_batch(b, {k: sharding for k in b})))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return summarize(totals)

@@ -182,6 +182,20 @@ def test_attention_has_no_logit_scaling_and_scales_query_init():
   np.testing.assert_allclose(attention.apply(variables, x, x, None, None, True), out, rtol=1e-4, atol=1e-4)
 
 
+def test_attention_kernels_are_untruncated_normals_and_mlp_kernels_truncated():
+  # T5X / flaxformer's T5: variance_scaling(1, 'fan_in', 'normal') for attention, 'truncated_normal' for the MLP.
+  # A truncated normal of that variance never exceeds 2 / 0.8796 = 2.27 standard deviations; 256 x 256 draws from a
+  # normal do (P(|z| > 3) = 0.27%: ~177 of them).
+  d, heads, head_dim = 256, 4, 64
+  x = jax.random.normal(KEY, (1, 2, d))
+  p = attention_lib.MultiHeadAttention(heads, head_dim).init(KEY, x, x, None, None, True)["params"]
+  for name, std in (("query", (d * head_dim) ** -0.5), ("key", d ** -0.5), ("value", d ** -0.5),
+                    ("out", (heads * head_dim) ** -0.5)):
+    assert np.abs(np.asarray(p[name]["kernel"])).max() / std > 3.0, name
+  p = layers.MlpBlock(mlp_dim=256).init(KEY, x, True)["params"]
+  assert np.abs(np.asarray(p["wi_0"]["kernel"])).max() / d ** -0.5 < 2.28
+
+
 def test_attention_cache_shapes_and_single_step_updates():
   attention = attention_lib.MultiHeadAttention(2, 4, decode=True, decode_length=6)
   x = jax.random.normal(KEY, (3, 6, 8))
