@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from repeat_lm.data import sources
 
 _DOC_BATCH = 256  # records per TF->numpy batch: amortises per-element overhead
+_PREPARE_HINT = ('Prepare it there first (C4 needs Apache Beam: https://www.tensorflow.org/datasets/catalog/c4), or '
+                 'point `data_dir` / $TFDS_DATA_DIR at a copy of the prepared files.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +50,8 @@ class TfdsText:
       return tfds.builder(self.name, data_dir=self.data_dir)
     except Exception as e:  # TFDS raises several kinds for a missing dataset/version
       where = self.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
-      raise FileNotFoundError(
-          f'TFDS dataset {self.name!r} could not be loaded from {where!r} ({type(e).__name__}: {e}). Prepare it '
-          'there first (C4 needs Apache Beam: https://www.tensorflow.org/datasets/catalog/c4), or point '
-          '`data_dir` / $TFDS_DATA_DIR at a copy of the prepared files.') from e
+      raise FileNotFoundError(f'TFDS dataset {self.name!r} could not be loaded from {where!r} '
+                              f'({type(e).__name__}: {e}). {_PREPARE_HINT}') from e
 
   def documents(self, split: str, stats: sources.ReadStats) -> Iterator[str]:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -63,8 +63,10 @@ class TfdsText:
     try:
       ds = builder.as_dataset(split=tfds_split, shuffle_files=False, read_config=read_config)
     except Exception as e:
+      # A builder whose code knows the version (c4/en:3.1.0) constructs without data; the failure comes here, and
+      # TFDS's own message suggests downloading, which this module never does.
       raise FileNotFoundError(f'TFDS dataset {self.name!r} split {tfds_split!r} is not readable from '
-                              f'{builder.data_dir!r} ({type(e).__name__}: {e}).') from e
+                              f'{builder.data_dir!r} ({type(e).__name__}: {e}). {_PREPARE_HINT}') from e
     stats.files = (f'tfds:{self.name}[{tfds_split}]',)
     for batch in ds.map(lambda ex: ex[self.text_key]).batch(_DOC_BATCH).as_numpy_iterator():
       for raw in batch:

@@ -82,3 +82,9 @@ def test_a_missing_tfds_dataset_is_a_clear_error(tmp_path):
   source = tfds_text.TfdsText('c4/en:3.0.1', data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     read(source, 'train')
+
+
+@pytest.mark.parametrize('name', ['c4/en:3.0.1', 'c4/en:3.1.0'])  # 3.1.0's builder constructs; reading fails
+def test_an_unprepared_tfds_dataset_error_names_the_fix(tmp_path, name):
+  with pytest.raises(FileNotFoundError, match=r'data_dir` / \$TFDS_DATA_DIR'):
+    read(tfds_text.TfdsText(name, data_dir=str(tmp_path)), 'train')
