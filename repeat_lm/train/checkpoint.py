@@ -150,6 +150,14 @@ class Checkpointer:
       raise CheckpointError(f"No checkpoint found under {self.directory}.")
     self._check_step_exists(step)
     target = {"params": abstract_params}
+    # A partial restore reads only what the target names: a model with fewer layers (or blocks) than the checkpoint
+    # would load a subset of its parameters without complaint. Compare the parameters leaf by leaf first.
+    stored = stored_shapes(self.directory / str(step) / "state")
+    if stored is not None:
+      stored = {k: v for k, v in stored.items() if k.startswith("params/")}
+    mismatch = stored_state_mismatch(stored, target)
+    if mismatch is not None:
+      raise CheckpointError(self._mismatch_message(step, mismatch))
     # A separate manager: this one may already have bound the 'state' item to the full-state handler.
     with ocp.CheckpointManager(self.directory.absolute()) as reader:
       try:

@@ -87,6 +87,21 @@ def test_another_model_is_named_leaf_by_leaf_not_called_corrupt(tmp_path, params
   ck.close()
 
 
+def test_params_of_a_smaller_model_are_not_read_from_a_larger_checkpoint(tmp_path):
+  # `repeat-lm eval` restores only the parameters (a partial restore): a model configured with fewer layers than
+  # the checkpoint's must be refused, not evaluated on the subset of the parameters it names.
+  state = dict(_state(), params={"w": _state()["params"]["w"], "b": jnp.zeros(8)})
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck.save(1, dict(state, opt_state=jnp.zeros(3)), {"step": 1})
+  ck.close()
+  ck = checkpoint.Checkpointer(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match="params/b is in the checkpoint but not in the configured"):
+    ck.restore_params(checkpoint.abstract_like({"w": state["params"]["w"]}))
+  params, _ = ck.restore_params(checkpoint.abstract_like(state["params"]))  # the optimizer state is not compared
+  np.testing.assert_array_equal(params["w"], state["params"]["w"])
+  ck.close()
+
+
 @pytest.mark.parametrize("kwargs,match", [({"period": 0}, "period=0: save every N >= 1"),
                                           ({"keep": 0}, "keep=0 would delete every checkpoint")])
 def test_config_rejects_settings_that_never_save_or_keep_nothing(kwargs, match):
