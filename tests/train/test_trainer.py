@@ -433,12 +433,11 @@ def test_a_config_rewrite_cut_short_leaves_the_previous_config(tmp_path, monkeyp
   written = "t5.T5Config.mlp_dim = 64\n"
   (tmp_path / "config.gin").write_text(written)
   monkeypatch.setattr(trainer.gin, "config_str", lambda: "t5.T5Config.emb_dim = 32\nt5.T5Config.mlp_dim = 128\n")
-  real_write_text = type(tmp_path).write_text
 
-  def killed_midway(self, text, *args, **kwargs):
-    real_write_text(self, text[:len(text) // 2], *args, **kwargs)
-    raise KeyboardInterrupt  # the process dies with half the text written
-  monkeypatch.setattr(type(tmp_path), "write_text", killed_midway)
+  def killed_before_the_rename(src, dst):
+    del src, dst
+    raise KeyboardInterrupt  # the process dies with the new text written beside config.gin, not over it
+  monkeypatch.setattr(os, "replace", killed_before_the_rename)
   with pytest.raises(KeyboardInterrupt):
     trainer._write_config(tmp_path, operative=False)
   assert (tmp_path / "config.gin").read_text() == written
