@@ -105,16 +105,24 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """Restore onto `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
+  def _checked_step(self, step: int | None, target: Any, only: str = "") -> tuple[int, dict | None]:
+    """`step` (the latest if None) once it exists and its stored leaf shapes (those whose path starts with `only`)
+    are `target`'s, with those shapes (None where the metadata cannot be read); else CheckpointError."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"No checkpoint found under {self.directory}.")
     self._check_step_exists(step)
     stored = stored_shapes(self.directory / str(step) / "state")
-    mismatch = stored_state_mismatch(stored, abstract_state)
+    if stored is not None and only:
+      stored = {k: v for k, v in stored.items() if k.startswith(only)}
+    mismatch = stored_state_mismatch(stored, target)
     if mismatch is not None:
       raise CheckpointError(self._mismatch_message(step, mismatch))
+    return step, stored
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restore onto `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
+    step, stored = self._checked_step(step, abstract_state)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -145,19 +153,10 @@ class Checkpointer:
 
   def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
     """Only the parameters (for evaluation, export or initialisation): any optimizer's checkpoint will do."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"No checkpoint found under {self.directory}.")
-    self._check_step_exists(step)
     target = {"params": abstract_params}
     # A partial restore reads only what the target names: a model with fewer layers (or blocks) than the checkpoint
     # would load a subset of its parameters without complaint. Compare the parameters leaf by leaf first.
-    stored = stored_shapes(self.directory / str(step) / "state")
-    if stored is not None:
-      stored = {k: v for k, v in stored.items() if k.startswith("params/")}
-    mismatch = stored_state_mismatch(stored, target)
-    if mismatch is not None:
-      raise CheckpointError(self._mismatch_message(step, mismatch))
+    step, _ = self._checked_step(step, target, only="params/")
     # A separate manager: this one may already have bound the 'state' item to the full-state handler.
     with ocp.CheckpointManager(self.directory.absolute()) as reader:
       try:
