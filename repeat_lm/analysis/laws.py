@@ -160,6 +160,9 @@ class Fit:
   objective: float  # summed Huber loss at the optimum
   n_points: int
   samples: list[Constants] = dataclasses.field(default_factory=list)  # bootstrap refits
+  # Constants the optimum left on an edge of the search (_BOUNDS): the runs do not determine them (or contradict the
+  # law), and their value and bootstrap interval are the edge's, not an estimate.
+  at_bounds: list[str] = dataclasses.field(default_factory=list)
 
   def ci(self, level: float = 0.95) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of every constant (empty without bootstrap samples)."""
@@ -199,6 +202,10 @@ def _log_predict(theta: np.ndarray, log_n, log_d, log_u) -> np.ndarray:
   terms = np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e))
   top = terms.max(axis=0)
   return top + np.log(np.exp(terms - top).sum(axis=0))
+
+
+def _at_bounds(theta: np.ndarray) -> list[str]:
+  return [name for name, x, (lo, hi) in zip(_NAMES, theta, _BOUNDS) if min(x - lo, hi - x) <= 1e-6]
 
 
 def _huber(r: np.ndarray, delta: float) -> np.ndarray:
@@ -296,6 +303,11 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
                      "do not (scaling.fit_data leaves such runs out).")
   n_params = 7 if law == "data-constrained" else 5
   check_identifiable(law, n, d, u, n_params)
+  if np.ptp(np.log(loss)) < 1e-9:
+    # E alone fits them exactly, and any A, B, alpha, beta that make their terms negligible fit as well: the fit
+    # would report whichever the optimiser stopped at, and every bootstrap refit the same (a zero-width interval).
+    raise ValueError(f"Every run has the same final loss ({loss[0]:g}): the law's coefficients and exponents cannot "
+                     "be fitted; check the table's final_eval_loss column.")
   obj = _Objective(n, d, u, loss, delta)
   grid = _grid(law)
   values = np.concatenate([obj.values(chunk) for chunk in np.array_split(grid, max(1, len(grid) // 4096))])
@@ -303,7 +315,7 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
   # L-BFGS-B's tiny BLAS calls are ~20x slower when OpenBLAS wakes its threads for each.
   with threadpool_limits(1, user_api="blas"):
     theta, value = _minimise(obj, starts)
-    result = Fit(_to_constants(theta), value, int(n.size))
+    result = Fit(_to_constants(theta), value, int(n.size), at_bounds=_at_bounds(theta))
     rng = np.random.default_rng(seed)
     for _ in range(bootstrap):
       idx = rng.integers(0, n.size, n.size)

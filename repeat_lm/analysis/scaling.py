@@ -43,7 +43,17 @@ def fit_runs(runs: list[results.Run], law: str, *, bootstrap: int = 0, seed: int
 def constants_json(f: laws.Fit) -> dict:
   """The `analyze fit --json` object: the constants, `ci` {name: [lo, hi]}, and what was fitted."""
   return {**f.constants.to_dict(), "law": f.constants.law, "ci": f.ci(), "runs": f.n_points,
-          "bootstrap": len(f.samples), "objective": f.objective}
+          "bootstrap": len(f.samples), "objective": f.objective, "at_bounds": f.at_bounds}
+
+
+def bounds_note(f: laws.Fit) -> str:
+  """A sentence naming the constants the fit left on an edge of its search ("" if none)."""
+  if not f.at_bounds:
+    return ""
+  names = ", ".join(f.at_bounds)
+  return (f"\n\n**{names} ran to the edge of the fit's search range**: the runs do not determine "
+          f"{'it' if len(f.at_bounds) == 1 else 'them'} (or contradict the law), so the value and its interval are "
+          "that edge, not an estimate.")
 
 
 def _predicted(c: laws.Constants, a: dict):
@@ -87,6 +97,7 @@ def fit_report(runs: list[results.Run], law: str, out_dir: str | Path, *, bootst
     four = laws.effective(1.0, 3.0, c.R_D_star) / 4.0
     text += (f"\n\nWith the fitted R_D* = {c.R_D_star:.3g}: 4 epochs are worth {four:.1%} of 4 epochs of unique "
              f"data, and a repeated epoch is worth half a fresh one after {1 + c.R_D_star * math.log(2):.3g} epochs.")
+  text += bounds_note(f)
   paths = report.write_report(out_dir, f"Scaling-law fit ({law})",
                               [("Constants", text, _fit_plots(out_dir, f, used, a), rows)])
   return {**constants_json(f), "report": paths}
@@ -106,7 +117,9 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
   samples = f.samples
   exp_a, exp_b = laws.optimal_exponents(f.constants)
   ratio_ci = _interval([_b_over_a(s) for s in samples])
-  linear = None if ratio_ci is None else bool(ratio_ci[0] <= 1.0 <= ratio_ci[1])
+  # An exponent on the edge of the search is not an estimate, and neither is b / a = alpha / beta.
+  undetermined = {"alpha", "beta"} & set(f.at_bounds)
+  linear = None if ratio_ci is None or undetermined else bool(ratio_ci[0] <= 1.0 <= ratio_ci[1])
   budgets = sorted({float(f"{6 * r.params * loss_tokens(r):.3g}") for r in used})
   rows = []
   for c_budget in budgets:
@@ -117,7 +130,8 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
                  "tokens_per_param": float(d_opt / n_opt), "ci_low": interval[0], "ci_high": interval[1],
                  "runs_tokens_per_param": ", ".join(f"{loss_tokens(r) / r.params:.3g}" for r in runs_here)})
   ref_a, ref_b = laws.optimal_exponents(laws.CHINCHILLA)
-  verdict = ("no bootstrap, so no interval: rerun with --bootstrap" if linear is None else
+  verdict = ("none: alpha or beta ran to the edge of the search (below)" if undetermined else
+             "no bootstrap, so no interval: rerun with --bootstrap" if linear is None else
              ("consistent with 1: tokens should grow linearly with parameters" if linear else
               "excludes 1: tokens should not grow linearly with parameters"))
   text = (f"Fitted the {law} law to {f.n_points} runs. Compute-optimal exponents: N_opt ~ C^{exp_a:.3f}, "
@@ -125,11 +139,13 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
           + (f" (95% bootstrap interval {ratio_ci[0]:.3f}-{ratio_ci[1]:.3f}, {len(samples)} refits)" if ratio_ci
              else "") + f": {verdict}.\n\nFor comparison, Chinchilla's published constants give a = {ref_a:.3f}, "
           f"b = {ref_b:.3f} (b / a = {ref_b / ref_a:.3f}). The table lists the fitted compute-optimal tokens per "
-          "parameter at each compute budget of the runs (C = 6 N D) next to the runs' own tokens per parameter.")
+          "parameter at each compute budget of the runs (C = 6 N D) next to the runs' own tokens per parameter."
+          + bounds_note(f))
   png = _check_plot(out_dir / "compute_optimal.png", f, budgets, used)
   paths = report.write_report(out_dir, "Do encoder-decoders need tokens linearly in parameters?",
                               [("Answer", text, [png], rows)])
-  return {"law": law, "constants": f.constants.to_dict(), "ci": f.ci(), "a": exp_a, "b": exp_b,
+  return {"law": law, "constants": f.constants.to_dict(), "ci": f.ci(), "at_bounds": f.at_bounds, "a": exp_a,
+          "b": exp_b,
           "b_over_a": _b_over_a(f.constants), "b_over_a_ci": ratio_ci, "linear": linear, "budgets": rows,
           "report": paths}
 

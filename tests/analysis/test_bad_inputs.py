@@ -42,6 +42,14 @@ def test_fit_refuses_nan_losses():
     laws.fit("chinchilla", n, d, loss)
 
 
+def test_fit_refuses_runs_that_all_have_one_loss():
+  # E = 3 fits them exactly with any A, B, alpha, beta that make their terms negligible: the optimiser stopped at
+  # alpha 1.2, beta 0.78 and chinchilla-check called b / a = 0.65 (interval of width 1e-15) "excludes 1".
+  n, d = (x.ravel() for x in np.meshgrid([1e7, 1e8, 1e9], [1e9, 1e10, 1e11]))
+  with pytest.raises(ValueError, match=r"Every run has the same final loss \(3\)"):
+    laws.fit("chinchilla", n, d, np.full(n.size, 3.0))
+
+
 def test_fit_plot_draws_one_curve_per_params_without_unique_tokens(tmp_path, monkeypatch):
   runs = [results.Run(run=f"r{i}", status="done", model_dir=None, params=n, tokens_seen=d,
                       final_eval_loss=float(laws.predict(laws.CHINCHILLA, n, d)))

@@ -130,6 +130,21 @@ def test_fit_data_constrained_recovers_constants():
   assert fit.constants.R_D_star == pytest.approx(R_D, rel=0.25)
 
 
+def test_fit_flags_a_constant_the_runs_do_not_determine():
+  """Every run has N <= U_N = D_to_N(U) (20+ unique tokens per parameter), so no run has excess parameters for R_N*
+  to discount: the optimum leaves R_N* on its bound e^10 (the law's value is 5.31), and every bootstrap refit with
+  it. The fit says so instead of reporting 22026 as an estimate."""
+  rng = np.random.default_rng(0)
+  n, u, epochs = np.meshgrid([1e7, 3e7, 1e8], [2e9, 1e10, 5e10], [1, 2, 4, 8, 16, 32], indexing="ij")
+  n, u = n.ravel(), u.ravel()
+  assert (n / _u_n(u)).max() < 1
+  loss = laws.predict(DC, n, u * epochs.ravel(), u) * np.exp(rng.normal(0, 0.003, n.size))
+  fit = laws.fit("data-constrained", n, u * epochs.ravel(), loss, u, n_starts=2)
+  assert fit.constants.R_N_star == pytest.approx(math.exp(10))
+  assert fit.at_bounds == ["R_N_star"]
+  assert fit.constants.R_D_star == pytest.approx(R_D, rel=0.25)  # the rest is still determined
+
+
 def test_too_few_runs():
   with pytest.raises(ValueError, match="more than 5 runs"):
     laws.fit("chinchilla", [1e8] * 3, [1e9] * 3, [3.0] * 3)

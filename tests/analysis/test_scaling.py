@@ -43,3 +43,15 @@ def test_predict_counts_epochs_against_the_unique_tokens_given():
   # Repeated data is as before.
   out = scaling.prediction(laws.DATA_CONSTRAINED, 5e7, 1e10, 1e9)
   assert (out["unique_tokens"], out["epochs"]) == (1e9, pytest.approx(10.0))
+
+
+def test_chinchilla_check_gives_no_verdict_from_an_exponent_on_its_bound(tmp_path):
+  # Larger models end worse (the paper's repeated-data finding): the law cannot fit a loss that rises with N, and
+  # the fit parks alpha on its bound 5, where b / a = alpha / beta = 5 / 0.28 = 17.9 "excluded 1" with confidence.
+  runs = [results.Run(run=f"n{n:g}_d{d:g}", status="done", model_dir=None, params=n, tokens_seen=d,
+                      final_eval_loss=float(laws.chinchilla_loss(laws.CHINCHILLA, 1e8, d)) * (1 + 0.01 * math.log10(n)))
+          for n in (1e7, 1e8, 1e9) for d in (1e9, 1e10, 1e11)]
+  out = scaling.chinchilla_check(runs, tmp_path, law="chinchilla", bootstrap=2)
+  assert out["linear"] is None
+  assert out["constants"]["alpha"] == pytest.approx(5.0) and out["at_bounds"] == ["alpha"]
+  assert "alpha ran to the edge of the fit's search range" in (tmp_path / "report.md").read_text()
