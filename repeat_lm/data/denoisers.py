@@ -5,7 +5,8 @@ num_noise = round(L * density) (clamped to [1, L-1]) tokens in num_spans = round
 (clamped to [1, min(num_noise, L - num_noise)]); clean and noise spans alternate starting with clean; each noise span
 becomes one sentinel in the inputs (sentinels count down from vocab_size - 1), the targets are each sentinel
 followed by its span. Prefix LM (UL2's S): the chunk is split in two, inputs = prefix, targets = suffix; the suffix
-length t is uniform on [1, 2m - 1] with m = round(L * density), so the mean noise density is `density`.
+length t is uniform on [1, 2m - 1] with m = round(L * density), so the mean noise density is `density` (above 1/2,
+where 2m - 1 would pass L - 1, on [2m - L + 1, L - 1]: still centred on m).
 
 All randomness comes from `hashing` keyed by a per-example key, so an example is a pure function of (tokens, key).
 With mode tokens on, the denoiser's mode (plain text, e.g. '[NLU]') is tokenised and prepended to the inputs.
@@ -109,17 +110,23 @@ def span_counts(length: int, density: float, mean_span: float) -> tuple[int, int
   return num_noise, num_spans
 
 
-def _prefix_max_target(length: int, density: float) -> int:
-  """Largest suffix a prefix-LM chunk of `length` tokens can draw."""
+def _prefix_targets(length: int, density: float) -> tuple[int, int]:
+  """(shortest, longest) suffix a prefix-LM chunk of `length` tokens draws: a range centred on m = round(L * density).
+
+  Clamping only the top at L - 1 would pull the mean down to L / 2 for any density above 1/2, so the bottom rises
+  with it."""
   if length < 2:
-    return 0
-  return min(max(2 * int(round(length * density)) - 1, 1), length - 1)
+    return 0, 0
+  m = min(max(int(round(length * density)), 1), length - 1)
+  longest = min(2 * m - 1, length - 1)
+  return 2 * m - longest, longest
 
 
 def max_lengths(d: Denoiser, raw_length: int, mode_length: int = 0) -> tuple[int, int]:
   """(inputs, targets) lengths, each with one EOS, of the longest example a raw chunk of `raw_length` can give."""
   if d.prefix_lm:
-    return mode_length + raw_length - 1 + 1, _prefix_max_target(raw_length, d.noise_density) + 1
+    shortest, longest = _prefix_targets(raw_length, d.noise_density)
+    return mode_length + raw_length - shortest + 1, longest + 1
   num_noise, num_spans = span_counts(raw_length, d.noise_density, d.mean_noise_span_length)
   return mode_length + raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
@@ -196,8 +203,8 @@ def corrupt(tokens: np.ndarray, d: Denoiser, key: int, vocab_size: int,
   mode_ids = np.zeros([0], np.int32) if mode_ids is None else np.asarray(mode_ids, np.int32)
   n = len(tokens)
   if d.prefix_lm:
-    t_max = _prefix_max_target(n, d.noise_density)
-    t = 0 if t_max == 0 else 1 + int(hashing.bits(hashing.derive(key, 'split'), 0) % np.uint64(t_max))
+    lo, hi = _prefix_targets(n, d.noise_density)
+    t = 0 if hi == 0 else lo + int(hashing.bits(hashing.derive(key, 'split'), 0) % np.uint64(hi - lo + 1))
     return np.concatenate([mode_ids, tokens[:n - t]]), tokens[n - t:]
   noise = noise_mask(n, d.noise_density, d.mean_noise_span_length, key)
   if not noise.any():  # a 1-token chunk: nothing to hide

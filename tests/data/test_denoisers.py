@@ -169,6 +169,16 @@ def test_prefix_lm_lengths_by_hand():
   assert D.raw_length(s, 100, 512) == 100
 
 
+def test_prefix_lm_above_half_density_keeps_its_mean():
+  # m = round(512 * 0.75) = 384: clamping only the top of [1, 2m - 1] at 511 drew t on [1, 511], mean density 0.5 for
+  # any density above 1/2. The range is [2m - 511, 511] = [257, 511] instead: mean 384, and the prefix is at most 255.
+  s = D.Denoiser('S_r0.75', 0.75, None)
+  lengths = [len(D.corrupt(np.arange(3, 515, dtype=np.int32), s, key, V)[1]) for key in range(2000)]
+  assert min(lengths) >= 257 and max(lengths) <= 511
+  assert np.mean(lengths) / 512 == pytest.approx(0.75, abs=0.01)
+  assert D.max_lengths(s, 512) == (512 - 257 + 1, 512)
+
+
 def test_prefix_lm_gets_its_mode_tokens_too():
   s, mode = BY_NAME['S_r0.25'], np.array([784, 567, 134, 908], np.int32)
   tokens = np.arange(3, 203, dtype=np.int32)
