@@ -104,7 +104,8 @@ def _binding(key: str, value: Any, resolved: Mapping[str, Any]) -> str:
 
 def query(key: str) -> Any:
   """The value of `key` (a macro or `configurable.param`) in the parsed config: its binding, else the Python
-  default of the parameter (so a run that leaves param_share alone reads 'none', not an empty cell)."""
+  default of the parameter (so a run that leaves param_share alone reads 'none', not an empty cell) where the config
+  uses its configurable at all, else None (a dense run has no moe.MoeConfig.num_experts)."""
   try:
     value = gin.query_parameter(f"%{key}" if "." not in key else key)
   except (ValueError, KeyError):
@@ -117,12 +118,31 @@ def _default(key: str) -> Any:
     return None
   name, param = key.split("/")[-1].rsplit(".", 1)
   match = gin.config._REGISTRY.get_match(name)  # pylint: disable=protected-access
-  if match is None:
+  # Dynamic registration is process-wide: whether gin knows a configurable this config never uses depends on the runs
+  # composed before it, so a dense run read MoeConfig's 128 experts after an MoE arm and None before one.
+  if match is None or not _uses(match.selector):
     return None
   p = inspect.signature(match.wrapped).parameters.get(param)
   if p is None or p.default is inspect.Parameter.empty or repr(p.default) == "<factory>":
     return None
   return p.default
+
+
+def _uses(selector: str) -> bool:
+  """Whether the parsed config binds a parameter of the configurable `selector` or refers to it."""
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  return any(s == selector for _, s in config) or any(_refers_to(v, selector) for p in config.values()
+                                                      for v in p.values())
+
+
+def _refers_to(value: Any, selector: str) -> bool:
+  if isinstance(value, gin.config.ConfigurableReference):
+    return value.selector == selector
+  if isinstance(value, Mapping):
+    return any(_refers_to(k, selector) or _refers_to(v, selector) for k, v in value.items())
+  if isinstance(value, (list, tuple, set)):
+    return any(_refers_to(v, selector) for v in value)
+  return False
 
 
 def run_gin(exp: Experiment, spec: sweep.RunSpec, model_dir: str, varied: Sequence[str],

@@ -13,6 +13,7 @@ from pathlib import Path
 import gin
 import pytest
 
+from experiment_helpers import tiny_experiment
 from repeat_lm.data import denoisers, pipeline, tasks
 from repeat_lm.experiments import compose, runner, status
 
@@ -91,6 +92,17 @@ def test_arms_that_swap_models_replace_the_experiments_include(tmp_path):
   assert re.search(r"^t5\.T5Config\.emb_dim = 2048$", xl, re.M)
   assert status.read(tmp_path / "moe_large")["values"]["model"] == "moe_large"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["moe_large", "xl_d27_e8"]
+
+
+def test_a_runs_recorded_values_do_not_depend_on_the_runs_composed_before_it(tmp_path, fresh_gin):
+  # The MoE arm composes first and leaves moe.MoeConfig registered with gin: the dense run recorded its 128 experts.
+  exp = compose.load(tiny_experiment(tmp_path / "exp.gin", "[{'name': 'moe', 'model': 'gin/models/switch_tiny.gin', "
+                                     "'moe.MoeConfig.num_experts': 2}, {'name': 'dense'}]"))
+  varied = compose.varied_keys(exp.runs)
+  values = {spec.name: compose.run_gin(exp, spec, str(tmp_path / spec.name), varied)[1] for spec in exp.runs}
+  assert values["moe"]["moe.MoeConfig.num_experts"] == 2
+  assert values["dense"]["moe.MoeConfig.num_experts"] is None  # no MoE: not MoeConfig's Python default
+  assert compose.query("t5.T5Config.param_share") == "none"  # unbound parameters of a used configurable: defaults
 
 
 @pytest.mark.parametrize("launcher,expected", [
