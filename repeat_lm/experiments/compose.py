@@ -21,6 +21,10 @@ from repeat_lm.experiments import sweep
 _MODEL_INCLUDE = re.compile(r"""^include\s+(['"])(?P<path>[^'"]*gin/models/[^'"]+)\1\s*$""", re.M)
 # Model settings a fine-tuning stage inherits from its pre-training run (values that are not macros).
 MODEL_CONFIGURABLES = ("repeat_lm.models.t5.T5Config", "repeat_lm.models.moe.MoeConfig")
+# How the model is laid out and computed, not what it is: a fine-tuning stage inherits them too, so a run that needed
+# `--gin.MODEL_PARALLEL=8 --gin.SCAN_LAYERS=True` to fit (rq2_factors.gin's XL) fine-tunes with them, from a
+# checkpoint of the same layout, rather than with the fine-tuning gin's single-device defaults.
+LAYOUT_MACROS = ("MODEL_PARALLEL", "EXPERT_PARALLEL", "SCAN_LAYERS", "REMAT_POLICY")
 
 
 @dataclasses.dataclass
@@ -164,6 +168,19 @@ def run_gin(exp: Experiment, spec: sweep.RunSpec, model_dir: str, varied: Sequen
   return "\n".join(header) + "\n" + _without_sweep_import(gin.config_str()), values
 
 
+def layout_bindings() -> list[str]:
+  """The parsed config's LAYOUT_MACROS that it binds, as gin lines."""
+  lines = []
+  for name in LAYOUT_MACROS:
+    try:
+      value = gin.query_parameter(f"%{name}")
+    except (ValueError, KeyError):
+      continue
+    if not isinstance(value, gin.config.ConfigurableReference):
+      lines.append(f"{name} = {value!r}")
+  return lines
+
+
 def model_bindings() -> list[str]:
   """Non-macro bindings of the parsed config's model configurables, as gin lines."""
   lines = []
@@ -182,7 +199,7 @@ def finetune_gin(exp: Experiment, spec: sweep.RunSpec, ft: sweep.Finetune, pretr
   """A fine-tuning stage's gin: the run's model (gin and settings), `ft.gin_files`, `ft.bindings`, and the
   pre-training run's MODEL_DIR as INITIAL_CHECKPOINT_PATH."""
   _parse_text(pretrain_gin, [])
-  carried = model_bindings()
+  carried = model_bindings() + layout_bindings()
   pretrain_dir = query("MODEL_DIR")
   model = spec.model or exp.model
   includes = [f"include '{f}'" for f in ([model] if model else []) + list(ft.gin_files)]

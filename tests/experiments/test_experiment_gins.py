@@ -105,6 +105,18 @@ def test_a_runs_recorded_values_do_not_depend_on_the_runs_composed_before_it(tmp
   assert compose.query("t5.T5Config.param_share") == "none"  # unbound parameters of a used configurable: defaults
 
 
+def test_fine_tuning_stages_keep_the_layout_their_run_needed(tmp_path):
+  # rq2_factors.gin's header: XL may need these on smaller slices; its SQuAD stage ran with finetune.gin's 1-device
+  # defaults (and an unscanned model reading a scanned checkpoint).
+  layout = ("MODEL_PARALLEL = 8", "SCAN_LAYERS = True", "REMAT_POLICY = 'minimal'")
+  runner.run_sweep("gin/experiments/rq2_factors.gin", tmp_path,
+                   runner.Options(dry_run=True, only="xl_d27_e8", stream=io.StringIO(), bindings=layout))
+  stage = (tmp_path / "xl_d27_e8" / "ft_squad" / "run.gin").read_text()
+  for line in layout:
+    assert re.search(rf"^{re.escape(line)}$", stage, re.M), line
+  assert re.search(r"^EXPERT_PARALLEL = 1$", stage, re.M)  # bound by pretrain.gin, carried as it is
+
+
 @pytest.mark.parametrize("launcher,expected", [
     ("tpu-vm", "launch/tpu_vm.sh --tpu=my-pod --zone=us-central2-b train --gin_file="),
     ("slurm", "sbatch --job-name=d27_e8 --output="),
