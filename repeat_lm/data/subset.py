@@ -119,7 +119,8 @@ def build_store(source: TextSource, split: str, vocabulary: seqio.Vocabulary, ma
     total += len(ids)
     if total == max_tokens:
       break
-  docs.close()  # stop reading the source (a TFDS split is large)
+  if hasattr(docs, 'close'):  # stop reading the source (a TFDS split is large); a plain iterator has nothing to close
+    docs.close()
   if exact and max_tokens is not None and total < max_tokens:
     raise ValueError(f'{source.tag} {split!r} has only {total:,} tokens with this vocabulary, fewer than the '
                      f'{max_tokens:,} unique tokens requested; lower the budget or use a bigger source.')

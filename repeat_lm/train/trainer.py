@@ -240,6 +240,9 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     if train_dataset_cfg.seed is None and "seed" in saved:  # the seed drawn when the run started, not a new one
       cfg = dataclasses.replace(cfg, seed=saved["seed"])  # (None from checkpoints written before seeds were drawn)
       _check_available(cfg, total_steps)  # a UL2 layout, and so the batch count, depends on the seed
+      # So do its chunks' lengths (static masks: their order) and steps per epoch: count this stream's, not the draw's.
+      step_source_tokens = pipeline.source_tokens_per_step(cfg)
+      schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens)
     pipeline.check_resume(cfg, saved)  # a changed data stream cannot resume exactly
     writer.truncate_after(int(restored_meta["step"]))
   else:

@@ -215,6 +215,15 @@ def test_resume_check_sees_changes_a_name_does_not_spell(c4_path, t5_vocab_file)
   refused('resume_mix', state)
 
 
+def test_a_mixture_counts_the_unique_tokens_of_its_subsets_once(c4_path, t5_vocab_file):
+  # The first 2^14 tokens of a corpus are inside its first 2^15, whatever the objective: 2^15 unique tokens, not
+  # 2^14 + 2^15 (train/epochs and a mixture's epoch-based dropout schedule divide by this count).
+  a = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**14, epochs=2)
+  b = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**15, epochs=2, objective='ul2')
+  assert pipeline.source_token_count(tasks.repeated_mixture([a, b], [0.5, 0.5]), 'train') == 2**15
+  assert pipeline.source_token_count(tasks.repeated_mixture([a, a], [0.3, 0.7]), 'train') == 2**14
+
+
 def test_other_seqio_tasks_fall_back_to_a_global_stream():
   vocab = seqio.PassThroughVocabulary(size=100)
   name = 'test.foreign_task'

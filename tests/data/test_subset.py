@@ -34,6 +34,22 @@ def test_a_budget_larger_than_the_source_is_an_error(c4_path, vocab):
     subset.build_store(sources.LocalText(c4_path), 'train', vocab, 2**20)
 
 
+def test_a_source_may_yield_documents_from_any_iterator(vocab):
+  # TextSource.documents returns an Iterator[str]: a list's iterator has no close(), unlike a generator.
+  class ListSource:
+    tag = 'list'
+
+    def fingerprint(self):
+      return 'list'
+
+    def documents(self, split, stats):
+      del split, stats
+      return iter(['Some words of text.'] * 40)
+
+  store = subset.build_store(ListSource(), 'train', vocab, 50)
+  assert store.num_tokens == 50
+
+
 def test_bad_input_is_counted_and_the_budget_kept(tmp_path, vocab, caplog):
   long_doc = 'word ' * 5000
   path = write_jsonl(tmp_path / 'bad.jsonl', ['First doc.', '', '   \n\t', long_doc, 'Tail ' * 100],

@@ -100,6 +100,22 @@ def test_an_unseeded_run_draws_one_seed_and_resumes_on_it(uninterrupted, tmp_pat
   assert losses(tmp_path) == losses(uninterrupted[0])
 
 
+def test_an_unseeded_run_counts_the_tokens_of_the_seed_it_resumes_on(tmp_path, monkeypatch):
+  # UL2's layout (each example's denoiser, so its raw length) depends on the seed: after resuming on the checkpoint's
+  # seed 3, tokens_seen must count seed 3's chunks, not those of the new draw (99) the run started with.
+  from repeat_lm.data import tasks  # pylint: disable=import-outside-toplevel
+  ul2 = tasks.repeated_task("wiki", objective="ul2", mode_tokens=False)
+  draws = iter([3, 99])
+  monkeypatch.setattr(trainer, "_draw_seed", lambda: next(draws))
+  unseeded = pipeline.DatasetConfig(ul2, LENGTHS, batch_size=8, seed=None)
+  run(tmp_path, 3, train_cfg=unseeded)
+  run(tmp_path, 6, train_cfg=unseeded)
+  count = pipeline.source_tokens_per_step(dataclasses.replace(unseeded, seed=3))
+  expected = np.cumsum([count(s) for s in range(1, 7)]).tolist()
+  assert count(4) != pipeline.source_tokens_per_step(dataclasses.replace(unseeded, seed=99))(4)  # the seeds differ
+  assert [r["train/tokens_seen"] for _, r in sorted(train_records(tmp_path).items())] == expected
+
+
 def test_several_hosts_take_process_0s_seed(monkeypatch):
   # Each host's own draw would order its stream differently: rows of a global batch repeated and missed.
   monkeypatch.setattr(jax, "process_count", lambda: 2)
