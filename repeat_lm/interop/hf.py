@@ -312,22 +312,37 @@ def _write_safetensors_to(state: Mapping[str, np.ndarray], out_dir: Path, max_sh
 def write_tokenizer(sentencepiece_model: str | Path, out_dir: str | Path, extra_ids: int = 100) -> None:
   """spiece.model + tokenizer.json + tokenizer_config.json, so `AutoTokenizer.from_pretrained(out_dir)` gives a
   T5Tokenizer with the same ids as the SeqIO vocabulary (pad 0, eos 1, unk 2, <extra_id_0> = vocab_size - 1).
+  sentencepiece_model: a local path or any path SeqIO reads (gs://...).
 
   Converting the SentencePiece model needs no network. One known difference: transformers' T5 tokenizer has no byte
   fallback, so characters outside a byte-fallback vocabulary (like the default Wikipedia one) become <unk> there.
   """
+  _write_tokenizer_model(read_sentencepiece_model(sentencepiece_model), out_dir, extra_ids)
+
+
+def read_sentencepiece_model(path: str | Path) -> bytes:
+  """The model file's bytes, local or remote: SeqIO reads vocabularies through TensorFlow's file systems, and T5's
+  default one is gs://t5-data/... (vocab.T5_VOCAB_PATH), which the local file functions cannot open."""
+  if "://" not in str(path):
+    return Path(path).read_bytes()
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  with tf.io.gfile.GFile(str(path), "rb") as f:
+    return f.read()
+
+
+def _write_tokenizer_model(model: bytes, out_dir: str | Path, extra_ids: int) -> None:
   transformers = import_transformers()
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   staging = out_dir / ".tokenizer_staging"
   staging.mkdir(exist_ok=True)
   try:
-    shutil.copyfile(sentencepiece_model, staging / "spiece.model")
+    (staging / "spiece.model").write_bytes(model)
     tokenizer = transformers.T5Tokenizer.from_pretrained(str(staging), extra_ids=extra_ids)
     tokenizer.save_pretrained(str(out_dir))
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  shutil.copyfile(sentencepiece_model, out_dir / "spiece.model")
+  (out_dir / "spiece.model").write_bytes(model)
 
 
 def _write_generation_config(out_dir: Path) -> None:
@@ -353,6 +368,8 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
     # would take the export for the run.
     raise ValueError(f"{out_dir} is a repeat_lm MODEL_DIR (it holds checkpoints/ or config.gin): export to a "
                      "directory of its own, e.g. --out=MODEL_DIR/hf.")
+  # Read before anything is written: a vocabulary that cannot be read leaves an earlier export as it was.
+  spm_bytes = read_sentencepiece_model(sentencepiece_model) if sentencepiece_model is not None else None
   out_dir.mkdir(parents=True, exist_ok=True)
   if getattr(config, "moe", None) is None:
     state, config_json = to_hf_state_dict(params, config), hf_config_dict(config)
@@ -365,8 +382,8 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
   write_safetensors(state, out_dir, max_shard_bytes)
   (out_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
   _write_generation_config(out_dir)
-  if sentencepiece_model is not None:
-    write_tokenizer(sentencepiece_model, out_dir, extra_ids)
+  if spm_bytes is not None:
+    _write_tokenizer_model(spm_bytes, out_dir, extra_ids)
   else:
     # An earlier export's tokenizer would load beside these weights as theirs (AutoTokenizer reads it): remove it, as
     # write_safetensors removes an earlier export's weights.

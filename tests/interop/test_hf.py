@@ -117,6 +117,22 @@ def test_tokenizer_matches_seqio_vocabulary(tmp_path):
   assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
 
 
+def test_tokenizer_from_a_remote_vocabulary(tmp_path):
+  """T5's default vocabulary lives on gs:// (SeqIO reads it through TensorFlow's file systems): the export copied it
+  with local file functions and failed after writing the weights. TensorFlow's in-memory ram:// stands in for GCS."""
+  import tensorflow as tf
+  from repeat_lm.data import vocab
+  remote = "ram://test_hf_vocab/spiece.model"
+  tf.io.gfile.makedirs("ram://test_hf_vocab")
+  tf.io.gfile.copy(vocab.default_vocabulary().sentencepiece_model_file, remote, overwrite=True)
+  vocabulary = vocab.t5_vocabulary(remote)
+  hf.export_hf(random_params(TINY), TINY, tmp_path, sentencepiece_model=vocabulary.sentencepiece_model_file)
+  text = "The capital of France is Paris."
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  assert tokenizer(text).input_ids == [*vocabulary.encode(text), decoding.EOS_ID]
+  assert (tmp_path / "spiece.model").read_bytes() == tf.io.gfile.GFile(remote, "rb").read()
+
+
 def test_config_json_states_untied_v1_1(tmp_path):
   hf.export_hf(init_params(TINY), TINY, tmp_path, dtype="bfloat16")
   cfg = json.loads((tmp_path / "config.json").read_text())
