@@ -6,6 +6,7 @@
 #   (BUDGET_S: seconds after which no new benchmark variant starts; PROFILE=1 first traces the T5 v1.1 Base step
 #   of gin/runs/accelerator.gin, scanned + remat 'minimal' + cuDNN, into OUT_DIR/profile: ops.md there, the raw
 #   trace as OUT_DIR/step.xplane.pb, and a table of it in the report)
+# Exit status: the tests' if they failed (the benchmark still runs after them), else the benchmark's.
 set -uo pipefail
 out=${1:-runs/accelerator}
 shift || true
@@ -16,6 +17,7 @@ export PYTHONUNBUFFERED=1
 optax.__version__, jax.devices())"; } 2>&1 | tee "$out/device.txt"
 JAX_PLATFORMS=cuda timeout 300 python3 -m pytest -q -m accelerator -p no:cacheprovider \
   tests/models/test_attention_impl.py 2>&1 | tee "$out/pytest_accelerator.log"
+tests_rc=$?  # pytest's (or timeout's 124), not tee's: pipefail
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout 150 python3 -m repeat_lm.cli bench train --gin_file=gin/models/t5_1_1_base.gin --batch_size=128 --steps=3 --rounds=1 \
     --gin.SCAN_LAYERS=True --gin.REMAT_POLICY="'minimal'" --gin.t5.T5Config.attention_implementation="'cudnn'" \
@@ -28,4 +30,10 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 python3 -m repeat_lm.cli bench accelerator --out="$out/performance_accelerator.md" \
   --time_budget_s="${BUDGET_S:-300}" "$@" 2>&1 | tee "$out/bench.log"
+bench_rc=$?
 cat "$out/performance_accelerator.md"
+report_rc=$?
+# Only the last command's status reached the caller: failed cuDNN tests left the script exiting 0.
+for rc in "$tests_rc" "$bench_rc" "$report_rc"; do
+  [ "$rc" -eq 0 ] || exit "$rc"
+done

@@ -24,13 +24,14 @@ if [[ -z "$TPU" || -z "$ZONE" || $# -eq 0 ]]; then
 fi
 REPO_DIR="${REPO_DIR:-$(cd "$(dirname "$0")/.." && pwd)}"
 GCLOUD=(gcloud compute tpus tpu-vm)
-PROJECT_FLAG=()
-[[ -n "$PROJECT" ]] && PROJECT_FLAG=(--project="$PROJECT")
+# Never an empty array: under set -u, bash before 4.4 (macOS's 3.2) stops at "${EMPTY[@]}" as an unbound variable.
+WHERE=(--zone="$ZONE")
+[[ -n "$PROJECT" ]] && WHERE+=(--project="$PROJECT")
 # Every worker's address: jax's TPU cluster detection reads TPU_WORKER_HOSTNAMES, and distributed.py takes a comma
 # in it as "several processes" (a plain ssh session does not always carry it). The worker id comes from metadata.
-HOSTS="$("${GCLOUD[@]}" describe "$TPU" --zone="$ZONE" "${PROJECT_FLAG[@]}" \
+HOSTS="$("${GCLOUD[@]}" describe "$TPU" "${WHERE[@]}" \
   --format='value[delimiter=","](networkEndpoints[].ipAddress)' 2>/dev/null || true)"
 ENV=""
 [[ "$HOSTS" == *,* ]] && ENV="TPU_WORKER_HOSTNAMES=$HOSTS "
 COMMAND="cd $(printf %q "$REPO_DIR") && ${ENV}.venv/bin/repeat-lm $(printf '%q ' "$@")"
-exec "${GCLOUD[@]}" ssh "$TPU" --zone="$ZONE" "${PROJECT_FLAG[@]}" --worker=all --command="$COMMAND"
+exec "${GCLOUD[@]}" ssh "$TPU" "${WHERE[@]}" --worker=all --command="$COMMAND"

@@ -30,6 +30,8 @@ def process_env(process_id: int, num_processes: int, port: int, devices_per_proc
   env = dict(os.environ if base is None else base)
   # Our device count replaces any inherited one (tests force 8 devices for single-process runs).
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).split()
+  # jax_num_cpu_devices, when set, wins over the XLA flag: an exported JAX_NUM_CPU_DEVICES=8 gave every process 8.
+  env.pop("JAX_NUM_CPU_DEVICES", None)
   env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
              JAX_PROCESS_ID=str(process_id), JAX_PLATFORMS="cpu",
              XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices_per_process}"]))
@@ -52,15 +54,20 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
     raise ValueError(f"num_processes ({num_processes}) and devices_per_process ({devices_per_process}) must be >= 1.")
   port = port or free_port()
   procs, pumps = [], []
-  # SIGTERM (a job's time limit, `timeout`, kill) acts as Ctrl-C: forwarded to the processes, whose trainers then
-  # checkpoint and stop. Left to its default it killed this process alone and orphaned them, training on.
+  # SIGTERM (a job's time limit, `timeout`, kill) and SIGHUP (a closed terminal) act as Ctrl-C: forwarded to the
+  # processes as SIGTERM, whose trainers then checkpoint and stop. Left to its default either killed this process
+  # alone and orphaned them, training on.
   main = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+  signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+  previous = {s: signal.signal(s, _interrupt) for s in signums} if main else {}
   rc = 0
   try:
     for i in range(num_processes):
+      # Each in its own session, out of the terminal's reach: Ctrl-C (SIGINT to the terminal's whole process group)
+      # interrupted the trainers themselves, which stopped without a checkpoint; it now reaches this process alone,
+      # which forwards it as SIGTERM.
       p = subprocess.Popen([sys.executable, "-m", "repeat_lm.cli", *argv], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True,
                            env=process_env(i, num_processes, port, devices_per_process))
       t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", sys.stderr), daemon=True)
       t.start()
@@ -90,8 +97,8 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
         p.kill()
     for t in pumps:
       t.join(timeout=5)
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
   return rc
 
 

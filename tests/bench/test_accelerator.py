@@ -145,6 +145,28 @@ def test_launch_script_is_valid_bash_and_its_bench_flags_parse():
   assert (args.time_budget_s, args.profile_xplane, args.variant) == (300.0, "s.pb", ["scan:minimal:cudnn:256"])
 
 
+def test_launch_script_exits_non_zero_when_the_gpu_tests_fail(tmp_path):
+  import os
+  import subprocess
+  from pathlib import Path
+  repo = Path(__file__).resolve().parents[2]
+  # A python3 whose GPU tests fail and whose benchmark writes its report; no nvidia-smi needed (`|| true`).
+  fake = tmp_path / "bin" / "python3"
+  fake.parent.mkdir()
+  fake.write_text("#!/usr/bin/env bash\n"
+                  "case \" $* \" in\n"
+                  "  *\" pytest \"*) echo '1 failed'; exit 1 ;;\n"
+                  "  *\" bench accelerator \"*) for a; do [[ $a == --out=* ]] && echo report > \"${a#--out=}\"; done;"
+                  " exit 0 ;;\n"
+                  "esac\n")
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+  out = subprocess.run(["bash", str(repo / "launch" / "accelerator_checks.sh"), str(tmp_path / "out")], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 1, out.stdout + out.stderr
+  assert (tmp_path / "out" / "performance_accelerator.md").read_text() == "report\n"  # the benchmark still ran
+
+
 def test_bad_json_inputs_name_the_flag_and_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="--previous=.*no such file; pass the .json"):
     accelerator.read_json(tmp_path / "missing.json", "--previous")

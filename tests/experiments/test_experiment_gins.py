@@ -163,6 +163,15 @@ def test_launch_scripts_are_valid_bash(script):
   assert os.access(path, os.X_OK)
 
 
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "slurm.sbatch", "local_multiprocess.sh", "accelerator_checks.sh"])
+def test_launch_scripts_expand_no_empty_array(script):
+  """Under `set -u`, bash before 4.4 (macOS's /bin/bash is 3.2, where gcloud users run tpu_vm.sh) stops at "${A[@]}"
+  of an empty array with `A[@]: unbound variable`: tpu_vm.sh without --project exited 1 before reaching gcloud."""
+  text = (GIN_DIR.parents[1] / "launch" / script).read_text()
+  for name in re.findall(r"^\s*(\w+)=\(\)", text, re.M):
+    assert f'"${{{name}[@]}}"' not in text, f"{script}: {name} can be empty"
+
+
 def test_slurm_submit_chains_fine_tuning_on_its_run(tmp_path, monkeypatch):
   # A stand-in sbatch that records its arguments and answers like SLURM.
   bin_dir = tmp_path / "bin"

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -28,6 +29,13 @@ def test_process_env_splits_devices_and_names_the_coordinator():
   assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=4"
 
 
+def test_process_env_device_count_wins_over_an_inherited_jax_num_cpu_devices():
+  # JAX takes JAX_NUM_CPU_DEVICES over the XLA flag: exported for a single-process run, it gave each process its
+  # count (`jax.distributed: process 0 of 2, 8 local / 16 global devices` for --devices_per_process=4).
+  env = launch_local.process_env(0, 2, 1234, 4, {"JAX_NUM_CPU_DEVICES": "8"})
+  assert "JAX_NUM_CPU_DEVICES" not in env and env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+
+
 @pytest.mark.slow
 def test_sigterm_is_forwarded_to_the_processes(monkeypatch):
   # Left to SIGTERM's default, launch-local died alone and its processes trained on as orphans.
@@ -45,6 +53,35 @@ def test_sigterm_is_forwarded_to_the_processes(monkeypatch):
   assert launch_local.launch(["train"], num_processes=2) == 130
   assert len(started) == 2 and all(p.returncode == -signal.SIGTERM for p in started)
   assert signal.getsignal(signal.SIGTERM) is not launch_local._interrupt  # pylint: disable=protected-access
+
+
+# launch() with stand-in processes: each says `ready`, exits 0 on SIGTERM (a trainer's checkpoint-and-stop).
+_CTRL_C_LAUNCHER = """
+import subprocess, sys
+from repeat_lm.experiments import launch_local
+child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (print('checkpointed'), sys.exit(0))); "
+         "print('ready', flush=True); time.sleep(60)")
+real_popen = subprocess.Popen
+launch_local.subprocess.Popen = lambda cmd, **kwargs: real_popen([sys.executable, "-c", child], **kwargs)
+sys.exit(launch_local.launch(["train"], num_processes=2))
+"""
+
+
+def test_ctrl_c_reaches_the_processes_only_as_sigterm():
+  # A terminal's Ctrl-C is SIGINT to its whole foreground process group. The processes used to share the launcher's
+  # group: each trainer got the SIGINT itself and died on KeyboardInterrupt without its checkpoint.
+  launcher = subprocess.Popen([sys.executable, "-c", _CTRL_C_LAUNCHER], stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  try:
+    lines = [launcher.stderr.readline(), launcher.stderr.readline()]
+    assert sorted(lines) == ["[p0] ready\n", "[p1] ready\n"], lines
+    os.killpg(launcher.pid, signal.SIGINT)
+    rest = launcher.communicate(timeout=60)[1]
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  assert launcher.returncode == 130
+  assert "KeyboardInterrupt" not in rest and sorted(rest.splitlines()) == ["[p0] checkpointed", "[p1] checkpointed"]
 
 
 def test_two_processes_match_one_process(tmp_path, fresh_gin):
