@@ -92,8 +92,12 @@ def objective_named(name: str) -> Objective:
   if name == 'span':
     return span_corruption()
   if name.startswith('span_r') and '_mu' in name:
-    r, mu = name[len('span_r'):].split('_mu')
-    return span_corruption(float(r.replace('p', '.')), float(mu.replace('p', '.')))
+    try:  # 'span_rabc_mu3': float's own error ("could not convert string to float: 'abc'") named no objective
+      values = [float(x.replace('p', '.')) for x in name[len('span_r'):].split('_mu')]
+    except ValueError:
+      values = []
+    if len(values) == 2:  # not 'span_r0p5_mu8_mu3'
+      return span_corruption(*values)
   raise ValueError(f"Unknown objective {name!r}: use 'span', 'span_r<density>_mu<mean span>' (p for the decimal "
                    "point, e.g. span_r0p5_mu8) or 'ul2'.")
 

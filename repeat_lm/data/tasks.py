@@ -166,6 +166,15 @@ def _vocab_tag(vocabulary: seqio.Vocabulary) -> str:
   return f'{type(vocabulary).__name__}_x{vocabulary.extra_ids}'  # other kinds: pass `name` to tell them apart
 
 
+def _vocabulary_key(s: RepeatedSpec) -> str:
+  """Which vocabulary a task uses, without reading it (registering reads nothing): its model file and extra ids for
+  SentencePiece ('t5' and T5's model path are the same), else its tag."""
+  if isinstance(s.vocabulary, seqio.SentencePieceVocabulary):
+    path = s.vocabulary._sentencepiece_model_file  # pylint: disable=protected-access  (the property may build it)
+    return f'{path} + {s.vocabulary.extra_ids} extra ids'
+  return s.vocab_name
+
+
 def _resolve_vocabulary(vocabulary, source: subset.TextSource) -> tuple[str, seqio.Vocabulary]:
   if vocabulary is None:
     vocabulary = 'wiki8k' if isinstance(source, sources.LocalText) else 't5'
@@ -279,6 +288,12 @@ def repeated_mixture(tasks: Sequence[str], rates: Sequence[float], name: str | N
   tasks, rates = tuple(ensure_registered(t) for t in tasks), tuple(float(r) for r in rates)
   if len(tasks) != len(rates) or not tasks:
     raise ValueError(f'{len(tasks)} tasks but {len(rates)} rates.')
+  # SeqIO refuses such a mixture when it reads it, but repeat_lm's pipeline interleaves the tasks' ids itself: the
+  # same id would mean different text, and the trainer checks the model's vocab_size against one task's vocabulary
+  # only, so a larger vocabulary's ids (sentinels at 32,099) would index past an 8,192-row embedding.
+  vocabularies = {t: _vocabulary_key(_SPECS[t]) for t in tasks if t in _SPECS}
+  if len(set(vocabularies.values())) > 1:
+    raise ValueError(f'The tasks of a mixture must share one vocabulary, as in SeqIO; got {vocabularies}.')
   name = name or f'repeat_lm.mix.{hashing.derive(*tasks, *map(str, rates)) & 0xFFFFFFFF:08x}'
   with _LOCK:
     if name in seqio.MixtureRegistry.names():

@@ -39,7 +39,16 @@ class TfdsText:
 
   @property
   def tag(self) -> str:
-    return self.name.replace('/', '_').replace(':', '_v').replace('.', 'p').replace('-', '_')
+    """'c4_en_v3p0p1' (+ what else selects the text, as LocalText's tag does): two readings of one dataset (other
+    splits, another text feature) must not name the same task, or registering the second replaces the first. Not
+    data_dir: that is where a copy lives, not which text it is."""
+    tag = self.name.replace('/', '_').replace(':', '_v').replace('.', 'p').replace('-', '_')
+    reading = (self.train_split, self.validation_split, self.text_key)
+    if reading != ('train', 'validation', 'text'):
+      tag += '_' + hashlib.sha1(json.dumps(reading).encode()).hexdigest()[:8]
+    if self.max_document_chars != sources.MAX_DOCUMENT_CHARS:
+      tag += f'_max{self.max_document_chars}'
+    return tag
 
   def fingerprint(self) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()

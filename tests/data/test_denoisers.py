@@ -123,6 +123,9 @@ def test_objectives_by_name():
   assert D.ul2((1, 0, 0, 0, 0, 0, 1)).name.startswith('ul2_')
   with pytest.raises(ValueError, match='Unknown objective'):
     D.objective_named('mlm')
+  for typo in ('span_rabc_mu3', 'span_r_mu3', 'span_r0p5_mu8_mu3'):  # were float's / unpacking's bare errors
+    with pytest.raises(ValueError, match=f"Unknown objective '{typo}'.*span_r0p5_mu8"):
+      D.objective_named(typo)
   with pytest.raises(ValueError, match='rates'):
     D.ul2((1, 2))
   with pytest.raises(ValueError, match='too short'):

@@ -267,11 +267,23 @@ def test_ul2_mode_tokens_and_per_denoiser_statistics(c4_path, t5_vocab_file):
   assert tasks.stream(off, 'train', lengths, 0).example(0).inputs[0] != voc.encode('[NLU]')[0]
 
 
-def test_mixture_of_repeated_tasks(c4_d16, wiki_ready):
-  del wiki_ready
-  name = tasks.repeated_mixture([c4_d16, 'repeat_lm.wiki.wiki8k.span.d14.e2'], [0.5, 0.5])
+def test_mixture_of_repeated_tasks(c4_d16, c4_path, t5_vocab_file, monkeypatch):
+  monkeypatch.setenv('REPEAT_LM_T5_VOCAB', t5_vocab_file)
+  tasks.register_source('c4sample', sources.LocalText(c4_path))
+  other = 'repeat_lm.c4sample.t5.span.d14.e2'  # 't5' by name: the same model file as c4_d16's path
+  name = tasks.repeated_mixture([c4_d16, other], [0.5, 0.5])
   assert name in seqio.MixtureRegistry.names() and tasks.mixture(name)[1] == (0.5, 0.5)
-  assert tasks.repeated_mixture([c4_d16, 'repeat_lm.wiki.wiki8k.span.d14.e2'], [0.5, 0.5]) == name
+  assert tasks.repeated_mixture([c4_d16, other], [0.5, 0.5]) == name
+
+
+def test_a_mixture_of_two_vocabularies_is_refused(c4_path, t5_vocab_file, monkeypatch):
+  # SeqIO refuses it when reading; the pipeline interleaved it, and the trainer checked the model's vocab_size
+  # against the first task's (by name) vocabulary only: 8,100 ids passed the tiny model's 8,192 rows while the T5
+  # task's batches held ids up to 32,099.
+  monkeypatch.setenv('REPEAT_LM_T5_VOCAB', t5_vocab_file)
+  tasks.register_source('zc4', sources.LocalText(c4_path))
+  with pytest.raises(ValueError, match='share one vocabulary'):
+    tasks.repeated_mixture(['repeat_lm.wiki.wiki8k.span.d14.e2', 'repeat_lm.zc4.t5.span.d14.e2'], [0.5, 0.5])
 
 
 def test_default_vocabulary(wiki_ready):

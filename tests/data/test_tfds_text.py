@@ -88,3 +88,16 @@ def test_a_missing_tfds_dataset_is_a_clear_error(tmp_path):
 def test_an_unprepared_tfds_dataset_error_names_the_fix(tmp_path, name):
   with pytest.raises(FileNotFoundError, match=r'data_dir` / \$TFDS_DATA_DIR'):
     read(tfds_text.TfdsText(name, data_dir=str(tmp_path)), 'train')
+
+
+def test_two_readings_of_one_dataset_get_two_task_names():
+  # Only the dataset name made the tag: Wikipedia with 1% or 10% held out, or another text feature, registered as
+  # one task (repeat_lm.wikipedia_20230601pen.t5.span.d20.e2), the second silently replacing the first.
+  readings = [tfds_text.TfdsText('wikipedia/20230601.en', train_split='train[:99%]', validation_split='train[99%:]'),
+              tfds_text.TfdsText('wikipedia/20230601.en', train_split='train[:90%]', validation_split='train[90%:]'),
+              tfds_text.TfdsText('wikipedia/20230601.en', text_key='title'),
+              tfds_text.TfdsText('wikipedia/20230601.en', max_document_chars=1000)]
+  names = [tasks.repeated_task(r, unique_tokens=2**20, epochs=4) for r in readings]
+  assert len(set(names)) == len(readings)
+  assert [tasks.spec(n).source for n in names] == readings
+  assert tfds_text.TfdsText('c4/en:3.0.1', data_dir='/elsewhere').tag == 'c4_en_v3p0p1'  # a copy: the same text
