@@ -156,7 +156,9 @@ def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
   record = status_lib.read(run_dir)
   gin_path = run_dir / status_lib.GIN_FILE
   gin_text = gin_path.read_text() if gin_path.exists() else ""
-  r: dict[str, Any] = {"run": record.get("run", run_dir.name), "status": status_lib.effective(record),
+  # The directory's name, not status.json's `run`: a run moved aside (`mv a a.old`, then swept again) keeps the
+  # record of `a`, and two rows named `a` make the table unreadable to `analyze`.
+  r: dict[str, Any] = {"run": run_dir.name, "status": status_lib.effective(record),
                        "model_dir": _relative(run_dir, out_dir), "train_steps": status_lib.train_steps(gin_text),
                        "elapsed_s": record.get("elapsed_s"), "error": record.get("error")}
   m = model_summary(gin_path) if gin_text else {}
@@ -193,7 +195,15 @@ def run_dirs(root: str | Path) -> list[Path]:
     raise FileNotFoundError(f"Sweep root {root} does not exist; run `repeat-lm sweep --root={root} ...` first.")
   dirs = [p for p in root.iterdir() if p.is_dir() and ((p / status_lib.STATUS_FILE).exists() or
                                                        (p / status_lib.GIN_FILE).exists())]
-  return sorted(dirs, key=lambda p: (status_lib.read(p).get("index", math.inf), p.name))
+  # A symlink to a run of ROOT (`latest -> d27_e8`) is that run again, not a row of its own; one to a run elsewhere
+  # (another sweep's, linked in to compare) is kept.
+  seen: set[Path] = set()
+  unique = []
+  for p in sorted(dirs, key=lambda p: (p.is_symlink(), p.name)):
+    if p.resolve() not in seen:
+      seen.add(p.resolve())
+      unique.append(p)
+  return sorted(unique, key=lambda p: (status_lib.read(p).get("index", math.inf), p.name))
 
 
 def collect(root: str | Path, out: str | Path | None = None) -> list[dict[str, Any]]:

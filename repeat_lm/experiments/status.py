@@ -90,8 +90,8 @@ def is_complete(run_dir: str | Path) -> bool:
 
 
 def error_text(log_path: str | Path, tail: int = 15, returncode: int | None = None) -> str:
-  """The error the last attempt in a log printed: `repeat-lm: error: ...`, else the last traceback line, else (killed
-  by a signal, `returncode` < 0) the signal, else the tail.
+  """The error the last attempt in a log printed: `repeat-lm: error: ...`, else the last traceback's exception, else
+  (killed by a signal, `returncode` < 0) the signal, else the tail.
 
   train.log holds every attempt, each after a `==== TIME COMMAND` line (runner._run_blocking); an earlier attempt's
   error is not this one's (an attempt killed for memory prints nothing)."""
@@ -105,9 +105,12 @@ def error_text(log_path: str | Path, tail: int = 15, returncode: int | None = No
   for line in reversed(lines):
     if "repeat-lm: error:" in line:
       return line.split("repeat-lm: error:", 1)[1].strip()
-  for i in range(len(lines) - 1, -1, -1):
-    if lines[i].startswith("Traceback"):
-      return lines[-1].strip()
+  tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+  if tracebacks:
+    # The exception is the traceback's first unindented line (its frames are indented); lines after it are not the
+    # error: srun's "srun: error: node1: task 0: Exited with exit code 1", another process's log.
+    after = [line for line in lines[tracebacks[-1] + 1:] if not line[:1].isspace()]
+    return (after[0] if after else lines[-1]).strip()
   if returncode is not None and returncode < 0:
     name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
     killed = f"killed by signal {-returncode} ({name}"

@@ -155,3 +155,13 @@ def test_an_interrupted_write_leaves_the_previous_table_whole(tmp_path, monkeypa
     collect.write_table([{"run": "b", "final_eval_loss": 3.0}, {"run": "c", "final_eval_loss": 4.0}], out)
   assert out.read_text() == before
   assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left behind
+
+
+def test_a_run_linked_or_moved_aside_is_no_second_row_of_its_name(sweep_root, tmp_path):
+  """A symlink to a run of ROOT is that run again; a run moved aside (`mv a a.old`, swept again) keeps a's
+  status.json: either way two rows named 'a' made the table unreadable to `analyze`."""
+  (sweep_root / "latest").symlink_to(sweep_root / "a", target_is_directory=True)
+  (sweep_root / "a.old").mkdir()
+  (sweep_root / "a.old" / "status.json").write_text((sweep_root / "a" / "status.json").read_text())
+  assert [p.name for p in collect.run_dirs(sweep_root)] == ["a", "a.old", "b", "c"]
+  assert collect.row(sweep_root / "a.old")["run"] == "a.old"

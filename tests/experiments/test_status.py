@@ -61,6 +61,14 @@ def test_failure_keeps_the_error(tmp_path):
   assert status.error_text(run / "train.log") == "MemoryError: out of memory"
 
 
+def test_the_error_of_a_traceback_is_its_exception_not_the_lines_after_it(tmp_path):
+  # launch/slurm.sbatch sends srun's own stderr to train.log too: its line about the failed task follows the traceback.
+  log = ("==== 2026-01-01 00:00:00 SLURM job 7: train\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+         "    f()\nKeyError: 'inputs'\nsrun: error: node12: task 0: Exited with exit code 1\n")
+  run = make_run(tmp_path, log=log)
+  assert status.error_text(run / "train.log", returncode=1) == "KeyError: 'inputs'"
+
+
 def test_the_error_is_the_last_attempts_own(tmp_path):
   first = "\n==== 2026-01-01 00:00:00 repeat-lm train\nrepeat-lm: error: ValueError: Unknown source 'nosuch'\n"
   run = make_run(tmp_path, log=first + "\n==== 2026-01-02 00:00:00 repeat-lm train\nI step 10\nI step 20\n")
