@@ -97,7 +97,8 @@ def _run_infer(args, bindings: Sequence[str]) -> dict:
                               temperature=args.temperature, topk=args.topk, seed=args.seed)
   outputs = inference.infer(args.checkpoint, args.input_file, output_file=args.output_file, decode=cfg,
                             step=args.step, gin_files=args.gin_file, bindings=bindings,
-                            sentencepiece_model=args.vocabulary, batch_size=args.batch_size)
+                            sentencepiece_model=args.vocabulary, batch_size=args.batch_size,
+                            gin_search_paths=args.gin_search_path)
   return {"outputs": len(outputs), "output_file": args.output_file} if args.output_file else {"outputs": outputs}
 
 
@@ -120,7 +121,7 @@ def _add_export(sub) -> None:
 def _run_export(args, bindings: Sequence[str]) -> dict:
   from repeat_lm.interop import hf
   from repeat_lm.train import inference
-  model, task = inference.model_from_model_dir(args.checkpoint, args.gin_file, bindings)
+  model, task = inference.model_from_model_dir(args.checkpoint, args.gin_file, bindings, args.gin_search_path)
   vocabulary = inference.vocabulary_of(task, args.vocabulary)
   if args.vocabulary:  # a task's vocabulary was checked against the model when it trained
     inference.check_vocabulary_fits(vocabulary, model.module.config.vocab_size)

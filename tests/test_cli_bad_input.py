@@ -157,3 +157,20 @@ def test_a_non_utf8_gin_is_named_with_its_file(tmp_path, capsys):
   assert cli.main(["sweep", f"--experiment={tmp_path / 'run' / 'config.gin'}", f"--root={tmp_path / 'sweep'}",
                    "--dry-run"]) == 2
   assert "config.gin' is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_infer_and_export_read_includes_on_the_gin_search_path(tmp_path, capsys):
+  """--gin_search_path (which both commands accept) was ignored: a --gin_file including a file from that directory
+  failed with 'Unable to open file' when run from anywhere else."""
+  (tmp_path / "inc").mkdir()
+  (tmp_path / "inc" / "my_model.gin").write_text(f"include '{cli.__file__.rsplit('/', 2)[0]}/gin/models/"
+                                                  "t5_1_1_tiny.gin'\n")
+  (tmp_path / "mine.gin").write_text("include 'my_model.gin'\n")
+  (tmp_path / "in.txt").write_text("a\n")
+  common = [f"--checkpoint={tmp_path / 'run'}", f"--gin_file={tmp_path / 'mine.gin'}",
+            f"--gin_search_path={tmp_path / 'inc'}"]
+  # Past the gin: infer stops at the missing vocabulary, export at the missing checkpoint.
+  assert cli.main(["infer", *common, f"--input_file={tmp_path / 'in.txt'}"]) == 2
+  assert "names no MIXTURE_OR_TASK_NAME" in capsys.readouterr().err
+  assert cli.main(["export", "hf", *common, f"--out={tmp_path / 'hf'}"]) == 2
+  assert "does not exist" in capsys.readouterr().err

@@ -145,8 +145,10 @@ def _text(value: Any) -> str:
 
 # ---- `repeat-lm infer` / `repeat-lm export`: a MODEL_DIR and its operative config ----
 
-def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), bindings: Sequence[str] = ()):
-  """(MODEL, MIXTURE_OR_TASK_NAME or None) from MODEL_DIR/config.gin (the trainer writes it), or from `gin_files`."""
+def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
+                         search_paths: Sequence[str] = ()):
+  """(MODEL, MIXTURE_OR_TASK_NAME or None) from MODEL_DIR/config.gin (the trainer writes it), or from `gin_files`
+  (their includes also looked up under `search_paths`, --gin_search_path)."""
   from repeat_lm import gin_utils  # pylint: disable=import-outside-toplevel
   if not gin_files:
     config_gin = Path(model_dir) / "config.gin"
@@ -160,9 +162,9 @@ def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), b
       raise ValueError(f"{config_gin} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): it is "
                        "damaged; pass the model's gin files with --gin_file instead.") from e
     bindings = scoped_like(text, bindings)
-  model = gin_utils.configured_macro(gin_files, bindings, "MODEL")
+  model = gin_utils.configured_macro(gin_files, bindings, "MODEL", search_paths)
   try:
-    task = gin_utils.configured_macro(gin_files, bindings, "MIXTURE_OR_TASK_NAME")
+    task = gin_utils.configured_macro(gin_files, bindings, "MIXTURE_OR_TASK_NAME", search_paths)
   except gin_utils.GinConfigError:
     task = None
   return model, task if isinstance(task, str) else None
@@ -255,14 +257,14 @@ def check_vocabulary_fits(vocabulary: seqio.Vocabulary, model_vocab_size: int) -
 def infer(checkpoint: str, input_file: str, *, output_file: str | None = None,
           decode: decoding.DecodeConfig = decoding.DecodeConfig(), step: int | None = None,
           gin_files: Sequence[str] = (), bindings: Sequence[str] = (), sentencepiece_model: str | None = None,
-          batch_size: int = 32) -> list[str]:
+          batch_size: int = 32, gin_search_paths: Sequence[str] = ()) -> list[str]:
   """Decode every line of `input_file` with the model of MODEL_DIR `checkpoint`; one output line per input line."""
   if batch_size < 1:
     raise ValueError(f"--batch_size={batch_size}: decode at least one input at a time.")
   texts = read_lines(input_file)
   if output_file:
     check_output_file(output_file, input_file, checkpoint)
-  model, task = model_from_model_dir(checkpoint, gin_files, bindings)
+  model, task = model_from_model_dir(checkpoint, gin_files, bindings, gin_search_paths)
   vocabulary = vocabulary_of(task, sentencepiece_model)
   if vocabulary is None:
     raise ValueError("The gin configuration names no MIXTURE_OR_TASK_NAME, so the vocabulary is unknown: pass "
@@ -272,5 +274,18 @@ def infer(checkpoint: str, input_file: str, *, output_file: str | None = None,
   params = restore_params(checkpoint, model.module, step)
   outputs = predict_texts(model.module, params, vocabulary, texts, decode, batch_size=batch_size)
   if output_file:
-    Path(output_file).write_text("".join(o.replace("\n", " ") + "\n" for o in outputs), encoding="utf-8")
+    write_outputs(output_file, outputs)
   return outputs
+
+
+def write_outputs(output_file: str, outputs: Sequence[str]) -> None:
+  """One output per line. A file is replaced whole (temp file + rename): a write that fails part-way (a full disk,
+  a file-size limit, a kill) used to leave the earlier outputs truncated and a shorter file of whole-looking lines.
+  A target that is not a regular file (/dev/stdout, a pipe) is written in place: it cannot be renamed over."""
+  from repeat_lm.data import sources  # pylint: disable=import-outside-toplevel
+  data = "".join(o.replace("\n", " ") + "\n" for o in outputs).encode("utf-8")
+  path = Path(output_file)
+  if path.exists() and not path.is_file():
+    path.write_bytes(data)
+    return
+  sources.atomic_write_bytes(path.resolve(), data)  # resolved: a symlinked output keeps its link

@@ -1,7 +1,10 @@
 """Decoding with a partitioner: what predict_tokens reads back from the devices."""
 
+import types
+
 import jax
 import numpy as np
+import pytest
 
 from repeat_lm.models import decoding
 from repeat_lm.train import inference, partitioning
@@ -27,3 +30,29 @@ def test_decoded_rows_are_gathered_before_they_are_read(monkeypatch):
   tokens = inference.predict_tokens(None, None, inputs, decoding.DecodeConfig(), batch_size=8, partitioner=partitioner)
   assert fetched == [True]
   assert tokens == [row[::-1].tolist() for row in inputs]
+
+
+def test_a_failed_output_write_keeps_the_earlier_outputs(tmp_path, monkeypatch):
+  """The outputs were written in place: a write that failed part-way (here a file-size limit, as a full disk) left the
+  earlier outputs.txt cut to a shorter file of whole-looking lines. Now the file is replaced whole or not at all."""
+  resource = pytest.importorskip("resource")
+  inputs, out = tmp_path / "in.txt", tmp_path / "outputs.txt"
+  inputs.write_text("line\n" * 1000)
+  out.write_text("earlier\n")
+  # Everything but the write stubbed: 1000 outputs of 20 characters, more than the 4 KiB limit below.
+  monkeypatch.setattr(inference, "model_from_model_dir", lambda *a, **k: (types.SimpleNamespace(module=None), "task"))
+  monkeypatch.setattr(inference, "vocabulary_of", lambda *a, **k: object())
+  monkeypatch.setattr(inference, "restore_params", lambda *a, **k: None)
+  monkeypatch.setattr(inference, "predict_texts", lambda module, params, vocabulary, texts, *a, **k: ["x" * 20] * len(
+      texts))
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+  try:
+    with pytest.raises(OSError):
+      inference.infer(str(tmp_path / "run"), str(inputs), output_file=str(out))
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+  assert out.read_text() == "earlier\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "outputs.txt"]  # no temp file left behind
+  inference.infer(str(tmp_path / "run"), str(inputs), output_file=str(out))
+  assert out.read_text() == "x" * 20 + "\n" + ("x" * 20 + "\n") * 999
