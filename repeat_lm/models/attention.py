@@ -16,6 +16,17 @@ from repeat_lm.models.layers import Array, DenseGeneral, DType, dropout
 
 # Masked logits get this value rather than -inf, so a fully masked (padding) row gives a finite, uniform softmax.
 NEG_INF = -1e10
+
+
+def masked_logit(dtype: DType) -> float:
+  """NEG_INF, or half the lowest finite value of a logits dtype too narrow to hold it (float16: -32752).
+
+  In float16 -1e10 rounds to -inf: a fully masked (padding) row's softmax is then NaN, and weights @ v spreads it to
+  every position of the next layer through the 0 weight on that masked key (0 x NaN = NaN).
+  """
+  return max(NEG_INF, float(jnp.finfo(dtype).min) / 2)
+
+
 # MultiHeadAttention's kernels: None is its own einsum path; the others name jax.nn.dot_product_attention's backends.
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 # T5X's and flaxformer's T5 (1.0 and 1.1) attention kernels: an untruncated normal of variance 1 / fan_in, where their
@@ -168,8 +179,10 @@ class MultiHeadAttention(nn.Module):
     # An additive mask, as T5X's, not a select of the logits: the backward pass is then the identity on the
     # logits, where the select cost XLA:CPU a pass over [B, H, Q, K] per layer (0.16 s of the 3.4 s T5 v1.1
     # small step). In float32 -1e10 absorbs any logit under 512 in magnitude, so masked logits still become one
-    # constant; masked keys get weight exactly 0, hence gradient 0, as with the select.
-    additive_mask = None if mask_Bx1xQxK is None else jnp.where(mask_Bx1xQxK, 0.0, NEG_INF).astype(logits_dtype)
+    # constant; masked keys get weight exactly 0, hence gradient 0, as with the select. float16 logits take a
+    # finite stand-in (masked_logit).
+    additive_mask = (None if mask_Bx1xQxK is None
+                     else jnp.where(mask_Bx1xQxK, 0.0, masked_logit(logits_dtype)).astype(logits_dtype))
     bias = None if bias_1xHxQxK is None else bias_1xHxQxK.astype(logits_dtype)
     # Both paths drop out attention weights, as T5 (Mesh TF), T5X and Hugging Face do.
     if cpu_core:  # the same values; every backward dot in YNNPACK's form (cpu_layouts.py)

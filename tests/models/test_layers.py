@@ -182,6 +182,22 @@ def test_attention_has_no_logit_scaling_and_scales_query_init():
   np.testing.assert_allclose(attention.apply(variables, x, x, None, None, True), out, rtol=1e-4, atol=1e-4)
 
 
+def test_float16_logits_keep_fully_masked_rows_finite():
+  """float16 logits (float32_logits=False): -1e10 would round to -inf, a padding row's softmax be NaN, and the next
+  layer's weights @ v spread it to the real rows through their 0 weight on that key (0 x NaN)."""
+  attention = lambda dtype: attention_lib.MultiHeadAttention(2, 8, dtype, float32_logits=False)
+  x = jax.random.normal(KEY, (1, 3, 16))
+  valid = jnp.array([[True, True, False]])
+  mask = attention_lib.make_attention_mask(valid, valid)  # row 2 fully masked
+  params = attention(jnp.float32).init(KEY, x, x, None, mask, True)
+  def two_layers(dtype):
+    h = attention(dtype).apply(params, x, x, None, mask, True)
+    return np.asarray(attention(dtype).apply(params, h, h, None, mask, True), np.float32)
+  half = two_layers(jnp.float16)
+  assert np.isfinite(half).all()
+  np.testing.assert_allclose(half[:, :2], two_layers(jnp.float32)[:, :2], rtol=0.02, atol=0.02)
+
+
 def test_attention_kernels_are_untruncated_normals_and_mlp_kernels_truncated():
   # T5X / flaxformer's T5: variance_scaling(1, 'fan_in', 'normal') for attention, 'truncated_normal' for the MLP.
   # A truncated normal of that variance never exceeds 2 / 0.8796 = 2.27 standard deviations; 256 x 256 draws from a
