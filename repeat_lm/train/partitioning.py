@@ -189,9 +189,12 @@ def row_block(sharding: NamedSharding, batch_size: int, process_index: int,
   if not rows:
     raise ValueError(f"Process {process_index} has no device in the mesh.")
   lo, hi = min(rows), max(rows) + 1
-  if len(rows) != hi - lo or batch_size % (hi - lo):
+  # The block must also start at a multiple of its size: rows [3, 9) of 12 (3 hosts of 4 devices, model 3) are no
+  # block of 2, and lo // size would name block 0 (rows [0, 6)), which another process holds too.
+  if len(rows) != hi - lo or batch_size % (hi - lo) or lo % (hi - lo):
     raise ValueError(f"The mesh gives process {process_index} batch rows {sorted(rows)} of {batch_size}: not one "
-                     "contiguous block of an even split. Order the devices so each host's are adjacent on 'data'.")
+                     "block of an even split. Order the devices so each host's are adjacent on 'data', and choose a "
+                     "model-parallel size that divides each host's devices or is a multiple of them.")
   return lo // (hi - lo), batch_size // (hi - lo)
 
 

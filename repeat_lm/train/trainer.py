@@ -66,6 +66,8 @@ def _eval_batches(cfg: pipeline.DatasetConfig, steps: int,
                   partitioner: partitioning.Partitioner) -> list[dict[str, np.ndarray]]:
   partitioner.check_batch_size(f"Evaluation batch size {cfg.batch_size}", cfg.batch_size, "EVAL_BATCH_SIZE")
   shard_id, num_shards = partitioner.data_layout(cfg.batch_size)
+  if cfg.seed is None:  # one draw for all hosts, as for training: per host, their rows would come from other streams
+    cfg = dataclasses.replace(cfg, seed=_draw_seed())
   it = pipeline.get_batches(cfg, shard_id=shard_id, num_shards=num_shards)
   out = [b for _, b in zip(range(steps), it)]
   if not out:

@@ -93,6 +93,17 @@ def test_each_pod_host_holds_one_block_of_rows(data, model):
   assert blocks == ([(0, 1)] * 2 if data == 1 else [(0, 2), (1, 2)])
 
 
+def test_a_process_whose_rows_straddle_two_blocks_is_refused():
+  """3 hosts of 4 devices with model 3: host 1 holds batch rows [3, 9) of 12, which is no block of an even split.
+  lo // size named block 0 (rows [0, 6), host 0's too): its devices got rows 0-5 where the mesh puts rows 3-8, and
+  the model shards of rows 3-5 saw different tokens on hosts 0 and 1."""
+  devices = [FakeTpuV4(i, i // 4, (i, 0, 0)) for i in range(12)]
+  p = partitioning.Partitioner(4, 3, devices=devices)
+  assert p.data_layout(12, process_index=0) == (0, 2) and p.data_layout(12, process_index=2) == (1, 2)
+  with pytest.raises(ValueError, match=r"rows \[3, 4, 5, 6, 7, 8\] of 12: not one block of an even split"):
+    p.data_layout(12, process_index=1)
+
+
 def test_factored_statistics_of_a_square_kernel_follow_their_own_axis():
   """Adafactor's v_row keeps the parameter's rows (drops its largest axis, the last of a square kernel), v_col its
   columns: each is sharded like the axis it keeps, even when both axes have the same length (T5 v1.1 base's

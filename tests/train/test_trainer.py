@@ -400,6 +400,28 @@ def test_evaluate_checkpoint_reproduces_training_eval(uninterrupted):
   assert result["eval/accuracy"] == pytest.approx(last["eval/accuracy"], rel=1e-6)
 
 
+def test_unseeded_evaluation_rows_of_all_hosts_make_one_stream(monkeypatch):
+  """An evaluation set with seed=None: each host drew its own seed (os.urandom in get_batches), so its rows came from
+  another stream (masks, and a UL2 layout with its batch count); every host must use the one broadcast draw."""
+  class Host:
+    def __init__(self, shard):
+      self.shard = shard
+
+    def check_batch_size(self, *unused):
+      pass
+
+    def data_layout(self, batch_size):
+      return self.shard, 2
+
+  monkeypatch.setattr(trainer, "_draw_seed", lambda: 7)  # what process 0 broadcasts
+  cfg = pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8, shuffle=False, seed=None)
+  hosts = [trainer._eval_batches(cfg, 2, Host(h)) for h in (0, 1)]  # pylint: disable=protected-access
+  whole = list(pipeline.get_batches(dataclasses.replace(cfg, seed=7)))[:2]
+  for step, batch in enumerate(whole):
+    for k, v in batch.items():
+      np.testing.assert_array_equal(np.concatenate([hosts[0][step][k], hosts[1][step][k]]), v, err_msg=k)
+
+
 def test_evaluate_a_directory_without_checkpoints_creates_nothing(tmp_path):
   typo = tmp_path / "rnu"
   with pytest.raises(FileNotFoundError, match="No checkpoints directory under MODEL_DIR"):
