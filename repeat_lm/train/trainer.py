@@ -292,7 +292,13 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   progress = metrics_lib.Progress(step, total_steps)
   opened = restored_meta.get("log_window") or {}  # absent in checkpoints from before it was saved
   window: dict[str, float] = {k: float(v) for k, v in (opened.get("sums") or {}).items()}
+  # `steps` and `seconds` count timed steps only, as does window["text_tokens"] (see `record`).
   window_steps, window_time, last = int(opened.get("steps", 0)), float(opened.get("seconds", 0.0)), {}
+  # This process's first step also traced and compiled the step and waited for the first batch (seconds to minutes
+  # on an accelerator): its read-to-read time is not step time. Step 1 is logged alone; after a resume that step sits
+  # inside a window, and charged to it made step_time_s and MFU a multiple off. Its (seconds, text tokens) stand in
+  # only for a window that holds no other step.
+  first_step, first_timing = step + 1, (0.0, 0.0)
   # Steps this process ran and the progress bar has not counted: a restored window's steps are already in its start.
   unshown = 0
   # One-time costs of the first log (importing tensorboardX and opening its writer, tracing the schedule) happen
@@ -305,22 +311,27 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
 
   def record(at_step: int, device_sums: Mapping[str, jax.Array]) -> None:
     """Read step `at_step`'s metrics (waiting for that step only), check them, and log its window if it ends."""
-    nonlocal tokens_seen, window, window_steps, window_time, last, clock, unshown
+    nonlocal tokens_seen, window, window_steps, window_time, last, clock, unshown, first_timing
     sums = jax.device_get(device_sums)
     _check_finite(sums, at_step, checkpointer)  # every step, before anything of it or a later step is saved
     now = time.perf_counter()
     # Read-to-read time: with the next step already queued this is the device's step time, not Python's.
-    window_time += now - clock
-    clock = now
-    window_steps += 1
+    elapsed, clock = now - clock, now
     unshown += 1
     for k, v in sums.items():
       window[k] = window.get(k, 0.0) + float(v) if k not in _LAST_VALUE_METRICS else float(v)
     text_tokens = float(step_source_tokens(at_step) if step_source_tokens else sums["source_tokens"])
     tokens_seen += text_tokens
-    window["text_tokens"] = window.get("text_tokens", 0.0) + text_tokens
+    if at_step == first_step:
+      first_timing = (elapsed, text_tokens)
+    else:
+      window_time += elapsed
+      window_steps += 1
+      window["text_tokens"] = window.get("text_tokens", 0.0) + text_tokens
     if at_step == 1 or at_step % log_period == 0 or at_step == total_steps:
-      step_time = window_time / window_steps
+      seconds, steps, text = ((window_time, window_steps, window.get("text_tokens", 0.0)) if window_steps else
+                              (first_timing[0], 1, first_timing[1]))
+      step_time = seconds / steps
       last = {f"train/{k}": v for k, v in summarize(window).items()}
       if logs_rate:
         last["train/learning_rate"] = optim.learning_rate_at(learning_rate, at_step - 1)
@@ -331,7 +342,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
           # Encoder + decoder positions, padding included (bench train's and T5X's convention); the text alone:
           "train/tokens_per_s": cfg.batch_size * (lengths["encoder_input_tokens"] +
                                                   lengths["decoder_input_tokens"]) / step_time,
-          "train/text_tokens_per_s": window["text_tokens"] / window_time if window_time > 0 else 0.0,
+          "train/text_tokens_per_s": text / seconds if seconds > 0 else 0.0,
           "train/mfu": flops_per_step / step_time / peak,
       })
       if source_tokens:
