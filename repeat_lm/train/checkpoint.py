@@ -86,8 +86,12 @@ class Checkpointer:
   def __init__(self, model_dir: str | Path, config: CheckpointConfig = CheckpointConfig()):
     self.directory = Path(model_dir) / "checkpoints"
     self.config = config
+    # The step's directory is made before save() returns (only the arrays and JSON are written in the background): made
+    # in the background, a directory that cannot be made (read-only, full disk) was reported only at the next save, a
+    # period later, and its writer threads then waited 300 s for it, holding the failed process open.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep, save_interval_steps=1, enable_async_checkpointing=config.async_save, create=True)
+        max_to_keep=config.keep, save_interval_steps=1, enable_async_checkpointing=config.async_save, create=True,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
 
   def latest_step(self) -> int | None:

@@ -1,5 +1,8 @@
 """Checkpoints: sharded round trip, retention, and a corrupt checkpoint that is reported, not deleted."""
 
+import os
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +110,34 @@ def test_params_of_a_smaller_model_are_not_read_from_a_larger_checkpoint(tmp_pat
 def test_config_rejects_settings_that_never_save_or_keep_nothing(kwargs, match):
   with pytest.raises(ValueError, match=match):
     checkpoint.CheckpointConfig(**kwargs)
+
+
+def test_a_save_whose_directory_cannot_be_made_fails_at_once_and_keeps_the_last_good_one(tmp_path, monkeypatch):
+  # A checkpoints directory turned read-only (or a full disk): the error must come from this save, not a period later,
+  # and no background writer may be left waiting for the directory (the process lingered 300 s after the error).
+  state = _state()
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=1))
+  ck.save(1, state, {"step": 1})
+  ck.wait()
+  real_mkdir = os.mkdir
+
+  def read_only(path, *args, **kwargs):
+    if os.path.basename(os.fspath(path)).startswith("2."):
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return real_mkdir(path, *args, **kwargs)
+  monkeypatch.setattr(os, "mkdir", read_only)
+  before = set(threading.enumerate())
+  with pytest.raises(PermissionError, match="Permission denied"):
+    ck.save(2, state, {"step": 2})
+  monkeypatch.undo()
+  # (An event loop's idle executor worker, 'asyncio_N', ends with its loop.)
+  left = [t.name for t in threading.enumerate()
+          if t not in before and t.is_alive() and not t.name.startswith("asyncio_")]
+  assert not left
+  ck.close()
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=1))
+  assert ck.all_steps() == [1]  # keep=1: the only good checkpoint was not collected for the failed one
+  restored, meta = ck.restore(checkpoint.abstract_like(state))
+  ck.close()
+  assert meta["step"] == 1
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
