@@ -26,7 +26,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from repeat_lm.data import plan, subset, tasks
+from repeat_lm.data import plan, tasks
 
 
 def _keep_tf_off_accelerators() -> None:
@@ -98,12 +98,12 @@ def source_token_count(mixture_or_task_name: str, split: str) -> int | None:
   names = mix[0] if mix else (mixture_or_task_name,)
   if not all(tasks.spec(n) for n in names):
     return None
-  # A task's subset is the first D tokens of its source split in its vocabulary, so the subsets of a mixture's tasks
-  # on one source and vocabulary (another objective, another D) are prefixes of one text: their union is the largest.
-  largest: dict[tuple[str, str], int] = {}
+  # A task's subset is the first D tokens of its source split in its vocabulary, and a mixture's tasks share one
+  # vocabulary (tasks.repeated_mixture refuses others), so the subsets of its tasks on one source (another objective,
+  # another D) are prefixes of one text: their union is the largest.
+  largest: dict[str, int] = {}
   for n in names:
-    s = tasks.spec(n)
-    key = (s.source.fingerprint(), subset.vocabulary_fingerprint(s.vocabulary))
+    key = tasks.spec(n).source.fingerprint()
     largest[key] = max(largest.get(key, 0), tasks.store(n, split).num_tokens)
   return sum(largest.values())
 

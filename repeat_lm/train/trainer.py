@@ -76,11 +76,11 @@ def _eval_batches(cfg: pipeline.DatasetConfig, steps: int,
   return out
 
 
-def _run_eval(eval_step, params, batches, lay) -> dict[str, float]:
+def _run_eval(eval_step, params, batches, partitioner: partitioning.Partitioner) -> dict[str, float]:
   totals: dict[str, float] = {}
-  # Every feature of the evaluation batch, sharded as the training batch's (rows over the batch axes): the two sets
-  # may be packed or not independently, and global_batch keeps only the features it is given shardings for.
-  sharding = next(iter(lay.batch_shardings.values()))
+  # Every feature of the evaluation batch, rows over the batch axes as make_eval_step expects: the evaluation and
+  # training sets may be packed or not independently, and global_batch keeps only the features given a sharding.
+  sharding = partitioner.batch_sharding()
   for b in batches:
     sums = jax.device_get(eval_step(params, state_lib.global_batch(b, {k: sharding for k in b})))
     for k, v in sums.items():
@@ -382,7 +382,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
       record(*pending)
       pending = None
       if evaluating:
-        result = {f"eval/{k}": v for k, v in _run_eval(eval_step, state["params"], eval_batches, lay).items()
+        result = {f"eval/{k}": v for k, v in _run_eval(eval_step, state["params"], eval_batches, partitioner).items()
                   } if eval_step else {}
         result.update(eval_fn(model, state["params"], partitioner) if eval_fn else {})
         writer.write(step, result)
@@ -435,7 +435,7 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   checkpointer.close()
   result = {f"eval/{k}": v for k, v in _run_eval(state_lib.make_eval_step(model, lay, partitioner),
                                                  params, _eval_batches(eval_dataset_cfg, eval_steps, partitioner),
-                                                 lay).items()}
+                                                 partitioner).items()}
   result.update(eval_fn(model, params, partitioner) if eval_fn else {})
   writer = metrics_lib.MetricsWriter(model_dir)
   writer.write(step, result)
