@@ -40,7 +40,7 @@ def test_evaluation_batches_need_not_have_the_training_batches_features(train_pa
   packed = two_per_row(4)
   batch = {k: v for k, v in packed.items() if k in TOKENS} if train_packed else packed
   eval_step = state_lib.make_eval_step(model, lay, partitioner)
-  got = trainer._run_eval(eval_step, params, [batch], lay)  # pylint: disable=protected-access
+  got = trainer._run_eval(eval_step, params, [batch], partitioner)  # pylint: disable=protected-access
   want = summarize(jax.device_get(jax.jit(model.loss_and_metrics)(jax.device_get(params), batch)[1]))
   assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
   assert got["accuracy"] == want["accuracy"]
