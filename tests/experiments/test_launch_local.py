@@ -57,7 +57,10 @@ def test_sigterm_is_forwarded_to_the_processes(monkeypatch):
 
 # launch() with stand-in processes: each says `ready`, exits 0 on SIGTERM (a trainer's checkpoint-and-stop).
 _CTRL_C_LAUNCHER = """
-import subprocess, sys
+import signal, subprocess, sys
+# Ctrl-C's KeyboardInterrupt even where SIGINT came ignored (a shell's background job): set here, not in a preexec_fn,
+# which would run Python in a child forked from the multithreaded test process.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from repeat_lm.experiments import launch_local
 child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (print('checkpointed'), sys.exit(0))); "
          "print('ready', flush=True); time.sleep(60)")
@@ -71,7 +74,7 @@ def test_ctrl_c_reaches_the_processes_only_as_sigterm():
   # A terminal's Ctrl-C is SIGINT to its whole foreground process group. The processes used to share the launcher's
   # group: each trainer got the SIGINT itself and died on KeyboardInterrupt without its checkpoint.
   launcher = subprocess.Popen([sys.executable, "-c", _CTRL_C_LAUNCHER], stderr=subprocess.PIPE, text=True,
-                              start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                              start_new_session=True)
   try:
     lines = [launcher.stderr.readline(), launcher.stderr.readline()]
     assert sorted(lines) == ["[p0] ready\n", "[p1] ready\n"], lines
