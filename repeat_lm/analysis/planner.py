@@ -111,7 +111,9 @@ def measured_dropout(runs: list[results.Run], params: float) -> dict | None:
   # The first dropout column holding a number in some run (a text one, e.g. DROPOUT_SCHEDULE, is not a rate).
   column = next((c for c in results.columns(runs) if "dropout" in c.lower()
                  and any(isinstance(r.get(c), float) and math.isfinite(r.get(c)) for r in runs)), None)
-  rated = [r for r in runs if column and isinstance(r.get(column), float) and r.params > 0]
+  # Finite rates only: a `nan` cell (no rate) would be a group of its own and could come out as the best rate.
+  rated = [r for r in runs if column and isinstance(r.get(column), float) and math.isfinite(r.get(column))
+           and r.params > 0]
   if not rated:
     return None
   repeated = [r for r in rated if r.epochs > 1] or rated

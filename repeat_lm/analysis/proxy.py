@@ -18,12 +18,22 @@ from scipy import stats
 from repeat_lm.analysis import degradation, plots, report, results
 
 
+def _rate(value) -> bool:
+  return isinstance(value, float) and math.isfinite(value)
+
+
 def rate_column(runs: list[results.Run], column: str | None = None) -> str:
-  """`column`, or the first column whose name contains 'dropout' with numbers in every given run."""
+  """`column`, or the first column whose name contains 'dropout' with finite numbers in every given run."""
   candidates = [column] if column else [c for c in results.columns(runs) if "dropout" in c.lower()]
   for c in candidates:
-    if all(isinstance(r.get(c), float) for r in runs):
+    if all(_rate(r.get(c)) for r in runs):
       return c
+  # A `nan` cell is a float too, but no rate: grouped as one, it could win the sweep as its best "rate".
+  for c in candidates:
+    missing = [r.run for r in runs if not _rate(r.get(c))]
+    if len(missing) < len(runs):
+      raise ValueError(f"{c}: no rate in run(s) {', '.join(missing)}; fill it in or leave them out of --sweep / "
+                       "--dense.")
   raise ValueError(f"No rate column: pass --rate_column (columns: {', '.join(results.columns(runs))}).")
 
 
@@ -59,13 +69,16 @@ def rank_agreement(a: dict[float, float], b: dict[float, float]) -> dict:
 
 def _normalised(curve: results.Curve, grid: np.ndarray) -> np.ndarray:
   v = np.interp(grid, curve.tokens_seen, curve.value)
+  if not np.isfinite(v).all():  # a diverged run: its NaN range would leave it a flat zero line, not no shape
+    return np.full_like(v, math.nan)
   span = v.max() - v.min()
   return (v - v.min()) / span if span > 0 else np.zeros_like(v)
 
 
 def curve_similarity(a: results.Curve, b: results.Curve, points: int = 50) -> dict | None:
   """Both curves on 50 common tokens-seen points (their overlap), each min-max normalised: Pearson r and mean
-  absolute difference; also the mean absolute difference of the raw values."""
+  absolute difference; also the mean absolute difference of the raw values. All NaN if either curve has a
+  non-finite value in the overlap (a diverged run)."""
   lo, hi = max(a.tokens_seen.min(), b.tokens_seen.min()), min(a.tokens_seen.max(), b.tokens_seen.max())
   if not hi > lo:
     return None

@@ -79,3 +79,12 @@ def test_dropout_advice_by_size_and_measured():
 def test_rejects_chinchilla_constants():
   with pytest.raises(ValueError, match="data-constrained"):
     planner.plan(1e9, 1e21, laws.CHINCHILLA)
+
+
+def test_measured_dropout_skips_a_nan_rate():
+  # A `nan` cell is a float but no rate: it must not come out as the best rate.
+  runs = [results.Run(run=f"r{i}", status="done", model_dir=None, params=2.5e8, epochs=8.0, best_eval_accuracy=acc,
+                      extra={"DROPOUT_RATE": rate}) for i, (rate, acc) in enumerate([("0.0", 0.60), ("0.1", 0.63),
+                                                                                        ("nan", 0.64)])]
+  m = planner.measured_dropout(runs, 2.5e8)
+  assert (m["best_rate"], m["runs"], list(m["by_rate"])) == (0.1, 2, [0.0, 0.1])

@@ -97,3 +97,19 @@ def test_a_nan_chip_hours_cell_without_a_throughput_leaves_chip_hours_out(tmp_pa
   # A throughput fills it in.
   out = proxy.analyze(runs, "moe_*", "dense_*", tmp_path, price_per_chip_hour=1.0, chip_flops_per_s=1e15)
   assert out["cost"]["chip_hours"]["proxy_sweep"] == pytest.approx(4 * 2120 + 1e19 / 1e15 / 3600)
+
+
+def test_curve_similarity_of_a_diverged_run_is_nan():
+  """A NaN evaluation (divergence) leaves no shape to compare: not a flat line 0.5 away from the other curve."""
+  t = np.linspace(0, 1e9, 30)
+  a = results.Curve(np.arange(30.0), t, 0.3 + 0.3 * t / 1e9)
+  b = results.Curve(np.arange(30.0), t, np.where(np.arange(30) == 29, np.nan, a.value))
+  s = proxy.curve_similarity(a, b)
+  assert np.isnan(s["pearson"]) and np.isnan(s["mad_normalised"]) and np.isnan(s["mad_raw"])
+
+
+def test_a_nan_rate_is_no_rate(tmp_path):
+  # A `nan` rate cell grouped as a rate of its own would win this sweep (0.70) as its best "rate".
+  runs = _table({0.3: 0.67}) + [_run("moe_dnan", "nan", 0.70, 1e9)]
+  with pytest.raises(ValueError, match="DROPOUT_RATE: no rate in run.s. moe_dnan"):
+    proxy.analyze(runs, "moe_*", "dense_*", tmp_path)
