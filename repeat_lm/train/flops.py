@@ -11,6 +11,7 @@ padding, dropped tokens and dispatch are not counted (reference section 6). Para
 from __future__ import annotations
 
 import functools
+import re
 import time
 
 import jax
@@ -108,9 +109,10 @@ PEAK_FLOPS: dict[str, float | None] = {
 
 
 def known_peak_flops(device: jax.Device) -> float | None:
-  kind = device.device_kind
+  kind = device.device_kind.lower()
   for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # Longest match first: 'TPU v5 lite' before 'TPU v5'.
-    if name.lower() in kind.lower():
+    # The name must end where a word of the kind ends: 'NVIDIA RTX A1000' is a small workstation card, not an A100.
+    if re.search(re.escape(name.lower()) + r"(?![0-9a-z])", kind):
       return PEAK_FLOPS[name]
   return None
 

@@ -67,6 +67,17 @@ def test_peak_table_prefers_longest_name():
   assert flops.known_peak_flops(Dev()) is None
 
 
+def test_peak_table_names_match_whole_model_numbers():
+  class Dev:
+    device_kind = "NVIDIA A100-SXM4-80GB"
+  assert flops.known_peak_flops(Dev()) == 312e12
+  Dev.device_kind = "NVIDIA GH200 480GB"  # Grace Hopper's GPU: H200 (or H100) class, 989 TFLOP/s dense bf16
+  assert flops.known_peak_flops(Dev()) == 989e12
+  for kind in ("NVIDIA RTX A1000 Laptop GPU", "NVIDIA RTX A1000"):  # a small workstation card, not an A100
+    Dev.device_kind = kind
+    assert flops.known_peak_flops(Dev()) is None
+
+
 def test_an_accelerator_missing_from_the_table_counts_every_chip(monkeypatch):
   class Chip:
     platform, device_kind = "gpu", "NVIDIA B200"
