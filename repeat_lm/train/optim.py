@@ -29,8 +29,14 @@ def make_schedule(factors: str = "constant * rsqrt_decay", base_learning_rate: f
   unknown = [n for n in names if n not in _SCHEDULE_FACTORS]
   if unknown:
     raise ValueError(f"Unknown learning-rate factor(s) {unknown} in {factors!r}; known: {_SCHEDULE_FACTORS}.")
-  if any(n in ("linear_decay", "cosine_decay") for n in names) and not total_steps:
-    raise ValueError(f"Schedule {factors!r} decays to the end of training: set optim.make_schedule.total_steps.")
+  if any(n in ("linear_decay", "cosine_decay") for n in names):
+    if not total_steps:
+      raise ValueError(f"Schedule {factors!r} decays to the end of training: set optim.make_schedule.total_steps.")
+    # The decay starts where warm-up ends: with total_steps <= warmup_steps every step would train at the full rate
+    # (e.g. the default 10k warm-up under a 5k-step cosine run), a constant schedule instead of the decay asked for.
+    if total_steps <= warmup_steps:
+      raise ValueError(f"Schedule {factors!r} decays from the end of warm-up (warmup_steps={warmup_steps}) to "
+                       f"total_steps={total_steps}, which is not after it: lower optim.make_schedule.warmup_steps.")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)

@@ -40,6 +40,16 @@ def test_bad_schedule_names_the_problem():
     optim.make_schedule("constant * cosine_decay")
 
 
+def test_decay_that_would_end_before_warm_up_ends_is_refused():
+  # The default 10k warm-up under a 5k-step cosine run held the rate constant at its base for every step.
+  for factors in ("constant * cosine_decay", "constant * linear_warmup * linear_decay"):
+    with pytest.raises(ValueError, match="warmup_steps"):
+      optim.make_schedule(factors, total_steps=5000)
+    with pytest.raises(ValueError, match="warmup_steps"):
+      optim.make_schedule(factors, warmup_steps=1000, total_steps=1000)
+  optim.make_schedule("constant * cosine_decay", warmup_steps=1000, total_steps=1001)
+
+
 @pytest.mark.parametrize("name", ["adafactor", "adamw"])
 def test_optimizers_reduce_a_quadratic(name):
   tx = optim.make_optimizer(name, learning_rate=0.1 if name == "adamw" else 0.5)
