@@ -286,8 +286,11 @@ def _run_blocking(stage: Stage, command: list[str], progress: _Progress, i: int,
       proc.send_signal(signal.SIGTERM)
       try:
         proc.wait(timeout=120)
-      except subprocess.TimeoutExpired:
+      except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        # No exit in time, or a second Ctrl-C / SIGTERM: killed now, and waited for. The sweep lets go of the run's
+        # lock next; a trainer left running would let another sweep start a second one on the same MODEL_DIR.
         proc.kill()
+        proc.wait()
       raise
 
 

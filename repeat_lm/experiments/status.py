@@ -50,18 +50,25 @@ def _update(run_dir: str | Path, updates: Callable[[dict[str, Any]], dict[str, A
   a run's exit, the other writing the run's entry as it plans) would otherwise each write back what they read, and
   the later would undo the earlier (a finished run back to running)."""
   run_dir = Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  with (run_dir / STATUS_LOCK_FILE).open("a") as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-    except OSError:  # a filesystem without locks (gcsfuse): as before, the last writer wins
-      pass
+  with _locked(run_dir):
     current = read(run_dir)
     record = {**current, **updates(current)}
     tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
     tmp.replace(run_dir / STATUS_FILE)
   return record
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path):
+  """Holds STATUS_LOCK_FILE (flock) for the block: one process at a time reads and rewrites the run's files."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  with (run_dir / STATUS_LOCK_FILE).open("a") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    except OSError:  # a filesystem without locks (gcsfuse): as before, the last writer wins
+      pass
+    yield
 
 
 def checkpoint_steps(model_dir: str | Path) -> list[int]:
@@ -82,10 +89,14 @@ def train_steps(gin_text: str) -> int | None:
   return int(value) if value.isdigit() else None
 
 
+def last_step(run_dir: str | Path) -> int | None:
+  """The step the run's gin trains to (None without a readable run.gin)."""
+  gin_path = Path(run_dir) / GIN_FILE
+  return train_steps(gin_path.read_text()) if gin_path.exists() else None
+
+
 def is_complete(run_dir: str | Path) -> bool:
-  run_dir = Path(run_dir)
-  gin_path = run_dir / GIN_FILE
-  steps = train_steps(gin_path.read_text()) if gin_path.exists() else None
+  steps = last_step(run_dir)
   return steps is not None and steps in checkpoint_steps(run_dir)
 
 
@@ -147,7 +158,15 @@ def exited(run_dir: str | Path, returncode: int, log: str | Path | None = None) 
   if returncode == 0 and is_complete(run_dir):
     return write(run_dir, status=FINISHED, returncode=0, error=None, finished=time.time(), elapsed_s=elapsed)
   if returncode == 0:
-    steps = checkpoint_steps(run_dir)
+    steps, last = checkpoint_steps(run_dir), last_step(run_dir)
+    if steps and last is not None and steps[-1] > last:
+      # TRAIN_STEPS lowered after the run trained past it: the trainer restores the later checkpoint, has nothing to
+      # train and exits 0. Not preempted (every sweep would run it again, to the same end) and not finished at
+      # TRAIN_STEPS (its weights and metrics are of a later step).
+      return write(run_dir, status=FAILED, returncode=0, elapsed_s=elapsed, finished=time.time(),
+                   error=f"its checkpoint is at step {steps[-1]}, past its last step {last} (TRAIN_STEPS was lowered "
+                   f"after it trained): set TRAIN_STEPS to {steps[-1]} or more, or delete {run_dir} to train it "
+                   "afresh")
     return write(run_dir, status=PENDING, returncode=0, elapsed_s=elapsed,
                  error=f"stopped at step {steps[-1] if steps else 0} before its last step (SIGTERM or preemption); "
                  "the next sweep resumes it from its checkpoint")
@@ -247,23 +266,25 @@ def _query_job(job_id: str) -> bool | None:
 def acquire(run_dir: str | Path) -> bool:
   """Take the run's lock; False if a live process (or one on another host) holds it."""
   path = Path(run_dir) / LOCK_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  for _ in range(2):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+  # Under the status lock: two sweeps finding one stale lock would otherwise both remove it, the later one removing
+  # the lock the earlier had just taken in its place, and both would train the run.
+  with _locked(path.parent):
+    for _ in range(2):
       try:
-        holder = json.loads(path.read_text())
-      except (OSError, json.JSONDecodeError):
-        holder = {}
-      pids = [int(holder.get(k) or 0) for k in ("pid", "trainer_pid")]
-      if holder.get("host") == socket.gethostname() and not any(p and _alive(p) for p in pids):
-        path.unlink(missing_ok=True)  # its sweep died: the lock is stale
-        continue
-      return False
-    with os.fdopen(fd, "w") as f:
-      json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
-    return True
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        try:
+          holder = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+          holder = {}
+        pids = [int(holder.get(k) or 0) for k in ("pid", "trainer_pid")]
+        if holder.get("host") == socket.gethostname() and not any(p and _alive(p) for p in pids):
+          path.unlink(missing_ok=True)  # its sweep died: the lock is stale
+          continue
+        return False
+      with os.fdopen(fd, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+      return True
   return False
 
 

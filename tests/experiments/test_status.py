@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 from repeat_lm.experiments import status
 
@@ -125,3 +126,30 @@ def test_two_processes_writing_one_status_file_lose_no_update(tmp_path):
                             env=env) for key in ("a", "b")]
   assert [int(p.communicate(timeout=60)[0]) for p in procs] == [0, 0]
   assert status.read(tmp_path) == {"status": "pending", "a": 299, "b": 299}
+
+
+def test_a_checkpoint_past_the_last_step_fails_and_says_why(tmp_path):
+  # TRAIN_STEPS lowered (3) after the run checkpointed step 4: the trainer has nothing to train and exits 0. Pending
+  # ("stopped before its last step") would have every sweep run it again, to the same end.
+  run = make_run(tmp_path, checkpoints=[2, 4])
+  status.started(run)
+  record = status.exited(run, 0)
+  assert record["status"] == "failed" and "checkpoint is at step 4, past its last step 3" in record["error"]
+
+
+def test_two_sweeps_taking_over_one_stale_lock_do_not_both_get_it(tmp_path, monkeypatch):
+  run = make_run(tmp_path)
+  (run / ".lock").write_text(f'{{"host": "{socket.gethostname()}", "pid": {dead_pid()}}}')
+  alive, got, other = status._alive, [], []
+
+  def other_sweep_looks_too(pid):  # the other sweep reads the dead holder before this one replaces the lock
+    if not other:
+      other.append(threading.Thread(target=lambda: got.append(status.acquire(run))))
+      other[0].start()
+      other[0].join(timeout=0.5)
+    return alive(pid)
+
+  monkeypatch.setattr(status, "_alive", other_sweep_looks_too)
+  got.append(status.acquire(run))
+  other[0].join(timeout=10)
+  assert sorted(got) == [False, True]

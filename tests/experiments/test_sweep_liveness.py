@@ -172,3 +172,39 @@ def test_a_diverged_run_is_retried_only_once_its_configuration_changes(tmp_path,
   lower = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a', 'optim.make_schedule.base_learning_rate': 0.5}]")
   runner.run_sweep(lower, root, runner.Options(dry_run=True, stream=io.StringIO()))
   assert status.read(root / "a")["status"] == "pending"  # new settings: runnable again
+
+
+def test_a_second_interrupt_kills_the_trainer_before_the_lock_goes(tmp_path, monkeypatch):
+  """Ctrl-C asks the trainer to checkpoint and stop; a second Ctrl-C while it saves must not leave it training after
+  the sweep has let go of the run's lock (a second sweep would start another trainer on the same MODEL_DIR)."""
+  exp = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a'}]")
+  root = tmp_path / "root"
+  # A trainer slow to act on SIGTERM (a long checkpoint save): here it ignores it.
+  trainer = ["sh", "-c", "trap '' TERM; exec sleep 60"]
+  monkeypatch.setattr(runner, "_local_command", lambda stage: trainer)
+  started = []
+
+  class Interrupted(subprocess.Popen):  # Ctrl-C while the trainer runs, and again while the sweep waits for it
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      if self.args == trainer:  # not another command (platform's `uname -p`)
+        started.append(self)
+
+    def wait(self, timeout=None):
+      if timeout in (2.0, 120):
+        try:
+          return super().wait(0.3)
+        except subprocess.TimeoutExpired:
+          raise KeyboardInterrupt from None
+      return super().wait(timeout)
+
+  monkeypatch.setattr(subprocess, "Popen", Interrupted)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      runner.run_sweep(exp, root, runner.Options(stream=io.StringIO()))
+    assert started[0].poll() is not None  # not left running...
+    assert status.read(root / "a")["status"] == "pending"  # ...and its run resumes from its last checkpoint
+  finally:
+    if started and started[0].poll() is None:
+      started[0].kill()
+      started[0].wait()
