@@ -27,6 +27,18 @@ def colors(n: int) -> list:
   return [colormaps["viridis"](v) for v in np.linspace(0.0, 0.95, n)]
 
 
+_LINE_ONLY = ("-", "--", "-.", ":")  # matplotlib formats without a marker
+
+
+def _drawn_points(s: Series) -> int:
+  """Points of `s` with finite x and y (a NaN evaluation breaks a line)."""
+  try:
+    x, y = np.asarray(s.x, float), np.asarray(s.y, float)
+  except (TypeError, ValueError):  # categorical values: matplotlib draws them all
+    return len(s.x)
+  return int(np.sum(np.isfinite(x) & np.isfinite(y))) if x.shape == y.shape else len(x)
+
+
 def save(path: str | Path, series: Sequence[Series], *, title: str = "", xlabel: str = "", ylabel: str = "",
          logx: bool = False, logy: bool = False, diagonal: bool = False, legend_title: str | None = None) -> Path:
   """One axes of lines/markers written to `path` (PNG); `diagonal` draws y = x (observed vs predicted)."""
@@ -36,7 +48,10 @@ def save(path: str | Path, series: Sequence[Series], *, title: str = "", xlabel:
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   for s in series:
-    ax.plot(s.x, s.y, s.style, label=s.label, color=s.color, markersize=6 if s.style in ("o", "x", "s") else 3)
+    # A line through one point draws nothing: a run evaluated once (or with one finite evaluation) would be in the
+    # legend only. Mark its point instead.
+    style = "o" if s.style in _LINE_ONLY and _drawn_points(s) < 2 else s.style
+    ax.plot(s.x, s.y, style, label=s.label, color=s.color, markersize=6 if style in ("o", "x", "s") else 3)
     if s.band is not None:
       ax.fill_between(s.x, s.band[0], s.band[1], color=s.color, alpha=0.2, linewidth=0)
   if diagonal:

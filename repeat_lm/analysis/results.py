@@ -106,7 +106,9 @@ def read_results(path: str | Path) -> list[Run]:
     rows = _parquet_rows(path)
   else:
     try:
-      with path.open(newline="", encoding="utf-8") as f:
+      # utf-8-sig: a table saved from a spreadsheet ("CSV UTF-8") starts with a byte-order mark, which would be read
+      # as part of the first column's name (`\ufeffrun`), and the table refused for want of a `run` column.
+      with path.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     except UnicodeDecodeError as e:
       raise ValueError(f"{path} is not UTF-8 text (offset {e.start}): pass the CSV `repeat-lm collect` "

@@ -98,3 +98,11 @@ def test_nan_cells_are_one_value_when_runs_are_grouped(tmp_path):
   summary = degradation.factor_summary(runs, rows, "epochs")
   assert [s["runs"] for s in summary] == [1, 3] and summary[0]["epochs"] == 4.0
   assert math.isnan(summary[1]["epochs"])
+
+
+def test_a_table_saved_by_a_spreadsheet_with_a_byte_order_mark_reads(tmp_path):
+  # "CSV UTF-8" from a spreadsheet starts with a BOM: it was read into the first column's name, and the table
+  # refused for want of a `run` column.
+  (tmp_path / "bom.csv").write_bytes("run,status,params\nbase,done,2.5e8\n".encode("utf-8-sig"))
+  (run,) = results.read_results(tmp_path / "bom.csv")
+  assert (run.run, run.status, run.params) == ("base", "done", 2.5e8)
