@@ -8,6 +8,9 @@ import tensorflow as tf
 from repeat_lm.data import denoisers, objectives, preprocessors
 
 LENGTHS = {'inputs': 512, 'targets': 512}
+# The lowest sentinel to read back: X (mu 3, r 0.5) has 127 spans at 512/512, so its sentinels run below the 100 extra
+# ids (to 31973); the test documents' ids stay under 7000.
+FIRST_SENTINEL = 31000
 
 
 @pytest.fixture(scope='module')
@@ -27,7 +30,7 @@ def run(features, seed, objective=None):
 def test_every_token_once_with_its_mode_token(features):
   vocab = features['targets'].vocabulary
   modes = {m: vocab.encode(m) for m in ('[NLU]', '[NLG]', '[S2S]')}
-  docs, examples = run(features, 0)
+  docs, examples = run(features, 1)  # ~15 examples; at seed 0 none of them draws the prefix LM (p 0.78^15)
   stream, seen = [], set()
   for ex in examples:
     assert len(ex['inputs']) + 1 <= 512 and len(ex['targets']) + 1 <= 512
@@ -38,7 +41,7 @@ def test_every_token_once_with_its_mode_token(features):
       stream += inputs.tolist() + ex['targets'].tolist()
     else:
       assert ex['targets'][0] == 32099
-      stream += objectives.uncorrupt(inputs, ex['targets'], 32000)
+      stream += objectives.uncorrupt(inputs, ex['targets'], FIRST_SENTINEL)
   assert stream == np.concatenate(docs).tolist() and seen == set(modes)
 
 
@@ -59,3 +62,21 @@ def test_warns_when_spans_outnumber_the_extra_ids(features, caplog):
     run(features, 0)
   assert 'X_mu3_r0.5: 127 noise spans per 760-token chunk but only 100 extra ids' in caplog.text
   assert 'R_mu3_r0.15' not in caplog.text and 'S_r0.25' not in caplog.text
+
+
+def test_only_the_last_example_is_cut_short(features):
+  # Chunks of one longest raw length (999 at 512/512) held a whole example and a cut one: ~half the examples were cut,
+  # where the repeated tasks' layout cuts only the last one.
+  vocab = features['targets'].vocabulary
+  objective = denoisers.ul2()
+  modes = [vocab.encode(d.mode) for d in objective.denoisers]
+  raw = {denoisers.raw_length(d, 512, 512, len(m)) for d, m in zip(objective.denoisers, modes)}
+  _, examples = run(features, 0, objective)
+  lengths = []
+  for ex in examples:
+    inputs = ex['inputs'][len(next(m for m in modes if ex['inputs'][:len(m)].tolist() == m)):]
+    s2s = ex['inputs'][:len(modes[-1])].tolist() == modes[-1]
+    rebuilt = inputs.tolist() + ex['targets'].tolist() if s2s else objectives.uncorrupt(inputs, ex['targets'],
+                                                                                        FIRST_SENTINEL)
+    lengths.append(len(rebuilt))
+  assert len(examples) > 10 and all(n in raw for n in lengths[:-1])
