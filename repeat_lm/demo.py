@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import sys
 import threading
@@ -232,24 +231,12 @@ def _train_and_record(s: Settings, run: RunSpec, model_dir: Path, record: dict, 
   path.write_text(json.dumps({**record, "train_wall_s": wall}, indent=2) + "\n")
 
 
-class _QuietGinSearch(logging.Filter):
-  """gin logs every search-path miss, as an ERROR, before it finds a file in the repository: noise outside it."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
-
-
 def train_run(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: int) -> float:
   """Train (or resume) one run through gin and the project's trainer; returns the seconds it took."""
   from repeat_lm import gin_utils
   from repeat_lm.train import trainer
   start = time.perf_counter()
-  quiet = _QuietGinSearch()
-  logging.getLogger().addFilter(quiet)  # gin logs through the root logger
-  try:
-    gin_utils.parse(list(GIN_FILES), gin_bindings(s, run, model_dir, steps, seed))
-  finally:
-    logging.getLogger().removeFilter(quiet)
+  gin_utils.parse(list(GIN_FILES), gin_bindings(s, run, model_dir, steps, seed))
   try:
     gin_utils.call_configured(trainer.train)
   finally:

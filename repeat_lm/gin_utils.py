@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib.metadata
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -81,6 +83,24 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return bindings, rest
 
 
+class _SearchMisses(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+
+
+@contextlib.contextmanager
+def quiet_search_misses():
+  """gin logs, as an ERROR, each search path a file is not under before it finds the file under a later one: two
+  lines per `gin/...` file parsed outside the repository (the current directory is searched first). A file found
+  under none raises, which the callers report."""
+  quiet = _SearchMisses()
+  logging.getLogger().addFilter(quiet)  # gin logs through the root logger
+  try:
+    yield
+  finally:
+    logging.getLogger().removeFilter(quiet)
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
           prelude: str = CLI_PRELUDE) -> None:
   """Parse files then bindings (later ones win), with readable errors."""
@@ -97,12 +117,13 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   # unclosed bracket) names no file or line at all.
   source = ""
   try:
-    for f in gin_files:
-      source = f"--gin_file={f} (or a file it includes)"
-      gin.parse_config_file(f)
-    for binding in bindings:
-      source = f"--gin.{binding}"
-      gin.parse_config(prelude + binding)
+    with quiet_search_misses():
+      for f in gin_files:
+        source = f"--gin_file={f} (or a file it includes)"
+        gin.parse_config_file(f)
+      for binding in bindings:
+        source = f"--gin.{binding}"
+        gin.parse_config(prelude + binding)
   except Exception as e:  # Gin reports syntax errors, unknown names and bad includes with various types.
     raise GinConfigError(
         f"Could not parse the gin configuration ({type(e).__name__}) in {source}: {e}\n"

@@ -72,6 +72,18 @@ def test_missing_gin_file():
     gin_utils.parse(["gin/runs/no_such_run.gin"], [])
 
 
+def test_shipped_gins_parse_outside_the_repository_without_error_lines(tmp_path, monkeypatch, caplog):
+  # gin logged an ERROR for each search path it did not find a file under (the current directory comes first), two
+  # for every `gin/...` file parsed from another directory; a file found nowhere still fails with the reason.
+  monkeypatch.chdir(tmp_path)
+  with caplog.at_level("INFO"):
+    gin_utils.parse(["gin/runs/smoke.gin"], ["TRAIN_STEPS=3", "MODEL_DIR='/tmp/x'"])
+  assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+  (tmp_path / "broken.gin").write_text("include 'gin/models/no_such_model.gin'\n")
+  with pytest.raises(gin_utils.GinConfigError, match="no_such_model.gin"):
+    gin_utils.parse([str(tmp_path / "broken.gin")], [])
+
+
 def test_split_gin_args():
   bindings, rest = gin_utils.split_gin_args(
       ["--gin_file=a.gin", "--gin.MODEL_DIR='/x'", "--gin.TRAIN_STEPS", "3", "--log_level=INFO"])

@@ -78,7 +78,8 @@ def _parse_text(text: str, bindings: Sequence[str]) -> None:
   # The prelude opens with dynamic registration, which gin accepts only once and before any import.
   text = re.sub(r"^from __gin__ import dynamic_registration\s*$", "", text, flags=re.M)
   try:
-    gin.parse_config_files_and_bindings([], [gin_utils.CLI_PRELUDE + text, *bindings], finalize_config=False)
+    with gin_utils.quiet_search_misses():  # the text's includes
+      gin.parse_config_files_and_bindings([], [gin_utils.CLI_PRELUDE + text, *bindings], finalize_config=False)
   except Exception as e:  # gin raises several types for the same mistake
     raise gin_utils.GinConfigError(f"Could not compose the run's gin ({type(e).__name__}): {e}") from e
 
