@@ -11,8 +11,11 @@ Only parameters are read; optimizer states are left behind. Either scan layout l
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,9 @@ log = logging.getLogger(__name__)
 def _repeat_lm_step_dir(path: Path, step: int | None) -> Path | None:
   """The `checkpoints/<step>` dir for a repeat_lm path, or None if `path` is not one."""
   if (path / "state").is_dir() and path.name.isdigit():
+    if step is not None and step != int(path.name):  # never another step's parameters in place of those asked for
+      raise FileNotFoundError(f"{path} is the checkpoint of step {path.name}, not of step {step}: point at its "
+                              f"MODEL_DIR (or checkpoints/) to pick a step, or leave the step unset.")
     return path
   root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
   steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir()) \
@@ -158,16 +164,68 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
   path = Path(path)
   target_flat = layout.flatten(abstract_params)
   step_dir = _repeat_lm_step_dir(path, step) if path.exists() else None
+  if step_dir is not None and config is not None:
+    _check_depths(f"repeat_lm checkpoint {step_dir}", _saved_depths(step_dir), config)
   if step_dir is not None:
     metadata = _metadata_params(step_dir)
     if {k: tuple(v.shape) for k, v in metadata.items()} == {k: tuple(v.shape) for k, v in target_flat.items()}:
       log.info("Loading parameters from repeat_lm checkpoint %s", step_dir)
       return _restore_repeat_lm(step_dir, abstract_params)  # same layout: read straight onto the shardings
   kind, flat = read_flat(path, config, step)
+  if kind != "repeat_lm" and config is not None:  # Hugging Face and T5X models share no parameters: one per layer
+    _check_depths(f"{kind} checkpoint {path}", {name: (lay.num_layers, 1)
+                                                for name, lay in layout.infer_layouts(flat).items()}, config)
   log.info("Loading parameters from %s checkpoint %s", kind, path)
   target_layouts = layout.layouts_for(config) if config is not None else None
   matched = layout.match_target(flat, target_flat, f"the {kind} checkpoint {path}", target_layouts=target_layouts)
   return layout.unflatten({k: _place(v, target_flat[k]) for k, v in matched.items()})
+
+
+# A T5Config setting of a MODEL_DIR's config.gin (possibly scoped, e.g. MODEL/t5.T5Config.param_share = 2).
+_GIN_DEPTH = re.compile(
+    r"^(?:[\w./]+/)?t5\.T5Config\.(num_encoder_layers|num_decoder_layers|param_share)\s*=\s*(.+?)\s*$", re.M)
+
+
+def _saved_depths(step_dir: Path) -> dict[str, tuple[int, int]] | None:
+  """{stack: (layers, layers per parameter set)} of the model that wrote `step_dir`, from its MODEL_DIR's config.gin;
+  None where that is not known (no config.gin beside checkpoints/, a value bound through a macro)."""
+  from repeat_lm.models import stack, t5  # pylint: disable=import-outside-toplevel
+  try:
+    text = (step_dir.parent.parent / "config.gin").read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError):
+    return None
+  bound: dict[str, set[Any]] = {}
+  for m in _GIN_DEPTH.finditer(text):
+    try:
+      bound.setdefault(m.group(1), set()).add(ast.literal_eval(m.group(2)))
+    except (ValueError, SyntaxError):  # %MACRO or @reference: not resolved here
+      return None
+  if any(len(values) > 1 for values in bound.values()):  # bound differently in several scopes
+    return None
+  defaults = {f.name: f.default for f in dataclasses.fields(t5.T5Config)}
+  value = lambda f: next(iter(bound[f])) if f in bound else defaults[f]  # noqa: E731
+  try:
+    return {name: (n, stack.share_group_size(value("param_share"), n))
+            for name, n in (("encoder", value("num_encoder_layers")), ("decoder", value("num_decoder_layers")))}
+  except (TypeError, ValueError):
+    return None
+
+
+def _check_depths(source: str, saved: dict[str, tuple[int, int]] | None, config: Any) -> None:
+  """Parameter sharing hides a stack's depth from its parameters: 2 distinct layers and 4 layers with param_share=2
+  hold the same tree, so either loaded silently into the other model (another depth, other logits)."""
+  from repeat_lm.models import t5  # pylint: disable=import-outside-toplevel
+  if saved is None or not isinstance(config, t5.T5Config):
+    return
+  target = layout.layouts_for(config)
+  diffs = [f"{name} {n} layers ({share} per parameter set) vs model {target[name].num_layers} "
+           f"({target[name].share} per parameter set)" for name, (n, share) in saved.items()
+           if n != target[name].num_layers and max(share, target[name].share) > 1]
+  if diffs:
+    raise ValueError(f"The {source} is of a model of another depth, which parameter sharing (param_share) hides from "
+                     "its parameter shapes: checkpoint " + "; ".join(diffs) + ". Set num_encoder_layers, "
+                     "num_decoder_layers and param_share (t5.T5Config) in the model gin as the checkpoint's model had "
+                     "them.")
 
 
 def _metadata_params(step_dir: Path) -> dict[str, Any]:

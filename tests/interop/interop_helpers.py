@@ -106,7 +106,8 @@ def write_model_dir(model_dir: Path, config: t5.T5Config, params, task: str = "r
   from repeat_lm.train import checkpoint, optim
   overrides = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                if f.name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
-                             "num_decoder_layers", "scan_layers", "dtype", "mlp_activations", "logits_via_embedding")}
+                             "num_decoder_layers", "scan_layers", "dtype", "mlp_activations", "logits_via_embedding",
+                             "param_share")}
   bindings = [f"t5.T5Config.{k} = {v!r}" for k, v in overrides.items()]
   model_gin = "gin/models/t5_1_1_tiny.gin"
   if config.moe is not None:

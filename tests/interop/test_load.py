@@ -104,3 +104,28 @@ def test_a_shared_model_loads_into_the_other_scan_layout(tmp_path, config, saved
   assert set(layout.flatten(loaded)) == set(expected)
   for path, value in layout.flatten(loaded).items():
     np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=path)
+
+
+def test_a_step_dir_is_not_read_for_another_step(tiny_model_dir):
+  """Like T5X's checkpoint_<step>: a step asked for is that step's parameters or an error, never another step's."""
+  step_dir = next(p for p in (tiny_model_dir / "checkpoints").iterdir() if p.name.isdigit())
+  with pytest.raises(FileNotFoundError, match=rf"checkpoint of step {step_dir.name}, not of step 12345"):
+    load.load_for_module(step_dir, t5.Transformer(TINY), step=12345)
+  load.load_for_module(step_dir, t5.Transformer(TINY), step=int(step_dir.name))
+
+
+@pytest.mark.parametrize("saved,target,kind", [(TINY, SHARED, "repeat_lm"), (SHARED, TINY, "repeat_lm"),
+                                               (TINY, SHARED, "hf")], ids=["into-shared", "from-shared", "hf"])
+def test_a_checkpoint_of_another_depth_is_refused_where_sharing_hides_it(tmp_path, saved, target, kind):
+  """2 distinct layers and 4 layers with param_share=2 have the same parameter tree: either loaded silently into the
+  other model (2 layers run as 4, or 4 as 2; other logits)."""
+  from repeat_lm.interop import hf
+  params = random_params(saved)
+  path = tmp_path / kind
+  if kind == "hf":
+    hf.export_hf(params, saved, path)
+  else:
+    write_model_dir(path, saved, params)
+  with pytest.raises(ValueError, match=rf"another depth.*checkpoint encoder {saved.num_encoder_layers} layers "
+                                       rf".*vs model {target.num_encoder_layers}"):
+    load.load_for_module(path, t5.Transformer(target))
