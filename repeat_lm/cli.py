@@ -194,9 +194,10 @@ def _add_bench(sub) -> None:
 
 def _add_bench_moe(bench_sub) -> None:
   m = bench_sub.add_parser(
-      "moe", help="Time an MoE model's training step against its FLOP-matched dense twin, per dispatch method and "
-      "group size.", description="Gin bindings: --gin.KEY=VALUE apply to the (MoE) model gin; the dense twin is "
-      "the same model with every FFN dense.")
+      "moe", help="Time an MoE model's training step against its dense twin, per dispatch method and group size.",
+      description="Gin bindings: --gin.KEY=VALUE apply to the (MoE) model gin; the dense twin is the same model with "
+      "every FFN dense, FLOP-matched only where the experts have the dense FFN's shape and top-1 routing (Switch); "
+      "each row gives its model FLOPs against the twin's.")
   _add_gin_args(m)
   m.add_argument("--batch_size", type=int, default=8)
   m.add_argument("--inputs_length", type=int, default=512)

@@ -2,10 +2,14 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
+
 from repeat_lm import bench, cli
 from repeat_lm.bench import moe as bench_moe
 from repeat_lm.models import moe, t5
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel
+from repeat_lm.train import flops
 
 TINY = ["--gin_file=gin/models/switch_tiny.gin", "--batch_size=8", "--inputs_length=32", "--targets_length=8",
         "--steps=1", "--rounds=1"]
@@ -24,9 +28,12 @@ def test_bench_moe_times_each_variant_against_the_dense_twin(capsys):
   assert sparse["groups"] == {"encoder": moe.num_groups(256, 256, 8), "decoder": moe.num_groups(64, 256, 8)}
   assert sparse["capacity"]["encoder"] == moe.expert_capacity(256 // sparse["groups"]["encoder"], 4, 1.25, 4)
   assert 0.0 <= sparse["fraction_dropped"] <= 1.0 and "groups" not in dense
+  # Switch-Tiny's ReLU experts do 2/3 of its gated dense FFN's FLOPs: the twin is not FLOP-matched, and the row says so.
+  assert sparse["model_flops_vs_dense"] == sparse["model_flops_per_step"] / dense["model_flops_per_step"] < 0.99
   lines = bench_moe.format_report(r).splitlines()
   assert lines[0].startswith(f"device 8 x cpu ({r['host']}), mesh") and len(lines) == 3
   assert lines[2].lstrip().startswith("moe_gather_g256: step") and "dropped" in lines[2]
+  assert f"GFLOP/step = {sparse['model_flops_vs_dense']:.3f}x dense" in lines[2]
 
 
 def test_bench_moe_refuses_a_dense_model_with_the_fix(capsys):
@@ -39,5 +46,22 @@ def test_ffn_layer_timing_runs_with_router_jitter():
   cfg = t5.T5Config(vocab_size=64, dtype="float32", emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=2,
                     num_decoder_layers=2, mlp_dim=32, moe=moe.MoeConfig(num_experts=4, expert_mlp_dim=32,
                                                                        jitter_noise=0.01))
-  run = bench_moe._layer_step(EncoderDecoderModel(t5.Transformer(cfg)), 64)  # pylint: disable=protected-access
+  run = bench_moe._layer_step(EncoderDecoderModel(t5.Transformer(cfg)), 64, cfg.moe)  # pylint: disable=protected-access
   assert run(1) > 0.0
+
+
+def test_ffn_sublayer_reference_does_the_experts_flops():
+  """The dense FFN timed against the sparse sublayer does the K experts' FLOPs, not the twin's FFN: with MoE-Base's
+  layout (top-2 gated experts of d_ff 9/8 the dense one's) the twin's FFN does 1 / 2.25 of them."""
+  cfg = t5.T5Config(vocab_size=64, dtype="float32", emb_dim=64, num_heads=2, head_dim=8, num_encoder_layers=2,
+                    num_decoder_layers=2, mlp_dim=32, mlp_activations=("gelu", "linear"),
+                    moe=moe.MoeConfig(num_experts=4, expert_mlp_dim=36, expert_activations=("gelu", "linear"),
+                                      num_selected_experts=2))
+  tokens = 64
+  x = jnp.ones((1, tokens, cfg.emb_dim), jnp.float32)
+  block = bench_moe.matched_dense_ffn(cfg.moe, jnp.float32)
+  params = block.init(jax.random.key(0), x, True)["params"]
+  cost = jax.jit(lambda p, x: block.apply({"params": p}, x, True)).lower(params, x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  experts = tokens * (flops.ffn_flops_per_token(cfg, sparse=True) - 2 * cfg.emb_dim * cfg.moe.num_experts)
+  assert abs(cost["flops"] / experts - 1.0) < 0.05, (cost["flops"], experts)  # + GELU's elementwise ops
