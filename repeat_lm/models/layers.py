@@ -113,7 +113,10 @@ class Embed(nn.Module):
                                      jnp.float32, axes=("vocab", "embed"))
 
   def __call__(self, tokens: Array) -> Array:
-    return jnp.take(jnp.asarray(self.embedding, self.dtype), tokens, axis=0)
+    # Gather the float32 rows, then round: the same values as gathering from a rounded table, but the gradient's
+    # scatter-add then sums a token's occurrences in float32. Into a bfloat16 table a frequent token's sum stalls once
+    # its ulp passes twice the addends (1024 unit cotangents summed to 256).
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
   def attend(self, x_BxTxD: Array) -> Array:
     """float32 logits [B, T, V]: operands rounded to `attend_dtype`, products accumulated and returned in float32.

@@ -161,6 +161,19 @@ def test_bfloat16_tied_logits_are_float32_products(attend_dtype):
   np.testing.assert_allclose(dparams["params"]["embedding"], np.einsum("btv,btd->vd", g, x), rtol=0.02, atol=0.2)
 
 
+def test_bfloat16_embedding_gradient_sums_repeated_tokens_in_float32():
+  """A token's embedding gradient sums its occurrences in float32: scatter-added into a bfloat16 table, 1024 unit
+  cotangents of one token stalled at 256 (bfloat16's ulp there is 2), the frequent tokens' rows 10-90% short."""
+  embed = layers.Embed(4, 8, jnp.bfloat16)
+  tokens = jnp.ones((1024,), jnp.int32)
+  params = embed.init(KEY, tokens)
+  out, vjp = jax.vjp(lambda p: embed.apply(p, tokens), params)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out, jnp.asarray(params["params"]["embedding"], jnp.bfloat16)[tokens])
+  (grad,) = vjp(jnp.ones_like(out))
+  np.testing.assert_array_equal(grad["params"]["embedding"][1], np.full(8, 1024.0, np.float32))
+
+
 def test_attention_has_no_logit_scaling_and_scales_query_init():
   d, heads, head_dim = 256, 4, 64
   attention = attention_lib.MultiHeadAttention(heads, head_dim)
