@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from repeat_lm import files
+
 GIN_FILES = ("gin/models/t5_1_1_tiny.gin", "gin/runs/pretrain.gin")
 
 
@@ -226,9 +228,15 @@ def _train_and_record(s: Settings, run: RunSpec, model_dir: Path, record: dict, 
   path = model_dir / "demo_run.json"
   wall = float(json.loads(path.read_text()).get("train_wall_s", 0.0)) if path.exists() else 0.0
   model_dir.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({**record, "train_wall_s": wall}, indent=2) + "\n")  # settings first: see _check_settings
+  _replace_json(path, {**record, "train_wall_s": wall})  # settings first: see _check_settings
   wall += train_run(s, run, model_dir, steps, seed)
-  path.write_text(json.dumps({**record, "train_wall_s": wall}, indent=2) + "\n")
+  _replace_json(path, {**record, "train_wall_s": wall})
+
+
+def _replace_json(path: Path, record: dict) -> None:
+  """Replaced whole: a file cut by a kill or a full disk mid-write stopped every rerun with a JSONDecodeError (it is
+  read before anything trains) until deleted, its settings and train time with it."""
+  files.atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def train_run(s: Settings, run: RunSpec, model_dir: Path, steps: int, seed: int) -> float:

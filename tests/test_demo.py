@@ -74,6 +74,27 @@ def test_rerun_with_other_settings_names_what_changed(quick_demo, capsys):
   assert "(stored -> given: {'steps': (None, 7)})" in capsys.readouterr().err
 
 
+def test_a_record_write_cut_short_keeps_the_earlier_record(tmp_path, monkeypatch):
+  """demo_run.json is read before a rerun trains anything: written in place, one cut by a full disk after training
+  stopped every rerun with a JSONDecodeError."""
+  record = {"settings": {"steps": 3}, "steps": 3, "seed": 0, "task": "t"}
+
+  def disk_full(*args):
+    raise OSError(28, "No space left on device")
+
+  def train_run(*args):
+    monkeypatch.setattr(demo.files.os, "replace", disk_full)  # the disk fills while the run trains
+    return 5.0
+
+  monkeypatch.setattr(demo, "train_run", train_run)
+  with pytest.raises(OSError, match="No space"):
+    demo._train_and_record(demo.QUICK, None, tmp_path, record, 3, 0)
+  monkeypatch.undo()
+  demo._check_settings(tmp_path, record)
+  assert json.loads((tmp_path / "demo_run.json").read_text()) == {**record, "train_wall_s": 0.0}
+  assert [p.name for p in tmp_path.iterdir()] == ["demo_run.json"]
+
+
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_steps_below_one_are_refused(tmp_path, capsys, steps):
   assert cli.main(["demo", "--out", str(tmp_path), "--quick", f"--steps={steps}"]) == 2

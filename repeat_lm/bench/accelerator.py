@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from repeat_lm import bench, runtime
+from repeat_lm import bench, files, runtime
 from repeat_lm.bench import report
 
 MODEL_GIN = "gin/models/t5_1_1_base.gin"
@@ -211,8 +211,10 @@ def check_out(out: str | Path) -> None:
 def write(m: dict, out: str | Path) -> None:
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(m, indent=1, sort_keys=True))
-  out.write_text(to_markdown(m))
+  # Each file is replaced whole: measure rewrites them after every variant, and a JSON cut by a kill (or a full disk)
+  # mid-write would lose the rows measured so far, and stop the next run (check_out, --previous) until moved aside.
+  files.atomic_write_bytes(out.with_suffix(".json"), json.dumps(m, indent=1, sort_keys=True).encode())
+  files.atomic_write_bytes(out, to_markdown(m).encode())
 
 
 def to_markdown(m: dict) -> str:

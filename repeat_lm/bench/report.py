@@ -10,7 +10,7 @@ import tempfile
 import sys
 from pathlib import Path
 
-from repeat_lm import bench
+from repeat_lm import bench, files
 from repeat_lm.bench.profile import OTHER_PART
 
 ZOO = ("small", "base", "large", "xl", "xxl")
@@ -301,7 +301,7 @@ def write(out: str | Path, compare_hf: bool = True) -> dict:
   host = host_of(m)
   others = {h: entry for h, entry in history.items() if h != host}
   Path(out).write_text(to_markdown(m, others))
-  tmp = path.with_suffix(".json.tmp")  # replaced whole, so an interrupted write never loses the other hosts' rows
-  tmp.write_text(json.dumps({"hosts": {host: history_entry(m), **others}}, indent=1) + "\n")
-  os.replace(tmp, path)
+  # Replaced whole, so an interrupted write never loses the other hosts' rows.
+  files.atomic_write_bytes(Path(path), (json.dumps({"hosts": {host: history_entry(m), **others}}, indent=1) +
+                                        "\n").encode())
   return m

@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import tensorflow as tf
+
+from repeat_lm import files
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +40,6 @@ MAX_DOCUMENT_CHARS = 1 << 20
 def cache_dir() -> Path:
   """Where derived artefacts (default corpus, default vocabulary) live: $REPEAT_LM_CACHE or ~/.cache/repeat_lm."""
   return Path(os.environ.get('REPEAT_LM_CACHE') or Path.home() / '.cache' / 'repeat_lm').expanduser()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-  """Writes via a temp file in the same directory + rename, so readers never see a partial file.
-
-  Two racing writers each rename a complete file; the last rename wins and both leave a valid file behind.
-  """
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable by others
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 # ---------------------------------------------------------------------------------------------------- documents
@@ -363,6 +347,6 @@ def default_wiki_path() -> Path:
     docs = extract_wiki_documents(_wiki_xml_path())
     payload = ''.join(json.dumps(d, ensure_ascii=False) + '\n' for d in docs).encode('utf-8')
     # mtime=0: identical bytes on every machine, so the cache file itself is reproducible.
-    atomic_write_bytes(path, gzip.compress(payload, mtime=0))
+    files.atomic_write_bytes(path, gzip.compress(payload, mtime=0))
     log.info('Wrote %d Wikipedia articles to %s', len(docs), path)
   return path

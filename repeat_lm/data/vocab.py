@@ -22,6 +22,7 @@ import sentencepiece as spm
 import tensorflow as tf
 from google.protobuf import message
 
+from repeat_lm import files
 from repeat_lm.data import sources
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def train_sentencepiece(documents: Iterable[str], path: Path, vocab_size: int = 
       num_threads=2,
       minloglevel=2,
   )
-  sources.atomic_write_bytes(path, model.getvalue())
+  files.atomic_write_bytes(path, model.getvalue())
 
 
 def _default_vocab_file() -> Path:

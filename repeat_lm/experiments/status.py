@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from repeat_lm import files
+
 STATUS_FILE, LOCK_FILE, LOG_FILE, GIN_FILE = "status.json", ".lock", "train.log", "run.gin"
 # Held (flock) while status.json is read and rewritten; LOCK_FILE is the run's, held for a whole attempt.
 STATUS_LOCK_FILE = ".status.lock"
@@ -53,9 +55,8 @@ def _update(run_dir: str | Path, updates: Callable[[dict[str, Any]], dict[str, A
   with _locked(run_dir):
     current = read(run_dir)
     record = {**current, **updates(current)}
-    tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-    tmp.replace(run_dir / STATUS_FILE)
+    files.atomic_write_bytes(run_dir / STATUS_FILE,
+                             (json.dumps(record, indent=1, sort_keys=True, default=str) + "\n").encode())
   return record
 
 
@@ -146,7 +147,10 @@ def trainer_started(run_dir: str | Path, trainer_pid: int) -> None:
   write(run_dir, trainer_pid=trainer_pid)
   path = Path(run_dir) / LOCK_FILE
   if path.exists():
-    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "trainer_pid": trainer_pid}))
+    # Replaced whole: a lock truncated by a kill (or a full disk) mid-write names no holder, and every later sweep
+    # would skip the run as held by another host.
+    files.atomic_write_bytes(path, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                 "trainer_pid": trainer_pid}).encode())
 
 
 def exited(run_dir: str | Path, returncode: int, log: str | Path | None = None) -> dict[str, Any]:
@@ -282,8 +286,12 @@ def acquire(run_dir: str | Path) -> bool:
           path.unlink(missing_ok=True)  # its sweep died: the lock is stale
           continue
         return False
-      with os.fdopen(fd, "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+      try:
+        with os.fdopen(fd, "w") as f:
+          json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+      except BaseException:  # a full disk: an empty lock names no holder, and every later sweep would skip the run
+        path.unlink(missing_ok=True)
+        raise
       return True
   return False
 

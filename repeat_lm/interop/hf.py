@@ -331,18 +331,41 @@ def read_sentencepiece_model(path: str | Path) -> bytes:
 
 
 def _write_tokenizer_model(model: bytes, out_dir: str | Path, extra_ids: int) -> None:
-  transformers = import_transformers()
   out_dir = Path(out_dir)
+  _move_tokenizer_in(_stage_tokenizer(model, out_dir, extra_ids), out_dir)
+
+
+def _stage_tokenizer(model: bytes, out_dir: Path, extra_ids: int) -> Path:
+  """The tokenizer files, converted into OUT_DIR/.tokenizer_staging/out (removed again if the conversion fails)."""
+  import sentencepiece  # pylint: disable=import-outside-toplevel
+  try:  # transformers would report an unreadable file as a tiktoken one that needs the tiktoken package
+    sentencepiece.SentencePieceProcessor(model_proto=model)
+  except RuntimeError as e:
+    raise ValueError(f"The vocabulary is no SentencePiece model ({e}); nothing was exported.") from e
+  transformers = import_transformers()
   out_dir.mkdir(parents=True, exist_ok=True)
   staging = out_dir / ".tokenizer_staging"
-  staging.mkdir(exist_ok=True)
+  shutil.rmtree(staging, ignore_errors=True)
+  (staging / "out").mkdir(parents=True)
   try:
     (staging / "spiece.model").write_bytes(model)
     tokenizer = transformers.T5Tokenizer.from_pretrained(str(staging), extra_ids=extra_ids)
-    tokenizer.save_pretrained(str(out_dir))
-  finally:
+    tokenizer.save_pretrained(str(staging / "out"))
+    (staging / "out" / "spiece.model").write_bytes(model)
+  except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
-  (out_dir / "spiece.model").write_bytes(model)
+    raise
+  return staging
+
+
+def _move_tokenizer_in(staging: Path, out_dir: Path) -> None:
+  written = {p.name for p in (staging / "out").iterdir()}
+  for name in TOKENIZER_FILES:  # an earlier export's file that this transformers version does not write
+    if name not in written:
+      (out_dir / name).unlink(missing_ok=True)
+  for name in sorted(written):
+    (staging / "out" / name).replace(out_dir / name)
+  shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_generation_config(out_dir: Path) -> None:
@@ -379,11 +402,19 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
   np_dtype = np.dtype(np.float32) if dtype == "float32" else np.dtype(__import__("ml_dtypes").bfloat16)
   state = {k: v.astype(np_dtype) for k, v in state.items()}
   config_json["dtype"] = dtype
-  write_safetensors(state, out_dir, max_shard_bytes)
-  (out_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
-  _write_generation_config(out_dir)
-  if spm_bytes is not None:
-    _write_tokenizer_model(spm_bytes, out_dir, extra_ids)
+  # The tokenizer is converted before any weights are replaced: a SentencePiece model transformers cannot read (or no
+  # transformers) would otherwise fail the export with the new weights beside an earlier export's tokenizer.
+  tokenizer_staging = _stage_tokenizer(spm_bytes, out_dir, extra_ids) if spm_bytes is not None else None
+  try:
+    write_safetensors(state, out_dir, max_shard_bytes)
+    (out_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+    _write_generation_config(out_dir)
+  except BaseException:
+    if tokenizer_staging is not None:
+      shutil.rmtree(tokenizer_staging, ignore_errors=True)
+    raise
+  if tokenizer_staging is not None:
+    _move_tokenizer_in(tokenizer_staging, out_dir)
   else:
     # An earlier export's tokenizer would load beside these weights as theirs (AutoTokenizer reads it): remove it, as
     # write_safetensors removes an earlier export's weights.

@@ -282,10 +282,10 @@ def write_outputs(output_file: str, outputs: Sequence[str]) -> None:
   """One output per line. A file is replaced whole (temp file + rename): a write that fails part-way (a full disk,
   a file-size limit, a kill) used to leave the earlier outputs truncated and a shorter file of whole-looking lines.
   A target that is not a regular file (/dev/stdout, a pipe) is written in place: it cannot be renamed over."""
-  from repeat_lm.data import sources  # pylint: disable=import-outside-toplevel
+  from repeat_lm import files  # pylint: disable=import-outside-toplevel
   data = "".join(o.replace("\n", " ") + "\n" for o in outputs).encode("utf-8")
   path = Path(output_file)
   if path.exists() and not path.is_file():
     path.write_bytes(data)
     return
-  sources.atomic_write_bytes(path.resolve(), data)  # resolved: a symlinked output keeps its link
+  files.atomic_write_bytes(path.resolve(), data)  # resolved: a symlinked output keeps its link

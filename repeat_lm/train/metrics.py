@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 
+from repeat_lm import files
+
 
 def _step_of(line: str) -> float:
   """The step of a metrics.jsonl line; infinite for a line that is no record (blank, or cut by a crash mid-write)."""
@@ -41,9 +43,7 @@ class MetricsWriter:
     if len(kept) != len(lines):
       logging.info("metrics.jsonl: dropping %d records after restored step %d (or unreadable)",
                    len(lines) - len(kept), step)
-      tmp = self.path.with_suffix(".jsonl.tmp")
-      tmp.write_text("".join(line + "\n" for line in kept))
-      tmp.replace(self.path)
+      files.atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
 
   def set_aside(self) -> Path | None:
     """A run starting from step 0 (no checkpoint yet): move an earlier attempt's records out of its way, to

@@ -21,7 +21,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from repeat_lm.data import pipeline, sources
+from repeat_lm import files
+from repeat_lm.data import pipeline
 from repeat_lm.models import t5
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel, summarize
 from repeat_lm.train import checkpoint as ckpt_lib
@@ -113,7 +114,7 @@ def _write_config(model_dir: Path, operative: bool) -> None:
     text = gin.operative_config_str() if operative else gin.config_str()
     # Renamed into place: `infer`, `export` and a mismatching rerun rebuild the model from it, and a process killed
     # while rewriting it (it is rewritten at the first step and at the end) must not leave half a configuration.
-    sources.atomic_write_bytes(model_dir / "config.gin", text.encode())
+    files.atomic_write_bytes(model_dir / "config.gin", text.encode())
 
 
 # Step metrics that are a state, not a sum: a logging window reports the last step's value.

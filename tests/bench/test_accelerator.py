@@ -95,6 +95,27 @@ def test_cli_rerenders_from_json(tmp_path, capsys):
   assert json.loads((tmp_path / "out.json").read_text())["results"][0]["name"] == v.name
 
 
+def test_a_write_cut_short_keeps_the_rows_measured_before(tmp_path, monkeypatch):
+  """measure rewrites OUT.json after every variant, so that a run cut short keeps what it measured: written in place,
+  a kill mid-write left a cut JSON that lost every row, and check_out refused the next run over it."""
+  v = accelerator.Variant.parse("scan:minimal:cudnn:128")
+  m = {"date": "2026-11-28", "model_gin": accelerator.MODEL_GIN, "steps": 10, "rounds": 3, "versions": {},
+       "results": [fake_result(v, 0.2) | {"name": v.name}]}
+  out = tmp_path / "out.md"
+  accelerator.write(m, out)
+
+  def killed(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(accelerator.files.os, "replace", killed)  # killed before the new file is in place
+  with pytest.raises(KeyboardInterrupt):
+    accelerator.write({**m, "results": [*m["results"], *m["results"]]}, out)
+  monkeypatch.undo()
+  accelerator.check_out(out)
+  assert accelerator.read_json(tmp_path / "out.json", "--previous") == m
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.md"]
+
+
 GPU_TRACE = """
 planes {
   name: "/device:GPU:0"

@@ -144,18 +144,6 @@ def test_gigantic_documents_are_truncated_and_counted(tmp_path, caplog):
   assert 'truncated 1 longer than the document limit' in caplog.text
 
 
-def test_atomic_write_survives_racing_writers(tmp_path):
-  target = tmp_path / 'sub' / 'model.bin'
-  payloads = [bytes([i]) * 200_000 for i in range(8)]
-  threads = [threading.Thread(target=sources.atomic_write_bytes, args=(target, p)) for p in payloads]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  assert target.read_bytes() in payloads  # one complete payload, never a mix
-  assert [p.name for p in target.parent.iterdir()] == ['model.bin']  # no temp files left
-
-
 def test_default_wiki_corpus(wiki_ready):
   start = time.perf_counter()
   corpus = sources.load_corpus('wiki')

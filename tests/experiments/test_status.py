@@ -112,6 +112,36 @@ def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
   assert status.acquire(run)
 
 
+def test_a_lock_write_cut_short_leaves_no_lock_that_names_no_holder(tmp_path, monkeypatch):
+  """A lock left empty (a full disk as acquire writes it, a kill as trainer_started rewrites it) named no holder:
+  every later sweep skipped the run as held by another host, forever."""
+  import errno
+  run = make_run(tmp_path)
+
+  def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  with monkeypatch.context() as m:
+    m.setattr(status.json, "dump", disk_full)
+    try:
+      status.acquire(run)
+    except OSError:
+      pass
+  assert status.acquire(run)
+
+  replace = os.replace
+  with monkeypatch.context() as m:  # the lock's rewrite fails (status.json's goes through): it keeps its holder
+    m.setattr(status.files.os, "replace",
+              lambda src, dst: disk_full() if str(dst).endswith(".lock") else replace(src, dst))
+    try:
+      status.trainer_started(run, os.getpid())
+    except OSError:
+      pass
+  assert status.json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+  assert sorted(p.name for p in run.iterdir() if p.name.startswith(".lock")) == [".lock"]
+  status.release(run)
+
+
 def test_two_processes_writing_one_status_file_lose_no_update(tmp_path):
   """Two sweeps on one ROOT write the same run's status.json (one records the run's exit, the other the run's entry
   as it plans): each merge is of the record as the other left it, so neither undoes the other's update."""

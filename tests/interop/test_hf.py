@@ -173,6 +173,21 @@ def test_an_export_without_tokenizer_removes_an_earlier_exports_tokenizer(tmp_pa
   assert (tmp_path / "README.md").read_text() == "mine"
 
 
+def test_an_export_with_an_unreadable_vocabulary_leaves_an_earlier_export_whole(tmp_path):
+  """The tokenizer was converted after the weights and config.json were replaced: a file transformers could not read
+  failed the export (as a missing `tiktoken` package) with the new weights beside the earlier export's tokenizer."""
+  from repeat_lm.data import vocab
+  out = tmp_path / "hf"
+  hf.export_hf(random_params(TINY), TINY, out, sentencepiece_model=vocab.default_vocabulary().sentencepiece_model_file)
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  bad = tmp_path / "bad.model"
+  bad.write_bytes(b"not a sentencepiece model" * 10)
+  other = dataclasses.replace(TINY, vocab_size=32128)
+  with pytest.raises(ValueError, match="no SentencePiece model"):
+    hf.export_hf(random_params(other), other, out, sentencepiece_model=bad)
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+
+
 def test_config_fields_survive_the_round_trip():
   """Every field config.json carries comes back, non-defaults included (transformers' own defaults are dropout 0.1,
   epsilon 1e-6, as many decoder as encoder layers); a transformers 4 file may leave out dense_act_fn, epsilon and

@@ -1,0 +1,24 @@
+"""Writing files that later commands read: whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+  """Writes via a temp file in the same directory + rename, so readers never see a partial file.
+
+  Two racing writers each rename a complete file; the last rename wins and both leave a valid file behind.
+  """
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable by others
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise

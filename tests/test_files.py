@@ -1,0 +1,47 @@
+"""files.atomic_write_bytes: a file is replaced whole, or not at all."""
+
+import os
+import threading
+
+import pytest
+
+from repeat_lm import files
+
+
+def test_atomic_write_survives_racing_writers(tmp_path):
+  target = tmp_path / 'sub' / 'model.bin'
+  payloads = [bytes([i]) * 200_000 for i in range(8)]
+  threads = [threading.Thread(target=files.atomic_write_bytes, args=(target, p)) for p in payloads]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert target.read_bytes() in payloads  # one complete payload, never a mix
+  assert [p.name for p in target.parent.iterdir()] == ['model.bin']  # no temp files left
+
+
+def test_a_write_failing_part_way_leaves_the_earlier_file(tmp_path, monkeypatch):
+  target = tmp_path / 'status.json'
+  files.atomic_write_bytes(target, b'{"status": "finished"}')
+  fdopen = os.fdopen
+
+  class DiskFull:  # writes half, then the disk is full
+    def __init__(self, f):
+      self.f = f
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def write(self, data):
+      self.f.write(data[:len(data) // 2])
+      raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(files.os, 'fdopen', lambda fd, mode: DiskFull(fdopen(fd, mode)))
+  with pytest.raises(OSError, match='No space'):
+    files.atomic_write_bytes(target, b'{"status": "running", "pid": 1234}')
+  monkeypatch.undo()
+  assert target.read_bytes() == b'{"status": "finished"}'
+  assert [p.name for p in tmp_path.iterdir()] == ['status.json']
