@@ -11,11 +11,12 @@ the same values up to summation order), with two stages rewritten for speed (mea
   parameter): -12 ms per step, measured the same way.
 
 One behaviour is T5X's rather than optax's: the parameter scale and the update clipping take one RMS per block of a
-stacked parameter, not one over the whole tensor. T5X's factor rules make the 'layers', 'stack' and 'expert' axes
-BATCH axes, left out of the RMS, so a scanned model (every kernel stacked over layers) and a Switch model (expert
-kernels stacked over experts) update each layer and expert as if it were its own parameter, as the unscanned model
-does. The axes come from the parameters' logical names, which the train step supplies (`logical_axes`); without them
-(a plain optax call) the RMS is over the whole tensor, as optax's.
+stacked parameter, not one over the whole tensor, and the factored statistics never factor a block axis. T5X's
+factor rules make the 'layers', 'stack' and 'expert' axes BATCH axes, left out of the RMS and the factoring, so a
+scanned model (every kernel stacked over layers) and a Switch model (expert kernels stacked over experts) update each
+layer and expert as if it were its own parameter, as the unscanned model does. The axes come from the parameters'
+logical names, which the train state's init and step supply (`logical_axes`); without them (a plain optax call) the
+RMS is over the whole tensor and any axis may be factored, as optax's.
 """
 
 from __future__ import annotations
@@ -32,12 +33,18 @@ import numpy as np
 import optax
 
 
-def factored_dims(shape: tuple[int, ...], min_dim_size_to_factor: int) -> tuple[int, int] | None:
+def factored_dims(shape: tuple[int, ...], min_dim_size_to_factor: int,
+                  blocks: tuple[int, ...] = ()) -> tuple[int, int] | None:
   """(second largest axis, largest axis) when both are at least `min_dim_size_to_factor` long, else None (optax's
-  rule, with its argsort for ties)."""
-  if len(shape) < 2:
+  rule, with its argsort for ties), among the axes not in `blocks`.
+
+  Block axes (layers, experts) are never factored: T5X's factor rules make them BATCH axes, so each block keeps its
+  own row and column statistics. Were they candidates, 256 experts of [128, 512] would be factored over experts x
+  mlp, every expert sharing one column statistic, where each expert alone is factored over embed x mlp."""
+  axes = [i for i in range(len(shape)) if i not in blocks]
+  if len(axes) < 2:
     return None
-  by_size = np.argsort(shape)
+  by_size = [axes[i] for i in np.argsort([shape[a] for a in axes])]
   if shape[by_size[-2]] < min_dim_size_to_factor:
     return None
   return int(by_size[-2]), int(by_size[-1])
@@ -77,27 +84,31 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
   """grad / sqrt(second moment), the moment factored into row and column means for matrices (optax's, factored)."""
 
   def init_fn(params):
-    def init_leaf(param):
+    def init_leaf(param, blocks):
       one = jnp.zeros((1,), param.dtype)
-      dims = factored_dims(param.shape, min_dim_size_to_factor)
+      dims = factored_dims(param.shape, min_dim_size_to_factor, blocks)
       if dims is None:
         return _Leaf(None, one, one, jnp.zeros_like(param))
       d1, d0 = dims
       without = lambda axis: jnp.zeros(param.shape[:axis] + param.shape[axis + 1:], param.dtype)
       return _Leaf(None, without(d0), without(d1), one)
 
-    return _state(jnp.zeros([], jnp.int32), jax.tree.map(init_leaf, params))
+    return _state(jnp.zeros([], jnp.int32), jax.tree.map(init_leaf, params, _block_axes(params)))
 
   def update_fn(grads, state, params=None):
     if params is None:
       raise ValueError("scale_by_factored_rms needs the parameters: tx.update(grads, state, params).")
     rate = _decay_rate(state.count - step_offset, decay_rate)
 
-    def update_leaf(grad, v_row, v_col, v, param):
+    def update_leaf(grad, v_row, v_col, v, param, blocks):
       # The unused statistics are [1] placeholders, as optax's; passed through rather than rebuilt, so the train
       # step's donated state buffers are reused for them too.
       grad_sqr = jnp.square(grad) + epsilon  # parameters are real
-      dims = factored_dims(param.shape, min_dim_size_to_factor)
+      dims = factored_dims(param.shape, min_dim_size_to_factor, blocks)
+      expected = (1,) if dims is None else param.shape[:dims[1]] + param.shape[dims[1] + 1:]
+      if v_row.shape != expected:  # else a [1] placeholder would broadcast silently into a full-size statistic
+        raise ValueError(f"Adafactor state of a {param.shape} parameter has v_row {v_row.shape}, {expected} expected: "
+                         "initialise it (tx.init) inside the same adafactor.logical_axes block as the update.")
       if dims is None:
         new_v = (rate * v + (1.0 - rate) * grad_sqr).astype(param.dtype)
         return _Leaf(grad * new_v ** -0.5, v_row, v_col, new_v)
@@ -110,7 +121,7 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
       update = grad * jnp.expand_dims(row_factor, d0) * jnp.expand_dims(col_factor, d1)
       return _Leaf(update, new_v_row, new_v_col, v)
 
-    leaves = jax.tree.map(update_leaf, grads, state.v_row, state.v_col, state.v, params)
+    leaves = jax.tree.map(update_leaf, grads, state.v_row, state.v_col, state.v, params, _block_axes(params))
     return jax.tree.map(lambda o: o.update, leaves), _state(optax.safe_increment(state.count), leaves)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -124,8 +135,9 @@ _logical_axes: contextvars.ContextVar = contextvars.ContextVar("adafactor_logica
 
 @contextlib.contextmanager
 def logical_axes(tree: Any):
-  """While an update is traced inside the block: the parameters' logical axis names (a tree of tuples matching the
-  parameters, as partitioning.params_logical_axes gives), so the RMS stages leave BLOCK_AXIS_NAMES out."""
+  """While an init or update is traced inside the block: the parameters' logical axis names (a tree of tuples
+  matching the parameters, as partitioning.params_logical_axes gives), so the RMS stages leave BLOCK_AXIS_NAMES out
+  and the factored statistics never factor them. Initialise and update inside the same names."""
   token = _logical_axes.set(tree)
   try:
     yield
@@ -133,17 +145,24 @@ def logical_axes(tree: Any):
     _logical_axes.reset(token)
 
 
-def _rms_axes(params: Any) -> Any:
-  """Per parameter, the axes its RMS averages over (None: all), from the logical names in `logical_axes`."""
+def block_axes(names: tuple[str, ...] | None) -> tuple[int, ...]:
+  """The positions of BLOCK_AXIS_NAMES in one parameter's logical axis names."""
+  return tuple(i for i, n in enumerate(tuple(names or ())) if n in BLOCK_AXIS_NAMES)
+
+
+def _block_axes(params: Any) -> Any:
+  """Per parameter, its block axes (a tuple, () for none), from the logical names in `logical_axes`."""
   names_tree = _logical_axes.get()
   if names_tree is None:
-    return jax.tree.map(lambda p: None, params)
+    return jax.tree.map(lambda p: (), params)
+  return jax.tree.map(lambda names, p: block_axes(names), names_tree, params,
+                      is_leaf=lambda x: x is None or isinstance(x, tuple))
 
-  def axes(names, param):
-    blocks = {i for i, n in enumerate(tuple(names or ())) if n in BLOCK_AXIS_NAMES}
-    return tuple(i for i in range(param.ndim) if i not in blocks) if blocks else None
 
-  return jax.tree.map(axes, names_tree, params, is_leaf=lambda x: x is None or isinstance(x, tuple))
+def _rms_axes(params: Any) -> Any:
+  """Per parameter, the axes its RMS averages over (None: all), from the logical names in `logical_axes`."""
+  return jax.tree.map(lambda p, blocks: tuple(i for i in range(p.ndim) if i not in blocks) if blocks else None,
+                      params, _block_axes(params))
 
 
 def _rms(x: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:

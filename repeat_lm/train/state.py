@@ -56,7 +56,9 @@ def layout(model: EncoderDecoderModel, tx: optax.GradientTransformation, partiti
                                    "the batch size (BATCH_SIZE, bench's --batch_size)")
   abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  variables["params"], param_shardings)
-  abstract_opt = optimizer_state_layout(jax.eval_shape(tx.init, abstract_params), abstract_params, partitioner)
+  with adafactor.logical_axes(logical):  # stacked parameters' block axes are never factored (adafactor.factored_dims)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_opt = optimizer_state_layout(abstract_opt, abstract_params, partitioner, logical)
   step_sharding = partitioner.replicated()
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding), "params": abstract_params,
               "opt_state": abstract_opt}
@@ -89,17 +91,20 @@ def _leaf_at(tree: Any, path: tuple) -> Any:
   return tree
 
 
-def optimizer_state_layout(abstract_opt: Any, abstract_params: Any, partitioner: partitioning.Partitioner) -> Any:
+def optimizer_state_layout(abstract_opt: Any, abstract_params: Any, partitioner: partitioning.Partitioner,
+                           logical: Any = None) -> Any:
   """Shard each optimizer-state leaf like the parameter it belongs to.
 
   Optimizer states hold copies of the parameter tree (Adam's moments: same shapes) or reductions of it
   (Adafactor's factored row/column statistics: one dimension dropped). A leaf is matched to its parameter by the
   trailing dict keys of its path; a dropped dimension drops its mesh axis. Anything else (step counts, scalars) is
-  replicated.
+  replicated. `logical` (the parameters' logical axis names, as the optimizer state was initialised under) says
+  which axes Adafactor could not factor.
   """
   by_path = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
-    by_path[tuple(k.key for k in path)] = (leaf.shape, tuple(leaf.sharding.spec) + (None,) * len(leaf.shape))
+    blocks = adafactor.block_axes(_leaf_at(logical, path)) if logical is not None else ()
+    by_path[tuple(k.key for k in path)] = (leaf.shape, tuple(leaf.sharding.spec) + (None,) * len(leaf.shape), blocks)
 
   def leaf_sharding(path, leaf):
     keys = []
@@ -110,7 +115,7 @@ def optimizer_state_layout(abstract_opt: Any, abstract_params: Any, partitioner:
     match = by_path.get(tuple(keys))
     if match is None or not leaf.shape:
       return partitioner.replicated()
-    shape, spec = match
+    shape, spec, blocks = match
     if tuple(leaf.shape) == tuple(shape):
       return NamedSharding(partitioner.mesh, PartitionSpec(*spec[:len(shape)]))
     # Factored statistics: the parameter's shape minus one dimension. Where two dimensions have the same length
@@ -120,7 +125,7 @@ def optimizer_state_layout(abstract_opt: Any, abstract_params: Any, partitioner:
     field = next((k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)
                   and k.name in ("v_row", "v_col")), None)
     if len(candidates) > 1 and field is not None:
-      d1, d0 = adafactor.factored_dims(tuple(shape), 0)
+      d1, d0 = adafactor.factored_dims(tuple(shape), 0, blocks)
       candidates = [d0 if field == "v_row" else d1]
     if candidates:
       dropped = candidates[0]
@@ -136,7 +141,8 @@ def init_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, lay
                partitioner: partitioning.Partitioner, batch: Mapping[str, jax.ShapeDtypeStruct], seed: int):
   def init_fn(key):
     params = model.init(key, batch)["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    with adafactor.logical_axes(lay.params_axes):  # the names the train step updates under
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   with partitioner.activate():
     return jax.jit(init_fn, out_shardings=lay.shardings)(purpose_key(seed, PARAMS_PURPOSE))

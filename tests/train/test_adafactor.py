@@ -141,3 +141,37 @@ def test_the_train_step_of_a_scanned_model_updates_like_the_unscanned_one():
   for path, value in layout.flatten(stepped[True]).items():
     np.testing.assert_allclose(value, expected[path], rtol=2e-5, atol=1e-7, err_msg=path)
 
+
+
+def test_more_experts_than_rows_are_never_factored_over():
+  """The heuristic picks the two largest axes; with 12 experts of [8, 10] over all three it factored experts x mlp
+  (one column statistic shared by every expert). T5X's 'expert' is a BATCH axis: each expert is factored over its
+  own embed x mlp, as it would be alone (min_dim_size_to_factor 8 stands in for 128 with 256 experts of [128, 512])."""
+  tx = adafactor.adafactor(0.01, min_dim_size_to_factor=8)
+  kernels = jax.random.normal(jax.random.key(0), (12, 8, 10))
+  grads = [jax.random.normal(jax.random.key(i), (12, 8, 10)) * (1.0 + 3.0 * i) for i in (1, 2)]
+
+  def train(params, grads, names):
+    with adafactor.logical_axes(names):
+      state = tx.init(params)
+      for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state[0]
+
+  together, stats = train({"w": kernels}, [{"w": g} for g in grads], {"w": ("expert", "embed", "expert_mlp")})
+  assert stats.v_row["w"].shape == (12, 8) and stats.v_col["w"].shape == (12, 10)
+  for e in range(12):
+    alone, _ = train({"w": kernels[e]}, [{"w": g[e]} for g in grads], {"w": ("embed", "expert_mlp")})
+    np.testing.assert_allclose(together["w"][e], alone["w"], rtol=1e-5, atol=1e-7, err_msg=f"expert {e}")
+
+
+def test_a_state_initialised_without_the_names_is_refused():
+  """Initialised without the logical names the expert axis counts as a factoring axis; updated with them the
+  statistics no longer fit (the [1] placeholder of an unfactored parameter would even broadcast silently)."""
+  tx = adafactor.adafactor(0.01, min_dim_size_to_factor=8)
+  params = {"w": jnp.ones((12, 8, 10))}
+  state = tx.init(params)
+  names = {"w": ("expert", "embed", "expert_mlp")}
+  with adafactor.logical_axes(names), pytest.raises(ValueError, match="logical_axes"):
+    tx.update(params, state, params)
