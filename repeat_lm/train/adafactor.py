@@ -38,8 +38,8 @@ def factored_dims(shape: tuple[int, ...], min_dim_size_to_factor: int,
   """(second largest axis, largest axis) when both are at least `min_dim_size_to_factor` long, else None (optax's
   rule, with its argsort for ties), among the axes not in `blocks`.
 
-  Block axes (layers, experts) are never factored: T5X's factor rules make them BATCH axes, so each block keeps its
-  own row and column statistics. Were they candidates, 256 experts of [128, 512] would be factored over experts x
+  `blocks` are the axes T5X's factor rules never factor (unfactored_axes). Block axes (layers, experts) are BATCH
+  axes there, so each block keeps its own row and column statistics. Were they candidates, 256 experts of [128, 512] would be factored over experts x
   mlp, every expert sharing one column statistic, where each expert alone is factored over embed x mlp."""
   axes = [i for i in range(len(shape)) if i not in blocks]
   if len(axes) < 2:
@@ -93,7 +93,8 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
       without = lambda axis: jnp.zeros(param.shape[:axis] + param.shape[axis + 1:], param.dtype)
       return _Leaf(None, without(d0), without(d1), one)
 
-    return _state(jnp.zeros([], jnp.int32), jax.tree.map(init_leaf, params, _block_axes(params)))
+    unfactored = _block_axes(params, UNFACTORED_AXIS_NAMES)
+    return _state(jnp.zeros([], jnp.int32), jax.tree.map(init_leaf, params, unfactored))
 
   def update_fn(grads, state, params=None):
     if params is None:
@@ -121,7 +122,8 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
       update = grad * jnp.expand_dims(row_factor, d0) * jnp.expand_dims(col_factor, d1)
       return _Leaf(update, new_v_row, new_v_col, v)
 
-    leaves = jax.tree.map(update_leaf, grads, state.v_row, state.v_col, state.v, params, _block_axes(params))
+    leaves = jax.tree.map(update_leaf, grads, state.v_row, state.v_col, state.v, params,
+                          _block_axes(params, UNFACTORED_AXIS_NAMES))
     return jax.tree.map(lambda o: o.update, leaves), _state(optax.safe_increment(state.count), leaves)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -130,6 +132,9 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
 # Logical axis names that are T5X factor-rule BATCH axes (t5x.adafactor.standard_logical_factor_rules, and 'expert' in
 # T5X's MoE configs): one RMS per index along them.
 BLOCK_AXIS_NAMES = frozenset({"layers", "stack", "expert"})
+# Names T5X's factor rules give FactorDim.NONE: never factored either (T5X factors only a ROW and a COLUMN axis), so
+# the router kernel ('embed', 'unmodeled') of a model with >= 128 experts keeps its whole second moment, as in T5X.
+UNFACTORED_AXIS_NAMES = frozenset({"unmodeled", "relpos_buckets"})
 _logical_axes: contextvars.ContextVar = contextvars.ContextVar("adafactor_logical_axes", default=None)
 
 
@@ -145,17 +150,22 @@ def logical_axes(tree: Any):
     _logical_axes.reset(token)
 
 
-def block_axes(names: tuple[str, ...] | None) -> tuple[int, ...]:
-  """The positions of BLOCK_AXIS_NAMES in one parameter's logical axis names."""
-  return tuple(i for i, n in enumerate(tuple(names or ())) if n in BLOCK_AXIS_NAMES)
+def block_axes(names: tuple[str, ...] | None, also: frozenset[str] = frozenset()) -> tuple[int, ...]:
+  """The positions of BLOCK_AXIS_NAMES (and of the names in `also`) in one parameter's logical axis names."""
+  return tuple(i for i, n in enumerate(tuple(names or ())) if n in BLOCK_AXIS_NAMES or n in also)
 
 
-def _block_axes(params: Any) -> Any:
+def unfactored_axes(names: tuple[str, ...] | None) -> tuple[int, ...]:
+  """The axes of one parameter that its factored second moment never factors: block and FactorDim.NONE axes."""
+  return block_axes(names, UNFACTORED_AXIS_NAMES)
+
+
+def _block_axes(params: Any, also: frozenset[str] = frozenset()) -> Any:
   """Per parameter, its block axes (a tuple, () for none), from the logical names in `logical_axes`."""
   names_tree = _logical_axes.get()
   if names_tree is None:
     return jax.tree.map(lambda p: (), params)
-  return jax.tree.map(lambda names, p: block_axes(names), names_tree, params,
+  return jax.tree.map(lambda names, p: block_axes(names, also), names_tree, params,
                       is_leaf=lambda x: x is None or isinstance(x, tuple))
 
 

@@ -103,7 +103,7 @@ def optimizer_state_layout(abstract_opt: Any, abstract_params: Any, partitioner:
   """
   by_path = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
-    blocks = adafactor.block_axes(_leaf_at(logical, path)) if logical is not None else ()
+    blocks = adafactor.unfactored_axes(_leaf_at(logical, path)) if logical is not None else ()
     by_path[tuple(k.key for k in path)] = (leaf.shape, tuple(leaf.sharding.spec) + (None,) * len(leaf.shape), blocks)
 
   def leaf_sharding(path, leaf):

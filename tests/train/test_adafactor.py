@@ -166,6 +166,22 @@ def test_more_experts_than_rows_are_never_factored_over():
     np.testing.assert_allclose(together["w"][e], alone["w"], rtol=1e-5, atol=1e-7, err_msg=f"expert {e}")
 
 
+def test_factor_rule_none_axes_are_never_factored():
+  """T5X factors only a ROW and a COLUMN axis: the router kernel ('embed', 'unmodeled') of a model with >= 128 experts
+  and a relative-position table this large keep their whole second moment (optax's size rule factored them)."""
+  tx = adafactor.adafactor(0.01)
+  params = {"router": jnp.ones((768, 128)), "relpos": jnp.ones((128, 128)), "wi": jnp.ones((768, 2048))}
+  names = {"router": ("embed", "unmodeled"), "relpos": ("heads", "relpos_buckets"), "wi": ("embed", "mlp")}
+  with adafactor.logical_axes(names):
+    state = tx.init(params)
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  stats = state[0]
+  for name in ("router", "relpos"):
+    assert stats.v[name].shape == params[name].shape and stats.v_row[name].shape == (1,), name
+  assert stats.v_row["wi"].shape == (768,) and stats.v["wi"].shape == (1,)
+  assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+
+
 def test_a_state_initialised_without_the_names_is_refused():
   """Initialised without the logical names the expert axis counts as a factoring axis; updated with them the
   statistics no longer fit (the [1] placeholder of an unfactored parameter would even broadcast silently)."""
