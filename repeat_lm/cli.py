@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -683,6 +684,21 @@ def strict_json(value: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from repeat_lm.train import distributed
+  try:
+    code = _main(argv)
+  except Exception:  # pylint: disable=broad-except  # reported as Python would, then the exit below
+    if not distributed.initialized():
+      raise
+    traceback.print_exc()
+    code = 1
+  # One of several processes that failed exits now: waiting for the others to shut down, it hid its failure from the
+  # launcher for minutes while they waited for it in a collective.
+  distributed.exit_if_failed(code)
+  return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
   from repeat_lm import runtime
   if argv is None:  # a command line, not a call from Python: may re-execute with the host allocator settings
     runtime.configure_host_allocator()

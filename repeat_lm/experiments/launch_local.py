@@ -15,7 +15,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
+
+
+# Seconds the other processes get to exit on SIGTERM once one has failed, before they are killed. Their trainers take
+# SIGTERM as "checkpoint at the next step", but every step and checkpoint is a collective with the failed process:
+# they only wait in it, until jax's heartbeat timeout (100 s) ends them.
+PEER_GRACE_S = 10.0
 
 
 def free_port() -> int:
@@ -47,8 +54,8 @@ def _pump(stream, prefix: str, sink) -> None:
 def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1, port: int | None = None) -> int:
   """Run `repeat-lm <argv>` as `num_processes` processes; returns 0, or the first failing process's exit code.
 
-  Output is interleaved line by line, prefixed with `[p<i>] `. If one process fails the others are terminated, so a
-  crash never leaves its peers waiting forever in a collective.
+  Output is interleaved line by line, prefixed with `[p<i>] `. If one process fails the others are terminated (killed
+  if still there after PEER_GRACE_S), so a crash never leaves its peers waiting in a collective.
   """
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError(f"num_processes ({num_processes}) and devices_per_process ({devices_per_process}) must be >= 1.")
@@ -74,7 +81,12 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
       procs.append(p)
       pumps.append(t)
     pending = list(procs)
+    kill_at = None
     while pending:
+      if kill_at is not None and time.monotonic() >= kill_at:
+        for other in pending:
+          other.kill()
+        kill_at = None
       for p in list(pending):
         try:
           code = p.wait(timeout=0.5)
@@ -85,6 +97,7 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
           rc = code
           for other in pending:  # its peers would block in the next collective
             other.terminate()
+          kill_at = time.monotonic() + PEER_GRACE_S
   except KeyboardInterrupt:
     rc = 130
     for p in procs:

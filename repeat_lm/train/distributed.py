@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def _env_int(*names: str) -> int | None:
@@ -49,3 +50,27 @@ def maybe_initialize() -> None:
     jax.distributed.initialize()
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def initialized() -> bool:
+  """Whether this process is one of a multi-process job (jax.distributed is running)."""
+  if "jax" not in sys.modules:  # no command that starts it has run: nothing to import for the answer
+    return False
+  import jax
+  return jax.distributed.is_initialized()
+
+
+def exit_if_failed(code: int) -> None:
+  """End this process now with `code` if it failed (non-zero) as one process of a multi-process job.
+
+  Exiting normally, jax waits in a shutdown barrier for every other process (jax.distributed's
+  shutdown_timeout_seconds, 5 minutes). A process that failed alone (a host's unreadable data, a full disk) waited
+  there while its peers waited for it in their next collective: for 5 minutes nobody saw the failure, neither
+  launch-local nor `srun --kill-on-bad-exit`, whose whole point is to stop the others when one fails.
+  """
+  if not code or not initialized():
+    return
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -101,3 +102,30 @@ def test_two_processes_match_one_process(tmp_path, fresh_gin):
       if key in b:
         assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a["step"])
   assert (multi / "checkpoints" / "3").is_dir()
+
+
+def test_a_failure_kills_peers_that_outlast_sigterm(monkeypatch, tmp_path):
+  # A trainer takes SIGTERM as "checkpoint at the next step", but with a peer gone every step and checkpoint is a
+  # collective that never completes: terminated only, it lived on until jax's heartbeat timeout (100 s).
+  ready = tmp_path / "ready"
+  stubborn = ("import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              "pathlib.Path(sys.argv[1]).touch(); time.sleep(20)")
+  started = []
+  real_popen = launch_local.subprocess.Popen
+
+  def stand_in(cmd, **kwargs):
+    del cmd
+    if not started:  # process 0 ignores SIGTERM (ready before process 1 fails); process 1 fails at once
+      p = real_popen([sys.executable, "-c", stubborn, str(ready)], **kwargs)
+      while not ready.exists() and p.poll() is None:
+        time.sleep(0.01)
+    else:
+      p = real_popen([sys.executable, "-c", "import sys; sys.exit(3)"], **kwargs)
+    started.append(p)
+    return p
+
+  monkeypatch.setattr(launch_local.subprocess, "Popen", stand_in)
+  monkeypatch.setattr(launch_local, "PEER_GRACE_S", 0.5, raising=False)
+  start = time.monotonic()
+  assert launch_local.launch(["train"], num_processes=2) == 3
+  assert time.monotonic() - start < 10 and started[0].returncode == -signal.SIGKILL

@@ -65,3 +65,27 @@ def test_launcher_variables_leave_every_gpu_of_an_srun_task_visible(env):
   distributed.maybe_initialize()
   assert calls == [{"coordinator_address": "node1:12355", "num_processes": 2, "process_id": 1,
                     "cluster_detection_method": "deactivate"}]
+
+
+class _Exited(Exception):
+  pass
+
+
+def test_a_failed_process_of_a_multiprocess_job_exits_at_once(env, tmp_path):
+  # A normal exit waits in jax.distributed's shutdown barrier (5 minutes) for the other processes, which wait for
+  # this one in their next collective: a failure on one host was seen by no launcher for 5 minutes.
+  import jax
+  from repeat_lm import cli
+  exits = []
+
+  def fake_exit(code):
+    exits.append(code)
+    raise _Exited
+
+  env.setattr(jax.distributed, "is_initialized", lambda: True)
+  env.setattr(distributed.os, "_exit", fake_exit)
+  with pytest.raises(_Exited):
+    cli.main(["train", f"--gin_file={tmp_path / 'missing.gin'}"])
+  assert exits == [2]
+  distributed.exit_if_failed(0)  # success: the normal exit, which lets every process shut down together
+  assert exits == [2]
