@@ -121,7 +121,11 @@ class Checkpointer:
       stored = {k: v for k, v in stored.items() if k.startswith(only)}
     mismatch = stored_state_mismatch(stored, target)
     if mismatch is not None:
-      raise CheckpointError(self._mismatch_message(step, mismatch))
+      # Parameters that match under an optimizer state that does not: no model setting to restore, and the advice to
+      # use the checkpoint's config.gin is wrong where that is the configuration (a state layout of an earlier version).
+      params_match = (not only and isinstance(target, dict) and "params" in target and stored_state_mismatch(
+          {k: v for k, v in stored.items() if k.startswith("params/")}, {"params": target["params"]}) is None)
+      raise CheckpointError(self._mismatch_message(step, mismatch, params_match))
     return step, stored
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
@@ -150,10 +154,17 @@ class Checkpointer:
       raise CheckpointError(f"No checkpoint of step {step} under {self.directory}; it holds steps {self.all_steps()} "
                             "(CHECKPOINT_STEP picks one of them; None: the latest).")
 
-  def _mismatch_message(self, step: int, detail: str) -> str:
-    return (f"Checkpoint {self.directory / str(step)} holds a different model or optimizer state than the one "
-            f"configured ({detail}). It was left untouched. Use the configuration it was written with "
-            f"({self.directory.parent / 'config.gin'}), or point MODEL_DIR at a fresh directory.")
+  def _mismatch_message(self, step: int, detail: str, params_match: bool = False) -> str:
+    head = (f"Checkpoint {self.directory / str(step)} holds a different model or optimizer state than the one "
+            f"configured ({detail}). It was left untouched. ")
+    if params_match:
+      return head + (
+          "Its parameters fit the configured model: only the optimizer state differs (another optimizer, or the "
+          "layout of an earlier repeat_lm: Adafactor no longer factors a block axis or a >= 128-expert router). "
+          "Evaluation, inference and export read it as it is; to train on from its parameters with a fresh optimizer "
+          f"state (from step 0), set INITIAL_CHECKPOINT_PATH = '{self.directory.parent}' with a new MODEL_DIR.")
+    return head + (f"Use the configuration it was written with ({self.directory.parent / 'config.gin'}), or point "
+                   "MODEL_DIR at a fresh directory.")
 
   def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
     """Only the parameters (for evaluation, export or initialisation): any optimizer's checkpoint will do."""

@@ -90,6 +90,23 @@ def test_another_model_is_named_leaf_by_leaf_not_called_corrupt(tmp_path, params
   ck.close()
 
 
+def test_an_optimizer_state_of_another_layout_is_not_blamed_on_the_configuration(tmp_path):
+  # A >= 128-expert Switch run saved before Adafactor stopped factoring its router: the same configuration gives
+  # another optimizer state, so "use the configuration it was written with" pointed at the one already in use.
+  state = dict(_state(), opt_state={"v_row": jnp.zeros(8), "v": jnp.zeros(1)})
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck.save(1, state, {"step": 1})
+  ck.close()
+  ck = checkpoint.Checkpointer(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match="only the optimizer state differs") as e:
+    ck.restore(checkpoint.abstract_like(dict(state, opt_state={"v_row": jnp.zeros(1), "v": jnp.zeros((8, 8))})))
+  assert f"INITIAL_CHECKPOINT_PATH = '{tmp_path}'" in str(e.value) and "Use the configuration" not in str(e.value)
+  with pytest.raises(checkpoint.CheckpointError, match="Use the configuration it was written with") as e:
+    ck.restore(checkpoint.abstract_like(dict(state, params={"w": jnp.zeros((4, 8))})))
+  assert "only the optimizer state" not in str(e.value)
+  ck.close()
+
+
 def test_params_of_a_smaller_model_are_not_read_from_a_larger_checkpoint(tmp_path):
   # `repeat-lm eval` restores only the parameters (a partial restore): a model configured with fewer layers than
   # the checkpoint's must be refused, not evaluated on the subset of the parameters it names.
