@@ -39,8 +39,9 @@ def factored_dims(shape: tuple[int, ...], min_dim_size_to_factor: int,
   rule, with its argsort for ties), among the axes not in `blocks`.
 
   `blocks` are the axes T5X's factor rules never factor (unfactored_axes). Block axes (layers, experts) are BATCH
-  axes there, so each block keeps its own row and column statistics. Were they candidates, 256 experts of [128, 512] would be factored over experts x
-  mlp, every expert sharing one column statistic, where each expert alone is factored over embed x mlp."""
+  axes there, so each block keeps its own row and column statistics. Were they candidates, 256 experts of
+  [128, 512] would be factored over experts x mlp, every expert sharing one column statistic, where each expert
+  alone is factored over embed x mlp."""
   axes = [i for i in range(len(shape)) if i not in blocks]
   if len(axes) < 2:
     return None
