@@ -30,7 +30,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
     --profile_variant="unrolled, remat none, cudnn attention, batch 128" "$@"
 fi
 python3 -m repeat_lm.cli bench accelerator --out="$out/performance_accelerator.md" \
-  --time_budget_s="${BUDGET_S:-360}" "$@" 2>&1 | tee "$out/bench.log"
+  --time_budget_s="${BUDGET_S:-300}" "$@" 2>&1 | tee "$out/bench.log"
 bench_rc=$?
 cat "$out/performance_accelerator.md"
 report_rc=$?
