@@ -66,6 +66,15 @@ class MoeConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "expert_activations", tuple(self.expert_activations))
+    # Else a ZeroDivisionError (expert_mlp_dim 0: the experts' init) or a NoneType error (no activations) deep in init;
+    # min_expert_capacity 0 lets a small factor x S / E round to 0 slots: an IndexError in the gather dispatch.
+    sizes = {k: getattr(self, k) for k in ("num_experts", "expert_mlp_dim", "min_expert_capacity")}
+    bad_sizes = {k: v for k, v in sizes.items() if isinstance(v, bool) or int(v) != v or v < 1}
+    if bad_sizes:
+      raise ValueError(f"MoeConfig sizes must be whole numbers of at least 1: {bad_sizes}.")
+    check_activations("MoeConfig.expert_activations", self.expert_activations)
+    if not 0.0 <= self.jitter_noise < 1.0:  # U(1 - eps, 1 + eps) must stay positive, or it flips router inputs' sign
+      raise ValueError(f"MoeConfig.jitter_noise={self.jitter_noise} must lie in [0, 1) (Switch: 0.01, T5X: 0).")
     if self.dispatch not in DISPATCH_METHODS:
       raise ValueError(f"MoeConfig.dispatch={self.dispatch!r}; choose from {DISPATCH_METHODS}.")
     if not 1 <= self.num_selected_experts <= self.num_experts:
@@ -79,6 +88,14 @@ class MoeConfig:
     if self.train_capacity_factor <= 0 or self.eval_capacity_factor <= 0:
       raise ValueError(f"MoeConfig capacity factors must be positive, got train {self.train_capacity_factor}, "
                        f"eval {self.eval_capacity_factor}.")
+
+
+def check_activations(setting: str, names: Sequence[str]) -> None:
+  """At least one known activation name (MlpBlock's: several multiply), else ValueError naming `setting`."""
+  unknown = [n for n in names if n not in _ACTIVATIONS]
+  if not names or unknown:
+    raise ValueError(f"{setting}={tuple(names)!r}: give one or more of {sorted(_ACTIVATIONS)}, e.g. ('gelu', "
+                     "'linear') for gated GELU or ('relu',).")
 
 
 def sparse_layer_flags(num_layers: int, cfg: MoeConfig | None) -> tuple[bool, ...]:

@@ -109,6 +109,7 @@ class T5Config:
       moe_lib.sparse_layer_flags(n, self.moe)
     # gin passes lists as lists; keep the config hashable.
     object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+    moe_lib.check_activations("T5Config.mlp_activations", self.mlp_activations)  # else a NoneType error in init
     rates = {"dropout_rate": self.dropout_rate, "droppath_rate": self.droppath_rate,
              **{f"{p}_dropout_rate": self.dropout_rate_for(p) for p in DROPOUT_PLACES}}
     bad = {k: v for k, v in rates.items() if not 0.0 <= v < 1.0}

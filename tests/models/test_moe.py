@@ -269,6 +269,18 @@ def test_moe_config_rejects_empty_groups_and_capacity(kwargs, match):
     moe.MoeConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,match", [({"expert_mlp_dim": 0}, "expert_mlp_dim"),
+                                          ({"num_experts": 2.5, "num_selected_experts": 1}, "num_experts"),
+                                          ({"expert_activations": ()}, "expert_activations"),
+                                          ({"expert_activations": ("swish",)}, "expert_activations"),
+                                          ({"min_expert_capacity": 0}, "min_expert_capacity"),
+                                          ({"jitter_noise": 1.5}, "jitter_noise")])
+def test_moe_config_rejects_impossible_experts(kwargs, match):
+  """Each used to pass the config and fail (or, for jitter >= 1, flip router inputs' sign) only inside the model."""
+  with pytest.raises(ValueError, match=match):
+    moe.MoeConfig(**kwargs)
+
+
 def test_t5x_names_carry_flaxformer_definitions():
   """t5x.contrib.moe logs the sown leaves as experts/<name>; each must be flaxformer's statistic of that name."""
   summed = {name: jnp.asarray(float(i + 1)) for i, name in enumerate(moe.STAT_NAMES)}

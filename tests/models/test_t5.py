@@ -292,3 +292,10 @@ def test_model_gin_parses_and_sets_dimensions(gin_file, monkeypatch):
 def test_all_sizes_have_a_gin():
   assert {p.stem.removeprefix("t5_1_1_") for p in MODEL_GINS} == set(SIZES)
 
+
+
+@pytest.mark.parametrize("activations", [(), ("gelu", "swish")])
+def test_config_rejects_unusable_mlp_activations(activations):
+  """No activation (or an unknown one) used to pass the config; () failed in init with a NoneType AttributeError."""
+  with pytest.raises(ValueError, match="T5Config.mlp_activations"):
+    t5.T5Config(mlp_activations=activations)
