@@ -67,6 +67,13 @@ class DatasetConfig:
     if bad:
       raise ValueError(f"DatasetConfig.task_feature_lengths {bad}: every feature length must be a positive "
                        "integer (e.g. {'inputs': 512, 'targets': 114}).")
+    # Numpy integers are accepted above, but data_state copies these fields into the checkpoint's JSON metadata,
+    # which cannot hold them: the first save of a run would fail. Plain ints from here on.
+    object.__setattr__(self, 'batch_size', operator.index(self.batch_size))
+    object.__setattr__(self, 'task_feature_lengths',
+                       {k: operator.index(v) for k, v in dict(self.task_feature_lengths).items()})
+    if self.seed is not None:
+      object.__setattr__(self, 'seed', int(self.seed))  # as _seed reads it
 
 
 def _positive_int(value) -> bool:

@@ -1,6 +1,7 @@
 """Batches for the trainer: shapes, determinism, O(1) resume, host-count independence, finite streams, eval."""
 
 import itertools
+import json
 import math
 import subprocess
 import sys
@@ -279,6 +280,16 @@ def test_dataset_config_rejects_empty_batches_and_lengths(kwargs, match):
   with pytest.raises(ValueError, match=match):
     pipeline.DatasetConfig(**args)
   assert pipeline.DatasetConfig('any', {'inputs': np.int64(16), 'targets': 8}, batch_size=np.int32(2))
+
+
+def test_numpy_integers_in_the_config_reach_the_checkpoint_as_json(c4_d16):
+  # The config accepts numpy integers (above); the trainer's checkpoint metadata is JSON, which refused np.int32 at the
+  # first save of such a run.
+  cfg = pipeline.DatasetConfig(c4_d16, {'inputs': np.int64(64), 'targets': np.int32(14)}, batch_size=np.int32(8),
+                               seed=np.int64(1))
+  state = json.loads(json.dumps(pipeline.data_state(cfg, 3)))
+  assert state['batch_size'] == 8 and state['task_feature_lengths'] == SMALL and state['seed'] == 1
+  pipeline.check_resume(cfg, state)
 
 
 @pytest.mark.parametrize('objective', ['ul2', 'span_r0p5_mu3'])
