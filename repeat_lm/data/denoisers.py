@@ -219,10 +219,15 @@ def corrupt(tokens: np.ndarray, d: Denoiser, key: int, vocab_size: int,
 
 
 def measure(inputs: np.ndarray, targets: np.ndarray, d: Denoiser, vocab_size: int,
-            mode_length: int = 0) -> tuple[int, int, int]:
-  """(raw tokens, noise tokens, noise spans) read back from an example (EOS and padding allowed)."""
-  inputs = np.asarray(inputs)[mode_length:]
-  inputs, targets = inputs[inputs > 1], np.asarray(targets)[np.asarray(targets) > 1]  # drop padding and EOS
+            mode_length: int = 0, strip: bool = True) -> tuple[int, int, int]:
+  """(raw tokens, noise tokens, noise spans) read back from an example.
+
+  strip: drop T5's padding (0) and EOS (1) first, as in a model row; False for an example as `corrupt` makes it (no
+  EOS, no padding), whose vocabulary may use ids 0 and 1 for text (SentencePiece's own default has unk 0 or 1).
+  """
+  inputs, targets = np.asarray(inputs)[mode_length:], np.asarray(targets)
+  if strip:
+    inputs, targets = inputs[inputs > 1], targets[targets > 1]
   if d.prefix_lm:
     return len(inputs) + len(targets), len(targets), int(len(targets) > 0)
   spans, expected = 0, vocab_size - 1

@@ -39,10 +39,13 @@ def _stream(task: str, split: str, lengths: Mapping[str, int], seed: int) -> pla
 
 def task_stats(task: str, split: str = 'train', max_examples: int | None = None,
                feature_lengths: Mapping[str, int] = DEFAULT_LENGTHS, seed: int = 0) -> dict[str, Any]:
-  """One JSON-able dict; see docs/data.md for every key. Unbounded streams are measured over one epoch."""
+  """One JSON-able dict; see docs/data.md for every key. Unbounded streams: one epoch unless max_examples."""
   stream = _stream(task, split, feature_lengths, seed)
-  total = stream.total_examples if stream.total_examples is not None else stream.examples_per_epoch
-  n = total if max_examples is None else min(total, max_examples)
+  total = stream.total_examples
+  if max_examples is None:  # all of a bounded stream; one epoch of an unbounded one
+    n = total if total is not None else stream.examples_per_epoch
+  else:  # an unbounded stream has as many as asked for (capping at one epoch measured fewer than asked, silently)
+    n = max_examples if total is None else min(total, max_examples)
   store, objective, vocab_size = stream.store, stream.objective, stream.vocab_size
   covered = np.zeros(store.num_documents, np.int64)
   seen = np.zeros(store.num_tokens, bool) if store.num_tokens <= _MAX_BITMAP_TOKENS else None
@@ -52,7 +55,10 @@ def task_stats(task: str, split: str = 'train', max_examples: int | None = None,
   for g in range(n):
     ex = stream.example(g)
     d = objective.denoisers[ex.denoiser]
-    raw, noise, spans = den_lib.measure(ex.inputs, ex.targets, d, vocab_size, len(stream.mode_ids[ex.denoiser]))
+    # Nothing to strip (examples carry no EOS or padding): stripping ids 0 and 1 dropped the text tokens of
+    # vocabularies whose unk is 0 (SentencePiece's default) or 1, which shortened the measured spans.
+    raw, noise, spans = den_lib.measure(ex.inputs, ex.targets, d, vocab_size, len(stream.mode_ids[ex.denoiser]),
+                                        strip=False)
     per[ex.denoiser] += (1, raw, noise, spans, len(ex.inputs) + 1)
     input_tokens += len(ex.inputs) + 1  # + EOS, as in the batch
     target_tokens += len(ex.targets) + 1

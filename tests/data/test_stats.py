@@ -1,11 +1,16 @@
 """`repeat-lm data stats|show` and `repeat-lm bench data`: what a person runs to inspect a task."""
 
 import json
+import random
 
 import pytest
+import seqio
+import sentencepiece as spm
 
 from repeat_lm import cli
-from repeat_lm.data import denoisers, stats
+from repeat_lm.data import denoisers, stats, tasks
+
+from conftest import write_jsonl  # pylint: disable=wrong-import-order
 
 KEYS = {'examples', 'input_tokens', 'target_tokens', 'unique_source_tokens', 'epochs', 'noise_density',
         'mean_noise_span_length', 'doc_repeats_min', 'doc_repeats_max'}
@@ -35,7 +40,6 @@ def test_stats_of_a_task_with_a_limit_and_the_validation_split(capsys, c4_d16):
 
 
 def test_stats_of_ul2(c4_path, t5_vocab_file):
-  from repeat_lm.data import tasks  # pylint: disable=import-outside-toplevel
   name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, objective='ul2', unique_tokens=2**14,
                              epochs=2)
   s = stats.task_stats(name, feature_lengths={'inputs': 512, 'targets': 512})
@@ -87,3 +91,31 @@ def test_bench_data_rejects_bad_settings(kwargs, match):
 def test_corpus_flags_with_a_task_are_an_error_not_ignored(capsys, c4_d16):
   assert cli.main(['data', 'stats', f'--task={c4_d16}', '--unique_tokens=1024', '--epochs=2']) == 2
   assert '--unique_tokens, --epochs describe a --corpus task' in capsys.readouterr().err
+
+
+def test_max_examples_of_an_unbounded_task_are_all_measured(c4_path, t5_vocab_file):
+  # They were capped at one epoch (8 examples here) without a word: 'examples: 8' for --max_examples=20.
+  name = tasks.repeated_task(corpus=c4_path, vocabulary=t5_vocab_file, unique_tokens=2**12)
+  s = stats.task_stats(name, max_examples=20)
+  assert s['task_epochs'] is None and s['examples_per_epoch'] == 8
+  assert (s['examples'], s['epochs_touched']) == (20, 3) and s['epochs'] > 2
+  assert stats.task_stats(name)['examples'] == 8  # without a limit: one epoch
+
+
+def test_noise_is_measured_with_a_vocabulary_whose_unk_is_1(c4_docs, c4_path, tmp_path):
+  # SentencePiece ids 0 and 1 can be text (unk 1 here, unk 0 by SentencePiece's default); measuring stripped them as
+  # padding and EOS, which the stream's examples do not carry: a quarter of the tokens gone, mean span 2.2 for mu 3.
+  model = tmp_path / 'unk1.model'
+  lines = [line for d in c4_docs[:40] for line in d.splitlines() if line]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(model.with_suffix('')), vocab_size=300,
+                                 pad_id=0, unk_id=1, eos_id=2, bos_id=-1, minloglevel=2)
+  rng = random.Random(0)
+  texts = [' '.join(rng.choice(['the', 'of', 'model', '你好', '数据']) for _ in range(400)) for _ in range(30)]
+  vocab = seqio.SentencePieceVocabulary(str(model), extra_ids=100)
+  name = tasks.repeated_task(corpus=write_jsonl(tmp_path / 'c.jsonl', texts), vocabulary=vocab, unique_tokens=2**13,
+                             epochs=1, name='test.stats_unk1')
+  assert (tasks.store(name, 'train').tokens == 1).mean() > 0.2
+  s = stats.task_stats(name)
+  # 85 noise tokens in 28 spans per full 568-token chunk (T5's rounding).
+  assert s['noise_density'] == pytest.approx(0.15, abs=0.002)
+  assert s['mean_noise_span_length'] == pytest.approx(3.0, abs=0.05)
