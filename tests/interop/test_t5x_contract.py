@@ -152,6 +152,10 @@ def test_documented_gin_drops_out_as_t5x_and_the_model_gins(doc, tmp_path, monke
   assert config.dropout_broadcast_length
   if doc == "t5x_example.gin":  # "repeat_lm's T5 v1.1 Base": the same network as gin/models/t5_1_1_base.gin
     assert config == gin_utils.configured_macro(["gin/models/t5_1_1_base.gin"], [], "MODEL").module.config
+  else:  # "Switch-Base-style": gin/models/switch_base_128.gin's network (tied logits included), whose load-balancing
+    # weight T5X replaces with its own AUX_LOSS_FACTOR.
+    switch = gin_utils.configured_macro(["gin/models/switch_base_128.gin"], [], "MODEL").module.config
+    assert config == dataclasses.replace(switch, moe=dataclasses.replace(switch.moe, load_balancing_loss_weight=0.0))
 
 
 @pytest.mark.parametrize("typo", [("emb_dim = 768", "emb_dimm = 768"), ("@t5.Transformer()", "@t5.Transformr()"),
