@@ -228,7 +228,10 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   lengths = pipeline.model_feature_lengths(cfg)
   source_tokens = pipeline.source_token_count(cfg.mixture_or_task_name, cfg.split)
   step_source_tokens = pipeline.source_tokens_per_step(cfg)  # None: count the ids the device saw instead
-  _check_available(cfg, total_steps)
+  if train_dataset_cfg.seed is not None:
+    # A UL2 layout, and so the batch count, depends on the seed: an unseeded run is checked once its seed is known (a
+    # resumed one would otherwise be refused for a batch count of the new draw, not of the stream it resumes on).
+    _check_available(cfg, total_steps)
   schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens)
   batch_spec = state_lib.batch_specs(lengths, cfg.batch_size)
   lay = state_lib.layout(model, tx, partitioner, batch_spec, random_seed)
@@ -242,13 +245,17 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     saved = restored_meta.get("data") or {}
     if train_dataset_cfg.seed is None and "seed" in saved:  # the seed drawn when the run started, not a new one
       cfg = dataclasses.replace(cfg, seed=saved["seed"])  # (None from checkpoints written before seeds were drawn)
-      _check_available(cfg, total_steps)  # a UL2 layout, and so the batch count, depends on the seed
-      # So do its chunks' lengths (static masks: their order) and steps per epoch: count this stream's, not the draw's.
+      # A UL2 layout's chunks' lengths (static masks: their order) and steps per epoch depend on the seed too: count
+      # this stream's, not the draw's.
       step_source_tokens = pipeline.source_tokens_per_step(cfg)
       schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens)
+    if train_dataset_cfg.seed is None:
+      _check_available(cfg, total_steps)
     pipeline.check_resume(cfg, saved)  # a changed data stream cannot resume exactly
     writer.truncate_after(int(restored_meta["step"]))
   else:
+    if train_dataset_cfg.seed is None:
+      _check_available(cfg, total_steps)
     writer.set_aside()
     state = state_lib.init_state(model, tx, lay, partitioner, batch_spec, random_seed)
     if initial_checkpoint_path:

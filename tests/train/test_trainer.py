@@ -118,6 +118,22 @@ def test_an_unseeded_run_counts_the_tokens_of_the_seed_it_resumes_on(tmp_path, m
   assert [r["train/tokens_seen"] for _, r in sorted(train_records(tmp_path).items())] == expected
 
 
+def test_an_unseeded_run_that_uses_all_its_seeds_batches_resumes(tmp_path, monkeypatch):
+  # UL2's batch count depends on the seed: 12 at seed 9, 10 at seed 3. A run drawn at 9 may train 12 steps; resumed
+  # with the new draw 3 it was refused ("holds 10 batches ... fewer than total_steps=12") before its seed 9 was read.
+  name = "repeat_lm.wiki.wiki8k.ul2.dn1750.en2"
+  counts = {s: pipeline.num_batches(pipeline.DatasetConfig(name, LENGTHS, batch_size=8, seed=s)) for s in (9, 3)}
+  assert counts == {9: 12, 3: 10}
+  draws = iter([9, 3])
+  monkeypatch.setattr(trainer, "_draw_seed", lambda: next(draws))
+  unseeded = pipeline.DatasetConfig(name, LENGTHS, batch_size=8, seed=None)
+  monkeypatch.setattr(trainer._StopSignal, "agreed", lambda self: True)  # pylint: disable=protected-access
+  run(tmp_path, 12, train_cfg=unseeded)  # a SIGTERM at once: saved at step 1
+  run(tmp_path, 12, train_cfg=unseeded)  # resumes on seed 9 (and stops at step 2)
+  meta = json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text())
+  assert meta["data"]["seed"] == 9 and sorted(losses(tmp_path)) == [1, 2]
+
+
 def test_several_hosts_take_process_0s_seed(monkeypatch):
   # Each host's own draw would order its stream differently: rows of a global batch repeated and missed.
   monkeypatch.setattr(jax, "process_count", lambda: 2)
