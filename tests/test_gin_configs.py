@@ -114,4 +114,7 @@ def test_readme_c4_gin_snippet_parses(tmp_path):
   snippet = tmp_path / "c4.gin"
   snippet.write_text(block)
   _parse("gin/models/t5_1_1_small.gin", "gin/runs/pretrain.gin", str(snippet))
-  assert "span_corruption_task" in repr(gin.query_parameter("%MIXTURE_OR_TASK_NAME"))
+  assert "repeated_task" in repr(gin.query_parameter("%MIXTURE_OR_TASK_NAME"))
+  # A budget and a validation corpus: the train files are streamed only as far as the subset needs (docs/data.md).
+  assert gin.query_parameter("tasks.repeated_task.unique_tokens") == 2**35
+  assert gin.query_parameter("tasks.repeated_task.validation").startswith("/data/c4/en/c4-validation")
