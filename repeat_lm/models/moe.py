@@ -58,7 +58,8 @@ class MoeConfig:
   group_size: int = 8192  # S, an upper bound: G is the smallest count >= tokens / group_size that fits the mesh
   jitter_noise: float = 0.0  # training only: router inputs scaled by U(1 - eps, 1 + eps) (Switch; T5X uses 0)
   batch_prioritized_routing: bool = False  # encoder only: in the decoder it would let later tokens outrank earlier
-  load_balancing_loss_weight: float = 0.01  # x mean over sparse layers of E x sum_e(fraction_e x mean_prob_e)
+  load_balancing_loss_weight: float = 0.01  # x mean over sparse layers of E x sum_e(fraction_e x mean_prob_e),
+  # per routing group
   router_z_loss_weight: float = 0.0  # x mean over sparse layers of mean(logsumexp(router logits)^2); ST-MoE 1e-4
   sparse_every: int = 2  # every k-th FFN of each stack is sparse (1 = all); layers per stack must divide by k
   sparse_first: bool = False  # False: the last FFN of each k (flaxformer's MIXED layout); True: the first
@@ -173,16 +174,22 @@ def route_tokens(logits_GxSxE: Array, valid_GxS: Array, *, num_selected: int, ca
   kept_GxSxK = valid_GxS[..., None] & (position_GxSxK < capacity)
   gate_GxSxK = jnp.where(kept_GxSxK, top_prob_GxSxK, 0.0)
 
-  # Statistics over the real tokens of all groups (so they do not depend on how tokens were grouped).
+  # Statistics over the real tokens of all groups, except the load-balancing loss: capacity binds per group, so
+  # (as Switch / flaxformer) it is E x sum_e(fraction_e x mean_prob_e) within each group, then averaged over groups
+  # (weighted by real tokens). Pooled over groups it reads 1 and has no gradient when each group sends all its
+  # tokens to a different expert, which drops half of them at capacity factor 1.
   valid_f = valid_GxS.astype(jnp.float32)
-  num_valid = jnp.maximum(jnp.sum(valid_f), 1.0)
-  routed_E = jnp.einsum("gske,gs->e", jax.nn.one_hot(expert_GxSxK, num_experts, dtype=jnp.float32), valid_f)
-  fraction_routed_E = routed_E / num_valid  # sums to K
-  mean_prob_E = jnp.einsum("gse,gs->e", probs_GxSxE, valid_f) / num_valid
+  valid_G = jnp.sum(valid_f, axis=1)
+  num_valid = jnp.maximum(jnp.sum(valid_G), 1.0)
+  routed_GxE = jnp.einsum("gske,gs->ge", jax.nn.one_hot(expert_GxSxK, num_experts, dtype=jnp.float32), valid_f)
+  prob_sum_GxE = jnp.einsum("gse,gs->ge", probs_GxSxE, valid_f)
+  # Per group: E x sum_e(routed_e / n x prob_sum_e / n) (fractions sum to K); weighted by n / num_valid.
+  balance_G = num_experts * jnp.sum(routed_GxE * prob_sum_GxE, axis=1) / jnp.maximum(valid_G, 1.0)
+  routed_E = jnp.sum(routed_GxE, axis=0)
   log_z_GxS = jax.nn.logsumexp(logits_GxSxE, axis=-1)
   usage_E = routed_E * num_experts / (k * num_valid)  # 1 = perfectly balanced
   stats = {
-      "load_balancing_loss": num_experts * jnp.sum(fraction_routed_E * mean_prob_E),
+      "load_balancing_loss": jnp.sum(balance_G) / num_valid,
       "router_z_loss": jnp.sum(jnp.square(log_z_GxS) * valid_f) / num_valid,
       "fraction_dropped": 1.0 - jnp.sum(kept_GxSxK.astype(jnp.float32)) / (k * num_valid),
       # flaxformer's two (what T5X logs as fraction_tokens_left_behind / router_confidence): the share of tokens no

@@ -68,6 +68,26 @@ def test_load_balancing_and_z_loss_equal_their_formulas_by_hand():
   np.testing.assert_array_equal(r.kept_GxSxK[0, :, 0], [True, True, True, True, False])
 
 
+def test_load_balancing_loss_is_per_group_as_capacity_is():
+  # Two groups of 4 tokens over 2 experts: group 0 sends every token to expert 0 (p = .9), group 1 to expert 1. Pooled
+  # over groups that looks balanced (1.0, no gradient) though capacity 2 drops half the tokens; per group (Switch,
+  # flaxformer) each group is fully imbalanced: 2 x (1 x .9 + 0 x .1) = 1.8.
+  logits = np.zeros((2, 4, 2), np.float32)
+  logits[0, :, 0] = logits[1, :, 1] = np.log(9.0)
+  route = lambda x: moe.route_tokens(x, jnp.ones((2, 4), bool), num_selected=1, capacity=2)  # noqa: E731
+  r = route(jnp.asarray(logits))
+  np.testing.assert_allclose(r.stats["fraction_dropped"], 0.5)
+  np.testing.assert_allclose(r.stats["load_balancing_loss"], 1.8, rtol=1e-6)
+  grad = jax.grad(lambda x: route(x).stats["load_balancing_loss"])(jnp.asarray(logits))
+  assert float(grad[0, 0, 0]) > 1e-3  # pushes group 0 away from expert 0
+  # Groups weigh by their real tokens: group 1's two real tokens pick one expert each (balanced: 1.0), so the loss is
+  # (4 x 1.8 + 2 x 1.0) / 6 (the unweighted mean would be 1.4, the pooled value 1.356).
+  logits[1, 0] = [np.log(9.0), 0.0]
+  valid = jnp.asarray([[True] * 4, [True, True, False, False]])
+  r = moe.route_tokens(jnp.asarray(logits), valid, num_selected=1, capacity=2)
+  np.testing.assert_allclose(r.stats["load_balancing_loss"], (4 * 1.8 + 2 * 1.0) / 6, rtol=1e-6)
+
+
 def test_capacity_overflow_drops_exactly_the_later_tokens():
   # 6 tokens, 2 experts of capacity 2: tokens 0, 1, 2, 4 prefer expert 0, tokens 3, 5 expert 1.
   prefer = np.array([0, 0, 0, 1, 0, 1])
