@@ -1,9 +1,10 @@
 """Cross-entropy, label smoothing and z-loss against a direct NumPy computation on random logits."""
 
+import jax
 import numpy as np
 import pytest
 
-from repeat_lm.models import losses
+from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer, losses
 
 
 def numpy_reference(logits, targets, z_loss, ls):
@@ -57,3 +58,42 @@ def test_a_batch_without_target_tokens_divides_by_one():
   # An all-padding batch (a final partial batch's filler rows) has a zero loss sum; dividing by its 0 real tokens
   # would make the mean NaN.
   assert float(losses.loss_normalizer(np.zeros((2, 3)), "NUM_REAL_TARGET_TOKENS")) == 1.0
+
+
+@pytest.mark.parametrize("explicit_weights", [False, True])
+def test_metric_sums_count_only_the_weighted_target_tokens(explicit_weights):
+  # The trainer's and evaluation's loss and accuracy are these sums / weight_sum; the tests that compare logged
+  # metrics compute their expectations with the same sums, on batches whose weights were all 1 and whose random
+  # model predicted no target, so accuracy could count padding or nothing at all unseen there.
+  cfg = T5Config(vocab_size=64, dtype="float32", emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                 num_encoder_layers=1, num_decoder_layers=1)
+  model = EncoderDecoderModel(Transformer(cfg), z_loss=1e-3, label_smoothing=0.1)
+  rng = np.random.default_rng(0)
+  targets = rng.integers(2, 64, (3, 6)).astype(np.int32)
+  targets[0, 2:], targets[1, 4:] = 0, 0  # rows ending in padding
+  dec = rng.integers(2, 64, (3, 6)).astype(np.int32)
+  dec[:, 0], dec[targets == 0] = 0, 0
+  batch = {"encoder_input_tokens": rng.integers(2, 64, (3, 8)).astype(np.int32), "decoder_input_tokens": dec,
+           "decoder_target_tokens": targets}
+  weights = (targets > 0).astype(np.float64)
+  if explicit_weights:  # the feature converter's weights; here one real token is also left out of the loss
+    weights[2, 0] = 0.0
+    batch["decoder_loss_weights"] = weights.astype(np.int32)
+  params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
+  logits_fn = jax.jit(model.logits)
+  # Make every other real target the model's prediction (the decoder reads its inputs, not these ids): some tokens
+  # are right, the weighted-out one among them.
+  predicted = np.asarray(logits_fn(params, batch)).argmax(-1)
+  right = (targets > 0) & (predicted > 0) & (np.arange(6) % 2 == 0)
+  targets[right] = predicted[right]
+  logits = np.asarray(logits_fn(params, batch), np.float64)
+  correct = logits.argmax(-1) == targets
+  assert (correct * weights).sum() >= 3 and (not explicit_weights or correct[2, 0])
+  loss, sums = jax.jit(model.loss_and_metrics)(params, batch)
+  token_loss = numpy_reference(logits, targets, 1e-3, 0.1)
+  log_z = np.log(np.sum(np.exp(logits), -1))
+  np.testing.assert_allclose(sums["weight_sum"], weights.sum())
+  np.testing.assert_allclose(sums["loss_sum"], np.sum(token_loss * weights), rtol=1e-5)
+  np.testing.assert_allclose(sums["z_loss_sum"], np.sum(1e-3 * log_z**2 * weights), rtol=1e-5)
+  np.testing.assert_allclose(sums["correct_sum"], np.sum(correct * weights))
+  np.testing.assert_allclose(loss, np.sum(token_loss * weights) / weights.sum(), rtol=1e-5)

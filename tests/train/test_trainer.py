@@ -84,10 +84,26 @@ def test_writes_metrics_config_and_checkpoints(uninterrupted):
   assert 0 < first["train/text_tokens_per_s"] < first["train/tokens_per_s"]
 
 
-def test_resume_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
+def count_dispatches(monkeypatch) -> list:
+  """A list that grows by one each time a train step built from now on is dispatched."""
+  dispatched = []
+  real_make = state_lib.make_train_step
+
+  def counting_make(*args, **kwargs):
+    step_fn = real_make(*args, **kwargs)
+    return lambda state, batch: (dispatched.append(1), step_fn(state, batch))[1]
+
+  monkeypatch.setattr(state_lib, "make_train_step", counting_make)
+  return dispatched
+
+
+def test_resume_reproduces_uninterrupted_losses(uninterrupted, tmp_path, monkeypatch):
   d, _ = uninterrupted
   run(tmp_path, 3)
+  dispatched = count_dispatches(monkeypatch)
   run(tmp_path, 6)  # Resumes from the step-3 checkpoint, including the data position.
+  # A run that ignored the checkpoint and started over (same seed) would log the same six losses: only 4..6 may run.
+  assert len(dispatched) == 3
   assert losses(tmp_path) == losses(d)
 
 
@@ -141,12 +157,14 @@ def test_several_hosts_take_process_0s_seed(monkeypatch):
   assert trainer._draw_seed() == 1234  # pylint: disable=protected-access
 
 
-def test_resume_with_dropout_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
+def test_resume_with_dropout_reproduces_uninterrupted_losses(uninterrupted, tmp_path, monkeypatch):
   """Dropout at step s depends on (seed, s) only: a resumed run draws the masks the uninterrupted one drew."""
   model = tiny_model(dropout_rate=0.1)
   run(tmp_path / "whole", 6, model=model)
   run(tmp_path / "resumed", 3, model=model)
+  dispatched = count_dispatches(monkeypatch)
   run(tmp_path / "resumed", 6, model=model)
+  assert len(dispatched) == 3  # resumed at step 3, not started over
   assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
   assert losses(tmp_path / "whole") != losses(uninterrupted[0])  # dropout really was on
 
@@ -368,14 +386,7 @@ def test_metrics_read_late_equal_direct_stepping(uninterrupted, direct_sums, tmp
 def test_divergence_read_late_keeps_a_pre_divergence_checkpoint(uninterrupted, tmp_path, monkeypatch):
   # A NaN rate from the 5th update on: step 5's parameters are NaN. Its metrics are read only once step 6 (a
   # checkpoint step, run from those NaN parameters) is dispatched, so step 6 must not be saved either.
-  dispatched = []
-  real_make = state_lib.make_train_step
-
-  def counting_make(*args, **kwargs):
-    step_fn = real_make(*args, **kwargs)
-    return lambda state, batch: (dispatched.append(1), step_fn(state, batch))[1]
-
-  monkeypatch.setattr(state_lib, "make_train_step", counting_make)
+  dispatched = count_dispatches(monkeypatch)
   schedule = optim.make_schedule(warmup_steps=2)
   with pytest.raises(trainer.TrainingDivergedError, match=r"diverged at step 5\b.*last good checkpoint is step 3"):
     run(tmp_path, 6, learning_rate=lambda count: jnp.where(count >= 4, jnp.nan, schedule(count)))
@@ -388,7 +399,9 @@ def test_divergence_read_late_keeps_a_pre_divergence_checkpoint(uninterrupted, t
   assert not prefetch_threads()
   # The kept checkpoint is the uninterrupted run's step 3: resuming from it with a good rate reproduces that run.
   d, _ = uninterrupted
+  dispatched = count_dispatches(monkeypatch)
   run(tmp_path, 6)
+  assert len(dispatched) == 3  # from the kept checkpoint: starting over would log the same losses
   assert losses(tmp_path) == losses(d)
 
 
