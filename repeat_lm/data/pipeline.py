@@ -59,6 +59,9 @@ class DatasetConfig:
     if not _positive_int(self.batch_size):
       raise ValueError(f"DatasetConfig.batch_size={self.batch_size!r}: the global batch must hold at least one "
                        "example.")
+    if not isinstance(self.task_feature_lengths, Mapping):  # a list ([512, 114]) failed in dict() with a TypeError
+      raise ValueError(f"DatasetConfig.task_feature_lengths={self.task_feature_lengths!r}: give a dict of lengths by "
+                       "feature, e.g. {'inputs': 512, 'targets': 114}.")
     missing = [k for k in ("inputs", "targets") if k not in dict(self.task_feature_lengths)]
     if missing:  # an encoder-decoder needs both
       raise ValueError(f"DatasetConfig.task_feature_lengths {dict(self.task_feature_lengths)} has no "

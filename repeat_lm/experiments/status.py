@@ -37,9 +37,11 @@ def read(run_dir: str | Path) -> dict[str, Any]:
   if not path.exists():
     return {"status": PENDING}
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError:  # a crash between write and rename cannot do this, an editor can
-    return {"status": PENDING, "error": f"unreadable {path}"}
+    record = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):  # a crash between write and rename cannot do this, an editor can
+    record = None
+  # Valid JSON that is no object ('[]', '"done"') failed every reader with an AttributeError traceback.
+  return record if isinstance(record, dict) else {"status": PENDING, "error": f"unreadable {path}"}
 
 
 def write(run_dir: str | Path, **updates: Any) -> dict[str, Any]:

@@ -391,6 +391,13 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
     # would take the export for the run.
     raise ValueError(f"{out_dir} is a repeat_lm MODEL_DIR (it holds checkpoints/ or config.gin): export to a "
                      "directory of its own, e.g. --out=MODEL_DIR/hf.")
+  inside = next((p for p in [out_dir.absolute(), *out_dir.absolute().parents]
+                 if p.name == "checkpoints" and (p.parent / "config.gin").exists()), None)
+  if inside is not None:
+    # A step directory is deleted with its checkpoint once training saves `keep` newer ones, the export with it.
+    raise ValueError(f"{out_dir} is inside the checkpoints of the MODEL_DIR {inside.parent}, which training manages "
+                     "(a step's directory is deleted with its checkpoint): export beside them, e.g. "
+                     f"--out={inside.parent / 'hf'}.")
   # Read before anything is written: a vocabulary that cannot be read leaves an earlier export as it was.
   spm_bytes = read_sentencepiece_model(sentencepiece_model) if sentencepiece_model is not None else None
   out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -50,6 +51,10 @@ class DecodeConfig:
       raise ValueError("max_decode_length and num_beams must be at least 1.")
     # Checked here too, so a bad setting fails before a checkpoint is loaded; only sampling uses the temperature.
     check_sampling(self.temperature if self.method == "sample" else 1.0, self.topk)
+    if self.method == "beam" and not math.isfinite(self.length_penalty_alpha):
+      # Every score NaN (or one flat score): beam search returned empty outputs without an error.
+      raise ValueError(f"length_penalty_alpha={self.length_penalty_alpha}: beam scores divide by ((5 + length) / 6) "
+                       "** alpha, so it must be finite (T5: 0.6; 0: no length penalty).")
 
 
 def check_sampling(temperature: float, topk: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,25 @@ class CheckpointConfig:
   async_save: bool = True
 
   def __post_init__(self):
-    if self.period < 1:
-      raise ValueError(f"CheckpointConfig.period={self.period}: save every N >= 1 steps (the last step and SIGTERM "
-                       "always save).")
-    if self.keep is not None and self.keep < 1:
+    if not whole_number(self.period) or self.period < 1:
+      raise ValueError(f"CheckpointConfig.period={self.period!r}: save every N >= 1 steps, a whole number (the last "
+                       "step and SIGTERM always save).")
+    if self.keep is not None and (not whole_number(self.keep) or self.keep < 1):
       raise ValueError(f"CheckpointConfig.keep={self.keep} would delete every checkpoint; keep N >= 1 (or None: "
                        "all).")
 
 
 class CheckpointError(RuntimeError):
   pass
+
+
+def whole_number(value: Any) -> bool:
+  """An int (not a bool, float or string): what gin must bind to a step or a count."""
+  try:
+    operator.index(value)
+  except TypeError:
+    return False
+  return not isinstance(value, bool)
 
 
 # What Orbax says when the configured state is not the one saved (another model or optimizer), not corrupt files:
@@ -112,6 +122,10 @@ class Checkpointer:
   def _checked_step(self, step: int | None, target: Any, only: str = "") -> tuple[int, dict | None]:
     """`step` (the latest if None) once it exists and its stored leaf shapes (those whose path starts with `only`)
     are `target`'s, with those shapes (None where the metadata cannot be read); else CheckpointError."""
+    if step is not None and not whole_number(step):
+      # A gin string ('20') or float (20.0) was reported as a missing step beside a list holding it, or as corrupt.
+      raise CheckpointError(f"Checkpoint step {step!r} is not a whole number: give one of the steps "
+                            f"{self.all_steps()} as an int (CHECKPOINT_STEP=20, no quotes), or None for the latest.")
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"No checkpoint found under {self.directory}.")
@@ -139,15 +153,21 @@ class Checkpointer:
       # state/_METADATA makes Orbax guess the tree: 'pytree structure error').
       if stored is not None and any(sign in str(e) for sign in _MISMATCH_SIGNS):
         raise CheckpointError(self._mismatch_message(step, str(e))) from e
-      older = step_before(self.all_steps(), step)
-      hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
-              f"{older}" if older is not None else "delete it or point MODEL_DIR at a fresh directory")
-      raise CheckpointError(
-          f"Checkpoint {self.directory / str(step)} could not be restored ({type(e).__name__}: {e}). It was left "
-          f"untouched. If it is corrupt, {hint}. If the model or optimizer configuration changed since it was "
-          "written, use the configuration it was written with (MODEL_DIR/config.gin).") from e
+      raise CheckpointError(self._unreadable_message(step, f"{type(e).__name__}: {e}")) from e
+    meta = restored["meta"]
+    if not isinstance(meta, dict) or "step" not in meta:  # valid JSON, but not what save wrote: KeyError in train
+      raise CheckpointError(self._unreadable_message(step, f"meta/metadata holds {str(meta)[:80]!r}, not a dict with "
+                                                           "'step'"))
     logging.info("Restored checkpoint %s", self.directory / str(step))
-    return restored["state"], dict(restored["meta"])
+    return restored["state"], dict(meta)
+
+  def _unreadable_message(self, step: int, detail: str) -> str:
+    older = step_before(self.all_steps(), step)
+    hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
+            f"{older}" if older is not None else "delete it or point MODEL_DIR at a fresh directory")
+    return (f"Checkpoint {self.directory / str(step)} could not be restored ({detail}). It was left untouched. If it "
+            f"is corrupt, {hint}. If the model or optimizer configuration changed since it was written, use the "
+            "configuration it was written with (MODEL_DIR/config.gin).")
 
   def _check_step_exists(self, step: int) -> None:
     if step not in self.all_steps():

@@ -181,13 +181,16 @@ def _dropout_schedule(spec, model: EncoderDecoderModel, cfg: pipeline.DatasetCon
 def _check_counts(settings: dict[str, tuple[int, int]]) -> None:
   """Each gin setting's (value, minimum): a clear error before anything is written, not a failure mid-run."""
   for name, (value, minimum) in settings.items():
-    if value < minimum:
-      raise ValueError(f"{name}={value}: must be >= {minimum}.")
+    # A string ('50') failed comparing with a TypeError traceback, a fraction (2.5) deep in the input pipeline.
+    if not ckpt_lib.whole_number(value) or value < minimum:
+      raise ValueError(f"{name}={value!r}: must be >= {minimum}, a whole number (no quotes).")
 
 
 def _check_model_dir(model_dir: str) -> None:
   """An empty MODEL_DIR (say --gin.MODEL_DIR="'$MODEL_DIR'" with the shell variable unset) is the current directory
   to Path: the run would write, or resume, checkpoints wherever the command was started."""
+  if not isinstance(model_dir, (str, os.PathLike)):  # an unquoted number (MODEL_DIR=20261130): a TypeError traceback
+    raise ValueError(f"MODEL_DIR={model_dir!r} is not a path: bind a string, e.g. --gin.MODEL_DIR=\"'/tmp/run'\".")
   if not str(model_dir).strip():
     raise ValueError("MODEL_DIR is empty: bind it to the run's directory, e.g. --gin.MODEL_DIR=\"'/tmp/run'\" (a shell "
                      "variable inside the quotes may be unset).")

@@ -274,7 +274,9 @@ def test_the_trainer_refuses_more_steps_than_a_finite_task_holds(c4_path, t5_voc
 @pytest.mark.parametrize('kwargs,match', [({'batch_size': 0}, 'batch_size=0: the global batch'),
                                           ({'task_feature_lengths': {'inputs': 0, 'targets': 8}},
                                            "task_feature_lengths {'inputs': 0}"),
-                                          ({'task_feature_lengths': {'inputs': 512}}, "has no 'targets': give both")])
+                                          ({'task_feature_lengths': {'inputs': 512}}, "has no 'targets': give both"),
+                                          # a list: a TypeError traceback from dict()
+                                          ({'task_feature_lengths': [512, 114]}, r"=\[512, 114\]: give a dict")])
 def test_dataset_config_rejects_empty_batches_and_lengths(kwargs, match):
   args = {'mixture_or_task_name': 'any', 'task_feature_lengths': {'inputs': 16, 'targets': 8}, **kwargs}
   with pytest.raises(ValueError, match=match):

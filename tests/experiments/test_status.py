@@ -52,6 +52,16 @@ def test_exit_zero_before_the_last_step_stays_pending(tmp_path):
   assert record["status"] == "pending" and "stopped at step 2" in record["error"]
 
 
+def test_a_status_file_that_is_no_json_object_reads_as_unreadable_not_a_traceback(tmp_path):
+  # '[]' or '"done"' (an editor's) failed collect and run-status with an AttributeError traceback; bytes that are not
+  # UTF-8 with a UnicodeDecodeError that named no file.
+  run = make_run(tmp_path, checkpoints=[3])
+  for content in (b"[]", b'"done"', b"\xff\xfe{}"):
+    (run / status.STATUS_FILE).write_bytes(content)
+    assert status.read(run) == {"status": "pending", "error": f"unreadable {run / status.STATUS_FILE}"}
+    assert status.exited(run, 0)["status"] == "finished"
+
+
 def test_failure_keeps_the_error(tmp_path):
   run = make_run(tmp_path, log="INFO start\nrepeat-lm: error: ValueError: Unknown source 'nosuch'\n")
   status.started(run)

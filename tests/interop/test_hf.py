@@ -159,6 +159,12 @@ def test_export_refuses_a_model_dir_and_an_unknown_dtype(tmp_path):
   with pytest.raises(ValueError, match="is a repeat_lm MODEL_DIR .*--out=MODEL_DIR/hf"):
     hf.export_hf(init_params(TINY), TINY, tmp_path / "run")
   assert not (tmp_path / "run" / "config.json").exists()
+  # Inside a MODEL_DIR's checkpoints/: a later save with `keep` deleted checkpoints/<step> and the export in it.
+  (tmp_path / "run" / "config.gin").write_text("")
+  for out in ("checkpoints", "checkpoints/20", "checkpoints/20/hf"):
+    with pytest.raises(ValueError, match="inside the checkpoints of the MODEL_DIR .*--out=.*run/hf"):
+      hf.export_hf(init_params(TINY), TINY, tmp_path / "run" / out)
+    assert not (tmp_path / "run" / out / "config.json").exists()
 
 
 def test_an_export_without_tokenizer_removes_an_earlier_exports_tokenizer(tmp_path):

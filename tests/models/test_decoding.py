@@ -148,3 +148,6 @@ def test_decode_config_is_checked():
   with pytest.raises(ValueError, match="topk=-1"):
     decoding.DecodeConfig(method="sample", topk=-1)
   assert decoding.DecodeConfig(method="greedy", temperature=0.0)  # unused by greedy decoding
+  # NaN: every beam's score NaN, and infer printed empty outputs with exit code 0.
+  with pytest.raises(ValueError, match="length_penalty_alpha=nan: .* must be finite"):
+    decoding.DecodeConfig(method="beam", length_penalty_alpha=float("nan"))

@@ -59,6 +59,14 @@ def test_sizes_below_one_or_not_whole_are_refused(field, value):
     T5Config(**{field: value})
 
 
+@pytest.mark.parametrize("rates", [{"dropout_rate": 1.5}, {"dropout_rate": "0.1"}, {"droppath_rate": None}])
+def test_dropout_rates_outside_zero_one_or_not_numbers_are_refused(rates):
+  # --gin.DROPOUT_RATE="'0.1'" ended `train` in a TypeError traceback ('<=' between float and str).
+  from repeat_lm.models import T5Config
+  with pytest.raises(ValueError, match=r"Dropout and DropPath rates must lie in \[0, 1\)"):
+    T5Config(**rates)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat61", "int32"])
 def test_a_dtype_that_is_not_a_float_is_refused_at_config_time(dtype):
   # --gin.t5.T5Config.dtype="'bfloat61'" used to pass the config and end in a bare TypeError when the model was built.

@@ -58,6 +58,34 @@ def test_corrupt_checkpoint_names_the_fix_and_is_kept(tmp_path):
   assert (tmp_path / "checkpoints" / "2").exists()
 
 
+@pytest.mark.parametrize("step", ["2", 2.0])
+def test_a_step_that_is_no_int_is_named_not_called_missing_or_corrupt(tmp_path, step):
+  # CHECKPOINT_STEP='2' said 'No checkpoint of step 2 ... it holds steps [1, 2]'; 2.0 blamed a corrupt checkpoint.
+  state = _state()
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck.save(1, state, {"step": 1})
+  ck.save(2, state, {"step": 2})
+  ck.wait()
+  with pytest.raises(checkpoint.CheckpointError, match=r"step .*2.* is not a whole number.*\[1, 2\] as an int"):
+    ck.restore_params(checkpoint.abstract_like(state)["params"], step=step)
+  ck.close()
+
+
+@pytest.mark.parametrize("meta", ["{}", "null"])
+def test_a_checkpoint_whose_metadata_is_not_the_saved_record_is_damaged_not_a_traceback(tmp_path, meta):
+  # Valid JSON of another shape in meta/metadata: a KeyError('step') or TypeError traceback from the trainer.
+  state = _state()
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck.save(1, state, {"step": 1})
+  ck.save(2, state, {"step": 2})
+  ck.close()
+  (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text(meta)
+  ck = checkpoint.Checkpointer(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2 could not be restored.*resume from step 1"):
+    ck.restore(checkpoint.abstract_like(state))
+  ck.close()
+
+
 def test_a_checkpoint_without_its_state_metadata_is_damaged_not_another_model(tmp_path):
   # An optimizer state holds tuples: without state/_METADATA Orbax guesses lists and reports a 'pytree structure
   # error', which must not be read as a configuration change (that message hides the step to resume from).
@@ -123,6 +151,7 @@ def test_params_of_a_smaller_model_are_not_read_from_a_larger_checkpoint(tmp_pat
 
 
 @pytest.mark.parametrize("kwargs,match", [({"period": 0}, "period=0: save every N >= 1"),
+                                          ({"period": "10"}, "period='10': save every N >= 1 steps, a whole number"),
                                           ({"keep": 0}, "keep=0 would delete every checkpoint")])
 def test_config_rejects_settings_that_never_save_or_keep_nothing(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -464,7 +464,10 @@ def test_evaluate_a_directory_without_checkpoints_creates_nothing(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [({"log_period": 0}, r"trainer.train.log_period=0: must be >= 1"),
                                           ({"eval_period": 0}, r"trainer.train.eval_period=0"),
                                           ({"eval_steps": 0}, r"trainer.train.eval_steps=0"),
-                                          ({"total_steps": -1}, r"TRAIN_STEPS \(trainer.train.total_steps\)=-1")])
+                                          ({"total_steps": -1}, r"TRAIN_STEPS \(trainer.train.total_steps\)=-1"),
+                                          # a TypeError traceback; islice's 'Stop argument' error after setup
+                                          ({"total_steps": "4"}, r"total_steps\)='4': must be >= 0, a whole number"),
+                                          ({"total_steps": 2.5}, r"total_steps\)=2.5: must be >= 0, a whole number")])
 def test_bad_counts_are_clear_errors_before_anything_is_written(tmp_path, kwargs, match):
   args = dict(model=tiny_model(), model_dir=str(tmp_path / "run"), train_dataset_cfg=TRAIN_CFG, total_steps=4)
   with pytest.raises(ValueError, match=match):
@@ -479,6 +482,8 @@ def test_an_empty_model_dir_is_an_error_not_the_current_directory(tmp_path, monk
     trainer.train(model=tiny_model(), model_dir="", train_dataset_cfg=TRAIN_CFG, total_steps=4)
   with pytest.raises(ValueError, match="MODEL_DIR is empty"):
     trainer.evaluate(model=tiny_model(), model_dir=" ", eval_dataset_cfg=TRAIN_CFG)
+  with pytest.raises(ValueError, match="MODEL_DIR=20261130 is not a path"):  # unquoted in gin: a TypeError traceback
+    trainer.train(model=tiny_model(), model_dir=20261130, train_dataset_cfg=TRAIN_CFG, total_steps=4)
   assert not list(tmp_path.iterdir())
 
 
