@@ -118,6 +118,13 @@ def test_sampling():
   greedy = _greedy(module)(params, inputs)[0]
   top1 = decoding.decode(module, params, inputs, decoding.DecodeConfig("sample", L, topk=1, seed=3))
   np.testing.assert_array_equal(top1, greedy)
+  # The temperature divides the logits: near 0 every draw is the most likely token (at 1 a random-init model's
+  # near-uniform distribution over 128 tokens is not), with every token still allowed.
+  for seed in (0, 1):
+    cold = decoding.decode(module, params, inputs, decoding.DecodeConfig("sample", L, temperature=1e-4, seed=seed))
+    np.testing.assert_array_equal(cold, greedy)
+  assert not np.array_equal(decoding.decode(module, params, inputs, decoding.DecodeConfig("sample", L, seed=0)),
+                            greedy)
   hot = [np.asarray(decoding.decode(module, params, inputs, decoding.DecodeConfig("sample", L, temperature=5.0,
                                                                                   topk=4, seed=s))) for s in (0, 1)]
   assert not np.array_equal(hot[0], hot[1])  # the seed matters

@@ -101,6 +101,14 @@ def test_capacity_overflow_drops_exactly_the_later_tokens():
   np.testing.assert_allclose(r.stats["fraction_dropped"], 2 / 6)
   np.testing.assert_array_equal(r.gate_GxSxK[0, [2, 4], 0], [0.0, 0.0])
 
+  # Padding takes no slot wherever it lies: a group spans rows, so one row's padding precedes the next row's tokens.
+  # Tokens 1 and 4 are expert 0's only real ones and both fit, though padding 0 and 2 chose it before them.
+  valid = jnp.asarray([[False, True, False, True, True, True]])
+  padded = moe.route_tokens(jnp.asarray(logits), valid, num_selected=1, capacity=2)
+  np.testing.assert_array_equal(padded.kept_GxSxK[0, :, 0], [False, True, False, True, True, True])
+  np.testing.assert_array_equal(padded.position_GxSxK[0, [1, 3, 4, 5], 0], [0, 0, 1, 1])
+  assert float(padded.stats["fraction_dropped"]) == 0.0
+
   # Batch-prioritised routing: the most confident tokens of expert 0 (4 and 2) win its slots instead.
   bpr = moe.route_tokens(jnp.asarray(logits), jnp.ones((1, 6), bool), num_selected=1, capacity=2,
                          batch_prioritized=True)

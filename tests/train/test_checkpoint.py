@@ -150,6 +150,23 @@ def test_params_of_a_smaller_model_are_not_read_from_a_larger_checkpoint(tmp_pat
   ck.close()
 
 
+def test_params_of_an_earlier_step_are_that_steps(tmp_path):
+  # `repeat-lm eval` with CHECKPOINT_STEP: the parameters must be the chosen step's, not the latest's in its place
+  # (every other restore here reads steps whose values are all the same).
+  state = _state()
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck.save(1, state, {"step": 1})
+  ck.save(2, dict(state, params={"w": state["params"]["w"] + 1.0}), {"step": 2})
+  ck.close()
+  ck = checkpoint.Checkpointer(tmp_path)
+  abstract = checkpoint.abstract_like(state["params"])
+  for step, offset in ((1, 0.0), (2, 1.0), (None, 1.0)):
+    params, restored_step = ck.restore_params(abstract, step=step)
+    assert restored_step == (step or 2)
+    np.testing.assert_array_equal(params["w"], state["params"]["w"] + offset)
+  ck.close()
+
+
 @pytest.mark.parametrize("kwargs,match", [({"period": 0}, "period=0: save every N >= 1"),
                                           ({"period": "10"}, "period='10': save every N >= 1 steps, a whole number"),
                                           ({"keep": 0}, "keep=0 would delete every checkpoint")])

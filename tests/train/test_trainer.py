@@ -431,6 +431,21 @@ def test_evaluate_checkpoint_reproduces_training_eval(uninterrupted):
   assert result["eval/accuracy"] == pytest.approx(last["eval/accuracy"], rel=1e-6)
 
 
+def test_evaluate_an_earlier_checkpoint_reproduces_its_training_eval(uninterrupted, tmp_path):
+  # CHECKPOINT_STEP: step 3's parameters, not the latest's under step 3's name (the two evaluations differ).
+  d, _ = uninterrupted
+  shutil.copytree(d / "checkpoints", tmp_path / "checkpoints")  # evaluate appends to metrics.jsonl: not the shared run
+  at_3 = next(r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+              if r["step"] == 3 and "eval/loss" in r)
+  result = trainer.evaluate(
+      model=tiny_model(), model_dir=str(tmp_path),
+      eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8, shuffle=False),
+      partitioner=partitioning.Partitioner(4, 2), eval_steps=1, checkpoint_step=3)
+  assert result["step"] == 3
+  assert result["eval/loss"] == pytest.approx(at_3["eval/loss"], rel=1e-6)
+  assert at_3["eval/loss"] != pytest.approx(uninterrupted[1]["eval/loss"], rel=1e-4)
+
+
 def test_unseeded_evaluation_rows_of_all_hosts_make_one_stream(monkeypatch):
   """An evaluation set with seed=None: each host drew its own seed (os.urandom in get_batches), so its rows came from
   another stream (masks, and a UL2 layout with its batch count); every host must use the one broadcast draw."""
