@@ -37,6 +37,13 @@ def test_best_rates_and_perfect_rank_agreement(tmp_path):
   assert (tmp_path / "report.md").exists() and (tmp_path / "proxy_final_vs_rate.png").exists()
 
 
+def test_by_loss_the_best_rate_is_the_lowest_loss(tmp_path):
+  # Final loss = 3 - accuracy here: the lowest loss is at 0.3 on both sides (2.37 and 2.33), the highest at 0.5.
+  out = proxy.analyze(_table({0.1: 0.65, 0.3: 0.67, 0.5: 0.64}), "moe_*", "dense_*", tmp_path, metric="eval/loss")
+  assert (out["moe_best_rate"], out["dense_best_rate"]) == (0.3, 0.3)
+  assert out["moe_by_rate"][0.3] == pytest.approx(2.37)
+
+
 def test_partial_rank_agreement(tmp_path):
   out = proxy.analyze(_table({0.1: 0.65, 0.3: 0.67, 0.5: 0.66}), "moe_*", "dense_*", tmp_path)
   # Ranks over (0.1, 0.3, 0.5): MoE (2, 3, 1), dense (1, 3, 2): d = (1, 0, -1), Spearman 1 - 6*2/(3*8) = 0.5;

@@ -20,6 +20,9 @@ def test_a_fit_pairs_the_final_loss_with_the_tokens_at_that_evaluation():
   np.testing.assert_array_equal(arrays["loss"], [2.9, 3.1])
   # The epoch cut reads the same D: 6.5 epochs at its evaluation, 9.8 at its last train record.
   assert [r.run for r in scaling.fit_data([stopped], max_epochs=7)[0]] == ["stopped"]
+  # ... and leaves out a run past the cut (6.5 epochs > 6), keeping one within it (5): without this, a cut that
+  # dropped nothing passed.
+  assert [r.run for r in scaling.fit_data([stopped, older], max_epochs=6)[0]] == ["older"]
   assert math.isnan(results.Run(run="x", status="", model_dir=None).final_eval_tokens)
 
 

@@ -44,6 +44,9 @@ def test_run_benchmark_reports_consistent_numbers():
   assert r["tokens_per_s"] == pytest.approx(8 * 40 / r["step_time_s"])
   per_seq = flops.train_flops_per_sequence(tiny().module.config, 32, 8)
   assert r["model_tflops_per_s"] == pytest.approx(8 * per_seq / r["step_time_s"] / 1e12)
+  # MFU = model FLOPs per step / (step time x peak FLOP/s) (reference.md section 6): `bench accelerator`'s table
+  # prints this field as it is.
+  assert r["mfu"] == pytest.approx(8 * per_seq / (r["step_time_s"] * r["peak_flops"]))
   assert r["step_time_min_s"] <= r["step_time_s"] <= r["step_time_max_s"]
   # A CPU result names its processor: the measured peak, and so the MFU, hold for that processor only.
   assert r["device"] == "8 x cpu" and r["host"] == bench.host_cpu()

@@ -191,3 +191,14 @@ def test_a_stream_ending_on_a_chunk_boundary_gives_no_empty_chunk():
                                       output_signature={'targets': tf.TensorSpec([None], tf.int32)})
   chunks = [c['targets'].numpy().tolist() for c in objectives.concat_and_chunk(ds, 4)]
   assert chunks == [[3, 4, 5, 6], [7, 10, 11, 12], [13, 14, 15, 16]]
+
+
+def test_noise_and_clean_spans_are_drawn_independently():
+  # Half noise, so both segmentations split 30 tokens into 10 parts; with one seed for both every noise span would
+  # be as long as the clean span before it.
+  same = []
+  for seed in range(10):
+    m = mask(60, (seed, 5), density=0.5, mu=3.0)
+    runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[-1], m.astype(int), [-1]]))))
+    same.append(np.array_equal(runs[0::2], runs[1::2]))
+  assert not any(same)

@@ -97,6 +97,16 @@ def test_masks_per_epoch_dynamic_or_static(static):
     assert same < 0.8
 
 
+def test_dynamic_masks_are_redrawn_even_when_the_text_stays_in_place():
+  # One document: every epoch's stream is the same text at the same offsets, so only the (seed, epoch, j) mask key
+  # can redraw the masks; keyed by (seed, j) alone, dynamic masks were the static ones here.
+  store = TokenStore(np.arange(3, 2003).astype(np.int32), np.array([0, 2000]), {'fingerprint': 'one document'})
+  s = stream(store)
+  r = s.examples_per_epoch
+  epochs = [dict(collections.ChainMap(*[noise_by_token(s, g) for g in range(e * r, (e + 1) * r)])) for e in (0, 1)]
+  assert sum(epochs[0][t] == epochs[1][t] for t in epochs[0]) / len(epochs[0]) < 0.8
+
+
 def test_unshuffled_is_source_order_and_one_pass():
   store = make_store()
   s = stream(store, shuffle=False, epochs=1)
@@ -145,6 +155,10 @@ def test_mixture_interleaves_exactly():
   a, b = stream(store, epochs=2), stream(store, seed=5, epochs=None)
   m = plan.MixtureStream([a, b], [0.25, 0.75], seed=0, block=64)
   assert m.quotas.tolist() == [16, 48]
+  # Largest remainder: 0.3 x 64 = 19.2 and 0.7 x 64 = 44.8 round to 19 and 45 (the spare row goes to the larger
+  # remainder); 64 / 3 = 21.33 each gives the one spare row to the first.
+  assert plan.MixtureStream([a, b], [0.3, 0.7], seed=0, block=64).quotas.tolist() == [19, 45]
+  assert plan.MixtureStream([a, b, a], [1, 1, 1], seed=0, block=64).quotas.tolist() == [22, 21, 21]
   seen = collections.defaultdict(list)
   for g in range(640):
     t, i = m.locate(g)

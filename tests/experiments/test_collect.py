@@ -58,8 +58,11 @@ def test_one_row_per_run_with_the_analysis_columns(sweep_root, tmp_path):
   assert (a["best_eval_accuracy"], a["best_step"], a["final_step"], a["tokens_seen"]) == (0.3, 2, 3, 480.0)
   assert a["unique_tokens"] == 640 and a["epochs"] == pytest.approx(0.75)  # measured: the task is unbounded
   assert a["params"] == a["params_per_token"] > 0
-  info = collect.model_summary(sweep_root / "a" / "run.gin")
-  assert a["flops_per_token"] == pytest.approx(info["flops_per_sequence"] * 8 * 3 / 480.0)
+  # Training FLOPs of the tiny T5 (d 32, 2 x 16 heads, gated d_ff 64, 2+2 layers, V 8192) at 32/8 tokens, by
+  # reference.md section 6: 3 x (2 x 786,432 encoder + 2 x 368,640 decoder + 4,194,304 logits) = 19,513,344 per
+  # sequence; 8 sequences x 3 steps over the 480 tokens seen. (Checked against collect's own model_summary, lengths
+  # read in the wrong order or the wrong key passed unnoticed.)
+  assert a["flops_per_token"] == pytest.approx(19_513_344 * 8 * 3 / 480.0)
   assert (a["squad_em"], a["squad_f1"], a["ft_squad_status"]) == (25.0, 40.0, "finished")
   assert b["error"] == "ValueError: bad" and b.get("final_eval_loss") is None and b["ft_squad_status"] == "pending"
   assert (a["DROPOUT_RATE"], b["DROPOUT_RATE"], a["model"]) == (0.0, 0.1, "t5_1_1_tiny")
@@ -132,6 +135,18 @@ def test_best_resolves_from_finished_runs_only(sweep_root):
   wrong_metric = sweep.Best(runs="[ab]", column="DROPOUT_RATE", metric="best_eval_acc")
   with pytest.raises(ValueError, match="no finished run of those has a metric 'best_eval_acc'; choose .*'best_eval_acc"):
     runner._resolve_best(wrong_metric, sweep_root, ["a", "b", "c"])  # noqa: SLF001
+
+
+def test_best_picks_the_best_run_in_the_direction_asked(sweep_root):
+  # Two finished runs: 'a' (DROPOUT_RATE 0.0) best accuracy 0.3, best loss 6.0; 'b' (0.1) 0.5 and 5.0. With one
+  # finished candidate, as above, any pick (the worst included) gave the same value.
+  write_metrics(sweep_root / "b", {1: (7.0, 0.2), 2: (5.0, 0.5), 3: (5.5, 0.4)})
+  status.write(sweep_root / "b", status="finished", error=None)
+  resolve = lambda **kw: runner._resolve_best(sweep.Best(runs="[ab]", column="DROPOUT_RATE", **kw),  # noqa: SLF001
+                                              sweep_root, ["a", "b", "c"])
+  assert resolve(metric="best_eval_accuracy") == (True, 0.1)
+  assert resolve(metric="best_eval_accuracy", mode="min") == (True, 0.0)
+  assert resolve(metric="best_eval_loss", mode="min") == (True, 0.1)
 
 
 def test_fine_tuning_scores_leave_out_the_moe_router_statistics():
