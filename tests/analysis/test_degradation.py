@@ -170,3 +170,39 @@ def test_a_curve_without_a_finite_value_has_no_best_step(tmp_path):
   run = results.Run(run="r", status="failed", model_dir=_write_curve(tmp_path / "r", ["nan", "nan"]))
   (row,), _ = degradation.run_rows([run], "eval/accuracy")
   assert math.isnan(row["best"]) and math.isnan(row["best_step"]) and math.isnan(row["best_tokens"])
+
+
+def test_a_row_from_the_table_has_a_gap_that_is_how_much_worse_the_final_value_is():
+  # Loss 2.5 -> 2.6 is 0.1 worse; accuracy 0.62 -> 0.60 is 0.02 worse: both gaps positive, in metric units.
+  run = results.Run(run="r", status="finished", model_dir=None, best_eval_loss=2.5, final_eval_loss=2.6,
+                    best_eval_accuracy=0.62, final_eval_accuracy=0.6, best_step=1000.0)
+  (loss_row,), _ = degradation.run_rows([run], "eval/loss")
+  (acc_row,), _ = degradation.run_rows([run], "eval/accuracy")
+  assert loss_row["gap"] == pytest.approx(0.1) and acc_row["gap"] == pytest.approx(0.02)
+
+
+def test_a_flat_curve_with_zero_tolerance_never_improved():
+  # "improved" means better than the first point by MORE than the tolerance: a tie at tolerance 0 is not.
+  assert not degradation.detect([2.0, 2.0, 2.0], higher_is_better=False, tolerance=0.0).improved
+
+
+def test_the_relative_tolerance_is_a_fraction_of_the_best_value_not_of_the_first():
+  # 0.5% of the best loss 2.0 is 0.01: 2.02 is already outside it, so degradation starts at index 2. (0.5% of the
+  # first value, 10.0, would be 0.05 and keep 2.02 and 2.05 within: no sustained degradation.)
+  o = degradation.detect([10.0, 2.0, 2.02, 2.05, 2.06], higher_is_better=False)
+  assert o.tolerance == pytest.approx(0.01) and o.onset_index == 2
+
+
+def test_best_tokens_are_the_tokens_seen_at_the_best_evaluation(tmp_path):
+  # Evaluations at steps 10, 20, 30 with 100 tokens a step: the best (0.6) is at step 20, i.e. 2000 tokens seen.
+  run = results.Run(run="r", status="done", model_dir=_write_curve(tmp_path / "r", [0.5, 0.6, 0.55]))
+  (row,), _ = degradation.run_rows([run], "eval/accuracy")
+  assert (row["best_step"], row["best_tokens"]) == (20.0, 2000.0)
+
+
+def test_the_report_names_the_run_with_the_largest_gap(tmp_path):
+  # `big` falls 0.6 -> 0.3 (gap 0.3); `small` 0.6 -> 0.55 (gap 0.05).
+  runs = [results.Run(run="small", status="done", model_dir=_write_curve(tmp_path / "small", [0.5, 0.6, 0.58, 0.55])),
+          results.Run(run="big", status="done", model_dir=_write_curve(tmp_path / "big", [0.5, 0.6, 0.4, 0.3]))]
+  degradation.analyze(runs, tmp_path / "out")
+  assert "Largest gap: `big` (0.3)." in (tmp_path / "out" / "report.md").read_text()

@@ -1,6 +1,7 @@
 """`repeat-lm collect`: one row per run with the columns docs/analysis.md requires, from status.json,
 metrics.jsonl and the run's gin; CSV for `repeat-lm analyze`, Parquet via pyarrow; sweep.Best from the rows."""
 
+import csv
 import io
 import json
 import math
@@ -180,3 +181,40 @@ def test_a_run_linked_or_moved_aside_is_no_second_row_of_its_name(sweep_root, tm
   (sweep_root / "a.old" / "status.json").write_text((sweep_root / "a" / "status.json").read_text())
   assert [p.name for p in collect.run_dirs(sweep_root)] == ["a", "a.old", "b", "c"]
   assert collect.row(sweep_root / "a.old")["run"] == "a.old"
+
+
+def test_a_task_named_by_its_total_tokens_has_epochs_total_over_unique():
+  # d27.t35: 2^27 unique tokens in a budget of 2^35 tokens seen, i.e. 2^8 epochs (docs/data.md: E = T/D).
+  assert collect.task_data("repeat_lm.c4.t5.span.d27.t35") == {"unique_tokens": 2 ** 27, "epochs": 2 ** 8}
+
+
+def test_fine_tuning_scores_are_the_last_evaluations_and_leave_out_the_z_loss():
+  records = [{"step": 20, "eval/squad_em": 30.0, "eval/z_loss": 1e-4}, {"step": 10, "eval/squad_em": 10.0}]
+  assert collect.downstream_scores(records) == {"squad_em": 30.0}
+
+
+def test_the_best_step_is_the_first_evaluation_reaching_the_best_accuracy():
+  records = [{"step": s, "eval/loss": 2.0, "eval/accuracy": a} for s, a in ((10, 0.5), (20, 0.6), (30, 0.6))]
+  summary = collect.metrics_summary(records)
+  assert (summary["best_eval_accuracy"], summary["best_step"]) == (0.6, 20)
+
+
+def test_run_directories_come_in_the_experiments_order_not_by_name(tmp_path):
+  for index, name in enumerate(["zeta", "alpha"]):
+    status.write(tmp_path / name, run=name, index=index)
+  assert [p.name for p in collect.run_dirs(tmp_path)] == ["zeta", "alpha"]
+
+
+def test_a_cut_line_in_the_middle_of_metrics_skips_only_that_line(tmp_path):
+  # A crash mid-write, then a restart appending: the records after the cut line are the run's too.
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+  assert [r["step"] for r in collect.read_metrics(tmp_path)] == [1, 3]
+
+
+def test_table_cells_of_mappings_are_json_and_bool_factors_stay_text(tmp_path):
+  collect.write_table([{"run": "a", "TASK_FEATURE_LENGTHS": {"targets": 114, "inputs": 512}}], tmp_path / "t.csv")
+  with (tmp_path / "t.csv").open() as f:
+    assert next(csv.DictReader(f))["TASK_FEATURE_LENGTHS"] == '{"inputs": 512, "targets": 114}'
+  pq = pytest.importorskip("pyarrow.parquet")
+  collect.write_table([{"run": "a", "SCAN_LAYERS": True}, {"run": "b", "SCAN_LAYERS": False}], tmp_path / "t.parquet")
+  assert pq.read_table(tmp_path / "t.parquet").column("SCAN_LAYERS").to_pylist() == ["True", "False"]

@@ -228,3 +228,21 @@ def test_docs_sweep_example_dry_runs(tmp_path):
   assert sorted(p.name for p in (tmp_path / "root").iterdir()) == sorted([
       "base_d27_e8", "base_d29_e6", "large_d27_e8", "large_d29_e6", "reg_none", "reg_dropout0.1", "reg_staged"])
   assert out["runs"] == 7
+
+
+def test_a_resolved_best_value_and_a_stages_own_bindings_reach_the_gins(tmp_path, fresh_gin):
+  """A sweep.Best that the finished runs resolved is written as their value, not as its default; a fine-tuning
+  stage's own bindings come after the model settings it inherits, so they win (as sweep.Finetune states)."""
+  exp = compose.load(tiny_experiment(
+      tmp_path / "exp.gin", "[{'name': 'a', 't5.T5Config.dropout_rate': 0.0}, "
+      "{'name': 'b', 'DROPOUT_RATE': @sweep.Best()}]",
+      "sweep.Best.runs = 'a'\nsweep.Best.column = 'DROPOUT_RATE'\nsweep.Best.default = 0.5\n"
+      "sweep.Grid.finetune = [@sweep.Finetune()]\nsweep.Finetune.name = 'ft'\n"
+      "sweep.Finetune.bindings = {'t5.T5Config.dropout_rate': 0.1}"))
+  a, b = exp.runs
+  text, values = compose.run_gin(exp, b, str(tmp_path / "b"), compose.varied_keys(exp.runs), {"DROPOUT_RATE": 0.3})
+  assert re.search(r"^DROPOUT_RATE = 0\.3$", text, re.M) and values["DROPOUT_RATE"] == 0.3
+  pretrain, _ = compose.run_gin(exp, a, str(tmp_path / "a"), compose.varied_keys(exp.runs))
+  assert re.search(r"^t5\.T5Config\.dropout_rate = 0\.0$", pretrain, re.M)
+  stage = compose.finetune_gin(exp, a, a.finetune[0], pretrain, str(tmp_path / "a" / "ft_ft"))
+  assert re.search(r"^t5\.T5Config\.dropout_rate = 0\.1$", stage, re.M)

@@ -10,7 +10,7 @@ import pytest
 from experiment_helpers import tiny_experiment, write_squad
 from repeat_lm import cli
 from repeat_lm.analysis import results
-from repeat_lm.experiments import runner, status
+from repeat_lm.experiments import runner, status, sweep
 
 
 @pytest.mark.slow
@@ -56,3 +56,21 @@ squad/sweep.Finetune.bindings = {{
   assert "nosuch" in rows["broken"]["error"] and rows["broken"]["final_eval_loss"] == ""
   [run] = [r for r in results.read_results(tmp_path / "results.csv") if r.run == "tiny"]
   assert results.load_curve(run, "eval/loss") is not None  # model_dir leads the analysis to the curves
+
+
+def test_a_best_by_loss_picks_the_lowest_loss(tmp_path):
+  # mode='min' (for a loss): dropout 0.1 reached loss 2.0, dropout 0.2 loss 3.0, so 0.1 is the best rate.
+  for name, rate, loss in (("a", 0.1, 2.0), ("b", 0.2, 3.0)):
+    status.write(tmp_path / name, status="finished", values={"DROPOUT_RATE": rate})
+    (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 3, "eval/loss": loss}) + "\n")
+  best = sweep.Best(runs="[ab]", column="DROPOUT_RATE", metric="final_eval_loss", mode="min")
+  assert runner._resolve_best(best, tmp_path, ["a", "b"]) == (True, 0.1)  # noqa: SLF001
+
+
+def test_progress_times_and_eta():
+  assert runner._fmt_time(3 * 3600 + 125) == "3:02:05" and runner._fmt_time(125) == "2:05"  # noqa: SLF001
+  assert runner._fmt_time(None) == "?"  # noqa: SLF001
+  progress = runner._Progress(io.StringIO(), total=4)  # noqa: SLF001
+  progress.durations = [100.0, 200.0]
+  # 30 s left of the current run, then 2 more runs of the mean 150 s each.
+  assert progress.eta(2, 30.0, 50.0) == 330.0

@@ -99,3 +99,53 @@ def test_a_best_that_could_never_resolve_is_an_error():
     sweep.expand_all([moe, itself])
   ok = sweep.Grid(axes={"DROPOUT_RATE": [sweep.Best(runs="moe_*", column="DROPOUT_RATE")]}, prefix="dense")
   assert [r.name for r in sweep.expand_all([moe, ok])] == ["moe_dropout0.1", "moe_dropout0.2", "dense_dropoutbest"]
+
+
+def test_common_trailing_tokens_are_dropped_from_string_labels():
+  # Both tasks end in '.v2': only the token that differs names them.
+  grid = sweep.Grid(axes={"MIXTURE_OR_TASK_NAME": ["c4.d27.v2", "c4.d35.v2"]})
+  assert names(grid) == ["d27", "d35"]
+
+
+def test_a_string_that_is_all_common_tokens_keeps_its_whole_name():
+  # 'c4.span' is a prefix of 'c4.span.e8': with the common tokens dropped it would be named '' (i.e. not at all).
+  assert sweep.label("MIXTURE_OR_TASK_NAME", "c4.span", ["c4.span", "c4.span.e8"]) == "c4_span"
+  assert sweep.label("MIXTURE_OR_TASK_NAME", "c4.span.e8", ["c4.span", "c4.span.e8"]) == "e8"
+
+
+def test_a_lone_model_names_itself_and_a_model_axis_sets_the_runs_model():
+  [run] = sweep.expand(sweep.Grid(arms=[{"model": "gin/models/t5_1_1_large.gin"}]))
+  assert run.name == "t5_1_1_large" and run.model == "gin/models/t5_1_1_large.gin"  # not "model_t5_1_1_large"
+  runs = sweep.expand(sweep.Grid(arms=[{"model": "gin/models/t5_1_1_base.gin"}],
+                                 axes={"model": ["gin/models/switch_tiny.gin", "gin/models/t5_tiny.gin"]}))
+  assert [r.model for r in runs] == ["gin/models/switch_tiny.gin", "gin/models/t5_tiny.gin"]
+
+
+def test_the_more_specific_binding_comes_last_so_it_wins_in_gin():
+  # Gin keeps the last binding of a key: an arm overrides the grid's fixed bindings, an axis overrides both.
+  [run] = sweep.expand(sweep.Grid(bindings={"A": 1, "B": 1}, arms=[{"A": 2, "B": 2}], axes={"B": [3]}))
+  assert [v for k, v in run.bindings if k == "A"][-1] == 2 and [v for k, v in run.bindings if k == "B"][-1] == 3
+
+
+def test_labels_of_bools_none_and_lists():
+  assert sweep.label("SCAN_LAYERS", True, [True, False]) == "scan_layerstrue"
+  assert sweep.label("X", None, [None, 1]) == "xnone"
+  assert sweep.label("MODEL_PARALLEL", [2, 4], [[2, 4]]) == "model_parallel2-4"
+
+
+def test_render_an_empty_tuple_as_gin_parses_it():
+  # `()` is the empty tuple; `(,)` is a syntax error in gin and in Python.
+  assert sweep.render(()) == "()" and sweep.render(("a",)) == "('a',)"
+
+
+def test_run_names_do_not_start_or_end_with_a_separator():
+  assert sweep.sanitize("_moe base_") == "moe-base"
+
+
+def test_select_ignores_spaces_around_globs():
+  runs = sweep.expand(sweep.Grid(axes={"MIXTURE_OR_TASK_NAME": TASKS}))
+  assert [r.name for r in sweep.select(runs, "d27_e8, d35_e0")] == ["d27_e8", "d35_e0"]
+
+
+def test_a_best_renders_its_default_as_any_other_value():
+  assert sweep.render(sweep.Best(runs="moe_*", column="ACTIVATION", default="%GELU")) == "%GELU"  # a reference

@@ -29,6 +29,8 @@ CASES = {
     "tiny-scan": _tiny_scanned,
     "tiny-tied-relu": lambda: (c := dataclasses.replace(TINY, logits_via_embedding=True, mlp_activations=("relu",)),
                                random_params(c)),
+    # One ungated GELU: repeat_lm's is the tanh approximation, which is Hugging Face's gelu_new, not its (erf) gelu.
+    "tiny-gelu": lambda: (c := dataclasses.replace(TINY, mlp_activations=("gelu",)), random_params(c)),
     "small": lambda: (c := dataclasses.replace(SMALL, scan_layers=True), init_params(c)),
 }
 
@@ -227,3 +229,14 @@ def test_a_config_json_of_another_tool_is_explained():
   """A config.json without model_type reads as T5; one that is no T5 config says so, not KeyError('vocab_size')."""
   with pytest.raises(ValueError, match=r"not a Hugging Face T5 .* lacks \['vocab_size'"):
     hf.t5_config_from_hf({"learning_rate": 0.1})
+
+
+def test_a_config_json_that_leaves_fields_out_reads_with_transformers_defaults():
+  """Original T5's config.json files (t5-small on the Hub) predate feed_forward_proj and
+  relative_attention_max_distance: they mean what transformers' T5Config takes when they are absent."""
+  defaults = transformers.T5Config()
+  got = hf.t5_config_from_hf({"model_type": "t5", "vocab_size": 100, "d_model": 8, "d_kv": 4, "d_ff": 16,
+                              "num_layers": 1, "num_heads": 2})
+  assert got.mlp_activations == (defaults.feed_forward_proj,) == ("relu",)
+  assert got.relative_attention_num_buckets == defaults.relative_attention_num_buckets
+  assert got.relative_attention_max_distance == defaults.relative_attention_max_distance

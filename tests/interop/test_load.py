@@ -1,13 +1,14 @@
 """INITIAL_CHECKPOINT_PATH's loader: any checkpoint kind, into any layout, onto the mesh, with clear errors."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
 import pytest
 
 from interop_helpers import TINY, TINY_SWITCH, init_params, random_params, write_model_dir
-from repeat_lm.interop import layout, load
+from repeat_lm.interop import hf, hf_switch, layout, load
 from repeat_lm.models import t5
 from repeat_lm.train import partitioning
 
@@ -35,7 +36,6 @@ def test_repeat_lm_model_dir_onto_the_mesh(tiny_model_dir, scan):
 
 
 def test_hf_architecture_mismatch_is_named(tmp_path):
-  from repeat_lm.interop import hf
   hf.export_hf(init_params(TINY), TINY, tmp_path)
   relu = dataclasses.replace(TINY, mlp_activations=("relu",))
   with pytest.raises(ValueError, match=r"mlp_activations: checkpoint \('gelu', 'linear'\) vs model \('relu',\)"):
@@ -44,7 +44,6 @@ def test_hf_architecture_mismatch_is_named(tmp_path):
 
 def test_a_step_is_refused_for_a_hugging_face_directory(tmp_path):
   """Its weights are whichever step was exported: --step cannot be honoured, so it is not silently ignored."""
-  from repeat_lm.interop import hf
   hf.export_hf(random_params(TINY), TINY, tmp_path)
   with pytest.raises(ValueError, match="Hugging Face directory, which holds one set of weights.*step \\(3\\)"):
     load.load_for_module(tmp_path, t5.Transformer(TINY), step=3)
@@ -119,7 +118,6 @@ def test_a_step_dir_is_not_read_for_another_step(tiny_model_dir):
 def test_a_checkpoint_of_another_depth_is_refused_where_sharing_hides_it(tmp_path, saved, target, kind):
   """2 distinct layers and 4 layers with param_share=2 have the same parameter tree: either loaded silently into the
   other model (2 layers run as 4, or 4 as 2; other logits)."""
-  from repeat_lm.interop import hf
   params = random_params(saved)
   path = tmp_path / kind
   if kind == "hf":
@@ -129,3 +127,39 @@ def test_a_checkpoint_of_another_depth_is_refused_where_sharing_hides_it(tmp_pat
   with pytest.raises(ValueError, match=rf"another depth.*checkpoint encoder {saved.num_encoder_layers} layers "
                                        rf".*vs model {target.num_encoder_layers}"):
     load.load_for_module(path, t5.Transformer(target))
+
+
+def _hf_config_only(path, config_json):
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps(config_json))
+  return path
+
+
+def test_hf_settings_that_shapes_do_not_show_are_checked(tmp_path):
+  """Relative-position distance and the experts' activation leave every parameter shape as it is: a checkpoint of
+  another one loads silently and computes other logits unless config.json is compared."""
+  path = _hf_config_only(tmp_path / "dense", hf.hf_config_dict(TINY))
+  with pytest.raises(ValueError, match=r"relative_attention_max_distance: checkpoint 128 vs model 20"):
+    load._check_hf_config(path, dataclasses.replace(TINY, relative_attention_max_distance=20))  # noqa: SLF001
+  path = _hf_config_only(tmp_path / "switch", hf_switch.switch_config_dict(TINY_SWITCH))
+  gelu_experts = dataclasses.replace(TINY_SWITCH,
+                                     moe=dataclasses.replace(TINY_SWITCH.moe, expert_activations=("gelu",)))
+  with pytest.raises(ValueError, match=r"moe.expert_activations: checkpoint \('relu',\) vs model \('gelu',\)"):
+    load._check_hf_config(path, gelu_experts)  # noqa: SLF001
+
+
+def test_a_config_json_beside_a_model_dirs_checkpoints_is_not_the_model(tmp_path):
+  (tmp_path / "checkpoints" / "5" / "state").mkdir(parents=True)
+  (tmp_path / "config.json").write_text("{}")  # some other tool's file
+  assert load.checkpoint_kind(tmp_path) == "repeat_lm"
+
+
+def test_saved_depths_read_scoped_bindings_and_give_up_on_conflicting_ones(tmp_path):
+  """The operative config.gin of a MODEL_DIR binds the model's settings in gin scopes (MODEL/t5.T5Config...)."""
+  step_dir = tmp_path / "checkpoints" / "5"
+  step_dir.mkdir(parents=True)
+  (tmp_path / "config.gin").write_text("MODEL/t5.T5Config.num_encoder_layers = 4\n"
+                                       "MODEL/t5.T5Config.num_decoder_layers = 4\nMODEL/t5.T5Config.param_share = 2\n")
+  assert load._saved_depths(step_dir) == {"encoder": (4, 2), "decoder": (4, 2)}  # noqa: SLF001
+  (tmp_path / "config.gin").write_text("a/t5.T5Config.num_encoder_layers = 2\nb/t5.T5Config.num_encoder_layers = 4\n")
+  assert load._saved_depths(step_dir) is None  # noqa: SLF001 (which scope built the model is not known here)

@@ -218,3 +218,31 @@ def test_reads_legacy_specs_with_the_path_outside_the_kvstore(tmp_path):
                     "metadata": meta}
   (tmp_path / "checkpoint").write_bytes(serialization.msgpack_serialize({"target": layout.unflatten(stored)}))
   jax.tree.map(np.testing.assert_array_equal, t5x.load_t5x(tmp_path), jax.tree.map(np.asarray, init_params(TINY)))
+
+
+def test_the_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+  # As T5X's latest step: checkpoint_1000 is later than checkpoint_900, though '900' sorts after '1000' as text.
+  for step in (900, 1000):
+    (tmp_path / f"checkpoint_{step}").mkdir()
+  assert t5x.latest_checkpoint_dir(tmp_path) == tmp_path / "checkpoint_1000"
+
+
+def test_a_step_asked_of_a_checkpoint_managers_state_dir_is_that_step(tmp_path):
+  # checkpoint_<step>/state/ (T5X's Orbax CheckpointManager) is the checkpoint of that step.
+  state = tmp_path / "checkpoint_1000" / "state"
+  state.mkdir(parents=True)
+  assert t5x.latest_checkpoint_dir(state, step=1000) == state
+  with pytest.raises(FileNotFoundError, match=r"steps here: \[1000\]"):
+    t5x.latest_checkpoint_dir(state, step=2000)
+
+
+def test_an_ocdbt_checkpoint_is_recognised_by_its_manifest(tmp_path):
+  # Orbax's OCDBT format keeps its arrays' index in manifest.ocdbt at the checkpoint's root.
+  (tmp_path / "manifest.ocdbt").write_bytes(b"")
+  assert t5x.is_t5x_checkpoint(tmp_path)
+
+
+def test_the_parameters_are_found_in_old_optimizer_states_and_bare_trees():
+  params = {"token_embedder": {"embedding": np.zeros((4, 2))}}
+  assert t5x._find_target({"optimizer": {"target": params, "state": {"step": 1}}}) is params  # noqa: SLF001
+  assert t5x._find_target(params) is params  # noqa: SLF001
