@@ -218,3 +218,50 @@ def test_noise_and_clean_spans_are_drawn_independently():
 def test_boundary_span_parameters_are_refused(name, match):
   with pytest.raises(ValueError, match=match):
     D.objective_named(name)
+
+
+def test_prefix_lm_suffix_reaches_both_ends_of_its_range():
+  # By hand: 20 tokens at density 0.25 -> m = 5, suffix uniform on [1, 2m - 1] = [1, 9]; 400 draws miss a value with
+  # probability about 9 * (8/9)^400. A modulus one short never drew the longest suffix (mean m - 1/2, not m).
+  s = D.Denoiser('S', 0.25, None)
+  lengths = {len(D.corrupt(np.arange(3, 23, dtype=np.int32), s, key, V)[1]) for key in range(400)}
+  assert lengths == set(range(1, 10))
+
+
+def test_sentinel_overflow_starts_past_the_last_extra_id():
+  # 2000 raw tokens at (mu 3, r 0.15): 300 noise tokens in 100 spans, sentinels 32099..32000, all extra ids: no
+  # overflow. 2020 raw: 303 noise tokens, 101 spans, the last sentinel 31999 is an ordinary token.
+  span = D.span_corruption()
+  assert D.span_counts(2000, 0.15, 3.0) == (300, 100) and D.span_counts(2020, 0.15, 3.0) == (303, 101)
+  assert D.warn_if_sentinels_overflow(span, [2000], 100) == []
+  assert D.warn_if_sentinels_overflow(span, [2020], 100) == ['span']
+
+
+def test_rates_must_have_a_positive_sum():
+  # All zero rates leave no distribution to draw from (the normalised CDF is NaN and every draw fell on the first).
+  with pytest.raises(ValueError, match='positive sum'):
+    D.ul2((0.0,) * 7)
+
+
+def test_single_token_spans_are_a_valid_mean():
+  # "at least 1 token": mean span 1 (every noise token its own span, as in BERT-style masking) is allowed.
+  assert D.Denoiser('mu1', 0.15, 1.0).mean_noise_span_length == 1.0
+  assert D.objective_named('span_r0p15_mu1') == D.span_corruption(0.15, 1.0)
+
+
+def test_ul2_name_depends_on_which_denoiser_gets_which_rate():
+  # The same multiset of rates on other denoisers is another objective (here S at 0.13, R_mu3 at 0.22): not 'ul2'.
+  assert D.ul2((0.22,) + (0.13,) * 6).name != 'ul2'
+  assert D.ul2(tuple(D.UL2_RATES)).name == 'ul2'
+
+
+def test_only_span_r_names_parse_as_span_objectives():
+  with pytest.raises(ValueError, match="Unknown objective 'span_q0p5_mu8'"):
+    D.objective_named('span_q0p5_mu8')
+
+
+def test_one_token_chunk_keeps_its_mode_tokens():
+  # Nothing to hide in a 1-token chunk, but the inputs still start with the denoiser's mode, as every other example.
+  mode = np.array([784, 567, 9138, 908], np.int32)
+  inputs, targets = D.corrupt(np.array([7], np.int32), SPAN, 0, V, mode)
+  assert inputs.tolist() == [784, 567, 9138, 908, 7] and targets.tolist() == []

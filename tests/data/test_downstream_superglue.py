@@ -207,3 +207,37 @@ def test_record_through_the_task_preprocessors():
 def test_label_task_inputs_follow_t5(task, example, inputs):
   (out,) = run(lambda ds: seqio.get_mixture_or_task(f"repeat_lm.super_glue.{task}").preprocessors[0](ds), example)
   assert out["inputs"].decode() == inputs
+
+
+# Label names in TFDS super_glue's ClassLabel order (label i -> name i), fields in T5's glue() order: sorted names for
+# COPA (T5 passes no feature_names), ('sentence1', 'sentence2', 'word') for WiC as T5 gives them.
+@pytest.mark.parametrize("task, example, inputs, target", [
+    ("rte", {"hypothesis": "h.", "premise": "p.", "label": np.int32(0), "idx": np.int32(0)},
+     "rte hypothesis: h. premise: p.", "entailment"),
+    ("rte", {"hypothesis": "h.", "premise": "p.", "label": np.int32(1), "idx": np.int32(0)},
+     "rte hypothesis: h. premise: p.", "not_entailment"),
+    ("boolq", {"question": "q", "passage": "p.", "label": np.int32(0), "idx": np.int32(0)},
+     "boolq passage: p. question: q", "False"),
+    ("cb", {"hypothesis": "h.", "premise": "p.", "label": np.int32(2), "idx": np.int32(0)},
+     "cb hypothesis: h. premise: p.", "neutral"),
+    ("copa", {"premise": "The man fell.", "question": "cause", "choice1": "He slipped.", "choice2": "He sang.",
+              "label": np.int32(0), "idx": np.int32(0)},
+     "copa choice1: He slipped. choice2: He sang. premise: The man fell. question: cause", "choice1"),
+    ("wic", {"word": "bank", "sentence1": "A river bank.", "sentence2": "A savings bank.", "label": np.int32(0),
+             "idx": np.int32(0), "start1": np.int32(8), "start2": np.int32(10), "end1": np.int32(12),
+             "end2": np.int32(14)},
+     "wic sentence1: A river bank. sentence2: A savings bank. word: bank", "False"),
+])
+def test_label_task_targets_are_the_label_names_in_tfds_order(task, example, inputs, target):
+  registered = seqio.get_mixture_or_task(f"repeat_lm.super_glue.{task}")
+  (out,) = run(registered.preprocessors[0], example)
+  assert out["inputs"].decode() == inputs and out["targets"].decode() == target
+  assert registered.postprocess_fn(target) == int(example["label"])  # the decoded name maps back to the label
+
+
+def test_multirc_predictions_carry_their_question_group():
+  # MultiRC's EM is per question: the postprocessor pairs each label with (paragraph, question).
+  registered = seqio.get_mixture_or_task("repeat_lm.super_glue.multirc")
+  example = {"group": np.array([4, 2]), "label": np.int32(1)}
+  assert registered.postprocess_fn("True", example=example) == ((4, 2), 1)
+  assert registered.postprocess_fn("", example=example, is_target=True) == ((4, 2), 1)

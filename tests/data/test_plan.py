@@ -169,3 +169,51 @@ def test_mixture_interleaves_exactly():
   assert counts[0] == a.total_examples
   with pytest.raises(IndexError):
     m.locate(m.total_examples)
+
+
+def test_a_stream_ending_on_an_example_boundary_has_no_empty_example():
+  # Cut the stream exactly where example 10 starts: the same draws (same seed) give exactly examples 0..9, the last
+  # ending at the cut; counting the boundary offset as an example added an 11th, empty one.
+  cut = plan.Layout(5000, [70, 13, 200], [0.5, 0.3, 0.2], seed=3).example(10)[0]
+  layout = plan.Layout(cut, [70, 13, 200], [0.5, 0.3, 0.2], seed=3)
+  assert layout.num_examples == 10 and layout.example(9)[1] == cut
+
+
+def test_negative_indices_are_refused():
+  s = stream(make_store())
+  m = plan.MixtureStream([s, stream(make_store(), epochs=None)], [1, 1], seed=0, block=64)
+  for locate in (s.locate, m.locate):
+    with pytest.raises(IndexError):
+      locate(-1)
+
+
+@pytest.mark.parametrize('static', [False, True])
+def test_pieces_are_never_empty(static):
+  # The documents an example is cut from (stats lists them): an example starting exactly at a document's end does
+  # not touch that document.
+  s = stream(make_store(), static_masks=static)
+  for g in range(2 * s.examples_per_epoch):
+    pieces = s.pieces(g)
+    assert all(a < b for _, a, b in pieces) and sum(b - a for _, a, b in pieces) == len(s.raw(g))
+
+
+def test_a_zero_rate_finite_stream_does_not_end_the_mixture():
+  # A stream with no rows in the mixture never runs out; the mixture is as long as its other (unbounded) stream.
+  m = plan.MixtureStream([stream(make_store(), epochs=1), stream(make_store(), epochs=None)], [0, 1], seed=0, block=64)
+  assert m.quotas.tolist() == [0, 64] and m.total_examples is None
+
+
+def test_raw_length_is_the_example_s_own_chunk_with_static_masks():
+  # Static masks visit the layout's examples in a new order each epoch: raw_length(g) must follow that order (the
+  # per-step token count), not the example's position in it. UL2's raw lengths differ per denoiser.
+  s = stream(make_store(), D.ul2(mode_tokens=False), static_masks=True, epochs=2)
+  assert all(s.raw_length(g) == len(s.raw(g)) for g in range(s.total_examples))
+
+
+def test_unshuffled_passes_repeat_the_same_examples():
+  # Evaluation (shuffle=False): source order and masks from (seed, j), so a second pass is the first one again.
+  s = stream(make_store(), shuffle=False, epochs=2)
+  r = s.examples_per_epoch
+  for g in range(r):
+    a, b = s.example(g), s.example(g + r)
+    assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.targets, b.targets)

@@ -80,7 +80,8 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize('n, fraction, expected',
-                         [(100, 0.05, 5), (10, 0.05, 1), (2, 0.0, 1), (2, 0.9, 1), (1000, 0.1, 100)])
+                         [(100, 0.05, 5), (10, 0.05, 1), (2, 0.0, 1), (2, 0.9, 1), (1000, 0.1, 100),
+                          (70, 0.05, 4)])  # round(3.5) = 4: rounded, not floored
 def test_validation_split_is_the_disjoint_tail(n, fraction, expected):
   corpus = sources.Corpus('c', tuple(f'doc {i}' for i in range(n)), fraction)
   train, validation = corpus.split('train'), corpus.split('validation')
@@ -154,3 +155,46 @@ def test_default_wiki_corpus(wiki_ready):
   for markup in ('[[', ']]', '{{', "'''", '<ref', '==', 'thumb|'):
     assert markup not in text, markup
   assert 'Anarchism is a political philosophy' in corpus.documents[0]  # case and punctuation kept
+
+
+def test_a_document_of_exactly_the_limit_is_not_truncated(tmp_path):
+  docs, stats = sources.read_jsonl([write_jsonl(tmp_path / 'a.jsonl', ['x' * 20, 'y' * 21])], max_chars=20)
+  assert docs == ['x' * 20, 'y' * 20] and stats.truncated_long == 1
+
+
+def test_a_validation_fraction_of_one_is_refused():
+  # [0, 1): holding out everything leaves no training documents.
+  with pytest.raises(ValueError, match=r'validation_fraction must be in \[0, 1\)'):
+    sources.Corpus('c', ('a', 'b', 'c'), 1.0)
+
+
+def test_a_genuine_replacement_character_is_not_invalid_utf8(tmp_path):
+  # U+FFFD written as valid UTF-8 (bytes EF BF BD) is text, not a decoding repair.
+  path = tmp_path / 'a.jsonl'
+  path.write_bytes('{"text": "a \ufffd b"}\n'.encode('utf-8'))
+  docs, stats = sources.read_jsonl([str(path)])
+  assert docs == ['a \ufffd b'] and stats.replaced_invalid_utf8 == 0
+
+
+def test_a_directory_reads_only_its_jsonl_files(tmp_path):
+  write_jsonl(tmp_path / 'a.jsonl', ['one', 'two'])
+  (tmp_path / 'README.md').write_text('not a corpus\n')
+  assert sources.resolve_paths(str(tmp_path)) == [str(tmp_path / 'a.jsonl')]
+
+
+def test_fingerprint_follows_the_modification_time(tmp_path):
+  # Rewritten with text of the same size: only the mtime tells the cached store is stale.
+  path = tmp_path / 'a.jsonl'
+  write_jsonl(path, ['abc'])
+  os.utime(path, ns=(10**18, 10**18))
+  before = sources.LocalText(str(path)).fingerprint()
+  write_jsonl(path, ['xyz'])
+  os.utime(path, ns=(2 * 10**18, 2 * 10**18))
+  assert sources.LocalText(str(path)).fingerprint() != before
+
+
+def test_local_text_reports_what_reading_did(tmp_path):
+  # Documents kept in this split, and the empty ones the corpus read skipped (the store's read_* info).
+  path = write_jsonl(tmp_path / 'a.jsonl', [f'doc {i}' for i in range(10)] + ['', '  '])
+  docs, stats = docs_of(sources.LocalText(path, 0.2), 'train')
+  assert len(docs) == stats.documents == 8 and stats.skipped_empty == 2

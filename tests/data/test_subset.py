@@ -84,3 +84,57 @@ def test_validation_is_the_held_out_tail(c4_path, c4_docs, vocab):
   train = subset.build_store(source, 'train', vocab, None)
   assert validation.num_documents == 50 and train.num_documents == 950
   assert validation.document(0).tolist() == vocab.tokenizer.encode(c4_docs[950])
+
+
+class _ByteVocab:
+  """Each character -> its code point plus `base` (letters past 65,536 with base 70,000); '~' -> no tokens."""
+
+  def __init__(self, base=0, size=128):
+    self.base, self.vocab_size = base, size
+
+  def encode(self, text):
+    return [self.base + ord(c) for c in text if c != '~']
+
+
+class _Docs:
+  """A source whose documents are given per split."""
+
+  def __init__(self, name, **splits):
+    self.tag, self._name, self._splits = name, name, splits
+
+  def fingerprint(self):
+    return self._name
+
+  def documents(self, split, stats):
+    del stats
+    return iter(self._splits[split])
+
+
+def test_ids_past_16_bits_are_stored_whole():
+  # uint16 holds ids 0..65,535: a vocabulary of 70,128 ids needs int32, or id 70,097 would wrap to 4,561.
+  store = subset.build_store(_Docs('wide', train=['abc']), 'train', _ByteVocab(70_000, 70_128), None)
+  assert store.tokens.tolist() == [70_097, 70_098, 70_099]
+
+
+def test_documents_without_tokens_are_skipped_and_counted(caplog):
+  # '~~' tokenises to nothing: no empty document in the store (an example could not start in it), one counted.
+  with caplog.at_level(logging.WARNING):
+    store = subset.build_store(_Docs('tilde', train=['ab', '~~', 'cd']), 'train', _ByteVocab(), None)
+  assert store.num_documents == 2 and store.offsets.tolist() == [0, 2, 4] and store.info['skipped_no_tokens'] == 1
+  assert 'skipped 1 documents that tokenise to nothing' in caplog.text
+
+
+def test_the_store_cache_keys_on_split_and_exactness(tmp_path, monkeypatch):
+  monkeypatch.setenv('REPEAT_LM_CACHE', str(tmp_path))
+  source = _Docs('keyed', train=['abcdef'], validation=['xyz'])
+  assert subset.get_store(source, 'train', _ByteVocab(), None).num_tokens == 6
+  assert subset.get_store(source, 'validation', _ByteVocab(), None).num_tokens == 3
+  # A short, non-exact store of 10 tokens is not the answer to an exact request for 10: that is an error.
+  assert subset.get_store(source, 'train', _ByteVocab(), 10, exact=False).num_tokens == 6
+  with pytest.raises(ValueError, match='fewer than the 10 unique tokens'):
+    subset.get_store(source, 'train', _ByteVocab(), 10, exact=True)
+
+
+def test_content_hash_covers_document_boundaries():
+  tokens = np.arange(3, 13, dtype=np.uint16)
+  assert subset.content_hash(tokens, np.array([0, 4, 10])) != subset.content_hash(tokens, np.array([0, 5, 10]))

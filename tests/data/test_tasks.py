@@ -303,3 +303,51 @@ def test_default_artefacts_are_built_once_and_reproducibly(wiki_ready, tmp_path,
   assert (corpus_path.stat().st_mtime_ns, vocab_path.stat().st_mtime_ns) == stamps  # reused, not rebuilt
   real = seqio.get_mixture_or_task(wiki_ready).output_features['targets'].vocabulary
   assert vocab_path.read_bytes() == open(real.sentencepiece_model_file, 'rb').read()
+
+
+def test_a_validation_cap_that_is_not_a_power_of_two_round_trips():
+  # _count spells 1000 as 'vn1000' (as 'dn1000' / 'en3'); the scheme must read that spelling back.
+  name = tasks.repeated_task('c4', unique_tokens=2**27, epochs=2**8, validation_tokens=1000)
+  assert name == 'repeat_lm.c4.t5.span.d27.e8.vn1000'
+  assert tasks.parse_name(name)['validation_tokens'] == 1000 and tasks.ensure_registered(name) == name
+
+
+def test_epochs_that_disagree_with_the_total_are_refused():
+  # 3 epochs of 4 tokens are 12 tokens, not 8.
+  with pytest.raises(ValueError, match='epochs=3 x unique_tokens=4 != total_tokens=8'):
+    tasks.repeated_task('c4', unique_tokens=4, epochs=3, total_tokens=8)
+
+
+def test_source_names_are_only_letters_and_digits(c4_path):
+  # A dot would split the task name's fields ('repeat_lm.c4.local.t5...' does not parse).
+  with pytest.raises(ValueError, match='letters and digits'):
+    tasks.register_source('c4.local', sources.LocalText(c4_path))
+
+
+def test_re_registering_a_name_drops_the_old_spec_s_streams(tmp_path, t5_vocab_file):
+  # The same name, epochs, lengths and seed, so the same stream key: only dropping the old spec's streams keeps the
+  # dynamic-mask stream from serving the static-mask spec.
+  corpus = tmp_path / 'c.jsonl'
+  corpus.write_text(''.join(f'{{"text": "Document {i} has a few words of text."}}\n' for i in range(40)))
+  tasks.repeated_task(corpus=str(corpus), vocabulary=t5_vocab_file, epochs=2, name='test.restream')
+  assert not tasks.stream('test.restream', 'train', LENGTHS, 0).static_masks
+  tasks.repeated_task(corpus=str(corpus), vocabulary=t5_vocab_file, epochs=2, static_masks=True, name='test.restream')
+  assert tasks.stream('test.restream', 'train', LENGTHS, 0).static_masks
+
+
+def test_validation_streams_by_shuffle(c4_d16):
+  # Shuffled validation is unbounded (not the task's 8 epochs), unshuffled is one pass; and a shuffled and an
+  # unshuffled stream of the same epochs are two streams, not one memoised for both.
+  assert tasks.stream(c4_d16, 'validation', LENGTHS, 0).total_examples is None
+  one = tasks.stream(c4_d16, 'validation', LENGTHS, 0, shuffle=False)
+  assert one.total_examples == one.examples_per_epoch
+  shuffled = tasks.stream(c4_d16, 'validation', LENGTHS, 0, shuffle=True, epochs=1)
+  assert shuffled.shuffle and not tasks.stream(c4_d16, 'validation', LENGTHS, 0, shuffle=False, epochs=1).shuffle
+
+
+def test_mixtures_are_named_and_replaced_by_their_rates():
+  a, b = tasks.ensure_registered('repeat_lm.c4.t5.span.d27.e8'), tasks.ensure_registered('repeat_lm.c4.t5.span.d29.e6')
+  assert tasks.repeated_mixture([a, b], [1, 1]) != tasks.repeated_mixture([a, b], [1, 3])
+  tasks.repeated_mixture([a, b], [1, 1], name='test.mix_rates')
+  assert tasks.repeated_mixture([a, b], [1, 3], name='test.mix_rates') == 'test.mix_rates'
+  assert tasks.mixture('test.mix_rates') == ((a, b), (1.0, 3.0))

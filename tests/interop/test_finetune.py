@@ -185,6 +185,10 @@ def test_squad_jsonl_reads_the_official_answer_layout(tmp_path):
                               "answers": [{"text": "Denver Broncos", "answer_start": 4},
                                           {"text": "The Denver Broncos", "answer_start": 0}]}) + "\n")
   assert downstream._read_squad_jsonl(str(path))[0]["answers"] == ["Denver Broncos", "The Denver Broncos"]
+  # TFDS's layout {'text': [...], 'answer_start': [...]}: its texts, not the dict's keys ('text', 'answer_start').
+  path.write_text(json.dumps({"question": "Who won?", "context": "The Denver Broncos won.",
+                              "answers": {"text": ["Denver Broncos"], "answer_start": [4]}}) + "\n")
+  assert downstream._read_squad_jsonl(str(path))[0]["answers"] == ["Denver Broncos"]
   path.write_text(json.dumps({"question": "q", "context": "c", "answers": [{"answer_start": 4}]}) + "\n")
   with pytest.raises(ValueError, match="non-empty 'answers'"):
     downstream._read_squad_jsonl(str(path))
