@@ -26,7 +26,10 @@ class CheckpointConfig:
     if not whole_number(self.period) or self.period < 1:
       raise ValueError(f"CheckpointConfig.period={self.period!r}: save every N >= 1 steps, a whole number (the last "
                        "step and SIGTERM always save).")
-    if self.keep is not None and (not whole_number(self.keep) or self.keep < 1):
+    if self.keep is not None and not whole_number(self.keep):
+      raise ValueError(f"CheckpointConfig.keep={self.keep!r}: keep the newest N checkpoints, a whole number (no "
+                       "quotes), or None: all.")
+    if self.keep is not None and self.keep < 1:
       raise ValueError(f"CheckpointConfig.keep={self.keep} would delete every checkpoint; keep N >= 1 (or None: "
                        "all).")
 
