@@ -158,3 +158,34 @@ def test_decode_config_is_checked():
   # NaN: every beam's score NaN, and infer printed empty outputs with exit code 0.
   with pytest.raises(ValueError, match="length_penalty_alpha=nan: .* must be finite"):
     decoding.DecodeConfig(method="beam", length_penalty_alpha=float("nan"))
+
+
+def test_sampling_step_i_draws_with_the_key_folded_with_i():
+  """`sample` draws step i from categorical(fold_in(rng, i), logits / temperature): the same draws from the uncached
+  forward pass's log-probabilities (softmax is shift-invariant). One key for every step would reuse the same Gumbel
+  noise, so a near-uniform model repeats one token."""
+  module, params, inputs = setup("dense")
+  key, temperature = jax.random.key(7), 5.0  # test_topk_beyond_the_vocabulary_keeps_every_token's program
+  tokens = np.asarray(decoding.decode(module, params, inputs, decoding.DecodeConfig("sample", L, temperature=5.0),
+                                      rng=key))
+  full = full_forward_log_probs(module, params, inputs, tokens)
+  want = np.stack([jax.random.categorical(jax.random.fold_in(key, i), full[:, i] / temperature) for i in range(L)], 1)
+  valid = valid_positions(tokens)
+  assert valid.sum() > B * L // 2
+  np.testing.assert_array_equal(tokens[valid], want[valid])
+
+
+def test_trim_after_eos_drops_eos_and_what_follows():
+  # predict_tokens' contract: the ids up to, not including, the first EOS, without padding.
+  assert decoding.trim_after_eos(np.array([5, 0, 6, decoding.EOS_ID, 7, decoding.EOS_ID, 0])) == [5, 6]
+  assert decoding.trim_after_eos(np.array([5, 6, 0, 0])) == [5, 6]
+  assert decoding.trim_after_eos(np.array([decoding.EOS_ID, 3])) == []
+
+
+def test_beams_of_one_example_are_distinct():
+  """The K beams are K different hypotheses: only the first starts alive (T5X's beam search starts the others at
+  -inf), else the K copies of the empty prefix extend alike and fill every beam with one sequence."""
+  module, params, inputs = setup("dense")
+  beams = np.asarray(_beams(module)(params, inputs)[0])
+  for b in range(B):
+    assert len({tuple(beam) for beam in beams[b]}) == 3, beams[b]

@@ -107,3 +107,16 @@ def test_cli_refuses_flags_it_would_ignore(argv, message, capsys, tmp_path):
   assert cli.main(["model-info", *argv]) == 2
   assert message in capsys.readouterr().err
   assert "old" in doc.read_text()
+
+
+def test_an_asymmetric_model_reports_each_stack_as_its_own():
+  # Every zoo model has as many decoder as encoder layers, so the per-stack lists could read one stack twice (or
+  # swap them) unseen. 6 encoder and 2 decoder layers, one FFN in every 2 sparse: 3 and 1 sparse layers.
+  import dataclasses  # noqa: PLC0415
+  config = info.load_config(str(REPO_ROOT / "gin" / "models" / "switch_tiny.gin"))
+  config = dataclasses.replace(config, num_encoder_layers=6, num_decoder_layers=2)
+  row = info.model_info(config, 16, 8)
+  assert row["layers"] == [6, 2] and row["distinct_layers"] == [6, 2] and row["sparse_layers"] == [3, 1]
+  m = config.moe
+  per_sparse_layer = m.num_experts * (len(m.expert_activations) + 1) * config.emb_dim * m.expert_mlp_dim
+  assert row["params_experts"] == (3 + 1) * per_sparse_layer

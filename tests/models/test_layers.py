@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from repeat_lm.models import attention as attention_lib
-from repeat_lm.models import layers
+from repeat_lm.models import cpu_layouts, layers
 
 KEY = jax.random.key(0)
 
@@ -203,20 +203,44 @@ def test_attention_has_no_logit_scaling_and_scales_query_init():
   np.testing.assert_allclose(attention.apply(variables, x, x, None, None, True), out, rtol=1e-4, atol=1e-4)
 
 
-def test_float16_logits_keep_fully_masked_rows_finite():
+@pytest.mark.parametrize("bias", [None, -20.0])
+def test_float16_logits_keep_fully_masked_rows_finite(bias):
   """float16 logits (float32_logits=False): -1e10 would round to -inf, a padding row's softmax be NaN, and the next
-  layer's weights @ v spread it to the real rows through their 0 weight on that key (0 x NaN)."""
+  layer's weights @ v spread it to the real rows through their 0 weight on that key (0 x NaN). The stand-in keeps
+  room below it: float16's lowest value itself (-65504) plus a logit or bias of -20 overflows to -inf as well."""
   attention = lambda dtype: attention_lib.MultiHeadAttention(2, 8, dtype, float32_logits=False)
   x = jax.random.normal(KEY, (1, 3, 16))
   valid = jnp.array([[True, True, False]])
   mask = attention_lib.make_attention_mask(valid, valid)  # row 2 fully masked
-  params = attention(jnp.float32).init(KEY, x, x, None, mask, True)
+  bias = None if bias is None else jnp.full((1, 2, 3, 3), bias)
+  params = attention(jnp.float32).init(KEY, x, x, bias, mask, True)
   def two_layers(dtype):
-    h = attention(dtype).apply(params, x, x, None, mask, True)
-    return np.asarray(attention(dtype).apply(params, h, h, None, mask, True), np.float32)
+    h = attention(dtype).apply(params, x, x, bias, mask, True)
+    return np.asarray(attention(dtype).apply(params, h, h, bias, mask, True), np.float32)
   half = two_layers(jnp.float16)
   assert np.isfinite(half).all()
   np.testing.assert_allclose(half[:, :2], two_layers(jnp.float32)[:, :2], rtol=0.02, atol=0.02)
+
+
+def test_float32_logits_take_float32_queries_and_keys_on_the_autodiff_path(monkeypatch):
+  """float32_logits (T5X's): q and k are cast to float32 before q.k, so bfloat16 activations do not round the
+  logits. The autodiff path (GPU, TPU, REPEAT_LM_CPU_LAYOUTS=0) against float64 NumPy on the same bfloat16
+  projections: logits of up to ~40 rounded to bfloat16 (steps of 0.125-0.25) move the weights by several percent,
+  far beyond the bfloat16 rounding of the weights and outputs (a few 1e-3)."""
+  monkeypatch.setattr(cpu_layouts, "explicit_transposes", lambda: False)
+  heads, head_dim, d = 2, 16, 32
+  x = (jax.random.normal(KEY, (2, 6, d)) * 4.0).astype(jnp.bfloat16)
+  attention = attention_lib.MultiHeadAttention(heads, head_dim, dtype=jnp.bfloat16, float32_logits=True)
+  p = attention.init(jax.random.key(1), x, x, None, None, True)["params"]
+  r = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)  # a bfloat16 value
+  q, k, v = (r(r(x) @ r(p[n]["kernel"])).reshape(2, 6, heads, head_dim) for n in ("query", "key", "value"))
+  logits = np.einsum("bqhe,bkhe->bhqk", q, k)
+  assert np.abs(logits).max() > 30
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  want = np.einsum("bhqk,bkhe->bqhe", weights, v).reshape(2, 6, -1) @ r(p["out"]["kernel"])
+  got = np.asarray(attention.apply({"params": p}, x, x, None, None, True), np.float64)
+  assert np.abs(got - want).max() < 0.008 * np.abs(want).max()  # rounded logits: 0.018
 
 
 def test_attention_kernels_are_untruncated_normals_and_mlp_kernels_truncated():

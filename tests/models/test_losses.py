@@ -97,3 +97,14 @@ def test_metric_sums_count_only_the_weighted_target_tokens(explicit_weights):
   np.testing.assert_allclose(sums["z_loss_sum"], np.sum(1e-3 * log_z**2 * weights), rtol=1e-5)
   np.testing.assert_allclose(sums["correct_sum"], np.sum(correct * weights))
   np.testing.assert_allclose(loss, np.sum(token_loss * weights) / weights.sum(), rtol=1e-5)
+
+
+def test_summarize_divides_every_sum_by_the_weight_sum():
+  # train/ and eval/ loss, z_loss, accuracy and MoE statistics are per-token means of sums collected over steps.
+  from repeat_lm.models.encoder_decoder import summarize
+  sums = {"loss_sum": 12.0, "z_loss_sum": 0.3, "correct_sum": 6.0, "weight_sum": 8.0, "moe_router_z_loss_sum": 2.0}
+  assert summarize(sums) == pytest.approx({"loss": 1.5, "z_loss": 0.0375, "accuracy": 0.75,
+                                           "moe_router_z_loss": 0.25})
+  # No weighted token at all: the sums are 0, and so are the means (not NaN).
+  empty = summarize({"loss_sum": 0.0, "z_loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0})
+  assert empty == {"loss": 0.0, "z_loss": 0.0, "accuracy": 0.0}
