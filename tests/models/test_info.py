@@ -1,5 +1,6 @@
 """`model-info`: parameter counts of the zoo against published numbers, FLOP ratios, the docs table, the CLI."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -84,7 +85,6 @@ def test_cli_needs_a_model(capsys):
 def test_distinct_layers_of_a_shared_moe_count_whole_blocks(share, distinct):
   # A shared group of k MoE layers is one dense/sparse block (sparse_every = 2 layers) applied k / 2 times: its
   # distinct layers are the block's two, as the expert weights (one sparse layer per block) show.
-  import dataclasses  # noqa: PLC0415
   config = info.load_config(str(REPO_ROOT / "gin" / "models" / "switch_tiny.gin"))
   config = dataclasses.replace(config, num_encoder_layers=12, num_decoder_layers=12, param_share=share)
   row = info.model_info(config, 16, 8)
@@ -112,7 +112,6 @@ def test_cli_refuses_flags_it_would_ignore(argv, message, capsys, tmp_path):
 def test_an_asymmetric_model_reports_each_stack_as_its_own():
   # Every zoo model has as many decoder as encoder layers, so the per-stack lists could read one stack twice (or
   # swap them) unseen. 6 encoder and 2 decoder layers, one FFN in every 2 sparse: 3 and 1 sparse layers.
-  import dataclasses  # noqa: PLC0415
   config = info.load_config(str(REPO_ROOT / "gin" / "models" / "switch_tiny.gin"))
   config = dataclasses.replace(config, num_encoder_layers=6, num_decoder_layers=2)
   row = info.model_info(config, 16, 8)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer, losses
+from repeat_lm.models.encoder_decoder import summarize
 
 
 def numpy_reference(logits, targets, z_loss, ls):
@@ -101,7 +102,6 @@ def test_metric_sums_count_only_the_weighted_target_tokens(explicit_weights):
 
 def test_summarize_divides_every_sum_by_the_weight_sum():
   # train/ and eval/ loss, z_loss, accuracy and MoE statistics are per-token means of sums collected over steps.
-  from repeat_lm.models.encoder_decoder import summarize
   sums = {"loss_sum": 12.0, "z_loss_sum": 0.3, "correct_sum": 6.0, "weight_sum": 8.0, "moe_router_z_loss_sum": 2.0}
   assert summarize(sums) == pytest.approx({"loss": 1.5, "z_loss": 0.0375, "accuracy": 0.75,
                                            "moe_router_z_loss": 0.25})
