@@ -343,3 +343,20 @@ def test_plain_gelu_is_the_tanh_approximation():
   x = np.linspace(-4, 4, 33, dtype=np.float32)
   want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
   np.testing.assert_allclose(layers.activate(("gelu",), (jnp.asarray(x),)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_relative_position_table_init_is_t5xs_fan_avg_uniform():
+  # T5X / flaxformer: variance_scaling(1.0, 'fan_avg', 'uniform'), so U(-l, l) with l = sqrt(6 / (H + N)): never
+  # beyond l, and spread up to it (a normal of the same variance passes l with probability 8%).
+  heads, buckets = 16, 32
+  table = np.asarray(layers.RelativePositionBias(heads).init(KEY, 4, 4, True)["params"]["rel_embedding"])
+  limit = np.sqrt(6 / (heads + buckets))
+  assert table.shape == (heads, buckets)
+  assert np.abs(table).max() <= limit and np.abs(table).max() > 0.95 * limit
+
+
+def test_rms_norm_default_epsilon_is_t5s():
+  # T5 / T5X layer norm epsilon 1e-6: x = 1e-3 everywhere has mean square 1e-6, so y = 1e-3 / sqrt(2e-6) = 0.7071.
+  x = jnp.full((1, 4), 1e-3)
+  norm = layers.RMSNorm()
+  np.testing.assert_allclose(norm.apply(norm.init(KEY, x), x), np.full((1, 4), 1 / np.sqrt(2)), rtol=1e-5)

@@ -46,6 +46,15 @@ def test_dropout_is_identity_at_evaluation_and_at_scale_zero():
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
 
 
+def test_bfloat16_kept_units_are_the_rounded_exact_rescale_and_rate_zero_is_no_op():
+  # 1 / (1 - 0.15) = 1.17647 rounds to bfloat16 1.1796875; dividing by a bfloat16-rounded 0.85 (0.8515625) would
+  # give 1.171875, a rescale biased 0.4% low at every kept unit.
+  x = jnp.ones((8, 128), jnp.bfloat16)
+  y = np.asarray(regularisation.Dropout(0.15).apply({}, x, False, rngs={"dropout": jax.random.key(0)}), np.float32)
+  assert np.all((y == 0) | (y == float(jnp.asarray(1 / 0.85, jnp.bfloat16))))
+  assert regularisation.Dropout(0.0).apply({}, x, False) is x  # no op at all: not even a 'dropout' rng is needed
+
+
 @pytest.mark.parametrize("rate", [0.1, 0.3])
 def test_droppath_drops_whole_rows_at_the_measured_rate(rate):
   x = jnp.ones((20_000, 3, 4), jnp.float32)

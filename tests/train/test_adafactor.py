@@ -191,3 +191,31 @@ def test_a_state_initialised_without_the_names_is_refused():
   names = {"w": ("expert", "embed", "expert_mlp")}
   with adafactor.logical_axes(names), pytest.raises(ValueError, match="logical_axes"):
     tx.update(params, state, params)
+
+
+def test_first_update_by_hand_floor_and_zero_gradients():
+  """Step 0 by hand (Adafactor with T5X's epsilon1 1e-30 and epsilon2 1e-3): v = g^2 + 1e-30, so a unit gradient's
+  update is lr x max(RMS(param), 1e-3); a zero gradient (a vocabulary row no token of the batch used) updates
+  nothing, where g^2 alone would give 0 / sqrt(0) = NaN."""
+  tx = adafactor.adafactor(0.5, min_dim_size_to_factor=4)
+  params = {"zero": jnp.zeros(3), "frozen": jnp.full((3,), 3.0), "emb": jnp.ones((6, 8))}
+  grads = {"zero": jnp.ones(3), "frozen": jnp.zeros(3), "emb": jnp.ones((6, 8)).at[:2].set(0.0)}  # emb factored
+  updates = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
+  np.testing.assert_allclose(updates["zero"], -0.5 * 1e-3, rtol=1e-6)  # the parameter-scale floor
+  np.testing.assert_array_equal(updates["frozen"], np.zeros(3))
+  assert bool(jnp.isfinite(updates["emb"]).all())
+  np.testing.assert_array_equal(updates["emb"][:2], np.zeros((2, 8)))
+
+
+def test_parameter_scale_averages_over_all_but_the_block_axes():
+  """T5X's parameter scale is the RMS over every axis but its BATCH ones ('layers', 'stack'); FactorDim.NONE axes
+  ('unmodeled') are averaged over like any other. Unit gradients at step 0 give unit normalised updates, so the
+  update is -lr x that RMS: per block of a 'stack' axis, over the whole router kernel."""
+  tx = adafactor.adafactor(1.0)
+  columns = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+  params = {"router": jnp.ones((8, 4)) * columns, "stacked": jnp.ones((2, 8)) * jnp.asarray([[1.0], [3.0]])}
+  names = {"router": ("embed", "unmodeled"), "stacked": ("stack", "embed")}
+  with adafactor.logical_axes(names):
+    updates = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(jax.tree.map(jnp.ones_like, params), params)
+  np.testing.assert_allclose(updates["router"], np.full((8, 4), -np.sqrt(7.5)), rtol=1e-6)  # sqrt(mean(1,4,9,16))
+  np.testing.assert_allclose(updates["stacked"], [[-1.0] * 8, [-3.0] * 8], rtol=1e-6)

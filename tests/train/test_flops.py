@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from repeat_lm.models import moe
 from repeat_lm.train import flops
 
 
@@ -127,7 +128,38 @@ def test_matmul_probe_multiplies_the_given_dtype_and_accumulates_in_float32():
 
 def test_top_k_routing_counts_k_experts():
   # Reference section 6: a sparse layer costs the router (2 d E per token) plus the K chosen experts' FFNs.
-  from repeat_lm.models import moe
   cfg = dataclasses.replace(BASE, mlp_activations=("relu",))
   cfg.moe = moe.MoeConfig(num_experts=8, expert_mlp_dim=1024, expert_activations=("relu",), num_selected_experts=2)
   assert flops.ffn_flops_per_token(cfg, sparse=True) == 2 * 768 * 8 + 2 * (2 * 2 * 768 * 1024)
+
+
+def test_moe_model_counts_router_and_experts_in_its_sparse_layers_only():
+  # Every other FFN sparse (the second of each pair), in both stacks; dense FFNs gated GELU (k = 3), experts ReLU
+  # (k = 2), top-2 of 4: a sparse FFN costs 2 d E + K x 2 x 2 d F_e per token, a dense one 2 x 3 d f.
+  d, a, f, v, se, sd, e, fe = 768, 768, 2048, 32128, 16, 8, 4, 512
+  cfg = dataclasses.replace(BASE, num_encoder_layers=2, num_decoder_layers=2)
+  cfg.moe = moe.MoeConfig(num_experts=e, expert_mlp_dim=fe, expert_activations=("relu",), num_selected_experts=2)
+  dense, sparse = 2 * 3 * d * f, 2 * d * e + 2 * (2 * 2 * d * fe)
+  enc = se * 8 * d * a + 4 * se**2 * a
+  dec = sd * 8 * d * a + 4 * sd**2 * a + (sd + se) * 4 * d * a + 4 * sd * se * a
+  expected = 2 * enc + se * (dense + sparse) + 2 * dec + sd * (dense + sparse) + 2 * sd * d * v
+  assert flops.forward_flops_per_sequence(cfg, se, sd) == expected
+
+
+def test_peak_table_is_the_reference_dense_bf16_peaks():
+  # Reference section 6, per chip as JAX names it: v5e and v6e report 'lite', v5p reports 'TPU v5'.
+  class Dev:
+    device_kind = ""
+  for kind, peak in (("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA H100 80GB HBM3", 989e12), ("TPU v4", 275e12),
+                     ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v5p", 459e12),
+                     ("TPU v6 lite", 918e12), ("TPU v6e", 918e12)):
+    Dev.device_kind = kind
+    assert flops.known_peak_flops(Dev()) == peak, kind
+
+
+def test_matmul_rate_counts_2n_cubed_flops_and_keeps_the_fastest_run(monkeypatch):
+  # An n x n by n x n product is n^3 multiply-adds, 2 n^3 FLOPs. Fake clock: run times 2, 1, 4 s at n = 8, then
+  # 4, 8, 16 s at n = 16; the fastest is 2 x 16^3 / 4 = 2048 FLOP/s (n = 8's best is 1024), not the last run.
+  ticks = iter(t for d in (2, 1, 4, 4, 8, 16) for t in (0.0, float(d)))
+  monkeypatch.setattr(flops.time, "perf_counter", lambda: next(ticks))
+  assert flops.matmul_rate(sizes=(8, 16), repeats=3) == 2048.0

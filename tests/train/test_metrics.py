@@ -27,3 +27,51 @@ def test_resuming_after_a_cut_before_the_newline_keeps_every_record(tmp_path):
   writer.truncate_after(4)
   writer.write(5, {"train/loss": 2.0})
   assert [r["step"] for r in collect.read_metrics(tmp_path)] == [4, 5]
+
+
+def test_resuming_drops_a_line_cut_mid_record(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(TRAIN_4 + '\n{"step": 5, "train/lo')
+  metrics_lib.MetricsWriter(tmp_path, tensorboard=False).truncate_after(4)
+  assert (tmp_path / "metrics.jsonl").read_text() == TRAIN_4 + "\n"
+
+
+def test_non_finite_values_are_written_as_strict_json(tmp_path):
+  # RFC 8259 JSON has no NaN or Infinity (jq, JavaScript and pandas' strict readers reject them): strings instead.
+  metrics_lib.MetricsWriter(tmp_path, tensorboard=False).write(1, {"train/loss": float("nan"), "x": float("-inf")})
+  line = (tmp_path / "metrics.jsonl").read_text()
+  record = json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+  assert record == {"step": 1, "train/loss": "nan", "x": "-inf"}
+
+
+def test_set_aside_keeps_every_earlier_attempt(tmp_path, monkeypatch):
+  monkeypatch.setattr(metrics_lib.time, "strftime", lambda fmt: "20240101-000000")  # restarts within one second
+  path = tmp_path / "metrics.jsonl"
+  writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
+  path.write_text("")
+  assert writer.set_aside() is None and path.exists()  # nothing to keep: an empty file stays where it is
+  for attempt in ("first", "second"):
+    path.write_text(json.dumps({"step": 1, "attempt": attempt}) + "\n")
+    writer.set_aside()
+  assert not path.exists()
+  kept = sorted(p.read_text() for p in tmp_path.glob("metrics.jsonl.replaced-*"))
+  assert [json.loads(t)["attempt"] for t in kept] == ["first", "second"]
+
+
+def test_only_process_0_writes_and_unprefixed_scalars_go_to_the_train_run(tmp_path, monkeypatch):
+  scalars = []
+
+  class Run:
+    def __init__(self, run):
+      self.run = run
+
+    def add_scalar(self, name, value, step):
+      scalars.append((self.run, name, value, step))
+
+  writer = metrics_lib.MetricsWriter(tmp_path)
+  monkeypatch.setattr(writer, "_writer", Run)
+  writer.write(3, {"loss": 1.0, "eval/accuracy": 0.5})
+  assert scalars == [("train", "loss", 1.0, 3), ("eval", "accuracy", 0.5, 3)]
+  monkeypatch.setattr(metrics_lib.jax, "process_index", lambda: 1)
+  other = metrics_lib.MetricsWriter(tmp_path / "other")
+  other.write(3, {"loss": 1.0})
+  assert not (tmp_path / "other" / "metrics.jsonl").exists()

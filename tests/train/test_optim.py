@@ -95,3 +95,61 @@ def test_gradient_norm_clipping_clips_the_gradients_not_the_updates():
   params = {"w": jnp.zeros(4)}
   updates, _ = tx.update({"w": jnp.array([3.0, -4.0, 5.0, -6.0])}, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], [-0.1, 0.1, -0.1, 0.1], rtol=1e-4)
+
+
+def test_rsqrt_decay_without_warm_up_starts_at_the_base_rate():
+  # 1 / sqrt(max(step, 1)): the first update (step 0) at the base rate, not 1 / sqrt(0) = inf.
+  s = optim.make_schedule("constant * rsqrt_decay", base_learning_rate=2.0, warmup_steps=0)
+  assert [float(s(t)) for t in (0, 1, 4, 100)] == pytest.approx([2.0, 2.0, 1.0, 0.2])
+
+
+def test_adamw_second_update_is_the_bias_corrected_adam_formula():
+  # Kingma & Ba by hand: m_t = b1 m + (1 - b1) g, v_t = b2 v + (1 - b2) g^2, update -lr m_t / (1 - b1^t) /
+  # (sqrt(v_t / (1 - b2^t)) + eps). The first update is lr * sign(g) whatever b1 and b2; the second tells them apart,
+  # and its gradients of norm 6 and 60 would be rescaled by any gradient clipping (none by default).
+  b1, b2, lr = 0.9, 0.999, 0.1
+  tx = optim.make_optimizer("adamw", learning_rate=lr)
+  params = {"w": jnp.zeros(4)}
+  g1, g2 = np.array([3.0, -3.0, 3.0, 3.0]), np.array([30.0, 30.0, -30.0, 30.0])
+  state = tx.init(params)
+  for g in (g1, g2):
+    updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+  m = b1 * (1 - b1) * g1 + (1 - b1) * g2
+  v = b2 * (1 - b2) * g1**2 + (1 - b2) * g2**2
+  expected = -lr * (m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + 1e-8)
+  np.testing.assert_allclose(updates["w"], expected, rtol=1e-4)  # float32 bias corrections
+
+
+def test_adafactor_decay_rate_sets_the_second_moment_decay():
+  # Adafactor's beta2 at update t (from 1) is 1 - t^-c: after two updates of a (too small to factor) vector
+  # v = (1 - 2^-c) g1^2 + 2^-c g2^2 (+ epsilon 1e-30), with c = adafactor_decay_rate.
+  c = 0.5
+  tx = optim.make_optimizer("adafactor", learning_rate=0.01, adafactor_decay_rate=c)
+  params = {"w": jnp.ones(4)}
+  g1, g2 = np.array([1.0, 2.0, 3.0, 4.0]), np.array([4.0, 3.0, 2.0, 1.0])
+  state = tx.init(params)
+  for g in (g1, g2):
+    _, state = tx.update({"w": jnp.asarray(g)}, state, params)
+  v = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.FactoredState))
+       if isinstance(s, optax.FactoredState)][0].v["w"]
+  np.testing.assert_allclose(v, (1 - 2**-c) * g1**2 + 2**-c * g2**2, rtol=1e-6)
+
+
+def test_learning_rate_at_reads_the_schedule_at_that_step():
+  s = optim.make_schedule("constant * linear_warmup", base_learning_rate=2.0, warmup_steps=10)
+  assert [optim.learning_rate_at(s, t) for t in (0, 5, 20)] == pytest.approx([0.0, 1.0, 2.0])
+  assert optim.learning_rate_at(None, 40_000) == pytest.approx(0.005)  # T5's default rsqrt schedule
+  assert optim.learning_rate_at(0.3, 7) == pytest.approx(0.3)
+
+
+def test_weight_decay_by_default_decays_embeddings_and_spares_norm_scales():
+  # docs/regularisation.md: decay_embeddings=True is the default; RMSNorm scales never decay. AdamW's decay at
+  # lr 0.1, weight_decay 0.5 on a zero gradient: p <- p - lr * wd * p = 0.95 p.
+  params = {"token_embedder": {"embedding": jnp.full((2, 3), 2.0)}, "norm": {"scale": jnp.full((3,), 2.0)},
+            "wo": {"kernel": jnp.full((3, 3), 2.0)}}
+  tx = optim.make_optimizer("adamw", learning_rate=0.1, weight_decay=0.5)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["token_embedder"]["embedding"], 1.9, rtol=1e-6)
+  np.testing.assert_allclose(new["wo"]["kernel"], 1.9, rtol=1e-6)
+  np.testing.assert_allclose(new["norm"]["scale"], 2.0, rtol=1e-6)

@@ -71,6 +71,7 @@ def test_optimizer_state_layout_does_not_depend_on_weight_decay():
 @pytest.mark.parametrize("spec,factors", [
     (None, [1, 1, 1, 1, 1]), ("constant", [1, 1, 1, 1, 1]), ("staged:2", [0, 0, 1, 1, 1]),
     ("linear:1:3", [0, 0, 0.5, 1, 1]), ("piecewise:1=0.5,3=1", [0, 0.5, 0.5, 1, 1]),
+    ("linear:2:2", [0, 0, 1, 1, 1]),  # a ramp of no length is a switch at its step: 'staged:2'
     ("staged:0.5ep", [0, 0, 1, 1, 1]),  # 4 steps per epoch below
     ("staged:0.4ep", [0, 0, 1, 1, 1]), ("linear:0.4ep:0.9ep", [0, 0, 0, 0.5, 1]),  # nearest: 1.6 -> 2, 3.6 -> 4
 ])
@@ -81,7 +82,8 @@ def test_dropout_schedule_factors(spec, factors):
 
 @pytest.mark.parametrize("spec,message", [
     ("staged", "Unknown dropout schedule"), ("staged:1.5", "whole number"), ("linear:5:2", "ends"),
-    ("piecewise:5=1,2=1", "must increase"), ("cosine:3", "Unknown dropout schedule")])
+    ("piecewise:5=1,2=1", "must increase"), ("piecewise:2=1,2=0.5", "must increase"),
+    ("cosine:3", "Unknown dropout schedule")])
 def test_bad_dropout_schedule_says_what_is_accepted(spec, message):
   with pytest.raises(ValueError, match=message):
     dropout_schedule.resolve(spec)
@@ -95,6 +97,14 @@ def test_epochs_need_a_known_epoch_length():
     dropout_schedule.resolve("staged:2ep", epoch_steps=None)
   # T5 span corruption: 512 input tokens hold a 568-token chunk of text, one chunk per row.
   assert dropout_schedule.steps_per_epoch(568 * 128 * 10, batch_size=128, inputs_length=512) == 10
+
+
+def test_max_factor_is_the_largest_factor_a_schedule_reaches():
+  # The trainer refuses rate x max_factor >= 1: a piecewise factor of 2 doubles every rate once step 10 is reached.
+  assert dropout_schedule.max_factor(dropout_schedule.resolve("piecewise:0=0.5,10=2,20=1")) == 2.0
+  assert dropout_schedule.max_factor(dropout_schedule.resolve("piecewise:0=0.25")) == 0.25
+  for spec in (None, "staged:3", "linear:1:4"):
+    assert dropout_schedule.max_factor(dropout_schedule.resolve(spec)) == 1.0
 
 
 def test_scheduled_dropout_switches_at_its_step_without_recompiling():
