@@ -58,14 +58,20 @@ def test_corrupt_checkpoint_names_the_fix_and_is_kept(tmp_path):
   assert (tmp_path / "checkpoints" / "2").exists()
 
 
+def _saved_steps(tmp_path, *states):
+  """A Checkpointer over tmp_path holding steps 1, 2, ... with these states, every save finished."""
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  for step, state in enumerate(states, 1):
+    ck.save(step, state, {"step": step})
+  ck.wait()
+  return ck
+
+
 @pytest.mark.parametrize("step", ["2", 2.0])
 def test_a_step_that_is_no_int_is_named_not_called_missing_or_corrupt(tmp_path, step):
   # CHECKPOINT_STEP='2' said 'No checkpoint of step 2 ... it holds steps [1, 2]'; 2.0 blamed a corrupt checkpoint.
   state = _state()
-  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
-  ck.save(1, state, {"step": 1})
-  ck.save(2, state, {"step": 2})
-  ck.wait()
+  ck = _saved_steps(tmp_path, state, state)
   with pytest.raises(checkpoint.CheckpointError, match=r"step .*2.* is not a whole number.*\[1, 2\] as an int"):
     ck.restore_params(checkpoint.abstract_like(state)["params"], step=step)
   ck.close()
@@ -75,10 +81,7 @@ def test_a_step_that_is_no_int_is_named_not_called_missing_or_corrupt(tmp_path, 
 def test_a_checkpoint_whose_metadata_is_not_the_saved_record_is_damaged_not_a_traceback(tmp_path, meta):
   # Valid JSON of another shape in meta/metadata: a KeyError('step') or TypeError traceback from the trainer.
   state = _state()
-  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
-  ck.save(1, state, {"step": 1})
-  ck.save(2, state, {"step": 2})
-  ck.close()
+  _saved_steps(tmp_path, state, state).close()
   (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text(meta)
   ck = checkpoint.Checkpointer(tmp_path)
   with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2 could not be restored.*resume from step 1"):
@@ -154,11 +157,7 @@ def test_params_of_an_earlier_step_are_that_steps(tmp_path):
   # `repeat-lm eval` with CHECKPOINT_STEP: the parameters must be the chosen step's, not the latest's in its place
   # (every other restore here reads steps whose values are all the same).
   state = _state()
-  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
-  ck.save(1, state, {"step": 1})
-  ck.save(2, dict(state, params={"w": state["params"]["w"] + 1.0}), {"step": 2})
-  ck.close()
-  ck = checkpoint.Checkpointer(tmp_path)
+  ck = _saved_steps(tmp_path, state, dict(state, params={"w": state["params"]["w"] + 1.0}))
   abstract = checkpoint.abstract_like(state["params"])
   for step, offset in ((1, 0.0), (2, 1.0), (None, 1.0)):
     params, restored_step = ck.restore_params(abstract, step=step)
