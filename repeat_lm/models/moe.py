@@ -58,8 +58,8 @@ class MoeConfig:
   group_size: int = 8192  # S, an upper bound: G is the smallest count >= tokens / group_size that fits the mesh
   jitter_noise: float = 0.0  # training only: router inputs scaled by U(1 - eps, 1 + eps) (Switch; T5X uses 0)
   batch_prioritized_routing: bool = False  # encoder only: in the decoder it would let later tokens outrank earlier
-  load_balancing_loss_weight: float = 0.01  # x mean over sparse layers of E x sum_e(fraction_e x mean_prob_e),
-  # per routing group
+  # x mean over sparse layers of E x sum_e(fraction_e x mean_prob_e), within each routing group (as Switch)
+  load_balancing_loss_weight: float = 0.01
   router_z_loss_weight: float = 0.0  # x mean over sparse layers of mean(logsumexp(router logits)^2); ST-MoE 1e-4
   sparse_every: int = 2  # every k-th FFN of each stack is sparse (1 = all); layers per stack must divide by k
   sparse_first: bool = False  # False: the last FFN of each k (flaxformer's MIXED layout); True: the first
