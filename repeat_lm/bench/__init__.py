@@ -7,13 +7,14 @@ import os
 import platform
 
 import jax
-import numpy as np
+
+from repeat_lm import checks
 
 
 def require_positive_ints(**flags) -> None:
   """Raise, naming the command-line flag, unless each value is an integer >= 1 (a bool is not a count)."""
   for name, value in flags.items():
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not checks.is_count(value):
       raise ValueError(f"--{name}={value!r}: must be a positive integer.")
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from repeat_lm import checks
 from repeat_lm.data import plan, tasks
 
 
@@ -56,7 +57,7 @@ class DatasetConfig:
   use_cached: bool = False  # other SeqIO tasks only: read the output of SeqIO's cache job
 
   def __post_init__(self):
-    if not _positive_int(self.batch_size):
+    if not checks.is_count(self.batch_size):
       raise ValueError(f"DatasetConfig.batch_size={self.batch_size!r}: the global batch must hold at least one "
                        "example.")
     if not isinstance(self.task_feature_lengths, Mapping):  # a list ([512, 114]) failed in dict() with a TypeError
@@ -66,7 +67,7 @@ class DatasetConfig:
     if missing:  # an encoder-decoder needs both
       raise ValueError(f"DatasetConfig.task_feature_lengths {dict(self.task_feature_lengths)} has no "
                        f"{' or '.join(repr(k) for k in missing)}: give both, e.g. {{'inputs': 512, 'targets': 114}}.")
-    bad = {k: v for k, v in dict(self.task_feature_lengths).items() if not _positive_int(v)}
+    bad = {k: v for k, v in dict(self.task_feature_lengths).items() if not checks.is_count(v)}
     if bad:
       raise ValueError(f"DatasetConfig.task_feature_lengths {bad}: every feature length must be a positive "
                        "integer (e.g. {'inputs': 512, 'targets': 114}).")
@@ -77,13 +78,6 @@ class DatasetConfig:
                        {k: operator.index(v) for k, v in dict(self.task_feature_lengths).items()})
     if self.seed is not None:
       object.__setattr__(self, 'seed', int(self.seed))  # as _seed reads it
-
-
-def _positive_int(value) -> bool:
-  try:
-    return operator.index(value) >= 1
-  except TypeError:
-    return False
 
 
 def _converter(cfg: DatasetConfig) -> seqio.EncDecFeatureConverter:

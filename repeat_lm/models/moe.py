@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import partitioning as nn_partitioning
 
+from repeat_lm import checks
 from repeat_lm.models import cpu_layouts, layers
 
 Array = jax.Array
@@ -70,7 +71,7 @@ class MoeConfig:
     # Else a ZeroDivisionError (expert_mlp_dim 0: the experts' init) or a NoneType error (no activations) deep in init;
     # min_expert_capacity 0 lets a small factor x S / E round to 0 slots: an IndexError in the gather dispatch.
     sizes = {k: getattr(self, k) for k in ("num_experts", "expert_mlp_dim", "min_expert_capacity")}
-    bad_sizes = {k: v for k, v in sizes.items() if isinstance(v, bool) or int(v) != v or v < 1}
+    bad_sizes = {k: v for k, v in sizes.items() if not checks.is_count(v)}
     if bad_sizes:
       raise ValueError(f"MoeConfig sizes must be whole numbers of at least 1: {bad_sizes}.")
     check_activations("MoeConfig.expert_activations", self.expert_activations)
@@ -78,14 +79,14 @@ class MoeConfig:
       raise ValueError(f"MoeConfig.jitter_noise={self.jitter_noise} must lie in [0, 1) (Switch: 0.01, T5X: 0).")
     if self.dispatch not in DISPATCH_METHODS:
       raise ValueError(f"MoeConfig.dispatch={self.dispatch!r}; choose from {DISPATCH_METHODS}.")
-    if not 1 <= self.num_selected_experts <= self.num_experts:
-      raise ValueError(f"num_selected_experts={self.num_selected_experts} must be in [1, num_experts="
+    if not checks.is_count(self.num_selected_experts) or self.num_selected_experts > self.num_experts:
+      raise ValueError(f"num_selected_experts={self.num_selected_experts!r} must be a whole number in [1, num_experts="
                        f"{self.num_experts}].")
-    if self.sparse_every < 1:
-      raise ValueError(f"MoeConfig.sparse_every={self.sparse_every} must be >= 1.")
-    if self.group_size < 1:
-      raise ValueError(f"MoeConfig.group_size={self.group_size} must be >= 1 (tokens per routing group, an upper "
-                       "bound).")
+    if not checks.is_count(self.sparse_every):
+      raise ValueError(f"MoeConfig.sparse_every={self.sparse_every!r} must be >= 1, a whole number.")
+    if not checks.is_count(self.group_size):
+      raise ValueError(f"MoeConfig.group_size={self.group_size!r} must be >= 1, a whole number (tokens per routing "
+                       "group, an upper bound).")
     if self.train_capacity_factor <= 0 or self.eval_capacity_factor <= 0:
       raise ValueError(f"MoeConfig capacity factors must be positive, got train {self.train_capacity_factor}, "
                        f"eval {self.eval_capacity_factor}.")

@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from repeat_lm import checks
 from repeat_lm.models import attention as attention_lib
 from repeat_lm.models import layers
 from repeat_lm.models import moe as moe_lib
@@ -92,9 +93,12 @@ class T5Config:
 
   def __post_init__(self):
     sizes = {k: getattr(self, k) for k in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
-                                           "num_encoder_layers", "num_decoder_layers")}
-    bad_sizes = {k: v for k, v in sizes.items() if isinstance(v, bool) or int(v) != v or v < 1}
-    if bad_sizes:  # else a ZeroDivisionError or an out-of-range slice deep inside init
+                                           "num_encoder_layers", "num_decoder_layers",
+                                           "relative_attention_num_buckets", "relative_attention_max_distance")}
+    bad_sizes = {k: v for k, v in sizes.items() if not checks.is_count(v)}
+    # Else a ZeroDivisionError or an out-of-range slice deep inside init; a float (emb_dim = 512. in gin) a shape
+    # TypeError there.
+    if bad_sizes:
       raise ValueError(f"T5Config sizes must be whole numbers of at least 1: {bad_sizes}.")
     # A misspelt or non-float dtype would otherwise surface as a bare TypeError when the model is first built.
     try:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import operator
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from repeat_lm import checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,10 +24,10 @@ class CheckpointConfig:
   async_save: bool = True
 
   def __post_init__(self):
-    if not whole_number(self.period) or self.period < 1:
+    if not checks.whole_number(self.period) or self.period < 1:
       raise ValueError(f"CheckpointConfig.period={self.period!r}: save every N >= 1 steps, a whole number (the last "
                        "step and SIGTERM always save).")
-    if self.keep is not None and not whole_number(self.keep):
+    if self.keep is not None and not checks.whole_number(self.keep):
       raise ValueError(f"CheckpointConfig.keep={self.keep!r}: keep the newest N checkpoints, a whole number (no "
                        "quotes), or None: all.")
     if self.keep is not None and self.keep < 1:
@@ -36,15 +37,6 @@ class CheckpointConfig:
 
 class CheckpointError(RuntimeError):
   pass
-
-
-def whole_number(value: Any) -> bool:
-  """An int (not a bool, float or string): what gin must bind to a step or a count."""
-  try:
-    operator.index(value)
-  except TypeError:
-    return False
-  return not isinstance(value, bool)
 
 
 # What Orbax says when the configured state is not the one saved (another model or optimizer), not corrupt files:
@@ -125,7 +117,7 @@ class Checkpointer:
   def _checked_step(self, step: int | None, target: Any, only: str = "") -> tuple[int, dict | None]:
     """`step` (the latest if None) once it exists and its stored leaf shapes (those whose path starts with `only`)
     are `target`'s, with those shapes (None where the metadata cannot be read); else CheckpointError."""
-    if step is not None and not whole_number(step):
+    if step is not None and not checks.whole_number(step):
       # A gin string ('20') or float (20.0) was reported as a missing step beside a list holding it, or as corrupt.
       raise CheckpointError(f"Checkpoint step {step!r} is not a whole number: give one of the steps "
                             f"{self.all_steps()} as an int (CHECKPOINT_STEP=20, no quotes), or None for the latest.")

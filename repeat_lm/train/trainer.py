@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from repeat_lm import files
+from repeat_lm import checks, files
 from repeat_lm.data import pipeline
 from repeat_lm.models import t5
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel, summarize
@@ -182,7 +182,7 @@ def _check_counts(settings: dict[str, tuple[int, int]]) -> None:
   """Each gin setting's (value, minimum): a clear error before anything is written, not a failure mid-run."""
   for name, (value, minimum) in settings.items():
     # A string ('50') failed comparing with a TypeError traceback, a fraction (2.5) deep in the input pipeline.
-    if not ckpt_lib.whole_number(value) or value < minimum:
+    if not checks.is_count(value, minimum):
       raise ValueError(f"{name}={value!r}: must be >= {minimum}, a whole number (no quotes).")
 
 

@@ -272,6 +272,8 @@ def test_the_trainer_refuses_more_steps_than_a_finite_task_holds(c4_path, t5_voc
 
 
 @pytest.mark.parametrize('kwargs,match', [({'batch_size': 0}, 'batch_size=0: the global batch'),
+                                          # True is 1 to Python: a run of one-example batches
+                                          ({'batch_size': True}, 'batch_size=True: the global batch'),
                                           ({'task_feature_lengths': {'inputs': 0, 'targets': 8}},
                                            "task_feature_lengths {'inputs': 0}"),
                                           ({'task_feature_lengths': {'inputs': 512}}, "has no 'targets': give both"),

@@ -52,8 +52,10 @@ def test_bucket_settings_without_a_logarithmic_range_are_refused(buckets, distan
 
 
 @pytest.mark.parametrize("field, value", [("num_heads", 0), ("emb_dim", -4), ("num_encoder_layers", 0),
-                                          ("head_dim", 1.5), ("mlp_dim", True)])
+                                          ("head_dim", 1.5), ("mlp_dim", True), ("emb_dim", 512.0),
+                                          ("relative_attention_num_buckets", 32.0)])
 def test_sizes_below_one_or_not_whole_are_refused(field, value):
+  # emb_dim = 512. (a float) passed and failed at init: 'Shapes must be 1D sequences of ... integer type'.
   from repeat_lm.models import T5Config
   with pytest.raises(ValueError, match=f"sizes must be whole numbers of at least 1: {{'{field}'"):
     T5Config(**{field: value})

@@ -1,0 +1,26 @@
+"""The one check of a configured count (a size, a length, a step, a period), shared by every layer of the package.
+
+Counts arrive from gin bindings and command-line flags, where a typo gives a value Python would accept as a number
+but an array shape or a loop would not: 512. (a float), '512' (a string), True (a bool, which Python counts as 1).
+Each failed far from the typo (a shape TypeError at model init, a silent batch of one), so every config refuses them
+where it is built, with these two predicates.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+
+def whole_number(value: Any) -> bool:
+  """An int or a numpy integer (anything with __index__), not a bool, a float or a string."""
+  try:
+    operator.index(value)
+  except TypeError:
+    return False
+  return not isinstance(value, bool)
+
+
+def is_count(value: Any, minimum: int = 1) -> bool:
+  """A whole number of at least `minimum`."""
+  return whole_number(value) and bool(value >= minimum)

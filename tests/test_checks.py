@@ -1,0 +1,23 @@
+"""The shared count check: what gin and flags may give as a size, a length, a step or a period."""
+
+import numpy as np
+import pytest
+
+from repeat_lm import checks
+
+
+@pytest.mark.parametrize("value", [0, 1, 512, -3, np.int32(7), np.int64(2**40)])
+def test_ints_and_numpy_integers_are_whole_numbers(value):
+  assert checks.whole_number(value)
+
+
+@pytest.mark.parametrize("value", [True, False, 512.0, 1.5, "512", None, np.float32(2.0), [1]])
+def test_bools_floats_and_strings_are_not(value):
+  # True is 1 to Python and 512.0 == 512, but neither is a count a shape or a range may take.
+  assert not checks.whole_number(value)
+
+
+@pytest.mark.parametrize("value, minimum, expected", [(1, 1, True), (0, 1, False), (0, 0, True), (-1, 0, False),
+                                                      (np.int16(3), 3, True), (True, 1, False), (2.0, 1, False)])
+def test_counts_are_whole_numbers_of_at_least_the_minimum(value, minimum, expected):
+  assert checks.is_count(value, minimum) is expected
