@@ -391,7 +391,9 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
     # would take the export for the run.
     raise ValueError(f"{out_dir} is a repeat_lm MODEL_DIR (it holds checkpoints/ or config.gin): export to a "
                      "directory of its own, e.g. --out=MODEL_DIR/hf.")
-  inside = next((p for p in [out_dir.absolute(), *out_dir.absolute().parents]
+  # Where the files really land: 'checkpoints/../hf' is beside the checkpoints, a symlink to checkpoints/20 in them.
+  real = out_dir.resolve()
+  inside = next((p for p in [real, *real.parents]
                  if p.name == "checkpoints" and (p.parent / "config.gin").exists()), None)
   if inside is not None:
     # A step directory is deleted with its checkpoint once training saves `keep` newer ones, the export with it.

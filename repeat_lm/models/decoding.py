@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -51,10 +52,8 @@ class DecodeConfig:
       raise ValueError("max_decode_length and num_beams must be at least 1.")
     # Checked here too, so a bad setting fails before a checkpoint is loaded; only sampling uses the temperature.
     check_sampling(self.temperature if self.method == "sample" else 1.0, self.topk)
-    if self.method == "beam" and not math.isfinite(self.length_penalty_alpha):
-      # Every score NaN (or one flat score): beam search returned empty outputs without an error.
-      raise ValueError(f"length_penalty_alpha={self.length_penalty_alpha}: beam scores divide by ((5 + length) / 6) "
-                       "** alpha, so it must be finite (T5: 0.6; 0: no length penalty).")
+    if self.method == "beam":
+      check_length_penalty(self.length_penalty_alpha)
 
 
 def check_sampling(temperature: float, topk: int) -> None:
@@ -64,6 +63,14 @@ def check_sampling(temperature: float, topk: int) -> None:
                      "decoding for the argmax).")
   if topk < 0:
     raise ValueError(f"topk={topk}: keep k >= 1 most likely tokens, or 0 for all.")
+
+
+def check_length_penalty(alpha: float) -> None:
+  """Refuse a non-finite beam-search alpha: every score NaN (or all equal), beams came back arbitrary, no error."""
+  # Only a concrete number is checked: a traced alpha (beam search under jit with alpha an argument) has no value yet.
+  if isinstance(alpha, numbers.Real) and not math.isfinite(alpha):
+    raise ValueError(f"length_penalty_alpha={alpha}: beam scores divide by ((5 + length) / 6) ** alpha, so it must "
+                     "be finite (T5: 0.6; 0: no length penalty).")
 
 
 def cache_batch_axis(module: nn.Module) -> int:
@@ -180,6 +187,7 @@ def beam_search_all(module: nn.Module, params: Any, encoder_input_tokens_BxS: Ar
   the others end), moves those ending in EOS to the finished set (scored log p / length penalty) and the best K
   others to the alive set. It stops when no alive beam can overtake the worst finished one, or after L tokens.
   """
+  check_length_penalty(alpha)  # checked here too, as `sample` checks its settings: callers need no DecodeConfig
   k, length = num_beams, max_decode_length
   batch = encoder_input_tokens_BxS.shape[0]
   axis = cache_batch_axis(module)

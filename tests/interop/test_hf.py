@@ -169,6 +169,20 @@ def test_export_refuses_a_model_dir_and_an_unknown_dtype(tmp_path):
     assert not (tmp_path / "run" / out / "config.json").exists()
 
 
+def test_export_judges_where_the_files_land_not_how_the_path_is_spelt(tmp_path):
+  run = tmp_path / "run"
+  (run / "checkpoints" / "20").mkdir(parents=True)
+  (run / "config.gin").write_text("")
+  # A symlink into checkpoints/20: the export was written there, and deleted with the step's checkpoint.
+  (tmp_path / "snap").symlink_to(run / "checkpoints" / "20")
+  with pytest.raises(ValueError, match="inside the checkpoints of the MODEL_DIR"):
+    hf.export_hf(init_params(TINY), TINY, tmp_path / "snap" / "hf")
+  assert not (run / "checkpoints" / "20" / "hf").exists()
+  # checkpoints/../hf is MODEL_DIR/hf, the very directory the refusal suggested.
+  hf.export_hf(init_params(TINY), TINY, run / "checkpoints" / ".." / "hf")
+  assert (run / "hf" / "config.json").exists()
+
+
 def test_an_export_without_tokenizer_removes_an_earlier_exports_tokenizer(tmp_path):
   """A tokenizer left by an earlier export would load beside the new weights as theirs."""
   from repeat_lm.data import vocab

@@ -160,6 +160,13 @@ def test_decode_config_is_checked():
     decoding.DecodeConfig(method="beam", length_penalty_alpha=float("nan"))
 
 
+def test_beam_search_called_directly_refuses_a_non_finite_length_penalty():
+  # DecodeConfig refused a NaN alpha, but beam_search (public, docs/interop.md) returned arbitrary beams scored NaN.
+  module, params, inputs = setup("dense")
+  with pytest.raises(ValueError, match="length_penalty_alpha=nan: .* must be finite"):
+    decoding.beam_search(module, params, inputs, L, num_beams=3, alpha=float("nan"))
+
+
 def test_sampling_step_i_draws_with_the_key_folded_with_i():
   """`sample` draws step i from categorical(fold_in(rng, i), logits / temperature): the same draws from the uncached
   forward pass's log-probabilities (softmax is shift-invariant). One key for every step would reuse the same Gumbel
