@@ -664,7 +664,9 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="repeat-lm", description="Pre-train T5-style models on repeated data.")
-  parser.add_argument("--log_level", default="INFO")
+  # Checked here: logging.basicConfig refused an unknown name (--log_level=verbose) with a traceback.
+  parser.add_argument("--log_level", default="INFO", type=str.upper, choices=list(logging.getLevelNamesMapping()),
+                      help="Python logging level (case-insensitive).")
   sub = parser.add_subparsers(dest="command", required=True)
   for add, _ in COMMANDS.values():
     add(sub)

@@ -101,23 +101,39 @@ def quiet_search_misses():
     logging.getLogger().removeFilter(quiet)
 
 
+@contextlib.contextmanager
+def only_search_paths(paths: Sequence[str]):
+  """Inside the block gin looks files up under exactly `paths` (after the path as given); afterwards as before. gin
+  keeps one list per process that each add_config_file_search_path call extends and clear_config keeps: an earlier
+  parse's --gin_search_path (or current directory) came first, and its folder's include won over this parse's."""
+  prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+  saved = list(prefixes)
+  prefixes[:] = [""]
+  for path in paths:
+    gin.add_config_file_search_path(path)
+  try:
+    yield
+  finally:
+    prefixes[:] = saved
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
           prelude: str = CLI_PRELUDE) -> None:
   """Parse files then bindings (later ones win), with readable errors."""
   gin.clear_config()
-  for path in [*search_paths, *default_search_paths()]:
-    gin.add_config_file_search_path(path)
+  paths = [*search_paths, *default_search_paths()]
   for f in gin_files:
-    if not any((Path(p) / f).is_file() for p in ["", *search_paths, *default_search_paths()]):
-      raise GinConfigError(f"Gin file {f!r} not found (searched {', '.join(default_search_paths()[1:])} and the "
-                           "current directory); "
+    if not any((Path(p) / f).is_file() for p in ["", *paths]):
+      # The --gin_search_path folders are named too: they were searched, and leaving them out read as ignored.
+      searched = [*search_paths, *default_search_paths()[1:]]
+      raise GinConfigError(f"Gin file {f!r} not found (searched {', '.join(searched)} and the current directory); "
                            "pass an existing path, e.g. --gin_file=gin/runs/smoke.gin.")
   # One parse per file and per binding (what gin.parse_config_files_and_bindings does in one go), so an error can
   # name its source: gin numbers the lines of the bindings joined after the prelude, and a tokenizer error (an
   # unclosed bracket) names no file or line at all.
   source = ""
   try:
-    with quiet_search_misses():
+    with quiet_search_misses(), only_search_paths(paths):
       for f in gin_files:
         source = f"--gin_file={f} (or a file it includes)"
         gin.parse_config_file(f)

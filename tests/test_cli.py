@@ -1,8 +1,12 @@
 """The command line: bad input gives exit code 2 and a message that names the problem and the fix."""
 
+import runpy
+import sys
+
 import pytest
 
-from repeat_lm import cli
+from repeat_lm import cli, demo, runtime
+from repeat_lm.experiments import launch_local
 
 
 def test_missing_required_macro(capsys):
@@ -36,3 +40,46 @@ def test_help_lists_commands(capsys):
     cli.main(["--help"])
   out = capsys.readouterr().out
   assert "train" in out and "eval" in out
+
+
+def test_an_unknown_log_level_is_a_usage_error(capsys):
+  # logging.basicConfig raised ValueError("Unknown level: 'VERBOSE'") as a traceback.
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--log_level=verbose", "plan", "--unique-tokens=1e9", "--compute=1e20"])
+  assert e.value.code == 2 and "invalid choice: 'VERBOSE'" in capsys.readouterr().err
+  assert cli.build_parser().parse_args(["--log_level=warning", "collect", "--root=x"]).log_level == "WARNING"
+
+
+def test_strict_json_nulls_every_non_finite_float():
+  # JSON has no NaN or Infinity (RFC 8259): a diverged run's inf loss is null too, inside lists and tuples.
+  inf, nan = float("inf"), float("nan")
+  assert cli.strict_json({"a": inf, "b": [-inf, 1.5, (nan, 2)], "c": {"d": nan}}) == {
+      "a": None, "b": [None, 1.5, [None, 2]], "c": {"d": None}}
+
+
+def test_demo_gets_its_flags(tmp_path, monkeypatch, capsys):
+  calls = []
+  monkeypatch.setattr(demo, "run_demo", lambda out, **kw: calls.append((out, kw)))
+  assert cli.main(["demo", f"--out={tmp_path}", "--seed=3", "--quick", "--steps=5"]) == 0
+  assert calls == [(str(tmp_path), {"seed": 3, "quick": True, "steps": 5})]
+  assert cli.main(["demo", f"--out={tmp_path}", "--gin.DROPOUT_RATE=0.1"]) == 2  # its settings are demo.py's
+  assert "demo takes no --gin bindings" in capsys.readouterr().err and len(calls) == 1
+
+
+def test_launch_local_passes_the_command_and_its_bindings(monkeypatch):
+  calls = []
+  monkeypatch.setattr(launch_local, "launch", lambda *a: calls.append(a) or 0)
+  assert cli.main(["launch-local", "--num_processes=3", "--devices_per_process=2", "--port=1234", "--", "train",
+                   "--gin_file=gin/runs/smoke.gin", "--gin.TRAIN_STEPS=2"]) == 0
+  assert calls == [(["train", "--gin_file=gin/runs/smoke.gin", "--gin.TRAIN_STEPS=2"], 3, 2, 1234)]
+
+
+def test_python_m_train_passes_its_arguments_to_train(monkeypatch):
+  # `python -m repeat_lm.train ARGS` is `repeat-lm train ARGS`: the module's own path (sys.argv[0]) is no argument.
+  calls = []
+  monkeypatch.setattr(runtime, "configure_host_allocator", lambda: None)
+  monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+  monkeypatch.setattr(sys, "argv", ["/x/repeat_lm/train/__main__.py", "--gin_file=a.gin", "--gin.TRAIN_STEPS=2"])
+  with pytest.raises(SystemExit) as e:
+    runpy.run_module("repeat_lm.train", run_name="__main__")
+  assert e.value.code == 0 and calls == [["train", "--gin_file=a.gin", "--gin.TRAIN_STEPS=2"]]

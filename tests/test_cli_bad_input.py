@@ -48,6 +48,21 @@ def test_a_full_disk_is_an_error_not_a_traceback(monkeypatch, capsys):
   assert "No space left on device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("error, hint", [
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "out/a_file/x"), "Check the paths"),
+    (PermissionError(errno.EACCES, "Permission denied", "/out"), "Check the paths"),
+    (OSError(errno.ENOSPC, "No space left on device"), "Free space"),
+    (OSError(errno.EIO, "Input/output error"), "Free space")])
+def test_an_os_error_gets_the_hint_of_its_kind(monkeypatch, capsys, error, hint):
+  def fail(*_):
+    raise error
+  monkeypatch.setitem(cli.COMMANDS, "plan", (cli.COMMANDS["plan"][0], fail))
+  assert cli.main(["plan", "--unique-tokens=1e9", "--compute=1e20"]) == 2
+  err = capsys.readouterr().err
+  other = "Free space" if hint == "Check the paths" else "Check the paths"
+  assert hint in err and other not in err
+
+
 def test_collect_of_a_root_without_runs_keeps_the_results_table(tmp_path, capsys):
   from repeat_lm.experiments import collect
   table = tmp_path / "results.csv"

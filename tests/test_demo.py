@@ -9,6 +9,7 @@ import pytest
 
 from repeat_lm import cli, demo
 from repeat_lm.analysis import report
+from repeat_lm.data import pipeline, tasks
 
 FILES = ("report.html", "report.md", "summary.json", "eval_loss.png", "eval_accuracy.png", "train_loss.png")
 RUN_KEYS = ("name", "unique_tokens", "epochs", "tokens_seen", "final_eval_loss", "best_eval_loss",
@@ -111,7 +112,6 @@ def test_steps_beyond_the_budget_are_refused_before_training(tmp_path, capsys):
 
 
 def test_every_run_evaluates_on_the_same_held_out_text():
-  from repeat_lm.data import pipeline, tasks
   s = demo.QUICK
   batches = []
   for run in demo.run_specs(s):
@@ -152,3 +152,66 @@ def test_findings_follow_the_numbers():
   text = " ".join(demo.findings({"fresh": fresh, "repeated": better, "repeated_dropout": hurt}, seed=1))
   assert "0.1000 lower (better)" in text and "did not help" in text and "(+1.2000)" in text
   assert "it overfit" not in text and "recovering" not in text and text.count("no overfitting") == 3
+
+
+def test_findings_at_the_edges():
+  fresh = _run("fresh", 5.0, 5.0, 100, unique=32000)
+  # The repeated run ended where it was lowest before (rise 0): not overfitting. Its lowest point at step 20 of 100
+  # had read 6400 of its 32000 tokens: epoch 6.4 of a 1000-token subset.
+  flat = _run("repeated", 5.5, 5.5, 20)
+  assert "no overfitting" in demo._overfitting(flat) and "rose by" not in demo._overfitting(flat)
+  assert "epoch 6.4" in demo._overfitting(_run("repeated", 6.0, 5.5, 20))
+  # Repeating beat fresh data: dropout helping further recovers no gap; an equal loss is no help.
+  better = _run("repeated", 4.9, 4.9, 100)
+  text = " ".join(demo.findings({"fresh": fresh, "repeated": better, "repeated_dropout": _run("repeated_dropout", 4.8,
+                                                                                             4.8, 100)}, seed=0))
+  assert "helped" in text and "(-0.1000)" in text and "recovering" not in text
+  text = " ".join(demo.findings({"fresh": fresh, "repeated": better, "repeated_dropout": _run("repeated_dropout", 4.9,
+                                                                                             4.9, 100)}, seed=0))
+  assert "did not help" in text and "(+0.0000)" in text
+
+
+def test_steps_equal_to_the_budget_are_accepted(tmp_path, monkeypatch):
+  # "give at most {budget} steps": the budget itself is allowed (the first check after it reads the run folders).
+  monkeypatch.setattr(demo, "budget_steps", lambda s, specs: 10)
+
+  class Reached(Exception):
+    pass
+
+  def reached(*_):
+    raise Reached
+  monkeypatch.setattr(demo, "_check_settings", reached)
+  with pytest.raises(Reached):
+    demo.run_demo(tmp_path, quick=True, steps=10)
+  with pytest.raises(ValueError, match="give at most 10 steps"):
+    demo.run_demo(tmp_path, quick=True, steps=11)
+
+
+def test_the_budget_is_what_every_run_can_read(monkeypatch):
+  # Full batches of the run with the fewest examples: the trainer stops every other run at that step too.
+  examples = {"repeat_lm.wiki.wiki8k.span.d14.e0": 100, "repeat_lm.wiki.wiki8k.span.d11.e3": 90}
+  monkeypatch.setattr(tasks, "ensure_registered", lambda name: name)
+  monkeypatch.setattr(pipeline, "example_stream",
+                      lambda cfg: type("Stream", (), {"total_examples": examples[cfg.mixture_or_task_name]}))
+  assert demo.budget_steps(demo.QUICK, demo.run_specs(demo.QUICK)) == 90 // demo.QUICK.batch_size
+
+
+def test_the_training_time_is_summed_over_resumes(tmp_path, monkeypatch):
+  record = {"settings": {"steps": 3}, "steps": 3, "seed": 0, "task": "t"}
+  (tmp_path / "demo_run.json").write_text(json.dumps({**record, "train_wall_s": 2.0}))  # the interrupted first try
+  monkeypatch.setattr(demo, "train_run", lambda *args: 5.0)
+  demo._train_and_record(demo.QUICK, None, tmp_path, record, 3, 0)
+  assert json.loads((tmp_path / "demo_run.json").read_text())["train_wall_s"] == 7.0
+
+
+def test_summary_best_values_are_each_metric_s_best(tmp_path):
+  # The lowest loss (step 10) and the highest accuracy (step 20) fall on different evaluations.
+  records = [{"step": 10, "train/tokens_seen": 640.0, "train/loss": 5.0}, {"step": 10, "eval/loss": 4.0,
+             "eval/accuracy": 0.30}, {"step": 20, "train/tokens_seen": 1280.0, "train/loss": 4.0},
+             {"step": 20, "eval/loss": 4.5, "eval/accuracy": 0.35}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  run = demo.run_specs(demo.QUICK)[1]
+  s = demo.summarise_run(run, tmp_path, demo.QUICK)
+  assert (s["best_eval_loss"], s["best_step"], s["final_eval_loss"]) == (4.0, 10, 4.5)
+  assert (s["best_eval_accuracy"], s["final_eval_accuracy"]) == (0.35, 0.35)
+  assert s["epochs"] == 1280.0 / 2**11 and s["tokens_seen"] == 1280.0

@@ -45,3 +45,26 @@ def test_a_write_failing_part_way_leaves_the_earlier_file(tmp_path, monkeypatch)
   monkeypatch.undo()
   assert target.read_bytes() == b'{"status": "finished"}'
   assert [p.name for p in tmp_path.iterdir()] == ['status.json']
+
+
+def test_the_file_is_readable_by_other_users(tmp_path):
+  # mkstemp creates 0600: a shared cache (a corpus, a vocabulary) written by one user must stay readable by others.
+  target = tmp_path / 'vocab.model'
+  files.atomic_write_bytes(target, b'x')
+  assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_missing_parent_folders_are_made(tmp_path):
+  target = tmp_path / 'a' / 'b' / 'c' / 'status.json'
+  files.atomic_write_bytes(target, b'{}')
+  assert target.read_bytes() == b'{}'
+
+
+def test_the_temp_file_is_renamed_from_the_target_folder(tmp_path, monkeypatch):
+  # A rename is atomic within one file system only: a temp file elsewhere (/tmp) fails across devices (EXDEV).
+  renamed = []
+  replace = os.replace
+  monkeypatch.setattr(files.os, 'replace', lambda src, dst: (renamed.append(src), replace(src, dst)))
+  files.atomic_write_bytes(tmp_path / 'out' / 'model.bin', b'x')
+  (src,) = renamed
+  assert os.path.dirname(src) == str(tmp_path / 'out')

@@ -118,3 +118,36 @@ def test_readme_c4_gin_snippet_parses(tmp_path):
   # A budget and a validation corpus: the train files are streamed only as far as the subset needs (docs/data.md).
   assert gin.query_parameter("tasks.repeated_task.unique_tokens") == 2**35
   assert gin.query_parameter("tasks.repeated_task.validation").startswith("/data/c4/en/c4-validation")
+
+
+def test_a_macro_used_only_inside_a_list_or_dict_may_be_bound(tmp_path):
+  # Such a macro is used (e.g. TASK_FEATURE_LENGTHS = {'inputs': %INPUTS_LENGTH}): its binding changes the value.
+  uses = tmp_path / "uses.gin"
+  uses.write_text("from __gin__ import dynamic_registration\nfrom repeat_lm import gin_utils\nA = 1\nB = 2\n"
+                  "gin_utils.macro_value.value = {'a': %A, 'b': [%B]}\n")
+  gin_utils.parse([str(uses)], ["A=3", "B=4"])
+  assert gin.configurable(gin_utils.macro_value)() == {"a": 3, "b": [4]}
+
+
+def test_an_unbound_required_macro_stops_the_call_before_it_runs():
+  # gin hands a %gin.REQUIRED macro's sentinel object on, so the configured function would run with it.
+  gin_utils.parse(["gin/runs/smoke.gin"], [])
+  with pytest.raises(gin_utils.GinConfigError, match=r"Required setting\(s\) not bound: MODEL_DIR"):
+    gin_utils.call_configured(gin_utils.macro_value, value="ran")
+
+
+def test_a_missing_gin_file_names_the_search_paths_given(tmp_path):
+  with pytest.raises(gin_utils.GinConfigError, match=f"searched {tmp_path}, "):
+    gin_utils.parse(["no_such_model.gin"], [], [str(tmp_path)])
+
+
+def test_an_include_is_read_from_this_parse_s_search_path(tmp_path):
+  # gin keeps every search path ever added: the second parse read folder a's inc.gin, not that of its own folder b.
+  for folder in ("a", "b"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "inc.gin").write_text(f"X = '{folder}'\n")
+  main = tmp_path / "main.gin"
+  main.write_text("from __gin__ import dynamic_registration\nfrom repeat_lm import gin_utils\ninclude 'inc.gin'\n"
+                  "gin_utils.macro_value.value = %X\n")
+  assert gin_utils.configured_macro([str(main)], [], "X", [str(tmp_path / "a")]) == "a"
+  assert gin_utils.configured_macro([str(main)], [], "X", [str(tmp_path / "b")]) == "b"

@@ -1,5 +1,6 @@
 """Process settings: XLA flags defer to the user's, and the host allocator is only set for CPU-only glibc runs."""
 
+import importlib
 import os
 import pathlib
 import platform
@@ -76,3 +77,32 @@ def test_python_m_train_gets_the_host_allocator_like_the_command_line():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert "HOST_ALLOCATOR" in out.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are Linux-only")
+def test_host_malloc_needs_glibc(monkeypatch):
+  # GLIBC_TUNABLES is glibc's: under musl (Alpine) the re-execution would only cost a second start-up.
+  monkeypatch.setattr(runtime, "accelerator_plugin_installed", lambda: False)
+  monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
+  assert not runtime.wants_host_malloc({"JAX_PLATFORMS": "cpu"})
+
+
+def test_accelerator_plugins_are_found_as_jax_finds_them(tmp_path, monkeypatch):
+  """GPU plugins are modules of the jax_plugins namespace package (jax[cuda12] installs jax_plugins/xla_cuda12), TPUs
+  have the libtpu module; an empty namespace is no plugin."""
+  for name in ("jax_plugins", "libtpu"):
+    monkeypatch.delitem(sys.modules, name, raising=False)
+  monkeypatch.setattr(sys, "path", [str(tmp_path)])
+  (tmp_path / "jax_plugins").mkdir()
+  importlib.invalidate_caches()
+  assert not runtime.accelerator_plugin_installed()
+  (tmp_path / "jax_plugins" / "xla_cuda12").mkdir()
+  (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("")
+  importlib.invalidate_caches()
+  assert runtime.accelerator_plugin_installed()
+  (tmp_path / "tpu").mkdir()
+  (tmp_path / "tpu" / "libtpu").mkdir()
+  (tmp_path / "tpu" / "libtpu" / "__init__.py").write_text("")
+  monkeypatch.setattr(sys, "path", [str(tmp_path / "tpu")])
+  importlib.invalidate_caches()
+  assert runtime.accelerator_plugin_installed()

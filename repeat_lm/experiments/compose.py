@@ -73,12 +73,11 @@ def load(path: str, bindings: Sequence[str] = ()) -> Experiment:
 
 def _parse_text(text: str, bindings: Sequence[str]) -> None:
   gin.clear_config()
-  for p in gin_utils.default_search_paths():
-    gin.add_config_file_search_path(p)
   # The prelude opens with dynamic registration, which gin accepts only once and before any import.
   text = re.sub(r"^from __gin__ import dynamic_registration\s*$", "", text, flags=re.M)
   try:
-    with gin_utils.quiet_search_misses():  # the text's includes
+    # The text's includes, looked up under the default paths only (not an earlier parse's --gin_search_path).
+    with gin_utils.quiet_search_misses(), gin_utils.only_search_paths(gin_utils.default_search_paths()):
       gin.parse_config_files_and_bindings([], [gin_utils.CLI_PRELUDE + text, *bindings], finalize_config=False)
   except Exception as e:  # gin raises several types for the same mistake
     raise gin_utils.GinConfigError(f"Could not compose the run's gin ({type(e).__name__}): {e}") from e
