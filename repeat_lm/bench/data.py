@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
+
 from repeat_lm.data import pipeline
 
 
@@ -38,6 +40,17 @@ def _tokens(batch) -> tuple[int, int]:
   return int((batch['encoder_input_tokens'] > 0).sum()), int((batch['decoder_target_tokens'] > 0).sum())
 
 
+def _examples(batch) -> int:
+  """Examples with targets in a host batch: one per decoder segment where rows are packed (other SeqIO tasks:
+  seqio's converter puts several examples in a row), else one per row with loss weights."""
+  segments = batch.get('decoder_segment_ids')
+  if segments is None:
+    return int((batch['decoder_loss_weights'].sum(1) > 0).sum())
+  starts = (segments != 0) & np.concatenate([np.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]],
+                                            axis=1)
+  return int(starts.sum())
+
+
 def run_benchmark(cfg: pipeline.DatasetConfig, bench: DataBenchConfig = DataBenchConfig()) -> dict:
   start = time.perf_counter()
   batches = pipeline.get_batches(cfg, shard_id=bench.shard_id, num_shards=bench.num_shards)
@@ -45,12 +58,12 @@ def run_benchmark(cfg: pipeline.DatasetConfig, bench: DataBenchConfig = DataBenc
   setup_s = time.perf_counter() - start
   for _ in range(bench.warmup):
     next(batches)
-  inputs = targets = rows = 0
+  inputs = targets = examples = 0
   start = time.perf_counter()
   for _ in range(bench.steps):
     batch = next(batches)
     i, t = _tokens(batch)
-    inputs, targets, rows = inputs + i, targets + t, rows + int((batch['decoder_loss_weights'].sum(1) > 0).sum())
+    inputs, targets, examples = inputs + i, targets + t, examples + _examples(batch)
   elapsed = time.perf_counter() - start
   batches.close()
   total = pipeline.num_batches(cfg)
@@ -69,7 +82,7 @@ def run_benchmark(cfg: pipeline.DatasetConfig, bench: DataBenchConfig = DataBenc
       'resume_first_batch_s': resume_s,
       'batch_time_s': elapsed / bench.steps,
       'batches_per_s': bench.steps / elapsed,
-      'examples_per_s': rows / elapsed,
+      'examples_per_s': examples / elapsed,
       'tokens_per_s': (inputs + targets) / elapsed,  # non-padding input + target tokens
       'row_tokens_per_s': padded * bench.steps / elapsed,  # what the training step consumes, padding included
       'input_fill': inputs / max(bench.steps * first['encoder_input_tokens'].size, 1),

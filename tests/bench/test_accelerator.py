@@ -208,7 +208,8 @@ def test_base_sweep_without_an_accelerator_plugin_says_what_to_do(tmp_path, monk
 
 @pytest.mark.parametrize("kwargs,match", [({"steps": 0}, "--steps=0"), ({"rounds": -2}, "--rounds=-2"),
                                           ({"batch_size": 0}, "--batch_size=0"),
-                                          ({"time_budget_s": 0}, "--time_budget_s=0")])
+                                          ({"time_budget_s": 0}, "--time_budget_s=0"),
+                                          ({"variant_timeout_s": -1}, "--variant_timeout_s=-1")])
 def test_bad_sweep_settings_name_the_flag(tmp_path, kwargs, match):
   with pytest.raises(ValueError, match=match):
     accelerator.measure(tmp_path / "out.md", model_gin="gin/models/t5_1_1_tiny.gin", **kwargs)
@@ -221,3 +222,29 @@ def test_a_failed_variant_is_named_by_the_cause_not_the_hint_after_it():
            "Fix the binding it names (--gin.KEY=VALUE or the gin file).")
   assert "needs a GPU" in accelerator.short_error(error)
   assert accelerator.short_error("one line") == "one line"
+
+
+def test_no_variant_starts_after_the_deadline_the_2x_batch_run_included(monkeypatch):
+  clock = [0.0]
+  monkeypatch.setattr(accelerator.time, "monotonic", lambda: clock[0])
+
+  def run(v):
+    clock[0] += 10.0  # each variant takes 10 s
+    return fake_result(v, 0.1)
+
+  variants = accelerator.base_variants(8)[:2]
+  results = accelerator.sweep(run, variants, deadline=15.0, save=lambda r: None)
+  # Both started before the deadline (at 0 and 10 s); at 20 s the fastest at twice the batch does not.
+  assert [r["name"] for r in results] == [v.name for v in variants]
+
+
+def test_measure_keeps_the_previous_rows_in_every_write(tmp_path, monkeypatch):
+  old = accelerator.Variant.parse("scan:none:einsum:8")
+  new = accelerator.Variant.parse("scan:minimal:cudnn:8")
+  previous = [fake_result(old, 0.3) | {"name": old.name}]
+  monkeypatch.setattr(accelerator.report, "run_bench", lambda args, timeout_s=None: fake_result(new, 0.2))
+  m = accelerator.measure(tmp_path / "out.md", variants=[new], previous=previous,
+                          model_gin="gin/models/t5_1_1_tiny.gin")
+  written = json.loads((tmp_path / "out.json").read_text())
+  assert [r["name"] for r in written["results"]] == [r["name"] for r in m["results"]] == [old.name, new.name]
+  assert old.name in (tmp_path / "out.md").read_text()

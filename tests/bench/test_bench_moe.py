@@ -27,6 +27,7 @@ def test_bench_moe_times_each_variant_against_the_dense_twin(capsys):
   # Groups and capacity as the layer computes them: 256 encoder tokens (8 x 32) on 8 data shards, 64 decoder.
   assert sparse["groups"] == {"encoder": moe.num_groups(256, 256, 8), "decoder": moe.num_groups(64, 256, 8)}
   assert sparse["capacity"]["encoder"] == moe.expert_capacity(256 // sparse["groups"]["encoder"], 4, 1.25, 4)
+  assert sparse["capacity"]["decoder"] == moe.expert_capacity(64 // sparse["groups"]["decoder"], 4, 1.25, 4)
   assert 0.0 <= sparse["fraction_dropped"] <= 1.0 and "groups" not in dense
   # Switch-Tiny's ReLU experts do 2/3 of its gated dense FFN's FLOPs: the twin is not FLOP-matched, and the row says so.
   assert sparse["model_flops_vs_dense"] == sparse["model_flops_per_step"] / dense["model_flops_per_step"] < 0.99
@@ -65,3 +66,39 @@ def test_ffn_sublayer_reference_does_the_experts_flops():
   cost = cost[0] if isinstance(cost, list) else cost
   experts = tokens * (flops.ffn_flops_per_token(cfg, sparse=True) - 2 * cfg.emb_dim * cfg.moe.num_experts)
   assert abs(cost["flops"] / experts - 1.0) < 0.05, (cost["flops"], experts)  # + GELU's elementwise ops
+
+
+def test_ratios_to_the_dense_twin_divide_medians_and_minima(monkeypatch):
+  """With the steps' and the FFN sublayers' rounds scripted: the step ratio divides the medians, the 'min' ratios the
+  fastest rounds (what other load on a shared machine leaves alone)."""
+  cfg = t5.T5Config(vocab_size=64, dtype="float32", emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=2,
+                    num_decoder_layers=2, mlp_dim=32, moe=moe.MoeConfig(num_experts=4, expert_mlp_dim=32))
+  # Seconds of each 1-step round after a warm-up: dense 1, 3, 2 (median 2, min 1); MoE 5, 3, 4 (median 4, min 3).
+  steps = {True: iter([0.0, 1.0, 3.0, 2.0]), False: iter([0.0, 5.0, 3.0, 4.0])}
+  # The FFN sublayer alone: dense 2, 1, 4 (min 1); MoE 6, 9, 3 (min 3).
+  layers = {True: iter([2.0, 1.0, 4.0]), False: iter([6.0, 9.0, 3.0])}
+
+  class FakeStep:
+    compile_time_s = 1.0
+    last_metrics = {"loss_sum": 8.0, "weight_sum": 4.0, "moe_fraction_dropped_sum": 1.0}
+
+    def __init__(self, model, *args):
+      del args
+      self.rounds = steps[model.module.config.moe is None]
+
+    def run(self, n):
+      del n
+      return next(self.rounds)
+
+  monkeypatch.setattr(bench_moe.bench_train, "JaxStep", FakeStep)
+  monkeypatch.setattr(bench_moe, "_layer_step", lambda model, tokens, moe_cfg: (
+      lambda n, rounds=layers[model.module.config.moe is None]: next(rounds)))
+  bench_cfg = bench_moe.bench_train.BenchConfig(batch_size=8, inputs_length=32, targets_length=8, steps=1, rounds=3,
+                                                warmup=1)
+  r = bench_moe.run_moe_benchmark(EncoderDecoderModel(t5.Transformer(cfg)), bench_cfg, dispatch=["gather"])
+  dense, sparse = r["variants"]["dense"], r["variants"]["moe_gather_g8192"]
+  assert (dense["step_time_s"], sparse["step_time_s"]) == (2.0, 4.0)
+  assert sparse["step_time_vs_dense"] == 2.0 and sparse["step_time_min_vs_dense"] == 3.0
+  assert sparse["ffn_layer_time_min_s"] == 3.0 and sparse["ffn_layer_time_min_vs_dense"] == 3.0
+  assert dense["step_time_min_vs_dense"] == dense["ffn_layer_time_min_vs_dense"] == 1.0
+  assert sparse["fraction_dropped"] == 0.25 and sparse["tokens_per_s"] == 8 * 40 / 4.0

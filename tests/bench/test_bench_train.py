@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import numpy as np
@@ -96,7 +97,7 @@ def test_compare_hf_refuses_models_its_peer_is_not():
       bench_train.run_benchmark(model, CFG, compare_hf=True, partitioner=partitioning.Partitioner(4, 2))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_hf_peer_runs_low_precision_activations_under_autocast(dtype):
   """Mixed precision on both sides: float32 parameters, matmuls in the activation dtype (torch.autocast)."""
   torch = pytest.importorskip("torch")
@@ -309,3 +310,114 @@ def test_report_ablations_are_one_command_each_the_shipped_row_included(monkeypa
   assert [name for name, _ in m["ablations"]] == [name for name, _ in report.ABLATIONS]
   assert all(r["args"] == rows[0]["args"] for r in rows)  # no row ran beside Hugging Face or under the profiler
   assert not any(a.startswith(("--compare", "--profile_dir")) for a in rows[0]["args"])
+
+
+def test_report_lists_the_other_hosts_newest_first():
+  from repeat_lm.bench import report
+  row = {"dtype": "float32", "step_time_s": 4.0, "step_time_min_s": 3.9, "step_time_max_s": 4.2, "tokens_per_s": 1252.0,
+         "mfu": 0.5}
+  others = {"A": {"date": "2026-10-01", "train": [row]}, "B": {"date": "2026-11-30", "train": [row]},
+            "C": {"date": "2026-11-02", "train": [row]}}
+  lines = [line for line in report.other_hosts_lines(others) if line.startswith(("| A |", "| B |", "| C |"))]
+  assert [line[2] for line in lines] == ["B", "C", "A"]
+
+
+def test_run_bench_removes_the_variables_set_to_none_and_reads_the_json_after_the_logs(monkeypatch):
+  import subprocess
+  from repeat_lm.bench import report
+  seen = {}
+
+  def fake_run(cmd, env, **kwargs):
+    seen.update(cmd=cmd, env=env)
+    return subprocess.CompletedProcess(cmd, 0, stdout='{"log": "not the result"}\n{"step_time_s": 4.0}\n', stderr="")
+
+  monkeypatch.setattr(report.subprocess, "run", fake_run)
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+  assert report.run_bench(["--steps=1"], {"GLIBC_TUNABLES": None, "REPEAT_LM_HOST_MALLOC": "0"}) == \
+      {"step_time_s": 4.0}
+  assert "GLIBC_TUNABLES" not in seen["env"] and seen["env"]["REPEAT_LM_HOST_MALLOC"] == "0"
+  assert seen["cmd"][-3:] == ["train", "--json", "--steps=1"]
+
+
+def test_hf_peer_of_a_tied_model_shares_its_embedding():
+  """A dense model whose logits come from the embedding (logits_via_embedding, as in T5 1.0) has no output matrix
+  of its own: nor has its peer, which would otherwise have a V x D matrix more to differentiate and update."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from repeat_lm.bench import hf
+  from repeat_lm.models import info
+  config = dataclasses.replace(tiny().module.config, logits_via_embedding=True)
+  model = hf.peer_model(config)
+  assert model.lm_head.weight is model.shared.weight
+  assert sum(p.numel() for p in model.parameters()) == info.param_counts(config)["params_total"]
+
+
+def test_step_time_is_the_median_round_and_mfu_is_against_the_best_probe(monkeypatch):
+  """With the compiled step's rounds and the CPU probes scripted: the step time is the median round (not the mean),
+  and the peak the best of the probe before the rounds and those beside them, as the peak's source says."""
+  runs = iter([0.0, 0.6, 0.2, 1.6])  # the warm-up, then 3 rounds of 2 steps: 0.3, 0.1 and 0.8 s a step
+
+  class FakeStep:
+    compile_time_s = 1.0
+    last_metrics = {"loss_sum": 6.0, "weight_sum": 3.0}
+
+    def __init__(self, *args):
+      del args
+
+    def run(self, steps):
+      del steps
+      return next(runs)
+
+  probes = iter([2e12, 1.5e12, 3e12])
+  monkeypatch.setattr(bench_train, "JaxStep", FakeStep)
+  monkeypatch.setattr(flops, "peak_flops_total", lambda dtype: (1e12, "measured float32 matmul on 1 x cpu host(s)"))
+  monkeypatch.setattr(flops, "reprobed_peak", lambda peak, dtype: max(peak, next(probes)))
+  r = bench_train.run_benchmark(tiny(), dataclasses.replace(CFG, rounds=3))
+  assert r["round_step_times_s"] == pytest.approx([0.3, 0.1, 0.8])
+  assert (r["step_time_s"], r["step_time_min_s"], r["step_time_max_s"]) == pytest.approx((0.3, 0.1, 0.8))
+  assert r["tokens_per_s"] == pytest.approx(8 * 40 / 0.3) and r["loss"] == 2.0
+  assert r["peak_flops"] == 3e12
+  assert r["peak_flops_source"].endswith(", the best of 4 probes (before and between the timed rounds)")
+  # reference.md section 6: model FLOPs per step / (step time x peak).
+  assert r["mfu"] == pytest.approx(8 * flops.train_flops_per_sequence(tiny().module.config, 32, 8) / (0.3 * 3e12))
+
+
+def test_paired_speedup_is_the_median_of_hfs_time_over_ours_round_by_round():
+  r = bench_train.paired_speedups([2.0, 1.0, 4.0], [3.0, 1.0, 12.0])
+  assert r == {"speedup_vs_hf_by_round": [1.5, 1.0, 3.0], "speedup_vs_hf_paired": 1.5}
+
+
+def test_no_warm_up_is_a_valid_setting():
+  assert bench_train.BenchConfig(warmup=0).warmup == 0
+  with pytest.raises(ValueError, match="warmup=-1: must be >= 0"):
+    bench_train.BenchConfig(warmup=-1)
+
+
+def test_auto_dtype_is_float32_on_cpu():
+  """The published CPU comparison is in float32 (with_dtype); a gin's bfloat16 takes --dtype=bfloat16."""
+  bf16 = EncoderDecoderModel(module=Transformer(dataclasses.replace(tiny().module.config, dtype="bfloat16")))
+  assert jax.devices()[0].platform == "cpu"
+  assert bench_train.with_dtype(bf16, "auto").module.config.dtype == "float32"
+
+
+def test_synthetic_batch_is_full_rows_with_the_targets_shifted_right_as_decoder_inputs():
+  b = bench_train.synthetic_batch(CFG, vocab_size=4)
+  assert b["encoder_input_tokens"].shape == (8, 32) and b["decoder_target_tokens"].shape == (8, 8)
+  # No padding (0) and no EOS (1): every position is a token, as in a full unpacked row (ids 2 and 3 of 4 here).
+  for key in ("encoder_input_tokens", "decoder_target_tokens"):
+    assert set(np.unique(b[key])) == {2, 3}
+  # seqio's EncDecFeatureConverter: the decoder reads the targets shifted right, from 0.
+  np.testing.assert_array_equal(b["decoder_input_tokens"][:, 0], 0)
+  np.testing.assert_array_equal(b["decoder_input_tokens"][:, 1:], b["decoder_target_tokens"][:, :-1])
+  assert (b["decoder_loss_weights"] == 1).all()
+
+
+def test_host_peak_memory_is_in_bytes():
+  """getrusage's ru_maxrss is in KiB on Linux, as /proc's VmHWM (the same high-water mark) is."""
+  memory, source = bench_train.peak_memory_bytes()
+  status = "/proc/self/status"
+  if source != "host peak RSS of the process" or not os.path.exists(status):
+    pytest.skip("a device's own peak, or no /proc")
+  with open(status, encoding="utf-8") as f:
+    kib = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+  assert memory == pytest.approx(kib * 1024, rel=0.1)

@@ -1,6 +1,9 @@
 """profile.shared_seconds: overlapping host-thread ops split the time they share; enclosing events are parents.
 profile.part_of / time_by_part: ops go to the model part named in their source op, unrolled or scanned."""
 
+import os
+
+import jax
 import pytest
 
 from repeat_lm.bench import profile
@@ -67,3 +70,64 @@ def test_time_by_part_sums_the_ops_and_puts_each_parts_flops_at_the_peak():
       {"part": "encoder mlp", "seconds": 0.75, "model_flops": 6e11, "floor_s": 0.6},
       {"part": "logits", "seconds": 0.125, "model_flops": 1e11, "floor_s": 0.1},
       {"part": profile.OTHER_PART, "seconds": 0.0625, "model_flops": 0, "floor_s": 0.0}]
+
+
+def test_op_kind_drops_only_the_instance_number():
+  assert profile.op_kind("loop_add_fusion.12") == "loop_add_fusion"
+  # Library kernels keep their names, digits included (accelerator.kernel_table groups by kind).
+  assert profile.op_kind("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT") == "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT"
+  assert profile.op_kind("cutlass_80_tensorop_s1688gemm_256x128_16x3") == "cutlass_80_tensorop_s1688gemm_256x128_16x3"
+
+
+TPU_TRACE = """
+planes {
+  name: "/device:TPU:0"
+  lines {
+    name: "XLA Ops"
+    events { metadata_id: 1 duration_ps: 2000000000 }
+    events { metadata_id: 2 offset_ps: 2000000000 duration_ps: 1000000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "fusion.3" } }
+  event_metadata { key: 2 value { id: 2 name: "convolution.7" } }
+}
+planes {
+  name: "/host:CPU"
+  lines { name: "tf_XLATpuHostLaunch" events { metadata_id: 1 duration_ps: 9000000000 } }
+  event_metadata { key: 1 value { id: 1 name: "fusion.3" } }
+}
+"""
+
+CPU_TRACE = """
+planes {
+  name: "/host:CPU"
+  lines { name: "python" events { metadata_id: 1 duration_ps: 9000000000 } }
+  lines {
+    name: "XLA thread"
+    events { metadata_id: 2 offset_ps: 1000000000 duration_ps: 2000000000 }
+    events { metadata_id: 3 offset_ps: 3000000000 duration_ps: 1000000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "PjitFunction(step_fn)" } }
+  event_metadata { key: 2 value { id: 2 name: "dot.1" } }
+  event_metadata { key: 3 value { id: 3 name: "add.2" } }
+}
+"""
+
+
+def test_a_tpu_trace_counts_its_device_ops_not_the_hosts_launches():
+  seconds = profile.op_seconds(jax.profiler.ProfileData.from_text_proto(TPU_TRACE))
+  assert dict(seconds) == pytest.approx({"fusion.3": 2e-3, "convolution.7": 1e-3})
+
+
+def test_a_cpu_trace_counts_xlas_threads_not_the_python_caller():
+  seconds = profile.op_seconds(jax.profiler.ProfileData.from_text_proto(CPU_TRACE))
+  assert dict(seconds) == pytest.approx({"dot.1": 2e-3, "add.2": 1e-3})
+
+
+def test_the_newest_trace_in_a_reused_directory_is_read(tmp_path):
+  old, new = tmp_path / "b" / "host.xplane.pb", tmp_path / "a" / "host.xplane.pb"
+  for path, trace in ((old, CPU_TRACE), (new, TPU_TRACE)):
+    path.parent.mkdir()
+    path.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(trace))
+  os.utime(old, (1e9, 1e9))  # an earlier profile left in the directory, its path sorting after the new one's
+  os.utime(new, (2e9, 2e9))
+  assert set(profile._xspace_events(tmp_path)) == {"fusion.3", "convolution.7"}  # pylint: disable=protected-access

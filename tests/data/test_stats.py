@@ -3,12 +3,14 @@
 import json
 import random
 
+import numpy as np
 import pytest
 import seqio
 import sentencepiece as spm
 
 from repeat_lm import cli
-from repeat_lm.data import denoisers, stats, tasks
+from repeat_lm.bench import data as bench_data
+from repeat_lm.data import denoisers, pipeline, stats, tasks
 
 from conftest import write_jsonl  # pylint: disable=wrong-import-order
 
@@ -119,3 +121,25 @@ def test_noise_is_measured_with_a_vocabulary_whose_unk_is_1(c4_docs, c4_path, tm
   # 85 noise tokens in 28 spans per full 568-token chunk (T5's rounding).
   assert s['noise_density'] == pytest.approx(0.15, abs=0.002)
   assert s['mean_noise_span_length'] == pytest.approx(3.0, abs=0.05)
+
+
+def test_bench_data_counts_every_example_of_a_packed_row(monkeypatch):
+  """Other SeqIO tasks are read packed (DatasetConfig.pack): seqio's converter puts several examples in a row, and
+  examples/s counted rows (here a third of the examples)."""
+  # A batch of two packed rows as pipeline.get_batches reads them from such a task (examples of i % 7 + 2 input and
+  # i % 3 + 1 target tokens, each token its example's id): examples 7-10 in the first row, 11-12 in the second.
+  packed = {
+      'encoder_input_tokens': np.array([[7] * 2 + [8] * 3 + [9] * 4 + [10] * 5 + [0] * 2,
+                                        [11] * 6 + [12] * 7 + [0] * 3]),
+      'encoder_segment_ids': np.array([[1] * 2 + [2] * 3 + [3] * 4 + [4] * 5 + [0] * 2, [1] * 6 + [2] * 7 + [0] * 3]),
+      'decoder_target_tokens': np.array([[7, 7, 8, 8, 8, 9, 10, 10], [11, 11, 11, 12, 0, 0, 0, 0]]),
+      'decoder_segment_ids': np.array([[1, 1, 2, 2, 2, 3, 4, 4], [1, 1, 1, 2, 0, 0, 0, 0]]),
+      'decoder_loss_weights': np.array([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]]),
+  }
+  monkeypatch.setattr(pipeline, 'get_batches', lambda cfg, **kwargs: (packed for _ in range(10)))
+  monkeypatch.setattr(pipeline, 'num_batches', lambda cfg: None)
+  cfg = pipeline.DatasetConfig('any', {'inputs': 16, 'targets': 8}, batch_size=2)
+  r = bench_data.run_benchmark(cfg, bench_data.DataBenchConfig(steps=2, warmup=0))
+  assert r['examples_per_s'] / r['batches_per_s'] == pytest.approx(6)
+  assert r['tokens_per_s'] / r['batches_per_s'] == pytest.approx(14 + 13 + 8 + 4)  # padding not counted
+  assert r['input_fill'] == pytest.approx(27 / 32)
