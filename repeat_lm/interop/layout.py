@@ -72,13 +72,33 @@ def infer_layouts(flat: Mapping[str, Any]) -> dict[str, StackLayout]:
     parts = [p.split("/") for p in flat if p.startswith(f"{name}/layers")]
     scanned = [q for q in parts if q[1] == "layers"]
     if scanned:
-      subs = {q[2] for q in scanned if len(q) > 3 and _LAYER.match(q[2])}
-      block = len(subs) if subs and all(len(q) > 3 and _LAYER.match(q[2]) for q in scanned) else 1
+      block = _block_size(scanned)
       steps = np.shape(flat["/".join(scanned[0])])[t5.PARAM_SCAN_AXIS]
       out[name] = StackLayout(steps * block, True, block)
     else:
       indices = {int(m.group(1)) for q in parts if (m := _LAYER.match(q[1]))}
       out[name] = StackLayout(len(indices))
+  return out
+
+
+def _block_size(parts: list[list[str]]) -> int:
+  """Layers per stored unit ('layers' or 'layers_<u>'): an MoE block keeps its layers one level down ('layers_<j>')."""
+  subs = {q[2] for q in parts if len(q) > 3 and _LAYER.match(q[2])}
+  return len(subs) if subs and all(len(q) > 3 and _LAYER.match(q[2]) for q in parts) else 1
+
+
+def saved_layouts(flat: Mapping[str, Any], depths: Mapping[str, tuple[int, int]]) -> dict[str, StackLayout]:
+  """The layouts of `flat`, a checkpoint of a model whose stacks had {stack: (layers, layers per parameter set)}.
+
+  Where its own config says a stack shared parameters, each stored set is read as the layers that used it, so the
+  checkpoint loads into a model that shares them differently or not at all (`shared_like` can only guess from the
+  target model, which need not share).
+  """
+  out = infer_layouts(flat)
+  for name, (num_layers, share) in depths.items():
+    if share > 1 and name in out:
+      block = _block_size([p.split("/") for p in flat if p.startswith(f"{name}/layers")])
+      out[name] = StackLayout(num_layers, out[name].scanned, block, share)
   return out
 
 

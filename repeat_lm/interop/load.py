@@ -1,7 +1,8 @@
 """Parameters from any supported checkpoint, in the model's layout and on its shardings.
 
 Accepted paths (what `trainer.train(initial_checkpoint_path=...)` / INITIAL_CHECKPOINT_PATH takes):
-  - a repeat_lm MODEL_DIR (its latest checkpoint), its `checkpoints/` dir, or one step dir `checkpoints/<step>`;
+  - a repeat_lm MODEL_DIR (its latest checkpoint), its `checkpoints/` dir, or one step dir `checkpoints/<step>` (or
+    its `state/`);
   - a Hugging Face T5 or SwitchTransformers directory (config.json + safetensors or pytorch_model.bin), e.g. from
     `save_pretrained`;
   - a T5X checkpoint dir `checkpoint_<step>` (Orbax or msgpack + TensorStore), or a T5X MODEL_DIR (its latest), of
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 def _repeat_lm_step_dir(path: Path, step: int | None) -> Path | None:
   """The `checkpoints/<step>` dir for a repeat_lm path, or None if `path` is not one."""
+  if path.name == "state" and path.parent.name.isdigit():  # the step's Orbax item: the step dir is the checkpoint
+    path = path.parent
   if (path / "state").is_dir() and path.name.isdigit():
     if step is not None and step != int(path.name):  # never another step's parameters in place of those asked for
       raise FileNotFoundError(f"{path} is the checkpoint of step {path.name}, not of step {step}: point at its "
@@ -164,8 +167,9 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
   path = Path(path)
   target_flat = layout.flatten(abstract_params)
   step_dir = _repeat_lm_step_dir(path, step) if path.exists() else None
+  saved = _saved_depths(step_dir) if step_dir is not None else None
   if step_dir is not None and config is not None:
-    _check_depths(f"repeat_lm checkpoint {step_dir}", _saved_depths(step_dir), config)
+    _check_depths(f"repeat_lm checkpoint {step_dir}", saved, config)
   if step_dir is not None:
     metadata = _metadata_params(step_dir)
     if {k: tuple(v.shape) for k, v in metadata.items()} == {k: tuple(v.shape) for k, v in target_flat.items()}:
@@ -177,7 +181,10 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
                                                 for name, lay in layout.infer_layouts(flat).items()}, config)
   log.info("Loading parameters from %s checkpoint %s", kind, path)
   target_layouts = layout.layouts_for(config) if config is not None else None
-  matched = layout.match_target(flat, target_flat, f"the {kind} checkpoint {path}", target_layouts=target_layouts)
+  # A param_share model's checkpoint holds one set per group: its config.gin says how many layers use each.
+  source_layouts = layout.saved_layouts(flat, saved) if kind == "repeat_lm" and saved is not None else None
+  matched = layout.match_target(flat, target_flat, f"the {kind} checkpoint {path}", source_layouts=source_layouts,
+                                target_layouts=target_layouts)
   return layout.unflatten({k: _place(v, target_flat[k]) for k, v in matched.items()})
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from interop_helpers import TINY_SWITCH, hf_logits, logits, make_batch, max_diff, random_params, sharpen_routers
-from repeat_lm.interop import hf, load
-from repeat_lm.models import t5
+from repeat_lm.interop import hf, hf_switch, load
+from repeat_lm.models import moe, t5
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,6 +32,8 @@ EXPORT_CASES = {
     "scan-all-sparse": dataclasses.replace(TINY_SWITCH, scan_layers=True,
                                            moe=dataclasses.replace(TINY_SWITCH.moe, sparse_every=1)),
     "scan-shared": dataclasses.replace(TINY_SWITCH, scan_layers=True, param_share="all"),
+    # Tied, scaled output logits as gin/models/switch_base_128.gin has them; a decoder shallower than the encoder.
+    "tied-shallow-decoder": dataclasses.replace(TINY_SWITCH, logits_via_embedding=True, num_decoder_layers=2),
 }
 
 
@@ -167,3 +169,56 @@ def test_describe_mapping_names_switch_tensors():
   assert names["encoder/layers_1/mlp/router"] == "encoder.block.1.layer.1.mlp.router.classifier.weight"
   assert names["decoder/layers_1/mlp/experts/wi"] == "decoder.block.1.layer.2.mlp.experts.expert_<e>.wi.weight"
   assert names["encoder/layers_0/mlp/wi/kernel"] == "encoder.block.0.layer.1.mlp.wi.weight"
+
+
+def test_switch_config_names_each_router_loss_as_transformers_does():
+  # router_aux_loss_coef weighs Switch's load-balancing loss, router_z_loss_coef the router z-loss.
+  config = dataclasses.replace(TINY_SWITCH, moe=dataclasses.replace(TINY_SWITCH.moe, load_balancing_loss_weight=0.01,
+                                                                    router_z_loss_weight=1e-4))
+  d = hf_switch.switch_config_dict(config)
+  assert (d["router_aux_loss_coef"], d["router_z_loss_coef"]) == (0.01, 1e-4)
+  back = hf.t5_config_from_hf(d).moe
+  assert (back.load_balancing_loss_weight, back.router_z_loss_weight) == (0.01, 1e-4)
+
+
+def test_gelu_experts_export_as_transformers_tanh_gelu():
+  # repeat_lm's 'gelu' is the tanh approximation: transformers' gelu_new, not its (erf) 'gelu'.
+  config = dataclasses.replace(TINY_SWITCH, mlp_activations=("gelu",),
+                               moe=dataclasses.replace(TINY_SWITCH.moe, expert_activations=("gelu",)))
+  d = hf_switch.switch_config_dict(config)
+  assert d["dense_act_fn"] == "gelu_new"
+  assert hf.t5_config_from_hf(d).moe.expert_activations == ("gelu",)
+
+
+def test_a_switch_config_json_that_leaves_fields_out_reads_with_transformers_defaults():
+  """What SwitchTransformersConfig takes for the fields a config.json leaves out: 8 experts, 3 sparse layers a stack,
+  ReLU, jitter 0.01, both router loss weights 0.001, expert capacity 64."""
+  sizes = {"vocab_size": 100, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 6, "num_heads": 2}
+  defaults = transformers.SwitchTransformersConfig(**sizes)
+  got = hf.t5_config_from_hf({"model_type": "switch_transformers", **sizes})
+  m = got.moe
+  assert m.num_experts == defaults.num_experts and got.mlp_activations == (defaults.dense_act_fn,) == ("relu",)
+  assert (m.jitter_noise, m.load_balancing_loss_weight, m.router_z_loss_weight) == (
+      defaults.router_jitter_noise, defaults.router_aux_loss_coef, defaults.router_z_loss_coef)
+  assert m.min_expert_capacity == defaults.expert_capacity
+  model = transformers.SwitchTransformersForConditionalGeneration(defaults)  # layers 1, 3, 5 sparse (step 2)
+  theirs = tuple(hasattr(b.layer[1].mlp, "router") for b in model.encoder.block)
+  assert moe.sparse_layer_flags(6, m) == theirs == (False, True) * 3
+
+
+@pytest.fixture(scope="module")
+def switch_state():
+  return hf_switch.to_switch_state_dict(random_params(TINY_SWITCH), TINY_SWITCH)
+
+
+def test_router_biases_in_the_weights_are_refused(switch_state):
+  # transformers' router is a Linear with a bias when router_bias=True; repeat_lm's has none to put it in.
+  state = {**switch_state, "encoder.block.1.layer.1.mlp.router.classifier.bias": np.zeros(4, np.float32)}
+  with pytest.raises(ValueError, match="routers have a bias"):
+    hf_switch.from_switch_state_dict(state, TINY_SWITCH)
+
+
+def test_missing_expert_weights_are_named(switch_state):
+  state = {k: v for k, v in switch_state.items() if k != "decoder.block.3.layer.2.mlp.experts.expert_2.wo.weight"}
+  with pytest.raises(ValueError, match=r"lacks 1 expert tensors of this 4-expert model.*expert_2\.wo"):
+    hf_switch.from_switch_state_dict(state, TINY_SWITCH)

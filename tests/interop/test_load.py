@@ -105,6 +105,22 @@ def test_a_shared_model_loads_into_the_other_scan_layout(tmp_path, config, saved
     np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=path)
 
 
+@pytest.mark.parametrize("config,saved_scanned", [(SHARED, False), (SHARED_SWITCH, True)],
+                         ids=["dense-unscanned", "moe-scanned"])
+def test_a_shared_model_loads_into_the_unshared_model_of_its_depth(tmp_path, config, saved_scanned):
+  """Layer i of the unshared model takes the parameters its group used (as the shared model's export to Hugging Face
+  copies them): the checkpoint's one set per group was read as that many distinct layers, half of them missing."""
+  saved = dataclasses.replace(config, scan_layers=saved_scanned)
+  target = dataclasses.replace(config, param_share="none")
+  params = random_params(saved)
+  write_model_dir(tmp_path / "run", saved, params)
+  loaded = layout.flatten(load.load_for_module(tmp_path / "run", t5.Transformer(target)))
+  expected = layout.to_per_layer(layout.flatten(params), layout.layouts_for(saved))
+  assert set(loaded) == set(expected)
+  for path, value in loaded.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[path]), err_msg=path)
+
+
 def test_a_step_dir_is_not_read_for_another_step(tiny_model_dir):
   """Like T5X's checkpoint_<step>: a step asked for is that step's parameters or an error, never another step's."""
   step_dir = next(p for p in (tiny_model_dir / "checkpoints").iterdir() if p.name.isdigit())
@@ -141,11 +157,22 @@ def test_hf_settings_that_shapes_do_not_show_are_checked(tmp_path):
   path = _hf_config_only(tmp_path / "dense", hf.hf_config_dict(TINY))
   with pytest.raises(ValueError, match=r"relative_attention_max_distance: checkpoint 128 vs model 20"):
     load._check_hf_config(path, dataclasses.replace(TINY, relative_attention_max_distance=20))  # noqa: SLF001
+  with pytest.raises(ValueError, match=r"layer_norm_epsilon: checkpoint 1e-06 vs model 1e-05"):
+    load._check_hf_config(path, dataclasses.replace(TINY, layer_norm_epsilon=1e-5))  # noqa: SLF001
   path = _hf_config_only(tmp_path / "switch", hf_switch.switch_config_dict(TINY_SWITCH))
   gelu_experts = dataclasses.replace(TINY_SWITCH,
                                      moe=dataclasses.replace(TINY_SWITCH.moe, expert_activations=("gelu",)))
   with pytest.raises(ValueError, match=r"moe.expert_activations: checkpoint \('relu',\) vs model \('gelu',\)"):
     load._check_hf_config(path, gelu_experts)  # noqa: SLF001
+
+
+def test_a_step_dirs_state_dir_is_that_step(tiny_model_dir):
+  # checkpoints/<step>/state holds the Orbax checkpoint; it was taken for a T5X checkpoint and refused ("no 'target'").
+  state = next(p for p in (tiny_model_dir / "checkpoints").iterdir() if p.name.isdigit()) / "state"
+  assert load.checkpoint_kind(state) == "repeat_lm"
+  params = load.load_for_module(state, t5.Transformer(TINY))
+  expected = jax.tree.map(np.asarray, init_params(TINY))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), expected)
 
 
 def test_a_config_json_beside_a_model_dirs_checkpoints_is_not_the_model(tmp_path):

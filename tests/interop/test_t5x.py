@@ -191,6 +191,14 @@ def test_flaxformer_moe_parts_without_equivalent_are_named(path, reason):
   assert reason in str(e.value) and path in str(e.value)
 
 
+def test_experts_of_one_activation_are_renamed():
+  # flaxformer's MlpBlock names its input kernel 'wi' for one activation (Switch's ReLU experts), 'wi_<i>' if gated.
+  got = t5x.to_repeat_lm({"encoder/layers_1/mlp/router/router_weights/w/kernel": np.zeros((8, 4)),
+                          "encoder/layers_1/mlp/expert/wi/kernel": np.zeros((4, 8, 16)),
+                          "encoder/layers_1/mlp/expert/wo/kernel": np.zeros((4, 16, 8))})
+  assert set(got) == {"encoder/layers_1/mlp/router", *(f"encoder/layers_1/mlp/experts/{n}" for n in ("wi", "wo"))}
+
+
 def test_reads_t5x_checkpoint_manager_layout(tmp_path):
   """T5X's Orbax CheckpointManager puts the train state in checkpoint_<step>/state/ (beside dataset/)."""
   flat = t5x_target(init_params(TINY))
