@@ -26,6 +26,15 @@ def test_a_misspelt_macro_or_a_bad_dtype_is_an_error_not_ignored_or_a_traceback(
   assert "The gin's MODEL is a T5Config, not a model" in capsys.readouterr().err
 
 
+def test_a_model_that_is_no_model_is_named_by_export_and_infer(tmp_path, capsys):
+  # model-info and bench name it; export hf and infer (their --gin_file) ended in an AttributeError traceback.
+  (tmp_path / "in.txt").write_text("hello\n")
+  common = [f"--checkpoint={tmp_path}", "--gin_file=gin/models/t5_1_1_tiny.gin", "--gin.MODEL=@t5.T5Config()"]
+  for argv in (["export", "hf", f"--out={tmp_path / 'hf'}"], ["infer", f"--input_file={tmp_path / 'in.txt'}"]):
+    assert cli.main([*argv, *common]) == 2
+    assert "The gin's MODEL is a T5Config, not a model" in capsys.readouterr().err
+
+
 def test_eval_with_the_pretraining_gin_names_the_eval_gin(tmp_path, capsys):
   code = cli.main(["eval", "--gin_file=gin/runs/smoke.gin", f"--gin.MODEL_DIR='{tmp_path}'"])
   assert code == 2

@@ -141,7 +141,9 @@ def _uses(selector: str) -> bool:
 
 def _refers_to(value: Any, selector: str) -> bool:
   if isinstance(value, gin.config.ConfigurableReference):
-    return value.selector == selector
+    # Its registered selector: the one written ('moe.MoeConfig', through the prelude's imports) is not `selector`
+    # ('repeat_lm.models.moe.MoeConfig'), and a model that left every MoeConfig setting at its default read as unused.
+    return value.config_key[1] == selector
   if isinstance(value, Mapping):
     return any(_refers_to(k, selector) or _refers_to(v, selector) for k, v in value.items())
   if isinstance(value, (list, tuple, set)):

@@ -191,6 +191,7 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
 # A T5Config setting of a MODEL_DIR's config.gin (possibly scoped, e.g. MODEL/t5.T5Config.param_share = 2).
 _GIN_DEPTH = re.compile(
     r"^(?:[\w./]+/)?t5\.T5Config\.(num_encoder_layers|num_decoder_layers|param_share)\s*=\s*(.+?)\s*$", re.M)
+_GIN_T5CONFIG = re.compile(r"^(?:[\w./]+/)?t5\.T5Config\.\w+\s*=", re.M)
 
 
 def _saved_depths(step_dir: Path) -> dict[str, tuple[int, int]] | None:
@@ -200,6 +201,10 @@ def _saved_depths(step_dir: Path) -> dict[str, tuple[int, int]] | None:
   try:
     text = (step_dir.parent.parent / "config.gin").read_text(encoding="utf-8")
   except (OSError, UnicodeDecodeError):
+    return None
+  if not _GIN_T5CONFIG.search(text):
+    # No T5Config setting at all: a model built in Python (the trainer's config.gin is then empty) or by other
+    # configurables. T5Config's defaults are no evidence of its depth; they refused the very model that wrote it.
     return None
   bound: dict[str, set[Any]] = {}
   for m in _GIN_DEPTH.finditer(text):
@@ -216,6 +221,12 @@ def _saved_depths(step_dir: Path) -> dict[str, tuple[int, int]] | None:
             for name, n in (("encoder", value("num_encoder_layers")), ("decoder", value("num_decoder_layers")))}
   except (TypeError, ValueError):
     return None
+
+
+def check_model_dir_depths(step_dir: Path, config: Any) -> None:
+  """ValueError where `config` is of another depth than the model whose MODEL_DIR config.gin wrote `step_dir`, a
+  difference parameter sharing hides from the checkpoint's shapes (for restores that compare shapes only)."""
+  _check_depths(f"repeat_lm checkpoint {step_dir}", _saved_depths(step_dir), config)
 
 
 def _check_depths(source: str, saved: dict[str, tuple[int, int]] | None, config: Any) -> None:

@@ -6,9 +6,10 @@ Every method runs the decoder one token per step through its key/value cache, wi
                      mutable=['cache'], method='decode')['cache']      (creates zeroed caches of length L)
   3. step    = apply({'params', 'cache'}, encoded, inputs, token_Bx1, token_Bx1, decode=True, mutable=['cache'],
                      method='decode')                                  (writes position i, returns logits [B, 1, V])
-Decoding starts from token 0 (T5's BOS = pad) and stops at EOS (1); positions after EOS hold 0. A module whose
-`scan_layers` is true stacks its cache on axis 0 ([layers, B, ...]), so beam search reorders axis 1 there
-(parameter-shared stacks put their repeat axis after the batch axis, so the batch stays there).
+Decoding starts from token 0 (T5's BOS = pad) and stops at EOS (`eos_id`: the vocabulary's, T5's 1 by default);
+positions after EOS hold 0. A module whose `scan_layers` is true stacks its cache on axis 0 ([layers, B, ...]), so
+beam search reorders axis 1 there (parameter-shared stacks put their repeat axis after the batch axis, so the batch
+stays there).
 
 Shapes: B batch, K beams, S encoder length, L max decode length, V vocabulary.
 """
@@ -44,6 +45,9 @@ class DecodeConfig:
   temperature: float = 1.0  # sampling
   topk: int = 0  # sampling: keep the k most likely tokens (0, or k >= the vocabulary: all)
   seed: int = 0  # sampling
+  # The vocabulary's EOS: decoding stops at it. Training rows end with the task vocabulary's (pipeline.get_batches);
+  # predict_texts sets it from the vocabulary it encodes with.
+  eos_id: int = EOS_ID
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -115,7 +119,8 @@ class _Decoder:
     return logits_Bx1xV[:, 0].astype(jnp.float32), variables["cache"]
 
 
-def _sample_loop(module, params, encoder_input_tokens_BxS, max_decode_length, choose) -> tuple[Array, Array]:
+def _sample_loop(module, params, encoder_input_tokens_BxS, max_decode_length, choose,
+                 eos_id: int = EOS_ID) -> tuple[Array, Array]:
   """Shared loop of greedy and sampling: choose(logits_BxV, i) picks the next tokens [B]."""
   dec = _Decoder(module, params, encoder_input_tokens_BxS, max_decode_length)
   batch = encoder_input_tokens_BxS.shape[0]
@@ -131,7 +136,7 @@ def _sample_loop(module, params, encoder_input_tokens_BxS, max_decode_length, ch
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), next_B[:, None], axis=-1)[:, 0]
     out_BxL = out_BxL.at[:, i].set(next_B)
     logp_BxL = logp_BxL.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
-    return i + 1, cache, next_B, out_BxL, logp_BxL, done_B | (next_B == EOS_ID)
+    return i + 1, cache, next_B, out_BxL, logp_BxL, done_B | (next_B == eos_id)
 
   state = (jnp.asarray(0), dec.init_cache(), jnp.full((batch,), BOS_ID, jnp.int32),
            jnp.zeros((batch, max_decode_length), jnp.int32), jnp.zeros((batch, max_decode_length), jnp.float32),
@@ -141,14 +146,14 @@ def _sample_loop(module, params, encoder_input_tokens_BxS, max_decode_length, ch
 
 
 def greedy(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array,
-           max_decode_length: int) -> tuple[Array, Array]:
+           max_decode_length: int, eos_id: int = EOS_ID) -> tuple[Array, Array]:
   """Most likely next token at every step -> (tokens [B, L], log-probability of each chosen token [B, L])."""
   return _sample_loop(module, params, encoder_input_tokens_BxS, max_decode_length,
-                      lambda logits_BxV, i: jnp.argmax(logits_BxV, axis=-1))
+                      lambda logits_BxV, i: jnp.argmax(logits_BxV, axis=-1), eos_id)
 
 
 def sample(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array, max_decode_length: int, rng: Array, *,
-           temperature: float = 1.0, topk: int = 0) -> tuple[Array, Array]:
+           temperature: float = 1.0, topk: int = 0, eos_id: int = EOS_ID) -> tuple[Array, Array]:
   """Draw from softmax(logits / temperature), optionally restricted to the top-k tokens; step i uses fold_in(rng, i).
 
   Returns (tokens [B, L], log-probability of each token under the model, before temperature/top-k [B, L]).
@@ -163,7 +168,7 @@ def sample(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array, max_
       logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
     return jax.random.categorical(jax.random.fold_in(rng, i), logits_BxV, axis=-1)
 
-  return _sample_loop(module, params, encoder_input_tokens_BxS, max_decode_length, choose)
+  return _sample_loop(module, params, encoder_input_tokens_BxS, max_decode_length, choose, eos_id)
 
 
 def _length_penalty(length: Array, alpha: float) -> Array:
@@ -171,16 +176,16 @@ def _length_penalty(length: Array, alpha: float) -> Array:
 
 
 def beam_search(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array, max_decode_length: int, *,
-                num_beams: int = 4, alpha: float = 0.6) -> tuple[Array, Array]:
+                num_beams: int = 4, alpha: float = 0.6, eos_id: int = EOS_ID) -> tuple[Array, Array]:
   """Beam search with GNMT length normalisation -> (best tokens [B, L], their scores [B]) .. and all beams: see
   `beam_search_all`."""
   tokens_BxKxL, scores_BxK = beam_search_all(module, params, encoder_input_tokens_BxS, max_decode_length,
-                                             num_beams=num_beams, alpha=alpha)
+                                             num_beams=num_beams, alpha=alpha, eos_id=eos_id)
   return tokens_BxKxL[:, 0], scores_BxK[:, 0]
 
 
 def beam_search_all(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array, max_decode_length: int, *,
-                    num_beams: int = 4, alpha: float = 0.6) -> tuple[Array, Array]:
+                    num_beams: int = 4, alpha: float = 0.6, eos_id: int = EOS_ID) -> tuple[Array, Array]:
   """All K beams, best first: (tokens [B, K, L], length-normalised log-probabilities [B, K]).
 
   Each step extends the K alive beams by every token, keeps the 2K best extensions (so K of them can go on even if
@@ -220,7 +225,7 @@ def beam_search_all(module: nn.Module, params: Any, encoder_input_tokens_BxS: Ar
     beam_Bx2K, token_Bx2K = top_idx_Bx2K // vocab, top_idx_Bx2K % vocab
     seq_Bx2KxL = jnp.take_along_axis(alive_BxKxL, beam_Bx2K[:, :, None], axis=1)
     seq_Bx2KxL = jnp.where(positions_L == i, token_Bx2K[:, :, None], seq_Bx2KxL)
-    ends_Bx2K = token_Bx2K == EOS_ID
+    ends_Bx2K = token_Bx2K == eos_id
 
     # Alive: the best K extensions that did not end.
     alive_logp_Bx2K = jnp.where(ends_Bx2K, NEG_INF, top_logp_Bx2K)
@@ -267,17 +272,17 @@ def decode(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array, cfg:
 def _decode(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array, cfg: DecodeConfig,
             rng: Array) -> Array:
   if cfg.method == "greedy":
-    return greedy(module, params, encoder_input_tokens_BxS, cfg.max_decode_length)[0]
+    return greedy(module, params, encoder_input_tokens_BxS, cfg.max_decode_length, cfg.eos_id)[0]
   if cfg.method == "sample":
     return sample(module, params, encoder_input_tokens_BxS, cfg.max_decode_length, rng, temperature=cfg.temperature,
-                  topk=cfg.topk)[0]
+                  topk=cfg.topk, eos_id=cfg.eos_id)[0]
   return beam_search(module, params, encoder_input_tokens_BxS, cfg.max_decode_length, num_beams=cfg.num_beams,
-                     alpha=cfg.length_penalty_alpha)[0]
+                     alpha=cfg.length_penalty_alpha, eos_id=cfg.eos_id)[0]
 
 
-def trim_after_eos(tokens_L: np.ndarray) -> list[int]:
+def trim_after_eos(tokens_L: np.ndarray, eos_id: int = EOS_ID) -> list[int]:
   """Token ids up to (not including) the first EOS, without padding."""
   tokens = [int(t) for t in np.asarray(tokens_L)]
-  if EOS_ID in tokens:
-    tokens = tokens[:tokens.index(EOS_ID)]
+  if eos_id in tokens:
+    tokens = tokens[:tokens.index(eos_id)]
   return [t for t in tokens if t != 0]

@@ -19,7 +19,7 @@ import numpy as np
 import seqio
 from jax.sharding import NamedSharding, PartitionSpec
 
-from repeat_lm.models import decoding
+from repeat_lm.models import decoding, info
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,18 @@ def encode_texts(vocabulary: seqio.Vocabulary, texts: Sequence[str], length: int
   ids = [list(vocabulary.encode(t)) for t in texts]
   length = length or _bucket(max((len(x) + 1 for x in ids), default=1))
   out = np.zeros((len(ids), length), np.int32)
+  eos_id = eos_of(vocabulary)
   for row, x in enumerate(ids):
-    x = x[:length - 1] + [decoding.EOS_ID]
+    x = x[:length - 1] + [eos_id]
     out[row, :len(x)] = x
   return out
+
+
+def eos_of(vocabulary: seqio.Vocabulary) -> int:
+  """The vocabulary's EOS id, as the training rows end with it (pipeline.get_batches), SeqIO's append_eos_after_trim
+  and T5X's decoding use it: not every vocabulary's is T5's 1 (SentencePiece's own default is 2)."""
+  eos_id = getattr(vocabulary, "eos_id", None)
+  return decoding.EOS_ID if eos_id is None else int(eos_id)
 
 
 def predict_tokens(module: Any, params: Any, inputs_BxS: np.ndarray, cfg: decoding.DecodeConfig, *,
@@ -52,7 +60,7 @@ def predict_tokens(module: Any, params: Any, inputs_BxS: np.ndarray, cfg: decodi
     chunk = inputs_BxS[start:start + batch_size]
     padded = np.zeros((batch_size, inputs_BxS.shape[1]), np.int32)
     padded[:len(chunk)] = chunk
-    padded[len(chunk):, 0] = decoding.EOS_ID  # filler rows: a lone EOS, never all padding
+    padded[len(chunk):, 0] = cfg.eos_id  # filler rows: a lone EOS, never all padding
     if partitioner is not None:
       with partitioner.activate():
         tokens = decoding.decode(module, params, jax.device_put(padded, NamedSharding(partitioner.mesh,
@@ -64,7 +72,7 @@ def predict_tokens(module: Any, params: Any, inputs_BxS: np.ndarray, cfg: decodi
     else:
       tokens = decoding.decode(module, params, padded, cfg, jax.random.fold_in(rng, start))
     tokens = np.asarray(jax.device_get(tokens))
-    out.extend(decoding.trim_after_eos(t) for t in tokens[:len(chunk)])
+    out.extend(decoding.trim_after_eos(t, cfg.eos_id) for t in tokens[:len(chunk)])
   return out
 
 
@@ -79,6 +87,7 @@ def predict_texts(module: Any, params: Any, vocabulary: seqio.Vocabulary, texts:
   """Decode one output text per input text (the Python API behind `repeat-lm infer`)."""
   if not texts:
     return []
+  cfg = dataclasses.replace(cfg, eos_id=eos_of(vocabulary))  # the EOS the inputs end with and the model learnt
   tokens = predict_tokens(module, params, encode_texts(vocabulary, texts, inputs_length), cfg,
                           batch_size=min(batch_size, _bucket(len(texts), 1)), partitioner=partitioner)
   return [vocabulary.decode(t) for t in tokens]
@@ -125,8 +134,9 @@ class PredictionEval:
       inputs_BxS = np.zeros((len(examples), width), np.int32)
       for row, ex in enumerate(examples):
         inputs_BxS[row, :len(ex["inputs"])] = ex["inputs"]
-      tokens = predict_tokens(module, params, inputs_BxS, cfg, batch_size=self.batch_size, partitioner=partitioner)
       vocabulary = task.output_features["targets"].vocabulary
+      tokens = predict_tokens(module, params, inputs_BxS, dataclasses.replace(cfg, eos_id=eos_of(vocabulary)),
+                              batch_size=self.batch_size, partitioner=partitioner)
       predictions = [task.postprocess_fn(vocabulary.decode(t), example=ex, is_target=False)
                      for t, ex in zip(tokens, examples)]
       targets = [task.postprocess_fn(_text(ex.get("targets_pretokenized", b"")), example=ex, is_target=True)
@@ -163,6 +173,7 @@ def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), b
                        "damaged; pass the model's gin files with --gin_file instead.") from e
     bindings = scoped_like(text, bindings)
   model = gin_utils.configured_macro(gin_files, bindings, "MODEL", search_paths)
+  info.model_config(model)  # MODEL bound to no model (a T5Config): named here, not an AttributeError in infer / export
   try:
     task = gin_utils.configured_macro(gin_files, bindings, "MIXTURE_OR_TASK_NAME", search_paths)
   except gin_utils.GinConfigError:

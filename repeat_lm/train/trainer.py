@@ -186,6 +186,14 @@ def _check_counts(settings: dict[str, tuple[int, int]]) -> None:
       raise ValueError(f"{name}={value!r}: must be >= {minimum}, a whole number (no quotes).")
 
 
+def _check_depth(model: EncoderDecoderModel, step_dir: Path) -> None:
+  """Parameter sharing hides a stack's depth from the checkpoint's shapes (2 distinct layers and 4 layers with
+  param_share=2 hold the same tree): a model of another depth would resume, or be evaluated, on the parameters
+  without a word. Compared with the MODEL_DIR's config.gin, as INITIAL_CHECKPOINT_PATH's loader does."""
+  from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
+  load_lib.check_model_dir_depths(step_dir, getattr(model.module, "config", None))
+
+
 def _check_model_dir(model_dir: str) -> None:
   """An empty MODEL_DIR (say --gin.MODEL_DIR="'$MODEL_DIR'" with the shell variable unset) is the current directory
   to Path: the run would write, or resume, checkpoints wherever the command was started."""
@@ -244,6 +252,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   start = time.perf_counter()
   restored_meta: dict[str, Any] = {}
   if checkpointer.latest_step() is not None:
+    # Before the restore, which compares shapes only: see _check_depth.
+    _check_depth(model, checkpointer.directory / str(checkpointer.latest_step()))
     state, restored_meta = checkpointer.restore(lay.abstract)
     saved = restored_meta.get("data") or {}
     if train_dataset_cfg.seed is None and "seed" in saved:  # the seed drawn when the run started, not a new one
@@ -442,6 +452,7 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   batch_spec = state_lib.batch_specs(lengths, eval_dataset_cfg.batch_size)
   # Only the parameters are read, so the optimizer (which shapes the rest of the layout) need not match training's.
   lay = state_lib.layout(model, optimizer or optim.make_optimizer(), partitioner, batch_spec, random_seed)
+  _check_depth(model, checkpointer.directory / str(step))
   params, _ = checkpointer.restore_params(lay.abstract["params"], step)
   checkpointer.close()
   result = {f"eval/{k}": v for k, v in _run_eval(state_lib.make_eval_step(model, lay, partitioner),

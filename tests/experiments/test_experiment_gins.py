@@ -105,6 +105,19 @@ def test_a_runs_recorded_values_do_not_depend_on_the_runs_composed_before_it(tmp
   assert compose.query("t5.T5Config.param_share") == "none"  # unbound parameters of a used configurable: defaults
 
 
+def test_a_configurable_used_only_by_reference_reads_its_defaults(tmp_path, fresh_gin):
+  # A model that refers to moe.MoeConfig() and leaves every setting at its default is an MoE model of 128 experts;
+  # the reference is written 'moe.MoeConfig', the registered selector is 'repeat_lm.models.moe.MoeConfig'.
+  model = tmp_path / "switch_defaults.gin"
+  model.write_text(re.sub(r"^moe\.MoeConfig:\n(?:[ \t]+.*\n)+", "", Path("gin/models/switch_tiny.gin").read_text(),
+                          flags=re.M))
+  exp = compose.load(tiny_experiment(tmp_path / "exp.gin", f"[{{'name': 'moe', 'model': {str(model)!r}}}]"))
+  spec = exp.runs[0]
+  values = compose.run_gin(exp, spec, str(tmp_path / spec.name), ["moe.MoeConfig.num_experts"])[1]
+  assert "moe.MoeConfig" not in model.read_text().replace("t5.T5Config.moe = @moe.MoeConfig()", "")
+  assert values["moe.MoeConfig.num_experts"] == 128
+
+
 def test_fine_tuning_stages_keep_the_layout_their_run_needed(tmp_path):
   # rq2_factors.gin's header: XL may need these on smaller slices; its SQuAD stage ran with finetune.gin's 1-device
   # defaults (and an unscanned model reading a scanned checkpoint).

@@ -145,6 +145,17 @@ def test_a_checkpoint_of_another_depth_is_refused_where_sharing_hides_it(tmp_pat
     load.load_for_module(path, t5.Transformer(target))
 
 
+def test_a_shared_model_built_in_python_loads_into_itself(tmp_path):
+  """trainer.train with a model built in Python writes an empty config.gin: T5Config's defaults (12 layers, no
+  sharing) are no record of its depth, and were compared with the very model that wrote the checkpoint."""
+  params = random_params(SHARED)
+  write_model_dir(tmp_path / "run", SHARED, params)
+  (tmp_path / "run" / "config.gin").write_text("")
+  loaded = load.load_params(tmp_path / "run", init_params(SHARED), config=SHARED)
+  for path, value in layout.flatten(loaded).items():
+    np.testing.assert_array_equal(np.asarray(value), layout.flatten(params)[path], err_msg=path)
+
+
 def _hf_config_only(path, config_json):
   path.mkdir()
   (path / "config.json").write_text(json.dumps(config_json))

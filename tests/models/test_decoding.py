@@ -182,6 +182,19 @@ def test_sampling_step_i_draws_with_the_key_folded_with_i():
   np.testing.assert_array_equal(tokens[valid], want[valid])
 
 
+@pytest.mark.parametrize("method", ["greedy", "sample"])
+def test_decoding_stops_at_the_configured_eos(method):
+  # A vocabulary whose EOS is not 1 (SentencePiece's default is 2): its rows end there, not at id 1.
+  module, params, inputs = setup("dense")
+  run = lambda eos: np.asarray(decoding.decode(module, params, inputs, decoding.DecodeConfig(  # noqa: E731
+      method=method, max_decode_length=L, eos_id=eos)))
+  first = run(decoding.EOS_ID)[0, 0]
+  assert first != decoding.EOS_ID
+  stopped = run(int(first))
+  assert stopped[0, 0] == first and not stopped[0, 1:].any()  # ended at its first token, padding after it
+  assert decoding.trim_after_eos(np.array([5, 1, 6, 2, 7]), eos_id=2) == [5, 1, 6]
+
+
 def test_trim_after_eos_drops_eos_and_what_follows():
   # predict_tokens' contract: the ids up to, not including, the first EOS, without padding.
   assert decoding.trim_after_eos(np.array([5, 0, 6, decoding.EOS_ID, 7, decoding.EOS_ID, 0])) == [5, 6]

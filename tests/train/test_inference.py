@@ -56,3 +56,19 @@ def test_a_failed_output_write_keeps_the_earlier_outputs(tmp_path, monkeypatch):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "outputs.txt"]  # no temp file left behind
   inference.infer(str(tmp_path / "run"), str(inputs), output_file=str(out))
   assert out.read_text() == "x" * 20 + "\n" + ("x" * 20 + "\n") * 999
+
+
+def test_inputs_and_outputs_end_with_the_vocabularys_eos(monkeypatch):
+  """Training rows end with the task vocabulary's EOS (pipeline.get_batches; SentencePiece's own default is 2): infer
+  appended id 1 (that vocabulary's <unk>) to the inputs and cut the outputs at the first 1, a text token there."""
+  vocabulary = types.SimpleNamespace(eos_id=2, encode=lambda text: [5, 6], decode=list)
+  seen = {}
+
+  def decode(module, params, x, cfg, rng):
+    seen.update(inputs=np.asarray(x), eos_id=getattr(cfg, "eos_id", decoding.EOS_ID))
+    return np.tile(np.array([7, 1, 8, 2, 9, 0], np.int32), (len(x), 1))
+
+  monkeypatch.setattr(decoding, "decode", decode)
+  outputs = inference.predict_texts(None, None, vocabulary, ["a"], decoding.DecodeConfig())
+  assert seen["inputs"][0, :3].tolist() == [5, 6, 2] and seen["eos_id"] == 2
+  assert outputs == [[7, 1, 8]]

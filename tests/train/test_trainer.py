@@ -446,6 +446,23 @@ def test_evaluate_an_earlier_checkpoint_reproduces_its_training_eval(uninterrupt
   assert at_3["eval/loss"] != pytest.approx(uninterrupted[1]["eval/loss"], rel=1e-4)
 
 
+def test_a_model_of_another_depth_hidden_by_sharing_is_neither_evaluated_nor_resumed(uninterrupted, tmp_path):
+  # 2 distinct layers and 4 layers with param_share=2 hold the same parameter tree: `repeat-lm eval` scored the
+  # 2-layer checkpoint as the 4-layer model (eval/loss 9.62 for 9.69) and a resume trained on as the other model.
+  d, _ = uninterrupted
+  shutil.copytree(d / "checkpoints", tmp_path / "checkpoints")
+  # As a gin-built run's config.gin records its model (this run's was built in Python: its config.gin is empty).
+  (tmp_path / "config.gin").write_text("t5.T5Config.num_encoder_layers = 2\nt5.T5Config.num_decoder_layers = 2\n")
+  deeper = EncoderDecoderModel(module=Transformer(dataclasses.replace(
+      tiny_model().module.config, num_encoder_layers=4, num_decoder_layers=4, param_share=2)))
+  with pytest.raises(ValueError, match="another depth.*encoder 2 layers .* vs model 4"):
+    trainer.evaluate(model=deeper, model_dir=str(tmp_path), partitioner=partitioning.Partitioner(4, 2), eval_steps=1,
+                     eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8))
+  with pytest.raises(ValueError, match="another depth.*encoder 2 layers .* vs model 4"):
+    run(tmp_path, 9, model=deeper)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+
+
 def test_unseeded_evaluation_rows_of_all_hosts_make_one_stream(monkeypatch):
   """An evaluation set with seed=None: each host drew its own seed (os.urandom in get_batches), so its rows came from
   another stream (masks, and a UL2 layout with its batch count); every host must use the one broadcast draw."""
