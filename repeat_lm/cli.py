@@ -329,12 +329,7 @@ def _run_data(args, bindings: Sequence[str]) -> dict | None:
   from repeat_lm.data import stats
   task = _task_from_args(args)
   lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
-  # A negative count gave 'examples: -3' or an empty listing, a negative start an IndexError traceback.
-  counts = {"--max_examples": args.max_examples} if args.data_command == "stats" else {"-n": args.n}
-  bad = [f"{flag}={value}" for flag, value in counts.items() if value is not None and value < 1]
-  bad += [f"--start={args.start}"] if args.data_command == "show" and args.start < 0 else []
-  if bad:
-    raise ValueError(f"{', '.join(bad)}: counts must be at least 1 and --start (a global example index) at least 0.")
+  # task_stats and show_examples check the counts and --start (stats.check_selection) before reading an example.
   if args.data_command == "stats":
     return stats.task_stats(task, args.split, args.max_examples, lengths, args.seed)
   print(stats.format_examples(stats.show_examples(task, args.n, args.split, args.start, lengths, args.seed)))

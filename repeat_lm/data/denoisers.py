@@ -33,16 +33,23 @@ class Denoiser:
   mode: str = ''  # UL2 paradigm token, prepended as text when the objective's mode tokens are on
 
   def __post_init__(self):
-    if not 0 < self.noise_density < 1:
-      raise ValueError(f'Denoiser {self.name!r}: noise_density={self.noise_density} must lie strictly between 0 and '
-                       '1 (the share of tokens hidden; T5 uses 0.15).')
-    if self.mean_noise_span_length is not None and not self.mean_noise_span_length >= 1:
-      raise ValueError(f'Denoiser {self.name!r}: mean_noise_span_length={self.mean_noise_span_length} must be at '
-                       'least 1 token (T5 uses 3), or None for a prefix LM.')
+    check_noise(self.noise_density, self.mean_noise_span_length, f'Denoiser {self.name!r}')
 
   @property
   def prefix_lm(self) -> bool:
     return self.mean_noise_span_length is None
+
+
+def check_noise(noise_density: float, mean_noise_span_length: float | None, what: str) -> None:
+  """The span settings a Denoiser accepts, also checked by the SeqIO span-corruption functions (objectives.py) that
+  take them as plain numbers: a density of 1 made `random_spans_lengths` loop forever, a negative one or a negative
+  mean span gave chunk lengths of another objective without a word, and a mean span of 0 a ZeroDivisionError."""
+  if not 0 < noise_density < 1:
+    raise ValueError(f'{what}: noise_density={noise_density} must lie strictly between 0 and 1 (the share of tokens '
+                     'hidden; T5 uses 0.15).')
+  if mean_noise_span_length is not None and not mean_noise_span_length >= 1:
+    raise ValueError(f'{what}: mean_noise_span_length={mean_noise_span_length} must be at least 1 token (T5 uses 3), '
+                     'or None for a prefix LM.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +63,15 @@ class Objective:
   def __post_init__(self):
     if len(self.denoisers) != len(self.rates) or not self.denoisers:
       raise ValueError(f'{len(self.denoisers)} denoisers but {len(self.rates)} rates.')
-    if not all(np.isfinite(r) and r >= 0 for r in self.rates) or sum(self.rates) <= 0:
-      raise ValueError(f'Rates must be finite and >= 0 with a positive sum, got {self.rates}.')
+    check_rates(self.rates)
+
+
+def check_rates(rates: tuple[float, ...], what: str = 'Rates') -> None:
+  """Sampling rates (an objective's denoisers, a mixture's tasks) are normalised by their sum: a NaN, infinite or
+  negative rate, or a zero sum, leaves no distribution (a mixture with such rates was registered and failed at its
+  first batch with numpy's 'repeats may not contain negative values'; rates (-1, -1) trained as (0.5, 0.5))."""
+  if not all(np.isfinite(r) and r >= 0 for r in rates) or sum(rates) <= 0:
+    raise ValueError(f'{what} must be finite and >= 0 with a positive sum, got {rates}.')
 
 
 def span_corruption(noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> Objective:

@@ -39,6 +39,7 @@ def random_spans_lengths(inputs_length: int, noise_density: float = 0.15,
   512 -> (568, 114) at the T5 defaults. At noise_density 0.5 a chunk one token shorter is used when that brings the
   targets down to `inputs_length` (T5 does the same, so 512/512 stays a round number).
   """
+  den_lib.check_noise(noise_density, mean_noise_span_length, 'span corruption')  # as a Denoiser checks them
   raw_length = inputs_length - 1
   while _corrupted_lengths(raw_length + 1, noise_density, mean_noise_span_length)[0] <= inputs_length:
     raw_length += 1

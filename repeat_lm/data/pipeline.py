@@ -277,6 +277,15 @@ def get_batches(cfg: DatasetConfig, *, start_step: int = 0, shard_id: int = 0, n
   Finite streams: the final partial global batch is padded with all-zero rows (loss weights 0, segment ids 0), never
     dropped, so every row-count is static and every document is seen equally often.
   """
+  # Counts as the configs check theirs (a repeated task's epochs, the batch size): num_epochs 0 or -1 (tf.data's
+  # 'forever') gave an empty stream without a word, start_step 2.5 batches shifted by half a batch, and num_shards 0
+  # a ZeroDivisionError.
+  counts = {'start_step': (start_step, 0), 'shard_id': (shard_id, 0), 'num_shards': (num_shards, 1),
+            **({} if num_epochs is None else {'num_epochs': (num_epochs, 1)})}
+  bad = {k: v for k, (v, minimum) in counts.items() if not checks.is_count(v, minimum)}
+  if bad:
+    raise ValueError(f'get_batches {bad}: start_step and shard_id must be whole numbers >= 0, num_shards and '
+                     'num_epochs (None: the stream\'s own) >= 1.')
   if cfg.batch_size % num_shards:
     raise ValueError(f'Global batch size {cfg.batch_size} is not divisible by the {num_shards} data shards (hosts).')
   if not 0 <= shard_id < num_shards:

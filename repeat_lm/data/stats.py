@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import seqio
 
+from repeat_lm import checks
 from repeat_lm.data import denoisers as den_lib
 from repeat_lm.data import plan, tasks
 
@@ -24,6 +25,16 @@ _MAX_BITMAP_TOKENS = 1 << 31  # a bool per subset token to count unique ones; be
 
 def _number(x: float) -> float | int:
   return int(x) if float(x).is_integer() else round(float(x), 6)
+
+
+def check_selection(counts: Mapping[str, int | None], start: int | None = None) -> None:
+  """Which examples to read, by flag name: counts (None: all) at least 1, the first global index at least 0. Checked by
+  `data stats` / `data show` and by the functions behind them: a negative count gave 'examples: -3' or an empty
+  listing, a negative start an IndexError, a fractional one a TypeError."""
+  bad = [f"{flag}={value!r}" for flag, value in counts.items() if value is not None and not checks.is_count(value)]
+  bad += [f"--start={start!r}"] if start is not None and not checks.is_count(start, 0) else []
+  if bad:
+    raise ValueError(f"{', '.join(bad)}: counts must be at least 1 and --start (a global example index) at least 0.")
 
 
 def _stream(task: str, split: str, lengths: Mapping[str, int], seed: int) -> plan.Stream:
@@ -40,6 +51,7 @@ def _stream(task: str, split: str, lengths: Mapping[str, int], seed: int) -> pla
 def task_stats(task: str, split: str = 'train', max_examples: int | None = None,
                feature_lengths: Mapping[str, int] = DEFAULT_LENGTHS, seed: int = 0) -> dict[str, Any]:
   """One JSON-able dict; see docs/data.md for every key. Unbounded streams: one epoch unless max_examples."""
+  check_selection({'--max_examples': max_examples})
   stream = _stream(task, split, feature_lengths, seed)
   total = stream.total_examples
   if max_examples is None:  # all of a bounded stream; one epoch of an unbounded one
@@ -102,6 +114,7 @@ def task_stats(task: str, split: str = 'train', max_examples: int | None = None,
 def show_examples(task: str, n: int = 3, split: str = 'train', start: int = 0,
                   feature_lengths: Mapping[str, int] = DEFAULT_LENGTHS, seed: int = 0) -> list[dict[str, Any]]:
   """Examples start..start+n decoded to text (sentinels as <extra_id_k>), with where they come from."""
+  check_selection({'-n': n}, start)
   stream = _stream(task, split, feature_lengths, seed)
   vocabulary: seqio.Vocabulary = tasks.spec(task).vocabulary
   out = []

@@ -27,6 +27,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from repeat_lm import checks
 from repeat_lm.data import sources, vocab as vocab_lib
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ def _encoded(docs: Iterator[str], encode) -> Iterator[list[int]]:
 def build_store(source: TextSource, split: str, vocabulary: seqio.Vocabulary, max_tokens: int | None,
                 exact: bool = True) -> TokenStore:
   """Tokenises `split` in order up to `max_tokens` (None: all of it). exact: fewer tokens than that is an error."""
+  if max_tokens is not None and not checks.is_count(max_tokens):
+    # As repeated_task checks its token budgets: 0 built a store of no tokens, -5 read the whole source and cut each
+    # document short (11,593 tokens of the C4 sample), True kept 1 token and 2.5 failed on a slice.
+    raise ValueError(f'{source.tag} {split!r}: max_tokens={max_tokens!r} must be a whole number of at least 1 (None: '
+                     'the whole split).')
   start = time.time()
   stats = sources.ReadStats()
   dtype = np.uint16 if vocabulary.vocab_size <= 1 << 16 else np.int32

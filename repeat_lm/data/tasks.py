@@ -288,6 +288,7 @@ def repeated_mixture(tasks: Sequence[str], rates: Sequence[float], name: str | N
   tasks, rates = tuple(ensure_registered(t) for t in tasks), tuple(float(r) for r in rates)
   if len(tasks) != len(rates) or not tasks:
     raise ValueError(f'{len(tasks)} tasks but {len(rates)} rates.')
+  den_lib.check_rates(rates, 'Mixture rates')  # as an objective's: the pipeline normalises them by their sum
   # SeqIO refuses such a mixture when it reads it, but repeat_lm's pipeline interleaves the tasks' ids itself: the
   # same id would mean different text, and the trainer checks the model's vocab_size against one task's vocabulary
   # only, so a larger vocabulary's ids (sentinels at 32,099) would index past an 8,192-row embedding.

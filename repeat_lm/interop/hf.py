@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from repeat_lm.interop import layout
+from repeat_lm.models import moe as moe_lib
 from repeat_lm.models import t5
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,38 @@ def t5_config_from_hf(hf: Mapping[str, Any], **overrides) -> t5.T5Config:
   kwargs["mlp_activations"] = (act, "linear") if gated else (act,)
   kwargs.update(overrides)
   return t5.T5Config(**kwargs)
+
+
+def architecture_diffs(theirs: t5.T5Config, ours: t5.T5Config) -> list[str]:
+  """Hyper-parameters that leave no trace in parameter shapes, where a checkpoint's config (`theirs`) and the model's
+  differ: weights read under `ours` would silently compute another function. Both dense, or both MoE."""
+  fields = ("mlp_activations", "relative_attention_num_buckets", "relative_attention_max_distance",
+            "layer_norm_epsilon", "logits_via_embedding")
+  diffs = [f"{f}: checkpoint {getattr(theirs, f)!r} vs model {getattr(ours, f)!r}" for f in fields
+           if getattr(theirs, f) != getattr(ours, f)]
+  if ours.moe is not None and theirs.moe is not None:  # routing and expert activations do not show in shapes either
+    diffs += [f"moe.{f}: checkpoint {getattr(theirs.moe, f)!r} vs model {getattr(ours.moe, f)!r}"
+              for f in ("num_selected_experts", "expert_activations")
+              if getattr(theirs.moe, f) != getattr(ours.moe, f)]
+    for stack, n in (("encoder", ours.num_encoder_layers), ("decoder", ours.num_decoder_layers)):
+      our_flags, their_flags = moe_lib.sparse_layer_flags(n, ours.moe), moe_lib.sparse_layer_flags(n, theirs.moe)
+      if our_flags != their_flags:
+        diffs.append(f"{stack} sparse layers: checkpoint {[i for i, s in enumerate(their_flags) if s]} vs model "
+                     f"{[i for i, s in enumerate(our_flags) if s]} (moe.sparse_every / sparse_first)")
+  return diffs
+
+
+def _config_with_overrides(hf: Mapping[str, Any], overrides: Mapping[str, Any]) -> t5.T5Config:
+  """t5_config_from_hf with `overrides`, refusing those that change what the weights compute: load_params (an
+  INITIAL_CHECKPOINT_PATH) refuses a model gin that differs so, and load_hf took the same settings as overrides and
+  returned the weights under another architecture (logits_via_embedding=True: logits off by 6.5)."""
+  config = t5_config_from_hf(hf, **overrides)
+  diffs = architecture_diffs(t5_config_from_hf(hf), config) if overrides else []
+  if diffs:
+    raise ValueError(f"The overrides change the architecture the checkpoint was trained with ({'; '.join(diffs)}): "
+                     "its weights would compute another function. Override settings such as dtype, dropout rates, "
+                     "scan_layers, param_share or MoE capacity factors only.")
+  return config
 
 
 def activation_from_hf(act: str) -> str:
@@ -335,13 +368,18 @@ def _write_tokenizer_model(model: bytes, out_dir: str | Path, extra_ids: int) ->
   _move_tokenizer_in(_stage_tokenizer(model, out_dir, extra_ids), out_dir)
 
 
-def _stage_tokenizer(model: bytes, out_dir: Path, extra_ids: int) -> Path:
-  """The tokenizer files, converted into OUT_DIR/.tokenizer_staging/out (removed again if the conversion fails)."""
+def _sentencepiece_size(model: bytes) -> int:
+  """The SentencePiece model's pieces (ids before the extra ids)."""
   import sentencepiece  # pylint: disable=import-outside-toplevel
   try:  # transformers would report an unreadable file as a tiktoken one that needs the tiktoken package
-    sentencepiece.SentencePieceProcessor(model_proto=model)
+    return sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
   except RuntimeError as e:
     raise ValueError(f"The vocabulary is no SentencePiece model ({e}); nothing was exported.") from e
+
+
+def _stage_tokenizer(model: bytes, out_dir: Path, extra_ids: int) -> Path:
+  """The tokenizer files, converted into OUT_DIR/.tokenizer_staging/out (removed again if the conversion fails)."""
+  _sentencepiece_size(model)
   transformers = import_transformers()
   out_dir.mkdir(parents=True, exist_ok=True)
   staging = out_dir / ".tokenizer_staging"
@@ -402,6 +440,12 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
                      f"--out={inside.parent / 'hf'}.")
   # Read before anything is written: a vocabulary that cannot be read leaves an earlier export as it was.
   spm_bytes = read_sentencepiece_model(sentencepiece_model) if sentencepiece_model is not None else None
+  if spm_bytes is not None and (ids := _sentencepiece_size(spm_bytes) + extra_ids) > config.vocab_size:
+    # As `export hf --vocabulary` checks it: the tokenizer's ids past the embedding table wrote an export that failed
+    # only when used (transformers: 'IndexError: index out of range in self').
+    raise ValueError(f"The vocabulary has {ids} ids (with {extra_ids} extra ids) but the model's vocab_size is "
+                     f"{config.vocab_size}: it is not the vocabulary this model was trained with; nothing was "
+                     "exported.")
   out_dir.mkdir(parents=True, exist_ok=True)
   if getattr(config, "moe", None) is None:
     state, config_json = to_hf_state_dict(params, config), hf_config_dict(config)
@@ -448,7 +492,7 @@ def load_hf(path: str | Path, **config_overrides) -> tuple[t5.T5Config, dict[str
   path = Path(path)
   if not (path / "config.json").exists():
     raise FileNotFoundError(f"{path} has no config.json: point at a directory written by save_pretrained.")
-  config = t5_config_from_hf(json.loads((path / "config.json").read_text()), **config_overrides)
+  config = _config_with_overrides(json.loads((path / "config.json").read_text()), config_overrides)
   flat = from_hf_state_dict(read_state_dict(path), config)
   return config, layout.unflatten(layout.from_per_layer(flat, layout.layouts_for(config)))
 
@@ -456,7 +500,7 @@ def load_hf(path: str | Path, **config_overrides) -> tuple[t5.T5Config, dict[str
 def from_hf_model(model: Any, **config_overrides) -> tuple[t5.T5Config, dict[str, Any]]:
   """(T5Config, params) from a live T5ForConditionalGeneration or SwitchTransformersForConditionalGeneration, without
   writing files."""
-  config = t5_config_from_hf(model.config.to_dict(), **config_overrides)
+  config = _config_with_overrides(model.config.to_dict(), config_overrides)
   state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
   flat = from_hf_state_dict(state, config)
   return config, layout.unflatten(layout.from_per_layer(flat, layout.layouts_for(config)))

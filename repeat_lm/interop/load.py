@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repeat_lm import checks
 from repeat_lm.interop import layout
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ def checkpoint_kind(path: str | Path) -> str:
 def _check_hf_config(path: Path, config: Any) -> None:
   """Hyper-parameters that leave no trace in parameter shapes must still agree."""
   from repeat_lm.interop import hf  # pylint: disable=import-outside-toplevel
-  from repeat_lm.models import moe as moe_lib  # pylint: disable=import-outside-toplevel
   from repeat_lm.models import t5  # pylint: disable=import-outside-toplevel
   if not isinstance(config, t5.T5Config):
     return
@@ -80,19 +80,7 @@ def _check_hf_config(path: Path, config: Any) -> None:
     kind = lambda c: "dense (T5)" if c.moe is None else "MoE (Switch)"  # noqa: E731
     raise ValueError(f"The Hugging Face checkpoint {path} is a {kind(theirs)} model but the model gin builds a "
                      f"{kind(config)} one: use a model gin of the checkpoint's architecture.")
-  fields = ("mlp_activations", "relative_attention_num_buckets", "relative_attention_max_distance",
-            "layer_norm_epsilon", "logits_via_embedding")
-  diffs = [f"{f}: checkpoint {getattr(theirs, f)!r} vs model {getattr(config, f)!r}" for f in fields
-           if getattr(theirs, f) != getattr(config, f)]
-  if config.moe is not None:  # routing and expert activations do not show in shapes either
-    diffs += [f"moe.{f}: checkpoint {getattr(theirs.moe, f)!r} vs model {getattr(config.moe, f)!r}"
-              for f in ("num_selected_experts", "expert_activations")
-              if getattr(theirs.moe, f) != getattr(config.moe, f)]
-    for stack, n in (("encoder", config.num_encoder_layers), ("decoder", config.num_decoder_layers)):
-      ours, their_flags = moe_lib.sparse_layer_flags(n, config.moe), moe_lib.sparse_layer_flags(n, theirs.moe)
-      if ours != their_flags:
-        diffs.append(f"{stack} sparse layers: checkpoint {[i for i, s in enumerate(their_flags) if s]} vs model "
-                     f"{[i for i, s in enumerate(ours) if s]} (moe.sparse_every / sparse_first)")
+  diffs = hf.architecture_diffs(theirs, config)
   if diffs:
     raise ValueError(f"The Hugging Face checkpoint {path} was trained with a different architecture: "
                      + "; ".join(diffs) + ". Set these in the model gin (t5.T5Config, moe.MoeConfig).")
@@ -164,6 +152,11 @@ def _place(value: np.ndarray, target: Any) -> jax.Array:
 def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, step: int | None = None) -> Any:
   """Parameters for a model whose own parameters look like `abstract_params` (arrays or ShapeDtypeStructs, with
   shardings to place them on). `config`: the module config, to check hyper-parameters that shapes cannot show."""
+  if step is not None and not checks.whole_number(step):
+    # As the Checkpointer refuses it: '5' was reported missing beside 'available: [5]', and 5.0 as a corrupt
+    # checkpoints/5.0.
+    raise ValueError(f"Checkpoint step {step!r} is not a whole number: give the step as an int (e.g. 20), or None "
+                     "for the latest.")
   path = Path(path)
   target_flat = layout.flatten(abstract_params)
   step_dir = _repeat_lm_step_dir(path, step) if path.exists() else None

@@ -29,6 +29,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from repeat_lm import checks
+
 Array = jax.Array
 BOS_ID, EOS_ID = 0, 1
 METHODS = ("greedy", "sample", "beam")
@@ -52,21 +54,35 @@ class DecodeConfig:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"Unknown decoding method {self.method!r}; choose from {METHODS}.")
-    if self.max_decode_length < 1 or self.num_beams < 1:
-      raise ValueError("max_decode_length and num_beams must be at least 1.")
+    check_counts(self.max_decode_length, self.num_beams)
     # Checked here too, so a bad setting fails before a checkpoint is loaded; only sampling uses the temperature.
     check_sampling(self.temperature if self.method == "sample" else 1.0, self.topk)
     if self.method == "beam":
       check_length_penalty(self.length_penalty_alpha)
 
 
+def check_counts(max_decode_length: int, num_beams: int = 1) -> None:
+  """Both are array sizes: 64.0 or True passed a `< 1` test and failed in the decode loop with a shape TypeError (or
+  decoded one token), and 0 beams with a ZeroDivisionError."""
+  bad = {k: v for k, v in {"max_decode_length": max_decode_length, "num_beams": num_beams}.items()
+         if not checks.is_count(v)}
+  if bad:
+    raise ValueError(f"{bad}: max_decode_length and num_beams must be whole numbers of at least 1.")
+
+
 def check_sampling(temperature: float, topk: int) -> None:
   """The settings `sample` accepts: logits are divided by the temperature, and top-k keeps k tokens (0: all)."""
-  if not temperature > 0:
+  # A traced temperature (sample under jit with the temperature an argument) has no value yet: comparing it raised a
+  # TracerBoolConversionError. Anything else must be a positive number or 0-d array (not a gin string, which failed
+  # the comparison with a TypeError). top-k is a shape: concrete.
+  if not isinstance(temperature, jax.core.Tracer) and not (
+      (isinstance(temperature, numbers.Real) or np.ndim(temperature) == 0 and hasattr(temperature, "dtype"))
+      and temperature > 0):
     raise ValueError(f"temperature={temperature}: sampling divides the logits by it, so it must be > 0 (use greedy "
                      "decoding for the argmax).")
-  if topk < 0:
-    raise ValueError(f"topk={topk}: keep k >= 1 most likely tokens, or 0 for all.")
+  if not checks.is_count(topk, 0):
+    raise ValueError(f"topk={topk!r}: keep k >= 1 most likely tokens, or 0 for all (a whole number: top-k's k is a "
+                     "shape).")
 
 
 def check_length_penalty(alpha: float) -> None:
@@ -148,6 +164,7 @@ def _sample_loop(module, params, encoder_input_tokens_BxS, max_decode_length, ch
 def greedy(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array,
            max_decode_length: int, eos_id: int = EOS_ID) -> tuple[Array, Array]:
   """Most likely next token at every step -> (tokens [B, L], log-probability of each chosen token [B, L])."""
+  check_counts(max_decode_length)
   return _sample_loop(module, params, encoder_input_tokens_BxS, max_decode_length,
                       lambda logits_BxV, i: jnp.argmax(logits_BxV, axis=-1), eos_id)
 
@@ -158,6 +175,7 @@ def sample(module: nn.Module, params: Any, encoder_input_tokens_BxS: Array, max_
 
   Returns (tokens [B, L], log-probability of each token under the model, before temperature/top-k [B, L]).
   """
+  check_counts(max_decode_length)
   check_sampling(temperature, topk)
 
   def choose(logits_BxV, i):
@@ -192,6 +210,7 @@ def beam_search_all(module: nn.Module, params: Any, encoder_input_tokens_BxS: Ar
   the others end), moves those ending in EOS to the finished set (scored log p / length penalty) and the best K
   others to the alive set. It stops when no alive beam can overtake the worst finished one, or after L tokens.
   """
+  check_counts(max_decode_length, num_beams)
   check_length_penalty(alpha)  # checked here too, as `sample` checks its settings: callers need no DecodeConfig
   k, length = num_beams, max_decode_length
   batch = encoder_input_tokens_BxS.shape[0]

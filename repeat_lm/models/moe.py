@@ -87,9 +87,12 @@ class MoeConfig:
     if not checks.is_count(self.group_size):
       raise ValueError(f"MoeConfig.group_size={self.group_size!r} must be >= 1, a whole number (tokens per routing "
                        "group, an upper bound).")
-    if self.train_capacity_factor <= 0 or self.eval_capacity_factor <= 0:
-      raise ValueError(f"MoeConfig capacity factors must be positive, got train {self.train_capacity_factor}, "
-                       f"eval {self.eval_capacity_factor}.")
+    # Finite too: NaN passed `<= 0` and the first training step failed in expert_capacity with a bare "cannot convert
+    # float NaN to integer" (infinity: an OverflowError) that named no setting.
+    if not all(math.isfinite(f) and f > 0 for f in (self.train_capacity_factor, self.eval_capacity_factor)):
+      raise ValueError(f"MoeConfig capacity factors must be positive and finite, got train "
+                       f"{self.train_capacity_factor}, eval {self.eval_capacity_factor} (for no dropped tokens, a "
+                       "factor of num_experts gives every expert room for the whole group).")
 
 
 def check_activations(setting: str, names: Sequence[str]) -> None:

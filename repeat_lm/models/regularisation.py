@@ -11,6 +11,8 @@ Shape letters as in layers.py.
 
 from __future__ import annotations
 
+import numbers
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,11 @@ import numpy as np
 Array = jax.Array
 
 DROPPATH_DEPTH_SCALINGS = ("constant", "linear")
+
+
+def is_rate(value) -> bool:
+  """A configured dropout or DropPath rate: a number in [0, 1) (T5Config checks every rate it holds with this)."""
+  return isinstance(value, numbers.Real) and 0.0 <= value < 1.0
 
 
 def _keep_and_rescale(x: Array, keep: Array, rate: Array) -> Array:
@@ -35,6 +42,11 @@ class Dropout(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool, scale: Array | float = 1.0) -> Array:
+    # A rate a layer passes itself (layers.dropout) gets T5Config's check: at 1 every unit was zeroed with NaN
+    # gradients (x / 0 under the mask), at NaN the same, and a negative rate scaled the activations by 1 / (1 - rate).
+    # Only a concrete number is checked; the (possibly traced) schedule comes in `scale`.
+    if isinstance(self.rate, numbers.Real) and not is_rate(self.rate):
+      raise ValueError(f"Dropout rate {self.rate} must lie in [0, 1) (the share of units dropped).")
     if self.rate == 0.0 or deterministic:
       return x
     rate = self.rate * jnp.asarray(scale, jnp.float32)

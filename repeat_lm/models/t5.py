@@ -10,7 +10,6 @@ layer), gated-GELU MLP, untied output projection. Shape letters as in layers.py;
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -118,7 +117,7 @@ class T5Config:
     rates = {"dropout_rate": self.dropout_rate, "droppath_rate": self.droppath_rate,
              **{f"{p}_dropout_rate": self.dropout_rate_for(p) for p in DROPOUT_PLACES}}
     # A string ('0.1') failed the comparison with a TypeError traceback.
-    bad = {k: v for k, v in rates.items() if not isinstance(v, numbers.Real) or not 0.0 <= v < 1.0}
+    bad = {k: v for k, v in rates.items() if not regularisation.is_rate(v)}
     if bad:
       raise ValueError(f"Dropout and DropPath rates must lie in [0, 1): {bad}.")
     # T5's bucketing keeps exact distances below num_buckets // 4 (bidirectional) or // 2 and spreads the rest

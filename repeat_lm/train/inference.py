@@ -85,6 +85,11 @@ def predict_texts(module: Any, params: Any, vocabulary: seqio.Vocabulary, texts:
                   cfg: decoding.DecodeConfig = decoding.DecodeConfig(), *, inputs_length: int | None = None,
                   batch_size: int = 32, partitioner: Any = None) -> list[str]:
   """Decode one output text per input text (the Python API behind `repeat-lm infer`)."""
+  # As `infer` checks a --vocabulary: called directly with a larger vocabulary, the ids past the embedding table were
+  # clipped to its last row, and the outputs came back with no error.
+  config = getattr(module, "config", None)
+  if config is not None:
+    check_vocabulary_fits(vocabulary, config.vocab_size)
   if not texts:
     return []
   cfg = dataclasses.replace(cfg, eos_id=eos_of(vocabulary))  # the EOS the inputs end with and the model learnt

@@ -57,6 +57,17 @@ def test_inputs_too_short_for_any_noise_are_a_clear_error(inputs_length):
     objectives.span_corruption(dataset, {'inputs': inputs_length, 'targets': 8}, features)
 
 
+def test_span_lengths_refuse_the_settings_a_denoiser_refuses():
+  # random_spans_lengths (behind span_corruption and dropout_schedule.steps_per_epoch) took them unchecked: -0.15 gave
+  # (511, 3) and mu -3 gave (600, 92) without a word, mu 0 a ZeroDivisionError; density 1 looped forever (last here,
+  # so that the old code fails on the first case instead of hanging).
+  for density, mu, named in [(-0.15, 3.0, 'noise_density=-0.15'), (0.15, -3.0, 'mean_noise_span_length=-3.0'),
+                             (0.15, 0.0, 'mean_noise_span_length=0.0'), (float('nan'), 3.0, 'noise_density=nan'),
+                             (1.0, 3.0, 'noise_density=1.0')]:
+    with pytest.raises(ValueError, match=f'span corruption: {named} must'):
+      objectives.random_spans_lengths(512, density, mu)
+
+
 @pytest.mark.parametrize('length', [2, 3, 10, 37, 100, 568, 1006])
 def test_mask_has_exact_noise_count_and_alternating_spans(length):
   num_noise = min(max(round(length * 0.15), 1), length - 1)

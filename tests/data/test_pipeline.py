@@ -157,6 +157,16 @@ def test_eval_stream_is_one_padded_pass_and_shards_cover_it(c4_task):
   assert_same(full, list(pipeline.get_batches(cfg)))
 
 
+@pytest.mark.parametrize('kwargs', [dict(num_epochs=-1), dict(num_epochs=0), dict(start_step=2.5),
+                                    dict(start_step=-1), dict(num_shards=0)])
+def test_get_batches_refuses_counts_that_are_none(c4_d16, kwargs):
+  # A repeated task's epochs are checked when it is registered, but get_batches' own were not: num_epochs -1
+  # (tf.data's 'forever') or 0 gave no batches, start_step 2.5 batches from example 20 of 8-row batches.
+  cfg = pipeline.DatasetConfig(c4_d16, SMALL, batch_size=8)
+  with pytest.raises(ValueError, match=f'get_batches {{\'{next(iter(kwargs))}\''):
+    take(cfg, 1, **kwargs)
+
+
 def test_validation_stream_when_shuffled_repeats(c4_task):
   cfg = pipeline.DatasetConfig(c4_task, SMALL, split='validation', batch_size=32, seed=0)
   batches = take(cfg, 12)  # 12 x 32 rows > 238 chunks of one epoch

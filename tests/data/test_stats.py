@@ -73,6 +73,18 @@ def test_impossible_counts_and_starts_are_errors(capsys):
     assert match in capsys.readouterr().err
 
 
+def test_the_functions_behind_the_commands_check_the_counts_too():
+  # The command checked them, task_stats and show_examples (the library's inspection API) did not: max_examples -3
+  # gave 'examples': -3 and n 0 an empty listing without a word, start 2.5 a TypeError.
+  task = 'repeat_lm.wiki.wiki8k.span.d14.e2'
+  with pytest.raises(ValueError, match='--max_examples=-3: counts must be at least 1'):
+    stats.task_stats(task, max_examples=-3)
+  with pytest.raises(ValueError, match='-n=0: counts must be at least 1'):
+    stats.show_examples(task, n=0)
+  with pytest.raises(ValueError, match=r'--start=2.5: counts .* --start \(a global example index\) at least 0'):
+    stats.show_examples(task, start=2.5)
+
+
 def test_bench_data(capsys, c4_d16):
   out = run(capsys, 'bench', 'data', f'--task={c4_d16}', '--batch_size=8', '--inputs_length=512',
             '--targets_length=114', '--steps=5', '--num_shards=2', '--train_step_s=6', '--json')

@@ -50,6 +50,14 @@ def test_a_source_may_yield_documents_from_any_iterator(vocab):
   assert store.num_tokens == 50
 
 
+@pytest.mark.parametrize('max_tokens', [-5, 0, True, 2.5])
+def test_a_budget_that_is_no_count_is_refused(c4_path, vocab, max_tokens):
+  # repeated_task refuses such budgets; build_store took them: -5 read the whole sample into 11,593 tokens with every
+  # document cut short, 0 gave an empty store, True one token, 2.5 a slice TypeError.
+  with pytest.raises(ValueError, match=f'max_tokens={max_tokens!r} must be a whole number of at least 1'):
+    subset.build_store(sources.LocalText(c4_path), 'train', vocab, max_tokens)
+
+
 def test_bad_input_is_counted_and_the_budget_kept(tmp_path, vocab, caplog):
   long_doc = 'word ' * 5000
   path = write_jsonl(tmp_path / 'bad.jsonl', ['First doc.', '', '   \n\t', long_doc, 'Tail ' * 100],

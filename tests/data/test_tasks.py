@@ -345,6 +345,15 @@ def test_validation_streams_by_shuffle(c4_d16):
   assert shuffled.shuffle and not tasks.stream(c4_d16, 'validation', LENGTHS, 0, shuffle=False, epochs=1).shuffle
 
 
+@pytest.mark.parametrize('rates', [(1, -0.5), (float('nan'), 1), (0, 0), (-1, -1)])
+def test_mixture_rates_are_checked_as_an_objective_s(rates):
+  # Registered unchecked: the first three failed at the first batch with numpy's 'repeats may not contain negative
+  # values', and (-1, -1) trained as (0.5, 0.5).
+  a, b = tasks.ensure_registered('repeat_lm.c4.t5.span.d27.e8'), tasks.ensure_registered('repeat_lm.c4.t5.span.d29.e6')
+  with pytest.raises(ValueError, match='Mixture rates must be finite and >= 0 with a positive sum'):
+    tasks.repeated_mixture([a, b], rates)
+
+
 def test_mixtures_are_named_and_replaced_by_their_rates():
   a, b = tasks.ensure_registered('repeat_lm.c4.t5.span.d27.e8'), tasks.ensure_registered('repeat_lm.c4.t5.span.d29.e6')
   assert tasks.repeated_mixture([a, b], [1, 1]) != tasks.repeated_mixture([a, b], [1, 3])

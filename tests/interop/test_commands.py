@@ -38,7 +38,9 @@ def test_export_hf_command_scanned_moe(tmp_path, capsys, fresh_gin):
   SwitchTransformers with the logits of the scanned model."""
   pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  config = dataclasses.replace(TINY_SWITCH, scan_layers=True)
+  # TINY's 8,192 ids: the MODEL_DIR's task (wiki, 8,100 ids) must fit the model, as the trainer requires, or the
+  # export refuses its tokenizer.
+  config = dataclasses.replace(TINY_SWITCH, scan_layers=True, vocab_size=TINY.vocab_size)
   params = sharpen_routers(random_params(config))
   model_dir = write_model_dir(tmp_path / "run", config, params)
   out = tmp_path / "hf"

@@ -210,6 +210,30 @@ def test_an_export_with_an_unreadable_vocabulary_leaves_an_earlier_export_whole(
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
 
 
+def test_an_export_refuses_a_vocabulary_larger_than_the_model(tmp_path):
+  """`export hf --vocabulary` checked the vocabulary against the model, export_hf (docs/interop.md) did not: T5's
+  32,100 ids beside an 8,192-row model exported, and transformers' model failed on the tokenizer's first ids (8774)
+  with 'IndexError: index out of range in self'."""
+  from repeat_lm.data import vocab
+  spm = vocab.default_vocabulary().sentencepiece_model_file  # 8,000 pieces: 8,100 ids
+  small = dataclasses.replace(TINY, vocab_size=4096)
+  with pytest.raises(ValueError, match="8100 ids .* but the model's vocab_size is 4096"):
+    hf.export_hf(random_params(small), small, tmp_path / "hf", sentencepiece_model=spm)
+  assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("overrides", [{"logits_via_embedding": True}, {"relative_attention_max_distance": 64},
+                                       {"layer_norm_epsilon": 1e-2}])
+def test_load_hf_refuses_overrides_that_change_the_architecture(tmp_path, overrides):
+  """load_params refuses a model gin whose settings of this kind differ from config.json; load_hf took them as
+  overrides and returned weights that compute another function (logits off by 6.5, 0.07 and 0.04 here)."""
+  hf.export_hf(random_params(TINY), TINY, tmp_path)
+  name = next(iter(overrides))
+  with pytest.raises(ValueError, match=f"overrides change the architecture .*{name}: checkpoint"):
+    hf.load_hf(tmp_path, **overrides)
+  assert hf.load_hf(tmp_path, dtype="bfloat16", dropout_rate=0.1)[0].dropout_rate == 0.1  # the others still apply
+
+
 def test_config_fields_survive_the_round_trip():
   """Every field config.json carries comes back, non-defaults included (transformers' own defaults are dropout 0.1,
   epsilon 1e-6, as many decoder as encoder layers); a transformers 4 file may leave out dense_act_fn, epsilon and

@@ -129,6 +129,15 @@ def test_a_step_dir_is_not_read_for_another_step(tiny_model_dir):
   load.load_for_module(step_dir, t5.Transformer(TINY), step=int(step_dir.name))
 
 
+@pytest.mark.parametrize("as_given", [str, float])
+def test_a_step_that_is_no_whole_number_is_named(tiny_model_dir, as_given):
+  # The Checkpointer refused these; load_params (restore_params, infer and export's loader) reported step '5' as
+  # missing beside 'available: [5]', and 5.0 as a corrupt checkpoints/5.0.
+  step = int(next(p for p in (tiny_model_dir / "checkpoints").iterdir() if p.name.isdigit()).name)
+  with pytest.raises(ValueError, match=f"Checkpoint step {as_given(step)!r} is not a whole number"):
+    load.load_for_module(tiny_model_dir, t5.Transformer(TINY), step=as_given(step))
+
+
 @pytest.mark.parametrize("saved,target,kind", [(TINY, SHARED, "repeat_lm"), (SHARED, TINY, "repeat_lm"),
                                                (TINY, SHARED, "hf")], ids=["into-shared", "from-shared", "hf"])
 def test_a_checkpoint_of_another_depth_is_refused_where_sharing_hides_it(tmp_path, saved, target, kind):

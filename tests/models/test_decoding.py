@@ -154,6 +154,8 @@ def test_decode_config_is_checked():
     decoding.DecodeConfig(method="sample", temperature=0.0)
   with pytest.raises(ValueError, match="topk=-1"):
     decoding.DecodeConfig(method="sample", topk=-1)
+  with pytest.raises(ValueError, match="temperature=0.7: sampling divides"):  # a string: a gin binding's quotes
+    decoding.DecodeConfig(method="sample", temperature="0.7")
   assert decoding.DecodeConfig(method="greedy", temperature=0.0)  # unused by greedy decoding
   # NaN: every beam's score NaN, and infer printed empty outputs with exit code 0.
   with pytest.raises(ValueError, match="length_penalty_alpha=nan: .* must be finite"):
@@ -165,6 +167,35 @@ def test_beam_search_called_directly_refuses_a_non_finite_length_penalty():
   module, params, inputs = setup("dense")
   with pytest.raises(ValueError, match="length_penalty_alpha=nan: .* must be finite"):
     decoding.beam_search(module, params, inputs, L, num_beams=3, alpha=float("nan"))
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_decode_length=64.0), dict(max_decode_length=True),
+                                    dict(method="beam", num_beams=4.0), dict(method="sample", topk=40.0)])
+def test_decode_config_refuses_counts_that_are_no_whole_numbers(kwargs):
+  # Each passed the `< 1` / `< 0` tests and failed in the decode loop with a shape TypeError (True: one token).
+  with pytest.raises(ValueError, match="whole number"):
+    decoding.DecodeConfig(**kwargs)
+
+
+def test_decoding_functions_called_directly_check_their_counts():
+  # The public functions took what DecodeConfig refuses: 0 beams raised a ZeroDivisionError inside beam search, a
+  # float top-k or length a shape TypeError. Refused before anything is traced.
+  module, params, inputs = setup("dense")
+  with pytest.raises(ValueError, match="num_beams"):
+    decoding.beam_search(module, params, inputs, L, num_beams=0)
+  with pytest.raises(ValueError, match="topk=2.0"):
+    decoding.sample(module, params, inputs, L, jax.random.key(0), topk=2.0)
+  with pytest.raises(ValueError, match="max_decode_length"):
+    decoding.greedy(module, params, inputs, float(L))
+
+
+def test_sample_takes_a_traced_temperature():
+  """Only a concrete temperature is checked, as beam search's alpha: under jit with the temperature an argument the
+  check raised a TracerBoolConversionError."""
+  module, params, inputs = setup("dense")
+  key = jax.random.key(7)
+  tokens = jax.jit(lambda p, x, t: decoding.sample(module, p, x, L, key, temperature=t)[0])(params, inputs, 5.0)
+  assert np.asarray(tokens).shape == (B, L)
 
 
 def test_sampling_step_i_draws_with_the_key_folded_with_i():

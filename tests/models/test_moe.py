@@ -294,7 +294,10 @@ def test_tiny_moe_trains_through_the_cli_with_routing_metrics(tmp_path):
                                           ({"group_size": 4096.0}, "group_size=4096.0 must be >= 1, a whole number"),
                                           ({"sparse_every": 2.0}, "sparse_every=2.0 must be >= 1, a whole number"),
                                           ({"num_selected_experts": 1.0}, "num_selected_experts=1.0 must be a whole"),
-                                          ({"train_capacity_factor": 0.0}, "capacity factors must be positive")])
+                                          ({"train_capacity_factor": 0.0}, "capacity factors must be positive"),
+                                          # Passed `<= 0`; training failed: "cannot convert float NaN to integer".
+                                          ({"train_capacity_factor": float("nan")}, "finite, got train nan"),
+                                          ({"eval_capacity_factor": float("inf")}, "finite, got .* eval inf")])
 def test_moe_config_rejects_empty_groups_and_capacity(kwargs, match):
   with pytest.raises(ValueError, match=match):
     moe.MoeConfig(**kwargs)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repeat_lm.models import regularisation, t5
+from repeat_lm.models import layers, regularisation, t5
 
 B, S, T = 4, 8, 6
 TINY = t5.T5Config(vocab_size=64, dtype="float32", emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=2,
@@ -44,6 +44,19 @@ def test_dropout_is_identity_at_evaluation_and_at_scale_zero():
   # A traced factor of 0 (a staged schedule before its switch) keeps every unit and divides by exactly 1.
   y = jax.jit(lambda s: drop.apply({}, x, False, s, rngs=rngs))(0.0)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+@pytest.mark.parametrize("rate", [1.0, float("nan"), -0.2])
+def test_dropout_refuses_a_rate_t5config_refuses(rate):
+  # layers.dropout (docs/regularisation.md: what any layer that adds dropout calls) took it: at 1 or NaN every unit
+  # came out 0 with NaN gradients, at -0.2 every unit was scaled by 1 / 1.2 (0.833) without a word.
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return layers.dropout(x, rate, deterministic=False)
+
+  with pytest.raises(ValueError, match=r"Dropout rate .* must lie in \[0, 1\)"):
+    Layer().apply({}, jnp.ones((2, 3)), rngs={"dropout": jax.random.key(0)})
 
 
 def test_bfloat16_kept_units_are_the_rounded_exact_rescale_and_rate_zero_is_no_op():

@@ -72,3 +72,13 @@ def test_inputs_and_outputs_end_with_the_vocabularys_eos(monkeypatch):
   outputs = inference.predict_texts(None, None, vocabulary, ["a"], decoding.DecodeConfig())
   assert seen["inputs"][0, :3].tolist() == [5, 6, 2] and seen["eos_id"] == 2
   assert outputs == [[7, 1, 8]]
+
+
+def test_predict_texts_refuses_a_vocabulary_larger_than_the_model(monkeypatch):
+  """`infer --vocabulary` checked the vocabulary against the model, the Python API (docs/interop.md) did not: T5's
+  32,000-id vocabulary on a 128-row model decoded ids such as 8774 as row 127, and returned outputs without a word."""
+  monkeypatch.setattr(decoding, "decode", lambda module, params, x, cfg, rng: np.full_like(x, 5))  # no compile
+  module = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=128))
+  vocabulary = types.SimpleNamespace(vocab_size=32000, encode=lambda text: [8774, 296], decode=str)
+  with pytest.raises(ValueError, match="32000 ids but the model's vocab_size is 128"):
+    inference.predict_texts(module, None, vocabulary, ["Hello world"])
