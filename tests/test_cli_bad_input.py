@@ -133,6 +133,12 @@ def test_infer_refuses_an_output_file_that_is_its_input_or_a_file_of_the_checkpo
       inference.check_output_file(str(model_dir / name), str(inputs), str(model_dir))
   inference.check_output_file(str(model_dir / "outputs.txt"), str(inputs), str(model_dir))  # an earlier output
   inference.check_output_file(str(model_dir / "new.jsonl"), str(inputs), str(model_dir))  # a new file
+  # --checkpoint naming one step (or checkpoints/): the MODEL_DIR around it is the run's, config.gin was overwritten.
+  for checkpoint in (model_dir / "checkpoints" / "4", model_dir / "checkpoints"):
+    for name in ("config.gin", "metrics.jsonl"):
+      with pytest.raises(ValueError, match=f"is a file of the checkpoint .* e.g. {model_dir / 'outputs.txt'}"):
+        inference.check_output_file(str(model_dir / name), str(inputs), str(checkpoint))
+    inference.check_output_file(str(model_dir / "outputs.txt"), str(inputs), str(checkpoint))
 
 
 def test_a_missing_vocabulary_file_names_the_infer_flag(tmp_path):

@@ -256,10 +256,13 @@ def check_output_file(output_file: str, input_file: str | None = None, checkpoin
   # Earlier outputs (.txt) may be overwritten; the run's records and weights (config.gin, metrics.jsonl, anything
   # under checkpoints/, a Hugging Face model.safetensors) may not.
   root = Path(checkpoint).resolve() if checkpoint is not None else None
+  if root is not None:  # a step directory (MODEL_DIR/checkpoints/20) or checkpoints/: the whole MODEL_DIR is the run's
+    root = next((p.parent for p in [root, *root.parents]
+                 if p.name == "checkpoints" and (p.parent / "config.gin").exists()), root)
   target = path.resolve()
   if root is not None and root in target.parents and (target.parent != root or target.suffix != ".txt"):
     raise ValueError(f"--output_file={output_file} is a file of the checkpoint --checkpoint={checkpoint}; writing the "
-                     f"outputs over it would lose it. Name a new file, e.g. {Path(checkpoint) / 'outputs.txt'}.")
+                     f"outputs over it would lose it. Name a new file, e.g. {root / 'outputs.txt'}.")
 
 
 def check_vocabulary_fits(vocabulary: seqio.Vocabulary, model_vocab_size: int) -> None:
