@@ -142,7 +142,10 @@ def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, var
 
 
 def _diverged(record: dict[str, Any]) -> bool:
-  return record.get("status") == status_lib.FAILED and str(record.get("error") or "").startswith(_DIVERGED_ERROR)
+  # The exception's name, bare ('repeat-lm: error: TrainingDivergedError: ...') or qualified, as a traceback's last
+  # line gives it under --log_level=DEBUG ('repeat_lm.train.trainer.TrainingDivergedError: ...').
+  name = str(record.get("error") or "").split(":", 1)[0].strip()
+  return record.get("status") == status_lib.FAILED and name.rsplit(".", 1)[-1] == _DIVERGED_ERROR
 
 
 def _body(gin_text: str) -> str:

@@ -174,6 +174,19 @@ def test_a_diverged_run_is_retried_only_once_its_configuration_changes(tmp_path,
   assert status.read(root / "a")["status"] == "pending"  # new settings: runnable again
 
 
+def test_a_diverged_run_is_recognised_from_a_debug_traceback(tmp_path, monkeypatch):
+  # Under --log_level=DEBUG the trainer's error is a traceback, whose last line names the exception with its module.
+  exp = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a'}]")
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  status.write(root / "a", status="failed", returncode=1,
+               error="repeat_lm.train.trainer.TrainingDivergedError: Training diverged at step 3: summed loss nan")
+  monkeypatch.setattr(runner, "_run_blocking", lambda *a: pytest.fail("a diverged run was retried"))
+  log = io.StringIO()
+  runner.run_sweep(exp, root, runner.Options(stream=log))
+  assert "[1/1] a: diverged, not retried" in log.getvalue()
+
+
 def test_a_second_interrupt_kills_the_trainer_before_the_lock_goes(tmp_path, monkeypatch):
   """Ctrl-C asks the trainer to checkpoint and stop; a second Ctrl-C while it saves must not leave it training after
   the sweep has let go of the run's lock (a second sweep would start another trainer on the same MODEL_DIR)."""
