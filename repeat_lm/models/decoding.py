@@ -87,8 +87,11 @@ def check_sampling(temperature: float, topk: int) -> None:
 
 def check_length_penalty(alpha: float) -> None:
   """Refuse a non-finite beam-search alpha: every score NaN (or all equal), beams came back arbitrary, no error."""
-  # Only a concrete number is checked: a traced alpha (beam search under jit with alpha an argument) has no value yet.
-  if isinstance(alpha, numbers.Real) and not math.isfinite(alpha):
+  # Only a traced alpha (beam search under jit with alpha an argument) goes unchecked: it has no value yet. A concrete
+  # 0-d array (np.array(nan), jnp.float32(nan)) has one, as `check_sampling` reads a temperature's.
+  concrete = isinstance(alpha, numbers.Real) or (np.ndim(alpha) == 0 and hasattr(alpha, "dtype")
+                                                 and not isinstance(alpha, jax.core.Tracer))
+  if concrete and not math.isfinite(float(alpha)):
     raise ValueError(f"length_penalty_alpha={alpha}: beam scores divide by ((5 + length) / 6) ** alpha, so it must "
                      "be finite (T5: 0.6; 0: no length penalty).")
 

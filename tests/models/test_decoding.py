@@ -169,6 +169,21 @@ def test_beam_search_called_directly_refuses_a_non_finite_length_penalty():
     decoding.beam_search(module, params, inputs, L, num_beams=3, alpha=float("nan"))
 
 
+@pytest.mark.parametrize("alpha", [np.array(np.nan), jnp.float32(np.inf)], ids=["numpy-0d", "jax-scalar"])
+def test_beam_search_refuses_a_non_finite_length_penalty_given_as_an_array(alpha):
+  # Concrete values with no place among numbers.Real: beam search returned NaN scores without a word. Only a traced
+  # alpha has no value to check (see test_beam_search_takes_a_traced_length_penalty).
+  module, params, inputs = setup("dense")
+  with pytest.raises(ValueError, match="length_penalty_alpha=.*must be finite"):
+    decoding.beam_search(module, params, inputs, L, num_beams=3, alpha=alpha)
+
+
+def test_beam_search_takes_a_traced_length_penalty():
+  module, params, inputs = setup("dense")
+  scores = jax.jit(lambda p, x, a: decoding.beam_search(module, p, x, L, num_beams=2, alpha=a)[1])(params, inputs, 0.6)
+  assert np.isfinite(np.asarray(scores)).all()
+
+
 @pytest.mark.parametrize("kwargs", [dict(max_decode_length=64.0), dict(max_decode_length=True),
                                     dict(method="beam", num_beams=4.0), dict(method="sample", topk=40.0)])
 def test_decode_config_refuses_counts_that_are_no_whole_numbers(kwargs):
