@@ -218,3 +218,34 @@ def test_table_cells_of_mappings_are_json_and_bool_factors_stay_text(tmp_path):
   pq = pytest.importorskip("pyarrow.parquet")
   collect.write_table([{"run": "a", "SCAN_LAYERS": True}, {"run": "b", "SCAN_LAYERS": False}], tmp_path / "t.parquet")
   assert pq.read_table(tmp_path / "t.parquet").column("SCAN_LAYERS").to_pylist() == ["True", "False"]
+
+
+def test_best_waits_while_a_run_it_names_still_runs(sweep_root):
+  # docs/experiments.md: the run that uses a Best waits until every run it names has finished (or failed). 'a' has
+  # finished (best accuracy 0.3) but 'c' still runs, and may yet do better: no value is chosen, the default stands.
+  best = sweep.Best(runs="[ac]", column="DROPOUT_RATE", metric="best_eval_accuracy", default=0.3)
+  assert runner._resolve_best(best, sweep_root, ["a", "b", "c"]) == (False, 0.3)  # noqa: SLF001
+
+
+def test_a_link_whose_name_sorts_first_still_leaves_the_row_to_its_run(sweep_root):
+  # The link is that run again, whatever its name: the row keeps the run's own name ('0latest' sorts before 'a').
+  (sweep_root / "0latest").symlink_to(sweep_root / "a", target_is_directory=True)
+  assert [p.name for p in collect.run_dirs(sweep_root)] == ["a", "b", "c"]
+
+
+def test_measured_unique_tokens_win_over_the_task_names_nominal_count(sweep_root, monkeypatch):
+  # docs/experiments.md: unique_tokens is measured (tokens seen / train/epochs) where the metrics say, the task name's
+  # D (2^27 for d27) only without them. 'a' saw 480 tokens in 0.75 epochs: 640 unique tokens.
+  monkeypatch.setattr(collect, "model_summary", lambda gin_path: {"task": "repeat_lm.c4.t5.span.d27.e8"})
+  r = collect.row(sweep_root / "a")
+  assert r["unique_tokens"] == 640 and r["epochs"] == collect.task_data("repeat_lm.c4.t5.span.d27.e8")["epochs"]
+
+
+def test_a_root_without_runs_does_not_overwrite_a_table(tmp_path):
+  # A --root that is not the sweep's (a typo, its parent) holds no runs: the table already there is kept.
+  out = tmp_path / "results.csv"
+  out.write_text("run,status\nold,finished\n")
+  (tmp_path / "root").mkdir()
+  with pytest.raises(ValueError, match="not overwriting"):
+    collect.collect(tmp_path / "root", out)
+  assert out.read_text() == "run,status\nold,finished\n"

@@ -259,3 +259,12 @@ def test_a_resolved_best_value_and_a_stages_own_bindings_reach_the_gins(tmp_path
   assert re.search(r"^t5\.T5Config\.dropout_rate = 0\.0$", pretrain, re.M)
   stage = compose.finetune_gin(exp, a, a.finetune[0], pretrain, str(tmp_path / "a" / "ft_ft"))
   assert re.search(r"^t5\.T5Config\.dropout_rate = 0\.1$", stage, re.M)
+
+
+def test_command_line_bindings_win_over_a_runs_own(tmp_path, fresh_gin):
+  # `repeat-lm sweep --gin.TRAIN_STEPS=2`: bindings apply to every run after the experiment's (cli.py, runner.Options),
+  # an arm's TRAIN_STEPS=5 included: the quick check trains 2 steps, not 5.
+  exp = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a', 'TRAIN_STEPS': 5}]")
+  opts = runner.Options(dry_run=True, stream=io.StringIO(), bindings=["TRAIN_STEPS=2"])
+  runner.run_sweep(exp, tmp_path / "root", opts)
+  assert status.last_step(tmp_path / "root" / "a") == 2

@@ -129,3 +129,9 @@ def test_a_failure_kills_peers_that_outlast_sigterm(monkeypatch, tmp_path):
   start = time.monotonic()
   assert launch_local.launch(["train"], num_processes=2) == 3
   assert time.monotonic() - start < 10 and started[0].returncode == -signal.SIGKILL
+
+
+def test_no_processes_is_an_error_not_a_success():
+  # launch() with nothing to run returned 0: a job script would read it as a finished run.
+  with pytest.raises(ValueError, match="must be >= 1"):
+    launch_local.launch(["train"], num_processes=0)

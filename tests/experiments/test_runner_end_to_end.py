@@ -4,6 +4,10 @@ after its run, nothing retrained on a second sweep, and `collect` giving one row
 import csv
 import io
 import json
+import os
+import subprocess
+import time
+import types
 
 import pytest
 
@@ -74,3 +78,43 @@ def test_progress_times_and_eta():
   progress.durations = [100.0, 200.0]
   # 30 s left of the current run, then 2 more runs of the mean 150 s each.
   assert progress.eta(2, 30.0, 50.0) == 330.0
+
+
+def test_the_step_shown_is_the_last_one_written(tmp_path):
+  # metrics.jsonl grows by a train record, then an eval record, per step; the progress line shows the newest step,
+  # and a line cut mid-write (the trainer is writing it) is passed over.
+  with (tmp_path / "metrics.jsonl").open("w") as f:
+    for step in range(1, 6):
+      f.write(json.dumps({"step": step, "train/loss": 1.0}) + "\n")
+      f.write(json.dumps({"step": step, "eval/loss": 2.0}) + "\n")
+    f.write('{"step": 6, "train/lo')
+  assert runner._last_step(tmp_path) == 5  # noqa: SLF001
+
+
+def test_a_runs_eta_is_its_steps_left_at_its_measured_rate(tmp_path, monkeypatch):
+  # A fake trainer that writes one step per 40 s poll: at step 2 of 10 its rate is 40 s per step, so 8 steps are left
+  # and the sweep (no run after it) ends in 8 x 40 = 320 s.
+  run_dir = tmp_path / "r"
+  run_dir.mkdir()
+  (run_dir / status.GIN_FILE).write_text("TRAIN_STEPS = 10\n")
+  clock = [1000.0]
+
+  class Trainer:
+    pid, polls = os.getpid(), 0
+
+    def wait(self, timeout=None):
+      self.polls += 1
+      if self.polls > 2:
+        return 0
+      clock[0] += 40.0
+      with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": self.polls, "train/loss": 1.0}) + "\n")
+      raise subprocess.TimeoutExpired("trainer", timeout)
+
+  monkeypatch.setattr(runner, "time", types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime))
+  monkeypatch.setattr(runner, "subprocess", types.SimpleNamespace(
+      Popen=lambda *a, **k: Trainer(), TimeoutExpired=subprocess.TimeoutExpired, STDOUT=subprocess.STDOUT))
+  out = io.StringIO()
+  stage = runner.Stage("r", run_dir, "train", sweep.RunSpec("r", None, ()))
+  assert runner._run_blocking(stage, ["trainer"], runner._Progress(out, total=1), 1, 1, 0) == 0  # noqa: SLF001
+  assert out.getvalue().splitlines()[-1] == "[1/1] r: step 2/10, 1:20 elapsed, sweep ETA 5:20"

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 
 from repeat_lm.experiments import status
 
@@ -193,3 +194,23 @@ def test_two_sweeps_taking_over_one_stale_lock_do_not_both_get_it(tmp_path, monk
   got.append(status.acquire(run))
   other[0].join(timeout=10)
   assert sorted(got) == [False, True]
+
+
+def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path):
+  # A pid is only this host's to check: the same number being dead here says nothing of the sweep on that host.
+  run = make_run(tmp_path)
+  (run / ".lock").write_text(f'{{"host": "not-{socket.gethostname()}", "pid": {dead_pid()}}}')
+  assert not status.acquire(run)
+
+
+def test_a_run_recorded_running_on_another_host_stays_running(tmp_path):
+  # Its pid is the other host's: the same number being dead here says nothing of it (collect showed 'interrupted').
+  assert status.effective({"status": "running", "host": f"not-{socket.gethostname()}", "pid": dead_pid()}) == "running"
+
+
+def test_elapsed_time_adds_up_over_attempts(tmp_path, monkeypatch):
+  # 100 s in earlier attempts, then this one from t=1000 to t=1010: 110 s in all.
+  run = make_run(tmp_path, checkpoints=[3])
+  status.write(run, status="running", started=1000.0, elapsed_s=100.0)
+  monkeypatch.setattr(status, "time", types.SimpleNamespace(time=lambda: 1010.0))
+  assert status.exited(run, 0)["elapsed_s"] == 110.0

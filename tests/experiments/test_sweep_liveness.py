@@ -11,11 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 
 from experiment_helpers import tiny_experiment
-from repeat_lm.experiments import collect, runner, status
+from repeat_lm.experiments import collect, runner, status, sweep
 
 
 def _fake(bin_dir, name, body):
@@ -221,3 +222,67 @@ def test_a_second_interrupt_kills_the_trainer_before_the_lock_goes(tmp_path, mon
     if started and started[0].poll() is None:
       started[0].kill()
       started[0].wait()
+
+
+def test_squeue_lists_array_and_heterogeneous_jobs_by_their_parts(tmp_path, monkeypatch):
+  # `squeue --format=%i` prints array job 7 as 7_1 and 7_[2-4], heterogeneous job 8 as 8+0: both jobs are alive.
+  _fake(tmp_path / "bin", "squeue", 'printf "7_1\\n7_[2-4]\\n8+0\\n"\n')
+  monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+  with status.slurm_cache():
+    status.prefetch_slurm([{"status": "running", "job_id": "7"}, {"status": "running", "job_id": "8"}])
+    assert status._slurm_job_alive("7") is True and status._slurm_job_alive("8") is True  # noqa: SLF001
+
+
+def test_squeue_answers_are_kept_for_a_minute_not_a_whole_sweep(tmp_path, monkeypatch):
+  # A sweep lasts hours: a job's answer from its start must not speak for it after the job has ended.
+  log = _squeue(tmp_path, monkeypatch, alive=True)
+  clock = [0.0]
+  monkeypatch.setattr(status, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+  with status.slurm_cache():
+    for now, calls in ((0.0, 1), (30.0, 1), (61.0, 2)):
+      clock[0] = now
+      assert status._slurm_job_alive("7") is True  # noqa: SLF001
+      assert len(log.read_text().splitlines()) == calls, now
+
+
+def test_a_run_waiting_for_a_best_value_is_not_run(tmp_path):
+  # Run with the default in the meantime, it would finish with a value the Best has not chosen, and stay finished.
+  waiting = "DROPOUT_RATE: best of moe_* by final_eval_accuracy"
+  stage = runner.Stage("dense", tmp_path / "dense", "train", sweep.RunSpec("dense", None, ()), waiting=[waiting])
+  assert runner._claimable(stage) == f"waiting for {waiting}"  # noqa: SLF001
+
+
+def test_a_run_whose_gin_composes_again_is_run_again(tmp_path):
+  # A model gin that did not exist failed 'a' at composing; with the arm fixed the next sweep runs it.
+  exp = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'a', 'model': 'gin/models/renamed.gin'}]")
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  assert status.read(root / "a")["status"] == "failed"
+  exp = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'a'}]")
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  record = status.read(root / "a")
+  assert record["status"] == "pending" and record["error"] is None and runner._claimable(  # noqa: SLF001
+      runner.Stage("a", root / "a", "train", sweep.RunSpec("a", None, ()))) is None
+
+
+def test_a_relative_root_gives_its_runs_an_absolute_model_dir(tmp_path, monkeypatch):
+  # docs: MODEL_DIR = ROOT/RUN; a relative one would move with the directory `repeat-lm train` is started from.
+  monkeypatch.chdir(tmp_path)
+  exp = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'a'}]")
+  runner.run_sweep(exp, "root", runner.Options(dry_run=True, stream=io.StringIO()))
+  # gin wraps a long line: the value is looked for, not the line.
+  text = (tmp_path / "root" / "a" / "run.gin").read_text()
+  assert f"'{tmp_path.resolve() / 'root' / 'a'}'" in text and "'root/a'" not in text
+
+
+def test_a_finished_run_keeps_the_gin_it_ran_with(tmp_path):
+  # docs/experiments.md: a finished run whose configuration changed since is not re-run; its run.gin still says what
+  # its results were trained with (collect reads its parameters and steps from it).
+  exp = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'a'}]")
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  status.write(root / "a", status="finished", returncode=0)
+  before = (root / "a" / "run.gin").read_text()
+  exp = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'a', 'TRAIN_STEPS': 7}]")
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  assert (root / "a" / "run.gin").read_text() == before and status.last_step(root / "a") == 3

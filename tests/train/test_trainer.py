@@ -574,3 +574,37 @@ def test_a_config_rewrite_cut_short_leaves_the_previous_config(tmp_path, monkeyp
     trainer._write_config(tmp_path, operative=False)
   assert (tmp_path / "config.gin").read_text() == written
   assert [p.name for p in tmp_path.iterdir()] == ["config.gin"]  # no temporary file left beside it
+
+
+def test_a_dropout_schedule_that_reaches_rate_1_is_refused():
+  # A rate of 1 drops every activation (the model sees zeros): rate 0.5 doubled from step 0 is exactly that.
+  model = tiny_model(dropout_rate=0.5)
+  with pytest.raises(ValueError, match="must stay below 1"):
+    trainer._dropout_schedule("piecewise:0=2", model, TRAIN_CFG, None)  # pylint: disable=protected-access
+  schedule = trainer._dropout_schedule("piecewise:0=1.9", model, TRAIN_CFG, None)  # pylint: disable=protected-access
+  assert float(schedule(0)) == pytest.approx(1.9)
+
+
+def test_a_window_logs_the_schedules_last_factor_and_the_last_step_is_logged(tmp_path):
+  # log_period=3 over 4 steps: step 1 alone, steps 2-3 as one window, and step 4, the last, though 4 % 3 != 0. The
+  # schedule holds DROPOUT_RATE 0.1 at half (0.05) throughout: a window of two steps still logs 0.5, not their sum.
+  run(tmp_path, 4, model=tiny_model(dropout_rate=0.1), log_period=3, dropout_schedule="piecewise:0=0.5")
+  records = train_records(tmp_path)
+  assert sorted(records) == [1, 3, 4]
+  assert [records[s]["train/dropout_scale"] for s in (1, 3, 4)] == [0.5, 0.5, 0.5]
+  assert records[3]["train/dropout_rate"] == pytest.approx(0.05)
+
+
+def test_evaluate_with_no_steps_is_a_clear_error(tmp_path):
+  # Not "the evaluation split gave no full batch; lower the eval batch size", which would send the user elsewhere.
+  with pytest.raises(ValueError, match=r"trainer.evaluate.eval_steps=0: must be >= 1"):
+    trainer.evaluate(model=tiny_model(), model_dir=str(tmp_path), eval_steps=0,
+                     eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8))
+
+
+def test_a_seeded_run_longer_than_its_task_is_refused_before_training(tmp_path, monkeypatch):
+  # 10 batches of 8 at seed 3 (the test above): an 11th step would run out of data mid-run, after its checkpoints.
+  cfg = pipeline.DatasetConfig("repeat_lm.wiki.wiki8k.ul2.dn1750.en2", LENGTHS, batch_size=8, seed=3)
+  monkeypatch.setattr(state_lib, "init_state", lambda *a, **k: pytest.fail("trained past the task's batches"))
+  with pytest.raises(ValueError, match="holds 10 batches of 8 .*fewer than total_steps=11"):
+    run(tmp_path, 11, train_cfg=cfg)
