@@ -368,18 +368,19 @@ def _write_tokenizer_model(model: bytes, out_dir: str | Path, extra_ids: int) ->
   _move_tokenizer_in(_stage_tokenizer(model, out_dir, extra_ids), out_dir)
 
 
-def _sentencepiece_size(model: bytes) -> int:
-  """The SentencePiece model's pieces (ids before the extra ids)."""
+def _sentencepiece_ids(model: bytes) -> tuple[int, int]:
+  """The SentencePiece model's pieces (ids before the extra ids) and its EOS id (-1 where it has none)."""
   import sentencepiece  # pylint: disable=import-outside-toplevel
   try:  # transformers would report an unreadable file as a tiktoken one that needs the tiktoken package
-    return sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model)
   except RuntimeError as e:
     raise ValueError(f"The vocabulary is no SentencePiece model ({e}); nothing was exported.") from e
+  return processor.get_piece_size(), processor.eos_id()
 
 
 def _stage_tokenizer(model: bytes, out_dir: Path, extra_ids: int) -> Path:
   """The tokenizer files, converted into OUT_DIR/.tokenizer_staging/out (removed again if the conversion fails)."""
-  _sentencepiece_size(model)
+  _sentencepiece_ids(model)
   transformers = import_transformers()
   out_dir.mkdir(parents=True, exist_ok=True)
   staging = out_dir / ".tokenizer_staging"
@@ -406,10 +407,10 @@ def _move_tokenizer_in(staging: Path, out_dir: Path) -> None:
   shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_generation_config(out_dir: Path) -> None:
-  # T5 starts decoding from the pad id 0 and stops at EOS 1; generate() reads these.
+def _write_generation_config(out_dir: Path, eos_id: int) -> None:
+  # T5 starts decoding from the pad id 0 and stops at EOS (1 in T5's vocabulary); generate() reads these.
   (out_dir / "generation_config.json").write_text(json.dumps(
-      {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2))
+      {"decoder_start_token_id": 0, "eos_token_id": eos_id, "pad_token_id": 0}, indent=2))
 
 
 def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
@@ -440,7 +441,11 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
                      f"--out={inside.parent / 'hf'}.")
   # Read before anything is written: a vocabulary that cannot be read leaves an earlier export as it was.
   spm_bytes = read_sentencepiece_model(sentencepiece_model) if sentencepiece_model is not None else None
-  if spm_bytes is not None and (ids := _sentencepiece_size(spm_bytes) + extra_ids) > config.vocab_size:
+  pieces, eos_id = _sentencepiece_ids(spm_bytes) if spm_bytes is not None else (0, -1)
+  # The model learnt to end with its vocabulary's EOS (pipeline rows end with it; SentencePiece's own default is 2):
+  # generate() must stop there, not at T5's 1, which is another token in such a vocabulary.
+  eos_id = eos_id if eos_id >= 0 else 1
+  if spm_bytes is not None and (ids := pieces + extra_ids) > config.vocab_size:
     # As `export hf --vocabulary` checks it: the tokenizer's ids past the embedding table wrote an export that failed
     # only when used (transformers: 'IndexError: index out of range in self').
     raise ValueError(f"The vocabulary has {ids} ids (with {extra_ids} extra ids) but the model's vocab_size is "
@@ -455,13 +460,14 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
   np_dtype = np.dtype(np.float32) if dtype == "float32" else np.dtype(__import__("ml_dtypes").bfloat16)
   state = {k: v.astype(np_dtype) for k, v in state.items()}
   config_json["dtype"] = dtype
+  config_json["eos_token_id"] = eos_id
   # The tokenizer is converted before any weights are replaced: a SentencePiece model transformers cannot read (or no
   # transformers) would otherwise fail the export with the new weights beside an earlier export's tokenizer.
   tokenizer_staging = _stage_tokenizer(spm_bytes, out_dir, extra_ids) if spm_bytes is not None else None
   try:
     write_safetensors(state, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
-    _write_generation_config(out_dir)
+    _write_generation_config(out_dir, eos_id)
   except BaseException:
     if tokenizer_staging is not None:
       shutil.rmtree(tokenizer_staging, ignore_errors=True)

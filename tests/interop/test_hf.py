@@ -278,3 +278,21 @@ def test_a_config_json_that_leaves_fields_out_reads_with_transformers_defaults()
   assert got.mlp_activations == (defaults.feed_forward_proj,) == ("relu",)
   assert got.relative_attention_num_buckets == defaults.relative_attention_num_buckets
   assert got.relative_attention_max_distance == defaults.relative_attention_max_distance
+
+
+def test_an_export_stops_generation_at_the_vocabularys_eos(tmp_path):
+  """The model learnt to end with its vocabulary's EOS (the pipeline's rows end with it): with a SentencePiece model
+  whose EOS is 2 (SentencePiece's default), config.json and generation_config.json said 1, another token there, so
+  generate() stopped at it and ran past the real end."""
+  import sentencepiece  # pylint: disable=import-outside-toplevel
+  words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa"]
+  lines = [" ".join(words[(i + j) % len(words)] for j in range(5)) for i in range(200)]
+  prefix = tmp_path / "eos2"
+  sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=24,
+                                           pad_id=0, unk_id=1, eos_id=2, bos_id=-1, minloglevel=2)
+  hf.export_hf(random_params(TINY), TINY, tmp_path / "out", sentencepiece_model=f"{prefix}.model")
+  config = json.loads((tmp_path / "out" / "config.json").read_text())
+  generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+  assert config["eos_token_id"] == generation["eos_token_id"] == 2
+  hf.export_hf(random_params(TINY), TINY, tmp_path / "t5")  # no vocabulary: T5's
+  assert json.loads((tmp_path / "t5" / "generation_config.json").read_text())["eos_token_id"] == 1
