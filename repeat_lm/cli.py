@@ -382,9 +382,12 @@ def _add_model_info(sub) -> None:
 def _run_model_info(args, bindings: Sequence[str]) -> dict | None:
   from repeat_lm import gin_utils
   from repeat_lm.models import info
-  if args.inputs_length < 1 or args.targets_length < 1:
+  from repeat_lm.train import flops
+  try:  # the counter's own check, before any gin is parsed; the message names the flags
+    flops.check_lengths(args.inputs_length, args.targets_length)
+  except ValueError:
     raise ValueError(f"--inputs_length={args.inputs_length} and --targets_length={args.targets_length}: FLOPs per "
-                     "sequence need lengths >= 1.")
+                     "sequence need lengths >= 1.") from None
   if args.zoo:
     ignored = [flag for flag, given in (("--gin_file", args.gin_file), ("--gin_search_path", args.gin_search_path),
                                         ("--gin.KEY=VALUE", bindings), ("--dense_reference", args.dense_reference))

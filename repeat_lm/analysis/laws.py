@@ -19,6 +19,8 @@ import numpy as np
 from scipy import optimize
 from threadpoolctl import threadpool_limits
 
+from repeat_lm import checks
+
 LAWS = ("chinchilla", "data-constrained")
 HUBER_DELTA = 1e-3
 
@@ -295,6 +297,16 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
   """
   if law not in LAWS:
     raise ValueError(f"Unknown law {law!r}; choose one of {', '.join(LAWS)}.")
+  # Checked here, not deep inside: a zero or NaN delta makes every residual cost 0 (or NaN, read as inf), so the fit
+  # returned the first grid point as "the" constants; n_starts=0 failed with an IndexError in the optimiser; and
+  # bootstrap=-1 (accepted by `analyze fit --bootstrap`) gave a fit with no intervals and no error.
+  if not (isinstance(delta, (int, float, np.floating)) and not isinstance(delta, bool) and math.isfinite(delta)
+          and delta > 0):
+    raise ValueError(f"The Huber delta must be a positive, finite number; got {delta!r}.")
+  if not checks.is_count(n_starts):
+    raise ValueError(f"n_starts must be a whole number >= 1 (optimiser starts); got {n_starts!r}.")
+  if not checks.is_count(bootstrap, 0):
+    raise ValueError(f"--bootstrap must be a whole number >= 0 (refits for the intervals); got {bootstrap!r}.")
   n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
   u = d if u is None else np.where(np.isfinite(np.asarray(u, float)), np.asarray(u, float), d)
   bad = ~(np.isfinite(n) & np.isfinite(d) & np.isfinite(loss) & (n > 0) & (d > 0) & (loss > 0) & (u > 0))

@@ -120,6 +120,11 @@ def tuning_cost(sweep: list[results.Run], dense: list[results.Run], column: str,
 def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: str | Path, *,
             metric: str = "eval/accuracy", column: str | None = None, price_per_chip_hour: float | None = None,
             chip_flops_per_s: float | None = None) -> dict:
+  # The command's floats are taken as given, and a cost is a product of them: a negative price or throughput gave
+  # negative chip-hours and USD, a NaN one NaN costs, all reported as numbers.
+  for flag, value in (("--price_per_chip_hour", price_per_chip_hour), ("--chip_flops_per_s", chip_flops_per_s)):
+    if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+      raise ValueError(f"{flag}={value} must be a positive, finite number.")
   out_dir = Path(out_dir)
   sweep, dense = results.select(runs, sweep_spec), results.select(runs, dense_spec)
   if not sweep or not dense:

@@ -25,6 +25,10 @@ def loss_tokens(r: results.Run) -> float:
 
 def fit_data(runs: list[results.Run], max_epochs: float | None = None) -> tuple[list[results.Run], dict]:
   """The runs a fit can use and their arrays n, d, u, loss."""
+  # NaN or a cut <= 0 (`analyze fit --max_epochs` takes any float) dropped every run of known unique tokens and
+  # fitted the rest as if nothing were wrong.
+  if max_epochs is not None and not max_epochs > 0:
+    raise ValueError(f"--max_epochs={max_epochs} must be a number of epochs > 0 (or left out: every run).")
   used = [r for r in runs if all(math.isfinite(x) and x > 0 for x in (r.params, loss_tokens(r), r.final_eval_loss))]
   if max_epochs is not None:
     used = [r for r in used if not (r.unique_tokens > 0) or loss_tokens(r) / r.unique_tokens <= max_epochs + 1e-9]

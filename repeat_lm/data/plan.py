@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from repeat_lm import checks
 from repeat_lm.data import denoisers as den_lib
 from repeat_lm.data import hashing
 from repeat_lm.data.subset import TokenStore
@@ -191,6 +192,12 @@ class MixtureStream:
   """
 
   def __init__(self, streams: Sequence[Stream], rates: Sequence[float], seed: int, block: int = 1024):
+    # repeated_mixture checks its rates with this; built directly, a negative or NaN rate (or a zero sum) failed
+    # with numpy's 'repeats may not contain negative values', block 0 with a ZeroDivisionError.
+    den_lib.check_rates(tuple(rates), 'Mixture rates')
+    if len(rates) != len(streams) or not checks.is_count(block):
+      raise ValueError(f'A mixture of {len(streams)} streams needs as many rates (got {len(rates)}) and a block of '
+                       f'a whole number >= 1 rows (got {block!r}).')
     self.streams, self.block = list(streams), block
     rates = np.asarray(rates, np.float64) / np.sum(rates)
     quotas = np.floor(rates * block).astype(np.int64)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from repeat_lm import files
+from repeat_lm import checks, files
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,17 @@ class ReadStats:
 _SURROGATE = re.compile('[\ud800-\udfff]')
 
 
+def check_max_chars(max_chars: int) -> None:
+  """The document limit is a whole number of characters >= 1: as a slice bound, -5 cut five characters off the end
+  of every document, 0 kept every document as '' (counted as kept, not as empty) and True kept one character."""
+  if not checks.is_count(max_chars):
+    raise ValueError(f'max_document_chars={max_chars!r}: documents are truncated to a whole number of characters '
+                     f'>= 1 (default {MAX_DOCUMENT_CHARS}).')
+
+
 def clean_document(text: str | bytes, stats: ReadStats, max_chars: int = MAX_DOCUMENT_CHARS) -> str | None:
   """Valid UTF-8 text of at most `max_chars` characters, or None for an empty one; `stats` counts each change."""
+  check_max_chars(max_chars)
   if isinstance(text, bytes):
     try:
       text = text.decode('utf-8')
@@ -213,6 +222,7 @@ def _load_cached(paths: tuple[str, ...], validation_fraction: float, max_chars: 
 def load_corpus(path_or_glob: str, validation_fraction: float = 0.05,
                 max_document_chars: int = MAX_DOCUMENT_CHARS) -> Corpus:
   """Reads a JSONL corpus ('wiki' = the default Wikipedia corpus). Memoised: tasks call this on every get_dataset."""
+  check_max_chars(max_document_chars)  # before int() below, which would make 10.5 a limit of 10
   if path_or_glob == 'wiki':
     path_or_glob = str(default_wiki_path())
   return _load_cached(tuple(resolve_paths(path_or_glob)), float(validation_fraction), int(max_document_chars))
@@ -231,6 +241,7 @@ class LocalText:
   max_document_chars: int = MAX_DOCUMENT_CHARS
 
   def __post_init__(self):
+    check_max_chars(self.max_document_chars)  # when the source is configured, not when its text is first read
     if self.corpus != 'wiki':
       object.__setattr__(self, 'corpus', _absolute(self.corpus))
       resolve_paths(self.corpus)  # fail now, naming the path, rather than deep inside a pipeline

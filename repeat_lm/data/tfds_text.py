@@ -37,6 +37,9 @@ class TfdsText:
   data_dir: str | None = None
   max_document_chars: int = sources.MAX_DOCUMENT_CHARS
 
+  def __post_init__(self):
+    sources.check_max_chars(self.max_document_chars)  # when the source is configured, not when its text is read
+
   @property
   def tag(self) -> str:
     """'c4_en_v3p0p1' (+ what else selects the text, as LocalText's tag does): two readings of one dataset (other

@@ -22,7 +22,7 @@ import sentencepiece as spm
 import tensorflow as tf
 from google.protobuf import message
 
-from repeat_lm import files
+from repeat_lm import checks, files
 from repeat_lm.data import sources
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,21 @@ DEFAULT_VOCAB_PIECES = 8000  # + 100 extra ids = 8100 ids; the tiny model pads i
 _DEFAULT_VOCAB_VERSION = 1
 
 
+def check_extra_ids(extra_ids: int) -> None:
+  """A whole number of sentinels >= 0. seqio takes a negative count: -5 made an 8,000-id vocabulary whose
+  '<extra_id_0>' (the top id) was the ordinary piece '‘', so span corruption's sentinels were text tokens; True was
+  one sentinel."""
+  if not checks.is_count(extra_ids, 0):
+    raise ValueError(f'extra_ids={extra_ids!r}: the number of sentinel ids must be a whole number >= 0 (T5: '
+                     f'{EXTRA_IDS}).')
+
+
 def t5_vocabulary(path: str | None = None, extra_ids: int = EXTRA_IDS) -> seqio.SentencePieceVocabulary:
   """T5's 32k SentencePiece vocabulary (pad 0, eos 1, unk 2) plus `extra_ids` sentinels.
 
   path: None = $REPEAT_LM_T5_VOCAB if set (a local copy, for machines without GCS access), else `T5_VOCAB_PATH`.
   """
+  check_extra_ids(extra_ids)
   path = path or os.environ.get('REPEAT_LM_T5_VOCAB') or T5_VOCAB_PATH
   return _FileVocabulary(path, extra_ids=extra_ids)
 
@@ -139,5 +149,6 @@ def default_vocabulary(extra_ids: int = EXTRA_IDS) -> seqio.SentencePieceVocabul
 
   Cheap to call: the model is trained (2-8 s on 2 cores) and cached under `sources.cache_dir()` on first use.
   """
+  check_extra_ids(extra_ids)
   # The path is fixed now (the cache dir at call time); the file is made on first use.
   return _LazyDefaultVocabulary(str(_default_vocab_file()), extra_ids=extra_ids)

@@ -31,8 +31,10 @@ class EncoderDecoderModel:
   loss_normalizing_factor: float | str | None = "NUM_REAL_TARGET_TOKENS"
 
   def __post_init__(self):
-    if not 0.0 <= self.label_smoothing < 1.0:  # 1 leaves no mass on the target, and the loss's constant is log 0
-      raise ValueError(f"label_smoothing={self.label_smoothing} must lie in [0, 1) (LABEL_SMOOTHING; 0.1 is usual).")
+    # The loss functions' own checks, so a bad setting fails when the model is configured, not at the first step.
+    losses.check_label_smoothing(self.label_smoothing)
+    losses.check_z_loss(self.z_loss)
+    losses.check_loss_normalizing_factor(self.loss_normalizing_factor)
 
   @property
   def vocab_size(self) -> int:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
 
+from repeat_lm import checks
 from repeat_lm.models import cpu_layouts, regularisation
 
 param_with_axes = nn_partitioning.param_with_axes
@@ -132,6 +133,17 @@ class Embed(nn.Module):
                       preferred_element_type=jnp.float32)
 
 
+def check_relative_position_buckets(num_buckets: int, max_distance: int) -> None:
+  """T5's bucketing keeps exact distances below num_buckets // 4 (bidirectional) or // 2 and spreads the rest
+  logarithmically up to max_distance: with max_distance no larger than that, the log spacing divides by log(<= 1)
+  (bucket -2^31, which the bias gathers as NaN), with max_distance 0 every far distance shares one bucket, and
+  fewer than 4 buckets leave no exact ones (a ZeroDivisionError). T5Config and the bias module both check this."""
+  if not (checks.is_count(num_buckets, 4) and checks.whole_number(max_distance) and max_distance > num_buckets // 2):
+    raise ValueError(f"relative_attention_num_buckets={num_buckets!r}, relative_attention_max_distance="
+                     f"{max_distance!r}: need at least 4 buckets and a max distance above num_buckets // 2 (T5: 32 "
+                     "and 128), whole numbers.")
+
+
 def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int = 32,
                              max_distance: int = 128) -> Array:
   """T5's bucketing of `key_position - query_position` (Mesh TF / Hugging Face semantics).
@@ -140,6 +152,7 @@ def relative_position_bucket(relative_position: Array, bidirectional: bool, num_
   to `max_distance`; bidirectional bucketing gives keys after the query (positive offsets) the upper half.
   Unidirectional bucketing folds keys after the query into bucket 0 (they are masked anyway).
   """
+  check_relative_position_buckets(num_buckets, max_distance)
   relative_position = jnp.asarray(relative_position)
   bucket = jnp.zeros_like(relative_position)
   if bidirectional:

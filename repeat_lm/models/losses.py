@@ -5,9 +5,47 @@ Shapes: B batch, T decoder length, V vocabulary.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
+
+
+def _concrete(value) -> bool:
+  # A traced setting (under jax.jit) has no value to check here; only numbers known now are checked.
+  return not isinstance(value, jax.core.Tracer)
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+  """label_smoothing in [0, 1): 1 leaves no mass on the target and a negative one a negative probability, and both
+  make the loss's constant (the smoothed targets' entropy) NaN."""
+  if _concrete(label_smoothing) and not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1) (LABEL_SMOOTHING; 0.1 is usual).")
+
+
+def check_z_loss(z_loss: float) -> None:
+  """A finite z_loss >= 0: NaN makes every loss NaN, and a negative one rewards growing logits instead of
+  penalising them."""
+  if _concrete(z_loss) and not (0.0 <= z_loss < math.inf):
+    raise ValueError(f"z_loss={z_loss} must be a finite number >= 0 (Z_LOSS; T5X uses 1e-4).")
+
+
+def check_loss_normalizing_factor(loss_normalizing_factor: float | str | None) -> None:
+  """None, 'NUM_REAL_TARGET_TOKENS' or a positive, finite number: 0 divides the loss by zero and a negative number
+  turns training into gradient ascent on the loss."""
+  factor = loss_normalizing_factor
+  if factor is None or not _concrete(factor):
+    return
+  if isinstance(factor, str):
+    if factor == NUM_REAL_TARGET_TOKENS:
+      return
+    raise ValueError(f"Unknown loss_normalizing_factor {factor!r}: use a number, None or 'NUM_REAL_TARGET_TOKENS'.")
+  if isinstance(factor, bool) or not 0.0 < factor < math.inf:
+    raise ValueError(f"loss_normalizing_factor={factor!r} must be a positive, finite number (or None or "
+                     "'NUM_REAL_TARGET_TOKENS').")
 
 
 def cross_entropy_with_z_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array, *, z_loss: float = 0.0,
@@ -18,6 +56,8 @@ def cross_entropy_with_z_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array, *
   (confidence 1 - ls on the target, ls / (V - 1) elsewhere) and c = -sum_v q_v log q_v is q's entropy, subtracted so
   that a perfect prediction of q costs zero (T5X's "normalizing constant").
   """
+  check_label_smoothing(label_smoothing)
+  check_z_loss(z_loss)
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   vocab = logits_BxTxV.shape[-1]
   confidence = 1.0 - label_smoothing
@@ -44,11 +84,9 @@ def loss_normalizer(weights_BxT: jax.Array, loss_normalizing_factor: float | str
   'NUM_REAL_TARGET_TOKENS' gives a mean per target token (what metrics show); a number gives T5X's constant factor
   (e.g. batch x target length, so the gradient scale does not depend on padding); None gives a plain sum.
   """
+  check_loss_normalizing_factor(loss_normalizing_factor)
   if loss_normalizing_factor is None:
     return jnp.asarray(1.0, jnp.float32)
-  if loss_normalizing_factor == "NUM_REAL_TARGET_TOKENS":
+  if loss_normalizing_factor == NUM_REAL_TARGET_TOKENS:
     return jnp.maximum(jnp.sum(weights_BxT.astype(jnp.float32)), 1.0)
-  if isinstance(loss_normalizing_factor, str):
-    raise ValueError(f"Unknown loss_normalizing_factor {loss_normalizing_factor!r}: use a number, None or "
-                     "'NUM_REAL_TARGET_TOKENS'.")
   return jnp.asarray(float(loss_normalizing_factor), jnp.float32)

@@ -120,13 +120,8 @@ class T5Config:
     bad = {k: v for k, v in rates.items() if not regularisation.is_rate(v)}
     if bad:
       raise ValueError(f"Dropout and DropPath rates must lie in [0, 1): {bad}.")
-    # T5's bucketing keeps exact distances below num_buckets // 4 (bidirectional) or // 2 and spreads the rest
-    # logarithmically up to max_distance: with max_distance no larger than that, the log spacing divides by
-    # log(<= 1) and the bias gathers NaN.
-    buckets, distance = self.relative_attention_num_buckets, self.relative_attention_max_distance
-    if buckets < 4 or distance <= buckets // 2:
-      raise ValueError(f"relative_attention_num_buckets={buckets}, relative_attention_max_distance={distance}: "
-                       "need at least 4 buckets and a max distance above num_buckets // 2 (T5: 32 and 128).")
+    layers.check_relative_position_buckets(self.relative_attention_num_buckets,
+                                           self.relative_attention_max_distance)
     regularisation.droppath_rates(self.droppath_rate, 1, self.droppath_depth_scaling)  # validates the name
     self._check_attention_implementation()
 

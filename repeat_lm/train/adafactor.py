@@ -83,6 +83,12 @@ def _state(count: jax.Array, leaves) -> optax.FactoredState:
 def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim_size_to_factor: int = 128,
                           epsilon: float = 1e-30) -> optax.GradientTransformation:
   """grad / sqrt(second moment), the moment factored into row and column means for matrices (optax's, factored)."""
+  # decay_rate is the exponent of 1 - (step + 1)^-decay_rate. Hugging Face's Adafactor writes the same T5 setting
+  # as -0.8: taken here, the decay goes negative from the second step, the moment with it, and updates are NaN.
+  if not (isinstance(decay_rate, (int, float, np.number)) and not isinstance(decay_rate, bool)
+          and 0 <= decay_rate < math.inf):
+    raise ValueError(f"Adafactor decay_rate={decay_rate!r} must be a finite number >= 0 (T5: 0.8; Hugging Face "
+                     "writes it as -0.8).")
 
   def init_fn(params):
     def init_leaf(param, blocks):

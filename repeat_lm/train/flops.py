@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from repeat_lm import checks
 from repeat_lm.models import cpu_layouts
 
 
@@ -59,8 +60,18 @@ def decoder_layer_parts(config, s_e: int, s_d: int, sparse: bool = False) -> dic
           "decoder mlp": s_d * ffn_flops_per_token(config, sparse)}
 
 
+def check_lengths(s_e: int, s_d: int) -> None:
+  """Both lengths whole numbers >= 1 (`model-info` checks its flags with this): the terms are polynomials in the
+  lengths, so a negative one still gave a positive count (-10 inputs: 5.6M FLOPs where 512 give 77M), a float a
+  fractional count, True one token, and 0 + 0 a ZeroDivisionError in FLOPs per token."""
+  if not (checks.is_count(s_e) and checks.is_count(s_d)):
+    raise ValueError(f"inputs_length={s_e!r} and targets_length={s_d!r}: FLOPs per sequence need whole-number "
+                     "lengths >= 1.")
+
+
 def forward_flops_by_part(config, s_e: int, s_d: int) -> dict[str, int]:
   """Forward FLOPs of one sequence per part of the model (PARTS, in that order)."""
+  check_lengths(s_e, s_d)
   from repeat_lm.models import moe  # noqa: PLC0415 (keeps this module importable without flax models)
   d, _, _, _, v = _dims(config)
   moe_cfg = getattr(config, "moe", None)

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from repeat_lm import checks
 from repeat_lm.train import adafactor
 
 _SCHEDULE_FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "linear_decay", "cosine_decay")
+
+
+def _check_non_negative(setting: str, value: Any) -> None:
+  """A finite number >= 0 (the gin macros pass Python numbers; they are the only ones checked). A negative rate,
+  weight decay or clipping norm flips the sign of a step (gradient ascent, or weights that grow) and NaN makes every
+  parameter NaN, both silently until the loss shows it."""
+  if isinstance(value, (int, float, np.number)) and not (0 <= value < math.inf and not isinstance(value, bool)):
+    raise ValueError(f"{setting}={value!r} must be a finite number >= 0.")
 
 
 def make_schedule(factors: str = "constant * rsqrt_decay", base_learning_rate: float = 1.0,
@@ -25,6 +36,13 @@ def make_schedule(factors: str = "constant * rsqrt_decay", base_learning_rate: f
   then decays).
   linear_decay / cosine_decay: from 1 at the end of warm-up to `end_learning_rate_fraction` at `total_steps`.
   """
+  _check_non_negative("optim.make_schedule.base_learning_rate", base_learning_rate)
+  _check_non_negative("optim.make_schedule.end_learning_rate_fraction", end_learning_rate_fraction)
+  # A negative warm-up started the decay before step 0 (cosine at 0.98 of the rate on step 0), NaN made every rate NaN.
+  if not checks.is_count(warmup_steps, 0):
+    raise ValueError(f"optim.make_schedule.warmup_steps={warmup_steps!r} must be a whole number >= 0.")
+  if total_steps is not None and not checks.is_count(total_steps, 0):
+    raise ValueError(f"optim.make_schedule.total_steps={total_steps!r} must be a whole number (or None).")
   names = [f.strip() for f in factors.split("*")]
   unknown = [n for n in names if n not in _SCHEDULE_FACTORS]
   if unknown:
@@ -89,6 +107,10 @@ def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | floa
   `weight_decay_mask` (a tree of bools or a params -> tree function) replaces `default_weight_decay_mask`, whose
   `decay_embeddings` says whether embeddings decay.
   """
+  _check_non_negative("optim.make_optimizer.learning_rate", learning_rate)  # a number; a schedule checks its own
+  _check_non_negative("optim.make_optimizer.weight_decay (WEIGHT_DECAY)", weight_decay)
+  if clip_gradient_norm is not None:  # 0 (like None) clips nothing
+    _check_non_negative("optim.make_optimizer.clip_gradient_norm", clip_gradient_norm)
   lr = learning_rate if learning_rate is not None else make_schedule()
   mask = weight_decay_mask if weight_decay_mask is not None else functools.partial(
       default_weight_decay_mask, decay_embeddings=decay_embeddings)

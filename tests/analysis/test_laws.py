@@ -145,6 +145,18 @@ def test_fit_flags_a_constant_the_runs_do_not_determine():
   assert fit.constants.R_D_star == pytest.approx(R_D, rel=0.25)  # the rest is still determined
 
 
+@pytest.mark.parametrize("kwargs, match", [({"delta": 0.0}, "Huber delta"), ({"delta": math.nan}, "Huber delta"),
+                                            ({"n_starts": 0}, "n_starts"), ({"bootstrap": -1}, "--bootstrap"),
+                                            ({"bootstrap": 2.0}, "--bootstrap")])
+def test_fit_refuses_settings_it_would_mishandle(kwargs, match):
+  """delta 0 or NaN made every start cost the same and returned the first grid point (E=e^-1, A=B=1) as fitted
+  constants; n_starts=0 was an IndexError inside the optimiser; bootstrap=-1 a fit without intervals."""
+  n = np.repeat(np.geomspace(1e7, 1e10, 3), 3)
+  d = np.tile(np.geomspace(1e9, 1e12, 3), 3)
+  with pytest.raises(ValueError, match=match):
+    laws.fit("chinchilla", n, d, laws.chinchilla_loss(laws.CHINCHILLA, n, d), **kwargs)
+
+
 def test_too_few_runs():
   with pytest.raises(ValueError, match="more than 5 runs"):
     laws.fit("chinchilla", [1e8] * 3, [1e9] * 3, [3.0] * 3)

@@ -120,3 +120,12 @@ def test_a_nan_rate_is_no_rate(tmp_path):
   runs = _table({0.3: 0.67}) + [_run("moe_dnan", "nan", 0.70, 1e9)]
   with pytest.raises(ValueError, match="DROPOUT_RATE: no rate in run.s. moe_dnan"):
     proxy.analyze(runs, "moe_*", "dense_*", tmp_path)
+
+
+@pytest.mark.parametrize("kwargs", [{"price_per_chip_hour": -1.0}, {"price_per_chip_hour": float("nan")},
+                                    {"chip_flops_per_s": -1e15}, {"chip_flops_per_s": float("nan")}])
+def test_a_price_or_throughput_that_is_not_positive_and_finite_is_refused(tmp_path, kwargs):
+  """The command took them as floats: price -1 reported the paper's example as -18,000 vs -37,000 USD, a throughput
+  of -1e15 negative chip-hours and NaN NaN costs."""
+  with pytest.raises(ValueError, match="must be a positive, finite number"):
+    proxy.analyze(_table({0.3: 0.67}, moe_hours=2120, dense_hours=7400), "moe_*", "dense_*", tmp_path, **kwargs)

@@ -26,6 +26,15 @@ def test_a_fit_pairs_the_final_loss_with_the_tokens_at_that_evaluation():
   assert math.isnan(results.Run(run="x", status="", model_dir=None).final_eval_tokens)
 
 
+@pytest.mark.parametrize("cut", [math.nan, -1.0, 0.0])
+def test_an_epoch_cut_that_is_no_number_of_epochs_is_refused(cut):
+  # It kept only the runs without a unique-token count (the cut cannot apply to them) and the fit went on.
+  run = results.Run(run="r", status="finished", model_dir=None, params=1e7, tokens_seen=5e7, final_eval_loss=3.1,
+                    unique_tokens=1e7)
+  with pytest.raises(ValueError, match="--max_epochs"):
+    scaling.fit_data([run], max_epochs=cut)
+
+
 def test_auto_law_looks_only_at_the_runs_the_fit_uses(tmp_path):
   # Six fresh runs, and a repeated one that diverged (no final loss): the fit has no repeated point, so `auto` is
   # the chinchilla law, not a data-constrained fit that cannot determine R_D*.

@@ -203,6 +203,16 @@ def test_a_zero_rate_finite_stream_does_not_end_the_mixture():
   assert m.quotas.tolist() == [0, 64] and m.total_examples is None
 
 
+@pytest.mark.parametrize('rates, block', [([1.0, -0.5], 64), ([1.0, float('nan')], 64), ([0, 0], 64), ([1.0], 64),
+                                          ([1, 1], 0), ([1, 1], 10.5)])
+def test_a_mixture_refuses_rates_and_blocks_repeated_mixture_would(rates, block):
+  # Rates (1, -0.5), (1, NaN) and (0, 0) failed with numpy's 'repeats may not contain negative values', block 0 with
+  # a ZeroDivisionError, 10.5 with a slice TypeError.
+  streams = [stream(make_store(), epochs=None), stream(make_store(), seed=5, epochs=None)]
+  with pytest.raises(ValueError, match='rates|block'):
+    plan.MixtureStream(streams, rates, seed=0, block=block)
+
+
 def test_raw_length_is_the_example_s_own_chunk_with_static_masks():
   # Static masks visit the layout's examples in a new order each epoch: raw_length(g) must follow that order (the
   # per-step token count), not the example's position in it. UL2's raw lengths differ per denoiser.

@@ -162,6 +162,19 @@ def test_a_document_of_exactly_the_limit_is_not_truncated(tmp_path):
   assert docs == ['x' * 20, 'y' * 20] and stats.truncated_long == 1
 
 
+@pytest.mark.parametrize('limit', [-5, 0, 10.5, True])
+def test_a_document_limit_that_is_not_a_count_is_refused(tmp_path, limit):
+  """As a slice bound, -5 kept 'hello ' of 'hello world', 0 kept every document as '' and True one character; the
+  sources that configure the limit took all of them."""
+  with pytest.raises(ValueError, match='max_document_chars='):
+    sources.clean_document('hello world', sources.ReadStats(), limit)
+  with pytest.raises(ValueError, match='max_document_chars='):
+    sources.LocalText(write_jsonl(tmp_path / 'a.jsonl', ['a b', 'c d']), max_document_chars=limit)
+  from repeat_lm.data import tfds_text
+  with pytest.raises(ValueError, match='max_document_chars='):
+    tfds_text.TfdsText('c4/en:3.0.1', max_document_chars=limit)
+
+
 def test_a_validation_fraction_of_one_is_refused():
   # [0, 1): holding out everything leaves no training documents.
   with pytest.raises(ValueError, match=r'validation_fraction must be in \[0, 1\)'):

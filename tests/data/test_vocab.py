@@ -59,3 +59,11 @@ def test_a_missing_model_file_says_why(tmp_path):
   missing = str(tmp_path / 'missing.model')
   with pytest.raises(FileNotFoundError, match=r"missing.model' \(.*No such file or directory\)"):
     vocab.t5_vocabulary(missing).encode('x')
+
+
+@pytest.mark.parametrize('extra_ids', [-5, 2.5, True])
+def test_a_sentinel_count_that_is_not_a_count_is_refused(extra_ids):
+  # -5 gave an 8,000-id vocabulary whose top id, where span corruption puts <extra_id_0>, was the text piece '‘'.
+  for make in (vocab.default_vocabulary, vocab.t5_vocabulary):
+    with pytest.raises(ValueError, match='extra_ids='):
+      make(extra_ids=extra_ids)

@@ -51,6 +51,17 @@ def test_bucket_settings_without_a_logarithmic_range_are_refused(buckets, distan
     T5Config(relative_attention_num_buckets=buckets, relative_attention_max_distance=distance)
 
 
+@pytest.mark.parametrize("buckets, distance", [(32, 8), (32, 0), (2, 128), (32, 16.5)])
+def test_the_bucketing_and_the_bias_refuse_what_t5config_refuses(buckets, distance):
+  """Called directly, 32 buckets up to distance 8 put far keys in bucket -2147483641 (a NaN bias after the gather),
+  distance 0 put every far key in one bucket, 2 buckets raised ZeroDivisionError."""
+  with pytest.raises(ValueError, match="need at least 4 buckets and a max distance above num_buckets // 2"):
+    layers.relative_position_bucket(jnp.arange(-20, 21), True, buckets, distance)
+  bias = layers.RelativePositionBias(num_heads=2, num_buckets=buckets, max_distance=distance)
+  with pytest.raises(ValueError, match="need at least 4 buckets"):
+    bias.init(jax.random.key(0), 8, 8, True)
+
+
 @pytest.mark.parametrize("field, value", [("num_heads", 0), ("emb_dim", -4), ("num_encoder_layers", 0),
                                           ("head_dim", 1.5), ("mlp_dim", True), ("emb_dim", 512.0),
                                           ("relative_attention_num_buckets", 32.0)])

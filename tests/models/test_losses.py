@@ -55,6 +55,34 @@ def test_label_smoothing_outside_zero_one_is_refused(ls):
     EncoderDecoderModel(module=Transformer(T5Config(vocab_size=128)), label_smoothing=ls)
 
 
+@pytest.mark.parametrize("kwargs, match", [({"label_smoothing": 1.0}, "label_smoothing"),
+                                            ({"label_smoothing": -0.1}, "label_smoothing"),
+                                            ({"z_loss": float("nan")}, "z_loss"), ({"z_loss": -1.0}, "z_loss")])
+def test_the_loss_function_refuses_what_the_model_refuses(kwargs, match):
+  """Called directly, label smoothing 1 or -0.1 and a NaN z_loss gave NaN losses and z_loss=-1 a loss that falls as
+  the logits grow (-3.98 on a token the model gets wrong), where EncoderDecoderModel refused or should refuse them."""
+  logits, targets = np.zeros((1, 2, 8), np.float32), np.array([[1, 2]])
+  with pytest.raises(ValueError, match=match):
+    losses.cross_entropy_with_z_loss(logits, targets, **kwargs)
+  with pytest.raises(ValueError, match=match):
+    EncoderDecoderModel(module=Transformer(T5Config(vocab_size=128)), **kwargs)
+
+
+@pytest.mark.parametrize("factor", [0, -1.0, float("nan"), float("inf"), True])
+def test_a_loss_normalizing_factor_that_is_not_positive_and_finite_is_refused(factor):
+  """-1 negated the loss (training would ascend it) and 0 divided it by zero, silently, in the loss and the model."""
+  with pytest.raises(ValueError, match="loss_normalizing_factor"):
+    losses.loss_normalizer(np.ones((1, 2)), factor)
+  with pytest.raises(ValueError, match="loss_normalizing_factor"):
+    EncoderDecoderModel(module=Transformer(T5Config(vocab_size=128)), loss_normalizing_factor=factor)
+
+
+def test_traced_loss_settings_are_not_checked():
+  z = jax.jit(lambda z: losses.cross_entropy_with_z_loss(np.zeros((1, 1, 4), np.float32), np.array([[0]]),
+                                                         z_loss=z)[1])(1e-4)
+  assert np.isfinite(np.asarray(z)).all()
+
+
 def test_a_batch_without_target_tokens_divides_by_one():
   # An all-padding batch (a final partial batch's filler rows) has a zero loss sum; dividing by its 0 real tokens
   # would make the mean NaN.

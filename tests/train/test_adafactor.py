@@ -193,6 +193,13 @@ def test_a_state_initialised_without_the_names_is_refused():
     tx.update(params, state, params)
 
 
+@pytest.mark.parametrize("decay_rate", [-0.8, float("nan")])
+def test_a_decay_rate_that_is_no_exponent_is_refused(decay_rate):
+  # Hugging Face's sign (-0.8) made the second moment -17 after six steps and every other update NaN.
+  with pytest.raises(ValueError, match="decay_rate"):
+    optim.make_optimizer("adafactor", learning_rate=0.01, adafactor_decay_rate=decay_rate)
+
+
 def test_first_update_by_hand_floor_and_zero_gradients():
   """Step 0 by hand (Adafactor with T5X's epsilon1 1e-30 and epsilon2 1e-3): v = g^2 + 1e-30, so a unit gradient's
   update is lr x max(RMS(param), 1e-3); a zero gradient (a vocabulary row no token of the batch used) updates

@@ -38,6 +38,17 @@ def test_formula_expanded_by_hand():
   assert flops.train_flops_per_sequence(BASE, 512, 114) == expected
 
 
+@pytest.mark.parametrize("lengths", [(-10, 114), (512.5, 114), (True, 114), (0, 0), (512, 0)])
+def test_lengths_that_are_not_counts_are_refused(lengths):
+  """model-info refused these flags, but model_info and the counter took them: -10 inputs counted 5.6M FLOPs, a
+  float a fractional count, True one token, and (0, 0) raised ZeroDivisionError in FLOPs per token."""
+  from repeat_lm.models import info, t5
+  with pytest.raises(ValueError, match="whole-number lengths >= 1"):
+    flops.train_flops_per_sequence(BASE, *lengths)
+  with pytest.raises(ValueError, match="whole-number lengths >= 1"):
+    info.model_info(t5.T5Config(vocab_size=128, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32), *lengths)
+
+
 def test_relu_mlp_counts_two_matrices():
   gated = sum(flops.encoder_layer_parts(BASE, 512).values())
   relu = sum(flops.encoder_layer_parts(dataclasses.replace(BASE, mlp_activations=("relu",)), 512).values())

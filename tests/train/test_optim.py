@@ -88,6 +88,25 @@ def test_linear_and_cosine_decay_end_at_the_given_fraction():
   assert float(cosine(35)) == pytest.approx(2 * (0.1 + 0.9 * (1 + np.cos(np.pi / 4)) / 2), abs=1e-5)
 
 
+@pytest.mark.parametrize("kwargs", [{"weight_decay": -0.5}, {"weight_decay": float("nan")},
+                                    {"clip_gradient_norm": -1.0}, {"learning_rate": -0.1}])
+def test_optimizer_settings_that_flip_or_poison_a_step_are_refused(kwargs):
+  """WEIGHT_DECAY=-0.5 grew Adafactor's weights by half of themselves at a zero gradient, clip_gradient_norm=-1 turned
+  AdamW's first step from -0.1 into +0.1 (gradient ascent), NaN made every parameter NaN; all without an error."""
+  with pytest.raises(ValueError, match="must be a finite number >= 0"):
+    optim.make_optimizer("adafactor", **{"learning_rate": 0.1, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs", [{"base_learning_rate": -1.0}, {"base_learning_rate": float("nan")},
+                                    {"end_learning_rate_fraction": -1.0}, {"warmup_steps": -100},
+                                    {"warmup_steps": float("nan")}, {"warmup_steps": 0.5}, {"total_steps": 1000.5}])
+def test_schedule_settings_that_are_not_rates_or_counts_are_refused(kwargs):
+  # A base rate of -1 gave -0.01 at every step; a cosine to -1 ended at -1; a warm-up of -100 began decaying before
+  # step 0; NaN gave NaN rates.
+  with pytest.raises(ValueError, match="must be a"):
+    optim.make_schedule("constant * linear_warmup * cosine_decay", **{"total_steps": 1000, **kwargs})
+
+
 def test_gradient_norm_clipping_clips_the_gradients_not_the_updates():
   # AdamW's first update is -lr * g / (|g| + eps) per element whatever g's scale: clipping the gradient to norm 1e-3
   # leaves it at lr, clipping the update would shrink it to norm 1e-3.
