@@ -1,15 +1,19 @@
-"""The one check of a configured count (a size, a length, a step, a period), shared by every layer of the package.
+"""The one check of a configured count (a size, a length, a step, a period), shared by every layer of the package,
+and of a finite number (a rate, a decay).
 
 Counts arrive from gin bindings and command-line flags, where a typo gives a value Python would accept as a number
 but an array shape or a loop would not: 512. (a float), '512' (a string), True (a bool, which Python counts as 1).
 Each failed far from the typo (a shape TypeError at model init, a silent batch of one), so every config refuses them
-where it is built, with these two predicates.
+where it is built, with these predicates.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
+
+import numpy as np
 
 
 def whole_number(value: Any) -> bool:
@@ -24,3 +28,8 @@ def whole_number(value: Any) -> bool:
 def is_count(value: Any, minimum: int = 1) -> bool:
   """A whole number of at least `minimum`."""
   return whole_number(value) and bool(value >= minimum)
+
+
+def finite_number(value: Any) -> bool:
+  """A finite int, float or numpy number: not a bool, a string, NaN or an infinity."""
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)

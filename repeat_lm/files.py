@@ -7,6 +7,15 @@ import tempfile
 from pathlib import Path
 
 
+def model_dir_around(path: str | Path) -> Path | None:
+  """The MODEL_DIR whose checkpoints/ holds `path` (itself included), where the path really leads ('..' and symlinks
+  followed), or None. Training deletes a step's directory with its checkpoint: nothing else may be written in there.
+  """
+  real = Path(path).resolve()
+  return next((p.parent for p in [real, *real.parents]
+               if p.name == "checkpoints" and (p.parent / "config.gin").exists()), None)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
   """Writes via a temp file in the same directory + rename, so readers never see a partial file.
 

@@ -21,3 +21,10 @@ def test_bools_floats_and_strings_are_not(value):
                                                       (np.int16(3), 3, True), (True, 1, False), (2.0, 1, False)])
 def test_counts_are_whole_numbers_of_at_least_the_minimum(value, minimum, expected):
   assert checks.is_count(value, minimum) is expected
+
+
+@pytest.mark.parametrize("value, expected", [(0, True), (0.8, True), (np.float32(-2.5), True), (np.int64(3), True),
+                                             (True, False), (float("nan"), False), (float("inf"), False),
+                                             ("0.8", False), (None, False)])
+def test_finite_numbers(value, expected):
+  assert checks.finite_number(value) is expected

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from repeat_lm import files
 from repeat_lm.interop import layout
 from repeat_lm.models import moe as moe_lib
 from repeat_lm.models import t5
@@ -365,6 +366,7 @@ def read_sentencepiece_model(path: str | Path) -> bytes:
 
 def _write_tokenizer_model(model: bytes, out_dir: str | Path, extra_ids: int) -> None:
   out_dir = Path(out_dir)
+  _sentencepiece_ids(model)  # a clear error for a file that is no SentencePiece model (export_hf checks its own)
   _move_tokenizer_in(_stage_tokenizer(model, out_dir, extra_ids), out_dir)
 
 
@@ -379,8 +381,8 @@ def _sentencepiece_ids(model: bytes) -> tuple[int, int]:
 
 
 def _stage_tokenizer(model: bytes, out_dir: Path, extra_ids: int) -> Path:
-  """The tokenizer files, converted into OUT_DIR/.tokenizer_staging/out (removed again if the conversion fails)."""
-  _sentencepiece_ids(model)
+  """The tokenizer files, converted into OUT_DIR/.tokenizer_staging/out (removed again if the conversion fails). The
+  model has been read as a SentencePiece model (`_sentencepiece_ids`)."""
   transformers = import_transformers()
   out_dir.mkdir(parents=True, exist_ok=True)
   staging = out_dir / ".tokenizer_staging"
@@ -431,14 +433,12 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
     raise ValueError(f"{out_dir} is a repeat_lm MODEL_DIR (it holds checkpoints/ or config.gin): export to a "
                      "directory of its own, e.g. --out=MODEL_DIR/hf.")
   # Where the files really land: 'checkpoints/../hf' is beside the checkpoints, a symlink to checkpoints/20 in them.
-  real = out_dir.resolve()
-  inside = next((p for p in [real, *real.parents]
-                 if p.name == "checkpoints" and (p.parent / "config.gin").exists()), None)
-  if inside is not None:
+  owner = files.model_dir_around(out_dir)
+  if owner is not None:
     # A step directory is deleted with its checkpoint once training saves `keep` newer ones, the export with it.
-    raise ValueError(f"{out_dir} is inside the checkpoints of the MODEL_DIR {inside.parent}, which training manages "
+    raise ValueError(f"{out_dir} is inside the checkpoints of the MODEL_DIR {owner}, which training manages "
                      "(a step's directory is deleted with its checkpoint): export beside them, e.g. "
-                     f"--out={inside.parent / 'hf'}.")
+                     f"--out={owner / 'hf'}.")
   # Read before anything is written: a vocabulary that cannot be read leaves an earlier export as it was.
   spm_bytes = read_sentencepiece_model(sentencepiece_model) if sentencepiece_model is not None else None
   pieces, eos_id = _sentencepiece_ids(spm_bytes) if spm_bytes is not None else (0, -1)

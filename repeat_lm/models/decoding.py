@@ -70,14 +70,18 @@ def check_counts(max_decode_length: int, num_beams: int = 1) -> None:
     raise ValueError(f"{bad}: max_decode_length and num_beams must be whole numbers of at least 1.")
 
 
+def _concrete_number(value: Any) -> bool:
+  """A number known now: a Python or numpy real, or a 0-d array that is not traced. A traced one (sampling or beam
+  search under jit with the setting an argument) has no value yet: comparing it raises TracerBoolConversionError."""
+  return isinstance(value, numbers.Real) or (np.ndim(value) == 0 and hasattr(value, "dtype")
+                                             and not isinstance(value, jax.core.Tracer))
+
+
 def check_sampling(temperature: float, topk: int) -> None:
   """The settings `sample` accepts: logits are divided by the temperature, and top-k keeps k tokens (0: all)."""
-  # A traced temperature (sample under jit with the temperature an argument) has no value yet: comparing it raised a
-  # TracerBoolConversionError. Anything else must be a positive number or 0-d array (not a gin string, which failed
-  # the comparison with a TypeError). top-k is a shape: concrete.
-  if not isinstance(temperature, jax.core.Tracer) and not (
-      (isinstance(temperature, numbers.Real) or np.ndim(temperature) == 0 and hasattr(temperature, "dtype"))
-      and temperature > 0):
+  # A traced temperature goes unchecked; anything else must be a positive number (not a gin string, which failed the
+  # comparison with a TypeError). top-k is a shape: concrete.
+  if not isinstance(temperature, jax.core.Tracer) and not (_concrete_number(temperature) and temperature > 0):
     raise ValueError(f"temperature={temperature}: sampling divides the logits by it, so it must be > 0 (use greedy "
                      "decoding for the argmax).")
   if not checks.is_count(topk, 0):
@@ -87,11 +91,8 @@ def check_sampling(temperature: float, topk: int) -> None:
 
 def check_length_penalty(alpha: float) -> None:
   """Refuse a non-finite beam-search alpha: every score NaN (or all equal), beams came back arbitrary, no error."""
-  # Only a traced alpha (beam search under jit with alpha an argument) goes unchecked: it has no value yet. A concrete
-  # 0-d array (np.array(nan), jnp.float32(nan)) has one, as `check_sampling` reads a temperature's.
-  concrete = isinstance(alpha, numbers.Real) or (np.ndim(alpha) == 0 and hasattr(alpha, "dtype")
-                                                 and not isinstance(alpha, jax.core.Tracer))
-  if concrete and not math.isfinite(float(alpha)):
+  # Only a traced alpha goes unchecked; a concrete 0-d array (np.array(nan), jnp.float32(nan)) has a value.
+  if _concrete_number(alpha) and not math.isfinite(float(alpha)):
     raise ValueError(f"length_penalty_alpha={alpha}: beam scores divide by ((5 + length) / 6) ** alpha, so it must "
                      "be finite (T5: 0.6; 0: no length penalty).")
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from repeat_lm import checks
+
 
 def factored_dims(shape: tuple[int, ...], min_dim_size_to_factor: int,
                   blocks: tuple[int, ...] = ()) -> tuple[int, int] | None:
@@ -85,8 +87,7 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
   """grad / sqrt(second moment), the moment factored into row and column means for matrices (optax's, factored)."""
   # decay_rate is the exponent of 1 - (step + 1)^-decay_rate. Hugging Face's Adafactor writes the same T5 setting
   # as -0.8: taken here, the decay goes negative from the second step, the moment with it, and updates are NaN.
-  if not (isinstance(decay_rate, (int, float, np.number)) and not isinstance(decay_rate, bool)
-          and 0 <= decay_rate < math.inf):
+  if not (checks.finite_number(decay_rate) and decay_rate >= 0):
     raise ValueError(f"Adafactor decay_rate={decay_rate!r} must be a finite number >= 0 (T5: 0.8; Hugging Face "
                      "writes it as -0.8).")
 

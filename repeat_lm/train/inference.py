@@ -19,6 +19,7 @@ import numpy as np
 import seqio
 from jax.sharding import NamedSharding, PartitionSpec
 
+from repeat_lm import files
 from repeat_lm.models import decoding, info
 
 log = logging.getLogger(__name__)
@@ -257,8 +258,7 @@ def check_output_file(output_file: str, input_file: str | None = None, checkpoin
   # under checkpoints/, a Hugging Face model.safetensors) may not.
   root = Path(checkpoint).resolve() if checkpoint is not None else None
   if root is not None:  # a step directory (MODEL_DIR/checkpoints/20) or checkpoints/: the whole MODEL_DIR is the run's
-    root = next((p.parent for p in [root, *root.parents]
-                 if p.name == "checkpoints" and (p.parent / "config.gin").exists()), root)
+    root = files.model_dir_around(root) or root
   target = path.resolve()
   if root is not None and root in target.parents and (target.parent != root or target.suffix != ".txt"):
     raise ValueError(f"--output_file={output_file} is a file of the checkpoint --checkpoint={checkpoint}; writing the "
@@ -301,7 +301,6 @@ def write_outputs(output_file: str, outputs: Sequence[str]) -> None:
   """One output per line. A file is replaced whole (temp file + rename): a write that fails part-way (a full disk,
   a file-size limit, a kill) used to leave the earlier outputs truncated and a shorter file of whole-looking lines.
   A target that is not a regular file (/dev/stdout, a pipe) is written in place: it cannot be renamed over."""
-  from repeat_lm import files  # pylint: disable=import-outside-toplevel
   data = "".join(o.replace("\n", " ") + "\n" for o in outputs).encode("utf-8")
   path = Path(output_file)
   if path.exists() and not path.is_file():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ def _check_non_negative(setting: str, value: Any) -> None:
   """A finite number >= 0 (the gin macros pass Python numbers; they are the only ones checked). A negative rate,
   weight decay or clipping norm flips the sign of a step (gradient ascent, or weights that grow) and NaN makes every
   parameter NaN, both silently until the loss shows it."""
-  if isinstance(value, (int, float, np.number)) and not (0 <= value < math.inf and not isinstance(value, bool)):
+  if isinstance(value, (int, float, np.number)) and not (checks.finite_number(value) and value >= 0):
     raise ValueError(f"{setting}={value!r} must be a finite number >= 0.")
 
 
