@@ -22,6 +22,26 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
+
+def _pin_xdist_worker():
+  """Give each pytest-xdist worker its own share of the CPUs (children inherit it), before XLA sizes its thread pool.
+
+  XLA's CPU client starts a thread pool as wide as the CPUs the process may use, and its threads wait by spinning:
+  two workers each spinning over both of the CI host's 2 cores slowed one another down far more than sharing them
+  costs (tests/train/test_trainer.py: 138 s alone, ~300 s beside the other worker; the whole suite with `-n 2`:
+  762 s -> 445 s). Affinity, not a flag such as --xla_cpu_multi_thread_eigen=false, because that flag changes the
+  compiled code (bfloat16 dots become float32 ones, which tests/models/test_cpu_layouts.py pins)."""
+  worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+  if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and hasattr(os, "sched_setaffinity")):
+    return
+  cpus = sorted(os.sched_getaffinity(0))
+  index, count = int(worker[2:]), int(count)
+  if count <= len(cpus):
+    os.sched_setaffinity(0, cpus[index::count])
+
+
+_pin_xdist_worker()
+
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
