@@ -199,6 +199,13 @@ def test_bad_json_inputs_name_the_flag_and_the_fix(tmp_path):
     accelerator.read_json(tmp_path / "other.json", "--from_json")
 
 
+def test_a_json_out_is_refused_before_measuring(tmp_path):
+  # OUT is the Markdown report; its results go to OUT.json, which the report would overwrite were OUT that file.
+  with pytest.raises(ValueError, match=r"names the Markdown report.*--out=.*perf\.md"):
+    accelerator.check_out(tmp_path / "perf.json")
+  assert not (tmp_path / "perf.json").exists()
+
+
 def test_base_sweep_without_an_accelerator_plugin_says_what_to_do(tmp_path, monkeypatch):
   monkeypatch.setattr(accelerator.runtime, "accelerator_plugin_installed", lambda: False)
   with pytest.raises(RuntimeError, match="no JAX GPU/TPU plugin is installed.*--gin_file"):

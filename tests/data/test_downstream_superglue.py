@@ -45,6 +45,13 @@ def test_record_query_without_answers_is_kept_once_as_unk():
   assert len(out) == 1 and out[0]["targets"] == b"<unk>" and out[0]["answers"].tolist() == []
 
 
+def test_record_highlight_after_a_quote_gets_no_full_stop():
+  # T5's rule: a bullet that already ends in . ? ! " or ' is joined with a space, any other one with '. '.
+  passage = 'He said "No"\n@highlight\nIt\'s over\'\n@highlight\nDone'
+  (out, _) = run(downstream._record_preprocessor, dict(RECORD, passage=passage))
+  assert out["inputs"].decode().endswith("""passage: He said "No" It's over' Done""")
+
+
 def test_record_postprocess_pairs_the_query_group():
   example = run(downstream._record_preprocessor, RECORD)[1]
   assert downstream._record_postprocess("Norway", example, is_target=True) == ((3, 7), ["Oslo", "Norway"])
@@ -84,6 +91,9 @@ def test_record_metric_is_max_over_answers_and_counts_each_query_once():
     # whole words only: with the index on 'her', 'he' is marked neither inside it nor inside 'Then'
     ({"text": "Then her friend said he was late.", "span2_index": np.int32(1), "span2_text": "he"},
      "wsc: Then her friend said *he* was late."),
+    # ... nor at the end of a word ('she') when the fallback searches the text
+    ({"text": "Then she said he was late.", "span2_index": np.int32(0), "span2_text": "he"},
+     "wsc: Then she said *he* was late."),
 ])
 def test_wsc_marks_the_pronoun_and_targets_span1(change, inputs):
   (out,) = run(downstream._wsc_preprocessor, dict(WSC, **change))
@@ -105,6 +115,7 @@ def test_wsc_trains_on_label_1_only(monkeypatch):
 
   assert idx("train") == [0, 2]  # a label-0 example's target is the wrong referent
   assert idx("validation") == [0, 1, 2, 3]  # evaluation needs both labels
+  assert idx("test") == [0, 1, 2, 3]  # only training filters (T5's correct_referent_only): predictions for every one
 
 
 # Expected values are T5's `wsc_simple` on the same pairs (t5/data/postprocessors.py), so WSC scores compare with
@@ -117,6 +128,7 @@ def test_wsc_trains_on_label_1_only(monkeypatch):
     ("  a  dog ", "dog", 1),
     ("cat", "the dog", 0),
     ("Bob", "Bob's hat", 0),  # a possessive names something else
+    ("hat", "Bob's hat", 0),  # ... even where one word set contains the other
     ("the dog.", "The dog", 0),  # punctuation is kept, as in T5
     ("Tom.", "Tom", 0),
     ("its", "the trophy", 0),  # 'its' is a word in T5's rule, not a determiner
@@ -139,6 +151,13 @@ def test_wsc_accuracy_scores_naming_span1_against_the_label():
   assert targets == [1, 0, 1, 0] and predictions == [1, 0, 0, 1]
   assert text_metrics.accuracy(targets, predictions) == {"accuracy": 50.0}
   assert downstream._wsc_postprocess("", examples[1]) == -1  # empty: wrong whatever the label
+
+
+def test_cb_mean_f1_averages_all_three_classes():
+  # CB's F1 is the unweighted mean over entailment, contradiction and neutral: missing the one neutral example costs
+  # its class's F1 (0) in the mean. Per class (TP, FP, FN): 0 (1, 1, 0) F1 2/3; 1 (1, 0, 0) F1 1; 2 (0, 0, 1) F1 0.
+  got = text_metrics.mean_3class_f1([0, 1, 2], [0, 1, 0])
+  assert got == {"mean_3class_f1": pytest.approx(100 * (2 / 3 + 1 + 0) / 3)}
 
 
 # ---- registration ----

@@ -26,6 +26,9 @@ def test_uniform_and_choice():
   assert 0 <= u.min() and u.max() < 1 and u.mean() == pytest.approx(0.5, abs=0.003)
   draws = hashing.choice(2, np.arange(200_000), [0.13] * 6 + [0.22])
   np.testing.assert_allclose(np.bincount(draws) / len(draws), [0.13] * 6 + [0.22], atol=0.004)
+  # Weights that do not sum to 1 are normalised (1:3 is 25% / 75%), not cut off at 1.
+  draws = hashing.choice(3, np.arange(200_000), [1.0, 3.0])
+  assert np.bincount(draws, minlength=2)[0] / len(draws) == pytest.approx(0.25, abs=0.004)
 
 
 def test_permutation():

@@ -80,3 +80,18 @@ def test_only_the_last_example_is_cut_short(features):
                                                                                         FIRST_SENTINEL)
     lengths.append(len(rebuilt))
   assert len(examples) > 10 and all(n in raw for n in lengths[:-1])
+
+
+def test_each_example_draws_its_own_mask(features):
+  # Examples of one chunk with the same denoiser and length must not share a noise mask (one key per example).
+  _, examples = run(features, 0, denoisers.span_corruption())
+  sentinel_positions = {tuple(np.flatnonzero(ex['inputs'] >= FIRST_SENTINEL)) for ex in examples[:-1]}
+  assert len(examples) > 10 and len(sentinel_positions) == len(examples) - 1
+
+
+def test_no_mode_tokens_when_the_objective_has_them_off(features):
+  vocab = features['targets'].vocabulary
+  modes = [vocab.encode(m) for m in ('[NLU]', '[NLG]', '[S2S]')]
+  _, examples = run(features, 1, denoisers.ul2(mode_tokens=False))
+  assert len(examples) > 10
+  assert not any(ex['inputs'][:len(m)].tolist() == m for ex in examples for m in modes)

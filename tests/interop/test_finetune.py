@@ -37,6 +37,8 @@ def test_squad_em_f1_take_the_best_reference():
   assert text_metrics.exact_match("Paris.", "paris") == 1.0
   assert text_metrics.token_f1("the cat sat", "cat sat on the mat") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
   assert text_metrics.token_f1("a", "the") == 0.0  # both normalise to nothing
+  # Bags of words with multiplicity (the official script's Counter intersection): 4 common tokens, P 1, R 4/5.
+  assert text_metrics.token_f1("new york new york", "new york new york city") == pytest.approx(8 / 9)
   result = text_metrics.squad([["Paris", "City of Paris"], ["1854"]], ["paris city", "in 1854"])
   # F1: max(2/3 vs 'paris', 4/5 vs 'city of paris') = 0.8; 'in 1854' vs '1854' = 2/3. EM: none.
   assert result == {"em": 0.0, "f1": pytest.approx(100 * (0.8 + 2 / 3) / 2)}
