@@ -204,3 +204,29 @@ def test_a_save_whose_directory_cannot_be_made_fails_at_once_and_keeps_the_last_
   ck.close()
   assert meta["step"] == 1
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+
+
+def test_a_checkpoint_is_due_every_period_steps(tmp_path):
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=3))
+  assert [s for s in range(1, 10) if ck.should_save(s)] == [3, 6, 9]
+  ck.close()
+
+
+def test_saving_a_saved_step_again_keeps_the_first(tmp_path):
+  # The last step (or SIGTERM's) can also be a period's: its second save is no error and does not replace the first.
+  state = _state()
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1))
+  ck.save(1, state, {"step": 1})
+  ck.save(1, dict(state, params={"w": state["params"]["w"] + 1.0}), {"step": 1, "again": True})
+  ck.wait()
+  restored, meta = ck.restore(checkpoint.abstract_like(state))
+  ck.close()
+  assert meta == {"step": 1}
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+
+
+def test_a_long_mismatch_says_how_many_differences_it_leaves_out():
+  stored = {f"params/w{i}": (2,) for i in range(4)}
+  message = checkpoint.stored_state_mismatch(stored, {"params": {}})
+  assert message.count("is in the checkpoint but not in the configured state") == 3
+  assert message.endswith(" (and 1 more)")

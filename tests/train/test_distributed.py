@@ -89,3 +89,23 @@ def test_a_failed_process_of_a_multiprocess_job_exits_at_once(env, tmp_path):
   assert exits == [2]
   distributed.exit_if_failed(0)  # success: the normal exit, which lets every process shut down together
   assert exits == [2]
+
+
+def test_a_coordinator_without_a_process_id_leaves_the_rest_to_detection(env):
+  import jax
+  env.setenv("JAX_COORDINATOR_ADDRESS", "node1:12355")
+  env.setenv("JAX_NUM_PROCESSES", "2")
+  calls = []
+  env.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  env.setattr(jax.config, "update", lambda *args: None)
+  distributed.maybe_initialize()
+  assert calls == [{"coordinator_address": "node1:12355", "num_processes": 2, "process_id": None,
+                    "cluster_detection_method": None}]
+
+
+def test_an_empty_variable_counts_as_unset(env):
+  # `export JAX_NUM_PROCESSES=` in a launch script: not a count (int('') would fail), so the other signs decide.
+  env.setenv("JAX_NUM_PROCESSES", "")
+  assert not distributed.is_multiprocess_environment()
+  env.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+  assert distributed.is_multiprocess_environment()

@@ -49,12 +49,12 @@ def test_set_aside_keeps_every_earlier_attempt(tmp_path, monkeypatch):
   writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
   path.write_text("")
   assert writer.set_aside() is None and path.exists()  # nothing to keep: an empty file stays where it is
-  for attempt in ("first", "second"):
+  for attempt in ("first", "second", "third"):
     path.write_text(json.dumps({"step": 1, "attempt": attempt}) + "\n")
     writer.set_aside()
   assert not path.exists()
   kept = sorted(p.read_text() for p in tmp_path.glob("metrics.jsonl.replaced-*"))
-  assert [json.loads(t)["attempt"] for t in kept] == ["first", "second"]
+  assert [json.loads(t)["attempt"] for t in kept] == ["first", "second", "third"]
 
 
 def test_only_process_0_writes_and_unprefixed_scalars_go_to_the_train_run(tmp_path, monkeypatch):

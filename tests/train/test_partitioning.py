@@ -134,3 +134,21 @@ def test_an_evaluation_batch_the_mesh_cannot_split_is_named():
                                batch_size=6, shuffle=False)
   with pytest.raises(ValueError, match=r"Evaluation batch size 6 is not divisible by the 4 devices.*EVAL_BATCH_SIZE"):
     trainer._eval_batches(cfg, 1, partitioning.Partitioner(4, 2))
+
+
+def test_expert_parallel_batches_split_over_data_and_expert():
+  """Between MoE layers every device of data x expert holds other tokens, so the batch must split over both."""
+  p = partitioning.Partitioner(2, 1, expert_parallel=4)
+  assert p.batch_shards == 8
+  with pytest.raises(ValueError, match="Batch size 12 is not divisible by the 8 devices"):
+    p.check_batch_size("Batch size 12", 12, "BATCH_SIZE")
+
+
+def test_a_process_holding_rows_at_both_ends_is_refused():
+  """Rows {0, 1, 6, 7} of 8 span [0, 8), a block of the right size and start: it is still no block, and reading
+  the whole batch would give rows 2-5 to devices the mesh gives rows 6-7."""
+  devices = jax.devices()[:8]
+  p = partitioning.Partitioner(8, 1, devices=devices)
+  host = {d: 0 if i in (0, 1, 6, 7) else 1 for i, d in enumerate(devices)}
+  with pytest.raises(ValueError, match=r"rows \[0, 1, 6, 7\] of 8: not one block"):
+    p.data_layout(8, process_index=0, process_of=host.__getitem__)

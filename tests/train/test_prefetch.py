@@ -100,3 +100,10 @@ def test_consumer_error_stops_the_thread_and_closes_the_source():
       raise KeyError("the train step failed")
   assert closed.is_set()  # the data pipeline's own thread stops when its generator closes
   assert not prefetch_threads()
+
+
+def test_a_depth_below_one_is_refused():
+  # queue.Queue(0) has no bound: the producer would read and transfer the whole stream onto the devices.
+  with pytest.raises(ValueError, match="at least 1"):
+    prefetch.DevicePrefetcher(iter([]), lambda x: x, depth=0)
+  assert not prefetch_threads()

@@ -44,3 +44,30 @@ def test_evaluation_batches_need_not_have_the_training_batches_features(train_pa
   want = summarize(jax.device_get(jax.jit(model.loss_and_metrics)(jax.device_get(params), batch)[1]))
   assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
   assert got["accuracy"] == want["accuracy"]
+
+
+def test_source_tokens_are_neither_padding_eos_nor_sentinels():
+  # T5's ids: 0 is padding, 1 EOS, and the sentinels are the vocabulary's last 100 ids (32000 .. 32099 of 32100).
+  tokens = np.asarray([[0, 1, 2, 31999, 32000, 32099], [5, 32050, 1, 0, 0, 0]], np.int32)
+  assert float(state_lib.count_source_tokens(tokens, 32000)) == 3  # 2, 31999 and 5
+  assert float(state_lib.count_source_tokens(tokens, None)) == 6  # no sentinels known: they count as text
+
+
+def test_parameter_init_and_dropout_draw_from_their_own_streams():
+  # docs/architecture.md: init draws from fold_in(seed, 0), dropout from fold_in(fold_in(seed, 1), step).
+  data = lambda key: np.asarray(jax.random.key_data(key))
+  root = jax.random.key(7)
+  np.testing.assert_array_equal(data(state_lib.purpose_key(7, state_lib.PARAMS_PURPOSE)),
+                                data(jax.random.fold_in(root, 0)))
+  np.testing.assert_array_equal(data(state_lib.purpose_key(7, state_lib.DROPOUT_PURPOSE)),
+                                data(jax.random.fold_in(root, 1)))
+
+
+def test_global_batch_keeps_only_the_features_given_a_sharding():
+  # What trainer._run_eval relies on: a host batch's features without a sharding are left out, not a KeyError.
+  sharding = partitioning.Partitioner(2, 1, devices=jax.devices()[:2]).batch_sharding()
+  rows = np.arange(8, dtype=np.int32).reshape(4, 2)
+  got = state_lib.global_batch({"encoder_input_tokens": rows, "targets_pretokenized": rows},
+                               {"encoder_input_tokens": sharding})
+  assert list(got) == ["encoder_input_tokens"] and got["encoder_input_tokens"].sharding == sharding
+  np.testing.assert_array_equal(got["encoder_input_tokens"], rows)
