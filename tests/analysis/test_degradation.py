@@ -206,3 +206,30 @@ def test_the_report_names_the_run_with_the_largest_gap(tmp_path):
           results.Run(run="big", status="done", model_dir=_write_curve(tmp_path / "big", [0.5, 0.6, 0.4, 0.3]))]
   degradation.analyze(runs, tmp_path / "out")
   assert "Largest gap: `big` (0.3)." in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_each_factor_value_is_named_once_in_the_legend(tmp_path, monkeypatch):
+  # Two runs at lr 1 and one at lr 2: the legend names lr=1 and lr=2 once each, not one entry per run.
+  runs = [results.Run(run=name, status="done", model_dir=_write_curve(tmp_path / name, [0.5, 0.6, 0.6]),
+                      extra={"lr": lr}) for name, lr in (("a", "1"), ("b", "1"), ("c", "2"))]
+  rows, curves = degradation.run_rows(runs, "eval/accuracy")
+  drawn = []
+  monkeypatch.setattr(degradation.plots, "save", lambda path, series, **kw: drawn.extend(series) or path)
+  degradation.plot_factor(tmp_path / "p.png", runs, rows, curves, "eval/accuracy", "lr")
+  assert [s.label for s in drawn] == ["lr=1", None, "lr=2"]
+
+
+def test_the_onset_is_marked_on_its_curve(tmp_path, monkeypatch):
+  # 0.5, 0.6, 0.4, 0.3 at steps 10..40 (100 tokens a step): degradation from step 30, marked x at (3000, 0.4).
+  run = results.Run(run="r", status="done", model_dir=_write_curve(tmp_path / "r", [0.5, 0.6, 0.4, 0.3]))
+  rows, curves = degradation.run_rows([run], "eval/accuracy")
+  drawn = []
+  monkeypatch.setattr(degradation.plots, "save", lambda path, series, **kw: drawn.extend(series) or path)
+  degradation.plot_factor(tmp_path / "p.png", [run], rows, curves, "eval/accuracy", None)
+  assert [(list(s.x), list(s.y), s.style) for s in drawn if s.style == "x"] == [([3000.0], [0.4], "x")]
+
+
+def test_the_report_states_the_relative_tolerance_as_a_share_of_the_best_value(tmp_path):
+  run = results.Run(run="r", status="done", model_dir=_write_curve(tmp_path / "r", [0.5, 0.6, 0.58]))
+  degradation.analyze([run], tmp_path / "out")
+  assert "(0.50% of the best value)" in (tmp_path / "out" / "report.md").read_text()

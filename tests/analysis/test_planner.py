@@ -2,6 +2,7 @@
 thresholds, dropout advice citing the measured table."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,66 @@ def test_measured_dropout_skips_a_nan_rate():
                                                                                         ("nan", 0.64)])]
   m = planner.measured_dropout(runs, 2.5e8)
   assert (m["best_rate"], m["runs"], list(m["by_rate"])) == (0.1, 2, [0.0, 0.1])
+
+
+def test_parameters_beyond_u_n_are_warned_about():
+  # docs/analysis.md's example: U = 1.3e8 tokens make U_N = 6.63e6 parameters, and the plan's 6.7e8 exceed it.
+  u_n = float(laws.d_to_n(DC, 1.3e8))
+  assert u_n == pytest.approx(6.63e6, rel=1e-3)
+  assert "excess_params" in {w["code"] for w in planner.plan(1.3e8, 1.5e20)["warnings"]}
+
+  def codes(params):
+    return {w["code"] for w in planner.warnings_for(DC, {"epochs": 4.0, "params": params,
+                                                         "marginal_epoch_value": 0.8}, 1.3e8)}
+  assert codes(0.5 * u_n) == set() and codes(2 * u_n) == {"excess_params"}
+
+
+def test_without_repetition_the_effective_tokens_are_the_tokens_seen():
+  # D' = D when nothing repeats (R_D = 0), however many more unique tokens there are than are seen.
+  compute = 1e21
+  p = planner.plan(10 * float(laws.compute_optimal(DC, compute)[1]), compute)
+  assert p["recommended"]["effective_tokens"] == pytest.approx(p["recommended"]["tokens"], rel=1e-9)
+
+
+def _rated(specs):
+  """Runs from (params, epochs, rate, best_eval_accuracy, best_eval_loss)."""
+  return [results.Run(run=f"r{i}", status="done", model_dir=None, params=n, epochs=e, best_eval_accuracy=acc,
+                      best_eval_loss=loss, extra={"DROPOUT_RATE": str(rate)})
+          for i, (n, e, rate, acc, loss) in enumerate(specs)]
+
+
+def test_measured_dropout_prefers_runs_that_repeat_data():
+  # The single-epoch run's rate scores best, but the advice is about repeated data: it is left out.
+  runs = _rated([(2.5e8, 8.0, 0.0, 0.60, math.nan), (2.5e8, 8.0, 0.1, 0.63, math.nan),
+                 (2.5e8, 1.0, 0.3, 0.70, math.nan)])
+  m = planner.measured_dropout(runs, 2.5e8)
+  assert (m["best_rate"], m["runs"]) == (0.1, 2)
+
+
+def test_measured_dropout_falls_back_to_the_nearest_size():
+  # No run within 2x of 5e9: the nearest size (1e9) decides, not every run.
+  runs = _rated([(1e8, 8.0, 0.0, 0.70, math.nan), (1e8, 8.0, 0.3, 0.50, math.nan),
+                 (1e9, 8.0, 0.0, 0.55, math.nan), (1e9, 8.0, 0.3, 0.60, math.nan)])
+  m = planner.measured_dropout(runs, 5e9)
+  assert (m["best_rate"], m["runs"], m["params_range"]) == (0.3, 2, [1e9, 1e9])
+
+
+def test_measured_dropout_without_accuracy_picks_the_lowest_loss():
+  runs = _rated([(2.5e8, 8.0, 0.0, math.nan, 2.5), (2.5e8, 8.0, 0.1, math.nan, 2.3), (2.5e8, 8.0, 0.3, math.nan, 2.4)])
+  m = planner.measured_dropout(runs, 2.5e8)
+  assert (m["metric"], m["best_rate"]) == ("best_eval_loss", 0.1)
+  assert m["by_rate"] == {0.0: pytest.approx(2.5), 0.1: pytest.approx(2.3), 0.3: pytest.approx(2.4)}
+
+
+def test_the_documented_example_is_what_the_planner_prints():
+  # docs/analysis.md shows `repeat-lm plan --unique-tokens=1.3e8 --compute=1.5e20`: every line, including the share
+  # of the compute that suffices and how much worse the Chinchilla choice is, must be what the code prints.
+  doc = (Path(__file__).parents[2] / "docs" / "analysis.md").read_text()
+  shown = doc.split("$ repeat-lm plan --unique-tokens=1.3e8 --compute=1.5e20\n", 1)[1].split("\n```", 1)[0]
+  assert planner.summary(planner.plan(1.3e8, 1.5e20)) == shown
+
+
+def test_dropout_advice_calls_t5_large_scale_large_from_7e8_parameters():
+  # docs/analysis.md: "more so from T5-Large scale (N >= 7e8)".
+  assert "Large" in planner.dropout_advice(7e8, 8.0)["reason"]
+  assert "Large" not in planner.dropout_advice(6.9e8, 8.0)["reason"]

@@ -17,3 +17,13 @@ def test_a_series_with_one_point_is_drawn(tmp_path):
   for name, y in (("one", [0.6]), ("one_finite", [0.6, math.nan])):
     png = plots.save(tmp_path / f"{name}.png", [plots.Series([1.0, 2.0][:len(y)], y, None, "tab:blue", "--")])
     assert _coloured_pixels(png) > 20, name
+
+
+def test_a_band_is_shaded(tmp_path):
+  # The band (e.g. a bootstrap interval) fills the area between its bounds, pale (alpha 0.2), far more pixels than
+  # the line alone.
+  x, y = [0.0, 1.0, 2.0], [1.0, 1.0, 1.0]
+  line = plots.save(tmp_path / "line.png", [plots.Series(x, y, None, "tab:blue")])
+  band = plots.save(tmp_path / "band.png", [plots.Series(x, y, None, "tab:blue", band=([0.0] * 3, [2.0] * 3))])
+  bluish = lambda png: int((image.imread(png)[..., 2] - image.imread(png)[..., 0] > 0.08).sum())  # noqa: E731
+  assert bluish(band) > 10 * bluish(line)

@@ -30,3 +30,10 @@ def test_write_report(tmp_path):
 def test_fmt():
   assert [report.fmt(v) for v in (3, 2.0, 0.123456, 2.5e8, None, "s", True)] == [
       "3", "2", "0.1235", "2.5e+08", "", "s", "True"]
+
+
+def test_headings_in_a_section_nest_under_it_and_list_items_continue_on_indented_lines():
+  # The page title is <h1>, sections <h2>: a `#` heading inside a section's text is one level below them.
+  html = report.markdown_to_html("# Sub\n## Subsub\n- item one\n  continued\n- two\n\nafter")
+  assert html == ("<h3>Sub</h3>\n<h4>Subsub</h4>\n<ul><li>item one continued</li><li>two</li></ul>\n"
+                  "<p>after</p>")

@@ -106,3 +106,32 @@ def test_a_table_saved_by_a_spreadsheet_with_a_byte_order_mark_reads(tmp_path):
   (tmp_path / "bom.csv").write_bytes("run,status,params\nbase,done,2.5e8\n".encode("utf-8-sig"))
   (run,) = results.read_results(tmp_path / "bom.csv")
   assert (run.run, run.status, run.params) == ("base", "done", 2.5e8)
+
+
+def test_a_curve_without_train_records_spreads_the_tokens_seen_evenly_over_the_steps(tmp_path):
+  # No train/tokens_seen at all: tokens seen grow linearly with the step, reaching the table's tokens_seen at the
+  # last evaluation (4000 tokens over 40 steps: 100 a step).
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  (model_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval/loss": 3.0}) + "\n"
+                                                   for s in (10, 20, 40)))
+  c = results.load_curve(results.Run(run="r", status="done", model_dir=str(model_dir), tokens_seen=4000.0),
+                         "eval/loss")
+  np.testing.assert_allclose(c.tokens_seen, [1000, 2000, 4000])
+
+
+def test_fine_tuning_scores_and_metrics_are_outcomes_not_factors(tmp_path):
+  # docs/analysis.md: columns ending in a fine-tuning score's _em / _f1 / _f1a / _accuracy are not factors, nor
+  # metrics: names with '/' or starting with final_ / best_ (collect writes final_step and final_train_loss).
+  (tmp_path / "r.csv").write_text("run,DROPOUT_RATE,squad_em,squad_f1,squad_f1a,glue_accuracy,final_step,"
+                                  "final_train_loss,train/loss\n"
+                                  "a,0.0,60,70,71,0.8,100,2.1,2.3\nb,0.1,62,72,73,0.85,90,2.0,2.2\n")
+  assert results.varied_factors(results.read_results(tmp_path / "r.csv")) == ["DROPOUT_RATE"]
+
+
+def test_select_compares_numbers_as_numbers_and_ignores_spaces(tmp_path):
+  # 0.1 and 0.10 are one rate; 0.1001 is another. Spaces around `=` and `,` are not part of a column or a value.
+  (tmp_path / "r.csv").write_text("run,DROPOUT_RATE,model\na,0.10,moe\nb,0.1001,moe\nc,0.1,dense\n")
+  runs = results.read_results(tmp_path / "r.csv")
+  assert [r.run for r in results.select(runs, "DROPOUT_RATE=0.1")] == ["a", "c"]
+  assert [r.run for r in results.select(runs, "model = moe, DROPOUT_RATE = 0.1")] == ["a"]

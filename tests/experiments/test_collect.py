@@ -249,3 +249,22 @@ def test_a_root_without_runs_does_not_overwrite_a_table(tmp_path):
   with pytest.raises(ValueError, match="not overwriting"):
     collect.collect(tmp_path / "root", out)
   assert out.read_text() == "run,status\nold,finished\n"
+
+
+def test_the_best_loss_leaves_out_a_diverged_evaluation():
+  # A NaN first evaluation (diverged, then recovered) is no best loss: min() starting from NaN would keep it.
+  records = [{"step": s, "eval/loss": v, "eval/accuracy": 0.5} for s, v in ((10, "nan"), (20, 3.0), (30, 2.5))]
+  assert collect.metrics_summary(records)["best_eval_loss"] == 2.5
+
+
+def test_a_run_without_metrics_has_the_flops_per_token_of_its_row(sweep_root):
+  # Before any train record: the 19,513,344 training FLOPs of a tiny-T5 sequence (reference.md section 6, as in the
+  # test above) over its 32 + 8 tokens, so that the proxy can cost a run that has not started.
+  assert collect.row(sweep_root / "b")["flops_per_token"] == pytest.approx(19_513_344 / 40)
+
+
+def test_the_final_evaluation_is_paired_with_the_tokens_seen_at_its_own_step():
+  # Evaluations at steps 10 and 25, 100 tokens a step: the final one saw 2500 tokens (not the first's 1000).
+  records = [*({"step": s, "train/loss": 2.0, "train/tokens_seen": 100.0 * s} for s in (10, 20, 30)),
+             {"step": 25, "eval/loss": 2.5}, {"step": 10, "eval/loss": 3.0}]
+  assert collect.metrics_summary(records)["final_eval_tokens"] == 2500.0

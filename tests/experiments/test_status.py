@@ -214,3 +214,33 @@ def test_elapsed_time_adds_up_over_attempts(tmp_path, monkeypatch):
   status.write(run, status="running", started=1000.0, elapsed_s=100.0)
   monkeypatch.setattr(status, "time", types.SimpleNamespace(time=lambda: 1010.0))
   assert status.exited(run, 0)["elapsed_s"] == 110.0
+
+
+def test_a_slurm_job_squeue_cannot_answer_for_stays_running(tmp_path, monkeypatch):
+  # No squeue (or no controller): nothing says the job is gone, so the recorded status stands.
+  monkeypatch.setattr(status, "_query_job", lambda job_id: None)
+  run = make_run(tmp_path)
+  status.write(run, status="running", job_id="3", host=None, pid=None)
+  assert status.effective(status.read(run)) == "running"
+
+
+def test_a_run_killed_by_a_signal_names_it_and_suspects_memory_only_for_sigkill(tmp_path):
+  run = make_run(tmp_path, log="I step 10\n")
+  assert status.error_text(run / "train.log", returncode=-9) == \
+      "killed by signal 9 (SIGKILL, often the out-of-memory killer)"
+  assert status.error_text(run / "train.log", returncode=-15) == "killed by signal 15 (SIGTERM)"
+
+
+def test_a_process_of_another_user_is_alive(monkeypatch):
+  # kill(pid, 0) failing with EPERM means the process exists (it is not ours to signal): its run is not interrupted.
+  def kill(pid, sig):
+    raise PermissionError(1, "Operation not permitted")
+  monkeypatch.setattr(status.os, "kill", kill)
+  assert status._alive(12345)
+
+
+def test_each_attempt_is_counted(tmp_path):
+  run = make_run(tmp_path)
+  status.started(run)
+  status.exited(run, 1)
+  assert status.started(run)["attempts"] == 2

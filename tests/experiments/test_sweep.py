@@ -149,3 +149,9 @@ def test_select_ignores_spaces_around_globs():
 
 def test_a_best_renders_its_default_as_any_other_value():
   assert sweep.render(sweep.Best(runs="moe_*", column="ACTIVATION", default="%GELU")) == "%GELU"  # a reference
+
+
+def test_a_configurable_parameter_is_labelled_by_its_last_name():
+  # 'moe.MoeConfig.dropout_rate' names a run 'dropout0.1', as the DROPOUT_RATE macro does.
+  assert sweep.label("moe.MoeConfig.dropout_rate", 0.1, [0.0, 0.1]) == "dropout0.1"
+  assert sweep.label("t5.T5Config.num_layers", 4, [2, 4]) == "num_layers4"
