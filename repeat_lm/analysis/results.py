@@ -165,6 +165,11 @@ def select(runs: list[Run], spec: str) -> list[Run]:
   if "=" not in spec:
     return [r for r in runs if fnmatch.fnmatchcase(r.run, spec)]
   conditions = [c.split("=", 1) for c in spec.split(",") if c.strip()]
+  # 'model=moe,a*' mixes the two forms: the name glob has no column to compare (it failed to unpack).
+  bad = [c[0].strip() for c in conditions if len(c) != 2 or not c[0].strip()]
+  if bad:
+    raise ValueError(f"Run selector {spec!r}: {', '.join(repr(b) for b in bad)} is not COLUMN=VALUE. Give either "
+                     "COLUMN=VALUE conditions joined by commas, or one glob on the run name (not both).")
   return [r for r in runs if all(_matches(r.get(k.strip()), v.strip()) for k, v in conditions)]
 
 

@@ -27,6 +27,10 @@ def test_select(results_csv):
   assert [r.run for r in results.select(runs, "model=dense_xl,DROPOUT_RATE=0.3")] == ["densexl_d0.3"]
   assert len(results.select(runs, "model=dense*")) == 14
   assert results.select(runs, "nope=1") == []
+  # A name glob among column conditions (or a condition without its column) is neither form: named, not unpacked.
+  for spec, part in (("model=moe,a*", "'a\\*'"), ("=0.3", "''")):
+    with pytest.raises(ValueError, match=f"{part} is not COLUMN=VALUE.*one glob on the run name"):
+      results.select(runs, spec)
 
 
 def test_curve_tokens_interpolated(tmp_path):
