@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
 
+from repeat_lm import checks
 from repeat_lm.models import moe
 
 Array = jax.Array
@@ -36,14 +37,15 @@ Array = jax.Array
 
 def share_group_size(param_share: str | int, num_layers: int) -> int:
   """Layers per parameter set: 'none' -> 1, 'all' -> num_layers, k -> k."""
-  if param_share in ("none", None, 1):
+  if param_share in ("none", None):
     return 1
   if param_share == "all":
     return num_layers
-  if isinstance(param_share, int) and not isinstance(param_share, bool) and param_share > 0:
+  # A count, not a bool: True == 1, so param_share=True (meant as sharing) read as k = 1 and silently shared nothing.
+  if checks.is_count(param_share):
     if num_layers % param_share:
       raise ValueError(f"param_share={param_share} does not divide a stack of {num_layers} layers.")
-    return param_share
+    return int(param_share)
   raise ValueError(f"param_share={param_share!r}; use 'none', 'all' or a positive int k (groups of k consecutive "
                    "layers share one set of parameters).")
 

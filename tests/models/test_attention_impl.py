@@ -314,6 +314,17 @@ def test_cudnn_restrictions_are_enforced_at_config_and_trace_time():
       attention.apply(variables, x[:, :4], x[:, :4], None, mask[:, :, :4, :4], True)
 
 
+@pytest.mark.parametrize("capability, max_head_dim", [("8.0", 128), ("8.9", 128), ("9.0", 256), ("10.0", 256)])
+def test_cudnn_head_dim_limit_follows_the_gpu_generation(monkeypatch, capability, max_head_dim):
+  """cuDNN's flash attention takes head_dim up to 256 from Hopper (compute capability 9.0) on, 128 on Ampere / Ada
+  (jax's check_is_flash_attention); "10.0" must compare as a version, not as a string."""
+  class Gpu:
+    compute_capability = capability
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [Gpu()])
+  assert attention_lib._cudnn_max_head_dim() == max_head_dim
+
+
 def relative_error(a, b) -> float:
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))

@@ -330,3 +330,36 @@ def test_t5x_names_carry_flaxformer_definitions():
   assert sown == {"auxiliary_loss": means["load_balancing_loss"], "router_z_loss": means["router_z_loss"],
                   "fraction_tokens_left_behind": means["fraction_left_behind"],
                   "router_confidence": means["kept_router_confidence"], "expert_usage": means["expert_usage_min"]}
+
+
+def test_decoder_padding_takes_no_routing_part():
+  """Decoder positions whose target is padding are no tokens: the router must not see them, as the encoder's padding
+  (moe.py). Unpacked, causality alone hides them from the real positions, so only the decoder's padding mask keeps
+  them out of the routing; changing their input tokens must change no loss or routing statistic."""
+  batch, params = make_batch(), init_params(TINY)["params"]
+  padding = np.asarray(batch["decoder_target_tokens"]) == 0
+  assert padding.any()
+  other = dict(batch, decoder_input_tokens=jnp.where(padding, 7, batch["decoder_input_tokens"]))
+  (loss, metrics), (other_loss, other_metrics) = loss_fn(TINY)(params, batch), loss_fn(TINY)(params, other)
+  np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
+  for k in metrics:
+    np.testing.assert_allclose(other_metrics[k], metrics[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_batch_prioritized_routing_keeps_the_decoder_causal():
+  """batch_prioritized_routing reorders by router confidence in the encoder only (moe.MoeConfig): in the decoder a
+  later token could take an earlier one's expert slot, so a position's logits would depend on the tokens after it.
+  One expert slot per group (a decoder row here) makes the overflow that would show it."""
+  moe_cfg = dataclasses.replace(MOE, batch_prioritized_routing=True, min_expert_capacity=1, eval_capacity_factor=0.5)
+  cfg = dataclasses.replace(TINY, moe=moe_cfg)
+  batch, params = make_batch(), init_params(TINY)["params"]
+  apply = jax.jit(lambda b: t5.Transformer(cfg).apply({"params": params}, **b, enable_dropout=False))
+  t = T // 2  # change every decoder input from position t on
+  later = np.asarray(batch["decoder_input_tokens"]).copy()
+  later[:, t:] = (later[:, t:] + 1) % TINY.vocab_size + (later[:, t:] == TINY.vocab_size - 1)
+  logits, other = apply(batch), apply(dict(batch, decoder_input_tokens=jnp.asarray(later)))
+  np.testing.assert_allclose(other[:, :t], logits[:, :t], rtol=1e-6, atol=1e-6)
+  # ... and in the encoder the option takes effect: by confidence, not position, the kept tokens change.
+  plain = jax.jit(lambda b: t5.Transformer(dataclasses.replace(cfg, moe=dataclasses.replace(
+      moe_cfg, batch_prioritized_routing=False))).apply({"params": params}, **b, enable_dropout=False))(batch)
+  assert np.abs(np.asarray(plain) - np.asarray(logits)).max() > 1e-4

@@ -118,6 +118,10 @@ def test_bad_sharing_is_a_clear_error():
     dataclasses.replace(BASE, param_share=3)
   with pytest.raises(ValueError, match="param_share"):
     dataclasses.replace(BASE, param_share="some")
+  # The contract is 'none' | 'all' | a positive int; True (== 1 in Python) must not quietly mean 'none', nor False.
+  for flag in (True, False):
+    with pytest.raises(ValueError, match="param_share"):
+      dataclasses.replace(BASE, param_share=flag)
 
 
 def test_moe_sharing_of_one_block_per_group_is_refused():
@@ -132,3 +136,6 @@ def test_moe_sharing_of_one_block_per_group_is_refused():
   with pytest.raises(ValueError, match="no two layers"):
     count(dataclasses.replace(cfg, param_share=2))
   assert count(dataclasses.replace(cfg, param_share=4)) < count(cfg)
+  # Any multiple of the block beyond one shares, not only multiples of two blocks: one block applied 3 times.
+  six = dataclasses.replace(cfg, num_encoder_layers=6, num_decoder_layers=6)
+  assert count(dataclasses.replace(six, param_share=6)) < count(six)
