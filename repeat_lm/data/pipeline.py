@@ -76,6 +76,9 @@ class DatasetConfig:
     object.__setattr__(self, 'batch_size', operator.index(self.batch_size))
     object.__setattr__(self, 'task_feature_lengths',
                        {k: operator.index(v) for k, v in dict(self.task_feature_lengths).items()})
+    # int() would truncate: seed 0.9 read the stream of seed 0 (and True that of 1), a "different seed" that was not.
+    if self.seed is not None and not checks.whole_number(self.seed):
+      raise ValueError(f'DatasetConfig.seed={self.seed!r}: a whole number (no quotes), or None for a drawn seed.')
     if self.seed is not None:
       object.__setattr__(self, 'seed', int(self.seed))  # as _seed reads it
 

@@ -33,6 +33,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from repeat_lm import checks
 from repeat_lm.data import denoisers as den_lib
 from repeat_lm.data import hashing, plan, sources, subset, tfds_text, vocab as vocab_lib
 
@@ -196,7 +197,10 @@ def _resolve_objective(objective, mode_tokens: bool, ul2_rates) -> den_lib.Objec
 
 
 def _check_count(what: str, n: int | None) -> int | None:
-  if n is not None and (int(n) != n or n < 1):
+  # Whole-valued floats (2.0**27) pass, as before; a bool does not: True == 1, so epochs=True (meant as "repeat")
+  # registered a single-epoch task without a word. NaN, infinity and strings failed in int() naming no setting.
+  exact = checks.whole_number(n) or (isinstance(n, float) and n.is_integer())
+  if n is not None and not (exact and n >= 1):
     raise ValueError(f'{what} must be a positive integer (or None), got {n!r}.')
   return None if n is None else int(n)
 

@@ -72,7 +72,10 @@ def check_counts(max_decode_length: int, num_beams: int = 1) -> None:
 
 def _concrete_number(value: Any) -> bool:
   """A number known now: a Python or numpy real, or a 0-d array that is not traced. A traced one (sampling or beam
-  search under jit with the setting an argument) has no value yet: comparing it raises TracerBoolConversionError."""
+  search under jit with the setting an argument) has no value yet: comparing it raises TracerBoolConversionError.
+  Not a bool (True == 1 to Python: temperature=True sampled at 1.0)."""
+  if isinstance(value, (bool, np.bool_)):
+    return False
   return isinstance(value, numbers.Real) or (np.ndim(value) == 0 and hasattr(value, "dtype")
                                              and not isinstance(value, jax.core.Tracer))
 
@@ -91,8 +94,10 @@ def check_sampling(temperature: float, topk: int) -> None:
 
 def check_length_penalty(alpha: float) -> None:
   """Refuse a non-finite beam-search alpha: every score NaN (or all equal), beams came back arbitrary, no error."""
-  # Only a traced alpha goes unchecked; a concrete 0-d array (np.array(nan), jnp.float32(nan)) has a value.
-  if _concrete_number(alpha) and not math.isfinite(float(alpha)):
+  # Only a traced alpha goes unchecked; a concrete 0-d array (np.array(nan), jnp.float32(nan)) has a value. Anything
+  # else must be a number: a gin string ('0.6') passed DecodeConfig and failed in the first beam step, after the
+  # checkpoint was loaded, with a bare TypeError.
+  if not isinstance(alpha, jax.core.Tracer) and not (_concrete_number(alpha) and math.isfinite(float(alpha))):
     raise ValueError(f"length_penalty_alpha={alpha}: beam scores divide by ((5 + length) / 6) ** alpha, so it must "
                      "be finite (T5: 0.6; 0: no length penalty).")
 

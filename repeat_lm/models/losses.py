@@ -19,17 +19,23 @@ def _concrete(value) -> bool:
   return not isinstance(value, jax.core.Tracer)
 
 
+def _not_a_number(value) -> bool:
+  # A bool is a number to Python (True == 1): z_loss=True (meant as "on") trained with a z-loss weight of 1, 10^4 x
+  # T5X's, without a word; a gin string ('1e-4') failed the range test with a bare TypeError naming no setting.
+  return isinstance(value, (bool, np.bool_, str))
+
+
 def check_label_smoothing(label_smoothing: float) -> None:
   """label_smoothing in [0, 1): 1 leaves no mass on the target and a negative one a negative probability, and both
   make the loss's constant (the smoothed targets' entropy) NaN."""
-  if _concrete(label_smoothing) and not 0.0 <= label_smoothing < 1.0:
+  if _concrete(label_smoothing) and (_not_a_number(label_smoothing) or not 0.0 <= label_smoothing < 1.0):
     raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1) (LABEL_SMOOTHING; 0.1 is usual).")
 
 
 def check_z_loss(z_loss: float) -> None:
   """A finite z_loss >= 0: NaN makes every loss NaN, and a negative one rewards growing logits instead of
   penalising them."""
-  if _concrete(z_loss) and not (0.0 <= z_loss < math.inf):
+  if _concrete(z_loss) and (_not_a_number(z_loss) or not 0.0 <= z_loss < math.inf):
     raise ValueError(f"z_loss={z_loss} must be a finite number >= 0 (Z_LOSS; T5X uses 1e-4).")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import seqio
 from jax.sharding import NamedSharding, PartitionSpec
 
-from repeat_lm import files
+from repeat_lm import checks, files
 from repeat_lm.models import decoding, info
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,13 @@ class PredictionEval:
   batch_size: int = 32
   max_examples: int | None = None  # None: the whole split
   decode: decoding.DecodeConfig | None = None  # default: greedy, max_decode_length = the targets length
+
+  def __post_init__(self):
+    # `examples` takes the first max_examples only when it is truthy: 0 (meant as "decode none") decoded the whole
+    # split, True (== 1) one example; 1.5 or '100' failed in tf.data naming no setting.
+    if self.max_examples is not None and not checks.is_count(self.max_examples):
+      raise ValueError(f"PredictionEval.max_examples={self.max_examples!r} (INFER_EVAL_MAX_EXAMPLES): decode the "
+                       "first N >= 1 examples, a whole number, or None for the whole split.")
 
   def examples(self, task: seqio.Task) -> list[dict[str, Any]]:
     # One ordered pass; no in-memory caching (it would ask the source for its size, which TFDS mocks lack).

@@ -20,8 +20,9 @@ _SCHEDULE_FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "linear_decay",
 def _check_non_negative(setting: str, value: Any) -> None:
   """A finite number >= 0 (the gin macros pass Python numbers; they are the only ones checked). A negative rate,
   weight decay or clipping norm flips the sign of a step (gradient ascent, or weights that grow) and NaN makes every
-  parameter NaN, both silently until the loss shows it."""
-  if isinstance(value, (int, float, np.number)) and not (checks.finite_number(value) and value >= 0):
+  parameter NaN, both silently until the loss shows it. A string (a quoted gin value, '1e-3') is no schedule either:
+  it built the optimizer and failed at the first step with a TypeError that named no setting."""
+  if isinstance(value, (int, float, np.number, str)) and not (checks.finite_number(value) and value >= 0):
     raise ValueError(f"{setting}={value!r} must be a finite number >= 0.")
 
 

@@ -20,6 +20,8 @@ from flax.linen import partitioning as nn_partitioning
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from repeat_lm import checks
+
 LogicalRules = Sequence[tuple[str, str | None]]
 
 # Mesh axes, in order (T5X's MoE partitioner). 'data' shards the batch (and, with FSDP-style rules, parameters);
@@ -74,6 +76,10 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
   dims = [data, model] if expert is None else [data, expert, model]
   names = DENSE_MESH_AXES if expert is None else MESH_AXES
   shape = ", ".join(f"{k}={v}" for k, v in zip(names, dims))
+  # True == 1 to Python: MODEL_PARALLEL=True (meant as "shard the model") built a model axis of 1 without a word; a
+  # string ('2') failed the comparisons below with a bare TypeError.
+  if not all(checks.whole_number(d) for d in dims):
+    raise ValueError(f"Mesh shape {shape}: every axis size must be a whole number (no quotes), or -1.")
   if dims.count(-1) > 1:
     raise ValueError(f"Mesh shape {shape}: at most one axis may be -1.")
   if any(d != -1 and d < 1 for d in dims):

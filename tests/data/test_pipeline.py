@@ -288,7 +288,10 @@ def test_the_trainer_refuses_more_steps_than_a_finite_task_holds(c4_path, t5_voc
                                            "task_feature_lengths {'inputs': 0}"),
                                           ({'task_feature_lengths': {'inputs': 512}}, "has no 'targets': give both"),
                                           # a list: a TypeError traceback from dict()
-                                          ({'task_feature_lengths': [512, 114]}, r"=\[512, 114\]: give a dict")])
+                                          ({'task_feature_lengths': [512, 114]}, r"=\[512, 114\]: give a dict"),
+                                          # int() truncated: seed 0.9 read seed 0's stream, True seed 1's
+                                          ({'seed': 0.9}, 'seed=0.9: a whole number'),
+                                          ({'seed': True}, 'seed=True: a whole number')])
 def test_dataset_config_rejects_empty_batches_and_lengths(kwargs, match):
   args = {'mixture_or_task_name': 'any', 'task_feature_lengths': {'inputs': 16, 'targets': 8}, **kwargs}
   with pytest.raises(ValueError, match=match):

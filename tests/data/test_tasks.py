@@ -71,6 +71,18 @@ def test_budget_errors():
     tasks.repeated_task('c4', unique_tokens=12, epochs=1, validation_tokens=0)
 
 
+@pytest.mark.parametrize('kwargs', [{'epochs': True}, {'epochs': float('nan')}, {'total_tokens': True},
+                                    {'epochs': '4'}, {'validation_tokens': True}])
+def test_a_count_that_is_not_a_whole_number_is_refused(kwargs):
+  """epochs=True (True == 1 to Python) registered a one-epoch task; NaN failed in int() naming no setting."""
+  with pytest.raises(ValueError, match='must be a positive integer'):
+    tasks.repeated_task('c4', **{'unique_tokens': 12, **kwargs})
+
+
+def test_whole_valued_float_counts_still_register():
+  assert tasks.spec(tasks.repeated_task('c4', unique_tokens=2.0**4, epochs=4.0)).epochs == 4
+
+
 def test_registration_is_idempotent_and_replaces_changed_specs(tmp_path):
   corpus = tmp_path / 'c.jsonl'
   corpus.write_text('{"text": "a"}\n{"text": "b"}\n')

@@ -221,6 +221,13 @@ def test_squad_jsonl_missing_split_names_the_file(tmp_path):
     inference.PredictionEval(name, {"inputs": 32, "targets": 8}).examples(seqio.get_mixture_or_task(name))
 
 
+@pytest.mark.parametrize("max_examples", [0, True, 1.5, "100"])
+def test_prediction_eval_refuses_a_max_examples_that_is_not_a_count(max_examples):
+  """`examples` takes max_examples only when truthy: 0 (meant as "none") decoded the whole split, True one example."""
+  with pytest.raises(ValueError, match="max_examples=.*INFER_EVAL_MAX_EXAMPLES"):
+    inference.PredictionEval("any", {"inputs": 32, "targets": 8}, max_examples=max_examples)
+
+
 def test_prediction_eval_keeps_long_inputs_whole(tmp_path):
   """T5X's infer_eval decodes untrimmed inputs (task_feature_lengths=None): a context past the training length keeps
   its answer."""

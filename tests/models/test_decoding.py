@@ -162,6 +162,16 @@ def test_decode_config_is_checked():
     decoding.DecodeConfig(method="beam", length_penalty_alpha=float("nan"))
 
 
+@pytest.mark.parametrize("kwargs", [dict(method="beam", length_penalty_alpha="0.6"),
+                                    dict(method="beam", length_penalty_alpha=True),
+                                    dict(method="sample", temperature=True)])
+def test_decode_config_refuses_a_string_or_bool_for_a_number(kwargs):
+  """The string passed DecodeConfig (a string temperature was refused) and failed only in the first beam step, after
+  the checkpoint was loaded; True == 1 decoded with alpha or temperature 1.0."""
+  with pytest.raises(ValueError, match="length_penalty_alpha=|temperature="):
+    decoding.DecodeConfig(**kwargs)
+
+
 def test_beam_search_called_directly_refuses_a_non_finite_length_penalty():
   # DecodeConfig refused a NaN alpha, but beam_search (public, docs/interop.md) returned arbitrary beams scored NaN.
   module, params, inputs = setup("dense")

@@ -57,7 +57,11 @@ def test_label_smoothing_outside_zero_one_is_refused(ls):
 
 @pytest.mark.parametrize("kwargs, match", [({"label_smoothing": 1.0}, "label_smoothing"),
                                             ({"label_smoothing": -0.1}, "label_smoothing"),
-                                            ({"z_loss": float("nan")}, "z_loss"), ({"z_loss": -1.0}, "z_loss")])
+                                            ({"z_loss": float("nan")}, "z_loss"), ({"z_loss": -1.0}, "z_loss"),
+                                            # True == 1: z_loss=True (meant as "on") trained with z_loss 1.0; the
+                                            # strings failed the range test with a bare TypeError.
+                                            ({"z_loss": True}, "z_loss"), ({"z_loss": "1e-4"}, "z_loss"),
+                                            ({"label_smoothing": "0.1"}, "label_smoothing")])
 def test_the_loss_function_refuses_what_the_model_refuses(kwargs, match):
   """Called directly, label smoothing 1 or -0.1 and a NaN z_loss gave NaN losses and z_loss=-1 a loss that falls as
   the logits grow (-3.98 on a token the model gets wrong), where EncoderDecoderModel refused or should refuse them."""

@@ -315,6 +315,15 @@ def test_moe_config_rejects_impossible_experts(kwargs, match):
     moe.MoeConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [{"router_z_loss_weight": True}, {"load_balancing_loss_weight": -0.01},
+                                    {"load_balancing_loss_weight": float("nan")}, {"router_z_loss_weight": "1e-4"}])
+def test_moe_config_refuses_a_loss_weight_that_is_not_a_finite_number_at_least_zero(kwargs):
+  """All were accepted: True (meant as "on") weighted the z-loss 1.0, -0.01 rewarded unbalanced routing, NaN made
+  every loss NaN, and the string failed only at the first training step."""
+  with pytest.raises(ValueError, match="MoeConfig loss weights"):
+    moe.MoeConfig(**kwargs)
+
+
 def test_t5x_names_carry_flaxformer_definitions():
   """t5x.contrib.moe logs the sown leaves as experts/<name>; each must be flaxformer's statistic of that name."""
   summed = {name: jnp.asarray(float(i + 1)) for i, name in enumerate(moe.STAT_NAMES)}

@@ -89,7 +89,9 @@ def test_linear_and_cosine_decay_end_at_the_given_fraction():
 
 
 @pytest.mark.parametrize("kwargs", [{"weight_decay": -0.5}, {"weight_decay": float("nan")},
-                                    {"clip_gradient_norm": -1.0}, {"learning_rate": -0.1}])
+                                    {"clip_gradient_norm": -1.0}, {"learning_rate": -0.1},
+                                    # Strings built the optimizer and failed at its first update with a TypeError.
+                                    {"learning_rate": "1e-3"}, {"weight_decay": "0.1"}, {"clip_gradient_norm": "1.0"}])
 def test_optimizer_settings_that_flip_or_poison_a_step_are_refused(kwargs):
   """WEIGHT_DECAY=-0.5 grew Adafactor's weights by half of themselves at a zero gradient, clip_gradient_norm=-1 turned
   AdamW's first step from -0.1 into +0.1 (gradient ascent), NaN made every parameter NaN; all without an error."""

@@ -23,6 +23,14 @@ def test_impossible_mesh_is_a_clear_error(data, model):
     partitioning.make_mesh(data, model)
 
 
+@pytest.mark.parametrize("kwargs", [dict(data=-1, model=True), dict(data=-1, model=2, expert=True),
+                                    dict(data=-1, model="2"), dict(data=2.0, model=4)])
+def test_a_mesh_axis_that_is_not_a_whole_number_is_refused(kwargs):
+  """model=True (True == 1) built a model axis of 1 and expert=True an expert axis of 1 without a word."""
+  with pytest.raises(ValueError, match="every axis size must be a whole number"):
+    partitioning.make_mesh(**kwargs)
+
+
 def test_logical_rules_map_t5x_names():
   p = partitioning.Partitioner(data_parallel=4, model_parallel=2)
   assert p.logical_to_spec(("embed", "mlp")) == P(None, "model")
