@@ -53,18 +53,23 @@ def test_tpu_pod_workers(env):
 def test_launcher_variables_leave_every_gpu_of_an_srun_task_visible(env):
   """slurm.sbatch: one srun task per node drives all its GPUs. Left to detect, jax makes SLURM_LOCALID (0) the
   task's only visible GPU; the launcher's JAX_* variables say everything, so nothing is detected."""
-  import jax
   for name, value in zip(distributed.SLURM_STEP_VARIABLES, ("5", "node[1-2]", "2", "1", "0")):
     env.setenv(name, value)
+  env.setenv("JAX_PROCESS_ID", "1")
+  assert initialize_calls(env) == [{"coordinator_address": "node1:12355", "num_processes": 2, "process_id": 1,
+                                    "cluster_detection_method": "deactivate"}]
+
+
+def initialize_calls(env):
+  """The arguments maybe_initialize gives jax.distributed.initialize, for a 2-process job coordinated by node1."""
+  import jax
   env.setenv("JAX_COORDINATOR_ADDRESS", "node1:12355")
   env.setenv("JAX_NUM_PROCESSES", "2")
-  env.setenv("JAX_PROCESS_ID", "1")
   calls = []
   env.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
   env.setattr(jax.config, "update", lambda *args: None)
   distributed.maybe_initialize()
-  assert calls == [{"coordinator_address": "node1:12355", "num_processes": 2, "process_id": 1,
-                    "cluster_detection_method": "deactivate"}]
+  return calls
 
 
 class _Exited(Exception):
@@ -92,15 +97,8 @@ def test_a_failed_process_of_a_multiprocess_job_exits_at_once(env, tmp_path):
 
 
 def test_a_coordinator_without_a_process_id_leaves_the_rest_to_detection(env):
-  import jax
-  env.setenv("JAX_COORDINATOR_ADDRESS", "node1:12355")
-  env.setenv("JAX_NUM_PROCESSES", "2")
-  calls = []
-  env.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
-  env.setattr(jax.config, "update", lambda *args: None)
-  distributed.maybe_initialize()
-  assert calls == [{"coordinator_address": "node1:12355", "num_processes": 2, "process_id": None,
-                    "cluster_detection_method": None}]
+  assert initialize_calls(env) == [{"coordinator_address": "node1:12355", "num_processes": 2, "process_id": None,
+                                    "cluster_detection_method": None}]
 
 
 def test_an_empty_variable_counts_as_unset(env):
