@@ -2,6 +2,7 @@
 
 import csv
 import errno
+import json
 
 import pytest
 
@@ -204,3 +205,43 @@ def test_infer_and_export_read_includes_on_the_gin_search_path(tmp_path, capsys)
   assert "names no MIXTURE_OR_TASK_NAME" in capsys.readouterr().err
   assert cli.main(["export", "hf", *common, f"--out={tmp_path / 'hf'}"]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_metrics_lines_that_are_no_trainer_records_neither_crash_collect_nor_analyze(tmp_path, capsys):
+  """A null value (as strict-JSON tools write NaN), a record without a step, a non-object line and corrupt bytes:
+  collect ended in a KeyError / TypeError traceback or a UnicodeDecodeError naming no file, analyze likewise."""
+  root = tmp_path / "sweep"
+  for name, rate in (("a", 0.1), ("b", 0.2)):
+    (root / name).mkdir(parents=True)
+    (root / name / "status.json").write_text(json.dumps({"status": "done", "values": {"DROPOUT_RATE": rate}}))
+    good = [{"step": 10, "train/loss": 2.0, "train/tokens_seen": 100}, {"step": 10, "eval/loss": 3.0,
+                                                                       "eval/accuracy": 0.25}]
+    (root / name / "metrics.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in good).encode()
+                                                + b'{"step": 20, "eval/loss": null, "eval/accuracy": null}\n'
+                                                + b'{"eval/loss": 1.0}\n3\n\xff\xfe\n{"step": "x", "train/loss": 1}\n')
+  assert cli.main(["collect", f"--root={root}"]) == 0
+  capsys.readouterr()
+  with (root / "results.csv").open() as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["run"], r["best_eval_loss"], r["best_eval_accuracy"], r["final_step"]) for r in rows] == \
+      [("a", "3.0", "0.25", "10"), ("b", "3.0", "0.25", "10")]
+  assert cli.main(["analyze", "degradation", f"--results={root / 'results.csv'}", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert sorted(r["run"] for r in out["runs"]) == ["a", "b"]
+
+
+def test_run_status_records_a_failure_whose_log_cannot_be_read(tmp_path, capsys):
+  """--log naming a directory ended in IsADirectoryError and left the run `running`: its exit was never recorded."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "status.json").write_text(json.dumps({"status": "running"}))
+  assert cli.main(["run-status", f"--run_dir={run}", "--exit_code=1", f"--log={tmp_path}"]) == 0
+  assert "IsADirectoryError" in json.loads(capsys.readouterr().out)["error"]
+  assert json.loads((run / "status.json").read_text())["status"] == "failed"
+
+
+def test_collect_of_a_file_says_it_is_no_sweep_root(tmp_path, capsys):
+  (tmp_path / "results.csv").write_text("run\n")
+  assert cli.main(["collect", f"--root={tmp_path / 'results.csv'}"]) == 2
+  err = capsys.readouterr().err
+  assert "is a file, not a directory" in err and "does not exist" not in err

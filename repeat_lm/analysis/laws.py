@@ -51,7 +51,16 @@ class Constants:
     if missing:
       raise ValueError(f"Constants need {', '.join(names[:5])} (and R_D_star, R_N_star for the data-constrained "
                        f"law); missing: {', '.join(missing)}.")
-    c = cls(**{k: float(d[k]) for k in names if d.get(k) is not None})
+    values = {}
+    for k in names:
+      if d.get(k) is None:
+        continue
+      try:
+        values[k] = float(d[k])
+      except (TypeError, ValueError) as e:  # {"A": [1]} ended in a TypeError traceback, "x" named no constant
+        raise ValueError(f"Constant {k}={d[k]!r} is not a number; give every constant as a JSON number, as "
+                         "`repeat-lm analyze fit --json` prints them.") from e
+    c = cls(**values)
     if (c.R_D_star is None) != (c.R_N_star is None):
       raise ValueError("The data-constrained law needs both R_D_star and R_N_star; got only "
                        f"{'R_D_star' if c.R_N_star is None else 'R_N_star'}.")
@@ -308,6 +317,12 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
   if not checks.is_count(bootstrap, 0):
     raise ValueError(f"--bootstrap must be a whole number >= 0 (refits for the intervals); got {bootstrap!r}.")
   n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
+  if law == "data-constrained" and u is not None and n.size and not np.isfinite(np.asarray(u, float)).any():
+    # Unknown U reads as every token unique, so the error was "no run repeats data": not the table's problem, which
+    # is that it says nothing of repetition (a table without the column, or one left empty).
+    raise ValueError("No run has a known number of unique tokens (the results table's unique_tokens column is "
+                     "missing, empty or <= 0 in every row): the data-constrained law's R_D* cannot be fitted. Fill "
+                     "in unique_tokens (`repeat-lm collect` writes it), or fit the chinchilla law.")
   u = d if u is None else np.where(np.isfinite(np.asarray(u, float)), np.asarray(u, float), d)
   bad = ~(np.isfinite(n) & np.isfinite(d) & np.isfinite(loss) & (n > 0) & (d > 0) & (loss > 0) & (u > 0))
   if bad.any():

@@ -34,6 +34,10 @@ def rate_column(runs: list[results.Run], column: str | None = None) -> str:
     if len(missing) < len(runs):
       raise ValueError(f"{c}: no rate in run(s) {', '.join(missing)}; fill it in or leave them out of --sweep / "
                        "--dense.")
+  if column:  # given, but "pass --rate_column" read as if it had not been
+    raise ValueError(f"--rate_column={column}: "
+                     + ("no such column" if column not in results.columns(runs) else "no numeric rate in any run")
+                     + f"; name the column of the dropout rates (columns: {', '.join(results.columns(runs))}).")
   raise ValueError(f"No rate column: pass --rate_column (columns: {', '.join(results.columns(runs))}).")
 
 

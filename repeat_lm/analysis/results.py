@@ -184,23 +184,48 @@ def _matches(value, pattern: str) -> bool:
   return fnmatch.fnmatchcase(str(value), pattern)
 
 
-def load_curve(run: Run, metric: str) -> Curve | None:
-  """`metric` (e.g. 'eval/accuracy') at every step that logged it, with tokens seen at that step; None without a
-  metrics.jsonl. Eval records carry no `train/tokens_seen`: it is interpolated from the train records by step."""
-  if not run.model_dir or not (Path(run.model_dir) / "metrics.jsonl").exists():
-    return None
-  steps, values, train_steps, train_tokens = [], [], [], []
-  for line in (Path(run.model_dir) / "metrics.jsonl").read_text().splitlines():
+def number(value) -> float:
+  """A metrics.jsonl value as a float: the trainer writes non-finite values as "nan" / "inf" strings; a null (as a
+  strict-JSON tool writes NaN) or any other non-number is NaN."""
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def read_metrics(model_dir: str | Path) -> list[dict]:
+  """The records of MODEL_DIR/metrics.jsonl ([] without one): JSON objects with a numeric `step`. Other lines are
+  skipped: blank ones, one cut by a crash mid-write, and lines of corrupt bytes (decoded with replacement, so that
+  they fail to parse rather than end collect and analyze with a UnicodeDecodeError that names no file), as are
+  objects without a step, which every reader sorts and keys by."""
+  path = Path(model_dir) / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  records = []
+  for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
     try:
       record = json.loads(line)
     except json.JSONDecodeError:
-      continue  # a blank line, or one cut by a crash mid-write (collect skips it too)
-    if "train/tokens_seen" in record:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and \
+        not isinstance(record["step"], bool) and math.isfinite(record["step"]):
+      records.append(record)
+  return records
+
+
+def load_curve(run: Run, metric: str) -> Curve | None:
+  """`metric` (e.g. 'eval/accuracy') at every step that logged it, with tokens seen at that step; None without a
+  metrics.jsonl. Eval records carry no `train/tokens_seen`: it is interpolated from the train records by step."""
+  if not run.model_dir:
+    return None
+  steps, values, train_steps, train_tokens = [], [], [], []
+  for record in read_metrics(run.model_dir):
+    if "train/tokens_seen" in record and math.isfinite(number(record["train/tokens_seen"])):
       train_steps.append(float(record["step"]))
-      train_tokens.append(float(record["train/tokens_seen"]))
+      train_tokens.append(number(record["train/tokens_seen"]))
     if metric in record:
       steps.append(float(record["step"]))
-      values.append(float(record[metric]))  # "nan" / "inf" strings parse too
+      values.append(number(record[metric]))
   if not steps:
     return None
   # One point per step: a step evaluated twice (`repeat-lm eval` of a checkpoint already evaluated in training)

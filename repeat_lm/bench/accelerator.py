@@ -181,7 +181,7 @@ def read_json(path: str | Path, flag: str) -> dict:
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{flag}={path}: no such file; pass the .json written beside an earlier "
                             "`bench accelerator --out=...md`.") from e
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:  # corrupt bytes: the decode error named no file
     raise ValueError(f"{flag}={path} is not JSON ({e}); pass the .json that `bench accelerator` wrote.") from e
   if not isinstance(m, dict) or not isinstance(m.get("results"), list):
     raise ValueError(f"{flag}={path} has no 'results' list: it is not a `bench accelerator` JSON.")

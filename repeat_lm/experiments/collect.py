@@ -36,41 +36,21 @@ _OBJECTIVE_EVAL = {"eval/loss", "eval/accuracy", "eval/z_loss"}
 _MODEL_EVAL_PREFIX = "eval/moe_"
 
 
-def _number(value: Any) -> float:
-  try:
-    return float(value)  # metrics.jsonl writes non-finite values as "nan" / "inf" strings
-  except (TypeError, ValueError):
-    return math.nan
-
-
-def read_metrics(model_dir: str | Path) -> list[dict[str, Any]]:
-  path = Path(model_dir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  records = []
-  for line in path.read_text().splitlines():
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      continue  # a line cut by a crash mid-write
-  return records
-
-
 def metrics_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """Final and best validation loss/accuracy (best_step: of the best accuracy, the paper's metric), tokens seen."""
   out: dict[str, Any] = {}
   train = [r for r in records if "train/loss" in r]
   if train:
     last = max(train, key=lambda r: r["step"])
-    out.update(final_step=last["step"], final_train_loss=_number(last["train/loss"]),
-               tokens_seen=_number(last.get("train/tokens_seen")))
-    epochs = _number(last.get("train/epochs"))
+    out.update(final_step=last["step"], final_train_loss=results.number(last["train/loss"]),
+               tokens_seen=results.number(last.get("train/tokens_seen")))
+    epochs = results.number(last.get("train/epochs"))
     if epochs > 0:
       out["measured_unique_tokens"] = round(out["tokens_seen"] / epochs)
   evals = sorted((r for r in records if "eval/loss" in r), key=lambda r: r["step"])
   if evals:
-    loss = [_number(r["eval/loss"]) for r in evals]
-    acc = [_number(r.get("eval/accuracy")) for r in evals]
+    loss = [results.number(r["eval/loss"]) for r in evals]
+    acc = [results.number(r.get("eval/accuracy")) for r in evals]
     out.update(final_eval_loss=loss[-1], final_eval_accuracy=acc[-1],
                final_eval_tokens=tokens_at_step(train, evals[-1]["step"]))
     finite_loss = [v for v in loss if math.isfinite(v)]
@@ -86,7 +66,7 @@ def tokens_at_step(train: Sequence[dict[str, Any]], step: int) -> float:
   """Tokens seen at `step` from the train records, as analysis reads curves (`results.tokens_at`); NaN without any.
   The final evaluation of a run that stopped early can lie between train records; a scaling-law point pairs its loss
   with these tokens, not the last train record's."""
-  points = [(float(r["step"]), _number(r.get("train/tokens_seen"))) for r in train]
+  points = [(float(r["step"]), results.number(r.get("train/tokens_seen"))) for r in train]
   points = [(s, t) for s, t in points if math.isfinite(t) and s > 0]
   if not points:
     return math.nan
@@ -99,7 +79,7 @@ def downstream_scores(records: Sequence[dict[str, Any]]) -> dict[str, float]:
   for r in sorted(records, key=lambda r: r["step"]):
     for k, v in r.items():
       if k.startswith("eval/") and k not in _OBJECTIVE_EVAL and not k.startswith(_MODEL_EVAL_PREFIX):
-        scores[k[len("eval/"):]] = _number(v)
+        scores[k[len("eval/"):]] = results.number(v)
   return scores
 
 
@@ -147,7 +127,7 @@ def outcome(run_dir: str | Path) -> dict[str, Any]:
   """Status, varied values and validation metrics of a run: the cheap part of a row (no model is built)."""
   record = status_lib.read(run_dir)
   return {"status": status_lib.effective(record), **(record.get("values") or {}),
-          **metrics_summary(read_metrics(run_dir))}
+          **metrics_summary(results.read_metrics(run_dir))}
 
 
 def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
@@ -164,7 +144,7 @@ def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
   m = model_summary(gin_path) if gin_text else {}
   # A gin the model cannot be built from leaves params empty; model_error says why.
   r.update(params=m.get("params"), params_per_token=m.get("params_per_token"), model_error=m.get("model_error"))
-  summary = metrics_summary(read_metrics(run_dir))
+  summary = metrics_summary(results.read_metrics(run_dir))
   r.update({k: v for k, v in summary.items() if k != "measured_unique_tokens"})
   data = task_data(m.get("task"))
   r["unique_tokens"] = summary.get("measured_unique_tokens") or data.get("unique_tokens")
@@ -181,7 +161,7 @@ def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
   for name in stages:
     ft_dir = run_dir / f"ft_{name}"
     r[f"ft_{name}_status"] = status_lib.effective(status_lib.read(ft_dir))
-    scores = downstream_scores(read_metrics(ft_dir))
+    scores = downstream_scores(results.read_metrics(ft_dir))
     # One stage: squad_em. Several (say two learning rates on one task) would write the same names, so each
     # stage's scores carry its name: ft_squad_lr1_squad_em.
     r.update(scores if len(stages) == 1 else {f"ft_{name}_{k}": v for k, v in scores.items()})
@@ -191,6 +171,10 @@ def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
 def run_dirs(root: str | Path) -> list[Path]:
   """Run directories of a sweep ROOT, in the experiment's order (status.json `index`), then by name."""
   root = Path(root)
+  # A file (often ROOT/results.csv) was reported as "does not exist; run sweep first".
+  if root.exists() and not root.is_dir():
+    raise ValueError(f"Sweep root {root} is a file, not a directory: pass the directory given to "
+                     "`repeat-lm sweep --root` (ROOT, not ROOT/results.csv).")
   if not root.is_dir():
     raise FileNotFoundError(f"Sweep root {root} does not exist; run `repeat-lm sweep --root={root} ...` first.")
   dirs = [p for p in root.iterdir() if p.is_dir() and ((p / status_lib.STATUS_FILE).exists() or

@@ -112,7 +112,10 @@ def error_text(log_path: str | Path, tail: int = 15, returncode: int | None = No
   path = Path(log_path)
   if not path.exists():
     return f"no log at {path}"
-  lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+  try:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+  except OSError as e:  # a directory, or no permission: the exit is still recorded (else the run stayed `running`)
+    return f"log {path} unreadable ({type(e).__name__}: {e.strerror or e})"
   headers = [i for i, line in enumerate(lines) if line.startswith(ATTEMPT_HEADER)]
   if headers:
     lines = lines[headers[-1] + 1:]

@@ -75,6 +75,22 @@ def test_constants_need_both_r_stars_and_positive_values():
     laws.Constants.from_dict({**base, "R_D_star": 15.4})
   with pytest.raises(ValueError, match="R_D_star=0"):
     laws.Constants.from_dict({**base, "R_D_star": 0, "R_N_star": 5.3})
+  # A list ended in a TypeError traceback; a string in "could not convert string to float" naming no constant.
+  for bad in ([1], "x"):
+    with pytest.raises(ValueError, match=r"Constant A=.* is not a number"):
+      laws.Constants.from_dict({**base, "A": bad})
+
+
+def test_a_data_constrained_fit_without_any_unique_tokens_names_the_column():
+  """A table without unique_tokens was told "no run repeats data" of runs seen for up to 12.5 epochs: their
+  repetition was unknown, not absent."""
+  n = np.array([1e7, 1e7, 3e7, 3e7, 1e8, 1e8, 3e8, 3e8])
+  d = np.array([1e8, 3e8, 1e8, 3e8, 1e9, 3e9, 1e9, 3e9])
+  loss = laws.predict(laws.CHINCHILLA, n, d)
+  with pytest.raises(ValueError, match="unique_tokens column is missing"):
+    laws.fit("data-constrained", n, d, loss, np.full(n.shape, np.nan))
+  with pytest.raises(ValueError, match="No run repeats data"):  # known, and never repeated: that message holds
+    laws.fit("data-constrained", n, d, loss, d * 2)
 
 
 def test_plan_refuses_infinite_compute():

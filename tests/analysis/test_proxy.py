@@ -129,3 +129,13 @@ def test_a_price_or_throughput_that_is_not_positive_and_finite_is_refused(tmp_pa
   of -1e15 negative chip-hours and NaN NaN costs."""
   with pytest.raises(ValueError, match="must be a positive, finite number"):
     proxy.analyze(_table({0.3: 0.67}, moe_hours=2120, dense_hours=7400), "moe_*", "dense_*", tmp_path, **kwargs)
+
+
+def test_a_given_rate_column_that_is_wrong_is_named_not_asked_for():
+  """--rate_column=dropout (misspelt) said "No rate column: pass --rate_column", the flag just passed."""
+  runs = _table({0.1: 0.65, 0.3: 0.67})
+  with pytest.raises(ValueError, match="--rate_column=dropout: no such column"):
+    proxy.rate_column(runs, "dropout")
+  with pytest.raises(ValueError, match="--rate_column=model: no numeric rate in any run"):
+    proxy.rate_column(runs, "model")
+  assert proxy.rate_column(runs, "DROPOUT_RATE") == proxy.rate_column(runs) == "DROPOUT_RATE"

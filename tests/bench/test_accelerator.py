@@ -197,6 +197,9 @@ def test_bad_json_inputs_name_the_flag_and_the_fix(tmp_path):
   (tmp_path / "other.json").write_text('{"train": []}')
   with pytest.raises(ValueError, match="no 'results' list"):
     accelerator.read_json(tmp_path / "other.json", "--from_json")
+  (tmp_path / "binary.json").write_bytes(b"\xff\xfe{}")  # a UnicodeDecodeError that named neither flag nor file
+  with pytest.raises(ValueError, match="--previous=.*binary.json is not JSON"):
+    accelerator.read_json(tmp_path / "binary.json", "--previous")
 
 
 def test_a_json_out_is_refused_before_measuring(tmp_path):

@@ -208,7 +208,7 @@ def test_run_directories_come_in_the_experiments_order_not_by_name(tmp_path):
 def test_a_cut_line_in_the_middle_of_metrics_skips_only_that_line(tmp_path):
   # A crash mid-write, then a restart appending: the records after the cut line are the run's too.
   (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
-  assert [r["step"] for r in collect.read_metrics(tmp_path)] == [1, 3]
+  assert [r["step"] for r in results.read_metrics(tmp_path)] == [1, 3]
 
 
 def test_table_cells_of_mappings_are_json_and_bool_factors_stay_text(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from repeat_lm.experiments import collect
+from repeat_lm.analysis import results
 from repeat_lm.train import metrics as metrics_lib
 
 TRAIN_4 = json.dumps({"step": 4, "train/loss": 3.0})
@@ -17,7 +17,7 @@ def test_a_record_appended_after_a_cut_line_is_readable(tmp_path, cut):
   writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
   writer.write(4, {"eval/loss": 2.5})
   writer.write(5, {"eval/loss": 2.0})
-  assert collect.read_metrics(tmp_path) == [{"step": 4, "train/loss": 3.0}, {"step": 4, "eval/loss": 2.5},
+  assert results.read_metrics(tmp_path) == [{"step": 4, "train/loss": 3.0}, {"step": 4, "eval/loss": 2.5},
                                             {"step": 5, "eval/loss": 2.0}]
 
 
@@ -26,7 +26,7 @@ def test_resuming_after_a_cut_before_the_newline_keeps_every_record(tmp_path):
   writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
   writer.truncate_after(4)
   writer.write(5, {"train/loss": 2.0})
-  assert [r["step"] for r in collect.read_metrics(tmp_path)] == [4, 5]
+  assert [r["step"] for r in results.read_metrics(tmp_path)] == [4, 5]
 
 
 def test_resuming_drops_a_line_cut_mid_record(tmp_path):
