@@ -33,3 +33,15 @@ def is_count(value: Any, minimum: int = 1) -> bool:
 def finite_number(value: Any) -> bool:
   """A finite int, float or numpy number: not a bool, a string, NaN or an infinity."""
   return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_bool(value: Any) -> bool:
+  """True or False (a Python or numpy bool): not the string 'False' (truthy, so it meant True), nor 0 / 1."""
+  return isinstance(value, (bool, np.bool_))
+
+
+def check_bools(owner: Any, names: tuple[str, ...]) -> None:
+  """ValueError naming each of `owner`'s flags in `names` that is no bool (a gin string 'False' silently meant True)."""
+  bad = {n: getattr(owner, n) for n in names if not is_bool(getattr(owner, n))}
+  if bad:
+    raise ValueError(f"{type(owner).__name__} flags must be True or False (no quotes): {bad}.")

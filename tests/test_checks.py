@@ -28,3 +28,10 @@ def test_counts_are_whole_numbers_of_at_least_the_minimum(value, minimum, expect
                                              ("0.8", False), (None, False)])
 def test_finite_numbers(value, expected):
   assert checks.finite_number(value) is expected
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, True), (np.bool_(False), True), ("False", False),
+                                             ("True", False), (0, False), (1, False), (None, False)])
+def test_bools(value, expected):
+  # A gin string 'False' is truthy, and 0 / 1 are not the flag a dataclass field declares.
+  assert checks.is_bool(value) is expected

@@ -81,6 +81,8 @@ class DatasetConfig:
       raise ValueError(f'DatasetConfig.seed={self.seed!r}: a whole number (no quotes), or None for a drawn seed.')
     if self.seed is not None:
       object.__setattr__(self, 'seed', int(self.seed))  # as _seed reads it
+    # A gin string 'False' is truthy: shuffle='False' trained on a shuffled stream, pack='False' packed.
+    checks.check_bools(self, ('shuffle', 'pack', 'use_cached'))
 
 
 def _converter(cfg: DatasetConfig) -> seqio.EncDecFeatureConverter:

@@ -242,6 +242,9 @@ def repeated_task(source: str | subset.TextSource = 'wiki', *, corpus: str | Non
   else:
     text_source, source_name = source, source.tag
   vocab_name, vocabulary = _resolve_vocabulary(vocabulary, text_source)
+  # bool() below turned a gin string 'False' into True: fixed masks without a word.
+  if not checks.is_bool(static_masks):
+    raise ValueError(f'static_masks={static_masks!r} must be True or False (no quotes).')
   unique_tokens = _check_count('unique_tokens', unique_tokens)
   epochs, total_tokens = _check_count('epochs', epochs), _check_count('total_tokens', total_tokens)
   if _check_count('validation_tokens', validation_tokens) is None:

@@ -75,8 +75,13 @@ class MoeConfig:
     if bad_sizes:
       raise ValueError(f"MoeConfig sizes must be whole numbers of at least 1: {bad_sizes}.")
     check_activations("MoeConfig.expert_activations", self.expert_activations)
-    if not 0.0 <= self.jitter_noise < 1.0:  # U(1 - eps, 1 + eps) must stay positive, or it flips router inputs' sign
-      raise ValueError(f"MoeConfig.jitter_noise={self.jitter_noise} must lie in [0, 1) (Switch: 0.01, T5X: 0).")
+    # A gin string 'False' is truthy: sparse_first='False' made the first FFN of each k sparse, not the last.
+    checks.check_bools(self, ("batch_prioritized_routing", "sparse_first"))
+    # U(1 - eps, 1 + eps) must stay positive, or it flips router inputs' sign. A string ('0.01') failed the comparison
+    # with a bare TypeError.
+    if not checks.finite_number(self.jitter_noise) or not 0.0 <= self.jitter_noise < 1.0:
+      raise ValueError(f"MoeConfig.jitter_noise={self.jitter_noise!r} must lie in [0, 1), a number (Switch: 0.01, "
+                       "T5X: 0).")
     if self.dispatch not in DISPATCH_METHODS:
       raise ValueError(f"MoeConfig.dispatch={self.dispatch!r}; choose from {DISPATCH_METHODS}.")
     if not checks.is_count(self.num_selected_experts) or self.num_selected_experts > self.num_experts:
@@ -88,10 +93,11 @@ class MoeConfig:
       raise ValueError(f"MoeConfig.group_size={self.group_size!r} must be >= 1, a whole number (tokens per routing "
                        "group, an upper bound).")
     # Finite too: NaN passed `<= 0` and the first training step failed in expert_capacity with a bare "cannot convert
-    # float NaN to integer" (infinity: an OverflowError) that named no setting.
-    if not all(math.isfinite(f) and f > 0 for f in (self.train_capacity_factor, self.eval_capacity_factor)):
+    # float NaN to integer" (infinity: an OverflowError) that named no setting. Numbers only: a string failed in
+    # math.isfinite with a bare TypeError, and True passed as a factor of 1.
+    if not all(checks.finite_number(f) and f > 0 for f in (self.train_capacity_factor, self.eval_capacity_factor)):
       raise ValueError(f"MoeConfig capacity factors must be positive and finite, got train "
-                       f"{self.train_capacity_factor}, eval {self.eval_capacity_factor} (for no dropped tokens, a "
+                       f"{self.train_capacity_factor!r}, eval {self.eval_capacity_factor!r} (for no dropped tokens, a "
                        "factor of num_experts gives every expert room for the whole group).")
     # Unchecked, True (meant as "on") weighted a loss 1.0, 100 x Switch's; a negative weight rewarded imbalance (or
     # growing router logits) and NaN made every loss NaN, all silently; a gin string failed at the first step.

@@ -123,6 +123,9 @@ class T5Config:
     layers.check_relative_position_buckets(self.relative_attention_num_buckets,
                                            self.relative_attention_max_distance)
     regularisation.droppath_rates(self.droppath_rate, 1, self.droppath_depth_scaling)  # validates the name
+    # A gin string 'False' is truthy: scan_layers='False' scanned the layers (another parameter layout) silently.
+    checks.check_bools(self, ("dropout_broadcast_length", "logits_via_embedding", "logits_dot_in_fp32",
+                              "float32_attention_logits", "attention_padding_lengths", "scan_layers"))
     self._check_attention_implementation()
 
   def _check_attention_implementation(self):

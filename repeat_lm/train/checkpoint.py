@@ -33,6 +33,7 @@ class CheckpointConfig:
     if self.keep is not None and self.keep < 1:
       raise ValueError(f"CheckpointConfig.keep={self.keep} would delete every checkpoint; keep N >= 1 (or None: "
                        "all).")
+    checks.check_bools(self, ("async_save",))  # a gin string 'False' is truthy: it saved asynchronously
 
 
 class CheckpointError(RuntimeError):

@@ -220,6 +220,26 @@ def test_boundary_span_parameters_are_refused(name, match):
     D.objective_named(name)
 
 
+@pytest.mark.parametrize('density, mean_span, match', [
+    (0.15, True, 'mean_noise_span_length=True must be at least 1 token, a number'),
+    (0.15, '3', "mean_noise_span_length='3' must be at least 1 token, a number"),
+    ('0.15', 3.0, "noise_density='0.15' must lie strictly between 0 and 1, a number"),
+    (True, 3.0, 'noise_density=True must lie strictly between 0 and 1, a number')])
+def test_span_parameters_of_the_wrong_type_are_refused(density, mean_span, match):
+  """mean_noise_span_length=True (1 to Python) trained spans of mean 1 without a word; strings failed a comparison
+  with a bare TypeError."""
+  with pytest.raises(ValueError, match=match):
+    D.Denoiser('d', density, mean_span)
+  assert D.Denoiser('d', np.float32(0.15), np.int64(3)).mean_noise_span_length == 3
+
+
+@pytest.mark.parametrize('flag', ['False', 0, 1])
+def test_mode_tokens_must_be_a_bool(flag):
+  """mode_tokens='False' (a gin string, truthy) prepended UL2's mode tokens."""
+  with pytest.raises(ValueError, match="True or False .no quotes.: {'mode_tokens'"):
+    D.ul2(mode_tokens=flag)
+
+
 def test_prefix_lm_suffix_reaches_both_ends_of_its_range():
   # By hand: 20 tokens at density 0.25 -> m = 5, suffix uniform on [1, 2m - 1] = [1, 9]; 400 draws miss a value with
   # probability about 9 * (8/9)^400. A modulus one short never drew the longest suffix (mean m - 1/2, not m).

@@ -299,6 +299,13 @@ def test_dataset_config_rejects_empty_batches_and_lengths(kwargs, match):
   assert pipeline.DatasetConfig('any', {'inputs': np.int64(16), 'targets': 8}, batch_size=np.int32(2))
 
 
+@pytest.mark.parametrize('kwargs', [{'shuffle': 'False'}, {'pack': 'False'}, {'use_cached': 1}])
+def test_dataset_config_refuses_a_flag_that_is_not_a_bool(kwargs):
+  """A gin string 'False' is truthy: shuffle='False' gave the shuffled training stream, not one ordered pass."""
+  with pytest.raises(ValueError, match=f"True or False .no quotes.: {{'{next(iter(kwargs))}'"):
+    pipeline.DatasetConfig('any', {'inputs': 16, 'targets': 8}, **kwargs)
+
+
 def test_numpy_integers_in_the_config_reach_the_checkpoint_as_json(c4_d16):
   # The config accepts numpy integers (above); the trainer's checkpoint metadata is JSON, which refused np.int32 at the
   # first save of such a run.

@@ -79,6 +79,14 @@ def test_a_count_that_is_not_a_whole_number_is_refused(kwargs):
     tasks.repeated_task('c4', **{'unique_tokens': 12, **kwargs})
 
 
+@pytest.mark.parametrize('kwargs, match', [({'static_masks': 'False'}, "static_masks='False' must be True or False"),
+                                           ({'objective': 'ul2', 'mode_tokens': 'False'}, "{'mode_tokens': 'False'}")])
+def test_a_flag_that_is_not_a_bool_is_refused(kwargs, match):
+  """bool('False') is True: the string (from gin) registered a task with fixed masks (or with UL2 mode tokens)."""
+  with pytest.raises(ValueError, match=match):
+    tasks.repeated_task('c4', **{'unique_tokens': 12, 'epochs': 2, **kwargs})
+
+
 def test_whole_valued_float_counts_still_register():
   assert tasks.spec(tasks.repeated_task('c4', unique_tokens=2.0**4, epochs=4.0)).epochs == 4
 

@@ -324,6 +324,20 @@ def test_moe_config_refuses_a_loss_weight_that_is_not_a_finite_number_at_least_z
     moe.MoeConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,match", [({"sparse_first": "False"}, "True or False .no quotes.: {'sparse_first'"),
+                                          ({"batch_prioritized_routing": 1}, "True or False .no quotes."),
+                                          ({"jitter_noise": "0.01"}, "jitter_noise='0.01' must lie in .0, 1., a"),
+                                          ({"jitter_noise": True}, "jitter_noise=True must lie in .0, 1., a number"),
+                                          ({"train_capacity_factor": "1.25"}, "capacity factors must be positive"),
+                                          ({"eval_capacity_factor": True}, "capacity factors must be positive")])
+def test_moe_config_refuses_settings_of_the_wrong_type(kwargs, match):
+  """sparse_first='False' (a gin string, truthy) made the first FFN of each k sparse and True passed as a capacity
+  factor of 1, silently; the strings failed in a comparison with a bare TypeError."""
+  with pytest.raises(ValueError, match=match):
+    moe.MoeConfig(**kwargs)
+  assert moe.MoeConfig(sparse_first=np.bool_(True), jitter_noise=0, eval_capacity_factor=np.float32(2.0))
+
+
 def test_t5x_names_carry_flaxformer_definitions():
   """t5x.contrib.moe logs the sown leaves as experts/<name>; each must be flaxformer's statistic of that name."""
   summed = {name: jnp.asarray(float(i + 1)) for i, name in enumerate(moe.STAT_NAMES)}

@@ -294,6 +294,16 @@ def test_all_sizes_have_a_gin():
 
 
 
+@pytest.mark.parametrize("kwargs", [{"scan_layers": "False"}, {"logits_via_embedding": "False"},
+                                    {"dropout_broadcast_length": 1}, {"float32_attention_logits": 0},
+                                    {"attention_padding_lengths": "True"}, {"logits_dot_in_fp32": None}])
+def test_config_refuses_a_flag_that_is_not_a_bool(kwargs):
+  """A gin string 'False' is truthy: scan_layers='False' scanned the layers (another parameter layout) silently."""
+  with pytest.raises(ValueError, match=f"True or False .no quotes.: {{'{next(iter(kwargs))}'"):
+    dataclasses.replace(TINY, **kwargs)
+  assert dataclasses.replace(TINY, scan_layers=np.bool_(True)).scan_layers
+
+
 @pytest.mark.parametrize("activations", [(), ("gelu", "swish")])
 def test_config_rejects_unusable_mlp_activations(activations):
   """No activation (or an unknown one) used to pass the config; () failed in init with a NoneType AttributeError."""

@@ -169,7 +169,9 @@ def test_params_of_an_earlier_step_are_that_steps(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [({"period": 0}, "period=0: save every N >= 1"),
                                           ({"period": "10"}, "period='10': save every N >= 1 steps, a whole number"),
                                           ({"keep": 0}, "keep=0 would delete every checkpoint"),
-                                          ({"keep": 2.5}, "keep=2.5: keep the newest N checkpoints, a whole number")])
+                                          ({"keep": 2.5}, "keep=2.5: keep the newest N checkpoints, a whole number"),
+                                          # a gin string, truthy: it saved asynchronously
+                                          ({"async_save": "False"}, "True or False .no quotes.: {'async_save'")])
 def test_config_rejects_settings_that_never_save_or_keep_nothing(kwargs, match):
   with pytest.raises(ValueError, match=match):
     checkpoint.CheckpointConfig(**kwargs)
