@@ -293,7 +293,6 @@ def test_all_sizes_have_a_gin():
   assert {p.stem.removeprefix("t5_1_1_") for p in MODEL_GINS} == set(SIZES)
 
 
-
 @pytest.mark.parametrize("kwargs", [{"scan_layers": "False"}, {"logits_via_embedding": "False"},
                                     {"dropout_broadcast_length": 1}, {"float32_attention_logits": 0},
                                     {"attention_padding_lengths": "True"}, {"logits_dot_in_fp32": None}])
