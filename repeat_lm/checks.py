@@ -30,9 +30,14 @@ def is_count(value: Any, minimum: int = 1) -> bool:
   return whole_number(value) and bool(value >= minimum)
 
 
+def real_number(value: Any) -> bool:
+  """An int, float or numpy number, infinities and NaN included: not a bool (True == 1) or a string."""
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
 def finite_number(value: Any) -> bool:
   """A finite int, float or numpy number: not a bool, a string, NaN or an infinity."""
-  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+  return real_number(value) and math.isfinite(value)
 
 
 def is_bool(value: Any) -> bool:

@@ -41,20 +41,17 @@ class Denoiser:
     return self.mean_noise_span_length is None
 
 
-def _is_number(value) -> bool:
-  """An int, float or numpy number, not a bool (True == 1) or a string; infinity passes (mean span inf: one span)."""
-  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-
-
 def check_noise(noise_density: float, mean_noise_span_length: float | None, what: str) -> None:
   """The span settings a Denoiser accepts, also checked by the SeqIO span-corruption functions (objectives.py) that
   take them as plain numbers: a density of 1 made `random_spans_lengths` loop forever, a negative one or a negative
   mean span gave chunk lengths of another objective without a word, and a mean span of 0 a ZeroDivisionError. Numbers
-  only: a string failed the comparison with a bare TypeError, and True passed as a mean span of 1 token."""
-  if not _is_number(noise_density) or not 0 < noise_density < 1:
+  only (an infinite mean span is one span): a string failed the comparison with a bare TypeError, and True passed
+  as a mean span of 1 token."""
+  if not checks.real_number(noise_density) or not 0 < noise_density < 1:
     raise ValueError(f'{what}: noise_density={noise_density!r} must lie strictly between 0 and 1, a number (the '
                      'share of tokens hidden; T5 uses 0.15).')
-  if mean_noise_span_length is not None and not (_is_number(mean_noise_span_length) and mean_noise_span_length >= 1):
+  span = mean_noise_span_length
+  if span is not None and not (checks.real_number(span) and span >= 1):
     raise ValueError(f'{what}: mean_noise_span_length={mean_noise_span_length!r} must be at least 1 token, a number '
                      '(T5 uses 3), or None for a prefix LM.')
 

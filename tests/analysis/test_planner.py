@@ -64,14 +64,20 @@ def test_thresholds_and_warnings():
   assert p["sufficient"]["fraction_of_compute"] < 0.5
 
 
+def _rated(specs):
+  """Runs from (params, epochs, rate, best_eval_accuracy, best_eval_loss)."""
+  return [results.Run(run=f"r{i}", status="done", model_dir=None, params=n, epochs=e, best_eval_accuracy=acc,
+                      best_eval_loss=loss, extra={"DROPOUT_RATE": str(rate)})
+          for i, (n, e, rate, acc, loss) in enumerate(specs)]
+
+
 def test_dropout_advice_by_size_and_measured():
   assert planner.dropout_advice(2.5e8, 1.0)["advised"] is False
   small, large = planner.dropout_advice(2.5e8, 8.0), planner.dropout_advice(2.8e9, 8.0)
   assert small["advised"] and large["advised"] and "Large" in large["reason"]
-  runs = [results.Run(run=f"r{i}", status="done", model_dir=None, params=n, epochs=8.0, best_eval_accuracy=acc,
-                      extra={"DROPOUT_RATE": str(rate)})
-          for i, (n, rate, acc) in enumerate([(2.5e8, 0.0, 0.60), (2.5e8, 0.1, 0.63), (2.5e8, 0.3, 0.62),
-                                              (2.8e9, 0.0, 0.55), (2.8e9, 0.3, 0.66)])]
+  runs = _rated([(n, 8.0, rate, acc, math.nan) for n, rate, acc in [(2.5e8, 0.0, 0.60), (2.5e8, 0.1, 0.63),
+                                                                     (2.5e8, 0.3, 0.62), (2.8e9, 0.0, 0.55),
+                                                                     (2.8e9, 0.3, 0.66)]])
   m = planner.dropout_advice(3e8, 8.0, runs)["measured"]
   assert (m["column"], m["best_rate"], m["runs"], m["params_range"]) == ("DROPOUT_RATE", 0.1, 3, [2.5e8, 2.5e8])
   assert planner.measured_dropout(runs, 2e9)["best_rate"] == 0.3
@@ -84,9 +90,7 @@ def test_rejects_chinchilla_constants():
 
 def test_measured_dropout_skips_a_nan_rate():
   # A `nan` cell is a float but no rate: it must not come out as the best rate.
-  runs = [results.Run(run=f"r{i}", status="done", model_dir=None, params=2.5e8, epochs=8.0, best_eval_accuracy=acc,
-                      extra={"DROPOUT_RATE": rate}) for i, (rate, acc) in enumerate([("0.0", 0.60), ("0.1", 0.63),
-                                                                                        ("nan", 0.64)])]
+  runs = _rated([(2.5e8, 8.0, rate, acc, math.nan) for rate, acc in [("0.0", 0.60), ("0.1", 0.63), ("nan", 0.64)]])
   m = planner.measured_dropout(runs, 2.5e8)
   assert (m["best_rate"], m["runs"], list(m["by_rate"])) == (0.1, 2, [0.0, 0.1])
 
@@ -108,13 +112,6 @@ def test_without_repetition_the_effective_tokens_are_the_tokens_seen():
   compute = 1e21
   p = planner.plan(10 * float(laws.compute_optimal(DC, compute)[1]), compute)
   assert p["recommended"]["effective_tokens"] == pytest.approx(p["recommended"]["tokens"], rel=1e-9)
-
-
-def _rated(specs):
-  """Runs from (params, epochs, rate, best_eval_accuracy, best_eval_loss)."""
-  return [results.Run(run=f"r{i}", status="done", model_dir=None, params=n, epochs=e, best_eval_accuracy=acc,
-                      best_eval_loss=loss, extra={"DROPOUT_RATE": str(rate)})
-          for i, (n, e, rate, acc, loss) in enumerate(specs)]
 
 
 def test_measured_dropout_prefers_runs_that_repeat_data():
