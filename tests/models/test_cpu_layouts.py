@@ -171,6 +171,36 @@ def test_mlp_block_is_the_same_on_both_paths(monkeypatch):
   _assert_close(ours, _grads(run, params, x))
 
 
+def test_rms_norm_is_the_same_on_both_paths(monkeypatch):
+  x = jax.random.normal(KEYS[0], (2, 5, 16)) * 3.0
+  norm = layers.RMSNorm()
+  params = {"params": {"scale": jax.random.uniform(KEYS[1], (16,), minval=0.5, maxval=2.0)}}
+  run = lambda p, x: norm.apply(p, x)
+  ours = _grads(run, params, x)
+  monkeypatch.setattr(cpu_layouts, "explicit_transposes", lambda: False)
+  _assert_close(ours, _grads(run, params, x))
+
+
+def _full_size_arrays(program: str, shape: str) -> list[str]:
+  """The top-level instructions of a compiled program that make an array of `shape` (parameters left out)."""
+  entry = program[program.index("ENTRY"):].splitlines()[1:]
+  return [line.split(" = ")[0].strip() for line in entry
+          if " = " in line and line.split(" = ")[1].startswith(shape) and " parameter(" not in line]
+
+
+def test_rms_norm_backward_materialises_only_the_input_gradient(monkeypatch):
+  """The backward pass sums g * x by dots: no broadcast of the scale or the row statistic at x's shape is stored
+  (autodiff's form stores three such arrays besides the input gradient)."""
+  x = jax.random.normal(KEYS[0], (4, 64, 32))
+  norm = layers.RMSNorm()
+  params = norm.init(KEYS[1], x)
+  program = lambda: jax.jit(jax.grad(lambda p, x: jnp.sum(norm.apply(p, x) ** 2), (0, 1))).lower(
+      params, x).compile().as_text()
+  assert len(_full_size_arrays(program(), "f32[4,64,32]")) == 1
+  monkeypatch.setattr(cpu_layouts, "explicit_transposes", lambda: False)
+  assert len(_full_size_arrays(program(), "f32[4,64,32]")) >= 3
+
+
 def _compiled_gradient(f, *args) -> str:
   """The compiled CPU program (HLO text) of the gradient of sum(f(*args)^2) with respect to every argument."""
   return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args))))).lower(
