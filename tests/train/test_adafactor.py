@@ -68,6 +68,41 @@ def test_wide_column_mean_is_a_matmul_on_cpu():
   np.testing.assert_allclose(adafactor.mean_over(x, 1), jnp.mean(x, axis=1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape, dims, axes", [((130, 300), (0, 1), None), ((300, 130), (1, 0), None),
+                                               ((3, 140, 150), (1, 2), (1, 2))])
+def test_factored_mean_square_is_the_updates(shape, dims, axes):
+  """The clip's mean square from grad^2 and the factors equals the one of the update they make (per block with
+  `axes`), the row factor broadcast along d0 and the column factor along d1 as scale_by_factored_rms does."""
+  d1, d0 = dims
+  keys = jax.random.split(jax.random.key(3), 3)
+  grad = jax.random.normal(keys[0], shape)
+  row = jax.random.uniform(keys[1], shape[:d0] + shape[d0 + 1:], minval=0.5, maxval=2.0)
+  col = jax.random.uniform(keys[2], shape[:d1] + shape[d1 + 1:], minval=0.5, maxval=2.0)
+  update = grad * jnp.expand_dims(row, d0) * jnp.expand_dims(col, d1)
+  want = jnp.mean(jnp.square(update), axis=axes, keepdims=axes is not None)
+  got = adafactor.factored_mean_square(jnp.square(grad), row, col, dims, axes)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _update_sized_arrays(tx, shape) -> int:
+  """Top-level arrays of `shape` in the compiled CPU update of one such parameter, its inputs left out."""
+  params = {"w": jnp.ones(shape)}
+  program = jax.jit(lambda g, s, p: tx.update(g, s, p)[0]).lower(params, tx.init(params), params).compile().as_text()
+  lines = program[program.index("ENTRY"):].splitlines()[1:]
+  return sum(1 for line in lines if " = " in line and line.split(" = ")[1].startswith(f"f32[{shape[0]},{shape[1]}]")
+             and " parameter(" not in line)
+
+
+def test_factored_clip_stores_no_update():
+  """Clipped inside the factored stage, the update is computed once, into the new parameter's values: only grad^2
+  and the result are stored. The separate clip stage's reduction made XLA:CPU store the update first."""
+  shape = (130, 300)
+  assert _update_sized_arrays(adafactor.adafactor(0.01), shape) <= 2
+  separate = optax.chain(adafactor.scale_by_factored_rms(0.8), adafactor.clip_by_block_rms(1.0), optax.scale(-0.01))
+  assert _update_sized_arrays(separate, shape) >= 3
+
+
 def test_param_rms_equals_optax_without_its_second_pass():
   """The same numbers as optax's scale_by_param_block_rms, the floor included, without its gradient-safe select."""
   params = {"big": jax.random.normal(jax.random.key(2), (64, 48)), "tiny": jnp.full((64,), 1e-5),
