@@ -340,10 +340,14 @@ def attention_weights(q_BxHxQxE: Array, k_BxHxKxE: Array, bias_1xHxQxK: Array | 
 
 def _attention_weights_fwd(q_BxHxQxE, k_BxHxKxE, bias_1xHxQxK, additive_mask_Bx1xQxK):
   logits_BxHxQxK = wide_einsum("bhqe,bhke->bhqk", q_BxHxQxE, k_BxHxKxE)
-  if bias_1xHxQxK is not None:
-    logits_BxHxQxK = logits_BxHxQxK + bias_1xHxQxK
-  if additive_mask_Bx1xQxK is not None:
-    logits_BxHxQxK = logits_BxHxQxK + additive_mask_Bx1xQxK
+  # The bias and the mask joined first: the library fusion of q.k and the softmax takes no broadcast, so XLA stores
+  # what it adds at full [B, H, Q, K] size, and every layer's join is the same (one stack's bias and mask), which
+  # XLA computes once. Added one by one, each layer's fusion read two such arrays: T5-small's float32 step 16 ms
+  # slower (median difference over 8 rounds in one process alternating which ran first, 6 of them slower). The
+  # unmasked logits are the same values (the mask adds 0 there).
+  additive = [a for a in (bias_1xHxQxK, additive_mask_Bx1xQxK) if a is not None]
+  if additive:
+    logits_BxHxQxK = logits_BxHxQxK + functools.reduce(jnp.add, additive)
   p_BxHxQxK = jax.nn.softmax(logits_BxHxQxK.astype(jnp.float32), axis=-1).astype(q_BxHxQxE.dtype)
   # The bias rides along only for its dtype and presence (None stays None); it is not copied.
   return p_BxHxQxK, (q_BxHxQxE, k_BxHxKxE, bias_1xHxQxK, p_BxHxQxK)

@@ -201,6 +201,28 @@ def test_rms_norm_backward_materialises_only_the_input_gradient(monkeypatch):
   assert len(_full_size_arrays(program(), "f32[4,64,32]")) >= 3
 
 
+def test_layers_share_one_joined_bias_and_mask():
+  """Two layers with the same bias and mask add one stored [B, H, Q, K] array (their sum, computed once) to their
+  logits, not the broadcast bias and the broadcast mask each."""
+  b, h, q_len, e = 2, 4, 32, 16
+  q, k = (jax.random.normal(key, (b, h, q_len, e)) for key in KEYS[:2])
+  bias = jax.random.normal(KEYS[2], (1, h, q_len, q_len))
+  mask = jnp.where(jax.random.bernoulli(KEYS[3], 0.8, (b, 1, q_len, q_len)), 0.0, attention_lib.NEG_INF)
+
+  def two_layers(q, k, bias, mask):
+    first = cpu_layouts.attention_weights(q, k, bias, mask)
+    return cpu_layouts.attention_weights(first[..., :e] + q, k, bias, mask)
+
+  entry = jax.jit(two_layers).lower(q, k, bias, mask).compile().as_text().split("ENTRY")[1].splitlines()[1:]
+  name = lambda index: next(line.split(" = ")[0].strip() for line in entry if f" parameter({index})" in line)
+  readers = lambda param: [line.split(" = ")[0] for line in entry
+                           if re.search(re.escape(param) + r"[,)]", line) and " parameter(" not in line]
+  assert readers(name(2)) == readers(name(3)) and len(readers(name(2))) == 1  # one join, which both layers read
+  np.testing.assert_allclose(two_layers(q, k, bias, mask),
+                             _plain_weights(_plain_weights(q, k, bias, mask)[..., :e] + q, k, bias, mask),
+                             rtol=1e-6, atol=1e-6)
+
+
 def _compiled_gradient(f, *args) -> str:
   """The compiled CPU program (HLO text) of the gradient of sum(f(*args)^2) with respect to every argument."""
   return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args))))).lower(
