@@ -1,5 +1,5 @@
 """Backward passes whose every matmul XLA:CPU's fast dot library takes: projections, MoE experts and the attention
-core on CPU.
+core on CPU; and the float32 RMS norm's, whose reductions are dots (`rms_norm`).
 
 XLA:CPU hands a dot to YNNPACK only when its left operand contracts its minor (last) dimension. Autodiff's
 backward pass has three kinds of dot that contract a major dimension instead: every weight gradient (x^T g,
@@ -254,12 +254,12 @@ def rms_norm(x_NxD: Array, scale_D: Array, epsilon: float) -> Array:
 
   The norm's gradients need two sums of g * x: over D per row (for the input gradient) and over the rows, weighted by
   each row's 1 / RMS (for the scale). Autodiff reduces broadcast products (g * scale * x, g * x / RMS), and XLA:CPU's
-  library reductions take no broadcast, so it materialised the scale and the row statistic at x's full shape, and
-  x / RMS besides, for every norm: seven [8, 512, 512] passes per encoder norm of T5-small. Here g * x is stored once
-  and both sums are dots with it (YNNPACK's): T5-small's float32 step 3.435 -> 3.366 s (medians of 8 rounds in one
-  process alternating which ran first, faster in all 8; median difference 64 ms). Values are autodiff's up to
-  summation order (tests/models/test_cpu_layouts.py). bfloat16 norms keep autodiff (layers.RMSNorm): their rounded
-  product g * scale does not factor out of the sum.
+  library reductions take no broadcast, so it stored the scale and the row statistic broadcast to x's shape, and
+  x / RMS besides, for every norm (three [8, 512, 512] arrays per encoder norm of T5-small besides the input
+  gradient). Here both sums are dots with g * x (YNNPACK's), which take the row statistic and the scale as vectors:
+  T5-small's float32 step 3.435 -> 3.366 s (medians of 8 rounds in one process alternating which ran first, faster
+  in all 8; median difference 64 ms). Values are autodiff's up to summation order (tests/models/test_cpu_layouts.py).
+  bfloat16 norms keep autodiff (layers.RMSNorm): their rounded product g * scale does not factor out of the sum.
   """
   return _rms_norm_fwd(x_NxD, scale_D, epsilon)[0]
 
