@@ -172,8 +172,7 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
       return update / jnp.maximum(1.0, jnp.sqrt(mean_square) / clipping_threshold)
 
     leaves = jax.tree.map(update_leaf, grads, state.v_row, state.v_col, state.v, params,
-                          _block_axes(params, UNFACTORED_AXIS_NAMES), _rms_axes(params),
-                          is_leaf=lambda x: x is None or isinstance(x, tuple))
+                          _block_axes(params, UNFACTORED_AXIS_NAMES), _rms_axes(params))
     return jax.tree.map(lambda o: o.update, leaves), _state(optax.safe_increment(state.count), leaves)
 
   return optax.GradientTransformation(init_fn, update_fn)
