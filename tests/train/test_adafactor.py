@@ -99,7 +99,9 @@ def test_factored_clip_stores_no_update():
   and the result are stored. The separate clip stage's reduction made XLA:CPU store the update first."""
   shape = (130, 300)
   assert _update_sized_arrays(adafactor.adafactor(0.01), shape) <= 2
-  separate = optax.chain(adafactor.scale_by_factored_rms(0.8), adafactor.clip_by_block_rms(1.0), optax.scale(-0.01))
+  separate = optax.chain(adafactor.scale_by_factored_rms(0.8), adafactor.clip_by_block_rms(1.0),  # the old chain
+                         optax.scale_by_learning_rate(0.01, flip_sign=False), adafactor.scale_by_param_rms(),
+                         optax.add_decayed_weights(0.0), optax.scale(-1))
   assert _update_sized_arrays(separate, shape) >= 3
 
 
