@@ -165,11 +165,7 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
       return _Leaf(clipped(update, rms_axes, mean_square), new_v_row, new_v_col, v)
 
     def clipped(update, rms_axes, mean_square=None):
-      if clipping_threshold is None:
-        return update
-      if mean_square is None:
-        mean_square = jnp.mean(jnp.square(update), axis=rms_axes, keepdims=rms_axes is not None)
-      return update / jnp.maximum(1.0, jnp.sqrt(mean_square) / clipping_threshold)
+      return update if clipping_threshold is None else _clip(update, clipping_threshold, rms_axes, mean_square)
 
     leaves = jax.tree.map(update_leaf, grads, state.v_row, state.v_col, state.v, params,
                           _block_axes(params, UNFACTORED_AXIS_NAMES), _rms_axes(params))
@@ -228,12 +224,20 @@ def _rms(x: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
   return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=axes is not None))
 
 
+def _clip(update: jax.Array, threshold: float, axes: tuple[int, ...] | None,
+          mean_square: jax.Array | None = None) -> jax.Array:
+  """update / max(1, RMS / threshold), the RMS over `axes` (as _rms) or the root of a given mean square."""
+  if mean_square is None:
+    mean_square = jnp.mean(jnp.square(update), axis=axes, keepdims=axes is not None)
+  return update / jnp.maximum(1.0, jnp.sqrt(mean_square) / threshold)
+
+
 def clip_by_block_rms(threshold: float) -> optax.GradientTransformation:
   """optax.clip_by_block_rms (update / max(1, RMS / threshold)), the RMS per block of a stacked parameter."""
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, axes: u / jnp.maximum(1.0, _rms(u, axes) / threshold), updates,
+    return jax.tree.map(lambda u, axes: _clip(u, threshold, axes), updates,
                         _rms_axes(updates), is_leaf=lambda x: x is None or isinstance(x, tuple)), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
