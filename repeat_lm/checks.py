@@ -40,6 +40,11 @@ def finite_number(value: Any) -> bool:
   return real_number(value) and math.isfinite(value)
 
 
+def non_negative_number(value: Any) -> bool:
+  """A finite number >= 0 (a rate, a weight, a decay): as finite_number, and not negative."""
+  return finite_number(value) and bool(value >= 0)
+
+
 def is_bool(value: Any) -> bool:
   """True or False (a Python or numpy bool): not the string 'False' (truthy, so it meant True), nor 0 / 1."""
   return isinstance(value, (bool, np.bool_))

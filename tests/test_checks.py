@@ -30,6 +30,13 @@ def test_finite_numbers(value, expected):
   assert checks.finite_number(value) is expected
 
 
+@pytest.mark.parametrize("value, expected", [(0, True), (0.8, True), (np.float32(2.5), True), (-1e-9, False),
+                                             (np.float32(-2.5), False), (True, False), (float("nan"), False),
+                                             (float("inf"), False), ("0.8", False), (None, False)])
+def test_non_negative_numbers(value, expected):
+  assert checks.non_negative_number(value) is expected
+
+
 @pytest.mark.parametrize("value, expected", [(True, True), (False, True), (np.bool_(False), True), ("False", False),
                                              ("True", False), (0, False), (1, False), (None, False)])
 def test_bools(value, expected):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from repeat_lm import checks
+
 NUMERIC = ("params", "params_per_token", "flops_per_token", "unique_tokens", "epochs", "tokens_seen",
            "final_eval_tokens", "final_eval_loss", "best_eval_loss", "final_eval_accuracy", "best_eval_accuracy",
            "best_step")
@@ -207,8 +209,7 @@ def read_metrics(model_dir: str | Path) -> list[dict]:
       record = json.loads(line)
     except json.JSONDecodeError:
       continue
-    if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and \
-        not isinstance(record["step"], bool) and math.isfinite(record["step"]):
+    if isinstance(record, dict) and checks.finite_number(record.get("step")):
       records.append(record)
   return records
 

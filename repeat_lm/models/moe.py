@@ -102,7 +102,7 @@ class MoeConfig:
     # Unchecked, True (meant as "on") weighted a loss 1.0, 100 x Switch's; a negative weight rewarded imbalance (or
     # growing router logits) and NaN made every loss NaN, all silently; a gin string failed at the first step.
     weights = {k: getattr(self, k) for k in ("load_balancing_loss_weight", "router_z_loss_weight")}
-    bad_weights = {k: v for k, v in weights.items() if not (checks.finite_number(v) and v >= 0)}
+    bad_weights = {k: v for k, v in weights.items() if not checks.non_negative_number(v)}
     if bad_weights:
       raise ValueError(f"MoeConfig loss weights must be finite numbers >= 0: {bad_weights} (Switch: 0.01 load "
                        "balancing; ST-MoE: 1e-4 router z-loss; 0: off).")

@@ -117,7 +117,7 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
   """
   # decay_rate is the exponent of 1 - (step + 1)^-decay_rate. Hugging Face's Adafactor writes the same T5 setting
   # as -0.8: taken here, the decay goes negative from the second step, the moment with it, and updates are NaN.
-  if not (checks.finite_number(decay_rate) and decay_rate >= 0):
+  if not checks.non_negative_number(decay_rate):
     raise ValueError(f"Adafactor decay_rate={decay_rate!r} must be a finite number >= 0 (T5: 0.8; Hugging Face "
                      "writes it as -0.8).")
 
@@ -227,9 +227,8 @@ def _rms(x: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
 def _clip(update: jax.Array, threshold: float, axes: tuple[int, ...] | None,
           mean_square: jax.Array | None = None) -> jax.Array:
   """update / max(1, RMS / threshold), the RMS over `axes` (as _rms) or the root of a given mean square."""
-  if mean_square is None:
-    mean_square = jnp.mean(jnp.square(update), axis=axes, keepdims=axes is not None)
-  return update / jnp.maximum(1.0, jnp.sqrt(mean_square) / threshold)
+  rms = _rms(update, axes) if mean_square is None else jnp.sqrt(mean_square)
+  return update / jnp.maximum(1.0, rms / threshold)
 
 
 def clip_by_block_rms(threshold: float) -> optax.GradientTransformation:

@@ -22,7 +22,7 @@ def _check_non_negative(setting: str, value: Any) -> None:
   weight decay or clipping norm flips the sign of a step (gradient ascent, or weights that grow) and NaN makes every
   parameter NaN, both silently until the loss shows it. A string (a quoted gin value, '1e-3') is no schedule either:
   it built the optimizer and failed at the first step with a TypeError that named no setting."""
-  if isinstance(value, (int, float, np.number, str)) and not (checks.finite_number(value) and value >= 0):
+  if isinstance(value, (int, float, np.number, str)) and not checks.non_negative_number(value):
     raise ValueError(f"{setting}={value!r} must be a finite number >= 0.")
 
 
