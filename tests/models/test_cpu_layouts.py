@@ -284,6 +284,32 @@ def test_weight_gradient_transposes_a_materialised_input(monkeypatch):
   _assert_close(ours, _grads(normed_projection, x, scale, kernel))
 
 
+@pytest.mark.parametrize("x_shape, kernel_shape", [((3, 40, 32), (32, 8)), ((3, 2, 20, 32), (3, 32, 8))])
+def test_kernel_gradient_of_a_wide_input_transposes_the_gradient(x_shape, kernel_shape):
+  """An input wider than its gradient ([N, I] against [N, O]): (g^T x)^T, whose transposes move N x O + O x I values,
+  not x^T g's N x I; the same values as autodiff, every dot still in a library fusion."""
+  x, kernel = jax.random.normal(KEYS[0], x_shape), jax.random.normal(KEYS[1], kernel_shape)
+  experts = len(kernel_shape) - 2
+  plain = (lambda a, b: a @ b) if not experts else (lambda a, b: jnp.einsum("egci,eio->egco", a, b))
+  _assert_close(_grads(cpu_layouts.matmul, x, kernel), _grads(plain, x, kernel), rtol=1e-4, atol=1e-4)
+  assert _top_level_dots(cpu_layouts.matmul, x, kernel) == 0
+  lead, n, (i, o) = x_shape[:experts], int(np.prod(x_shape[experts:-1])), kernel_shape[-2:]
+  shape = lambda *dims: "f32[" + ",".join(map(str, (*lead, *dims))) + "]"
+  program = _compiled_gradient(cpu_layouts.matmul, x, kernel)
+  assert shape(i, n) not in program  # x^T: what the narrow form transposes
+  assert shape(o, n) in program  # g^T
+  narrow_form = lambda x, g: jnp.matmul(cpu_layouts.transposed(x.reshape(*lead, n, i)), g.reshape(*lead, n, o))
+  assert shape(i, n) in _compiled_gradient(narrow_form, x, jax.random.normal(KEYS[2], (*x_shape[:-1], o)))
+
+
+def test_kernel_gradient_of_a_wide_bfloat16_input_transposes_the_input():
+  """bfloat16 operands keep x^T g (measured slower the other way, cpu_layouts._kernel_gradient)."""
+  x = jax.random.normal(KEYS[0], (3, 40, 32), jnp.bfloat16)
+  kernel = jax.random.normal(KEYS[1], (32, 8), jnp.bfloat16)
+  program = _compiled_gradient(lambda a, b: cpu_layouts.matmul(a, b).astype(jnp.float32), x, kernel)
+  assert "bf16[32,120]" in program
+
+
 def test_opt_out_restores_autodiff(monkeypatch):
   assert cpu_layouts.explicit_transposes()
   monkeypatch.setenv(cpu_layouts.CPU_LAYOUTS_ENV, "0")
