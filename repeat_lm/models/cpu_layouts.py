@@ -232,17 +232,19 @@ def _matmul_fwd(x_BxNxI, kernel_BxIxO):
 def _kernel_gradient(x_BxNxI: Array, g_BxNxO: Array, batch: int) -> Array:
   """x^T @ g over x's middle axes, per leading batch axis (`batch` of them): [*B, I, O] in float32.
 
-  With float32 operands, a gradient whose transposes move fewer values as (g^T @ x)^T (`transposed_product`:
-  N x O + O x I values against N x I) is taken that way: the MLP's output projection, whose
-  [4096, 1024] input is twice its [4096, 512] gradient in T5-small's encoder. Its float32 step: 23 ms less (the
-  median of the per-round differences over 8 rounds in one process alternating which ran first, 7 of them faster;
-  with every input wider than its gradient taken that way, the decoder's [912, 1024] too, 26 ms, 6 of 8). Not with
-  bfloat16 operands: that step was 12 ms slower (2 of 8 faster), so they keep x^T @ g.
+  With float32 operands and an input at least twice as wide as its gradient, it is (g^T @ x)^T instead
+  (`transposed_product`), when that moves fewer values through transposes (N x O + O x I against N x I): the MLP's
+  output projection, whose [4096, 1024] input is twice its [4096, 512] gradient in T5-small's encoder. Its float32
+  step: 19 ms less (the median of the per-round differences over 8 rounds in one process alternating which ran
+  first, 6 of them faster). The width rule is measured too: the query, key and value projections share one
+  transposed input, and taking their three [4096, 384] gradients' transposes instead made the step 11 ms slower
+  (slower in 7 of 8 rounds). bfloat16 operands keep x^T @ g: the output projection's other form made that step
+  12 ms slower (2 of 8 faster).
   """
   flat = lambda a: a.reshape(*a.shape[:batch], -1, a.shape[-1])  # [*B, ..., I] -> [*B, N, I]
   x_BxNxI, g_BxNxO = flat(x_BxNxI), flat(g_BxNxO)
   n, i, o = x_BxNxI.shape[-2], x_BxNxI.shape[-1], g_BxNxO.shape[-1]
-  if x_BxNxI.dtype == jnp.float32 and n * o + o * i < n * i:
+  if x_BxNxI.dtype == jnp.float32 and 2 * o <= i and n * o + o * i < n * i:
     return transposed_product(x_BxNxI, g_BxNxO)
   # x is often the RMSNorm's or the gated GELU's output: materialised, so its transpose is a plain copy.
   return wide_matmul(transposed(materialised(x_BxNxI)), g_BxNxO)

@@ -302,6 +302,12 @@ def test_kernel_gradient_of_a_wide_input_transposes_the_gradient(x_shape, kernel
   assert shape(i, n) in _compiled_gradient(narrow_form, x, jax.random.normal(KEYS[2], (*x_shape[:-1], o)))
 
 
+def test_kernel_gradient_of_an_input_less_than_twice_as_wide_transposes_the_input():
+  """The query, key and value projections (512 -> 384) share one transposed input: they keep x^T g."""
+  x, kernel = jax.random.normal(KEYS[0], (3, 40, 32)), jax.random.normal(KEYS[1], (32, 24))
+  assert "f32[32,120]" in _compiled_gradient(cpu_layouts.matmul, x, kernel)
+
+
 def test_kernel_gradient_of_a_wide_bfloat16_input_transposes_the_input():
   """bfloat16 operands keep x^T g (measured slower the other way, cpu_layouts._kernel_gradient)."""
   x = jax.random.normal(KEYS[0], (3, 40, 32), jnp.bfloat16)
