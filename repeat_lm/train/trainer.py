@@ -386,7 +386,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
                                              depth=2, limit=total_steps - step)
   try:
     while step < total_steps:
-      state, sums = train_step(state, next(device_batches))  # donates (invalidates) the previous state
+      state, sums = train_step(state, next(device_batches))  # on GPU and TPU donates (invalidates) the old state
       step += 1
       for v in sums.values():
         v.copy_to_host_async()  # the few scalars are on the host by the time they are read
