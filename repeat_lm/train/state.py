@@ -169,10 +169,10 @@ def make_train_step(model: EncoderDecoderModel, tx: optax.GradientTransformation
 
   XLA:CPU copies every donated parameter at the start of the step instead of updating it in place (187 copies,
   one per parameter of T5 v1.1 small, in its compiled step; none without donation), and T5-small's float32 step
-  took 64 and 49 ms longer with donation (medians of the per-round differences in two runs
-  of 8 rounds in one process alternating which ran first, slower in 8 and 7 of the 8; bfloat16: 13 ms, 5 of 8).
-  So on CPU the new state gets new buffers, and the old one is freed when the caller drops it: one more state in
-  memory during the step. Accelerators update donated buffers in place and keep one state's memory.
+  took 64 and 49 ms longer with donation (medians of the per-round differences in two runs of 8 rounds in one
+  process alternating which ran first, slower in 8 and 7 of the 8; bfloat16: 13 ms, 5 of 8). So on CPU the new
+  state gets new buffers, and the old one is freed when the caller drops it: one more state in memory during the
+  step. Accelerators update donated buffers in place and keep one state's memory.
 
   `dropout_schedule` (step -> factor of every dropout rate, see dropout_schedule.py) is evaluated on the traced
   step inside the jitted function, so a change of rate is data, not a new program; the factor is returned as the

@@ -286,8 +286,8 @@ def test_weight_gradient_transposes_a_materialised_input(monkeypatch):
 
 @pytest.mark.parametrize("x_shape, kernel_shape", [((3, 40, 32), (32, 8)), ((3, 2, 20, 32), (3, 32, 8))])
 def test_kernel_gradient_of_a_wide_input_transposes_the_gradient(x_shape, kernel_shape):
-  """An input wider than its gradient ([N, I] against [N, O]): (g^T x)^T, whose transposes move N x O + O x I values,
-  not x^T g's N x I; the same values as autodiff, every dot still in a library fusion."""
+  """An input at least twice as wide as its gradient ([N, I] against [N, O]): (g^T x)^T, whose transposes move
+  N x O + O x I values, not x^T g's N x I; the same values as autodiff, every dot still in a library fusion."""
   x, kernel = jax.random.normal(KEYS[0], x_shape), jax.random.normal(KEYS[1], kernel_shape)
   experts = len(kernel_shape) - 2
   plain = (lambda a, b: a @ b) if not experts else (lambda a, b: jnp.einsum("egci,eio->egco", a, b))

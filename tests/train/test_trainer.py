@@ -318,16 +318,22 @@ def test_sigterm_while_the_last_save_is_written_waits_for_it(tmp_path, monkeypat
 
 # ---- metrics read one step late ----
 
-@pytest.fixture(scope="module")
-def direct_run():
-  """6 steps from calling the train step directly and reading every step at once: per-step metric sums, and
-  whether the first step's input state and batch buffers were deleted (donated) by the step."""
+def _state_and_step(**step_kwargs):
+  """The tiny model's layout, initial state and train step, built as `run` builds them."""
   model, partitioner = tiny_model(), partitioning.Partitioner(4, 2)
   tx = optim.make_optimizer(learning_rate=optim.make_schedule(warmup_steps=2))  # what `run` trains with
   spec = state_lib.batch_specs(pipeline.model_feature_lengths(TRAIN_CFG), TRAIN_CFG.batch_size)
   lay = state_lib.layout(model, tx, partitioner, spec, 0)
   state = state_lib.init_state(model, tx, lay, partitioner, spec, 0)
-  step_fn = state_lib.make_train_step(model, tx, lay, partitioner, 0, trainer._check_vocab(model, TASK))
+  return lay, state, state_lib.make_train_step(model, tx, lay, partitioner, 0, trainer._check_vocab(model, TASK),
+                                               **step_kwargs)
+
+
+@pytest.fixture(scope="module")
+def direct_run():
+  """6 steps from calling the train step directly and reading every step at once: per-step metric sums, and
+  whether the first step's input state and batch buffers were deleted (donated) by the step."""
+  lay, state, step_fn = _state_and_step()
   out, deleted = [], {}
   for _, host_batch in zip(range(6), pipeline.get_batches(TRAIN_CFG)):
     batch = state_lib.global_batch(host_batch, lay.batch_shardings)
@@ -356,12 +362,7 @@ def test_train_step_keeps_the_state_it_replaces_on_cpu(direct_run):
 def test_train_step_donates_the_state_it_replaces_when_asked():
   """donate=True (the default on GPU and TPU): the input state's buffers are reused for the new state, one state's
   memory, not two; the batch is not donated."""
-  model, partitioner = tiny_model(), partitioning.Partitioner(4, 2)
-  tx = optim.make_optimizer(learning_rate=optim.make_schedule(warmup_steps=2))
-  spec = state_lib.batch_specs(pipeline.model_feature_lengths(TRAIN_CFG), TRAIN_CFG.batch_size)
-  lay = state_lib.layout(model, tx, partitioner, spec, 0)
-  state = state_lib.init_state(model, tx, lay, partitioner, spec, 0)
-  step_fn = state_lib.make_train_step(model, tx, lay, partitioner, 0, donate=True)
+  lay, state, step_fn = _state_and_step(donate=True)
   batch = state_lib.global_batch(next(iter(pipeline.get_batches(TRAIN_CFG))), lay.batch_shardings)
   new_state, _ = step_fn(state, batch)
   assert all(x.is_deleted() for x in jax.tree.leaves(state)) and len(jax.tree.leaves(state)) > 100
