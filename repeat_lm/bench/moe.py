@@ -87,7 +87,7 @@ def run_moe_benchmark(model: EncoderDecoderModel, cfg: bench_train.BenchConfig, 
   models = variants(model, dispatch, group_sizes)
   steps = {name: bench_train.JaxStep(m, cfg, partitioner) for name, m in models.items()}
   for step in steps.values():
-    step.run(cfg.warmup)
+    bench_train.warm_up(step.run, cfg.warmup)
   times: dict[str, list[float]] = {name: [] for name in steps}
   for _ in range(cfg.rounds):
     for name, step in steps.items():

@@ -25,6 +25,8 @@ from repeat_lm.train import flops, optim, partitioning, state as state_lib
 
 # Activation dtypes a benchmark may request (T5Config.dtype); parameters stay float32.
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
+# The most warm-up steps `warm_up` runs while the process's peak memory still grows.
+MAX_WARMUP_STEPS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +36,7 @@ class BenchConfig:
   targets_length: int = 114
   steps: int = 5            # Steps per timed round.
   rounds: int = 5           # Timed rounds; the median round gives the step time.
-  warmup: int = 2
+  warmup: int = 2           # Steps before the timed rounds at least; more while memory grows (warm_up).
   seed: int = 0
 
   def __post_init__(self):
@@ -94,9 +96,28 @@ class JaxStep:
     return time.perf_counter() - start
 
 
-def timed_rounds(run: Callable[[int], float], cfg: BenchConfig) -> list[float]:
-  run(cfg.warmup)
-  return [run(cfg.steps) / cfg.steps for _ in range(cfg.rounds)]
+def warm_up(run: Callable[[int], float], minimum: int, limit: int = MAX_WARMUP_STEPS,
+            peak_memory: Callable[[], int] = lambda: peak_memory_bytes()[0]) -> int:
+  """Run `minimum` steps (none if 0), and more until a step leaves the peak memory where it was (`limit` steps in
+  all at most, `minimum` if more); returns how many ran.
+
+  The process's memory can keep growing after the first steps, and growing it costs: T5 v1.1 small's float32 step
+  (batch 8, 2-core family-26 EPYC host) grew the heap by 0.1 GB in each of steps 1-3 and by 2.3 GB in step 4 (the
+  allocator's free blocks no longer fitting a request), which took 5.2 s of page faults (system time) and made
+  that step 5.2 s against 2.4 s; from step 5 on, nothing more. A fixed two-step warm-up put that step in the first
+  timed round (4.1-4.3 s against 2.3-2.5 s for the others, in every run) and a slow round into every median.
+  """
+  if minimum == 0:  # no warm-up asked for
+    return 0
+  if minimum > 1:
+    run(minimum - 1)
+  steps = minimum - 1
+  while True:  # the last of the `minimum` steps is the first one watched
+    before = peak_memory()
+    run(1)
+    steps += 1
+    if steps >= limit or (steps >= minimum and peak_memory() <= before):
+      return steps
 
 
 def summarize_times(step_times: Sequence[float], cfg: BenchConfig, flops_per_step: float,
@@ -153,7 +174,7 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
     hf = hf_lib.HfStep(mcfg, cfg)
   ours_times, hf_times = [], []
   try:
-    ours.run(cfg.warmup)
+    warmup_steps = warm_up(ours.run, cfg.warmup)
     if hf:
       hf.run(cfg.warmup)
     for _ in range(cfg.rounds):  # Interleaved, so both see the same machine conditions.
@@ -175,7 +196,7 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
       "dtype": mcfg.dtype,
       "batch_size": cfg.batch_size, "inputs_length": cfg.inputs_length, "targets_length": cfg.targets_length,
       "scan_layers": mcfg.scan_layers, "remat_policy": mcfg.remat_policy,
-      "compile_time_s": ours.compile_time_s,
+      "compile_time_s": ours.compile_time_s, "warmup_steps": warmup_steps,
       "model_flops_per_step": flops_per_step,
       "peak_flops": peak, "peak_flops_source": peak_source,
       "peak_memory_bytes": memory, "peak_memory_source": memory_source,

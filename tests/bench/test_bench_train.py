@@ -43,6 +43,7 @@ def test_run_benchmark_reports_consistent_numbers():
   for key in ("step_time_s", "tokens_per_s", "model_tflops_per_s", "mfu", "compile_time_s"):
     assert np.isfinite(r[key]) and r[key] > 0
   assert r["tokens_per_s"] == pytest.approx(8 * 40 / r["step_time_s"])
+  assert CFG.warmup <= r["warmup_steps"] <= bench_train.MAX_WARMUP_STEPS
   per_seq = flops.train_flops_per_sequence(tiny().module.config, 32, 8)
   assert r["model_tflops_per_s"] == pytest.approx(8 * per_seq / r["step_time_s"] / 1e12)
   # MFU = model FLOPs per step / (step time x peak FLOP/s) (reference.md section 6): `bench accelerator`'s table
@@ -370,6 +371,7 @@ def test_step_time_is_the_median_round_and_mfu_is_against_the_best_probe(monkeyp
 
   probes = iter([2e12, 1.5e12, 3e12])
   monkeypatch.setattr(bench_train, "JaxStep", FakeStep)
+  monkeypatch.setattr(bench_train, "peak_memory_bytes", lambda: (1, "unchanging"))  # a one-step warm-up
   monkeypatch.setattr(flops, "peak_flops_total", lambda dtype: (1e12, "measured float32 matmul on 1 x cpu host(s)"))
   monkeypatch.setattr(flops, "reprobed_peak", lambda peak, dtype: max(peak, next(probes)))
   r = bench_train.run_benchmark(tiny(), dataclasses.replace(CFG, rounds=3))
@@ -385,6 +387,38 @@ def test_step_time_is_the_median_round_and_mfu_is_against_the_best_probe(monkeyp
 def test_paired_speedup_is_the_median_of_hfs_time_over_ours_round_by_round():
   r = bench_train.paired_speedups([2.0, 1.0, 4.0], [3.0, 1.0, 12.0])
   assert r == {"speedup_vs_hf_by_round": [1.5, 1.0, 3.0], "speedup_vs_hf_paired": 1.5}
+
+
+def _counting_run(memory_after_step: list[int]):
+  """A stand-in step whose process peak memory after its n-th step is memory_after_step[n - 1]."""
+  ran = []
+  def run(steps):
+    ran.extend([1] * steps)
+    return 0.0
+  return run, ran, lambda: memory_after_step[len(ran) - 1] if ran else 0
+
+
+def test_warm_up_runs_until_a_step_leaves_the_peak_memory_unchanged():
+  # Grows in steps 1-4 (the 2.3 GB jump of step 4 in warm_up's docstring), not in step 5.
+  run, ran, memory = _counting_run([10, 11, 12, 20, 20, 21, 22])
+  assert bench_train.warm_up(run, 2, peak_memory=memory) == 5 == len(ran)
+
+
+def test_warm_up_stops_at_its_limit_while_memory_still_grows():
+  run, ran, memory = _counting_run(list(range(1, 100)))
+  assert bench_train.warm_up(run, 2, limit=6, peak_memory=memory) == 6 == len(ran)
+
+
+def test_warm_up_with_steady_memory_runs_the_minimum():
+  run, ran, memory = _counting_run([5] * 10)
+  assert bench_train.warm_up(run, 3, peak_memory=memory) == 3 == len(ran)
+  run, ran, memory = _counting_run([5] * 10)
+  assert bench_train.warm_up(run, 4, limit=2, peak_memory=memory) == 4 == len(ran)
+
+
+def test_warm_up_of_zero_steps_runs_nothing():
+  run, ran, memory = _counting_run([1, 2, 3])
+  assert bench_train.warm_up(run, 0, peak_memory=memory) == 0 and not ran
 
 
 def test_no_warm_up_is_a_valid_setting():
