@@ -26,7 +26,7 @@ from repeat_lm.train import flops, optim, partitioning, state as state_lib
 # Activation dtypes a benchmark may request (T5Config.dtype); parameters stay float32.
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
 # The most warm-up steps `warm_up` runs while the process's peak memory still grows.
-MAX_WARMUP_STEPS = 10
+MAX_WARMUP_STEPS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,26 +97,29 @@ class JaxStep:
 
 
 def warm_up(run: Callable[[int], float], minimum: int, limit: int = MAX_WARMUP_STEPS,
-            peak_memory: Callable[[], int] = lambda: peak_memory_bytes()[0]) -> int:
-  """Run `minimum` steps (none if 0), and more until a step leaves the peak memory where it was (`limit` steps in
-  all at most, `minimum` if more); returns how many ran.
+            peak_memory: Callable[[], int] = lambda: peak_memory_bytes()[0], settled: int = 3) -> int:
+  """Run `minimum` steps (none if 0), and more until `settled` steps in a row leave the peak memory where it was
+  (`limit` steps in all at most, `minimum` if more); returns how many ran.
 
-  The process's memory can keep growing after the first steps, and growing it costs: T5 v1.1 small's float32 step
-  (batch 8, 2-core family-26 EPYC host) grew the heap by 0.1 GB in each of steps 1-3 and by 2.3 GB in step 4 (the
-  allocator's free blocks no longer fitting a request), which took 5.2 s of page faults (system time) and made
-  that step 5.2 s against 2.4 s; from step 5 on, nothing more. A fixed two-step warm-up put that step in the first
-  timed round (4.1-4.3 s against 2.3-2.5 s for the others, in every run) and a slow round into every median.
+  The process's memory can keep growing after the first steps, and growing it costs. On a 2-core family-26 EPYC
+  host, T5 v1.1 small's float32 step (batch 8; steps counted from 0) grew the heap by 0.1 GB in each of steps 1-3
+  and by 2.3 GB in step 4 (the allocator's free blocks no longer fitting a request): 5.2 s of page faults (system
+  time), a 5.2 s step against 2.4 s. Its bfloat16 step grew by 2 GB in step 1 and again in step 4, after two steps
+  that grew nothing (3.9-4.1 s steps against 1.5 s; nothing more in steps 5-15). A fixed two-step warm-up put such
+  a step in the first timed round of every run (4.1-4.3 s against 2.3-2.5 s for the others, in float32) and a slow
+  round into every median; hence three steady steps.
   """
   if minimum == 0:  # no warm-up asked for
     return 0
-  if minimum > 1:
-    run(minimum - 1)
-  steps = minimum - 1
-  while True:  # the last of the `minimum` steps is the first one watched
+  if minimum > settled:
+    run(minimum - settled)
+  steps, steady = max(minimum - settled, 0), 0
+  while True:  # the last `settled` of the `minimum` steps are the first ones watched
     before = peak_memory()
     run(1)
     steps += 1
-    if steps >= limit or (steps >= minimum and peak_memory() <= before):
+    steady = steady + 1 if peak_memory() <= before else 0
+    if steps >= minimum and (steady >= settled or steps >= limit):
       return steps
 
 

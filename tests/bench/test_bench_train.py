@@ -356,7 +356,7 @@ def test_hf_peer_of_a_tied_model_shares_its_embedding():
 def test_step_time_is_the_median_round_and_mfu_is_against_the_best_probe(monkeypatch):
   """With the compiled step's rounds and the CPU probes scripted: the step time is the median round (not the mean),
   and the peak the best of the probe before the rounds and those beside them, as the peak's source says."""
-  runs = iter([0.0, 0.6, 0.2, 1.6])  # the warm-up, then 3 rounds of 2 steps: 0.3, 0.1 and 0.8 s a step
+  runs = iter([0.0] * 3 + [0.6, 0.2, 1.6])  # three warm-up steps, then 3 rounds of 2 steps: 0.3, 0.1, 0.8 s a step
 
   class FakeStep:
     compile_time_s = 1.0
@@ -371,7 +371,7 @@ def test_step_time_is_the_median_round_and_mfu_is_against_the_best_probe(monkeyp
 
   probes = iter([2e12, 1.5e12, 3e12])
   monkeypatch.setattr(bench_train, "JaxStep", FakeStep)
-  monkeypatch.setattr(bench_train, "peak_memory_bytes", lambda: (1, "unchanging"))  # a one-step warm-up
+  monkeypatch.setattr(bench_train, "peak_memory_bytes", lambda: (1, "unchanging"))  # a three-step warm-up
   monkeypatch.setattr(flops, "peak_flops_total", lambda dtype: (1e12, "measured float32 matmul on 1 x cpu host(s)"))
   monkeypatch.setattr(flops, "reprobed_peak", lambda peak, dtype: max(peak, next(probes)))
   r = bench_train.run_benchmark(tiny(), dataclasses.replace(CFG, rounds=3))
@@ -398,10 +398,13 @@ def _counting_run(memory_after_step: list[int]):
   return run, ran, lambda: memory_after_step[len(ran) - 1] if ran else 0
 
 
-def test_warm_up_runs_until_a_step_leaves_the_peak_memory_unchanged():
-  # Grows in steps 1-4 (the 2.3 GB jump of step 4 in warm_up's docstring), not in step 5.
-  run, ran, memory = _counting_run([10, 11, 12, 20, 20, 21, 22])
-  assert bench_train.warm_up(run, 2, peak_memory=memory) == 5 == len(ran)
+def test_warm_up_runs_until_three_steps_in_a_row_leave_the_peak_memory_unchanged():
+  # Steps counted from 0, as in warm_up's docstring. float32: grows in steps 0-4, the jump in 4; steady in 5-7.
+  run, ran, memory = _counting_run([10, 11, 12, 13, 20, 20, 20, 20, 21])
+  assert bench_train.warm_up(run, 2, peak_memory=memory) == 8 == len(ran)
+  # bfloat16: grows in steps 0 and 1, steady in 2 and 3, grows again in 4: that jump is warmed up too.
+  run, ran, memory = _counting_run([10, 20, 20, 20, 30, 30, 30, 30, 31])
+  assert bench_train.warm_up(run, 2, peak_memory=memory) == 8 == len(ran)
 
 
 def test_warm_up_stops_at_its_limit_while_memory_still_grows():
@@ -411,7 +414,10 @@ def test_warm_up_stops_at_its_limit_while_memory_still_grows():
 
 def test_warm_up_with_steady_memory_runs_the_minimum():
   run, ran, memory = _counting_run([5] * 10)
-  assert bench_train.warm_up(run, 3, peak_memory=memory) == 3 == len(ran)
+  assert bench_train.warm_up(run, 4, peak_memory=memory) == 4 == len(ran)
+  run, ran, memory = _counting_run([5] * 10)
+  # The first step grows the memory from nothing (the stand-in's 0); three steady steps follow it.
+  assert bench_train.warm_up(run, 1, peak_memory=memory) == 4 == len(ran)
   run, ran, memory = _counting_run([5] * 10)
   assert bench_train.warm_up(run, 4, limit=2, peak_memory=memory) == 4 == len(ran)
 
