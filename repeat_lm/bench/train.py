@@ -105,9 +105,10 @@ def warm_up(run: Callable[[int], float], minimum: int, limit: int = MAX_WARMUP_S
   host, T5 v1.1 small's float32 step (batch 8; steps counted from 0) grew the heap by 0.1 GB in each of steps 1-3
   and by 2.3 GB in step 4 (the allocator's free blocks no longer fitting a request): 5.2 s of page faults (system
   time), a 5.2 s step against 2.4 s. Its bfloat16 step grew by 2 GB in step 1 and again in step 4, after two steps
-  that grew nothing (3.9-4.1 s steps against 1.5 s; nothing more in steps 5-15). A fixed two-step warm-up put such
-  a step in the first timed round of every run (4.1-4.3 s against 2.3-2.5 s for the others, in float32) and a slow
-  round into every median; hence three steady steps.
+  that grew nothing (3.9-4.1 s steps against 1.5 s; nothing more in steps 5-15 of that run). A fixed two-step
+  warm-up put such a step in the first timed round of every run (4.1-4.3 s against 2.3-2.5 s for the others, in
+  float32) and a slow round into every median; hence three steady steps. It narrows the slow rounds down rather
+  than ruling them out: in some runs a step after the warm-up still grew the heap (one slow round of five).
   """
   if minimum == 0:  # no warm-up asked for
     return 0
