@@ -140,8 +140,8 @@ def scale_by_factored_rms(decay_rate: float = 0.8, step_offset: int = 0, min_dim
     rate = _decay_rate(state.count - step_offset, decay_rate)
 
     def update_leaf(grad, v_row, v_col, v, param, blocks, rms_axes):
-      # The unused statistics are [1] placeholders, as optax's; passed through rather than rebuilt, so the train
-      # step's donated state buffers are reused for them too.
+      # The unused statistics are [1] placeholders, as optax's; passed through rather than rebuilt, so where the
+      # train step donates its state (GPU and TPU) those buffers are reused for them too.
       grad_sqr = jnp.square(grad)  # parameters are real
       dims = factored_dims(param.shape, min_dim_size_to_factor, blocks)
       expected = (1,) if dims is None else param.shape[:dims[1]] + param.shape[dims[1] + 1:]
