@@ -94,6 +94,7 @@ class _TorchStep:
 
   def __init__(self, config, bench_cfg, threads: int):
     torch, transformers = _import()
+    self.config = config
     autocast = AUTOCAST_DTYPES.get(str(config.dtype))
     self._precision = ((lambda: torch.autocast("cpu", dtype=getattr(torch, autocast))) if autocast
                        else contextlib.nullcontext)
@@ -122,9 +123,41 @@ class _TorchStep:
       self.step()
     return time.perf_counter() - start
 
+  def matmul_rate(self, sizes: tuple[int, ...], repeats: int) -> float:
+    """torch_matmul_rate in the dtype this step's matmuls run in (the autocast dtype, else float32)."""
+    torch, _ = _import()
+    return torch_matmul_rate(getattr(torch, self.matmul_dtype), sizes, repeats)
+
+  @property
+  def matmul_dtype(self) -> str:
+    return AUTOCAST_DTYPES.get(str(self.config.dtype), "float32")
+
+
+def torch_matmul_rate(dtype, sizes: tuple[int, ...], repeats: int) -> float:
+  """FLOP/s of torch.matmul on square `dtype` matrices, the best over sizes and runs: the peer's own peak, probed as
+  repeat_lm's (train/flops.matmul_rate, the same sizes).
+
+  The two frameworks multiply with different libraries, whose rates differ by processor: PyTorch's float32 matmul is
+  MKL's sgemm, and on a 2-core family-26 EPYC host (Zen 5) it ran at 0.21 TFLOP/s where XLA's (YNNPACK) ran at 0.51
+  and oneDNN's float32 linear (torch._C._nn.mkldnn_linear, which T5's nn.Linear does not use in float32) at 0.49;
+  on a family-25 EPYC (Zen 4) Hugging Face's step reached about 69% of XLA's probe. So a ratio of tokens/s holds for
+  one processor, and the report prints both probes beside it.
+  """
+  torch, _ = _import()
+  best = 0.0
+  for n in sizes:
+    a = torch.rand((n, n), dtype=dtype)
+    torch.matmul(a, a)  # the first call allocates and picks the kernel
+    for _ in range(repeats):
+      start = time.perf_counter()
+      torch.matmul(a, a)
+      best = max(best, 2 * n**3 / (time.perf_counter() - start))
+  return best
+
 
 def _serve(conn, config, bench_cfg, threads: int) -> None:
-  """The peer process: build the step, then answer ('run', n) with the seconds n steps took, until None."""
+  """The peer process: build the step, then answer ('run', n) with the seconds n steps took and ('probe', (sizes,
+  repeats)) with its matmul rate, until None."""
   try:
     step = _TorchStep(config, bench_cfg, threads)
   except Exception as e:  # pylint: disable=broad-except
@@ -132,7 +165,8 @@ def _serve(conn, config, bench_cfg, threads: int) -> None:
     return
   conn.send(("ready", None))
   while (message := conn.recv()) is not None:
-    conn.send(("done", step.run(message[1])))
+    kind, arg = message
+    conn.send(("done", step.run(arg) if kind == "run" else step.matmul_rate(*arg)))
 
 
 class HfStep:
@@ -160,6 +194,12 @@ class HfStep:
   def run(self, steps: int) -> float:
     """Seconds the peer took for `steps` steps (timed inside the peer, so the pipe is not counted)."""
     self._conn.send(("run", steps))
+    return self._conn.recv()[1]
+
+  def matmul_rate(self, sizes: tuple[int, ...], repeats: int) -> float:
+    """The peer's torch.matmul FLOP/s in the dtype its step multiplies in (torch_matmul_rate), probed in its
+    process."""
+    self._conn.send(("probe", (tuple(sizes), repeats)))
     return self._conn.recv()[1]
 
   def close(self) -> None:

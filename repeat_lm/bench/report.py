@@ -107,6 +107,8 @@ HISTORY_ROW_FIELDS = {
     "hf_tokens_per_s": lambda v: v is None or isinstance(v, (int, float)),
     "speedup_vs_hf": lambda v: v is None or isinstance(v, (int, float)),
     "vs_hf_round_by_round": lambda v: v is None or isinstance(v, str),
+    "hf_matmul_tflops": lambda v: v is None or isinstance(v, (int, float)),
+    "hf_mfu_of_own_peak": lambda v: v is None or isinstance(v, (int, float)),
 }
 
 
@@ -144,8 +146,31 @@ def history_entry(m: dict) -> dict:
           "step_time_max_s", "tokens_per_s", "model_tflops_per_s", "speedup_vs_hf")
   rows = [{**{k: r[k] for k in keep if k in r}, "mfu": row_mfu(r, peaks),
            "hf_tokens_per_s": r.get("hf", {}).get("tokens_per_s"),
-           "vs_hf_round_by_round": bench.paired_speedup_label(r)} for r in m["train"]]
+           "vs_hf_round_by_round": bench.paired_speedup_label(r),
+           "hf_matmul_tflops": hf_probe_tflops(r), "hf_mfu_of_own_peak": r.get("hf", {}).get("mfu_of_own_peak")}
+          for r in m["train"]]
   return {"date": datetime.date.today().isoformat(), "versions": library_versions(), "train": rows}
+
+
+def hf_probe_tflops(r: dict) -> float | None:
+  """The Hugging Face peer's own matmul probe in TFLOP/s (bench/hf.torch_matmul_rate); None where not measured."""
+  rate = r.get("hf", {}).get("matmul_peak_flops")
+  return None if rate is None else rate / 1e12
+
+
+def history_peak_tflops(r: dict) -> float | None:
+  """The peak a history row's MFU was against, in TFLOP/s (its model FLOP/s over its MFU); None where the row
+  cannot say."""
+  rate, mfu = r.get("model_tflops_per_s"), r["mfu"]
+  return rate / mfu if isinstance(rate, (int, float)) and mfu > 0 else None
+
+
+def probes_cell(ours_tflops: float | None, hf_tflops: float | None, hf_share: float | None) -> str:
+  """'repeat_lm's probe / Hugging Face's (TFLOP/s) | Hugging Face's step against its own probe' table cells; '-'
+  for what was not measured."""
+  number = lambda v, fmt: "-" if v is None else format(v, fmt)
+  return (f"{number(ours_tflops, '.3f')} / {number(hf_tflops, '.3f')} | "
+          f"{'-' if hf_share is None else f'{100 * hf_share:.1f}%'} |")
 
 
 def host_of(m: dict) -> str:
@@ -160,8 +185,9 @@ def other_hosts_lines(others: dict[str, dict]) -> list[str]:
   lines = ["## On other hosts", "",
            "The same command's rows from the last report generated on each other processor model (kept in "
            "`performance.json` beside this file); each MFU is against that host's own measured peak.", "",
-           "| host | date | dtype | step time (s) | tokens/s | MFU | HF tokens/s | vs HF | vs HF, round by round |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| host | date | dtype | step time (s) | tokens/s | MFU | HF tokens/s | vs HF | vs HF, round by round | "
+           "matmul probe, repeat_lm / HF (TFLOP/s) | HF step of its own probe |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   nan = float("nan")
   for host, entry in sorted(others.items(), key=lambda item: item[1].get("date", ""), reverse=True):
     for r in entry["train"]:
@@ -171,7 +197,8 @@ def other_hosts_lines(others: dict[str, dict]) -> list[str]:
           f"({r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}) | {r['tokens_per_s']:.0f} | "
           f"{100 * r['mfu']:.1f}% | {nan if hf_rate is None else hf_rate:.0f} | "
           f"{nan if r.get('speedup_vs_hf') is None else r['speedup_vs_hf']:.2f}x | "
-          f"{r.get('vs_hf_round_by_round') or '-'} |")
+          f"{r.get('vs_hf_round_by_round') or '-'} | "
+          + probes_cell(history_peak_tflops(r), r.get("hf_matmul_tflops"), r.get("hf_mfu_of_own_peak")))
   return lines + [""]
 
 
@@ -216,8 +243,8 @@ def to_markdown(m: dict, others: dict[str, dict] | None = None) -> str:
       "by that command (the training step alone, after warm-up, data on device; MFU from `train/flops.py`).", "",
       "## Training step", "",
       "| model | batch | device | dtype | step time (s) | tokens/s | model TFLOP/s | MFU | HF tokens/s | vs HF | "
-      "vs HF, round by round |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+      "vs HF, round by round | matmul probe, repeat_lm / HF (TFLOP/s) | HF step of its own probe |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in m["train"]:
     hf = r.get("hf", {})
@@ -226,11 +253,19 @@ def to_markdown(m: dict, others: dict[str, dict] | None = None) -> str:
         f"({r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}) | {r['tokens_per_s']:.0f} | "
         f"{r['model_tflops_per_s']:.3f} | {100 * mfu(r):.1f}% | "
         f"{hf.get('tokens_per_s', float('nan')):.0f} | {r.get('speedup_vs_hf', float('nan')):.2f}x | "
-        f"{bench.paired_speedup_label(r) or '-'} |")
+        f"{bench.paired_speedup_label(r) or '-'} | "
+        + probes_cell(peaks[r["dtype"]]["peak_flops"] / 1e12, hf_probe_tflops(r), hf.get("mfu_of_own_peak")))
   lines.append("")
   for dtype, r in peaks.items():
     lines += [f"Peak ({dtype} rows): {r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_flops_source']}; the highest "
               f"of the {dtype} processes here, so every {dtype} MFU is against the same peak).", ""]
+  if any(hf_probe_tflops(r) is not None for r in m["train"]):
+    lines += ["The matmul probes multiply square matrices of the same sizes in each framework's own process, in "
+              "the dtype its step multiplies in: XLA's dot for repeat_lm (its peak above), `torch.matmul` for "
+              "Hugging Face (the best of its probes beside the same rounds). The speed-up is the ratio of the two "
+              "probes times the ratio of the two steps' shares of their own probe; the libraries behind the probes "
+              "(YNNPACK in XLA; MKL's sgemm for PyTorch's float32, oneDNN for its bfloat16) run at different "
+              "rates on different processors.", ""]
   if any(r.get("hf", {}).get("autocast") for r in m["train"]):
     lines += ["Hugging Face runs a bfloat16 row's activations under `torch.autocast` (float32 parameters and "
               "optimizer, matmuls in bfloat16), the mixed precision repeat_lm's bfloat16 runs.", ""]

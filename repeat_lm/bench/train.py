@@ -176,16 +176,19 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
   hf = None
   if compare_hf:
     hf = hf_lib.HfStep(mcfg, cfg)
-  ours_times, hf_times = [], []
+  ours_times, hf_times, hf_peak = [], [], 0.0
   try:
     warmup_steps = warm_up(ours.run, cfg.warmup)
     if hf:
       hf.run(cfg.warmup)
+      hf_peak = hf.matmul_rate(flops.PROBE_SIZES, 8)  # as repeat_lm's first probe (flops.matmul_rate)
     for _ in range(cfg.rounds):  # Interleaved, so both see the same machine conditions.
       ours_times.append(ours.run(cfg.steps) / cfg.steps)
       if hf:
         hf_times.append(hf.run(cfg.steps) / cfg.steps)
       peak = flops.reprobed_peak(peak, mcfg.dtype)
+      if hf:  # the best of its probes too, as repeat_lm's peak
+        hf_peak = max(hf_peak, hf.matmul_rate(flops.PROBE_SIZES, 3))
   finally:
     if hf:
       hf.close()
@@ -218,6 +221,10 @@ def run_benchmark(model: EncoderDecoderModel, cfg: BenchConfig, *, compare_hf: b
     result["hf"] = {k: hf_summary[k] for k in ("step_time_s", "step_time_min_s", "step_time_max_s",
                                                "round_step_times_s", "tokens_per_s", "mfu")}
     result["hf"]["torch_threads"] = hf.threads
+    # Its own matmul peak (torch.matmul, the probe's sizes, in the dtype its matmuls run in) and its step's share of
+    # it: the speed-up is the product of the two frameworks' matmul rates and of how close each step comes to its own.
+    result["hf"]["matmul_peak_flops"] = hf_peak
+    result["hf"]["mfu_of_own_peak"] = flops_per_step / hf_summary["step_time_s"] / hf_peak
     result["hf"]["autocast"] = hf_lib.AUTOCAST_DTYPES.get(mcfg.dtype)  # None: float32 throughout
     result["speedup_vs_hf"] = result["tokens_per_s"] / hf_summary["tokens_per_s"]
     result.update(paired_speedups(ours_times, hf_times))
@@ -255,7 +262,8 @@ def format_report(r: dict) -> str:
     paired = bench.paired_speedup_label(r)
     lines.append(f"Hugging Face (PyTorch, {r['hf']['torch_threads']} threads{autocast}): step "
                  f"{r['hf']['step_time_s'] * 1e3:.1f} ms, {r['hf']['tokens_per_s']:.0f} tokens/s, "
-                 f"MFU {100 * r['hf']['mfu']:.1f}%; repeat_lm / HF = {r['speedup_vs_hf']:.2f}x"
+                 f"MFU {100 * r['hf']['mfu']:.1f}%" + _own_peak_label(r["hf"]) +
+                 f"; repeat_lm / HF = {r['speedup_vs_hf']:.2f}x"
                  + (f"; round by round {paired}" if paired else ""))
   if "profile" in r:
     p = r["profile"]
@@ -267,6 +275,15 @@ def format_report(r: dict) -> str:
     lines += [f"  {1e3 * row['seconds']:8.1f} ms  {row['part']:<36} floor {1e3 * row['floor_s']:8.1f} ms"
               for row in p.get("parts", [])]
   return "\n".join(lines)
+
+
+def _own_peak_label(hf: dict) -> str:
+  """' (X% of its own matmul probe, Y TFLOP/s)' where the result has the peer's probe (results from before it had
+  none)."""
+  if "matmul_peak_flops" not in hf:
+    return ""
+  return (f" ({100 * hf['mfu_of_own_peak']:.1f}% of its own torch.matmul probe, "
+          f"{hf['matmul_peak_flops'] / 1e12:.3f} TFLOP/s)")
 
 
 def compile_only(model: EncoderDecoderModel, cfg: BenchConfig,

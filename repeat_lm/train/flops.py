@@ -134,7 +134,11 @@ def probe_product(a: jax.Array) -> jax.Array:
   return cpu_layouts.wide_matmul(a, a)
 
 
-def matmul_rate(sizes: tuple[int, ...] = (2048, 3072), dtype: str = "float32", repeats: int = 8) -> float:
+# The square sizes of the CPU peak probe (and of the Hugging Face peer's probe of torch.matmul, bench/hf.py).
+PROBE_SIZES = (2048, 3072)
+
+
+def matmul_rate(sizes: tuple[int, ...] = PROBE_SIZES, dtype: str = "float32", repeats: int = 8) -> float:
   """FLOP/s of large square matmuls on the first device: the CPU's practical peak, where no table entry exists.
 
   The best over sizes and runs: other load on the machine only ever slows a run down, and on the 2-core test

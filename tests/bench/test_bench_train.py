@@ -75,6 +75,12 @@ def test_compare_hf_runs_the_peer_in_its_own_process_and_stops_it():
   ratios = r["speedup_vs_hf_by_round"]
   assert (f"; round by round {np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
           in bench_train.format_report(r))
+  # The peer's own matmul probe (torch.matmul, run in its process), and its step's share of it.
+  hf = r["hf"]
+  assert hf["matmul_peak_flops"] > 0
+  assert hf["mfu_of_own_peak"] == pytest.approx(r["model_flops_per_step"] / hf["step_time_s"] / hf["matmul_peak_flops"])
+  assert (f"({100 * hf['mfu_of_own_peak']:.1f}% of its own torch.matmul probe, "
+          f"{hf['matmul_peak_flops'] / 1e12:.3f} TFLOP/s)") in bench_train.format_report(r)
   assert not multiprocessing.active_children()  # the peer was shut down
 
 
@@ -117,6 +123,30 @@ def test_hf_peer_runs_low_precision_activations_under_autocast(dtype):
   assert {p.dtype for p in step.model.parameters()} == {torch.float32}
 
 
+def test_torch_matmul_probe_counts_2n_cubed_flops_keeps_the_fastest_run_and_multiplies_in_the_step_dtype(
+    monkeypatch):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from repeat_lm.bench import hf
+  # As flops.matmul_rate: fake clock, run times 2, 1, 4 s at n = 8, then 4, 8, 16 s at n = 16: 2 x 16^3 / 4.
+  ticks = iter(t for d in (2, 1, 4, 4, 8, 16) for t in (0.0, float(d)))
+  monkeypatch.setattr(hf.time, "perf_counter", lambda: next(ticks))
+  seen = []
+  real = torch.matmul
+  monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append((a.dtype, a.shape)) or real(a, b))
+  assert hf.torch_matmul_rate(torch.bfloat16, (8, 16), 3) == 2048.0
+  # One untimed call per size first, then the timed ones, all in the dtype asked for.
+  assert seen == [(torch.bfloat16, (8, 8))] * 4 + [(torch.bfloat16, (16, 16))] * 4
+  # The step's matmul dtype: its autocast dtype, else float32.
+  threads = torch.get_num_threads()
+  try:
+    for dtype in ("float32", "bfloat16", "float16"):
+      config = dataclasses.replace(tiny().module.config, dtype=dtype)
+      assert hf._TorchStep(config, CFG, threads=threads).matmul_dtype == dtype  # pylint: disable=protected-access
+  finally:
+    torch.set_num_threads(threads)
+
+
 def test_report_markdown_has_every_measured_row():
   from repeat_lm.bench import report
   run = {"batch_size": 8, "device": "1 x cpu", "dtype": "float32", "step_time_s": 3.5, "step_time_min_s": 3.4,
@@ -146,6 +176,12 @@ def test_report_markdown_has_every_measured_row():
   assert "Peak (float32 rows): 0.480 TFLOP/s (measured; the highest" in text
   assert "Peak (bfloat16 rows): 0.960 TFLOP/s (bf16 probe; the highest" in text
   assert "under `torch.autocast`" in text
+  # Without the peer's probe (results from before it was measured): repeat_lm's peak, and '-' for the peer.
+  assert "| 1.36x (1.30-1.41) | 0.480 / - | - |" in text and "The matmul probes multiply" not in text
+  probed = {**run, "hf": {**run["hf"], "matmul_peak_flops": 2.0e11, "mfu_of_own_peak": 0.5}}
+  text_probed = report.to_markdown({"train": [probed], "ablations": [], "compile": []})
+  assert "| 1.36x (1.30-1.41) | 0.480 / 0.200 | 50.0% |" in text_probed
+  assert "The matmul probes multiply square matrices of the same sizes" in text_probed
   assert "[performance_accelerator.md](performance_accelerator.md)" in text
   assert "| 250.0 | ynn_fusion | `f32[8,512,512]` | `mlp/wo` |" in text
   # The parts against their floor at the float32 peak (0.48 TFLOP/s): 720 GFLOP take 1.5 s there.
@@ -191,8 +227,9 @@ def test_report_keeps_the_rows_of_other_hosts_and_replaces_its_own(monkeypatch, 
   assert hosts["Xeon"]["train"][0]["mfu"] == pytest.approx(1 / 3)
   assert hosts["Xeon"]["train"][0]["vs_hf_round_by_round"] == "2.50x (2.40-2.60)"
   text = out.read_text()
-  assert "| EPYC | 2026-11-30 | float32 | 5.000 (3.900-4.200) | 1252 | 79.5% | 500 | 2.50x | 1.14x (0.81-1.16) |" \
-      in text
+  # repeat_lm's probe as its MFU implies (0.21 model TFLOP/s at 79.5% MFU: 0.264); the peer's, not measured then: '-'.
+  assert "| EPYC | 2026-11-30 | float32 | 5.000 (3.900-4.200) | 1252 | 79.5% | 500 | 2.50x | 1.14x (0.81-1.16) | " \
+         "0.264 / - | - |" in text
   assert "| Xeon |" not in text and "| float32 | 6.000 (3.900-4.200) |" in text
   # A damaged history stops the report before it measures, and is left as it was.
   del epyc["train"][0]["mfu"]
@@ -205,7 +242,8 @@ def test_report_keeps_the_rows_of_other_hosts_and_replaces_its_own(monkeypatch, 
   # Hand edits that would break the table of other hosts stop the report before it measures, not after.
   good = {**history["hosts"]["Xeon"]["train"][0], "mfu": 0.5}
   for bad in ({k: v for k, v in good.items() if k != "dtype"}, {**good, "hf_tokens_per_s": "500"},
-              {**good, "speedup_vs_hf": "2.5x"}, {**good, "vs_hf_round_by_round": 1.1}):
+              {**good, "speedup_vs_hf": "2.5x"}, {**good, "vs_hf_round_by_round": 1.1},
+              {**good, "hf_matmul_tflops": "0.2"}, {**good, "hf_mfu_of_own_peak": [0.5]}):
     damaged = json.dumps({"hosts": {"EPYC": {"date": "2026-11-30", "train": [bad]}}})
     (tmp_path / "performance.json").write_text(damaged)
     with pytest.raises(ValueError, match="performance.json: not the host history .* left as it is"):
@@ -222,6 +260,12 @@ def test_report_keeps_the_rows_of_other_hosts_and_replaces_its_own(monkeypatch, 
   report.write(out)
   assert "| EPYC | 2026-11-30 | float32 | 5.000 (3.900-4.200) | 1252 | 50.0% | nan | nanx | 2.50x (2.40-2.60) |" \
       in out.read_text()
+  # A row with the peer's probe keeps it (as the history entry of a report with the probe writes it).
+  probed = {**good, "hf_matmul_tflops": 0.2, "hf_mfu_of_own_peak": 0.45, "mfu": 0.7}
+  (tmp_path / "performance.json").write_text(json.dumps({"hosts": {"EPYC": {"date": "2026-11-30",
+                                                                              "train": [probed]}}}))
+  report.write(out)
+  assert "| 2.50x (2.40-2.60) | 0.300 / 0.200 | 45.0% |" in out.read_text()
 
 
 def test_profile_attributes_the_step_to_named_hlo_ops(tmp_path):
