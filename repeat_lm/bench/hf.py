@@ -157,16 +157,25 @@ def torch_matmul_rate(dtype, sizes: tuple[int, ...], repeats: int) -> float:
 
 def _serve(conn, config, bench_cfg, threads: int) -> None:
   """The peer process: build the step, then answer ('run', n) with the seconds n steps took and ('probe', (sizes,
-  repeats)) with its matmul rate, until None."""
+  repeats)) with its matmul rate, until None; a failure is answered ('error', what failed) and ends the process."""
   try:
     step = _TorchStep(config, bench_cfg, threads)
+    conn.send(("ready", None))
+    while (message := conn.recv()) is not None:
+      kind, arg = message
+      conn.send(("done", step.run(arg) if kind == "run" else step.matmul_rate(*arg)))
   except Exception as e:  # pylint: disable=broad-except
     conn.send(("error", f"{type(e).__name__}: {e}"))
-    return
-  conn.send(("ready", None))
-  while (message := conn.recv()) is not None:
-    kind, arg = message
-    conn.send(("done", step.run(arg) if kind == "run" else step.matmul_rate(*arg)))
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+  """multiprocessing's exit code in words: negative is the signal that ended the process, None still running."""
+  if exitcode is None:
+    return "stopped answering"
+  if exitcode < 0:
+    return f"was killed by signal {-exitcode}" + (" (SIGKILL, which the kernel's out-of-memory killer sends)"
+                                                  if exitcode == -9 else "")
+  return f"exited with status {exitcode}"
 
 
 class HfStep:
@@ -186,25 +195,42 @@ class HfStep:
     self._conn, child = ctx.Pipe()
     self._process = ctx.Process(target=_serve, args=(child, config, bench_cfg, self.threads), daemon=True)
     self._process.start()
-    status, detail = self._conn.recv()
-    if status != "ready":
-      self.close()
-      raise RuntimeError(f"The Hugging Face peer failed to start: {detail}")
+    self._ask(None, "start")
 
   def run(self, steps: int) -> float:
     """Seconds the peer took for `steps` steps (timed inside the peer, so the pipe is not counted)."""
-    self._conn.send(("run", steps))
-    return self._conn.recv()[1]
+    return self._ask(("run", steps), f"run {steps} step{'' if steps == 1 else 's'}")
 
   def matmul_rate(self, sizes: tuple[int, ...], repeats: int) -> float:
     """The peer's torch.matmul FLOP/s in the dtype its step multiplies in (torch_matmul_rate), probed in its
     process."""
-    self._conn.send(("probe", (tuple(sizes), repeats)))
-    return self._conn.recv()[1]
+    return self._ask(("probe", (tuple(sizes), repeats)), "probe its matmul rate")
+
+  def _ask(self, message, doing: str):
+    """Send `message` (None: only wait, for the start) and return the peer's answer; RuntimeError naming the cause
+    where the peer failed or its process ended (a bare EOFError before: e.g. the kernel's out-of-memory killer
+    ending the peer mid-round)."""
+    try:
+      if message is not None:
+        self._conn.send(message)
+      status, detail = self._conn.recv()
+    except (EOFError, OSError):
+      self._process.join(timeout=10)
+      how = _how_it_ended(self._process.exitcode)
+      self.close()
+      raise RuntimeError(f"The Hugging Face peer's process {how} when asked to {doing}. Run without --compare=hf, "
+                         "or free memory (a smaller --batch_size needs less)") from None
+    if status == "error":
+      self.close()
+      raise RuntimeError(f"The Hugging Face peer failed to {doing}: {detail}")
+    return detail
 
   def close(self) -> None:
     if self._process.is_alive():
-      self._conn.send(None)
+      try:
+        self._conn.send(None)
+      except OSError:  # the peer has closed its end (it failed)
+        pass
       self._process.join(timeout=30)
     if self._process.is_alive():
       self._process.kill()

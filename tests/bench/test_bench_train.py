@@ -147,6 +147,56 @@ def test_torch_matmul_probe_counts_2n_cubed_flops_keeps_the_fastest_run_and_mult
     torch.set_num_threads(threads)
 
 
+def test_hf_peer_failures_are_runtime_errors_that_say_what_happened(monkeypatch):
+  """A peer whose step raises answers with the error and ends; a peer process that dies (the out-of-memory killer's
+  SIGKILL mid-round) is named by how it ended, not an EOFError from the pipe."""
+  import multiprocessing
+  from repeat_lm.bench import hf
+
+  class FailingStep:
+    def __init__(self, *args):
+      del args
+
+    def run(self, steps):
+      raise MemoryError(f"no room for {steps} steps")
+
+  monkeypatch.setattr(hf, "_TorchStep", FailingStep)
+  ours, theirs = multiprocessing.Pipe()
+  ours.send(("run", 2))  # queued before the peer starts reading
+  hf._serve(theirs, None, CFG, 1)  # pylint: disable=protected-access  # returns once it has answered the error
+  assert ours.recv() == ("ready", None) and ours.recv() == ("error", "MemoryError: no room for 2 steps")
+
+  class Ended:
+    def __init__(self, exitcode):
+      self.exitcode = exitcode
+
+    def is_alive(self):
+      return False
+
+    def join(self, timeout=None):
+      del timeout
+
+  def peer(exitcode, answer=None):
+    step = object.__new__(hf.HfStep)
+    step._conn, other = multiprocessing.Pipe()  # pylint: disable=protected-access
+    step._process = Ended(exitcode)  # pylint: disable=protected-access
+    if answer:
+      other.send(answer)
+      step.peer_end = other  # kept open, as a live peer's is
+    else:
+      other.close()  # the peer's end of the pipe went with its process
+    return step
+
+  with pytest.raises(RuntimeError, match=r"peer failed to run 2 steps: MemoryError: no room for 2 steps$"):
+    peer(1, ("error", "MemoryError: no room for 2 steps")).run(2)
+  with pytest.raises(RuntimeError, match=r"process was killed by signal 9 \(SIGKILL, which the kernel's out-of-memory "
+                                         r"killer sends\) when asked to run 3 steps\. Run without --compare=hf"):
+    peer(-9).run(3)
+  with pytest.raises(RuntimeError, match="process exited with status 1 when asked to probe its matmul rate"):
+    peer(1).matmul_rate((8,), 1)
+  assert peer(1, ("done", 0.5)).run(1) == 0.5
+
+
 def test_report_markdown_has_every_measured_row():
   from repeat_lm.bench import report
   run = {"batch_size": 8, "device": "1 x cpu", "dtype": "float32", "step_time_s": 3.5, "step_time_min_s": 3.4,
