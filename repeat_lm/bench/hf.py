@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from repeat_lm import bench
+from repeat_lm.train import flops
 
 # repeat_lm activation dtypes the peer runs under torch.autocast (by torch dtype name); float32 runs as it is.
 AUTOCAST_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -94,8 +95,8 @@ class _TorchStep:
 
   def __init__(self, config, bench_cfg, threads: int):
     torch, transformers = _import()
-    self.config = config
     autocast = AUTOCAST_DTYPES.get(str(config.dtype))
+    self.matmul_dtype = autocast or "float32"  # what its matmuls multiply in, and so its probe
     self._precision = ((lambda: torch.autocast("cpu", dtype=getattr(torch, autocast))) if autocast
                        else contextlib.nullcontext)
     torch.set_num_threads(threads)
@@ -128,14 +129,10 @@ class _TorchStep:
     torch, _ = _import()
     return torch_matmul_rate(getattr(torch, self.matmul_dtype), sizes, repeats)
 
-  @property
-  def matmul_dtype(self) -> str:
-    return AUTOCAST_DTYPES.get(str(self.config.dtype), "float32")
-
 
 def torch_matmul_rate(dtype, sizes: tuple[int, ...], repeats: int) -> float:
   """FLOP/s of torch.matmul on square `dtype` matrices, the best over sizes and runs: the peer's own peak, probed as
-  repeat_lm's (train/flops.matmul_rate, the same sizes).
+  repeat_lm's (train/flops.matmul_rate: the same sizes, the same fastest_square_product).
 
   The two frameworks multiply with different libraries, whose rates differ by processor: PyTorch's float32 matmul is
   MKL's sgemm, and on a 2-core family-26 EPYC host (Zen 5) it ran at 0.21 TFLOP/s where XLA's (YNNPACK) ran at 0.51
@@ -144,15 +141,11 @@ def torch_matmul_rate(dtype, sizes: tuple[int, ...], repeats: int) -> float:
   one processor, and the report prints both probes beside it.
   """
   torch, _ = _import()
-  best = 0.0
-  for n in sizes:
+
+  def product_of(n):
     a = torch.rand((n, n), dtype=dtype)
-    torch.matmul(a, a)  # the first call allocates and picks the kernel
-    for _ in range(repeats):
-      start = time.perf_counter()
-      torch.matmul(a, a)
-      best = max(best, 2 * n**3 / (time.perf_counter() - start))
-  return best
+    return lambda: torch.matmul(a, a)
+  return flops.fastest_square_product(product_of, sizes, repeats)
 
 
 def _serve(conn, config, bench_cfg, threads: int) -> None:

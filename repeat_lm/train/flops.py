@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -145,14 +146,25 @@ def matmul_rate(sizes: tuple[int, ...] = PROBE_SIZES, dtype: str = "float32", re
   machine probes read anywhere between 0.37 and 0.51 TFLOP/s from one process to the next. `dtype` is the
   operands' (the model's activation dtype): CPUs with bfloat16 dot instructions multiply bfloat16 about twice as fast.
   """
-  best_rate = 0.0
-  for n in sizes:
+  def product_of(n):
     x = jax.random.uniform(jax.random.key(0), (n, n), dtype)
     f = jax.jit(probe_product)
-    f(x).block_until_ready()
+    return lambda: f(x).block_until_ready()
+  return fastest_square_product(product_of, sizes, repeats)
+
+
+def fastest_square_product(product_of: Callable[[int], Callable[[], object]], sizes: tuple[int, ...],
+                           repeats: int) -> float:
+  """FLOP/s (2 n^3 per n x n by n x n product) of the fastest of `repeats` timed runs at each size, after one
+  untimed run per size (compilation, allocation, the kernel's choice). `product_of(n)` returns a function that runs
+  one product to completion: this module's JAX probe and the Hugging Face peer's torch.matmul probe (bench/hf.py)."""
+  best_rate = 0.0
+  for n in sizes:
+    product = product_of(n)
+    product()
     for _ in range(repeats):
       start = time.perf_counter()
-      f(x).block_until_ready()
+      product()
       best_rate = max(best_rate, 2 * n**3 / (time.perf_counter() - start))
   return best_rate
 

@@ -130,7 +130,7 @@ def test_torch_matmul_probe_counts_2n_cubed_flops_keeps_the_fastest_run_and_mult
   from repeat_lm.bench import hf
   # As flops.matmul_rate: fake clock, run times 2, 1, 4 s at n = 8, then 4, 8, 16 s at n = 16: 2 x 16^3 / 4.
   ticks = iter(t for d in (2, 1, 4, 4, 8, 16) for t in (0.0, float(d)))
-  monkeypatch.setattr(hf.time, "perf_counter", lambda: next(ticks))
+  monkeypatch.setattr(flops.time, "perf_counter", lambda: next(ticks))
   seen = []
   real = torch.matmul
   monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append((a.dtype, a.shape)) or real(a, b))
