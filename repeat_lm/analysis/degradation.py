@@ -5,7 +5,9 @@ evaluation points, a point is *within tolerance* when bad <= bad[best] + tol (to
 `rel_tolerance` x |best value|, 0.5% by default). Degradation is sustained from the first point after the last
 within-tolerance point, provided at least `min_points` (2) evaluation points lie from it (included) to the end and
 none returns within tolerance; that point is the onset. A NaN (diverged) evaluation counts as worse than any value;
-a curve with no finite value has no best (nor its step), no gap and no onset.
+a curve with no finite value has no best (nor its step), no gap and no onset. A run whose final evaluation is not
+finite (a curve's last point, or a table row with a best value) is `diverged`: the report says so instead of
+nan / inf, and counts such runs per factor value (their gaps are not in the mean gap).
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def run_rows(runs: list[results.Run], metric: str, tolerance: float | None = Non
       # The table's best_step is the best accuracy's; the best loss's step is not in it.
       row.update(best=best, best_step=r.best_step if higher else math.nan, best_tokens=math.nan, final=final,
                  gap=(best - final) if higher else (final - best), onset_step=None, onset_tokens=None,
-                 onset_epoch=None)
+                 onset_epoch=None,
+                 # Both empty is a run without an evaluation (e.g. unfinished), not a diverged one.
+                 diverged=not math.isfinite(final) and math.isfinite(best))
     else:
       curves[r.run] = curve
       o = detect(curve.value, higher_is_better=higher, tolerance=tolerance, rel_tolerance=rel_tolerance)
@@ -86,7 +90,7 @@ def run_rows(runs: list[results.Run], metric: str, tolerance: float | None = Non
                  onset_step=None if o.onset_index is None else float(curve.step[o.onset_index]),
                  onset_tokens=onset_tokens,
                  onset_epoch=onset_tokens / r.unique_tokens if onset_tokens is not None and r.unique_tokens > 0
-                 else None)
+                 else None, diverged=not math.isfinite(o.final_value))
     rows.append(row)
   return rows, curves
 
@@ -104,7 +108,8 @@ def _sort_key(value):
 
 
 def factor_summary(runs: list[results.Run], rows: list[dict], factor: str) -> list[dict]:
-  """Per value of `factor`: runs, how many degrade, mean gap, median onset epoch."""
+  """Per value of `factor`: runs, how many degrade, how many diverged, mean gap (of the runs with a finite one),
+  median onset epoch."""
   groups = defaultdict(list)
   for r, row in zip(runs, rows):
     groups[r.get(factor)].append(row)
@@ -113,10 +118,20 @@ def factor_summary(runs: list[results.Run], rows: list[dict], factor: str) -> li
     g = groups[value]
     onsets = [row["onset_epoch"] for row in g if row["onset_epoch"] is not None]
     gaps = [row["gap"] for row in g if math.isfinite(row["gap"])]
+    # Counted, since their infinite gaps are left out of the mean: a group of a diverged and a healthy run read
+    # as "mean gap 0", no degradation on average.
     out.append({factor: value, "runs": len(g), "degrading": sum(row["onset_step"] is not None for row in g),
+                "diverged": sum(bool(row.get("diverged")) for row in g),
                 "mean_gap": float(np.mean(gaps)) if gaps else math.nan,
                 "median_onset_epoch": float(np.median(onsets)) if onsets else None})
   return out
+
+
+def _shown(rows: list[dict], every_diverged=lambda row: row.get("diverged")) -> list[dict]:
+  """Rows for the report: a diverged run's (or an all-diverged group's) non-finite numbers read `diverged`, not
+  nan / inf. The returned rows, and the JSON, keep the numbers."""
+  return [{k: "diverged" if every_diverged(row) and isinstance(v, float) and not math.isfinite(v) else v
+           for k, v in row.items()} for row in rows]
 
 
 def plot_factor(path: Path, runs: list[results.Run], rows: list[dict], curves: dict, metric: str,
@@ -156,9 +171,12 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
     if factor:
       summaries[factor] = factor_summary(runs, rows, factor)
   degrading = [row for row in rows if row["onset_step"] is not None]
+  diverged = [row["run"] for row in rows if row["diverged"]]
   tol_text = (f"{tolerance:g} (absolute)" if tolerance is not None else f"{rel_tolerance:.2%} of the best value")
   text = (f"{len(rows)} runs, {len(curves)} with curves (metrics.jsonl); metric `{metric}`. "
-          f"{len(degrading)} show sustained degradation.\n\n"
+          f"{len(degrading)} show sustained degradation."
+          + (f" {len(diverged)} diverged (final `{metric}` not finite): {', '.join(f'`{r}`' for r in diverged)}."
+             if diverged else "") + "\n\n"
           f"Onset: the first evaluation point after which `{metric}` never comes back within the tolerance "
           f"({tol_text}) of the run's best value, with at least {MIN_POINTS} evaluation points from it to the end. "
           "Gap: how much worse the final value is than the best. Onset epoch = tokens seen at the onset / unique "
@@ -171,8 +189,11 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
     largest = max(rows, key=lambda row: row["gap"] if math.isfinite(row["gap"]) else -math.inf)
     text += (f"\n\nEarliest onset: `{first['run']}` at step {report.fmt(first['onset_step'])}"
              + (f" (epoch {first['onset_epoch']:.3g})" if first["onset_epoch"] is not None else "")
-             + f". Largest gap: `{largest['run']}` ({largest['gap']:.4g}).")
-  sections = [("Summary", text, pngs, rows)]
-  sections += [(f"By {f}", f"Runs grouped by `{f}`.", None, s) for f, s in summaries.items()]
+             + f". Largest gap{' of a run that did not diverge' if diverged else ''}: `{largest['run']}` "
+             f"({largest['gap']:.4g}).")
+  sections = [("Summary", text, pngs, _shown(rows))]
+  all_diverged = lambda g: g["diverged"] and g["diverged"] == g["runs"]  # noqa: E731 - no run with a finite gap
+  sections += [(f"By {f}", f"Runs grouped by `{f}`; `mean_gap` over the runs that did not diverge.", None,
+                _shown(s, all_diverged)) for f, s in summaries.items()]
   paths = report.write_report(out_dir, f"Degradation ({metric})", sections)
   return {"metric": metric, "runs": rows, "by_factor": summaries, "plots": [str(p) for p in pngs], **paths}

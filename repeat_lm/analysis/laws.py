@@ -23,6 +23,10 @@ from repeat_lm import checks
 
 LAWS = ("chinchilla", "data-constrained")
 HUBER_DELTA = 1e-3
+# A term below this share of the predicted loss at every run moves no log residual by more than a thousandth of the
+# Huber delta: the runs cannot tell its coefficient and exponent from any others that keep it negligible, and the
+# optimiser leaves them where it started.
+NEGLIGIBLE = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +50,23 @@ class Constants:
   @classmethod
   def from_dict(cls, d: dict) -> Constants:
     d = d.get("constants", d)
+    if not isinstance(d, dict):  # {"constants": 5} ended in "argument of type 'int' is not iterable"
+      raise ValueError(f'"constants" holds a JSON {type(d).__name__}, not an object of constants; give '
+                       '{"constants": {"E": ..., "A": ...}} or the constants at the top level.')
     names = [f.name for f in dataclasses.fields(cls)]
     missing = [k for k in names[:5] if k not in d]
     if missing:
       raise ValueError(f"Constants need {', '.join(names[:5])} (and R_D_star, R_N_star for the data-constrained "
                        f"law); missing: {', '.join(missing)}.")
+    # A null read as "left out" and ended in a TypeError from the constructor; `analyze fit --json` writes a
+    # non-finite number as null, so its own output could do this.
+    null = [k for k in names[:5] if d[k] is None]
+    if null:
+      raise ValueError(f"Constant {', '.join(null)} is null; give every constant as a positive JSON number (a fit "
+                       "that wrote null did not find a finite value: refit, or take the published constants).")
     values = {}
     for k in names:
-      if d.get(k) is None:
+      if d.get(k) is None:  # R_D_star / R_N_star: null or absent is the chinchilla law
         continue
       try:
         values[k] = float(d[k])
@@ -90,7 +103,10 @@ def load_constants(path: str | Path, flag: str = "--law-constants") -> Constants
     raise ValueError(f"{flag}={path} is not JSON ({e}); {fix}.") from e
   if not isinstance(data, dict):
     raise ValueError(f"{flag}={path} holds a JSON {type(data).__name__}, not an object; {fix}.")
-  return Constants.from_dict(data)
+  try:
+    return Constants.from_dict(data)
+  except ValueError as e:  # from_dict names the key; only here is the file known
+    raise ValueError(f"{flag}={path}: {e}") from e
 
 
 def constants_for(law: str, path: str | Path | None = None, flag: str = "--law-constants") -> Constants:
@@ -174,6 +190,9 @@ class Fit:
   # Constants the optimum left on an edge of the search (_BOUNDS): the runs do not determine them (or contradict the
   # law), and their value and bootstrap interval are the edge's, not an estimate.
   at_bounds: list[str] = dataclasses.field(default_factory=list)
+  # Constants of a term negligible at every run (_negligible), not on a bound: their value is the start point's and
+  # their bootstrap interval has no width, not an estimate either.
+  undetermined: list[str] = dataclasses.field(default_factory=list)
 
   def ci(self, level: float = 0.95) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of every constant (empty without bootstrap samples)."""
@@ -202,6 +221,13 @@ def _to_theta(c: Constants) -> np.ndarray:
 
 def _log_predict(theta: np.ndarray, log_n, log_d, log_u) -> np.ndarray:
   """log L_hat for theta of shape (..., P) and data of shape (n,): (..., n)."""
+  terms = _log_terms(theta, log_n, log_d, log_u)
+  top = terms.max(axis=0)
+  return top + np.log(np.exp(terms - top).sum(axis=0))
+
+
+def _log_terms(theta: np.ndarray, log_n, log_d, log_u) -> np.ndarray:
+  """log of the law's three terms (A / N'^alpha, B / D'^beta, E): (3, ..., n)."""
   col = lambda i: theta[..., i, None]  # noqa: E731
   e, a, b, alpha, beta = (col(i) for i in range(5))
   if theta.shape[-1] == 7:
@@ -210,13 +236,27 @@ def _log_predict(theta: np.ndarray, log_n, log_d, log_u) -> np.ndarray:
     log_un = np.minimum(log_n, beta / alpha * (log_u + log_g) + log_g)
     log_n = log_un + np.log1p(r_n * -np.expm1(-np.maximum(np.exp(log_n - log_un) - 1.0, 0.0) / r_n))
     log_d = log_u + np.log1p(r_d * -np.expm1(-np.maximum(np.exp(log_d - log_u) - 1.0, 0.0) / r_d))
-  terms = np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e))
-  top = terms.max(axis=0)
-  return top + np.log(np.exp(terms - top).sum(axis=0))
+  return np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e))
 
 
 def _at_bounds(theta: np.ndarray) -> list[str]:
   return [name for name, x, (lo, hi) in zip(_NAMES, theta, _BOUNDS) if min(x - lo, hi - x) <= 1e-6]
+
+
+# The constants each term of _log_terms depends on: R_N* enters only through N', R_D* only through D'.
+_TERM_CONSTANTS = (("A", "alpha", "R_N_star"), ("B", "beta", "R_D_star"), ("E",))
+
+
+def _negligible(theta: np.ndarray, log_n, log_d, log_u) -> list[str]:
+  """Constants of a term below NEGLIGIBLE of the prediction at every run (those on a bound excepted: _at_bounds
+  names them). E.g. a loss that grows with N: the fit drives A / N^alpha to ~0 and A, alpha stay at their start."""
+  with np.errstate(all="ignore"):
+    terms = _log_terms(theta, log_n, log_d, log_u)
+    share = np.exp(terms - _log_predict(theta, log_n, log_d, log_u))
+  names = set(_NAMES[:theta.size])
+  out = [k for i, ks in enumerate(_TERM_CONSTANTS) if np.all(share[i] < NEGLIGIBLE) for k in ks if k in names]
+  bounded = set(_at_bounds(theta))
+  return [k for k in _NAMES if k in out and k not in bounded]
 
 
 def _huber(r: np.ndarray, delta: float) -> np.ndarray:
@@ -342,7 +382,8 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
   # L-BFGS-B's tiny BLAS calls are ~20x slower when OpenBLAS wakes its threads for each.
   with threadpool_limits(1, user_api="blas"):
     theta, value = _minimise(obj, starts)
-    result = Fit(_to_constants(theta), value, int(n.size), at_bounds=_at_bounds(theta))
+    result = Fit(_to_constants(theta), value, int(n.size), at_bounds=_at_bounds(theta),
+                 undetermined=_negligible(theta, *obj.data))
     rng = np.random.default_rng(seed)
     for _ in range(bootstrap):
       idx = rng.integers(0, n.size, n.size)

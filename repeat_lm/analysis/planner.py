@@ -46,8 +46,16 @@ def sufficient_compute(c: laws.Constants, unique: float, compute: float, loss: f
   planned = lambda log_c: float(_loss(c, math.log(optimal_params(c, unique, math.exp(log_c), 1001)),  # noqa: E731
                                       math.exp(log_c), unique))
   target = loss * (1 + SUFFICIENT_REL)
-  lo, hi = math.log(compute) - 12 * math.log(10), math.log(compute)
-  if planned(lo) <= target:
+  step = 12 * math.log(10)
+  lo, hi = math.log(compute) - step, math.log(compute)
+  # Down in steps of 12 decades until a compute falls short: a floor fixed at 1e-12 C was itself "sufficient" for
+  # C >= ~1e31 once the data had saturated the loss, and the answer was just 1e-12 C. The bound (300 decades) only
+  # stops a law whose loss never rises as compute falls.
+  for _ in range(25):
+    if not planned(lo) <= target:
+      break
+    lo, hi = lo - step, lo
+  else:
     return math.exp(lo)
   for _ in range(50):
     mid = (lo + hi) / 2

@@ -9,6 +9,7 @@ come from a `chip_hours` column when the table has one, else from FLOPs / `chip_
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,8 +68,21 @@ def rank_agreement(a: dict[float, float], b: dict[float, float]) -> dict:
   if len(common) < 3:
     return {"rates": common, "spearman": None, "kendall": None}
   x, y = [a[k] for k in common], [b[k] for k in common]
-  return {"rates": common, "spearman": float(stats.spearmanr(x, y).statistic),
-          "kendall": float(stats.kendalltau(x, y).statistic)}
+  # NaN (a diverged run's NaN metric, or a sweep whose metric ties at every rate) is no correlation: None, which
+  # the report calls undefined, rather than "Spearman nan".
+  with np.errstate(all="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", stats.ConstantInputWarning)  # said here as "undefined", not on stderr
+    spearman, kendall = float(stats.spearmanr(x, y).statistic), float(stats.kendalltau(x, y).statistic)
+  return {"rates": common, "spearman": spearman if math.isfinite(spearman) else None,
+          "kendall": kendall if math.isfinite(kendall) else None}
+
+
+def _why_no_agreement(a: dict[float, float], b: dict[float, float]) -> str:
+  rates = sorted(set(a) & set(b))
+  diverged = [f"{k:g}" for k in rates if not (math.isfinite(a[k]) and math.isfinite(b[k]))]
+  if diverged:
+    return f"the final metric is NaN at {', '.join(diverged)}: a diverged run"
+  return "one side's final metric is the same at every rate, so it ranks nothing"
 
 
 def _normalised(curve: results.Curve, grid: np.ndarray) -> np.ndarray:
@@ -105,9 +119,21 @@ def run_chip_hours(run: results.Run, chip_flops_per_s: float | None) -> float | 
 
 
 def tuning_cost(sweep: list[results.Run], dense: list[results.Run], column: str, chosen: float,
-                cost=run_flops) -> dict:
+                cost=run_flops, what: str = "FLOPs (flops_per_token x tokens_seen)") -> dict:
   """Proxy (sweep + one dense run at `chosen`) vs direct (a dense run for every run of the sweep, at its rate: as
-  many seeds per rate as the sweep ran), in units of `cost(run)`."""
+  many seeds per rate as the sweep ran), in units of `cost(run)`. `what`: the cost's name, for the errors."""
+  # A NaN cost (an empty flops_per_token) gave "nan vs nan = nanx", zero ones a ZeroDivisionError, negative ones a
+  # confident ratio of two negative costs: none is a cost.
+  costs = {r.run: cost(r) for r in sweep + dense}
+  bad = {"missing": [k for k, v in costs.items() if v is None or math.isnan(v)],
+         "negative": [k for k, v in costs.items() if v is not None and v < 0],
+         "zero": [k for k, v in costs.items() if v == 0], "infinite": [k for k, v in costs.items() if v == math.inf]}
+  bad = {k: v for k, v in bad.items() if v}
+  if bad:
+    raise ValueError(f"The {what} of a run must be a positive, finite number; it is "
+                     + "; ".join(f"{k} in run(s) {', '.join(v)}" for k, v in bad.items())
+                     + ". Fill in or fix those runs' cells (`repeat-lm collect` writes flops_per_token and "
+                     "tokens_seen; a measured cost can go in a chip_hours column).")
   dense_at = defaultdict(list)
   for r in dense:
     dense_at[r.get(column)].append(cost(r))
@@ -150,17 +176,26 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
       s = curve_similarity(curves[m[0].run], curves[d[0].run])
       if s:
         similarity.append({column: rate, "moe_run": m[0].run, "dense_run": d[0].run, **s})
-  costs = {"flops": tuning_cost(sweep, dense, column, moe_best)}
+  # A cost that cannot be computed is left out of `cost` and its reason kept in `cost_undefined`: the rates and
+  # their agreement still stand without it.
+  costs, undefined = {}, {}
+  try:
+    costs["flops"] = tuning_cost(sweep, dense, column, moe_best)
+  except ValueError as e:
+    undefined["flops"] = str(e)
   # Every run needs a number: a `nan` chip_hours cell (csv writes missing floats so) without --chip_flops_per_s has
   # none, and one missing run would make the sums fail.
   if all(run_chip_hours(r, chip_flops_per_s) is not None for r in sweep + dense):
-    costs["chip_hours"] = tuning_cost(sweep, dense, column, moe_best,
-                                      lambda r: run_chip_hours(r, chip_flops_per_s))
-    if price_per_chip_hour:
+    try:
+      costs["chip_hours"] = tuning_cost(sweep, dense, column, moe_best, lambda r: run_chip_hours(r, chip_flops_per_s),
+                                        "chip-hours (chip_hours, else FLOPs / --chip_flops_per_s)")
+    except ValueError as e:
+      undefined["chip_hours"] = str(e)
+    if price_per_chip_hour and "chip_hours" in costs:
       costs["usd"] = {k: v * price_per_chip_hour if k != "ratio" else v for k, v in costs["chip_hours"].items()}
   result = {"rate_column": column, "metric": metric, "moe_by_rate": moe_table, "dense_by_rate": dense_table,
             "moe_best_rate": moe_best, "dense_best_rate": dense_best, "same_best_rate": moe_best == dense_best,
-            "rank_agreement": agreement, "curve_similarity": similarity, "cost": costs}
+            "rank_agreement": agreement, "curve_similarity": similarity, "cost": costs, "cost_undefined": undefined}
   result["report"] = _report(out_dir, result, sweep, dense, curves, column)
   return result
 
@@ -181,19 +216,27 @@ def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict
   if series:
     png.append(plots.save(out_dir / "proxy_curves.png", series, title=f"{metric}: MoE (solid) vs dense (dashed)",
                           xlabel="tokens seen", ylabel=metric))
-  ag, flops = res["rank_agreement"], res["cost"]["flops"]
+  ag = res["rank_agreement"]
   text = (f"MoE sweep: {len(sweep)} runs over {column} = {', '.join(f'{r:g}' for r in res['moe_by_rate'])}; best "
           f"{res['moe_best_rate']:g}. Dense: {len(dense)} runs; best {res['dense_best_rate']:g} "
           f"({'the same rate' if res['same_best_rate'] else 'a different rate'}).")
-  if ag["spearman"] is not None:
-    text += (f" Over the {len(ag['rates'])} rates both ran, rank agreement of final {metric}: Spearman "
-             f"{ag['spearman']:.3f}, Kendall {ag['kendall']:.3f}.")
+  if len(ag["rates"]) >= 3:
+    text += f" Over the {len(ag['rates'])} rates both ran, rank agreement of final {metric}: " + (
+        f"Spearman {ag['spearman']:.3f}, Kendall {ag['kendall']:.3f}." if ag["spearman"] is not None else
+        f"undefined ({_why_no_agreement(res['moe_by_rate'], res['dense_by_rate'])}).")
   text += (f"\n\nTuning cost, proxy (the MoE sweep + one dense run at {res['moe_best_rate']:g}) vs direct (dense at "
-           f"every swept rate): {flops['proxy']:.3g} vs {flops['direct']:.3g} FLOPs = **{flops['ratio']:.3f}x**.")
+           "every swept rate): ")
+  if "flops" in res["cost"]:
+    flops = res["cost"]["flops"]
+    text += f"{flops['proxy']:.3g} vs {flops['direct']:.3g} FLOPs = **{flops['ratio']:.3f}x**."
+  else:
+    text += f"in FLOPs undefined: {res['cost_undefined']['flops']}"
   for unit, name in (("chip_hours", "chip-hours"), ("usd", "USD")):
     if unit in res["cost"]:
       c = res["cost"][unit]
       text += f" In {name}: {c['proxy']:.4g} vs {c['direct']:.4g} ({c['ratio']:.3f}x)."
+    elif unit in res["cost_undefined"]:
+      text += f" In {name}: undefined: {res['cost_undefined'][unit]}"
   rows = [{column: r, "moe_final": res["moe_by_rate"].get(r), "dense_final": res["dense_by_rate"].get(r)}
           for r in rates]
   sections = [("Summary", text, png, rows)]

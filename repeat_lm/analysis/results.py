@@ -3,6 +3,9 @@
 Required of the table: a header row; `run`; the numeric columns below (empty cells read as NaN); `model_dir` (the
 run's directory, absolute or relative to the CSV's folder) for curves. Every other column is kept as text in
 `Run.extra`: the varied gin values (e.g. `DROPOUT_RATE`) and anything else collect adds.
+
+Refused, naming the line: a row with more or fewer cells than the header (an unquoted comma shifts every later
+column), and text or a negative number in a numeric column (all of them are counts, losses or accuracies).
 """
 
 from __future__ import annotations
@@ -77,8 +80,12 @@ def _maybe_float(text: str):
 
 
 def _float(text: str | None) -> float:
+  """A numeric cell: empty (a missing value, e.g. an unfinished run's loss) is NaN; text is a ValueError, not NaN,
+  which would leave the run out of a fit unnamed, or read its unique_tokens as "every token fresh"."""
   value = math.nan if text in (None, "") else _maybe_float(text)
-  return value if isinstance(value, float) else math.nan
+  if not isinstance(value, float):
+    raise ValueError(f"{text!r} is not a number")
+  return value
 
 
 def _parquet_rows(path: Path) -> list[dict[str, str]]:
@@ -106,12 +113,18 @@ def read_results(path: str | Path) -> list[Run]:
                             "(SWEEP_ROOT/results.csv).")
   if path.suffix == ".parquet":  # `repeat-lm collect --out=results.parquet`
     rows = _parquet_rows(path)
+    lines = list(range(2, len(rows) + 2))  # as the CSV's: the header is line 1
+    reader = None
   else:
     try:
       # utf-8-sig: a table saved from a spreadsheet ("CSV UTF-8") starts with a byte-order mark, which would be read
       # as part of the first column's name (`\ufeffrun`), and the table refused for want of a `run` column.
       with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows, lines = [], []
+        for row in reader:
+          rows.append(row)
+          lines.append(reader.line_num)  # the row's (last) line: a quoted cell may span lines
     except UnicodeDecodeError as e:
       raise ValueError(f"{path} is not UTF-8 text (offset {e.start}): pass the CSV `repeat-lm collect` "
                        "writes.") from e
@@ -121,22 +134,48 @@ def read_results(path: str | Path) -> list[Run]:
     raise ValueError(f"{path}: no runs in the results table.")
   if "run" not in rows[0]:
     raise ValueError(f"{path}: the results table needs a `run` column (the CSV `repeat-lm collect` writes).")
+  if reader is not None:
+    _check_cells(path, reader.fieldnames, rows, lines)
   seen: dict[str, int] = {}
-  for line, row in enumerate(rows, start=2):
+  for line, row in zip(lines, rows):
     if row["run"] in seen:  # curves and plots are keyed by run: one would be drawn with the other's
       raise ValueError(f"{path}: run {row['run']!r} appears on lines {seen[row['run']]} and {line}; give every row its "
                        "own name (e.g. prefix the sweep's when concatenating tables).")
     seen[row["run"]] = line
   runs = []
-  for row in rows:
+  for line, row in zip(lines, rows):
     model_dir = row.get("model_dir") or None
     if model_dir and not Path(model_dir).is_absolute():
       model_dir = str(path.parent / model_dir)
     known = {"run", "status", "model_dir", *NUMERIC}
     runs.append(Run(run=row["run"], status=row.get("status") or "", model_dir=model_dir,
                     extra={k: v for k, v in row.items() if k not in known and k is not None},
-                    **{k: _float(row.get(k)) for k in NUMERIC}))
+                    **{k: _numeric_cell(path, line, k, row.get(k)) for k in NUMERIC}))
   return runs
+
+
+def _check_cells(path: Path, header: list[str], rows: list[dict], lines: list[int]) -> None:
+  """Every row has the header's number of cells. csv.DictReader files a row's extra cells under the key None and
+  fills missing ones with None: one cell too many (an unquoted comma) shifted every later column into the wrong
+  one, and the shifted numbers entered the fits."""
+  for line, row in zip(lines, rows):
+    extra = row.get(None) or []
+    cells = len(header) + len(extra) if extra else sum(v is not None for k, v in row.items() if k is not None)
+    if cells != len(header):
+      raise ValueError(f"{path}: line {line} has {cells} cells, the header {len(header)}: every later column of that "
+                       "row would be read as the wrong one. Quote a cell that holds a comma, or fix the row.")
+
+
+def _numeric_cell(path: Path, line: int, column: str, text: str | None) -> float:
+  try:
+    value = _float(text)
+  except ValueError:
+    raise ValueError(f"{path}: line {line}: {column}={text!r} is not a number; give a number, or leave the cell "
+                     "empty for a missing value.") from None
+  if value < 0:  # counts, losses and accuracies: a negative unique_tokens read as "every token fresh"
+    raise ValueError(f"{path}: line {line}: {column}={text} is negative, which a {column} cannot be; fix the cell, or "
+                     "leave it empty for a missing value.")
+  return value
 
 
 def columns(runs: list[Run]) -> list[str]:

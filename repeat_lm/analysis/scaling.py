@@ -23,15 +23,39 @@ def loss_tokens(r: results.Run) -> float:
   return r.final_eval_tokens if math.isfinite(r.final_eval_tokens) else r.tokens_seen
 
 
-def fit_data(runs: list[results.Run], max_epochs: float | None = None) -> tuple[list[results.Run], dict]:
-  """The runs a fit can use and their arrays n, d, u, loss."""
+def left_out(runs: list[results.Run], max_epochs: float | None = None) -> dict[str, str]:
+  """{run: why} for the runs a fit cannot use: "29 runs (of 30)" named neither the run nor the reason (an
+  unfinished run's empty loss, a typo'd cell, a run past --max_epochs)."""
   # NaN or a cut <= 0 (`analyze fit --max_epochs` takes any float) dropped every run of known unique tokens and
   # fitted the rest as if nothing were wrong.
   if max_epochs is not None and not max_epochs > 0:
     raise ValueError(f"--max_epochs={max_epochs} must be a number of epochs > 0 (or left out: every run).")
-  used = [r for r in runs if all(math.isfinite(x) and x > 0 for x in (r.params, loss_tokens(r), r.final_eval_loss))]
-  if max_epochs is not None:
-    used = [r for r in used if not (r.unique_tokens > 0) or loss_tokens(r) / r.unique_tokens <= max_epochs + 1e-9]
+  why = {}
+  for r in runs:
+    for name, x in (("params", r.params), ("tokens_seen", loss_tokens(r)), ("final_eval_loss", r.final_eval_loss)):
+      if not (math.isfinite(x) and x > 0):
+        why[r.run] = f"no {name}" if math.isnan(x) else f"{name}={x:g}"
+        break
+    else:
+      if r.unique_tokens < 0:  # not "unknown" (empty, read as every token fresh): impossible
+        why[r.run] = f"unique_tokens={r.unique_tokens:g}"
+      elif max_epochs is not None and r.unique_tokens > 0 and loss_tokens(r) / r.unique_tokens > max_epochs + 1e-9:
+        why[r.run] = f"{loss_tokens(r) / r.unique_tokens:.3g} epochs > --max_epochs={max_epochs:g}"
+  return why
+
+
+def left_out_note(why: dict[str, str]) -> str:
+  """A sentence naming the runs a fit left out and why ("" if none)."""
+  if not why:
+    return ""
+  return (f"\n\nLeft out {len(why)} run{'s' if len(why) > 1 else ''}: "
+          + "; ".join(f"`{run}` ({reason})" for run, reason in why.items()) + ".")
+
+
+def fit_data(runs: list[results.Run], max_epochs: float | None = None) -> tuple[list[results.Run], dict]:
+  """The runs a fit can use and their arrays n, d, u, loss (`left_out` names the others)."""
+  why = left_out(runs, max_epochs)
+  used = [r for r in runs if r.run not in why]
   arrays = {"n": np.array([r.params for r in used]), "d": np.array([loss_tokens(r) for r in used]),
             "u": np.array([r.unique_tokens if r.unique_tokens > 0 else math.nan for r in used]),
             "loss": np.array([r.final_eval_loss for r in used])}
@@ -47,17 +71,27 @@ def fit_runs(runs: list[results.Run], law: str, *, bootstrap: int = 0, seed: int
 def constants_json(f: laws.Fit) -> dict:
   """The `analyze fit --json` object: the constants, `ci` {name: [lo, hi]}, and what was fitted."""
   return {**f.constants.to_dict(), "law": f.constants.law, "ci": f.ci(), "runs": f.n_points,
-          "bootstrap": len(f.samples), "objective": f.objective, "at_bounds": f.at_bounds}
+          "bootstrap": len(f.samples), "objective": f.objective, "at_bounds": f.at_bounds,
+          "undetermined": f.undetermined}
 
 
 def bounds_note(f: laws.Fit) -> str:
-  """A sentence naming the constants the fit left on an edge of its search ("" if none)."""
-  if not f.at_bounds:
-    return ""
-  names = ", ".join(f.at_bounds)
-  return (f"\n\n**{names} ran to the edge of the fit's search range**: the runs do not determine "
-          f"{'it' if len(f.at_bounds) == 1 else 'them'} (or contradict the law), so the value and its interval are "
-          "that edge, not an estimate.")
+  """Sentences naming the constants the fit left on an edge of its search, or whose term is negligible at every run
+  ("" if none)."""
+  text = ""
+  if f.at_bounds:
+    names = ", ".join(f.at_bounds)
+    text += (f"\n\n**{names} ran to the edge of the fit's search range**: the runs do not determine "
+             f"{'it' if len(f.at_bounds) == 1 else 'them'} (or contradict the law), so the value and its interval are "
+             "that edge, not an estimate.")
+  if f.undetermined:
+    names = ", ".join(f.undetermined)
+    text += (f"\n\n**{names} {'is' if len(f.undetermined) == 1 else 'are'} not determined by the runs**: "
+             f"the law's term {'it enters' if len(f.undetermined) == 1 else 'they enter'} is negligible (below "
+             f"{laws.NEGLIGIBLE:g} of the predicted loss) at every run, so any value that keeps it so fits as well "
+             "(or the runs contradict the law, e.g. a loss that grows with size); the value is where the search "
+             "stopped, near its start, and the interval (often of no width) says nothing: not an estimate.")
+  return text
 
 
 def _predicted(c: laws.Constants, a: dict):
@@ -88,6 +122,7 @@ def fit_report(runs: list[results.Run], law: str, out_dir: str | Path, *, bootst
                max_epochs: float | None = None) -> dict:
   out_dir = Path(out_dir)
   f, used, a = fit_runs(runs, law, bootstrap=bootstrap, seed=seed, max_epochs=max_epochs)
+  why = left_out(runs, max_epochs)
   ci, published = f.ci(), laws.PUBLISHED[law].to_dict()
   rows = [{"constant": k, "fitted": v, "ci_low": ci.get(k, [None])[0], "ci_high": ci.get(k, [None, None])[1],
            "published": published.get(k)} for k, v in f.constants.to_dict().items()]
@@ -101,10 +136,10 @@ def fit_report(runs: list[results.Run], law: str, out_dir: str | Path, *, bootst
     four = laws.effective(1.0, 3.0, c.R_D_star) / 4.0
     text += (f"\n\nWith the fitted R_D* = {c.R_D_star:.3g}: 4 epochs are worth {four:.1%} of 4 epochs of unique "
              f"data, and a repeated epoch is worth half a fresh one after {1 + c.R_D_star * math.log(2):.3g} epochs.")
-  text += bounds_note(f)
+  text += left_out_note(why) + bounds_note(f)
   paths = report.write_report(out_dir, f"Scaling-law fit ({law})",
                               [("Constants", text, _fit_plots(out_dir, f, used, a), rows)])
-  return {**constants_json(f), "report": paths}
+  return {**constants_json(f), "left_out": why, "report": paths}
 
 
 def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str = "auto", bootstrap: int = 100,
@@ -121,8 +156,9 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
   samples = f.samples
   exp_a, exp_b = laws.optimal_exponents(f.constants)
   ratio_ci = _interval([_b_over_a(s) for s in samples])
-  # An exponent on the edge of the search is not an estimate, and neither is b / a = alpha / beta.
-  undetermined = {"alpha", "beta"} & set(f.at_bounds)
+  # An exponent on the edge of the search, or left at its start point by a negligible term, is not an estimate,
+  # and neither is b / a = alpha / beta.
+  undetermined = {"alpha", "beta"} & {*f.at_bounds, *f.undetermined}
   linear = None if ratio_ci is None or undetermined else bool(ratio_ci[0] <= 1.0 <= ratio_ci[1])
   budgets = sorted({float(f"{6 * r.params * loss_tokens(r):.3g}") for r in used})
   rows = []
@@ -134,7 +170,7 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
                  "tokens_per_param": float(d_opt / n_opt), "ci_low": interval[0], "ci_high": interval[1],
                  "runs_tokens_per_param": ", ".join(f"{loss_tokens(r) / r.params:.3g}" for r in runs_here)})
   ref_a, ref_b = laws.optimal_exponents(laws.CHINCHILLA)
-  verdict = ("none: alpha or beta ran to the edge of the search (below)" if undetermined else
+  verdict = ("none: the runs do not determine alpha or beta (below)" if undetermined else
              "no bootstrap, so no interval: rerun with --bootstrap" if linear is None else
              ("consistent with 1: tokens should grow linearly with parameters" if linear else
               "excludes 1: tokens should not grow linearly with parameters"))
@@ -144,11 +180,12 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
              else "") + f": {verdict}.\n\nFor comparison, Chinchilla's published constants give a = {ref_a:.3f}, "
           f"b = {ref_b:.3f} (b / a = {ref_b / ref_a:.3f}). The table lists the fitted compute-optimal tokens per "
           "parameter at each compute budget of the runs (C = 6 N D) next to the runs' own tokens per parameter."
-          + bounds_note(f))
+          + left_out_note(left_out(runs)) + bounds_note(f))
   png = _check_plot(out_dir / "compute_optimal.png", f, budgets, used)
   paths = report.write_report(out_dir, "Do encoder-decoders need tokens linearly in parameters?",
                               [("Answer", text, [png], rows)])
-  return {"law": law, "constants": f.constants.to_dict(), "ci": f.ci(), "at_bounds": f.at_bounds, "a": exp_a,
+  return {"law": law, "constants": f.constants.to_dict(), "ci": f.ci(), "at_bounds": f.at_bounds,
+          "undetermined": f.undetermined, "left_out": left_out(runs), "a": exp_a,
           "b": exp_b,
           "b_over_a": _b_over_a(f.constants), "b_over_a_ci": ratio_ci, "linear": linear, "budgets": rows,
           "report": paths}

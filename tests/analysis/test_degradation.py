@@ -233,3 +233,30 @@ def test_the_report_states_the_relative_tolerance_as_a_share_of_the_best_value(t
   run = results.Run(run="r", status="done", model_dir=_write_curve(tmp_path / "r", [0.5, 0.6, 0.58]))
   degradation.analyze([run], tmp_path / "out")
   assert "(0.50% of the best value)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_diverged_runs_are_counted_per_group_and_named_not_printed_as_nan(tmp_path):
+  # A run whose last evaluations are NaN printed "final nan | gap inf"; its group "mean_gap nan"; a group of it and a
+  # healthy run "degrading 1, mean_gap 0", as if nothing degraded on average.
+  def loss_curve(model_dir, losses):
+    import json
+    model_dir.mkdir(parents=True)
+    lines = [{"step": 10 * (i + 1), "train/tokens_seen": 1000.0 * (i + 1)} for i in range(len(losses))]
+    lines += [{"step": 10 * (i + 1), "eval/loss": v} for i, v in enumerate(losses)]
+    (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return str(model_dir)
+  runs = [results.Run(run=name, status="finished", extra={"model": model, "DROPOUT_RATE": "0.1"},
+                      model_dir=loss_curve(tmp_path / name, losses))
+          for name, model, losses in (("ok", "ok", [5, 4, 3, 2.9, 2.8]), ("div", "div", [5, 4, "nan", "nan", "nan"]))]
+  out = degradation.analyze(runs, tmp_path / "out", metric="eval/loss")
+  assert [r["diverged"] for r in out["runs"]] == [False, True]
+  by_model = {s["model"]: s for s in out["by_factor"]["model"]}
+  assert by_model["div"]["diverged"] == 1 and by_model["ok"]["diverged"] == 0
+  assert math.isnan(by_model["div"]["mean_gap"])  # the JSON keeps numbers (null)
+  by_rate = degradation.factor_summary(runs, out["runs"], "DROPOUT_RATE")
+  assert (by_rate[0]["runs"], by_rate[0]["degrading"], by_rate[0]["diverged"], by_rate[0]["mean_gap"]) == (2, 1, 1, 0)
+  text = (tmp_path / "out" / "report.md").read_text()
+  assert "1 diverged (final `eval/loss` not finite): `div`." in text
+  assert "| div | finished | curve | 4 | 20 | 2000 | diverged | diverged |" in text
+  assert "| div | 1 | 1 | 1 | diverged |" in text
+  assert " nan " not in text and " inf " not in text

@@ -186,3 +186,29 @@ def test_bad_constants_files_name_the_file_and_the_fix(tmp_path):
   (tmp_path / "ok.json").write_text(json.dumps({"constants": {"E": 1.7, "A": 400, "B": 410, "alpha": 0.34,
                                                               "beta": 0.28}}))
   assert laws.load_constants(tmp_path / "ok.json").A == 400
+
+
+def test_fit_flags_the_constants_of_a_term_negligible_at_every_run():
+  """A loss that grows with N: the fit makes A / N^alpha ~1e-12 of the loss, and A = e^0, alpha = 2.0 stay at the
+  grid start, off every bound: at_bounds was empty and they read as fitted, with bootstrap intervals of no width."""
+  n = np.repeat([1e6, 3e6, 1e7, 3e7, 1e8, 3e8], 5)
+  d = n * np.tile([5, 10, 20, 40, 80], 6)
+  fit = laws.fit("chinchilla", n, d, n ** 0.1)
+  assert fit.at_bounds == [] and {"A", "alpha"} <= set(fit.undetermined)
+  # A law the runs determine flags nothing.
+  n, d = (x.ravel() for x in np.meshgrid([1e7, 3e7, 1e8, 3e8], [1e9, 3e9, 1e10, 3e10]))
+  assert laws.fit("chinchilla", n, d, laws.chinchilla_loss(laws.CHINCHILLA, n, d), n_starts=2).undetermined == []
+
+
+def test_a_null_constant_or_constants_that_are_no_object_name_the_key_and_the_file(tmp_path):
+  # `analyze fit --json` writes a non-finite number as null: a null E was a TypeError from the constructor, and
+  # {"constants": 5} "argument of type 'int' is not iterable".
+  (tmp_path / "null.json").write_text(json.dumps({"E": None, "A": 406.4, "B": 410.7, "alpha": 0.3, "beta": 0.3}))
+  with pytest.raises(ValueError, match=r"--law-constants=.*null.json: Constant E is null"):
+    laws.load_constants(tmp_path / "null.json")
+  (tmp_path / "nested.json").write_text(json.dumps({"constants": 5}))
+  with pytest.raises(ValueError, match=r"--constants=.*nested.json: \"constants\" holds a JSON int, not an object"):
+    laws.load_constants(tmp_path / "nested.json", "--constants")
+  # A null R* is the chinchilla law, as before.
+  (tmp_path / "chin.json").write_text(json.dumps({**laws.CHINCHILLA.to_dict(), "R_D_star": None, "R_N_star": None}))
+  assert laws.load_constants(tmp_path / "chin.json") == laws.CHINCHILLA

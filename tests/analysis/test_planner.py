@@ -149,3 +149,12 @@ def test_dropout_advice_calls_t5_large_scale_large_from_7e8_parameters():
   # docs/analysis.md: "more so from T5-Large scale (N >= 7e8)".
   assert "Large" in planner.dropout_advice(7e8, 8.0)["reason"]
   assert "Large" not in planner.dropout_advice(6.9e8, 8.0)["reason"]
+
+
+def test_the_sufficient_compute_does_not_depend_on_how_much_compute_was_planned():
+  # 1e8 unique tokens saturate the loss long before 1e24 FLOPs: the smallest compute within 0.1% of the plan's loss
+  # is ~6.8e18 whatever C. The search started 12 decades below C and took that floor as the answer when it already
+  # sufficed: 1e24 at C = 1e36, 1e28 at C = 1e40.
+  enough = {c: planner.plan(1e8, c)["sufficient"]["compute"] for c in (1e24, 1e36, 1e40)}
+  assert enough[1e24] == pytest.approx(6.77e18, rel=0.01)
+  assert enough[1e36] == pytest.approx(enough[1e24], rel=1e-6) and enough[1e40] == pytest.approx(enough[1e24], rel=1e-6)

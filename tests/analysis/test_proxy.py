@@ -139,3 +139,43 @@ def test_a_given_rate_column_that_is_wrong_is_named_not_asked_for():
   with pytest.raises(ValueError, match="--rate_column=model: no numeric rate in any run"):
     proxy.rate_column(runs, "model")
   assert proxy.rate_column(runs, "DROPOUT_RATE") == proxy.rate_column(runs) == "DROPOUT_RATE"
+
+
+@pytest.mark.parametrize("flops, reason", [(0.0, "zero in run"), (float("nan"), "missing in run"),
+                                           (-6e6, "negative in run")])
+def test_a_cost_that_cannot_be_computed_is_undefined_with_its_reason(tmp_path, flops, reason):
+  """flops_per_token 0 ended in a ZeroDivisionError traceback, an empty one in "nan vs nan FLOPs = **nanx**", a
+  negative one in a confident 1.250x of two negative costs."""
+  runs = _table({0.1: 0.65, 0.3: 0.67, 0.5: 0.64})
+  for r in runs:
+    r.flops_per_token = flops
+  out = proxy.analyze(runs, "moe_*", "dense_*", tmp_path)
+  assert "flops" not in out["cost"]
+  assert reason in out["cost_undefined"]["flops"] and "moe_d0.1" in out["cost_undefined"]["flops"]
+  text = (tmp_path / "report.md").read_text()
+  assert "in FLOPs undefined: The FLOPs (flops_per_token x tokens_seen) of a run must be a positive" in text
+  assert "nan" not in text.split("Tuning cost")[1].split("\n")[0]
+  with pytest.raises(ValueError, match=reason):
+    proxy.tuning_cost(runs[:5], runs[5:], "DROPOUT_RATE", 0.3)
+
+
+def test_zero_chip_hours_are_undefined_not_a_division_by_zero(tmp_path):
+  out = proxy.analyze(_table({0.3: 0.67}, moe_hours=0, dense_hours=0), "moe_*", "dense_*", tmp_path,
+                      price_per_chip_hour=1.0)
+  assert set(out["cost"]) == {"flops"} and "zero in run(s) moe_d0.1" in out["cost_undefined"]["chip_hours"]
+  assert "In chip-hours: undefined: The chip-hours" in (tmp_path / "report.md").read_text()
+
+
+def test_rank_agreement_of_a_diverged_or_tied_sweep_is_undefined_not_nan(tmp_path):
+  # A diverged MoE run (NaN final metric at one rate) or a dense sweep tied at every rate printed "Spearman nan,
+  # Kendall nan" in report.md.
+  runs = _table({0.1: 0.65, 0.3: 0.67, 0.5: 0.64})
+  runs[0].final_eval_accuracy = float("nan")  # moe_d0.1 diverged
+  out = proxy.analyze(runs, "moe_*", "dense_*", tmp_path)
+  assert out["rank_agreement"] == {"rates": [0.1, 0.3, 0.5], "spearman": None, "kendall": None}
+  text = (tmp_path / "report.md").read_text()
+  assert "rank agreement of final eval/accuracy: undefined (the final metric is NaN at 0.1: a diverged run)" in text
+  assert "Spearman nan" not in text
+  out = proxy.analyze(_table({0.1: 0.65, 0.3: 0.65, 0.5: 0.65}), "moe_*", "dense_*", tmp_path)
+  assert out["rank_agreement"]["spearman"] is None
+  assert "undefined (one side's final metric is the same at every rate" in (tmp_path / "report.md").read_text()

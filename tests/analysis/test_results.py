@@ -139,3 +139,46 @@ def test_select_compares_numbers_as_numbers_and_ignores_spaces(tmp_path):
   runs = results.read_results(tmp_path / "r.csv")
   assert [r.run for r in results.select(runs, "DROPOUT_RATE=0.1")] == ["a", "c"]
   assert [r.run for r in results.select(runs, "model = moe, DROPOUT_RATE = 0.1")] == ["a"]
+
+
+def test_a_row_with_more_or_fewer_cells_than_the_header_is_refused(tmp_path):
+  # One cell too many (an unquoted comma) shifted every later column: tokens_seen read the params, the loss the
+  # tokens, and the shifted numbers entered the fit. csv.DictReader kept the extra cell under the key None.
+  (tmp_path / "long.csv").write_text("run,params,tokens_seen,final_eval_loss\na,1e6,5e6,4.1\nb,3e6,3e6,1.5e7,3.9\n")
+  with pytest.raises(ValueError, match="long.csv: line 3 has 5 cells, the header 4"):
+    results.read_results(tmp_path / "long.csv")
+  (tmp_path / "short.csv").write_text("run,params,tokens_seen,final_eval_loss\na,1e6,5e6,4.1\nb,3e6,1.5e7\n")
+  with pytest.raises(ValueError, match="short.csv: line 3 has 3 cells, the header 4"):
+    results.read_results(tmp_path / "short.csv")
+
+
+@pytest.mark.parametrize("column, cell", [("unique_tokens", "lots"), ("params", "1e6 params"),
+                                          ("final_eval_loss", "n/a")])
+def test_text_in_a_numeric_column_is_refused_naming_the_line_column_and_value(tmp_path, column, cell):
+  # Text read as NaN: in unique_tokens as "every token fresh", in params or the loss as a run silently left out.
+  row = {"run": "b", "params": "3e6", "tokens_seen": "3e7", "unique_tokens": "1e6", "final_eval_loss": "3.9",
+         column: cell}
+  (tmp_path / "t.csv").write_text("run,params,tokens_seen,unique_tokens,final_eval_loss\na,1e6,5e6,1e6,4.1\n"
+                                  + ",".join(row.values()) + "\n")
+  with pytest.raises(ValueError, match=f"line 3: {column}='{cell}' is not a number"):
+    results.read_results(tmp_path / "t.csv")
+
+
+@pytest.mark.parametrize("column", ["params", "tokens_seen", "unique_tokens", "final_eval_loss"])
+def test_a_negative_count_or_loss_is_refused(tmp_path, column):
+  # A negative unique_tokens read as "no repetition" and the data-constrained fit went on; a negative loss or count
+  # left its run out of the fit unnamed.
+  cells = {"run": "b", "params": "3e6", "tokens_seen": "3e7", "unique_tokens": "1e6", "final_eval_loss": "3.9",
+           column: "-1e6"}
+  (tmp_path / "t.csv").write_text(",".join(cells) + "\n" + ",".join(cells.values()) + "\n")
+  with pytest.raises(ValueError, match=f"line 2: {column}=-1e6 is negative"):
+    results.read_results(tmp_path / "t.csv")
+
+
+def test_empty_and_nan_numeric_cells_still_read_as_missing(tmp_path):
+  # An unfinished run's empty loss, a run without repetition's empty unique_tokens, and csv's "nan" for a missing
+  # float are missing values, not errors; a quoted comma is one cell.
+  (tmp_path / "t.csv").write_text('run,params,unique_tokens,final_eval_loss,note\na,1e6,,,"x, y"\nb,2e6,nan,3.5,\n')
+  a, b = results.read_results(tmp_path / "t.csv")
+  assert math.isnan(a.unique_tokens) and math.isnan(a.final_eval_loss) and a.get("note") == "x, y"
+  assert math.isnan(b.unique_tokens) and b.final_eval_loss == 3.5

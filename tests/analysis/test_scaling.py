@@ -67,3 +67,35 @@ def test_chinchilla_check_gives_no_verdict_from_an_exponent_on_its_bound(tmp_pat
   assert out["linear"] is None
   assert out["constants"]["alpha"] == pytest.approx(5.0) and out["at_bounds"] == ["alpha"]
   assert "alpha ran to the edge of the fit's search range" in (tmp_path / "report.md").read_text()
+
+
+def test_a_fit_names_the_runs_it_leaves_out_and_why(tmp_path):
+  # "Fitted ... to 8 runs (of 10)" named neither the run left out nor why.
+  runs = [results.Run(run=f"n{n:g}_d{d:g}", status="done", model_dir=None, params=n, tokens_seen=d,
+                      final_eval_loss=float(laws.predict(laws.CHINCHILLA, n, d)))
+          for n in (1e7, 3e7, 1e8) for d in (1e8, 1e9, 1e10)]
+  runs += [results.Run(run="unfinished", status="running", model_dir=None, params=1e7, tokens_seen=5e8),
+           results.Run(run="no_params", status="done", model_dir=None, tokens_seen=5e8, final_eval_loss=3.0)]
+  assert scaling.left_out(runs) == {"unfinished": "no final_eval_loss", "no_params": "no params"}
+  out = scaling.fit_report(runs, "chinchilla", tmp_path, bootstrap=0)
+  assert out["runs"] == 9 and out["left_out"] == {"unfinished": "no final_eval_loss", "no_params": "no params"}
+  assert "Left out 2 runs: `unfinished` (no final_eval_loss); `no_params` (no params)." in \
+      (tmp_path / "report.md").read_text()
+  repeated = results.Run(run="repeated", status="done", model_dir=None, params=1e7, tokens_seen=1e9,
+                         unique_tokens=1e8, final_eval_loss=3.0)
+  assert scaling.left_out([repeated], max_epochs=4) == {"repeated": "10 epochs > --max_epochs=4"}
+
+
+def test_chinchilla_check_gives_no_verdict_from_exponents_of_a_negligible_term(tmp_path):
+  # Loss grows with model size: the fit drives A / N^alpha to ~1e-12 of the loss, where A and alpha never move from
+  # their start (1, 2.0), off every bound; they were reported as fitted with zero-width intervals and b / a =
+  # alpha / beta "excluded 1".
+  runs = [results.Run(run=f"r{n:g}_{t}", status="finished", model_dir=None, params=n, tokens_seen=n * t,
+                      final_eval_loss=n ** 0.1) for n in (1e6, 3e6, 1e7, 3e7, 1e8, 3e8) for t in (5, 10, 20, 40, 80)]
+  out = scaling.chinchilla_check(runs, tmp_path / "check", law="chinchilla", bootstrap=3)
+  assert out["at_bounds"] == [] and {"A", "alpha"} <= set(out["undetermined"])
+  assert out["linear"] is None
+  text = (tmp_path / "check" / "report.md").read_text()
+  assert "none: the runs do not determine alpha or beta" in text and "not determined by the runs" in text
+  fit = scaling.fit_report(runs, "chinchilla", tmp_path / "fit", bootstrap=0)
+  assert {"A", "alpha"} <= set(fit["undetermined"])
