@@ -17,6 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def _seed(text: str) -> int:
+  """A --seed: NumPy's generators refuse a negative one ("expected non-negative integer", naming no flag)."""
+  value = int(text)
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{value} is negative; give a seed >= 0")
+  return value
+
+
 def _add_gin_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--gin_file", action="append", default=[], help="Gin file (repeatable; later files win).")
   p.add_argument("--gin_search_path", action="append", default=[], help="Extra directory for gin includes.")
@@ -85,7 +93,7 @@ def _add_infer(sub) -> None:
   p.add_argument("--length_penalty_alpha", type=float, default=0.6)
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--topk", type=int, default=0, help="Sampling: keep the k most likely tokens (0: all).")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=_seed, default=0)
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--vocabulary", default=None, help="SentencePiece model, if the gin names no task.")
 
@@ -284,7 +292,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--split", default="train", choices=["train", "validation"])
   p.add_argument("--inputs_length", type=int, default=512)
   p.add_argument("--targets_length", type=int, default=114)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=_seed, default=0)
   g = p.add_argument_group("a corpus instead of --task")
   g.add_argument("--corpus", default=None, help="JSONL(.gz) file, directory or glob ('wiki': the default corpus).")
   g.add_argument("--vocab", default=None, help="SentencePiece model path, 't5' or 'wiki8k'.")
@@ -345,7 +353,7 @@ def _add_bench_data(bench_sub) -> None:
   d.add_argument("--targets_length", type=int, default=32)
   d.add_argument("--steps", type=int, default=50, help="Timed host batches.")
   d.add_argument("--num_shards", type=int, default=1, help="Hosts: time one host's share of each global batch.")
-  d.add_argument("--seed", type=int, default=0)
+  d.add_argument("--seed", type=_seed, default=0)
   d.add_argument("--train_step_s", type=float, default=None, help="Training step time to compare against.")
   d.add_argument("--json", action="store_true", help="Print one JSON object only.")
 
@@ -439,7 +447,7 @@ def _add_analyze(sub) -> None:
   table(f, "fit")
   f.add_argument("--law", choices=_LAWS, required=True)
   f.add_argument("--bootstrap", type=int, default=100, help="Bootstrap refits for the intervals (0: none).")
-  f.add_argument("--seed", type=int, default=0)
+  f.add_argument("--seed", type=_seed, default=0)
   f.add_argument("--max_epochs", type=float, default=None, help="Fit only runs with at most this many epochs.")
   c = a.add_parser("chinchilla-check", help="Do tokens need to grow linearly with parameters? (b / a of the "
                    "compute-optimal exponents, with its interval).")
@@ -447,7 +455,7 @@ def _add_analyze(sub) -> None:
   c.add_argument("--law", choices=["auto", *_LAWS], default="auto",
                  help="auto: data-constrained if any run repeats data, else chinchilla.")
   c.add_argument("--bootstrap", type=int, default=100)
-  c.add_argument("--seed", type=int, default=0)
+  c.add_argument("--seed", type=_seed, default=0)
   x = a.add_parser("proxy", help="RQ4: a dropout sweep on an MoE proxy vs the dense model: best rates, rank "
                    "agreement, curve similarity, tuning cost.")
   table(x, "proxy")
@@ -597,6 +605,11 @@ def _add_run_status(sub) -> None:
 def _run_run_status(args, bindings: Sequence[str]) -> dict:
   del bindings
   from repeat_lm.experiments import status
+  # An exit status is 0-255; -N is a process killed by signal N (Python's returncode). Anything else is a typo.
+  if args.exit_code is not None and not -255 <= args.exit_code <= 255:
+    raise ValueError(f"--exit_code={args.exit_code} is no exit status: pass the command's $? (0-255).")
+  # An existing run directory, and a run not yet finished (another exit 0 of a complete one is the same record).
+  status.check_recordable(args.run_dir, None if args.started else args.exit_code)
   # launch/slurm.sbatch: the attempt is the job's (squeue tells whether it lives), not this short-lived process's.
   record = status.started(args.run_dir, job_id=os.environ.get("SLURM_JOB_ID")) if args.started else \
       status.exited(args.run_dir, args.exit_code, args.log)
@@ -628,7 +641,7 @@ def _add_demo(sub) -> None:
   p = sub.add_parser("demo", help="Fresh vs repeated data vs repeated data with dropout: three tiny-T5 runs on the "
                      "default local corpus, then report.html, plots and summary.json (docs/demo.md).")
   p.add_argument("--out", default="runs/demo", help="Output folder; running again reuses its finished runs.")
-  p.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data order and masks.")
+  p.add_argument("--seed", type=_seed, default=0, help="Seed of initialisation, data order and masks.")
   p.add_argument("--quick", action="store_true", help="A few dozen steps per run (checks the plumbing only).")
   p.add_argument("--steps", type=int, default=None,
                  help="Training steps per run, at most the whole budget (the default).")
@@ -716,6 +729,13 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     result = COMMANDS[args.command][1](args, bindings)
+    if result is not None:
+      print(json.dumps(strict_json(result), sort_keys=True, allow_nan=False))
+  except BrokenPipeError:
+    # The reader left (`repeat-lm ... | head`): not a full disk. Quiet, as other tools killed by SIGPIPE are; stdout
+    # goes to /dev/null so that the interpreter's last flush does not raise again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + 13
   except OSError as e:
     # The OS error names the path; say what to change (FileNotFoundError's messages here already do).
     hint = ("" if isinstance(e, FileNotFoundError) else
@@ -732,8 +752,6 @@ def _main(argv: Sequence[str] | None) -> int:
     print(f"repeat-lm: error: {type(e).__name__}: {e}" if not isinstance(e, gin_utils.GinConfigError)
           else f"repeat-lm: error: {e}", file=sys.stderr)
     return 2
-  if result is not None:
-    print(json.dumps(strict_json(result), sort_keys=True, allow_nan=False))
   return 0
 
 

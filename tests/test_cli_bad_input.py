@@ -3,6 +3,8 @@
 import csv
 import errno
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -234,6 +236,7 @@ def test_run_status_records_a_failure_whose_log_cannot_be_read(tmp_path, capsys)
   """--log naming a directory ended in IsADirectoryError and left the run `running`: its exit was never recorded."""
   run = tmp_path / "run"
   run.mkdir()
+  (run / "run.gin").write_text("TRAIN_STEPS = 2\n")  # a run the sweep wrote
   (run / "status.json").write_text(json.dumps({"status": "running"}))
   assert cli.main(["run-status", f"--run_dir={run}", "--exit_code=1", f"--log={tmp_path}"]) == 0
   assert "IsADirectoryError" in json.loads(capsys.readouterr().out)["error"]
@@ -245,3 +248,20 @@ def test_collect_of_a_file_says_it_is_no_sweep_root(tmp_path, capsys):
   assert cli.main(["collect", f"--root={tmp_path / 'results.csv'}"]) == 2
   err = capsys.readouterr().err
   assert "is a file, not a directory" in err and "does not exist" not in err
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+  """`repeat-lm ... | head` said "BrokenPipeError ... Free space, or write the output elsewhere": no disk was full."""
+  p = subprocess.Popen([sys.executable, "-m", "repeat_lm.cli", "plan", "--unique-tokens=1e8", "--compute=1e20"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  p.stdout.close()  # the reader is gone before the first line
+  err = p.stderr.read().decode()
+  assert p.wait() == 128 + 13 and err == ""
+
+
+@pytest.mark.parametrize("command", [["analyze", "fit", "--results=x.csv"], ["infer", "--input_file=x.txt"]])
+def test_a_negative_seed_names_the_flag(command, capsys):
+  """NumPy's generators said "expected non-negative integer", naming no flag."""
+  with pytest.raises(SystemExit):
+    cli.main([*command, "--seed=-1"])
+  assert "argument --seed: -1 is negative; give a seed >= 0" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from repeat_lm import checks
 from repeat_lm.data import pipeline
 
 
@@ -32,8 +33,9 @@ class DataBenchConfig:
     if not 0 <= self.shard_id < self.num_shards:
       raise ValueError(f"shard_id={self.shard_id} with --num_shards={self.num_shards}: need num_shards >= 1 and "
                        "0 <= shard_id < num_shards.")
-    if self.train_step_s is not None and self.train_step_s <= 0:
-      raise ValueError(f"--train_step_s={self.train_step_s}: a step time must be positive.")
+    # NaN passed a `<= 0` test and printed "nanx faster than a nans training step".
+    if self.train_step_s is not None and not (checks.finite_number(self.train_step_s) and self.train_step_s > 0):
+      raise ValueError(f"--train_step_s={self.train_step_s}: a step time must be a finite number of seconds > 0.")
 
 
 def _tokens(batch) -> tuple[int, int]:

@@ -42,11 +42,15 @@ def metrics_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
   train = [r for r in records if "train/loss" in r]
   if train:
     last = max(train, key=lambda r: r["step"])
+    # Tokens seen that are missing, "nan" or "inf" are unknown (NaN, an empty cell), and measure no unique tokens:
+    # round() of NaN or inf ended collect, for every run of the table, with an error that named no file.
+    seen = results.number(last.get("train/tokens_seen"))
     out.update(final_step=last["step"], final_train_loss=results.number(last["train/loss"]),
-               tokens_seen=results.number(last.get("train/tokens_seen")))
+               tokens_seen=seen if math.isfinite(seen) else math.nan)
     epochs = results.number(last.get("train/epochs"))
-    if epochs > 0:
-      out["measured_unique_tokens"] = round(out["tokens_seen"] / epochs)
+    unique = out["tokens_seen"] / epochs if epochs > 0 else math.nan
+    if math.isfinite(unique) and unique > 0:
+      out["measured_unique_tokens"] = round(unique)
   evals = sorted((r for r in records if "eval/loss" in r), key=lambda r: r["step"])
   if evals:
     loss = [results.number(r["eval/loss"]) for r in evals]

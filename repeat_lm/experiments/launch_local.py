@@ -25,6 +25,24 @@ from collections.abc import Mapping, Sequence
 PEER_GRACE_S = 10.0
 
 
+# At most max(MIN_PROCESS_CAP, PROCESSES_PER_CPU x CPUs) processes unless $MAX_PROCESSES_ENV raises the cap. Each is a
+# whole Python + JAX runtime (hundreds of MB, its own threads) and every step waits for the slowest, so past a few per
+# core they only timeshare; a typo (--num_processes=100000) started ~2,000 of them on a 2-core machine before it was
+# stopped. The floor keeps the usual 2-8 process emulations of a pod runnable on a small CI machine.
+PROCESSES_PER_CPU, MIN_PROCESS_CAP = 4, 8
+MAX_PROCESSES_ENV = "REPEAT_LM_MAX_LOCAL_PROCESSES"
+
+
+def max_processes() -> int:
+  """The most processes launch() starts: $REPEAT_LM_MAX_LOCAL_PROCESSES if set, else the cap above."""
+  override = os.environ.get(MAX_PROCESSES_ENV, "").strip()
+  if override:
+    if not override.isdigit():
+      raise ValueError(f"{MAX_PROCESSES_ENV}={override!r} must be a whole number of processes (or unset).")
+    return int(override)
+  return max(MIN_PROCESS_CAP, PROCESSES_PER_CPU * (os.cpu_count() or 1))
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -59,6 +77,14 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
   """
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError(f"num_processes ({num_processes}) and devices_per_process ({devices_per_process}) must be >= 1.")
+  cap = max_processes()
+  if num_processes > cap:
+    why = f"${MAX_PROCESSES_ENV}" if os.environ.get(MAX_PROCESSES_ENV, "").strip() else \
+        f"{PROCESSES_PER_CPU} per CPU, at least {MIN_PROCESS_CAP}"
+    raise ValueError(f"num_processes ({num_processes}) is more than this machine runs usefully ({cap}: {why}): pass "
+                     f"fewer, or set {MAX_PROCESSES_ENV}={num_processes} if you mean it.")
+  if port is not None and not 1 <= port <= 65535:  # else JAX_COORDINATOR_ADDRESS=127.0.0.1:70000 failed later
+    raise ValueError(f"port ({port}) must be a TCP port, 1-65535; leave it out for a free one.")
   port = port or free_port()
   procs, pumps = [], []
   # SIGTERM (a job's time limit, `timeout`, kill) and SIGHUP (a closed terminal) act as Ctrl-C: forwarded to the

@@ -32,7 +32,37 @@ ATTEMPT_HEADER = "==== "
 INTERRUPTED = "interrupted"
 
 
+# Largest pid os.kill takes (a C int); Linux's pid_max is far below it.
+_PID_MAX = 2 ** 31 - 1
+
+
+def _is_pid(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _PID_MAX
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each field that readers convert or iterate must hold (None too, as the runner writes for a cleared field). A
+# hand-edited file broke them with tracebacks: `values` [1, 2] or "abc" in collect's dict update, `pid` "abc" in int(),
+# a pid past a C long in os.kill, and `finetune` "squad" was read as stages 's', 'q', 'u', ...
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "status": (lambda v: isinstance(v, str), "a string"),
+    "values": (lambda v: isinstance(v, dict), "an object"),
+    "finetune": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of stage names"),
+    "pid": (_is_pid, f"a process id (1-{_PID_MAX})"),
+    "trainer_pid": (_is_pid, f"a process id (1-{_PID_MAX})"),
+    "attempts": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "index": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "started": (_is_number, "a number"),
+    "elapsed_s": (_is_number, "a number"),
+}
+
+
 def read(run_dir: str | Path) -> dict[str, Any]:
+  """The run's record; a file no reader can use (not JSON, not an object, a field of the wrong type) reads as pending,
+  with `error` naming the file (and the field): the next attempt resumes the run from its checkpoint."""
   path = Path(run_dir) / STATUS_FILE
   if not path.exists():
     return {"status": PENDING}
@@ -41,7 +71,18 @@ def read(run_dir: str | Path) -> dict[str, Any]:
   except (json.JSONDecodeError, UnicodeDecodeError):  # a crash between write and rename cannot do this, an editor can
     record = None
   # Valid JSON that is no object ('[]', '"done"') failed every reader with an AttributeError traceback.
-  return record if isinstance(record, dict) else {"status": PENDING, "error": f"unreadable {path}"}
+  if not isinstance(record, dict):
+    return {"status": PENDING, "error": f"unreadable {path}"}
+  for key, (valid, kind) in _FIELDS.items():
+    if record.get(key) is not None and not valid(record[key]):
+      return {"status": PENDING, "error": f"unreadable {path}: its {key!r} is {_clip(record[key])}, not {kind} (fix "
+              "or delete the file)"}
+  return record
+
+
+def _clip(value: Any, limit: int = 40) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def write(run_dir: str | Path, **updates: Any) -> dict[str, Any]:
@@ -135,6 +176,27 @@ def error_text(log_path: str | Path, tail: int = 15, returncode: int | None = No
   return "\n".join(lines[-tail:])
 
 
+def check_recordable(run_dir: str | Path, exit_code: int | None = None) -> None:
+  """Raise ValueError unless an attempt of `run_dir` may be recorded from outside a sweep (`repeat-lm run-status`,
+  launch/slurm.sbatch): a run directory the sweep wrote (it holds run.gin), and a run not recorded as finished,
+  except for another exit 0 of a run whose last checkpoint is there (`exit_code`; None: an attempt's start).
+
+  A typo'd path recorded the attempt in a new directory (the real run was never updated), and a stray job flipped a
+  finished run to running, then failed. Not is_complete() alone: a run that just trained its last step is complete
+  before its exit is recorded. A requeued job of a finished run trains nothing and exits 0: refused, its sbatch
+  script would read "not finished" and exit 75, failing the fine-tuning jobs chained on it."""
+  run_dir = Path(run_dir)
+  if not (run_dir / GIN_FILE).is_file():
+    what = "is a file, not a run directory" if run_dir.is_file() else \
+        "does not exist" if not run_dir.exists() else f"holds no {GIN_FILE}"
+    raise ValueError(f"{run_dir} {what}: --run_dir must be a run directory written by `repeat-lm sweep` "
+                     f"(ROOT/RUN, holding {GIN_FILE}); check the path.")
+  if read(run_dir).get("status") == FINISHED and not (exit_code == 0 and is_complete(run_dir)):
+    complete = "its last checkpoint is there" if is_complete(run_dir) else "recorded so"
+    raise ValueError(f"{run_dir} is finished ({complete}): not recording another attempt of it. To train it again, "
+                     f"delete {run_dir / STATUS_FILE} (it resumes from its checkpoint) or {run_dir} (afresh).")
+
+
 def started(run_dir: str | Path, job_id: str | None = None, **info: Any) -> dict[str, Any]:
   """Record an attempt's start: by this process (its liveness is its pid's, and its trainer's, see `trainer_started`)
   or, with `job_id`, by a SLURM job (its liveness is squeue's: the process recording it exits at once). Either way
@@ -202,7 +264,8 @@ def effective(record: dict[str, Any]) -> str:
     return state
   if record.get("job_id"):  # a SLURM job: the pid (if any) is of the short-lived `run-status` that recorded it
     return INTERRUPTED if _slurm_job_alive(str(record["job_id"])) is False else state
-  pids = [int(record[k]) for k in ("pid", "trainer_pid") if record.get(k)]
+  # A record not from read() (a caller's dict) may hold any pid: only a valid one is asked about.
+  pids = [record[k] for k in ("pid", "trainer_pid") if _is_pid(record.get(k))]
   if record.get("host") == socket.gethostname() and pids and not any(_alive(p) for p in pids):
     return INTERRUPTED
   return state

@@ -188,8 +188,19 @@ def _repeated(names: Iterable[str]) -> list[str]:
   return sorted(n for n, count in collections.Counter(names).items() if count > 1)
 
 
+# Names that are no directory of their own under ROOT: ROOT/. is ROOT, ROOT/.. its parent (another run's, maybe).
+_NOT_RUN_NAMES = (".", "..")
+
+
 def expand(grid: Grid) -> list[RunSpec]:
   """The grid's runs, arms outermost, each with a name made of its arm's and axes' labels."""
+  if not isinstance(grid.axes, Mapping):
+    raise ValueError(f"sweep.Grid.axes must be a dict of binding -> list of values, got {grid.axes!r}.")
+  scalars = [k for k, values in grid.axes.items() if not isinstance(values, (list, tuple))]
+  if scalars:  # a number had no len() (a TypeError traceback); a string would have been one run per character
+    raise ValueError(f"sweep.Grid axes {sorted(scalars)} are not lists: give each axis a list of values, e.g. "
+                     f"{{{scalars[0]!r}: [{grid.axes[scalars[0]]!r}]}} (or bind a value every run shares in "
+                     "`bindings`).")
   empty = sorted(k for k, values in grid.axes.items() if not len(values))
   if empty:  # a product over an empty axis has no runs, and a sweep of nothing would look like a finished one
     raise ValueError(f"sweep.Grid axes {empty} have no values (a grid over them has no runs): give each axis at "
@@ -217,8 +228,12 @@ def expand(grid: Grid) -> list[RunSpec]:
       parts = [grid.prefix] if grid.prefix else []
       parts += [p for p in arm_label + point_label if p]
       bindings = [*grid.bindings.items(), *arm_bindings, *((k, v) for k, v in point if k != MODEL_KEY)]
-      runs.append(RunSpec(sanitize("_".join(parts) or "base"), axis_model or model, tuple(bindings),
-                          tuple(grid.finetune)))
+      name = sanitize("_".join(parts) or "base")
+      if name in _NOT_RUN_NAMES:  # the run would write (and train) in ROOT itself or in ROOT's parent
+        raise ValueError(f"sweep.Grid arm {arm!r}{f' (prefix {grid.prefix!r})' if grid.prefix else ''} names its "
+                         f"run {name!r}, which is not a directory name under ROOT: give the arm another 'name' (or "
+                         "the grid another prefix).")
+      runs.append(RunSpec(name, axis_model or model, tuple(bindings), tuple(grid.finetune)))
   return runs
 
 

@@ -95,7 +95,9 @@ def test_bench_data(capsys, c4_d16):
 
 @pytest.mark.parametrize('kwargs,match', [({'steps': 0}, '--steps=0'), ({'num_shards': 0}, '--num_shards=0'),
                                           ({'shard_id': 2, 'num_shards': 2}, 'shard_id=2'),
-                                          ({'train_step_s': 0.0}, '--train_step_s=0.0')])
+                                          ({'train_step_s': 0.0}, '--train_step_s=0.0'),
+                                          ({'train_step_s': float('nan')}, '--train_step_s=nan'),
+                                          ({'train_step_s': float('inf')}, '--train_step_s=inf')])
 def test_bench_data_rejects_bad_settings(kwargs, match):
   from repeat_lm.bench import data as bench_data
   with pytest.raises(ValueError, match=match):

@@ -28,3 +28,34 @@ def test_bad_input_names_the_fix(tmp_path, capsys, fresh_gin):
   assert "does not exist" in capsys.readouterr().err
   assert cli.main(["launch-local", "--num_processes=2"]) == 2
   assert "needs a command" in capsys.readouterr().err
+
+
+def test_run_status_records_only_an_unfinished_run_the_sweep_wrote(tmp_path, capsys):
+  """A typo'd --run_dir recorded the attempt in a new directory (the real run was never updated); a stray job flipped
+  a finished run to failed; --exit_code=99999999999999999999 was recorded as the run's return code."""
+  missing = tmp_path / "no" / "such" / "run"
+  assert cli.main(["run-status", f"--run_dir={missing}", "--started"]) == 2
+  assert "does not exist: --run_dir must be a run directory" in capsys.readouterr().err
+  assert not (tmp_path / "no").exists()
+  (tmp_path / "ok.gin").write_text("TRAIN_STEPS = 2\n")
+  assert cli.main(["run-status", f"--run_dir={tmp_path / 'ok.gin'}", "--exit_code=1"]) == 2
+  assert "is a file, not a run directory" in capsys.readouterr().err
+
+  run = tmp_path / "fin"
+  (run / "checkpoints" / "2").mkdir(parents=True)
+  (run / "run.gin").write_text("TRAIN_STEPS = 2\n")
+  (run / "status.json").write_text('{"status": "running"}')
+  assert cli.main(["run-status", f"--run_dir={run}", "--exit_code=99999999999999999999"]) == 2
+  assert "is no exit status" in capsys.readouterr().err
+  # The job that trained the last step records its exit: the run is complete before it is recorded finished.
+  assert cli.main(["run-status", f"--run_dir={run}", "--exit_code=0"]) == 0
+  assert json.loads(capsys.readouterr().out)["status"] == "finished"
+  before = (run / "status.json").read_text()
+  for flag in ("--exit_code=1", "--started"):
+    assert cli.main(["run-status", f"--run_dir={run}", flag]) == 2
+    assert "is finished (its last checkpoint is there): not recording another attempt" in capsys.readouterr().err
+  assert (run / "status.json").read_text() == before
+  # A requeued job of the finished run trains nothing and exits 0: the same record, not a refusal (its sbatch script
+  # would then exit 75 and fail the fine-tuning jobs chained on it).
+  assert cli.main(["run-status", f"--run_dir={run}", "--exit_code=0"]) == 0
+  assert json.loads(capsys.readouterr().out)["status"] == "finished"

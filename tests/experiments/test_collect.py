@@ -268,3 +268,40 @@ def test_the_final_evaluation_is_paired_with_the_tokens_seen_at_its_own_step():
   records = [*({"step": s, "train/loss": 2.0, "train/tokens_seen": 100.0 * s} for s in (10, 20, 30)),
              {"step": 25, "eval/loss": 2.5}, {"step": 10, "eval/loss": 3.0}]
   assert collect.metrics_summary(records)["final_eval_tokens"] == 2500.0
+
+
+def test_unknown_tokens_seen_measure_no_unique_tokens(tmp_path):
+  # A train record with train/epochs but tokens seen missing, "inf" or "nan": round(NaN or inf) ended collect for the
+  # whole table (ValueError / OverflowError, naming no file). The tokens are unknown: empty cells, no crash.
+  for name, tokens in (("missing", {}), ("inf", {"train/tokens_seen": "inf"}), ("nan", {"train/tokens_seen": "nan"})):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "status.json").write_text('{"status": "finished", "values": {"DROPOUT_RATE": 0.1}}')
+    (tmp_path / name / "metrics.jsonl").write_text(
+        json.dumps({"step": 10, "train/loss": 4.0, "train/epochs": 0.5, **tokens}) + "\n")
+  rows = collect.collect(tmp_path, tmp_path / "results.csv")
+  assert [r["run"] for r in rows] == ["inf", "missing", "nan"]
+  for r in rows:
+    assert math.isnan(r["tokens_seen"]) and r["unique_tokens"] is None and r["final_step"] == 10
+  assert "measured_unique_tokens" not in collect.metrics_summary(
+      [{"step": 1, "train/loss": 1.0, "train/tokens_seen": 100.0, "train/epochs": 1e-320}])  # 100 / 1e-320 is inf
+
+
+def test_a_hand_edited_status_file_is_a_row_that_says_so_not_a_traceback(tmp_path):
+  # `values` that is no object, `finetune` that is a string and a pid that is text or past a C long ended collect with
+  # a TypeError / ValueError / OverflowError; "squad" was read as stages 's', 'q', 'u', ... (columns ft_s_status).
+  bad = {"values_list": {"status": "finished", "values": [1, 2]}, "values_text": {"status": "finished", "values": "abc"},
+         "finetune": {"status": "finished", "finetune": "squad"},
+         "pid_text": {"status": "running", "host": socket.gethostname(), "pid": "abc"},
+         "pid_huge": {"status": "running", "host": socket.gethostname(), "pid": 10 ** 30}}
+  for name, record in bad.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "status.json").write_text(json.dumps(record))
+    (tmp_path / name / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1}\n')
+  rows = {r["run"]: r for r in collect.collect(tmp_path, tmp_path / "results.csv")}
+  field = {"values_list": "values", "values_text": "values", "finetune": "finetune", "pid_text": "pid",
+           "pid_huge": "pid"}
+  for name, key in field.items():
+    assert rows[name]["status"] == "pending" and rows[name]["final_step"] == 1
+    assert rows[name]["error"].startswith(f"unreadable {tmp_path / name / 'status.json'}: its '{key}' is ")
+    assert collect.outcome(tmp_path / name)["status"] == "pending"
+  assert not any(k.startswith("ft_") for r in rows.values() for k in r)

@@ -135,3 +135,26 @@ def test_no_processes_is_an_error_not_a_success():
   # launch() with nothing to run returned 0: a job script would read it as a finished run.
   with pytest.raises(ValueError, match="must be >= 1"):
     launch_local.launch(["train"], num_processes=0)
+
+
+def test_too_many_processes_or_a_port_out_of_range_is_refused_before_any_starts(monkeypatch):
+  # --num_processes=100000 started ~2,000 Pythons on a 2-core machine before it was stopped; --port=70000 or -5 went
+  # into JAX_COORDINATOR_ADDRESS as it was.
+  def no_process(*args, **kwargs):
+    raise AssertionError("a process was started")
+  monkeypatch.setattr(launch_local.subprocess, "Popen", no_process)
+  monkeypatch.setattr(launch_local.os, "cpu_count", lambda: 2)
+  monkeypatch.delenv("REPEAT_LM_MAX_LOCAL_PROCESSES", raising=False)
+  with pytest.raises(ValueError, match=r"num_processes \(9\) is more than this machine runs usefully \(8: 4 per CPU, "
+                     r"at least 8\): pass fewer, or set REPEAT_LM_MAX_LOCAL_PROCESSES=9"):
+    launch_local.launch(["train"], num_processes=9)
+  for port in (70000, 0, -5):
+    with pytest.raises(ValueError, match=rf"port \({port}\) must be a TCP port, 1-65535"):
+      launch_local.launch(["train"], num_processes=2, port=port)
+  monkeypatch.setenv("REPEAT_LM_MAX_LOCAL_PROCESSES", "16")  # the override: more than the cap, deliberately
+  assert launch_local.max_processes() == 16
+  with pytest.raises(ValueError, match=r"\(16: \$REPEAT_LM_MAX_LOCAL_PROCESSES\)"):
+    launch_local.launch(["train"], num_processes=17)
+  monkeypatch.setenv("REPEAT_LM_MAX_LOCAL_PROCESSES", "lots")
+  with pytest.raises(ValueError, match="must be a whole number"):
+    launch_local.launch(["train"], num_processes=2)

@@ -244,3 +244,30 @@ def test_each_attempt_is_counted(tmp_path):
   status.started(run)
   status.exited(run, 1)
   assert status.started(run)["attempts"] == 2
+
+
+def test_a_field_of_the_wrong_type_reads_as_unreadable_naming_the_field(tmp_path):
+  # Each failed a reader with a traceback: collect's dict update (values), int() and os.kill (pid), float()
+  # (elapsed_s), the sort by index, and `finetune` "squad" was iterated as stages 's', 'q', 'u', ...
+  run = make_run(tmp_path, checkpoints=[3])
+  here = socket.gethostname()
+  for key, value in (("values", [1, 2]), ("values", "abc"), ("finetune", "squad"), ("finetune", [1]), ("pid", "abc"),
+                     ("pid", 10 ** 30), ("pid", -5), ("trainer_pid", True), ("elapsed_s", "1h"), ("index", "1"),
+                     ("attempts", 1.5), ("status", ["finished"])):
+    (run / status.STATUS_FILE).write_text(status.json.dumps({"status": "running", "host": here, key: value}))
+    record = status.read(run)
+    assert record["status"] == "pending" and \
+        record["error"].startswith(f"unreadable {run / status.STATUS_FILE}: its {key!r} is "), (key, value)
+    assert status.effective(record) == "pending"
+  (run / status.STATUS_FILE).write_text('{"status": "finished", "values": {}, "finetune": [], "pid": null}')
+  assert status.read(run) == {"status": "finished", "values": {}, "finetune": [], "pid": None}  # null is no value
+  (run / status.STATUS_FILE).write_text('{"status": "finished", "values": "abc"}')
+  status.started(run)  # the next attempt's record replaces the bad file, as it does one that is no JSON
+  assert status.exited(run, 0)["status"] == "finished" and "values" not in status.read(run)
+
+
+def test_a_pid_that_is_no_process_id_is_not_asked_about(tmp_path):
+  # A record handed to effective() directly (not through read()): a text or huge pid was int()'d / sent to os.kill.
+  here = socket.gethostname()
+  for pid in ("abc", 10 ** 30, True):
+    assert status.effective({"status": "running", "host": here, "pid": pid}) == "running"

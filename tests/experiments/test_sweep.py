@@ -155,3 +155,24 @@ def test_a_configurable_parameter_is_labelled_by_its_last_name():
   # 'moe.MoeConfig.dropout_rate' names a run 'dropout0.1', as the DROPOUT_RATE macro does.
   assert sweep.label("moe.MoeConfig.dropout_rate", 0.1, [0.0, 0.1]) == "dropout0.1"
   assert sweep.label("t5.T5Config.num_layers", 4, [2, 4]) == "num_layers4"
+
+
+def test_a_run_named_dot_or_dot_dot_is_an_error():
+  # ROOT/. is ROOT and ROOT/.. its parent: the run's run.gin, status.json and checkpoints landed there (over another
+  # run's, maybe), and collect, which lists ROOT's sub-directories, never showed it.
+  for arms, prefix in (([{"name": ".."}, {"name": "b"}], ""), ([{"name": "."}], ""), (({},), "..")):
+    with pytest.raises(ValueError, match=r"arm .* names its run '\.\.?', which is not a directory name under ROOT: "
+                       r"give the arm another 'name'"):
+      sweep.expand_all([sweep.Grid(arms=arms, prefix=prefix)])
+  assert names(sweep.Grid(arms=[{"name": "..a"}], prefix="")) == ["..a"]  # a name of its own, under ROOT
+
+
+def test_an_axis_that_is_no_list_is_an_error_that_says_to_give_one():
+  # {'DROPOUT_RATE': 0.1} ended in a TypeError traceback (float has no len()); a string would have been one run per
+  # character.
+  with pytest.raises(ValueError, match=r"axes \['DROPOUT_RATE'\] are not lists: give each axis a list of values, "
+                     r"e.g. \{'DROPOUT_RATE': \[0.1\]\}"):
+    sweep.expand(sweep.Grid(axes={"DROPOUT_RATE": 0.1, "LABEL_SMOOTHING": [0.0]}))
+  with pytest.raises(ValueError, match=r"axes \['MIXTURE_OR_TASK_NAME'\] are not lists"):
+    sweep.expand(sweep.Grid(axes={"MIXTURE_OR_TASK_NAME": TASKS[0]}))
+  assert names(sweep.Grid(axes={"DROPOUT_RATE": (0.0, 0.1)})) == ["dropout0", "dropout0.1"]  # a tuple is a list

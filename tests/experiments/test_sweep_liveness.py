@@ -41,6 +41,7 @@ def test_a_job_started_on_this_host_by_the_batch_script_is_running(tmp_path, mon
   _squeue(tmp_path, monkeypatch, alive=True)
   run = tmp_path / "run"
   status.write(run, status="running", job_id="7", host=None, pid=None)  # sweep --launcher=slurm --submit
+  (run / status.GIN_FILE).write_text("TRAIN_STEPS = 3\n")  # run-status records only runs the sweep wrote
   # launch/slurm.sbatch on this host (one-node cluster, or a sweep from inside an allocation): a process that exits
   subprocess.run([sys.executable, "-m", "repeat_lm.cli", "run-status", f"--run_dir={run}", "--started"], check=True,
                  env={**os.environ, "SLURM_JOB_ID": "7"}, capture_output=True)
