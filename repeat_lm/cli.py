@@ -476,6 +476,17 @@ def _add_analyze(sub) -> None:
   pr.add_argument("--json", action="store_true")
 
 
+def _default_analysis_dir(results_path, cmd: str, law: str | None):
+  """analysis/COMMAND next to the table (`collect`'s results.csv), analysis/STEM/COMMAND for a table of another name;
+  a fit's folder names its law. One folder for every table and law of a folder let one report silently replace
+  another's, which named neither table nor law."""
+  base = results_path.parent / "analysis"
+  if results_path.stem != "results":
+    base = base / results_path.stem
+  name = cmd.replace("-", "_") + (f"_{law.replace('-', '_')}" if cmd == "fit" and law else "")
+  return base / name
+
+
 def _run_analyze(args, bindings: Sequence[str]) -> dict | None:
   del bindings
   from pathlib import Path
@@ -490,7 +501,7 @@ def _run_analyze(args, bindings: Sequence[str]) -> dict | None:
       return None
     return out
   runs = results.read_results(args.results)
-  out_dir = Path(args.out) if args.out else Path(args.results).parent / "analysis" / cmd.replace("-", "_")
+  out_dir = Path(args.out) if args.out else _default_analysis_dir(Path(args.results), cmd, getattr(args, "law", None))
   if cmd == "degradation":
     out = degradation.analyze(runs, out_dir, metric=args.metric, group_by=args.group_by, tolerance=args.tolerance)
   elif cmd == "fit":

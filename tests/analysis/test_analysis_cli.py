@@ -32,6 +32,20 @@ def test_degradation(results_csv, capsys):
   _assert_report(results_csv.parent / "loss", "eval_loss_by_unique_tokens.png")
 
 
+def test_default_report_folders_keep_tables_and_laws_apart(results_csv, capsys):
+  """Every table of a folder, and both laws' fits, wrote analysis/<command>/: one report silently replaced another."""
+  other = results_csv.parent / "other.csv"
+  other.write_text(results_csv.read_text())
+  for table in (results_csv, other):
+    for law in ("chinchilla", "data-constrained"):
+      assert cli.main(["analyze", "fit", f"--law={law}", f"--results={table}", "--bootstrap=0", "--json"]) == 0
+  capsys.readouterr()
+  analysis = results_csv.parent / "analysis"
+  for folder in ("fit_chinchilla", "fit_data_constrained", "other/fit_chinchilla", "other/fit_data_constrained"):
+    _assert_report(analysis / folder)
+  assert "data-constrained" in (analysis / "fit_data_constrained" / "report.md").read_text()
+
+
 def test_json_has_null_where_a_number_is_missing(tmp_path, capsys):
   # A run without a curve has no best step: NaN in Python, null on stdout (Python's json printed a bare NaN).
   table = tmp_path / "results.csv"
