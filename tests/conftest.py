@@ -1,8 +1,11 @@
 """Test-wide setup: 8 virtual CPU devices so sharding over a real (data x model) mesh is exercised."""
 
+import asyncio
 import atexit
+import gc
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,3 +66,39 @@ def t5_vocab_path() -> Path:
   if not T5_VOCAB.exists():
     pytest.skip(f"T5 vocabulary not found at {T5_VOCAB} (../shared is absent on this machine)")
   return T5_VOCAB
+
+
+class FailingReads:
+  """Orbax's shard reads with the first failing at once and the others slower, as a truncated file fails one read
+  while the rest are in flight: `started` / `finished` count them."""
+
+  def __init__(self, monkeypatch):
+    from orbax.checkpoint._src.serialization import serialization  # pylint: disable=protected-access
+    real_read = serialization._read_shard  # pylint: disable=protected-access
+    self.started, self.finished = [], []
+
+    async def read(*args, **kwargs):
+      self.started.append(1)
+      if len(self.started) == 1:
+        raise ValueError('OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database\nat local file ...')
+      await asyncio.sleep(0.2)
+      shard = await real_read(*args, **kwargs)
+      self.finished.append(1)
+      return shard
+    monkeypatch.setattr(serialization, "_read_shard", read)
+
+  def assert_none_left(self):
+    """Every other read ran to its end, and nothing left behind reports an error once collected."""
+    assert len(self.started) > 1 and len(self.finished) == len(self.started) - 1
+    unraisable, hook = [], sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+      gc.collect()
+    finally:
+      sys.unraisablehook = hook
+    assert not unraisable
+
+
+@pytest.fixture
+def failing_reads(monkeypatch) -> FailingReads:
+  return FailingReads(monkeypatch)

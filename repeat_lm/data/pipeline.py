@@ -57,6 +57,13 @@ class DatasetConfig:
   use_cached: bool = False  # other SeqIO tasks only: read the output of SeqIO's cache job
 
   def __post_init__(self):
+    # None or a number failed only at the first task lookup, as a TypeError from inside the name's regex.
+    if not isinstance(self.mixture_or_task_name, str):
+      raise ValueError(f"DatasetConfig.mixture_or_task_name={self.mixture_or_task_name!r}: give a task or mixture "
+                       "name in quotes, e.g. MIXTURE_OR_TASK_NAME = 'repeat_lm.wiki_span_corruption'.")
+    if not checks.whole_number(self.batch_size):  # 16.5 or '16': not "at least one example", which it is
+      raise ValueError(f"DatasetConfig.batch_size={self.batch_size!r}: the global batch size must be a whole number "
+                       "(no quotes), e.g. BATCH_SIZE = 128.")
     if not checks.is_count(self.batch_size):
       raise ValueError(f"DatasetConfig.batch_size={self.batch_size!r}: the global batch must hold at least one "
                        "example.")

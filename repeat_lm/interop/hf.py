@@ -273,7 +273,7 @@ def _weight_files(path: Path, index: str, single: str) -> list[str]:
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
   """All tensors of a from_pretrained-style directory: model.safetensors or pytorch_model.bin, either sharded."""
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  from safetensors import SafetensorError, safe_open  # pylint: disable=import-outside-toplevel
   path = Path(path)
   if (path / SAFETENSORS_INDEX).exists() or (path / "model.safetensors").exists():
     files = _weight_files(path, SAFETENSORS_INDEX, "model.safetensors")
@@ -282,16 +282,32 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     import torch  # pylint: disable=import-outside-toplevel
     state = {}
     for name in _weight_files(path, BIN_INDEX, "pytorch_model.bin"):
-      state.update(torch.load(path / name, map_location="cpu", weights_only=True))
+      try:
+        state.update(torch.load(path / name, map_location="cpu", weights_only=True))
+      except (FileNotFoundError, PermissionError):  # their messages name the file already
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        # A cut or damaged file fails as RuntimeError (zip), EOFError, OSError (EINVAL) or UnpicklingError, none
+        # naming the file; cli.main would show some as a bare traceback.
+        raise _unreadable(path / name, "PyTorch weights", e) from e
     return {k: v.float().numpy() for k, v in state.items()}
   else:
     raise FileNotFoundError(f"No model.safetensors, {SAFETENSORS_INDEX}, pytorch_model.bin or {BIN_INDEX} in {path}.")
   state = {}
   for name in files:
-    with safe_open(str(path / name), framework="numpy") as f:
-      for key in f.keys():
-        state[key] = f.get_tensor(key)
+    try:
+      with safe_open(str(path / name), framework="numpy") as f:
+        for key in f.keys():
+          state[key] = f.get_tensor(key)
+    except SafetensorError as e:  # not an OSError/ValueError: cli.main would show a bare traceback naming no file
+      raise _unreadable(path / name, "safetensors", e) from e
   return state
+
+
+def _unreadable(file: Path, kind: str, error: BaseException) -> ValueError:
+  detail = (str(error).strip().splitlines() or [""])[0][:200]
+  return ValueError(f"{file} is not a readable {kind} file, it is truncated or corrupt ({type(error).__name__}: "
+                    f"{detail}). Re-export it (repeat-lm export hf) or re-download it.")
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> list[str]:

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,8 +86,9 @@ def _check_hf_config(path: Path, config: Any) -> None:
                      + "; ".join(diffs) + ". Set these in the model gin (t5.T5Config, moe.MoeConfig).")
 
 
-def read_flat(path: str | Path, config: Any = None, step: int | None = None) -> tuple[str, dict[str, np.ndarray]]:
-  """(kind, flat repeat_lm-named params as host arrays) from any supported checkpoint."""
+def read_flat(path: str | Path, config: Any = None, step: int | None = None, *,
+              name_step: Callable[[Path], str] | None = None) -> tuple[str, dict[str, np.ndarray]]:
+  """(kind, flat repeat_lm-named params as host arrays) from any supported checkpoint. `name_step`: as load_params'."""
   from repeat_lm.interop import hf, t5x  # pylint: disable=import-outside-toplevel
   path = Path(path)
   kind = checkpoint_kind(path)
@@ -101,38 +102,49 @@ def read_flat(path: str | Path, config: Any = None, step: int | None = None) -> 
     return kind, hf.from_hf_state_dict(hf.read_state_dict(path), hf_config)
   if kind == "t5x":
     return kind, t5x.to_repeat_lm(t5x.read_params(path, step))
-  return kind, layout.flatten(_restore_repeat_lm(_repeat_lm_step_dir(path, step), None))
+  return kind, layout.flatten(_restore_repeat_lm(_repeat_lm_step_dir(path, step), None, name_step))
 
 
-def _restore_repeat_lm(step_dir: Path, abstract_params: Any | None) -> Any:
+def _restore_repeat_lm(step_dir: Path, abstract_params: Any | None,
+                       name_step: Callable[[Path], str] | None = None) -> Any:
   """Params only, from `checkpoints/<step>/state`; onto `abstract_params`' shardings if given, else numpy."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  checkpointer = ocp.PyTreeCheckpointer()
+  from repeat_lm.train import checkpoint  # pylint: disable=import-outside-toplevel
   if abstract_params is None:
     abstract_params = layout.unflatten({k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
-                                        for k, m in _metadata_params(step_dir).items()})
+                                        for k, m in _metadata_params(step_dir, name_step).items()})
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
       if getattr(a, "sharding", None) is not None else ocp.RestoreArgs(restore_type=np.ndarray), abstract_params)
   # Orbax reads relative directories as missing (metadata None): always hand it an absolute path.
-  try:
-    restored = checkpointer.restore(str((step_dir / "state").absolute()), args=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
-  except Exception as e:  # Orbax and TensorStore raise many types; all mean the same thing to the user
-    raise _unreadable(step_dir, f"{type(e).__name__}: {_first_line(e)}") from e
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    try:
+      with checkpoint.settled_reads():  # no read left running after a failed one: tracebacks after the message
+        restored = checkpointer.restore(str((step_dir / "state").absolute()), args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+    except Exception as e:  # Orbax and TensorStore raise many types; all mean the same thing to the user
+      raise _unreadable(step_dir, checkpoint.brief_error(e), name_step) from e
   return restored["params"]
 
 
-def _first_line(e: Exception) -> str:
-  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def step_flag(step_dir: Path) -> str:
+  """How `repeat-lm infer` and `export hf` pick the checkpoint of `step_dir`."""
+  return f"--step={step_dir.name}"
 
 
-def _unreadable(step_dir: Path, reason: str) -> ValueError:
-  """A damaged step of a repeat_lm MODEL_DIR: what failed, and the step before it, which --step can read."""
+def initial_checkpoint_path(step_dir: Path) -> str:
+  """How a finetune (`trainer.train`) picks the checkpoint of `step_dir`: it has no step setting of its own."""
+  return f"INITIAL_CHECKPOINT_PATH='{step_dir}'"
+
+
+def _unreadable(step_dir: Path, reason: str, name_step: Callable[[Path], str] | None = None) -> ValueError:
+  """A damaged step of a repeat_lm MODEL_DIR: what failed, and the step before it, named as the caller picks one
+  (`name_step`, INITIAL_CHECKPOINT_PATH by default: see load_params)."""
   from repeat_lm.train import checkpoint  # pylint: disable=import-outside-toplevel
   steps = sorted(int(p.name) for p in step_dir.parent.iterdir() if p.name.isdigit())
   older = checkpoint.step_before(steps, int(step_dir.name)) if step_dir.name.isdigit() else None
-  other = f" --step={older} reads the step before it." if older is not None else ""
+  name_step = name_step or initial_checkpoint_path
+  other = f" {name_step(step_dir.parent / str(older))} reads the step before it." if older is not None else ""
   return ValueError(f"Checkpoint {step_dir} could not be read ({reason}); it may be corrupt or truncated (steps "
                     f"here: {steps}).{other} It was left untouched.")
 
@@ -149,9 +161,13 @@ def _place(value: np.ndarray, target: Any) -> jax.Array:
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, step: int | None = None) -> Any:
+def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, step: int | None = None,
+                name_step: Callable[[Path], str] | None = None) -> Any:
   """Parameters for a model whose own parameters look like `abstract_params` (arrays or ShapeDtypeStructs, with
-  shardings to place them on). `config`: the module config, to check hyper-parameters that shapes cannot show."""
+  shardings to place them on). `config`: the module config, to check hyper-parameters that shapes cannot show.
+  `name_step(step_dir)`: how the caller picks another step, for the error of a damaged one (`step_flag` for a command
+  line); by default `initial_checkpoint_path`, as trainer.train reads INITIAL_CHECKPOINT_PATH (a finetune has no
+  --step: its advice to use --step=20 was for a flag that does not exist)."""
   if step is not None and not checks.whole_number(step):
     # As the Checkpointer refuses it: '5' was reported missing beside 'available: [5]', and 5.0 as a corrupt
     # checkpoints/5.0.
@@ -164,11 +180,11 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
   if step_dir is not None and config is not None:
     _check_depths(f"repeat_lm checkpoint {step_dir}", saved, config)
   if step_dir is not None:
-    metadata = _metadata_params(step_dir)
+    metadata = _metadata_params(step_dir, name_step)
     if {k: tuple(v.shape) for k, v in metadata.items()} == {k: tuple(v.shape) for k, v in target_flat.items()}:
       log.info("Loading parameters from repeat_lm checkpoint %s", step_dir)
-      return _restore_repeat_lm(step_dir, abstract_params)  # same layout: read straight onto the shardings
-  kind, flat = read_flat(path, config, step)
+      return _restore_repeat_lm(step_dir, abstract_params, name_step)  # same layout: straight onto the shardings
+  kind, flat = read_flat(path, config, step, name_step=name_step)
   if kind != "repeat_lm" and config is not None:  # Hugging Face and T5X models share no parameters: one per layer
     _check_depths(f"{kind} checkpoint {path}", {name: (lay.num_layers, 1)
                                                 for name, lay in layout.infer_layouts(flat).items()}, config)
@@ -239,15 +255,18 @@ def _check_depths(source: str, saved: dict[str, tuple[int, int]] | None, config:
                      "them.")
 
 
-def _metadata_params(step_dir: Path) -> dict[str, Any]:
+def _metadata_params(step_dir: Path, name_step: Callable[[Path], str] | None = None) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from repeat_lm.train import checkpoint  # pylint: disable=import-outside-toplevel
   try:
-    metadata = ocp.PyTreeCheckpointer().metadata(str((step_dir / "state").absolute()))
+    # Settled: the metadata of a damaged step fails one array's read while others are in flight (as a restore does).
+    with ocp.PyTreeCheckpointer() as reader, checkpoint.settled_reads():
+      metadata = reader.metadata(str((step_dir / "state").absolute()))
   except Exception as e:  # pylint: disable=broad-except
-    raise _unreadable(step_dir, f"its metadata: {type(e).__name__}: {_first_line(e)}") from e
+    raise _unreadable(step_dir, f"its metadata: {checkpoint.brief_error(e)}", name_step) from e
   metadata = getattr(metadata, "item_metadata", metadata)
   if metadata is None or "params" not in metadata:
-    raise _unreadable(step_dir, "no parameter metadata in state/")
+    raise _unreadable(step_dir, "no parameter metadata in state/", name_step)
   return layout.flatten(_plain(metadata["params"]))
 
 
@@ -260,5 +279,6 @@ def abstract_params(module: Any, seed: int = 0) -> Any:
 
 def load_for_module(path: str | Path, module: Any, *, step: int | None = None) -> Any:
   """Host-local parameters for `module` (single device): for inference, export and tests."""
-  return load_params(path, abstract_params(module), config=getattr(module, "config", None), step=step)
+  return load_params(path, abstract_params(module), config=getattr(module, "config", None), step=step,
+                     name_step=step_flag)
 

@@ -177,7 +177,8 @@ def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), b
     config_gin = Path(model_dir) / "config.gin"
     if not config_gin.exists():
       raise FileNotFoundError(f"{config_gin} does not exist: point --checkpoint at a MODEL_DIR written by "
-                              "`repeat-lm train`, or pass the model's gin files with --gin_file.")
+                              f"`repeat-lm train`{_step_dir_hint(model_dir)}, or pass the model's gin files with "
+                              "--gin_file.")
     gin_files = [str(config_gin)]
     try:
       text = config_gin.read_text(encoding="utf-8")
@@ -192,6 +193,20 @@ def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), b
   except gin_utils.GinConfigError:
     task = None
   return model, task if isinstance(task, str) else None
+
+
+def _step_dir_hint(path: str | Path) -> str:
+  """' (--checkpoint=MODEL_DIR --step=30)' for a path inside MODEL_DIR/checkpoints/30: a step is chosen by --step."""
+  model_dir = files.model_dir_around(path)
+  if model_dir is None:
+    return ""
+  path = Path(path)
+  below = path.resolve().relative_to(model_dir / "checkpoints").parts
+  # MODEL_DIR as the user spelt it where that is plain, else the resolved path.
+  spelt = (path.parent.parent if len(below) == 1 and path.parent.name == "checkpoints" else
+           path.parent if not below and path.name == "checkpoints" else model_dir)
+  step = f" --step={below[0]}" if below and below[0].isdigit() else ""
+  return f" (--checkpoint={spelt}{step})"
 
 
 def scoped_like(config_text: str, bindings: Sequence[str]) -> list[str]:

@@ -12,15 +12,18 @@ from typing import Any
 
 import jax
 
-from repeat_lm import files
+from repeat_lm import checks, files
 
 
-def _step_of(line: str) -> float:
-  """The step of a metrics.jsonl line; infinite for a line that is no record (blank, or cut by a crash mid-write)."""
+def _step_of(line: bytes) -> float | None:
+  """The step of a metrics.jsonl line; None for a line that is no record: blank, cut by a crash mid-write, or damaged
+  (not UTF-8, not a JSON object, or without a numeric step, which every reader keys by: analysis.results skips it)."""
   try:
-    return json.loads(line).get("step", 0)
-  except (json.JSONDecodeError, AttributeError):
-    return math.inf
+    record = json.loads(line.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    return None
+  step = record.get("step") if isinstance(record, dict) else None
+  return step if checks.finite_number(step) else None
 
 
 class MetricsWriter:
@@ -34,22 +37,32 @@ class MetricsWriter:
     self._line_start_checked = False
 
   def truncate_after(self, step: int) -> None:
-    """On resume, drop records past the restored step: the resumed run writes them again, identically. A line cut
-    by a crash mid-write is dropped too (it is no record, and the next one would be appended to it)."""
+    """On resume, drop records past the restored step: the resumed run writes them again, identically. A line that
+    is no record is dropped too, with a warning: one cut by a crash mid-write (the next record would be appended to
+    it) or damaged; every readable record up to the step is kept."""
     if not self.enabled or not self.path.exists():
       return
-    lines = self.path.read_text().splitlines()
-    kept = [line for line in lines if _step_of(line) <= step]
+    # Bytes, decoded line by line: one line of corrupt bytes failed the whole read with a UnicodeDecodeError that
+    # named no file, and stopped the resume.
+    lines = self.path.read_bytes().splitlines()
+    steps = [_step_of(line) for line in lines]
+    kept = [line for line, s in zip(lines, steps) if s is not None and s <= step]
+    later = sum(s is not None and s > step for s in steps)
+    unreadable = sum(s is None and bool(line.strip()) for line, s in zip(lines, steps))
+    if later:
+      logging.info("metrics.jsonl: dropping %d records after restored step %d", later, step)
+    if unreadable:
+      logging.warning("%s: dropping %d unreadable lines (cut by a crash mid-write, or damaged: not UTF-8 JSON "
+                      "objects with a numeric step); its readable records are kept", self.path, unreadable)
     if len(kept) != len(lines):
-      logging.info("metrics.jsonl: dropping %d records after restored step %d (or unreadable)",
-                   len(lines) - len(kept), step)
-      files.atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+      files.atomic_write_bytes(self.path, b"".join(line + b"\n" for line in kept))
 
   def set_aside(self) -> Path | None:
     """A run starting from step 0 (no checkpoint yet): move an earlier attempt's records out of its way, to
     metrics.jsonl.replaced-TIME. Its steps would otherwise mix with the new ones (say, a run that diverged before
     its first checkpoint, rerun with a lower learning rate); they are kept, not deleted."""
-    if not self.enabled or not self.path.exists() or not self.path.read_text().strip():
+    # Bytes: a file with corrupt bytes is set aside too, not a UnicodeDecodeError that stops the run.
+    if not self.enabled or not self.path.exists() or not self.path.read_bytes().strip():
       return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}")

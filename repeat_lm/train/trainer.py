@@ -31,20 +31,38 @@ from repeat_lm.train import flops, metrics as metrics_lib, optim, partitioning, 
 
 
 class _StopSignal:
-  """SIGTERM (preemption) asks for a checkpoint and a clean exit at the next step boundary."""
+  """SIGTERM (preemption) or a first Ctrl-C (SIGINT) asks for a checkpoint and a clean exit at the next step
+  boundary. A second Ctrl-C goes to the handler from before (Python's: KeyboardInterrupt), to abort at once."""
 
   def __init__(self):
     self.requested = False
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.name = ""  # of the signal that asked
+    self._previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+      return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      # A SIGINT ignored on entry (a job started in the background by a shell) stays ignored.
+      if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
+        continue
+      self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping at the next step.")
+    del frame
+    self.name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      self._put_back(signum)  # before anything else: a second Ctrl-C, even during the save, aborts
+    logging.warning("%s received: saving a checkpoint and stopping at the next step%s.", self.name,
+                    " (Ctrl-C again aborts without it)" if signum == signal.SIGINT else "")
     self.requested = True
 
+  def _put_back(self, signum: int) -> None:
+    previous = self._previous.pop(signum)
+    # None: a handler not set from Python, which Python cannot reinstall; the default is the nearest to it.
+    signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+
   def restore(self):
-    if threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum in list(self._previous):
+      self._put_back(signum)
 
   def agreed(self) -> bool:
     if jax.process_count() == 1:
@@ -309,7 +327,6 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   shard_id, num_shards = partitioner.data_layout(cfg.batch_size)
   batches: Iterator[dict[str, np.ndarray]] = pipeline.get_batches(
       cfg, start_step=step, shard_id=shard_id, num_shards=num_shards)
-  stop = _StopSignal()
   progress = metrics_lib.Progress(step, total_steps)
   opened = restored_meta.get("log_window") or {}  # absent in checkpoints from before it was saved
   window: dict[str, float] = {k: float(v) for k, v in (opened.get("sums") or {}).items()}
@@ -384,6 +401,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   # Step s+1's batch is on the devices before step s finishes; the order (and so exact resume) is the stream's.
   device_batches = prefetch.DevicePrefetcher(batches, lambda b: state_lib.global_batch(b, lay.batch_shardings),
                                              depth=2, limit=total_steps - step)
+  # Installed here, next to the `finally` that restores them: an error before the loop would leave Ctrl-C caught.
+  stop = _StopSignal()
   try:
     while step < total_steps:
       state, sums = train_step(state, next(device_batches))  # on GPU and TPU donates (invalidates) the old state
@@ -411,7 +430,8 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
       if saving:
         checkpointer.save(step, state, meta(step))
       if stopping:
-        logging.warning("Stopped at step %d after SIGTERM; the checkpoint is in %s", step, checkpointer.directory)
+        logging.warning("Stopped at step %d after %s; the checkpoint is in %s: run the same command to resume.",
+                        step, stop.name or "another host's stop signal", checkpointer.directory)
         break
       clock = time.perf_counter()  # evaluation and saving are not step time
   finally:

@@ -284,6 +284,12 @@ def test_the_trainer_refuses_more_steps_than_a_finite_task_holds(c4_path, t5_voc
 @pytest.mark.parametrize('kwargs,match', [({'batch_size': 0}, 'batch_size=0: the global batch'),
                                           # True is 1 to Python: a run of one-example batches
                                           ({'batch_size': True}, 'batch_size=True: the global batch'),
+                                          # said "must hold at least one example", which 16.5 does
+                                          ({'batch_size': 16.5}, 'batch_size=16.5: .* must be a whole number'),
+                                          ({'batch_size': '16'}, "batch_size='16': .* whole number .no quotes"),
+                                          # a TypeError from parse_name's regex at the first task lookup
+                                          ({'mixture_or_task_name': None}, 'mixture_or_task_name=None: give a task'),
+                                          ({'mixture_or_task_name': 5}, "name=5: .* in quotes, e.g. MIXTURE_OR_TASK"),
                                           ({'task_feature_lengths': {'inputs': 0, 'targets': 8}},
                                            "task_feature_lengths {'inputs': 0}"),
                                           ({'task_feature_lengths': {'inputs': 512}}, "has no 'targets': give both"),

@@ -3,6 +3,7 @@ positions), greedy decoding equals `generate`, and the tokenizer equals the SeqI
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -261,6 +262,22 @@ def test_import_sharded_pytorch_bin_checkpoint(tmp_path):
   config, params = hf.load_hf(tmp_path)
   batch = make_batch(TINY.vocab_size)
   assert max_diff(logits(config, params, batch), hf_logits(model, batch), batch) < TOLERANCE
+
+
+@pytest.mark.parametrize("size", [0, 5, 500, -10], ids=["empty", "in-magic", "in-header", "in-data"])
+def test_a_truncated_weights_file_is_named_with_the_fix(tmp_path, size):
+  """A cut download or copy: a ValueError naming the file (cli shows it as a message), not SafetensorError or
+  torch's zip/pickle errors, which name no file and which cli.main showed as a traceback."""
+  from safetensors.numpy import save_file
+  save_file({"shared.weight": np.ones((64, 32), np.float32)}, str(tmp_path / "model.safetensors"))
+  (tmp_path / "bin").mkdir()
+  torch.save({"shared.weight": torch.ones(64, 32)}, tmp_path / "bin" / "pytorch_model.bin")
+  for path in (tmp_path / "model.safetensors", tmp_path / "bin" / "pytorch_model.bin"):
+    data = path.read_bytes()
+    path.write_bytes(data[:size])
+    match = re.escape(str(path)) + " is not a readable .* truncated or corrupt.*re-download"
+    with pytest.raises(ValueError, match=match):
+      hf.read_state_dict(path.parent)
 
 
 def test_a_config_json_of_another_tool_is_explained():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -69,8 +70,7 @@ def test_a_relative_model_dir_loads(tiny_model_dir, scan, monkeypatch):
 
 
 def test_a_corrupt_step_names_the_step_before_it(tiny_model_dir, tmp_path):
-  """infer / export / INITIAL_CHECKPOINT_PATH: damaged array files are named, with the step that can be read."""
-  import shutil
+  """infer / export: damaged array files are named, with the step that can be read."""
   run = tmp_path / "run"
   shutil.copytree(tiny_model_dir, run)
   steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
@@ -82,6 +82,25 @@ def test_a_corrupt_step_names_the_step_before_it(tiny_model_dir, tmp_path):
   with pytest.raises(ValueError, match=rf"could not be read .*corrupt or truncated.*--step={steps[-1]} reads"):
     load.load_for_module(run, t5.Transformer(TINY))
   load.load_for_module(run, t5.Transformer(TINY), step=steps[-1])
+
+
+def test_a_damaged_step_for_initial_checkpoint_path_is_told_in_one_line_naming_that_setting(tiny_model_dir, tmp_path,
+                                                                                            failing_reads):
+  """`repeat-lm finetune` from a MODEL_DIR whose newest step is damaged: the message held Orbax's TensorStore spec,
+  advised --step (which finetune does not have) and was followed by ~23 'Exception ignored in: <coroutine object
+  _read_array_index_and_device_put>' tracebacks (1,500 lines) from the reads left running."""
+  run = tmp_path / "run"
+  shutil.copytree(tiny_model_dir, run)
+  steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  shutil.copytree(run / "checkpoints" / str(steps[-1]), run / "checkpoints" / str(steps[-1] + 1))
+  with pytest.raises(ValueError, match=rf"checkpoints/{steps[-1] + 1} could not be read") as e:
+    load.load_params(run, sharded_abstract(TINY, partitioning.Partitioner(4, 2)), config=TINY)  # as trainer.train
+  message = str(e.value)
+  assert f"INITIAL_CHECKPOINT_PATH='{run / 'checkpoints' / str(steps[-1])}' reads the step before it" in message
+  assert '(ValueError: OUT_OF_RANGE: Error reading "params.w/0.0" in OCDBT database)' in message
+  assert "--step" not in message and "TensorStore" not in message and "\n" not in message
+  del e
+  failing_reads.assert_none_left()
 
 
 SHARED = dataclasses.replace(TINY, num_encoder_layers=4, num_decoder_layers=4, param_share=2)

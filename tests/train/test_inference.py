@@ -1,5 +1,6 @@
 """Decoding with a partitioner: what predict_tokens reads back from the devices."""
 
+import re
 import types
 
 import jax
@@ -82,3 +83,18 @@ def test_predict_texts_refuses_a_vocabulary_larger_than_the_model(monkeypatch):
   vocabulary = types.SimpleNamespace(vocab_size=32000, encode=lambda text: [8774, 296], decode=str)
   with pytest.raises(ValueError, match="32000 ids but the model's vocab_size is 128"):
     inference.predict_texts(module, None, vocabulary, ["Hello world"])
+
+
+@pytest.mark.parametrize("given,hint", [("run/checkpoints/30", "--checkpoint=run --step=30"),
+                                        ("run/checkpoints", "--checkpoint=run)"),
+                                        ("run/checkpoints/30/state", "--checkpoint=MODEL_DIR --step=30")])
+def test_a_step_directory_as_checkpoint_says_which_flags_name_it(tmp_path, monkeypatch, given, hint):
+  # Said only "config.gin does not exist: point --checkpoint at a MODEL_DIR".
+  (tmp_path / "run" / "checkpoints" / "30" / "state").mkdir(parents=True)
+  (tmp_path / "run" / "config.gin").write_text("")
+  monkeypatch.chdir(tmp_path)
+  hint = hint.replace("MODEL_DIR", str(tmp_path.resolve() / "run"))
+  with pytest.raises(FileNotFoundError, match=re.escape(f"`repeat-lm train` ({hint}")):
+    inference.model_from_model_dir(given)
+  with pytest.raises(FileNotFoundError, match=r"train`, or pass"):  # no hint outside a MODEL_DIR
+    inference.model_from_model_dir(tmp_path)

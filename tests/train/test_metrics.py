@@ -35,6 +35,26 @@ def test_resuming_drops_a_line_cut_mid_record(tmp_path):
   assert (tmp_path / "metrics.jsonl").read_text() == TRAIN_4 + "\n"
 
 
+@pytest.mark.parametrize("damage", [b"\xff\xfe garbage", b'{"step": null, "x": 1}', b'{"step": "3"}', b'{"x": 1}',
+                                    b"[1, 2]", b"5", b'{"step": NaN}', b'{"step": true}'])
+def test_resuming_drops_damaged_lines_with_a_warning_and_keeps_every_record(tmp_path, caplog, damage):
+  # Corrupt bytes failed the resume with a UnicodeDecodeError naming no file; a null step with a TypeError.
+  path = tmp_path / "metrics.jsonl"
+  path.write_bytes(TRAIN_4.encode() + b"\n" + damage + b"\n" + json.dumps({"step": 5, "eval/loss": 2.0}).encode()
+                   + b"\n" + json.dumps({"step": 6, "train/loss": 1.0}).encode() + b"\n")
+  with caplog.at_level("WARNING"):
+    metrics_lib.MetricsWriter(tmp_path, tensorboard=False).truncate_after(5)
+  assert [r["step"] for r in results.read_metrics(tmp_path)] == [4, 5]
+  assert path.read_bytes().decode().splitlines() == [TRAIN_4, json.dumps({"step": 5, "eval/loss": 2.0})]
+  assert f"{path}: dropping 1 unreadable lines" in caplog.text
+
+
+def test_a_fresh_start_sets_aside_a_file_of_corrupt_bytes(tmp_path):
+  (tmp_path / "metrics.jsonl").write_bytes(b"\xff\xfe garbage\n")
+  aside = metrics_lib.MetricsWriter(tmp_path, tensorboard=False).set_aside()
+  assert aside.read_bytes() == b"\xff\xfe garbage\n" and not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_non_finite_values_are_written_as_strict_json(tmp_path):
   # RFC 8259 JSON has no NaN or Infinity (jq, JavaScript and pandas' strict readers reject them): strings instead.
   metrics_lib.MetricsWriter(tmp_path, tensorboard=False).write(1, {"train/loss": float("nan"), "x": float("-inf")})

@@ -1,5 +1,5 @@
-"""The training loop end to end on the tiny model: exact resume, sharded == unsharded, SIGTERM, divergence, and
-metrics read one step late equal to stepping the train step directly."""
+"""The training loop end to end on the tiny model: exact resume, sharded == unsharded, SIGTERM and Ctrl-C, divergence,
+and metrics read one step late equal to stepping the train step directly."""
 
 import dataclasses
 import json
@@ -169,15 +169,17 @@ def test_resume_with_dropout_reproduces_uninterrupted_losses(uninterrupted, tmp_
   assert losses(tmp_path / "whole") != losses(uninterrupted[0])  # dropout really was on
 
 
-def sigterm_after_writing(at_step):
-  """MetricsWriter.write that sends this process SIGTERM once it has written step `at_step`'s record. Hooked on the
-  metrics write, not the data: batches are read ahead in a thread, at no fixed step."""
+def sigterm_after_writing(at_step, signum=signal.SIGTERM, times=1):
+  """MetricsWriter.write that sends this process SIGTERM (or `signum`, `times` times) once it has written step
+  `at_step`'s record. Hooked on the metrics write, not the data: batches are read ahead in a thread, at no fixed
+  step."""
   real_write = metrics_lib.MetricsWriter.write
 
   def write_then_sigterm(self, step, scalars):
     real_write(self, step, scalars)
     if step == at_step:
-      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(times):
+        os.kill(os.getpid(), signum)
   return write_then_sigterm
 
 
@@ -260,6 +262,53 @@ def test_sigterm_checkpoints_and_stops(tmp_path, monkeypatch):
   assert steps == [3, 4]  # 4 is off the period (3): saved because of the SIGTERM
   assert max(losses(tmp_path)) == 4
   assert not prefetch_threads()
+
+
+def test_a_first_ctrl_c_checkpoints_and_stops_as_sigterm_does(tmp_path, monkeypatch, caplog):
+  # It raised KeyboardInterrupt from inside jax: a traceback, and the steps since the last periodic save lost.
+  monkeypatch.setattr(metrics_lib.MetricsWriter, "write", sigterm_after_writing(3, signal.SIGINT))
+  outside = []  # the handler in place before train(): a first Ctrl-C must not reach it; it is back afterwards
+  handler = lambda *_: outside.append(1)  # pylint: disable=unnecessary-lambda-assignment
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    with caplog.at_level("WARNING"):
+      run(tmp_path, 50)
+    assert signal.getsignal(signal.SIGINT) is handler
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert not outside
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [3, 4]  # 4 is off the period (3): saved because of the Ctrl-C
+  assert "Stopped at step 4 after SIGINT" in caplog.text and "run the same command to resume" in caplog.text
+  assert not prefetch_threads()
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path, monkeypatch, caplog):
+  # The first puts back the handler from before (Python's, which raises KeyboardInterrupt) for the second.
+  monkeypatch.setattr(metrics_lib.MetricsWriter, "write", sigterm_after_writing(1, signal.SIGINT, times=2))
+  sigterm_before = signal.getsignal(signal.SIGTERM)
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+      run(tmp_path, 50)
+    assert "SIGINT received: saving a checkpoint" in caplog.text  # the first was caught
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert not prefetch_threads()
+
+
+def test_a_ctrl_c_ignored_on_entry_stays_ignored():
+  # A job a shell started in the background ignores SIGINT: Ctrl-C in that terminal is not for it.
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    stop = trainer._StopSignal()  # pylint: disable=protected-access
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    stop.restore()
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def slow_json_writes(patch, seconds=1.0, until: threading.Event | None = None):
@@ -624,3 +673,24 @@ def test_a_seeded_run_longer_than_its_task_is_refused_before_training(tmp_path, 
   monkeypatch.setattr(state_lib, "init_state", lambda *a, **k: pytest.fail("trained past the task's batches"))
   with pytest.raises(ValueError, match="holds 10 batches of 8 .*fewer than total_steps=11"):
     run(tmp_path, 11, train_cfg=cfg)
+
+
+def test_a_relative_model_dir_of_another_model_is_refused_as_an_absolute_one_and_records_nothing(
+    uninterrupted, tmp_path, monkeypatch):
+  # Orbax read a relative directory's metadata as missing, which skipped the shape check: `repeat-lm eval` with
+  # MODEL_DIR='run' scored a 1+1-layer model on the first layers of this 2+2-layer checkpoint (a partial restore) and
+  # appended that to metrics.jsonl as the run's latest evaluation.
+  d, _ = uninterrupted
+  shutil.copytree(d, tmp_path / "run")
+  before = (tmp_path / "run" / "metrics.jsonl").read_text()
+  shallower = EncoderDecoderModel(module=Transformer(dataclasses.replace(
+      tiny_model().module.config, num_encoder_layers=1, num_decoder_layers=1)))
+  monkeypatch.chdir(tmp_path)
+  messages = []
+  for model_dir in ("run", str(tmp_path / "run")):
+    with pytest.raises(checkpoint.CheckpointError, match="different model.*layers_1.* is in the checkpoint") as e:
+      trainer.evaluate(model=shallower, model_dir=model_dir, partitioner=partitioning.Partitioner(4, 2), eval_steps=1,
+                       eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8))
+    messages.append(str(e.value).replace(str(tmp_path / "run"), "run"))
+  assert messages[0] == messages[1]
+  assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
