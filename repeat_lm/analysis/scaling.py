@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from repeat_lm import checks
 from repeat_lm.analysis import laws, plots, report, results
 
 
@@ -139,7 +140,9 @@ def fit_report(runs: list[results.Run], law: str, out_dir: str | Path, *, bootst
   text += left_out_note(why) + bounds_note(f)
   paths = report.write_report(out_dir, f"Scaling-law fit ({law})",
                               [("Constants", text, _fit_plots(out_dir, f, used, a), rows)])
-  return {**constants_json(f), "left_out": why, "report": paths}
+  fitted_range = {"params": [float(a["n"].min()), float(a["n"].max())],
+                  "tokens": [float(a["d"].min()), float(a["d"].max())]}
+  return {**constants_json(f), "left_out": why, "fitted_range": fitted_range, "report": paths}
 
 
 def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str = "auto", bootstrap: int = 100,
@@ -208,16 +211,37 @@ def _check_plot(path: Path, f: laws.Fit, budgets: list[float], used: list[result
                     xlabel="compute C (FLOPs)", ylabel="parameters / tokens")
 
 
-def prediction(c: laws.Constants, n: float, d: float, u: float | None = None) -> dict:
-  """`analyze predict`: the predicted loss and, for the data-constrained law, the effective N' and D'."""
+def fit_caveats(fit: dict, n: float, d: float) -> list[str]:
+  """What a prediction from the constants of `analyze fit --json` (`fit`) should say: the constants the runs did not
+  determine, and counts outside the fitted runs' range (an extrapolation, which a scaling law is for, but one that
+  rests on the law holding there). Constants without that record (published, or written by hand) have none."""
+  notes = []
+  unknown = [*(fit.get("at_bounds") or []), *(fit.get("undetermined") or [])]
+  if unknown:
+    notes.append(f"the fit did not determine {', '.join(map(str, unknown))} (see its report): this prediction rests "
+                 f"on {'that value' if len(unknown) == 1 else 'those values'}")
+  fitted_range = fit.get("fitted_range") or {}
+  for name, flag, value in (("params", "--params", n), ("tokens", "--tokens", d)):
+    lo, hi = (fitted_range.get(name) or [None, None])[:2]
+    if checks.finite_number(lo) and checks.finite_number(hi) and not lo <= value <= hi:
+      notes.append(f"{flag}={value:g} lies outside the fitted runs' {lo:g}-{hi:g}: an extrapolation")
+  return notes
+
+
+def prediction(c: laws.Constants, n: float, d: float, u: float | None = None, fit: dict | None = None) -> dict:
+  """`analyze predict`: the predicted loss and, for the data-constrained law, the effective N' and D'; with `fit`
+  (the `analyze fit --json` object the constants came from), its caveats (fit_caveats) in the note."""
   given = {"--params": n, "--tokens": d, **({} if u is None else {"--unique-tokens": u})}
   bad = {k: v for k, v in given.items() if not (math.isfinite(v) and v > 0)}
   if bad:  # the power laws of a non-positive count are NaN, not a loss
     raise ValueError(f"analyze predict needs positive, finite counts: {bad}.")
   out = {"law": c.law, "params": n, "tokens": d, "loss": float(laws.predict(c, n, d, u)), "constants": c.to_dict()}
+  notes = fit_caveats(fit, n, d) if fit else []
   if u is not None and c.R_D_star is None:
-    out["note"] = ("--unique-tokens ignored: the chinchilla law treats every token as fresh (repetition needs "
-                   "--law=data-constrained)")
+    notes.append("--unique-tokens ignored: the chinchilla law treats every token as fresh (repetition needs "
+                 "--law=data-constrained)")
+  if notes:
+    out["note"] = "; ".join(notes)
   if c.R_D_star is not None:
     # The law takes U_D = min(U, D) (no more unique tokens than seen), but the epochs are D / U: 1e9 tokens of 1e10
     # unique ones are 0.1 epochs, as the planner reports them, not 1.

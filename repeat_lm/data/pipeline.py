@@ -74,6 +74,12 @@ class DatasetConfig:
     if missing:  # an encoder-decoder needs both
       raise ValueError(f"DatasetConfig.task_feature_lengths {dict(self.task_feature_lengths)} has no "
                        f"{' or '.join(repr(k) for k in missing)}: give both, e.g. {{'inputs': 512, 'targets': 114}}.")
+    # The encoder-decoder converter reads these two only: another length ('extra': 5) was silently ignored.
+    unknown = sorted(str(k) for k in dict(self.task_feature_lengths) if k not in ("inputs", "targets"))
+    if unknown:
+      raise ValueError(f"DatasetConfig.task_feature_lengths {dict(self.task_feature_lengths)} has "
+                       f"{', '.join(repr(k) for k in unknown)}, which no model here reads: give only 'inputs' and "
+                       "'targets'.")
     bad = {k: v for k, v in dict(self.task_feature_lengths).items() if not checks.is_count(v)}
     if bad:
       raise ValueError(f"DatasetConfig.task_feature_lengths {bad}: every feature length must be a positive "

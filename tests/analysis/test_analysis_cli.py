@@ -70,6 +70,28 @@ def test_fit_and_predict_with_its_constants(results_csv, tmp_path, capsys, law):
   assert pred["constants"] == {k: out[k] for k in names}
 
 
+def test_predict_from_a_fit_says_what_it_did_not_determine_and_where_it_extrapolates(results_csv, tmp_path, capsys):
+  """A prediction from a fit's constants printed a bare loss: nothing said that the fit had left a constant on a
+  bound, or that --params lay four decades past the runs it was fitted to."""
+  fit = _json(capsys, ["analyze", "fit", "--law=chinchilla", f"--results={results_csv}", "--bootstrap=0",
+                       f"--out={tmp_path / 'fit'}", "--json"])
+  (lo_n, hi_n), (lo_d, hi_d) = fit["fitted_range"]["params"], fit["fitted_range"]["tokens"]
+  assert 0 < lo_n < hi_n and 0 < lo_d < hi_d
+  constants = tmp_path / "constants.json"
+  constants.write_text(json.dumps({**fit, "at_bounds": [], "undetermined": []}))
+  inside = ["analyze", "predict", "--law=chinchilla", f"--params={hi_n}", f"--tokens={lo_d}",
+            f"--constants={constants}", "--json"]
+  assert "note" not in _json(capsys, inside)
+  outside = _json(capsys, [*inside[:3], f"--params={hi_n * 1e4:g}", *inside[4:]])
+  assert f"--params={hi_n * 1e4:g} lies outside the fitted runs' {lo_n:g}-{hi_n:g}: an extrapolation" in \
+      outside["note"]
+  constants.write_text(json.dumps({**fit, "at_bounds": ["alpha"]}))
+  assert "the fit did not determine alpha" in _json(capsys, inside)["note"]
+  # Published constants carry no fit record: no caveat.
+  assert "note" not in _json(capsys, ["analyze", "predict", "--law=chinchilla", "--params=1e12", "--tokens=1e13",
+                                      "--json"])
+
+
 def test_predict_published(capsys):
   out = _json(capsys, ["analyze", "predict", "--law=chinchilla", "--params=70e9", "--tokens=1.4e12", "--json"])
   assert out["loss"] == pytest.approx(1.69 + 406.4 / 70e9 ** 0.34 + 410.7 / 1.4e12 ** 0.28)

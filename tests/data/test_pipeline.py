@@ -293,6 +293,9 @@ def test_the_trainer_refuses_more_steps_than_a_finite_task_holds(c4_path, t5_voc
                                           ({'task_feature_lengths': {'inputs': 0, 'targets': 8}},
                                            "task_feature_lengths {'inputs': 0}"),
                                           ({'task_feature_lengths': {'inputs': 512}}, "has no 'targets': give both"),
+                                          # silently ignored
+                                          ({'task_feature_lengths': {'inputs': 8, 'targets': 8, 'extra': 5}},
+                                           "has 'extra', which no model here reads"),
                                           # a list: a TypeError traceback from dict()
                                           ({'task_feature_lengths': [512, 114]}, r"=\[512, 114\]: give a dict"),
                                           # int() truncated: seed 0.9 read seed 0's stream, True seed 1's
