@@ -138,10 +138,13 @@ def measured_dropout(runs: list[results.Run], params: float) -> dict | None:
   if not by_rate:
     return None
   means = {rate: float(np.mean(v)) for rate, v in sorted(by_rate.items())}
-  best = max(means, key=means.get)
+  # Rates that share the best score: none of them is "the best" (max() named the lowest, e.g. a rate of 0 when every
+  # run tied), and the table cannot tell them apart.
+  tied = [rate for rate, v in means.items() if v == max(means.values())]
   metric = "best_eval_accuracy" if use_acc else "best_eval_loss"
   return {"column": column, "metric": metric, "runs": len(near),
-          "params_range": [min(r.params for r in near), max(r.params for r in near)], "best_rate": best,
+          "params_range": [min(r.params for r in near), max(r.params for r in near)],
+          "best_rate": tied[0] if len(tied) == 1 else None, "tied": tied if len(tied) > 1 else [],
           "by_rate": {k: (v if use_acc else -v) for k, v in means.items()}}
 
 
@@ -184,7 +187,9 @@ def summary(p: dict) -> str:
                  f"loss ({enough['predicted_loss']:.4f}): the unique data, not the compute, limits it.")
   m = p["dropout"]["measured"]
   if m:
-    lines.append(f"Measured: best {m['column']} = {m['best_rate']:g} by {m['metric']} over {m['runs']} runs with "
+    best = (f"best {m['column']} = {m['best_rate']:g}" if m["best_rate"] is not None else
+            f"no best {m['column']}: {', '.join(f'{r:g}' for r in m['tied'])} tie")
+    lines.append(f"Measured: {best} by {m['metric']} over {m['runs']} runs with "
                  f"{m['params_range'][0]:.3g}-{m['params_range'][1]:.3g} parameters.")
   lines += [f"Warning: {w['message']}" for w in p["warnings"]]
   return "\n".join(lines)

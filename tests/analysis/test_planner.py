@@ -130,6 +130,17 @@ def test_measured_dropout_falls_back_to_the_nearest_size():
   assert (m["best_rate"], m["runs"], m["params_range"]) == (0.3, 2, [1e9, 1e9])
 
 
+def test_measured_dropout_names_no_best_rate_when_rates_tie():
+  # Every run at the same accuracy: "best DROPOUT_RATE = 0" was max()'s first key, not a measurement.
+  runs = _rated([(2.5e8, 8.0, rate, 0.6, math.nan) for rate in (0.0, 0.1, 0.3)])
+  m = planner.measured_dropout(runs, 2.5e8)
+  assert (m["best_rate"], m["tied"]) == (None, [0.0, 0.1, 0.3])
+  text = planner.summary(planner.plan(1.3e8, 1.5e20, runs=runs))
+  assert "Measured: no best DROPOUT_RATE: 0, 0.1, 0.3 tie by best_eval_accuracy" in text
+  one = planner.measured_dropout(_rated([(2.5e8, 8.0, 0.0, 0.6, math.nan), (2.5e8, 8.0, 0.1, 0.7, math.nan)]), 2.5e8)
+  assert (one["best_rate"], one["tied"]) == (0.1, [])
+
+
 def test_measured_dropout_without_accuracy_picks_the_lowest_loss():
   runs = _rated([(2.5e8, 8.0, 0.0, math.nan, 2.5), (2.5e8, 8.0, 0.1, math.nan, 2.3), (2.5e8, 8.0, 0.3, math.nan, 2.4)])
   m = planner.measured_dropout(runs, 2.5e8)
