@@ -750,8 +750,11 @@ def _main(argv: Sequence[str] | None) -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 128 + 13
   except OSError as e:
-    # The OS error names the path; say what to change (FileNotFoundError's messages here already do).
-    hint = ("" if isinstance(e, FileNotFoundError) else
+    # The OS error names the path; say what to change (the FileNotFoundErrors repeat_lm raises itself already do:
+    # they carry no errno, the operating system's do).
+    hint = ("" if isinstance(e, FileNotFoundError) and e.errno is None else
+            ". Check the path: an input must exist, and an output's folder must be one that can be created"
+            if isinstance(e, FileNotFoundError) else
             ". Check the paths given on the command line: an output must be a writable file or directory path whose "
             "parent folders are directories" if isinstance(e, (IsADirectoryError, NotADirectoryError, FileExistsError,
                                                                 PermissionError)) else

@@ -265,3 +265,10 @@ def test_a_negative_seed_names_the_flag(command, capsys):
   with pytest.raises(SystemExit):
     cli.main([*command, "--seed=-1"])
   assert "argument --seed: -1 is negative; give a seed >= 0" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_created_is_named_with_a_hint(capsys):
+  """The operating system's FileNotFoundError (/proc allows no new folder) was printed without saying what to do."""
+  assert cli.main(["plan", "--unique-tokens=1e8", "--compute=1e20", "--out=/proc/forbidden/x"]) == 2
+  err = capsys.readouterr().err
+  assert "'/proc/forbidden'. Check the path: an input must exist, and an output's folder must be one" in err
