@@ -258,12 +258,17 @@ def _check_depths(source: str, saved: dict[str, tuple[int, int]] | None, config:
 def _metadata_params(step_dir: Path, name_step: Callable[[Path], str] | None = None) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from repeat_lm.train import checkpoint  # pylint: disable=import-outside-toplevel
+  # The handler, not a Checkpointer: that one also looks for a step's _CHECKPOINT_METADATA inside state/, where
+  # there is none, and warned "Metadata file does not exist" on every load of a healthy checkpoint.
+  handler = ocp.PyTreeCheckpointHandler()
   try:
     # Settled: the metadata of a damaged step fails one array's read while others are in flight (as a restore does).
-    with ocp.PyTreeCheckpointer() as reader, checkpoint.settled_reads():
-      metadata = reader.metadata(str((step_dir / "state").absolute()))
+    with checkpoint.settled_reads():
+      metadata = handler.metadata((step_dir / "state").absolute())
   except Exception as e:  # pylint: disable=broad-except
     raise _unreadable(step_dir, f"its metadata: {checkpoint.brief_error(e)}", name_step) from e
+  finally:
+    handler.close()
   metadata = getattr(metadata, "item_metadata", metadata)
   if metadata is None or "params" not in metadata:
     raise _unreadable(step_dir, "no parameter metadata in state/", name_step)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import shutil
 
 import jax
@@ -67,6 +68,13 @@ def test_a_relative_model_dir_loads(tiny_model_dir, scan, monkeypatch):
                                    layout.layouts_for(config))
   for path, value in layout.flatten(params).items():
     np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=path)
+
+
+def test_a_healthy_checkpoint_loads_without_warnings(tiny_model_dir, caplog):
+  """Every load warned "Metadata file does not exist: .../state/_CHECKPOINT_METADATA", which reads as damage."""
+  with caplog.at_level(logging.WARNING):
+    load.load_for_module(tiny_model_dir, t5.Transformer(TINY))
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_a_corrupt_step_names_the_step_before_it(tiny_model_dir, tmp_path):
