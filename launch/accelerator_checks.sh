@@ -6,30 +6,36 @@
 #   (BUDGET_S: seconds after which no new benchmark variant starts; PROFILE=1 first traces the T5 v1.1 Base step
 #   of gin/runs/accelerator.gin, unrolled + no remat + cuDNN, into OUT_DIR/profile: ops.md there, the raw
 #   trace as OUT_DIR/step.xplane.pb, and a table of it in the report)
+# PYTHON: the interpreter (default: .venv/bin/python where the repository has one, else python3).
 # Exit status: the tests' if they failed (the benchmark still runs after them), else the benchmark's.
 set -uo pipefail
+# The repository's .venv where there is one (pip install -e '.[gpu]'), else the python3 on PATH (an image whose
+# system Python already has jax with CUDA): a bare python3 beside an unactivated .venv had no jax.
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 out=${1:-runs/accelerator}
 shift || true
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-  python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax',
+  "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax',
 optax.__version__, jax.devices())"; } 2>&1 | tee "$out/device.txt"
-JAX_PLATFORMS=cuda timeout 300 python3 -m pytest -q -m accelerator -p no:cacheprovider \
+JAX_PLATFORMS=cuda timeout 300 "$PY" -m pytest -q -m accelerator -p no:cacheprovider \
   tests/models/test_attention_impl.py 2>&1 | tee "$out/pytest_accelerator.log"
 tests_rc=$?  # pytest's (or timeout's 124), not tee's: pipefail
 if [ "${PROFILE:-0}" = 1 ]; then
   # The unrolled variant's process took about 3 minutes on an H200 (init and step compile included, 2026-11-30).
-  timeout 300 python3 -m repeat_lm.cli bench train --gin_file=gin/models/t5_1_1_base.gin --batch_size=128 --steps=3 --rounds=1 \
+  timeout 300 "$PY" -m repeat_lm.cli bench train --gin_file=gin/models/t5_1_1_base.gin --batch_size=128 --steps=3 --rounds=1 \
     --gin.SCAN_LAYERS=False --gin.REMAT_POLICY="'none'" --gin.t5.T5Config.attention_implementation="'cudnn'" \
     --profile_dir="$out/profile" \
     2>&1 | tee "$out/profile.log"
   find "$out/profile" -name '*.xplane.pb' -exec cp {} "$out/step.xplane.pb" \;
   rm -rf "$out/profile/plugins"
-  set -- --profile_xplane="$out/step.xplane.pb" \
+  # Only a trace the profiling run wrote: without one the variants are still measured, and reported without it.
+  [ -f "$out/step.xplane.pb" ] && set -- --profile_xplane="$out/step.xplane.pb" \
     --profile_variant="unrolled, remat none, cudnn attention, batch 128" "$@"
 fi
-python3 -m repeat_lm.cli bench accelerator --out="$out/performance_accelerator.md" \
+"$PY" -m repeat_lm.cli bench accelerator --out="$out/performance_accelerator.md" \
   --time_budget_s="${BUDGET_S:-300}" "$@" 2>&1 | tee "$out/bench.log"
 bench_rc=$?
 cat "$out/performance_accelerator.md"

@@ -243,6 +243,9 @@ def _run_bench(args, bindings: Sequence[str]) -> dict:
   if args.bench_command == "accelerator":
     from repeat_lm.bench import accelerator
     accelerator.check_out(args.out)  # before measuring: what it would overwrite is checked first
+    if args.profile_xplane and not os.path.isfile(args.profile_xplane):  # found missing only after every variant
+      raise FileNotFoundError(f"--profile_xplane={args.profile_xplane}: no such file; pass the trace a profiled run "
+                              "wrote (bench train --profile_dir), or leave the flag out.")
     if args.from_json:
       m = accelerator.read_json(args.from_json, "--from_json")
     else:
@@ -263,6 +266,12 @@ def _run_bench(args, bindings: Sequence[str]) -> dict:
   from repeat_lm.bench import train as bench_train
   from repeat_lm.train import partitioning
   partitioner = partitioning.Partitioner(args.data_parallel, args.model_parallel)
+  if args.compile_only and (args.compare or args.profile_dir):  # nothing runs for them to measure
+    raise ValueError("--compile_only measures compilation alone: leave out "
+                     + " and ".join(f for f, given in (("--compare", args.compare), ("--profile_dir", args.profile_dir))
+                                    if given) + ".")
+  if args.profile_dir:  # an unwritable folder failed after the timed rounds, and their numbers were lost
+    os.makedirs(args.profile_dir, exist_ok=True)
   model, cfg = _bench_model_and_config(args, bindings)
   if args.compile_only:
     return bench_train.compile_only(model, cfg, partitioner)

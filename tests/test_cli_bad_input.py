@@ -272,3 +272,20 @@ def test_an_output_folder_that_cannot_be_created_is_named_with_a_hint(capsys):
   assert cli.main(["plan", "--unique-tokens=1e8", "--compute=1e20", "--out=/proc/forbidden/x"]) == 2
   err = capsys.readouterr().err
   assert "'/proc/forbidden'. Check the path: an input must exist, and an output's folder must be one" in err
+
+
+def test_bench_flags_that_cannot_work_fail_before_anything_is_measured(tmp_path, capsys, monkeypatch):
+  """--profile_dir was created after the timed rounds (an unwritable one lost their numbers), --profile_xplane read
+  after every accelerator variant, and --compile_only ignored --compare and --profile_dir."""
+  from repeat_lm.bench import accelerator
+  from repeat_lm.bench import train as bench_train
+  for name in ("run_benchmark", "compile_only"):
+    monkeypatch.setattr(bench_train, name, lambda *a, **k: pytest.fail("measured before the flags were checked"))
+  monkeypatch.setattr(accelerator, "measure", lambda *a, **k: pytest.fail("measured before the flags were checked"))
+  tiny = "--gin_file=gin/models/t5_1_1_tiny.gin"
+  assert cli.main(["bench", "train", tiny, "--profile_dir=/proc/forbidden/x"]) == 2
+  assert "'/proc/forbidden'" in capsys.readouterr().err
+  assert cli.main(["bench", "train", tiny, "--compile_only", "--compare=hf", f"--profile_dir={tmp_path}"]) == 2
+  assert "--compile_only measures compilation alone: leave out --compare and --profile_dir" in capsys.readouterr().err
+  assert cli.main(["bench", "accelerator", f"--out={tmp_path / 'a.md'}", f"--profile_xplane={tmp_path / 'no.pb'}"]) == 2
+  assert "no.pb: no such file; pass the trace a profiled run wrote" in capsys.readouterr().err

@@ -181,11 +181,31 @@ def test_launch_script_exits_non_zero_when_the_gpu_tests_fail(tmp_path):
                   " exit 0 ;;\n"
                   "esac\n")
   fake.chmod(0o755)
-  env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+  env = dict(os.environ, PYTHON=str(fake))  # the interpreter the script runs, over the repository's .venv
   out = subprocess.run(["bash", str(repo / "launch" / "accelerator_checks.sh"), str(tmp_path / "out")], cwd=repo,
                        env=env, capture_output=True, text=True, timeout=60)
   assert out.returncode == 1, out.stdout + out.stderr
   assert (tmp_path / "out" / "performance_accelerator.md").read_text() == "report\n"  # the benchmark still ran
+
+
+def test_launch_script_runs_the_repositorys_venv_where_there_is_one(tmp_path):
+  """A bare python3 beside an unactivated .venv (README's install) had no jax: every step failed."""
+  import os
+  import shutil
+  import subprocess
+  from pathlib import Path
+  repo = Path(__file__).resolve().parents[2]
+  (tmp_path / "launch").mkdir()
+  shutil.copy(repo / "launch" / "accelerator_checks.sh", tmp_path / "launch")
+  venv_python = tmp_path / ".venv" / "bin" / "python"
+  venv_python.parent.mkdir(parents=True)
+  venv_python.write_text("#!/usr/bin/env bash\necho \"venv python $*\" >> calls.txt\n")
+  venv_python.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+  subprocess.run(["bash", "launch/accelerator_checks.sh", "out"], cwd=tmp_path, env=env, capture_output=True,
+                 timeout=60)
+  calls = (tmp_path / "calls.txt").read_text().splitlines()
+  assert any("-m pytest" in c for c in calls) and any("bench accelerator" in c for c in calls), calls
 
 
 def test_bad_json_inputs_name_the_flag_and_the_fix(tmp_path):

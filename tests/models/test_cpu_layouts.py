@@ -138,6 +138,8 @@ def test_attention_batch_slices_fit_half_the_last_level_cache(monkeypatch):
   assert chunks(8, 6, 114, 512) == 1  # 11 MB in all: one piece
   assert chunks(4, 16, 512, 512) == 1  # a row alone fills the half: no slice of two rows fits
   assert chunks(7, 6, 512, 512) == 1  # no divisor of 7 fits
+  # More than MAX_ATTENTION_CHUNKS slices: the whole batch (each slice is compiled on its own; batch 128 made 64)
+  assert cpu_layouts.MAX_ATTENTION_CHUNKS == 8 and chunks(32, 6, 512, 512) == 1 and chunks(8192, 4, 512, 512) == 1
   with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
     assert chunks(8, 6, 512, 512) == 4
   with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
