@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shlex
 import signal
 import subprocess
@@ -185,18 +186,43 @@ def _local_command(stage: Stage) -> list[str]:
 
 # Printed in place of a --tpu / --zone not given, for the shell to fill in from its environment.
 _PLACEHOLDERS = ("$TPU_NAME", "$ZONE")
+# Printed in place of the job id of a run not yet submitted (`${JOB_d27_e8:?...}`, see _printed_dependency).
+_JOB_PLACEHOLDER = re.compile(r"\$\{JOB_\w+:\?[\w .-]*\}$")
 
 
-def display_command(stage: Stage, opts: Options) -> list[str]:
-  """The command a launcher runs (or prints) for a stage."""
+def _job_name(stage: Stage) -> str:
+  return stage.name.replace("/", ".")
+
+
+def display_command(stage: Stage, opts: Options, after: str | None = None) -> list[str]:
+  """The command a launcher runs (or prints) for a stage; slurm: `after` is the job it waits for (afterok)."""
   if opts.launcher == "tpu-vm":
     flags = [f"--tpu={opts.tpu or _PLACEHOLDERS[0]}", f"--zone={opts.zone or _PLACEHOLDERS[1]}"]
     flags += [f"--project={opts.project}"] if opts.project else []
     return [str(LAUNCH_DIR / "tpu_vm.sh"), *flags, stage.verb, f"--gin_file={stage.gin.resolve()}"]
   if opts.launcher == "slurm":
-    return ["sbatch", f"--job-name={stage.name.replace('/', '.')}", f"--output={stage.run_dir.resolve()}/slurm-%j.log",
+    # The batch script runs from SLURM's spool directory and defaults REPO_DIR to the submit directory (wherever the
+    # sweep was started): the repository whose launch/ it is, passed explicitly, is the one whose .venv the job runs.
+    return ["sbatch", *([f"--dependency=afterok:{after}"] if after else []), f"--job-name={_job_name(stage)}",
+            f"--output={stage.run_dir.resolve()}/slurm-%j.log", f"--export=ALL,REPO_DIR={LAUNCH_DIR.parent}",
             *opts.sbatch_args, str(LAUNCH_DIR / "slurm.sbatch"), str(stage.run_dir.resolve()), stage.verb]
   return ["repeat-lm", stage.verb, f"--gin_file={stage.gin}"]
+
+
+def _printed_dependency(stage: Stage) -> str | None:
+  """The job a printed fine-tuning line waits for, as --submit would chain it: none once its run is finished, the
+  run's job while it is submitted, else a variable for the job id that sbatch has yet to give its run. Unset, the
+  shell refuses the line (`${VAR:?}`) rather than start fine-tuning alongside pre-training."""
+  if stage.parent is None:
+    return None
+  record = status_lib.read(stage.parent.run_dir)
+  state = status_lib.effective(record)
+  if state == status_lib.FINISHED:
+    return None
+  if state == status_lib.RUNNING and record.get("job_id"):
+    return str(record["job_id"])
+  var = "JOB_" + re.sub(r"[^A-Za-z0-9_]", "_", stage.parent.name)
+  return f"${{{var}:?set {var} to the job id of {_job_name(stage.parent)}}}"
 
 
 def shell_line(command: Sequence[str]) -> str:
@@ -205,6 +231,8 @@ def shell_line(command: Sequence[str]) -> str:
   parts = []
   for arg in command:
     var = next((v for v in _PLACEHOLDERS if arg.endswith("=" + v)), None)
+    job = _JOB_PLACEHOLDER.search(arg) if arg.startswith("--dependency=") else None
+    var = var or (job.group() if job else None)
     parts.append(f'{shlex.quote(arg[:-len(var)])}"{var}"' if var else shlex.quote(arg))
   return " ".join(parts)
 
@@ -389,9 +417,7 @@ def submit_slurm(stages: list[Stage], opts: Options) -> None:
     elif reason or status_lib.effective(record) == status_lib.RUNNING:
       opts.stream.write(f"{stage.name}: {reason or 'running (job ' + str(record.get('job_id')) + ')'}, skipped\n")
       continue
-    command = display_command(stage, opts)
-    if stage.parent is not None and stage.parent.name in jobs:
-      command.insert(1, f"--dependency=afterok:{jobs[stage.parent.name]}")
+    command = display_command(stage, opts, after=jobs.get(stage.parent.name) if stage.parent else None)
     try:
       out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:  # recorded like a failed run; the others still go
@@ -432,6 +458,9 @@ def run_sweep(experiment: str, root: str | Path, opts: Options | None = None) ->
     raise FileNotFoundError(f"--launcher={opts.launcher} runs {LAUNCH_DIR / script}, which this install does not "
                             "have: the launch scripts come with a source checkout (git clone, then "
                             "pip install -e '.[gpu]' or '.[tpu]'); run the sweep from there.")
+  if opts.launcher == "slurm" and "," in str(LAUNCH_DIR.parent):  # sbatch --export splits its list at commas
+    raise ValueError(f"--launcher=slurm passes the repository to its jobs as --export=ALL,REPO_DIR=PATH, which "
+                     f"cannot hold a comma: move the checkout {LAUNCH_DIR.parent} to a path without one.")
   start = time.time()
   root = Path(root).absolute()  # MODEL_DIR must not depend on the directory a run is started from
   exp = compose.load(experiment, opts.bindings)
@@ -454,7 +483,8 @@ def _run_sweep(exp: compose.Experiment, root: Path, opts: Options, start: float)
     for s in stages:
       state = status_lib.effective(status_lib.read(s.run_dir))
       note = f"  # {state}" + (f"; waiting for {'; '.join(s.waiting)}" if s.waiting else "")
-      opts.stream.write(f"{shell_line(display_command(s, opts))}{note}\n")
+      after = _printed_dependency(s) if opts.launcher == "slurm" else None
+      opts.stream.write(f"{shell_line(display_command(s, opts, after))}{note}\n")
     result = summary(exp, root, stages, time.time() - start)
     result["run_names"] = [s.name for s in runs]
     return result

@@ -208,6 +208,77 @@ def test_slurm_submit_chains_fine_tuning_on_its_run(tmp_path, monkeypatch):
   assert len((tmp_path / "sbatch.calls").read_text().splitlines()) == 2
 
 
+def _stand_in_sbatch(tmp_path: Path) -> Path:
+  """A stand-in sbatch that records its arguments in $SBATCH_CALLS and answers like SLURM; returns its folder."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "sbatch").write_text('#!/bin/sh\necho "$@" >> "$SBATCH_CALLS"\n'
+                                  'echo "Submitted batch job $(wc -l < "$SBATCH_CALLS")"\n')
+  (bin_dir / "sbatch").chmod(0o755)
+  return bin_dir
+
+
+def test_slurm_jobs_run_the_sweeps_repository_from_any_directory(tmp_path, monkeypatch):
+  """The batch script defaults REPO_DIR to the submit directory: a sweep started elsewhere (an absolute --experiment)
+  submitted jobs that could not find repeat-lm. Printed and submitted lines name the repository the sweep runs from."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("PATH", f"{_stand_in_sbatch(tmp_path)}:{os.environ['PATH']}")
+  monkeypatch.setenv("SBATCH_CALLS", str(tmp_path / "sbatch.calls"))
+  experiment, out = str(GIN_DIR / "rq1_repetition.gin"), io.StringIO()
+  runner.run_sweep(experiment, tmp_path / "root", runner.Options(launcher="slurm", only="d27_e8", stream=out))
+  runner.run_sweep(experiment, tmp_path / "root", runner.Options(launcher="slurm", submit=True, only="d27_e8",
+                                                                  stream=io.StringIO()))
+  export = f"--export=ALL,REPO_DIR={GIN_DIR.parents[1]}"
+  printed = [line for line in out.getvalue().splitlines() if line.startswith("sbatch")]
+  calls = (tmp_path / "sbatch.calls").read_text().splitlines()
+  assert len(printed) == len(calls) == 2
+  for line, call in zip(printed, calls):
+    assert f" {export} " in line and f" {export} " in call
+    assert f" {GIN_DIR.parents[1] / 'launch' / 'slurm.sbatch'} {tmp_path / 'root' / 'd27_e8'}" in call
+
+
+def test_a_printed_slurm_plan_chains_fine_tuning_like_submit(tmp_path, monkeypatch):
+  """Pasted, the printed plan submits what --submit does, fine-tuning chained on its run's job (afterok): the job id
+  comes from a variable the shell refuses to leave empty, so no stage starts alongside its pre-training."""
+  bin_dir = _stand_in_sbatch(tmp_path)
+  experiment, out = str(GIN_DIR / "rq1_repetition.gin"), io.StringIO()
+  runner.run_sweep(experiment, tmp_path / "root", runner.Options(
+      launcher="slurm", dry_run=True, only="d27_e8", sbatch_args=["--nodes=4"], stream=out))
+  train, finetune = [line.split("  #")[0] for line in out.getvalue().splitlines() if line.startswith("sbatch")]
+  assert 'sbatch --dependency=afterok:"${JOB_d27_e8:?' in finetune
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_CALLS": str(tmp_path / "plan.calls")}
+  env.pop("JOB_d27_e8", None)
+  refused = subprocess.run(["bash", "-c", finetune], env=env, capture_output=True, text=True)
+  assert refused.returncode != 0 and "JOB_d27_e8" in refused.stderr and not (tmp_path / "plan.calls").exists()
+  job = subprocess.run(["bash", "-c", train], env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+  subprocess.run(["bash", "-c", finetune], env={**env, "JOB_d27_e8": job}, check=True, capture_output=True)
+  # --submit, with its own record of the calls: the same arguments.
+  monkeypatch.setenv("PATH", env["PATH"])
+  monkeypatch.setenv("SBATCH_CALLS", str(tmp_path / "submit.calls"))
+  runner.run_sweep(experiment, tmp_path / "root", runner.Options(
+      launcher="slurm", submit=True, only="d27_e8", sbatch_args=["--nodes=4"], stream=io.StringIO()))
+  assert (tmp_path / "plan.calls").read_text() == (tmp_path / "submit.calls").read_text()
+  assert (tmp_path / "plan.calls").read_text().splitlines()[1].startswith("--dependency=afterok:1 --job-name=d27_e8.")
+  # Once its run is submitted, the printed stage waits for that job.
+  out = io.StringIO()
+  runner.run_sweep(experiment, tmp_path / "root", runner.Options(launcher="slurm", only="d27_e8", stream=out))
+  assert "sbatch --dependency=afterok:1 --job-name=d27_e8.ft_squad" in out.getvalue()
+
+
+def test_a_slurm_job_without_the_repository_says_so(tmp_path):
+  """REPO_DIR without .venv/bin/repeat-lm: the job cannot record its exit (run-status), so it names REPO_DIR in the
+  job's log and the run's train.log and fails, instead of two bare 'No such file or directory'."""
+  run = tmp_path / "run"
+  run.mkdir()
+  env = {**os.environ, "REPO_DIR": str(tmp_path / "elsewhere"), "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS": "1",
+         "SLURM_JOB_ID": "42"}
+  out = subprocess.run(["bash", str(GIN_DIR.parents[1] / "launch" / "slurm.sbatch"), str(run), "train"], env=env,
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 127
+  assert f"REPO_DIR={tmp_path / 'elsewhere'} must be the repository checkout holding .venv" in out.stderr
+  assert "REPO_DIR=" in (run / "train.log").read_text()
+
+
 @pytest.mark.parametrize("recorded,trainer_code,job_code", [("pending", 0, 75), ("finished", 0, 0), ("failed", 3, 3)])
 def test_a_slurm_job_stopped_before_its_last_step_is_not_a_success(tmp_path, recorded, trainer_code, job_code):
   """Fine-tuning is chained on the job with afterok: a trainer that checkpointed at SIGTERM and exited 0 must not
