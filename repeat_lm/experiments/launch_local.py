@@ -8,6 +8,7 @@ same code path as a multi-host pod (distributed.maybe_initialize, one block of b
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
@@ -63,10 +64,15 @@ def process_env(process_id: int, num_processes: int, port: int, devices_per_proc
   return env
 
 
-def _pump(stream, prefix: str, sink) -> None:
+# Lines of the first failing process repeated once every process has exited (see launch).
+FAILED_TAIL_LINES = 5
+
+
+def _pump(stream, prefix: str, sink, tail: collections.deque) -> None:
   for line in iter(stream.readline, ""):
     sink.write(prefix + line)
     sink.flush()
+    tail.append(prefix + line)
 
 
 def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1, port: int | None = None) -> int:
@@ -86,14 +92,14 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
   if port is not None and not 1 <= port <= 65535:  # else JAX_COORDINATOR_ADDRESS=127.0.0.1:70000 failed later
     raise ValueError(f"port ({port}) must be a TCP port, 1-65535; leave it out for a free one.")
   port = port or free_port()
-  procs, pumps = [], []
+  procs, pumps, tails = [], [], []
   # SIGTERM (a job's time limit, `timeout`, kill) and SIGHUP (a closed terminal) act as Ctrl-C: forwarded to the
   # processes as SIGTERM, whose trainers then checkpoint and stop. Left to its default either killed this process
   # alone and orphaned them, training on.
   main = threading.current_thread() is threading.main_thread()
   signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
   previous = {s: signal.signal(s, _interrupt) for s in signums} if main else {}
-  rc = 0
+  rc, first_failed = 0, None
   try:
     for i in range(num_processes):
       # Each in its own session, out of the terminal's reach: Ctrl-C (SIGINT to the terminal's whole process group)
@@ -102,7 +108,8 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
       p = subprocess.Popen([sys.executable, "-m", "repeat_lm.cli", *argv], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
                            env=process_env(i, num_processes, port, devices_per_process))
-      t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", sys.stderr), daemon=True)
+      tails.append(collections.deque(maxlen=FAILED_TAIL_LINES))
+      t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", sys.stderr, tails[-1]), daemon=True)
       t.start()
       procs.append(p)
       pumps.append(t)
@@ -120,7 +127,7 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
           continue
         pending.remove(p)
         if code and not rc:
-          rc = code
+          rc, first_failed = code, procs.index(p)
           for other in pending:  # its peers would block in the next collective
             other.terminate()
           kill_at = time.monotonic() + PEER_GRACE_S
@@ -138,6 +145,11 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
       t.join(timeout=5)
     for s, handler in previous.items():
       signal.signal(s, handler)
+  if first_failed is not None and tails[first_failed]:
+    # Its error came first, and the peers it took down printed theirs after it (a JAX distributed-service abort and
+    # its stack trace, 15 lines or more): the cause, said again where the reader looks.
+    sys.stderr.write(f"launch-local: process {first_failed} failed first (exit {rc}); its last lines:\n"
+                     + "".join(tails[first_failed]))
   return rc
 
 

@@ -131,6 +131,24 @@ def test_a_failure_kills_peers_that_outlast_sigterm(monkeypatch, tmp_path):
   assert time.monotonic() - start < 10 and started[0].returncode == -signal.SIGKILL
 
 
+def test_the_first_failure_is_repeated_after_its_peers_output(monkeypatch, capsys):
+  # The failing process's clear error came first; the peer it took down then printed a JAX distributed-service abort
+  # and its stack trace, and the error scrolled out of sight.
+  real_popen = launch_local.subprocess.Popen
+  codes = iter(["import sys, time; print('repeat-lm: error: TRAIN_STEPS=-3 must be >= 0'); sys.exit(2)",
+                "import time; time.sleep(0.5); print('F1201 Terminating process: fatal errors'); print('*** stack')"])
+
+  def stand_in(cmd, **kwargs):
+    del cmd
+    return real_popen([sys.executable, "-c", next(codes)], **kwargs)
+
+  monkeypatch.setattr(launch_local.subprocess, "Popen", stand_in)
+  assert launch_local.launch(["train"], num_processes=2) == 2
+  err = capsys.readouterr().err
+  assert err.rstrip().endswith("launch-local: process 0 failed first (exit 2); its last lines:\n"
+                               "[p0] repeat-lm: error: TRAIN_STEPS=-3 must be >= 0")
+
+
 def test_no_processes_is_an_error_not_a_success():
   # launch() with nothing to run returned 0: a job script would read it as a finished run.
   with pytest.raises(ValueError, match="must be >= 1"):
