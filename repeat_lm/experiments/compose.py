@@ -6,9 +6,10 @@ configuration a run was started with even when the shared gin files change later
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +152,44 @@ def _refers_to(value: Any, selector: str) -> bool:
   return False
 
 
+def _macro_references(value: Any) -> Iterator[str]:
+  """The names of the macros `value` (a bound value: a reference, or a container of them) refers to."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    if value.selector == "gin.macro":
+      yield value.scoped_selector.split("/")[0]
+  elif isinstance(value, Mapping):
+    for k, v in value.items():
+      yield from _macro_references(k)
+      yield from _macro_references(v)
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      yield from _macro_references(v)
+
+
+def _check_macros_used(spec: sweep.RunSpec) -> None:
+  """Every macro the run binds is referred to (%NAME) by the parsed config. gin accepts a binding of a macro nothing
+  reads: an axis {'DROPUT_RATE': [0.0, 0.1]} made runs that all trained the same model, and collect reported the
+  typo as a factor."""
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  used = {name for params in config.values() for v in params.values() for name in _macro_references(v)}
+  macros = sorted(scope for scope, selector in config if selector == "gin.macro")
+  unused = [k for k, _ in spec.bindings if "." not in k and "/" not in k and k not in used
+            and k not in (sweep.MODEL_KEY, sweep.NAME_KEY)]
+  if unused:
+    close = {k: difflib.get_close_matches(k, [m for m in macros if m not in unused], n=1) for k in unused}
+    hints = "; ".join(f"{k}: did you mean {close[k][0]}?" for k in unused if close[k])
+    raise gin_utils.GinConfigError(
+        f"Run {spec.name} binds {', '.join(unused)}, which no setting of its configuration refers to (as %NAME): "
+        f"every value would train the same model. Check the name{'s' if len(unused) > 1 else ''} in the "
+        f"experiment's axes and bindings{' (' + hints + ')' if hints else ''}.")
+
+
 def run_gin(exp: Experiment, spec: sweep.RunSpec, model_dir: str, varied: Sequence[str],
             resolved: Mapping[str, Any] = {}) -> tuple[str, dict[str, Any]]:
   """(the run's self-contained gin text, the effective value of every key in `varied` plus 'model')."""
   bindings = [_binding(k, v, resolved) for k, v in spec.bindings]
   _parse_text(experiment_text(exp, spec.model), [*bindings, *exp.bindings, f"MODEL_DIR = {model_dir!r}"])
+  _check_macros_used(spec)
   values = {k: query(k) for k in varied if k not in (sweep.MODEL_KEY, sweep.NAME_KEY)}
   model = spec.model or exp.model
   values[sweep.MODEL_KEY] = Path(model).stem if model else None

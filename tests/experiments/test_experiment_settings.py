@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 from typing import Any
 
 import gin
 import pytest
+from experiment_helpers import tiny_experiment
 
 from repeat_lm import gin_utils
 from repeat_lm.data import denoisers, tasks
-from repeat_lm.experiments import compose
+from repeat_lm.experiments import compose, runner
 from repeat_lm.models import info
 
 # ---------------------------------------------------------------------------------------------------- the reference
@@ -333,3 +335,19 @@ def test_rq2_fixed_flops_runs_have_the_papers_parameter_ratios():
 def test_paper_moe_runs_have_the_papers_parameter_count(name, run, published):
   params, _ = _params_and_flops(_run(name, run).config)
   assert params == pytest.approx(published, rel=0.05)
+
+
+def test_a_swept_macro_nothing_refers_to_is_an_error_with_the_name_it_resembles(tmp_path):
+  """gin accepts a binding of a macro nothing reads: DROPUT_RATE = 0.1 made a run identical to the others, and collect
+  reported the typo as a factor."""
+  exp = compose.load(tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a'}, {'name': 'b', 'DROPUT_RATE': 0.1}]"))
+  good, typo = exp.runs
+  compose.run_gin(exp, good, str(tmp_path / "a"), compose.varied_keys(exp.runs))
+  with pytest.raises(gin_utils.GinConfigError, match=r"Run b binds DROPUT_RATE, which no setting of its configuration "
+                     r"refers to \(as %NAME\).*\(DROPUT_RATE: did you mean DROPOUT_RATE\?\)"):
+    compose.run_gin(exp, typo, str(tmp_path / "b"), compose.varied_keys(exp.runs))
+  gin.clear_config()
+  # A sweep writes the good run and records the bad one as failed, with that error.
+  runner.run_sweep(str(tmp_path / "exp.gin"), tmp_path / "root", runner.Options(dry_run=True, stream=io.StringIO()))
+  assert (tmp_path / "root" / "a" / "run.gin").exists()
+  assert "did you mean DROPOUT_RATE" in (tmp_path / "root" / "b" / "status.json").read_text()
