@@ -156,6 +156,7 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
     repeats = any(r.unique_tokens > 0 and loss_tokens(r) > r.unique_tokens * (1 + 1e-9) for r in fit_data(runs)[0])
     law = "data-constrained" if repeats else "chinchilla"
   f, used, _ = fit_runs(runs, law, bootstrap=bootstrap, seed=seed)
+  why = left_out(runs)
   samples = f.samples
   exp_a, exp_b = laws.optimal_exponents(f.constants)
   ratio_ci = _interval([_b_over_a(s) for s in samples])
@@ -183,13 +184,12 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
              else "") + f": {verdict}.\n\nFor comparison, Chinchilla's published constants give a = {ref_a:.3f}, "
           f"b = {ref_b:.3f} (b / a = {ref_b / ref_a:.3f}). The table lists the fitted compute-optimal tokens per "
           "parameter at each compute budget of the runs (C = 6 N D) next to the runs' own tokens per parameter."
-          + left_out_note(left_out(runs)) + bounds_note(f))
+          + left_out_note(why) + bounds_note(f))
   png = _check_plot(out_dir / "compute_optimal.png", f, budgets, used)
   paths = report.write_report(out_dir, "Do encoder-decoders need tokens linearly in parameters?",
                               [("Answer", text, [png], rows)])
   return {"law": law, "constants": f.constants.to_dict(), "ci": f.ci(), "at_bounds": f.at_bounds,
-          "undetermined": f.undetermined, "left_out": left_out(runs), "a": exp_a,
-          "b": exp_b,
+          "undetermined": f.undetermined, "left_out": why, "a": exp_a, "b": exp_b,
           "b_over_a": _b_over_a(f.constants), "b_over_a_ci": ratio_ci, "linear": linear, "budgets": rows,
           "report": paths}
 

@@ -136,34 +136,27 @@ def _default(key: str) -> Any:
 def _uses(selector: str) -> bool:
   """Whether the parsed config binds a parameter of the configurable `selector` or refers to it."""
   config = gin.config._CONFIG  # pylint: disable=protected-access
-  return any(s == selector for _, s in config) or any(_refers_to(v, selector) for p in config.values()
-                                                      for v in p.values())
+  # A reference's registered selector: the one written ('moe.MoeConfig', through the prelude's imports) is not
+  # `selector` ('repeat_lm.models.moe.MoeConfig'), and a model that left every MoeConfig setting at its default read
+  # as unused.
+  return any(s == selector for _, s in config) or any(ref.config_key[1] == selector for ref in _bound_references())
 
 
-def _refers_to(value: Any, selector: str) -> bool:
-  if isinstance(value, gin.config.ConfigurableReference):
-    # Its registered selector: the one written ('moe.MoeConfig', through the prelude's imports) is not `selector`
-    # ('repeat_lm.models.moe.MoeConfig'), and a model that left every MoeConfig setting at its default read as unused.
-    return value.config_key[1] == selector
-  if isinstance(value, Mapping):
-    return any(_refers_to(k, selector) or _refers_to(v, selector) for k, v in value.items())
-  if isinstance(value, (list, tuple, set)):
-    return any(_refers_to(v, selector) for v in value)
-  return False
-
-
-def _macro_references(value: Any) -> Iterator[str]:
-  """The names of the macros `value` (a bound value: a reference, or a container of them) refers to."""
-  if isinstance(value, gin.config.ConfigurableReference):
-    if value.selector == "gin.macro":
-      yield value.scoped_selector.split("/")[0]
-  elif isinstance(value, Mapping):
-    for k, v in value.items():
-      yield from _macro_references(k)
-      yield from _macro_references(v)
-  elif isinstance(value, (list, tuple, set)):
-    for v in value:
-      yield from _macro_references(v)
+def _bound_references() -> Iterator[gin.config.ConfigurableReference]:
+  """Every reference (@name or %MACRO) among the parsed config's bound values, inside containers too."""
+  def walk(value):
+    if isinstance(value, gin.config.ConfigurableReference):
+      yield value
+    elif isinstance(value, Mapping):
+      for k, v in value.items():
+        yield from walk(k)
+        yield from walk(v)
+    elif isinstance(value, (list, tuple, set)):
+      for v in value:
+        yield from walk(v)
+  for params in gin.config._CONFIG.values():  # pylint: disable=protected-access
+    for value in params.values():
+      yield from walk(value)
 
 
 def _check_macros_used(spec: sweep.RunSpec) -> None:
@@ -171,7 +164,7 @@ def _check_macros_used(spec: sweep.RunSpec) -> None:
   reads: an axis {'DROPUT_RATE': [0.0, 0.1]} made runs that all trained the same model, and collect reported the
   typo as a factor."""
   config = gin.config._CONFIG  # pylint: disable=protected-access
-  used = {name for params in config.values() for v in params.values() for name in _macro_references(v)}
+  used = {ref.scoped_selector.split("/")[0] for ref in _bound_references() if ref.selector == "gin.macro"}
   macros = sorted(scope for scope, selector in config if selector == "gin.macro")
   unused = [k for k, _ in spec.bindings if "." not in k and "/" not in k and k not in used
             and k not in (sweep.MODEL_KEY, sweep.NAME_KEY)]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from repeat_lm import files
+from repeat_lm import checks, files
 
 STATUS_FILE, LOCK_FILE, LOG_FILE, GIN_FILE = "status.json", ".lock", "train.log", "run.gin"
 # Held (flock) while status.json is read and rewritten; LOCK_FILE is the run's, held for a whole attempt.
@@ -37,11 +37,7 @@ _PID_MAX = 2 ** 31 - 1
 
 
 def _is_pid(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _PID_MAX
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+  return checks.whole_number(value) and 0 < value <= _PID_MAX
 
 
 # What each field that readers convert or iterate must hold (None too, as the runner writes for a cleared field). A
@@ -53,10 +49,10 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of stage names"),
     "pid": (_is_pid, f"a process id (1-{_PID_MAX})"),
     "trainer_pid": (_is_pid, f"a process id (1-{_PID_MAX})"),
-    "attempts": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "index": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "started": (_is_number, "a number"),
-    "elapsed_s": (_is_number, "a number"),
+    "attempts": (checks.whole_number, "an integer"),
+    "index": (checks.whole_number, "an integer"),
+    "started": (checks.real_number, "a number"),
+    "elapsed_s": (checks.real_number, "a number"),
 }
 
 
