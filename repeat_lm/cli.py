@@ -373,7 +373,10 @@ def _run_bench_data(args) -> dict:
   from repeat_lm.data import pipeline, tasks
   cfg = pipeline.DatasetConfig(tasks.ensure_registered(args.task),
                                {"inputs": args.inputs_length, "targets": args.targets_length}, split=args.split,
-                               batch_size=args.batch_size, seed=args.seed)
+                               batch_size=args.batch_size, seed=args.seed,
+                               # as training reads the train split, and evaluation the validation split: one
+                               # ordered pass (gin/runs/eval.gin), not a shuffled unending stream
+                               shuffle=args.split == "train")
   result = bench_data.run_benchmark(cfg, bench_data.DataBenchConfig(steps=args.steps, num_shards=args.num_shards,
                                                                     train_step_s=args.train_step_s))
   if not args.json:

@@ -83,3 +83,15 @@ def test_python_m_train_passes_its_arguments_to_train(monkeypatch):
   with pytest.raises(SystemExit) as e:
     runpy.run_module("repeat_lm.train", run_name="__main__")
   assert e.value.code == 0 and calls == [["train", "--gin_file=a.gin", "--gin.TRAIN_STEPS=2"]]
+
+
+@pytest.mark.parametrize('split, shuffle', [('train', True), ('validation', False)])
+def test_bench_data_reads_each_split_as_training_and_evaluation_do(monkeypatch, split, shuffle):
+  # The validation split was timed as a shuffled, unending stream; evaluation reads it once, in order.
+  from repeat_lm.bench import data as bench_data
+  from repeat_lm.data import tasks
+  seen = []
+  monkeypatch.setattr(tasks, 'ensure_registered', lambda name: name)
+  monkeypatch.setattr(bench_data, 'run_benchmark', lambda cfg, bench: seen.append(cfg) or {})
+  cli._main(['bench', 'data', f'--split={split}', '--json'])
+  assert seen[0].split == split and seen[0].shuffle is shuffle

@@ -53,7 +53,21 @@ def _examples(batch) -> int:
   return int(starts.sum())
 
 
+def timed_batches(total: int | None, bench: DataBenchConfig, task: str) -> int:
+  """How many batches are timed: `bench.steps`, or what a finite stream holds after the first batch and the warm-up
+  (a short task ended the loop in a bare StopIteration)."""
+  if total is None or total >= 1 + bench.warmup + bench.steps:
+    return bench.steps
+  if total < 2 + bench.warmup:
+    raise ValueError(f"{task} holds {total} batch(es) of this size; timing needs at least {2 + bench.warmup} (the "
+                     f"first, {bench.warmup} of warm-up and one timed): use a smaller --batch_size or a task with "
+                     "more examples.")
+  return total - 1 - bench.warmup
+
+
 def run_benchmark(cfg: pipeline.DatasetConfig, bench: DataBenchConfig = DataBenchConfig()) -> dict:
+  total = pipeline.num_batches(cfg)
+  steps = timed_batches(total, bench, cfg.mixture_or_task_name)
   start = time.perf_counter()
   batches = pipeline.get_batches(cfg, shard_id=bench.shard_id, num_shards=bench.num_shards)
   first = next(batches)
@@ -62,13 +76,12 @@ def run_benchmark(cfg: pipeline.DatasetConfig, bench: DataBenchConfig = DataBenc
     next(batches)
   inputs = targets = examples = 0
   start = time.perf_counter()
-  for _ in range(bench.steps):
+  for _ in range(steps):
     batch = next(batches)
     i, t = _tokens(batch)
     inputs, targets, examples = inputs + i, targets + t, examples + _examples(batch)
   elapsed = time.perf_counter() - start
   batches.close()
-  total = pipeline.num_batches(cfg)
   resume_step = bench.resume_step if total is None else min(bench.resume_step, total - 1)
   start = time.perf_counter()
   late = pipeline.get_batches(cfg, start_step=resume_step, shard_id=bench.shard_id, num_shards=bench.num_shards)
@@ -82,12 +95,13 @@ def run_benchmark(cfg: pipeline.DatasetConfig, bench: DataBenchConfig = DataBenc
       'host_rows': first['encoder_input_tokens'].shape[0], 'num_shards': bench.num_shards,
       'feature_lengths': dict(lengths), 'setup_s': setup_s, 'resume_step': resume_step,
       'resume_first_batch_s': resume_s,
-      'batch_time_s': elapsed / bench.steps,
-      'batches_per_s': bench.steps / elapsed,
+      'timed_batches': steps, 'stream_batches': total,  # fewer than --steps where the stream ends first
+      'batch_time_s': elapsed / steps,
+      'batches_per_s': steps / elapsed,
       'examples_per_s': examples / elapsed,
       'tokens_per_s': (inputs + targets) / elapsed,  # non-padding input + target tokens
-      'row_tokens_per_s': padded * bench.steps / elapsed,  # what the training step consumes, padding included
-      'input_fill': inputs / max(bench.steps * first['encoder_input_tokens'].size, 1),
+      'row_tokens_per_s': padded * steps / elapsed,  # what the training step consumes, padding included
+      'input_fill': inputs / max(steps * first['encoder_input_tokens'].size, 1),
   }
   if bench.train_step_s:
     result['train_step_s'] = bench.train_step_s
@@ -98,7 +112,9 @@ def run_benchmark(cfg: pipeline.DatasetConfig, bench: DataBenchConfig = DataBenc
 def format_report(r: dict) -> str:
   lines = [f"{r['task']} [{r['split']}]: host batch {r['host_rows']} rows of {r['feature_lengths']} "
            f"({r['num_shards']} host(s))",
-           f"setup {r['setup_s']:.2f}s; {r['batch_time_s'] * 1e3:.2f} ms/batch; {r['examples_per_s']:.0f} examples/s; "
+           f"setup {r['setup_s']:.2f}s; {r['batch_time_s'] * 1e3:.2f} ms/batch over {r['timed_batches']} batches"
+           + (f" (the stream holds {r['stream_batches']})" if r.get('stream_batches') is not None else "")
+           + f"; {r['examples_per_s']:.0f} examples/s; "
            f"{r['tokens_per_s']:.0f} tokens/s ({r['row_tokens_per_s']:.0f} incl. padding); first batch at step "
            f"{r['resume_step']} in {r['resume_first_batch_s']:.2f}s"]
   if 'times_faster_than_training' in r:

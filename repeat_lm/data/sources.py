@@ -10,6 +10,7 @@ empty and whitespace-only documents are skipped, invalid UTF-8 is replaced with 
 from __future__ import annotations
 
 import bz2
+import codecs
 import dataclasses
 import functools
 import gzip
@@ -103,6 +104,15 @@ def resolve_paths(path_or_glob: str) -> list[str]:
     paths = [path_or_glob]
   else:
     paths = sorted(tf.io.gfile.glob(path_or_glob)) if any(c in path_or_glob for c in '*?[') else []
+  # A directory opens as an empty file under tf.io.gfile, so one matched by a glob (or a sub-directory named like
+  # JSONL) would add no documents and no error: its files were dropped without a word.
+  folders = [p for p in paths if tf.io.gfile.isdir(p)]
+  if folders:
+    raise ValueError(
+        f'The corpus {path_or_glob!r} matches {len(folders)} director{"y" if len(folders) == 1 else "ies"} '
+        f'({folders[0]!r}{", ..." if len(folders) > 1 else ""}); a corpus names JSONL/JSONL.gz files, one directory '
+        'of them, or a glob of files: point the glob at the files, e.g. '
+        f'{os.path.join(folders[0], "*.jsonl.gz")!r}, or give each directory as a corpus of its own.')
   if not paths:
     raise FileNotFoundError(
         f'No corpus files found at {path_or_glob!r} (a JSONL/JSONL.gz file, a directory of them, or a glob). '
@@ -120,6 +130,8 @@ def iter_jsonl(paths: Sequence[str], stats: ReadStats, text_key: str = 'text',
       lineno = 0
       try:
         for lineno, raw in enumerate(f, start=1):
+          if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]  # Windows tools start UTF-8 files with a byte-order mark (RFC 8259 §8.1)
           if not raw.strip():
             continue  # blank separator line, not a document
           line = raw.decode('utf-8', errors='replace')  # JSON syntax is ASCII; the text is re-checked below

@@ -195,6 +195,27 @@ def test_a_directory_reads_only_its_jsonl_files(tmp_path):
   assert sources.resolve_paths(str(tmp_path)) == [str(tmp_path / 'a.jsonl')]
 
 
+@pytest.mark.parametrize('pattern', ['*', 'part*', 'sub.jsonl'])
+def test_a_directory_among_the_corpus_files_is_refused_not_read_as_empty(tmp_path, pattern):
+  # tf.io.gfile opens a directory as an empty file: part1's documents were dropped without a word, and a glob of
+  # directories only was reported as '0 non-empty documents'.
+  (tmp_path / 'part1').mkdir()
+  (tmp_path / 'sub.jsonl').mkdir()
+  write_jsonl(tmp_path / 'part1' / 'a.jsonl', ['one'])
+  write_jsonl(tmp_path / 'sub.jsonl' / 'b.jsonl', ['two'])
+  write_jsonl(tmp_path / 'c.jsonl', ['three'])
+  corpus = str(tmp_path if pattern == 'sub.jsonl' else tmp_path / pattern)
+  with pytest.raises(ValueError, match=r'matches [12] director.*point the glob at the files') as e:
+    sources.load_corpus(corpus, 0.5)
+  assert repr(str(tmp_path / ('sub.jsonl' if pattern == 'sub.jsonl' else 'part1'))) in str(e.value)
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_document(tmp_path):
+  path = write_jsonl(tmp_path / 'a.jsonl', [], raw_lines=[b'\xef\xbb\xbf{"text": "first"}\n', b'{"text": "second"}\n'])
+  gz = write_jsonl(tmp_path / 'b.jsonl.gz', [], raw_lines=[b'\xef\xbb\xbf{"text": "third"}\n'], gz=True)
+  assert sources.read_jsonl([path, gz])[0] == ['first', 'second', 'third']
+
+
 def test_fingerprint_follows_the_modification_time(tmp_path):
   # Rewritten with text of the same size: only the mtime tells the cached store is stale.
   path = tmp_path / 'a.jsonl'

@@ -157,3 +157,25 @@ def test_bench_data_counts_every_example_of_a_packed_row(monkeypatch):
   assert r['examples_per_s'] / r['batches_per_s'] == pytest.approx(6)
   assert r['tokens_per_s'] / r['batches_per_s'] == pytest.approx(14 + 13 + 8 + 4)  # padding not counted
   assert r['input_fill'] == pytest.approx(27 / 32)
+
+
+def test_bench_data_times_what_a_finite_stream_holds():
+  # A finite task shorter than the first batch + warm-up + --steps ended in a bare StopIteration.
+  bench = bench_data.DataBenchConfig(steps=50, warmup=3)
+  assert bench_data.timed_batches(None, bench, 't') == 50  # unending stream
+  assert bench_data.timed_batches(54, bench, 't') == 50
+  assert bench_data.timed_batches(9, bench, 't') == 5
+  assert bench_data.timed_batches(5, bench, 't') == 1
+  with pytest.raises(ValueError, match=r"t holds 4 batch\(es\).*at least 5.*smaller --batch_size"):
+    bench_data.timed_batches(4, bench, 't')
+
+
+def test_bench_data_on_a_short_task_reports_the_batches_it_timed(monkeypatch):
+  row = {'encoder_input_tokens': np.ones((2, 4), int), 'decoder_target_tokens': np.ones((2, 2), int),
+         'decoder_loss_weights': np.ones((2, 2), int)}
+  monkeypatch.setattr(pipeline, 'get_batches', lambda cfg, **kwargs: (row for _ in range(6)))  # ends after 6
+  monkeypatch.setattr(pipeline, 'num_batches', lambda cfg: 6)
+  cfg = pipeline.DatasetConfig('any', {'inputs': 4, 'targets': 2}, batch_size=2)
+  r = bench_data.run_benchmark(cfg, bench_data.DataBenchConfig(steps=50, warmup=3))
+  assert r['timed_batches'] == 2 and r['stream_batches'] == 6
+  assert 'over 2 batches (the stream holds 6)' in bench_data.format_report(r)
