@@ -121,6 +121,14 @@ def resolve_paths(path_or_glob: str) -> list[str]:
   return paths
 
 
+def _is_number(text: str) -> bool:
+  try:
+    float(text)
+  except ValueError:
+    return False
+  return True
+
+
 def iter_jsonl(paths: Sequence[str], stats: ReadStats, text_key: str = 'text',
                max_chars: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
   """`text_key` of every JSON line, in file order, cleaned. Malformed JSON or gzip raises ValueError naming the file."""
@@ -258,6 +266,9 @@ class LocalText:
       object.__setattr__(self, 'corpus', _absolute(self.corpus))
       resolve_paths(self.corpus)  # fail now, naming the path, rather than deep inside a pipeline
     if isinstance(self.validation, str):
+      if _is_number(self.validation) and not tf.io.gfile.exists(self.validation):
+        raise ValueError(f'validation={self.validation!r} is a string, read as a path, and no such file exists; for '
+                         f'a held-out fraction give the number without quotes (validation={self.validation}).')
       object.__setattr__(self, 'validation', _absolute(self.validation))
       train = set() if self.corpus == 'wiki' else set(resolve_paths(self.corpus))  # wiki: not fetched here
       shared = set(resolve_paths(self.validation)) & train
@@ -265,6 +276,11 @@ class LocalText:
         raise ValueError(f'LocalText: the validation files are also training files ({sorted(shared)[:3]}); give '
                          'validation a path outside the corpus, or a fraction (e.g. 0.05) to hold documents out.')
     else:
+      # Checked here, when the task is configured: a fraction out of range failed at the first read, and a negative
+      # one as an invalid SeqIO task name ('_val-0p5').
+      if not (checks.real_number(self.validation) and 0.0 <= self.validation < 1.0):
+        raise ValueError(f'validation={self.validation!r}: a held-out fraction of the documents must be a number in '
+                         '[0, 1) (e.g. 0.05), or a path to a validation corpus.')
       object.__setattr__(self, 'validation', float(self.validation))
 
   @property

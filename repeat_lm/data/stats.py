@@ -42,8 +42,9 @@ def _stream(task: str, split: str, lengths: Mapping[str, int], seed: int) -> pla
   if tasks.mixture(task):
     raise ValueError(f'{task!r} is a mixture; inspect its tasks one by one: {list(tasks.mixture(task)[0])}.')
   if tasks.spec(task) is None:
-    raise ValueError(f'{task!r} is not a repeat_lm repeated task (register it with tasks.repeated_task, or use a '
-                     'name from the scheme in docs/data.md).')
+    raise ValueError(f'{task!r} is a SeqIO task or mixture but not a repeated pre-training task (a fine-tuning task, '
+                     'for one); data stats/show inspect those: register one with tasks.repeated_task, or use a name '
+                     'from the scheme in docs/data.md.')
   # Training is shuffled; the validation split is read the way evaluation reads it: one ordered pass.
   return tasks.stream(task, split, lengths, seed, shuffle=split == 'train')
 

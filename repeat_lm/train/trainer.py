@@ -124,7 +124,8 @@ def _check_available(cfg: pipeline.DatasetConfig, total_steps: int) -> None:
   available = pipeline.num_batches(cfg)  # None: the stream never ends
   if available is not None and total_steps > available:
     raise ValueError(f"Task {cfg.mixture_or_task_name!r} holds {available} batches of {cfg.batch_size} (all its "
-                     f"epochs), fewer than total_steps={total_steps}; lower TRAIN_STEPS or raise the task's epochs.")
+                     f"epochs), fewer than total_steps={total_steps}; lower TRAIN_STEPS or raise the task's epochs (in a new MODEL_DIR "
+                     "where this one holds checkpoints: a run resumes on the data stream it started on).")
 
 
 def _write_config(model_dir: Path, operative: bool) -> None:

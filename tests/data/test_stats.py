@@ -179,3 +179,9 @@ def test_bench_data_on_a_short_task_reports_the_batches_it_timed(monkeypatch):
   r = bench_data.run_benchmark(cfg, bench_data.DataBenchConfig(steps=50, warmup=3))
   assert r['timed_batches'] == 2 and r['stream_batches'] == 6
   assert 'over 2 batches (the stream holds 6)' in bench_data.format_report(r)
+
+
+@pytest.mark.parametrize('task', ['repeat_lm.squad_v1', 'repeat_lm.super_glue.boolq'])
+def test_stats_of_a_fine_tuning_task_says_what_it_is(task):
+  with pytest.raises(ValueError, match='not a repeated pre-training task'):
+    stats.task_stats(task)

@@ -87,6 +87,43 @@ def test_a_flag_that_is_not_a_bool_is_refused(kwargs, match):
     tasks.repeated_task('c4', **{'unique_tokens': 12, 'epochs': 2, **kwargs})
 
 
+@pytest.mark.parametrize('kwargs, setting', [({'ul2_rates': [1] * 7}, 'ul2_rates'),
+                                             ({'objective': 'span_r0p5_mu8', 'ul2_rates': [1] * 7}, 'ul2_rates'),
+                                             ({'mode_tokens': False}, 'mode_tokens=False')])
+def test_ul2_settings_on_another_objective_are_refused(kwargs, setting):
+  # ul2_rates turned the default 'span' objective into UL2 (an MLM arm of a sweep that kept the rates bound trained
+  # UL2), and mode_tokens=False did nothing.
+  with pytest.raises(ValueError, match=f"{setting}.* applies to objective='ul2' only"):
+    tasks.repeated_task('c4', **{'unique_tokens': 12, 'epochs': 2, **kwargs})
+
+
+@pytest.mark.parametrize('name, twice', [('repeat_lm.c4.t5.span.d27.e8.static.static', 'static'),
+                                         ('repeat_lm.c4.t5.ul2.d27.e8.v10.nomode.v12', 'v<k>')])
+def test_a_task_name_flag_given_twice_is_refused(name, twice):
+  with pytest.raises(ValueError, match=rf"gives the flag\(s\) \['{twice}'\] more than once"):
+    tasks.ensure_registered(name)
+
+
+def test_nomode_on_a_span_task_name_is_refused():
+  with pytest.raises(ValueError, match="mode_tokens=False / .nomode applies to objective='ul2' only"):
+    tasks.ensure_registered('repeat_lm.c4.t5.span.d27.e8.nomode')
+
+
+@pytest.mark.parametrize('validation, match', [(-0.5, r'in \[0, 1\)'), (1.5, r'in \[0, 1\)'), (float('nan'), 'number in'),
+                                               (True, 'number in'), ('0.1', 'without quotes')])
+def test_a_bad_validation_fraction_is_refused_when_the_task_is_configured(tmp_path, validation, match):
+  # -0.5 failed as an invalid SeqIO task name, 1.5 and NaN only at the first read, '0.1' as a missing path.
+  corpus = tmp_path / 'c.jsonl'
+  corpus.write_text('{"text": "a"}\n{"text": "b"}\n')
+  with pytest.raises(ValueError, match=match):
+    tasks.repeated_task(corpus=str(corpus), validation=validation)
+
+
+def test_fine_tuning_tasks_are_found_by_name_without_gin():
+  # The data commands never imported repeat_lm.data.downstream, and said 'repeat_lm.squad_v1' did not exist.
+  assert tasks.ensure_registered('repeat_lm.squad_v1') == 'repeat_lm.squad_v1'
+
+
 def test_whole_valued_float_counts_still_register():
   assert tasks.spec(tasks.repeated_task('c4', unique_tokens=2.0**4, epochs=4.0)).epochs == 4
 

@@ -671,7 +671,8 @@ def test_a_seeded_run_longer_than_its_task_is_refused_before_training(tmp_path, 
   # 10 batches of 8 at seed 3 (the test above): an 11th step would run out of data mid-run, after its checkpoints.
   cfg = pipeline.DatasetConfig("repeat_lm.wiki.wiki8k.ul2.dn1750.en2", LENGTHS, batch_size=8, seed=3)
   monkeypatch.setattr(state_lib, "init_state", lambda *a, **k: pytest.fail("trained past the task's batches"))
-  with pytest.raises(ValueError, match="holds 10 batches of 8 .*fewer than total_steps=11"):
+  with pytest.raises(ValueError, match="holds 10 batches of 8 .*fewer than total_steps=11.*in a new MODEL_DIR where "
+                     "this one holds checkpoints"):
     run(tmp_path, 11, train_cfg=cfg)
 
 
