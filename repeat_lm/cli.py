@@ -95,6 +95,9 @@ def _add_infer(sub) -> None:
   p.add_argument("--topk", type=int, default=0, help="Sampling: keep the k most likely tokens (0: all).")
   p.add_argument("--seed", type=_seed, default=0)
   p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--max_input_length", type=int, default=None,
+                 help="Cut inputs to this many tokens, EOS included (default: the run's TASK_FEATURE_LENGTHS "
+                 "inputs, else 512), as T5X's infer trims them; a warning counts the inputs cut.")
   p.add_argument("--vocabulary", default=None, help="SentencePiece model, if the gin names no task.")
 
 
@@ -107,7 +110,7 @@ def _run_infer(args, bindings: Sequence[str]) -> dict:
   outputs = inference.infer(args.checkpoint, args.input_file, output_file=args.output_file, decode=cfg,
                             step=args.step, gin_files=args.gin_file, bindings=bindings,
                             sentencepiece_model=args.vocabulary, batch_size=args.batch_size,
-                            gin_search_paths=args.gin_search_path)
+                            gin_search_paths=args.gin_search_path, max_input_length=args.max_input_length)
   return {"outputs": len(outputs), "output_file": args.output_file} if args.output_file else {"outputs": outputs}
 
 

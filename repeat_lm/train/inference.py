@@ -25,15 +25,30 @@ from repeat_lm.models import decoding, info
 log = logging.getLogger(__name__)
 
 
+DEFAULT_MAX_INPUT_LENGTH = 512  # T5's pre-training inputs length, where a run's gin binds no TASK_FEATURE_LENGTHS
+
+
 def _bucket(length: int, minimum: int = 16) -> int:
   """Pad lengths to powers of two (at least `minimum`) so a few compiled shapes serve every input."""
   return max(minimum, 1 << (max(length, 1) - 1).bit_length())
 
 
-def encode_texts(vocabulary: seqio.Vocabulary, texts: Sequence[str], length: int | None = None) -> np.ndarray:
-  """Token ids + EOS, right-padded with 0 to `length` (default: the longest, bucketed); longer inputs are cut."""
+def encode_texts(vocabulary: seqio.Vocabulary, texts: Sequence[str], length: int | None = None,
+                 max_length: int | None = None) -> np.ndarray:
+  """Token ids + EOS, right-padded with 0 to `length` (default: the longest, bucketed, at most `max_length`); longer
+  inputs are cut, and with `max_length` a warning says how many."""
   ids = [list(vocabulary.encode(t)) for t in texts]
-  length = length or _bucket(max((len(x) + 1 for x in ids), default=1))
+  longest = max((len(x) + 1 for x in ids), default=1)
+  length = length or _bucket(longest)
+  if max_length is not None and longest > max_length:
+    # Uncapped, every row was padded to the longest line: one line of 8,542 tokens took 24 GB (the attention
+    # logits grow with the square of the length) on a model trained on 128.
+    long = sum(len(x) + 1 > max_length for x in ids)
+    log.warning("%d of %d inputs are longer than %d tokens (the longest: %d): cut to %d, as T5X's infer trims them "
+                "to TASK_FEATURE_LENGTHS; --max_input_length=N keeps more (memory grows with its square).", long,
+                len(ids), max_length, longest, max_length)
+  if max_length is not None:
+    length = min(length, max_length)
   out = np.zeros((len(ids), length), np.int32)
   eos_id = eos_of(vocabulary)
   for row, x in enumerate(ids):
@@ -84,8 +99,9 @@ def _replicate(x: jax.Array, sharding: NamedSharding) -> jax.Array:
 
 def predict_texts(module: Any, params: Any, vocabulary: seqio.Vocabulary, texts: Sequence[str],
                   cfg: decoding.DecodeConfig = decoding.DecodeConfig(), *, inputs_length: int | None = None,
-                  batch_size: int = 32, partitioner: Any = None) -> list[str]:
-  """Decode one output text per input text (the Python API behind `repeat-lm infer`)."""
+                  batch_size: int = 32, partitioner: Any = None, max_inputs_length: int | None = None) -> list[str]:
+  """Decode one output text per input text (the Python API behind `repeat-lm infer`). Inputs are padded to
+  `inputs_length`, else to the longest (bucketed) up to `max_inputs_length`; longer ones are cut."""
   # As `infer` checks a --vocabulary: called directly with a larger vocabulary, the ids past the embedding table were
   # clipped to its last row, and the outputs came back with no error.
   config = getattr(module, "config", None)
@@ -94,7 +110,7 @@ def predict_texts(module: Any, params: Any, vocabulary: seqio.Vocabulary, texts:
   if not texts:
     return []
   cfg = dataclasses.replace(cfg, eos_id=eos_of(vocabulary))  # the EOS the inputs end with and the model learnt
-  tokens = predict_tokens(module, params, encode_texts(vocabulary, texts, inputs_length), cfg,
+  tokens = predict_tokens(module, params, encode_texts(vocabulary, texts, inputs_length, max_inputs_length), cfg,
                           batch_size=min(batch_size, _bucket(len(texts), 1)), partitioner=partitioner)
   return [vocabulary.decode(t) for t in tokens]
 
@@ -173,6 +189,32 @@ def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), b
   """(MODEL, MIXTURE_OR_TASK_NAME or None) from MODEL_DIR/config.gin (the trainer writes it), or from `gin_files`
   (their includes also looked up under `search_paths`, --gin_search_path)."""
   from repeat_lm import gin_utils  # pylint: disable=import-outside-toplevel
+  gin_files, bindings = _gin_of(model_dir, gin_files, bindings)
+  model = gin_utils.configured_macro(gin_files, bindings, "MODEL", search_paths)
+  info.model_config(model)  # MODEL bound to no model (a T5Config): named here, not an AttributeError in infer / export
+  try:
+    task = gin_utils.configured_macro(gin_files, bindings, "MIXTURE_OR_TASK_NAME", search_paths)
+  except gin_utils.GinConfigError:
+    task = None
+  return model, task if isinstance(task, str) else None
+
+
+def trained_inputs_length(model_dir: str | Path, gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
+                          search_paths: Sequence[str] = ()) -> int | None:
+  """TASK_FEATURE_LENGTHS['inputs'] of MODEL_DIR/config.gin (or of `gin_files`); None where it binds none."""
+  from repeat_lm import gin_utils  # pylint: disable=import-outside-toplevel
+  gin_files, bindings = _gin_of(model_dir, gin_files, bindings)
+  try:
+    lengths = gin_utils.configured_macro(gin_files, bindings, "TASK_FEATURE_LENGTHS", search_paths)
+  except gin_utils.GinConfigError:
+    return None
+  inputs = lengths.get("inputs") if isinstance(lengths, Mapping) else None
+  return inputs if checks.is_count(inputs) else None
+
+
+def _gin_of(model_dir: str | Path, gin_files: Sequence[str], bindings: Sequence[str]) -> tuple[list[str], list[str]]:
+  """The gin files and bindings that describe MODEL_DIR's run: `gin_files` as given, else MODEL_DIR/config.gin
+  (bindings scoped as it scopes them)."""
   if not gin_files:
     config_gin = Path(model_dir) / "config.gin"
     if not config_gin.exists():
@@ -186,13 +228,7 @@ def model_from_model_dir(model_dir: str | Path, gin_files: Sequence[str] = (), b
       raise ValueError(f"{config_gin} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): it is "
                        "damaged; pass the model's gin files with --gin_file instead.") from e
     bindings = scoped_like(text, bindings)
-  model = gin_utils.configured_macro(gin_files, bindings, "MODEL", search_paths)
-  info.model_config(model)  # MODEL bound to no model (a T5Config): named here, not an AttributeError in infer / export
-  try:
-    task = gin_utils.configured_macro(gin_files, bindings, "MIXTURE_OR_TASK_NAME", search_paths)
-  except gin_utils.GinConfigError:
-    task = None
-  return model, task if isinstance(task, str) else None
+  return list(gin_files), list(bindings)
 
 
 def _step_dir_hint(path: str | Path) -> str:
@@ -298,10 +334,16 @@ def check_vocabulary_fits(vocabulary: seqio.Vocabulary, model_vocab_size: int) -
 def infer(checkpoint: str, input_file: str, *, output_file: str | None = None,
           decode: decoding.DecodeConfig = decoding.DecodeConfig(), step: int | None = None,
           gin_files: Sequence[str] = (), bindings: Sequence[str] = (), sentencepiece_model: str | None = None,
-          batch_size: int = 32, gin_search_paths: Sequence[str] = ()) -> list[str]:
-  """Decode every line of `input_file` with the model of MODEL_DIR `checkpoint`; one output line per input line."""
+          batch_size: int = 32, gin_search_paths: Sequence[str] = (), max_input_length: int | None = None) -> list[str]:
+  """Decode every line of `input_file` with the model of MODEL_DIR `checkpoint`; one output line per input line.
+
+  Inputs longer than `max_input_length` tokens (default: the run's TASK_FEATURE_LENGTHS['inputs'], else
+  DEFAULT_MAX_INPUT_LENGTH) are cut, with a warning, as T5X's infer trims them.
+  """
   if batch_size < 1:
     raise ValueError(f"--batch_size={batch_size}: decode at least one input at a time.")
+  if max_input_length is not None and not (checks.is_count(max_input_length) and max_input_length >= 2):
+    raise ValueError(f"--max_input_length={max_input_length}: inputs need at least 2 tokens (one and the EOS).")
   texts = read_lines(input_file)
   if output_file:
     check_output_file(output_file, input_file, checkpoint)
@@ -313,7 +355,11 @@ def infer(checkpoint: str, input_file: str, *, output_file: str | None = None,
   if sentencepiece_model:  # a task's vocabulary was checked against the model when it trained
     check_vocabulary_fits(vocabulary, model.module.config.vocab_size)
   params = restore_params(checkpoint, model.module, step)
-  outputs = predict_texts(model.module, params, vocabulary, texts, decode, batch_size=batch_size)
+  if max_input_length is None:
+    max_input_length = (trained_inputs_length(checkpoint, gin_files, bindings, gin_search_paths)
+                        or DEFAULT_MAX_INPUT_LENGTH)
+  outputs = predict_texts(model.module, params, vocabulary, texts, decode, batch_size=batch_size,
+                          max_inputs_length=max_input_length)
   if output_file:
     write_outputs(output_file, outputs)
   return outputs

@@ -71,6 +71,24 @@ def test_infer_command(tiny_model_dir, tmp_path, capsys, fresh_gin):
   assert outputs.read_text(encoding="utf-8").splitlines() == [e.replace("\n", " ") for e in expected]
 
 
+def test_infer_cuts_long_inputs_to_the_trained_length(tiny_model_dir, tmp_path, capsys, caplog, monkeypatch,
+                                                       fresh_gin):
+  # Uncapped, every row was padded to the longest line (rounded up to a power of two): one line of 8,542 tokens took
+  # all 24 GB of a machine, for a model trained on 128.
+  inputs = tmp_path / "inputs.txt"
+  inputs.write_text("short\n" + " ".join(["word"] * 300) + "\n", encoding="utf-8")
+  assert inference.trained_inputs_length(tiny_model_dir) == 32  # write_model_dir's TASK_FEATURE_LENGTHS
+  rows = []
+  monkeypatch.setattr(inference, "predict_tokens", lambda module, params, x, cfg, **kw: rows.append(x) or [[]] * len(x))
+  for flag, length in (([], 32), (["--max_input_length=64"], 64)):
+    assert cli.main(["infer", f"--checkpoint={tiny_model_dir}", f"--input_file={inputs}", *flag]) == 0, \
+        capsys.readouterr().err
+    assert rows[-1].shape == (2, length) and rows[-1][1, -1] == 1  # cut, ending with the EOS
+    assert f"1 of 2 inputs are longer than {length} tokens" in caplog.text
+  assert cli.main(["infer", f"--checkpoint={tiny_model_dir}", f"--input_file={inputs}", "--max_input_length=1"]) == 2
+  assert "--max_input_length=1: inputs need at least 2 tokens" in capsys.readouterr().err
+
+
 def test_commands_explain_a_missing_checkpoint(tmp_path, capsys, fresh_gin):
   (tmp_path / "in.txt").write_text("x\n")
   assert cli.main(["infer", f"--checkpoint={tmp_path / 'nowhere'}", f"--input_file={tmp_path / 'in.txt'}"]) == 2
