@@ -46,6 +46,7 @@ INSTALL_HINT = ("Hugging Face export/import needs transformers (and safetensors)
 _TO_HF_ACT = {"gelu": "gelu_new", "relu": "relu", "linear": "linear"}
 _FROM_HF_ACT = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "linear": "linear"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+EXPORT_MARK = "repeat_lm_export.json"  # an export directory's mark: a later export may replace what it holds
 BIN_INDEX = "pytorch_model.bin.index.json"
 # What write_tokenizer (T5Tokenizer.save_pretrained) leaves, in transformers 4 and 5.
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -467,7 +468,15 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
     raise ValueError(f"The vocabulary has {ids} ids (with {extra_ids} extra ids) but the model's vocab_size is "
                      f"{config.vocab_size}: it is not the vocabulary this model was trained with; nothing was "
                      "exported.")
+  if out_dir.is_dir() and not (out_dir / EXPORT_MARK).exists() and (found := sorted(p.name for p in out_dir.iterdir())):
+    # Replacing what is there is for an earlier export: another model's directory lost its config.json and its
+    # pytorch_model.bin to an export pointed at it.
+    raise FileExistsError(f"{out_dir} holds files no repeat_lm export wrote ({', '.join(found[:4])}"
+                          f"{', ...' if len(found) > 4 else ''}): export to a new or empty directory. An earlier "
+                          f"export (it holds {EXPORT_MARK}) is replaced whole, as save_pretrained replaces one.")
   out_dir.mkdir(parents=True, exist_ok=True)
+  # Marked before any weights are written, so an export that fails part-way can be run again into the same place.
+  (out_dir / EXPORT_MARK).write_text(json.dumps({"written_by": "repeat-lm export hf", "dtype": dtype}) + "\n")
   if getattr(config, "moe", None) is None:
     state, config_json = to_hf_state_dict(params, config), hf_config_dict(config)
   else:

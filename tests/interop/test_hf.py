@@ -155,6 +155,25 @@ def test_an_export_replaces_the_weights_of_an_earlier_one(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, second))
 
 
+def test_an_export_refuses_a_directory_of_files_it_did_not_write(tmp_path):
+  # Another model's directory lost its config.json and pytorch_model.bin to an export pointed at it.
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "config.json").write_text('{"model_type": "switch_transformers"}')
+  (other / "pytorch_model.bin").write_bytes(b"weights")
+  with pytest.raises(FileExistsError, match=r"holds files no repeat_lm export wrote \(config.json, pytorch_model.bin\)"
+                     r": export to a new or empty directory"):
+    hf.export_hf(init_params(TINY), TINY, other)
+  assert sorted(p.name for p in other.iterdir()) == ["config.json", "pytorch_model.bin"]
+  assert (other / "pytorch_model.bin").read_bytes() == b"weights"
+  # An empty directory, and an earlier export with a file of the user's beside it, take an export.
+  (tmp_path / "empty").mkdir()
+  for out in (tmp_path / "empty", tmp_path / "empty"):
+    hf.export_hf(init_params(TINY), TINY, out)
+    (out / "notes.txt").write_text("mine")
+  assert (tmp_path / "empty" / hf.EXPORT_MARK).exists() and (tmp_path / "empty" / "notes.txt").exists()
+
+
 def test_export_refuses_a_model_dir_and_an_unknown_dtype(tmp_path):
   with pytest.raises(ValueError, match="dtype='float16': choose 'float32'"):
     hf.export_hf(init_params(TINY), TINY, tmp_path / "out", dtype="float16")
