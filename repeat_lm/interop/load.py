@@ -64,6 +64,10 @@ def checkpoint_kind(path: str | Path) -> str:
     return "hf"
   if t5x.is_t5x_checkpoint(path):
     return "t5x"
+  if (path / "config.gin").exists():  # the trainer writes it before the first checkpoint
+    raise FileNotFoundError(f"{path} is a repeat_lm MODEL_DIR with no checkpoint saved yet (nothing in "
+                            f"{path / 'checkpoints'}): train it until its first save (checkpoint.CheckpointConfig."
+                            "period), or point at a MODEL_DIR that has one.")
   raise FileNotFoundError(
       f"{path} is not a checkpoint repeat_lm can read: expected a repeat_lm MODEL_DIR (with checkpoints/), a Hugging "
       "Face directory (config.json + model.safetensors) or a T5X checkpoint_<step> directory.")

@@ -56,6 +56,11 @@ def test_unknown_directory_is_refused(tmp_path):
     load.checkpoint_kind(tmp_path)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     load.checkpoint_kind(tmp_path / "nowhere")
+  # A run that has not saved yet is a MODEL_DIR, and was called "not a checkpoint repeat_lm can read".
+  (tmp_path / "config.gin").write_text("")
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(FileNotFoundError, match="is a repeat_lm MODEL_DIR with no checkpoint saved yet"):
+    load.checkpoint_kind(tmp_path)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["same-layout", "into-scanned"])
