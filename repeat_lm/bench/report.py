@@ -59,6 +59,27 @@ def library_versions() -> dict[str, str]:
   return versions
 
 
+def pinned_versions() -> dict[str, str]:
+  """The versions pyproject.toml pins for library_versions()' libraries ({} where the package is not installed)."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    requires = metadata.requires("repeat_lm") or []
+  except metadata.PackageNotFoundError:
+    return {}
+  pins = (r.split(";")[0].strip().split("==") for r in requires if "extra ==" not in r)
+  return {p[0]: p[1] for p in pins if len(p) == 2 and p[0] in ("jax", "jaxlib", "flax")}
+
+
+def unpinned_note(versions: dict[str, str]) -> str:
+  """A sentence where measured versions are not the pinned ones (a device machine's preinstalled libraries); ''."""
+  pins = pinned_versions()
+  off = {k: v for k, v in sorted(versions.items()) if k in pins and pins[k] != v}
+  if not off:
+    return ""
+  return (" These are not the versions the project pins (" + ", ".join(f"{k}=={pins[k]}" for k in off) + "): the "
+          "numbers hold for the versions measured; the pinned ones were not measured here.")
+
+
 def measure(compare_hf: bool = True, steps: int = 3, rounds: int = 5) -> dict:
   small = ["--gin_file=gin/models/t5_1_1_small.gin", "--batch_size=8", f"--steps={steps}", f"--rounds={rounds}"]
   hf = ["--compare=hf"] if compare_hf else []

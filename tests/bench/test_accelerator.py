@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from repeat_lm import cli
-from repeat_lm.bench import accelerator, profile
+from repeat_lm.bench import accelerator, profile, report
 
 
 def fake_result(variant: accelerator.Variant, step_time_s: float) -> dict:
@@ -82,6 +82,17 @@ def test_markdown_has_every_row_failures_in_short_and_the_fastest():
   assert "failed: out of memory (an allocation of 117.33GiB)" in text
   assert "failed: not finished within 170 s (compile included)" in text
   assert f"Fastest: **{variants[1].name}**" in text
+  # The device machine's preinstalled jax is not the pinned one: the report says so (jax 0.11.2 against 0.10.2).
+  assert f"These are not the versions the project pins (jax=={report.pinned_versions()['jax']})" in text
+
+
+def test_pinned_versions_are_the_installed_package_s_pins():
+  import tomllib
+  from pathlib import Path
+  deps = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
+  expected = dict(d.split("==") for d in deps if d.split("==")[0] in ("jax", "jaxlib", "flax"))
+  assert report.pinned_versions() == expected
+  assert report.unpinned_note(expected) == ""
 
 
 def test_cli_rerenders_from_json(tmp_path, capsys):
