@@ -448,7 +448,8 @@ def _add_analyze(sub) -> None:
 
   def table(q, name: str) -> None:
     q.add_argument("--results", required=True, help="Table written by `repeat-lm collect` (.csv or .parquet).")
-    q.add_argument("--out", default=None, help=f"Report folder (default: analysis/{name} next to the table).")
+    q.add_argument("--out", default=None, help=f"Report folder (default: analysis/{name} next to the table "
+                   f"results.csv, analysis/<table name>/{name} next to another table).")
     q.add_argument("--json", action="store_true", help="Print one JSON object instead of the Markdown report.")
 
   d = a.add_parser("degradation", help="Best, final, gap and onset of degradation per run, plots by factor.")
@@ -460,7 +461,7 @@ def _add_analyze(sub) -> None:
                  "of the run's best value).")
   f = a.add_parser("fit", help="Fit a scaling law (Huber on log residuals, L-BFGS-B from a grid) with bootstrap "
                    "intervals.")
-  table(f, "fit")
+  table(f, "fit_<law>")
   f.add_argument("--law", choices=_LAWS, required=True)
   f.add_argument("--bootstrap", type=int, default=100, help="Bootstrap refits for the intervals (0: none).")
   f.add_argument("--seed", type=_seed, default=0)

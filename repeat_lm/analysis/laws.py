@@ -1,4 +1,4 @@
-"""Scaling laws of docs reference section 5: Chinchilla and data-constrained (Muennighoff et al. 2023).
+"""Scaling laws: Chinchilla (Hoffmann et al. 2022, approach 3) and data-constrained (Muennighoff et al. 2023).
 
 Shapes: N parameters, D tokens seen, U unique tokens (U_D), C = 6 N D training FLOPs. Every function takes numpy
 arrays or floats and broadcasts.

@@ -114,8 +114,20 @@ _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:
           "code{background:#f3f3f3;padding:0 3px}")
 
 
+def _plot_path(png: Path, out_dir: Path) -> Path:
+  """A plot as given (absolute, or from the current directory), else a bare name in out_dir, where plots are saved
+  beside the report (a name there failed as 'No such file' from any other directory)."""
+  if png.exists() or png.is_absolute() or not (out_dir / png).exists():
+    if not png.exists():
+      raise FileNotFoundError(f"Report plot {png} does not exist (nor in {out_dir}): save it before writing the "
+                              "report, and give its path (absolute, from the current directory, or from out_dir).")
+    return png
+  return out_dir / png
+
+
 def write_report(out_dir: str | Path, title: str, sections: Sequence[Section]) -> dict[str, str]:
-  """Write report.md and report.html into out_dir; returns their paths."""
+  """Write report.md and report.html into out_dir; returns their paths. Plot paths: absolute, from the current
+  directory, or from out_dir."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   md = [f"# {title}", ""]
@@ -128,7 +140,7 @@ def write_report(out_dir: str | Path, title: str, sections: Sequence[Section]) -
       md += [_md_table(rows), ""]
       body.append(_html_table(rows))
     for png in pngs or []:
-      png = Path(png)
+      png = _plot_path(Path(png), out_dir)
       rel = os.path.relpath(png.resolve(), out_dir.resolve())
       md += [f"![{png.stem}]({rel})", ""]
       data = base64.b64encode(png.read_bytes()).decode("ascii")

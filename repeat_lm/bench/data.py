@@ -2,7 +2,7 @@
 
 Reports host batches, examples and tokens per second after a warm-up, the one-off setup (tokenising the subset,
 drawing the first epoch's order), and the cost of starting at a late step (resume). With `train_step_s`, also how many
-times faster than the training step the pipeline produces batches (the brief asks for >= 5x).
+times faster than the training step the pipeline produces batches (it should be >= 5x, so input never stalls the step).
 """
 
 from __future__ import annotations

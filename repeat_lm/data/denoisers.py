@@ -1,6 +1,6 @@
 """Denoising objectives in numpy: T5 span corruption, UL2's mixture of denoisers (R, X, S), mode tokens.
 
-One raw chunk of source tokens -> (inputs, targets), both without EOS. Span corruption (reference.md section 4):
+One raw chunk of source tokens -> (inputs, targets), both without EOS. Span corruption (T5, Raffel et al. 2020):
 num_noise = round(L * density) (clamped to [1, L-1]) tokens in num_spans = round(num_noise / mean_span) spans
 (clamped to [1, min(num_noise, L - num_noise)]); clean and noise spans alternate starting with clean; each noise span
 becomes one sentinel in the inputs (sentinels count down from vocab_size - 1), the targets are each sentinel
@@ -86,7 +86,7 @@ def span_corruption(noise_density: float = 0.15, mean_noise_span_length: float =
   return Objective(name, (Denoiser('span', noise_density, mean_noise_span_length),))
 
 
-# UL2 (reference.md section 4): R = regular span corruption, X = extreme (long spans or high density), S = prefix LM.
+# UL2 (Tay et al. 2022): R = regular span corruption, X = extreme (long spans or high density), S = prefix LM.
 UL2_DENOISERS = (
     Denoiser('R_mu3_r0.15', 0.15, 3.0, '[NLU]'),
     Denoiser('R_mu8_r0.15', 0.15, 8.0, '[NLU]'),
@@ -160,7 +160,7 @@ def raw_length(d: Denoiser, inputs_length: int, targets_length: int, mode_length
   """The longest raw chunk whose example fits both feature lengths (EOS and mode tokens included).
 
   Span corruption at 512/114 -> 568 (T5); at 512/512 the UL2 X denoisers give 766, 908, 1006 and (mu 64, r 0.15)
-  600, as in reference.md section 4. Shorter chunks always fit too (both lengths are non-decreasing in the raw
+  600, as T5's arithmetic gives. Shorter chunks always fit too (both lengths are non-decreasing in the raw
   length), so the last, shorter chunk of an epoch needs no special case.
   """
   best, n = 0, 1

@@ -5,7 +5,7 @@ num_spans = round(num_noise / mean_span) spans (at least 1). Non-noise and noise
 non-noise, so the chunk always ends in a noise span. Each noise span becomes one sentinel in the inputs; the targets
 are each sentinel followed by its span. Sentinels count down from vocab_size - 1 (<extra_id_0>).
 
-Randomness is stateless: a mask is a pure function of (seed, chunk length). See reference.md section 4.
+Randomness is stateless: a mask is a pure function of (seed, chunk length). T5's arithmetic: docs/data.md.
 With more noise spans than extra ids (e.g. mu 3, r 0.5 at 512 inputs: 128 spans), sentinels run on into ordinary
 token ids, as in T5; `span_corruption` warns when that can happen.
 """

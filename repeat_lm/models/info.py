@@ -2,7 +2,7 @@
 
 Parameter counts come from `jax.eval_shape` of the real module's `init` (shapes only, nothing allocated), classified
 by their logical axes: 'vocab' marks the embedding and output projection, 'expert' marks expert weights, of which a
-token uses K of E. FLOPs come from the one counter, `repeat_lm.train.flops` (reference section 6).
+token uses K of E. FLOPs come from the one counter, `repeat_lm.train.flops`.
 """
 
 from __future__ import annotations

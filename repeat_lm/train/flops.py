@@ -1,11 +1,11 @@
-"""One FLOP counter for everything shown to users (reference section 6), and device peaks for MFU.
+"""One FLOP counter for everything shown to users (PaLM's model FLOPs, Chowdhery et al. 2022), and device peaks for MFU.
 
 Model FLOPs: 2 per multiply-add, training = 3 x forward, no remat recomputation. Names: d = d_model,
 a = heads x head_dim, f = d_ff, k = number of MLP input projections (3 for gated, 2 for plain ReLU: wi and wo
 count as k matrices d x f), S_e / S_d = encoder / decoder lengths, V = vocabulary.
 
 Sparse (MoE) layers replace the FFN term by the router (2 d E per token) plus the K chosen experts' FFNs; capacity
-padding, dropped tokens and dispatch are not counted (reference section 6). Parameter sharing changes no FLOPs.
+padding, dropped tokens and dispatch are not counted (model FLOPs, as MFU counts them). Parameter sharing changes no FLOPs.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def train_flops_per_sequence(config, s_e: int, s_d: int) -> int:
   return 3 * forward_flops_per_sequence(config, s_e, s_d)
 
 
-# Dense bf16 peaks in FLOP/s per chip (reference section 6), matched against `device.device_kind`. The H100's 989
+# Dense bf16 peaks in FLOP/s per chip (the vendors' data sheets), matched against `device.device_kind`. The H100's 989
 # is the SXM part's; the PCIe and NVL cards run slower clocks, so they are listed as unknown (a measured peak) rather
 # than given SXM's number.
 PEAK_FLOPS: dict[str, float | None] = {

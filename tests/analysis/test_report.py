@@ -2,6 +2,8 @@
 
 import base64
 
+import pytest
+
 from repeat_lm.analysis import plots, report
 
 
@@ -25,6 +27,17 @@ def test_write_report(tmp_path):
   assert "<code>best</code>" in page and "<strong>0.63</strong>" in page
   assert "<li>second &lt;item&gt;</li>" in page and "<pre><code>code &lt;block&gt;</code></pre>" in page
   assert "<th>rate</th>" in page and "<td>0.65</td>" in page
+
+
+def test_a_plot_named_as_saved_in_out_dir_is_found_there(tmp_path, monkeypatch):
+  # docs/analysis.md's example passes ["plot.png"] saved in out_dir: it failed as "No such file" from elsewhere.
+  out = tmp_path / "out"
+  plots.save(out / "plot.png", [plots.Series([0, 1], [1.0, 0.5], "a")], title="t", xlabel="x", ylabel="y")
+  monkeypatch.chdir(tmp_path)
+  report.write_report(out, "T", [("H", "text", ["plot.png"])])
+  assert "![plot](plot.png)" in (out / "report.md").read_text()
+  with pytest.raises(FileNotFoundError, match=r"Report plot missing.png does not exist \(nor in .*out\)"):
+    report.write_report(out, "T", [("H", "text", ["missing.png"])])
 
 
 def test_fmt():
