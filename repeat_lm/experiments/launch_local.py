@@ -68,11 +68,17 @@ def process_env(process_id: int, num_processes: int, port: int, devices_per_proc
 FAILED_TAIL_LINES = 5
 
 
-def _pump(stream, prefix: str, sink, tail: collections.deque) -> None:
+# How repeat-lm's command line reports an error it caught (cli.py): the line that names a failure's cause.
+ERROR_PREFIX = "repeat-lm: error:"
+
+
+def _pump(stream, prefix: str, sink, tail: collections.deque, errors: list[str]) -> None:
   for line in iter(stream.readline, ""):
     sink.write(prefix + line)
     sink.flush()
     tail.append(prefix + line)
+    if line.startswith(ERROR_PREFIX):
+      errors.append(prefix + line)
 
 
 def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1, port: int | None = None) -> int:
@@ -92,14 +98,14 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
   if port is not None and not 1 <= port <= 65535:  # else JAX_COORDINATOR_ADDRESS=127.0.0.1:70000 failed later
     raise ValueError(f"port ({port}) must be a TCP port, 1-65535; leave it out for a free one.")
   port = port or free_port()
-  procs, pumps, tails = [], [], []
+  procs, pumps, tails, errors = [], [], [], []
   # SIGTERM (a job's time limit, `timeout`, kill) and SIGHUP (a closed terminal) act as Ctrl-C: forwarded to the
   # processes as SIGTERM, whose trainers then checkpoint and stop. Left to its default either killed this process
   # alone and orphaned them, training on.
   main = threading.current_thread() is threading.main_thread()
   signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
   previous = {s: signal.signal(s, _interrupt) for s in signums} if main else {}
-  rc, first_failed = 0, None
+  rc, failed = 0, []  # failed: (process index, exit code), in the order they were found
   try:
     for i in range(num_processes):
       # Each in its own session, out of the terminal's reach: Ctrl-C (SIGINT to the terminal's whole process group)
@@ -109,7 +115,8 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
                            env=process_env(i, num_processes, port, devices_per_process))
       tails.append(collections.deque(maxlen=FAILED_TAIL_LINES))
-      t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", sys.stderr, tails[-1]), daemon=True)
+      errors.append([])
+      t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", sys.stderr, tails[-1], errors[-1]), daemon=True)
       t.start()
       procs.append(p)
       pumps.append(t)
@@ -126,8 +133,10 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
         except subprocess.TimeoutExpired:
           continue
         pending.remove(p)
+        if code:
+          failed.append((procs.index(p), code))
         if code and not rc:
-          rc, first_failed = code, procs.index(p)
+          rc = code
           for other in pending:  # its peers would block in the next collective
             other.terminate()
           kill_at = time.monotonic() + PEER_GRACE_S
@@ -145,12 +154,23 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
       t.join(timeout=5)
     for s, handler in previous.items():
       signal.signal(s, handler)
-  if first_failed is not None and tails[first_failed]:
-    # Its error came first, and the peers it took down printed theirs after it (a JAX distributed-service abort and
-    # its stack trace, 15 lines or more): the cause, said again where the reader looks.
-    sys.stderr.write(f"launch-local: process {first_failed} failed first (exit {rc}); its last lines:\n"
-                     + "".join(tails[first_failed]))
+  cause = failure_cause(failed, errors)
+  if cause is not None:
+    rc = dict(failed)[cause]
+    lines = [e for e in errors[cause][-1:] if e not in tails[cause]] + list(tails[cause])
+    if lines:
+      # Its error came first, and the peers it took down printed theirs after it (a JAX distributed-service abort and
+      # its stack trace, 15 lines or more): the cause, said again where the reader looks.
+      sys.stderr.write(f"launch-local: process {cause} failed first (exit {rc}); its last lines:\n" + "".join(lines))
   return rc
+
+
+def failure_cause(failed: Sequence[tuple[int, int]], errors: Sequence[Sequence[str]]) -> int | None:
+  """The process whose failure took the others down: the first that exited with repeat-lm's own error, else the first
+  found failed. Process 0 hosts the coordination service: when it stops on an error its peers abort (SIGABRT), often
+  before it has finished exiting, and the poll found them first: the summary named a victim and its C++ stack."""
+  own_error = [i for i, code in failed if code > 0 and errors[i]]
+  return own_error[0] if own_error else (failed[0][0] if failed else None)
 
 
 def _interrupt(signum, frame):

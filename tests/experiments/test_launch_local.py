@@ -149,6 +149,30 @@ def test_the_first_failure_is_repeated_after_its_peers_output(monkeypatch, capsy
                                "[p0] repeat-lm: error: TRAIN_STEPS=-3 must be >= 0")
 
 
+def test_the_process_with_repeat_lm_s_error_is_named_not_the_peer_it_aborted(monkeypatch, capsys):
+  # Process 0 (the coordinator) failed with a clear error and took its peer down with SIGABRT; the poll found the
+  # peer dead first, and the summary blamed it (exit -6) with its C++ stack.
+  real_popen = launch_local.subprocess.Popen
+  codes = iter(["import sys, time; time.sleep(1.5); print('repeat-lm: error: ValueError: Mesh shape data=3');"
+                "print('shutting down the coordination service'); sys.exit(2)",
+                "import os, signal; print('F1201 Terminating process: fatal errors'); print('*** stack');"
+                "os.kill(os.getpid(), signal.SIGABRT)"])
+
+  def stand_in(cmd, **kwargs):
+    del cmd
+    return real_popen([sys.executable, "-c", next(codes)], **kwargs)
+
+  monkeypatch.setattr(launch_local, "PEER_GRACE_S", 30.0)  # process 0 must outlive the peer's abort
+  monkeypatch.setattr(launch_local.subprocess, "Popen", stand_in)
+  monkeypatch.setattr(real_popen, "terminate", lambda self: None)  # process 0 is already on its way out
+  assert launch_local.launch(["train"], num_processes=2) == 2
+  err = capsys.readouterr().err
+  assert "launch-local: process 0 failed first (exit 2); its last lines:\n[p0] repeat-lm: error: ValueError: Mesh" in err
+  assert launch_local.failure_cause([(1, -6), (0, 2)], [["[p0] repeat-lm: error: x\n"], []]) == 0
+  assert launch_local.failure_cause([(1, -6), (0, 2)], [[], []]) == 1  # no error line: the first found
+  assert launch_local.failure_cause([], [[], []]) is None
+
+
 def test_no_processes_is_an_error_not_a_success():
   # launch() with nothing to run returned 0: a job script would read it as a finished run.
   with pytest.raises(ValueError, match="must be >= 1"):
