@@ -5,7 +5,8 @@ a = heads x head_dim, f = d_ff, k = number of MLP input projections (3 for gated
 count as k matrices d x f), S_e / S_d = encoder / decoder lengths, V = vocabulary.
 
 Sparse (MoE) layers replace the FFN term by the router (2 d E per token) plus the K chosen experts' FFNs; capacity
-padding, dropped tokens and dispatch are not counted (model FLOPs, as MFU counts them). Parameter sharing changes no FLOPs.
+padding, dropped tokens and dispatch are not counted (model FLOPs, as MFU counts them). Parameter sharing changes no
+FLOPs.
 """
 
 from __future__ import annotations

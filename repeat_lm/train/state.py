@@ -81,8 +81,17 @@ def _check_divisible(params: Any, shardings: Any, logical: Any, partitioner: par
         raise ValueError(
             f"Parameter {where} has {size} along its '{names[dim]}' axis, which the mesh splits over "
             f"{' x '.join(f'{a}={partitioner.mesh.shape[a]}' for a in axes)} = {split} devices: it must divide it. "
-            "Change the model size (num_heads x head_dim, mlp_dim, vocab_size, num_experts) or the mesh "
-            "(MODEL_PARALLEL, EXPERT_PARALLEL).")
+            f"Change {_SIZE_SETTINGS.get(names[dim], 'the model size')} or the mesh "
+            f"({' / '.join(_MESH_SETTINGS.get(a, a) for a in axes)}).")
+
+
+# The setting behind each sharded logical axis, and behind each mesh axis, for _check_divisible's message (an expert
+# hidden size that did not divide MODEL_PARALLEL was blamed on num_heads, mlp_dim, vocab_size and num_experts).
+_SIZE_SETTINGS = {"heads": "t5.T5Config.num_heads", "joined_kv": "t5.T5Config.num_heads x head_dim",
+                  "mlp": "t5.T5Config.mlp_dim", "vocab": "t5.T5Config.vocab_size",
+                  "expert": "moe.MoeConfig.num_experts", "expert_mlp": "moe.MoeConfig.expert_mlp_dim",
+                  "embed": "t5.T5Config.emb_dim"}
+_MESH_SETTINGS = {"model": "MODEL_PARALLEL", "expert": "EXPERT_PARALLEL", "data": "DATA_PARALLEL"}
 
 
 def _leaf_at(tree: Any, path: tuple) -> Any:

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from repeat_lm import checks, files
 from repeat_lm.data import pipeline
-from repeat_lm.models import t5
+from repeat_lm.models import moe as moe_lib, t5
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel, summarize
 from repeat_lm.train import checkpoint as ckpt_lib
 from repeat_lm.train import dropout_schedule as dropout_schedule_lib
@@ -120,12 +120,31 @@ def _draw_seed() -> int:
   return int(seed)
 
 
+def _warn_if_routing_groups_change(model: EncoderDecoderModel, cfg: pipeline.DatasetConfig, lengths: dict[str, int],
+                                   saved_shards: int | None, shards: int) -> None:
+  """An MoE model routes each batch in groups whose count is a multiple of the devices the batch is split over
+  (moe.num_groups): resumed on another split, capacity and dropped tokens change, so the run continues, but not as
+  one uninterrupted run on either mesh would (a 4x2 -> 8x1 resume: step 5's loss 9.12514 against 9.12488)."""
+  moe_cfg = getattr(getattr(model.module, "config", None), "moe", None)
+  if moe_cfg is None or saved_shards is None or saved_shards == shards:
+    return
+  tokens = [cfg.batch_size * lengths[k] for k in ("encoder_input_tokens", "decoder_input_tokens")]
+  before, now = ([moe_lib.num_groups(n, moe_cfg.group_size, s) for n in tokens] for s in (saved_shards, shards))
+  if before != now:
+    logging.warning("The checkpoint was trained with the batch split over %d devices, this run over %d: the MoE "
+                    "layers now route in %s groups (encoder, decoder) instead of %s, which changes expert capacity "
+                    "and dropped tokens, so training does not continue exactly as one uninterrupted run. For that, "
+                    "resume with DATA_PARALLEL x EXPERT_PARALLEL = %d.", saved_shards, shards, now, before,
+                    saved_shards)
+
+
 def _check_available(cfg: pipeline.DatasetConfig, total_steps: int) -> None:
   available = pipeline.num_batches(cfg)  # None: the stream never ends
   if available is not None and total_steps > available:
     raise ValueError(f"Task {cfg.mixture_or_task_name!r} holds {available} batches of {cfg.batch_size} (all its "
-                     f"epochs), fewer than total_steps={total_steps}; lower TRAIN_STEPS or raise the task's epochs (in a new MODEL_DIR "
-                     "where this one holds checkpoints: a run resumes on the data stream it started on).")
+                     f"epochs), fewer than total_steps={total_steps}; lower TRAIN_STEPS or raise the task's epochs "
+                     "(in a new MODEL_DIR where this one holds checkpoints: a run resumes on the data stream it "
+                     "started on).")
 
 
 def _write_config(model_dir: Path, operative: bool) -> None:
@@ -284,6 +303,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     if train_dataset_cfg.seed is None:
       _check_available(cfg, total_steps)
     pipeline.check_resume(cfg, saved)  # a changed data stream cannot resume exactly
+    _warn_if_routing_groups_change(model, cfg, lengths, restored_meta.get("batch_shards"), partitioner.batch_shards)
     writer.truncate_after(int(restored_meta["step"]))
   else:
     if train_dataset_cfg.seed is None:
@@ -320,7 +340,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     # The open logging window too: a resumed run then logs the same averages at the same steps as one that never
     # stopped (save and log periods need not align).
     return {"step": at_step, "tokens_seen": tokens_seen, "batches_consumed": at_step,
-            "data": pipeline.data_state(cfg, at_step),
+            "data": pipeline.data_state(cfg, at_step), "batch_shards": partitioner.batch_shards,
             # A copy: Orbax serialises the JSON in a background thread, after later steps have added to `window`.
             "log_window": {"sums": dict(window), "steps": window_steps, "seconds": window_time}}
 

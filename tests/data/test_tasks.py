@@ -109,8 +109,9 @@ def test_nomode_on_a_span_task_name_is_refused():
     tasks.ensure_registered('repeat_lm.c4.t5.span.d27.e8.nomode')
 
 
-@pytest.mark.parametrize('validation, match', [(-0.5, r'in \[0, 1\)'), (1.5, r'in \[0, 1\)'), (float('nan'), 'number in'),
-                                               (True, 'number in'), ('0.1', 'without quotes')])
+@pytest.mark.parametrize('validation, match', [(-0.5, r'in \[0, 1\)'), (1.5, r'in \[0, 1\)'),
+                                               (float('nan'), 'number in'), (True, 'number in'),
+                                               ('0.1', 'without quotes')])
 def test_a_bad_validation_fraction_is_refused_when_the_task_is_configured(tmp_path, validation, match):
   # -0.5 failed as an invalid SeqIO task name, 1.5 and NaN only at the first read, '0.1' as a missing path.
   corpus = tmp_path / 'c.jsonl'

@@ -167,7 +167,8 @@ def test_the_process_with_repeat_lm_s_error_is_named_not_the_peer_it_aborted(mon
   monkeypatch.setattr(real_popen, "terminate", lambda self: None)  # process 0 is already on its way out
   assert launch_local.launch(["train"], num_processes=2) == 2
   err = capsys.readouterr().err
-  assert "launch-local: process 0 failed first (exit 2); its last lines:\n[p0] repeat-lm: error: ValueError: Mesh" in err
+  assert ("launch-local: process 0 failed first (exit 2); its last lines:\n"
+          "[p0] repeat-lm: error: ValueError: Mesh") in err
   assert launch_local.failure_cause([(1, -6), (0, 2)], [["[p0] repeat-lm: error: x\n"], []]) == 0
   assert launch_local.failure_cause([(1, -6), (0, 2)], [[], []]) == 1  # no error line: the first found
   assert launch_local.failure_cause([], [[], []]) is None

@@ -7,6 +7,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from repeat_lm.models import moe
 from repeat_lm.train import partitioning
 
 
@@ -48,8 +49,12 @@ def test_params_axes_become_tuples():
 
 @pytest.mark.parametrize("overrides, batch, message", [
     ({"num_heads": 3}, 8, r"relpos_bias/rel_embedding has 3 along its 'heads' axis, which the mesh splits over "
-                          r"model=2 = 2 devices"),
-    ({"mlp_dim": 63}, 8, r"has 63 along its 'mlp' axis"),
+                          r"model=2 = 2 devices.*Change t5.T5Config.num_heads or the mesh \(MODEL_PARALLEL\)"),
+    ({"mlp_dim": 63}, 8, r"has 63 along its 'mlp' axis.*Change t5.T5Config.mlp_dim"),
+    # An expert hidden size was blamed on num_heads, mlp_dim, vocab_size and num_experts.
+    ({"moe": moe.MoeConfig(num_experts=2, sparse_every=1, expert_mlp_dim=63)}, 8,
+     r"experts/wi.* has 63 along its 'expert_mlp' axis.*Change moe.MoeConfig.expert_mlp_dim or the mesh "
+     r"\(MODEL_PARALLEL\)"),
     ({}, 6, r"Batch size 6 \(encoder_input_tokens\) is not divisible by the 4 devices"),
 ])
 def test_shapes_the_mesh_cannot_split_are_named_before_compiling(overrides, batch, message):

@@ -695,3 +695,26 @@ def test_a_relative_model_dir_of_another_model_is_refused_as_an_absolute_one_and
     messages.append(str(e.value).replace(str(tmp_path / "run"), "run"))
   assert messages[0] == messages[1]
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_an_moe_resume_on_another_batch_split_warns_that_routing_groups_change(caplog):
+  # A 4x2 -> 8x1 resume of switch_tiny continued silently, matching neither uninterrupted run: the routing groups
+  # follow the batch split (moe.num_groups), so capacity and dropped tokens changed.
+  import types
+  from repeat_lm.models import moe
+  model = types.SimpleNamespace(module=types.SimpleNamespace(config=types.SimpleNamespace(
+      moe=moe.MoeConfig(num_experts=4, group_size=256))))
+  cfg = pipeline.DatasetConfig("any", {"inputs": 64, "targets": 16}, batch_size=16)
+  lengths = {"encoder_input_tokens": 64, "decoder_input_tokens": 16}
+  with caplog.at_level("WARNING"):
+    trainer._warn_if_routing_groups_change(model, cfg, lengths, 4, 8)  # encoder 4 -> 8 groups, decoder 4 -> 8
+  assert "split over 4 devices, this run over 8: the MoE layers now route in [8, 8] groups" in caplog.text
+  assert "resume with DATA_PARALLEL x EXPERT_PARALLEL = 4" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    model.module.config.moe = moe.MoeConfig(num_experts=4, group_size=64)  # 16 and 4 groups on 2 or 4: exact
+    trainer._warn_if_routing_groups_change(model, cfg, lengths, 2, 4)
+    trainer._warn_if_routing_groups_change(model, cfg, lengths, None, 8)  # a checkpoint from before it was saved
+    model.module.config.moe = None  # dense: no routing
+    trainer._warn_if_routing_groups_change(model, cfg, lengths, 4, 8)
+  assert not caplog.text
