@@ -131,7 +131,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   # One parse per file and per binding (what gin.parse_config_files_and_bindings does in one go), so an error can
   # name its source: gin numbers the lines of the bindings joined after the prelude, and a tokenizer error (an
   # unclosed bracket) names no file or line at all.
-  source = ""
+  source, binding = "", None
   try:
     with quiet_search_misses(), only_search_paths(paths):
       for f in gin_files:
@@ -144,8 +144,19 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
     raise GinConfigError(
         f"Could not parse the gin configuration ({type(e).__name__}) in {source}: {e}\n"
         "Check the --gin_file paths and the --gin.KEY=VALUE bindings: string values need inner quotes "
-        "(--gin.MODEL_DIR=\"'/tmp/run'\"), names must exist in the imported modules.") from e
+        "(--gin.MODEL_DIR=\"'/tmp/run'\"), names must exist in the imported modules."
+        + (_quoting_hint(binding) if source.startswith("--gin.") else "")) from e
   _check_macro_bindings_used(bindings)
+
+
+def _quoting_hint(binding: str | None) -> str:
+  """' For a string, quote it: --gin.KEY="'VALUE'".' where VALUE is a bare word gin cannot read (staged:4, adamw):
+  gin's own message ('malformed node or string ... ast.Name') says neither."""
+  key, _, value = (binding or "").partition("=")
+  value = value.strip()
+  if not value or value[0] in "'\"[{(@%-0123456789." or value in ("True", "False", "None"):
+    return ""
+  return f" For a string, quote it: --gin.{key.strip()}=\"'{value}'\"."
 
 
 def _referenced_macros(value, out: set[str]) -> None:

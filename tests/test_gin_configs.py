@@ -151,3 +151,11 @@ def test_an_include_is_read_from_this_parse_s_search_path(tmp_path):
                   "gin_utils.macro_value.value = %X\n")
   assert gin_utils.configured_macro([str(main)], [], "X", [str(tmp_path / "a")]) == "a"
   assert gin_utils.configured_macro([str(main)], [], "X", [str(tmp_path / "b")]) == "b"
+
+
+def test_an_unquoted_string_binding_is_shown_quoted():
+  # gin's own message for --gin.DROPOUT_SCHEDULE=staged:4 ('malformed node or string ... ast.Name') said no fix.
+  with pytest.raises(gin_utils.GinConfigError, match="""For a string, quote it: --gin.DROPOUT_SCHEDULE="'staged:4'"."""):
+    gin_utils.parse(["gin/runs/smoke.gin"], ["DROPOUT_SCHEDULE=staged:4"])
+  assert gin_utils._quoting_hint("TRAIN_STEPS=-3") == gin_utils._quoting_hint("X=[1]") == ""  # pylint: disable=W0212
+  assert gin_utils._quoting_hint("X=True") == gin_utils._quoting_hint("X=@f()") == ""  # pylint: disable=W0212

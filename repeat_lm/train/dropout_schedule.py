@@ -80,6 +80,9 @@ def resolve(spec: str | Callable[[jax.Array], jax.Array] | None,
   """A schedule from a spec string (see the module docstring); callables (step -> factor) pass through."""
   if callable(spec):
     return spec
+  if spec is not None and not isinstance(spec, str):  # 1000 or True ended in "'int' object has no attribute 'strip'"
+    raise ValueError(f"DROPOUT_SCHEDULE={spec!r} must be a quoted string such as 'staged:1000' (on the command "
+                     "line --gin.DROPOUT_SCHEDULE=\"'staged:1000'\"), or None.")
   if spec is None or spec.strip() == "constant":
     return DropoutSchedule()
   text = spec.replace(" ", "")

@@ -126,7 +126,21 @@ def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | floa
     raise ValueError(f"Unknown optimizer {name!r}; use 'adafactor' or 'adamw'.")
   if clip_gradient_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_gradient_norm), tx)
+  _RATES[id(tx)] = (tx, lr)
   return tx
+
+
+# The rate each optimizer make_optimizer built trains at, for the trainer's logged train/learning_rate: logged from
+# the trainer's own `learning_rate`, a rate bound on the optimizer alone (optim.make_optimizer.learning_rate) was
+# logged as pretrain.gin's schedule (0.316) while AdamW trained at 0.001. Keyed by id, the optimizer kept with its
+# rate so an id is never reused while its entry stands.
+_RATES: dict[int, tuple[optax.GradientTransformation, optax.Schedule | float]] = {}
+
+
+def rate_of(tx: optax.GradientTransformation) -> optax.Schedule | float | None:
+  """The learning rate (or schedule) `tx` was built with by make_optimizer; None for an optimizer built elsewhere."""
+  entry = _RATES.get(id(tx))
+  return entry[1] if entry is not None and entry[0] is tx else None
 
 
 def learning_rate_at(learning_rate: optax.Schedule | float | None, step: int) -> float:

@@ -138,6 +138,22 @@ def _warn_if_routing_groups_change(model: EncoderDecoderModel, cfg: pipeline.Dat
                     saved_shards)
 
 
+def _logged_rate(tx: optax.GradientTransformation, learning_rate: optax.Schedule | float | None, built_here: bool,
+                 steps: tuple[int, int]) -> optax.Schedule | float | None:
+  """The rate train/learning_rate logs: the optimizer's own where make_optimizer built it (warning if the trainer's
+  `learning_rate` says otherwise, at the first or last step), else the trainer's; None where neither is known."""
+  own = optim.rate_of(tx)
+  if own is None:
+    return learning_rate if built_here or learning_rate is not None else None
+  if learning_rate is not None and any(not np.isclose(optim.learning_rate_at(learning_rate, s),
+                                                      optim.learning_rate_at(own, s)) for s in steps):
+    logging.warning("trainer.train.learning_rate (%g at step %d) is not the optimizer's (%g, "
+                    "optim.make_optimizer.learning_rate): the optimizer's is the one it trains and logs with; bind "
+                    "LEARNING_RATE, which sets both.", optim.learning_rate_at(learning_rate, steps[0]), steps[0],
+                    optim.learning_rate_at(own, steps[0]))
+  return own
+
+
 def _check_available(cfg: pipeline.DatasetConfig, total_steps: int) -> None:
   available = pipeline.num_batches(cfg)  # None: the stream never ends
   if available is not None and total_steps > available:
@@ -191,7 +207,7 @@ def _dropout_rate(model: EncoderDecoderModel) -> float:
 
 
 def _dropout_schedule(spec, model: EncoderDecoderModel, cfg: pipeline.DatasetConfig,
-                      source_tokens: int | None) -> Callable[[jax.Array], jax.Array] | None:
+                      source_tokens: int | None, total_steps: int) -> Callable[[jax.Array], jax.Array] | None:
   """The step -> factor function of DROPOUT_SCHEDULE; epochs become steps with this run's steps per epoch.
 
   None without a schedule, so the step passes no `dropout_scale` and modules without that argument still work.
@@ -213,6 +229,13 @@ def _dropout_schedule(spec, model: EncoderDecoderModel, cfg: pipeline.DatasetCon
                      f"{dropout_schedule_lib.max_factor(schedule)}: every rate times factor must stay below 1.")
   logging.info("Dropout schedule %r -> %s%s", spec, schedule,
                f" ({epoch_steps:.1f} steps per epoch)" if epoch_steps else "")
+  if isinstance(schedule, dropout_schedule_lib.DropoutSchedule) and schedule.kind != "constant":
+    # The factor changes only at its steps: checked there and at the last update (step total_steps - 1). A switch
+    # past the run (staged:50ep on a short run) trained a 'staged dropout' arm as the no-dropout one, without a word.
+    points = [s for s in schedule.steps if s < total_steps] + [total_steps - 1]
+    if max(float(schedule(p)) for p in points) == 0.0:
+      logging.warning("DROPOUT_SCHEDULE=%r keeps dropout off through TRAIN_STEPS=%d (it switches on later): this "
+                      "run trains without dropout; raise TRAIN_STEPS, or switch earlier.", spec, total_steps)
   return schedule
 
 
@@ -281,7 +304,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     # A UL2 layout, and so the batch count, depends on the seed: an unseeded run is checked once its seed is known (a
     # resumed one would otherwise be refused for a batch count of the new draw, not of the stream it resumes on).
     _check_available(cfg, total_steps)
-  schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens)
+  schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens, total_steps)
   batch_spec = state_lib.batch_specs(lengths, cfg.batch_size)
   lay = state_lib.layout(model, tx, partitioner, batch_spec, random_seed)
   checkpointer = ckpt_lib.Checkpointer(model_dir_path, checkpoint_cfg)
@@ -299,7 +322,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
       # A UL2 layout's chunks' lengths (static masks: their order) and steps per epoch depend on the seed too: count
       # this stream's, not the draw's.
       step_source_tokens = pipeline.source_tokens_per_step(cfg)
-      schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens)
+      schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens, total_steps)
     if train_dataset_cfg.seed is None:
       _check_available(cfg, total_steps)
     pipeline.check_resume(cfg, saved)  # a changed data stream cannot resume exactly
@@ -363,9 +386,10 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   # One-time costs of the first log (importing tensorboardX and opening its writer, tracing the schedule) happen
   # here, not while step 2 runs: read-to-read time would charge them to step 2's window (2.5 s on CPU).
   writer.prepare("train")
-  logs_rate = optimizer is None or learning_rate is not None  # else only the given optimizer knows its rate
+  logged_rate = _logged_rate(tx, learning_rate, optimizer is None, (step, total_steps))
+  logs_rate = logged_rate is not None  # else only the given optimizer knows its rate
   if logs_rate:
-    optim.learning_rate_at(learning_rate, step)
+    optim.learning_rate_at(logged_rate, step)
   clock = time.perf_counter()  # when the last step was read (or the loop last paused for evaluation or a save)
 
   def record(at_step: int, device_sums: Mapping[str, jax.Array]) -> None:
@@ -393,7 +417,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
       step_time = seconds / steps
       last = {f"train/{k}": v for k, v in summarize(window).items()}
       if logs_rate:
-        last["train/learning_rate"] = optim.learning_rate_at(learning_rate, at_step - 1)
+        last["train/learning_rate"] = optim.learning_rate_at(logged_rate, at_step - 1)
       last.update({
           "train/grad_norm": window["grad_norm"], "train/param_norm": window["param_norm"],
           "train/tokens_seen": tokens_seen, "train/step_time_s": step_time,

@@ -44,6 +44,7 @@ def test_a_failed_output_write_keeps_the_earlier_outputs(tmp_path, monkeypatch):
   monkeypatch.setattr(inference, "model_from_model_dir", lambda *a, **k: (types.SimpleNamespace(module=None), "task"))
   monkeypatch.setattr(inference, "vocabulary_of", lambda *a, **k: object())
   monkeypatch.setattr(inference, "restore_params", lambda *a, **k: None)
+  monkeypatch.setattr(inference, "trained_inputs_length", lambda *a, **k: None)
   monkeypatch.setattr(inference, "predict_texts", lambda module, params, vocabulary, texts, *a, **k: ["x" * 20] * len(
       texts))
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

@@ -83,7 +83,9 @@ def test_dropout_schedule_factors(spec, factors):
 @pytest.mark.parametrize("spec,message", [
     ("staged", "Unknown dropout schedule"), ("staged:1.5", "whole number"), ("linear:5:2", "ends"),
     ("piecewise:5=1,2=1", "must increase"), ("piecewise:2=1,2=0.5", "must increase"),
-    ("cosine:3", "Unknown dropout schedule")])
+    ("cosine:3", "Unknown dropout schedule"),
+    # Numbers and bools (gin values without quotes) ended in "'int' object has no attribute 'strip'".
+    (1000, "DROPOUT_SCHEDULE=1000 must be a quoted string such as 'staged:1000'"), (True, "quoted string")])
 def test_bad_dropout_schedule_says_what_is_accepted(spec, message):
   with pytest.raises(ValueError, match=message):
     dropout_schedule.resolve(spec)

@@ -645,9 +645,20 @@ def test_a_dropout_schedule_that_reaches_rate_1_is_refused():
   # A rate of 1 drops every activation (the model sees zeros): rate 0.5 doubled from step 0 is exactly that.
   model = tiny_model(dropout_rate=0.5)
   with pytest.raises(ValueError, match="must stay below 1"):
-    trainer._dropout_schedule("piecewise:0=2", model, TRAIN_CFG, None)  # pylint: disable=protected-access
-  schedule = trainer._dropout_schedule("piecewise:0=1.9", model, TRAIN_CFG, None)  # pylint: disable=protected-access
+    trainer._dropout_schedule("piecewise:0=2", model, TRAIN_CFG, None, 10)  # pylint: disable=protected-access
+  schedule = trainer._dropout_schedule("piecewise:0=1.9", model, TRAIN_CFG, None, 10)  # pylint: disable=W0212
   assert float(schedule(0)) == pytest.approx(1.9)
+
+
+@pytest.mark.parametrize("spec, warns", [("staged:1000", True), ("staged:10", True), ("staged:9", False),
+                                         ("linear:9:20", True), ("linear:8:20", False),
+                                         ("piecewise:2=0,50=1", True), ("piecewise:2=0,5=1", False)])
+def test_a_dropout_schedule_that_stays_off_through_the_run_warns(spec, warns, caplog):
+  # staged:50ep on a 2-step run trained a 'staged dropout' arm exactly as the no-dropout one, without a word. Updates
+  # are steps 0..9 of a 10-step run: staged:9 switches on for the last one, linear:9:20 first rises after it.
+  with caplog.at_level("WARNING"):
+    trainer._dropout_schedule(spec, tiny_model(dropout_rate=0.1), TRAIN_CFG, None, 10)  # pylint: disable=W0212
+  assert ("keeps dropout off through TRAIN_STEPS=10" in caplog.text) is warns
 
 
 def test_a_window_logs_the_schedules_last_factor_and_the_last_step_is_logged(tmp_path):
@@ -718,3 +729,21 @@ def test_an_moe_resume_on_another_batch_split_warns_that_routing_groups_change(c
     model.module.config.moe = None  # dense: no routing
     trainer._warn_if_routing_groups_change(model, cfg, lengths, 4, 8)
   assert not caplog.text
+
+
+def test_the_logged_learning_rate_is_the_optimizer_s(caplog):
+  # optim.make_optimizer.learning_rate=0.001 (AdamW) trained at 0.001 while train/learning_rate logged pretrain.gin's
+  # schedule, 0.316, from the trainer's own learning_rate.
+  tx = optim.make_optimizer("adamw", learning_rate=0.001)
+  with caplog.at_level("WARNING"):
+    rate = trainer._logged_rate(tx, optim.make_schedule(), False, (0, 10))
+  assert optim.learning_rate_at(rate, 5) == pytest.approx(0.001)
+  assert "trainer.train.learning_rate (0.01 at step 0) is not the optimizer's (0.001" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):  # the same rate both ways (LEARNING_RATE binds both): no warning
+    assert optim.learning_rate_at(trainer._logged_rate(tx, 0.001, False, (0, 10)), 3) == pytest.approx(0.001)
+  assert not caplog.text
+  import optax
+  custom = optax.sgd(0.5)  # built elsewhere: only the trainer's rate can be logged
+  assert trainer._logged_rate(custom, None, False, (0, 10)) is None
+  assert trainer._logged_rate(custom, 0.5, False, (0, 10)) == 0.5
