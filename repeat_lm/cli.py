@@ -126,6 +126,8 @@ def _add_export(sub) -> None:
   h.add_argument("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
   h.add_argument("--out", required=True, help="Output directory.")
   h.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  h.add_argument("--overwrite", action="store_true", help="Replace model files in --out that no earlier repeat_lm "
+                 "export wrote (an earlier export, marked by its repeat_lm_export.json, is replaced without it).")
   h.add_argument("--vocabulary", default=None,
                  help="SentencePiece model for the tokenizer (default: the vocabulary of the gin's task).")
 
@@ -140,7 +142,7 @@ def _run_export(args, bindings: Sequence[str]) -> dict:
   params = inference.restore_params(args.checkpoint, model.module, args.step)
   spm = getattr(vocabulary, "sentencepiece_model_file", None) if vocabulary is not None else None
   out = hf.export_hf(params, model.module.config, args.out, sentencepiece_model=spm,
-                     extra_ids=getattr(vocabulary, "extra_ids", 100) or 0, dtype=args.dtype)
+                     extra_ids=getattr(vocabulary, "extra_ids", 100) or 0, dtype=args.dtype, overwrite=args.overwrite)
   if spm is None:
     logging.warning("No vocabulary known (no MIXTURE_OR_TASK_NAME in the gin): exported without a tokenizer; pass "
                     "--vocabulary=PATH to add one.")
@@ -767,9 +769,9 @@ def _main(argv: Sequence[str] | None) -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 128 + 13
   except OSError as e:
-    # The OS error names the path; say what to change (the FileNotFoundErrors repeat_lm raises itself already do:
-    # they carry no errno, the operating system's do).
-    hint = ("" if isinstance(e, FileNotFoundError) and e.errno is None else
+    # The OS error names the path; say what to change (the FileNotFoundErrors and FileExistsErrors repeat_lm raises
+    # itself already do: they carry no errno, the operating system's do).
+    hint = ("" if e.errno is None and isinstance(e, (FileNotFoundError, FileExistsError)) else
             ". Check the path: an input must exist, and an output's folder must be one that can be created"
             if isinstance(e, FileNotFoundError) else
             ". Check the paths given on the command line: an output must be a writable file or directory path whose "

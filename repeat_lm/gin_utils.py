@@ -154,7 +154,9 @@ def _quoting_hint(binding: str | None) -> str:
   gin's own message ('malformed node or string ... ast.Name') says neither."""
   key, _, value = (binding or "").partition("=")
   value = value.strip()
-  if not value or value[0] in "'\"[{(@%-0123456789." or value in ("True", "False", "None"):
+  if value.lower() in ("true", "false", "none") and value != value.capitalize():
+    return f" Gin spells {value} as {value.capitalize()}: --gin.{key.strip()}={value.capitalize()}."
+  if not value or value[0] in "'\"[{(@%-0123456789." or value.lower() in ("true", "false", "none", "inf", "nan"):
     return ""
   return f" For a string, quote it: --gin.{key.strip()}=\"'{value}'\"."
 

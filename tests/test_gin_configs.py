@@ -155,7 +155,10 @@ def test_an_include_is_read_from_this_parse_s_search_path(tmp_path):
 
 def test_an_unquoted_string_binding_is_shown_quoted():
   # gin's own message for --gin.DROPOUT_SCHEDULE=staged:4 ('malformed node or string ... ast.Name') said no fix.
-  with pytest.raises(gin_utils.GinConfigError, match="""For a string, quote it: --gin.DROPOUT_SCHEDULE="'staged:4'"."""):
+  with pytest.raises(gin_utils.GinConfigError,
+                     match="""For a string, quote it: --gin.DROPOUT_SCHEDULE="'staged:4'"."""):
     gin_utils.parse(["gin/runs/smoke.gin"], ["DROPOUT_SCHEDULE=staged:4"])
   assert gin_utils._quoting_hint("TRAIN_STEPS=-3") == gin_utils._quoting_hint("X=[1]") == ""  # pylint: disable=W0212
   assert gin_utils._quoting_hint("X=True") == gin_utils._quoting_hint("X=@f()") == ""  # pylint: disable=W0212
+  # YAML's and JSON's spellings: quoting them would be refused as strings further on.
+  assert gin_utils._quoting_hint("X=false") == " Gin spells false as False: --gin.X=False."  # pylint: disable=W0212

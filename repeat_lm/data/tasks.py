@@ -124,10 +124,6 @@ def parse_name(name: str) -> dict | None:
   if not m:
     return None
   flags = [f for f in m['flags'].split('.') if f]
-  kinds = [f if f in ('static', 'nomode') else 'v<k>' for f in flags]
-  twice = sorted({k for k in kinds if kinds.count(k) > 1})
-  if twice:  # '.static.static' or '.v10.v12' (which cap?) registered without a word
-    raise ValueError(f'Task name {name!r} gives the flag(s) {twice} more than once; give each at most once.')
   kwargs = {'source': m['source'], 'vocabulary': m['vocab'], 'objective': m['objective'],
             'unique_tokens': _parse_count(m['d']), 'static_masks': 'static' in flags,
             'mode_tokens': 'nomode' not in flags}
@@ -153,6 +149,10 @@ def ensure_registered(name: str) -> str:
         return name
       raise ValueError(f'No SeqIO task or mixture named {name!r}, and the name does not follow repeat_lm\'s scheme '
                        "'repeat_lm.<source>.<vocab>.<objective>.d<k>.e<k>' (see docs/data.md).")
+    kinds = [f if f in ('static', 'nomode') else 'v<k>' for f in _NAME.fullmatch(name)['flags'].split('.') if f]
+    twice = sorted({k for k in kinds if kinds.count(k) > 1})
+    if twice:  # '.static.static' or '.v10.v12' (which cap?) registered without a word; parse_name still reads them
+      raise ValueError(f'Task name {name!r} gives the flag(s) {twice} more than once; give each at most once.')
     if kwargs['vocabulary'] not in VOCABULARIES:
       raise ValueError(f"Unknown vocabulary {kwargs['vocabulary']!r} in task name {name!r}; known: "
                        f'{sorted(VOCABULARIES)} (add one with tasks.register_vocabulary).')
@@ -202,7 +202,8 @@ def _resolve_objective(objective, mode_tokens: bool, ul2_rates) -> den_lib.Objec
     return den_lib.ul2(tuple(ul2_rates) if ul2_rates is not None else den_lib.UL2_RATES, mode_tokens)
   # UL2's settings on another objective: ul2_rates used to turn it into UL2 (a gin that kept the rates bound while
   # switching `objective` to 'span' trained the MLM arm with UL2), and mode_tokens=False (`.nomode`) did nothing.
-  for setting, given in (('ul2_rates', ul2_rates is not None), ('mode_tokens=False / .nomode', mode_tokens is False)):
+  for setting, given in (('ul2_rates', ul2_rates is not None),
+                         (f'mode_tokens={mode_tokens!r} / .nomode', mode_tokens is not True)):
     if given:
       raise ValueError(f"{setting} applies to objective='ul2' only; got objective={objective!r}: set "
                        "objective='ul2' or leave it out.")

@@ -166,11 +166,16 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
 
 
 def failure_cause(failed: Sequence[tuple[int, int]], errors: Sequence[Sequence[str]]) -> int | None:
-  """The process whose failure took the others down: the first that exited with repeat-lm's own error, else the first
-  found failed. Process 0 hosts the coordination service: when it stops on an error its peers abort (SIGABRT), often
-  before it has finished exiting, and the poll found them first: the summary named a victim and its C++ stack."""
-  own_error = [i for i, code in failed if code > 0 and errors[i]]
-  return own_error[0] if own_error else (failed[0][0] if failed else None)
+  """The process whose failure took the others down: the first found failed, unless it aborted (SIGABRT) and another
+  exited with repeat-lm's own error. Process 0 hosts the coordination service: when it stops on an error its peers
+  abort, often before it has finished exiting, and the poll found them first: the summary named a victim and its C++
+  stack. Any other signal (the OOM killer's SIGKILL, a segfault) is a cause in its own right, which peers then report
+  as errors of their own."""
+  if not failed:
+    return None
+  first, code = failed[0]
+  own_error = [i for i, c in failed if c > 0 and errors[i]]
+  return own_error[0] if code == -signal.SIGABRT and own_error else first
 
 
 def _interrupt(signum, frame):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -311,6 +312,14 @@ def _unreadable(file: Path, kind: str, error: BaseException) -> ValueError:
                     f"{detail}). Re-export it (repeat-lm export hf) or re-download it.")
 
 
+def replaced_files(out_dir: Path) -> list[str]:
+  """The files in out_dir an export replaces or deletes: config, weights (any earlier layout) and tokenizer."""
+  names = {"config.json", "generation_config.json", "model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin",
+           BIN_INDEX, *TOKENIZER_FILES}
+  return sorted(p.name for p in out_dir.iterdir() if p.name in names or re.fullmatch(r"model-.*-of-.*\.safetensors",
+                                                                                      p.name))
+
+
 def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> list[str]:
   """One model.safetensors, or shards plus model.safetensors.index.json past `max_shard_bytes` (as save_pretrained).
 
@@ -434,12 +443,13 @@ def _write_generation_config(out_dir: Path, eos_id: int) -> None:
 
 def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
               sentencepiece_model: str | Path | None = None, extra_ids: int = 100,
-              dtype: str = "float32", max_shard_bytes: int = 5 * 2**30) -> Path:
+              dtype: str = "float32", max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
   """Write a directory that `transformers` loads with from_pretrained (config, safetensors weights, tokenizer).
 
   config: the module's T5Config; a dense one exports as T5ForConditionalGeneration, one with `moe` as
   SwitchTransformersForConditionalGeneration (see `hf_switch`; raises ValueError when the layout does not map).
   dtype: 'float32' (exact) or 'bfloat16' (half the size).
+  overwrite: replace model files in `out_dir` that no earlier export marked as its own (EXPORT_MARK).
   """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"export dtype={dtype!r}: choose 'float32' (exact) or 'bfloat16' (half the size).")
@@ -468,12 +478,13 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
     raise ValueError(f"The vocabulary has {ids} ids (with {extra_ids} extra ids) but the model's vocab_size is "
                      f"{config.vocab_size}: it is not the vocabulary this model was trained with; nothing was "
                      "exported.")
-  if out_dir.is_dir() and not (out_dir / EXPORT_MARK).exists() and (found := sorted(p.name for p in out_dir.iterdir())):
-    # Replacing what is there is for an earlier export: another model's directory lost its config.json and its
-    # pytorch_model.bin to an export pointed at it.
-    raise FileExistsError(f"{out_dir} holds files no repeat_lm export wrote ({', '.join(found[:4])}"
-                          f"{', ...' if len(found) > 4 else ''}): export to a new or empty directory. An earlier "
-                          f"export (it holds {EXPORT_MARK}) is replaced whole, as save_pretrained replaces one.")
+  if out_dir.is_dir() and not overwrite and not (out_dir / EXPORT_MARK).exists() and (found := replaced_files(out_dir)):
+    # Another model's directory lost its config.json and pytorch_model.bin to an export pointed at it. Files the
+    # export leaves alone (a Hub clone's README.md, .git) are no reason to refuse.
+    raise FileExistsError(f"{out_dir} holds model files this export would replace or delete ({', '.join(found[:4])}"
+                          f"{', ...' if len(found) > 4 else ''}), and no {EXPORT_MARK} marks them as an earlier "
+                          "repeat_lm export's: export to another directory, or pass --overwrite (overwrite=True) to "
+                          "replace them")
   out_dir.mkdir(parents=True, exist_ok=True)
   # Marked before any weights are written, so an export that fails part-way can be run again into the same place.
   (out_dir / EXPORT_MARK).write_text(json.dumps({"written_by": "repeat-lm export hf", "dtype": dtype}) + "\n")

@@ -40,15 +40,15 @@ def encode_texts(vocabulary: seqio.Vocabulary, texts: Sequence[str], length: int
   ids = [list(vocabulary.encode(t)) for t in texts]
   longest = max((len(x) + 1 for x in ids), default=1)
   length = length or _bucket(longest)
-  if max_length is not None and longest > max_length:
+  if max_length is not None and length > max_length:
+    length = max_length
+  if max_length is not None and longest > max_length == length:  # the cap, not a smaller fixed `length`, cuts
     # Uncapped, every row was padded to the longest line: one line of 8,542 tokens took 24 GB (the attention
     # logits grow with the square of the length) on a model trained on 128.
     long = sum(len(x) + 1 > max_length for x in ids)
     log.warning("%d of %d inputs are longer than %d tokens (the longest: %d): cut to %d, as T5X's infer trims them "
                 "to TASK_FEATURE_LENGTHS; --max_input_length=N keeps more (memory grows with its square).", long,
                 len(ids), max_length, longest, max_length)
-  if max_length is not None:
-    length = min(length, max_length)
   out = np.zeros((len(ids), length), np.int32)
   eos_id = eos_of(vocabulary)
   for row, x in enumerate(ids):

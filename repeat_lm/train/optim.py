@@ -127,6 +127,8 @@ def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | floa
   if clip_gradient_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_gradient_norm), tx)
   _RATES[id(tx)] = (tx, lr)
+  while len(_RATES) > _MAX_RATES:  # a process builds a few (the trainer's, a test's): keep the newest
+    del _RATES[next(iter(_RATES))]
   return tx
 
 
@@ -135,6 +137,7 @@ def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | floa
 # logged as pretrain.gin's schedule (0.316) while AdamW trained at 0.001. Keyed by id, the optimizer kept with its
 # rate so an id is never reused while its entry stands.
 _RATES: dict[int, tuple[optax.GradientTransformation, optax.Schedule | float]] = {}
+_MAX_RATES = 64
 
 
 def rate_of(tx: optax.GradientTransformation) -> optax.Schedule | float | None:

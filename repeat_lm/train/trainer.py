@@ -145,12 +145,17 @@ def _logged_rate(tx: optax.GradientTransformation, learning_rate: optax.Schedule
   own = optim.rate_of(tx)
   if own is None:
     return learning_rate if built_here or learning_rate is not None else None
-  if learning_rate is not None and any(not np.isclose(optim.learning_rate_at(learning_rate, s),
-                                                      optim.learning_rate_at(own, s)) for s in steps):
-    logging.warning("trainer.train.learning_rate (%g at step %d) is not the optimizer's (%g, "
-                    "optim.make_optimizer.learning_rate): the optimizer's is the one it trains and logs with; bind "
-                    "LEARNING_RATE, which sets both.", optim.learning_rate_at(learning_rate, steps[0]), steps[0],
-                    optim.learning_rate_at(own, steps[0]))
+  if learning_rate is not None:
+    # Compared at this run's first and last steps and at powers of two between them (warm-up ends, decays).
+    first, last = steps
+    points = sorted({first, max(first, last - 1), *(2**k for k in range(31) if first < 2**k < last)})
+    differ = next((s for s in points if not np.isclose(optim.learning_rate_at(learning_rate, s),
+                                                       optim.learning_rate_at(own, s))), None)
+    if differ is not None:
+      logging.warning("trainer.train.learning_rate (%g at step %d) is not the optimizer's (%g, "
+                      "optim.make_optimizer.learning_rate): the optimizer's is the one it trains and logs with; bind "
+                      "LEARNING_RATE, which sets both.", optim.learning_rate_at(learning_rate, differ), differ,
+                      optim.learning_rate_at(own, differ))
   return own
 
 
@@ -229,13 +234,14 @@ def _dropout_schedule(spec, model: EncoderDecoderModel, cfg: pipeline.DatasetCon
                      f"{dropout_schedule_lib.max_factor(schedule)}: every rate times factor must stay below 1.")
   logging.info("Dropout schedule %r -> %s%s", spec, schedule,
                f" ({epoch_steps:.1f} steps per epoch)" if epoch_steps else "")
-  if isinstance(schedule, dropout_schedule_lib.DropoutSchedule) and schedule.kind != "constant":
+  if any(rates) and total_steps >= 1 and isinstance(schedule, dropout_schedule_lib.DropoutSchedule) and \
+      schedule.kind != "constant":
     # The factor changes only at its steps: checked there and at the last update (step total_steps - 1). A switch
     # past the run (staged:50ep on a short run) trained a 'staged dropout' arm as the no-dropout one, without a word.
     points = [s for s in schedule.steps if s < total_steps] + [total_steps - 1]
     if max(float(schedule(p)) for p in points) == 0.0:
-      logging.warning("DROPOUT_SCHEDULE=%r keeps dropout off through TRAIN_STEPS=%d (it switches on later): this "
-                      "run trains without dropout; raise TRAIN_STEPS, or switch earlier.", spec, total_steps)
+      logging.warning("DROPOUT_SCHEDULE=%r keeps dropout off through TRAIN_STEPS=%d: this run trains without "
+                      "dropout; raise TRAIN_STEPS, or switch it on earlier.", spec, total_steps)
   return schedule
 
 

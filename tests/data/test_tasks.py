@@ -89,7 +89,9 @@ def test_a_flag_that_is_not_a_bool_is_refused(kwargs, match):
 
 @pytest.mark.parametrize('kwargs, setting', [({'ul2_rates': [1] * 7}, 'ul2_rates'),
                                              ({'objective': 'span_r0p5_mu8', 'ul2_rates': [1] * 7}, 'ul2_rates'),
-                                             ({'mode_tokens': False}, 'mode_tokens=False')])
+                                             ({'mode_tokens': False}, 'mode_tokens=False'),
+                                             ({'mode_tokens': 0}, 'mode_tokens=0'),
+                                             ({'mode_tokens': 'False'}, "mode_tokens='False'")])
 def test_ul2_settings_on_another_objective_are_refused(kwargs, setting):
   # ul2_rates turned the default 'span' objective into UL2 (an MLM arm of a sweep that kept the rates bound trained
   # UL2), and mode_tokens=False did nothing.
@@ -102,6 +104,11 @@ def test_ul2_settings_on_another_objective_are_refused(kwargs, setting):
 def test_a_task_name_flag_given_twice_is_refused(name, twice):
   with pytest.raises(ValueError, match=rf"gives the flag\(s\) \['{twice}'\] more than once"):
     tasks.ensure_registered(name)
+
+
+def test_a_name_with_a_flag_given_twice_still_parses():
+  # collect reads every run's task name with parse_name: a run registered before the refusal must still be read.
+  assert tasks.parse_name('repeat_lm.c4.t5.span.d27.e8.static.static')['static_masks'] is True
 
 
 def test_nomode_on_a_span_task_name_is_refused():

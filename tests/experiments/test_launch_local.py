@@ -171,6 +171,8 @@ def test_the_process_with_repeat_lm_s_error_is_named_not_the_peer_it_aborted(mon
           "[p0] repeat-lm: error: ValueError: Mesh") in err
   assert launch_local.failure_cause([(1, -6), (0, 2)], [["[p0] repeat-lm: error: x\n"], []]) == 0
   assert launch_local.failure_cause([(1, -6), (0, 2)], [[], []]) == 1  # no error line: the first found
+  # Killed (the OOM killer's SIGKILL): the cause, though its peer then failed with an error of its own.
+  assert launch_local.failure_cause([(1, -9), (0, 2)], [["[p0] repeat-lm: error: x\n"], []]) == 1
   assert launch_local.failure_cause([], [[], []]) is None
 
 

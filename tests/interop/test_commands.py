@@ -89,6 +89,18 @@ def test_infer_cuts_long_inputs_to_the_trained_length(tiny_model_dir, tmp_path, 
   assert "--max_input_length=1: inputs need at least 2 tokens" in capsys.readouterr().err
 
 
+def test_export_into_another_model_s_directory_needs_overwrite(tiny_model_dir, tmp_path, capsys, fresh_gin):
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "pytorch_model.bin").write_bytes(b"weights")
+  args = ["export", "hf", f"--checkpoint={tiny_model_dir}", f"--out={other}"]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert "(pytorch_model.bin)" in err and "pass --overwrite" in err and "Check the paths" not in err  # no OS hint
+  assert cli.main([*args, "--overwrite"]) == 0, capsys.readouterr().err
+  assert not (other / "pytorch_model.bin").exists() and (other / "config.json").exists()
+
+
 def test_commands_explain_a_missing_checkpoint(tmp_path, capsys, fresh_gin):
   (tmp_path / "in.txt").write_text("x\n")
   assert cli.main(["infer", f"--checkpoint={tmp_path / 'nowhere'}", f"--input_file={tmp_path / 'in.txt'}"]) == 2

@@ -161,17 +161,21 @@ def test_an_export_refuses_a_directory_of_files_it_did_not_write(tmp_path):
   other.mkdir()
   (other / "config.json").write_text('{"model_type": "switch_transformers"}')
   (other / "pytorch_model.bin").write_bytes(b"weights")
-  with pytest.raises(FileExistsError, match=r"holds files no repeat_lm export wrote \(config.json, pytorch_model.bin\)"
-                     r": export to a new or empty directory"):
+  with pytest.raises(FileExistsError, match=r"holds model files this export would replace or delete \(config.json, "
+                     r"pytorch_model.bin\).*pass --overwrite"):
     hf.export_hf(init_params(TINY), TINY, other)
   assert sorted(p.name for p in other.iterdir()) == ["config.json", "pytorch_model.bin"]
   assert (other / "pytorch_model.bin").read_bytes() == b"weights"
-  # An empty directory, and an earlier export with a file of the user's beside it, take an export.
-  (tmp_path / "empty").mkdir()
-  for out in (tmp_path / "empty", tmp_path / "empty"):
-    hf.export_hf(init_params(TINY), TINY, out)
-    (out / "notes.txt").write_text("mine")
-  assert (tmp_path / "empty" / hf.EXPORT_MARK).exists() and (tmp_path / "empty" / "notes.txt").exists()
+  hf.export_hf(init_params(TINY), TINY, other, overwrite=True)
+  assert not (other / "pytorch_model.bin").exists() and (other / hf.EXPORT_MARK).exists()
+  # A Hub clone (files the export leaves alone), and an earlier export with a file of the user's beside it.
+  hub = tmp_path / "hub"
+  (hub / ".git").mkdir(parents=True)
+  (hub / "README.md").write_text("model card")
+  for _ in range(2):
+    hf.export_hf(init_params(TINY), TINY, hub)
+    (hub / "notes.txt").write_text("mine")
+  assert (hub / hf.EXPORT_MARK).exists() and (hub / "README.md").read_text() == "model card"
 
 
 def test_export_refuses_a_model_dir_and_an_unknown_dtype(tmp_path):

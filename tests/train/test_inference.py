@@ -99,3 +99,17 @@ def test_a_step_directory_as_checkpoint_says_which_flags_name_it(tmp_path, monke
     inference.model_from_model_dir(given)
   with pytest.raises(FileNotFoundError, match=r"train`, or pass"):  # no hint outside a MODEL_DIR
     inference.model_from_model_dir(tmp_path)
+
+
+def test_encode_texts_warns_only_where_its_cap_cuts(caplog):
+  from repeat_lm.data import vocab
+  v = vocab.default_vocabulary()
+  texts = ["short", " ".join(["word"] * 100)]
+  with caplog.at_level("WARNING"):
+    assert inference.encode_texts(v, texts, max_length=32).shape == (2, 32)
+  assert "1 of 2 inputs are longer than 32 tokens" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):  # a fixed length below the cap cuts them, as it always did: no word of the cap
+    assert inference.encode_texts(v, texts, 16, max_length=32).shape == (2, 16)
+    assert inference.encode_texts(v, texts[:1], max_length=32).shape == (1, 16)  # nothing to cut
+  assert not caplog.text

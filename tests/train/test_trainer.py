@@ -661,6 +661,12 @@ def test_a_dropout_schedule_that_stays_off_through_the_run_warns(spec, warns, ca
   assert ("keeps dropout off through TRAIN_STEPS=10" in caplog.text) is warns
 
 
+def test_a_dropout_schedule_without_dropout_warns_once(caplog):
+  with caplog.at_level("WARNING"):
+    trainer._dropout_schedule("staged:1000", tiny_model(dropout_rate=0.0), TRAIN_CFG, None, 10)  # pylint: disable=W0212
+  assert "has no effect: every dropout rate of the model is 0" in caplog.text and "keeps dropout off" not in caplog.text
+
+
 def test_a_window_logs_the_schedules_last_factor_and_the_last_step_is_logged(tmp_path):
   # log_period=3 over 4 steps: step 1 alone, steps 2-3 as one window, and step 4, the last, though 4 % 3 != 0. The
   # schedule holds DROPOUT_RATE 0.1 at half (0.05) throughout: a window of two steps still logs 0.5, not their sum.
@@ -744,6 +750,12 @@ def test_the_logged_learning_rate_is_the_optimizer_s(caplog):
     assert optim.learning_rate_at(trainer._logged_rate(tx, 0.001, False, (0, 10)), 3) == pytest.approx(0.001)
   assert not caplog.text
   import optax
+  # Schedules that agree at the first and last steps and differ between them (a warm-up 10x too high).
+  caplog.clear()
+  peak = lambda top: (lambda s: top * np.minimum(s, 100 - s) / 50)  # noqa: E731
+  with caplog.at_level("WARNING"):
+    trainer._logged_rate(optim.make_optimizer(learning_rate=peak(0.01)), peak(0.1), False, (0, 100))
+  assert "(0.002 at step 1) is not the optimizer's (0.0002," in caplog.text
   custom = optax.sgd(0.5)  # built elsewhere: only the trainer's rate can be logged
   assert trainer._logged_rate(custom, None, False, (0, 10)) is None
   assert trainer._logged_rate(custom, 0.5, False, (0, 10)) == 0.5
