@@ -141,7 +141,7 @@ def _warn_if_routing_groups_change(model: EncoderDecoderModel, cfg: pipeline.Dat
 def _logged_rate(tx: optax.GradientTransformation, learning_rate: optax.Schedule | float | None, built_here: bool,
                  steps: tuple[int, int]) -> optax.Schedule | float | None:
   """The rate train/learning_rate logs: the optimizer's own where make_optimizer built it (warning if the trainer's
-  `learning_rate` says otherwise, at the first or last step), else the trainer's; None where neither is known."""
+  `learning_rate` says otherwise at some step of the run), else the trainer's; None where neither is known."""
   own = optim.rate_of(tx)
   if own is None:
     return learning_rate if built_here or learning_rate is not None else None
