@@ -595,7 +595,7 @@ def _run_sweep(args, bindings: Sequence[str]) -> dict:
   try:
     result = runner.run_sweep(args.experiment, args.root, opts)
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the current run checkpointed and was left pending
-    raise RuntimeError(f"sweep interrupted ({e or 'Ctrl-C'}); run the same command again to resume.") from e
+    raise RuntimeError(f"sweep interrupted ({str(e) or 'Ctrl-C'}); run the same command again to resume.") from e
   if result["failed"] and not args.dry_run:
     print(json.dumps(strict_json(result), sort_keys=True, allow_nan=False))
     raise RuntimeError(f"{len(result['failed'])} run(s) failed: " + "; ".join(

@@ -198,9 +198,10 @@ def collect(root: str | Path, out: str | Path | None = None) -> list[dict[str, A
   """Rows of every run under `root`; written to `out` (.csv, or .parquet via pyarrow) if given."""
   out_dir = Path(out).parent if out else None
   dirs = run_dirs(root)
-  if not dirs and out and Path(out).exists():
-    raise ValueError(f"{root} holds no sweep runs (no RUN/status.json or RUN/run.gin): not overwriting {out} with an "
-                     "empty table. Point --root at the directory given to `repeat-lm sweep --root`.")
+  if not dirs and out:
+    # Written, an empty table passed for a result (exit 0) the first time, and was refused the next.
+    raise ValueError(f"{root} holds no sweep runs (no RUN/status.json or RUN/run.gin): no table written to {out}. "
+                     "Point --root at the directory given to `repeat-lm sweep --root`.")
   with status_lib.slurm_cache():  # one squeue call for all the runs' jobs
     status_lib.prefetch_slurm(status_lib.read(p) for d in dirs for p in [d, *d.glob("ft_*")])
     rows = [row(d, out_dir) for d in dirs]

@@ -14,10 +14,12 @@ MODEL_DIR has checkpoints), failed ones are recorded with their error and retrie
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import signal
@@ -100,10 +102,34 @@ def _resolve_best(best: sweep.Best, root: Path, names: Sequence[str]) -> tuple[b
   return True, pick[best.column]
 
 
+def same_experiment(recorded: str, given: str) -> bool:
+  """Whether a run's recorded experiment path is the one given now, however either is spelt: './gin/x.gin', an
+  absolute path and 'gin/x.gin' warned 'two experiments share this ROOT' for every run. A recorded path that does not
+  resolve from here (another working directory) is compared by its file name."""
+  if os.path.normpath(recorded) == os.path.normpath(given):
+    return True
+  if os.path.exists(recorded) and os.path.exists(given):
+    return os.path.samefile(recorded, given)
+  return os.path.basename(recorded) == os.path.basename(given)
+
+
+def warn_of_other_experiments(exp: compose.Experiment, root: Path) -> None:
+  """ROOT's runs recorded by another experiment: collect would put both experiments' runs in one table, which
+  analyze reads as one experiment (a sweep of rq5 into rq3's ROOT said nothing)."""
+  if not root.is_dir():
+    return
+  others = collections.Counter(
+      record["experiment"] for record in (status_lib.read(d) for d in collect.run_dirs(root))
+      if record.get("experiment") and not same_experiment(record["experiment"], exp.path))
+  for other, count in sorted(others.items()):
+    logging.warning("%s already holds %d run(s) of another experiment, %s: `collect` puts both experiments' runs in "
+                    "one table. Give each experiment a ROOT of its own.", root, count, other)
+
+
 def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, varied: Sequence[str]) -> None:
   """Compose and write the stage's gin and its status entry (a finished stage keeps the gin it ran with)."""
   record = status_lib.read(stage.run_dir)
-  if record.get("experiment") not in (None, exp.path):
+  if record.get("experiment") is not None and not same_experiment(record["experiment"], exp.path):
     logging.warning("%s belongs to %s, not %s: two experiments share this ROOT and a run name.", stage.run_dir,
                     record["experiment"], exp.path)
   finished = record.get("status") == status_lib.FINISHED
@@ -469,6 +495,8 @@ def run_sweep(experiment: str, root: str | Path, opts: Options | None = None) ->
 
 
 def _run_sweep(exp: compose.Experiment, root: Path, opts: Options, start: float) -> dict[str, Any]:
+  sweep.check_only(exp.runs, opts.only)
+  warn_of_other_experiments(exp, root)
   status_lib.prefetch_slurm(status_lib.read(root / r.name) for r in sweep.select(exp.runs, opts.only))
   stages = plan(exp, root, opts.only)
   status_lib.prefetch_slurm(status_lib.read(s.run_dir) for s in stages if s.verb == "finetune")

@@ -262,3 +262,14 @@ def select(runs: Sequence[RunSpec], only: str | None) -> list[RunSpec]:
     return list(runs)
   patterns = [p.strip() for p in only.split(",") if p.strip()]
   return [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
+
+
+def check_only(runs: Sequence[RunSpec], only: str | None) -> None:
+  """Every glob of --only must match a run: a mistyped one beside one that matches was dropped without a word, and
+  the run it meant never trained."""
+  patterns = [p.strip() for p in (only or "").split(",") if p.strip()]
+  unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(r.name, p) for r in runs)]
+  if unmatched:
+    raise ValueError(f"--only={only!r}: {', '.join(repr(p) for p in unmatched)} "
+                     f"match{'es' if len(unmatched) == 1 else ''} none of the {len(runs)} runs: "
+                     f"{[r.name for r in runs]}.")

@@ -246,9 +246,13 @@ def test_a_root_without_runs_does_not_overwrite_a_table(tmp_path):
   out = tmp_path / "results.csv"
   out.write_text("run,status\nold,finished\n")
   (tmp_path / "root").mkdir()
-  with pytest.raises(ValueError, match="not overwriting"):
+  with pytest.raises(ValueError, match="holds no sweep runs .*no table written"):
     collect.collect(tmp_path / "root", out)
   assert out.read_text() == "run,status\nold,finished\n"
+  # Nor is an empty table written where there was none: it passed for a result (exit 0), then was refused.
+  with pytest.raises(ValueError, match="holds no sweep runs"):
+    collect.collect(tmp_path / "root", tmp_path / "new.csv")
+  assert not (tmp_path / "new.csv").exists()
 
 
 def test_the_best_loss_leaves_out_a_diverged_evaluation():

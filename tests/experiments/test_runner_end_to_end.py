@@ -118,3 +118,27 @@ def test_a_runs_eta_is_its_steps_left_at_its_measured_rate(tmp_path, monkeypatch
   stage = runner.Stage("r", run_dir, "train", sweep.RunSpec("r", None, ()))
   assert runner._run_blocking(stage, ["trainer"], runner._Progress(out, total=1), 1, 1, 0) == 0  # noqa: SLF001
   assert out.getvalue().splitlines()[-1] == "[1/1] r: step 2/10, 1:20 elapsed, sweep ETA 5:20"
+
+
+def test_an_experiment_is_the_same_however_its_path_is_spelt(tmp_path, monkeypatch):
+  # './gin/x.gin', an absolute path and 'gin/x.gin' warned 'two experiments share this ROOT' for every run.
+  (tmp_path / "gin").mkdir()
+  (tmp_path / "gin" / "x.gin").write_text("")
+  (tmp_path / "gin" / "y.gin").write_text("")
+  monkeypatch.chdir(tmp_path)
+  assert runner.same_experiment("gin/x.gin", "./gin/x.gin")
+  assert runner.same_experiment("gin/x.gin", str(tmp_path / "gin" / "x.gin"))
+  assert runner.same_experiment("/elsewhere/gin/x.gin", "gin/x.gin")  # recorded from another working directory
+  assert not runner.same_experiment("gin/x.gin", "gin/y.gin")
+
+
+def test_a_sweep_into_a_root_of_another_experiment_warns(tmp_path, caplog):
+  # rq5 swept into rq3's ROOT said nothing, and collect interleaved both experiments in one table.
+  for name, experiment in (("a", "gin/experiments/rq3.gin"), ("b", "gin/experiments/rq3.gin"),
+                           ("c", "gin/experiments/rq5.gin")):
+    status.write(tmp_path / name, experiment=experiment, status="finished")
+  exp = types.SimpleNamespace(path="gin/experiments/rq5.gin")
+  with caplog.at_level("WARNING"):
+    runner.warn_of_other_experiments(exp, tmp_path)
+  assert f"{tmp_path} already holds 2 run(s) of another experiment, gin/experiments/rq3.gin" in caplog.text
+  assert "rq5.gin" not in caplog.text

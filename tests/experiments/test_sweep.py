@@ -147,6 +147,15 @@ def test_select_ignores_spaces_around_globs():
   assert [r.name for r in sweep.select(runs, "d27_e8, d35_e0")] == ["d27_e8", "d35_e0"]
 
 
+def test_a_glob_of_only_that_matches_no_run_is_refused_beside_one_that_does():
+  # 'span_d13_e5,ul2_d13_e6' (a typo in the second) trained the first alone, without a word.
+  runs = sweep.expand(sweep.Grid(axes={"MIXTURE_OR_TASK_NAME": TASKS}))
+  with pytest.raises(ValueError, match=r"--only='d27_e8,d99\*': 'd99\*' matches none of the \d+ runs: \["):
+    sweep.check_only(runs, "d27_e8,d99*")
+  sweep.check_only(runs, "d27_e8, d35_*")
+  sweep.check_only(runs, None)
+
+
 def test_a_best_renders_its_default_as_any_other_value():
   assert sweep.render(sweep.Best(runs="moe_*", column="ACTIVATION", default="%GELU")) == "%GELU"  # a reference
 
