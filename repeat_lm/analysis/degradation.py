@@ -92,6 +92,11 @@ def run_rows(runs: list[results.Run], metric: str, tolerance: float | None = Non
                  onset_epoch=onset_tokens / r.unique_tokens if onset_tokens is not None and r.unique_tokens > 0
                  else None, diverged=not math.isfinite(o.final_value))
     rows.append(row)
+  if runs and not curves and not any(math.isfinite(row[k]) for row in rows for k in ("best", "final")):
+    # Every number would be NaN, and the report would say that nothing degrades.
+    raise ValueError(f"No run has a curve (model_dir/metrics.jsonl) or a final or best `{metric}` in the table "
+                     f"(columns final_eval_{suffix}, best_eval_{suffix}): nothing to measure. Analyse the table "
+                     "`repeat-lm collect` wrote, in place (its model_dir cells are relative to it).")
   return rows, curves
 
 
@@ -120,7 +125,10 @@ def factor_summary(runs: list[results.Run], rows: list[dict], factor: str) -> li
     gaps = [row["gap"] for row in g if math.isfinite(row["gap"])]
     # Counted, since their infinite gaps are left out of the mean: a group of a diverged and a healthy run read
     # as "mean gap 0", no degradation on average.
-    out.append({factor: value, "runs": len(g), "degrading": sum(row["onset_step"] is not None for row in g),
+    with_curves = [row for row in g if row["source"] == "curve"]
+    # Onsets come from curves: a group without one has an unknown count (None), not 0.
+    out.append({factor: value, "runs": len(g),
+                "degrading": sum(row["onset_step"] is not None for row in with_curves) if with_curves else None,
                 "diverged": sum(bool(row.get("diverged")) for row in g),
                 "mean_gap": float(np.mean(gaps)) if gaps else math.nan,
                 "median_onset_epoch": float(np.median(onsets)) if onsets else None})
@@ -173,8 +181,13 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
   degrading = [row for row in rows if row["onset_step"] is not None]
   diverged = [row["run"] for row in rows if row["diverged"]]
   tol_text = (f"{tolerance:g} (absolute)" if tolerance is not None else f"{rel_tolerance:.2%} of the best value")
+  without = [row["run"] for row in rows if row["source"] != "curve"]
   text = (f"{len(rows)} runs, {len(curves)} with curves (metrics.jsonl); metric `{metric}`. "
-          f"{len(degrading)} show sustained degradation."
+          + (f"{len(degrading)} of the {len(curves)} with curves show sustained degradation." if curves else
+             "No run has a curve, so no onset of degradation can be measured.")
+          + (f" Onset needs a run's curve, and {len(without)} run(s) have none (no metrics.jsonl in their model_dir, "
+             f"e.g. a table moved away from its runs): {', '.join(f'`{r}`' for r in without[:8])}"
+             f"{', ...' if len(without) > 8 else ''}; their degradation is unknown." if without else "")
           + (f" {len(diverged)} diverged (final `{metric}` not finite): {', '.join(f'`{r}`' for r in diverged)}."
              if diverged else "") + "\n\n"
           f"Onset: the first evaluation point after which `{metric}` never comes back within the tolerance "

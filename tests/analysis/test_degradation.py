@@ -123,7 +123,8 @@ def test_improved_means_better_than_the_first_point_by_more_than_the_tolerance()
 
 def test_factor_summary_takes_the_median_onset_and_leaves_diverged_gaps_out():
   runs = [{"lr": 1.0}] * 3 + [{"lr": 2.0}]
-  row = lambda gap, onset: {"gap": gap, "onset_step": None if onset is None else 1.0, "onset_epoch": onset}
+  row = lambda gap, onset: {"gap": gap, "onset_step": None if onset is None else 1.0, "onset_epoch": onset,
+                            "source": "curve"}
   rows = [row(0.1, 1.0), row(0.3, 2.0), row(float("inf"), 6.0), row(0.2, None)]
   by_lr = {s["lr"]: s for s in degradation.factor_summary(runs, rows, "lr")}
   assert by_lr[1.0]["median_onset_epoch"] == 2.0 and by_lr[1.0]["mean_gap"] == pytest.approx(0.2)
@@ -161,9 +162,24 @@ def test_factor_summary_sorts_values_with_an_empty_cell_last():
   # unique_tokens in the experiment's order, the fresh run's cell empty (NaN): NaN used to stop the sort.
   values = [2.0 ** 27, math.nan, 2.0 ** 29, 2.0 ** 23, 2.0 ** 25]
   runs = [{"unique_tokens": v} for v in values]
-  rows = [{"gap": 0.0, "onset_step": None, "onset_epoch": None}] * len(runs)
+  rows = [{"gap": 0.0, "onset_step": None, "onset_epoch": None, "source": "curve"}] * len(runs)
   order = [s["unique_tokens"] for s in degradation.factor_summary(runs, rows, "unique_tokens")]
   assert order[:4] == [2.0 ** 23, 2.0 ** 25, 2.0 ** 27, 2.0 ** 29] and math.isnan(order[4])
+
+
+def test_runs_without_curves_have_an_unknown_degradation_not_none(tmp_path):
+  # A results table copied away from its runs: "0 show sustained degradation" beside gaps of 0.11-0.18.
+  runs = [results.Run(run=f"r{i}", status="finished", model_dir=str(tmp_path / "gone"), final_eval_loss=6.8,
+                      best_eval_loss=6.6, extra={"dropout": str(rate)}) for i, rate in enumerate((0.0, 0.1))]
+  out = degradation.analyze(runs, tmp_path / "out", metric="eval/loss")
+  text = (tmp_path / "out" / "report.md").read_text()
+  assert "No run has a curve, so no onset of degradation can be measured." in text
+  assert "2 run(s) have none" in text and "their degradation is unknown" in text
+  assert all(s["degrading"] is None for s in out["by_factor"]["dropout"])
+  # Nor a curve, nor the metric's columns: nothing to measure, refused (every number was NaN, exit 0).
+  bare = [results.Run(run="r", status="finished", model_dir=str(tmp_path / "gone"))]
+  with pytest.raises(ValueError, match="No run has a curve .* or a final or best `eval/loss` in the table"):
+    degradation.analyze(bare, tmp_path / "out2", metric="eval/loss")
 
 
 def test_a_curve_without_a_finite_value_has_no_best_step(tmp_path):
