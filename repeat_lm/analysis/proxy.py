@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +56,15 @@ def by_rate(runs: list[results.Run], column: str, metric: str) -> dict[float, fl
   return {rate: float(np.mean(v)) for rate, v in sorted(groups.items())}
 
 
-def best_rate(table: dict[float, float], higher_is_better: bool) -> float:
+def best_rate(table: dict[float, float], higher_is_better: bool, side: str = "", runs: Sequence[results.Run] = (),
+              metric: str = "") -> float:
   finite = {k: v for k, v in table.items() if math.isfinite(v)}
   if not finite:
-    raise ValueError("No run has a finite final metric.")
+    # "No run has a finite final metric." was false for the other side (RQ4's dense run still pending).
+    names = ", ".join(f"{r.run} ({r.status})" for r in list(runs)[:6]) + (", ..." if len(runs) > 6 else "")
+    raise ValueError(f"No {side or 'run'} run has a finite final {metric or 'metric'}"
+                     + (f" ({names})" if names else "") + ": wait for them to finish (sweep again) or check the "
+                     f"table's final_eval_* columns.")
   return (max if higher_is_better else min)(finite, key=finite.get)
 
 
@@ -165,7 +171,8 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
   column = rate_column(sweep + dense, column)
   higher = degradation.METRICS[metric][1]
   moe_table, dense_table = by_rate(sweep, column, metric), by_rate(dense, column, metric)
-  moe_best, dense_best = best_rate(moe_table, higher), best_rate(dense_table, higher)
+  moe_best = best_rate(moe_table, higher, "--sweep", sweep, metric)
+  dense_best = best_rate(dense_table, higher, "--dense", dense, metric)
   agreement = rank_agreement(moe_table, dense_table)
   curves = {r.run: results.load_curve(r, metric) for r in sweep + dense}
   similarity = []
@@ -194,7 +201,9 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
     if price_per_chip_hour and "chip_hours" in costs:
       costs["usd"] = {k: v * price_per_chip_hour if k != "ratio" else v for k, v in costs["chip_hours"].items()}
   result = {"rate_column": column, "metric": metric, "moe_by_rate": moe_table, "dense_by_rate": dense_table,
-            "moe_best_rate": moe_best, "dense_best_rate": dense_best, "same_best_rate": moe_best == dense_best,
+            # One dense rate (RQ4's design: the MoE's choice) is its best by construction: no agreement measured.
+            "moe_best_rate": moe_best, "dense_best_rate": dense_best,
+            "same_best_rate": moe_best == dense_best if len(dense_table) > 1 else None,
             "rank_agreement": agreement, "curve_similarity": similarity, "cost": costs, "cost_undefined": undefined}
   result["report"] = _report(out_dir, result, sweep, dense, curves, column)
   return result
@@ -217,9 +226,12 @@ def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict
     png.append(plots.save(out_dir / "proxy_curves.png", series, title=f"{metric}: MoE (solid) vs dense (dashed)",
                           xlabel="tokens seen", ylabel=metric))
   ag = res["rank_agreement"]
+  same = res["same_best_rate"]
   text = (f"MoE sweep: {len(sweep)} runs over {column} = {', '.join(f'{r:g}' for r in res['moe_by_rate'])}; best "
-          f"{res['moe_best_rate']:g}. Dense: {len(dense)} runs; best {res['dense_best_rate']:g} "
-          f"({'the same rate' if res['same_best_rate'] else 'a different rate'}).")
+          f"{res['moe_best_rate']:g}. Dense: {len(dense)} runs"
+          + (f"; best {res['dense_best_rate']:g} ({'the same rate' if same else 'a different rate'})."
+             if same is not None else f", all at {res['dense_best_rate']:g}: one rate, so whether it is the dense "
+             "model's best is not measured."))
   if len(ag["rates"]) >= 3:
     text += f" Over the {len(ag['rates'])} rates both ran, rank agreement of final {metric}: " + (
         f"Spearman {ag['spearman']:.3f}, Kendall {ag['kendall']:.3f}." if ag["spearman"] is not None else

@@ -179,3 +179,16 @@ def test_rank_agreement_of_a_diverged_or_tied_sweep_is_undefined_not_nan(tmp_pat
   out = proxy.analyze(_table({0.1: 0.65, 0.3: 0.65, 0.5: 0.65}), "moe_*", "dense_*", tmp_path)
   assert out["rank_agreement"]["spearman"] is None
   assert "undefined (one side's final metric is the same at every rate" in (tmp_path / "report.md").read_text()
+
+
+def test_one_dense_rate_is_no_agreement_and_a_pending_side_is_named(tmp_path):
+  # RQ4's design: one dense run, at the MoE's best. "best 0.3 (the same rate)" read as if the dense model agreed.
+  out = proxy.analyze(_table({0.3: 0.67}), "moe_*", "dense_*", tmp_path)
+  assert out["same_best_rate"] is None
+  assert "Dense: 1 runs, all at 0.3: one rate, so whether it is the dense model's best is not measured." in (
+      tmp_path / "report.md").read_text()
+  # The dense run still pending: "No run has a finite final metric." was false for the MoE side.
+  pending = _table({0.3: float("nan")})
+  pending[-1].status = "pending"
+  with pytest.raises(ValueError, match=r"No --dense run has a finite final eval/accuracy \(dense_d0.3 \(pending\)\)"):
+    proxy.analyze(pending, "moe_*", "dense_*", tmp_path / "p")
