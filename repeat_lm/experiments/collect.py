@@ -127,10 +127,18 @@ def _relative(path: Path, out_dir: Path | None) -> str:
     return str(path.resolve())
 
 
+def shown_status(run_dir: str | Path, record: dict[str, Any]) -> str:
+  """The status collect shows: status_lib.effective, except that an interrupted run whose last step's checkpoint
+  exists is finished, as docs/experiments.md defines it (a sweep killed while its trainer went on to the end showed
+  'interrupted' beside the final metrics until the next sweep recorded it)."""
+  state = status_lib.effective(record)
+  return status_lib.FINISHED if state == status_lib.INTERRUPTED and status_lib.is_complete(run_dir) else state
+
+
 def outcome(run_dir: str | Path) -> dict[str, Any]:
   """Status, varied values and validation metrics of a run: the cheap part of a row (no model is built)."""
   record = status_lib.read(run_dir)
-  return {"status": status_lib.effective(record), **(record.get("values") or {}),
+  return {"status": shown_status(run_dir, record), **(record.get("values") or {}),
           **metrics_summary(results.read_metrics(run_dir))}
 
 
@@ -142,7 +150,7 @@ def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
   gin_text = gin_path.read_text() if gin_path.exists() else ""
   # The directory's name, not status.json's `run`: a run moved aside (`mv a a.old`, then swept again) keeps the
   # record of `a`, and two rows named `a` make the table unreadable to `analyze`.
-  r: dict[str, Any] = {"run": run_dir.name, "status": status_lib.effective(record),
+  r: dict[str, Any] = {"run": run_dir.name, "status": shown_status(run_dir, record),
                        "model_dir": _relative(run_dir, out_dir), "train_steps": status_lib.train_steps(gin_text),
                        "elapsed_s": record.get("elapsed_s"), "error": record.get("error")}
   m = model_summary(gin_path) if gin_text else {}
@@ -164,7 +172,7 @@ def row(run_dir: str | Path, out_dir: Path | None = None) -> dict[str, Any]:
   stages = record.get("finetune") or []
   for name in stages:
     ft_dir = run_dir / f"ft_{name}"
-    r[f"ft_{name}_status"] = status_lib.effective(status_lib.read(ft_dir))
+    r[f"ft_{name}_status"] = shown_status(ft_dir, status_lib.read(ft_dir))
     scores = downstream_scores(results.read_metrics(ft_dir))
     # One stage: squad_em. Several (say two learning rates on one task) would write the same names, so each
     # stage's scores carry its name: ft_squad_lr1_squad_em.

@@ -309,3 +309,19 @@ def test_a_hand_edited_status_file_is_a_row_that_says_so_not_a_traceback(tmp_pat
     assert rows[name]["error"].startswith(f"unreadable {tmp_path / name / 'status.json'}: its '{key}' is ")
     assert collect.outcome(tmp_path / name)["status"] == "pending"
   assert not any(k.startswith("ft_") for r in rows.values() for k in r)
+
+
+def test_an_interrupted_run_whose_last_checkpoint_exists_is_shown_finished(tmp_path):
+  # The sweep was killed; its trainer went on to the last step. collect showed 'interrupted' beside final metrics.
+  import subprocess
+  import sys
+  run = tmp_path / "run"
+  (run / "checkpoints" / "2").mkdir(parents=True)
+  (run / "run.gin").write_text("TRAIN_STEPS = 3\n")
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  status.write(run, status="running", host=socket.gethostname(), pid=gone.pid)
+  assert collect.shown_status(run, status.read(run)) == "interrupted"  # step 2 of 3
+  (run / "checkpoints" / "3").mkdir()
+  assert collect.shown_status(run, status.read(run)) == "finished"
+  assert status.effective(status.read(run)) == "interrupted"  # the record itself is the next sweep's to update
