@@ -98,7 +98,7 @@ def test_nan_cells_are_one_value_when_runs_are_grouped(tmp_path):
   from repeat_lm.analysis import degradation
   (tmp_path / "r.csv").write_text("run,epochs,model\na,nan,x\nb,nan,x\nc,4,x\nd,,x\n")
   runs = results.read_results(tmp_path / "r.csv")
-  rows = [{"gap": 0.0, "onset_step": None, "onset_epoch": None}] * len(runs)
+  rows = [{"gap": 0.0, "onset_step": None, "onset_epoch": None, "source": "curve"}] * len(runs)
   summary = degradation.factor_summary(runs, rows, "epochs")
   assert [s["runs"] for s in summary] == [1, 3] and summary[0]["epochs"] == 4.0
   assert math.isnan(summary[1]["epochs"])
