@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -312,12 +311,16 @@ def _unreadable(file: Path, kind: str, error: BaseException) -> ValueError:
                     f"{detail}). Re-export it (repeat-lm export hf) or re-download it.")
 
 
+def weight_files(out_dir: Path) -> list[str]:
+  """The weight files in out_dir, of any layout save_pretrained writes: an export replaces them all."""
+  return [*(n for n in ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX)
+            if (out_dir / n).exists()), *sorted(p.name for p in out_dir.glob("model-*-of-*.safetensors"))]
+
+
 def replaced_files(out_dir: Path) -> list[str]:
   """The files in out_dir an export replaces or deletes: config, weights (any earlier layout) and tokenizer."""
-  names = {"config.json", "generation_config.json", "model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin",
-           BIN_INDEX, *TOKENIZER_FILES}
-  return sorted(p.name for p in out_dir.iterdir() if p.name in names or re.fullmatch(r"model-.*-of-.*\.safetensors",
-                                                                                      p.name))
+  others = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+  return sorted([*weight_files(out_dir), *(n for n in others if (out_dir / n).exists())])
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> list[str]:
@@ -326,8 +329,7 @@ def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_
   An earlier export's weight files go first, as save_pretrained removes them: a sharded export's index left beside a
   new single file would make readers of the index (load_hf) and of the file (transformers) see different models."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  stale = ["model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX,
-           *(p.name for p in out_dir.glob("model-*-of-*.safetensors"))]
+  stale = weight_files(out_dir)
   staging = out_dir / ".weights_staging"
   shutil.rmtree(staging, ignore_errors=True)
   staging.mkdir()
