@@ -513,9 +513,9 @@ def _run_analyze(args, bindings: Sequence[str]) -> dict | None:
   from repeat_lm.analysis import degradation, laws, proxy, results, scaling
   cmd = args.analyze_command
   if cmd == "predict":
-    constants = laws.constants_for(args.law, args.constants, "--constants")
     # The fit's own record (`analyze fit --json`) says what it did not determine and which counts it saw.
-    fit = json.loads(Path(args.constants).read_text(encoding="utf-8")) if args.constants else None
+    fit = laws.read_record(args.constants, "--constants") if args.constants else None
+    constants = laws.constants_for(args.law, args.constants, "--constants", record=fit)
     out = scaling.prediction(constants, args.params, args.tokens, args.unique_tokens, fit)
     if not args.json:
       print(f"predicted loss ({args.law}): {out['loss']:.4f}" + (f" ({out['note']})" if "note" in out else ""))

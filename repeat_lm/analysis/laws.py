@@ -90,9 +90,10 @@ DATA_CONSTRAINED = Constants(E=math.exp(0.6254804), A=math.exp(6.255414), B=math
 PUBLISHED = {"chinchilla": CHINCHILLA, "data-constrained": DATA_CONSTRAINED}
 
 
-def load_constants(path: str | Path, flag: str = "--law-constants") -> Constants:
-  """Constants from a JSON file: the object `analyze fit --json` prints, or {"constants": {...}}. `flag`: the
-  command-line option that named the file, for the error messages."""
+def read_record(path: str | Path, flag: str = "--law-constants") -> dict:
+  """The JSON object of a constants file: the one `analyze fit --json` prints (with what the fit did not determine
+  and the counts it saw), or {"constants": {...}}. `flag`: the command-line option that named the file, for the
+  error messages."""
   path = Path(path)
   fix = "pass the JSON object `repeat-lm analyze fit --json` prints"
   if not path.is_file():
@@ -103,16 +104,24 @@ def load_constants(path: str | Path, flag: str = "--law-constants") -> Constants
     raise ValueError(f"{flag}={path} is not JSON ({e}); {fix}.") from e
   if not isinstance(data, dict):
     raise ValueError(f"{flag}={path} holds a JSON {type(data).__name__}, not an object; {fix}.")
+  return data
+
+
+def load_constants(path: str | Path, flag: str = "--law-constants", record: dict | None = None) -> Constants:
+  """Constants from a JSON file (read_record), or from its `record` where the caller has read it already."""
+  data = read_record(path, flag) if record is None else record
   try:
     return Constants.from_dict(data)
   except ValueError as e:  # from_dict names the key; only here is the file known
     raise ValueError(f"{flag}={path}: {e}") from e
 
 
-def constants_for(law: str, path: str | Path | None = None, flag: str = "--law-constants") -> Constants:
+def constants_for(law: str, path: str | Path | None = None, flag: str = "--law-constants",
+                  record: dict | None = None) -> Constants:
+  """The law's constants: from `path` (or its `record`, read_record's), else the published ones."""
   if law not in LAWS:
     raise ValueError(f"Unknown law {law!r}; choose one of {', '.join(LAWS)}.")
-  c = load_constants(path, flag) if path else PUBLISHED[law]
+  c = load_constants(path, flag, record) if path else PUBLISHED[law]
   if law == "data-constrained" and c.R_D_star is None:
     raise ValueError("The data-constrained law needs R_D_star and R_N_star in the constants.")
   return c if law == "data-constrained" else dataclasses.replace(c, R_D_star=None, R_N_star=None)
