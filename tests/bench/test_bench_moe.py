@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from repeat_lm import bench, cli
 from repeat_lm.bench import moe as bench_moe
@@ -15,6 +16,7 @@ TINY = ["--gin_file=gin/models/switch_tiny.gin", "--batch_size=8", "--inputs_len
         "--steps=1", "--rounds=1"]
 
 
+@pytest.mark.slow
 def test_bench_moe_times_each_variant_against_the_dense_twin(capsys):
   assert cli.main(["bench", "moe", *TINY, "--dispatch=gather", "--json"]) == 0
   r = json.loads(capsys.readouterr().out)

@@ -88,6 +88,7 @@ def test_ctrl_c_reaches_the_processes_only_as_sigterm():
   assert "KeyboardInterrupt" not in rest and sorted(rest.splitlines()) == ["[p0] checkpointed", "[p1] checkpointed"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, fresh_gin):
   # Each process reads only its half of every global batch (pipeline: host h's block of rows) and the mesh spans
   # both processes' devices, so the global batch, hence every loss, must be the single-process one.

@@ -270,6 +270,7 @@ def test_expert_sharded_equals_unsharded(dispatch):
   jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6), actual, expected)
 
 
+@pytest.mark.slow
 def test_tiny_moe_trains_through_the_cli_with_routing_metrics(tmp_path):
   model_dir = tmp_path / "run"
   code = cli.main(["train", "--gin_file=gin/runs/smoke.gin", "--gin_file=gin/models/switch_tiny.gin",

@@ -145,6 +145,7 @@ def test_stacked_parameters_update_each_block_as_its_own_parameter():
   assert not np.allclose(whole["w"][0], together["w"][0], rtol=0.1)
 
 
+@pytest.mark.slow
 def test_the_train_step_of_a_scanned_model_updates_like_the_unscanned_one():
   """The train step hands Adafactor the parameters' logical names: scanning the layers changes nothing."""
   import dataclasses

@@ -84,6 +84,25 @@ def test_writes_metrics_config_and_checkpoints(uninterrupted):
   assert 0 < first["train/text_tokens_per_s"] < first["train/tokens_per_s"]
 
 
+def test_tensorboard_holds_every_logged_scalar_under_its_run(uninterrupted):
+  # README's promise: TensorBoard event files under train/ and eval/, the records of metrics.jsonl, read back here
+  # with TensorFlow's own event reader (what TensorBoard uses), not the library that wrote them.
+  import tensorflow as tf  # noqa: PLC0415
+  d, _ = uninterrupted
+  logged = {}
+  for run in ("train", "eval"):
+    for path in sorted((d / run).glob("events.out.tfevents.*")):
+      for event in tf.compat.v1.train.summary_iterator(str(path)):
+        for value in event.summary.value:
+          logged[(event.step, f"{run}/{value.tag}")] = value.simple_value
+  expected = {(r["step"], k): v for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+              for k, v in r.items() if k != "step"}
+  assert {k for k in expected if k[1] == "eval/loss"} == {(3, "eval/loss"), (6, "eval/loss")}
+  assert logged.keys() == expected.keys()
+  for key, value in expected.items():
+    assert logged[key] == pytest.approx(value, rel=1e-6), key
+
+
 def count_dispatches(monkeypatch) -> list:
   """A list that grows by one each time a train step built from now on is dispatched."""
   dispatched = []
@@ -157,6 +176,7 @@ def test_several_hosts_take_process_0s_seed(monkeypatch):
   assert trainer._draw_seed() == 1234  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_resume_with_dropout_reproduces_uninterrupted_losses(uninterrupted, tmp_path, monkeypatch):
   """Dropout at step s depends on (seed, s) only: a resumed run draws the masks the uninterrupted one drew."""
   model = tiny_model(dropout_rate=0.1)
@@ -245,6 +265,7 @@ def test_a_rerun_with_another_model_keeps_the_checkpoints_config(tmp_path):
   assert (tmp_path / "config.gin").read_text() == written
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device(tmp_path):
   # A small rate keeps float32 reduction-order differences from being amplified across steps.
   run(tmp_path / "single", 3, mesh=(1, 1), devices=jax.devices()[:1], learning_rate=0.01)
