@@ -137,9 +137,13 @@ def factor_summary(runs: list[results.Run], rows: list[dict], factor: str) -> li
 
 def _shown(rows: list[dict], every_diverged=lambda row: row.get("diverged")) -> list[dict]:
   """Rows for the report: a diverged run's (or an all-diverged group's) non-finite numbers read `diverged`, not
-  nan / inf. The returned rows, and the JSON, keep the numbers."""
-  return [{k: "diverged" if every_diverged(row) and isinstance(v, float) and not math.isfinite(v) else v
-           for k, v in row.items()} for row in rows]
+  nan / inf. The returned rows, and the JSON, keep the numbers. A run read from the table alone has no best step or
+  best tokens whether it diverged or not (the table holds neither): those stay nan, not `diverged`."""
+  def label(row, k, v):
+    unknown = row.get("source") == "table" and k in ("best_step", "best_tokens")
+    return ("diverged" if every_diverged(row) and isinstance(v, float) and not math.isfinite(v) and not unknown
+            else v)
+  return [{k: label(row, k, v) for k, v in row.items()} for row in rows]
 
 
 def plot_factor(path: Path, runs: list[results.Run], rows: list[dict], curves: dict, metric: str,

@@ -68,11 +68,12 @@ class Constants:
     for k in names:
       if d.get(k) is None:  # R_D_star / R_N_star: null or absent is the chinchilla law
         continue
-      try:
-        values[k] = float(d[k])
-      except (TypeError, ValueError) as e:  # {"A": [1]} ended in a TypeError traceback, "x" named no constant
+      # {"A": [1]} ended in a TypeError traceback and "x" named no constant; float() also took true as 1.0 and
+      # "1.69" as a number.
+      if not checks.real_number(d[k]):
         raise ValueError(f"Constant {k}={d[k]!r} is not a number; give every constant as a JSON number, as "
-                         "`repeat-lm analyze fit --json` prints them.") from e
+                         "`repeat-lm analyze fit --json` prints them.")
+      values[k] = float(d[k])
     c = cls(**values)
     if (c.R_D_star is None) != (c.R_N_star is None):
       raise ValueError("The data-constrained law needs both R_D_star and R_N_star; got only "
@@ -308,6 +309,25 @@ def _grid(law: str) -> np.ndarray:
   return np.stack([m.ravel() for m in mesh], axis=-1)
 
 
+def _starts(grid: np.ndarray, values: np.ndarray, obj: _Objective, n_starts: int) -> np.ndarray:
+  """The optimiser's starts: the `n_starts` best grid points, and the `n_starts` best of those whose A and B terms
+  are each at least NEGLIGIBLE of the prediction at some run.
+
+  The best points alone could all be starts where a term is ~1e-12 of the loss (a large alpha with a small A): their
+  objectives tie, the term's gradient is zero there, so L-BFGS-B never moved it, and the fit stopped at a worse
+  optimum than one inside the bounds and reported that term's constants as undetermined (8.2e-5 for a table whose
+  generating constants give 3.9e-5, B and beta "not determined")."""
+  live = np.zeros(len(grid), bool)
+  for rows in np.array_split(np.arange(len(grid)), max(1, len(grid) // 4096)):
+    with np.errstate(all="ignore"):
+      terms = _log_terms(grid[rows], *obj.data)
+      share = np.exp(terms[:2] - _log_predict(grid[rows], *obj.data))
+    live[rows] = np.all(np.nanmax(share, axis=-1) >= NEGLIGIBLE, axis=0)
+  order = np.argsort(values, kind="stable")
+  chosen = list(order[:n_starts]) + [i for i in order[live[order]][:n_starts] if i not in set(order[:n_starts])]
+  return grid[chosen]
+
+
 def _minimise(obj: _Objective, starts: np.ndarray) -> tuple[np.ndarray, float]:
   best, best_value = starts[0], np.inf
   bounds = _BOUNDS[:starts.shape[1]]
@@ -349,9 +369,10 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
         seed: int = 0) -> Fit:
   """Fit `law` to runs (N params, D tokens seen, U unique tokens, final loss).
 
-  L-BFGS-B starts from the `n_starts` best points of the initialisation grid (all of it is evaluated; optimising
-  from each of its 4,500-40,500 points would take minutes for little gain). Bootstrap refits resample the runs
-  with replacement and start from the full-data optimum.
+  L-BFGS-B starts from the `n_starts` best points of the initialisation grid and the `n_starts` best of those where
+  every term of the law counts at some run (_starts; all of the grid is evaluated; optimising from each of its
+  4,500-40,500 points would take minutes for little gain). Bootstrap refits resample the runs with replacement and
+  start from the full-data optimum.
   """
   if law not in LAWS:
     raise ValueError(f"Unknown law {law!r}; choose one of {', '.join(LAWS)}.")
@@ -387,7 +408,7 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
   obj = _Objective(n, d, u, loss, delta)
   grid = _grid(law)
   values = np.concatenate([obj.values(chunk) for chunk in np.array_split(grid, max(1, len(grid) // 4096))])
-  starts = grid[np.argsort(values, kind="stable")[:n_starts]]
+  starts = _starts(grid, values, obj, n_starts)
   # L-BFGS-B's tiny BLAS calls are ~20x slower when OpenBLAS wakes its threads for each.
   with threadpool_limits(1, user_api="blas"):
     theta, value = _minimise(obj, starts)

@@ -20,6 +20,11 @@ from scipy import stats
 from repeat_lm.analysis import degradation, plots, report, results
 
 
+# repeat_lm's statuses (experiments/status.py) of a run that has not ended: not imported from there, since a table
+# may come from elsewhere; any other status (finished, failed, or a hand-made table's own) counts as ended.
+UNFINISHED = ("pending", "running", "interrupted")
+
+
 def _rate(value) -> bool:
   return isinstance(value, float) and math.isfinite(value)
 
@@ -170,7 +175,11 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
     raise ValueError("Some runs match both --sweep and --dense.")
   column = rate_column(sweep + dense, column)
   higher = degradation.METRICS[metric][1]
-  moe_table, dense_table = by_rate(sweep, column, metric), by_rate(dense, column, metric)
+  # A run still pending, running or interrupted has no final metric yet (or a half-trained one): in a rate's mean it
+  # made the rate NaN, which best_rate passed over and the report blamed on "a diverged run". Left out, and said.
+  unfinished = {r.run: r.status for r in sweep + dense if r.status in UNFINISHED}
+  done_sweep, done_dense = ([r for r in side if r.run not in unfinished] for side in (sweep, dense))
+  moe_table, dense_table = by_rate(done_sweep, column, metric), by_rate(done_dense, column, metric)
   moe_best = best_rate(moe_table, higher, "--sweep", sweep, metric)
   dense_best = best_rate(dense_table, higher, "--dense", dense, metric)
   agreement = rank_agreement(moe_table, dense_table)
@@ -186,13 +195,18 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
   # A cost that cannot be computed is left out of `cost` and its reason kept in `cost_undefined`: the rates and
   # their agreement still stand without it.
   costs, undefined = {}, {}
-  try:
-    costs["flops"] = tuning_cost(sweep, dense, column, moe_best)
-  except ValueError as e:
-    undefined["flops"] = str(e)
+  if unfinished:  # their tokens_seen, hence their cost, is not known until they finish
+    undefined["flops"] = (f"{len(unfinished)} run(s) have not finished ("
+                          + ", ".join(f"{k}: {v}" for k, v in unfinished.items()) + "), so the sweep's cost is not "
+                          "known yet.")
+  else:
+    try:
+      costs["flops"] = tuning_cost(sweep, dense, column, moe_best)
+    except ValueError as e:
+      undefined["flops"] = str(e)
   # Every run needs a number: a `nan` chip_hours cell (csv writes missing floats so) without --chip_flops_per_s has
   # none, and one missing run would make the sums fail.
-  if all(run_chip_hours(r, chip_flops_per_s) is not None for r in sweep + dense):
+  if not unfinished and all(run_chip_hours(r, chip_flops_per_s) is not None for r in sweep + dense):
     try:
       costs["chip_hours"] = tuning_cost(sweep, dense, column, moe_best, lambda r: run_chip_hours(r, chip_flops_per_s),
                                         "chip-hours (chip_hours, else FLOPs / --chip_flops_per_s)")
@@ -204,7 +218,8 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
             # One dense rate (RQ4's design: the MoE's choice) is its best by construction: no agreement measured.
             "moe_best_rate": moe_best, "dense_best_rate": dense_best,
             "same_best_rate": moe_best == dense_best if len(dense_table) > 1 else None,
-            "rank_agreement": agreement, "curve_similarity": similarity, "cost": costs, "cost_undefined": undefined}
+            "rank_agreement": agreement, "curve_similarity": similarity, "cost": costs, "cost_undefined": undefined,
+            "unfinished": unfinished}
   result["report"] = _report(out_dir, result, sweep, dense, curves, column)
   return result
 
@@ -236,6 +251,10 @@ def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict
     text += f" Over the {len(ag['rates'])} rates both ran, rank agreement of final {metric}: " + (
         f"Spearman {ag['spearman']:.3f}, Kendall {ag['kendall']:.3f}." if ag["spearman"] is not None else
         f"undefined ({_why_no_agreement(res['moe_by_rate'], res['dense_by_rate'])}).")
+  if res["unfinished"]:
+    text += (f"\n\n**Provisional**: {len(res['unfinished'])} run(s) have not finished ("
+             + ", ".join(f"`{k}` ({v})" for k, v in res["unfinished"].items()) + "): the rates' means, the best rates "
+             "and their agreement are from the finished runs alone. Analyse again once they finish.")
   text += (f"\n\nTuning cost, proxy (the MoE sweep + one dense run at {res['moe_best_rate']:g}) vs direct (dense at "
            "every swept rate): ")
   if "flops" in res["cost"]:

@@ -10,6 +10,7 @@ column), and text or a negative number in a numeric column (all of them are coun
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import fnmatch
@@ -157,7 +158,12 @@ def read_results(path: str | Path) -> list[Run]:
 def _check_cells(path: Path, header: list[str], rows: list[dict], lines: list[int]) -> None:
   """Every row has the header's number of cells. csv.DictReader files a row's extra cells under the key None and
   fills missing ones with None: one cell too many (an unquoted comma) shifted every later column into the wrong
-  one, and the shifted numbers entered the fits."""
+  one, and the shifted numbers entered the fits. A column named twice (tables joined by hand) keeps only its last
+  cell, so its rows were blamed for a missing cell."""
+  twice = [k for k, n in collections.Counter(header).items() if n > 1]
+  if twice:
+    raise ValueError(f"{path}: the header names column {', '.join(map(repr, twice))} more than once: only one of its "
+                     "cells would be read. Give every column its own name, or drop the copy.")
   for line, row in zip(lines, rows):
     extra = row.get(None) or []
     cells = len(header) + len(extra) if extra else sum(v is not None for k, v in row.items() if k is not None)

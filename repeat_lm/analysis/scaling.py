@@ -9,6 +9,7 @@ before that column. Compute is C = 6 N D, as in the laws.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -66,7 +67,18 @@ def fit_data(runs: list[results.Run], max_epochs: float | None = None) -> tuple[
 def fit_runs(runs: list[results.Run], law: str, *, bootstrap: int = 0, seed: int = 0,
              max_epochs: float | None = None) -> tuple[laws.Fit, list[results.Run], dict]:
   used, a = fit_data(runs, max_epochs)
-  return laws.fit(law, a["n"], a["d"], a["loss"], a["u"], bootstrap=bootstrap, seed=seed), used, a
+  try:
+    return laws.fit(law, a["n"], a["d"], a["loss"], a["u"], bootstrap=bootstrap, seed=seed), used, a
+  except ValueError as e:
+    why = left_out(runs, max_epochs)
+    if not why:
+      raise
+    # "got 0 distinct of 0" of a table of 36 runs without a final_eval_loss column said nothing of why.
+    reasons = collections.Counter(why.values()).most_common(3)
+    raise ValueError(f"{e} Left out {len(why)} of {len(runs)} runs: "
+                     + "; ".join(f"{n} with {reason}" if reason.startswith("no ") else f"{n} at {reason}"
+                                 for reason, n in reasons)
+                     + ("; ..." if len(set(why.values())) > 3 else "") + ".") from None
 
 
 def constants_json(f: laws.Fit) -> dict:

@@ -389,7 +389,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   first_step, first_timing = step + 1, (0.0, 0.0)
   # Steps this process ran and the progress bar has not counted: a restored window's steps are already in its start.
   unshown = 0
-  # One-time costs of the first log (importing tensorboardX and opening its writer, tracing the schedule) happen
+  # One-time costs of the first log (opening the TensorBoard writer, tracing the schedule) happen
   # here, not while step 2 runs: read-to-read time would charge them to step 2's window (2.5 s on CPU).
   writer.prepare("train")
   logged_rate = _logged_rate(tx, learning_rate, optimizer is None, (step, total_steps))

@@ -75,8 +75,9 @@ def test_constants_need_both_r_stars_and_positive_values():
     laws.Constants.from_dict({**base, "R_D_star": 15.4})
   with pytest.raises(ValueError, match="R_D_star=0"):
     laws.Constants.from_dict({**base, "R_D_star": 0, "R_N_star": 5.3})
-  # A list ended in a TypeError traceback; a string in "could not convert string to float" naming no constant.
-  for bad in ([1], "x"):
+  # A list ended in a TypeError traceback; a string in "could not convert string to float" naming no constant; true
+  # was read as 1.0 and "1.69" as a number, though a constant is a JSON number.
+  for bad in ([1], "x", True, "520.0"):
     with pytest.raises(ValueError, match=r"Constant A=.* is not a number"):
       laws.Constants.from_dict({**base, "A": bad})
 

@@ -276,3 +276,8 @@ def test_diverged_runs_are_counted_per_group_and_named_not_printed_as_nan(tmp_pa
   assert "| div | finished | curve | 4 | 20 | 2000 | diverged | diverged |" in text
   assert "| div | 1 | 1 | 1 | diverged |" in text
   assert " nan " not in text and " inf " not in text
+  # A diverged run known from the table alone: its final and gap read `diverged`, but the best step and tokens it
+  # never had (the table holds neither) stay unknown, not `diverged`.
+  runs = [results.Run(run="tab", status="failed", model_dir=None, best_eval_loss=3.0, final_eval_loss=math.nan)]
+  degradation.analyze(runs, tmp_path / "table", metric="eval/loss")
+  assert "| tab | failed | table | 3 | nan | nan | diverged | diverged |" in (tmp_path / "table" / "report.md").read_text()

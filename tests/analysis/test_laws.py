@@ -200,6 +200,23 @@ def test_fit_flags_the_constants_of_a_term_negligible_at_every_run():
   assert laws.fit("chinchilla", n, d, laws.chinchilla_loss(laws.CHINCHILLA, n, d), n_starts=2).undetermined == []
 
 
+
+def test_fit_does_not_stop_where_a_term_it_needs_is_negligible_at_every_start():
+  """The 8 best grid points were all starts with the B term ~1e-12 of the loss (tied objectives, zero gradient):
+  the fit stopped there and called B and beta undetermined though the tokens term is plain in the runs."""
+  n, d = np.repeat([1e6, 3e6, 1e7, 3e7, 1e8], 4), np.tile([1e8, 3e8, 1e9, 3e9], 5)
+  truth = laws.Constants(E=2.29, A=42.4, B=113.3, alpha=0.434, beta=0.422)
+  noise = np.exp(np.random.default_rng(0).normal(0, 3e-3, n.size))
+  loss = laws.predict(truth, n, d) * noise
+  fit = laws.fit("chinchilla", n, d, loss)
+  at_truth = laws._Objective(n, d, d, loss, laws.HUBER_DELTA).values(laws._to_theta(truth)[None])[0]  # noqa: SLF001
+  assert fit.undetermined == [] and fit.objective <= at_truth
+  # Loss growing with N (larger models on repeated data): only A and alpha are undetermined, not the tokens term.
+  n, d = (x.ravel() for x in np.meshgrid([1e7, 3e7, 1e8, 3e8, 1e9], [1e9, 3e9, 1e10, 3e10], indexing="ij"))
+  loss = 2.0 + 0.1 * np.log10(n / 1e7) + 300 / d ** 0.3
+  fit = laws.fit("chinchilla", n, d, loss)
+  assert fit.undetermined == ["A", "alpha"] and fit.constants.beta == pytest.approx(0.3, abs=0.05)
+
 def test_a_null_constant_or_constants_that_are_no_object_name_the_key_and_the_file(tmp_path):
   # `analyze fit --json` writes a non-finite number as null: a null E was a TypeError from the constructor, and
   # {"constants": 5} "argument of type 'int' is not iterable".

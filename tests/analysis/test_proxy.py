@@ -192,3 +192,17 @@ def test_one_dense_rate_is_no_agreement_and_a_pending_side_is_named(tmp_path):
   pending[-1].status = "pending"
   with pytest.raises(ValueError, match=r"No --dense run has a finite final eval/accuracy \(dense_d0.3 \(pending\)\)"):
     proxy.analyze(pending, "moe_*", "dense_*", tmp_path / "p")
+
+
+def test_an_unfinished_run_is_left_out_and_the_answer_called_provisional(tmp_path):
+  # A second seed at 0.3 still running (no final metric yet) made the rate's mean NaN: 0.3, the best finished rate,
+  # was passed over, "a different rate" stated, the NaN blamed on "a diverged run", and its half-run costed.
+  runs = _table({0.1: 0.65, 0.3: 0.67, 0.5: 0.64})
+  runs.insert(3, results.Run(run="moe_d0.3_s1", status="running", model_dir=None, flops_per_token=1e9,
+                             tokens_seen=5e9, extra={"DROPOUT_RATE": "0.3", "model": "moe"}))
+  out = proxy.analyze(runs, "moe_*", "model=dense", tmp_path)
+  assert (out["moe_best_rate"], out["same_best_rate"], out["unfinished"]) == (0.3, True, {"moe_d0.3_s1": "running"})
+  assert out["moe_by_rate"][0.3] == pytest.approx(0.63) and out["rank_agreement"]["spearman"] == pytest.approx(1.0)
+  assert "flops" not in out["cost"] and "have not finished (moe_d0.3_s1: running)" in out["cost_undefined"]["flops"]
+  text = (tmp_path / "report.md").read_text()
+  assert "**Provisional**: 1 run(s) have not finished (`moe_d0.3_s1` (running))" in text and "diverged" not in text

@@ -150,6 +150,10 @@ def test_a_row_with_more_or_fewer_cells_than_the_header_is_refused(tmp_path):
   (tmp_path / "short.csv").write_text("run,params,tokens_seen,final_eval_loss\na,1e6,5e6,4.1\nb,3e6,1.5e7\n")
   with pytest.raises(ValueError, match="short.csv: line 3 has 3 cells, the header 4"):
     results.read_results(tmp_path / "short.csv")
+  # A column named twice (tables joined by hand) is named as such, not blamed on a row that has all its cells.
+  (tmp_path / "twice.csv").write_text("run,final_eval_loss,params,final_eval_loss\na,4.1,1e6,4.2\n")
+  with pytest.raises(ValueError, match="twice.csv: the header names column 'final_eval_loss' more than once"):
+    results.read_results(tmp_path / "twice.csv")
 
 
 @pytest.mark.parametrize("column, cell", [("unique_tokens", "lots"), ("params", "1e6 params"),

@@ -86,6 +86,14 @@ def test_a_fit_names_the_runs_it_leaves_out_and_why(tmp_path):
   assert scaling.left_out([repeated], max_epochs=4) == {"repeated": "10 epochs > --max_epochs=4"}
 
 
+
+def test_a_fit_left_without_runs_says_why_they_were_left_out(tmp_path):
+  # A table without a final_eval_loss column: "got 0 distinct of 0" of 9 runs, and no word of why.
+  runs = [results.Run(run=f"n{n:g}_d{d:g}", status="done", model_dir=None, params=n, tokens_seen=d)
+          for n in (1e7, 3e7, 1e8) for d in (1e8, 1e9, 1e10)]
+  with pytest.raises(ValueError, match=r"got 0 distinct of 0\. Left out 9 of 9 runs: 9 with no final_eval_loss\.$"):
+    scaling.fit_report(runs, "chinchilla", tmp_path, bootstrap=0)
+
 def test_chinchilla_check_gives_no_verdict_from_exponents_of_a_negligible_term(tmp_path):
   # Loss grows with model size: the fit drives A / N^alpha to ~1e-12 of the loss, where A and alpha never move from
   # their start (1, 2.0), off every bound; they were reported as fitted with zero-width intervals and b / a =
