@@ -24,14 +24,22 @@ JAX_PLATFORMS=cuda timeout 300 "$PY" -m pytest -q -m accelerator -p no:cacheprov
   tests/models/test_attention_impl.py 2>&1 | tee "$out/pytest_accelerator.log"
 tests_rc=$?  # pytest's (or timeout's 124), not tee's: pipefail
 if [ "${PROFILE:-0}" = 1 ]; then
+  # An earlier run's trace must not stand in for this one's: a failed profiling run reported the old kernel table.
+  rm -rf "$out/profile" "$out/step.xplane.pb"
   # The unrolled variant's process took about 3 minutes on an H200 (init and step compile included, 2026-11-30).
   timeout 300 "$PY" -m repeat_lm.cli bench train --gin_file=gin/models/t5_1_1_base.gin --batch_size=128 --steps=3 --rounds=1 \
     --gin.SCAN_LAYERS=False --gin.REMAT_POLICY="'none'" --gin.t5.T5Config.attention_implementation="'cudnn'" \
     --profile_dir="$out/profile" \
     2>&1 | tee "$out/profile.log"
-  find "$out/profile" -name '*.xplane.pb' -exec cp {} "$out/step.xplane.pb" \;
+  profile_rc=$?  # the profiling run's (or timeout's 124), not tee's: pipefail
+  # Only a trace of a profiling run that succeeded: without one the variants are still measured, and reported
+  # without it.
+  if [ "$profile_rc" -eq 0 ]; then
+    find "$out/profile" -name '*.xplane.pb' -exec cp {} "$out/step.xplane.pb" \;
+  else
+    echo "accelerator_checks.sh: the profiling run failed (exit $profile_rc; $out/profile.log); no kernel table" >&2
+  fi
   rm -rf "$out/profile/plugins"
-  # Only a trace the profiling run wrote: without one the variants are still measured, and reported without it.
   [ -f "$out/step.xplane.pb" ] && set -- --profile_xplane="$out/step.xplane.pb" \
     --profile_variant="unrolled, remat none, cudnn attention, batch 128" "$@"
 fi

@@ -79,3 +79,13 @@ def configure_host_allocator() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, list(sys.orig_argv), env)
+
+
+def cli_command(*args: str) -> list[str]:
+  """The command line that runs `repeat-lm ARGS` in a child process, on this process's Python and repeat_lm.
+
+  `-P`: without it, `python -m` puts the working directory first on the module path, so a child started from any
+  folder holding a `repeat_lm/` (another checkout, a stale clone) ran that code while the parent ran the installed
+  one: a launch from an old clone died in both children on an import its newer environment no longer had."""
+  return [sys.executable, "-P", "-m", "repeat_lm.cli", *args]
+

@@ -128,3 +128,13 @@ def test_accelerator_plugins_are_found_as_jax_finds_them(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, "path", [str(tmp_path / "tpu")])
   importlib.invalidate_caches()
   assert runtime.accelerator_plugin_installed()
+
+
+def test_child_commands_run_the_installed_repeat_lm_not_one_in_the_working_directory(tmp_path):
+  # `python -m` puts the working directory first on the module path: launch-local, the local sweep and bench report
+  # started from a folder holding another `repeat_lm/` (an old clone) ran its code in their children.
+  (tmp_path / "repeat_lm").mkdir()
+  (tmp_path / "repeat_lm" / "__init__.py").write_text("")
+  (tmp_path / "repeat_lm" / "cli.py").write_text("import sys; print('SHADOW'); sys.exit(3)")
+  out = subprocess.run(runtime.cli_command("--help"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and "SHADOW" not in out.stdout and "usage: repeat-lm" in out.stdout

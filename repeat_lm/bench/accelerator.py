@@ -197,7 +197,10 @@ def check_out(out: str | Path) -> None:
     raise ValueError(f"--out={out} names the Markdown report, but its results are written to "
                      f"{out.with_suffix('.json')}: the report would overwrite them. Name a .md file, e.g. "
                      f"--out={out.with_suffix('.md')}.")
+  # A directory (or a file where a folder should be) failed at the first variant's save, which stopped the sweep.
+  files.check_writable_file(out, "--out")
   results = out.with_suffix(".json")
+  files.check_writable_file(results, "--out's results (OUT with .json)")
   if results.exists():
     try:
       m = json.loads(results.read_text())

@@ -7,10 +7,9 @@ import json
 import os
 import subprocess
 import tempfile
-import sys
 from pathlib import Path
 
-from repeat_lm import bench, files
+from repeat_lm import bench, files, runtime
 from repeat_lm.bench.profile import OTHER_PART
 
 ZOO = ("small", "base", "large", "xl", "xxl")
@@ -34,12 +33,27 @@ ABLATIONS = (
 )
 
 
+def merged_xla_flags(inherited: str, extra: str) -> str:
+  """`inherited` XLA flags with `extra`'s added, each of `extra` replacing an inherited flag of the same name."""
+  name = lambda flag: flag.split("=", 1)[0]  # noqa: E731
+  added = extra.split()
+  kept = [f for f in inherited.split() if name(f) not in {name(a) for a in added}]
+  return " ".join(kept + added)
+
+
 def run_bench(args: list[str], env: dict[str, str | None] | None = None, timeout_s: float | None = None) -> dict:
   """`bench train --json ARGS` in a fresh process, so each measurement starts from the same state; `env` entries
-  set (or, when None, remove) environment variables. Raises RuntimeError with the end of stderr on failure."""
-  environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+  set (or, when None, remove) environment variables; an XLA_FLAGS entry adds its flags to the inherited ones (each
+  replacing one of the same name), so every row runs on the same devices: replaced whole, an inherited
+  --xla_force_host_platform_device_count=8 was dropped from the YNNPACK rows alone, which ran on 1 device where the
+  others ran on 8, and the table credited the difference to the setting. Raises RuntimeError with the end of stderr
+  on failure."""
+  env = dict(env or {})
+  if env.get("XLA_FLAGS") is not None:
+    env["XLA_FLAGS"] = merged_xla_flags(os.environ.get("XLA_FLAGS", ""), env["XLA_FLAGS"])
+  environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
   try:
-    out = subprocess.run([sys.executable, "-m", "repeat_lm.cli", "bench", "train", "--json", *args],
+    out = subprocess.run(runtime.cli_command("bench", "train", "--json", *args),
                          capture_output=True, text=True, check=False, env=environ, timeout=timeout_s)
   except subprocess.TimeoutExpired as e:
     raise RuntimeError(f"bench {' '.join(args)} did not finish in {timeout_s:.0f} s") from e
@@ -349,14 +363,27 @@ def to_markdown(m: dict, others: dict[str, dict] | None = None) -> str:
   return "\n".join(lines)
 
 
+def check_out(out: str | Path) -> None:
+  """Before measuring (half an hour): the report `out` and its history beside it (history_path) can be written. A
+  directory, or a file where a folder should be, failed only after the measurement and lost it; a .json `out` is
+  its own history path, and the history overwrote the report."""
+  if Path(out).suffix == ".json":
+    raise ValueError(f"--out={out} names the Markdown report, but the history of every host is written to "
+                     f"{history_path(out)}: it would overwrite the report. Name a .md file, e.g. "
+                     f"--out={Path(out).with_suffix('.md')}.")
+  files.check_writable_file(out, "--out")
+  files.check_writable_file(history_path(out), "--out's history (OUT with .json)")
+
+
 def write(out: str | Path, compare_hf: bool = True) -> dict:
   """Measure, then write the report to `out` and this host's rows into its history (history_path)."""
+  check_out(out)
   path = history_path(out)
   history = read_history(path)  # before measuring: a damaged history stops the run before its half hour, not after
   m = measure(compare_hf=compare_hf)
   host = host_of(m)
   others = {h: entry for h, entry in history.items() if h != host}
-  Path(out).write_text(to_markdown(m, others))
+  files.atomic_write_bytes(Path(out), to_markdown(m, others).encode())
   # Replaced whole, so an interrupted write never loses the other hosts' rows.
   files.atomic_write_bytes(Path(path), (json.dumps({"hosts": {host: history_entry(m), **others}}, indent=1) +
                                         "\n").encode())

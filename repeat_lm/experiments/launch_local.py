@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from repeat_lm import runtime
+
 
 # Seconds the other processes get to exit on SIGTERM once one has failed, before they are killed. Their trainers take
 # SIGTERM as "checkpoint at the next step", but every step and checkpoint is a collective with the failed process:
@@ -111,7 +113,7 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int = 1
       # Each in its own session, out of the terminal's reach: Ctrl-C (SIGINT to the terminal's whole process group)
       # interrupted the trainers themselves, which stopped without a checkpoint; it now reaches this process alone,
       # which forwards it as SIGTERM.
-      p = subprocess.Popen([sys.executable, "-m", "repeat_lm.cli", *argv], stdout=subprocess.PIPE,
+      p = subprocess.Popen(runtime.cli_command(*argv), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
                            env=process_env(i, num_processes, port, devices_per_process))
       tails.append(collections.deque(maxlen=FAILED_TAIL_LINES))

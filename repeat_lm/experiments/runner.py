@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from repeat_lm import gin_utils
+from repeat_lm import gin_utils, runtime
 from repeat_lm.experiments import collect, compose, status as status_lib, sweep
 
 LAUNCHERS = ("local", "tpu-vm", "slurm")
@@ -207,7 +207,7 @@ def plan(exp: compose.Experiment, root: Path, only: str | None) -> list[Stage]:
 # ---- commands ----
 
 def _local_command(stage: Stage) -> list[str]:
-  return [sys.executable, "-m", "repeat_lm.cli", stage.verb, f"--gin_file={stage.gin}"]
+  return runtime.cli_command(stage.verb, f"--gin_file={stage.gin}")
 
 
 # Printed in place of a --tpu / --zone not given, for the shell to fill in from its environment.

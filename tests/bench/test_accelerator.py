@@ -199,6 +199,32 @@ def test_launch_script_exits_non_zero_when_the_gpu_tests_fail(tmp_path):
   assert (tmp_path / "out" / "performance_accelerator.md").read_text() == "report\n"  # the benchmark still ran
 
 
+def test_launch_script_reports_no_trace_of_an_earlier_run_when_profiling_fails(tmp_path):
+  """PROFILE=1 whose profiling run fails (out of memory, timeout): the trace an earlier run left in OUT_DIR was
+  reported as this run's kernel table."""
+  import os
+  import subprocess
+  from pathlib import Path
+  repo = Path(__file__).resolve().parents[2]
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "step.xplane.pb").write_text("an earlier run's trace")
+  fake = tmp_path / "bin" / "python3"
+  fake.parent.mkdir()
+  fake.write_text("#!/usr/bin/env bash\n"
+                  "case \" $* \" in\n"
+                  "  *\" bench train \"*) exit 1 ;;\n"
+                  f"  *\" bench accelerator \"*) echo \"$*\" > {tmp_path / 'bench_args'};"
+                  " for a; do [[ $a == --out=* ]] && echo report > \"${a#--out=}\"; done; exit 0 ;;\n"
+                  "esac\n")
+  fake.chmod(0o755)
+  env = dict(os.environ, PYTHON=str(fake), PROFILE="1")
+  out = subprocess.run(["bash", str(repo / "launch" / "accelerator_checks.sh"), str(tmp_path / "out")], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=60)
+  assert "the profiling run failed (exit 1" in out.stderr
+  assert "--profile_xplane" not in (tmp_path / "bench_args").read_text()
+  assert not (tmp_path / "out" / "step.xplane.pb").exists()
+
+
 def test_launch_script_runs_the_repositorys_venv_where_there_is_one(tmp_path):
   """A bare python3 beside an unactivated .venv (README's install) had no jax: every step failed."""
   import os
@@ -238,6 +264,9 @@ def test_a_json_out_is_refused_before_measuring(tmp_path):
   with pytest.raises(ValueError, match=r"names the Markdown report.*--out=.*perf\.md"):
     accelerator.check_out(tmp_path / "perf.json")
   assert not (tmp_path / "perf.json").exists()
+  # A directory OUT failed at the first variant's save, which stopped the sweep after one variant.
+  with pytest.raises(ValueError, match="is a directory"):
+    accelerator.check_out(tmp_path)
 
 
 def test_base_sweep_without_an_accelerator_plugin_says_what_to_do(tmp_path, monkeypatch):

@@ -432,6 +432,27 @@ def test_run_bench_removes_the_variables_set_to_none_and_reads_the_json_after_th
       {"step_time_s": 4.0}
   assert "GLIBC_TUNABLES" not in seen["env"] and seen["env"]["REPEAT_LM_HOST_MALLOC"] == "0"
   assert seen["cmd"][-3:] == ["train", "--json", "--steps=1"]
+  # An XLA_FLAGS row adds its flag to the inherited ones: replaced whole, the forced device count of the other rows
+  # was dropped from the YNNPACK rows alone (1 device against 8, credited to the setting).
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=x")
+  report.run_bench(["--steps=1"], {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"})
+  assert seen["env"]["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                                      "--xla_cpu_experimental_ynn_fusion_type=dot")
+
+
+def test_report_checks_its_out_before_measuring(tmp_path, monkeypatch):
+  # A directory, or a file where a folder should be, failed after the half-hour measurement and lost it; a .json
+  # --out was overwritten by its own history.
+  from repeat_lm.bench import report
+  monkeypatch.setattr(report, "measure", lambda **kwargs: pytest.fail("measured before checking --out"))
+  (tmp_path / "file").write_text("")
+  for out, match in ((tmp_path, "is a directory"), (tmp_path / "file" / "perf.md", "is a file, not a folder"),
+                     (tmp_path / "perf.json", "would overwrite the report")):
+    with pytest.raises(ValueError, match=match):
+      report.write(out)
+  (tmp_path / "perf.json").mkdir()
+  with pytest.raises(ValueError, match="history.*is a directory"):
+    report.write(tmp_path / "perf.md")
 
 
 def test_hf_peer_of_a_tied_model_shares_its_embedding():

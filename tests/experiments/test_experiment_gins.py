@@ -302,6 +302,24 @@ def test_a_slurm_job_stopped_before_its_last_step_is_not_a_success(tmp_path, rec
   assert out.returncode == job_code, out.stderr
 
 
+def test_a_slurm_job_whose_run_is_refused_trains_nowhere(tmp_path):
+  """run-status --started refuses a directory without run.gin, or another attempt of a finished run: the refusal was
+  printed and srun started the trainer on every node anyway."""
+  repo, bin_dir, run = tmp_path / "repo", tmp_path / "bin", tmp_path / "run"
+  for d in (repo / ".venv" / "bin", bin_dir, run):
+    d.mkdir(parents=True)
+  stubs = {repo / ".venv" / "bin" / "repeat-lm": "echo 'repeat-lm: error: holds no run.gin' >&2; exit 2",
+           bin_dir / "scontrol": "echo node1", bin_dir / "srun": f"touch {tmp_path / 'trained'}"}
+  for path, body in stubs.items():
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REPO_DIR": str(repo), "SLURM_JOB_NODELIST": "node1",
+         "SLURM_NTASKS": "1"}
+  out = subprocess.run(["bash", str(GIN_DIR.parents[1] / "launch" / "slurm.sbatch"), str(run), "train"], env=env,
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 2 and "holds no run.gin" in out.stderr and not (tmp_path / "trained").exists()
+
+
 def test_docs_sweep_example_dry_runs(tmp_path):
   """docs/experiments.md's "Expressing a sweep in gin" block, as written (its '...' line left out)."""
   doc = (GIN_DIR.parents[1] / "docs" / "experiments.md").read_text()
