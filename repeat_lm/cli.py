@@ -7,6 +7,7 @@ into the library; `COMMANDS` lists them. Library code never sees argparse object
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -235,9 +236,29 @@ def _bench_model_and_config(args, bindings: Sequence[str]):
   from repeat_lm import gin_utils
   from repeat_lm.bench import train as bench_train
   model = gin_utils.configured_macro(args.gin_file, bindings, "MODEL", args.gin_search_path)
+  _warn_of_unused_run_settings(args)
   cfg = bench_train.BenchConfig(batch_size=args.batch_size, inputs_length=args.inputs_length,
                                 targets_length=args.targets_length, steps=args.steps, rounds=args.rounds)
   return bench_train.with_dtype(model, args.dtype), cfg
+
+
+def _warn_of_unused_run_settings(args) -> None:
+  """bench takes the mesh and the batch's shape from its own flags; a run gin's (smoke.gin's DATA_PARALLEL=4,
+  MODEL_PARALLEL=2), or a --gin.X binding of them, was accepted and then ignored without a word."""
+  import gin  # pylint: disable=import-outside-toplevel
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  flags = {"DATA_PARALLEL": ("--data_parallel", args.data_parallel),
+           "MODEL_PARALLEL": ("--model_parallel", args.model_parallel),
+           "EXPERT_PARALLEL": ("--expert_parallel", getattr(args, "expert_parallel", 1)),
+           "BATCH_SIZE": ("--batch_size", args.batch_size),
+           "TASK_FEATURE_LENGTHS": ("--inputs_length/--targets_length",
+                                    {"inputs": args.inputs_length, "targets": args.targets_length})}
+  unused = [f"{name}={config[(name, 'gin.macro')]['value']!r} (bench uses {flag}={value!r})"
+            for name, (flag, value) in flags.items()
+            if (name, "gin.macro") in config and config[(name, "gin.macro")].get("value") != value]
+  if unused:
+    logging.warning("bench %s takes the mesh and the batch from its flags, not the gin: %s %s not used.",
+                    args.bench_command, "; ".join(unused), "is" if len(unused) == 1 else "are")
 
 
 def _run_bench(args, bindings: Sequence[str]) -> dict:
@@ -771,7 +792,8 @@ def _main(argv: Sequence[str] | None) -> int:
   except OSError as e:
     # The OS error names the path; say what to change (the FileNotFoundErrors and FileExistsErrors repeat_lm raises
     # itself already do: they carry no errno, the operating system's do).
-    hint = ("" if e.errno is None and isinstance(e, (FileNotFoundError, FileExistsError)) else
+    hint = ("" if e.errno is None and isinstance(e, (FileNotFoundError, FileExistsError, PermissionError)) else
+            ". The file system is read-only: write the output somewhere writable" if e.errno == errno.EROFS else
             ". Check the path: an input must exist, and an output's folder must be one that can be created"
             if isinstance(e, FileNotFoundError) else
             ". Check the paths given on the command line: an output must be a writable file or directory path whose "

@@ -64,7 +64,9 @@ def test_a_full_disk_is_an_error_not_a_traceback(monkeypatch, capsys):
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "out/a_file/x"), "Check the paths"),
     (PermissionError(errno.EACCES, "Permission denied", "/out"), "Check the paths"),
     (OSError(errno.ENOSPC, "No space left on device"), "Free space"),
-    (OSError(errno.EIO, "Input/output error"), "Free space")])
+    (OSError(errno.EIO, "Input/output error"), "Free space"),
+    # A read-only file system was told to free space.
+    (OSError(errno.EROFS, "Read-only file system", "/ro/metrics.jsonl"), "read-only")])
 def test_an_os_error_gets_the_hint_of_its_kind(monkeypatch, capsys, error, hint):
   def fail(*_):
     raise error

@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Any, Coroutine, Iterator
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 try:  # private: settled_reads() patches it, and does nothing in an Orbax without it
   from orbax.checkpoint._src import asyncio_utils as orbax_asyncio  # pylint: disable=protected-access
@@ -61,7 +63,10 @@ def brief_error(e: BaseException) -> str:
   """'Type: first line' of an Orbax or TensorStore error, for a one-line message."""
   if _TENSORSTORE_DETAILS in str(e) and e.__cause__ is not None:
     return brief_error(e.__cause__)
-  lines = str(e).split(_TENSORSTORE_DETAILS)[0].strip().splitlines()
+  # A TensorStore message may also end in its whole spec (`... does not exist [tensorstore_spec='{...}']`, ~2,400
+  # characters on one line): the path it names says enough.
+  text = re.sub(r"\s*\[tensorstore_spec=.*", "", str(e).split(_TENSORSTORE_DETAILS)[0], flags=re.S)
+  lines = text.strip().splitlines()
   return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
@@ -151,6 +156,19 @@ def stored_state_mismatch(stored: dict[str, tuple[int, ...]] | None, abstract_st
   return "; ".join(problems[:shown]) + more
 
 
+def non_finite_leaves(tree: Any) -> list[str]:
+  """The paths of `tree`'s floating-point leaves holding a NaN or an infinity (one fused check on the devices).
+
+  Each answer is a scalar, so every process holds all of it: read from its own shard, as device_get could not from
+  an array spanning processes."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  floats = [(path, x) for path, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  answers = jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in floats])
+  finite = [bool(a.addressable_shards[0].data) for a in answers]
+  return ["/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+          for (path, _), ok in zip(floats, finite) if not ok]
+
+
 def step_before(steps: list[int], step: int) -> int | None:
   """The latest of `steps` before `step` (what a damaged checkpoint's error points at), or None."""
   return max((s for s in steps if s < step), default=None)
@@ -225,6 +243,17 @@ class Checkpointer:
     if not isinstance(meta, dict) or "step" not in meta:  # valid JSON, but not what save wrote: KeyError in train
       raise CheckpointError(self._unreadable_message(step, f"meta/metadata holds {str(meta)[:80]!r}, not a dict with "
                                                            "'step'"))
+    bad = non_finite_leaves(restored["state"])
+    if bad:
+      # Training never saves a step it has not checked finite, so these were damaged on disk (the data files carry no
+      # checksums). Restored as they were, the next step "diverged" and the error blamed the learning rate, naming
+      # this step as the good one to resume from: a loop no lower rate could end.
+      older = step_before(self.all_steps(), step)
+      hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
+              f"{older}" if older is not None else "delete it or point MODEL_DIR at a fresh directory")
+      raise CheckpointError(f"Checkpoint {self.directory / str(step)} holds non-finite values in "
+                            f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: it is damaged (training saves "
+                            f"only finite steps). It was left untouched; {hint}.")
     logging.info("Restored checkpoint %s", self.directory / str(step))
     return restored["state"], dict(meta)
 

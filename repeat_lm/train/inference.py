@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -307,6 +308,16 @@ def check_output_file(output_file: str, input_file: str | None = None, checkpoin
   if not path.parent.is_dir():
     raise FileNotFoundError(f"--output_file={output_file}: its directory {path.parent} does not exist; create it "
                             "or name a file in an existing directory.")
+  # Found only after decoding every input, an unwritable place lost the outputs.
+  if not os.access(path if path.exists() else path.parent, os.W_OK):
+    raise PermissionError(f"--output_file={output_file} cannot be written here (a read-only file system or no "
+                          "permission); name a file in a folder you can write.")
+  # Under checkpoints/ (a step's folder, or checkpoints/ itself) a new file was accepted too, and the run deleted it
+  # with the step's checkpoint when its checkpoints rotated.
+  owner = files.model_dir_around(path.parent)
+  if owner is not None:
+    raise ValueError(f"--output_file={output_file} is inside the checkpoints of {owner}, whose step folders "
+                     f"training deletes with their checkpoints; name a file elsewhere, e.g. {owner / 'outputs.txt'}.")
   if not path.exists():
     return
   if input_file is not None and Path(input_file).exists() and path.samefile(input_file):

@@ -85,13 +85,14 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
   if any(d != -1 and d < 1 for d in dims):
     raise ValueError(f"Mesh shape {shape}: every axis needs a size of at least 1 (or -1: all remaining devices).")
   known = math.prod(d for d in dims if d != -1)
+  # Both errors say the same rule: followed without a -1, "a product that divides n" led straight to the second.
+  rule = (f"choose sizes whose product is {n}, or set one axis to -1 to take the rest (the others' product must then "
+          f"divide {n})")
   if known <= 0 or n % known:
-    raise ValueError(
-        f"Mesh shape {shape} does not divide the {n} available devices; choose sizes whose "
-        f"product divides {n} (use -1 for one axis to take the rest).")
+    raise ValueError(f"Mesh shape {shape} does not divide the {n} available devices; {rule}.")
+  if -1 not in dims and known != n:
+    raise ValueError(f"Mesh shape {shape} uses {known} devices but {n} are available; {rule}.")
   dims = [n // known if d == -1 else d for d in dims]
-  if math.prod(dims) != n:
-    raise ValueError(f"Mesh shape {dims} uses {math.prod(dims)} devices but {n} are available; use -1 for one axis.")
   try:
     device_array = mesh_utils.create_device_mesh(dims, devices=devices)
   except Exception:  # CPU / odd topologies: plain row-major order is fine.

@@ -261,14 +261,22 @@ def _check_depth(model: EncoderDecoderModel, step_dir: Path) -> None:
   load_lib.check_model_dir_depths(step_dir, getattr(model.module, "config", None))
 
 
-def _check_model_dir(model_dir: str) -> None:
+def _check_model_dir(model_dir: str, writing: bool = False) -> None:
   """An empty MODEL_DIR (say --gin.MODEL_DIR="'$MODEL_DIR'" with the shell variable unset) is the current directory
-  to Path: the run would write, or resume, checkpoints wherever the command was started."""
+  to Path: the run would write, or resume, checkpoints wherever the command was started. `writing` (training): not
+  inside another run's checkpoints."""
   if not isinstance(model_dir, (str, os.PathLike)):  # an unquoted number (MODEL_DIR=20261130): a TypeError traceback
     raise ValueError(f"MODEL_DIR={model_dir!r} is not a path: bind a string, e.g. --gin.MODEL_DIR=\"'/tmp/run'\".")
   if not str(model_dir).strip():
     raise ValueError("MODEL_DIR is empty: bind it to the run's directory, e.g. --gin.MODEL_DIR=\"'/tmp/run'\" (a shell "
                      "variable inside the quotes may be unset).")
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):  # a bare FileExistsError from makedirs
+    raise ValueError(f"MODEL_DIR={model_dir} is a file, not a directory: bind the run's directory.")
+  if writing and (owner := files.model_dir_around(model_dir)) is not None:
+    # A step directory of another run (T5X's checkpoint_<step> habit): that run deletes it when its checkpoints
+    # rotate, and this run's checkpoints, records and config.gin with it.
+    raise ValueError(f"MODEL_DIR={model_dir} is inside the checkpoints of the run {owner}, whose step directories "
+                     "training deletes as it goes: give this run a directory of its own.")
 
 
 def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipeline.DatasetConfig,
@@ -292,7 +300,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   _check_counts({"TRAIN_STEPS (trainer.train.total_steps)": (total_steps, 0),
                  "trainer.train.log_period": (log_period, 1), "trainer.train.eval_period": (eval_period, 1),
                  "trainer.train.eval_steps": (eval_steps, 1)})
-  _check_model_dir(model_dir)
+  _check_model_dir(model_dir, writing=True)
   model_dir_path = Path(model_dir)
   model_dir_path.mkdir(parents=True, exist_ok=True)
   if not (model_dir_path / "config.gin").exists():  # else it may be what the checkpoints were written with
@@ -513,6 +521,13 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   if not (Path(model_dir) / "checkpoints").is_dir():  # before the Checkpointer, which would create it
     raise FileNotFoundError(f"No checkpoints directory under MODEL_DIR={model_dir}; train first or point MODEL_DIR "
                             "at a run's directory.")
+  # The result is recorded in MODEL_DIR/metrics.jsonl: on a read-only run (an archived one) that failed only after
+  # the whole evaluation, and its numbers were lost.
+  record = Path(model_dir) / "metrics.jsonl"
+  if jax.process_index() == 0 and not os.access(record if record.exists() else model_dir, os.W_OK):
+    raise PermissionError(f"{record} cannot be written (a read-only file system or no permission), and evaluate "
+                          "records its result there: copy the run somewhere writable (checkpoints/ and config.gin "
+                          "suffice) and evaluate the copy.")
   checkpointer = ckpt_lib.Checkpointer(model_dir)
   step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
   if step is None:

@@ -576,3 +576,23 @@ def test_host_peak_memory_is_in_bytes():
   with open(status, encoding="utf-8") as f:
     kib = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
   assert memory == pytest.approx(kib * 1024, rel=0.1)
+
+
+def test_bench_says_which_run_settings_of_its_gins_it_does_not_use(caplog):
+  # smoke.gin's DATA_PARALLEL=4 / MODEL_PARALLEL=2 (or a --gin.DATA_PARALLEL binding) were accepted and ignored: the
+  # mesh came from the flags, 8 x 1, without a word.
+  import argparse
+  import gin
+  from repeat_lm import cli, gin_utils
+  args = argparse.Namespace(bench_command="train", data_parallel=-1, model_parallel=1, batch_size=16,
+                            inputs_length=128, targets_length=32)
+  gin.clear_config()
+  try:
+    gin_utils.configured_macro(["gin/models/t5_1_1_tiny.gin", "gin/runs/smoke.gin"], [], "MODEL")
+    with caplog.at_level("WARNING"):
+      cli._warn_of_unused_run_settings(args)  # noqa: SLF001
+  finally:
+    gin.clear_config()
+  assert ("not the gin: DATA_PARALLEL=4 (bench uses --data_parallel=-1); MODEL_PARALLEL=2 (bench uses "
+          "--model_parallel=1) are not used") in caplog.text
+  assert "BATCH_SIZE" not in caplog.text and "TASK_FEATURE_LENGTHS" not in caplog.text  # the same as the flags'

@@ -106,9 +106,18 @@ planes {
     events { metadata_id: 2 offset_ps: 1000000000 duration_ps: 2000000000 }
     events { metadata_id: 3 offset_ps: 3000000000 duration_ps: 1000000000 }
   }
+  lines {
+    name: "PjRt runtime"
+    events { metadata_id: 4 offset_ps: 5000000000 duration_ps: 1000000000 }
+    events { metadata_id: 5 offset_ps: 6000000000 duration_ps: 1000000000 }
+    events { metadata_id: 6 offset_ps: 7000000000 duration_ps: 1000000000 }
+  }
   event_metadata { key: 1 value { id: 1 name: "PjitFunction(step_fn)" } }
   event_metadata { key: 2 value { id: 2 name: "dot.1" } }
   event_metadata { key: 3 value { id: 3 name: "add.2" } }
+  event_metadata { key: 4 value { id: 4 name: "Wait: pending_threads=3/8" } }
+  event_metadata { key: 5 value { id: 5 name: "Wait for rendezvous callback" } }
+  event_metadata { key: 6 value { id: 6 name: "ParseArguments" } }
 }
 """
 
@@ -118,7 +127,7 @@ def test_a_tpu_trace_counts_its_device_ops_not_the_hosts_launches():
   assert dict(seconds) == pytest.approx({"fusion.3": 2e-3, "convolution.7": 1e-3})
 
 
-def test_a_cpu_trace_counts_xlas_threads_not_the_python_caller():
+def test_a_cpu_trace_counts_xlas_threads_not_the_python_caller_nor_the_runtimes_waits():
   seconds = profile.op_seconds(jax.profiler.ProfileData.from_text_proto(CPU_TRACE))
   assert dict(seconds) == pytest.approx({"dot.1": 2e-3, "add.2": 1e-3})
 

@@ -68,6 +68,23 @@ def _saved_steps(tmp_path, *states):
   return ck
 
 
+def test_a_checkpoint_holding_non_finite_values_is_damaged_not_a_divergence(tmp_path):
+  # Bytes damaged on disk read back as NaN: restored without a word, the next step "diverged", and the error named
+  # this step as the good one to resume from and blamed the learning rate.
+  state = _state()
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck.save(1, state, {"step": 1})
+  ck.save(2, {**state, "params": {"w": state["params"]["w"].at[3, 5].set(jnp.nan)}}, {"step": 2})
+  ck.wait()
+  with pytest.raises(checkpoint.CheckpointError, match=r"2 holds non-finite values in params/w: it is damaged.*"
+                     r"resume from step 1"):
+    ck.restore(checkpoint.abstract_like(state))
+  restored, _ = ck.restore(checkpoint.abstract_like(state), step=1)
+  ck.close()
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+  assert (tmp_path / "checkpoints" / "2").exists()
+
+
 @pytest.mark.parametrize("step", ["2", 2.0])
 def test_a_step_that_is_no_int_is_named_not_called_missing_or_corrupt(tmp_path, step):
   # CHECKPOINT_STEP='2' said 'No checkpoint of step 2 ... it holds steps [1, 2]'; 2.0 blamed a corrupt checkpoint.
@@ -286,3 +303,11 @@ def test_a_long_mismatch_says_how_many_differences_it_leaves_out():
   message = checkpoint.stored_state_mismatch(stored, {"params": {}})
   assert message.count("is in the checkpoint but not in the configured state") == 3
   assert message.endswith(" (and 1 more)")
+
+
+def test_a_tensorstore_error_is_told_without_its_spec():
+  # A step missing its manifest: a one-line error of ~2,400 characters, TensorStore's whole spec pasted in.
+  e = ValueError("NOT_FOUND: Error opening \"ocdbt\" driver: Manifest not found at /run/checkpoints/6/state/ "
+                 "[tensorstore_spec='{\"base\":{\"driver\":\"file\",\"path\":\"/run\"}," + "x" * 2000 + "}']")
+  assert checkpoint.brief_error(e) == ("ValueError: NOT_FOUND: Error opening \"ocdbt\" driver: Manifest not found at "
+                                       "/run/checkpoints/6/state/")

@@ -113,3 +113,18 @@ def test_encode_texts_warns_only_where_its_cap_cuts(caplog):
     assert inference.encode_texts(v, texts, 16, max_length=32).shape == (2, 16)
     assert inference.encode_texts(v, texts[:1], max_length=32).shape == (1, 16)  # nothing to cut
   assert not caplog.text
+
+
+def test_an_output_file_is_refused_where_it_would_be_deleted_or_cannot_be_written(tmp_path, monkeypatch):
+  # Under a run's checkpoints/ (a step's folder) a new file was accepted, and deleted with the step's checkpoint
+  # when the run's checkpoints rotated; an unwritable folder was found only after decoding every input.
+  run = tmp_path / "run"
+  (run / "checkpoints" / "6").mkdir(parents=True)
+  (run / "config.gin").write_text("")
+  for inside in (run / "checkpoints" / "6" / "preds.txt", run / "checkpoints" / "preds.txt"):
+    with pytest.raises(ValueError, match="inside the checkpoints of .*run, whose step folders training deletes"):
+      inference.check_output_file(str(inside))
+  inference.check_output_file(str(run / "preds.txt"))  # beside the run's files: fine
+  monkeypatch.setattr(inference.os, "access", lambda path, mode: False)
+  with pytest.raises(PermissionError, match="cannot be written here"):
+    inference.check_output_file(str(tmp_path / "preds.txt"))

@@ -24,6 +24,14 @@ def test_impossible_mesh_is_a_clear_error(data, model):
     partitioning.make_mesh(data, model)
 
 
+def test_both_mesh_size_errors_give_the_rule_that_fixes_them():
+  # "choose sizes whose product divides 8", followed without a -1 (2 x 2), led straight to "uses 4 devices but 8".
+  for data, model in ((3, 1), (2, 2)):
+    with pytest.raises(ValueError, match=r"Mesh shape data=\d, model=\d .*choose sizes whose product is 8, or set "
+                       r"one axis to -1"):
+      partitioning.make_mesh(data, model)
+
+
 @pytest.mark.parametrize("kwargs", [dict(data=-1, model=True), dict(data=-1, model=2, expert=True),
                                     dict(data=-1, model="2"), dict(data=2.0, model=4)])
 def test_a_mesh_axis_that_is_not_a_whole_number_is_refused(kwargs):

@@ -593,6 +593,21 @@ def test_bad_counts_are_clear_errors_before_anything_is_written(tmp_path, kwargs
   assert not (tmp_path / "run").exists()
 
 
+def test_a_model_dir_that_is_a_file_or_inside_another_runs_checkpoints_is_refused(tmp_path):
+  # A file: a bare FileExistsError. Inside another run's step folder (T5X's checkpoint_<step> habit): that run deleted
+  # this one, checkpoints, records and all, when its checkpoints rotated.
+  (tmp_path / "afile").write_text("")
+  with pytest.raises(ValueError, match="afile is a file, not a directory"):
+    trainer.train(model=tiny_model(), model_dir=str(tmp_path / "afile"), train_dataset_cfg=TRAIN_CFG, total_steps=4)
+  (tmp_path / "outer" / "checkpoints" / "6").mkdir(parents=True)
+  (tmp_path / "outer" / "config.gin").write_text("")
+  nested = tmp_path / "outer" / "checkpoints" / "6" / "run"
+  with pytest.raises(ValueError, match="inside the checkpoints of the run .*outer, whose step directories training "
+                     "deletes"):
+    trainer.train(model=tiny_model(), model_dir=str(nested), train_dataset_cfg=TRAIN_CFG, total_steps=4)
+  assert not nested.exists()
+
+
 def test_an_empty_model_dir_is_an_error_not_the_current_directory(tmp_path, monkeypatch):
   # --gin.MODEL_DIR="'$MODEL_DIR'" with the variable unset: the run wrote (or resumed) checkpoints where it started.
   monkeypatch.chdir(tmp_path)
@@ -695,6 +710,17 @@ def test_a_window_logs_the_schedules_last_factor_and_the_last_step_is_logged(tmp
   assert sorted(records) == [1, 3, 4]
   assert [records[s]["train/dropout_scale"] for s in (1, 3, 4)] == [0.5, 0.5, 0.5]
   assert records[3]["train/dropout_rate"] == pytest.approx(0.05)
+
+
+def test_evaluate_refuses_a_run_it_cannot_record_in_before_evaluating(uninterrupted, monkeypatch):
+  # A read-only MODEL_DIR (an archived run): the whole evaluation ran, then the append to metrics.jsonl failed, with
+  # a "free space" hint, and the numbers were lost.
+  d, _ = uninterrupted
+  monkeypatch.setattr(trainer.os, "access", lambda path, mode: False)
+  monkeypatch.setattr(trainer, "_run_eval", lambda *a, **k: pytest.fail("evaluated before checking"))
+  with pytest.raises(PermissionError, match="metrics.jsonl cannot be written .* evaluate the copy"):
+    trainer.evaluate(model=tiny_model(), model_dir=str(d), eval_steps=1,
+                     eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8))
 
 
 def test_evaluate_with_no_steps_is_a_clear_error(tmp_path):
