@@ -92,6 +92,35 @@ def _run_settled(coro: Coroutine[Any, Any, Any]) -> Any:
       loop.close()
 
 
+# Orbax's log messages of a failed background write (futures/future.py, async_checkpointer.py, checkpoint_manager.py).
+_WRITE_ERROR_SIGNS = ("_SignalingThread.run() raised an exception", "in background save thread",
+                      "Save Finalize thread")
+
+
+class _OneLineWriteErrors(logging.Filter):
+  """Orbax logs each failed background write of a save with its whole traceback (six of ~60 lines for one full
+  disk); the save's CheckpointError says what failed and what was kept. One line each, unless logging at DEBUG."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and any(sign in str(record.msg) for sign in _WRITE_ERROR_SIGNS) and \
+        logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+      record.exc_info, record.exc_text = None, None
+      record.msg, record.args = record.getMessage().splitlines()[0][:300], ()
+    return True
+
+
+def _settle_orbax_loops() -> None:
+  """From the first save on, every Orbax event loop of this process settles its tasks before it is closed (as
+  settled_reads does for one restore). A save's background writes that failed (a full disk) left their other writes
+  running against a closed loop: 1,400 lines of 'Event loop is closed' tracebacks around the error. A save that
+  succeeds leaves no task behind, so nothing changes for it."""
+  if getattr(orbax_asyncio, "_run_sync_via_new_loop", None) is not None:
+    orbax_asyncio._run_sync_via_new_loop = _run_settled  # pylint: disable=protected-access
+  absl_logger = logging.getLogger("absl")  # Orbax logs through absl's logging, i.e. this logger
+  if not any(isinstance(f, _OneLineWriteErrors) for f in absl_logger.filters):
+    absl_logger.addFilter(_OneLineWriteErrors())
+
+
 @contextlib.contextmanager
 def settled_reads() -> Iterator[None]:
   """Within this, a restore (or metadata read) that fails leaves no read behind. Orbax closes a restore's event loop as
@@ -187,6 +216,7 @@ class Checkpointer:
         max_to_keep=config.keep, save_interval_steps=1, enable_async_checkpointing=config.async_save, create=True,
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+    self._saving: int | None = None  # the step being written in the background, until it is seen finished
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -200,8 +230,27 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
+    _settle_orbax_loops()
+    self.wait()  # as Orbax's save does first; a failure of the previous save is reported as that step's
+    self._saving = step
+    with self._save_errors():
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
+
+  @contextlib.contextmanager
+  def _save_errors(self) -> Iterator[None]:
+    """A failed write (a full disk, a folder gone) as one CheckpointError that names the step and the checkpoint a
+    rerun resumes from; it was a raw TensorStore error after Orbax's tracebacks, with no word of what was kept."""
+    try:
+      yield
+    except Exception as e:  # Orbax and TensorStore raise many types; all mean the same thing to the user.
+      failed, self._saving = self._saving, None
+      kept = step_before(self.all_steps(), failed) if failed is not None else self.latest_step()
+      raise CheckpointError(
+          f"Saving {f'checkpoint {failed}' if failed is not None else 'a checkpoint'} under {self.directory} failed "
+          f"({brief_error(e)}). "
+          + (f"The checkpoints up to step {kept} are intact: free space (or fix the folder) and run the same command "
+             f"to resume from step {kept}." if kept is not None else "No earlier checkpoint was written.")) from e
 
   def _checked_step(self, step: int | None, target: Any, only: str = "") -> tuple[int, dict | None]:
     """`step` (the latest if None) once it exists and its stored leaf shapes (those whose path starts with `only`)
@@ -307,11 +356,16 @@ class Checkpointer:
     return restored["state"]["params"], step
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._save_errors():
+      self._manager.wait_until_finished()
+    self._saving = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      with contextlib.suppress(Exception):  # a failed save's error is already on its way
+        self._manager.close()
 
 
 def abstract_like(tree: Any) -> Any:
