@@ -16,17 +16,17 @@ def model_dir_around(path: str | Path) -> Path | None:
                if p.name == "checkpoints" and (p.parent / "config.gin").exists()), None)
 
 
-def check_writable_file(path: str | Path, flag: str) -> None:
-  """Before a long measurement whose result goes to `path`: it must be writable as a file, not a directory, and no
-  file may stand where one of its folders would be (missing folders are created). Found only at the end, either
-  lost every number measured."""
+def check_writable_file(path: str | Path, name: str) -> None:
+  """Before a long measurement whose result goes to `path` (`name` says which, e.g. '--out=report.md'): it must be
+  writable as a file, not a directory, and no file may stand where one of its folders would be (missing folders are
+  created). Found only at the end, either lost every number measured."""
   p = Path(path)
   if p.is_dir():
-    raise ValueError(f"{flag}={path} is a directory; name a file, e.g. {flag}={p / 'report.md'}.")
+    raise ValueError(f"{name} is a directory; name a file.")
   for parent in p.parents:
     if parent.exists():
       if not parent.is_dir():
-        raise ValueError(f"{flag}={path}: {parent} is a file, not a folder; name a path in a folder.")
+        raise ValueError(f"{name}: {parent} is a file, not a folder; name a path in a folder.")
       break
 
 

@@ -88,4 +88,3 @@ def cli_command(*args: str) -> list[str]:
   folder holding a `repeat_lm/` (another checkout, a stale clone) ran that code while the parent ran the installed
   one: a launch from an old clone died in both children on an import its newer environment no longer had."""
   return [sys.executable, "-P", "-m", "repeat_lm.cli", *args]
-

@@ -198,9 +198,9 @@ def check_out(out: str | Path) -> None:
                      f"{out.with_suffix('.json')}: the report would overwrite them. Name a .md file, e.g. "
                      f"--out={out.with_suffix('.md')}.")
   # A directory (or a file where a folder should be) failed at the first variant's save, which stopped the sweep.
-  files.check_writable_file(out, "--out")
+  files.check_writable_file(out, f"--out={out}")
   results = out.with_suffix(".json")
-  files.check_writable_file(results, "--out's results (OUT with .json)")
+  files.check_writable_file(results, f"{results} (--out's results)")
   if results.exists():
     try:
       m = json.loads(results.read_text())

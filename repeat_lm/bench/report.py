@@ -371,8 +371,8 @@ def check_out(out: str | Path) -> None:
     raise ValueError(f"--out={out} names the Markdown report, but the history of every host is written to "
                      f"{history_path(out)}: it would overwrite the report. Name a .md file, e.g. "
                      f"--out={Path(out).with_suffix('.md')}.")
-  files.check_writable_file(out, "--out")
-  files.check_writable_file(history_path(out), "--out's history (OUT with .json)")
+  files.check_writable_file(out, f"--out={out}")
+  files.check_writable_file(history_path(out), f"{history_path(out)} (--out's history of every host)")
 
 
 def write(out: str | Path, compare_hf: bool = True) -> dict:

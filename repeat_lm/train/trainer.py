@@ -524,7 +524,11 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   # The result is recorded in MODEL_DIR/metrics.jsonl: on a read-only run (an archived one) that failed only after
   # the whole evaluation, and its numbers were lost.
   record = Path(model_dir) / "metrics.jsonl"
-  if jax.process_index() == 0 and not os.access(record if record.exists() else model_dir, os.W_OK):
+  writable = jax.process_index() != 0 or os.access(record if record.exists() else model_dir, os.W_OK)
+  if jax.process_count() > 1:  # process 0 writes it; every process stops, or the others would wait for it forever
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    writable = bool(np.all(multihost_utils.process_allgather(np.asarray(writable))))
+  if not writable:
     raise PermissionError(f"{record} cannot be written (a read-only file system or no permission), and evaluate "
                           "records its result there: copy the run somewhere writable (checkpoints/ and config.gin "
                           "suffice) and evaluate the copy.")
