@@ -133,8 +133,9 @@ def test_infer_refuses_an_output_file_that_is_its_input_or_a_file_of_the_checkpo
   inputs.write_text("a\n")
   with pytest.raises(ValueError, match="is the --input_file"):
     inference.check_output_file(str(inputs), str(inputs), str(model_dir))
-  for name in ("config.gin", "metrics.jsonl", "checkpoints/4/commit_success.txt"):
-    with pytest.raises(ValueError, match="is a file of the checkpoint"):
+  for name, match in (("config.gin", "is a file of the checkpoint"), ("metrics.jsonl", "is a file of the checkpoint"),
+                      ("checkpoints/4/commit_success.txt", "is inside the checkpoints of")):
+    with pytest.raises(ValueError, match=match):
       inference.check_output_file(str(model_dir / name), str(inputs), str(model_dir))
   inference.check_output_file(str(model_dir / "outputs.txt"), str(inputs), str(model_dir))  # an earlier output
   inference.check_output_file(str(model_dir / "new.jsonl"), str(inputs), str(model_dir))  # a new file
