@@ -249,13 +249,15 @@ def _warn_of_unused_run_settings(args) -> None:
   config = gin.config._CONFIG  # pylint: disable=protected-access
   flags = {"DATA_PARALLEL": ("--data_parallel", args.data_parallel),
            "MODEL_PARALLEL": ("--model_parallel", args.model_parallel),
-           "EXPERT_PARALLEL": ("--expert_parallel", getattr(args, "expert_parallel", 1)),
            "BATCH_SIZE": ("--batch_size", args.batch_size),
            "TASK_FEATURE_LENGTHS": ("--inputs_length/--targets_length",
                                     {"inputs": args.inputs_length, "targets": args.targets_length})}
-  unused = [f"{name}={config[(name, 'gin.macro')]['value']!r} (bench uses {flag}={value!r})"
-            for name, (flag, value) in flags.items()
-            if (name, "gin.macro") in config and config[(name, "gin.macro")].get("value") != value]
+  if hasattr(args, "expert_parallel"):  # bench moe's flag; bench train has none
+    flags["EXPERT_PARALLEL"] = ("--expert_parallel", args.expert_parallel)
+  bound = {name: config[(name, "gin.macro")].get("value") for name in flags if (name, "gin.macro") in config}
+  # Only plain values: a %gin.REQUIRED or a reference is no setting to compare.
+  unused = [f"{name}={value!r} (bench uses {flags[name][0]}={flags[name][1]!r})" for name, value in bound.items()
+            if isinstance(value, (int, dict)) and value != flags[name][1]]
   if unused:
     logging.warning("bench %s takes the mesh and the batch from its flags, not the gin: %s %s not used.",
                     args.bench_command, "; ".join(unused), "is" if len(unused) == 1 else "are")

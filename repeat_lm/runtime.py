@@ -82,9 +82,23 @@ def configure_host_allocator() -> None:
 
 
 def cli_command(*args: str) -> list[str]:
-  """The command line that runs `repeat-lm ARGS` in a child process, on this process's Python and repeat_lm.
+  """The command line that runs `repeat-lm ARGS` in a child process, on this process's Python; run it with
+  child_env(), so that it imports this process's repeat_lm.
 
   `-P`: without it, `python -m` puts the working directory first on the module path, so a child started from any
-  folder holding a `repeat_lm/` (another checkout, a stale clone) ran that code while the parent ran the installed
-  one: a launch from an old clone died in both children on an import its newer environment no longer had."""
+  folder holding a `repeat_lm/` (another checkout, a stale clone) ran that code while the parent ran another: a
+  launch from an old clone died in both children on an import its newer environment no longer had."""
   return [sys.executable, "-P", "-m", "repeat_lm.cli", *args]
+
+
+def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+  """`base` (default: this process's environment) with the folder this process imported repeat_lm from first on
+  PYTHONPATH, where that is a source checkout (an editable install, or a checkout run with a bare python3): with `-P`
+  the children would otherwise import whichever repeat_lm is installed, or none. An installed package's folder is
+  site-packages, which the child finds anyway and which must not go before the standard library."""
+  env = dict(os.environ if base is None else base)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.basename(root) not in ("site-packages", "dist-packages"):
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join([root, *rest])
+  return env

@@ -136,5 +136,10 @@ def test_child_commands_run_the_installed_repeat_lm_not_one_in_the_working_direc
   (tmp_path / "repeat_lm").mkdir()
   (tmp_path / "repeat_lm" / "__init__.py").write_text("")
   (tmp_path / "repeat_lm" / "cli.py").write_text("import sys; print('SHADOW'); sys.exit(3)")
-  out = subprocess.run(runtime.cli_command("--help"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(runtime.cli_command("--help"), cwd=tmp_path, env=runtime.child_env(), capture_output=True,
+                       text=True, timeout=120)
   assert out.returncode == 0 and "SHADOW" not in out.stdout and "usage: repeat-lm" in out.stdout
+  # The parent's own repeat_lm, where that is a checkout: with -P alone, a checkout run with a bare python3 (no
+  # install) left its children without any.
+  root = str(pathlib.Path(runtime.__file__).resolve().parents[1])
+  assert runtime.child_env({"PYTHONPATH": "/x"})["PYTHONPATH"] == os.pathsep.join([root, "/x"])

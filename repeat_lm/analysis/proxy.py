@@ -186,8 +186,8 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
   curves = {r.run: results.load_curve(r, metric) for r in sweep + dense}
   similarity = []
   for rate in agreement["rates"]:
-    m = [r for r in sweep if r.get(column) == rate and curves[r.run] is not None]
-    d = [r for r in dense if r.get(column) == rate and curves[r.run] is not None]
+    m = [r for r in done_sweep if r.get(column) == rate and curves[r.run] is not None]
+    d = [r for r in done_dense if r.get(column) == rate and curves[r.run] is not None]
     if m and d:
       s = curve_similarity(curves[m[0].run], curves[d[0].run])
       if s:

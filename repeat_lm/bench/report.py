@@ -51,7 +51,7 @@ def run_bench(args: list[str], env: dict[str, str | None] | None = None, timeout
   env = dict(env or {})
   if env.get("XLA_FLAGS") is not None:
     env["XLA_FLAGS"] = merged_xla_flags(os.environ.get("XLA_FLAGS", ""), env["XLA_FLAGS"])
-  environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+  environ = {k: v for k, v in {**runtime.child_env(), **env}.items() if v is not None}
   try:
     out = subprocess.run(runtime.cli_command("bench", "train", "--json", *args),
                          capture_output=True, text=True, check=False, env=environ, timeout=timeout_s)

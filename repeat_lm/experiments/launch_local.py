@@ -55,7 +55,7 @@ def free_port() -> int:
 def process_env(process_id: int, num_processes: int, port: int, devices_per_process: int,
                 base: Mapping[str, str] | None = None) -> dict[str, str]:
   """The environment of process `process_id`: coordinator, rank, and `devices_per_process` CPU devices."""
-  env = dict(os.environ if base is None else base)
+  env = runtime.child_env(base)
   # Our device count replaces any inherited one (tests force 8 devices for single-process runs).
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).split()
   # jax_num_cpu_devices, when set, wins over the XLA flag: an exported JAX_NUM_CPU_DEVICES=8 gave every process 8.

@@ -320,7 +320,8 @@ def _run_blocking(stage: Stage, command: list[str], progress: _Progress, i: int,
   with log_path.open("a") as log:
     log.write(f"\n{status_lib.ATTEMPT_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
     log.flush()
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=runtime.child_env())
     status_lib.trainer_started(stage.run_dir, proc.pid)
     try:
       while True:

@@ -186,12 +186,14 @@ def stored_state_mismatch(stored: dict[str, tuple[int, ...]] | None, abstract_st
 
 
 def non_finite_leaves(tree: Any) -> list[str]:
-  """The paths of `tree`'s floating-point leaves holding a NaN or an infinity (one fused check on the devices).
+  """The paths of `tree`'s floating-point arrays (not scalars) holding a NaN or an infinity (one fused check on the
+  devices). Scalars are left out: an optimizer may hold an infinity by design there (optax's reduce_on_plateau
+  starts its best value at inf), while the arrays a damaged file spoils are the parameters and their statistics.
 
   Each answer is a scalar, so every process holds all of it: read from its own shard, as device_get could not from
   an array spanning processes."""
   leaves = jax.tree_util.tree_leaves_with_path(tree)
-  floats = [(path, x) for path, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  floats = [(path, x) for path, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact) and x.ndim]
   answers = jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in floats])
   finite = [bool(a.addressable_shards[0].data) for a in answers]
   return ["/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -243,7 +245,7 @@ class Checkpointer:
     rerun resumes from; it was a raw TensorStore error after Orbax's tracebacks, with no word of what was kept."""
     try:
       yield
-    except Exception as e:  # Orbax and TensorStore raise many types; all mean the same thing to the user.
+    except (OSError, ValueError, RuntimeError) as e:  # TensorStore's I/O errors are ValueErrors; a bug stays a bug
       failed, self._saving = self._saving, None
       kept = step_before(self.all_steps(), failed) if failed is not None else self.latest_step()
       raise CheckpointError(
@@ -302,7 +304,8 @@ class Checkpointer:
               f"{older}" if older is not None else "delete it or point MODEL_DIR at a fresh directory")
       raise CheckpointError(f"Checkpoint {self.directory / str(step)} holds non-finite values in "
                             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: it is damaged (training saves "
-                            f"only finite steps). It was left untouched; {hint}.")
+                            f"a step only once its loss, gradients and parameters were read finite). It was left "
+                            f"untouched; {hint}.")
     logging.info("Restored checkpoint %s", self.directory / str(step))
     return restored["state"], dict(meta)
 
@@ -363,9 +366,11 @@ class Checkpointer:
   def close(self) -> None:
     try:
       self.wait()
-    finally:
-      with contextlib.suppress(Exception):  # a failed save's error is already on its way
+    except BaseException:
+      with contextlib.suppress(Exception):  # the failed save's error is the one to report
         self._manager.close()
+      raise
+    self._manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

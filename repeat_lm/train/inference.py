@@ -308,8 +308,9 @@ def check_output_file(output_file: str, input_file: str | None = None, checkpoin
   if not path.parent.is_dir():
     raise FileNotFoundError(f"--output_file={output_file}: its directory {path.parent} does not exist; create it "
                             "or name a file in an existing directory.")
-  # Found only after decoding every input, an unwritable place lost the outputs.
-  if not os.access(path if path.exists() else path.parent, os.W_OK):
+  # Found only after decoding every input, an unwritable place lost the outputs. write_outputs writes a temporary file
+  # beside the output's real path and renames it there: that folder must be writable.
+  if not os.access(path.resolve().parent, os.W_OK):
     raise PermissionError(f"--output_file={output_file} cannot be written here (a read-only file system or no "
                           "permission); name a file in a folder you can write.")
   # Under checkpoints/ (a step's folder, or checkpoints/ itself) a new file was accepted too, and the run deleted it

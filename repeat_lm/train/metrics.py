@@ -142,7 +142,11 @@ def open_tensorboard(directory: Path):
   tf.summary.scalar would need the tensorboard package; the scalars are written as TensorBoard's scalar plugin writes
   them instead (a float32 tensor tagged with the plugin's metadata, _scalar_metadata)."""
   import tensorflow as tf  # noqa: PLC0415
-  return tf.summary.create_file_writer(str(directory))
+  try:
+    return tf.summary.create_file_writer(str(directory))
+  except tf.errors.OpError as e:  # not an OSError: it reached the command line as a bare traceback
+    raise PermissionError(f"TensorBoard's event files cannot be written under {directory} ({e.message}); give the "
+                          "run a folder it can write.") from e
 
 
 @functools.cache

@@ -99,3 +99,15 @@ def test_only_process_0_writes_and_unprefixed_scalars_go_to_the_train_run(tmp_pa
   other.write(3, {"loss": 1.0})
   other.close()
   assert not (tmp_path / "other").exists()
+
+
+def test_a_tensorboard_folder_that_cannot_be_written_is_an_os_error_with_the_fix(tmp_path, monkeypatch):
+  # TensorFlow's writer raises its own OpError, not an OSError: it reached the command line as a bare traceback.
+  import tensorflow as tf  # noqa: PLC0415
+
+  def refuse(logdir, **kwargs):
+    raise tf.errors.PermissionDeniedError(None, None, f"{logdir}; Permission denied")
+  monkeypatch.setattr(tf.summary, "create_file_writer", refuse)
+  with pytest.raises(PermissionError, match=r"TensorBoard's event files cannot be written under .*train .*Permission "
+                     r"denied.*give the run a folder it can write"):
+    metrics_lib.MetricsWriter(tmp_path).write(1, {"loss": 1.0})
