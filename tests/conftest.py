@@ -86,6 +86,15 @@ class FailingReads:
       self.finished.append(1)
       return shard
     monkeypatch.setattr(serialization, "_read_shard", read)
+    self._monkeypatch = monkeypatch
+    self.unsettle()
+
+  def unsettle(self):
+    """Orbax's own event-loop runner back in place: a save settles every later loop of the process (checkpoint.
+    _settle_orbax_loops), which would hide a restore that settled_reads no longer covers. Call after saving."""
+    from repeat_lm.train import checkpoint  # pylint: disable=import-outside-toplevel
+    if checkpoint.ORBAX_RUN_SYNC is not None:
+      self._monkeypatch.setattr(checkpoint.orbax_asyncio, "_run_sync_via_new_loop", checkpoint.ORBAX_RUN_SYNC)
 
   def assert_none_left(self):
     """Every other read ran to its end, and nothing left behind reports an error once collected."""

@@ -21,6 +21,8 @@ try:  # private: settled_reads() patches it, and does nothing in an Orbax withou
   from orbax.checkpoint._src import asyncio_utils as orbax_asyncio  # pylint: disable=protected-access
 except ImportError:  # pragma: no cover
   orbax_asyncio = None
+# Orbax's own loop runner, before _settle_orbax_loops replaces it (the tests put it back to check settled_reads alone).
+ORBAX_RUN_SYNC = getattr(orbax_asyncio, "_run_sync_via_new_loop", None)
 
 from repeat_lm import checks
 

@@ -179,6 +179,7 @@ def test_a_failed_read_leaves_no_read_running_and_is_told_in_one_line(tmp_path, 
   # message, which itself held Orbax's TensorStore spec (60 lines).
   state = _state()
   ck = _saved_steps(tmp_path, state, state)
+  failing_reads.unsettle()
   with pytest.raises(checkpoint.CheckpointError, match="checkpoints/2 could not be restored") as e:
     if params_only:
       ck.restore_params(checkpoint.abstract_like(state["params"]))
@@ -295,6 +296,42 @@ def test_a_background_write_that_fails_names_its_step_and_what_is_kept(tmp_path,
                      r"free space .* resume from step 1\."):
     ck.close()
   monkeypatch.undo()
+  ck.close()
+
+
+def test_a_real_failed_background_write_is_one_error_and_one_log_line_each(tmp_path, monkeypatch, capsys):
+  # Orbax's own failure path: one array write fails at once (a full disk), the others are still being written. It
+  # printed 'Event loop is closed' tracebacks from the writes left running, and logged each failure with its traceback.
+  import asyncio
+  import logging
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=protected-access
+  state = {"step": jnp.asarray(1, jnp.int32), "params": {f"w{i}": _state()["params"]["w"] + i for i in range(6)}}
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck.save(1, state, {"step": 1})
+  ck.wait()
+  real_write, calls = serialization.async_serialize_from_host, []
+
+  async def write(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+    await asyncio.sleep(0.2)
+    return await real_write(*args, **kwargs)
+  monkeypatch.setattr(serialization, "async_serialize_from_host", write)
+  handler = logging.StreamHandler()  # what the command line's logging prints
+  logging.getLogger().addHandler(handler)
+  try:
+    with pytest.raises(checkpoint.CheckpointError, match=r"Saving checkpoint 2 under .* failed \(ValueError: "
+                       r"RESOURCE_EXHAUSTED.*\)\. The checkpoints up to step 1 are intact"):
+      ck.save(2, state, {"step": 2})
+      ck.close()
+  finally:
+    logging.getLogger().removeHandler(handler)
+  err = capsys.readouterr().err
+  assert len(calls) > 1 and "Traceback" not in err and "Event loop is closed" not in err, err
+  monkeypatch.undo()
+  ck = checkpoint.Checkpointer(tmp_path)
+  assert ck.all_steps() == [1]
   ck.close()
 
 
