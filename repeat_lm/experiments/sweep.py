@@ -256,19 +256,23 @@ def expand_all(sweep: Grid | Sequence[Grid]) -> list[RunSpec]:
   return runs
 
 
+def _globs(only: str | None) -> list[str]:
+  """The comma-separated globs of --only."""
+  return [p.strip() for p in (only or "").split(",") if p.strip()]
+
+
 def select(runs: Sequence[RunSpec], only: str | None) -> list[RunSpec]:
   """Runs whose name matches one of the comma-separated globs of `only` (all runs without it)."""
   if not only:
     return list(runs)
-  patterns = [p.strip() for p in only.split(",") if p.strip()]
+  patterns = _globs(only)
   return [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
 
 
 def check_only(runs: Sequence[RunSpec], only: str | None) -> None:
   """Every glob of --only must match a run: a mistyped one beside one that matches was dropped without a word, and
   the run it meant never trained."""
-  patterns = [p.strip() for p in (only or "").split(",") if p.strip()]
-  unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(r.name, p) for r in runs)]
+  unmatched = [p for p in _globs(only) if not any(fnmatch.fnmatchcase(r.name, p) for r in runs)]
   if unmatched:
     raise ValueError(f"--only={only!r}: {', '.join(repr(p) for p in unmatched)} "
                      f"match{'es' if len(unmatched) == 1 else ''} none of the {len(runs)} runs: "

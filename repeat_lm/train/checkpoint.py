@@ -141,12 +141,16 @@ def settled_reads() -> Iterator[None]:
     orbax_asyncio._run_sync_via_new_loop = original  # pylint: disable=protected-access
 
 
+def _path_name(path: tuple) -> str:
+  """A leaf's path such as 'opt_state/0/v_row/w': Orbax's metadata holds a NamedTuple's fields (optax's states) as
+  dict keys, so attribute, key and index steps are all written the same way."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
-  """Leaf shapes by a path such as 'opt_state/0/v_row/w': Orbax's metadata holds a NamedTuple's fields (optax's
-  states) as dict keys, so attribute, key and index steps are all written the same way."""
-  step_name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  """Leaf shapes by their _path_name."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {"/".join(step_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+  return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def stored_shapes(state_dir: Path) -> dict[str, tuple[int, ...]] | None:
@@ -198,8 +202,7 @@ def non_finite_leaves(tree: Any) -> list[str]:
   floats = [(path, x) for path, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact) and x.ndim]
   answers = jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in floats])
   finite = [bool(a.addressable_shards[0].data) for a in answers]
-  return ["/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-          for (path, _), ok in zip(floats, finite) if not ok]
+  return [_path_name(path) for (path, _), ok in zip(floats, finite) if not ok]
 
 
 def step_before(steps: list[int], step: int) -> int | None:
@@ -301,22 +304,22 @@ class Checkpointer:
       # Training never saves a step it has not checked finite, so these were damaged on disk (the data files carry no
       # checksums). Restored as they were, the next step "diverged" and the error blamed the learning rate, naming
       # this step as the good one to resume from: a loop no lower rate could end.
-      older = step_before(self.all_steps(), step)
-      hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
-              f"{older}" if older is not None else "delete it or point MODEL_DIR at a fresh directory")
       raise CheckpointError(f"Checkpoint {self.directory / str(step)} holds non-finite values in "
                             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: it is damaged (training saves "
                             f"a step only once its loss, gradients and parameters were read finite). It was left "
-                            f"untouched; {hint}.")
+                            f"untouched; {self._set_aside_hint(step)}.")
     logging.info("Restored checkpoint %s", self.directory / str(step))
     return restored["state"], dict(meta)
 
-  def _unreadable_message(self, step: int, detail: str) -> str:
+  def _set_aside_hint(self, step: int) -> str:
+    """What to do with damaged checkpoint `step`: move it aside to resume from the one before, or start afresh."""
     older = step_before(self.all_steps(), step)
-    hint = (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
+    return (f"move it aside (mv {self.directory / str(step)} {self.directory / str(step)}.bad) to resume from step "
             f"{older}" if older is not None else "delete it or point MODEL_DIR at a fresh directory")
+
+  def _unreadable_message(self, step: int, detail: str) -> str:
     return (f"Checkpoint {self.directory / str(step)} could not be restored ({detail}). It was left untouched. If it "
-            f"is corrupt, {hint}. If the model or optimizer configuration changed since it was written, use the "
+            f"is corrupt, {self._set_aside_hint(step)}. If the model or optimizer configuration changed since it was written, use the "
             "configuration it was written with (MODEL_DIR/config.gin).")
 
   def _check_step_exists(self, step: int) -> None:

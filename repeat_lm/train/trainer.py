@@ -526,7 +526,6 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   record = Path(model_dir) / "metrics.jsonl"
   writable = jax.process_index() != 0 or os.access(record if record.exists() else model_dir, os.W_OK)
   if jax.process_count() > 1:  # process 0 writes it; every process stops, or the others would wait for it forever
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     writable = bool(np.all(multihost_utils.process_allgather(np.asarray(writable))))
   if not writable:
     raise PermissionError(f"{record} cannot be written (a read-only file system or no permission), and evaluate "
