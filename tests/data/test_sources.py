@@ -115,6 +115,14 @@ def test_local_text_with_a_validation_fraction_or_file(tmp_path):
     docs_of(source, 'test')
 
 
+def test_a_validation_fractions_read_counts_are_all_of_the_whole_corpus(tmp_path):
+  # Read and cleaned once, so a split's stats report that reading: the kept count too, however little is consumed.
+  path = write_jsonl(tmp_path / 'a.jsonl', [f'doc {i}' for i in range(40)] + ['  '])
+  stats = sources.ReadStats()
+  next(sources.LocalText(path, 0.1).documents('train', stats))
+  assert (stats.documents, stats.skipped_empty) == (40, 1)
+
+
 def test_streaming_reads_only_what_it_needs(tmp_path):
   path = write_jsonl(tmp_path / 'a.jsonl', ['first'], raw_lines=[b'{"text": "cut off\n'])
   source = sources.LocalText(path, write_jsonl(tmp_path / 'v.jsonl', ['v']))
@@ -240,7 +248,7 @@ def test_fingerprint_follows_the_modification_time(tmp_path):
 
 
 def test_local_text_reports_what_reading_did(tmp_path):
-  # Documents kept in this split, and the empty ones the corpus read skipped (the store's read_* info).
+  # Documents kept and the empty ones skipped by the one reading of the whole corpus (the store's read_* info).
   path = write_jsonl(tmp_path / 'a.jsonl', [f'doc {i}' for i in range(10)] + ['', '  '])
   docs, stats = docs_of(sources.LocalText(path, 0.2), 'train')
-  assert len(docs) == stats.documents == 8 and stats.skipped_empty == 2
+  assert len(docs) == 8 and stats.documents == 10 and stats.skipped_empty == 2
