@@ -19,6 +19,7 @@ It also provides stand-ins for the T5X names a gin file binds (`install_stand_in
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import types
 from collections.abc import Mapping
@@ -225,8 +226,20 @@ class PjitPartitioner:
 
 class MoePjitPartitioner(PjitPartitioner):
   def __init__(self, num_expert_partitions=None, num_partitions=None, model_parallel_submesh=None,
-               params_on_devices=True, logical_axis_rules=None, **kwargs):
+               params_on_devices=True, logical_axis_rules=None, state_filter_fn=None, **kwargs):
     super().__init__(num_partitions, model_parallel_submesh, params_on_devices, logical_axis_rules)
+    # Which optimizer-state paths ('encoder/.../wi/v_row') get 'expert' put before their logical axes; None: T5X's
+    # default for a factored Adafactor, DEFAULT_EXPERT_STATE_PREFIX.
+    self.state_filter_fn = state_filter_fn
+
+
+# t5x/contrib/moe/partitioning.py's filter for a factored Adafactor's moments, written for flaxformer's expert names.
+DEFAULT_EXPERT_STATE_PREFIX = r".*expert.*/kernel/v_.*"
+
+
+def match_fn(prefix):
+  """t5x.contrib.moe.training_utils.match_fn: true for names the regex matches from their start."""
+  return lambda name: bool(prefix) and re.match(prefix, name) is not None
 
 
 def standard_logical_axis_rules(activation_partitioning_dims=1, parameter_partitioning_dims=1,
@@ -258,5 +271,6 @@ def install_stand_ins(monkeypatch) -> None:
   t5x.contrib.moe.models = module("t5x.contrib.moe.models", MoeEncoderDecoderModel=MoeEncoderDecoderModel)
   t5x.contrib.moe.adafactor_utils = module("t5x.contrib.moe.adafactor_utils",
                                            logical_factor_rules=moe_logical_factor_rules)
+  t5x.contrib.moe.training_utils = module("t5x.contrib.moe.training_utils", match_fn=match_fn)
   t5x.contrib.moe.partitioning = module("t5x.contrib.moe.partitioning", MoePjitPartitioner=MoePjitPartitioner,
                                         standard_logical_axis_rules=moe_standard_logical_axis_rules)
