@@ -644,7 +644,10 @@ def _run_collect(args, bindings: Sequence[str]) -> dict:
   counts: dict[str, int] = {}
   for r in rows:
     counts[r["status"]] = counts.get(r["status"], 0) + 1
-  return {"out": out, "rows": len(rows), "status": counts}
+  warnings = collect.moe_warnings(rows)
+  for line in warnings:
+    logging.warning("%s", line)
+  return {"out": out, "rows": len(rows), "status": counts, **({"warnings": warnings} if warnings else {})}
 
 
 def _add_run_status(sub) -> None:

@@ -158,6 +158,18 @@ def test_fine_tuning_scores_leave_out_the_moe_router_statistics():
   assert scores == {"squad_em": 25.0, "squad_f1": 40.0}
 
 
+def test_an_moe_that_drops_most_tokens_is_named_in_a_warning():
+  # RQ4 CPU's first stand-in dropped 58% of its tokens at the last evaluation, and the table of losses showed nothing.
+  def evals(dropped):
+    return [{"step": 1, "eval/loss": 3.0, "eval/moe_fraction_dropped": 0.9},
+            {"step": 2, "eval/loss": 2.0, **({} if dropped is None else {"eval/moe_fraction_dropped": dropped})}]
+  rows = [{"run": name, **collect.metrics_summary(evals(dropped))}
+          for name, dropped in (("collapsed", 0.58), ("working", 0.05), ("dense", None))]
+  assert [r.get("final_eval_moe_fraction_dropped") for r in rows] == [0.58, 0.05, None]
+  (line,) = collect.moe_warnings(rows)
+  assert line.startswith("collapsed: its sparse layers dropped 58% of the tokens")
+
+
 def test_an_interrupted_write_leaves_the_previous_table_whole(tmp_path, monkeypatch):
   out = tmp_path / "results.csv"
   collect.write_table([{"run": "a", "final_eval_loss": 2.5}], out)
