@@ -54,6 +54,22 @@ def left_out_note(why: dict[str, str]) -> str:
           + "; ".join(f"`{run}` ({reason})" for run, reason in why.items()) + ".")
 
 
+def repeated(used: list[results.Run]) -> dict[str, float]:
+  """{run: epochs} of the fitted runs that saw their unique tokens more than once."""
+  return {r.run: loss_tokens(r) / r.unique_tokens for r in used
+          if r.unique_tokens > 0 and loss_tokens(r) > r.unique_tokens * (1 + 1e-9)}
+
+
+def repeated_note(law: str, epochs: dict[str, float]) -> str:
+  """Under the Chinchilla law, a sentence on the fitted runs that repeat their data ("" if none or another law):
+  it reads every token as fresh, and a table of runs repeated up to 256 times was fitted without a word."""
+  if law != "chinchilla" or not epochs:
+    return ""
+  return (f"\n\n**{len(epochs)} of the fitted runs repeat their data** (up to {max(epochs.values()):.3g} epochs): "
+          "the Chinchilla law counts every token seen as fresh, so it reads their losses as those of more unique "
+          "data than they had. `--max_epochs=1` leaves them out; `--law=data-constrained` models the repetition.")
+
+
 def fit_data(runs: list[results.Run], max_epochs: float | None = None) -> tuple[list[results.Run], dict]:
   """The runs a fit can use and their arrays n, d, u, loss (`left_out` names the others)."""
   why = left_out(runs, max_epochs)
@@ -149,12 +165,14 @@ def fit_report(runs: list[results.Run], law: str, out_dir: str | Path, *, bootst
     four = laws.effective(1.0, 3.0, c.R_D_star) / 4.0
     text += (f"\n\nWith the fitted R_D* = {c.R_D_star:.3g}: 4 epochs are worth {four:.1%} of 4 epochs of unique "
              f"data, and a repeated epoch is worth half a fresh one after {1 + c.R_D_star * math.log(2):.3g} epochs.")
-  text += left_out_note(why) + bounds_note(f)
+  epochs = repeated(used)
+  text += left_out_note(why) + repeated_note(law, epochs) + bounds_note(f)
   paths = report.write_report(out_dir, f"Scaling-law fit ({law})",
                               [("Constants", text, _fit_plots(out_dir, f, used, a), rows)])
   fitted_range = {"params": [float(a["n"].min()), float(a["n"].max())],
                   "tokens": [float(a["d"].min()), float(a["d"].max())]}
-  return {**constants_json(f), "left_out": why, "fitted_range": fitted_range, "report": paths}
+  return {**constants_json(f), "left_out": why, "repeated": epochs if law == "chinchilla" else {},
+          "fitted_range": fitted_range, "report": paths}
 
 
 def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str = "auto", bootstrap: int = 100,
@@ -165,7 +183,7 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
   if law == "auto":
     # Only the runs the fit can use count: a repeated run that diverged (no final loss) would otherwise pick the
     # data-constrained law for a fit that has no repeated point to determine R_D*.
-    repeats = any(r.unique_tokens > 0 and loss_tokens(r) > r.unique_tokens * (1 + 1e-9) for r in fit_data(runs)[0])
+    repeats = bool(repeated(fit_data(runs)[0]))
     law = "data-constrained" if repeats else "chinchilla"
   f, used, _ = fit_runs(runs, law, bootstrap=bootstrap, seed=seed)
   why = left_out(runs)
@@ -196,7 +214,7 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
              else "") + f": {verdict}.\n\nFor comparison, Chinchilla's published constants give a = {ref_a:.3f}, "
           f"b = {ref_b:.3f} (b / a = {ref_b / ref_a:.3f}). The table lists the fitted compute-optimal tokens per "
           "parameter at each compute budget of the runs (C = 6 N D) next to the runs' own tokens per parameter."
-          + left_out_note(why) + bounds_note(f))
+          + left_out_note(why) + repeated_note(law, repeated(used)) + bounds_note(f))
   png = _check_plot(out_dir / "compute_optimal.png", f, budgets, used)
   paths = report.write_report(out_dir, "Do encoder-decoders need tokens linearly in parameters?",
                               [("Answer", text, [png], rows)])

@@ -264,15 +264,17 @@ class LocalText:
   def __post_init__(self):
     check_max_chars(self.max_document_chars)  # when the source is configured, not when its text is first read
     if self.corpus != 'wiki':
-      object.__setattr__(self, 'corpus', _absolute(self.corpus))
-      resolve_paths(self.corpus)  # fail now, naming the path, rather than deep inside a pipeline
+      given = self.corpus
+      object.__setattr__(self, 'corpus', _absolute(given))
+      _resolve_as_given(self.corpus, given)  # fail now, naming the path, rather than deep inside a pipeline
     if isinstance(self.validation, str):
       if _is_number(self.validation) and not tf.io.gfile.exists(self.validation):
         raise ValueError(f'validation={self.validation!r} is a string, read as a path, and no such file exists; for '
                          f'a held-out fraction give the number without quotes (validation={self.validation}).')
-      object.__setattr__(self, 'validation', _absolute(self.validation))
+      given = self.validation
+      object.__setattr__(self, 'validation', _absolute(given))
       train = set() if self.corpus == 'wiki' else set(resolve_paths(self.corpus))  # wiki: not fetched here
-      shared = set(resolve_paths(self.validation)) & train
+      shared = set(_resolve_as_given(self.validation, given)) & train
       if shared:  # validation documents that are also trained on measure memorisation, not generalisation
         raise ValueError(f'LocalText: the validation files are also training files ({sorted(shared)[:3]}); give '
                          'validation a path outside the corpus, or a fraction (e.g. 0.05) to hold documents out.')
@@ -329,6 +331,19 @@ class LocalText:
 
 def _absolute(path: str) -> str:
   return path if '://' in path or path == 'wiki' else os.path.abspath(os.path.expanduser(path))  # cwd may change
+
+
+def _resolve_as_given(path: str, given: str) -> list[str]:
+  """resolve_paths(path), where `path` is _absolute(given); a relative `given` that matches nothing says which
+  directory it was read from (an experiment gin's '../shared/...' run from elsewhere named only the absolute path)."""
+  try:
+    return resolve_paths(path)
+  except FileNotFoundError as e:
+    if '://' in given or os.path.isabs(os.path.expanduser(given)):
+      raise
+    raise FileNotFoundError(f'{e} It was given as the relative path {given!r}, read from the current directory '
+                            f'{os.getcwd()}: run from the directory it is relative to (the repository root for the '
+                            'paths in its gin files), or give an absolute path.') from None
 
 
 # ---------------------------------------------------------------------------------------------------- default corpus

@@ -430,8 +430,20 @@ def _run_stages(exp: compose.Experiment, root: Path, stages: list[Stage], opts: 
       progress.durations.append(time.time() - start)
     finally:
       status_lib.release(stage.run_dir)
-    detail = f" ({record['error'].splitlines()[0][:200]})" if record.get("error") else ""
+    detail = f" ({error_summary(record.get('error'), 200)})" if record.get("error") else ""
     progress.line(f"{label}: {record['status']} in {_fmt_time(time.time() - start)}{detail}", final=True)
+
+
+def error_summary(error: str | None, limit: int) -> str:
+  """The first line of a run's error within `limit` characters, cut after a sentence (else a word) and pointing at
+  the whole message: a plain cut ended the RQ2 CPU corpus error at "... or use corpus='wiki' for the."."""
+  line = (error or "").strip().splitlines()[0] if (error or "").strip() else ""
+  if len(line) <= limit:
+    return line
+  head = line[:limit]
+  sentence, word = head.rfind(". "), head.rfind(" ")
+  cut = sentence + 1 if sentence > 0 else word if word > 0 else limit
+  return f"{head[:cut].rstrip()} ... (the whole message: RUN/{status_lib.STATUS_FILE})"
 
 
 def submit_slurm(stages: list[Stage], opts: Options) -> None:
@@ -468,7 +480,7 @@ def summary(exp: compose.Experiment, root: Path, stages: list[Stage], wall_s: fl
     state = status_lib.effective(record)
     counts[state] = counts.get(state, 0) + 1
     if state == status_lib.FAILED:
-      failed[s.name] = (record.get("error") or "").splitlines()[0][:300] if record.get("error") else ""
+      failed[s.name] = error_summary(record.get("error"), 300)
   return {"experiment": exp.path, "root": str(root), "runs": sum(s.verb == "train" for s in stages),
           "stages": len(stages), "status": counts, "failed": failed, "wall_s": round(wall_s, 1)}
 

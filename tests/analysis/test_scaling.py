@@ -86,6 +86,18 @@ def test_a_fit_names_the_runs_it_leaves_out_and_why(tmp_path):
   assert scaling.left_out([repeated], max_epochs=4) == {"repeated": "10 epochs > --max_epochs=4"}
 
 
+def test_a_chinchilla_fit_says_which_runs_repeat_their_data(tmp_path):
+  # Runs repeated up to 256 times were fitted as if every token were fresh, without a word.
+  runs = [results.Run(run=f"n{n:g}_d{d:g}", status="done", model_dir=None, params=n, tokens_seen=d, unique_tokens=u,
+                      final_eval_loss=float(laws.predict(laws.CHINCHILLA, n, d)))
+          for n in (1e7, 3e7, 1e8) for d, u in ((1e8, 1e8), (1e9, 2.5e8), (1e10, 1e8))]
+  out = scaling.fit_report(runs, "chinchilla", tmp_path, bootstrap=0)
+  assert out["repeated"] == {f"n{n:g}_d{d:g}": pytest.approx(e) for n in (1e7, 3e7, 1e8)
+                             for d, e in ((1e9, 4.0), (1e10, 100.0))}
+  assert "**6 of the fitted runs repeat their data** (up to 100 epochs)" in (tmp_path / "report.md").read_text()
+  assert scaling.repeated(scaling.fit_data(runs, max_epochs=1)[0]) == {}
+  assert scaling.repeated_note("data-constrained", out["repeated"]) == ""
+
 
 def test_a_fit_left_without_runs_says_why_they_were_left_out(tmp_path):
   # A table without a final_eval_loss column: "got 0 distinct of 0" of 9 runs, and no word of why.

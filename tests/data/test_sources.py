@@ -5,6 +5,7 @@ import gzip
 import logging
 import lzma
 import os
+import re
 import threading
 import time
 
@@ -252,3 +253,16 @@ def test_local_text_reports_what_reading_did(tmp_path):
   path = write_jsonl(tmp_path / 'a.jsonl', [f'doc {i}' for i in range(10)] + ['', '  '])
   docs, stats = docs_of(sources.LocalText(path, 0.2), 'train')
   assert len(docs) == 8 and stats.documents == 10 and stats.skipped_empty == 2
+
+
+def test_a_relative_corpus_that_matches_nothing_names_the_directory_it_was_read_from(tmp_path, monkeypatch):
+  # RQ2 CPU's '../shared/...' swept from another directory named only the absolute path it became.
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError, match=rf"relative path '../shared/c4.json.gz', read from the current "
+                                              rf"directory {re.escape(str(tmp_path))}"):
+    sources.LocalText('../shared/c4.json.gz')
+  with pytest.raises(FileNotFoundError, match=r"relative path 'held_out.jsonl'"):
+    sources.LocalText(write_jsonl(tmp_path / 'a.jsonl', ['a', 'b']), 'held_out.jsonl')
+  with pytest.raises(FileNotFoundError) as absolute:
+    sources.LocalText(str(tmp_path / 'none.jsonl'))
+  assert 'relative path' not in str(absolute.value)

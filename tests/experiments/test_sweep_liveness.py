@@ -277,3 +277,14 @@ def test_a_finished_run_keeps_the_gin_it_ran_with(tmp_path):
   exp = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'a', 'TRAIN_STEPS': 7}]")
   runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
   assert (root / "a" / "run.gin").read_text() == before and status.last_step(root / "a") == 3
+
+
+def test_a_long_error_is_cut_after_a_sentence_and_points_at_the_whole_message():
+  # Cut at 200 characters, RQ2 CPU's missing-corpus error ended "... or use corpus='wiki' for the.".
+  error = ("FileNotFoundError: No corpus files found at '/x/c4.json.gz' (a JSONL file or a glob). Point the corpus at "
+           "an existing path, or use corpus='wiki' for the built-in sample.\nTraceback ...")
+  assert runner.error_summary(error, 100) == ("FileNotFoundError: No corpus files found at '/x/c4.json.gz' (a JSONL "
+                                              "file or a glob). ... (the whole message: RUN/status.json)")
+  assert runner.error_summary("a b " + "x" * 50, 20) == "a b ... (the whole message: RUN/status.json)"
+  assert runner.error_summary("x" * 50, 20) == "x" * 20 + " ... (the whole message: RUN/status.json)"
+  assert runner.error_summary("short\nsecond line", 100) == "short" and runner.error_summary(None, 100) == ""
