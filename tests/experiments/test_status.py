@@ -216,6 +216,22 @@ def test_elapsed_time_adds_up_over_attempts(tmp_path, monkeypatch):
   assert status.exited(run, 0)["elapsed_s"] == 110.0
 
 
+def test_an_attempt_killed_before_recording_its_exit_still_counts(tmp_path, monkeypatch):
+  # Killed (SIGKILL) at t=1060, its last write: the next attempt's start adds those 60 s, where elapsed_s had held
+  # only the attempt that finished.
+  run = make_run(tmp_path, checkpoints=[3])
+  status.write(run, status="running", started=1000.0, elapsed_s=100.0, pid=dead_pid())
+  (run / status.LOG_FILE).write_text("step 2\n")
+  os.utime(run / status.LOG_FILE, (1060.0, 1060.0))
+  monkeypatch.setattr(status, "time", types.SimpleNamespace(time=lambda: 2000.0))
+  assert status.started(run)["elapsed_s"] == 160.0
+  assert status.exited(run, 0)["elapsed_s"] == 160.0  # this attempt: no time between its start and exit here
+  # An attempt that recorded its exit, or a SLURM job's (its start is its submission), adds nothing on the next.
+  assert status.started(run)["elapsed_s"] == 160.0 and status.exited(run, 0)["elapsed_s"] == 160.0
+  status.write(run, status="running", started=1000.0, job_id="42", pid=None)
+  assert status.started(run, job_id="43")["elapsed_s"] == 160.0
+
+
 def test_a_slurm_job_squeue_cannot_answer_for_stays_running(tmp_path, monkeypatch):
   # No squeue (or no controller): nothing says the job is gone, so the recorded status stands.
   monkeypatch.setattr(status, "_query_job", lambda job_id: None)
