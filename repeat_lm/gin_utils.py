@@ -132,11 +132,16 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   # name its source: gin numbers the lines of the bindings joined after the prelude, and a tokenizer error (an
   # unclosed bracket) names no file or line at all.
   source, binding = "", None
+  _redeclared_required.clear()
+  bound_by: dict[str, str] = {}  # macro -> the file that first bound it to a value
   try:
     with quiet_search_misses(), only_search_paths(paths):
       for f in gin_files:
         source = f"--gin_file={f} (or a file it includes)"
         gin.parse_config_file(f)
+        required = set(unbound_required_macros())
+        _redeclared_required.update({m: (bound_by[m], f) for m in required if m in bound_by})
+        bound_by.update({m: f for m in _macros() if m not in required and m not in bound_by})
       for binding in bindings:
         source = f"--gin.{binding}"
         gin.parse_config(prelude + binding)
@@ -198,6 +203,15 @@ def _check_macro_bindings_used(bindings: Sequence[str]) -> None:
                          "settings).")
 
 
+# Macro -> (the file that bound it, a later file that declared it %gin.REQUIRED again) of the last parse: a run's
+# run.gin before gin/runs/eval.gin read as "Required setting(s) not bound" of settings run.gin had bound.
+_redeclared_required: dict[str, tuple[str, str]] = {}
+
+
+def _macros() -> list[str]:
+  return [scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"]  # pylint: disable=protected-access
+
+
 def unbound_required_macros() -> list[str]:
   """Macros still set to %gin.REQUIRED (gin would pass its sentinel object on instead of failing)."""
   # gin 0.5 keeps macros as bindings of the 'gin.macro' configurable, scoped by the macro's name.
@@ -209,7 +223,12 @@ def check_required() -> None:
   missing = unbound_required_macros()
   if missing:
     example = " ".join(f"--gin.{m}=..." for m in missing)
-    raise GinConfigError(f"Required setting(s) not bound: {', '.join(missing)}. Bind them on the command line "
+    redeclared = {m: _redeclared_required[m] for m in missing if m in _redeclared_required}
+    order = "".join(f" {later} declares {', '.join(m for m in redeclared if redeclared[m] == (first, later))} "
+                    f"required again after {first} bound {'it' if len(redeclared) == 1 else 'them'} (a later file "
+                    f"wins): give --gin_file={later} first, then --gin_file={first}."
+                    for first, later in dict.fromkeys(redeclared.values()))
+    raise GinConfigError(f"Required setting(s) not bound: {', '.join(missing)}.{order} Bind them on the command line "
                          f"({example}; strings in inner quotes, e.g. --gin.MODEL_DIR=\"'/tmp/run'\") or in a gin file.")
 
 

@@ -136,6 +136,23 @@ def test_an_unbound_required_macro_stops_the_call_before_it_runs():
     gin_utils.call_configured(gin_utils.macro_value, value="ran")
 
 
+def test_a_later_file_declaring_a_bound_setting_required_again_is_named_with_the_order_that_works(tmp_path):
+  # A sweep run's run.gin then gin/runs/eval.gin: "not bound" of the settings run.gin had bound.
+  run = tmp_path / "run.gin"
+  run.write_text("include 'gin/runs/smoke.gin'\nMODEL_DIR = '/tmp/run'\n")
+  gin_utils.parse([str(run), "gin/runs/eval.gin"], [])
+  with pytest.raises(gin_utils.GinConfigError, match=rf"gin/runs/eval.gin declares MIXTURE_OR_TASK_NAME, MODEL_DIR, "
+                                                     rf"TASK_FEATURE_LENGTHS required again after {run} bound them "
+                                                     rf".*give --gin_file=gin/runs/eval.gin first"):
+    gin_utils.check_required()
+  gin_utils.parse(["gin/runs/eval.gin", str(run)], [])
+  gin_utils.check_required()
+  gin_utils.parse(["gin/runs/smoke.gin"], [])  # bound by no file: no order to suggest
+  with pytest.raises(gin_utils.GinConfigError) as unbound:
+    gin_utils.check_required()
+  assert "again" not in str(unbound.value)
+
+
 def test_a_missing_gin_file_names_the_search_paths_given(tmp_path):
   with pytest.raises(gin_utils.GinConfigError, match=f"searched {tmp_path}, "):
     gin_utils.parse(["no_such_model.gin"], [], [str(tmp_path)])
