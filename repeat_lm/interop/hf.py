@@ -455,6 +455,10 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
   """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"export dtype={dtype!r}: choose 'float32' (exact) or 'bfloat16' (half the size).")
+  if isinstance(params, Mapping) and "params" in params:
+    # The variables of module.init: every parameter was reported missing, which read as the wrong config.
+    raise ValueError(f"export_hf takes the parameter tree, and this holds collections ({', '.join(map(str, params))})"
+                     ": pass variables['params'].")
   out_dir = Path(out_dir)
   if (out_dir / "checkpoints").is_dir() or (out_dir / "config.gin").exists():
     # Its config.json would sit beside the checkpoints, and readers that look for a Hugging Face directory first

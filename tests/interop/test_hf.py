@@ -181,6 +181,10 @@ def test_an_export_refuses_a_directory_of_files_it_did_not_write(tmp_path):
 def test_export_refuses_a_model_dir_and_an_unknown_dtype(tmp_path):
   with pytest.raises(ValueError, match="dtype='float16': choose 'float32'"):
     hf.export_hf(init_params(TINY), TINY, tmp_path / "out", dtype="float16")
+  # module.init's variables: 50 parameters reported missing read as the wrong config.
+  with pytest.raises(ValueError, match=r"holds collections \(params, params_axes\): pass variables\['params'\]"):
+    hf.export_hf({"params": init_params(TINY), "params_axes": {}}, TINY, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
   (tmp_path / "run" / "checkpoints").mkdir(parents=True)
   with pytest.raises(ValueError, match="is a repeat_lm MODEL_DIR .*--out=MODEL_DIR/hf"):
     hf.export_hf(init_params(TINY), TINY, tmp_path / "run")
