@@ -13,7 +13,7 @@ import pytest
 
 from repeat_lm.data import sources
 
-from conftest import write_jsonl  # pylint: disable=wrong-import-order
+from data_helpers import write_jsonl  # pylint: disable=wrong-import-order
 
 
 def test_reads_jsonl_and_gz_in_order(tmp_path):

@@ -13,7 +13,7 @@ from repeat_lm import cli
 from repeat_lm.bench import data as bench_data
 from repeat_lm.data import denoisers, pipeline, stats, tasks
 
-from conftest import write_jsonl  # pylint: disable=wrong-import-order
+from data_helpers import write_jsonl  # pylint: disable=wrong-import-order
 
 KEYS = {'examples', 'input_tokens', 'target_tokens', 'unique_source_tokens', 'epochs', 'noise_density',
         'mean_noise_span_length', 'doc_repeats_min', 'doc_repeats_max'}

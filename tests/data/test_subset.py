@@ -8,7 +8,7 @@ import seqio
 
 from repeat_lm.data import sources, subset
 
-from conftest import write_jsonl  # pylint: disable=wrong-import-order
+from data_helpers import write_jsonl  # pylint: disable=wrong-import-order
 
 
 @pytest.fixture(scope='module')

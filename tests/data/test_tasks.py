@@ -12,7 +12,7 @@ import seqio
 
 from repeat_lm.data import denoisers, sources, stats, tasks, vocab
 
-from conftest import LENGTHS  # pylint: disable=wrong-import-order
+from data_helpers import LENGTHS  # pylint: disable=wrong-import-order
 
 
 def test_default_task_registers_lazily(tmp_path):

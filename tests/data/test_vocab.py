@@ -4,7 +4,7 @@ import pytest
 
 from repeat_lm.data import sources, subset, vocab
 
-from conftest import write_jsonl  # pylint: disable=wrong-import-order
+from data_helpers import write_jsonl  # pylint: disable=wrong-import-order
 
 
 def test_an_empty_model_file_names_the_file(tmp_path):
