@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import gin
 
@@ -117,10 +118,21 @@ def only_search_paths(paths: Sequence[str]):
     prefixes[:] = saved
 
 
+# Of the last `parse`: {macro: (the file that bound it, the later file that declared it %gin.REQUIRED again)}, and
+# the configuration's keys then (a record of another configuration is not used). A run's run.gin before
+# gin/runs/eval.gin read as "Required setting(s) not bound" of settings run.gin had bound.
+_redeclared: dict[str, Any] = {"macros": {}, "config": frozenset()}
+
+
+def _macros() -> list[str]:
+  return [scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"]  # pylint: disable=protected-access
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
           prelude: str = CLI_PRELUDE) -> None:
   """Parse files then bindings (later ones win), with readable errors."""
   gin.clear_config()
+  _redeclared.update(macros={}, config=frozenset())
   paths = [*search_paths, *default_search_paths()]
   for f in gin_files:
     if not any((Path(p) / f).is_file() for p in ["", *paths]):
@@ -132,15 +144,17 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   # name its source: gin numbers the lines of the bindings joined after the prelude, and a tokenizer error (an
   # unclosed bracket) names no file or line at all.
   source, binding = "", None
-  _redeclared_required.clear()
+  redeclared: dict[str, tuple[str, str]] = {}
   bound_by: dict[str, str] = {}  # macro -> the file that first bound it to a value
+  required: set[str] = set()
   try:
     with quiet_search_misses(), only_search_paths(paths):
       for f in gin_files:
         source = f"--gin_file={f} (or a file it includes)"
         gin.parse_config_file(f)
-        required = set(unbound_required_macros())
-        _redeclared_required.update({m: (bound_by[m], f) for m in required if m in bound_by})
+        before, required = required, set(unbound_required_macros())
+        # Only what this file made required: a macro still required from an earlier file stays that file's.
+        redeclared.update({m: (bound_by[m], f) for m in required - before if m in bound_by})
         bound_by.update({m: f for m in _macros() if m not in required and m not in bound_by})
       for binding in bindings:
         source = f"--gin.{binding}"
@@ -151,6 +165,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
         "Check the --gin_file paths and the --gin.KEY=VALUE bindings: string values need inner quotes "
         "(--gin.MODEL_DIR=\"'/tmp/run'\"), names must exist in the imported modules."
         + (_quoting_hint(binding) if source.startswith("--gin.") else "")) from e
+  _redeclared.update(macros=redeclared, config=frozenset(gin.config._CONFIG))  # pylint: disable=protected-access
   _check_macro_bindings_used(bindings)
 
 
@@ -193,7 +208,7 @@ def _check_macro_bindings_used(bindings: Sequence[str]) -> None:
       _referenced_macros(value, referenced)
   unused = [m for m in macros if m not in referenced]
   if unused:
-    defined = sorted(scope for scope, selector in config if selector == "gin.macro" and scope in referenced)
+    defined = sorted(m for m in _macros() if m in referenced)
     hints = [f"--gin.{m}" + (f" (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(
         m, defined, n=2)) else "") for m in unused]
     one = len(unused) == 1
@@ -201,15 +216,6 @@ def _check_macro_bindings_used(bindings: Sequence[str]) -> None:
                          f"{'the binding' if one else 'these bindings'} would change nothing. Check the spelling, or "
                          "include the gin file that uses it (a run gin such as gin/runs/pretrain.gin for run "
                          "settings).")
-
-
-# Macro -> (the file that bound it, a later file that declared it %gin.REQUIRED again) of the last parse: a run's
-# run.gin before gin/runs/eval.gin read as "Required setting(s) not bound" of settings run.gin had bound.
-_redeclared_required: dict[str, tuple[str, str]] = {}
-
-
-def _macros() -> list[str]:
-  return [scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"]  # pylint: disable=protected-access
 
 
 def unbound_required_macros() -> list[str]:
@@ -223,11 +229,14 @@ def check_required() -> None:
   missing = unbound_required_macros()
   if missing:
     example = " ".join(f"--gin.{m}=..." for m in missing)
-    redeclared = {m: _redeclared_required[m] for m in missing if m in _redeclared_required}
-    order = "".join(f" {later} declares {', '.join(m for m in redeclared if redeclared[m] == (first, later))} "
-                    f"required again after {first} bound {'it' if len(redeclared) == 1 else 'them'} (a later file "
-                    f"wins): give --gin_file={later} first, then --gin_file={first}."
-                    for first, later in dict.fromkeys(redeclared.values()))
+    same = _redeclared["config"] == frozenset(gin.config._CONFIG)  # pylint: disable=protected-access
+    redeclared = {m: _redeclared["macros"][m] for m in missing if same and m in _redeclared["macros"]}
+    order = ""
+    for first, later in dict.fromkeys(redeclared.values()):
+      names = [m for m in redeclared if redeclared[m] == (first, later)]
+      order += (f" {later} declares {', '.join(names)} required again after {first} bound "
+                f"{'it' if len(names) == 1 else 'them'} (a later file wins): give --gin_file={later} first, then "
+                f"--gin_file={first}.")
     raise GinConfigError(f"Required setting(s) not bound: {', '.join(missing)}.{order} Bind them on the command line "
                          f"({example}; strings in inner quotes, e.g. --gin.MODEL_DIR=\"'/tmp/run'\") or in a gin file.")
 
@@ -263,9 +272,7 @@ def configured_macro(gin_files: Sequence[str], bindings: Sequence[str], macro: s
   """Parse gin and return the value of `macro` (e.g. the MODEL a model gin builds)."""
   # Only the model modules: reading a model gin must not depend on the data stack.
   parse(gin_files, [*bindings, f"gin_utils.macro_value.value = %{macro}"], search_paths, prelude=MODEL_PRELUDE)
-  config = gin.config._CONFIG  # pylint: disable=protected-access
-  macros = {scope for scope, selector in config if selector == "gin.macro"}
-  if macro not in macros:  # unbound; any other failure to build it is the model's own error, named below
+  if macro not in _macros():  # unbound; any other failure to build it is the model's own error, named below
     raise GinConfigError(f"The gin files {list(gin_files)} do not define {macro}: include a model gin such as "
                          "gin/models/t5_1_1_small.gin.")
   try:

@@ -147,6 +147,22 @@ def test_a_later_file_declaring_a_bound_setting_required_again_is_named_with_the
     gin_utils.check_required()
   gin_utils.parse(["gin/runs/eval.gin", str(run)], [])
   gin_utils.check_required()
+  # A third file after them: each macro stays the file's that declared it required again (not the last file's),
+  # and each group says "it" or "them" of its own macros.
+  steps = tmp_path / "steps.gin"
+  steps.write_text("TRAIN_STEPS = %gin.REQUIRED\n")
+  gin_utils.parse([str(run), "gin/runs/eval.gin", str(steps)], [])
+  with pytest.raises(gin_utils.GinConfigError) as wrong_order:
+    gin_utils.check_required()
+  assert (f"gin/runs/eval.gin declares MIXTURE_OR_TASK_NAME, MODEL_DIR, TASK_FEATURE_LENGTHS required again after "
+          f"{run} bound them" in str(wrong_order.value))
+  assert f"{steps} declares TRAIN_STEPS required again after {run} bound it " in str(wrong_order.value)
+  # Another configuration parsed since (not by parse) is not described by the last parse's record.
+  gin.clear_config()
+  gin.parse_config("MODEL_DIR = %gin.REQUIRED")
+  with pytest.raises(gin_utils.GinConfigError) as other:
+    gin_utils.check_required()
+  assert "again" not in str(other.value)
   gin_utils.parse(["gin/runs/smoke.gin"], [])  # bound by no file: no order to suggest
   with pytest.raises(gin_utils.GinConfigError) as unbound:
     gin_utils.check_required()

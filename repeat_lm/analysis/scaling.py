@@ -60,14 +60,15 @@ def repeated(used: list[results.Run]) -> dict[str, float]:
           if r.unique_tokens > 0 and loss_tokens(r) > r.unique_tokens * (1 + 1e-9)}
 
 
-def repeated_note(law: str, epochs: dict[str, float]) -> str:
+def repeated_note(law: str, epochs: dict[str, float], leave_out: str = "") -> str:
   """Under the Chinchilla law, a sentence on the fitted runs that repeat their data ("" if none or another law):
-  it reads every token as fresh, and a table of runs repeated up to 256 times was fitted without a word."""
+  it reads every token as fresh, and a table of runs repeated up to 256 times was fitted without a word.
+  leave_out: how the command at hand leaves them out, if it can."""
   if law != "chinchilla" or not epochs:
     return ""
   return (f"\n\n**{len(epochs)} of the fitted runs repeat their data** (up to {max(epochs.values()):.3g} epochs): "
           "the Chinchilla law counts every token seen as fresh, so it reads their losses as those of more unique "
-          "data than they had. `--max_epochs=1` leaves them out; `--law=data-constrained` models the repetition.")
+          f"data than they had. {leave_out}`--law=data-constrained` models the repetition.")
 
 
 def fit_data(runs: list[results.Run], max_epochs: float | None = None) -> tuple[list[results.Run], dict]:
@@ -166,7 +167,7 @@ def fit_report(runs: list[results.Run], law: str, out_dir: str | Path, *, bootst
     text += (f"\n\nWith the fitted R_D* = {c.R_D_star:.3g}: 4 epochs are worth {four:.1%} of 4 epochs of unique "
              f"data, and a repeated epoch is worth half a fresh one after {1 + c.R_D_star * math.log(2):.3g} epochs.")
   epochs = repeated(used)
-  text += left_out_note(why) + repeated_note(law, epochs) + bounds_note(f)
+  text += left_out_note(why) + repeated_note(law, epochs, "`--max_epochs=1` leaves them out; ") + bounds_note(f)
   paths = report.write_report(out_dir, f"Scaling-law fit ({law})",
                               [("Constants", text, _fit_plots(out_dir, f, used, a), rows)])
   fitted_range = {"params": [float(a["n"].min()), float(a["n"].max())],
@@ -187,6 +188,7 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
     law = "data-constrained" if repeats else "chinchilla"
   f, used, _ = fit_runs(runs, law, bootstrap=bootstrap, seed=seed)
   why = left_out(runs)
+  epochs = repeated(used) if law == "chinchilla" else {}
   samples = f.samples
   exp_a, exp_b = laws.optimal_exponents(f.constants)
   ratio_ci = _interval([_b_over_a(s) for s in samples])
@@ -214,12 +216,12 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
              else "") + f": {verdict}.\n\nFor comparison, Chinchilla's published constants give a = {ref_a:.3f}, "
           f"b = {ref_b:.3f} (b / a = {ref_b / ref_a:.3f}). The table lists the fitted compute-optimal tokens per "
           "parameter at each compute budget of the runs (C = 6 N D) next to the runs' own tokens per parameter."
-          + left_out_note(why) + repeated_note(law, repeated(used)) + bounds_note(f))
+          + left_out_note(why) + repeated_note(law, epochs) + bounds_note(f))
   png = _check_plot(out_dir / "compute_optimal.png", f, budgets, used)
   paths = report.write_report(out_dir, "Do encoder-decoders need tokens linearly in parameters?",
                               [("Answer", text, [png], rows)])
   return {"law": law, "constants": f.constants.to_dict(), "ci": f.ci(), "at_bounds": f.at_bounds,
-          "undetermined": f.undetermined, "left_out": why, "a": exp_a, "b": exp_b,
+          "undetermined": f.undetermined, "left_out": why, "repeated": epochs, "a": exp_a, "b": exp_b,
           "b_over_a": _b_over_a(f.constants), "b_over_a_ci": ratio_ci, "linear": linear, "budgets": rows,
           "report": paths}
 

@@ -97,6 +97,11 @@ def test_a_chinchilla_fit_says_which_runs_repeat_their_data(tmp_path):
   assert "**6 of the fitted runs repeat their data** (up to 100 epochs)" in (tmp_path / "report.md").read_text()
   assert scaling.repeated(scaling.fit_data(runs, max_epochs=1)[0]) == {}
   assert scaling.repeated_note("data-constrained", out["repeated"]) == ""
+  # chinchilla-check names them too, without fit's --max_epochs, which it does not have.
+  check = scaling.chinchilla_check(runs, tmp_path / "check", law="chinchilla", bootstrap=0)
+  assert check["repeated"] == out["repeated"]
+  text = (tmp_path / "check" / "report.md").read_text()
+  assert "**6 of the fitted runs repeat their data**" in text and "--max_epochs" not in text
 
 
 def test_a_fit_left_without_runs_says_why_they_were_left_out(tmp_path):

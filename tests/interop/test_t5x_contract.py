@@ -174,18 +174,20 @@ def test_documented_command_line_parses_as_t5x_parses_it(tmp_path, monkeypatch, 
   path = tmp_path / "model.gin"
   path.write_text((DOCS / "t5x_example.gin").read_text())
   flags = _documented_gin_flags()
-  assert any(flag.startswith("VOCABULARY=") for flag in flags)
+  assert "VOCABULARY=%DEFAULT_VOCABULARY" in flags
   gin.parse_config_files_and_bindings([str(path)], flags, finalize_config=False, skip_unknown=False)
   from repeat_lm import gin_utils
   from repeat_lm.data import vocab
+  probe = gin.configurable(gin_utils.macro_value)  # registered here: run alone, no earlier test has done it
   gin.parse_config("from repeat_lm import gin_utils\ngin_utils.macro_value.value = %VOCABULARY")
-  assert gin.configurable(gin_utils.macro_value)().vocab_size == vocab.default_vocabulary().vocab_size
+  assert probe().vocab_size == vocab.default_vocabulary().vocab_size
   assert gin.query_parameter("t5.T5Config.vocab_size") == 8192
   assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "repeat_lm.wiki_span_corruption"
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
-def test_documented_moe_gin_shards_the_experts_factored_moments(scan, tmp_path, monkeypatch, fresh_gin):
+@pytest.mark.parametrize("scan, activations", [(False, ("relu",)), (True, ("relu",)), (False, ("gelu", "linear"))],
+                         ids=["unscanned", "scanned", "gated"])
+def test_documented_moe_gin_shards_the_experts_factored_moments(scan, activations, tmp_path, monkeypatch, fresh_gin):
   # T5X's MoE partitioner puts 'expert' before the axes of the optimizer-state leaves its filter matches; a factored
   # Adafactor's v_row and v_col carry no names otherwise. Its default filter is written for flaxformer's
   # '.../expert/wi/kernel' and matched none of repeat_lm's, so every device held all experts' moments.
@@ -194,7 +196,8 @@ def test_documented_moe_gin_shards_the_experts_factored_moments(scan, tmp_path, 
   path.write_text((DOCS / "t5x_example_moe.gin").read_text())
   gin.parse_config_files_and_bindings([str(path)], [], finalize_config=False)
   state_filter = gin.get_configurable(t5x_double.MoePjitPartitioner)().state_filter_fn
-  config = dataclasses.replace(TINY_SWITCH, scan_layers=scan)
+  config = dataclasses.replace(TINY_SWITCH, scan_layers=scan,
+                               moe=dataclasses.replace(TINY_SWITCH.moe, expert_activations=activations))
   tokens = jnp.ones((1, 8), jnp.int32)
   variables = jax.eval_shape(lambda: t5.Transformer(config).init(jax.random.key(0), tokens, tokens, tokens,
                                                                  enable_dropout=False))
