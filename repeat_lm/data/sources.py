@@ -339,7 +339,8 @@ def _resolve_as_given(path: str, given: str) -> list[str]:
   try:
     return resolve_paths(path)
   except FileNotFoundError as e:
-    if '://' in given or os.path.isabs(os.path.expanduser(given)):
+    # A path that exists (a folder without corpus files) was read from the right place: the message says enough.
+    if '://' in given or os.path.isabs(os.path.expanduser(given)) or tf.io.gfile.exists(path):
       raise
     raise FileNotFoundError(f'{e} It was given as the relative path {given!r}, read from the current directory '
                             f'{os.getcwd()}: run from the directory it is relative to (the repository root for the '

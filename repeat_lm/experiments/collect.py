@@ -34,8 +34,9 @@ TEXT_COLUMNS = ("run", "status", "model_dir", "error", "model_error")
 _OBJECTIVE_EVAL = {"eval/loss", "eval/accuracy", "eval/z_loss"}
 # The MoE router's statistics (eval/moe_router_confidence, ...) are the model's, not a task's score.
 _MODEL_EVAL_PREFIX = "eval/moe_"
-# Switch drops a few percent of tokens at capacity 1.25; an MoE whose sparse layers drop this share or more at its
-# last evaluation routes most tokens to a few experts, and a result it stands in for (a proxy's best rate) is suspect.
+# Switch drops a few percent of its routing assignments at capacity 1.25; an MoE whose sparse layers drop this share or
+# more at its last evaluation sends most tokens to a few experts, and a result it stands in for (a proxy's best rate)
+# is suspect.
 MOE_DROPPED_WARNING = 0.2
 
 
@@ -224,15 +225,15 @@ def collect(root: str | Path, out: str | Path | None = None) -> list[dict[str, A
 
 
 def moe_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
-  """One line per MoE run whose sparse layers dropped MOE_DROPPED_WARNING or more of the tokens at its last
-  evaluation (the collapse a table of losses does not show)."""
+  """One line per MoE run whose sparse layers dropped MOE_DROPPED_WARNING or more of their routing assignments at its
+  last evaluation (the collapse a table of losses does not show)."""
   dropped = {r["run"]: r["final_eval_moe_fraction_dropped"] for r in rows
              if (r.get("final_eval_moe_fraction_dropped") or 0.0) >= MOE_DROPPED_WARNING}
-  return [f"{run}: its sparse layers dropped {share:.0%} of the tokens at the last evaluation "
-          f"(final_eval_moe_fraction_dropped): most tokens go to a few experts and skip the rest, so the MoE is not "
-          "the model it stands for; look at its train/moe_expert_usage_max and moe_router_confidence, and raise "
-          "the capacity factors, the load-balancing weight or the router's experts per token (top-2)."
-          for run, share in dropped.items()]
+  return [f"{run}: its sparse layers dropped {share:.0%} of their routing assignments (token x chosen expert) at the "
+          "last evaluation (final_eval_moe_fraction_dropped): the router sends most tokens to a few experts and the "
+          "rest of them skip those experts, so the MoE is not the model it stands for; look at its "
+          "train/moe_expert_usage_max and moe_router_confidence, and raise the capacity factors, the "
+          "load-balancing weight or the router's experts per token (top-2)." for run, share in dropped.items()]
 
 
 def columns(rows: Sequence[dict[str, Any]]) -> list[str]:

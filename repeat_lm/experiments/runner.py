@@ -430,20 +430,26 @@ def _run_stages(exp: compose.Experiment, root: Path, stages: list[Stage], opts: 
       progress.durations.append(time.time() - start)
     finally:
       status_lib.release(stage.run_dir)
-    detail = f" ({error_summary(record.get('error'), 200)})" if record.get("error") else ""
+    detail = f" ({brief})" if (brief := error_summary(record.get("error"), 200)) else ""
     progress.line(f"{label}: {record['status']} in {_fmt_time(time.time() - start)}{detail}", final=True)
 
 
 def error_summary(error: str | None, limit: int) -> str:
-  """The first line of a run's error within `limit` characters, cut after a sentence (else a word) and pointing at
-  the whole message: a plain cut ended the RQ2 CPU corpus error at "... or use corpus='wiki' for the."."""
-  line = (error or "").strip().splitlines()[0] if (error or "").strip() else ""
+  """The first line of a run's error within `limit` characters, cut after its last sentence there (one ending in the
+  second half; "e.g." is no end) or else after a word, and pointing at the whole message: a plain cut ended the
+  RQ2 CPU corpus error at "... or use corpus='wiki' for the."."""
+  line = next(iter((error or "").strip().splitlines()), "")
   if len(line) <= limit:
     return line
-  head = line[:limit]
-  sentence, word = head.rfind(". "), head.rfind(" ")
-  cut = sentence + 1 if sentence > 0 else word if word > 0 else limit
-  return f"{head[:cut].rstrip()} ... (the whole message: RUN/{status_lib.STATUS_FILE})"
+  window = line[:limit + 1]  # a sentence may end at the limit itself
+  ends = [m.start() + 1 for m in _SENTENCE_END.finditer(window) if m.start() + 1 <= limit]
+  word = line[:limit].rfind(" ")
+  cut = ends[-1] if ends and ends[-1] >= limit // 2 else word if word > 0 else limit
+  return f"{line[:cut].rstrip()} ... (the whole message: RUN/{status_lib.STATUS_FILE})"
+
+
+# A full stop before a space, not the one of an abbreviation the project's messages use.
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)\. ")
 
 
 def submit_slurm(stages: list[Stage], opts: Options) -> None:
@@ -466,8 +472,7 @@ def submit_slurm(stages: list[Stage], opts: Options) -> None:
       continue
     job = out.strip().split()[-1] if out.strip() else "?"  # "Submitted batch job 123"
     jobs[stage.name] = job
-    status_lib.write(stage.run_dir, status=status_lib.RUNNING, job_id=job, host=None, pid=None,
-                     command=shlex.join(command))
+    status_lib.submitted(stage.run_dir, job, command=shlex.join(command))
     opts.stream.write(f"{stage.name}: submitted as job {job}\n")
 
 

@@ -266,3 +266,7 @@ def test_a_relative_corpus_that_matches_nothing_names_the_directory_it_was_read_
   with pytest.raises(FileNotFoundError) as absolute:
     sources.LocalText(str(tmp_path / 'none.jsonl'))
   assert 'relative path' not in str(absolute.value)
+  (tmp_path / 'empty').mkdir()  # found, but holds no corpus files: where it was read from is not the problem
+  with pytest.raises(FileNotFoundError) as found:
+    sources.LocalText('empty')
+  assert 'relative path' not in str(found.value)

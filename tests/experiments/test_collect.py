@@ -167,7 +167,7 @@ def test_an_moe_that_drops_most_tokens_is_named_in_a_warning():
           for name, dropped in (("collapsed", 0.58), ("working", 0.05), ("dense", None))]
   assert [r.get("final_eval_moe_fraction_dropped") for r in rows] == [0.58, 0.05, None]
   (line,) = collect.moe_warnings(rows)
-  assert line.startswith("collapsed: its sparse layers dropped 58% of the tokens")
+  assert line.startswith("collapsed: its sparse layers dropped 58% of their routing assignments")
 
 
 def test_an_interrupted_write_leaves_the_previous_table_whole(tmp_path, monkeypatch):

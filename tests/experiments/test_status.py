@@ -1,5 +1,6 @@
 """status.json: finished only at the last step's checkpoint, failures with their error, locks, interrupted runs."""
 
+import math
 import os
 import socket
 import subprocess
@@ -217,19 +218,30 @@ def test_elapsed_time_adds_up_over_attempts(tmp_path, monkeypatch):
 
 
 def test_an_attempt_killed_before_recording_its_exit_still_counts(tmp_path, monkeypatch):
-  # Killed (SIGKILL) at t=1060, its last write: the next attempt's start adds those 60 s, where elapsed_s had held
-  # only the attempt that finished.
+  # Killed (SIGKILL) at t=1060, the trainer's last line: the next attempt's start adds those 60 s, where elapsed_s
+  # had held only the attempt that finished.
   run = make_run(tmp_path, checkpoints=[3])
   status.write(run, status="running", started=1000.0, elapsed_s=100.0, pid=dead_pid())
   (run / status.LOG_FILE).write_text("step 2\n")
   os.utime(run / status.LOG_FILE, (1060.0, 1060.0))
+  (run / "metrics.jsonl").write_text("{}\n")  # `repeat-lm eval` of the killed run, later: not its trainer's time
+  os.utime(run / "metrics.jsonl", (1900.0, 1900.0))
   monkeypatch.setattr(status, "time", types.SimpleNamespace(time=lambda: 2000.0))
   assert status.started(run)["elapsed_s"] == 160.0
   assert status.exited(run, 0)["elapsed_s"] == 160.0  # this attempt: no time between its start and exit here
-  # An attempt that recorded its exit, or a SLURM job's (its start is its submission), adds nothing on the next.
+  # An attempt that recorded its exit adds nothing on the next, nor does a start that is no finite time.
   assert status.started(run)["elapsed_s"] == 160.0 and status.exited(run, 0)["elapsed_s"] == 160.0
+  for begun in (math.nan, -math.inf):
+    status.write(run, status="running", started=begun, pid=dead_pid())
+    assert status.started(run)["elapsed_s"] == 160.0
+  # A SLURM job killed (node failure) after its own start at t=1000: its requeued start counts it. Submitting a run
+  # counts a killed attempt once and clears the start, so the job's own start is the next one counted.
   status.write(run, status="running", started=1000.0, job_id="42", pid=None)
-  assert status.started(run, job_id="43")["elapsed_s"] == 160.0
+  assert status.started(run, job_id="42")["elapsed_s"] == 220.0
+  status.write(run, status="running", started=1000.0, pid=dead_pid(), job_id=None)
+  record = status.submitted(run, "43")
+  assert (record["elapsed_s"], record["started"], record["job_id"]) == (280.0, None, "43")
+  assert status.started(run, job_id="43")["elapsed_s"] == 280.0
 
 
 def test_a_slurm_job_squeue_cannot_answer_for_stays_running(tmp_path, monkeypatch):

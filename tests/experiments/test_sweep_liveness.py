@@ -288,3 +288,9 @@ def test_a_long_error_is_cut_after_a_sentence_and_points_at_the_whole_message():
   assert runner.error_summary("a b " + "x" * 50, 20) == "a b ... (the whole message: RUN/status.json)"
   assert runner.error_summary("x" * 50, 20) == "x" * 20 + " ... (the whole message: RUN/status.json)"
   assert runner.error_summary("short\nsecond line", 100) == "short" and runner.error_summary(None, 100) == ""
+  # "e.g." ends no sentence (it left "(e.g. ..." open), nor does one in the first half of the limit (it threw away
+  # most of the room); a sentence ending at the limit itself is kept.
+  assert runner.error_summary("give a fraction (e.g. 0.05) or a path to a corpus. More", 40) == (
+      "give a fraction (e.g. 0.05) or a path ... (the whole message: RUN/status.json)")
+  assert runner.error_summary("Bad x. " + "word " * 20, 40).startswith("Bad x. word word word word word word")
+  assert runner.error_summary("a" * 19 + ". more", 20) == "a" * 19 + ". ... (the whole message: RUN/status.json)"
