@@ -302,6 +302,11 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
                  "trainer.train.eval_steps": (eval_steps, 1)})
   _check_model_dir(model_dir, writing=True)
   model_dir_path = Path(model_dir)
+  if initial_checkpoint_path and not any(p.name.isdigit() for p in (model_dir_path / "checkpoints").glob("*")):
+    # A fresh run starts from it: one that is missing or unreadable as a checkpoint fails now, not after the step
+    # compiled (30 s for the smoke model) with a MODEL_DIR of config.gin and an empty checkpoints/ left behind.
+    from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
+    load_lib.checkpoint_kind(initial_checkpoint_path)
   model_dir_path.mkdir(parents=True, exist_ok=True)
   if not (model_dir_path / "config.gin").exists():  # else it may be what the checkpoints were written with
     _write_config(model_dir_path, operative=False)

@@ -608,6 +608,14 @@ def test_a_model_dir_that_is_a_file_or_inside_another_runs_checkpoints_is_refuse
   assert not nested.exists()
 
 
+def test_a_missing_initial_checkpoint_fails_before_the_run_is_made(tmp_path):
+  # It failed after the step compiled, leaving config.gin and an empty checkpoints/ in MODEL_DIR.
+  with pytest.raises(FileNotFoundError, match="Initial checkpoint .*base does not exist"):
+    trainer.train(model=tiny_model(), model_dir=str(tmp_path / "run"), train_dataset_cfg=TRAIN_CFG, total_steps=4,
+                  initial_checkpoint_path=str(tmp_path / "base"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_an_empty_model_dir_is_an_error_not_the_current_directory(tmp_path, monkeypatch):
   # --gin.MODEL_DIR="'$MODEL_DIR'" with the variable unset: the run wrote (or resumed) checkpoints where it started.
   monkeypatch.chdir(tmp_path)
