@@ -343,6 +343,7 @@ def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_
   for name in stale:  # only once the new weights are complete
     (out_dir / name).unlink(missing_ok=True)
   for name in sorted(p.name for p in staging.iterdir()):
+    (staging / name).chmod(0o644)  # safetensors writes 0600: the export's other files, and a shared one, are 0644
     (staging / name).replace(out_dir / name)
   staging.rmdir()
   return names

@@ -151,6 +151,7 @@ def test_an_export_replaces_the_weights_of_an_earlier_one(tmp_path):
   assert (tmp_path / hf.SAFETENSORS_INDEX).exists()
   hf.export_hf(second, TINY, tmp_path)  # one file: the shards and their index must not outlive it
   assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
+  assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644  # safetensors wrote 0600: others can read
   _, loaded = hf.load_hf(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, second))
 
