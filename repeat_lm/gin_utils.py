@@ -125,7 +125,8 @@ _redeclared: dict[str, Any] = {"macros": {}, "config": frozenset()}
 
 
 def _macros() -> list[str]:
-  return [scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"]  # pylint: disable=protected-access
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  return [scope for scope, selector in config if selector == "gin.macro"]
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),

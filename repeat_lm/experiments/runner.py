@@ -434,6 +434,10 @@ def _run_stages(exp: compose.Experiment, root: Path, stages: list[Stage], opts: 
     progress.line(f"{label}: {record['status']} in {_fmt_time(time.time() - start)}{detail}", final=True)
 
 
+# A full stop before a space, not the one of an abbreviation the project's messages use.
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)\. ")
+
+
 def error_summary(error: str | None, limit: int) -> str:
   """The first line of a run's error within `limit` characters, cut after its last sentence there (one ending in the
   second half; "e.g." is no end) or else after a word, and pointing at the whole message: a plain cut ended the
@@ -446,10 +450,6 @@ def error_summary(error: str | None, limit: int) -> str:
   word = line[:limit].rfind(" ")
   cut = ends[-1] if ends and ends[-1] >= limit // 2 else word if word > 0 else limit
   return f"{line[:cut].rstrip()} ... (the whole message: RUN/{status_lib.STATUS_FILE})"
-
-
-# A full stop before a space, not the one of an abbreviation the project's messages use.
-_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)\. ")
 
 
 def submit_slurm(stages: list[Stage], opts: Options) -> None:

@@ -200,27 +200,27 @@ def started(run_dir: str | Path, job_id: str | None = None, **info: Any) -> dict
   return _update(run_dir, lambda record: dict(
       status=RUNNING, started=time.time(), host=socket.gethostname(), pid=None if job_id else os.getpid(),
       job_id=job_id or None, trainer_pid=None, attempts=int(record.get("attempts", 0)) + 1, error=None,
-      returncode=None, elapsed_s=float(record.get("elapsed_s") or 0.0) + _killed_attempt_s(run_dir, record),
-      **info))
+      returncode=None, elapsed_s=_elapsed_so_far(run_dir, record), **info))
 
 
 def submitted(run_dir: str | Path, job_id: str, **info: Any) -> dict[str, Any]:
   """Record a SLURM submission: running as `job_id`, its start unknown until the job records it (`started`)."""
   return _update(run_dir, lambda record: dict(
-      status=RUNNING, job_id=job_id, host=None, pid=None, started=None,
-      elapsed_s=float(record.get("elapsed_s") or 0.0) + _killed_attempt_s(run_dir, record), **info))
+      status=RUNNING, job_id=job_id, host=None, pid=None, started=None, elapsed_s=_elapsed_so_far(run_dir, record),
+      **info))
 
 
-def _killed_attempt_s(run_dir: str | Path, record: dict[str, Any]) -> float:
-  """The time an attempt killed before recording its exit (still recorded running, with its start) spent: from its
-  start to the trainer's last line in train.log. Without it a run's elapsed_s, the cost collect reports, held only
-  the attempt that finished (21.5 s of a run that trained ~60 s over two). metrics.jsonl is not asked: `repeat-lm
-  eval` appends to it long after. A submission clears `started` (`submitted`), so a start is never counted twice."""
-  begun = record.get("started")
+def _elapsed_so_far(run_dir: str | Path, record: dict[str, Any]) -> float:
+  """The recorded elapsed_s, plus the time of an attempt killed before recording its exit (still recorded running,
+  with its start): from its start to the trainer's last line in train.log. Without it a run's elapsed_s, the cost
+  collect reports, held only the attempt that finished (21.5 s of a run that trained ~60 s over two). metrics.jsonl is
+  not asked: `repeat-lm eval` appends to it long after. A submission clears `started` (`submitted`), so a start is
+  never counted twice."""
+  elapsed, begun = float(record.get("elapsed_s") or 0.0), record.get("started")
   log = Path(run_dir) / LOG_FILE
   if record.get("status") != RUNNING or not checks.finite_number(begun) or not log.is_file():
-    return 0.0
-  return max(log.stat().st_mtime - float(begun), 0.0)
+    return elapsed
+  return elapsed + max(log.stat().st_mtime - float(begun), 0.0)
 
 
 def trainer_started(run_dir: str | Path, trainer_pid: int) -> None:

@@ -319,8 +319,8 @@ class Checkpointer:
 
   def _unreadable_message(self, step: int, detail: str) -> str:
     return (f"Checkpoint {self.directory / str(step)} could not be restored ({detail}). It was left untouched. If it "
-            f"is corrupt, {self._set_aside_hint(step)}. If the model or optimizer configuration changed since it was written, use the "
-            "configuration it was written with (MODEL_DIR/config.gin).")
+            f"is corrupt, {self._set_aside_hint(step)}. If the model or optimizer configuration changed since it was "
+            "written, use the configuration it was written with (MODEL_DIR/config.gin).")
 
   def _check_step_exists(self, step: int) -> None:
     if step not in self.all_steps():
