@@ -9,6 +9,8 @@ import importlib.metadata
 import logging
 import os
 import re
+import tokenize
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,7 +145,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
                            "pass an existing path, e.g. --gin_file=gin/runs/smoke.gin.")
   # One parse per file and per binding (what gin.parse_config_files_and_bindings does in one go), so an error can
   # name its source: gin numbers the lines of the bindings joined after the prelude, and a tokenizer error (an
-  # unclosed bracket) names no file or line at all.
+  # unclosed bracket) names no file (`_error_text` finds it).
   source, binding = "", None
   redeclared: dict[str, tuple[str, str]] = {}
   bound_by: dict[str, str] = {}  # macro -> the file that first bound it to a value
@@ -162,12 +164,32 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
         gin.parse_config(prelude + binding)
   except Exception as e:  # Gin reports syntax errors, unknown names and bad includes with various types.
     raise GinConfigError(
-        f"Could not parse the gin configuration ({type(e).__name__}) in {source}: {e}\n"
+        f"Could not parse the gin configuration ({type(e).__name__}) in {source}: "
+        f"{_error_text(e, prelude if source.startswith('--gin.') else '')}\n"
         "Check the --gin_file paths and the --gin.KEY=VALUE bindings: string values need inner quotes "
         "(--gin.MODEL_DIR=\"'/tmp/run'\"), names must exist in the imported modules."
         + (_quoting_hint(binding) if source.startswith("--gin.") else "")) from e
   _redeclared.update(macros=redeclared, config=frozenset(gin.config._CONFIG))  # pylint: disable=protected-access
   _check_macro_bindings_used(bindings)
+
+
+def _error_text(e: Exception, prelude: str = "") -> str:
+  """gin's message for `e`, except for a tokenizer error, whose ('EOF in multi-line statement', (2, 0)) names no
+  file: then the message with the file gin was reading (the innermost parse_config_file, so an included file's own
+  path), the line and the column; in a binding parsed after `prelude`, its line within the binding. Python 3.12's
+  tokenizer raises it for more than unclosed brackets (a malformed number such as 10_bad), where 3.11 gave gin's
+  SyntaxError, which names both."""
+  text = str(e)
+  # str() rather than args: gin re-raises an included file's error as a proxy without args, its text extended by
+  # the include's location, which is kept after ours.
+  found = re.match(r"\('(.*)', \((\d+), (\d+)\)\)", text) if isinstance(e, tokenize.TokenError) else None
+  if found is None:
+    return text
+  message, line, column = found.group(1), int(found.group(2)) - prelude.count("\n"), found.group(3)
+  files = [frame.f_locals.get("config_file_with_prefix", frame.f_locals.get("config_file"))
+           for frame, _ in traceback.walk_tb(e.__traceback__) if frame.f_code.co_name == "parse_config_file"]
+  where = f"{files[-1]}, " if files and isinstance(files[-1], str) else ""
+  return f"{message} ({where}line {line}, column {column}){text[found.end():]}"
 
 
 def _quoting_hint(binding: str | None) -> str:

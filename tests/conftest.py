@@ -35,10 +35,12 @@ def _pin_xdist_worker():
   762 s -> 445 s). Affinity, not a flag such as --xla_cpu_multi_thread_eigen=false, because that flag changes the
   compiled code (bfloat16 dots become float32 ones, which tests/models/test_cpu_layouts.py pins)."""
   worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
-  if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and hasattr(os, "sched_setaffinity")):
+  if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 0
+          and hasattr(os, "sched_setaffinity")):
     return
   cpus = sorted(os.sched_getaffinity(0))
-  index, count = int(worker[2:]), int(count)
+  # A worker that replaces a crashed one gets the next name (gw2 of 2): the crashed one's share, not an empty one.
+  index, count = int(worker[2:]) % int(count), int(count)
   if count <= len(cpus):
     os.sched_setaffinity(0, cpus[index::count])
 
@@ -66,6 +68,13 @@ def t5_vocab_path() -> Path:
   if not T5_VOCAB.exists():
     pytest.skip(f"T5 vocabulary not found at {T5_VOCAB} (../shared is absent on this machine)")
   return T5_VOCAB
+
+
+@pytest.fixture
+def hf_libraries() -> None:
+  """Skips a test where the `hf` extra (transformers, safetensors) is not installed, as on a core-only install."""
+  for name in ("transformers", "safetensors"):
+    pytest.importorskip(name, reason=f"{name} is not installed (the hf extra: pip install -e '.[hf]')")
 
 
 class FailingReads:

@@ -89,6 +89,7 @@ def test_collect_of_a_root_without_runs_keeps_the_results_table(tmp_path, capsys
   assert list(csv.DictReader(table.open()))[0]["run"] == "a"
 
 
+@pytest.mark.usefixtures("hf_libraries")
 def test_a_failed_export_keeps_the_earlier_weights(tmp_path, monkeypatch):
   import numpy as np
   import safetensors.numpy

@@ -67,6 +67,22 @@ def test_a_parse_error_names_the_binding_or_file_at_fault(tmp_path):
     gin_utils.parse(["gin/models/t5_1_1_tiny.gin", str(unclosed), "gin/runs/pretrain.gin"], [])
 
 
+def test_a_tokenizer_error_names_the_file_and_line_it_is_in(tmp_path):
+  """Python's tokenizer error carries only a line and column; the file is the one gin was reading, an included
+  file's own rather than the --gin_file that includes it. (An unclosed bracket on every Python; from 3.12 also a
+  malformed number.)"""
+  unclosed = tmp_path / "unclosed.gin"
+  unclosed.write_text("# settings\nt5.T5Config.emb_dim = (64\n")
+  including = tmp_path / "run.gin"
+  including.write_text(f"include '{unclosed}'\n")
+  with pytest.raises(gin_utils.GinConfigError,
+                     match=rf"in --gin_file={including} \(or a file it includes\): (unexpected )?EOF in multi-line "
+                           rf"statement \({unclosed}, line [23], column 0\)"):  # 3.11: the end; 3.12: the start
+    gin_utils.parse(["gin/models/t5_1_1_tiny.gin", str(including)], [])
+  with pytest.raises(gin_utils.GinConfigError, match=r"in --gin.BATCH_SIZE=\(4: .*\(line [12], column 0\)"):
+    gin_utils.parse(["gin/runs/smoke.gin"], ["BATCH_SIZE=(4"])
+
+
 def test_missing_gin_file():
   with pytest.raises(gin_utils.GinConfigError, match="not found"):
     gin_utils.parse(["gin/runs/no_such_run.gin"], [])

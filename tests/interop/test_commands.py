@@ -89,6 +89,7 @@ def test_infer_cuts_long_inputs_to_the_trained_length(tiny_model_dir, tmp_path, 
   assert "--max_input_length=1: inputs need at least 2 tokens" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("hf_libraries")
 def test_export_into_another_model_s_directory_needs_overwrite(tiny_model_dir, tmp_path, capsys, fresh_gin):
   other = tmp_path / "other"
   other.mkdir()

@@ -71,6 +71,7 @@ def write_squad_fixture(directory: Path) -> Path:
   return directory
 
 
+@pytest.mark.usefixtures("hf_libraries")
 @pytest.mark.slow
 def test_finetune_and_eval_end_to_end(tmp_path, capsys, fresh_gin):
   squad_dir = write_squad_fixture(tmp_path / "squad")

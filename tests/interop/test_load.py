@@ -37,6 +37,7 @@ def test_repeat_lm_model_dir_onto_the_mesh(tiny_model_dir, scan):
     np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=path)
 
 
+@pytest.mark.usefixtures("hf_libraries")
 def test_hf_architecture_mismatch_is_named(tmp_path):
   hf.export_hf(init_params(TINY), TINY, tmp_path)
   relu = dataclasses.replace(TINY, mlp_activations=("relu",))
@@ -44,6 +45,7 @@ def test_hf_architecture_mismatch_is_named(tmp_path):
     load.load_for_module(tmp_path, t5.Transformer(relu))
 
 
+@pytest.mark.usefixtures("hf_libraries")
 def test_a_step_is_refused_for_a_hugging_face_directory(tmp_path):
   """Its weights are whichever step was exported: --step cannot be honoured, so it is not silently ignored."""
   hf.export_hf(random_params(TINY), TINY, tmp_path)
@@ -172,12 +174,13 @@ def test_a_step_that_is_no_whole_number_is_named(tiny_model_dir, as_given):
 
 @pytest.mark.parametrize("saved,target,kind", [(TINY, SHARED, "repeat_lm"), (SHARED, TINY, "repeat_lm"),
                                                (TINY, SHARED, "hf")], ids=["into-shared", "from-shared", "hf"])
-def test_a_checkpoint_of_another_depth_is_refused_where_sharing_hides_it(tmp_path, saved, target, kind):
+def test_a_checkpoint_of_another_depth_is_refused_where_sharing_hides_it(tmp_path, saved, target, kind, request):
   """2 distinct layers and 4 layers with param_share=2 have the same parameter tree: either loaded silently into the
   other model (2 layers run as 4, or 4 as 2; other logits)."""
   params = random_params(saved)
   path = tmp_path / kind
   if kind == "hf":
+    request.getfixturevalue("hf_libraries")
     hf.export_hf(params, saved, path)
   else:
     write_model_dir(path, saved, params)
@@ -203,6 +206,7 @@ def _hf_config_only(path, config_json):
   return path
 
 
+@pytest.mark.usefixtures("hf_libraries")
 def test_hf_settings_that_shapes_do_not_show_are_checked(tmp_path):
   """Relative-position distance and the experts' activation leave every parameter shape as it is: a checkpoint of
   another one loads silently and computes other logits unless config.json is compared."""
