@@ -165,7 +165,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   except Exception as e:  # Gin reports syntax errors, unknown names and bad includes with various types.
     raise GinConfigError(
         f"Could not parse the gin configuration ({type(e).__name__}) in {source}: "
-        f"{_error_text(e, prelude if source.startswith('--gin.') else '')}\n"
+        f"{_error_text(e, prelude, binding) if source.startswith('--gin.') else _error_text(e)}\n"
         "Check the --gin_file paths and the --gin.KEY=VALUE bindings: string values need inner quotes "
         "(--gin.MODEL_DIR=\"'/tmp/run'\"), names must exist in the imported modules."
         + (_quoting_hint(binding) if source.startswith("--gin.") else "")) from e
@@ -173,23 +173,39 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   _check_macro_bindings_used(bindings)
 
 
-def _error_text(e: Exception, prelude: str = "") -> str:
-  """gin's message for `e`, except for a tokenizer error, whose ('EOF in multi-line statement', (2, 0)) names no
-  file: then the message with the file gin was reading (the innermost parse_config_file, so an included file's own
-  path), the line and the column; in a binding parsed after `prelude`, its line within the binding. Python 3.12's
-  tokenizer raises it for more than unclosed brackets (a malformed number such as 10_bad), where 3.11 gave gin's
-  SyntaxError, which names both."""
-  text = str(e)
-  # str() rather than args: gin re-raises an included file's error as a proxy without args, its text extended by
-  # the include's location, which is kept after ours.
-  found = re.match(r"\('(.*)', \((\d+), (\d+)\)\)", text) if isinstance(e, tokenize.TokenError) else None
-  if found is None:
+def _error_text(e: Exception, prelude: str = "", binding: str | None = None) -> str:
+  """gin's message for `e`, except for an error of Python's tokenizer (a TokenError: ('EOF in multi-line
+  statement', (2, 0)); or an IndentationError of '<tokenize>'), which names no file: then its message with the file
+  gin was reading (the innermost parse_config_file, so an included file's own path) and the line. In a `binding`
+  parsed after `prelude`, any syntax error's line is the binding's own (gin counts the prelude's lines too). Python 3.12's tokenizer raises a TokenError for
+  more than unclosed brackets (a malformed number such as 10_bad or 0b2), where 3.11 gave gin's SyntaxError, which
+  names both. No column: the tokenizers count them from 0 (3.11) or 1 (3.12)."""
+  text, origin = str(e), e
+  # gin re-raises an included file's error as a proxy without args (its text extended by the include's location,
+  # which is kept after ours); the original is its context.
+  while isinstance(origin, tokenize.TokenError) and not origin.args and origin.__context__ is not None:
+    origin = origin.__context__
+  if isinstance(origin, tokenize.TokenError) and len(origin.args) == 2 and isinstance(origin.args[1], tuple):
+    message, line = origin.args[0], origin.args[1][0]
+  elif isinstance(origin, SyntaxError) and origin.lineno and (binding is not None or
+                                                               origin.filename in ("<tokenize>", "<string>")):
+    message, line = origin.msg, origin.lineno
+  else:
     return text
-  message, line, column = found.group(1), int(found.group(2)) - prelude.count("\n"), found.group(3)
+  message = re.sub(r" \(detected at line \d+\)", "", str(message))  # 3.12 counts the prelude's lines in
   files = [frame.f_locals.get("config_file_with_prefix", frame.f_locals.get("config_file"))
            for frame, _ in traceback.walk_tb(e.__traceback__) if frame.f_code.co_name == "parse_config_file"]
-  where = f"{files[-1]}, " if files and isinstance(files[-1], str) else ""
-  return f"{message} ({where}line {line}, column {column}){text[found.end():]}"
+  path = files[-1] if files and isinstance(files[-1], str) else None
+  if binding is not None:
+    line, last, where = line - prelude.count("\n"), binding.count("\n") + 1, ""
+  else:
+    try:
+      last = len(Path(path).read_text(errors="replace").splitlines()) if path else line
+    except OSError:  # a path only gin's own file readers open
+      last = line
+    where = f"{path}, " if path else ""
+  # 3.11 puts an unclosed bracket's error at the line after the last; the last is where the text ends.
+  return f"{message} ({where}line {max(1, min(line, last))}){text[len(str(origin)):]}"
 
 
 def _quoting_hint(binding: str | None) -> str:

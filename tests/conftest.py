@@ -39,7 +39,8 @@ def _pin_xdist_worker():
           and hasattr(os, "sched_setaffinity")):
     return
   cpus = sorted(os.sched_getaffinity(0))
-  # A worker that replaces a crashed one gets the next name (gw2 of 2): the crashed one's share, not an empty one.
+  # A worker that replaces a crashed one gets the next name (gw2 of 2) and share N % count, perhaps a live worker's:
+  # cpus[N::count] would be empty, which sched_setaffinity refuses, and the replacement died importing this file.
   index, count = int(worker[2:]) % int(count), int(count)
   if count <= len(cpus):
     os.sched_setaffinity(0, cpus[index::count])

@@ -1,5 +1,6 @@
 """Every shipped gin file parses against repeat_lm's configurables, and bad gin gives an instruction."""
 
+import re
 from pathlib import Path
 
 import gin
@@ -68,19 +69,25 @@ def test_a_parse_error_names_the_binding_or_file_at_fault(tmp_path):
 
 
 def test_a_tokenizer_error_names_the_file_and_line_it_is_in(tmp_path):
-  """Python's tokenizer error carries only a line and column; the file is the one gin was reading, an included
-  file's own rather than the --gin_file that includes it. (An unclosed bracket on every Python; from 3.12 also a
-  malformed number.)"""
-  unclosed = tmp_path / "unclosed.gin"
-  unclosed.write_text("# settings\nt5.T5Config.emb_dim = (64\n")
-  including = tmp_path / "run.gin"
-  including.write_text(f"include '{unclosed}'\n")
-  with pytest.raises(gin_utils.GinConfigError,
-                     match=rf"in --gin_file={including} \(or a file it includes\): (unexpected )?EOF in multi-line "
-                           rf"statement \({unclosed}, line [23], column 0\)"):  # 3.11: the end; 3.12: the start
-    gin_utils.parse(["gin/models/t5_1_1_tiny.gin", str(including)], [])
-  with pytest.raises(gin_utils.GinConfigError, match=r"in --gin.BATCH_SIZE=\(4: .*\(line [12], column 0\)"):
-    gin_utils.parse(["gin/runs/smoke.gin"], ["BATCH_SIZE=(4"])
+  """Python's tokenizer errors carry only a line (TokenError) or no real file (IndentationError of '<tokenize>');
+  the file is the one gin was reading, an included file's own rather than the --gin_file that includes it. An
+  unclosed bracket is a TokenError on every Python, a malformed number from 3.12 on (3.11: gin's own SyntaxError,
+  which names the file too)."""
+  cases = {"unclosed.gin": ("# settings\nt5.T5Config.emb_dim = (64\n", "(unexpected )?EOF in multi-line statement", 2),
+           "number.gin": ("# settings\nB = 0b2\n", ".*", 2),
+           "indent.gin": ("A = 1\n    B = 2\n  C = 3\n", "unindent does not match any outer indentation level", 3)}
+  for name, (text, message, line) in cases.items():
+    faulty, including = tmp_path / name, tmp_path / f"run_{name}"
+    faulty.write_text(text)
+    including.write_text(f"include '{faulty}'\n")
+    with pytest.raises(gin_utils.GinConfigError,
+                       match=rf"in --gin_file={re.escape(str(including))} \(or a file it includes\): {message} "
+                             rf"\(({re.escape(str(faulty))}|{name}), line {line}\)"):
+      gin_utils.parse(["gin/models/t5_1_1_tiny.gin", str(including)], [])
+  # A binding's line is its own, not counted after the prelude gin parses it with (a tokenizer's or gin's error).
+  for binding in ("BATCH_SIZE=(4", "BATCH_SIZE='4"):
+    with pytest.raises(gin_utils.GinConfigError, match=rf"in --gin.{re.escape(binding)}: .*\(line 1\)"):
+      gin_utils.parse(["gin/runs/smoke.gin"], [binding])
 
 
 def test_missing_gin_file():
