@@ -33,7 +33,7 @@ def _load_triton_before_tensorflow() -> None:
   try:
     import triton  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except Exception:  # pylint: disable=broad-except
-    pass  # a triton that cannot load (no compiler, an ABI mismatch) is not repeat_lm's to fix; PyTorch loads it lazily
+    pass  # a triton that cannot load is PyTorch's to report when it asks for it, not every import's
 
 
 _load_triton_before_tensorflow()

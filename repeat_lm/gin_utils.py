@@ -177,9 +177,11 @@ def _error_text(e: Exception, prelude: str = "", binding: str | None = None) -> 
   """gin's message for `e`, except for an error of Python's tokenizer (a TokenError: ('EOF in multi-line
   statement', (2, 0)); or an IndentationError of '<tokenize>'), which names no file: then its message with the file
   gin was reading (the innermost parse_config_file, so an included file's own path) and the line. In a `binding`
-  parsed after `prelude`, any syntax error's line is the binding's own (gin counts the prelude's lines too). Python 3.12's tokenizer raises a TokenError for
-  more than unclosed brackets (a malformed number such as 10_bad or 0b2), where 3.11 gave gin's SyntaxError, which
-  names both. No column: the tokenizers count them from 0 (3.11) or 1 (3.12)."""
+  parsed after `prelude`, any syntax error's line is the binding's own (gin counts the prelude's lines too).
+
+  Python 3.12's tokenizer raises a TokenError for more than unclosed brackets (a malformed number such as 10_bad or
+  0b2), where 3.11 gave gin's SyntaxError, which names both. No column: the tokenizers count them from 0 (3.11) or
+  1 (3.12)."""
   text, origin = str(e), e
   # gin re-raises an included file's error as a proxy without args (its text extended by the include's location,
   # which is kept after ours); the original is its context.
@@ -192,7 +194,8 @@ def _error_text(e: Exception, prelude: str = "", binding: str | None = None) -> 
     message, line = origin.msg, origin.lineno
   else:
     return text
-  message = re.sub(r" \(detected at line \d+\)", "", str(message))  # 3.12 counts the prelude's lines in
+  # Dropped: 3.12's own "(detected at line N)" counts a binding's prelude lines too.
+  message = re.sub(r" \(detected at line \d+\)", "", str(message))
   files = [frame.f_locals.get("config_file_with_prefix", frame.f_locals.get("config_file"))
            for frame, _ in traceback.walk_tb(e.__traceback__) if frame.f_code.co_name == "parse_config_file"]
   path = files[-1] if files and isinstance(files[-1], str) else None
