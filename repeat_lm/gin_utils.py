@@ -165,7 +165,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   except Exception as e:  # Gin reports syntax errors, unknown names and bad includes with various types.
     raise GinConfigError(
         f"Could not parse the gin configuration ({type(e).__name__}) in {source}: "
-        f"{_error_text(e, prelude, binding) if source.startswith('--gin.') else _error_text(e)}\n"
+        f"{_error_text(e, prelude, binding)}\n"  # binding is None while the files are read
         "Check the --gin_file paths and the --gin.KEY=VALUE bindings: string values need inner quotes "
         "(--gin.MODEL_DIR=\"'/tmp/run'\"), names must exist in the imported modules."
         + (_quoting_hint(binding) if source.startswith("--gin.") else "")) from e

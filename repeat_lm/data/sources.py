@@ -263,18 +263,18 @@ class LocalText:
 
   def __post_init__(self):
     check_max_chars(self.max_document_chars)  # when the source is configured, not when its text is first read
+    corpus_files: list[str] = []  # wiki: not fetched here
     if self.corpus != 'wiki':
       given = self.corpus
       object.__setattr__(self, 'corpus', _absolute(given))
-      _resolve_as_given(self.corpus, given)  # fail now, naming the path, rather than deep inside a pipeline
+      corpus_files = _resolve_as_given(given)  # fail now, naming the path, rather than deep inside a pipeline
     if isinstance(self.validation, str):
       if _is_number(self.validation) and not tf.io.gfile.exists(self.validation):
         raise ValueError(f'validation={self.validation!r} is a string, read as a path, and no such file exists; for '
                          f'a held-out fraction give the number without quotes (validation={self.validation}).')
       given = self.validation
       object.__setattr__(self, 'validation', _absolute(given))
-      train = set() if self.corpus == 'wiki' else set(resolve_paths(self.corpus))  # wiki: not fetched here
-      shared = set(_resolve_as_given(self.validation, given)) & train
+      shared = set(_resolve_as_given(given)) & set(corpus_files)
       if shared:  # validation documents that are also trained on measure memorisation, not generalisation
         raise ValueError(f'LocalText: the validation files are also training files ({sorted(shared)[:3]}); give '
                          'validation a path outside the corpus, or a fraction (e.g. 0.05) to hold documents out.')
@@ -333,9 +333,10 @@ def _absolute(path: str) -> str:
   return path if '://' in path or path == 'wiki' else os.path.abspath(os.path.expanduser(path))  # cwd may change
 
 
-def _resolve_as_given(path: str, given: str) -> list[str]:
-  """resolve_paths(path), where `path` is _absolute(given); a relative `given` that matches nothing says which
-  directory it was read from (an experiment gin's '../shared/...' run from elsewhere named only the absolute path)."""
+def _resolve_as_given(given: str) -> list[str]:
+  """resolve_paths(_absolute(given)); a relative `given` that matches nothing says which directory it was read from
+  (an experiment gin's '../shared/...' run from elsewhere named only the absolute path)."""
+  path = _absolute(given)
   try:
     return resolve_paths(path)
   except FileNotFoundError as e:
