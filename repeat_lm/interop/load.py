@@ -128,6 +128,11 @@ def _restore_repeat_lm(step_dir: Path, abstract_params: Any | None,
             item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
     except Exception as e:  # Orbax and TensorStore raise many types; all mean the same thing to the user
       raise _unreadable(step_dir, checkpoint.brief_error(e), name_step) from e
+  # As a training restore's check: a finetune from a damaged step "diverged" at its first step (and was told to lower
+  # its learning rate), and infer and export read or wrote NaN weights without a word.
+  bad = checkpoint.non_finite_leaves(restored["params"])
+  if bad:
+    raise _unreadable(step_dir, f"it {checkpoint.damaged_text(bad)}", name_step)
   return restored["params"]
 
 

@@ -205,6 +205,12 @@ def non_finite_leaves(tree: Any) -> list[str]:
   return [_path_name(path) for (path, _), ok in zip(floats, finite) if not ok]
 
 
+def damaged_text(bad: list[str]) -> str:
+  """Why a checkpoint whose arrays `bad` (non_finite_leaves) hold NaN or infinity is damaged, not a divergence."""
+  return (f"holds non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: it is damaged "
+          "(training saves a step only once its loss, gradients and parameters were read finite)")
+
+
 def step_before(steps: list[int], step: int) -> int | None:
   """The latest of `steps` before `step` (what a damaged checkpoint's error points at), or None."""
   return max((s for s in steps if s < step), default=None)
@@ -252,6 +258,11 @@ class Checkpointer:
       yield
     except (OSError, ValueError, RuntimeError) as e:  # TensorStore's I/O errors are ValueErrors; a bug stays a bug
       failed, self._saving = self._saving, None
+      # Orbax drops the steps its retention will delete from its list when the save starts, before the write is
+      # committed, and deletes them only after: with keep=1 the list was empty while the previous step was intact on
+      # disk, and the message said none was written. Listed afresh from the directory instead.
+      with contextlib.suppress(Exception):
+        self._manager.reload()
       kept = step_before(self.all_steps(), failed) if failed is not None else self.latest_step()
       raise CheckpointError(
           f"Saving {f'checkpoint {failed}' if failed is not None else 'a checkpoint'} under {self.directory} failed "
@@ -304,10 +315,8 @@ class Checkpointer:
       # Training never saves a step it has not checked finite, so these were damaged on disk (the data files carry no
       # checksums). Restored as they were, the next step "diverged" and the error blamed the learning rate, naming
       # this step as the good one to resume from: a loop no lower rate could end.
-      raise CheckpointError(f"Checkpoint {self.directory / str(step)} holds non-finite values in "
-                            f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: it is damaged (training saves "
-                            f"a step only once its loss, gradients and parameters were read finite). It was left "
-                            f"untouched; {self._set_aside_hint(step)}.")
+      raise CheckpointError(f"Checkpoint {self.directory / str(step)} {damaged_text(bad)}. It was left untouched; "
+                            f"{self._set_aside_hint(step)}.")
     logging.info("Restored checkpoint %s", self.directory / str(step))
     return restored["state"], dict(meta)
 
@@ -354,14 +363,22 @@ class Checkpointer:
       except Exception as e:
         if any(sign in str(e) for sign in _MISMATCH_SIGNS):
           raise CheckpointError(self._mismatch_message(step, str(e))) from e
-        older = step_before(self.all_steps(), step)
-        other = f" CHECKPOINT_STEP={older} evaluates the step before it." if older is not None else ""
         raise CheckpointError(
             f"Parameters of checkpoint {self.directory / str(step)} could not be restored "
             f"({brief_error(e)}). It was left untouched. If it is corrupt or truncated, another step can be "
-            f"read (steps here: {self.all_steps()}).{other} If the model changed since it was written, use "
-            f"{self.directory.parent / 'config.gin'}.") from e
+            f"read (steps here: {self.all_steps()}).{self._other_step(step)} If the model changed since it was "
+            f"written, use {self.directory.parent / 'config.gin'}.") from e
+    # As restore's check: evaluated as they were, a damaged step's NaN parameters were reported as its eval loss.
+    bad = non_finite_leaves(restored["state"])
+    if bad:
+      raise CheckpointError(f"Checkpoint {self.directory / str(step)} {damaged_text(bad)}. It was left untouched; "
+                            f"steps here: {self.all_steps()}.{self._other_step(step)}")
     return restored["state"]["params"], step
+
+  def _other_step(self, step: int) -> str:
+    """How an evaluation reads the step before a damaged `step`, where there is one."""
+    older = step_before(self.all_steps(), step)
+    return f" CHECKPOINT_STEP={older} evaluates the step before it." if older is not None else ""
 
   def wait(self) -> None:
     with self._save_errors():

@@ -302,14 +302,24 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
                  "trainer.train.eval_steps": (eval_steps, 1)})
   _check_model_dir(model_dir, writing=True)
   model_dir_path = Path(model_dir)
-  if initial_checkpoint_path and not any(p.name.isdigit() for p in (model_dir_path / "checkpoints").glob("*")):
+  # Step folders, as the Checkpointer lists them; read before it is made, since it creates checkpoints/.
+  resuming = any(p.name.isdigit() for p in (model_dir_path / "checkpoints").glob("*"))
+  if initial_checkpoint_path and not resuming:
     # A fresh run starts from it: one that is missing or unreadable as a checkpoint fails now, not after the step
     # compiled (30 s for the smoke model) with a MODEL_DIR of config.gin and an empty checkpoints/ left behind.
     from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
     load_lib.checkpoint_kind(initial_checkpoint_path)
   model_dir_path.mkdir(parents=True, exist_ok=True)
-  if not (model_dir_path / "config.gin").exists():  # else it may be what the checkpoints were written with
-    _write_config(model_dir_path, operative=False)
+  if not (model_dir_path / "config.gin").exists():
+    if not resuming:  # a fresh run's record from the start, so that one failing before its first save has one
+      _write_config(model_dir_path, operative=False)
+    else:
+      # Checkpoints copied without it: written now, it would be the configured model's, which the depth check then
+      # compared with itself, and which a failed restore left behind as the checkpoints' record (infer and export
+      # build their model from it). Written only once the restore has succeeded, below.
+      logging.warning("%s holds checkpoints but no config.gin: the configured model is checked against them by "
+                      "parameter shapes only (a depth that param_share hides is not seen). Copy the run's "
+                      "config.gin beside checkpoints/ to have it checked.", model_dir_path)
   partitioner = partitioner or partitioning.Partitioner()
   tx = optimizer or optim.make_optimizer(learning_rate=learning_rate)
   cfg = train_dataset_cfg

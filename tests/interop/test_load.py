@@ -99,6 +99,30 @@ def test_a_corrupt_step_names_the_step_before_it(tiny_model_dir, tmp_path):
   load.load_for_module(run, t5.Transformer(TINY), step=steps[-1])
 
 
+def test_a_step_holding_non_finite_values_is_damaged_not_loaded(tiny_model_dir, tmp_path):
+  """Bytes damaged on disk that read back as NaN: a finetune from the step "diverged" at its first step and was told
+  to lower its learning rate; infer and export read (and wrote) the NaN weights without a word."""
+  from repeat_lm.train import checkpoint, optim
+  run = tmp_path / "run"
+  shutil.copytree(tiny_model_dir, run)
+  steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  params = init_params(TINY)
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [leaves[0].at[(0,) * leaves[0].ndim].set(np.nan), *leaves[1:]])
+  damaged = steps[-1] + 1
+  ck = checkpoint.Checkpointer(run, checkpoint.CheckpointConfig(async_save=False, keep=None))
+  ck.save(damaged, {"step": np.int32(damaged), "params": params, "opt_state": optim.make_optimizer().init(params)},
+          {"step": damaged})
+  ck.close()
+  abstract = sharded_abstract(TINY, partitioning.Partitioner(4, 2))
+  with pytest.raises(ValueError, match=rf"checkpoints/{damaged} could not be read \(it holds non-finite values in "
+                     rf".*it is damaged.*INITIAL_CHECKPOINT_PATH='{run / 'checkpoints' / str(steps[-1])}' reads"):
+    load.load_params(run, abstract, config=TINY)  # as trainer.train, same layout
+  with pytest.raises(ValueError, match=r"holds non-finite values.*--step=\d+ reads the step before it"):
+    load.load_for_module(run, t5.Transformer(dataclasses.replace(TINY, scan_layers=True)))  # infer, another layout
+  load.load_params(run, abstract, config=TINY, step=steps[-1])
+
+
 def test_a_damaged_step_for_initial_checkpoint_path_is_told_in_one_line_naming_that_setting(tiny_model_dir, tmp_path,
                                                                                             failing_reads):
   """`repeat-lm finetune` from a MODEL_DIR whose newest step is damaged: the message held Orbax's TensorStore spec,

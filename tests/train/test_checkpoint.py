@@ -80,6 +80,10 @@ def test_a_checkpoint_holding_non_finite_values_is_damaged_not_a_divergence(tmp_
                      r"resume from step 1"):
     ck.restore(checkpoint.abstract_like(state))
   restored, _ = ck.restore(checkpoint.abstract_like(state), step=1)
+  # Evaluation reads the parameters alone: they were evaluated as they were, a NaN eval loss for the step.
+  with pytest.raises(checkpoint.CheckpointError, match=r"2 holds non-finite values in params/w: it is damaged.*"
+                     r"CHECKPOINT_STEP=1 evaluates the step before it"):
+    ck.restore_params(checkpoint.abstract_like(state)["params"])
   ck.close()
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
   assert (tmp_path / "checkpoints" / "2").exists()
@@ -299,14 +303,17 @@ def test_a_background_write_that_fails_names_its_step_and_what_is_kept(tmp_path,
   ck.close()
 
 
-def test_a_real_failed_background_write_is_one_error_and_one_log_line_each(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("keep", [None, 1])
+def test_a_real_failed_background_write_is_one_error_and_one_log_line_each(tmp_path, monkeypatch, capsys, keep):
   # Orbax's own failure path: one array write fails at once (a full disk), the others are still being written. It
   # printed 'Event loop is closed' tracebacks from the writes left running, and logged each failure with its traceback.
+  # keep=1: Orbax had already dropped step 1 (due for deletion) from its list, and the error said no earlier
+  # checkpoint was written while step 1 was intact.
   import asyncio
   import logging
   from orbax.checkpoint._src.serialization import serialization  # pylint: disable=protected-access
   state = {"step": jnp.asarray(1, jnp.int32), "params": {f"w{i}": _state()["params"]["w"] + i for i in range(6)}}
-  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=None))
+  ck = checkpoint.Checkpointer(tmp_path, checkpoint.CheckpointConfig(period=1, keep=keep))
   ck.save(1, state, {"step": 1})
   ck.wait()
   real_write, calls = serialization.async_serialize_from_host, []

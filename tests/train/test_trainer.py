@@ -3,6 +3,7 @@ and metrics read one step late equal to stepping the train step directly."""
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -547,6 +548,18 @@ def test_a_model_of_another_depth_hidden_by_sharing_is_neither_evaluated_nor_res
   with pytest.raises(ValueError, match="another depth.*encoder 2 layers .* vs model 4"):
     run(tmp_path, 9, model=deeper)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+
+
+def test_checkpoints_without_their_config_gin_get_none_written_before_the_restore(uninterrupted, tmp_path, caplog):
+  # Only checkpoints/ copied: train wrote the configured model's config.gin first, so the depth check compared the
+  # model with itself, and a failed restore left that file behind as the checkpoints' record (infer and export build
+  # their model from it).
+  d, _ = uninterrupted
+  shutil.copytree(d / "checkpoints", tmp_path / "checkpoints")
+  with caplog.at_level(logging.WARNING), pytest.raises(checkpoint.CheckpointError, match="holds a different model"):
+    run(tmp_path, 9, model=tiny_model(relative_attention_num_buckets=16))
+  assert not (tmp_path / "config.gin").exists()
+  assert "holds checkpoints but no config.gin" in caplog.text
 
 
 def test_unseeded_evaluation_rows_of_all_hosts_make_one_stream(monkeypatch):
