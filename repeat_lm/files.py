@@ -34,14 +34,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
   """Writes via a temp file in the same directory + rename, so readers never see a partial file.
 
   Two racing writers each rename a complete file; the last rename wins and both leave a valid file behind.
+
+  The data reaches the disk before the rename does: on filesystems that may commit a rename ahead of the data it
+  names (XFS, some NFS and Lustre setups; ext4 guards only some cases), a machine that died soon after left a
+  zero-length file, and a resume's rewritten metrics.jsonl held every result of its run.
   """
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable by others
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+  _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+  """Commits a rename in `directory` to disk, where the platform lets a directory be opened and synced."""
+  try:
+    dir_fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(dir_fd)
+  except OSError:  # some filesystems refuse fsync on a directory; the rename stands as written
+    pass
+  finally:
+    os.close(dir_fd)

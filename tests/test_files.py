@@ -68,3 +68,18 @@ def test_the_temp_file_is_renamed_from_the_target_folder(tmp_path, monkeypatch):
   files.atomic_write_bytes(tmp_path / 'out' / 'model.bin', b'x')
   (src,) = renamed
   assert os.path.dirname(src) == str(tmp_path / 'out')
+
+
+def test_the_data_is_synced_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+  # A filesystem may commit the rename before the data it names: after a crash, a zero-length metrics.jsonl.
+  events = []
+  fsync, replace = os.fsync, os.replace
+
+  def synced(fd):
+    kind = 'dir' if os.path.isdir(f'/proc/self/fd/{fd}') else 'file'
+    events.append((kind, os.fstat(fd).st_size if kind == 'file' else None))
+    fsync(fd)
+  monkeypatch.setattr(files.os, 'fsync', synced)
+  monkeypatch.setattr(files.os, 'replace', lambda src, dst: (events.append(('rename', None)), replace(src, dst)))
+  files.atomic_write_bytes(tmp_path / 'metrics.jsonl', b'{"step": 1}\n')
+  assert events == [('file', 12), ('rename', None), ('dir', None)]

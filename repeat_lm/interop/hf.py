@@ -116,12 +116,15 @@ def t5_config_from_hf(hf: Mapping[str, Any], **overrides) -> t5.T5Config:
   return t5.T5Config(**kwargs)
 
 
+# T5Config settings that leave no trace in parameter shapes: weights read under other values compute another function.
+SHAPELESS_FIELDS = ("mlp_activations", "relative_attention_num_buckets", "relative_attention_max_distance",
+                    "layer_norm_epsilon", "logits_via_embedding")
+
+
 def architecture_diffs(theirs: t5.T5Config, ours: t5.T5Config) -> list[str]:
   """Hyper-parameters that leave no trace in parameter shapes, where a checkpoint's config (`theirs`) and the model's
   differ: weights read under `ours` would silently compute another function. Both dense, or both MoE."""
-  fields = ("mlp_activations", "relative_attention_num_buckets", "relative_attention_max_distance",
-            "layer_norm_epsilon", "logits_via_embedding")
-  diffs = [f"{f}: checkpoint {getattr(theirs, f)!r} vs model {getattr(ours, f)!r}" for f in fields
+  diffs = [f"{f}: checkpoint {getattr(theirs, f)!r} vs model {getattr(ours, f)!r}" for f in SHAPELESS_FIELDS
            if getattr(theirs, f) != getattr(ours, f)]
   if ours.moe is not None and theirs.moe is not None:  # routing and expert activations do not show in shapes either
     diffs += [f"moe.{f}: checkpoint {getattr(theirs.moe, f)!r} vs model {getattr(ours.moe, f)!r}"

@@ -188,6 +188,7 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
   saved = _saved_depths(step_dir) if step_dir is not None else None
   if step_dir is not None and config is not None:
     _check_depths(f"repeat_lm checkpoint {step_dir}", saved, config)
+    _check_settings(step_dir, _saved_settings(step_dir), config)
   if step_dir is not None:
     metadata = _metadata_params(step_dir, name_step)
     if {k: tuple(v.shape) for k, v in metadata.items()} == {k: tuple(v.shape) for k, v in target_flat.items()}:
@@ -207,44 +208,78 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
 
 
 # A T5Config setting of a MODEL_DIR's config.gin (possibly scoped, e.g. MODEL/t5.T5Config.param_share = 2).
-_GIN_DEPTH = re.compile(
-    r"^(?:[\w./]+/)?t5\.T5Config\.(num_encoder_layers|num_decoder_layers|param_share)\s*=\s*(.+?)\s*$", re.M)
-_GIN_T5CONFIG = re.compile(r"^(?:[\w./]+/)?t5\.T5Config\.\w+\s*=", re.M)
+_GIN_T5_SETTING = re.compile(r"^(?:[\w./]+/)?t5\.T5Config\.(\w+)\s*=\s*(.+?)\s*$", re.M)
 
 
-def _saved_depths(step_dir: Path) -> dict[str, tuple[int, int]] | None:
-  """{stack: (layers, layers per parameter set)} of the model that wrote `step_dir`, from its MODEL_DIR's config.gin;
-  None where that is not known (no config.gin beside checkpoints/, a value bound through a macro)."""
-  from repeat_lm.models import stack, t5  # pylint: disable=import-outside-toplevel
+def _saved_settings(step_dir: Path) -> dict[str, Any] | None:
+  """T5Config's fields as the MODEL_DIR config.gin of the model that wrote `step_dir` had them (defaults where it
+  binds none); None where that is not known (no config.gin beside checkpoints/, no T5Config setting in it). A field
+  bound through a macro or reference, over several lines, or differently in several scopes is left out."""
+  from repeat_lm.models import t5  # pylint: disable=import-outside-toplevel
   try:
     text = (step_dir.parent.parent / "config.gin").read_text(encoding="utf-8")
   except (OSError, UnicodeDecodeError):
     return None
-  if not _GIN_T5CONFIG.search(text):
+  matches = list(_GIN_T5_SETTING.finditer(text))
+  if not matches:
     # No T5Config setting at all: a model built in Python (the trainer's config.gin is then empty) or by other
-    # configurables. T5Config's defaults are no evidence of its depth; they refused the very model that wrote it.
+    # configurables. T5Config's defaults are no evidence of its model; they refused the very model that wrote it.
     return None
-  bound: dict[str, set[Any]] = {}
-  for m in _GIN_DEPTH.finditer(text):
+  settings = {f.name: f.default for f in dataclasses.fields(t5.T5Config)}
+  bound: dict[str, list[Any]] = {}
+  for m in matches:
     try:
-      bound.setdefault(m.group(1), set()).add(ast.literal_eval(m.group(2)))
+      bound.setdefault(m.group(1), []).append(ast.literal_eval(m.group(2)))
     except (ValueError, SyntaxError):  # %MACRO or @reference: not resolved here
-      return None
-  if any(len(values) > 1 for values in bound.values()):  # bound differently in several scopes
+      bound.setdefault(m.group(1), []).append(_UNKNOWN)
+  for name, values in bound.items():
+    if values[0] is _UNKNOWN or any(v != values[0] for v in values):  # which scope built the model is not known
+      settings.pop(name, None)
+    else:
+      settings[name] = values[0]
+  return settings
+
+
+_UNKNOWN = object()
+
+
+def _saved_depths(step_dir: Path) -> dict[str, tuple[int, int]] | None:
+  """{stack: (layers, layers per parameter set)} of the model that wrote `step_dir`, from its MODEL_DIR's config.gin;
+  None where that is not known (see _saved_settings)."""
+  from repeat_lm.models import stack  # pylint: disable=import-outside-toplevel
+  settings = _saved_settings(step_dir)
+  if settings is None or not {"num_encoder_layers", "num_decoder_layers", "param_share"} <= settings.keys():
     return None
-  defaults = {f.name: f.default for f in dataclasses.fields(t5.T5Config)}
-  value = lambda f: next(iter(bound[f])) if f in bound else defaults[f]  # noqa: E731
   try:
-    return {name: (n, stack.share_group_size(value("param_share"), n))
-            for name, n in (("encoder", value("num_encoder_layers")), ("decoder", value("num_decoder_layers")))}
+    return {name: (n, stack.share_group_size(settings["param_share"], n))
+            for name, n in (("encoder", settings["num_encoder_layers"]), ("decoder", settings["num_decoder_layers"]))}
   except (TypeError, ValueError):
     return None
 
 
-def check_model_dir_depths(step_dir: Path, config: Any) -> None:
-  """ValueError where `config` is of another depth than the model whose MODEL_DIR config.gin wrote `step_dir`, a
-  difference parameter sharing hides from the checkpoint's shapes (for restores that compare shapes only)."""
+def check_model_dir_config(step_dir: Path, config: Any) -> None:
+  """ValueError where `config` is not the model whose MODEL_DIR config.gin wrote `step_dir` in what the checkpoint's
+  shapes cannot show (for restores that compare shapes only): its depth under parameter sharing, and the settings
+  that change what the same weights compute (hf.SHAPELESS_FIELDS; an MoE's routing is not read from config.gin)."""
   _check_depths(f"repeat_lm checkpoint {step_dir}", _saved_depths(step_dir), config)
+  _check_settings(step_dir, _saved_settings(step_dir), config)
+
+
+def _check_settings(step_dir: Path, saved: dict[str, Any] | None, config: Any) -> None:
+  """A resume, evaluation or INITIAL_CHECKPOINT_PATH read the weights of ('gelu', 'linear') MLPs as ('relu', 'linear')
+  ones (or another position bias, norm epsilon, logits projection) without a word, and a resume then overwrote the
+  config.gin that recorded the original."""
+  from repeat_lm.interop import hf  # pylint: disable=import-outside-toplevel
+  from repeat_lm.models import t5  # pylint: disable=import-outside-toplevel
+  if saved is None or not isinstance(config, t5.T5Config):
+    return
+  plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (a gin tuple may be written as a list)
+  diffs = [f"{f}: checkpoint {saved[f]!r} vs model {getattr(config, f)!r}" for f in hf.SHAPELESS_FIELDS
+           if f in saved and plain(saved[f]) != plain(getattr(config, f))]
+  if diffs:
+    raise ValueError(f"The repeat_lm checkpoint {step_dir} was written by a model with other settings, which its "
+                     "parameter shapes do not show: " + "; ".join(diffs) + ". Set them in the model gin as "
+                     f"{step_dir.parent.parent / 'config.gin'} has them, or train into a fresh MODEL_DIR.")
 
 
 def _check_depths(source: str, saved: dict[str, tuple[int, int]] | None, config: Any) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Coroutine, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 try:  # private: settled_reads() patches it, and does nothing in an Orbax without it
   from orbax.checkpoint._src import asyncio_utils as orbax_asyncio  # pylint: disable=protected-access
@@ -197,11 +198,21 @@ def non_finite_leaves(tree: Any) -> list[str]:
   starts its best value at inf), while the arrays a damaged file spoils are the parameters and their statistics.
 
   Each answer is a scalar, so every process holds all of it: read from its own shard, as device_get could not from
-  an array spanning processes."""
+  an array spanning processes. One check per set of devices the arrays live on (one jit refuses arrays of several:
+  a parameter restored onto one device beside others sharded over the mesh); host (numpy) arrays are checked there."""
   leaves = jax.tree_util.tree_leaves_with_path(tree)
   floats = [(path, x) for path, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact) and x.ndim]
-  answers = jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in floats])
-  finite = [bool(a.addressable_shards[0].data) for a in answers]
+  finite: list[bool] = [True] * len(floats)
+  on_devices: dict[frozenset, list[int]] = {}
+  for i, (_, x) in enumerate(floats):
+    if isinstance(x, jax.Array):
+      on_devices.setdefault(frozenset(x.sharding.device_set), []).append(i)
+    else:
+      finite[i] = bool(np.isfinite(x).all())
+  for group in on_devices.values():
+    answers = jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([floats[i][1] for i in group])
+    for i, answer in zip(group, answers):
+      finite[i] = bool(answer.addressable_shards[0].data)
   return [_path_name(path) for (path, _), ok in zip(floats, finite) if not ok]
 
 

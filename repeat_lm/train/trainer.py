@@ -27,7 +27,7 @@ from repeat_lm.models import moe as moe_lib, t5
 from repeat_lm.models.encoder_decoder import EncoderDecoderModel, summarize
 from repeat_lm.train import checkpoint as ckpt_lib
 from repeat_lm.train import dropout_schedule as dropout_schedule_lib
-from repeat_lm.train import flops, metrics as metrics_lib, optim, partitioning, prefetch, state as state_lib
+from repeat_lm.train import flops, metrics as metrics_lib, optim, partitioning, prefetch, run_lock, state as state_lib
 
 
 class _StopSignal:
@@ -207,6 +207,25 @@ def _check_finite(sums: Mapping[str, Any], step: int, checkpointer: ckpt_lib.Che
       "the learning rate or weight decay (or add gradient clipping) before resuming.")
 
 
+def _agreed_latest_step(checkpointer: ckpt_lib.Checkpointer) -> int | None:
+  """The newest checkpoint step, the same on every process, or a CheckpointError.
+
+  Each process lists the directory itself. Where a shared filesystem caches listings (NFS attribute caching,
+  gcsfuse's list cache) one host saw an older step, or none, and restored that step's shards (or a fresh state) beside
+  the others': a mixed state and a data position per host, with nothing failing."""
+  latest = checkpointer.latest_step()
+  if jax.process_count() == 1:
+    return latest
+  seen = [int(s) for s in multihost_utils.process_allgather(np.asarray(-1 if latest is None else latest, np.int64))]
+  if len(set(seen)) > 1:
+    listed = ", ".join(f"process {i}: {s if s >= 0 else 'none'}" for i, s in enumerate(seen))
+    raise ckpt_lib.CheckpointError(
+        f"The processes see different newest checkpoints under {checkpointer.directory} ({listed}): the filesystem "
+        "lists the directory differently on different hosts (a cached listing). Make its listings consistent (e.g. "
+        "NFS mounted with actimeo=0, gcsfuse without its list cache) and run the same command again.")
+  return latest
+
+
 def _dropout_rate(model: EncoderDecoderModel) -> float:
   return float(getattr(getattr(model.module, "config", None), "dropout_rate", 0.0))
 
@@ -253,12 +272,13 @@ def _check_counts(settings: dict[str, tuple[int, int]]) -> None:
       raise ValueError(f"{name}={value!r}: must be >= {minimum}, a whole number (no quotes).")
 
 
-def _check_depth(model: EncoderDecoderModel, step_dir: Path) -> None:
-  """Parameter sharing hides a stack's depth from the checkpoint's shapes (2 distinct layers and 4 layers with
-  param_share=2 hold the same tree): a model of another depth would resume, or be evaluated, on the parameters
-  without a word. Compared with the MODEL_DIR's config.gin, as INITIAL_CHECKPOINT_PATH's loader does."""
+def _check_unseen_settings(model: EncoderDecoderModel, step_dir: Path) -> None:
+  """What the checkpoint's shapes do not show, compared with the MODEL_DIR's config.gin as INITIAL_CHECKPOINT_PATH's
+  loader does: parameter sharing hides a stack's depth (2 distinct layers and 4 layers with param_share=2 hold the
+  same tree), and the same weights serve other activations, position buckets or norm epsilons. A model differing so
+  would resume, or be evaluated, on the parameters without a word."""
   from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
-  load_lib.check_model_dir_depths(step_dir, getattr(model.module, "config", None))
+  load_lib.check_model_dir_config(step_dir, getattr(model.module, "config", None))
 
 
 def _check_model_dir(model_dir: str, writing: bool = False) -> None:
@@ -310,217 +330,223 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
     load_lib.checkpoint_kind(initial_checkpoint_path)
   model_dir_path.mkdir(parents=True, exist_ok=True)
-  if not (model_dir_path / "config.gin").exists():
-    if not resuming:  # a fresh run's record from the start, so that one failing before its first save has one
-      _write_config(model_dir_path, operative=False)
-    else:
-      # Checkpoints copied without it: written now, it would be the configured model's, which the depth check then
-      # compared with itself, and which a failed restore left behind as the checkpoints' record (infer and export
-      # build their model from it). Written only once the restore has succeeded, below.
-      logging.warning("%s holds checkpoints but no config.gin: the configured model is checked against them by "
-                      "parameter shapes only (a depth that param_share hides is not seen). Copy the run's "
-                      "config.gin beside checkpoints/ to have it checked.", model_dir_path)
-  partitioner = partitioner or partitioning.Partitioner()
-  tx = optimizer or optim.make_optimizer(learning_rate=learning_rate)
-  cfg = train_dataset_cfg
-  if cfg.seed is None:  # one stream for the whole run (and every host), kept in its checkpoints: see _draw_seed
-    cfg = dataclasses.replace(cfg, seed=_draw_seed())
-  first_sentinel = _check_vocab(model, cfg.mixture_or_task_name)
-  lengths = pipeline.model_feature_lengths(cfg)
-  source_tokens = pipeline.source_token_count(cfg.mixture_or_task_name, cfg.split)
-  step_source_tokens = pipeline.source_tokens_per_step(cfg)  # None: count the ids the device saw instead
-  if train_dataset_cfg.seed is not None:
-    # A UL2 layout, and so the batch count, depends on the seed: an unseeded run is checked once its seed is known (a
-    # resumed one would otherwise be refused for a batch count of the new draw, not of the stream it resumes on).
-    _check_available(cfg, total_steps)
-  schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens, total_steps)
-  batch_spec = state_lib.batch_specs(lengths, cfg.batch_size)
-  lay = state_lib.layout(model, tx, partitioner, batch_spec, random_seed)
-  checkpointer = ckpt_lib.Checkpointer(model_dir_path, checkpoint_cfg)
-  writer = metrics_lib.MetricsWriter(model_dir_path)
-
-  start = time.perf_counter()
-  restored_meta: dict[str, Any] = {}
-  if checkpointer.latest_step() is not None:
-    # Before the restore, which compares shapes only: see _check_depth.
-    _check_depth(model, checkpointer.directory / str(checkpointer.latest_step()))
-    state, restored_meta = checkpointer.restore(lay.abstract)
-    saved = restored_meta.get("data") or {}
-    if train_dataset_cfg.seed is None and "seed" in saved:  # the seed drawn when the run started, not a new one
-      cfg = dataclasses.replace(cfg, seed=saved["seed"])  # (None from checkpoints written before seeds were drawn)
-      # A UL2 layout's chunks' lengths (static masks: their order) and steps per epoch depend on the seed too: count
-      # this stream's, not the draw's.
-      step_source_tokens = pipeline.source_tokens_per_step(cfg)
-      schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens, total_steps)
-    if train_dataset_cfg.seed is None:
-      _check_available(cfg, total_steps)
-    pipeline.check_resume(cfg, saved)  # a changed data stream cannot resume exactly
-    _warn_if_routing_groups_change(model, cfg, lengths, restored_meta.get("batch_shards"), partitioner.batch_shards)
-    writer.truncate_after(int(restored_meta["step"]))
-  else:
-    if train_dataset_cfg.seed is None:
-      _check_available(cfg, total_steps)
-    writer.set_aside()
-    state = state_lib.init_state(model, tx, lay, partitioner, batch_spec, random_seed)
-    if initial_checkpoint_path:
-      from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
-      # Fresh optimizer moments are zeros whatever the parameters, so only the parameters need replacing.
-      state["params"] = load_lib.load_params(initial_checkpoint_path, lay.abstract["params"],
-                                             config=getattr(model.module, "config", None))
-  # Only now, with the state restored (or new), is this run's configuration the MODEL_DIR's: a rerun whose model
-  # does not match the checkpoints fails above and leaves their config.gin as it was.
-  _write_config(model_dir_path, operative=False)
-  step = int(jax.device_get(state["step"]))
-  tokens_seen = float(restored_meta.get("tokens_seen", 0.0))
-  logging.info("Starting at step %d of %d (%.1fs to build or restore the state)", step, total_steps,
-               time.perf_counter() - start)
-  if step >= total_steps:
-    logging.warning("MODEL_DIR's checkpoint is at step %d, at or past TRAIN_STEPS=%d: nothing to train (raise "
-                    "TRAIN_STEPS to continue, or point MODEL_DIR at a fresh directory).", step, total_steps)
-
-  train_step = state_lib.make_train_step(model, tx, lay, partitioner, random_seed, first_sentinel, schedule)
-  eval_step = state_lib.make_eval_step(model, lay, partitioner) if eval_dataset_cfg else None
-  eval_batches = _eval_batches(eval_dataset_cfg, eval_steps, partitioner) if eval_dataset_cfg else []
-  flops_per_step = flops.train_flops_per_sequence(model.module.config, lengths["encoder_input_tokens"],
-                                                  lengths["decoder_input_tokens"]) * cfg.batch_size
-  # For the logged MFU; `bench train` probes fully. On CPU the probe multiplies the model's activation dtype.
-  peak, peak_source = flops.peak_flops_total(quick=True, dtype=model.module.config.dtype)
-  logging.info("Peak %.3g FLOP/s (%s); %.4g model FLOPs per step", peak, peak_source, flops_per_step)
-
-  def meta(at_step: int) -> dict[str, Any]:
-    # The batch at step s is a function of the data config and s; `data` records both (and the epoch position).
-    # The open logging window too: a resumed run then logs the same averages at the same steps as one that never
-    # stopped (save and log periods need not align).
-    return {"step": at_step, "tokens_seen": tokens_seen, "batches_consumed": at_step,
-            "data": pipeline.data_state(cfg, at_step), "batch_shards": partitioner.batch_shards,
-            # A copy: Orbax serialises the JSON in a background thread, after later steps have added to `window`.
-            "log_window": {"sums": dict(window), "steps": window_steps, "seconds": window_time}}
-
-  # This host's rows as the mesh places them: hosts that differ only along 'model' read the same rows.
-  shard_id, num_shards = partitioner.data_layout(cfg.batch_size)
-  batches: Iterator[dict[str, np.ndarray]] = pipeline.get_batches(
-      cfg, start_step=step, shard_id=shard_id, num_shards=num_shards)
-  progress = metrics_lib.Progress(step, total_steps)
-  opened = restored_meta.get("log_window") or {}  # absent in checkpoints from before it was saved
-  window: dict[str, float] = {k: float(v) for k, v in (opened.get("sums") or {}).items()}
-  # `steps` and `seconds` count timed steps only, as does window["text_tokens"] (see `record`).
-  window_steps, window_time, last = int(opened.get("steps", 0)), float(opened.get("seconds", 0.0)), {}
-  # This process's first step also traced and compiled the step and waited for the first batch (seconds to minutes
-  # on an accelerator): its read-to-read time is not step time. Step 1 is logged alone; after a resume that step sits
-  # inside a window, and charged to it made step_time_s and MFU a multiple off. Its (seconds, text tokens) stand in
-  # only for a window that holds no other step.
-  first_step, first_timing = step + 1, (0.0, 0.0)
-  # Steps this process ran and the progress bar has not counted: a restored window's steps are already in its start.
-  unshown = 0
-  # One-time costs of the first log (opening the TensorBoard writer, tracing the schedule) happen
-  # here, not while step 2 runs: read-to-read time would charge them to step 2's window (2.5 s on CPU).
-  writer.prepare("train")
-  logged_rate = _logged_rate(tx, learning_rate, optimizer is None, (step, total_steps))
-  logs_rate = logged_rate is not None  # else only the given optimizer knows its rate
-  if logs_rate:
-    optim.learning_rate_at(logged_rate, step)
-  clock = time.perf_counter()  # when the last step was read (or the loop last paused for evaluation or a save)
-
-  def record(at_step: int, device_sums: Mapping[str, jax.Array]) -> None:
-    """Read step `at_step`'s metrics (waiting for that step only), check them, and log its window if it ends."""
-    nonlocal tokens_seen, window, window_steps, window_time, last, clock, unshown, first_timing
-    sums = jax.device_get(device_sums)
-    _check_finite(sums, at_step, checkpointer)  # every step, before anything of it or a later step is saved
-    now = time.perf_counter()
-    # Read-to-read time: with the next step already queued this is the device's step time, not Python's.
-    elapsed, clock = now - clock, now
-    unshown += 1
-    for k, v in sums.items():
-      window[k] = window.get(k, 0.0) + float(v) if k not in _LAST_VALUE_METRICS else float(v)
-    text_tokens = float(step_source_tokens(at_step) if step_source_tokens else sums["source_tokens"])
-    tokens_seen += text_tokens
-    if at_step == first_step:
-      first_timing = (elapsed, text_tokens)
-    else:
-      window_time += elapsed
-      window_steps += 1
-      window["text_tokens"] = window.get("text_tokens", 0.0) + text_tokens
-    if at_step == 1 or at_step % log_period == 0 or at_step == total_steps:
-      seconds, steps, text = ((window_time, window_steps, window.get("text_tokens", 0.0)) if window_steps else
-                              (first_timing[0], 1, first_timing[1]))
-      step_time = seconds / steps
-      last = {f"train/{k}": v for k, v in summarize(window).items()}
-      if logs_rate:
-        last["train/learning_rate"] = optim.learning_rate_at(logged_rate, at_step - 1)
-      last.update({
-          "train/grad_norm": window["grad_norm"], "train/param_norm": window["param_norm"],
-          "train/tokens_seen": tokens_seen, "train/step_time_s": step_time,
-          "train/sequences_per_s": cfg.batch_size / step_time,
-          # Encoder + decoder positions, padding included (bench train's and T5X's convention); the text alone:
-          "train/tokens_per_s": cfg.batch_size * (lengths["encoder_input_tokens"] +
-                                                  lengths["decoder_input_tokens"]) / step_time,
-          "train/text_tokens_per_s": text / seconds if seconds > 0 else 0.0,
-          "train/mfu": flops_per_step / step_time / peak,
-      })
-      if source_tokens:
-        last["train/epochs"] = tokens_seen / source_tokens
-      # The schedule's factor at the window's last step (1 without a schedule) and the DROPOUT_RATE it gave.
-      last["train/dropout_scale"] = window.get("dropout_scale", 1.0)
-      last["train/dropout_rate"] = last["train/dropout_scale"] * _dropout_rate(model)
-      writer.write(at_step, last)
-      progress.update(unshown, loss=last["train/loss"], acc=last["train/accuracy"])
-      unshown = 0
-      if at_step == 1:
-        _write_config(model_dir_path, operative=True)
-      window, window_steps, window_time = {}, 0, 0.0
-
-  # Metrics are read one step late: step s's are fetched only once step s+1 is dispatched, so the device always
-  # has the next step queued while Python reads, checks and logs. `pending` is the dispatched step not yet read.
-  pending: tuple[int, Mapping[str, jax.Array]] | None = None
-  # Step s+1's batch is on the devices before step s finishes; the order (and so exact resume) is the stream's.
-  device_batches = prefetch.DevicePrefetcher(batches, lambda b: state_lib.global_batch(b, lay.batch_shardings),
-                                             depth=2, limit=total_steps - step)
-  # Installed here, next to the `finally` that restores them: an error before the loop would leave Ctrl-C caught.
-  stop = _StopSignal()
+  if jax.process_index() == 0:  # before anything in MODEL_DIR is written; released in the `finally` below
+    run_lock.hold(model_dir_path)
   try:
-    while step < total_steps:
-      state, sums = train_step(state, next(device_batches))  # on GPU and TPU donates (invalidates) the old state
-      step += 1
-      for v in sums.values():
-        v.copy_to_host_async()  # the few scalars are on the host by the time they are read
-      if pending is not None:
-        record(*pending)  # raises TrainingDivergedError before the already dispatched step can be saved
-      pending = (step, sums)
-      stopping = stop.agreed()
-      evaluating = bool(eval_step or eval_fn) and (step % eval_period == 0 or step == total_steps)
-      saving = checkpointer.should_save(step) or step == total_steps or stopping
-      if not (evaluating or saving):
-        continue
-      # Evaluation and checkpoints use this step's state: read and check the step first (the device idles here,
-      # once per period), so a checkpoint only ever holds a step whose metrics were finite.
-      record(*pending)
-      pending = None
-      if evaluating:
-        result = {f"eval/{k}": v for k, v in _run_eval(eval_step, state["params"], eval_batches, partitioner).items()
-                  } if eval_step else {}
-        result.update(eval_fn(model, state["params"], partitioner) if eval_fn else {})
-        writer.write(step, result)
-        last.update(result)
-      if saving:
-        checkpointer.save(step, state, meta(step))
-      if stopping:
-        logging.warning("Stopped at step %d after %s; the checkpoint is in %s: run the same command to resume.",
-                        step, stop.name or "another host's stop signal", checkpointer.directory)
-        break
-      clock = time.perf_counter()  # evaluation and saving are not step time
-  finally:
-    device_batches.close()
-    progress.update(unshown)
-    progress.close()
-    writer.close()
-    # Still under the SIGTERM handler: an asynchronous save (the last step's, or the one SIGTERM asked for) is
-    # finished here, and a SIGTERM now must not kill the process before it is committed.
+    if not (model_dir_path / "config.gin").exists():
+      if not resuming:  # a fresh run's record from the start, so that one failing before its first save has one
+        _write_config(model_dir_path, operative=False)
+      else:
+        # Checkpoints copied without it: written now, it would be the configured model's, which the depth check then
+        # compared with itself, and which a failed restore left behind as the checkpoints' record (infer and export
+        # build their model from it). Written only once the restore has succeeded, below.
+        logging.warning("%s holds checkpoints but no config.gin: the configured model is checked against them by "
+                        "parameter shapes only (a depth that param_share hides is not seen). Copy the run's "
+                        "config.gin beside checkpoints/ to have it checked.", model_dir_path)
+    partitioner = partitioner or partitioning.Partitioner()
+    tx = optimizer or optim.make_optimizer(learning_rate=learning_rate)
+    cfg = train_dataset_cfg
+    if cfg.seed is None:  # one stream for the whole run (and every host), kept in its checkpoints: see _draw_seed
+      cfg = dataclasses.replace(cfg, seed=_draw_seed())
+    first_sentinel = _check_vocab(model, cfg.mixture_or_task_name)
+    lengths = pipeline.model_feature_lengths(cfg)
+    source_tokens = pipeline.source_token_count(cfg.mixture_or_task_name, cfg.split)
+    step_source_tokens = pipeline.source_tokens_per_step(cfg)  # None: count the ids the device saw instead
+    if train_dataset_cfg.seed is not None:
+      # A UL2 layout, and so the batch count, depends on the seed: an unseeded run is checked once its seed is known (a
+      # resumed one would otherwise be refused for a batch count of the new draw, not of the stream it resumes on).
+      _check_available(cfg, total_steps)
+    schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens, total_steps)
+    batch_spec = state_lib.batch_specs(lengths, cfg.batch_size)
+    lay = state_lib.layout(model, tx, partitioner, batch_spec, random_seed)
+    checkpointer = ckpt_lib.Checkpointer(model_dir_path, checkpoint_cfg)
+    writer = metrics_lib.MetricsWriter(model_dir_path)
+
+    start = time.perf_counter()
+    restored_meta: dict[str, Any] = {}
+    resume_step = _agreed_latest_step(checkpointer)
+    if resume_step is not None:
+      # Before the restore, which compares shapes only: see _check_unseen_settings.
+      _check_unseen_settings(model, checkpointer.directory / str(resume_step))
+      state, restored_meta = checkpointer.restore(lay.abstract, step=resume_step)
+      saved = restored_meta.get("data") or {}
+      if train_dataset_cfg.seed is None and "seed" in saved:  # the seed drawn when the run started, not a new one
+        cfg = dataclasses.replace(cfg, seed=saved["seed"])  # (None from checkpoints written before seeds were drawn)
+        # A UL2 layout's chunks' lengths (static masks: their order) and steps per epoch depend on the seed too: count
+        # this stream's, not the draw's.
+        step_source_tokens = pipeline.source_tokens_per_step(cfg)
+        schedule = _dropout_schedule(dropout_schedule, model, cfg, source_tokens, total_steps)
+      if train_dataset_cfg.seed is None:
+        _check_available(cfg, total_steps)
+      pipeline.check_resume(cfg, saved)  # a changed data stream cannot resume exactly
+      _warn_if_routing_groups_change(model, cfg, lengths, restored_meta.get("batch_shards"), partitioner.batch_shards)
+      writer.truncate_after(int(restored_meta["step"]))
+    else:
+      if train_dataset_cfg.seed is None:
+        _check_available(cfg, total_steps)
+      writer.set_aside()
+      state = state_lib.init_state(model, tx, lay, partitioner, batch_spec, random_seed)
+      if initial_checkpoint_path:
+        from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
+        # Fresh optimizer moments are zeros whatever the parameters, so only the parameters need replacing.
+        state["params"] = load_lib.load_params(initial_checkpoint_path, lay.abstract["params"],
+                                               config=getattr(model.module, "config", None))
+    # Only now, with the state restored (or new), is this run's configuration the MODEL_DIR's: a rerun whose model
+    # does not match the checkpoints fails above and leaves their config.gin as it was.
+    _write_config(model_dir_path, operative=False)
+    step = int(jax.device_get(state["step"]))
+    tokens_seen = float(restored_meta.get("tokens_seen", 0.0))
+    logging.info("Starting at step %d of %d (%.1fs to build or restore the state)", step, total_steps,
+                 time.perf_counter() - start)
+    if step >= total_steps:
+      logging.warning("MODEL_DIR's checkpoint is at step %d, at or past TRAIN_STEPS=%d: nothing to train (raise "
+                      "TRAIN_STEPS to continue, or point MODEL_DIR at a fresh directory).", step, total_steps)
+
+    train_step = state_lib.make_train_step(model, tx, lay, partitioner, random_seed, first_sentinel, schedule)
+    eval_step = state_lib.make_eval_step(model, lay, partitioner) if eval_dataset_cfg else None
+    eval_batches = _eval_batches(eval_dataset_cfg, eval_steps, partitioner) if eval_dataset_cfg else []
+    flops_per_step = flops.train_flops_per_sequence(model.module.config, lengths["encoder_input_tokens"],
+                                                    lengths["decoder_input_tokens"]) * cfg.batch_size
+    # For the logged MFU; `bench train` probes fully. On CPU the probe multiplies the model's activation dtype.
+    peak, peak_source = flops.peak_flops_total(quick=True, dtype=model.module.config.dtype)
+    logging.info("Peak %.3g FLOP/s (%s); %.4g model FLOPs per step", peak, peak_source, flops_per_step)
+
+    def meta(at_step: int) -> dict[str, Any]:
+      # The batch at step s is a function of the data config and s; `data` records both (and the epoch position).
+      # The open logging window too: a resumed run then logs the same averages at the same steps as one that never
+      # stopped (save and log periods need not align).
+      return {"step": at_step, "tokens_seen": tokens_seen, "batches_consumed": at_step,
+              "data": pipeline.data_state(cfg, at_step), "batch_shards": partitioner.batch_shards,
+              # A copy: Orbax serialises the JSON in a background thread, after later steps have added to `window`.
+              "log_window": {"sums": dict(window), "steps": window_steps, "seconds": window_time}}
+
+    # This host's rows as the mesh places them: hosts that differ only along 'model' read the same rows.
+    shard_id, num_shards = partitioner.data_layout(cfg.batch_size)
+    batches: Iterator[dict[str, np.ndarray]] = pipeline.get_batches(
+        cfg, start_step=step, shard_id=shard_id, num_shards=num_shards)
+    progress = metrics_lib.Progress(step, total_steps)
+    opened = restored_meta.get("log_window") or {}  # absent in checkpoints from before it was saved
+    window: dict[str, float] = {k: float(v) for k, v in (opened.get("sums") or {}).items()}
+    # `steps` and `seconds` count timed steps only, as does window["text_tokens"] (see `record`).
+    window_steps, window_time, last = int(opened.get("steps", 0)), float(opened.get("seconds", 0.0)), {}
+    # This process's first step also traced and compiled the step and waited for the first batch (seconds to minutes
+    # on an accelerator): its read-to-read time is not step time. Step 1 is logged alone; after a resume that step sits
+    # inside a window, and charged to it made step_time_s and MFU a multiple off. Its (seconds, text tokens) stand in
+    # only for a window that holds no other step.
+    first_step, first_timing = step + 1, (0.0, 0.0)
+    # Steps this process ran and the progress bar has not counted: a restored window's steps are already in its start.
+    unshown = 0
+    # One-time costs of the first log (opening the TensorBoard writer, tracing the schedule) happen
+    # here, not while step 2 runs: read-to-read time would charge them to step 2's window (2.5 s on CPU).
+    writer.prepare("train")
+    logged_rate = _logged_rate(tx, learning_rate, optimizer is None, (step, total_steps))
+    logs_rate = logged_rate is not None  # else only the given optimizer knows its rate
+    if logs_rate:
+      optim.learning_rate_at(logged_rate, step)
+    clock = time.perf_counter()  # when the last step was read (or the loop last paused for evaluation or a save)
+
+    def record(at_step: int, device_sums: Mapping[str, jax.Array]) -> None:
+      """Read step `at_step`'s metrics (waiting for that step only), check them, and log its window if it ends."""
+      nonlocal tokens_seen, window, window_steps, window_time, last, clock, unshown, first_timing
+      sums = jax.device_get(device_sums)
+      _check_finite(sums, at_step, checkpointer)  # every step, before anything of it or a later step is saved
+      now = time.perf_counter()
+      # Read-to-read time: with the next step already queued this is the device's step time, not Python's.
+      elapsed, clock = now - clock, now
+      unshown += 1
+      for k, v in sums.items():
+        window[k] = window.get(k, 0.0) + float(v) if k not in _LAST_VALUE_METRICS else float(v)
+      text_tokens = float(step_source_tokens(at_step) if step_source_tokens else sums["source_tokens"])
+      tokens_seen += text_tokens
+      if at_step == first_step:
+        first_timing = (elapsed, text_tokens)
+      else:
+        window_time += elapsed
+        window_steps += 1
+        window["text_tokens"] = window.get("text_tokens", 0.0) + text_tokens
+      if at_step == 1 or at_step % log_period == 0 or at_step == total_steps:
+        seconds, steps, text = ((window_time, window_steps, window.get("text_tokens", 0.0)) if window_steps else
+                                (first_timing[0], 1, first_timing[1]))
+        step_time = seconds / steps
+        last = {f"train/{k}": v for k, v in summarize(window).items()}
+        if logs_rate:
+          last["train/learning_rate"] = optim.learning_rate_at(logged_rate, at_step - 1)
+        last.update({
+            "train/grad_norm": window["grad_norm"], "train/param_norm": window["param_norm"],
+            "train/tokens_seen": tokens_seen, "train/step_time_s": step_time,
+            "train/sequences_per_s": cfg.batch_size / step_time,
+            # Encoder + decoder positions, padding included (bench train's and T5X's convention); the text alone:
+            "train/tokens_per_s": cfg.batch_size * (lengths["encoder_input_tokens"] +
+                                                    lengths["decoder_input_tokens"]) / step_time,
+            "train/text_tokens_per_s": text / seconds if seconds > 0 else 0.0,
+            "train/mfu": flops_per_step / step_time / peak,
+        })
+        if source_tokens:
+          last["train/epochs"] = tokens_seen / source_tokens
+        # The schedule's factor at the window's last step (1 without a schedule) and the DROPOUT_RATE it gave.
+        last["train/dropout_scale"] = window.get("dropout_scale", 1.0)
+        last["train/dropout_rate"] = last["train/dropout_scale"] * _dropout_rate(model)
+        writer.write(at_step, last)
+        progress.update(unshown, loss=last["train/loss"], acc=last["train/accuracy"])
+        unshown = 0
+        if at_step == 1:
+          _write_config(model_dir_path, operative=True)
+        window, window_steps, window_time = {}, 0, 0.0
+
+    # Metrics are read one step late: step s's are fetched only once step s+1 is dispatched, so the device always
+    # has the next step queued while Python reads, checks and logs. `pending` is the dispatched step not yet read.
+    pending: tuple[int, Mapping[str, jax.Array]] | None = None
+    # Step s+1's batch is on the devices before step s finishes; the order (and so exact resume) is the stream's.
+    device_batches = prefetch.DevicePrefetcher(batches, lambda b: state_lib.global_batch(b, lay.batch_shardings),
+                                               depth=2, limit=total_steps - step)
+    # Installed here, next to the `finally` that restores them: an error before the loop would leave Ctrl-C caught.
+    stop = _StopSignal()
     try:
-      checkpointer.close()
+      while step < total_steps:
+        state, sums = train_step(state, next(device_batches))  # on GPU and TPU donates (invalidates) the old state
+        step += 1
+        for v in sums.values():
+          v.copy_to_host_async()  # the few scalars are on the host by the time they are read
+        if pending is not None:
+          record(*pending)  # raises TrainingDivergedError before the already dispatched step can be saved
+        pending = (step, sums)
+        stopping = stop.agreed()
+        evaluating = bool(eval_step or eval_fn) and (step % eval_period == 0 or step == total_steps)
+        saving = checkpointer.should_save(step) or step == total_steps or stopping
+        if not (evaluating or saving):
+          continue
+        # Evaluation and checkpoints use this step's state: read and check the step first (the device idles here,
+        # once per period), so a checkpoint only ever holds a step whose metrics were finite.
+        record(*pending)
+        pending = None
+        if evaluating:
+          result = {f"eval/{k}": v for k, v in _run_eval(eval_step, state["params"], eval_batches, partitioner).items()
+                    } if eval_step else {}
+          result.update(eval_fn(model, state["params"], partitioner) if eval_fn else {})
+          writer.write(step, result)
+          last.update(result)
+        if saving:
+          checkpointer.save(step, state, meta(step))
+        if stopping:
+          logging.warning("Stopped at step %d after %s; the checkpoint is in %s: run the same command to resume.",
+                          step, stop.name or "another host's stop signal", checkpointer.directory)
+          break
+        clock = time.perf_counter()  # evaluation and saving are not step time
     finally:
-      stop.restore()
-  _write_config(model_dir_path, operative=True)
-  return last
+      device_batches.close()
+      progress.update(unshown)
+      progress.close()
+      writer.close()
+      # Still under the SIGTERM handler: an asynchronous save (the last step's, or the one SIGTERM asked for) is
+      # finished here, and a SIGTERM now must not kill the process before it is committed.
+      try:
+        checkpointer.close()
+      finally:
+        stop.restore()
+    _write_config(model_dir_path, operative=True)
+    return last
+  finally:
+    run_lock.release(model_dir_path)
 
 
 def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pipeline.DatasetConfig,
@@ -547,7 +573,7 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
                           "records its result there: copy the run somewhere writable (checkpoints/ and config.gin "
                           "suffice) and evaluate the copy.")
   checkpointer = ckpt_lib.Checkpointer(model_dir)
-  step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
+  step = checkpoint_step if checkpoint_step is not None else _agreed_latest_step(checkpointer)
   if step is None:
     raise FileNotFoundError(f"No checkpoint under {checkpointer.directory}; train first or point MODEL_DIR at a "
                             "directory with checkpoints.")
@@ -556,7 +582,7 @@ def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pi
   batch_spec = state_lib.batch_specs(lengths, eval_dataset_cfg.batch_size)
   # Only the parameters are read, so the optimizer (which shapes the rest of the layout) need not match training's.
   lay = state_lib.layout(model, optimizer or optim.make_optimizer(), partitioner, batch_spec, random_seed)
-  _check_depth(model, checkpointer.directory / str(step))
+  _check_unseen_settings(model, checkpointer.directory / str(step))
   params, _ = checkpointer.restore_params(lay.abstract["params"], step)
   checkpointer.close()
   result = {f"eval/{k}": v for k, v in _run_eval(state_lib.make_eval_step(model, lay, partitioner),

@@ -270,3 +270,23 @@ def test_saved_depths_read_scoped_bindings_and_give_up_on_conflicting_ones(tmp_p
   assert load._saved_depths(step_dir) == {"encoder": (4, 2), "decoder": (4, 2)}  # noqa: SLF001
   (tmp_path / "config.gin").write_text("a/t5.T5Config.num_encoder_layers = 2\nb/t5.T5Config.num_encoder_layers = 4\n")
   assert load._saved_depths(step_dir) is None  # noqa: SLF001 (which scope built the model is not known here)
+
+
+def test_settings_the_shapes_do_not_show_are_compared_with_the_model_dirs_config(tiny_model_dir, tmp_path):
+  # A resume, evaluation or INITIAL_CHECKPOINT_PATH read ('gelu', 'linear') MLP weights as ('relu', 'linear') ones
+  # (or under another position bias or norm epsilon) without a word: the same shapes, another function.
+  other = dataclasses.replace(TINY, mlp_activations=("relu", "linear"), layer_norm_epsilon=1e-5)
+  with pytest.raises(ValueError, match=r"written by a model with other settings, which its parameter shapes do not "
+                     r"show: mlp_activations: checkpoint \('gelu', 'linear'\) vs model \('relu', 'linear'\); "
+                     r"layer_norm_epsilon: .*Set them in the model gin as .*config.gin has them"):
+    load.load_params(tiny_model_dir, sharded_abstract(TINY, partitioning.Partitioner(4, 2)), config=other)
+  step_dir = tmp_path / "checkpoints" / "5"
+  step_dir.mkdir(parents=True)
+  # A value through a macro, or bound differently in two scopes, is not known here: not compared (nor refused).
+  (tmp_path / "config.gin").write_text("MODEL/t5.T5Config.mlp_activations = %ACTS\n"
+                                       "a/t5.T5Config.layer_norm_epsilon = 1e-6\n"
+                                       "b/t5.T5Config.layer_norm_epsilon = 1e-5\n"
+                                       "t5.T5Config.relative_attention_num_buckets = 32\n")
+  load.check_model_dir_config(step_dir, other)
+  with pytest.raises(ValueError, match=r"relative_attention_num_buckets: checkpoint 32 vs model 16"):
+    load.check_model_dir_config(step_dir, dataclasses.replace(other, relative_attention_num_buckets=16))

@@ -260,7 +260,8 @@ def test_a_rerun_with_another_model_keeps_the_checkpoints_config(tmp_path):
   written = "t5.T5Config.mlp_dim = 64\n"
   (tmp_path / "config.gin").write_text(written)
   with pytest.raises(checkpoint.CheckpointError, match="holds a different model.*config.gin"):
-    trainer.train(model=tiny_model(relative_attention_num_buckets=16), model_dir=str(tmp_path), total_steps=6,
+    wider = EncoderDecoderModel(module=Transformer(dataclasses.replace(tiny_model().module.config, mlp_dim=128)))
+    trainer.train(model=wider, model_dir=str(tmp_path), total_steps=6,
                   train_dataset_cfg=TRAIN_CFG, partitioner=partitioning.Partitioner(4, 2),
                   checkpoint_cfg=checkpoint.CheckpointConfig(period=3))
   assert (tmp_path / "config.gin").read_text() == written
@@ -547,6 +548,12 @@ def test_a_model_of_another_depth_hidden_by_sharing_is_neither_evaluated_nor_res
                      eval_dataset_cfg=pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=8))
   with pytest.raises(ValueError, match="another depth.*encoder 2 layers .* vs model 4"):
     run(tmp_path, 9, model=deeper)
+  # Nor one computing another function with the same weights (another MLP activation), and its config.gin stays.
+  written = (tmp_path / "config.gin").read_text()
+  with pytest.raises(ValueError, match=r"other settings.*mlp_activations: checkpoint \('gelu', 'linear'\) vs model "
+                     r"\('relu', 'linear'\)"):
+    run(tmp_path, 9, model=tiny_model(mlp_activations=("relu", "linear")))
+  assert (tmp_path / "config.gin").read_text() == written
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
 
 
@@ -582,6 +589,26 @@ def test_unseeded_evaluation_rows_of_all_hosts_make_one_stream(monkeypatch):
   for step, batch in enumerate(whole):
     for k, v in batch.items():
       np.testing.assert_array_equal(np.concatenate([hosts[0][step][k], hosts[1][step][k]]), v, err_msg=k)
+
+
+@pytest.mark.parametrize("seen,agreed", [([6, 6], 6), ([-1, -1], None), ([6, 3], "process 1: 3"),
+                                         ([6, -1], "process 1: none")])
+def test_every_process_resumes_from_the_same_step_or_none_does(tmp_path, monkeypatch, seen, agreed):
+  # Each host lists the checkpoints itself: one behind a cached listing restored another step (or a fresh state)
+  # beside the others', a mixed state with nothing failing.
+  class Listing:
+    directory = tmp_path / "checkpoints"
+
+    def latest_step(self):
+      return None if seen[0] < 0 else seen[0]  # this process is process 0
+  monkeypatch.setattr(trainer.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(trainer.multihost_utils, "process_allgather", lambda x: np.asarray(seen))
+  if isinstance(agreed, str):
+    with pytest.raises(checkpoint.CheckpointError, match=rf"different newest checkpoints .*process 0: 6, {agreed}\)"
+                       r".*cached listing"):
+      trainer._agreed_latest_step(Listing())  # pylint: disable=protected-access
+  else:
+    assert trainer._agreed_latest_step(Listing()) == agreed  # pylint: disable=protected-access
 
 
 def test_evaluate_a_directory_without_checkpoints_creates_nothing(tmp_path):
