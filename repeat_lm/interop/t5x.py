@@ -51,6 +51,8 @@ UNSUPPORTED = (
 )
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
 _STATE_SUBDIR = "state"  # T5X's Orbax CheckpointManager item holding the train state
+# Files only Orbax writes in a checkpoint: a directory with none of them is in T5X's legacy format, or no checkpoint.
+_ORBAX_FILES = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")
 
 
 def latest_checkpoint_dir(path: str | Path, step: int | None = None) -> Path:
@@ -82,7 +84,7 @@ def is_t5x_checkpoint(path: str | Path) -> bool:
     return True
   if (path / _STATE_SUBDIR).is_dir() and path.name != _STATE_SUBDIR:
     path = path / _STATE_SUBDIR
-  return (path / "checkpoint").exists() or (path / "_METADATA").exists() or (path / "manifest.ocdbt").exists()
+  return (path / "checkpoint").exists() or any((path / name).exists() for name in _ORBAX_FILES)
 
 
 def _find_target(tree: dict[str, Any]) -> dict[str, Any]:
@@ -99,18 +101,27 @@ def _find_target(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_orbax(path: Path) -> dict[str, Any] | None:
+  """The parameters of an Orbax checkpoint; None where `path` has none of Orbax's files (the caller tries the legacy
+  format). Damaged Orbax files are a ValueError saying so: read as "no Orbax checkpoint", a cut copy was reported as
+  neither format, and a failed array read surfaced as TensorStore's OUT_OF_RANGE naming no fix."""
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from repeat_lm.train import checkpoint  # pylint: disable=import-outside-toplevel
+  if not any((path / name).exists() for name in _ORBAX_FILES):
+    return None
   path = path.absolute()  # Orbax finds no item metadata under a relative directory
-  checkpointer = ocp.PyTreeCheckpointer()
+  # The handler, not a Checkpointer: that one logs a failed metadata read as a warning and returns no tree.
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    metadata = checkpointer.metadata(str(path))
-  except Exception:  # not an Orbax checkpoint (or an unreadable one): the caller tries the legacy format
-    return None
-  metadata = getattr(metadata, "item_metadata", metadata)
-  tree = _to_dict(metadata)
-  if not isinstance(tree, dict):  # Orbax found no tree here (e.g. a pre-Orbax T5X checkpoint)
-    return None
+    with checkpoint.settled_reads():  # no read left running after a failed one: tracebacks after the message
+      metadata = handler.metadata(path)
+  except Exception as e:  # Orbax and TensorStore raise many types: all mean a damaged checkpoint here
+    raise _unreadable(path, f"its metadata: {checkpoint.brief_error(e)}") from e
+  finally:
+    handler.close()
+  tree = _to_dict(getattr(metadata, "item_metadata", metadata))
+  if not isinstance(tree, dict):
+    raise _unreadable(path, "no tree in its metadata")
   target = _find_target(tree)
   prefix = _prefix_of(tree, target)
   # Restore only the parameters (not the optimizer state), as host numpy arrays.
@@ -118,11 +129,30 @@ def _read_orbax(path: Path) -> dict[str, Any] | None:
   for key in reversed(prefix):
     abstract = {key: abstract}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-  restored = checkpointer.restore(str(path), args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
-                                                                       partial_restore=True))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    try:
+      with checkpoint.settled_reads():
+        restored = checkpointer.restore(str(path), args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=True))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _unreadable(path, checkpoint.brief_error(e)) from e
   for key in prefix:
     restored = restored[key]
   return restored
+
+
+def _unreadable(path: Path, reason: str) -> ValueError:
+  """A damaged Orbax checkpoint `path` (checkpoint_<step>/ or its state/): what failed, and the fix, naming the
+  checkpoint before it where its MODEL_DIR holds one."""
+  from repeat_lm.train import checkpoint  # pylint: disable=import-outside-toplevel
+  step_dir = path.parent if path.name == _STATE_SUBDIR else path
+  m = _STEP_DIR.match(step_dir.name)
+  steps = sorted(int(s.group(1)) for p in step_dir.parent.iterdir() if p.is_dir() and (s := _STEP_DIR.match(p.name)))
+  older = checkpoint.step_before(steps, int(m.group(1))) if m else None
+  other = f", or read the checkpoint before it, {step_dir.parent / f'checkpoint_{older}'}" if older is not None else ""
+  listed = f" (steps here: {steps})" if m else ""
+  return ValueError(f"T5X checkpoint {path} could not be read ({reason}): it is corrupt or truncated, as a cut copy or "
+                    f"download leaves it. Copy it again from its source{other}{listed}.")
 
 
 def _to_dict(tree: Any) -> Any:

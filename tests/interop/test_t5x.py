@@ -2,6 +2,7 @@
 T5X's layout and naming)."""
 
 import dataclasses
+import re
 import shutil
 
 import jax
@@ -119,6 +120,22 @@ def test_a_step_of_a_t5x_model_dir_is_that_steps_parameters(t5x_model_dir, tmp_p
     load.load_for_module(tmp_path, module, step=1500)
   with pytest.raises(FileNotFoundError, match=r"step 2000 .*steps here: \[1000\]"):
     load.load_for_module(tmp_path / "checkpoint_1000", module, step=2000)
+
+
+@pytest.mark.parametrize("damaged", ["d", "ocdbt.process_0/d"], ids=["metadata", "arrays"])
+def test_a_damaged_orbax_checkpoint_is_called_corrupt_with_the_fix(t5x_model_dir, tmp_path, capfd, damaged):
+  """A cut copy: its unreadable metadata was reported as "neither an Orbax checkpoint nor a T5X checkpoint", an
+  unreadable array as TensorStore's bare OUT_OF_RANGE; neither said what was wrong nor what to do."""
+  for step in (500, 1000):
+    shutil.copytree(t5x_model_dir / "checkpoint_1000", tmp_path / f"checkpoint_{step}")
+  for path in (tmp_path / "checkpoint_1000" / damaged).iterdir():
+    path.write_bytes(path.read_bytes()[:10])
+  match = (rf"T5X checkpoint .*checkpoint_1000 could not be read \(.*OUT_OF_RANGE.*\): it is corrupt or truncated.* "
+           rf"Copy it again from its source, or read the checkpoint before it, "
+           rf"{re.escape(str(tmp_path / 'checkpoint_500'))} \(steps here: \[500, 1000\]\)\.$")
+  with pytest.raises(ValueError, match=match):
+    load.load_for_module(tmp_path, t5.Transformer(TINY))
+  assert "Traceback" not in capfd.readouterr().err  # no read left running past the error (settled_reads)
 
 
 def test_wrong_architecture_is_a_clear_error(t5x_model_dir):
