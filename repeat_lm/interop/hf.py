@@ -27,7 +27,7 @@ import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,10 +268,19 @@ def from_hf_state_dict(state: Mapping[str, np.ndarray], config: t5.T5Config, pai
 
 # ---- files ----
 
+def read_json(file: Path) -> Any:
+  """A Hugging Face directory's JSON file (config.json, an index). A cut or damaged one failed as a bare
+  JSONDecodeError, naming no file."""
+  try:
+    return json.loads(file.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise _unreadable(file, "JSON", e) from e
+
+
 def _weight_files(path: Path, index: str, single: str) -> list[str]:
   """The weight files of one format in `path`: the shards its `index` names where there is one, else `single`."""
   if (path / index).exists():
-    return sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+    return sorted(set(read_json(path / index)["weight_map"].values()))
   return [single]
 
 
@@ -326,26 +335,35 @@ def replaced_files(out_dir: Path) -> list[str]:
   return sorted([*weight_files(out_dir), *(n for n in others if (out_dir / n).exists())])
 
 
-def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_bytes: int = 5 * 2**30, *,
+                      others: Mapping[str, bytes] | None = None, replaces: Sequence[str] = ()) -> list[str]:
   """One model.safetensors, or shards plus model.safetensors.index.json past `max_shard_bytes` (as save_pretrained).
+  others: the export's other files (name -> contents: config.json, tokenizer), written beside the weights and moved in
+  with them; replaces: names of an earlier export's files to remove with its weights (`others` may take their place).
 
   An earlier export's weight files go first, as save_pretrained removes them: a sharded export's index left beside a
-  new single file would make readers of the index (load_hf) and of the file (transformers) see different models."""
+  new single file would make readers of the index (load_hf) and of the file (transformers) see different models.
+  config.json goes first too, and comes back last: an export cut short while its files move in leaves no config.json
+  (no reader takes the directory for a model; the export run again completes it), never new weights beside an earlier
+  model's config."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  stale = weight_files(out_dir)
+  others = others or {}
+  stale = [*(["config.json"] if "config.json" in others else []), *weight_files(out_dir), *replaces]
   staging = out_dir / ".weights_staging"
   shutil.rmtree(staging, ignore_errors=True)
   staging.mkdir()
   try:
+    for name, data in others.items():
+      (staging / name).write_bytes(data)
     names = _write_safetensors_to(state, staging, max_shard_bytes, save_file)
   except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)  # the earlier export's weights are still in place
     if isinstance(e, Exception) and not isinstance(e, OSError) and "os error" in str(e):  # safetensors' I/O errors
       raise OSError(f"Writing the weights into {out_dir} failed ({e}); any earlier export there is untouched") from e
     raise
-  for name in stale:  # only once the new weights are complete
+  for name in stale:  # only once the new files are complete
     (out_dir / name).unlink(missing_ok=True)
-  for name in sorted(p.name for p in staging.iterdir()):
+  for name in sorted((p.name for p in staging.iterdir()), key=lambda name: name == "config.json"):
     (staging / name).chmod(0o644)  # safetensors writes 0600: the export's other files, and a shared one, are 0644
     (staging / name).replace(out_dir / name)
   staging.rmdir()
@@ -431,6 +449,15 @@ def _stage_tokenizer(model: bytes, out_dir: Path, extra_ids: int) -> Path:
   return staging
 
 
+def _tokenizer_files(model: bytes, out_dir: Path, extra_ids: int) -> dict[str, bytes]:
+  """The tokenizer files' contents by name, for export_hf to move in with the weights."""
+  staging = _stage_tokenizer(model, out_dir, extra_ids)
+  try:
+    return {p.name: p.read_bytes() for p in (staging / "out").iterdir()}
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def _move_tokenizer_in(staging: Path, out_dir: Path) -> None:
   written = {p.name for p in (staging / "out").iterdir()}
   for name in TOKENIZER_FILES:  # an earlier export's file that this transformers version does not write
@@ -441,10 +468,9 @@ def _move_tokenizer_in(staging: Path, out_dir: Path) -> None:
   shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_generation_config(out_dir: Path, eos_id: int) -> None:
+def _generation_config(eos_id: int) -> bytes:
   # T5 starts decoding from the pad id 0 and stops at EOS (1 in T5's vocabulary); generate() reads these.
-  (out_dir / "generation_config.json").write_text(json.dumps(
-      {"decoder_start_token_id": 0, "eos_token_id": eos_id, "pad_token_id": 0}, indent=2))
+  return json.dumps({"decoder_start_token_id": 0, "eos_token_id": eos_id, "pad_token_id": 0}, indent=2).encode()
 
 
 def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
@@ -507,28 +533,18 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
   state = {k: v.astype(np_dtype) for k, v in state.items()}
   config_json["dtype"] = dtype
   config_json["eos_token_id"] = eos_id
-  # The tokenizer is converted before any weights are replaced: a SentencePiece model transformers cannot read (or no
+  # The tokenizer is converted before any file is replaced: a SentencePiece model transformers cannot read (or no
   # transformers) would otherwise fail the export with the new weights beside an earlier export's tokenizer.
-  tokenizer_staging = _stage_tokenizer(spm_bytes, out_dir, extra_ids) if spm_bytes is not None else None
-  try:
-    write_safetensors(state, out_dir, max_shard_bytes)
-    (out_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
-    _write_generation_config(out_dir, eos_id)
-  except BaseException:
-    if tokenizer_staging is not None:
-      shutil.rmtree(tokenizer_staging, ignore_errors=True)
-    raise
-  if tokenizer_staging is not None:
-    _move_tokenizer_in(tokenizer_staging, out_dir)
-  else:
-    # An earlier export's tokenizer would load beside these weights as theirs (AutoTokenizer reads it): remove it, as
-    # write_safetensors removes an earlier export's weights.
-    stale = [name for name in TOKENIZER_FILES if (out_dir / name).exists()]
-    for name in stale:
-      (out_dir / name).unlink()
-    if stale:
-      log.warning("Removed an earlier export's tokenizer from %s (%s): this export has none.", out_dir,
-                  ", ".join(stale))
+  tokenizer = _tokenizer_files(spm_bytes, out_dir, extra_ids) if spm_bytes is not None else {}
+  # An earlier export's tokenizer goes with its weights: AutoTokenizer would load it beside these as theirs. config.json
+  # and the tokenizer move in with the weights: written after them, in place, an export cut short left the new weights
+  # beside the earlier model's config.json, or half of one.
+  stale = [name for name in TOKENIZER_FILES if (out_dir / name).exists()]
+  write_safetensors(state, out_dir, max_shard_bytes, replaces=TOKENIZER_FILES, others={
+      "config.json": json.dumps(config_json, indent=2, sort_keys=True).encode(),
+      "generation_config.json": _generation_config(eos_id), **tokenizer})
+  if stale and not tokenizer:
+    log.warning("Removed an earlier export's tokenizer from %s (%s): this export has none.", out_dir, ", ".join(stale))
   log.info("Exported %d tensors to %s", len(state), out_dir)
   return out_dir
 
@@ -544,7 +560,7 @@ def load_hf(path: str | Path, **config_overrides) -> tuple[t5.T5Config, dict[str
   path = Path(path)
   if not (path / "config.json").exists():
     raise FileNotFoundError(f"{path} has no config.json: point at a directory written by save_pretrained.")
-  config = _config_with_overrides(json.loads((path / "config.json").read_text()), config_overrides)
+  config = _config_with_overrides(read_json(path / "config.json"), config_overrides)
   flat = from_hf_state_dict(read_state_dict(path), config)
   return config, layout.unflatten(layout.from_per_layer(flat, layout.layouts_for(config)))
 

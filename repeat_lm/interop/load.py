@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
@@ -79,7 +78,7 @@ def _check_hf_config(path: Path, config: Any) -> None:
   from repeat_lm.models import t5  # pylint: disable=import-outside-toplevel
   if not isinstance(config, t5.T5Config):
     return
-  theirs = hf.t5_config_from_hf(json.loads((path / "config.json").read_text()))
+  theirs = hf.t5_config_from_hf(hf.read_json(path / "config.json"))
   if (theirs.moe is None) != (config.moe is None):
     kind = lambda c: "dense (T5)" if c.moe is None else "MoE (Switch)"  # noqa: E731
     raise ValueError(f"The Hugging Face checkpoint {path} is a {kind(theirs)} model but the model gin builds a "
@@ -102,7 +101,7 @@ def read_flat(path: str | Path, config: Any = None, step: int | None = None, *,
                        f"({step}) applies to repeat_lm and T5X checkpoints only; leave it unset.")
     if config is not None:
       _check_hf_config(path, config)
-    hf_config = hf.t5_config_from_hf(json.loads((path / "config.json").read_text()))
+    hf_config = hf.t5_config_from_hf(hf.read_json(path / "config.json"))
     return kind, hf.from_hf_state_dict(hf.read_state_dict(path), hf_config)
   if kind == "t5x":
     return kind, t5x.to_repeat_lm(t5x.read_params(path, step))

@@ -2,15 +2,17 @@
 positions), greedy decoding equals `generate`, and the tokenizer equals the SeqIO vocabulary. MoE: test_hf_switch.py."""
 
 import dataclasses
+import errno
 import json
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from interop_helpers import SMALL, TINY, hf_logits, init_params, logits, make_batch, max_diff, random_params
-from repeat_lm.interop import hf, layout
+from repeat_lm.interop import hf, layout, load
 from repeat_lm.models import decoding, t5
 
 torch = pytest.importorskip("torch")
@@ -239,6 +241,53 @@ def test_an_export_with_an_unreadable_vocabulary_leaves_an_earlier_export_whole(
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
 
 
+@pytest.mark.parametrize("vocabulary", [False, True], ids=["no-tokenizer", "tokenizer"])
+def test_an_export_that_fails_writing_config_json_leaves_an_earlier_export_whole(tmp_path, monkeypatch, vocabulary):
+  """config.json and generation_config.json were written in place after the new weights had replaced the earlier
+  export's: a full disk there left the new weights beside the earlier model's config.json, or half of one."""
+  from repeat_lm.data import vocab
+  spm = vocab.default_vocabulary().sentencepiece_model_file if vocabulary else None
+  out = tmp_path / "hf"
+  hf.export_hf(random_params(TINY), TINY, out, sentencepiece_model=spm)
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  for method in ("write_text", "write_bytes"):
+    def full(path, data, *args, real=getattr(Path, method), **kwargs):
+      if path.name == "config.json":
+        raise OSError(errno.ENOSPC, "No space left on device")
+      return real(path, data, *args, **kwargs)
+    monkeypatch.setattr(Path, method, full)
+  other = dataclasses.replace(TINY, vocab_size=32128)
+  with pytest.raises(OSError, match="No space left"):
+    hf.export_hf(random_params(other), other, out, sentencepiece_model=spm)
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+
+
+def test_an_export_cut_short_while_its_files_move_in_leaves_no_config_json_beside_other_weights(tmp_path, monkeypatch):
+  """A kill between moving in the new weights and the new config.json: no config.json (readers refuse the directory)
+  rather than the earlier model's, which loaded the new weights as another architecture; the export run again completes
+  it."""
+  out = tmp_path / "hf"
+  hf.export_hf(random_params(TINY), TINY, out)
+  real = Path.replace
+
+  def killed_after_the_weights(path, target):
+    moved = real(path, target)
+    if Path(target).name == "model.safetensors":
+      raise KeyboardInterrupt
+    return moved
+  monkeypatch.setattr(Path, "replace", killed_after_the_weights)
+  other = dataclasses.replace(TINY, vocab_size=32128)
+  with pytest.raises(KeyboardInterrupt):
+    hf.export_hf(random_params(other), other, out)
+  monkeypatch.setattr(Path, "replace", real)
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    hf.load_hf(out)
+  hf.export_hf(random_params(other), other, out)
+  config, loaded = hf.load_hf(out)
+  assert config.vocab_size == 32128
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, random_params(other)))
+
+
 def test_an_export_refuses_a_vocabulary_larger_than_the_model(tmp_path):
   """`export hf --vocabulary` checked the vocabulary against the model, export_hf (docs/interop.md) did not: T5's
   32,100 ids beside an 8,192-row model exported, and transformers' model failed on the tokenizer's first ids (8774)
@@ -306,6 +355,22 @@ def test_a_truncated_weights_file_is_named_with_the_fix(tmp_path, size):
     match = re.escape(str(path)) + " is not a readable .* truncated or corrupt.*re-download"
     with pytest.raises(ValueError, match=match):
       hf.read_state_dict(path.parent)
+
+
+@pytest.mark.parametrize("name", ["config.json", hf.SAFETENSORS_INDEX])
+def test_a_truncated_json_file_is_named_with_the_fix(tmp_path, name):
+  """A cut config.json failed load_hf and INITIAL_CHECKPOINT_PATH with a bare 'JSONDecodeError: Unterminated string
+  starting at: line 1 column 36 (char 35)', naming no file."""
+  hf.export_hf(random_params(TINY), TINY, tmp_path, max_shard_bytes=2**16)  # sharded: with an index
+  path = tmp_path / name
+  path.write_bytes(path.read_bytes()[:35])
+  match = (re.escape(str(path)) + r" is not a readable JSON file, it is truncated or corrupt "
+           r"\(JSONDecodeError: .*\)\. Re-export it .* or re-download it")
+  with pytest.raises(ValueError, match=match):
+    hf.load_hf(tmp_path)
+  if name == "config.json":  # as INITIAL_CHECKPOINT_PATH reads it (load_params)
+    with pytest.raises(ValueError, match=match):
+      load.load_for_module(tmp_path, t5.Transformer(TINY))
 
 
 def test_a_config_json_of_another_tool_is_explained():
