@@ -154,10 +154,6 @@ def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, var
                       "it; it would resume from its checkpoint).", stage.name, stage.run_dir / status_lib.STATUS_FILE)
     return
   changed = stage.gin.exists() and _body(stage.gin.read_text()) != _body(text)
-  if changed and status_lib.checkpoint_steps(stage.run_dir):
-    logging.warning("%s: its configuration changed since it started; resuming from its checkpoint may fail. Delete "
-                    "%s to start it afresh.", stage.name, stage.run_dir)
-  stage.gin.write_text(text)
   update: dict[str, Any] = {"run": stage.name, "experiment": exp.path, "index": index}
   if str(record.get("error") or "").startswith(_COMPOSE_ERROR):  # fixed since: runnable again
     update.update(status=status_lib.PENDING, error=None)
@@ -165,7 +161,15 @@ def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, var
     update.update(status=status_lib.PENDING, error=None)
   if stage.verb == "train":
     update.update(values=values, finetune=[f.name for f in stage.spec.finetune])
-  status_lib.write(stage.run_dir, **update)
+  who = status_lib.write_gin(stage.run_dir, text, **update)
+  if who is not None:
+    if changed:
+      logging.warning("%s is being trained by %s; its configuration changed since that attempt started. Its run.gin "
+                      "is left as that attempt read it: the change applies after that attempt (to a later sweep's, "
+                      "unless it finishes the run).", stage.name, who)
+  elif changed and status_lib.checkpoint_steps(stage.run_dir):
+    logging.warning("%s: its configuration changed since it started; resuming from its checkpoint may fail. Delete "
+                    "%s to start it afresh.", stage.name, stage.run_dir)
 
 
 def _diverged(record: dict[str, Any]) -> bool:
@@ -198,6 +202,10 @@ def plan(exp: compose.Experiment, root: Path, only: str | None) -> list[Stage]:
       if status_lib.read(stage.run_dir).get("status") == status_lib.FINISHED:  # its results stand as they are
         logging.warning("%s is finished; its configuration no longer composes (%s), it is left as it is.",
                         stage.name, e)
+        continue
+      if (who := status_lib.running(stage.run_dir)) is not None:  # its record is that attempt's until it ends
+        logging.warning("%s is being trained by %s; its configuration no longer composes (%s): that attempt goes on "
+                        "with the run.gin it read.", stage.name, who, e)
         continue
       status_lib.write(stage.run_dir, run=stage.name, experiment=exp.path, status=status_lib.FAILED,
                        error=f"{_COMPOSE_ERROR}: {e}")

@@ -92,11 +92,32 @@ def _update(run_dir: str | Path, updates: Callable[[dict[str, Any]], dict[str, A
   the later would undo the earlier (a finished run back to running)."""
   run_dir = Path(run_dir)
   with _locked(run_dir):
-    current = read(run_dir)
-    record = {**current, **updates(current)}
-    files.atomic_write_bytes(run_dir / STATUS_FILE,
-                             (json.dumps(record, indent=1, sort_keys=True, default=str) + "\n").encode())
+    return _merge(run_dir, updates)
+
+
+def _merge(run_dir: Path, updates: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+  """_update's write, for a caller holding the status lock."""
+  current = read(run_dir)
+  record = {**current, **updates(current)}
+  files.atomic_write_bytes(run_dir / STATUS_FILE,
+                           (json.dumps(record, indent=1, sort_keys=True, default=str) + "\n").encode())
   return record
+
+
+def write_gin(run_dir: str | Path, text: str, **updates: Any) -> str | None:
+  """Write the run's run.gin and merge `updates` into status.json, unless an attempt is running it: then neither, and
+  who runs it is returned (see `running`). Rewritten under it, a run's record named settings it was not trained with
+  (collect's values; TRAIN_STEPS, which its exit is judged by), and a trainer starting meanwhile read half a gin.
+
+  Under the status lock, which `acquire` takes the run's lock under: an attempt that starts is either seen here or
+  reads the new run.gin, written whole (atomically)."""
+  run_dir = Path(run_dir)
+  with _locked(run_dir):
+    who = running(run_dir)
+    if who is None:
+      files.atomic_write_bytes(run_dir / GIN_FILE, text.encode())
+      _merge(run_dir, lambda record: updates)
+  return who
 
 
 @contextlib.contextmanager
@@ -351,6 +372,35 @@ def _query_job(job_id: str) -> bool | None:
   return False if "invalid job id" in out.stderr.lower() else None
 
 
+def _holder(run_dir: Path) -> dict[str, Any] | None:
+  """What the run's lock says of its holder (host, pid, trainer_pid); None without a lock or for a stale one (its
+  processes, of this host, are gone). One that cannot be read counts as held."""
+  try:
+    holder = json.loads((run_dir / LOCK_FILE).read_text())
+  except FileNotFoundError:
+    return None
+  except (OSError, json.JSONDecodeError):
+    return {}
+  pids = [int(holder.get(k) or 0) for k in ("pid", "trainer_pid")]
+  if holder.get("host") == socket.gethostname() and not any(p and _alive(p) for p in pids):
+    return None
+  return holder
+
+
+def running(run_dir: str | Path) -> str | None:
+  """Who is training the run now, in words, or None: its lock's live holder (a sweep), or the attempt its record says
+  is running (a SLURM job holds no lock)."""
+  run_dir = Path(run_dir)
+  holder = _holder(run_dir)
+  if holder is not None:
+    return f"a sweep (host {holder.get('host', '?')}, pid {holder.get('pid', '?')})"
+  record = read(run_dir)
+  if effective(record) != RUNNING:
+    return None
+  return f"SLURM job {record['job_id']}" if record.get("job_id") else \
+      f"host {record.get('host')}, pid {record.get('pid')}"
+
+
 def acquire(run_dir: str | Path) -> bool:
   """Take the run's lock; False if a live process (or one on another host) holds it."""
   path = Path(run_dir) / LOCK_FILE
@@ -361,15 +411,10 @@ def acquire(run_dir: str | Path) -> bool:
       try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
       except FileExistsError:
-        try:
-          holder = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-          holder = {}
-        pids = [int(holder.get(k) or 0) for k in ("pid", "trainer_pid")]
-        if holder.get("host") == socket.gethostname() and not any(p and _alive(p) for p in pids):
-          path.unlink(missing_ok=True)  # its sweep died: the lock is stale
-          continue
-        return False
+        if _holder(path.parent) is not None:
+          return False
+        path.unlink(missing_ok=True)  # its sweep died: the lock is stale
+        continue
       try:
         with os.fdopen(fd, "w") as f:
           json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)

@@ -279,6 +279,41 @@ def test_a_finished_run_keeps_the_gin_it_ran_with(tmp_path):
   assert (root / "a" / "run.gin").read_text() == before and status.last_step(root / "a") == 3
 
 
+@pytest.mark.parametrize("holder", ["sweep", "slurm"])
+def test_a_run_being_trained_keeps_its_gin_and_values_until_that_attempt_ends(tmp_path, monkeypatch, caplog, holder):
+  """A second sweep on the ROOT, its experiment changed, rewrote run.gin (in place) and the recorded values of a run
+  the first sweep (or a SLURM job) was training: the attempt ended at the old TRAIN_STEPS and was judged by the new
+  one, and collect labelled its results with values it was not trained with."""
+  arms = "[{'name': 'a', 'TRAIN_STEPS': %d}, {'name': 'b', 'TRAIN_STEPS': 4}]"
+  root, run = tmp_path / "root", tmp_path / "root" / "a"
+  quiet = runner.Options(dry_run=True, stream=io.StringIO())
+
+  def sweep_with(steps):
+    runner.run_sweep(tiny_experiment(tmp_path / "exp.gin", arms=arms % steps), root, quiet)
+  sweep_with(3)
+  before = (run / "run.gin").read_text()
+  if holder == "sweep":
+    assert status.acquire(run)  # this (live) process holds its lock, as the sweep training it does
+  else:
+    _squeue(tmp_path, monkeypatch, alive=True)
+    status.submitted(run, "7")
+  record = status.read(run)
+  sweep_with(7)
+  assert (run / "run.gin").read_text() == before and status.read(run) == record
+  assert "a is being trained by" in caplog.text and "the change applies after that attempt" in caplog.text
+  broken = tiny_experiment(tmp_path / "broken.gin", arms="[{'name': 'a', 'model': 'gin/models/renamed.gin'}]")
+  runner.run_sweep(broken, root, quiet)
+  assert status.read(run) == record  # not recorded as failed to compose under the attempt
+  if holder == "sweep":
+    status.release(run)
+  else:
+    status.exited(run, 1)
+  with (run / "run.gin").open() as reader:  # a trainer starting as it is rewritten: the whole old gin, or the new
+    sweep_with(7)
+    assert reader.read() == before
+  assert status.last_step(run) == 7 and status.read(run)["values"]["TRAIN_STEPS"] == 7
+
+
 def test_a_long_error_is_cut_after_a_sentence_and_points_at_the_whole_message():
   # Cut at 200 characters, RQ2 CPU's missing-corpus error ended "... or use corpus='wiki' for the.".
   error = ("FileNotFoundError: No corpus files found at '/x/c4.json.gz' (a JSONL file or a glob). Point the corpus at "
