@@ -17,6 +17,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from repeat_lm import files
+
 Section = tuple  # (heading, text, pngs=None, rows=None)
 
 
@@ -145,8 +147,9 @@ def write_report(out_dir: str | Path, title: str, sections: Sequence[Section]) -
       md += [f"![{png.stem}]({rel})", ""]
       data = base64.b64encode(png.read_bytes()).decode("ascii")
       body.append(f'<img alt="{html.escape(png.stem)}" src="data:image/png;base64,{data}">')
-  (out_dir / "report.md").write_text("\n".join(md))
+  # Replaced whole, as the bench reports are: a kill mid-write left half of the earlier report.
+  files.atomic_write_bytes(out_dir / "report.md", "\n".join(md).encode())
   page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
           f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-  (out_dir / "report.html").write_text(page)
+  files.atomic_write_bytes(out_dir / "report.html", page.encode())
   return {"markdown": str(out_dir / "report.md"), "html": str(out_dir / "report.html")}

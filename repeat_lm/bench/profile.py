@@ -16,6 +16,8 @@ from pathlib import Path
 
 import jax
 
+from repeat_lm import files
+
 # Profiler events that are bookkeeping or Python spans ('$file.py:line fn', which would count the step again), not
 # HLO ops.
 # Runtime events, not HLO ops. The PjRt CPU client's waits and argument handling appear only on a mesh of several
@@ -173,7 +175,7 @@ def profile_steps(run: Callable[[int], float], steps: int, hlo_text: str, out_di
   result = {"wall_s_per_step": wall / steps, "op_seconds_per_step": sum(seconds.values()) / steps,
             "ops": per_op,
             "merged": [{"source": k[0], "kind": k[1], "shape": k[2], "seconds": v} for k, v in merged.most_common()]}
-  (out_dir / "ops.md").write_text(to_markdown(result))
+  files.atomic_write_bytes(out_dir / "ops.md", to_markdown(result).encode())  # a kill mid-write keeps the earlier one
   return result
 
 

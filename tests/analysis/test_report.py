@@ -50,3 +50,17 @@ def test_headings_in_a_section_nest_under_it_and_list_items_continue_on_indented
   html = report.markdown_to_html("# Sub\n## Subsub\n- item one\n  continued\n- two\n\nafter")
   assert html == ("<h3>Sub</h3>\n<h4>Subsub</h4>\n<ul><li>item one continued</li><li>two</li></ul>\n"
                   "<p>after</p>")
+
+
+def test_a_report_written_again_replaces_the_earlier_one_whole(tmp_path):
+  """The reports were rewritten in place: a kill mid-write left half of the earlier one. Replaced whole, a reader that
+  had the earlier one open still reads all of it."""
+  out = tmp_path / "out"
+  report.write_report(out, "First", [("H", "first text")])
+  before = {name: (out / name).read_text() for name in ("report.md", "report.html")}
+  readers = {name: (out / name).open() for name in before}
+  report.write_report(out, "Second", [("H", "second text")])
+  for name, reader in readers.items():
+    with reader:
+      assert reader.read() == before[name]
+    assert "second text" in (out / name).read_text()

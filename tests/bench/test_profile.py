@@ -140,3 +140,17 @@ def test_the_newest_trace_in_a_reused_directory_is_read(tmp_path):
   os.utime(old, (1e9, 1e9))  # an earlier profile left in the directory, its path sorting after the new one's
   os.utime(new, (2e9, 2e9))
   assert set(profile._xspace_events(tmp_path)) == {"fusion.3", "convolution.7"}  # pylint: disable=protected-access
+
+
+def test_ops_md_written_again_replaces_the_earlier_one_whole(tmp_path, monkeypatch):
+  """ops.md was rewritten in place: a kill mid-write left half of the earlier table. Replaced whole, a reader that had
+  the earlier one open still reads all of it."""
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda _: None)  # the trace: CPU_TRACE, written here
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: None)
+  (tmp_path / "host.xplane.pb").write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(CPU_TRACE))
+  profile.profile_steps(lambda steps: 1.0, 1, "", tmp_path)
+  before = (tmp_path / "ops.md").read_text()
+  with (tmp_path / "ops.md").open() as reader:
+    profile.profile_steps(lambda steps: 2.0, 1, "", tmp_path)
+    assert reader.read() == before
+  assert (tmp_path / "ops.md").read_text().startswith("Wall 2.000 s per step")
