@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
-from repeat_lm.analysis import laws, plots, report, results
+from repeat_lm.analysis import laws, plots, proxy, report, results
 
 EXHAUSTED_VALUE = 0.1  # marginal value of an epoch, relative to fresh data, below which repetition is exhausted
 LARGE_PARAMS = 7e8  # T5-Large scale (783M): the paper's larger models overfit more and gain more from dropout
@@ -138,9 +138,8 @@ def measured_dropout(runs: list[results.Run], params: float) -> dict | None:
   if not by_rate:
     return None
   means = {rate: float(np.mean(v)) for rate, v in sorted(by_rate.items())}
-  # Rates that share the best score: none of them is "the best" (max() named the lowest, e.g. a rate of 0 when every
-  # run tied), and the table cannot tell them apart.
-  tied = [rate for rate, v in means.items() if v == max(means.values())]
+  # Rates that share the best score: none of them is "the best", and the table cannot tell them apart.
+  tied = proxy.best_rates(means, higher_is_better=True)
   metric = "best_eval_accuracy" if use_acc else "best_eval_loss"
   return {"column": column, "metric": metric, "runs": len(near),
           "params_range": [min(r.params for r in near), max(r.params for r in near)],

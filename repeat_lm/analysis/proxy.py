@@ -61,16 +61,26 @@ def by_rate(runs: list[results.Run], column: str, metric: str) -> dict[float, fl
   return {rate: float(np.mean(v)) for rate, v in sorted(groups.items())}
 
 
-def best_rate(table: dict[float, float], higher_is_better: bool, side: str = "", runs: Sequence[results.Run] = (),
-              metric: str = "") -> float:
-  finite = {k: v for k, v in table.items() if math.isfinite(v)}
+def best_rates(table: dict[float, float], higher_is_better: bool) -> list[float]:
+  """The rates whose finite value is the best, in rate order ([] if none is finite). Rates that tie are all named:
+  max() named the lowest of them (a rate of 0 when every run tied), though the runs cannot tell them apart. Equal up
+  to rounding is a tie: the mean of 0.1, 0.2 and 0.3 is not 0.2 in floating point."""
+  finite = {k: v for k, v in sorted(table.items()) if math.isfinite(v)}
   if not finite:
+    return []
+  best = (max if higher_is_better else min)(finite.values())
+  return [k for k, v in finite.items() if math.isclose(v, best, rel_tol=1e-9)]
+
+
+def _side_best_rates(table: dict[float, float], higher_is_better: bool, side: str, runs: Sequence[results.Run],
+                     metric: str) -> list[float]:
+  best = best_rates(table, higher_is_better)
+  if not best:
     # "No run has a finite final metric." was false for the other side (RQ4's dense run still pending).
     names = ", ".join(f"{r.run} ({r.status})" for r in list(runs)[:6]) + (", ..." if len(runs) > 6 else "")
-    raise ValueError(f"No {side or 'run'} run has a finite final {metric or 'metric'}"
-                     + (f" ({names})" if names else "") + ": wait for them to finish (sweep again) or check the "
-                     f"table's final_eval_* columns.")
-  return (max if higher_is_better else min)(finite, key=finite.get)
+    raise ValueError(f"No {side} run has a finite final {metric} ({names}): wait for them to finish (sweep again) or "
+                     "check the table's final_eval_* columns.")
+  return best
 
 
 def rank_agreement(a: dict[float, float], b: dict[float, float]) -> dict:
@@ -129,10 +139,12 @@ def run_chip_hours(run: results.Run, chip_flops_per_s: float | None) -> float | 
   return run_flops(run) / chip_flops_per_s / 3600.0 if chip_flops_per_s else None
 
 
-def tuning_cost(sweep: list[results.Run], dense: list[results.Run], column: str, chosen: float,
+def tuning_cost(sweep: list[results.Run], dense: list[results.Run], column: str, chosen: Sequence[float],
                 cost=run_flops, what: str = "FLOPs (flops_per_token x tokens_seen)") -> dict:
-  """Proxy (sweep + one dense run at `chosen`) vs direct (a dense run for every run of the sweep, at its rate: as
-  many seeds per rate as the sweep ran), in units of `cost(run)`. `what`: the cost's name, for the errors."""
+  """Proxy (sweep + one dense run at the rate the sweep chose) vs direct (a dense run for every run of the sweep, at
+  its rate: as many seeds per rate as the sweep ran), in units of `cost(run)`. `chosen`: the sweep's best rates; when
+  they tie, the one dense run is at one of them, not known which, so it costs their mean. `what`: the cost's name,
+  for the errors."""
   # A NaN cost (an empty flops_per_token) gave "nan vs nan = nanx", zero ones a ZeroDivisionError, negative ones a
   # confident ratio of two negative costs: none is a cost.
   costs = {r.run: cost(r) for r in sweep + dense}
@@ -151,10 +163,11 @@ def tuning_cost(sweep: list[results.Run], dense: list[results.Run], column: str,
   mean_dense = float(np.mean([cost(r) for r in dense]))
   one = lambda rate: float(np.mean(dense_at[rate])) if rate in dense_at else mean_dense  # noqa: E731
   proxy_sweep = float(sum(cost(r) for r in sweep))
-  proxy = proxy_sweep + one(chosen)
+  dense_run = float(np.mean([one(rate) for rate in chosen]))
+  proxy = proxy_sweep + dense_run
   # The dense model tuned the way the proxy was: one dense run for every run of the sweep (seeds included).
   direct = float(sum(one(r.get(column)) for r in sweep))
-  return {"proxy_sweep": proxy_sweep, "dense_run": one(chosen), "proxy": proxy, "direct": direct,
+  return {"proxy_sweep": proxy_sweep, "dense_run": dense_run, "proxy": proxy, "direct": direct,
           "ratio": proxy / direct}
 
 
@@ -180,8 +193,8 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
   unfinished = {r.run: r.status for r in sweep + dense if r.status in UNFINISHED}
   done_sweep, done_dense = ([r for r in side if r.run not in unfinished] for side in (sweep, dense))
   moe_table, dense_table = by_rate(done_sweep, column, metric), by_rate(done_dense, column, metric)
-  moe_best = best_rate(moe_table, higher, "--sweep", sweep, metric)
-  dense_best = best_rate(dense_table, higher, "--dense", dense, metric)
+  moe_best = _side_best_rates(moe_table, higher, "--sweep", sweep, metric)
+  dense_best = _side_best_rates(dense_table, higher, "--dense", dense, metric)
   agreement = rank_agreement(moe_table, dense_table)
   curves = {r.run: results.load_curve(r, metric) for r in sweep + dense}
   similarity = []
@@ -215,13 +228,43 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
     if price_per_chip_hour and "chip_hours" in costs:
       costs["usd"] = {k: v * price_per_chip_hour if k != "ratio" else v for k, v in costs["chip_hours"].items()}
   result = {"rate_column": column, "metric": metric, "moe_by_rate": moe_table, "dense_by_rate": dense_table,
-            # One dense rate (RQ4's design: the MoE's choice) is its best by construction: no agreement measured.
-            "moe_best_rate": moe_best, "dense_best_rate": dense_best,
-            "same_best_rate": moe_best == dense_best if len(dense_table) > 1 else None,
+            # As planner.measured_dropout: a best rate only when one rate is best, else the tied ones.
+            "moe_best_rate": moe_best[0] if len(moe_best) == 1 else None,
+            "moe_tied_rates": moe_best if len(moe_best) > 1 else [],
+            "dense_best_rate": dense_best[0] if len(dense_best) == 1 else None,
+            "dense_tied_rates": dense_best if len(dense_best) > 1 else [],
+            # The sweeps agree when a best rate of one is a best rate of the other: the MoE sweep that ties 0.2 and
+            # 0.3 has not chosen against the dense model's 0.3. One dense rate (RQ4's design: the MoE's choice) is
+            # its best by construction: no agreement measured.
+            "same_best_rate": bool(set(moe_best) & set(dense_best)) if len(dense_table) > 1 else None,
             "rank_agreement": agreement, "curve_similarity": similarity, "cost": costs, "cost_undefined": undefined,
             "unfinished": unfinished}
   result["report"] = _report(out_dir, result, sweep, dense, curves, column)
   return result
+
+
+def _best(res: dict, side: str) -> list[float]:
+  """The best rate of `side` ("moe" or "dense") in a list, or its tied rates."""
+  best = res[f"{side}_best_rate"]
+  return [best] if best is not None else res[f"{side}_tied_rates"]
+
+
+def _listed(rates: list[float], last: str = "and") -> str:
+  """[0.3] -> '0.3'; [0.1, 0.2, 0.3] -> '0.1, 0.2 and 0.3'."""
+  head = ", ".join(f"{r:g}" for r in rates[:-1])
+  return f"{head} {last} {rates[-1]:g}" if head else f"{rates[-1]:g}"
+
+
+def _agreement(moe: list[float], dense: list[float]) -> str:
+  """How the dense best rates stand to the MoE sweep's (same_best_rate in words)."""
+  shared = [r for r in dense if r in moe]
+  if not shared:
+    return "a different rate" if len(dense) == 1 else "none of them among the MoE sweep's best"
+  if dense == moe:
+    return "the same rate" if len(dense) == 1 else "the same rates"
+  if shared == dense:  # the MoE sweep ties them with others
+    return "among the MoE sweep's tied best"
+  return f"{_listed(shared)} {'is' if len(shared) == 1 else 'are'} the MoE sweep's best too"
 
 
 def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict:
@@ -241,12 +284,12 @@ def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict
     png.append(plots.save(out_dir / "proxy_curves.png", series, title=f"{metric}: MoE (solid) vs dense (dashed)",
                           xlabel="tokens seen", ylabel=metric))
   ag = res["rank_agreement"]
-  same = res["same_best_rate"]
+  moe, dense_best = _best(res, "moe"), _best(res, "dense")
+  dense_notes = ["a tie"] * (len(dense_best) > 1) + [_agreement(moe, dense_best)]
   text = (f"MoE sweep: {len(sweep)} runs over {column} = {', '.join(f'{r:g}' for r in res['moe_by_rate'])}; best "
-          f"{res['moe_best_rate']:g}. Dense: {len(dense)} runs"
-          + (f"; best {res['dense_best_rate']:g} ({'the same rate' if same else 'a different rate'})."
-             if same is not None else f", all at {res['dense_best_rate']:g}: one rate, so whether it is the dense "
-             "model's best is not measured."))
+          f"{_listed(moe)}{' (a tie)' if len(moe) > 1 else ''}. Dense: {len(dense)} runs"
+          + (f"; best {_listed(dense_best)} ({'; '.join(dense_notes)})." if res["same_best_rate"] is not None else
+             f", all at {_listed(dense_best)}: one rate, so whether it is the dense model's best is not measured."))
   if len(ag["rates"]) >= 3:
     text += f" Over the {len(ag['rates'])} rates both ran, rank agreement of final {metric}: " + (
         f"Spearman {ag['spearman']:.3f}, Kendall {ag['kendall']:.3f}." if ag["spearman"] is not None else
@@ -255,8 +298,9 @@ def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict
     text += (f"\n\n**Provisional**: {len(res['unfinished'])} run(s) have not finished ("
              + ", ".join(f"`{k}` ({v})" for k, v in res["unfinished"].items()) + "): the rates' means, the best rates "
              "and their agreement are from the finished runs alone. Analyse again once they finish.")
-  text += (f"\n\nTuning cost, proxy (the MoE sweep + one dense run at {res['moe_best_rate']:g}) vs direct (dense at "
-           "every swept rate): ")
+  text += (f"\n\nTuning cost, proxy (the MoE sweep + one dense run at {_listed(moe, 'or')}"
+           + (", a tie: costed as the mean dense run at those rates" if len(moe) > 1 else "")
+           + ") vs direct (dense at every swept rate): ")
   if "flops" in res["cost"]:
     flops = res["cost"]["flops"]
     text += f"{flops['proxy']:.3g} vs {flops['direct']:.3g} FLOPs = **{flops['ratio']:.3f}x**."

@@ -156,7 +156,7 @@ def test_a_cost_that_cannot_be_computed_is_undefined_with_its_reason(tmp_path, f
   assert "in FLOPs undefined: The FLOPs (flops_per_token x tokens_seen) of a run must be a positive" in text
   assert "nan" not in text.split("Tuning cost")[1].split("\n")[0]
   with pytest.raises(ValueError, match=reason):
-    proxy.tuning_cost(runs[:5], runs[5:], "DROPOUT_RATE", 0.3)
+    proxy.tuning_cost(runs[:5], runs[5:], "DROPOUT_RATE", [0.3])
 
 
 def test_zero_chip_hours_are_undefined_not_a_division_by_zero(tmp_path):
@@ -206,3 +206,33 @@ def test_an_unfinished_run_is_left_out_and_the_answer_called_provisional(tmp_pat
   assert "flops" not in out["cost"] and "have not finished (moe_d0.3_s1: running)" in out["cost_undefined"]["flops"]
   text = (tmp_path / "report.md").read_text()
   assert "**Provisional**: 1 run(s) have not finished (`moe_d0.3_s1` (running))" in text and "diverged" not in text
+
+
+def test_rates_that_tie_are_all_best_and_agree_with_a_dense_best_among_them(tmp_path):
+  """The MoE sweep ties 0.2 and 0.3: max() named 0.2, the report called the dense best 0.3 "a different rate", and
+  the proxy was charged the dense run at 0.2."""
+  moe = [_run(f"moe_d{r}", r, a, 1e9) for r, a in {0.1: 0.60, 0.2: 0.63, 0.3: 0.63, 0.4: 0.61}.items()]
+  dense = [_run(f"dense_d{r}", r, a, fpt) for r, a, fpt in ((0.1, 0.64, 3e9), (0.2, 0.665, 2e9), (0.3, 0.67, 4e9),
+                                                            (0.4, 0.65, 3e9))]
+  out = proxy.analyze(moe + dense, "moe_*", "dense_*", tmp_path)
+  assert (out["moe_best_rate"], out["moe_tied_rates"]) == (None, [0.2, 0.3])
+  assert (out["dense_best_rate"], out["dense_tied_rates"], out["same_best_rate"]) == (0.3, [], True)
+  # One dense run at 0.2 or 0.3, not known which: the mean of their costs, (2e9 + 4e9) / 2 x 1e10.
+  cost = out["cost"]["flops"]
+  assert (cost["dense_run"], cost["proxy"], cost["direct"]) == (
+      pytest.approx(3e19), pytest.approx(7e19), pytest.approx(12e19))
+  text = (tmp_path / "report.md").read_text()
+  assert "best 0.2 and 0.3 (a tie). Dense: 4 runs; best 0.3 (among the MoE sweep's tied best)." in text
+  assert "one dense run at 0.2 or 0.3, a tie: costed as the mean dense run at those rates" in text
+  # A dense best outside the tie is a different rate.
+  dense[0].final_eval_accuracy = 0.7
+  out = proxy.analyze(moe + dense, "moe_*", "dense_*", tmp_path / "other")
+  assert (out["dense_best_rate"], out["same_best_rate"]) == (0.1, False)
+  assert "Dense: 4 runs; best 0.1 (a different rate)." in (tmp_path / "other" / "report.md").read_text()
+
+
+def test_best_rates_name_every_rate_that_ties_even_to_rounding():
+  # The mean of three seeds 0.1, 0.2, 0.3 is 0.20000000000000004: a tie with 0.2 all the same.
+  assert proxy.best_rates({0.1: float(np.mean([0.1, 0.2, 0.3])), 0.2: 0.2, 0.3: 0.1}, True) == [0.1, 0.2]
+  assert proxy.best_rates({0.3: 1.5, 0.1: 2.0, 0.2: 1.5, 0.4: float("nan")}, False) == [0.2, 0.3]
+  assert proxy.best_rates({0.1: float("nan")}, True) == []
