@@ -569,7 +569,8 @@ def _add_plan(sub) -> None:
   p.add_argument("--unique-tokens", "--unique_tokens", dest="unique_tokens", type=float, required=True)
   p.add_argument("--compute", type=float, required=True, help="Training FLOPs C (= 6 N D).")
   p.add_argument("--law-constants", "--law_constants", dest="law_constants", default=None,
-                 help="JSON constants of the data-constrained law (default: Muennighoff et al.'s C4 fit).")
+                 help="JSON constants of the data-constrained law, e.g. what `analyze fit --json` prints (the plan "
+                 "then warns of what the fit did not determine); default: Muennighoff et al.'s C4 fit.")
   p.add_argument("--results", default=None, help="A results table: cite its best dropout rate at similar size.")
   p.add_argument("--out", default=None, help="Also write plan_loss_vs_params.png and report.{md,html} here.")
   p.add_argument("--json", action="store_true")
@@ -579,8 +580,10 @@ def _run_plan(args, bindings: Sequence[str]) -> dict | None:
   del bindings
   from repeat_lm.analysis import laws, planner, results
   runs = results.read_results(args.results) if args.results else None
-  p = planner.plan(args.unique_tokens, args.compute, laws.constants_for("data-constrained", args.law_constants),
-                   runs)
+  # The whole record, not only its constants: the plan warns of what the fit did not determine.
+  fit = laws.read_record(args.law_constants) if args.law_constants else None
+  p = planner.plan(args.unique_tokens, args.compute,
+                   laws.constants_for("data-constrained", args.law_constants, record=fit), runs, fit)
   if args.out:
     p["report"] = planner.write_plan_report(p, args.out)
   if not args.json:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
-from repeat_lm.analysis import laws, plots, proxy, report, results
+from repeat_lm.analysis import laws, plots, proxy, report, results, scaling
 
 EXHAUSTED_VALUE = 0.1  # marginal value of an epoch, relative to fresh data, below which repetition is exhausted
 LARGE_PARAMS = 7e8  # T5-Large scale (783M): the paper's larger models overfit more and gain more from dropout
@@ -148,8 +148,10 @@ def measured_dropout(runs: list[results.Run], params: float) -> dict | None:
 
 
 def plan(unique_tokens: float, compute: float, constants: laws.Constants = laws.DATA_CONSTRAINED,
-         runs: list[results.Run] | None = None) -> dict:
-  """The recommendation (keys documented in docs/analysis.md)."""
+         runs: list[results.Run] | None = None, fit: dict | None = None) -> dict:
+  """The recommendation (keys documented in docs/analysis.md). `fit`: the `analyze fit --json` record the constants
+  came from; what it did not determine, and a plan outside the runs it saw, join the warnings (scaling.fit_caveats):
+  a constant left on its bound (R_N* without a run past U_N) moves the plan silently otherwise."""
   c = constants
   if c.R_D_star is None:
     raise ValueError("The planner needs data-constrained constants (R_D_star, R_N_star).")
@@ -166,7 +168,9 @@ def plan(unique_tokens: float, compute: float, constants: laws.Constants = laws.
   return {"unique_tokens": unique_tokens, "compute": compute, "constants": c.to_dict(), "recommended": rec,
           # >= 0 up to rounding: the plan is the minimum over N.
           "chinchilla_optimal": chin, "loss_saved": max(chin["predicted_loss"] - rec["predicted_loss"], 0.0),
-          "sufficient": sufficient, "thresholds": thresholds(c), "warnings": warnings_for(c, rec, unique_tokens),
+          "sufficient": sufficient, "thresholds": thresholds(c), "warnings": warnings_for(c, rec, unique_tokens)
+          + (scaling.fit_caveats(fit, rec["params"], rec["tokens"], ("the planned N", "the planned D"), "this plan")
+             if fit else []),
           "dropout": dropout_advice(rec["params"], rec["epochs"], runs)}
 
 

@@ -243,20 +243,25 @@ def _check_plot(path: Path, f: laws.Fit, budgets: list[float], used: list[result
                     xlabel="compute C (FLOPs)", ylabel="parameters / tokens")
 
 
-def fit_caveats(fit: dict, n: float, d: float) -> list[str]:
-  """What a prediction from the constants of `analyze fit --json` (`fit`) should say: the constants the runs did not
-  determine, and counts outside the fitted runs' range (an extrapolation, which a scaling law is for, but one that
-  rests on the law holding there). Constants without that record (published, or written by hand) have none."""
+def fit_caveats(fit: dict, n: float, d: float, names: tuple[str, str] = ("--params", "--tokens"),
+                what: str = "this prediction") -> list[dict]:
+  """What a result from the constants of `analyze fit --json` (`fit`) at N = n, D = d should say, as [{"code",
+  "message"}]: the constants the runs did not determine (`undetermined_constants`), and counts outside the fitted
+  runs' range (`extrapolation`, which a scaling law is for, but one that rests on the law holding there). `names`:
+  what n and d are called, `what`: what rests on the constants. Constants without that record (published, or written
+  by hand) have none."""
   notes = []
   unknown = [*(fit.get("at_bounds") or []), *(fit.get("undetermined") or [])]
   if unknown:
-    notes.append(f"the fit did not determine {', '.join(map(str, unknown))} (see its report): this prediction rests "
-                 f"on {'that value' if len(unknown) == 1 else 'those values'}")
+    notes.append({"code": "undetermined_constants", "message": f"the fit did not determine "
+                  f"{', '.join(map(str, unknown))} (see its report): {what} rests on "
+                  f"{'that value' if len(unknown) == 1 else 'those values'}"})
   fitted_range = fit.get("fitted_range") or {}
-  for name, flag, value in (("params", "--params", n), ("tokens", "--tokens", d)):
-    lo, hi = (fitted_range.get(name) or [None, None])[:2]
+  for key, name, value in (("params", names[0], n), ("tokens", names[1], d)):
+    lo, hi = (fitted_range.get(key) or [None, None])[:2]
     if checks.finite_number(lo) and checks.finite_number(hi) and not lo <= value <= hi:
-      notes.append(f"{flag}={value:g} lies outside the fitted runs' {lo:g}-{hi:g}: an extrapolation")
+      notes.append({"code": "extrapolation",
+                    "message": f"{name}={value:g} lies outside the fitted runs' {lo:g}-{hi:g}: an extrapolation"})
   return notes
 
 
@@ -268,7 +273,7 @@ def prediction(c: laws.Constants, n: float, d: float, u: float | None = None, fi
   if bad:  # the power laws of a non-positive count are NaN, not a loss
     raise ValueError(f"analyze predict needs positive, finite counts: {bad}.")
   out = {"law": c.law, "params": n, "tokens": d, "loss": float(laws.predict(c, n, d, u)), "constants": c.to_dict()}
-  notes = fit_caveats(fit, n, d) if fit else []
+  notes = [caveat["message"] for caveat in fit_caveats(fit, n, d)] if fit else []
   if u is not None and c.R_D_star is None:
     notes.append("--unique-tokens ignored: the chinchilla law treats every token as fresh (repetition needs "
                  "--law=data-constrained)")

@@ -1,10 +1,12 @@
 """`repeat-lm analyze ...` and `repeat-lm plan` end to end on the synthetic table: files written, JSON valid."""
 
 import json
+import math
 
 import pytest
 
 from repeat_lm import cli
+from repeat_lm.analysis import laws
 
 
 def _strict(constant):
@@ -149,6 +151,32 @@ def test_plan(results_csv, tmp_path, capsys):
   _assert_report(tmp_path, "plan_loss_vs_params.png")
   assert cli.main(["plan", "--unique_tokens=1e12", "--compute=1e20"]) == 0
   assert "Recommended: N = " in capsys.readouterr().out
+
+
+def test_plan_from_a_fit_warns_of_what_it_did_not_determine_and_where_it_extrapolates(tmp_path, capsys):
+  """A fit with R_N* on its bound (no run past U_N) moved the plan from 6.7e8 parameters to 5.25e9 without a word:
+  the plan read the constants of the record and dropped its caveats."""
+  record = {**laws.DATA_CONSTRAINED.to_dict(), "R_N_star": math.exp(10), "at_bounds": ["R_N_star"],
+            "undetermined": [], "fitted_range": {"params": [1e7, 1e8], "tokens": [1e9, 1e11]}}
+  fit = tmp_path / "fit.json"
+  fit.write_text(json.dumps(record))
+  argv = ["plan", "--unique-tokens=1.3e8", "--compute=1.5e20", f"--law-constants={fit}"]
+  out = _json(capsys, [*argv, "--json"])
+  caveats = {w["code"]: w["message"] for w in out["warnings"] if w["code"] in ("undetermined_constants",
+                                                                               "extrapolation")}
+  n = out["recommended"]["params"]
+  assert n == pytest.approx(5.25e9, rel=1e-2)
+  assert caveats == {"undetermined_constants": "the fit did not determine R_N_star (see its report): this plan "
+                                               "rests on that value",
+                     "extrapolation": f"the planned N={n:g} lies outside the fitted runs' 1e+07-1e+08: an "
+                                      "extrapolation"}
+  assert cli.main(argv) == 0
+  assert "Warning: the fit did not determine R_N_star" in capsys.readouterr().out
+  # Constants without a fit's record (published, or written by hand) carry no caveat.
+  fit.write_text(json.dumps({"constants": laws.DATA_CONSTRAINED.to_dict()}))
+  for args in (argv, argv[:3]):
+    codes = {w["code"] for w in _json(capsys, [*args, "--json"])["warnings"]}
+    assert codes == {"exhausted", "excess_params"}
 
 
 def test_errors(results_csv, capsys):
