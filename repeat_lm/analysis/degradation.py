@@ -81,7 +81,9 @@ def run_rows(runs: list[results.Run], metric: str, tolerance: float | None = Non
     else:
       curves[r.run] = curve
       o = detect(curve.value, higher_is_better=higher, tolerance=tolerance, rel_tolerance=rel_tolerance)
-      onset_tokens = None if o.onset_index is None else float(curve.tokens_seen[o.onset_index])
+      # Tokens seen unknown (results.load_curve): an onset step, but no onset tokens or epoch.
+      onset_tokens = (float(curve.tokens_seen[o.onset_index]) if o.onset_index is not None and curve.tokens_known
+                      else None)
       # A curve with no finite value has no best: no step or tokens of one either (not its first evaluation's).
       has_best = math.isfinite(o.best_value)
       row.update(best=o.best_value, best_step=float(curve.step[o.best_index]) if has_best else math.nan,
@@ -175,11 +177,13 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
   factors = [group_by] if group_by else results.varied_factors(runs)
   if group_by and group_by not in results.columns(runs):
     raise ValueError(f"--group_by={group_by}: no such column; columns: {', '.join(results.columns(runs))}.")
+  # The plots are on tokens seen: a curve without them is left out (named in the report), not drawn on its steps.
+  plotted = {run: c for run, c in curves.items() if c.tokens_known}
   pngs, summaries = [], {}
   for factor in factors or [None]:
     name = f"{_slug(metric)}_by_{_slug(factor)}.png" if factor else f"{_slug(metric)}.png"
-    if curves:
-      pngs.append(plot_factor(out_dir / name, runs, rows, curves, metric, factor))
+    if plotted:
+      pngs.append(plot_factor(out_dir / name, runs, rows, plotted, metric, factor))
     if factor:
       summaries[factor] = factor_summary(runs, rows, factor)
   degrading = [row for row in rows if row["onset_step"] is not None]
@@ -193,20 +197,29 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
              f"e.g. a table moved away from its runs): {', '.join(f'`{r}`' for r in without[:8])}"
              f"{', ...' if len(without) > 8 else ''}; their degradation is unknown." if without else "")
           + (f" {len(diverged)} diverged (final `{metric}` not finite): {', '.join(f'`{r}`' for r in diverged)}."
-             if diverged else "") + "\n\n"
+             if diverged else "")
+          + (f" Tokens seen are unknown for {len(curves) - len(plotted)} run(s) with curves (no train/tokens_seen in "
+             "their metrics.jsonl, nor `tokens_seen` and `final_step` in the table): "
+             f"{', '.join(f'`{r}`' for r in curves if r not in plotted)}; their onset tokens and epochs are unknown, "
+             "and the plots leave them out." if len(plotted) < len(curves) else "") + "\n\n"
           f"Onset: the first evaluation point after which `{metric}` never comes back within the tolerance "
           f"({tol_text}) of the run's best value, with at least {MIN_POINTS} evaluation points from it to the end. "
           "Gap: how much worse the final value is than the best. Onset epoch = tokens seen at the onset / unique "
           "tokens.")
   if degrading:
     # Epochs compare runs of different unique tokens; a run without unique_tokens has none, and ranking it after
-    # every run that has would name a later onset as the earliest: then compare tokens seen.
-    by_epoch = all(row["onset_epoch"] is not None for row in degrading)
-    first = min(degrading, key=lambda row: row["onset_epoch"] if by_epoch else row["onset_tokens"])
+    # every run that has would name a later onset as the earliest: then compare tokens seen. A run of unknown tokens
+    # seen has neither, and its steps are not another run's: it is not ranked.
+    timed = [row for row in degrading if row["onset_tokens"] is not None]
+    by_epoch = all(row["onset_epoch"] is not None for row in timed)
+    first = min(timed, key=lambda row: row["onset_epoch"] if by_epoch else row["onset_tokens"], default=None)
     largest = max(rows, key=lambda row: row["gap"] if math.isfinite(row["gap"]) else -math.inf)
-    text += (f"\n\nEarliest onset: `{first['run']}` at step {report.fmt(first['onset_step'])}"
-             + (f" (epoch {first['onset_epoch']:.3g})" if first["onset_epoch"] is not None else "")
-             + f". Largest gap{' of a run that did not diverge' if diverged else ''}: `{largest['run']}` "
+    earliest = ""
+    if first:
+      earliest = (f"Earliest onset{' of the runs whose tokens seen are known' if len(timed) < len(degrading) else ''}"
+                  f": `{first['run']}` at step {report.fmt(first['onset_step'])}"
+                  + (f" (epoch {first['onset_epoch']:.3g})" if first["onset_epoch"] is not None else "") + ". ")
+    text += (f"\n\n{earliest}Largest gap{' of a run that did not diverge' if diverged else ''}: `{largest['run']}` "
              f"({largest['gap']:.4g}).")
   sections = [("Summary", text, pngs, _shown(rows))]
   all_diverged = lambda g: g["diverged"] and g["diverged"] == g["runs"]  # noqa: E731 - no run with a finite gap

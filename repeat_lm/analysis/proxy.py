@@ -197,6 +197,9 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
   dense_best = _side_best_rates(dense_table, higher, "--dense", dense, metric)
   agreement = rank_agreement(moe_table, dense_table)
   curves = {r.run: results.load_curve(r, metric) for r in sweep + dense}
+  # Curves are compared and drawn on tokens seen: one without them (results.load_curve) is left out, and named.
+  no_tokens = [run for run, c in curves.items() if c is not None and not c.tokens_known]
+  curves = {run: None if run in no_tokens else c for run, c in curves.items()}
   similarity = []
   for rate in agreement["rates"]:
     m = [r for r in done_sweep if r.get(column) == rate and curves[r.run] is not None]
@@ -237,8 +240,8 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
             # 0.3 has not chosen against the dense model's 0.3. One dense rate (RQ4's design: the MoE's choice) is
             # its best by construction: no agreement measured.
             "same_best_rate": bool(set(moe_best) & set(dense_best)) if len(dense_table) > 1 else None,
-            "rank_agreement": agreement, "curve_similarity": similarity, "cost": costs, "cost_undefined": undefined,
-            "unfinished": unfinished}
+            "rank_agreement": agreement, "curve_similarity": similarity, "curves_without_tokens": no_tokens,
+            "cost": costs, "cost_undefined": undefined, "unfinished": unfinished}
   result["report"] = _report(out_dir, result, sweep, dense, curves, column)
   return result
 
@@ -294,6 +297,10 @@ def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict
     text += f" Over the {len(ag['rates'])} rates both ran, rank agreement of final {metric}: " + (
         f"Spearman {ag['spearman']:.3f}, Kendall {ag['kendall']:.3f}." if ag["spearman"] is not None else
         f"undefined ({_why_no_agreement(res['moe_by_rate'], res['dense_by_rate'])}).")
+  if res["curves_without_tokens"]:
+    text += (f" The curves of {', '.join(f'`{r}`' for r in res['curves_without_tokens'])} have no tokens seen (no "
+             "train/tokens_seen in metrics.jsonl, nor `tokens_seen` and `final_step` in the table): left out of the "
+             "curve plot and similarity.")
   if res["unfinished"]:
     text += (f"\n\n**Provisional**: {len(res['unfinished'])} run(s) have not finished ("
              + ", ".join(f"`{k}` ({v})" for k, v in res["unfinished"].items()) + "): the rates' means, the best rates "

@@ -66,8 +66,12 @@ class Run:
 class Curve:
   """One metric of one run at its evaluation points."""
   step: np.ndarray
-  tokens_seen: np.ndarray
+  tokens_seen: np.ndarray  # NaN where unknown (see load_curve)
   value: np.ndarray
+
+  @property
+  def tokens_known(self) -> bool:
+    return bool(np.isfinite(self.tokens_seen).all())
 
 
 def _maybe_float(text: str):
@@ -261,7 +265,9 @@ def read_metrics(model_dir: str | Path) -> list[dict]:
 
 def load_curve(run: Run, metric: str) -> Curve | None:
   """`metric` (e.g. 'eval/accuracy') at every step that logged it, with tokens seen at that step; None without a
-  metrics.jsonl. Eval records carry no `train/tokens_seen`: it is interpolated from the train records by step."""
+  metrics.jsonl. Eval records carry no `train/tokens_seen`: it is interpolated from the train records by step.
+  Without train records, the table's `tokens_seen` at its `final_step` gives the tokens per step, else tokens are
+  unknown (NaN)."""
   if not run.model_dir:
     return None
   steps, values, train_steps, train_tokens = [], [], [], []
@@ -282,10 +288,16 @@ def load_curve(run: Run, metric: str) -> Curve | None:
 
 
 def _tokens_at(step: np.ndarray, train_steps: list[float], train_tokens: list[float], run: Run) -> np.ndarray:
-  if not any(s > 0 for s in train_steps):  # no train records: assume a constant number of tokens per step
-    per_step = run.tokens_seen / step.max() if math.isfinite(run.tokens_seen) and step.max() > 0 else 1.0
-    return step * per_step
-  return tokens_at(step, train_steps, train_tokens)
+  if any(s > 0 for s in train_steps):
+    return tokens_at(step, train_steps, train_tokens)
+  # No train records (an eval-only log, a table from elsewhere): a constant number of tokens per step, from the
+  # table's tokens_seen and the step it was counted at, collect's final_step (the last train record's; the last
+  # evaluation's step is earlier when a run stopped between evaluations). Without them the tokens are unknown: the
+  # step numbers read as tokens gave onsets in steps and epochs off by the tokens per step.
+  last = run.get("final_step")
+  if 0 < run.tokens_seen < math.inf and isinstance(last, float) and 0 < last < math.inf:
+    return step * (run.tokens_seen / last)
+  return np.full(step.shape, math.nan)
 
 
 def tokens_at(step: np.ndarray, train_steps: list[float], train_tokens: list[float]) -> np.ndarray:

@@ -281,3 +281,25 @@ def test_diverged_runs_are_counted_per_group_and_named_not_printed_as_nan(tmp_pa
   runs = [results.Run(run="tab", status="failed", model_dir=None, best_eval_loss=3.0, final_eval_loss=math.nan)]
   degradation.analyze(runs, tmp_path / "table", metric="eval/loss")
   assert "| tab | failed | table | 3 | nan | nan | diverged | diverged |" in (tmp_path / "table" / "report.md").read_text()
+
+
+def test_a_curve_of_unknown_tokens_seen_has_no_onset_tokens_or_epoch_and_is_named(tmp_path):
+  """An eval-only metrics.jsonl and no tokens_seen in the table: the steps were read as tokens, onset 4000 "tokens"
+  at step 4000 and epoch 3e-5 of 2^27 unique tokens, drawn on the tokens-seen axis."""
+  import json
+  model_dir = tmp_path / "evals_only"
+  model_dir.mkdir()
+  accuracies = [0.5, 0.6, 0.62, 0.6, 0.55, 0.5]
+  (model_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": 1000 * (i + 1), "eval/accuracy": a}) + "\n"
+                                                   for i, a in enumerate(accuracies)))
+  runs = [results.Run(run="evals_only", status="done", model_dir=str(model_dir), unique_tokens=2.0 ** 27),
+          results.Run(run="timed", status="done", unique_tokens=1000.0,
+                      model_dir=_write_curve(tmp_path / "timed", [0.5, 0.6, 0.6, 0.5, 0.4, 0.3]))]
+  out = degradation.analyze(runs, tmp_path / "out")
+  row = out["runs"][0]
+  assert (row["onset_step"], row["onset_tokens"], row["onset_epoch"]) == (4000.0, None, None)
+  assert row["best_step"] == 3000.0 and math.isnan(row["best_tokens"])
+  text = (tmp_path / "out" / "report.md").read_text()
+  assert "Tokens seen are unknown for 1 run(s) with curves" in text and "`evals_only`; their onset tokens" in text
+  # The earliest onset is ranked among the runs with tokens seen only: step 4000 of one run is not 40 of another.
+  assert "Earliest onset of the runs whose tokens seen are known: `timed` at step 40 (epoch 4)." in text

@@ -236,3 +236,20 @@ def test_best_rates_name_every_rate_that_ties_even_to_rounding():
   assert proxy.best_rates({0.1: float(np.mean([0.1, 0.2, 0.3])), 0.2: 0.2, 0.3: 0.1}, True) == [0.1, 0.2]
   assert proxy.best_rates({0.3: 1.5, 0.1: 2.0, 0.2: 1.5, 0.4: float("nan")}, False) == [0.2, 0.3]
   assert proxy.best_rates({0.1: float("nan")}, True) == []
+
+
+def test_a_curve_of_unknown_tokens_seen_is_not_compared_on_its_steps(tmp_path):
+  """Eval-only logs without tokens_seen in the table: the two curves were lined up on their step numbers."""
+  import json
+  runs = _table({0.1: 0.65, 0.3: 0.67, 0.5: 0.64})
+  for r in runs:
+    if r.get("DROPOUT_RATE") == 0.3:
+      r.model_dir = str(tmp_path / r.run)
+      (tmp_path / r.run).mkdir()
+      (tmp_path / r.run / "metrics.jsonl").write_text("".join(
+          json.dumps({"step": s, "eval/accuracy": a}) + "\n" for s, a in ((100, 0.5), (200, 0.6), (300, 0.62))))
+  out = proxy.analyze(runs, "moe_*", "dense_*", tmp_path / "out")
+  assert out["curve_similarity"] == [] and out["curves_without_tokens"] == ["moe_d0.3", "dense_d0.3"]
+  text = (tmp_path / "out" / "report.md").read_text()
+  assert "The curves of `moe_d0.3`, `dense_d0.3` have no tokens seen" in text
+  assert not (tmp_path / "out" / "proxy_curves.png").exists()

@@ -114,14 +114,31 @@ def test_a_table_saved_by_a_spreadsheet_with_a_byte_order_mark_reads(tmp_path):
 
 def test_a_curve_without_train_records_spreads_the_tokens_seen_evenly_over_the_steps(tmp_path):
   # No train/tokens_seen at all: tokens seen grow linearly with the step, reaching the table's tokens_seen at the
-  # last evaluation (4000 tokens over 40 steps: 100 a step).
+  # step it was counted at, final_step (4000 tokens over 40 steps: 100 a step), not at the last evaluation (30).
   model_dir = tmp_path / "run"
   model_dir.mkdir()
   (model_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval/loss": 3.0}) + "\n"
-                                                   for s in (10, 20, 40)))
-  c = results.load_curve(results.Run(run="r", status="done", model_dir=str(model_dir), tokens_seen=4000.0),
-                         "eval/loss")
-  np.testing.assert_allclose(c.tokens_seen, [1000, 2000, 4000])
+                                                   for s in (10, 20, 30)))
+  run = results.Run(run="r", status="done", model_dir=str(model_dir), tokens_seen=4000.0, extra={"final_step": "40"})
+  c = results.load_curve(run, "eval/loss")
+  np.testing.assert_allclose(c.tokens_seen, [1000, 2000, 3000])
+  assert c.tokens_known
+
+
+@pytest.mark.parametrize("tokens_seen, final_step", [(math.nan, ""), (4000.0, ""), (math.nan, "40")])
+def test_a_curve_without_train_records_or_the_tables_count_has_unknown_tokens_not_its_steps(tmp_path, tokens_seen,
+                                                                                            final_step):
+  """The step numbers were read as tokens (a factor of the tokens per step off), or the table's tokens_seen spread
+  to the last evaluation, whose step need not be the one it was counted at."""
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  (model_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval/loss": 3.0}) + "\n"
+                                                   for s in (10, 20, 30)))
+  run = results.Run(run="r", status="done", model_dir=str(model_dir), tokens_seen=tokens_seen,
+                    extra={"final_step": final_step})
+  c = results.load_curve(run, "eval/loss")
+  assert np.isnan(c.tokens_seen).all() and not c.tokens_known
+  np.testing.assert_array_equal(c.step, [10, 20, 30])
 
 
 def test_fine_tuning_scores_and_metrics_are_outcomes_not_factors(tmp_path):
