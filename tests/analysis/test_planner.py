@@ -2,6 +2,7 @@
 thresholds, dropout advice citing the measured table."""
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,20 @@ def test_the_sufficient_compute_does_not_depend_on_how_much_compute_was_planned(
   enough = {c: planner.plan(1e8, c)["sufficient"]["compute"] for c in (1e24, 1e36, 1e40)}
   assert enough[1e24] == pytest.approx(6.77e18, rel=0.01)
   assert enough[1e36] == pytest.approx(enough[1e24], rel=1e-6) and enough[1e40] == pytest.approx(enough[1e24], rel=1e-6)
+
+
+def test_the_documented_columns_of_the_planner_are_the_ones_it_reads():
+  """docs/analysis.md said the planner used the table's tokens_seen and unique_tokens, and epochs only as a factor of
+  the plots: it reads params, epochs, best_eval_* and the dropout column (measured_dropout), and nothing else."""
+  doc = (Path(__file__).parents[2] / "docs" / "analysis.md").read_text()
+  table = doc.split("| column | used by |\n", 1)[1].split("\n\n", 1)[0]
+  documented = {col for cols, used in re.findall(r"^\| (.+?) \| (.+) \|$", table, re.M) if "planner" in used
+                for col in re.findall(r"`(\w+)`", cols)}
+  # DROPOUT_RATE and model: the examples of the row of gin columns, one of which is the dropout column.
+  assert documented == {"params", "epochs", "best_eval_accuracy", "best_eval_loss", "DROPOUT_RATE", "model"}
+  # What a run's other columns hold does not change the measured rate.
+  runs = _rated([(2.5e8, 8.0, 0.0, 0.60, math.nan), (2.5e8, 8.0, 0.1, 0.63, math.nan)])
+  for r in runs:
+    r.tokens_seen, r.unique_tokens, r.final_eval_accuracy, r.final_eval_loss = 1e9, 1e6, 0.9, 1.0
+  assert planner.measured_dropout(runs, 2.5e8) == planner.measured_dropout(_rated(
+      [(2.5e8, 8.0, 0.0, 0.60, math.nan), (2.5e8, 8.0, 0.1, 0.63, math.nan)]), 2.5e8)
