@@ -10,6 +10,7 @@ B = e^b, E = e^e stay positive, using L-BFGS-B started from a grid of initialisa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -27,6 +28,25 @@ HUBER_DELTA = 1e-3
 # Huber delta: the runs cannot tell its coefficient and exponent from any others that keep it negligible, and the
 # optimiser leaves them where it started.
 NEGLIGIBLE = 1e-6
+# A direction of theta along which the predictions change by less than FLAT of the most they change along any (a
+# singular value of the Jacobian of log L_hat below FLAT of the largest) is one the runs do not determine. At the true
+# constants: ~1e-11 (central-difference noise) for designs that cannot determine the law (two model sizes, a term no
+# run changes), 3e-7 for tokens per parameter that vary by 0.003%, 1e-4 to 1e-3 for designs that determine it (a 3 x 3
+# grid of N and D: 3e-4).
+FLAT = 1e-6
+# A constant loads on such a direction when its share of the singular vector is at least this: the constants the
+# direction leaves alone have ~1e-9 (two model sizes: E 0.05, A 1.0, alpha 0.06; B, beta 1e-9).
+LOADING = 1e-3
+# A bootstrap interval is not trusted when more than this share of its refits left the constant on a bound or
+# undetermined: the percentiles then mix estimates with bound or start values.
+UNTRUSTED_SHARE = 0.05
+# A resample that fails check_identifiable (at most as many distinct points as constants, 2 model sizes, ...) is drawn
+# again, up to this many draws per refit in all.
+MAX_DRAWS_PER_REFIT = 10
+# The optimiser's starts for a bootstrap refit besides the full-data optimum: _starts with this n_starts, the best
+# grid point of the resample and the best where every term counts (_starts). From the optimum alone a refit in a flat
+# direction stayed where it started, and the interval was far too narrow.
+BOOTSTRAP_STARTS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +220,20 @@ class Fit:
   # Constants the optimum left on an edge of the search (_BOUNDS): the runs do not determine them (or contradict the
   # law), and their value and bootstrap interval are the edge's, not an estimate.
   at_bounds: list[str] = dataclasses.field(default_factory=list)
-  # Constants of a term negligible at every run (_negligible), not on a bound: their value is the start point's and
-  # their bootstrap interval has no width, not an estimate either.
+  # Constants, not on a bound, of a term negligible at every run (_negligible) or on a direction along which no
+  # prediction moves (_flat): their value is where the search stopped and their interval says nothing.
   undetermined: list[str] = dataclasses.field(default_factory=list)
+  flat: list[str] = dataclasses.field(default_factory=list)  # those of `undetermined` that _flat found (not negligible)
+  redrawn: int = 0  # bootstrap resamples that failed check_identifiable and were drawn again
+  given_up: int = 0  # bootstrap refits left out: MAX_DRAWS_PER_REFIT draws in all found no resample for them
+  # {constant: bootstrap refits that left it on a bound or undetermined}
+  refits_flagged: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def ci_untrusted(self) -> list[str]:
+    """Constants whose interval is not trusted: over UNTRUSTED_SHARE of the refits left them on a bound or
+    undetermined."""
+    return [k for k, count in self.refits_flagged.items() if count > UNTRUSTED_SHARE * len(self.samples)]
 
   def ci(self, level: float = 0.95) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of every constant (empty without bootstrap samples)."""
@@ -231,7 +262,11 @@ def _to_theta(c: Constants) -> np.ndarray:
 
 def _log_predict(theta: np.ndarray, log_n, log_d, log_u) -> np.ndarray:
   """log L_hat for theta of shape (..., P) and data of shape (n,): (..., n)."""
-  terms = _log_terms(theta, log_n, log_d, log_u)
+  return _log_sum(_log_terms(theta, log_n, log_d, log_u))
+
+
+def _log_sum(terms: np.ndarray) -> np.ndarray:
+  """log of the sum of the law's terms from their logs (3, ...)."""
   top = terms.max(axis=0)
   return top + np.log(np.exp(terms - top).sum(axis=0))
 
@@ -269,6 +304,27 @@ def _negligible(theta: np.ndarray, log_n, log_d, log_u) -> list[str]:
   return [k for k in _NAMES if k in out and k not in bounded]
 
 
+def _flat(theta: np.ndarray, obj: _Objective) -> list[str]:
+  """Constants that load on a direction of theta along which no prediction moves (FLAT, LOADING), those on a bound
+  excepted (_at_bounds names them). E.g. two model sizes fix E + A / N^alpha at two N only: every alpha fits as well,
+  with its own E and A, and the optimiser stops anywhere in that valley, off every bound."""
+  _, jac = obj.predict(theta)
+  _, s, vt = np.linalg.svd(np.nan_to_num(jac.T), full_matrices=True)
+  # Directions past the number of runs have no singular value: no run constrains them at all.
+  s = np.concatenate([s, np.zeros(vt.shape[0] - s.size)])
+  loads = np.abs(vt[s < FLAT * s[0]]) >= LOADING
+  bounded = set(_at_bounds(theta))
+  return [k for k, flat in zip(_NAMES, loads.any(axis=0)) if flat and k not in bounded]
+
+
+def _undetermined(theta: np.ndarray, obj: _Objective) -> tuple[list[str], list[str]]:
+  """(undetermined, flat): the constants, not on a bound, that _negligible or _flat finds, and those only _flat
+  finds."""
+  negligible = _negligible(theta, *obj.data)
+  flat = [k for k in _flat(theta, obj) if k not in negligible]
+  return [k for k in _NAMES if k in negligible or k in flat], flat
+
+
 def _huber(r: np.ndarray, delta: float) -> np.ndarray:
   return np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
 
@@ -282,20 +338,19 @@ class _Objective:
     self.log_loss = np.log(loss)
     self.delta = delta
 
-  def values(self, thetas: np.ndarray) -> np.ndarray:
-    with np.errstate(all="ignore"):
-      r = _log_predict(thetas, *self.data) - self.log_loss
-    out = _huber(r, self.delta).sum(axis=-1)
-    return np.where(np.isfinite(out), out, np.inf)
-
-  def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+  def predict(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log L_hat at theta (n,) and its Jacobian in theta (P, n)."""
     h = 1e-6
     p = theta.size
     probes = np.concatenate([theta[None], theta + h * np.eye(p), theta - h * np.eye(p)])
     with np.errstate(all="ignore"):
       f = _log_predict(probes, *self.data)
-    r = f[0] - self.log_loss
-    jac = (f[1:p + 1] - f[p + 1:]) / (2 * h)
+    return f[0], (f[1:p + 1] - f[p + 1:]) / (2 * h)
+
+  def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+    f, jac = self.predict(theta)
+    r = f - self.log_loss
+    p = theta.size
     dr = np.clip(r, -self.delta, self.delta)  # Huber derivative
     value = float(_huber(r, self.delta).sum())
     if not np.isfinite(value):
@@ -309,20 +364,34 @@ def _grid(law: str) -> np.ndarray:
   return np.stack([m.ravel() for m in mesh], axis=-1)
 
 
-def _starts(grid: np.ndarray, values: np.ndarray, obj: _Objective, n_starts: int) -> np.ndarray:
+def _grid_scores(grid: np.ndarray, obj: _Objective, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """For K weightings of the runs (weights (n, K): ones for the fit, a resample's counts of each run for a bootstrap
+  refit), each grid point's objective and whether its A and B terms are each at least NEGLIGIBLE of the prediction
+  at some run the weighting keeps: two (G, K) arrays. One pass over the grid serves the fit or a block of resamples
+  (a pass per resample made a 100-refit bootstrap of the data-constrained law 30 s slower)."""
+  kept = (weights > 0).astype(float)
+  values = np.empty((len(grid), weights.shape[1]))
+  live = np.empty((len(grid), weights.shape[1]), bool)
+  for rows in np.array_split(np.arange(len(grid)), max(1, len(grid) // 4096)):
+    with np.errstate(all="ignore"):
+      terms = _log_terms(grid[rows], *obj.data)
+      log_pred = _log_sum(terms)
+      per_run = _huber(log_pred - obj.log_loss, obj.delta)
+      share = np.exp(terms[:2] - log_pred)
+    bad = ~np.isfinite(per_run)  # a run the weighting leaves out must not make the point inf (inf * 0 is NaN)
+    values[rows] = np.where(bad.astype(float) @ kept > 0, np.inf, np.where(bad, 0.0, per_run) @ weights)
+    live[rows] = np.all((share >= NEGLIGIBLE).astype(float) @ kept > 0, axis=0)
+  return values, live
+
+
+def _starts(grid: np.ndarray, values: np.ndarray, live: np.ndarray, n_starts: int) -> np.ndarray:
   """The optimiser's starts: the `n_starts` best grid points, and the `n_starts` best of those whose A and B terms
-  are each at least NEGLIGIBLE of the prediction at some run.
+  are each at least NEGLIGIBLE of the prediction at some run (`values`, `live`: one column of _grid_scores).
 
   The best points alone could all be starts where a term is ~1e-12 of the loss (a large alpha with a small A): their
   objectives tie, the term's gradient is zero there, so L-BFGS-B never moved it, and the fit stopped at a worse
   optimum than one inside the bounds and reported that term's constants as undetermined (8.2e-5 for a table whose
   generating constants give 3.9e-5, B and beta "not determined")."""
-  live = np.zeros(len(grid), bool)
-  for rows in np.array_split(np.arange(len(grid)), max(1, len(grid) // 4096)):
-    with np.errstate(all="ignore"):
-      terms = _log_terms(grid[rows], *obj.data)
-      share = np.exp(terms[:2] - _log_predict(grid[rows], *obj.data))
-    live[rows] = np.all(np.nanmax(share, axis=-1) >= NEGLIGIBLE, axis=0)
   order = np.argsort(values, kind="stable")
   chosen = list(order[:n_starts]) + [i for i in order[live[order]][:n_starts] if i not in set(order[:n_starts])]
   return grid[chosen]
@@ -341,9 +410,10 @@ def _minimise(obj: _Objective, starts: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def check_identifiable(law: str, n, d, u, n_params: int) -> None:
-  """Refuse data that cannot determine the law's constants: too few distinct (N, D, U) points, one N, one D, or
-  tokens per parameter the same for every run (alpha and beta trade off), and for the data-constrained law no
-  run that repeats data (R_D* free)."""
+  """Refuse data that cannot determine the law's constants: too few distinct (N, D, U) points, one N, one D, for the
+  chinchilla law fewer than 3 of either, tokens per parameter (nearly) the same for every run (alpha and beta trade
+  off), and for the data-constrained law no run that repeats data (R_D* free). What passes may still leave constants
+  undetermined: the fit's Jacobian check (_flat) names them."""
   # The chinchilla law sees (N, D) only: runs that differ only in U are one point to it.
   u = np.minimum(u, d) if law == "data-constrained" else d
   points = np.unique(np.stack([n, d, u], axis=-1), axis=0) if n.size else np.zeros((0, 3))
@@ -352,17 +422,44 @@ def check_identifiable(law: str, n, d, u, n_params: int) -> None:
                      f"loss at distinct (params, tokens{', unique tokens' if law == 'data-constrained' else ''}); "
                      f"got {len(points)} distinct of {n.size}.")
   log_n, log_d = np.log(points[:, 0]), np.log(points[:, 1])
-  if np.ptp(log_n) < 1e-9 or np.ptp(log_d) < 1e-9:
-    which = "params N" if np.ptp(log_n) < 1e-9 else "tokens D"
-    raise ValueError(f"Every run has the same {which}: its exponent and coefficient cannot be fitted; add runs "
-                     f"that vary {which.split()[-1]}.")
-  design = np.stack([np.ones_like(log_n), log_n, log_d], axis=-1)
-  if np.linalg.matrix_rank(design, tol=1e-6 * max(1.0, float(np.abs(design).max()))) < 3:
-    raise ValueError("log D is a linear function of log N in every run (e.g. the same tokens per parameter): "
-                     "alpha and beta cannot be told apart; add runs off that line.")
+  for name, logs, symbol, exponent in (("model size", log_n, "N", "alpha"), ("token count", log_d, "D", "beta")):
+    distinct = 1 + int(np.sum(np.diff(np.sort(logs)) > 1e-9))
+    if distinct == 1:
+      raise ValueError(f"Every run has the same {'params' if symbol == 'N' else 'tokens'} {symbol}: its exponent and "
+                       f"coefficient cannot be fitted; add runs that vary {symbol}.")
+    # The chinchilla law's term A / N^alpha at 2 sizes is 2 numbers for 3 unknowns beside it (E, A, alpha): every
+    # alpha fits as well, with its own E and A. The data-constrained law can do with 2 once repetition couples the
+    # terms (N' depends on U and D); its fit's Jacobian check names what a design leaves undetermined.
+    if law == "chinchilla" and distinct == 2:
+      raise ValueError(f"2 {name}s cannot fix {exponent}: with E and the coefficient of its term that is 3 unknowns "
+                       f"from 2 values of {symbol}, so every {exponent} fits as well; add runs at a third {name}.")
+  # Relative: an absolute rank test passed tokens per parameter rounded to whole steps (20.0000-20.0033; 3e-7 by the
+  # Jacobian's singular values, FLAT), and the fit put alpha on its bound. At 0.1% off the line the smallest singular
+  # value is still 7e-6 of the largest; designs that determine the law have 1e-4 or more.
+  design = np.stack([np.ones_like(log_n), log_n], axis=-1)
+  off_line = log_d - design @ np.linalg.lstsq(design, log_d, rcond=None)[0]
+  if np.sqrt(np.mean(off_line ** 2)) < 1e-3:
+    raise ValueError("log D is (within 0.1%) a linear function of log N in every run (e.g. the same tokens per "
+                     "parameter): alpha and beta cannot be told apart; add runs off that line.")
   if law == "data-constrained" and not np.any(points[:, 1] > points[:, 2] * (1 + 1e-9)):
     raise ValueError("No run repeats data (tokens seen > unique tokens): the data-constrained law's R_D* cannot be "
                      "fitted; fit the chinchilla law, or add repeated runs.")
+
+
+def _resamples(law: str, n, d, u, n_params: int, count: int, rng) -> tuple[list[np.ndarray], int]:
+  """Up to `count` resamples of the runs (indices, drawn with replacement) that pass check_identifiable, and how many
+  draws failed it and were drawn again (MAX_DRAWS_PER_REFIT draws per refit in all). 49 of 60 resamples of 7 runs had
+  at most 5 distinct points for the 5 constants, and their refits entered the interval."""
+  out, redrawn = [], 0
+  while len(out) < count and len(out) + redrawn < MAX_DRAWS_PER_REFIT * count:
+    idx = rng.integers(0, n.size, n.size)
+    try:
+      check_identifiable(law, n[idx], d[idx], u[idx], n_params)
+    except ValueError:
+      redrawn += 1
+      continue
+    out.append(idx)
+  return out, redrawn
 
 
 def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: int = 8, bootstrap: int = 0,
@@ -371,8 +468,9 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
 
   L-BFGS-B starts from the `n_starts` best points of the initialisation grid and the `n_starts` best of those where
   every term of the law counts at some run (_starts; all of the grid is evaluated; optimising from each of its
-  4,500-40,500 points would take minutes for little gain). Bootstrap refits resample the runs with replacement and
-  start from the full-data optimum.
+  4,500-40,500 points would take minutes for little gain). Bootstrap refits resample the runs with replacement
+  (_resamples) and start from the full-data optimum and the best grid points of their resample (BOOTSTRAP_STARTS);
+  refits that leave a constant on a bound or undetermined are counted (Fit.refits_flagged, Fit.ci_untrusted).
   """
   if law not in LAWS:
     raise ValueError(f"Unknown law {law!r}; choose one of {', '.join(LAWS)}.")
@@ -407,16 +505,26 @@ def fit(law: str, n, d, loss, u=None, *, delta: float = HUBER_DELTA, n_starts: i
                      "be fitted; check the table's final_eval_loss column.")
   obj = _Objective(n, d, u, loss, delta)
   grid = _grid(law)
-  values = np.concatenate([obj.values(chunk) for chunk in np.array_split(grid, max(1, len(grid) // 4096))])
-  starts = _starts(grid, values, obj, n_starts)
+  values, live = _grid_scores(grid, obj, np.ones((n.size, 1)))
+  starts = _starts(grid, values[:, 0], live[:, 0], n_starts)
   # L-BFGS-B's tiny BLAS calls are ~20x slower when OpenBLAS wakes its threads for each.
   with threadpool_limits(1, user_api="blas"):
     theta, value = _minimise(obj, starts)
-    result = Fit(_to_constants(theta), value, int(n.size), at_bounds=_at_bounds(theta),
-                 undetermined=_negligible(theta, *obj.data))
-    rng = np.random.default_rng(seed)
-    for _ in range(bootstrap):
-      idx = rng.integers(0, n.size, n.size)
-      sample_theta, _ = _minimise(_Objective(n[idx], d[idx], u[idx], loss[idx], delta), theta[None])
-      result.samples.append(_to_constants(sample_theta))
+  undetermined, flat = _undetermined(theta, obj)
+  result = Fit(_to_constants(theta), value, int(n.size), at_bounds=_at_bounds(theta), undetermined=undetermined,
+               flat=flat)
+  resamples, result.redrawn = _resamples(law, n, d, u, n_params, bootstrap, np.random.default_rng(seed))
+  result.given_up = bootstrap - len(resamples)
+  flagged = collections.Counter()
+  for block in range(0, len(resamples), 64):  # (G, 64) grid scores at a time: 20 MB for the data-constrained grid
+    idxs = resamples[block:block + 64]
+    values, live = _grid_scores(grid, obj, np.stack([np.bincount(i, minlength=n.size) for i in idxs], axis=-1))
+    with threadpool_limits(1, user_api="blas"):
+      for k, idx in enumerate(idxs):
+        sample_obj = _Objective(n[idx], d[idx], u[idx], loss[idx], delta)
+        starts = np.concatenate([theta[None], _starts(grid, values[:, k], live[:, k], BOOTSTRAP_STARTS)])
+        sample_theta, _ = _minimise(sample_obj, starts)
+        result.samples.append(_to_constants(sample_theta))
+        flagged.update([*_at_bounds(sample_theta), *_undetermined(sample_theta, sample_obj)[0]])
+  result.refits_flagged = {k: flagged[k] for k in _NAMES if flagged[k]}
   return result

@@ -169,8 +169,8 @@ def plan(unique_tokens: float, compute: float, constants: laws.Constants = laws.
           # >= 0 up to rounding: the plan is the minimum over N.
           "chinchilla_optimal": chin, "loss_saved": max(chin["predicted_loss"] - rec["predicted_loss"], 0.0),
           "sufficient": sufficient, "thresholds": thresholds(c), "warnings": warnings_for(c, rec, unique_tokens)
-          + (scaling.fit_caveats(fit, rec["params"], rec["tokens"], ("the planned N", "the planned D"), "this plan")
-             if fit else []),
+          + (scaling.fit_caveats(fit, rec["params"], rec["tokens"], unique_tokens, what="this plan", names={
+              "params": "the planned N", "tokens": "the planned D", "epochs": "the planned epochs"}) if fit else []),
           "dropout": dropout_advice(rec["params"], rec["epochs"], runs)}
 
 

@@ -22,7 +22,14 @@ from repeat_lm.analysis import laws, plots, report, results
 
 def loss_tokens(r: results.Run) -> float:
   """D of a run's point: the tokens seen at its final evaluation (see the module docstring)."""
-  return r.final_eval_tokens if math.isfinite(r.final_eval_tokens) else r.tokens_seen
+  return _loss_tokens_column(r)[1]
+
+
+def _loss_tokens_column(r: results.Run) -> tuple[str, float]:
+  """(column, value) of loss_tokens: the column is named where a run is left out for its value."""
+  if math.isfinite(r.final_eval_tokens):
+    return "final_eval_tokens", r.final_eval_tokens
+  return "tokens_seen", r.tokens_seen
 
 
 def left_out(runs: list[results.Run], max_epochs: float | None = None) -> dict[str, str]:
@@ -34,7 +41,8 @@ def left_out(runs: list[results.Run], max_epochs: float | None = None) -> dict[s
     raise ValueError(f"--max_epochs={max_epochs} must be a number of epochs > 0 (or left out: every run).")
   why = {}
   for r in runs:
-    for name, x in (("params", r.params), ("tokens_seen", loss_tokens(r)), ("final_eval_loss", r.final_eval_loss)):
+    # The tokens column is the one read: a run evaluated last at step 0 read "tokens_seen=0" of a tokens_seen of 5e8.
+    for name, x in (("params", r.params), _loss_tokens_column(r), ("final_eval_loss", r.final_eval_loss)):
       if not (math.isfinite(x) and x > 0):
         why[r.run] = f"no {name}" if math.isnan(x) else f"{name}={x:g}"
         break
@@ -102,7 +110,8 @@ def constants_json(f: laws.Fit) -> dict:
   """The `analyze fit --json` object: the constants, `ci` {name: [lo, hi]}, and what was fitted."""
   return {**f.constants.to_dict(), "law": f.constants.law, "ci": f.ci(), "runs": f.n_points,
           "bootstrap": len(f.samples), "objective": f.objective, "at_bounds": f.at_bounds,
-          "undetermined": f.undetermined}
+          "undetermined": f.undetermined, "redrawn": f.redrawn, "given_up": f.given_up,
+          "refits_flagged": f.refits_flagged, "ci_untrusted": f.ci_untrusted}
 
 
 def bounds_note(f: laws.Fit) -> str:
@@ -114,13 +123,44 @@ def bounds_note(f: laws.Fit) -> str:
     text += (f"\n\n**{names} ran to the edge of the fit's search range**: the runs do not determine "
              f"{'it' if len(f.at_bounds) == 1 else 'them'} (or contradict the law), so the value and its interval are "
              "that edge, not an estimate.")
-  if f.undetermined:
-    names = ", ".join(f.undetermined)
-    text += (f"\n\n**{names} {'is' if len(f.undetermined) == 1 else 'are'} not determined by the runs**: "
-             f"the law's term {'it enters' if len(f.undetermined) == 1 else 'they enter'} is negligible (below "
+  negligible = [k for k in f.undetermined if k not in f.flat]
+  if negligible:
+    names = ", ".join(negligible)
+    text += (f"\n\n**{names} {'is' if len(negligible) == 1 else 'are'} not determined by the runs**: "
+             f"the law's term {'it enters' if len(negligible) == 1 else 'they enter'} is negligible (below "
              f"{laws.NEGLIGIBLE:g} of the predicted loss) at every run, so any value that keeps it so fits as well "
              "(or the runs contradict the law, e.g. a loss that grows with size); the value is where the search "
              "stopped, near its start, and the interval (often of no width) says nothing: not an estimate.")
+  if f.flat:
+    names = ", ".join(f.flat)
+    text += (f"\n\n**{names} {'is' if len(f.flat) == 1 else 'are'} not determined by the runs**: changed together "
+             "in one direction, the constants move no prediction (a singular value of the Jacobian of the predicted "
+             f"log losses below {laws.FLAT:g} of the largest), so the runs fix only a combination of them, e.g. "
+             "E + A / N^alpha at two model sizes, which every alpha matches with its own E and A. The value is where "
+             "the search stopped and the interval says nothing: not an estimate. Add runs at more model sizes, "
+             "token counts or unique tokens.")
+  return text
+
+
+def bootstrap_note(f: laws.Fit) -> str:
+  """Sentences on the bootstrap: resamples drawn again because they could not determine the law, refits given up,
+  and constants whose interval is not trusted besides those bounds_note names ("" if none)."""
+  text = ""
+  if f.redrawn or f.given_up:
+    text += (f"\n\n{f.redrawn} bootstrap resample{'s' if f.redrawn != 1 else ''} could not determine the law (too "
+             "few distinct runs, 2 model sizes, ...) and were drawn again"
+             + (f"; {f.given_up} of {len(f.samples) + f.given_up} refits were given up after "
+                f"{laws.MAX_DRAWS_PER_REFIT} draws per refit, so the intervals rest on {len(f.samples)}"
+                if f.given_up else "") + ".")
+  untrusted = [k for k in f.ci_untrusted if k not in {*f.at_bounds, *f.undetermined}]
+  if untrusted:
+    counts = ", ".join(f"{k} in {f.refits_flagged[k]}" for k in untrusted)
+    text += (f"\n\n**The bootstrap interval{'s' if len(untrusted) > 1 else ''} of {', '.join(untrusted)} "
+             f"{'is' if len(untrusted) == 1 else 'are'} not trustworthy**: over {laws.UNTRUSTED_SHARE:.0%} of the "
+             f"{len(f.samples)} refits left {'it' if len(untrusted) == 1 else 'them'} on a bound of the search or "
+             f"undetermined ({counts}): the resampled runs often cannot determine "
+             f"{'it' if len(untrusted) == 1 else 'them'}, and the interval mixes estimates with bound or start "
+             "values. More runs, or runs spread wider, narrow this.")
   return text
 
 
@@ -167,13 +207,21 @@ def fit_report(runs: list[results.Run], law: str, out_dir: str | Path, *, bootst
     text += (f"\n\nWith the fitted R_D* = {c.R_D_star:.3g}: 4 epochs are worth {four:.1%} of 4 epochs of unique "
              f"data, and a repeated epoch is worth half a fresh one after {1 + c.R_D_star * math.log(2):.3g} epochs.")
   epochs = repeated(used)
-  text += left_out_note(why) + repeated_note(law, epochs, "`--max_epochs=1` leaves them out; ") + bounds_note(f)
+  text += (left_out_note(why) + repeated_note(law, epochs, "`--max_epochs=1` leaves them out; ") + bounds_note(f)
+           + bootstrap_note(f))
   paths = report.write_report(out_dir, f"Scaling-law fit ({law})",
                               [("Constants", text, _fit_plots(out_dir, f, used, a), rows)])
-  fitted_range = {"params": [float(a["n"].min()), float(a["n"].max())],
-                  "tokens": [float(a["d"].min()), float(a["d"].max())]}
   return {**constants_json(f), "left_out": why, "repeated": epochs if law == "chinchilla" else {},
-          "fitted_range": fitted_range, "report": paths}
+          "fitted_range": fitted_range(a), "report": paths}
+
+
+def fitted_range(a: dict) -> dict[str, list[float]]:
+  """[lo, hi] of the fitted runs' params, tokens, unique tokens (runs that know them) and epochs D / U_D, at least 1:
+  the law reads fewer as fresh data (U_D = min(U, D)), and a run of unknown U as 1. fit_caveats notes a prediction
+  outside them; repetition is the least certain part of the law to extrapolate."""
+  out = {"params": a["n"], "tokens": a["d"], "unique_tokens": a["u"][np.isfinite(a["u"])],
+         "epochs": np.maximum(a["d"] / np.where(np.isfinite(a["u"]), a["u"], a["d"]), 1.0)}
+  return {k: [float(v.min()), float(v.max())] for k, v in out.items() if v.size}
 
 
 def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str = "auto", bootstrap: int = 100,
@@ -192,10 +240,11 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
   samples = f.samples
   exp_a, exp_b = laws.optimal_exponents(f.constants)
   ratio_ci = _interval([_b_over_a(s) for s in samples])
-  # An exponent on the edge of the search, or left at its start point by a negligible term, is not an estimate,
-  # and neither is b / a = alpha / beta.
+  # An exponent on the edge of the search, or one the runs do not determine, is not an estimate, and neither is
+  # b / a = alpha / beta; nor is an interval whose refits often left one there.
   undetermined = {"alpha", "beta"} & {*f.at_bounds, *f.undetermined}
-  linear = None if ratio_ci is None or undetermined else bool(ratio_ci[0] <= 1.0 <= ratio_ci[1])
+  untrusted = {"alpha", "beta"} & set(f.ci_untrusted)
+  linear = None if ratio_ci is None or undetermined or untrusted else bool(ratio_ci[0] <= 1.0 <= ratio_ci[1])
   budgets = sorted({float(f"{6 * r.params * loss_tokens(r):.3g}") for r in used})
   rows = []
   for c_budget in budgets:
@@ -207,7 +256,10 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
                  "runs_tokens_per_param": ", ".join(f"{loss_tokens(r) / r.params:.3g}" for r in runs_here)})
   ref_a, ref_b = laws.optimal_exponents(laws.CHINCHILLA)
   verdict = ("none: the runs do not determine alpha or beta (below)" if undetermined else
-             "no bootstrap, so no interval: rerun with --bootstrap" if linear is None else
+             "none: the bootstrap refits often left alpha or beta on a bound or undetermined, so the interval is not "
+             "trustworthy (below)" if untrusted else
+             ("no interval: every bootstrap refit was given up (below)" if f.given_up else
+              "no bootstrap, so no interval: rerun with --bootstrap") if linear is None else
              ("consistent with 1: tokens should grow linearly with parameters" if linear else
               "excludes 1: tokens should not grow linearly with parameters"))
   text = (f"Fitted the {law} law to {f.n_points} runs. Compute-optimal exponents: N_opt ~ C^{exp_a:.3f}, "
@@ -216,14 +268,14 @@ def chinchilla_check(runs: list[results.Run], out_dir: str | Path, *, law: str =
              else "") + f": {verdict}.\n\nFor comparison, Chinchilla's published constants give a = {ref_a:.3f}, "
           f"b = {ref_b:.3f} (b / a = {ref_b / ref_a:.3f}). The table lists the fitted compute-optimal tokens per "
           "parameter at each compute budget of the runs (C = 6 N D) next to the runs' own tokens per parameter."
-          + left_out_note(why) + repeated_note(law, epochs) + bounds_note(f))
+          + left_out_note(why) + repeated_note(law, epochs) + bounds_note(f) + bootstrap_note(f))
   png = _check_plot(out_dir / "compute_optimal.png", f, budgets, used)
   paths = report.write_report(out_dir, "Do encoder-decoders need tokens linearly in parameters?",
                               [("Answer", text, [png], rows)])
   return {"law": law, "constants": f.constants.to_dict(), "ci": f.ci(), "at_bounds": f.at_bounds,
           "undetermined": f.undetermined, "left_out": why, "repeated": epochs, "a": exp_a, "b": exp_b,
-          "b_over_a": _b_over_a(f.constants), "b_over_a_ci": ratio_ci, "linear": linear, "budgets": rows,
-          "report": paths}
+          "b_over_a": _b_over_a(f.constants), "b_over_a_ci": ratio_ci, "linear": linear, "verdict": verdict,
+          "ci_untrusted": f.ci_untrusted, "budgets": rows, "report": paths}
 
 
 def _check_plot(path: Path, f: laws.Fit, budgets: list[float], used: list[results.Run]) -> Path:
@@ -243,25 +295,34 @@ def _check_plot(path: Path, f: laws.Fit, budgets: list[float], used: list[result
                     xlabel="compute C (FLOPs)", ylabel="parameters / tokens")
 
 
-def fit_caveats(fit: dict, n: float, d: float, names: tuple[str, str] = ("--params", "--tokens"),
+# What fit_caveats calls each count, by default (`analyze predict`'s flags).
+_COUNT_NAMES = {"params": "--params", "tokens": "--tokens", "unique_tokens": "--unique-tokens", "epochs": "epochs"}
+
+
+def fit_caveats(fit: dict, n: float, d: float, u: float | None = None, *, names: dict[str, str] | None = None,
                 what: str = "this prediction") -> list[dict]:
-  """What a result from the constants of `analyze fit --json` (`fit`) at N = n, D = d should say, as [{"code",
-  "message"}]: the constants the runs did not determine (`undetermined_constants`), and counts outside the fitted
-  runs' range (`extrapolation`, which a scaling law is for, but one that rests on the law holding there). `names`:
-  what n and d are called, `what`: what rests on the constants. Constants without that record (published, or written
-  by hand) have none."""
+  """What a result from the constants of `analyze fit --json` (`fit`) at N = n, D = d (U = u unique tokens, for the
+  data-constrained law) should say, as [{"code", "message"}]: the constants the runs did not determine
+  (`undetermined_constants`), and counts outside the fitted runs' range (`extrapolation`, which a scaling law is for,
+  but one that rests on the law holding there). `names`: what the counts are called (_COUNT_NAMES' keys), `what`: what
+  rests on the constants. Constants without that record (published, or written by hand) have none."""
+  names = {**_COUNT_NAMES, **(names or {})}
   notes = []
   unknown = [*(fit.get("at_bounds") or []), *(fit.get("undetermined") or [])]
   if unknown:
     notes.append({"code": "undetermined_constants", "message": f"the fit did not determine "
                   f"{', '.join(map(str, unknown))} (see its report): {what} rests on "
                   f"{'that value' if len(unknown) == 1 else 'those values'}"})
-  fitted_range = fit.get("fitted_range") or {}
-  for key, name, value in (("params", names[0], n), ("tokens", names[1], d)):
-    lo, hi = (fitted_range.get(key) or [None, None])[:2]
+  ranges = fit.get("fitted_range") or {}
+  counts = [("params", n), ("tokens", d)]
+  if u is not None:  # epochs as fitted_range counts them
+    counts += [("unique_tokens", u), ("epochs", max(d / u, 1.0))]
+  for key, value in counts:
+    lo, hi = (ranges.get(key) or [None, None])[:2]
     if checks.finite_number(lo) and checks.finite_number(hi) and not lo <= value <= hi:
       notes.append({"code": "extrapolation",
-                    "message": f"{name}={value:g} lies outside the fitted runs' {lo:g}-{hi:g}: an extrapolation"})
+                    "message": f"{names[key]}={value:g} lies outside the fitted runs' {lo:g}-{hi:g}: an "
+                               "extrapolation"})
   return notes
 
 
@@ -273,7 +334,8 @@ def prediction(c: laws.Constants, n: float, d: float, u: float | None = None, fi
   if bad:  # the power laws of a non-positive count are NaN, not a loss
     raise ValueError(f"analyze predict needs positive, finite counts: {bad}.")
   out = {"law": c.law, "params": n, "tokens": d, "loss": float(laws.predict(c, n, d, u)), "constants": c.to_dict()}
-  notes = [caveat["message"] for caveat in fit_caveats(fit, n, d)] if fit else []
+  notes = ([caveat["message"] for caveat in fit_caveats(fit, n, d, u if c.R_D_star is not None else None)]
+           if fit else [])
   if u is not None and c.R_D_star is None:
     notes.append("--unique-tokens ignored: the chinchilla law treats every token as fresh (repetition needs "
                  "--law=data-constrained)")

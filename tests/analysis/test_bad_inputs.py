@@ -13,13 +13,27 @@ def _chinchilla_runs(n, d):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("same_n", "same params N"), ("same_ratio", "linear function of log N"), ("duplicates", "2 distinct of 6")])
+    ("same_n", "same params N"), ("same_ratio", "linear function of log N"), ("duplicates", "2 distinct of 6"),
+    ("two_sizes", "^2 model sizes cannot fix alpha: .*; add runs at a third model size.$"),
+    ("two_token_counts", "^2 token counts cannot fix beta: .*; add runs at a third token count.$"),
+    ("ratio_rounded_to_steps", r"within 0.1%\) a linear function of log N")])
 def test_unidentifiable_chinchilla_fits_are_refused(case, match):
+  """two_sizes: E + A / N^alpha at 2 sizes is 2 numbers for 3 unknowns, so every alpha fits (T5-Base and -Large, the
+  likeliest design): the fit returned alpha 0.29 (0.34) with nothing flagged, and chinchilla-check "excluded 1" from
+  a b / a interval of 3.98-4.79. ratio_rounded_to_steps: 20 tokens per parameter rounded up to whole 128 x 512-token
+  steps (20.0000-20.0033) passed an absolute rank test, and the fit put alpha on its bound."""
   if case == "same_n":
     n, d = np.full(8, 1e8), np.geomspace(1e9, 1e11, 8)
   elif case == "same_ratio":
     n = np.geomspace(1e7, 1e10, 8)
     d = 20 * n
+  elif case == "two_sizes":
+    n, d = (x.ravel() for x in np.meshgrid([2.5e8, 7.8e8], [1e9, 3e9, 1e10, 3e10, 1e11]))
+  elif case == "two_token_counts":
+    n, d = (x.ravel() for x in np.meshgrid([1e7, 3e7, 1e8, 3e8, 1e9], [1e9, 1e11]))
+  elif case == "ratio_rounded_to_steps":
+    n = np.geomspace(1e7, 1e9, 8)
+    d = np.ceil(20 * n / (128 * 512)) * (128 * 512)
   else:
     n, d = np.array([1e8, 1e9] * 3), np.full(6, 1e10)
   n, d, loss = _chinchilla_runs(n, d)

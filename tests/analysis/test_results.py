@@ -13,9 +13,9 @@ from repeat_lm.experiments import collect
 
 def test_read_table(results_csv):
   runs = results.read_results(results_csv)
-  assert len(runs) == 19
+  assert len(runs) == 25
   r = runs[0]
-  assert r.run == "dense_n1e+07_u1048576_s100" and r.params == 1e7 and r.unique_tokens == 2 ** 20
+  assert r.run == "dense_n1e+07_u1048576_s50" and r.params == 1e7 and r.unique_tokens == 2 ** 20
   assert r.model_dir == str(results_csv.parent / "runs" / r.run)  # relative to the CSV's folder
   assert r.get("DROPOUT_RATE") == 0.0 and r.get("model") == "dense" and r.get("missing") is None
   assert results.varied_factors(runs) == ["params", "unique_tokens", "epochs", "model", "DROPOUT_RATE"]
@@ -25,7 +25,7 @@ def test_select(results_csv):
   runs = results.read_results(results_csv)
   assert [r.run for r in results.select(runs, "moe_*")] == [f"moe_d{x}" for x in (0.1, 0.2, 0.3, 0.4, 0.5)]
   assert [r.run for r in results.select(runs, "model=dense_xl,DROPOUT_RATE=0.3")] == ["densexl_d0.3"]
-  assert len(results.select(runs, "model=dense*")) == 14
+  assert len(results.select(runs, "model=dense*")) == 20
   assert results.select(runs, "nope=1") == []
   # A name glob among column conditions (or a condition without its column) is neither form: named, not unpacked.
   for spec, part in (("model=moe,a*", "'a\\*'"), ("=0.3", "''")):

@@ -36,11 +36,11 @@ def test_an_epoch_cut_that_is_no_number_of_epochs_is_refused(cut):
 
 
 def test_auto_law_looks_only_at_the_runs_the_fit_uses(tmp_path):
-  # Six fresh runs, and a repeated one that diverged (no final loss): the fit has no repeated point, so `auto` is
+  # Nine fresh runs, and a repeated one that diverged (no final loss): the fit has no repeated point, so `auto` is
   # the chinchilla law, not a data-constrained fit that cannot determine R_D*.
   runs = [results.Run(run=f"n{n:g}_d{d:g}", status="done", model_dir=None, params=n, tokens_seen=d, unique_tokens=1e10,
                       final_eval_loss=float(laws.predict(laws.CHINCHILLA, n, d)))
-          for n in (1e7, 3e7, 1e8) for d in (1e8, 1e9)]
+          for n in (1e7, 3e7, 1e8) for d in (1e8, 1e9, 1e10)]
   runs.append(results.Run(run="repeated", status="failed", model_dir=None, params=1e7, tokens_seen=1e9,
                           unique_tokens=1e7))
   assert scaling.chinchilla_check(runs, tmp_path, bootstrap=0)["law"] == "chinchilla"
@@ -124,3 +124,70 @@ def test_chinchilla_check_gives_no_verdict_from_exponents_of_a_negligible_term(t
   assert "none: the runs do not determine alpha or beta" in text and "not determined by the runs" in text
   fit = scaling.fit_report(runs, "chinchilla", tmp_path / "fit", bootstrap=0)
   assert {"A", "alpha"} <= set(fit["undetermined"])
+
+
+def _runs(n, d, loss, u=None) -> list[results.Run]:
+  u = np.full(np.shape(n), math.nan) if u is None else u
+  return [results.Run(run=f"n{a:g}_d{b:g}_u{c:g}", status="done", model_dir=None, params=a, tokens_seen=b,
+                      unique_tokens=c, final_eval_loss=x) for a, b, c, x in zip(n, d, u, loss)]
+
+
+def test_a_left_out_run_names_the_tokens_column_it_was_left_out_for():
+  # D is final_eval_tokens where the table has it: "tokens_seen=0" named a column of 5e8.
+  run = results.Run(run="r", status="done", model_dir=None, params=1e7, tokens_seen=5e8, final_eval_tokens=0.0,
+                    final_eval_loss=10.4)
+  assert scaling.left_out([run]) == {"r": "final_eval_tokens=0"}
+  older = results.Run(run="older", status="done", model_dir=None, params=1e7, tokens_seen=0.0, final_eval_loss=3.0)
+  assert scaling.left_out([older]) == {"older": "tokens_seen=0"}
+
+
+def test_a_prediction_past_the_fitted_repetition_says_it_extrapolates():
+  """The note checked params and tokens only: 1000 epochs from a fit to runs of at most 64 read as a plain loss,
+  though repetition is the least certain part of the law to extrapolate."""
+  record = {"fitted_range": {"params": [1e7, 1e9], "tokens": [1e9, 1e11], "unique_tokens": [1e9, 1e10],
+                             "epochs": [1.0, 64.0]}}
+  out = scaling.prediction(laws.DATA_CONSTRAINED, 1e8, 1e10, 1e7, record)
+  assert out["epochs"] == pytest.approx(1000)
+  assert out["note"] == ("--unique-tokens=1e+07 lies outside the fitted runs' 1e+09-1e+10: an extrapolation; "
+                         "epochs=1000 lies outside the fitted runs' 1-64: an extrapolation")
+  # Fewer than one epoch is fresh data to the law, as the fitted runs' single epochs are.
+  assert "note" not in scaling.prediction(laws.DATA_CONSTRAINED, 1e8, 1e9, 5e9, record)
+  # The chinchilla law ignores unique tokens: no note on them (only that they are ignored).
+  chinchilla = scaling.prediction(laws.CHINCHILLA, 1e8, 1e10, 1e7, record)
+  assert "outside" not in chinchilla["note"] and "--unique-tokens ignored" in chinchilla["note"]
+
+
+def test_chinchilla_check_gives_no_verdict_where_the_jacobian_finds_an_exponent_undetermined(tmp_path):
+  # Two sizes and every N <= D_to_N(U): the data-constrained law's N term is Chinchilla's, which two sizes cannot fix.
+  n, u, epochs = (x.ravel() for x in np.meshgrid([1e7, 1e8], [1e10, 1e11], [1, 4, 16, 64], indexing="ij"))
+  runs = _runs(n, u * epochs, laws.predict(laws.DATA_CONSTRAINED, n, u * epochs, u), u)
+  out = scaling.chinchilla_check(runs, tmp_path, bootstrap=0)
+  assert out["law"] == "data-constrained" and out["linear"] is None
+  assert {"E", "A", "alpha"} <= set(out["undetermined"]) and out["at_bounds"] == []
+  assert out["verdict"] == "none: the runs do not determine alpha or beta (below)"
+  assert "**E, A, alpha, R_N_star are not determined by the runs**: changed together" in \
+      (tmp_path / "report.md").read_text()
+
+
+def test_chinchilla_check_gives_no_verdict_when_bootstrap_refits_often_leave_an_exponent_undetermined(tmp_path):
+  """3 x 3 runs spanning a factor of 4 in N and in D, 1% noise: the fit flags nothing, but a refit of 5 leaves E, A,
+  B and beta on a bound or undetermined, and the interval of b / a (0.1-10 of 8 refits) read as "consistent with
+  1"."""
+  n, d = (x.ravel() for x in np.meshgrid([1e8, 2e8, 4e8], [1e10, 2e10, 4e10], indexing="ij"))
+  loss = laws.chinchilla_loss(laws.CHINCHILLA, n, d) * np.exp(np.random.default_rng(0).normal(0, 0.01, n.size))
+  out = scaling.chinchilla_check(_runs(n, d, loss), tmp_path, law="chinchilla", bootstrap=5)
+  assert out["at_bounds"] == [] and out["undetermined"] == [] and "beta" in out["ci_untrusted"]
+  assert out["linear"] is None and out["verdict"].startswith("none: the bootstrap refits often left alpha or beta")
+  assert "not trustworthy**: over 5% of the 5 refits left" in (tmp_path / "report.md").read_text()
+
+
+def test_a_report_says_how_many_resamples_were_redrawn_and_given_up():
+  # 6 runs for 5 constants: a resample passes check_identifiable only if it draws every run (1.5%), so most refits
+  # are given up after their 10 draws.
+  n, d = np.array([1e7, 1e7, 1e8, 1e8, 1e9, 1e9]), np.array([1e9, 1e10, 1e10, 1e11, 1e9, 1e11])
+  fit = laws.fit("chinchilla", n, d, laws.chinchilla_loss(laws.CHINCHILLA, n, d), bootstrap=2, n_starts=1)
+  assert len(fit.samples) + fit.given_up == 2 and fit.given_up >= 1 and fit.redrawn == 10 * 2 - len(fit.samples)
+  assert scaling.bootstrap_note(fit) == (
+      f"\n\n{fit.redrawn} bootstrap resamples could not determine the law (too few distinct runs, 2 model sizes, ...) "
+      f"and were drawn again; {fit.given_up} of 2 refits were given up after 10 draws per refit, so the intervals "
+      f"rest on {len(fit.samples)}.")
