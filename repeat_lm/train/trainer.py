@@ -337,12 +337,13 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
       if not resuming:  # a fresh run's record from the start, so that one failing before its first save has one
         _write_config(model_dir_path, operative=False)
       else:
-        # Checkpoints copied without it: written now, it would be the configured model's, which the depth check then
-        # compared with itself, and which a failed restore left behind as the checkpoints' record (infer and export
+        # Checkpoints copied without it: written now, it would be the configured model's, which _check_unseen_settings
+        # then compared with itself, and which a failed restore left behind as the checkpoints' record (infer and export
         # build their model from it). Written only once the restore has succeeded, below.
         logging.warning("%s holds checkpoints but no config.gin: the configured model is checked against them by "
-                        "parameter shapes only (a depth that param_share hides is not seen). Copy the run's "
-                        "config.gin beside checkpoints/ to have it checked.", model_dir_path)
+                        "parameter shapes only (a depth that param_share hides, another MLP activation or norm "
+                        "epsilon is not seen). Copy the run's config.gin beside checkpoints/ to have it checked.",
+                        model_dir_path)
     partitioner = partitioner or partitioning.Partitioner()
     tx = optimizer or optim.make_optimizer(learning_rate=learning_rate)
     cfg = train_dataset_cfg
