@@ -151,7 +151,8 @@ def bootstrap_note(f: laws.Fit) -> str:
              "few distinct runs, 2 model sizes, ...) and were drawn again"
              + (f"; {f.given_up} of {len(f.samples) + f.given_up} refits were given up after "
                 f"{laws.MAX_DRAWS_PER_REFIT} draws per refit, so the intervals rest on {len(f.samples)}"
-                if f.given_up else "") + ".")
+                if f.given_up else "") + ". The intervals describe only resamples that determine the law: where many "
+             "were drawn again, they can be narrower than the runs warrant.")
   untrusted = [k for k in f.ci_untrusted if k not in {*f.at_bounds, *f.undetermined}]
   if untrusted:
     counts = ", ".join(f"{k} in {f.refits_flagged[k]}" for k in untrusted)

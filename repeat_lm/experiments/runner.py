@@ -413,7 +413,8 @@ def _run_stages(exp: compose.Experiment, root: Path, stages: list[Stage], opts: 
       progress.line(f"{label}: {reason}, skipped", final=True)
       continue
     if not status_lib.acquire(stage.run_dir):
-      progress.line(f"{label}: another sweep is running it, skipped", final=True)
+      progress.line(f"{label}: {status_lib.running(stage.run_dir) or 'another sweep'} is running it, skipped",
+                    final=True)
       continue
     # Read again under the lock: another sweep may have finished the run (and let go of its lock) since.
     reason = _claimable(stage)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from repeat_lm import checks, files
+from repeat_lm.train import run_lock
 
 STATUS_FILE, LOCK_FILE, LOG_FILE, GIN_FILE = "status.json", ".lock", "train.log", "run.gin"
 # Held (flock) while status.json is read and rewritten; LOCK_FILE is the run's, held for a whole attempt.
@@ -388,12 +389,16 @@ def _holder(run_dir: Path) -> dict[str, Any] | None:
 
 
 def running(run_dir: str | Path) -> str | None:
-  """Who is training the run now, in words, or None: its lock's live holder (a sweep), or the attempt its record says
-  is running (a SLURM job holds no lock)."""
+  """Who is training the run now, in words, or None: its lock's live holder (a sweep), a trainer holding its
+  MODEL_DIR's lock (one started by hand on its run.gin: run_lock.py), or the attempt its record says is running (a
+  SLURM job holds no sweep lock)."""
   run_dir = Path(run_dir)
   holder = _holder(run_dir)
   if holder is not None:
     return f"a sweep (host {holder.get('host', '?')}, pid {holder.get('pid', '?')})"
+  trainer = run_lock.holder(run_dir)  # MODEL_DIR = ROOT/RUN
+  if trainer is not None:
+    return trainer
   record = read(run_dir)
   if effective(record) != RUNNING:
     return None
@@ -407,6 +412,9 @@ def acquire(run_dir: str | Path) -> bool:
   # Under the status lock: two sweeps finding one stale lock would otherwise both remove it, the later one removing
   # the lock the earlier had just taken in its place, and both would train the run.
   with _locked(path.parent):
+    if run_lock.holder(path.parent) is not None:
+      # A trainer started by hand on the run's gin: the sweep's own would be refused at once and recorded failed.
+      return False
     for _ in range(2):
       try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

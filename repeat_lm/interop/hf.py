@@ -363,7 +363,7 @@ def write_safetensors(state: Mapping[str, np.ndarray], out_dir: Path, max_shard_
     raise
   for name in stale:  # only once the new files are complete
     (out_dir / name).unlink(missing_ok=True)
-  for name in sorted((p.name for p in staging.iterdir()), key=lambda name: name == "config.json"):
+  for name in sorted((p.name for p in staging.iterdir()), key=lambda name: (name == "config.json", name)):
     (staging / name).chmod(0o644)  # safetensors writes 0600: the export's other files, and a shared one, are 0644
     (staging / name).replace(out_dir / name)
   staging.rmdir()

@@ -210,7 +210,15 @@ def read_params(path: str | Path, step: int | None = None) -> dict[str, np.ndarr
   """Flat T5X parameter paths -> numpy arrays, from a checkpoint dir or a MODEL_DIR (its latest checkpoint, or
   `step`'s)."""
   path = latest_checkpoint_dir(path, step)
-  tree = _read_orbax(path)
+  try:
+    tree = _read_orbax(path)
+  except ValueError as damaged:
+    if not (path / "checkpoint").exists():
+      raise
+    try:  # Orbax files beside a legacy 'checkpoint' file: perhaps one T5X wrote before Orbax
+      tree = _read_legacy(path)
+    except Exception:  # pylint: disable=broad-except
+      raise damaged from None
   if tree is None:
     tree = _read_legacy(path)
   return {k: np.asarray(v) for k, v in layout.flatten(tree).items()}

@@ -207,6 +207,25 @@ def _check_finite(sums: Mapping[str, Any], step: int, checkpointer: ckpt_lib.Che
       "the learning rate or weight decay (or add gradient clipping) before resuming.")
 
 
+def _hold_model_dir(model_dir: Path) -> Any:
+  """Process 0 takes MODEL_DIR's lock (run_lock.py), and every process stops if it is held: the others would go on
+  to their first collective and wait there for process 0, to fail much later on a heartbeat timeout that named no
+  cause. Returns the lock (None on other processes) for run_lock.release."""
+  lock, busy = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = run_lock.hold(model_dir)
+    except run_lock.ModelDirBusyError as e:
+      busy = e
+  if jax.process_count() > 1 and bool(multihost_utils.broadcast_one_to_all(np.asarray(busy is not None))):
+    busy = busy or run_lock.ModelDirBusyError(
+        f"MODEL_DIR {model_dir} is being trained by another process: process 0 found its lock held (its log names "
+        "the holder). Stop that trainer, or give this run another MODEL_DIR.")
+  if busy is not None:
+    raise busy
+  return lock
+
+
 def _agreed_latest_step(checkpointer: ckpt_lib.Checkpointer) -> int | None:
   """The newest checkpoint step, the same on every process, or a CheckpointError.
 
@@ -330,8 +349,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     from repeat_lm.interop import load as load_lib  # pylint: disable=import-outside-toplevel
     load_lib.checkpoint_kind(initial_checkpoint_path)
   model_dir_path.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:  # before anything in MODEL_DIR is written; released in the `finally` below
-    run_lock.hold(model_dir_path)
+  lock = _hold_model_dir(model_dir_path)  # before anything in MODEL_DIR is written; released in the `finally`
   try:
     if not (model_dir_path / "config.gin").exists():
       if not resuming:  # a fresh run's record from the start, so that one failing before its first save has one
@@ -547,7 +565,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
     _write_config(model_dir_path, operative=True)
     return last
   finally:
-    run_lock.release(model_dir_path)
+    run_lock.release(lock)
 
 
 def evaluate(*, model: EncoderDecoderModel, model_dir: str, eval_dataset_cfg: pipeline.DatasetConfig,

@@ -190,4 +190,5 @@ def test_a_report_says_how_many_resamples_were_redrawn_and_given_up():
   assert scaling.bootstrap_note(fit) == (
       f"\n\n{fit.redrawn} bootstrap resamples could not determine the law (too few distinct runs, 2 model sizes, ...) "
       f"and were drawn again; {fit.given_up} of 2 refits were given up after 10 draws per refit, so the intervals "
-      f"rest on {len(fit.samples)}.")
+      f"rest on {len(fit.samples)}. The intervals describe only resamples that determine the law: where many were "
+      "drawn again, they can be narrower than the runs warrant.")

@@ -299,3 +299,22 @@ def test_a_pid_that_is_no_process_id_is_not_asked_about(tmp_path):
   here = socket.gethostname()
   for pid in ("abc", 10 ** 30, True):
     assert status.effective({"status": "running", "host": here, "pid": pid}) == "running"
+
+
+def test_a_trainer_started_by_hand_on_a_run_is_seen_by_the_sweep(tmp_path):
+  # `repeat-lm train` run by hand on ROOT/RUN/run.gin holds MODEL_DIR's lock, not the sweep's: the sweep rewrote its
+  # run.gin under it, then launched a second trainer, refused at once, and recorded the run failed.
+  holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                             "from repeat_lm.train import run_lock; lock = run_lock.hold(Path(sys.argv[1])); "
+                             "print('held', flush=True); sys.stdin.read()", str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    assert status.running(tmp_path).startswith(f"a trainer (pid {holder.pid} on ")
+    assert not status.acquire(tmp_path)
+    assert status.write_gin(tmp_path, "TRAIN_STEPS = 9\n", values={}) is not None
+    assert not (tmp_path / status.GIN_FILE).exists()
+  finally:
+    holder.communicate("")
+  assert status.running(tmp_path) is None and status.acquire(tmp_path)
+  status.release(tmp_path)

@@ -1,14 +1,17 @@
 """One trainer per MODEL_DIR: a second one is refused before it writes anything, naming the first."""
 
+import logging
+import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from repeat_lm.train import run_lock, trainer
 
 _HOLDER = ("import sys; from pathlib import Path; from repeat_lm.train import run_lock; "
-           "run_lock.hold(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()")
+           "lock = run_lock.hold(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()")
 
 
 @pytest.fixture
@@ -34,10 +37,35 @@ def test_a_second_trainer_is_refused_before_it_writes_anything(tmp_path, held_el
 
 def test_the_lock_goes_with_its_holder(tmp_path, held_elsewhere):
   # A flock dies with its process: a killed trainer leaves nothing that blocks the rerun.
+  assert run_lock.holder(tmp_path).startswith(f"a trainer (pid {held_elsewhere.pid} on {socket.gethostname()}, since ")
   held_elsewhere.kill()
   held_elsewhere.wait()
-  run_lock.hold(tmp_path)
-  run_lock.release(tmp_path)
+  assert run_lock.holder(tmp_path) is None
+  lock = run_lock.hold(tmp_path)
+  run_lock.release(lock)
+
+
+def test_a_lock_left_by_a_crashed_host_can_be_overridden(tmp_path, held_elsewhere, monkeypatch, caplog):
+  # On NFS the server keeps a crashed host's lock for its lease (NFSv4) or until cleared (NFSv3): the error names the
+  # way past it, which trains without the lock.
+  with pytest.raises(run_lock.ModelDirBusyError, match=f"set {run_lock.IGNORE_ENV}=1"):
+    run_lock.hold(tmp_path)
+  monkeypatch.setenv(run_lock.IGNORE_ENV, "1")
+  with caplog.at_level(logging.WARNING):
+    assert run_lock.hold(tmp_path) is None
+  assert "without its lock" in caplog.text
+
+
+def test_every_process_stops_when_process_0_finds_the_lock_held(tmp_path, monkeypatch):
+  # Only process 0 takes the lock: the others went on to their first collective and waited there for it, failing
+  # minutes later on a heartbeat timeout that named no cause.
+  monkeypatch.setattr(trainer.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(trainer.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(trainer.multihost_utils, "broadcast_one_to_all", lambda x: np.asarray(True))  # process 0's
+  with pytest.raises(run_lock.ModelDirBusyError, match="process 0 found its lock held"):
+    trainer._hold_model_dir(tmp_path)  # pylint: disable=protected-access
+  monkeypatch.setattr(trainer.multihost_utils, "broadcast_one_to_all", lambda x: np.asarray(False))
+  assert trainer._hold_model_dir(tmp_path) is None  # pylint: disable=protected-access
 
 
 def test_a_train_that_fails_lets_its_lock_go(tmp_path):
