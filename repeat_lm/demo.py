@@ -199,7 +199,7 @@ def _say(text: str) -> None:
 
 def _run_state(model_dir: Path, steps: int) -> str:
   """'done' when the checkpoint at `steps` and the final evaluation exist, 'partial' with any checkpoint, else 'new'."""
-  ckpts = [int(p.name) for p in (model_dir / "checkpoints").glob("*") if p.name.isdigit()]
+  ckpts = files.checkpoint_steps(model_dir)
   if ckpts and max(ckpts) >= steps and _latest_eval_step(model_dir) == steps:
     return "done"
   return "partial" if ckpts else "new"

@@ -16,6 +16,12 @@ def model_dir_around(path: str | Path) -> Path | None:
                if p.name == "checkpoints" and (p.parent / "config.gin").exists()), None)
 
 
+def checkpoint_steps(model_dir: str | Path) -> list[int]:
+  """Steps of MODEL_DIR's finished checkpoints (Orbax renames a checkpoint to its step only once it is complete)."""
+  d = Path(model_dir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
 def check_writable_file(path: str | Path, name: str) -> None:
   """Before a long measurement whose result goes to `path` (`name` says which, e.g. '--out=report.md'): it must be
   writable as a file, not a directory, and no file may stand where one of its folders would be (missing folders are

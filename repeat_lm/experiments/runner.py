@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from repeat_lm import gin_utils, runtime
+from repeat_lm import files, gin_utils, runtime
 from repeat_lm.experiments import collect, compose, status as status_lib, sweep
 
 LAUNCHERS = ("local", "tpu-vm", "slurm")
@@ -167,7 +167,7 @@ def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, var
       logging.warning("%s is being trained by %s; its configuration changed since that attempt started. Its run.gin "
                       "is left as that attempt read it: the change applies after that attempt (to a later sweep's, "
                       "unless it finishes the run).", stage.name, who)
-  elif changed and status_lib.checkpoint_steps(stage.run_dir):
+  elif changed and files.checkpoint_steps(stage.run_dir):
     logging.warning("%s: its configuration changed since it started; resuming from its checkpoint may fail. Delete "
                     "%s to start it afresh.", stage.name, stage.run_dir)
 

@@ -133,12 +133,6 @@ def _locked(run_dir: Path):
     yield
 
 
-def checkpoint_steps(model_dir: str | Path) -> list[int]:
-  """Steps of the finished checkpoints (Orbax renames a checkpoint to its step only once it is complete)."""
-  d = Path(model_dir) / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
-
-
 def train_steps(gin_text: str) -> int | None:
   """The steps a flattened run gin trains to: trainer.train.total_steps, read through the macro it names (TRAIN_STEPS
   unless bound otherwise). A literal `--gin.trainer.train.total_steps=N` overrides TRAIN_STEPS, which the flattened
@@ -159,7 +153,7 @@ def last_step(run_dir: str | Path) -> int | None:
 
 def is_complete(run_dir: str | Path) -> bool:
   steps = last_step(run_dir)
-  return steps is not None and steps in checkpoint_steps(run_dir)
+  return steps is not None and steps in files.checkpoint_steps(run_dir)
 
 
 def error_text(log_path: str | Path, tail: int = 15, returncode: int | None = None) -> str:
@@ -267,7 +261,7 @@ def exited(run_dir: str | Path, returncode: int, log: str | Path | None = None) 
   if returncode == 0 and is_complete(run_dir):
     return write(run_dir, status=FINISHED, returncode=0, error=None, finished=time.time(), elapsed_s=elapsed)
   if returncode == 0:
-    steps, last = checkpoint_steps(run_dir), last_step(run_dir)
+    steps, last = files.checkpoint_steps(run_dir), last_step(run_dir)
     if steps and last is not None and steps[-1] > last:
       # TRAIN_STEPS lowered after the run trained past it: the trainer restores the later checkpoint, has nothing to
       # train and exits 0. Not preempted (every sweep would run it again, to the same end) and not finished at

@@ -184,10 +184,10 @@ def load_params(path: str | Path, abstract_params: Any, *, config: Any = None, s
   path = Path(path)
   target_flat = layout.flatten(abstract_params)
   step_dir = _repeat_lm_step_dir(path, step) if path.exists() else None
-  saved = _saved_depths(step_dir) if step_dir is not None else None
+  settings = _saved_settings(step_dir) if step_dir is not None else None
+  saved = _depths(settings)
   if step_dir is not None and config is not None:
-    _check_depths(f"repeat_lm checkpoint {step_dir}", saved, config)
-    _check_settings(step_dir, _saved_settings(step_dir), config)
+    _check_saved_model(step_dir, settings, config)
   if step_dir is not None:
     metadata = _metadata_params(step_dir, name_step)
     if {k: tuple(v.shape) for k, v in metadata.items()} == {k: tuple(v.shape) for k, v in target_flat.items()}:
@@ -245,8 +245,12 @@ _UNKNOWN = object()
 def _saved_depths(step_dir: Path) -> dict[str, tuple[int, int]] | None:
   """{stack: (layers, layers per parameter set)} of the model that wrote `step_dir`, from its MODEL_DIR's config.gin;
   None where that is not known (see _saved_settings)."""
+  return _depths(_saved_settings(step_dir))
+
+
+def _depths(settings: dict[str, Any] | None) -> dict[str, tuple[int, int]] | None:
+  """_saved_depths of the settings _saved_settings read."""
   from repeat_lm.models import stack  # pylint: disable=import-outside-toplevel
-  settings = _saved_settings(step_dir)
   if settings is None or not {"num_encoder_layers", "num_decoder_layers", "param_share"} <= settings.keys():
     return None
   try:
@@ -260,21 +264,27 @@ def check_model_dir_config(step_dir: Path, config: Any) -> None:
   """ValueError where `config` is not the model whose MODEL_DIR config.gin wrote `step_dir` in what the checkpoint's
   shapes cannot show (for restores that compare shapes only): its depth under parameter sharing, and the settings
   that change what the same weights compute (hf.SHAPELESS_FIELDS; an MoE's routing is not read from config.gin)."""
-  _check_depths(f"repeat_lm checkpoint {step_dir}", _saved_depths(step_dir), config)
-  _check_settings(step_dir, _saved_settings(step_dir), config)
+  _check_saved_model(step_dir, _saved_settings(step_dir), config)
+
+
+def _check_saved_model(step_dir: Path, settings: dict[str, Any] | None, config: Any) -> None:
+  """check_model_dir_config on the settings _saved_settings read (config.gin read and parsed once)."""
+  _check_depths(f"repeat_lm checkpoint {step_dir}", _depths(settings), config)
+  _check_settings(step_dir, settings, config)
 
 
 def _check_settings(step_dir: Path, saved: dict[str, Any] | None, config: Any) -> None:
   """A resume, evaluation or INITIAL_CHECKPOINT_PATH read the weights of ('gelu', 'linear') MLPs as ('relu', 'linear')
   ones (or another position bias, norm epsilon, logits projection) without a word, and a resume then overwrote the
-  config.gin that recorded the original."""
+  config.gin that recorded the original. Compared as the Hugging Face loader compares a config.json's
+  (hf.architecture_diffs), on the model with the checkpoint's values of those fields (a gin tuple written as a list
+  becomes one, as in T5Config itself)."""
   from repeat_lm.interop import hf  # pylint: disable=import-outside-toplevel
   from repeat_lm.models import t5  # pylint: disable=import-outside-toplevel
   if saved is None or not isinstance(config, t5.T5Config):
     return
-  plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (a gin tuple may be written as a list)
-  diffs = [f"{f}: checkpoint {saved[f]!r} vs model {getattr(config, f)!r}" for f in hf.SHAPELESS_FIELDS
-           if f in saved and plain(saved[f]) != plain(getattr(config, f))]
+  theirs = dataclasses.replace(config, **{f: saved[f] for f in hf.SHAPELESS_FIELDS if f in saved})
+  diffs = hf.architecture_diffs(theirs, config)
   if diffs:
     raise ValueError(f"The repeat_lm checkpoint {step_dir} was written by a model with other settings, which its "
                      "parameter shapes do not show: " + "; ".join(diffs) + ". Set them in the model gin as "

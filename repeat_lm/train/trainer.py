@@ -342,7 +342,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
   _check_model_dir(model_dir, writing=True)
   model_dir_path = Path(model_dir)
   # Step folders, as the Checkpointer lists them; read before it is made, since it creates checkpoints/.
-  resuming = any(p.name.isdigit() for p in (model_dir_path / "checkpoints").glob("*"))
+  resuming = bool(files.checkpoint_steps(model_dir_path))
   if initial_checkpoint_path and not resuming:
     # A fresh run starts from it: one that is missing or unreadable as a checkpoint fails now, not after the step
     # compiled (30 s for the smoke model) with a MODEL_DIR of config.gin and an empty checkpoints/ left behind.

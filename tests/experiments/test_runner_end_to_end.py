@@ -12,7 +12,7 @@ import types
 import pytest
 
 from experiment_helpers import tiny_experiment, write_squad
-from repeat_lm import cli
+from repeat_lm import cli, files
 from repeat_lm.analysis import results
 from repeat_lm.experiments import runner, status, sweep
 
@@ -35,7 +35,7 @@ squad/sweep.Finetune.bindings = {{
   first = runner.run_sweep(experiment, root, runner.Options(stream=log))
   assert first["status"] == {"finished": 2, "failed": 1, "pending": 1}, log.getvalue()
   tiny, broken = status.read(root / "tiny"), status.read(root / "broken")
-  assert tiny["status"] == "finished" and status.checkpoint_steps(root / "tiny") == [3]
+  assert tiny["status"] == "finished" and files.checkpoint_steps(root / "tiny") == [3]
   assert broken["status"] == "failed" and "nosuch" in broken["error"] and broken["returncode"] == 2
   assert status.read(root / "broken" / "ft_squad")["status"] == "pending"  # waits for its run
   assert status.read(root / "tiny" / "ft_squad")["status"] == "finished"

@@ -8,6 +8,7 @@ import sys
 import threading
 import types
 
+from repeat_lm import files
 from repeat_lm.experiments import status
 
 
@@ -33,7 +34,7 @@ def test_finished_only_with_the_last_steps_checkpoint(tmp_path):
   status.started(run)
   assert status.read(run)["status"] == "running" and status.read(run)["attempts"] == 1
   assert status.exited(run, 0)["status"] == "finished"
-  assert status.checkpoint_steps(run) == [2, 3] and status.train_steps((run / "run.gin").read_text()) == 3
+  assert files.checkpoint_steps(run) == [2, 3] and status.train_steps((run / "run.gin").read_text()) == 3
 
 
 def test_the_last_step_is_trainer_train_total_steps_through_its_macro(tmp_path):
