@@ -330,6 +330,10 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--inputs_length", type=int, default=512)
   p.add_argument("--targets_length", type=int, default=114)
   p.add_argument("--seed", type=_seed, default=0)
+  _add_corpus_args(p)
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("a corpus instead of --task")
   g.add_argument("--corpus", default=None, help="JSONL(.gz) file, directory or glob ('wiki': the default corpus).")
   g.add_argument("--vocab", default=None, help="SentencePiece model path, 't5' or 'wiki8k'.")
@@ -381,9 +385,13 @@ def _run_data(args, bindings: Sequence[str]) -> dict | None:
   return None
 
 
+BENCH_DATA_TASK = "repeat_lm.wiki_span_corruption"
+
+
 def _add_bench_data(bench_sub) -> None:
   d = bench_sub.add_parser("data", help="Examples/s and tokens/s of the input pipeline, as the trainer reads it.")
-  d.add_argument("--task", default="repeat_lm.wiki_span_corruption")
+  d.add_argument("--task", default=None, help=f"A registered task or a name of the scheme in docs/data.md (default, "
+                 f"without --corpus: {BENCH_DATA_TASK}).")
   d.add_argument("--split", default="train", choices=["train", "validation"])
   # The smoke run's shapes (gin/runs/smoke.gin), not bench train's 512/114: the pipeline's own cost, quickly.
   d.add_argument("--batch_size", type=int, default=16, help="Global batch size (default 16, as the smoke run).")
@@ -394,12 +402,17 @@ def _add_bench_data(bench_sub) -> None:
   d.add_argument("--seed", type=_seed, default=0)
   d.add_argument("--train_step_s", type=float, default=None, help="Training step time to compare against.")
   d.add_argument("--json", action="store_true", help="Print one JSON object only.")
+  # The corpus tasks `data stats` and `data show` reach (a local JSONL subset, the T5 vocabulary, UL2): their names
+  # are registered by the process that builds them, so --task cannot name one in a new process.
+  _add_corpus_args(d)
 
 
 def _run_bench_data(args) -> dict:
   from repeat_lm.bench import data as bench_data
-  from repeat_lm.data import pipeline, tasks
-  cfg = pipeline.DatasetConfig(tasks.ensure_registered(args.task),
+  from repeat_lm.data import pipeline
+  if args.task is None and args.corpus is None:
+    args.task = BENCH_DATA_TASK
+  cfg = pipeline.DatasetConfig(_task_from_args(args),
                                {"inputs": args.inputs_length, "targets": args.targets_length}, split=args.split,
                                batch_size=args.batch_size, seed=args.seed,
                                # as training reads the train split, and evaluation the validation split: one
