@@ -21,6 +21,38 @@ _PREPARE_HINT = ('Prepare it there first (C4 needs Apache Beam: https://www.tens
                  'point `data_dir` / $TFDS_DATA_DIR at a copy of the prepared files.')
 
 
+def _buildable_versions(name: str) -> list[str] | None:
+  """The versions of `name` ('c4/en:3.0.1') the installed TFDS code can prepare; None where that is not known."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  dataset, _, version = name.partition(':')
+  dataset, _, config = dataset.partition('/')
+  try:
+    cls = tfds.builder_cls(dataset)
+    configs = [c for c in getattr(cls, 'BUILDER_CONFIGS', []) if c.name == config]
+    main, others = ((configs[0].version, configs[0].supported_versions) if configs and configs[0].version
+                    else (cls.VERSION, cls.SUPPORTED_VERSIONS))
+    return [str(v) for v in (main, *others) if v is not None] if version else None
+  except Exception:  # pylint: disable=broad-except  (a hint only: the error it adds to must still be raised)
+    return None
+
+
+def _prepare_hint(name: str) -> str:
+  """How to get `name` into data_dir. T5's c4/en:3.0.1 is older than the pinned TFDS's C4 code, which can only read
+  it: telling a user to prepare it sent them to a Beam job that cannot make that version."""
+  versions = _buildable_versions(name)
+  version = name.partition(':')[2]
+  if versions and version not in versions:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    dataset = name.partition(':')[0]
+    c4 = dataset.startswith('c4/')
+    return (f'tensorflow-datasets {tfds.__version__} cannot prepare version {version} (its code prepares '
+            f'{", ".join(versions)}): point `data_dir` / $TFDS_DATA_DIR at a copy of files prepared elsewhere, laid '
+            f'out as DATA_DIR/{dataset}/{version}/' + (f' (copy gs://tfds-data/datasets/{dataset}/{version})'
+                                                       if c4 else '')
+            + ', or use a version it prepares' + (' (the `c4v310` source reads c4/en:3.1.0).' if c4 else '.'))
+  return _PREPARE_HINT
+
+
 @dataclasses.dataclass(frozen=True)
 class TfdsText:
   """A TFDS dataset's text feature as 'train' / 'validation' document streams.
@@ -63,7 +95,7 @@ class TfdsText:
     except Exception as e:  # TFDS raises several kinds for a missing dataset/version
       where = self.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
       raise FileNotFoundError(f'TFDS dataset {self.name!r} could not be loaded from {where!r} '
-                              f'({type(e).__name__}: {e}). {_PREPARE_HINT}') from e
+                              f'({type(e).__name__}: {e}). {_prepare_hint(self.name)}') from e
 
   def documents(self, split: str, stats: sources.ReadStats) -> Iterator[str]:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -78,7 +110,7 @@ class TfdsText:
       # A builder whose code knows the version (c4/en:3.1.0) constructs without data; the failure comes here, and
       # TFDS's own message suggests downloading, which this module never does.
       raise FileNotFoundError(f'TFDS dataset {self.name!r} split {tfds_split!r} is not readable from '
-                              f'{builder.data_dir!r} ({type(e).__name__}: {e}). {_PREPARE_HINT}') from e
+                              f'{builder.data_dir!r} ({type(e).__name__}: {e}). {_prepare_hint(self.name)}') from e
     stats.files = (f'tfds:{self.name}[{tfds_split}]',)
     for batch in ds.map(lambda ex: ex[self.text_key]).batch(_DOC_BATCH).as_numpy_iterator():
       for raw in batch:

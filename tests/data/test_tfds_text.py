@@ -90,6 +90,17 @@ def test_an_unprepared_tfds_dataset_error_names_the_fix(tmp_path, name):
     read(tfds_text.TfdsText(name, data_dir=str(tmp_path)), 'train')
 
 
+def test_a_version_the_installed_tfds_cannot_prepare_says_to_copy_it(tmp_path):
+  # "Prepare it there first" sent users of the `c4` source (T5's c4/en:3.0.1) to a Beam job that the pinned TFDS's
+  # C4 code cannot run for that version (it prepares 3.1.0 and 2.x); the files can only be copied in.
+  with pytest.raises(FileNotFoundError, match=r'cannot prepare version 3\.0\.1 \(its code prepares 3\.1\.0, .*copy '
+                     r'gs://tfds-data/datasets/c4/en/3\.0\.1.*`c4v310`'):
+    read(tfds_text.TfdsText('c4/en:3.0.1', data_dir=str(tmp_path)), 'train')
+  with pytest.raises(FileNotFoundError, match='Prepare it there first') as e:  # a version the code prepares
+    read(tfds_text.TfdsText('c4/en:3.1.0', data_dir=str(tmp_path)), 'train')
+  assert 'cannot prepare' not in str(e.value)
+
+
 def test_two_readings_of_one_dataset_get_two_task_names():
   # Only the dataset name made the tag: Wikipedia with 1% or 10% held out, or another text feature, registered as
   # one task (repeat_lm.wikipedia_20230601pen.t5.span.d20.e2), the second silently replacing the first.
