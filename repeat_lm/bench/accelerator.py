@@ -249,8 +249,11 @@ def to_markdown(m: dict) -> str:
   if "profile" in m:
     k = m["profile"]
     lines += ["", f"## Where the device time goes ({k['variant']})", "",
-              f"A JAX profiler trace of {k['steps']} steps (launch/accelerator_checks.sh with PROFILE=1); device time "
-              f"per step by kernel kind, {1e3 * k['total_s']:.1f} ms in all:", "",
+              # Which variant is in the heading: accelerator_checks.sh's PROFILE=1 has traced different ones over
+              # time, so naming the script here credited a trace to a command that now makes another.
+              f"A JAX profiler trace of {k['steps']} steps of that variant (`bench train --profile_dir`, read by "
+              f"`bench accelerator --profile_xplane`); device time per step by kernel kind, "
+              f"{1e3 * k['total_s']:.1f} ms in all:", "",
               "| ms/step | kernel kind | distinct ops |", "| --- | --- | --- |"]
     lines += [f"| {1e3 * r['seconds']:.2f} | `{r['kind'][:110]}` | {r['ops']} |" for r in k["rows"]]
   lines += ["", f"Each row is `repeat-lm bench train --gin_file={m['model_gin']} --batch_size=B "
