@@ -3,7 +3,6 @@ that expands to the expected runs, a self-contained gin per run (and fine-tuning
 and a TRAIN_STEPS each run's task can feed."""
 
 import io
-import json
 import math
 import os
 import re
@@ -263,61 +262,6 @@ def test_a_printed_slurm_plan_chains_fine_tuning_like_submit(tmp_path, monkeypat
   out = io.StringIO()
   runner.run_sweep(experiment, tmp_path / "root", runner.Options(launcher="slurm", only="d27_e8", stream=out))
   assert "sbatch --dependency=afterok:1 --job-name=d27_e8.ft_squad" in out.getvalue()
-
-
-def test_a_slurm_job_without_the_repository_says_so(tmp_path):
-  """REPO_DIR without .venv/bin/repeat-lm: the job cannot record its exit (run-status), so it names REPO_DIR in the
-  job's log and the run's train.log and fails, instead of two bare 'No such file or directory'."""
-  run = tmp_path / "run"
-  run.mkdir()
-  env = {**os.environ, "REPO_DIR": str(tmp_path / "elsewhere"), "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS": "1",
-         "SLURM_JOB_ID": "42"}
-  out = subprocess.run(["bash", str(GIN_DIR.parents[1] / "launch" / "slurm.sbatch"), str(run), "train"], env=env,
-                       capture_output=True, text=True, check=False)
-  assert out.returncode == 127
-  assert f"REPO_DIR={tmp_path / 'elsewhere'} must be the repository checkout holding .venv" in out.stderr
-  assert "REPO_DIR=" in (run / "train.log").read_text()
-
-
-@pytest.mark.parametrize("recorded,trainer_code,job_code", [("pending", 0, 75), ("finished", 0, 0), ("failed", 3, 3)])
-def test_a_slurm_job_stopped_before_its_last_step_is_not_a_success(tmp_path, recorded, trainer_code, job_code):
-  """Fine-tuning is chained on the job with afterok: a trainer that checkpointed at SIGTERM and exited 0 must not
-  let it start from the unfinished run. slurm.sbatch with stand-ins for SLURM and for repeat-lm (which answers
-  run-status as the command line prints it)."""
-  repo, bin_dir, run = tmp_path / "repo", tmp_path / "bin", tmp_path / "run"
-  for d in (repo / ".venv" / "bin", bin_dir, run):
-    d.mkdir(parents=True)
-  answer = json.dumps({"error": None, "status": recorded}, sort_keys=True)  # cli.main's print
-  rlm = f"case \"$1\" in run-status) echo '{answer}';; *) exit {trainer_code};; esac"  # the trainer: exits
-  stubs = {repo / ".venv" / "bin" / "repeat-lm": rlm,
-           bin_dir / "scontrol": "echo node1",
-           bin_dir / "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"'}  # drop srun's own options
-  for path, body in stubs.items():
-    path.write_text(f"#!/bin/sh\n{body}\n")
-    path.chmod(0o755)
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REPO_DIR": str(repo), "SLURM_JOB_NODELIST": "node1",
-         "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
-  out = subprocess.run(["bash", str(GIN_DIR.parents[1] / "launch" / "slurm.sbatch"), str(run), "train"], env=env,
-                       capture_output=True, text=True, check=False)
-  assert out.returncode == job_code, out.stderr
-
-
-def test_a_slurm_job_whose_run_is_refused_trains_nowhere(tmp_path):
-  """run-status --started refuses a directory without run.gin, or another attempt of a finished run: the refusal was
-  printed and srun started the trainer on every node anyway."""
-  repo, bin_dir, run = tmp_path / "repo", tmp_path / "bin", tmp_path / "run"
-  for d in (repo / ".venv" / "bin", bin_dir, run):
-    d.mkdir(parents=True)
-  stubs = {repo / ".venv" / "bin" / "repeat-lm": "echo 'repeat-lm: error: holds no run.gin' >&2; exit 2",
-           bin_dir / "scontrol": "echo node1", bin_dir / "srun": f"touch {tmp_path / 'trained'}"}
-  for path, body in stubs.items():
-    path.write_text(f"#!/bin/sh\n{body}\n")
-    path.chmod(0o755)
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REPO_DIR": str(repo), "SLURM_JOB_NODELIST": "node1",
-         "SLURM_NTASKS": "1"}
-  out = subprocess.run(["bash", str(GIN_DIR.parents[1] / "launch" / "slurm.sbatch"), str(run), "train"], env=env,
-                       capture_output=True, text=True, check=False)
-  assert out.returncode == 2 and "holds no run.gin" in out.stderr and not (tmp_path / "trained").exists()
 
 
 def test_docs_sweep_example_dry_runs(tmp_path):
