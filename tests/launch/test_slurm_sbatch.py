@@ -2,7 +2,11 @@
 what the job records and how it exits."""
 
 import json
+import os
+import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -10,13 +14,18 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch"
 
 # Records its arguments and the jax.distributed variables of its task in $CALLS; answers run-status as cli.main
-# prints it ($RECORDED), or refuses it ($REFUSE); a trainer exits $TRAIN_CODE.
+# prints it ($ANSWER), or refuses it ($REFUSE); a trainer exits $TRAIN_CODE, or with $PIDS set writes its pid there
+# and trains until SIGTERM, then exits 0 as a trainer that saved its checkpoint does.
 REPEAT_LM = """#!/bin/bash
 echo "$* | coord=${JAX_COORDINATOR_ADDRESS-unset} n=${JAX_NUM_PROCESSES-unset} id=${JAX_PROCESS_ID-unset}" >> "$CALLS"
 case "$1" in
   run-status) [ -z "${REFUSE:-}" ] || { echo "repeat-lm: error: $REFUSE" >&2; exit 2; }
               echo "$ANSWER" ;;
-  *) exit "${TRAIN_CODE:-0}" ;;
+  *) if [ -n "${PIDS:-}" ]; then
+       trap 'kill $!; echo "trainer $JAX_PROCESS_ID: SIGTERM" >> "$CALLS"; exit 0' TERM
+       sleep 60 & echo $$ >> "$PIDS"; wait
+     fi
+     exit "${TRAIN_CODE:-0}" ;;
 esac
 """
 # Drops its own options and runs the command once per task: $NODES nodes of $TASKS_PER_NODE tasks.
@@ -129,3 +138,34 @@ def test_a_job_without_its_first_node_starts_nothing(tmp_path, scontrol):
   out = sbatch(env, str(tmp_path / "run"), "train")
   assert out.returncode == 2 and "no coordinator: `scontrol show hostnames node[1-2]` printed no node" in out.stderr
   assert calls(env) == []  # not even recorded as started
+
+
+def test_a_job_stopped_by_slurm_records_its_trainers_exit(tmp_path):
+  """At the time limit and on preemption SLURM sends SIGTERM to the batch shell as well as the trainers. The shell
+  died at once (exit 143): the trainers' exit was never recorded, and the job never exited 75."""
+  env = job(tmp_path, recorded="pending", PIDS=str(tmp_path / "pids"))
+  proc = subprocess.Popen(["bash", str(SCRIPT), str(tmp_path / "run"), "train"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 30
+  while len(pids := (tmp_path / "pids").read_text().split() if (tmp_path / "pids").exists() else []) < 2:
+    assert time.monotonic() < deadline and proc.poll() is None, "the trainers did not start"
+    time.sleep(0.05)
+  for pid in (proc.pid, *map(int, pids)):  # as SLURM does: every process of the job
+    os.kill(pid, signal.SIGTERM)
+  out, err = proc.communicate(timeout=30)
+  assert proc.returncode == 75, err
+  assert "waiting for the trainers to checkpoint" in err and json.loads(out)["status"] == "pending"
+  run = tmp_path / "run"
+  assert calls(env)[-1] == f"run-status --run_dir={run} --exit_code=0 --log={run / 'train.log'} | " \
+      "coord=node1:61541 n=2 id=unset"
+
+
+def test_the_batch_directives_warn_the_trainers_early_and_keep_the_log():
+  # sbatch reads #SBATCH lines only up to the script's first command.
+  lines = SCRIPT.read_text().splitlines()[1:]
+  header = lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+  directives = [line.split()[1] for line in header if line.startswith("#SBATCH")]
+  assert len(directives) == sum(line.startswith("#SBATCH") for line in lines)
+  assert "--open-mode=append" in directives  # a requeue keeps the job id, so the log's name
+  [early] = [d for d in directives if d.startswith("--signal=")]
+  assert re.fullmatch(r"--signal=TERM@\d+", early) and int(early.split("@")[1]) >= 300  # the steps, not B: the shell
