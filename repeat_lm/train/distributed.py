@@ -42,7 +42,8 @@ def maybe_initialize() -> None:
     num_processes, process_id = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
     # With all three given, nothing is left to detect. Detection would also make up the visible devices: inside an
     # srun step jax takes SLURM_LOCALID as this process's only GPU (one process per GPU), so slurm.sbatch's one
-    # process per node would drive GPU 0 alone. JAX_LOCAL_DEVICE_IDS still restricts them where that is wanted.
+    # process per node would drive GPU 0 alone. JAX_LOCAL_DEVICE_IDS still restricts them where that is wanted
+    # (slurm.sbatch sets it when a node runs one process per GPU).
     explicit = num_processes is not None and process_id is not None
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                cluster_detection_method="deactivate" if explicit else None)

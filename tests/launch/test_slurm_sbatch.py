@@ -17,7 +17,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch"
 # prints it ($ANSWER), or refuses it ($REFUSE); a trainer exits $TRAIN_CODE, or with $PIDS set writes its pid there
 # and trains until SIGTERM, then exits 0 as a trainer that saved its checkpoint does.
 REPEAT_LM = """#!/bin/bash
-echo "$* | coord=${JAX_COORDINATOR_ADDRESS-unset} n=${JAX_NUM_PROCESSES-unset} id=${JAX_PROCESS_ID-unset}" >> "$CALLS"
+echo "$* | coord=${JAX_COORDINATOR_ADDRESS-unset} n=${JAX_NUM_PROCESSES-unset} id=${JAX_PROCESS_ID-unset}" \
+  "gpus=${JAX_LOCAL_DEVICE_IDS-all}" >> "$CALLS"
 case "$1" in
   run-status) [ -z "${REFUSE:-}" ] || { echo "repeat-lm: error: $REFUSE" >&2; exit 2; }
               echo "$ANSWER" ;;
@@ -108,7 +109,7 @@ def test_every_task_gets_the_coordinator_its_count_and_its_rank(tmp_path):
   env = job(tmp_path)
   assert sbatch(env, str(tmp_path / "run"), "train").returncode == 0
   gin = tmp_path / "run" / "run.gin"
-  assert trainers(env) == [f"train --gin_file={gin} | coord=node1:61541 n=2 id={i}" for i in (0, 1)]
+  assert trainers(env) == [f"train --gin_file={gin} | coord=node1:61541 n=2 id={i} gpus=all" for i in (0, 1)]
 
 
 def test_each_job_coordinates_on_its_own_port(tmp_path):
@@ -157,7 +158,7 @@ def test_a_job_stopped_by_slurm_records_its_trainers_exit(tmp_path):
   assert "waiting for the trainers to checkpoint" in err and json.loads(out)["status"] == "pending"
   run = tmp_path / "run"
   assert calls(env)[-1] == f"run-status --run_dir={run} --exit_code=0 --log={run / 'train.log'} | " \
-      "coord=node1:61541 n=2 id=unset"
+      "coord=node1:61541 n=2 id=unset gpus=all"
 
 
 def test_the_batch_directives_warn_the_trainers_early_and_keep_the_log():
@@ -169,3 +170,22 @@ def test_the_batch_directives_warn_the_trainers_early_and_keep_the_log():
   assert "--open-mode=append" in directives  # a requeue keeps the job id, so the log's name
   [early] = [d for d in directives if d.startswith("--signal=")]
   assert re.fullmatch(r"--signal=TERM@\d+", early) and int(early.split("@")[1]) >= 300  # the steps, not B: the shell
+
+
+@pytest.mark.parametrize("visible,gpus", [(None, ["0", "1", "2", "3"]), ("0,1,2,3", ["0", "1", "2", "3"]),
+                                          ("2", ["all"] * 4)])
+def test_one_process_per_gpu_takes_the_gpu_of_its_local_rank(tmp_path, visible, gpus):
+  """--ntasks-per-node=4: each process drove all 4 GPUs (the launcher's JAX_* variables turn jax's detection off), so
+  4 processes preallocated memory on every GPU. Each now takes the GPU of its local rank, as jax's SLURM detection
+  would, unless SLURM bound one GPU to each task (CUDA_VISIBLE_DEVICES names only it)."""
+  env = job(tmp_path, SLURM_NTASKS="8", TASKS_PER_NODE="4", **({"CUDA_VISIBLE_DEVICES": visible} if visible else {}))
+  assert sbatch(env, str(tmp_path / "run"), "train").returncode == 0
+  assert all(" n=8 " in line for line in trainers(env))
+  by_rank = {int(line.split(" id=")[1].split()[0]): line.split("gpus=")[1] for line in trainers(env)}
+  assert [by_rank[rank] for rank in range(8)] == gpus * 2  # ranks 0-3 on node 1, 4-7 on node 2
+
+
+def test_one_process_per_node_drives_all_its_gpus(tmp_path):
+  env = job(tmp_path, CUDA_VISIBLE_DEVICES="0,1,2,3")
+  assert sbatch(env, str(tmp_path / "run"), "train").returncode == 0
+  assert [line.split("gpus=")[1] for line in trainers(env)] == ["all", "all"]
