@@ -189,3 +189,13 @@ def test_one_process_per_node_drives_all_its_gpus(tmp_path):
   env = job(tmp_path, CUDA_VISIBLE_DEVICES="0,1,2,3")
   assert sbatch(env, str(tmp_path / "run"), "train").returncode == 0
   assert [line.split("gpus=")[1] for line in trainers(env)] == ["all", "all"]
+
+
+@pytest.mark.parametrize("args", [["RUN", "train", "--gin.TRAIN_STEPS=10"], []])
+def test_a_job_refuses_arguments_it_would_not_use(tmp_path, args):
+  """Gin settings after the verb were dropped without a word: the job trained with other settings than the ones
+  typed. They belong in run.gin, which is what status.json and collect describe the run by."""
+  env = job(tmp_path)
+  out = sbatch(env, *[str(tmp_path / "run") if a == "RUN" else a for a in args])
+  assert out.returncode == 2 and f"takes RUN_DIR [VERB], got {len(args)} arguments" in out.stderr
+  assert "put gin settings in RUN_DIR/run.gin" in out.stderr and calls(env) == []
