@@ -27,10 +27,16 @@ GCLOUD=(gcloud compute tpus tpu-vm)
 # Never an empty array: under set -u, bash before 4.4 (macOS's 3.2) stops at "${EMPTY[@]}" as an unbound variable.
 WHERE=(--zone="$ZONE")
 [[ -n "$PROJECT" ]] && WHERE+=(--project="$PROJECT")
-# Every worker's address: jax's TPU cluster detection reads TPU_WORKER_HOSTNAMES, and distributed.py takes a comma
-# in it as "several processes" (a plain ssh session does not always carry it). The worker id comes from metadata.
-HOSTS="$("${GCLOUD[@]}" describe "$TPU" "${WHERE[@]}" \
-  --format='value[delimiter=","](networkEndpoints[].ipAddress)' 2>/dev/null || true)"
+# Every worker's address, exported as TPU_WORKER_HOSTNAMES: a sign of the pod that distributed.py reads besides its
+# Cloud TPU VM check (on which jax reads the workers from the VM's metadata); the worker id comes from metadata either
+# way. A failed describe (a mistyped TPU or zone, no tpu.nodes.get permission) ends the launch with gcloud's error,
+# which was discarded: the ssh below needs the same access.
+if ! HOSTS="$("${GCLOUD[@]}" describe "$TPU" "${WHERE[@]}" \
+    --format='value[delimiter=","](networkEndpoints[].ipAddress)')"; then
+  echo "tpu_vm.sh: \`gcloud compute tpus tpu-vm describe $TPU ${WHERE[*]}\` failed (its error is above): check the" \
+    "TPU's name, zone and project, and your access to it" >&2
+  exit 1
+fi
 ENV=""
 [[ "$HOSTS" == *,* ]] && ENV="TPU_WORKER_HOSTNAMES=$HOSTS "
 COMMAND="cd $(printf %q "$REPO_DIR") && ${ENV}.venv/bin/repeat-lm $(printf '%q ' "$@")"

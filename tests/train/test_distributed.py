@@ -107,3 +107,76 @@ def test_an_empty_variable_counts_as_unset(env):
   assert not distributed.is_multiprocess_environment()
   env.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
   assert distributed.is_multiprocess_environment()
+
+
+def recorded_initialize(env, effect=None) -> list:
+  """jax.distributed.initialize replaced: records its arguments and, where given, what effect() returns (or raises)."""
+  import jax
+  calls = []
+  env.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append((kwargs, effect() if effect else None)))
+  env.setattr(jax.config, "update", lambda *args: None)
+  return calls
+
+
+def as_tpu_vm_worker(env, metadata: dict[str, str]) -> None:
+  """This machine as a Cloud TPU VM: jax's flag (set at import where libtpu and TPU chips are found), no
+  JAX_PLATFORMS, and a GCE metadata server answering `metadata`. jax's own cluster detection runs unchanged."""
+  from jax._src import cloud_tpu_init
+  from jax._src.clusters import cloud_tpu_cluster, cluster
+  env.delenv("JAX_PLATFORMS", raising=False)
+  env.delenv("TPU_SKIP_MDS_QUERY", raising=False)  # set by jax's import where it finds no TPU chip
+  for module in (cloud_tpu_init, cloud_tpu_cluster, cluster):
+    env.setattr(module, "running_in_cloud_tpu_vm", True)
+  env.setattr(cloud_tpu_cluster, "get_metadata", lambda key: (metadata.get(key, ""), 200 if key in metadata else 404))
+
+
+def jax_detection():
+  from jax._src import clusters
+  return clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 5)
+
+
+@pytest.mark.parametrize("worker,endpoints,expected", [
+    ("1", "10.0.0.2,10.0.0.3", ("10.0.0.2:8482", 2, 1, None)),  # worker 1 of a 2-worker pod
+    ("0", "10.0.0.2", ("10.0.0.2:8482", 1, 0, None))])  # a single-host VM: a job of one process
+def test_a_tpu_vm_worker_joins_its_pod_from_the_metadata(env, worker, endpoints, expected):
+  """`gcloud compute tpus tpu-vm ssh --worker=all --command='repeat-lm train ...'` (README's "the same command on
+  every host") carries no TPU_WORKER_HOSTNAMES: jax.distributed never started, and every worker failed at Orbax's
+  first use of it. On a TPU VM it starts, and jax's detection reads the workers from the metadata."""
+  as_tpu_vm_worker(env, {"agent-worker-number": worker, "worker-network-endpoints": endpoints})
+  calls = recorded_initialize(env, jax_detection)
+  distributed.maybe_initialize()
+  assert calls == [({}, expected)]
+
+
+def test_a_tpu_vm_whose_metadata_names_no_cluster_runs_as_one_process(env, caplog):
+  as_tpu_vm_worker(env, {})
+
+  def no_cluster():
+    raise ValueError("coordinator_address should be defined.")  # jax, where its detection found nothing
+  recorded_initialize(env, no_cluster)
+  distributed.maybe_initialize()
+  assert "metadata names no workers; running as a single process" in caplog.text
+
+
+@pytest.mark.parametrize("setting", [{"JAX_PLATFORMS": "cpu"}, {"JAX_NUM_PROCESSES": "1"}])
+def test_a_tpu_vm_told_to_run_alone_runs_alone(env, setting):
+  as_tpu_vm_worker(env, {"agent-worker-number": "0", "worker-network-endpoints": "10.0.0.2"})
+  for name, value in setting.items():
+    env.setenv(name, value)
+  calls = recorded_initialize(env)
+  distributed.maybe_initialize()
+  assert calls == []
+
+
+def test_elsewhere_nothing_asks_the_metadata_server(env):
+  """No TPU chip (this machine, a GPU box, a laptop with libtpu installed by mistake): jax's flag is False, and
+  neither jax.distributed nor the GCE metadata server (which would wait on its timeouts there) is called."""
+  from jax._src.clusters import cloud_tpu_cluster
+
+  def metadata(key):
+    raise AssertionError(f"asked the metadata server for {key}")
+  env.setattr(cloud_tpu_cluster, "get_metadata", metadata)
+  env.delenv("JAX_PLATFORMS", raising=False)
+  calls = recorded_initialize(env)
+  distributed.maybe_initialize()
+  assert calls == [] and not distributed.on_cloud_tpu_vm()
