@@ -6,7 +6,8 @@
 # Needs: gcloud on this machine; on every worker the repository at REPO_DIR (default: this checkout's path) with
 # its .venv installed with the tpu extra (pip install -e '.[tpu]'); the run directory on storage that every worker
 # sees at the same path (Filestore/NFS, or a gcsfuse mount), since MODEL_DIR is a local path to the trainer.
-# Exit code: non-zero if any worker failed (gcloud reports the first failure).
+# Exit code: non-zero if any worker failed (gcloud reports the first failure). Stopping it (Ctrl-C, SIGTERM, SIGHUP)
+# sends every worker's trainer SIGTERM: they checkpoint and exit, and it waits for them.
 set -euo pipefail
 TPU="" ZONE="" PROJECT=""
 while [[ $# -gt 0 ]]; do
@@ -39,5 +40,38 @@ if ! HOSTS="$("${GCLOUD[@]}" describe "$TPU" "${WHERE[@]}" \
 fi
 ENV=""
 [[ "$HOSTS" == *,* ]] && ENV="TPU_WORKER_HOSTNAMES=$HOSTS "
-COMMAND="cd $(printf %q "$REPO_DIR") && ${ENV}.venv/bin/repeat-lm $(printf '%q ' "$@")"
-exec "${GCLOUD[@]}" ssh "$TPU" "${WHERE[@]}" --worker=all --command="$COMMAND"
+# Each worker notes its trainer's pid in a file named for this launch (expanded there: its TMPDIR, else /tmp; exec
+# makes the shell's pid the trainer's), through which a stop reaches the trainers (below).
+PID_FILE="\"\${TMPDIR:-/tmp}\"/repeat_lm.$(date +%Y%m%d%H%M%S).$$.pid"
+COMMAND="cd $(printf %q "$REPO_DIR") && echo \$\$ > $PID_FILE && ${ENV}exec .venv/bin/repeat-lm $(printf '%q ' "$@")"
+"${GCLOUD[@]}" ssh "$TPU" "${WHERE[@]}" --worker=all --command="$COMMAND" &
+gcloud_pid=$!
+# A stop of this script (Ctrl-C, a sweep's SIGTERM, a closed terminal) never reached the trainers: gcloud runs a
+# --command under `ssh -T`, and sshd signals a command without a terminal nothing when its client goes, so they trained
+# on, holding the TPU and MODEL_DIR's lock, while the sweep recorded the run as checkpointed. It is sent to them as
+# SIGTERM (they checkpoint at their next step and exit) over a second ssh; gcloud, which ignores Ctrl-C as a
+# background job, then returns with their exit.
+stopping="" signalled=""
+# shellcheck disable=SC2317  # run by the trap
+stop() {
+  signalled=1
+  if [[ -n "$stopping" ]]; then
+    echo "tpu_vm.sh: already stopping: waiting for the trainers to checkpoint and exit" >&2
+    return
+  fi
+  stopping=1
+  echo "tpu_vm.sh: stopping: SIGTERM to the trainer on every worker; waiting for them to checkpoint and exit" >&2
+  # A worker without the file never started its trainer, one whose kill fails has none left: nothing to stop there.
+  "${GCLOUD[@]}" ssh "$TPU" "${WHERE[@]}" --worker=all \
+    --command="kill -TERM \$(cat $PID_FILE 2>/dev/null) 2>/dev/null; rm -f $PID_FILE" ||
+    echo "tpu_vm.sh: could not reach every worker (gcloud's error is above): stop its trainer by hand" >&2
+}
+trap stop INT TERM HUP
+while :; do
+  signalled="" rc=0
+  wait "$gcloud_pid" || rc=$?
+  # A trapped signal ends the wait early with its own status (> 128): wait again, for gcloud's (bash keeps it once
+  # gcloud has exited), which is the trainers' exit.
+  [[ -n "$signalled" ]] || break
+done
+exit "$rc"

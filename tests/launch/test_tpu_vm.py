@@ -1,8 +1,13 @@
 """launch/tpu_vm.sh run by bash with a stand-in gcloud whose `ssh --worker=all` runs the command on two local
 "workers", as sshd would (through a shell, each with its own TMPDIR), and a stand-in repeat-lm."""
 
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "tpu_vm.sh"
 
@@ -16,15 +21,21 @@ fi
 for a; do case "$a" in --command=*) cmd="${a#--command=}" ;; esac; done
 pids=() rc=0
 for w in 0 1; do
-  mkdir -p "$WORKERS/$w"
-  (cd "$WORKERS/$w" && exec env -u TPU_WORKER_HOSTNAMES TMPDIR="$WORKERS/$w" WORKER=$w bash -c "$cmd") & pids+=($!)
+  mkdir -p "$WORKERS/$w/tmp dir"
+  (cd "$WORKERS/$w" && exec env -u TPU_WORKER_HOSTNAMES TMPDIR="$WORKERS/$w/tmp dir" WORKER=$w bash -c "$cmd") &
+  pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 exit $rc
 """
-# Records where it ran and what it got, one line per argument, in its worker's folder.
+# Records where it ran and what it got, one line per argument, in its worker's folder; with $TRAIN_WAIT set, trains
+# until SIGTERM, then records it and exits 0, as a trainer that saved its checkpoint does.
 REPEAT_LM = """#!/bin/bash
 { echo "cwd=$PWD hosts=${TPU_WORKER_HOSTNAMES-unset}"; printf '[%s]\\n' "$@"; } > "$WORKERS/$WORKER/argv"
+if [ -n "${TRAIN_WAIT:-}" ]; then
+  trap 'kill $!; echo "pid $$: SIGTERM" > "$WORKERS/$WORKER/stopped"; exit 0' TERM
+  sleep 60 > /dev/null 2>&1 & wait
+fi
 """
 
 
@@ -61,3 +72,36 @@ def test_a_failed_describe_ends_the_launch_with_gclouds_error(tmp_path):
   assert out.returncode == 1 and "PERMISSION_DENIED" in out.stderr
   assert "`gcloud compute tpus tpu-vm describe my-pod --zone=us-central2-b` failed" in out.stderr
   assert [c.split()[3] for c in (tmp_path / "gcloud.calls").read_text().splitlines()] == ["describe"]  # no ssh
+
+
+@pytest.mark.parametrize("ctrl_c", [False, True])
+def test_stopping_the_launch_stops_every_workers_trainer(tmp_path, ctrl_c):
+  """gcloud runs the command under `ssh -T`, whose remote command sshd signals nothing when the client goes: a stopped
+  launch (a sweep's SIGTERM, Ctrl-C) left the trainers training on the pod while the sweep recorded a checkpoint. Each
+  worker's trainer now gets SIGTERM through its pid file, and the launch waits for their exit."""
+  env = pod(tmp_path, TRAIN_WAIT="1")
+  workers = tmp_path / "workers"
+  proc = subprocess.Popen(args("train", "--gin_file=/mnt/runs/a b/run.gin"), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  pids = []
+  try:
+    deadline = time.monotonic() + 30
+    while len(pids) < 2:
+      assert time.monotonic() < deadline and proc.poll() is None, "the trainers did not start"
+      time.sleep(0.05)
+      pids = [int(text) for f in workers.glob("*/tmp dir/repeat_lm.*.pid") if (text := f.read_text().strip())]
+    if ctrl_c:  # a terminal's: SIGINT to its foreground process group, gcloud too
+      os.killpg(proc.pid, signal.SIGINT)
+    else:  # a sweep's stop: SIGTERM to the launch alone
+      os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+  finally:
+    for pid in pids:  # the old script left them running
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+  assert proc.returncode == 0, err
+  assert "stopping: SIGTERM to the trainer on every worker" in err
+  stopped = [(workers / str(w) / "stopped").read_text().split()[1].rstrip(":") for w in (0, 1)]
+  assert sorted(map(int, stopped)) == sorted(pids) and not list(workers.glob("*/tmp dir/repeat_lm.*.pid"))
