@@ -1,17 +1,34 @@
-"""Multi-host start-up: initialise `jax.distributed` when the job has several processes."""
+"""Multi-host start-up: initialise `jax.distributed` when the job has several processes, and on a Cloud TPU VM."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import threading
+
+# What each variable holds, and who sets them, for the errors that name a missing or wrong one.
+VARIABLES = {
+    "JAX_COORDINATOR_ADDRESS": "host:port of process 0",
+    "JAX_NUM_PROCESSES": "the number of processes",
+    "JAX_PROCESS_ID": "this process's rank, 0 to JAX_NUM_PROCESSES - 1",
+}
+SET_BY = "launch/slurm.sbatch and `repeat-lm launch-local` set them for each process"
+
+# Seconds a process waits to join before it says what to check. jax's own timeout is 5 minutes, after which it aborts
+# with a C++ error about the distributed service that names neither the coordinator nor the missing host.
+WAIT_HINT_S = 60.0
 
 
-def _env_int(*names: str) -> int | None:
-  for name in names:
-    if os.environ.get(name):
-      return int(os.environ[name])
-  return None
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{name}={value!r} is not a whole number: set it to {VARIABLES[name]} ({SET_BY}).") from None
 
 
 # What jax's SLURM cluster detection needs: the variables of an srun step. SLURM_NTASKS alone is also set in a job's
@@ -19,12 +36,16 @@ def _env_int(*names: str) -> int | None:
 SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
+def _in_srun_step() -> bool:
+  return all(os.environ.get(name) for name in SLURM_STEP_VARIABLES)
+
+
 def is_multiprocess_environment() -> bool:
   """True when a launcher started several processes (our launchers, an srun step, or a multi-worker TPU VM slice)."""
   num = _env_int("JAX_NUM_PROCESSES")
   if num is not None:
     return num > 1
-  if all(os.environ.get(name) for name in SLURM_STEP_VARIABLES):
+  if _in_srun_step():
     return int(os.environ["SLURM_NTASKS"]) > 1
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
@@ -45,7 +66,7 @@ def on_cloud_tpu_vm() -> bool:
 
 
 def maybe_initialize() -> None:
-  """Call before any other JAX use. Explicit JAX_* variables win; otherwise JAX auto-detects (TPU VM, SLURM)."""
+  """Call before any other JAX use. Explicit JAX_* variables win; jax detects the rest (SLURM, TPU VM)."""
   from_tpu_metadata = False
   if not is_multiprocess_environment():
     # A TPU VM pod's workers are in the VM's metadata, not in the environment of the ssh session that started this
@@ -56,32 +77,74 @@ def maybe_initialize() -> None:
     if _env_int("JAX_NUM_PROCESSES") is not None or not on_cloud_tpu_vm():
       return
     from_tpu_metadata = True
+  coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip() or None
+  if coordinator is not None and not re.fullmatch(r".+:\d+", coordinator):  # jax failed on it with an IndexError
+    raise ValueError(f"JAX_COORDINATOR_ADDRESS={coordinator!r} is not {VARIABLES['JAX_COORDINATOR_ADDRESS']} "
+                     f"({SET_BY}).")
+  given = {"JAX_COORDINATOR_ADDRESS": coordinator, "JAX_PROCESS_ID": _env_int("JAX_PROCESS_ID"),
+           "JAX_NUM_PROCESSES": _env_int("JAX_NUM_PROCESSES")}
+  # Said before joining, which blocks until every process has: a misconfigured job showed nothing for 5 minutes.
+  logging.info("jax.distributed: joining %s", _joining(given, from_tpu_metadata))
   import jax
   # CPU processes all-reduce through a collectives library; without one, a cross-process computation fails. gloo
   # ships in jaxlib (the default in 0.10, explicit so no other default can break CPU launches); TPU/GPU ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if coordinator:
-    num_processes, process_id = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+  hint = _wait_hint(coordinator)
+  try:
     # With all three given, nothing is left to detect. Detection would also make up the visible devices: inside an
     # srun step jax takes SLURM_LOCALID as this process's only GPU (one process per GPU), so slurm.sbatch's one
     # process per node would drive GPU 0 alone. JAX_LOCAL_DEVICE_IDS still restricts them where that is wanted
     # (slurm.sbatch sets it when a node runs one process per GPU).
-    explicit = num_processes is not None and process_id is not None
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               cluster_detection_method="deactivate" if explicit else None)
-  else:
-    try:
-      jax.distributed.initialize()
-    except ValueError:
-      if not from_tpu_metadata:
-        raise
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=given["JAX_NUM_PROCESSES"],
+                               process_id=given["JAX_PROCESS_ID"],
+                               cluster_detection_method=None if None in given.values() else "deactivate")
+  except ValueError as e:
+    if from_tpu_metadata:
       # jax found no TPU cluster in the metadata (a TPU VM outside GCE's TPU API, e.g. a GKE node without
       # TPU_WORKER_HOSTNAMES), and started nothing: one process, as before.
       logging.warning("jax.distributed: this TPU VM's metadata names no workers; running as a single process")
       return
+    # jax's own message names its parameters (coordinator_address, process_id), not the variables to set.
+    missing = [f"{name} ({VARIABLES[name]})" for name, value in given.items() if value is None]
+    fix = (f"set {' and '.join(missing)}, or start it where jax detects them (an srun step, a TPU VM)" if missing
+           else "check " + ", ".join(f"{name}={value}" for name, value in given.items()) +
+           f" (JAX_PROCESS_ID is {VARIABLES['JAX_PROCESS_ID']})")
+    raise ValueError(f"jax.distributed could not start ({e}): {fix}; {SET_BY}.") from e
+  finally:
+    hint.cancel()
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _joining(given: dict[str, str | int | None], from_tpu_metadata: bool) -> str:
+  """'COORDINATOR as process I of N (where they come from)', with what jax will detect as far as it is known."""
+  sources = [name for name, value in given.items() if value is not None]
+  origin = f"from {', '.join(sources)}" if sources else ""
+  process_id, count = given["JAX_PROCESS_ID"], given["JAX_NUM_PROCESSES"]
+  if len(sources) < len(given):
+    srun = _in_srun_step()
+    if srun:  # what jax's SLURM detection takes
+      process_id = os.environ["SLURM_PROCID"] if process_id is None else process_id
+      count = os.environ["SLURM_NTASKS"] if count is None else count
+    origin += ("; the rest " if sources else "") + (
+        "from SLURM_PROCID, SLURM_NTASKS and SLURM_STEP_NODELIST's first node" if srun else
+        "from the TPU VM's metadata" if from_tpu_metadata or os.environ.get("TPU_WORKER_HOSTNAMES") else
+        "left to jax's cluster detection")
+  return (f"{given['JAX_COORDINATOR_ADDRESS'] or 'the coordinator'} as process "
+          f"{'?' if process_id is None else process_id} of {'?' if count is None else count} ({origin})")
+
+
+def _wait_hint(coordinator: str | None) -> threading.Timer:
+  """A started timer that says what to check if joining takes WAIT_HINT_S; cancel it once joined."""
+  reach = (f"that {coordinator} is process 0's host and that every host reaches its port" if coordinator else
+           "that every host reaches process 0's host on the coordinator's port")
+  hint = threading.Timer(WAIT_HINT_S, logging.warning, args=(
+      "jax.distributed: still waiting after %.0f s for the other processes: check that every process of the job was "
+      "started (one that failed to start leaves the others waiting until jax gives up, 5 minutes in) and %s",
+      WAIT_HINT_S, reach))
+  hint.daemon = True
+  hint.start()
+  return hint
 
 
 def initialized() -> bool:

@@ -1,5 +1,8 @@
 """When a command starts jax.distributed: only when this process is one of several (launcher, srun step, TPU pod)."""
 
+import logging
+import time
+
 import pytest
 
 from repeat_lm.train import distributed
@@ -62,14 +65,11 @@ def test_launcher_variables_leave_every_gpu_of_an_srun_task_visible(env):
 
 def initialize_calls(env):
   """The arguments maybe_initialize gives jax.distributed.initialize, for a 2-process job coordinated by node1."""
-  import jax
   env.setenv("JAX_COORDINATOR_ADDRESS", "node1:12355")
   env.setenv("JAX_NUM_PROCESSES", "2")
-  calls = []
-  env.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
-  env.setattr(jax.config, "update", lambda *args: None)
+  calls = recorded_initialize(env)
   distributed.maybe_initialize()
-  return calls
+  return [kwargs for kwargs, _ in calls]
 
 
 class _Exited(Exception):
@@ -145,7 +145,8 @@ def test_a_tpu_vm_worker_joins_its_pod_from_the_metadata(env, worker, endpoints,
   as_tpu_vm_worker(env, {"agent-worker-number": worker, "worker-network-endpoints": endpoints})
   calls = recorded_initialize(env, jax_detection)
   distributed.maybe_initialize()
-  assert calls == [({}, expected)]
+  assert calls == [({"coordinator_address": None, "num_processes": None, "process_id": None,
+                     "cluster_detection_method": None}, expected)]
 
 
 def test_a_tpu_vm_whose_metadata_names_no_cluster_runs_as_one_process(env, caplog):
@@ -180,3 +181,74 @@ def test_elsewhere_nothing_asks_the_metadata_server(env):
   calls = recorded_initialize(env)
   distributed.maybe_initialize()
   assert calls == [] and not distributed.on_cloud_tpu_vm()
+
+
+def test_a_process_says_where_it_joins_before_it_waits(env, caplog):
+  """Joining blocks until every process has: a misconfigured job logged nothing for 5 minutes, then a C++ abort."""
+  caplog.set_level(logging.INFO)
+  env.setenv("JAX_PROCESS_ID", "1")
+  env.setenv("JAX_COORDINATOR_ADDRESS", "node1:61541")
+  env.setenv("JAX_NUM_PROCESSES", "2")
+  calls = recorded_initialize(env, lambda: caplog.text)  # the log as it was when jax was asked to join
+  distributed.maybe_initialize()
+  assert "jax.distributed: joining node1:61541 as process 1 of 2 (from JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID, " \
+      "JAX_NUM_PROCESSES)" in calls[0][1]
+
+
+def test_a_process_left_to_slurm_detection_says_what_jax_takes(env, caplog):
+  caplog.set_level(logging.INFO)
+  for name, value in zip(distributed.SLURM_STEP_VARIABLES, ("5", "node[1-2]", "2", "1", "0")):
+    env.setenv(name, value)
+  calls = recorded_initialize(env, lambda: caplog.text)
+  distributed.maybe_initialize()
+  assert "joining the coordinator as process 1 of 2 (from SLURM_PROCID, SLURM_NTASKS and SLURM_STEP_NODELIST's " \
+      "first node)" in calls[0][1]
+
+
+def test_a_process_still_waiting_to_join_says_what_to_check(env, caplog):
+  env.setattr(distributed, "WAIT_HINT_S", 0.05)
+  for name, value in (("JAX_COORDINATOR_ADDRESS", "node1:12355"), ("JAX_NUM_PROCESSES", "2"), ("JAX_PROCESS_ID", "1")):
+    env.setenv(name, value)
+  recorded_initialize(env, lambda: time.sleep(1))  # a peer that never comes
+  distributed.maybe_initialize()
+  assert "still waiting after 0 s for the other processes: check that every process of the job was started" in \
+      caplog.text and "that node1:12355 is process 0's host and that every host reaches its port" in caplog.text
+
+
+def test_a_process_that_joins_in_time_gives_no_hint(env, caplog):
+  env.setattr(distributed, "WAIT_HINT_S", 0.2)
+  env.setenv("JAX_PROCESS_ID", "1")
+  initialize_calls(env)
+  time.sleep(0.4)
+  assert "still waiting" not in caplog.text
+
+
+@pytest.mark.parametrize("setting,message", [
+    ({}, "set JAX_COORDINATOR_ADDRESS (host:port of process 0) and JAX_PROCESS_ID (this process's rank, 0 to "
+         "JAX_NUM_PROCESSES - 1), or start it where jax detects them"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, "set JAX_PROCESS_ID (this process's rank"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_PROCESS_ID": "2"},
+     "check JAX_COORDINATOR_ADDRESS=127.0.0.1:1, JAX_PROCESS_ID=2, JAX_NUM_PROCESSES=2"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_PROCESS_ID": "one"},
+     "JAX_PROCESS_ID='one' is not a whole number: set it to this process's rank"),
+    ({"JAX_COORDINATOR_ADDRESS": "node1", "JAX_PROCESS_ID": "0"},
+     "JAX_COORDINATOR_ADDRESS='node1' is not host:port of process 0"),
+])
+def test_a_misconfigured_process_names_the_variable_to_fix(env, capsys, tmp_path, setting, message):
+  """jax's errors named its parameters (coordinator_address should be defined), an int() its literal, and an address
+  without a port failed with an IndexError; each error now names the variable and the launchers that set it."""
+  import jax
+  from jax._src import distributed as jax_distributed
+  for name in ("KUBERNETES_SERVICE_HOST", "OMPI_MCA_orte_hnp_uri"):  # nothing else for jax's detection to find
+    env.delenv(name, raising=False)
+  env.setattr(jax.config, "update", lambda *args: None)
+  # jax's detection and checks, without the refusal of jax.distributed.initialize once this process has a backend.
+  env.setattr(jax.distributed, "initialize", lambda **kwargs: jax_distributed.global_state.initialize(**kwargs))
+  env.setenv("JAX_NUM_PROCESSES", "2")
+  for name, value in setting.items():
+    env.setenv(name, value)
+  from repeat_lm import cli
+  assert cli.main(["train", f"--gin_file={tmp_path / 'run.gin'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("repeat-lm: error: ValueError: ") and message in err
+  assert "launch/slurm.sbatch and `repeat-lm launch-local` set them for each process" in err
