@@ -18,6 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 
+class CommandExit(Exception):
+  """A command that failed with an exit status of its own to end with (launch-local: its failing process's)."""
+
+  def __init__(self, code: int, message: str):
+    super().__init__(message)
+    self.code = code
+
+
 def _seed(text: str) -> int:
   """A --seed: NumPy's generators refuse a negative one ("expected non-negative integer", naming no flag)."""
   value = int(text)
@@ -706,7 +714,12 @@ def _run_launch_local(args, bindings: Sequence[str]) -> None:
     raise ValueError("launch-local needs a command: repeat-lm launch-local --num_processes=2 -- train --gin_file=...")
   code = launch_local.launch(argv, args.num_processes, args.devices_per_process, args.port)
   if code:
-    raise RuntimeError(f"A process of `repeat-lm {' '.join(argv)}` exited with code {code}.")
+    # Its own status, not 2: a wrapper (a job script, CI) tells an interrupted launch (130), a killed process (128 +
+    # the signal, as a shell reports one; Python's returncode is -signal) and a stopped trainer (75) from a bad
+    # setting by the exit status.
+    raise CommandExit(code if code > 0 else 128 - code,
+                      f"A process of `repeat-lm {' '.join(argv)}` exited with code {code}"
+                      f"{f' (killed by signal {-code})' if code < 0 else ''}.")
 
 
 # ---- demo (docs/demo.md) ----
@@ -805,6 +818,9 @@ def _main(argv: Sequence[str] | None) -> int:
     result = COMMANDS[args.command][1](args, bindings)
     if result is not None:
       print(json.dumps(strict_json(result), sort_keys=True, allow_nan=False))
+  except CommandExit as e:
+    print(f"repeat-lm: error: {e}", file=sys.stderr)
+    return e.code
   except BrokenPipeError:
     # The reader left (`repeat-lm ... | head`): not a full disk. Quiet, as other tools killed by SIGPIPE are; stdout
     # goes to /dev/null so that the interpreter's last flush does not raise again.

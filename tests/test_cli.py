@@ -74,6 +74,16 @@ def test_launch_local_passes_the_command_and_its_bindings(monkeypatch):
   assert calls == [(["train", "--gin_file=gin/runs/smoke.gin", "--gin.TRAIN_STEPS=2"], 3, 2, 1234)]
 
 
+@pytest.mark.parametrize("child,code", [(130, 130), (-9, 137), (75, 75), (2, 2)])
+def test_launch_local_exits_with_the_status_of_its_failing_process(monkeypatch, capsys, child, code):
+  """Every failure exited 2: a wrapper could not tell Ctrl-C (130), an OOM kill (SIGKILL: 137) or a stopped trainer
+  (75) from a configuration error. The message still names the command and the child's code."""
+  monkeypatch.setattr(launch_local, "launch", lambda *a: child)
+  assert cli.main(["launch-local", "--", "train", "--gin_file=gin/runs/smoke.gin"]) == code
+  assert f"repeat-lm: error: A process of `repeat-lm train --gin_file=gin/runs/smoke.gin` exited with code {child}" \
+      in capsys.readouterr().err
+
+
 def test_python_m_train_passes_its_arguments_to_train(monkeypatch):
   # `python -m repeat_lm.train ARGS` is `repeat-lm train ARGS`: the module's own path (sys.argv[0]) is no argument.
   calls = []
