@@ -157,7 +157,25 @@ def test_documented_gin_drops_out_as_t5x_and_the_model_gins(doc, tmp_path, monke
   else:  # "Switch-Base-style": gin/models/switch_base_128.gin's network (tied logits included), whose load-balancing
     # weight T5X replaces with its own AUX_LOSS_FACTOR.
     switch = gin_utils.configured_macro(["gin/models/switch_base_128.gin"], [], "MODEL").module.config
-    assert config == dataclasses.replace(switch, moe=dataclasses.replace(switch.moe, load_balancing_loss_weight=0.0))
+    # The experts' rate is named (EXPERT_DROPOUT_RATE, T5X's MoE macro) where the model gin leaves it to dropout_rate.
+    assert config.dropout_rate_for("expert") == switch.dropout_rate_for("expert")
+    assert config == dataclasses.replace(switch, expert_dropout_rate=config.expert_dropout_rate,
+                                         moe=dataclasses.replace(switch.moe, load_balancing_loss_weight=0.0))
+
+
+def test_documented_moe_gin_reads_t5xs_expert_dropout_macro(tmp_path, monkeypatch, fresh_gin):
+  # T5X's MoE finetune.gin sets EXPERT_DROPOUT_RATE (ST-MoE fine-tunes the experts at 0.4 beside 0.1 elsewhere);
+  # the documented gin never read it, so the experts dropped out at DROPOUT_RATE without a word.
+  t5x_double.install_stand_ins(monkeypatch)
+  path = tmp_path / "model.gin"
+  path.write_text((DOCS / "t5x_example_moe.gin").read_text())
+  gin.parse_config_files_and_bindings([str(path)], ["from repeat_lm import gin_utils\n"
+                                                    "gin_utils.macro_value.value = %MODEL",
+                                                    "DROPOUT_RATE = 0.1", "EXPERT_DROPOUT_RATE = 0.4"],
+                                      finalize_config=False)
+  from repeat_lm import gin_utils
+  config = gin.configurable(gin_utils.macro_value)().module.config
+  assert (config.dropout_rate_for("expert"), config.dropout_rate_for("mlp")) == (0.4, 0.1)
 
 
 def _documented_gin_flags() -> list[str]:
