@@ -30,10 +30,12 @@ exit $rc
 """
 # Records where it ran and what it got, one line per argument, in its worker's folder; with $TRAIN_WAIT set, trains
 # until SIGTERM, then records it and exits 0, as a trainer that saved its checkpoint does.
+# The trap comes first, before argv is written: the test signals only once both argv files exist, so a SIGTERM can
+# never reach a stand-in that has not yet set its trap (a slow host would then see it die of the signal).
 REPEAT_LM = """#!/bin/bash
+[ -z "${TRAIN_WAIT:-}" ] || trap 'kill $! 2>/dev/null; echo "pid $$: SIGTERM" > "$WORKERS/$WORKER/stopped"; exit 0' TERM
 { echo "cwd=$PWD hosts=${TPU_WORKER_HOSTNAMES-unset}"; printf '[%s]\\n' "$@"; } > "$WORKERS/$WORKER/argv"
 if [ -n "${TRAIN_WAIT:-}" ]; then
-  trap 'kill $!; echo "pid $$: SIGTERM" > "$WORKERS/$WORKER/stopped"; exit 0' TERM
   sleep 60 > /dev/null 2>&1 & wait
 fi
 """
@@ -86,7 +88,7 @@ def test_stopping_the_launch_stops_every_workers_trainer(tmp_path, ctrl_c):
   pids = []
   try:
     deadline = time.monotonic() + 30
-    while len(pids) < 2:
+    while len(pids) < 2 or len(list(workers.glob("*/argv"))) < 2:  # both trainers started, their traps set
       assert time.monotonic() < deadline and proc.poll() is None, "the trainers did not start"
       time.sleep(0.05)
       pids = [int(text) for f in workers.glob("*/tmp dir/repeat_lm.*.pid") if (text := f.read_text().strip())]
