@@ -242,14 +242,9 @@ def _saved_settings(step_dir: Path) -> dict[str, Any] | None:
 _UNKNOWN = object()
 
 
-def _saved_depths(step_dir: Path) -> dict[str, tuple[int, int]] | None:
-  """{stack: (layers, layers per parameter set)} of the model that wrote `step_dir`, from its MODEL_DIR's config.gin;
-  None where that is not known (see _saved_settings)."""
-  return _depths(_saved_settings(step_dir))
-
-
 def _depths(settings: dict[str, Any] | None) -> dict[str, tuple[int, int]] | None:
-  """_saved_depths of the settings _saved_settings read."""
+  """{stack: (layers, layers per parameter set)} of the model whose MODEL_DIR config.gin _saved_settings read;
+  None where that is not known."""
   from repeat_lm.models import stack  # pylint: disable=import-outside-toplevel
   if settings is None or not {"num_encoder_layers", "num_decoder_layers", "param_share"} <= settings.keys():
     return None

@@ -267,9 +267,10 @@ def test_saved_depths_read_scoped_bindings_and_give_up_on_conflicting_ones(tmp_p
   step_dir.mkdir(parents=True)
   (tmp_path / "config.gin").write_text("MODEL/t5.T5Config.num_encoder_layers = 4\n"
                                        "MODEL/t5.T5Config.num_decoder_layers = 4\nMODEL/t5.T5Config.param_share = 2\n")
-  assert load._saved_depths(step_dir) == {"encoder": (4, 2), "decoder": (4, 2)}  # noqa: SLF001
+  assert load._depths(load._saved_settings(step_dir)) == {"encoder": (4, 2), "decoder": (4, 2)}  # noqa: SLF001
   (tmp_path / "config.gin").write_text("a/t5.T5Config.num_encoder_layers = 2\nb/t5.T5Config.num_encoder_layers = 4\n")
-  assert load._saved_depths(step_dir) is None  # noqa: SLF001 (which scope built the model is not known here)
+  # Which scope built the model is not known here.
+  assert load._depths(load._saved_settings(step_dir)) is None  # noqa: SLF001
 
 
 def test_settings_the_shapes_do_not_show_are_compared_with_the_model_dirs_config(tiny_model_dir, tmp_path):
