@@ -21,36 +21,33 @@ _PREPARE_HINT = ('Prepare it there first (C4 needs Apache Beam: https://www.tens
                  'point `data_dir` / $TFDS_DATA_DIR at a copy of the prepared files.')
 
 
-def _buildable_versions(name: str) -> list[str] | None:
-  """The versions of `name` ('c4/en:3.0.1') the installed TFDS code can prepare; None where that is not known."""
+def _buildable_versions(dataset: str, config: str) -> list[str] | None:
+  """The versions of TFDS `dataset` (its `config`) the installed TFDS code can prepare; None where that is not known."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  dataset, _, version = name.partition(':')
-  dataset, _, config = dataset.partition('/')
   try:
     cls = tfds.builder_cls(dataset)
     configs = [c for c in getattr(cls, 'BUILDER_CONFIGS', []) if c.name == config]
     main, others = ((configs[0].version, configs[0].supported_versions) if configs and configs[0].version
                     else (cls.VERSION, cls.SUPPORTED_VERSIONS))
-    return [str(v) for v in (main, *others) if v is not None] if version else None
+    return [str(v) for v in (main, *others) if v is not None]
   except Exception:  # pylint: disable=broad-except  (a hint only: the error it adds to must still be raised)
     return None
 
 
 def _prepare_hint(name: str) -> str:
-  """How to get `name` into data_dir. T5's c4/en:3.0.1 is older than the pinned TFDS's C4 code, which can only read
-  it: telling a user to prepare it sent them to a Beam job that cannot make that version."""
-  versions = _buildable_versions(name)
-  version = name.partition(':')[2]
-  if versions and version not in versions:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    dataset = name.partition(':')[0]
-    c4 = dataset.startswith('c4/')
-    return (f'tensorflow-datasets {tfds.__version__} cannot prepare version {version} (its code prepares '
-            f'{", ".join(versions)}): point `data_dir` / $TFDS_DATA_DIR at a copy of files prepared elsewhere, laid '
-            f'out as DATA_DIR/{dataset}/{version}/' + (f' (copy gs://tfds-data/datasets/{dataset}/{version})'
-                                                       if c4 else '')
-            + ', or use a version it prepares' + (' (the `c4v310` source reads c4/en:3.1.0).' if c4 else '.'))
-  return _PREPARE_HINT
+  """How to get `name` ('c4/en:3.0.1') into data_dir. T5's c4/en:3.0.1 is older than the pinned TFDS's C4 code, which
+  can only read it: telling a user to prepare it sent them to a Beam job that cannot make that version."""
+  full, _, version = name.partition(':')
+  dataset, _, config = full.partition('/')
+  versions = _buildable_versions(dataset, config) if version else None
+  if not versions or version in versions:
+    return _PREPARE_HINT
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  c4 = dataset == 'c4'
+  return (f'tensorflow-datasets {tfds.__version__} cannot prepare version {version} (its code prepares '
+          f'{", ".join(versions)}): point `data_dir` / $TFDS_DATA_DIR at a copy of files prepared elsewhere, laid '
+          f'out as DATA_DIR/{full}/{version}/' + (f' (copy gs://tfds-data/datasets/{full}/{version})' if c4 else '')
+          + ', or use a version it prepares' + (' (the `c4v310` source reads c4/en:3.1.0).' if c4 else '.'))
 
 
 @dataclasses.dataclass(frozen=True)
