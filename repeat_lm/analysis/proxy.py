@@ -238,8 +238,10 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
             "dense_tied_rates": dense_best if len(dense_best) > 1 else [],
             # The sweeps agree when a best rate of one is a best rate of the other: the MoE sweep that ties 0.2 and
             # 0.3 has not chosen against the dense model's 0.3. One dense rate (RQ4's design: the MoE's choice) is
-            # its best by construction: no agreement measured.
-            "same_best_rate": bool(set(moe_best) & set(dense_best)) if len(dense_table) > 1 else None,
+            # its best by construction: no agreement measured. Nor with one MoE rate: that "sweep" chose nothing,
+            # and was reported as agreeing with the dense model's best whenever it happened to be run at it.
+            "same_best_rate": (bool(set(moe_best) & set(dense_best)) if len(dense_table) > 1 and len(moe_table) > 1
+                               else None),
             "rank_agreement": agreement, "curve_similarity": similarity, "curves_without_tokens": no_tokens,
             "cost": costs, "cost_undefined": undefined, "unfinished": unfinished}
   result["report"] = _report(out_dir, result, sweep, dense, curves, column)
@@ -288,10 +290,14 @@ def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict
                           xlabel="tokens seen", ylabel=metric))
   ag = res["rank_agreement"]
   moe, dense_best = _best(res, "moe"), _best(res, "dense")
-  dense_notes = ["a tie"] * (len(dense_best) > 1) + [_agreement(moe, dense_best)]
-  text = (f"MoE sweep: {len(sweep)} runs over {column} = {', '.join(f'{r:g}' for r in res['moe_by_rate'])}; best "
-          f"{_listed(moe)}{' (a tie)' if len(moe) > 1 else ''}. Dense: {len(dense)} runs"
-          + (f"; best {_listed(dense_best)} ({'; '.join(dense_notes)})." if res["same_best_rate"] is not None else
+  one_moe_rate = len(res["moe_by_rate"]) < 2
+  dense_notes = ["a tie"] * (len(dense_best) > 1) + [_agreement(moe, dense_best)] * (not one_moe_rate)
+  text = (f"MoE sweep: {len(sweep)} runs over {column} = {', '.join(f'{r:g}' for r in res['moe_by_rate'])}"
+          + (": one rate, so the sweep chose nothing and says nothing of the dense model's best rate."
+             if one_moe_rate else f"; best {_listed(moe)}{' (a tie)' if len(moe) > 1 else ''}.")
+          + f" Dense: {len(dense)} runs"
+          + (f"; best {_listed(dense_best)}" + (f" ({'; '.join(dense_notes)})." if dense_notes else ".")
+             if len(res["dense_by_rate"]) > 1 else
              f", all at {_listed(dense_best)}: one rate, so whether it is the dense model's best is not measured."))
   if len(ag["rates"]) >= 3:
     text += f" Over the {len(ag['rates'])} rates both ran, rank agreement of final {metric}: " + (

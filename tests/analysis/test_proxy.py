@@ -253,3 +253,16 @@ def test_a_curve_of_unknown_tokens_seen_is_not_compared_on_its_steps(tmp_path):
   text = (tmp_path / "out" / "report.md").read_text()
   assert "The curves of `moe_d0.3`, `dense_d0.3` have no tokens seen" in text
   assert not (tmp_path / "out" / "proxy_curves.png").exists()
+
+
+def test_a_sweep_of_one_moe_rate_chose_nothing_and_agrees_with_nothing(tmp_path):
+  """One MoE run (or seeds at one rate): its rate is "best" by construction, and same_best_rate was true whenever the
+  dense model's best happened to be that rate, reported as "best 0.3 (the same rate)"."""
+  runs = [_run("moe_d0.3", 0.3, 0.60, 1e9)] + [_run(f"dense_d{r}", r, a, 3e9)
+                                               for r, a in {0.1: 0.65, 0.3: 0.67, 0.5: 0.64}.items()]
+  out = proxy.analyze(runs, "moe_*", "dense_*", tmp_path)
+  assert (out["moe_best_rate"], out["dense_best_rate"], out["same_best_rate"]) == (0.3, 0.3, None)
+  text = (tmp_path / "report.md").read_text()
+  assert ("MoE sweep: 1 runs over DROPOUT_RATE = 0.3: one rate, so the sweep chose nothing and says nothing of the "
+          "dense model's best rate. Dense: 3 runs; best 0.3." in text)
+  assert "the same rate" not in text
