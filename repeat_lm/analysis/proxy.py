@@ -303,6 +303,10 @@ def _report(out_dir: Path, res: dict, sweep, dense, curves, column: str) -> dict
     text += f" Over the {len(ag['rates'])} rates both ran, rank agreement of final {metric}: " + (
         f"Spearman {ag['spearman']:.3f}, Kendall {ag['kendall']:.3f}." if ag["spearman"] is not None else
         f"undefined ({_why_no_agreement(res['moe_by_rate'], res['dense_by_rate'])}).")
+  else:  # said, not left out: the JSON's null rank agreement had no word in the report
+    shared = f" ({_listed(ag['rates'])})" if ag["rates"] else ""
+    text += (f" Rank agreement needs 3 rates that both ran; they share {len(ag['rates'])}{shared}, so it is not "
+             "measured.")
   if res["curves_without_tokens"]:
     text += (f" The curves of {', '.join(f'`{r}`' for r in res['curves_without_tokens'])} have no tokens seen (no "
              "train/tokens_seen in metrics.jsonl, nor `tokens_seen` and `final_step` in the table): left out of the "

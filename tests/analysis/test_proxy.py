@@ -266,3 +266,12 @@ def test_a_sweep_of_one_moe_rate_chose_nothing_and_agrees_with_nothing(tmp_path)
   assert ("MoE sweep: 1 runs over DROPOUT_RATE = 0.3: one rate, so the sweep chose nothing and says nothing of the "
           "dense model's best rate. Dense: 3 runs; best 0.3." in text)
   assert "the same rate" not in text
+
+
+def test_rank_agreement_from_fewer_than_3_shared_rates_is_said_to_be_unmeasured(tmp_path):
+  """Two dense rates: the JSON's rank agreement was null and the report said nothing of it, as if it had not been
+  asked (RQ4's statistic)."""
+  out = proxy.analyze(_table({0.1: 0.65, 0.3: 0.67}), "moe_*", "dense_*", tmp_path)
+  assert out["rank_agreement"] == {"rates": [0.1, 0.3], "spearman": None, "kendall": None}
+  assert ("Rank agreement needs 3 rates that both ran; they share 2 (0.1 and 0.3), so it is not measured."
+          in (tmp_path / "report.md").read_text())
