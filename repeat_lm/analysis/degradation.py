@@ -190,6 +190,9 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
   diverged = [row["run"] for row in rows if row["diverged"]]
   tol_text = (f"{tolerance:g} (absolute)" if tolerance is not None else f"{rel_tolerance:.2%} of the best value")
   without = [row["run"] for row in rows if row["source"] != "curve"]
+  # A run still going is measured on its evaluations so far: "no onset" there is not "no degradation" (proxy leaves
+  # such runs out; here their rows stay, named as provisional).
+  unfinished = [(r.run, r.status) for r in runs if r.status in results.UNFINISHED]
   text = (f"{len(rows)} runs, {len(curves)} with curves (metrics.jsonl); metric `{metric}`. "
           + (f"{len(degrading)} of the {len(curves)} with curves show sustained degradation." if curves else
              "No run has a curve, so no onset of degradation can be measured.")
@@ -198,6 +201,10 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
              f"{', ...' if len(without) > 8 else ''}; their degradation is unknown." if without else "")
           + (f" {len(diverged)} diverged (final `{metric}` not finite): {', '.join(f'`{r}`' for r in diverged)}."
              if diverged else "")
+          + (f" **Provisional**: {len(unfinished)} run(s) have not finished ("
+             + ", ".join(f"`{run}` ({status})" for run, status in unfinished) + "): their best, gap and onset are from "
+             "the evaluations so far, and one without an onset may yet degrade. Analyse again once they finish."
+             if unfinished else "")
           + (f" Tokens seen are unknown for {len(curves) - len(plotted)} run(s) with curves (no train/tokens_seen in "
              "their metrics.jsonl, nor `tokens_seen` and `final_step` in the table): "
              f"{', '.join(f'`{r}`' for r in curves if r not in plotted)}; their onset tokens and epochs are unknown, "
@@ -226,4 +233,5 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
   sections += [(f"By {f}", f"Runs grouped by `{f}`; `mean_gap` over the runs that did not diverge.", None,
                 _shown(s, all_diverged)) for f, s in summaries.items()]
   paths = report.write_report(out_dir, f"Degradation ({metric})", sections)
-  return {"metric": metric, "runs": rows, "by_factor": summaries, "plots": [str(p) for p in pngs], **paths}
+  return {"metric": metric, "runs": rows, "by_factor": summaries, "unfinished": dict(unfinished),
+          "plots": [str(p) for p in pngs], **paths}

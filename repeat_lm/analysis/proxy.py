@@ -20,9 +20,7 @@ from scipy import stats
 from repeat_lm.analysis import degradation, plots, report, results
 
 
-# repeat_lm's statuses (experiments/status.py) of a run that has not ended: not imported from there, since a table
-# may come from elsewhere; any other status (finished, failed, or a hand-made table's own) counts as ended.
-UNFINISHED = ("pending", "running", "interrupted")
+UNFINISHED = results.UNFINISHED  # statuses of a run that has not ended
 
 
 def _rate(value) -> bool:

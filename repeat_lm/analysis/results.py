@@ -31,6 +31,9 @@ NOT_FACTORS = {"run", "status", "model_dir", "params_per_token", "flops_per_toke
                "error", "model_error", "train_steps"}
 # Outcomes collect adds: fine-tuning scores (eval/squad_em -> squad_em) and fine-tuning stages' statuses.
 NOT_FACTOR_SUFFIXES = ("_s", "_hours", "_status", "_em", "_f1", "_f1a", "_accuracy")
+# repeat_lm's statuses (experiments/status.py) of a run that has not ended: not imported from there, since a table
+# may come from elsewhere; any other status (finished, failed, or a hand-made table's own) counts as ended.
+UNFINISHED = ("pending", "running", "interrupted")
 
 
 @dataclasses.dataclass

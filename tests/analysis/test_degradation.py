@@ -1,5 +1,6 @@
 """Onset of degradation on hand-made curves, and the analysis of a synthetic table."""
 
+import json
 import math
 
 import numpy as np
@@ -304,3 +305,20 @@ def test_a_curve_of_unknown_tokens_seen_has_no_onset_tokens_or_epoch_and_is_name
   assert "Tokens seen are unknown for 1 run(s) with curves" in text and "`evals_only`; their onset tokens" in text
   # The earliest onset is ranked among the runs with tokens seen only: step 4000 of one run is not 40 of another.
   assert "Earliest onset of the runs whose tokens seen are known: `timed` at step 40 (epoch 4)." in text
+
+
+def test_an_unfinished_run_is_named_and_the_answer_called_provisional(tmp_path):
+  """A run still training has no onset yet: it was counted in "0 of 2 show sustained degradation" with no word that
+  its curve stops mid-run (analyze proxy already calls such an answer provisional)."""
+  runs = []
+  for name, status, acc in (("done", "finished", [0.3, 0.5, 0.6, 0.6]), ("going", "running", [0.3, 0.5])):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": 10 * (i + 1), "train/tokens_seen": 1000.0 * (i + 1), "eval/accuracy": a}) + "\n"
+        for i, a in enumerate(acc)))
+    runs.append(results.Run(run=name, status=status, model_dir=str(d), unique_tokens=500.0))
+  out = degradation.analyze(runs, tmp_path / "out")
+  assert out["unfinished"] == {"going": "running"}
+  assert ("**Provisional**: 1 run(s) have not finished (`going` (running)): their best, gap and onset are from the "
+          "evaluations so far" in (tmp_path / "out" / "report.md").read_text())
