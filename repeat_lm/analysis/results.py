@@ -116,6 +116,11 @@ def _parquet_rows(path: Path) -> list[dict[str, str]]:
 
 def read_results(path: str | Path) -> list[Run]:
   path = Path(path)
+  if path.is_dir():  # "no such results table" of a folder that exists (a sweep ROOT) sent users looking for a typo
+    inside = path / "results.csv"
+    raise ValueError(f"{path} is a folder, not a results table: pass the table "
+                     + (f"in it ({inside})." if inside.is_file() else
+                        f"`repeat-lm collect --root={path}` writes ({inside})."))
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such results table; `repeat-lm collect --root=SWEEP_ROOT` writes one "
                             "(SWEEP_ROOT/results.csv).")
@@ -129,6 +134,11 @@ def read_results(path: str | Path) -> list[Run]:
       # as part of the first column's name (`\ufeffrun`), and the table refused for want of a `run` column.
       with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
+        # JSON (an `analyze fit --json` record, a demo's summary.json) read as a CSV whose header is its first line:
+        # a one-line object was "no runs in the results table", as if the table had lost its rows.
+        if reader.fieldnames and reader.fieldnames[0].lstrip().startswith(("{", "[")):
+          raise ValueError(f"{path} holds JSON, not a results table: pass the CSV (or Parquet) `repeat-lm collect` "
+                           "writes; a fit's JSON is what --constants / --law-constants read.")
         rows, lines = [], []
         for row in reader:
           rows.append(row)

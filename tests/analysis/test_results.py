@@ -203,3 +203,20 @@ def test_empty_and_nan_numeric_cells_still_read_as_missing(tmp_path):
   a, b = results.read_results(tmp_path / "t.csv")
   assert math.isnan(a.unique_tokens) and math.isnan(a.final_eval_loss) and a.get("note") == "x, y"
   assert math.isnan(b.unique_tokens) and b.final_eval_loss == 3.5
+
+
+def test_a_folder_or_a_json_file_given_as_the_table_is_named_as_such(tmp_path):
+  """A sweep ROOT was "no such results table" though it exists; a one-line JSON record (`analyze fit --json`) was
+  "no runs in the results table", as if its rows were lost."""
+  with pytest.raises(ValueError, match=r"is a folder, not a results table: pass the table `repeat-lm collect "
+                                       rf"--root={tmp_path}` writes \({tmp_path}/results.csv\)"):
+    results.read_results(tmp_path)
+  (tmp_path / "results.csv").write_text("run\na\n")
+  with pytest.raises(ValueError, match=rf"is a folder, not a results table: pass the table in it "
+                                       rf"\({tmp_path}/results.csv\)"):
+    results.read_results(tmp_path)
+  for name, text in (("fit.json", '{"E": 1.8, "A": 500.0, "law": "chinchilla"}\n'),
+                     ("summary.json", '{\n  "runs": [{"run": "a"}]\n}\n'), ("rows.csv", '[{"run": "a"}]\n')):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=f"{name} holds JSON, not a results table: pass the CSV"):
+      results.read_results(tmp_path / name)
