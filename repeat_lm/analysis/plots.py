@@ -39,6 +39,19 @@ def _drawn_points(s: Series) -> int:
   return int(np.sum(np.isfinite(x) & np.isfinite(y))) if x.shape == y.shape else len(x)
 
 
+def _isolated(s: Series) -> np.ndarray | None:
+  """Mask of the finite points of `s` with no finite neighbour (NaN on both sides, e.g. an evaluation between two
+  diverged ones), which a line draws nothing of; None for categorical values."""
+  try:
+    x, y = np.asarray(s.x, float), np.asarray(s.y, float)
+  except (TypeError, ValueError):
+    return None
+  if x.shape != y.shape or x.ndim != 1:
+    return None
+  ok = np.isfinite(x) & np.isfinite(y)
+  return ok & ~np.r_[False, ok[:-1]] & ~np.r_[ok[1:], False]
+
+
 def save(path: str | Path, series: Sequence[Series], *, title: str = "", xlabel: str = "", ylabel: str = "",
          logx: bool = False, logy: bool = False, diagonal: bool = False, legend_title: str | None = None) -> Path:
   """One axes of lines/markers written to `path` (PNG); `diagonal` draws y = x (observed vs predicted)."""
@@ -51,7 +64,10 @@ def save(path: str | Path, series: Sequence[Series], *, title: str = "", xlabel:
     # A line through one point draws nothing: a run evaluated once (or with one finite evaluation) would be in the
     # legend only. Mark its point instead.
     style = "o" if s.style in _LINE_ONLY and _drawn_points(s) < 2 else s.style
-    ax.plot(s.x, s.y, style, label=s.label, color=s.color, markersize=6 if style in ("o", "x", "s") else 3)
+    (line,) = ax.plot(s.x, s.y, style, label=s.label, color=s.color, markersize=6 if style in ("o", "x", "s") else 3)
+    lone = _isolated(s) if style in _LINE_ONLY else None
+    if lone is not None and lone.any():  # a finite point between NaNs: the line leaves it out, silently; mark it
+      ax.plot(np.asarray(s.x, float)[lone], np.asarray(s.y, float)[lone], "o", color=line.get_color(), markersize=3)
     if s.band is not None:
       ax.fill_between(s.x, s.band[0], s.band[1], color=s.color, alpha=0.2, linewidth=0)
   if diagonal:

@@ -27,3 +27,14 @@ def test_a_band_is_shaded(tmp_path):
   band = plots.save(tmp_path / "band.png", [plots.Series(x, y, None, "tab:blue", band=([0.0] * 3, [2.0] * 3))])
   bluish = lambda png: int((image.imread(png)[..., 2] - image.imread(png)[..., 0] > 0.08).sum())  # noqa: E731
   assert bluish(band) > 10 * bluish(line)
+
+
+def test_a_finite_point_between_nans_is_drawn(tmp_path):
+  # An evaluation between two NaN ones (a diverged evaluation that recovered) is a line segment of one point: the
+  # line drew nothing there, and the point was missing from the plot without a word.
+  x = [0.0, 1.0, 2.0, 3.0, 4.0]
+  with_lone = plots.save(tmp_path / "lone.png", [plots.Series(x, [1.0, math.nan, 5.0, math.nan, 1.0], None,
+                                                              "tab:blue")])
+  without = plots.save(tmp_path / "none.png", [plots.Series(x, [1.0, math.nan, math.nan, math.nan, 1.0], None,
+                                                            "tab:blue")])
+  assert _coloured_pixels(with_lone) > _coloured_pixels(without) + 10
