@@ -75,7 +75,7 @@ def run_rows(runs: list[results.Run], metric: str, tolerance: float | None = Non
       # The table's best_step is the best accuracy's; the best loss's step is not in it.
       row.update(best=best, best_step=r.best_step if higher else math.nan, best_tokens=math.nan, final=final,
                  gap=(best - final) if higher else (final - best), onset_step=None, onset_tokens=None,
-                 onset_epoch=None,
+                 onset_epoch=None, improved=None,
                  # Both empty is a run without an evaluation (e.g. unfinished), not a diverged one.
                  diverged=not math.isfinite(final) and math.isfinite(best))
     else:
@@ -92,7 +92,7 @@ def run_rows(runs: list[results.Run], metric: str, tolerance: float | None = Non
                  onset_step=None if o.onset_index is None else float(curve.step[o.onset_index]),
                  onset_tokens=onset_tokens,
                  onset_epoch=onset_tokens / r.unique_tokens if onset_tokens is not None and r.unique_tokens > 0
-                 else None, diverged=not math.isfinite(o.final_value))
+                 else None, improved=o.improved, diverged=not math.isfinite(o.final_value))
     rows.append(row)
   if runs and not curves and not any(math.isfinite(row[k]) for row in rows for k in ("best", "final")):
     # Every number would be NaN, and the report would say that nothing degrades.
@@ -228,6 +228,13 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
                   + (f" (epoch {first['onset_epoch']:.3g})" if first["onset_epoch"] is not None else "") + ". ")
     text += (f"\n\n{earliest}Largest gap{' of a run that did not diverge' if diverged else ''}: `{largest['run']}` "
              f"({largest['gap']:.4g}).")
+    # The docs' "a curve that never improves but worsens has its onset at the second point (`improved` false)":
+    # counted among the degrading runs, such a run did not learn rather than overfit, and `improved` was computed
+    # but never shown.
+    never = [row["run"] for row in degrading if row["improved"] is False]
+    if never:
+      text += (f" {len(never)} of the degrading runs never improved on their first evaluation (`improved` false): "
+               f"{', '.join(f'`{r}`' for r in never)}; they worsened from the start rather than after a best.")
   sections = [("Summary", text, pngs, _shown(rows))]
   all_diverged = lambda g: g["diverged"] and g["diverged"] == g["runs"]  # noqa: E731 - no run with a finite gap
   sections += [(f"By {f}", f"Runs grouped by `{f}`; `mean_gap` over the runs that did not diverge.", None,

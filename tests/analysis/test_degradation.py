@@ -322,3 +322,21 @@ def test_an_unfinished_run_is_named_and_the_answer_called_provisional(tmp_path):
   assert out["unfinished"] == {"going": "running"}
   assert ("**Provisional**: 1 run(s) have not finished (`going` (running)): their best, gap and onset are from the "
           "evaluations so far" in (tmp_path / "out" / "report.md").read_text())
+
+
+def test_a_run_that_never_improved_is_flagged_among_the_degrading_ones(tmp_path):
+  """Loss rising from the first evaluation: its onset is the second point, and `improved` (false) was computed but
+  shown nowhere, so a run that never learned read as one that overfit."""
+  runs = []
+  for name, loss in (("learns", [3.0, 2.0, 1.5, 1.8, 2.0]), ("broken", [3.0, 3.2, 3.5, 3.9, 4.2])):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": 10 * (i + 1), "train/tokens_seen": 1000.0 * (i + 1), "eval/loss": v}) + "\n"
+        for i, v in enumerate(loss)))
+    runs.append(results.Run(run=name, status="finished", model_dir=str(d), unique_tokens=500.0))
+  out = degradation.analyze(runs, tmp_path / "out", metric="eval/loss")
+  assert [(row["run"], row["improved"], row["onset_step"]) for row in out["runs"]] == [
+      ("learns", True, 40.0), ("broken", False, 20.0)]
+  assert ("1 of the degrading runs never improved on their first evaluation (`improved` false): `broken`"
+          in (tmp_path / "out" / "report.md").read_text())
