@@ -109,21 +109,30 @@ def dropout_advice(params: float, epochs: float, runs: list[results.Run] | None 
   else:
     advice = {"advised": True, "reason": "repeated data: the paper's T5-Base on 2^27 tokens x 2^8 epochs gained "
               "from dropout (61.7 -> 63.0 C4 validation accuracy)"}
-  advice["measured"] = measured_dropout(runs, params) if runs else None
+  advice["measured"], why = _measure(runs, params) if runs else (None, None)
+  if why:
+    # A table given (--results) but nothing in it to measure: said, not silently left out of the plan.
+    advice["unmeasured"] = why
   return advice
 
 
 def measured_dropout(runs: list[results.Run], params: float) -> dict | None:
   """Best dropout rate by mean best_eval_accuracy (else lowest best_eval_loss) among runs within NEAR_PARAMS x of
   `params` (else the nearest size), preferring runs that repeat data."""
+  return _measure(runs, params)[0]
+
+
+def _measure(runs: list[results.Run], params: float) -> tuple[dict | None, str | None]:
+  """(measured_dropout's answer, None), or (None, why the table has none)."""
   # The first dropout column holding a number in some run (a text one, e.g. DROPOUT_SCHEDULE, is not a rate).
   column = next((c for c in results.columns(runs) if "dropout" in c.lower()
                  and any(isinstance(r.get(c), float) and math.isfinite(r.get(c)) for r in runs)), None)
+  if not column:
+    return None, "the table has no column whose name contains `dropout` with a number (a rate) in any run"
   # Finite rates only: a `nan` cell (no rate) would be a group of its own and could come out as the best rate.
-  rated = [r for r in runs if column and isinstance(r.get(column), float) and math.isfinite(r.get(column))
-           and r.params > 0]
+  rated = [r for r in runs if isinstance(r.get(column), float) and math.isfinite(r.get(column)) and r.params > 0]
   if not rated:
-    return None
+    return None, f"no run with a {column} has a positive `params`"
   repeated = [r for r in rated if r.epochs > 1] or rated
   near = [r for r in repeated if abs(math.log(r.params / params)) <= math.log(NEAR_PARAMS)]
   if not near:
@@ -136,7 +145,8 @@ def measured_dropout(runs: list[results.Run], params: float) -> dict | None:
     if math.isfinite(score(r)):
       by_rate.setdefault(r.get(column), []).append(score(r))
   if not by_rate:
-    return None
+    return None, (f"no run with a {column} near this size ({len(near)} within {NEAR_PARAMS:g}x, or the nearest) has a "
+                  "finite best_eval_accuracy or best_eval_loss")
   means = {rate: float(np.mean(v)) for rate, v in sorted(by_rate.items())}
   # Rates that share the best score: none of them is "the best", and the table cannot tell them apart.
   tied = proxy.best_rates(means, higher_is_better=True)
@@ -144,7 +154,7 @@ def measured_dropout(runs: list[results.Run], params: float) -> dict | None:
   return {"column": column, "metric": metric, "runs": len(near),
           "params_range": [min(r.params for r in near), max(r.params for r in near)],
           "best_rate": tied[0] if len(tied) == 1 else None, "tied": tied if len(tied) > 1 else [],
-          "by_rate": {k: (v if use_acc else -v) for k, v in means.items()}}
+          "by_rate": {k: (v if use_acc else -v) for k, v in means.items()}}, None
 
 
 def plan(unique_tokens: float, compute: float, constants: laws.Constants = laws.DATA_CONSTRAINED,
@@ -189,6 +199,8 @@ def summary(p: dict) -> str:
                  f"{enough['params']:.3g}, {enough['epochs']:.3g} epochs) gets within {SUFFICIENT_REL:.1%} of this "
                  f"loss ({enough['predicted_loss']:.4f}): the unique data, not the compute, limits it.")
   m = p["dropout"]["measured"]
+  if p["dropout"].get("unmeasured"):
+    lines.append(f"Measured: nothing from the results table: {p['dropout']['unmeasured']}.")
   if m:
     best = (f"best {m['column']} = {m['best_rate']:g}" if m["best_rate"] is not None else
             f"no best {m['column']}: {', '.join(f'{r:g}' for r in m['tied'])} tie")

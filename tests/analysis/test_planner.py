@@ -187,3 +187,19 @@ def test_the_documented_columns_of_the_planner_are_the_ones_it_reads():
     r.tokens_seen, r.unique_tokens, r.final_eval_accuracy, r.final_eval_loss = 1e9, 1e6, 0.9, 1.0
   assert planner.measured_dropout(runs, 2.5e8) == planner.measured_dropout(_rated(
       [(2.5e8, 8.0, 0.0, 0.60, math.nan), (2.5e8, 8.0, 0.1, 0.63, math.nan)]), 2.5e8)
+
+
+def test_a_table_with_nothing_to_measure_is_said_not_silently_ignored():
+  """`plan --results=TABLE` with no dropout column (RQ1's table): measured was null and the plan said nothing of the
+  table it was asked to cite."""
+  no_column = [results.Run(run="a", status="finished", model_dir=None, params=2.5e8, epochs=8.0,
+                           best_eval_accuracy=0.6)]
+  p = planner.plan(1.3e8, 1.5e20, runs=no_column)
+  assert p["dropout"]["measured"] is None
+  assert "no column whose name contains `dropout`" in p["dropout"]["unmeasured"]
+  assert ("Measured: nothing from the results table: the table has no column whose name contains `dropout` with a "
+          "number (a rate) in any run." in planner.summary(p))
+  no_metric = _rated([(2.5e8, 8.0, rate, math.nan, math.nan) for rate in (0.0, 0.1)])
+  assert "has a finite best_eval_accuracy or best_eval_loss" in planner.plan(1.3e8, 1.5e20, runs=no_metric)[
+      "dropout"]["unmeasured"]
+  assert "unmeasured" not in planner.plan(1.3e8, 1.5e20)["dropout"]  # no table, nothing to say
