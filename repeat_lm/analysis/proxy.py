@@ -228,6 +228,16 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
       undefined["chip_hours"] = str(e)
     if price_per_chip_hour and "chip_hours" in costs:
       costs["usd"] = {k: v * price_per_chip_hour if k != "ratio" else v for k, v in costs["chip_hours"].items()}
+  elif not unfinished:
+    # Said, not left out: --price_per_chip_hour (or a chip_hours column filled for some runs) asked for a cost in
+    # chip-hours and USD, and the report gave FLOPs alone without a word.
+    missing = [r.run for r in sweep + dense if run_chip_hours(r, chip_flops_per_s) is None]
+    if price_per_chip_hour or len(missing) < len(sweep + dense):
+      undefined["chip_hours"] = (f"run(s) {', '.join(missing)} have no chip_hours cell, and without "
+                                 "--chip_flops_per_s their FLOPs cannot be converted; give --chip_flops_per_s (the "
+                                 "achieved FLOP/s per chip) or fill in their chip_hours.")
+  if price_per_chip_hour and "usd" not in costs and not unfinished:
+    undefined["usd"] = "there is no cost in chip-hours to price (above)."
   result = {"rate_column": column, "metric": metric, "moe_by_rate": moe_table, "dense_by_rate": dense_table,
             # As planner.measured_dropout: a best rate only when one rate is best, else the tied ones.
             "moe_best_rate": moe_best[0] if len(moe_best) == 1 else None,

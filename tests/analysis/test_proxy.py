@@ -275,3 +275,16 @@ def test_rank_agreement_from_fewer_than_3_shared_rates_is_said_to_be_unmeasured(
   assert out["rank_agreement"] == {"rates": [0.1, 0.3], "spearman": None, "kendall": None}
   assert ("Rank agreement needs 3 rates that both ran; they share 2 (0.1 and 0.3), so it is not measured."
           in (tmp_path / "report.md").read_text())
+
+
+def test_a_price_without_chip_hours_says_why_there_is_no_usd_cost(tmp_path):
+  """--price_per_chip_hour with neither a chip_hours column nor --chip_flops_per_s: the report gave FLOPs alone, and
+  the asked-for chip-hour and USD costs were missing without a word (cost_undefined empty)."""
+  out = proxy.analyze(_table({0.1: 0.65, 0.3: 0.67}), "moe_*", "dense_*", tmp_path, price_per_chip_hour=3.2)
+  assert set(out["cost"]) == {"flops"} and set(out["cost_undefined"]) == {"chip_hours", "usd"}
+  why = out["cost_undefined"]["chip_hours"]
+  assert "moe_d0.1" in why and "--chip_flops_per_s" in why
+  text = (tmp_path / "report.md").read_text()
+  assert "In chip-hours: undefined: run(s) moe_d0.1" in text and "In USD: undefined: there is no cost in" in text
+  # Not asked for (no price, no chip_hours anywhere): nothing to say.
+  assert proxy.analyze(_table({0.1: 0.65, 0.3: 0.67}), "moe_*", "dense_*", tmp_path / "b")["cost_undefined"] == {}
