@@ -160,11 +160,21 @@ def read_results(path: str | Path) -> list[Run]:
       raise ValueError(f"{path}: run {row['run']!r} appears on lines {seen[row['run']]} and {line}; give every row its "
                        "own name (e.g. prefix the sweep's when concatenating tables).")
     seen[row["run"]] = line
-  runs = []
+  runs, dirs = [], {}
   for line, row in zip(lines, rows):
     model_dir = row.get("model_dir") or None
     if model_dir and not Path(model_dir).is_absolute():
       model_dir = str(path.parent / model_dir)
+    # Two rows of one MODEL_DIR are one run twice (a table concatenated with itself under prefixed names, as the
+    # duplicate-name error suggests): it counted twice in every mean, per-factor count and fit, without a word.
+    # collect likewise reads a link to a run of its sweep as that run, not a row of its own.
+    if model_dir:
+      key = Path(model_dir).resolve()
+      if key in dirs:
+        first_line, first_run = dirs[key]
+        raise ValueError(f"{path}: runs {first_run!r} (line {first_line}) and {row['run']!r} (line {line}) have the "
+                         f"same model_dir {model_dir}: one run listed twice. Keep one row per run.")
+      dirs[key] = (line, row["run"])
     known = {"run", "status", "model_dir", *NUMERIC}
     runs.append(Run(run=row["run"], status=row.get("status") or "", model_dir=model_dir,
                     extra={k: v for k, v in row.items() if k not in known and k is not None},

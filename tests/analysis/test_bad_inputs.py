@@ -132,3 +132,14 @@ def test_duplicate_run_names_are_refused(tmp_path):
   table.write_text("run,status,final_eval_loss\nbase,finished,3.0\nlarge,finished,2.9\nbase,finished,3.1\n")
   with pytest.raises(ValueError, match="run 'base' appears on lines 2 and 4"):
     results.read_results(table)
+
+
+def test_one_run_listed_twice_under_two_names_is_refused(tmp_path):
+  # A table concatenated with itself under prefixed names (what the duplicate-name error suggests for two tables):
+  # the run counted twice in every mean and fit.
+  table = tmp_path / "results.csv"
+  table.write_text("run,status,model_dir,final_eval_loss\na_base,finished,runs/base,3.0\nlarge,finished,runs/large,"
+                   f"2.9\nb_base,finished,{tmp_path}/runs/./base,3.0\nnone1,finished,,1\nnone2,finished,,1\n")
+  with pytest.raises(ValueError, match=r"runs 'a_base' \(line 2\) and 'b_base' \(line 4\) have the same model_dir "
+                                       r".*one run listed twice"):
+    results.read_results(table)
