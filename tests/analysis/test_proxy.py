@@ -288,3 +288,9 @@ def test_a_price_without_chip_hours_says_why_there_is_no_usd_cost(tmp_path):
   assert "In chip-hours: undefined: run(s) moe_d0.1" in text and "In USD: undefined: there is no cost in" in text
   # Not asked for (no price, no chip_hours anywhere): nothing to say.
   assert proxy.analyze(_table({0.1: 0.65, 0.3: 0.67}), "moe_*", "dense_*", tmp_path / "b")["cost_undefined"] == {}
+
+
+def test_a_selector_on_a_column_the_table_lacks_is_named(tmp_path):
+  # --sweep='modle=moe' matched nothing and the error said only "matched 0 runs".
+  with pytest.raises(ValueError, match=r"matched 0 runs .*--sweep: no column 'modle' \(columns: run, status, "):
+    proxy.analyze(_table({0.3: 0.67}), "modle=moe", "model=dense", tmp_path)
