@@ -144,7 +144,11 @@ def constants_for(law: str, path: str | Path | None = None, flag: str = "--law-c
     raise ValueError(f"Unknown law {law!r}; choose one of {', '.join(LAWS)}.")
   c = load_constants(path, flag, record) if path else PUBLISHED[law]
   if law == "data-constrained" and c.R_D_star is None:
-    raise ValueError("The data-constrained law needs R_D_star and R_N_star in the constants.")
+    # Named with the file and the fix: a Chinchilla fit's JSON (`analyze fit --law=chinchilla --json`) is the
+    # likely file, and the message named neither it nor what to pass instead.
+    raise ValueError(f"{flag}={path}: the data-constrained law needs R_D_star and R_N_star, which these constants "
+                     "lack (a Chinchilla fit's?). Pass what `repeat-lm analyze fit --law=data-constrained --json` "
+                     f"prints, or leave {flag} out for the published constants.")
   return c if law == "data-constrained" else dataclasses.replace(c, R_D_star=None, R_N_star=None)
 
 

@@ -143,3 +143,12 @@ def test_one_run_listed_twice_under_two_names_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"runs 'a_base' \(line 2\) and 'b_base' \(line 4\) have the same model_dir "
                                        r".*one run listed twice"):
     results.read_results(table)
+
+
+def test_a_chinchilla_fit_given_for_the_data_constrained_law_names_the_file_and_the_fix(tmp_path):
+  # `plan --law-constants=` a Chinchilla fit's JSON said only "needs R_D_star and R_N_star in the constants".
+  fit = tmp_path / "fit.json"
+  fit.write_text('{"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28, "law": "chinchilla"}')
+  with pytest.raises(ValueError, match=rf"--law-constants={fit}: the data-constrained law needs R_D_star and R_N_star"
+                                       r".*analyze fit --law=data-constrained --json"):
+    laws.constants_for("data-constrained", fit)
