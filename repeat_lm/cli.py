@@ -26,6 +26,14 @@ class CommandExit(Exception):
     self.code = code
 
 
+def _columns(text: str) -> tuple[str, ...]:
+  """COL[,COL]: column names of a results table."""
+  names = tuple(c.strip() for c in text.split(","))
+  if not all(names):
+    raise argparse.ArgumentTypeError(f"{text!r} has an empty column name; give COL[,COL]")
+  return names
+
+
 def _seed(text: str) -> int:
   """A --seed: NumPy's generators refuse a negative one ("expected non-negative integer", naming no flag)."""
   value = int(text)
@@ -505,6 +513,10 @@ def _add_analyze(sub) -> None:
                  "varied factor).")
   d.add_argument("--tolerance", type=float, default=None, help="Onset tolerance in metric units (default: 0.5%% "
                  "of the run's best value).")
+  d.add_argument("--baseline", default=None, help="The unrepeated baseline run(s), a glob on `run` or COL=VALUE: "
+                 "each other run's cost against its baseline at equal tokens seen.")
+  d.add_argument("--match", type=_columns, default=(), help="Columns a run shares with its baseline "
+                 "(COL[,COL]), when the table holds several baselines (e.g. one per model size).")
   f = a.add_parser("fit", help="Fit a scaling law (Huber on log residuals, L-BFGS-B from a grid) with bootstrap "
                    "intervals.")
   table(f, "fit_<law>")
@@ -568,7 +580,10 @@ def _run_analyze(args, bindings: Sequence[str]) -> dict | None:
   runs = results.read_results(args.results)
   out_dir = Path(args.out) if args.out else _default_analysis_dir(Path(args.results), cmd, getattr(args, "law", None))
   if cmd == "degradation":
-    out = degradation.analyze(runs, out_dir, metric=args.metric, group_by=args.group_by, tolerance=args.tolerance)
+    if args.match and not args.baseline:
+      raise ValueError("--match pairs runs with a --baseline; give --baseline too.")
+    out = degradation.analyze(runs, out_dir, metric=args.metric, group_by=args.group_by, tolerance=args.tolerance,
+                              baseline=args.baseline, match=args.match)
   elif cmd == "fit":
     out = scaling.fit_report(runs, args.law, out_dir, bootstrap=args.bootstrap, seed=args.seed,
                              max_epochs=args.max_epochs)

@@ -16,10 +16,12 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from repeat_lm.analysis import baseline as vs_baseline
 from repeat_lm.analysis import plots, report, results
 
 METRICS = {"eval/accuracy": ("accuracy", True), "eval/loss": ("loss", False)}  # name -> (column suffix, higher better)
@@ -170,8 +172,9 @@ def plot_factor(path: Path, runs: list[results.Run], rows: list[dict], curves: d
 
 def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval/accuracy",
             group_by: str | None = None, tolerance: float | None = None,
-            rel_tolerance: float = REL_TOLERANCE) -> dict:
-  """Rows, per-factor summaries, plots and report.{md,html} in out_dir."""
+            rel_tolerance: float = REL_TOLERANCE, baseline: str | None = None, match: Sequence[str] = ()) -> dict:
+  """Rows, per-factor summaries, plots and report.{md,html} in out_dir; with `baseline` (a run selector), each other
+  run's cost against its baseline at equal tokens seen (analysis/baseline.py)."""
   out_dir = Path(out_dir)
   rows, curves = run_rows(runs, metric, tolerance, rel_tolerance)
   factors = [group_by] if group_by else results.varied_factors(runs)
@@ -236,9 +239,16 @@ def analyze(runs: list[results.Run], out_dir: str | Path, *, metric: str = "eval
       text += (f" {len(never)} of the degrading runs never improved on their first evaluation (`improved` false): "
                f"{', '.join(f'`{r}`' for r in never)}; they worsened from the start rather than after a best.")
   sections = [("Summary", text, pngs, _shown(rows))]
+  against = None
+  if baseline:
+    against, section = vs_baseline.analyze(
+        runs, curves, baseline, match, metric=metric, suffix=METRICS[metric][0], higher_is_better=METRICS[metric][1],
+        tolerance=tolerance, rel_tolerance=rel_tolerance, min_points=MIN_POINTS, out_dir=out_dir)
+    sections.append(section)
   all_diverged = lambda g: g["diverged"] and g["diverged"] == g["runs"]  # noqa: E731 - no run with a finite gap
   sections += [(f"By {f}", f"Runs grouped by `{f}`; `mean_gap` over the runs that did not diverge.", None,
                 _shown(s, all_diverged)) for f, s in summaries.items()]
   paths = report.write_report(out_dir, f"Degradation ({metric})", sections)
   return {"metric": metric, "runs": rows, "by_factor": summaries, "unfinished": dict(unfinished),
-          "plots": [str(p) for p in pngs], **paths}
+          **({"baseline": against} if against else {}),
+          "plots": [str(p) for section in sections for p in (section[2] or ())], **paths}

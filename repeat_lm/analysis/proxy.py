@@ -180,14 +180,10 @@ def analyze(runs: list[results.Run], sweep_spec: str, dense_spec: str, out_dir: 
   out_dir = Path(out_dir)
   sweep, dense = results.select(runs, sweep_spec), results.select(runs, dense_spec)
   if not sweep or not dense:
-    # A misspelt column ('modle=moe_large') matched nothing, and the error did not say why.
-    known = set(results.columns(runs))
-    unknown = [f"{flag}: no column {c!r}" for flag, spec in (("--sweep", sweep_spec), ("--dense", dense_spec))
-               if "=" in spec for c in dict.fromkeys(part.split("=", 1)[0].strip() for part in spec.split(","))
-               if c and c not in known]
     raise ValueError(f"--sweep={sweep_spec!r} matched {len(sweep)} runs and --dense={dense_spec!r} {len(dense)}; "
                      "both need at least one (a glob on `run` or COL=VALUE,...)."
-                     + (f" {'; '.join(unknown)} (columns: {', '.join(results.columns(runs))})." if unknown else ""))
+                     + results.selector_hint(runs, "--sweep", sweep_spec)
+                     + results.selector_hint(runs, "--dense", dense_spec))
   if {r.run for r in sweep} & {r.run for r in dense}:
     raise ValueError("Some runs match both --sweep and --dense.")
   column = rate_column(sweep + dense, column)

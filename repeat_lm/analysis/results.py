@@ -223,13 +223,14 @@ def varied_factors(runs: list[Run]) -> list[str]:
   for col in columns(runs):
     if col in NOT_FACTORS or "/" in col or col.endswith(NOT_FACTOR_SUFFIXES) or col.startswith(("final_", "best_")):
       continue
-    values = {_key(r.get(col)) for r in runs} - {None}
+    values = {key(r.get(col)) for r in runs} - {None}
     if len(values) >= 2:
       out.append(col)
   return out
 
 
-def _key(value):
+def key(value):
+  """A cell as a comparable value: None for an empty cell or NaN (which equals nothing, itself included)."""
   return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
@@ -245,6 +246,16 @@ def select(runs: list[Run], spec: str) -> list[Run]:
     raise ValueError(f"Run selector {spec!r}: {', '.join(repr(b) for b in bad)} is not COLUMN=VALUE. Give either "
                      "COLUMN=VALUE conditions joined by commas, or one glob on the run name (not both).")
   return [r for r in runs if all(_matches(r.get(k.strip()), v.strip()) for k, v in conditions)]
+
+
+def selector_hint(runs: list[Run], flag: str, spec: str) -> str:
+  """' (FLAG: no column 'X'; columns: ...)' for a COL=VALUE selector on columns the table lacks (a misspelt
+  'modle=moe_large' matched nothing, and the error did not say why), else ''."""
+  if "=" not in spec:
+    return ""
+  known = columns(runs)
+  unknown = [c for c in dict.fromkeys(part.split("=", 1)[0].strip() for part in spec.split(",")) if c and c not in known]
+  return (f" ({flag}: no column {', '.join(map(repr, unknown))}; columns: {', '.join(known)})" if unknown else "")
 
 
 def _matches(value, pattern: str) -> bool:

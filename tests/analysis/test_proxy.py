@@ -292,5 +292,5 @@ def test_a_price_without_chip_hours_says_why_there_is_no_usd_cost(tmp_path):
 
 def test_a_selector_on_a_column_the_table_lacks_is_named(tmp_path):
   # --sweep='modle=moe' matched nothing and the error said only "matched 0 runs".
-  with pytest.raises(ValueError, match=r"matched 0 runs .*--sweep: no column 'modle' \(columns: run, status, "):
+  with pytest.raises(ValueError, match=r"matched 0 runs .*\(--sweep: no column 'modle'; columns: run, status, "):
     proxy.analyze(_table({0.3: 0.67}), "modle=moe", "model=dense", tmp_path)
