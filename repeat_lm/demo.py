@@ -206,9 +206,10 @@ def _run_state(model_dir: Path, steps: int) -> str:
 
 
 def _latest_eval_step(model_dir: Path) -> int | None:
-  path = model_dir / "metrics.jsonl"
-  steps = [json.loads(line)["step"] for line in path.read_text().splitlines()
-           if line.strip() and "eval/loss" in line] if path.exists() else []
+  # results.read_metrics skips a line cut mid-write (a killed `repeat-lm eval` appending to a finished run): parsed
+  # here line by line, it stopped every rerun with a JSONDecodeError that named no file.
+  from repeat_lm.analysis import results
+  steps = [r["step"] for r in results.read_metrics(model_dir) if "eval/loss" in r]
   return max(steps) if steps else None
 
 
@@ -287,8 +288,7 @@ def summarise_run(run: RunSpec, model_dir: Path, settings: Settings) -> dict:
   loss, acc = results.load_curve(handle, "eval/loss"), results.load_curve(handle, "eval/accuracy")
   if loss is None or acc is None:
     raise RuntimeError(f"{model_dir}/metrics.jsonl has no evaluation: the run did not finish.")
-  records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-  train = [r for r in records if "train/tokens_seen" in r]
+  train = [r for r in results.read_metrics(model_dir) if "train/tokens_seen" in r]
   tokens = float(train[-1]["train/tokens_seen"])
   best = int(min(range(len(loss.value)), key=lambda i: loss.value[i]))
   unique = 2 ** run.unique_log2

@@ -215,3 +215,14 @@ def test_summary_best_values_are_each_metric_s_best(tmp_path):
   assert (s["best_eval_loss"], s["best_step"], s["final_eval_loss"]) == (4.0, 10, 4.5)
   assert (s["best_eval_accuracy"], s["final_eval_accuracy"]) == (0.35, 0.35)
   assert s["epochs"] == 1280.0 / 2**11 and s["tokens_seen"] == 1280.0
+
+
+def test_a_line_cut_mid_write_neither_stops_a_rerun_nor_the_summary(tmp_path):
+  # A killed `repeat-lm eval` appending to a finished run leaves half a record: parsed line by line, the rerun's
+  # state check and the summary stopped with a JSONDecodeError that named no file.
+  records = [{"step": 10, "train/tokens_seen": 640.0, "train/loss": 5.0}, {"step": 10, "eval/loss": 4.0,
+             "eval/accuracy": 0.30}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 20, "eval/lo')
+  assert demo._latest_eval_step(tmp_path) == 10
+  s = demo.summarise_run(demo.run_specs(demo.QUICK)[1], tmp_path, demo.QUICK)
+  assert s["final_eval_loss"] == 4.0 and s["tokens_seen"] == 640.0
