@@ -76,12 +76,22 @@ def make_schedule(factors: str = "constant * rsqrt_decay", base_learning_rate: f
   return schedule
 
 
+def _check_decay_embeddings(setting: str, value: Any) -> None:
+  """A bool. The mask's embedding leaves are `decay_embeddings` itself: a gin string 'False' (truthy to optax) decayed
+  the embeddings it was meant to spare, without a word, and None failed at the first step in a pytree structure error
+  that named no setting."""
+  if not checks.is_bool(value):
+    raise ValueError(f"{setting}={value!r} must be True or False (no quotes): whether weight decay applies to the "
+                     "token and relative-position embeddings.")
+
+
 def default_weight_decay_mask(params: Any, decay_embeddings: bool = True) -> Any:
   """A tree of bools like `params`: True where weight decay applies.
 
   Never RMSNorm scales (leaves named 'scale': decaying them pulls every norm's gain towards 0); token and relative
   position embeddings ('embedding', 'rel_embedding') only if `decay_embeddings`; every other kernel always.
   """
+  _check_decay_embeddings("optim.default_weight_decay_mask.decay_embeddings", decay_embeddings)
   def decays(path, _) -> bool:
     name = getattr(path[-1], "key", None) if path else None
     if name == "scale":
@@ -111,6 +121,7 @@ def make_optimizer(name: str = "adafactor", learning_rate: optax.Schedule | floa
   _check_non_negative("optim.make_optimizer.weight_decay (WEIGHT_DECAY)", weight_decay)
   if clip_gradient_norm is not None:  # 0 (like None) clips nothing
     _check_non_negative("optim.make_optimizer.clip_gradient_norm", clip_gradient_norm)
+  _check_decay_embeddings("optim.make_optimizer.decay_embeddings", decay_embeddings)  # now, not at the first step
   lr = learning_rate if learning_rate is not None else make_schedule()
   mask = weight_decay_mask if weight_decay_mask is not None else functools.partial(
       default_weight_decay_mask, decay_embeddings=decay_embeddings)

@@ -174,3 +174,14 @@ def test_weight_decay_by_default_decays_embeddings_and_spares_norm_scales():
   np.testing.assert_allclose(new["token_embedder"]["embedding"], 1.9, rtol=1e-6)
   np.testing.assert_allclose(new["wo"]["kernel"], 1.9, rtol=1e-6)
   np.testing.assert_allclose(new["norm"]["scale"], 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["False", None, 0])
+def test_decay_embeddings_that_is_no_bool_is_refused(value):
+  # The default mask's embedding leaves are decay_embeddings itself: the gin string 'False' decayed the embeddings it
+  # was meant to spare (optax takes a non-empty string as True), and None failed at the first step with a pytree
+  # structure error that named no setting.
+  with pytest.raises(ValueError, match=r"optim.make_optimizer.decay_embeddings=.* must be True or False"):
+    optim.make_optimizer("adamw", learning_rate=0.1, weight_decay=0.5, decay_embeddings=value)
+  with pytest.raises(ValueError, match=r"default_weight_decay_mask.decay_embeddings=.* must be True or False"):
+    optim.default_weight_decay_mask({"token_embedder": {"embedding": jnp.ones((2, 3))}}, value)
