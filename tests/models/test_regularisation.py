@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repeat_lm.models import layers, regularisation, t5
+from repeat_lm.models import layers, moe, regularisation, t5
 
 B, S, T = 4, 8, 6
 TINY = t5.T5Config(vocab_size=64, dtype="float32", emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=2,
@@ -102,7 +102,7 @@ def params_for(scan: bool):
   return jax.jit(lambda key: model.init({"params": key}, **batch(), enable_dropout=False))(jax.random.key(0))["params"]
 
 
-def record_rates(cfg, **apply_kwargs):
+def record_rates(cfg, params=None, **apply_kwargs):
   """Run the model with dropout on; return {class name: [(module path, effective rate)]} of Dropout and DropPath.
 
   Rates are read at run time (jax.debug.callback), so traced rates inside a scan are seen as executed.
@@ -126,7 +126,7 @@ def record_rates(cfg, **apply_kwargs):
   with nn.intercept_methods(interceptor):
     run = jax.jit(lambda p: model.apply({"params": p}, **batch(), enable_dropout=True,
                                         rngs={"dropout": jax.random.key(1)}, **apply_kwargs))
-    jax.block_until_ready(run(params_for(cfg.scan_layers)))
+    jax.block_until_ready(run(params_for(cfg.scan_layers) if params is None else params))
   return calls
 
 
@@ -150,6 +150,23 @@ def test_each_place_gets_its_rate_and_droppath_grows_with_depth(scan):
   assert encoder == [0.2] * 2 + [0.4] * 2  # 2 residual branches per encoder layer
   assert decoder == [0.4] * 3  # one layer, 3 branches
 
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_moe_experts_get_the_expert_rate_and_dense_ffns_the_mlp_rate(scan):
+  # docs/regularisation.md: expert dropout (Switch's) on the experts' FFN activations at expert_dropout_rate, the dense
+  # FFNs of the same model at mlp_dropout_rate; under scan the stack scans over dense/sparse blocks.
+  cfg = dataclasses.replace(TINY, num_decoder_layers=2, moe=moe.MoeConfig(num_experts=4, expert_mlp_dim=16,
+                                                                          group_size=16, sparse_every=2),
+                            hidden_dropout_rate=0.2, mlp_dropout_rate=0.3, expert_dropout_rate=0.4, scan_layers=scan)
+  model = t5.Transformer(cfg)
+  params = jax.jit(lambda key: model.init({"params": key}, **batch(), enable_dropout=False))(jax.random.key(0))
+  calls = record_rates(cfg, params["params"], dropout_scale=0.5)
+  ffn = {}
+  for path, rate in calls["Dropout"]:
+    if "/mlp" in path:
+      ffn.setdefault("expert" if "/experts" in path else "mlp", set()).add(rate)
+  assert ffn == {"mlp": {0.15}, "expert": {0.2}}  # rates x the schedule's 0.5, one sparse FFN per stack
 
 def test_regularised_model_is_deterministic_at_evaluation():
   plain = dataclasses.replace(TINY, scan_layers=True)  # the harder layout: DropPath rates are scanned inputs
