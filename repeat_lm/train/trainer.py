@@ -246,7 +246,22 @@ def _agreed_latest_step(checkpointer: ckpt_lib.Checkpointer) -> int | None:
 
 
 def _dropout_rate(model: EncoderDecoderModel) -> float:
-  return float(getattr(getattr(model.module, "config", None), "dropout_rate", 0.0))
+  """The largest dropout rate the model applies at schedule factor 1 (logged x the factor as train/dropout_rate).
+
+  DROPOUT_RATE unless a per-place override (t5.T5Config.<place>_dropout_rate) of a place the model has differs: read
+  from DROPOUT_RATE alone, a run with DROPOUT_RATE 0 and hidden_dropout_rate 0.1 (or an MoE's expert_dropout_rate)
+  logged a rate of 0 while dropout ran at every step.
+  """
+  cfg = getattr(model.module, "config", None)
+  if not hasattr(cfg, "dropout_rate_for"):  # another module: its own single rate, if any
+    return float(getattr(cfg, "dropout_rate", 0.0))
+  moe_cfg = getattr(cfg, "moe", None)
+  places = ["attention", "hidden"]
+  if moe_cfg is None or moe_cfg.sparse_every > 1:  # some FFNs dense
+    places.append("mlp")
+  if moe_cfg is not None:
+    places.append("expert")
+  return max(float(cfg.dropout_rate_for(p)) for p in places)
 
 
 def _dropout_schedule(spec, model: EncoderDecoderModel, cfg: pipeline.DatasetConfig,
@@ -502,7 +517,7 @@ def train(*, model: EncoderDecoderModel, model_dir: str, train_dataset_cfg: pipe
         })
         if source_tokens:
           last["train/epochs"] = tokens_seen / source_tokens
-        # The schedule's factor at the window's last step (1 without a schedule) and the DROPOUT_RATE it gave.
+        # The schedule's factor at the window's last step (1 without a schedule) and the largest rate it gave.
         last["train/dropout_scale"] = window.get("dropout_scale", 1.0)
         last["train/dropout_rate"] = last["train/dropout_scale"] * _dropout_rate(model)
         writer.write(at_step, last)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from repeat_lm.data import pipeline
-from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer
+from repeat_lm.models import EncoderDecoderModel, T5Config, Transformer, moe
 from repeat_lm.models.encoder_decoder import summarize
 from repeat_lm.train import checkpoint, metrics as metrics_lib, optim, partitioning, state as state_lib, trainer
 
@@ -758,6 +758,21 @@ def test_a_window_logs_the_schedules_last_factor_and_the_last_step_is_logged(tmp
   assert sorted(records) == [1, 3, 4]
   assert [records[s]["train/dropout_scale"] for s in (1, 3, 4)] == [0.5, 0.5, 0.5]
   assert records[3]["train/dropout_rate"] == pytest.approx(0.05)
+
+
+def test_the_logged_dropout_rate_is_the_largest_the_model_applies():
+  # train/dropout_rate read DROPOUT_RATE alone: with DROPOUT_RATE 0 and a per-place override it logged 0 while
+  # dropout ran at every step. Places the model does not have (a dense model's experts) do not count.
+  rate = trainer._dropout_rate  # pylint: disable=protected-access
+  assert rate(tiny_model(dropout_rate=0.1)) == pytest.approx(0.1)
+  assert rate(tiny_model(dropout_rate=0.1, attention_dropout_rate=0.0)) == pytest.approx(0.1)
+  assert rate(tiny_model(dropout_rate=0.0, hidden_dropout_rate=0.2)) == pytest.approx(0.2)
+  assert rate(tiny_model(dropout_rate=0.0, expert_dropout_rate=0.3)) == 0.0  # dense: no experts to drop in
+  switch = moe.MoeConfig(num_experts=4, expert_mlp_dim=16)
+  assert rate(tiny_model(dropout_rate=0.0, expert_dropout_rate=0.3, moe=switch)) == pytest.approx(0.3)
+  # Every FFN sparse: mlp_dropout_rate reaches no layer.
+  every = dataclasses.replace(switch, sparse_every=1)
+  assert rate(tiny_model(dropout_rate=0.1, mlp_dropout_rate=0.4, moe=every)) == pytest.approx(0.1)
 
 
 def test_evaluate_refuses_a_run_it_cannot_record_in_before_evaluating(uninterrupted, monkeypatch):
