@@ -62,6 +62,13 @@ class Finetune:
   bindings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   gin_files: Sequence[str] = ("gin/runs/finetune.gin",)
 
+  def __post_init__(self):
+    # The stage trains into ROOT/RUN/ft_<name>, one folder: 'squad/v1' made ROOT/RUN/ft_squad/v1, which the sweep
+    # could not tell back from its stage name (a StopIteration traceback), and '' made every stage 'ft_'.
+    if not isinstance(self.name, str) or not self.name or "/" in self.name or "\\" in self.name:
+      raise ValueError(f"sweep.Finetune.name must be a non-empty folder name without '/' (the stage trains into "
+                       f"ROOT/RUN/ft_<name>), got {self.name!r}; e.g. name = 'squad_v1'.")
+
 
 @dataclasses.dataclass(frozen=True)
 class Grid:

@@ -185,3 +185,12 @@ def test_an_axis_that_is_no_list_is_an_error_that_says_to_give_one():
   with pytest.raises(ValueError, match=r"axes \['MIXTURE_OR_TASK_NAME'\] are not lists"):
     sweep.expand(sweep.Grid(axes={"MIXTURE_OR_TASK_NAME": TASKS[0]}))
   assert names(sweep.Grid(axes={"DROPOUT_RATE": (0.0, 0.1)})) == ["dropout0", "dropout0.1"]  # a tuple is a list
+
+
+@pytest.mark.parametrize("name", ["squad/v1", "", "a\\b"])
+def test_a_fine_tuning_stage_name_that_is_no_folder_name_is_an_error(name):
+  """A stage trains into ROOT/RUN/ft_<name>: 'squad/v1' ended the sweep with a StopIteration traceback (the stage's
+  folder ft_squad/v1 could not be told back from its name)."""
+  with pytest.raises(ValueError, match=r"sweep.Finetune.name must be a non-empty folder name without '/'"):
+    sweep.Finetune(name=name)
+  assert sweep.Finetune(name="squad_v1").name == "squad_v1"
