@@ -198,6 +198,8 @@ def plan(exp: compose.Experiment, root: Path, only: str | None) -> list[Stage]:
   for stage in stages:
     try:
       write_run(exp, stage, root, exp.runs.index(stage.spec), varied)
+      # After write_run: a changed TRAIN_STEPS (run.gin rewritten) decides whether the run's checkpoint is its last.
+      status_lib.settle(stage.run_dir)
     except (gin_utils.GinConfigError, FileNotFoundError) as e:  # one bad arm must not hide the others
       if status_lib.read(stage.run_dir).get("status") == status_lib.FINISHED:  # its results stand as they are
         logging.warning("%s is finished; its configuration no longer composes (%s), it is left as it is.",

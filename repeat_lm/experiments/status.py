@@ -277,6 +277,22 @@ def exited(run_dir: str | Path, returncode: int, log: str | Path | None = None) 
                elapsed_s=elapsed, finished=time.time())
 
 
+def settle(run_dir: str | Path) -> dict[str, Any]:
+  """Record as finished a run recorded running whose processes are gone (interrupted) but whose last step's checkpoint
+  exists: its sweep (or SLURM job's batch script) was killed while its trainer went on to the end. The trainer writes
+  the last evaluation before that checkpoint, so the run's results are whole. Without it the next sweep started a
+  trainer that restored the last step and trained nothing (a model build and restore; on SLURM a queued job), and a
+  run's exit code is not known. Returns the record."""
+  run_dir = Path(run_dir)
+  with _locked(run_dir):
+    record = read(run_dir)
+    if effective(record) != INTERRUPTED or not is_complete(run_dir):
+      return record
+    return _merge(run_dir, lambda current: dict(
+        status=FINISHED, error=None, returncode=None, finished=time.time(),
+        elapsed_s=_elapsed_so_far(run_dir, current)))
+
+
 def _alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)

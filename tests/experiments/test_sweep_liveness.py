@@ -329,3 +329,27 @@ def test_a_long_error_is_cut_after_a_sentence_and_points_at_the_whole_message():
       "give a fraction (e.g. 0.05) or a path ... (the whole message: RUN/status.json)")
   assert runner.error_summary("Bad x. " + "word " * 20, 40).startswith("Bad x. word word word word word word")
   assert runner.error_summary("a" * 19 + ". more", 20) == "a" * 19 + ". ... (the whole message: RUN/status.json)"
+
+
+def test_an_interrupted_run_whose_last_checkpoint_exists_is_recorded_finished_without_a_trainer(tmp_path,
+                                                                                               monkeypatch):
+  """The sweep was killed and its trainer went on to the last step: the next sweep started a trainer that restored
+  that step and trained nothing (a queued job on SLURM). A run whose checkpoint is short of its last step resumes."""
+  exp = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'done'}, {'name': 'short'}]")
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  for name, step in (("done", 3), ("short", 2)):  # TRAIN_STEPS = 3
+    (root / name / "checkpoints" / str(step)).mkdir(parents=True)
+    status.write(root / name, status="running", host=socket.gethostname(), pid=gone.pid, started=time.time() - 5)
+  trained = []
+  def fake_run(stage, command, *args):
+    trained.append(stage.name)
+    (stage.run_dir / "checkpoints" / "3").mkdir(exist_ok=True)
+    return 0
+  monkeypatch.setattr(runner, "_run_blocking", fake_run)
+  result = runner.run_sweep(exp, root, runner.Options(stream=io.StringIO()))
+  assert trained == ["short"] and result["status"] == {"finished": 2}
+  record = status.read(root / "done")
+  assert record["status"] == "finished" and record["error"] is None and record["elapsed_s"] >= 0
