@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from repeat_lm import files
 from repeat_lm.analysis import results
 from repeat_lm.experiments import status as status_lib
 
@@ -216,6 +217,8 @@ def collect(root: str | Path, out: str | Path | None = None) -> list[dict[str, A
     # Written, an empty table passed for a result (exit 0) the first time, and was refused the next.
     raise ValueError(f"{root} holds no sweep runs (no RUN/status.json or RUN/run.gin): no table written to {out}. "
                      "Point --root at the directory given to `repeat-lm sweep --root`.")
+  if out:  # before the rows: a wrong --out was named only after every run's model had been built (minutes)
+    check_out(out)
   with status_lib.slurm_cache():  # one squeue call for all the runs' jobs
     status_lib.prefetch_slurm(status_lib.read(p) for d in dirs for p in [d, *d.glob("ft_*")])
     rows = [row(d, out_dir) for d in dirs]
@@ -248,10 +251,18 @@ def _cell(value: Any) -> Any:
   return value
 
 
-def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
+def check_out(out: str | Path) -> None:
+  """Raise ValueError unless `out` names a .csv or .parquet file that can be written (no directory, no file where
+  one of its folders would be)."""
   out = Path(out)
   if out.suffix not in (".parquet", ".csv"):
     raise ValueError(f"--out={out}: write a .csv or a .parquet file.")
+  files.check_writable_file(out, f"--out={out}")
+
+
+def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
+  out = Path(out)
+  check_out(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   # Written beside `out` and renamed over it: a collect interrupted mid-write leaves the previous table whole.
   tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

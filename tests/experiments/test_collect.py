@@ -337,3 +337,19 @@ def test_an_interrupted_run_whose_last_checkpoint_exists_is_shown_finished(tmp_p
   (run / "checkpoints" / "3").mkdir()
   assert collect.shown_status(run, status.read(run)) == "finished"
   assert status.effective(status.read(run)) == "interrupted"  # the record itself is the next sweep's to update
+
+
+@pytest.mark.parametrize("out, message", [("results.txt", "write a .csv or a .parquet file"),
+                                          ("table.csv", "is a directory"),
+                                          ("a_file/results.csv", "is a file, not a folder")])
+def test_a_wrong_out_is_refused_before_any_row_is_built(tmp_path, monkeypatch, out, message):
+  """A wrong --out was named only after every run's model had been built for its row (minutes for a full-scale
+  sweep)."""
+  run = tmp_path / "root" / "a"
+  run.mkdir(parents=True)
+  status.write(run, status="finished")
+  (tmp_path / "table.csv").mkdir()
+  (tmp_path / "a_file").write_text("")
+  monkeypatch.setattr(collect, "row", lambda *a, **k: pytest.fail("a row was built before --out was checked"))
+  with pytest.raises(ValueError, match=message):
+    collect.collect(tmp_path / "root", tmp_path / out)
