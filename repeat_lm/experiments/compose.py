@@ -42,8 +42,16 @@ def _resolve_path(path: str) -> Path:
     candidate = Path(base) / path
     if candidate.is_file():
       return candidate
+  # The shipped experiments, so that a research question named without its folder or suffix ('rq1_repetition_cpu',
+  # 'rq6') is answered with the names there are, not one example.
+  shipped = sorted({p.stem for base in gin_utils.default_search_paths()
+                    for p in (Path(base) / "gin" / "experiments").glob("*.gin")})
+  close = difflib.get_close_matches(Path(path).stem, shipped, n=1, cutoff=0.8)
+  hint = f"did you mean --experiment=gin/experiments/{close[0]}.gin? " if close else ""
+  known = f"gin/experiments/ holds {', '.join(f'{s}.gin' for s in shipped)}" if shipped else \
+      "e.g. --experiment=gin/experiments/rq1_repetition_cpu.gin"
   raise gin_utils.GinConfigError(f"Experiment gin {path!r} not found (searched the current directory and "
-                                 f"{gin_utils.REPO_ROOT}); e.g. --experiment=gin/experiments/rq1_repetition_cpu.gin.")
+                                 f"{gin_utils.REPO_ROOT}); {hint}{known}.")
 
 
 def load(path: str, bindings: Sequence[str] = ()) -> Experiment:

@@ -59,3 +59,16 @@ def test_run_status_records_only_an_unfinished_run_the_sweep_wrote(tmp_path, cap
   # would then exit 75 and fail the fine-tuning jobs chained on it).
   assert cli.main(["run-status", f"--run_dir={run}", "--exit_code=0"]) == 0
   assert json.loads(capsys.readouterr().out)["status"] == "finished"
+
+
+def test_an_unknown_experiment_is_answered_with_the_shipped_ones(tmp_path, capsys, fresh_gin):
+  """A research question named without its folder and suffix, or misspelt, got one example (rq1's) to go on."""
+  assert cli.main(["sweep", "--experiment=rq5_objectives_cpu", f"--root={tmp_path}"]) == 2
+  err = capsys.readouterr().err
+  assert "did you mean --experiment=gin/experiments/rq5_objectives_cpu.gin?" in err
+  assert "gin/experiments/ holds rq1_repetition.gin, rq1_repetition_cpu.gin, rq2_factors.gin" in err
+  assert cli.main(["sweep", "--experiment=gin/experiments/rq3_regularization.gin", f"--root={tmp_path}"]) == 2
+  assert "did you mean --experiment=gin/experiments/rq3_regularisation.gin?" in capsys.readouterr().err
+  assert cli.main(["sweep", "--experiment=rq6", f"--root={tmp_path}"]) == 2
+  err = capsys.readouterr().err
+  assert "not found" in err and "did you mean" not in err and "rq5_objectives_cpu.gin." in err
