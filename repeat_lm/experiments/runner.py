@@ -526,9 +526,11 @@ def run_sweep(experiment: str, root: str | Path, opts: Options | None = None) ->
 def _run_sweep(exp: compose.Experiment, root: Path, opts: Options, start: float) -> dict[str, Any]:
   sweep.check_only(exp.runs, opts.only)
   warn_of_other_experiments(exp, root)
-  status_lib.prefetch_slurm(status_lib.read(root / r.name) for r in sweep.select(exp.runs, opts.only))
+  # The runs' jobs and their fine-tuning stages' in one squeue call, before plan asks whether each is running: asked
+  # after it, every stage's job had cost a call of its own.
+  status_lib.prefetch_slurm(status_lib.read(d) for r in sweep.select(exp.runs, opts.only)
+                            for d in [root / r.name, *(root / r.name / f"ft_{f.name}" for f in r.finetune)])
   stages = plan(exp, root, opts.only)
-  status_lib.prefetch_slurm(status_lib.read(s.run_dir) for s in stages if s.verb == "finetune")
   if not stages:
     raise ValueError(f"--only={opts.only!r} matches none of the {len(exp.runs)} runs: "
                      f"{[r.name for r in exp.runs]}.")

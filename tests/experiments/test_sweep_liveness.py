@@ -115,15 +115,18 @@ def test_a_lost_terminal_stops_the_trainer_like_sigterm(tmp_path):
 
 
 def test_one_squeue_call_per_sweep_and_per_collect(tmp_path, monkeypatch):
+  # Fine-tuning stages' jobs too: each cost a call of its own, asked before the stages' records were prefetched.
   log = _squeue(tmp_path, monkeypatch, alive=True)
   arms = "[" + ", ".join(f"{{'name': 'r{i}'}}" for i in range(3)) + "]"
-  exp = tiny_experiment(tmp_path / "exp.gin", arms=arms)
+  exp = tiny_experiment(tmp_path / "exp.gin", arms=arms,
+                        finetune="sweep.Grid.finetune = [@s/sweep.Finetune()]\ns/sweep.Finetune.name = 'squad'")
   root = tmp_path / "root"
   runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
   for i in range(3):
     status.write(root / f"r{i}", status="running", job_id=str(100 + i), host=None, pid=None)
+    status.write(root / f"r{i}" / "ft_squad", status="running", job_id=str(200 + i), host=None, pid=None)
   result = runner.run_sweep(exp, root, runner.Options(launcher="slurm", stream=io.StringIO()))
-  assert result["status"] == {"running": 3}
+  assert result["status"] == {"running": 6}
   assert len(log.read_text().splitlines()) == 1, log.read_text()
   log.unlink()
   rows = collect.collect(root)
