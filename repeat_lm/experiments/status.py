@@ -405,6 +405,11 @@ def running(run_dir: str | Path) -> str | None:
   run_dir = Path(run_dir)
   holder = _holder(run_dir)
   if holder is not None:
+    pid, trainer = holder.get("pid"), holder.get("trainer_pid")
+    if holder.get("host") == socket.gethostname() and _is_pid(pid) and not _alive(pid) and _is_pid(trainer):
+      # Its sweep was killed (SIGKILL): naming the sweep's pid sent the user after a process that is gone.
+      return (f"a trainer (host {holder['host']}, pid {trainer}) that its killed sweep (pid {pid}) left running; "
+              f"it checkpoints and stops on `kill -TERM {trainer}`")
     return f"a sweep (host {holder.get('host', '?')}, pid {holder.get('pid', '?')})"
   trainer = run_lock.holder(run_dir)  # MODEL_DIR = ROOT/RUN
   if trainer is not None:

@@ -319,3 +319,16 @@ def test_a_trainer_started_by_hand_on_a_run_is_seen_by_the_sweep(tmp_path):
     holder.communicate("")
   assert status.running(tmp_path) is None and status.acquire(tmp_path)
   status.release(tmp_path)
+
+
+def test_a_trainer_left_by_a_killed_sweep_is_named_not_the_sweep(tmp_path):
+  """Its sweep gone (SIGKILL), the run was said to be run by 'a sweep (host, pid P)' of a process that no longer
+  existed; the trainer that holds the run is named, with how to stop it."""
+  run = make_run(tmp_path)
+  sweep_pid, trainer = dead_pid(), os.getpid()
+  (run / ".lock").write_text(f'{{"host": "{socket.gethostname()}", "pid": {sweep_pid}, "trainer_pid": {trainer}}}')
+  assert status.running(run) == (f"a trainer (host {socket.gethostname()}, pid {trainer}) that its killed sweep (pid "
+                                 f"{sweep_pid}) left running; it checkpoints and stops on `kill -TERM {trainer}`")
+  assert not status.acquire(run)
+  (run / ".lock").write_text(f'{{"host": "{socket.gethostname()}", "pid": {trainer}, "trainer_pid": {sweep_pid}}}')
+  assert status.running(run) == f"a sweep (host {socket.gethostname()}, pid {trainer})"
