@@ -658,6 +658,13 @@ def _run_sweep(args, bindings: Sequence[str]) -> dict:
     result = runner.run_sweep(args.experiment, args.root, opts)
   except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the current run checkpointed and was left pending
     raise RuntimeError(f"sweep interrupted ({str(e) or 'Ctrl-C'}); run the same command again to resume.") from e
+  if result.get("uncomposed") and args.dry_run:
+    # A dry run is how an experiment is checked before it is queued for days: one whose runs' gins do not compose
+    # exited 0, its failures only inside the JSON.
+    print(json.dumps(strict_json(result), sort_keys=True, allow_nan=False))
+    raise RuntimeError(f"{len(result['uncomposed'])} run(s) could not be composed: " + "; ".join(
+        f"{k}: {v}" for k, v in result["uncomposed"].items()) + f" (the other runs' gins are written under "
+        f"{args.root}); fix the experiment gin or the --gin bindings.")
   if result["failed"] and not args.dry_run:
     print(json.dumps(strict_json(result), sort_keys=True, allow_nan=False))
     raise RuntimeError(f"{len(result['failed'])} run(s) failed: " + "; ".join(

@@ -539,13 +539,19 @@ def _run_sweep(exp: compose.Experiment, root: Path, opts: Options, start: float)
   opts.stream.write(f"sweep {exp.path}: {len(runs)} runs ({done} finished), {len(stages) - len(runs)} fine-tuning "
                     f"stages, in {root}\n")
   if opts.dry_run or (opts.launcher != "local" and not opts.submit):
+    uncomposed = {}
     for s in stages:
-      state = status_lib.effective(status_lib.read(s.run_dir))
+      record = status_lib.read(s.run_dir)
+      state = status_lib.effective(record)
       note = f"  # {state}" + (f"; waiting for {'; '.join(s.waiting)}" if s.waiting else "")
+      if str(record.get("error") or "").startswith(_COMPOSE_ERROR):  # the line said 'failed', and not why
+        uncomposed[s.name] = error_summary(record["error"], 300)
+        note += f": {uncomposed[s.name]}"
       after = _printed_dependency(s) if opts.launcher == "slurm" else None
       opts.stream.write(f"{shell_line(display_command(s, opts, after))}{note}\n")
     result = summary(exp, root, stages, time.time() - start)
     result["run_names"] = [s.name for s in runs]
+    result["uncomposed"] = uncomposed
     return result
   if opts.launcher == "slurm":
     submit_slurm(stages, opts)

@@ -72,3 +72,17 @@ def test_an_unknown_experiment_is_answered_with_the_shipped_ones(tmp_path, capsy
   assert cli.main(["sweep", "--experiment=rq6", f"--root={tmp_path}"]) == 2
   err = capsys.readouterr().err
   assert "not found" in err and "did you mean" not in err and "rq5_objectives_cpu.gin." in err
+
+
+def test_a_dry_run_whose_runs_do_not_compose_fails_and_says_why(tmp_path, capsys, fresh_gin):
+  """A dry run is how an experiment is checked before it is queued: one whose runs' gins did not compose exited 0, and
+  its lines said '# failed' without the reason."""
+  exp = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a'}, {'name': 'typo', 't5.T5Config.emb_dimm': 3}]")
+  root = tmp_path / "root"
+  assert cli.main(["sweep", f"--experiment={exp}", f"--root={root}", "--dry-run"]) == 2
+  captured = capsys.readouterr()
+  assert "typo/run.gin  # failed: could not compose its gin" in captured.err and "named 'emb_dimm'" in captured.err
+  assert "1 run(s) could not be composed: typo: could not compose its gin" in captured.err
+  assert json.loads(captured.out)["uncomposed"].keys() == {"typo"} and (root / "a" / "run.gin").is_file()
+  exp = tiny_experiment(tmp_path / "exp.gin", "[{'name': 'a'}, {'name': 'typo', 't5.T5Config.emb_dim': 3}]")
+  assert cli.main(["sweep", f"--experiment={exp}", f"--root={root}", "--dry-run"]) == 0  # fixed: composes again
