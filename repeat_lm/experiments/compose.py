@@ -185,12 +185,37 @@ def _check_macros_used(spec: sweep.RunSpec) -> None:
         f"experiment's axes and bindings{' (' + hints + ')' if hints else ''}.")
 
 
+# What `repeat-lm train` calls itself (cli.py): its parameters are used though nothing refers to it.
+_ENTRY_POINTS = ("repeat_lm.train.trainer.train",)
+
+
+def _check_configurables_used(spec: sweep.RunSpec) -> None:
+  """Every configurable whose parameter the run binds is one its configuration uses: referred to (@name) or called by
+  `repeat-lm train`. gin accepts a binding of any registered configurable: an axis {'moe.MoeConfig.num_experts':
+  [8, 16]} on a dense model made runs that all trained the same model, and collect reported 8 and 16 as a factor."""
+  referred = {ref.config_key[1] for ref in _bound_references()}
+  unused = []
+  for key, _ in spec.bindings:
+    if "." not in key:
+      continue
+    name = key.rsplit(".", 1)[0].split("/")[-1]
+    match = gin.config._REGISTRY.get_match(name)  # pylint: disable=protected-access
+    if match is not None and match.selector not in _ENTRY_POINTS and match.selector not in referred:
+      unused.append((key, name))
+  if unused:
+    raise gin_utils.GinConfigError(
+        f"Run {spec.name} binds {', '.join(k for k, _ in unused)}, but nothing in its configuration uses "
+        f"{', '.join(sorted({f'@{n}()' for _, n in unused}))} (e.g. a dense model has no moe.MoeConfig): every value "
+        "would train the same model. Give the run a model that uses it (its 'model'), or drop the binding.")
+
+
 def run_gin(exp: Experiment, spec: sweep.RunSpec, model_dir: str, varied: Sequence[str],
             resolved: Mapping[str, Any] = {}) -> tuple[str, dict[str, Any]]:
   """(the run's self-contained gin text, the effective value of every key in `varied` plus 'model')."""
   bindings = [_binding(k, v, resolved) for k, v in spec.bindings]
   _parse_text(experiment_text(exp, spec.model), [*bindings, *exp.bindings, f"MODEL_DIR = {model_dir!r}"])
   _check_macros_used(spec)
+  _check_configurables_used(spec)
   values = {k: query(k) for k in varied if k not in (sweep.MODEL_KEY, sweep.NAME_KEY)}
   model = spec.model or exp.model
   values[sweep.MODEL_KEY] = Path(model).stem if model else None

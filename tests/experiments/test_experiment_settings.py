@@ -351,3 +351,21 @@ def test_a_swept_macro_nothing_refers_to_is_an_error_with_the_name_it_resembles(
   runner.run_sweep(str(tmp_path / "exp.gin"), tmp_path / "root", runner.Options(dry_run=True, stream=io.StringIO()))
   assert (tmp_path / "root" / "a" / "run.gin").exists()
   assert "did you mean DROPOUT_RATE" in (tmp_path / "root" / "b" / "status.json").read_text()
+
+
+def test_a_swept_parameter_of_a_configurable_the_run_does_not_use_is_an_error(tmp_path):
+  """gin accepts a binding of any registered configurable: moe.MoeConfig.num_experts on a dense model made runs that all
+  trained the same model, and collect reported their expert counts as a factor. Parameters of a configurable the model
+  refers to (t5.T5Config), of a task named by reference and of trainer.train (which `repeat-lm train` calls) are used."""
+  exp = compose.load(tiny_experiment(tmp_path / "exp.gin", (
+      "[{'name': 'moe', 'model': 'gin/models/switch_tiny.gin', 'moe.MoeConfig.num_experts': 4}, "
+      "{'name': 'dense', 'moe.MoeConfig.num_experts': 4}, "
+      "{'name': 'used', 't5.T5Config.emb_dim': 16, 'trainer.train.log_period': 2, "
+      "'MIXTURE_OR_TASK_NAME': '@tasks.repeated_task()', 'tasks.repeated_task.unique_tokens': 4096}]")))
+  moe, dense, used = exp.runs
+  varied = compose.varied_keys(exp.runs)
+  assert compose.run_gin(exp, moe, str(tmp_path / "moe"), varied)[1]["moe.MoeConfig.num_experts"] == 4
+  assert compose.run_gin(exp, used, str(tmp_path / "used"), varied)[1]["t5.T5Config.emb_dim"] == 16
+  with pytest.raises(gin_utils.GinConfigError, match=r"Run dense binds moe.MoeConfig.num_experts, but nothing in its "
+                     r"configuration uses @moe.MoeConfig\(\).*every value would train the same model"):
+    compose.run_gin(exp, dense, str(tmp_path / "dense"), varied)
