@@ -408,8 +408,8 @@ def running(run_dir: str | Path) -> str | None:
     pid, trainer = holder.get("pid"), holder.get("trainer_pid")
     if holder.get("host") == socket.gethostname() and _is_pid(pid) and not _alive(pid) and _is_pid(trainer):
       # Its sweep was killed (SIGKILL): naming the sweep's pid sent the user after a process that is gone.
-      return (f"a trainer (host {holder['host']}, pid {trainer}) that its killed sweep (pid {pid}) left running; "
-              f"it checkpoints and stops on `kill -TERM {trainer}`")
+      return (f"a trainer (host {holder['host']}, pid {trainer}) left by its killed sweep (pid {pid}; "
+              f"`kill -TERM {trainer}` checkpoints and stops it)")
     return f"a sweep (host {holder.get('host', '?')}, pid {holder.get('pid', '?')})"
   trainer = run_lock.holder(run_dir)  # MODEL_DIR = ROOT/RUN
   if trainer is not None:

@@ -327,8 +327,8 @@ def test_a_trainer_left_by_a_killed_sweep_is_named_not_the_sweep(tmp_path):
   run = make_run(tmp_path)
   sweep_pid, trainer = dead_pid(), os.getpid()
   (run / ".lock").write_text(f'{{"host": "{socket.gethostname()}", "pid": {sweep_pid}, "trainer_pid": {trainer}}}')
-  assert status.running(run) == (f"a trainer (host {socket.gethostname()}, pid {trainer}) that its killed sweep (pid "
-                                 f"{sweep_pid}) left running; it checkpoints and stops on `kill -TERM {trainer}`")
+  assert status.running(run) == (f"a trainer (host {socket.gethostname()}, pid {trainer}) left by its killed sweep "
+                                 f"(pid {sweep_pid}; `kill -TERM {trainer}` checkpoints and stops it)")
   assert not status.acquire(run)
   (run / ".lock").write_text(f'{{"host": "{socket.gethostname()}", "pid": {trainer}, "trainer_pid": {sweep_pid}}}')
   assert status.running(run) == f"a sweep (host {socket.gethostname()}, pid {trainer})"
