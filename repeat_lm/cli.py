@@ -690,7 +690,7 @@ def _run_collect(args, bindings: Sequence[str]) -> dict:
   counts: dict[str, int] = {}
   for r in rows:
     counts[r["status"]] = counts.get(r["status"], 0) + 1
-  warnings = collect.moe_warnings(rows)
+  warnings = collect.moe_warnings(rows) + collect.metrics_warnings(rows)
   for line in warnings:
     logging.warning("%s", line)
   return {"out": out, "rows": len(rows), "status": counts, **({"warnings": warnings} if warnings else {})}

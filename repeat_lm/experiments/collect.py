@@ -239,6 +239,21 @@ def moe_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
           "load-balancing weight or the router's experts per token (top-2)." for run, share in dropped.items()]
 
 
+def metrics_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """One line per finished run whose metrics.jsonl does not reach its last step: the trainer records that step (and
+  evaluates at it) before saving the checkpoint that makes the run finished, so the file was cut or replaced since,
+  and the row's final_* and best_* values are of an earlier step (a table of them read as the runs' results)."""
+  lines = []
+  for r in rows:
+    last, logged = r.get("train_steps"), r.get("final_step")
+    if r.get("status") == status_lib.FINISHED and last and logged != last:
+      lines.append(f"{r['run']}: finished at step {last}, but its metrics.jsonl "
+                   f"{f'ends at step {logged}' if logged is not None else 'holds no training record'} (cut or "
+                   "replaced since): its final_* and best_* values are not its last step's. `repeat-lm eval "
+                   "--gin_file=gin/runs/eval.gin --gin_file=RUN/run.gin` evaluates its last checkpoint again.")
+  return lines
+
+
 def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
   return list(dict.fromkeys([*BASE_COLUMNS, *(k for r in rows for k in r)]))
 

@@ -353,3 +353,19 @@ def test_a_wrong_out_is_refused_before_any_row_is_built(tmp_path, monkeypatch, o
   monkeypatch.setattr(collect, "row", lambda *a, **k: pytest.fail("a row was built before --out was checked"))
   with pytest.raises(ValueError, match=message):
     collect.collect(tmp_path / "root", tmp_path / out)
+
+
+def test_a_finished_run_whose_metrics_stop_short_of_its_last_step_is_named_in_a_warning(sweep_root, capsys):
+  """A finished run's metrics.jsonl cut after step 2 of 3 (or emptied) gave a 'finished' row whose final values were
+  step 2's, without a word."""
+  from repeat_lm import cli  # noqa: PLC0415
+  rows = {r["run"]: r for r in collect.collect(sweep_root)}
+  assert rows["a"]["final_step"] == 3 and collect.metrics_warnings(rows.values()) == []  # 'c' is running: no warning
+  lines = (sweep_root / "a" / "metrics.jsonl").read_text().splitlines()
+  (sweep_root / "a" / "metrics.jsonl").write_text("\n".join(l for l in lines if '"step": 3' not in l) + "\n")
+  assert cli.main(["collect", f"--root={sweep_root}"]) == 0
+  (line,) = json.loads(capsys.readouterr().out)["warnings"]
+  assert line.startswith("a: finished at step 3, but its metrics.jsonl ends at step 2 (cut or replaced since)")
+  (sweep_root / "a" / "metrics.jsonl").write_text("")
+  (line,) = collect.metrics_warnings(collect.collect(sweep_root))
+  assert "its metrics.jsonl holds no training record" in line
