@@ -102,6 +102,18 @@ def _resolve_best(best: sweep.Best, root: Path, names: Sequence[str]) -> tuple[b
   return True, pick[best.column]
 
 
+def _all_failed(best: sweep.Best, root: Path, names: Sequence[str]) -> str:
+  """Why a Best waits when every run it names has failed (its value comes from finished runs only), else ''. The
+  waiting line named only the runs and the metric: with them all diverged, which no sweep retries unchanged, the run
+  waited on every sweep without a word of why."""
+  runs = [root / r.name for r in sweep.select([sweep.RunSpec(n, None, ()) for n in names], best.runs)]
+  if not runs or any(collect.shown_status(d, status_lib.read(d)) != status_lib.FAILED for d in runs):
+    return ""
+  diverged = sum(_diverged(status_lib.read(d)) for d in runs)
+  return (f" (all {len(runs)} of those runs failed{f', {diverged} diverged' if diverged else ''}: the next sweep "
+          "retries them, a diverged one only once its settings change)")
+
+
 def same_experiment(recorded: str, given: str) -> bool:
   """Whether a run's recorded experiment path is the one given now, however either is spelt: './gin/x.gin', an
   absolute path and 'gin/x.gin' warned 'two experiments share this ROOT' for every run. A recorded path that does not
@@ -145,7 +157,7 @@ def write_run(exp: compose.Experiment, stage: Stage, root: Path, index: int, var
       if ok:
         resolved[key] = value
       else:
-        stage.waiting.append(f"{key}: best of {best.runs} by {best.metric}")
+        stage.waiting.append(f"{key}: best of {best.runs} by {best.metric}{_all_failed(best, root, names)}")
     text, values = compose.run_gin(exp, stage.spec, str(stage.run_dir), varied, resolved)
   stage.run_dir.mkdir(parents=True, exist_ok=True)
   if finished and stage.gin.exists():

@@ -356,3 +356,22 @@ def test_an_interrupted_run_whose_last_checkpoint_exists_is_recorded_finished_wi
   assert trained == ["short"] and result["status"] == {"finished": 2}
   record = status.read(root / "done")
   assert record["status"] == "finished" and record["error"] is None and record["elapsed_s"] >= 0
+
+
+def test_a_best_whose_runs_all_failed_says_so_where_it_waits(tmp_path):
+  """Its value comes from finished runs only: with every run it names failed (diverged ones are not retried
+  unchanged), the run waited on every sweep, its line naming only the runs and the metric."""
+  exp = tiny_experiment(tmp_path / "exp.gin", arms="[{'name': 'moe1', 'DROPOUT_RATE': 0.1}, "
+                        "{'name': 'moe2', 'DROPOUT_RATE': 0.2}, {'name': 'dense', 'DROPOUT_RATE': @sweep.Best()}]",
+                        finetune="sweep.Best.runs = 'moe*'\nsweep.Best.column = 'DROPOUT_RATE'")
+  root = tmp_path / "root"
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=io.StringIO()))
+  status.write(root / "moe1", status="failed", error="TrainingDivergedError: Training diverged at step 2")
+  out = io.StringIO()
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=out))
+  assert "waiting for DROPOUT_RATE: best of moe* by final_eval_accuracy\n" in out.getvalue()  # moe2 has not run
+  status.write(root / "moe2", status="failed", error="ValueError: bad")
+  out = io.StringIO()
+  runner.run_sweep(exp, root, runner.Options(dry_run=True, stream=out))
+  assert ("waiting for DROPOUT_RATE: best of moe* by final_eval_accuracy (all 2 of those runs failed, 1 diverged: the "
+          "next sweep retries them, a diverged one only once its settings change)") in out.getvalue()
