@@ -206,7 +206,14 @@ def run_dirs(root: str | Path) -> list[Path]:
     if p.resolve() not in seen:
       seen.add(p.resolve())
       unique.append(p)
-  return sorted(unique, key=lambda p: (status_lib.read(p).get("index", math.inf), p.name))
+  # An index of null (status.json's fields may be null: read() accepts it) sorts last, as a missing one: compared with
+  # the others' numbers it ended collect with a TypeError traceback.
+  return sorted(unique, key=lambda p: (_index(status_lib.read(p)), p.name))
+
+
+def _index(record: dict[str, Any]) -> float:
+  index = record.get("index")
+  return math.inf if index is None else index
 
 
 def collect(root: str | Path, out: str | Path | None = None) -> list[dict[str, Any]]:

@@ -215,7 +215,7 @@ def started(run_dir: str | Path, job_id: str | None = None, **info: Any) -> dict
   the other identity of an earlier attempt is cleared, so a stale job id or pid never speaks for this attempt."""
   return _update(run_dir, lambda record: dict(
       status=RUNNING, started=time.time(), host=socket.gethostname(), pid=None if job_id else os.getpid(),
-      job_id=job_id or None, trainer_pid=None, attempts=int(record.get("attempts", 0)) + 1, error=None,
+      job_id=job_id or None, trainer_pid=None, attempts=int(record.get("attempts") or 0) + 1, error=None,
       returncode=None, elapsed_s=_elapsed_so_far(run_dir, record), **info))
 
 

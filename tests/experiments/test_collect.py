@@ -369,3 +369,14 @@ def test_a_finished_run_whose_metrics_stop_short_of_its_last_step_is_named_in_a_
   (sweep_root / "a" / "metrics.jsonl").write_text("")
   (line,) = collect.metrics_warnings(collect.collect(sweep_root))
   assert "its metrics.jsonl holds no training record" in line
+
+
+def test_a_null_index_or_attempts_is_no_traceback(tmp_path):
+  """status.json's fields may be null (read() accepts it, as the runner writes cleared fields): an index of null ended
+  collect with a TypeError (the sort compared it with the others' numbers), attempts of null the next start."""
+  for name, index in (("a", 0), ("b", None), ("c", 1)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "run.gin").write_text("TRAIN_STEPS = 3\n")
+    status.write(tmp_path / name, status="pending", index=index, attempts=None)
+  assert [d.name for d in collect.run_dirs(tmp_path)] == ["a", "c", "b"]
+  assert status.started(tmp_path / "b")["attempts"] == 1
