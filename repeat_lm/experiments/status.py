@@ -307,7 +307,7 @@ def effective(record: dict[str, Any]) -> str:
   """The recorded status, or 'interrupted' for a run recorded as running whose process is gone: a process of this
   host, or a SLURM job that squeue no longer lists (scancel, a node failure: the batch script never recorded its
   exit, and the run would otherwise be skipped as submitted by every later sweep)."""
-  state = record.get("status", PENDING)
+  state = record.get("status") or PENDING  # null (a cleared field, or a hand edit) too: it showed as an empty status
   if state != RUNNING:
     return state
   if record.get("job_id"):  # a SLURM job: the pid (if any) is of the short-lived `run-status` that recorded it

@@ -380,3 +380,6 @@ def test_a_null_index_or_attempts_is_no_traceback(tmp_path):
     status.write(tmp_path / name, status="pending", index=index, attempts=None)
   assert [d.name for d in collect.run_dirs(tmp_path)] == ["a", "c", "b"]
   assert status.started(tmp_path / "b")["attempts"] == 1
+  status.write(tmp_path / "a", status=None)  # nor was a null status a status: an empty cell, counted under null
+  assert status.effective(status.read(tmp_path / "a")) == "pending"
+  assert collect.collect(tmp_path)[0]["status"] == "pending"
