@@ -45,7 +45,8 @@ def pair(runs: list[results.Run], spec: str, match: Sequence[str] = ()) -> tuple
                      "a glob on `run` or COL=VALUE[,COL=VALUE] (e.g. --baseline='*_e0' or --baseline=epochs=1).")
   missing = [c for c in match if c not in results.columns(runs)]
   if missing:
-    raise ValueError(f"--match: no column {', '.join(map(repr, missing))}; columns: {', '.join(results.columns(runs))}.")
+    raise ValueError(f"--match: no column {', '.join(map(repr, missing))}; columns: "
+                     f"{', '.join(results.columns(runs))}.")
   others = [r for r in runs if r.run not in {b.run for b in baselines}]  # run names are unique (read_results)
   if not others:
     raise ValueError(f"--baseline={spec!r} matched every run ({len(runs)}): nothing is left to compare with it.")
@@ -173,9 +174,10 @@ def analyze(runs: list[results.Run], curves: dict[str, results.Curve], spec: str
     found.append(f"Diverged where compared: {', '.join(f'`{r}`' for r in diverged)}.")
   if measured:
     behind = [row for row in measured if row["behind_from_tokens"] is not None]
+    epoch = lambda row: (f" (epoch {row['behind_from_epoch']:.3g})"  # noqa: E731
+                         if row["behind_from_epoch"] is not None else "")
     found.append(f"{len(behind)} of the {len(measured)} compared runs fall behind their baseline for good"
-                 + (": " + ", ".join(f"`{row['run']}` from {row['behind_from_tokens']:.4g} tokens"
-                                     + (f" (epoch {row['behind_from_epoch']:.3g})" if row["behind_from_epoch"] is not None else "")
+                 + (": " + ", ".join(f"`{row['run']}` from {row['behind_from_tokens']:.4g} tokens{epoch(row)}"
                                      for row in behind) if behind else "") + ".")
   unmeasured = [row for row in table if not row["compared_points"]]
   if unmeasured:

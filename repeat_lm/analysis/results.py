@@ -254,7 +254,8 @@ def selector_hint(runs: list[Run], flag: str, spec: str) -> str:
   if "=" not in spec:
     return ""
   known = columns(runs)
-  unknown = [c for c in dict.fromkeys(part.split("=", 1)[0].strip() for part in spec.split(",")) if c and c not in known]
+  named = dict.fromkeys(part.split("=", 1)[0].strip() for part in spec.split(","))
+  unknown = [c for c in named if c and c not in known]
   return (f" ({flag}: no column {', '.join(map(repr, unknown))}; columns: {', '.join(known)})" if unknown else "")
 
 

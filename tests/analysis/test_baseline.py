@@ -99,7 +99,8 @@ def test_runs_without_curves_compare_the_tables_finals_at_one_budget():
                                   rel_tolerance=0.005, min_points=2)
   by_run = {row["run"]: row for row in table}
   assert by_run["d8"]["source"] == "table" and by_run["d8"]["cost"] == pytest.approx(0.5) and not compared
-  assert by_run["short"]["compared_points"] == 0 and "500 and 1000 tokens: not the same budget" in by_run["short"]["why"]
+  short = by_run["short"]
+  assert short["compared_points"] == 0 and "500 and 1000 tokens: not the same budget" in short["why"]
   assert math.isinf(by_run["diverged"]["cost"])
 
 

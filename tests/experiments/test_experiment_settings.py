@@ -356,7 +356,8 @@ def test_a_swept_macro_nothing_refers_to_is_an_error_with_the_name_it_resembles(
 def test_a_swept_parameter_of_a_configurable_the_run_does_not_use_is_an_error(tmp_path):
   """gin accepts a binding of any registered configurable: moe.MoeConfig.num_experts on a dense model made runs that all
   trained the same model, and collect reported their expert counts as a factor. Parameters of a configurable the model
-  refers to (t5.T5Config), of a task named by reference and of trainer.train (which `repeat-lm train` calls) are used."""
+  refers to (t5.T5Config), of a task named by reference and of trainer.train (which `repeat-lm train` calls) are
+  used."""
   exp = compose.load(tiny_experiment(tmp_path / "exp.gin", (
       "[{'name': 'moe', 'model': 'gin/models/switch_tiny.gin', 'moe.MoeConfig.num_experts': 4}, "
       "{'name': 'dense', 'moe.MoeConfig.num_experts': 4}, "
