@@ -8,6 +8,7 @@ import pytest
 
 from repeat_lm import cli
 from repeat_lm.analysis import baseline, degradation, results
+from curve_helpers import write_curve
 
 
 def _curve(tokens, values):
@@ -104,19 +105,9 @@ def test_runs_without_curves_compare_the_tables_finals_at_one_budget():
   assert math.isinf(by_run["diverged"]["cost"])
 
 
-def _write(model_dir, losses, tokens_per_step=100.0):
-  """Evaluations every 10 steps; train records (tokens seen) every 5."""
-  model_dir.mkdir(parents=True)
-  lines = [{"step": s, "train/loss": 2.0, "train/tokens_seen": s * tokens_per_step}
-           for s in range(5, 10 * len(losses) + 1, 5)]
-  lines += [{"step": 10 * (i + 1), "eval/loss": v} for i, v in enumerate(losses)]
-  (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-  return str(model_dir)
-
-
 def test_degradation_reports_the_cost_against_the_baseline(tmp_path):
-  runs = [_run("fresh", unique_tokens=6000.0, model_dir=_write(tmp_path / "fresh", [6, 5, 4.5, 4.2, 4.0, 3.9])),
-          _run("d8", unique_tokens=500.0, model_dir=_write(tmp_path / "d8", [6, 5.1, 4.8, 4.9, 5.2, 5.4])),
+  runs = [_run("fresh", unique_tokens=6000.0, model_dir=write_curve(tmp_path / "fresh", [6, 5, 4.5, 4.2, 4.0, 3.9], metric="eval/loss")),
+          _run("d8", unique_tokens=500.0, model_dir=write_curve(tmp_path / "d8", [6, 5.1, 4.8, 4.9, 5.2, 5.4], metric="eval/loss")),
           _run("moved", unique_tokens=500.0)]
   out = degradation.analyze(runs, tmp_path / "out", metric="eval/loss", baseline="fresh")
   d8, moved = out["baseline"]["runs"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from repeat_lm.analysis import degradation, results
+from curve_helpers import write_curve
 
 
 def test_rises_after_minimum():
@@ -133,24 +134,13 @@ def test_factor_summary_takes_the_median_onset_and_leaves_diverged_gaps_out():
   assert by_lr[1.0]["degrading"] == 3 and by_lr[2.0]["degrading"] == 0 and by_lr[2.0]["median_onset_epoch"] is None
 
 
-def _write_curve(model_dir, accuracies, tokens_per_step=100.0):
-  """Evaluations every 10 steps, train records every 5 (tokens seen only there, as the trainer writes them)."""
-  import json
-  model_dir.mkdir(parents=True)
-  lines = [{"step": s, "train/loss": 2.0, "train/tokens_seen": s * tokens_per_step}
-           for s in range(5, 10 * len(accuracies) + 1, 5)]
-  lines += [{"step": 10 * (i + 1), "eval/accuracy": a} for i, a in enumerate(accuracies)]
-  (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-  return str(model_dir)
-
-
 def test_earliest_onset_compares_tokens_when_a_run_has_no_unique_tokens(tmp_path):
   # `late` degrades from step 40 (4000 tokens, epoch 4 of its 1000 unique tokens); `early`, with no unique_tokens
   # (no onset epoch), from step 20 (2000 tokens): the earliest onset is `early`'s.
   runs = [results.Run(run="late", status="done", unique_tokens=1000.0,
-                      model_dir=_write_curve(tmp_path / "late", [0.5, 0.6, 0.6, 0.5, 0.4, 0.3])),
+                      model_dir=write_curve(tmp_path / "late", [0.5, 0.6, 0.6, 0.5, 0.4, 0.3])),
           results.Run(run="early", status="done",
-                      model_dir=_write_curve(tmp_path / "early", [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]))]
+                      model_dir=write_curve(tmp_path / "early", [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]))]
   out = degradation.analyze(runs, tmp_path / "out")
   assert [r["onset_step"] for r in out["runs"]] == [40.0, 20.0]
   text = (tmp_path / "out" / "report.md").read_text()
@@ -185,7 +175,7 @@ def test_runs_without_curves_have_an_unknown_degradation_not_none(tmp_path):
 
 
 def test_a_curve_without_a_finite_value_has_no_best_step(tmp_path):
-  run = results.Run(run="r", status="failed", model_dir=_write_curve(tmp_path / "r", ["nan", "nan"]))
+  run = results.Run(run="r", status="failed", model_dir=write_curve(tmp_path / "r", ["nan", "nan"]))
   (row,), _ = degradation.run_rows([run], "eval/accuracy")
   assert math.isnan(row["best"]) and math.isnan(row["best_step"]) and math.isnan(row["best_tokens"])
 
@@ -213,22 +203,22 @@ def test_the_relative_tolerance_is_a_fraction_of_the_best_value_not_of_the_first
 
 def test_best_tokens_are_the_tokens_seen_at_the_best_evaluation(tmp_path):
   # Evaluations at steps 10, 20, 30 with 100 tokens a step: the best (0.6) is at step 20, i.e. 2000 tokens seen.
-  run = results.Run(run="r", status="done", model_dir=_write_curve(tmp_path / "r", [0.5, 0.6, 0.55]))
+  run = results.Run(run="r", status="done", model_dir=write_curve(tmp_path / "r", [0.5, 0.6, 0.55]))
   (row,), _ = degradation.run_rows([run], "eval/accuracy")
   assert (row["best_step"], row["best_tokens"]) == (20.0, 2000.0)
 
 
 def test_the_report_names_the_run_with_the_largest_gap(tmp_path):
   # `big` falls 0.6 -> 0.3 (gap 0.3); `small` 0.6 -> 0.55 (gap 0.05).
-  runs = [results.Run(run="small", status="done", model_dir=_write_curve(tmp_path / "small", [0.5, 0.6, 0.58, 0.55])),
-          results.Run(run="big", status="done", model_dir=_write_curve(tmp_path / "big", [0.5, 0.6, 0.4, 0.3]))]
+  runs = [results.Run(run="small", status="done", model_dir=write_curve(tmp_path / "small", [0.5, 0.6, 0.58, 0.55])),
+          results.Run(run="big", status="done", model_dir=write_curve(tmp_path / "big", [0.5, 0.6, 0.4, 0.3]))]
   degradation.analyze(runs, tmp_path / "out")
   assert "Largest gap: `big` (0.3)." in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_each_factor_value_is_named_once_in_the_legend(tmp_path, monkeypatch):
   # Two runs at lr 1 and one at lr 2: the legend names lr=1 and lr=2 once each, not one entry per run.
-  runs = [results.Run(run=name, status="done", model_dir=_write_curve(tmp_path / name, [0.5, 0.6, 0.6]),
+  runs = [results.Run(run=name, status="done", model_dir=write_curve(tmp_path / name, [0.5, 0.6, 0.6]),
                       extra={"lr": lr}) for name, lr in (("a", "1"), ("b", "1"), ("c", "2"))]
   rows, curves = degradation.run_rows(runs, "eval/accuracy")
   drawn = []
@@ -239,7 +229,7 @@ def test_each_factor_value_is_named_once_in_the_legend(tmp_path, monkeypatch):
 
 def test_the_onset_is_marked_on_its_curve(tmp_path, monkeypatch):
   # 0.5, 0.6, 0.4, 0.3 at steps 10..40 (100 tokens a step): degradation from step 30, marked x at (3000, 0.4).
-  run = results.Run(run="r", status="done", model_dir=_write_curve(tmp_path / "r", [0.5, 0.6, 0.4, 0.3]))
+  run = results.Run(run="r", status="done", model_dir=write_curve(tmp_path / "r", [0.5, 0.6, 0.4, 0.3]))
   rows, curves = degradation.run_rows([run], "eval/accuracy")
   drawn = []
   monkeypatch.setattr(degradation.plots, "save", lambda path, series, **kw: drawn.extend(series) or path)
@@ -248,7 +238,7 @@ def test_the_onset_is_marked_on_its_curve(tmp_path, monkeypatch):
 
 
 def test_the_report_states_the_relative_tolerance_as_a_share_of_the_best_value(tmp_path):
-  run = results.Run(run="r", status="done", model_dir=_write_curve(tmp_path / "r", [0.5, 0.6, 0.58]))
+  run = results.Run(run="r", status="done", model_dir=write_curve(tmp_path / "r", [0.5, 0.6, 0.58]))
   degradation.analyze([run], tmp_path / "out")
   assert "(0.50% of the best value)" in (tmp_path / "out" / "report.md").read_text()
 
@@ -296,7 +286,7 @@ def test_a_curve_of_unknown_tokens_seen_has_no_onset_tokens_or_epoch_and_is_name
                                                    for i, a in enumerate(accuracies)))
   runs = [results.Run(run="evals_only", status="done", model_dir=str(model_dir), unique_tokens=2.0 ** 27),
           results.Run(run="timed", status="done", unique_tokens=1000.0,
-                      model_dir=_write_curve(tmp_path / "timed", [0.5, 0.6, 0.6, 0.5, 0.4, 0.3]))]
+                      model_dir=write_curve(tmp_path / "timed", [0.5, 0.6, 0.6, 0.5, 0.4, 0.3]))]
   out = degradation.analyze(runs, tmp_path / "out")
   row = out["runs"][0]
   assert (row["onset_step"], row["onset_tokens"], row["onset_epoch"]) == (4000.0, None, None)
