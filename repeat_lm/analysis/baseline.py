@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from repeat_lm.analysis import plots, results
+from repeat_lm.analysis import plots, report, results
 
 TABLE_TOKENS_RTOL = 0.01
 
@@ -66,7 +66,7 @@ def pair(runs: list[results.Run], spec: str, match: Sequence[str] = ()) -> tuple
   for r in others:
     b = by_key.get(key(r))
     pairs[r.run] = b if b is not None else (
-        "no baseline has its " + ", ".join(f"{c}={r.get(c)}" for c in match))
+        "no baseline has its " + ", ".join(f"{c}={report.fmt(r.get(c))}" for c in match))
   return baselines, pairs
 
 
