@@ -86,6 +86,31 @@ def hf_config(config: t5.T5Config):
       tie_word_embeddings=config.logits_via_embedding, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
+def unexportable_regularisation(config: t5.T5Config) -> list[str]:
+  """Training-time settings Hugging Face's T5 and Switch configs cannot state. They have one `dropout_rate`, applied
+  to attention probabilities, embeddings and residual branches, FFN activations (experts' too), and no stochastic
+  depth: config.json would claim another regularisation than the model's (attention_dropout_rate=0 under
+  dropout_rate=0.1 was written as 0.1 everywhere), and fine-tuning the export in Hugging Face would silently train
+  another model. The weights compute the same function either way."""
+  places = [p for p in t5.DROPOUT_PLACES if p != "expert" or getattr(config, "moe", None) is not None]
+  problems = [f"{p}_dropout_rate={config.dropout_rate_for(p)} differs from dropout_rate={config.dropout_rate}"
+              for p in places if config.dropout_rate_for(p) != config.dropout_rate]
+  if config.droppath_rate > 0:
+    problems.append(f"droppath_rate={config.droppath_rate} (Hugging Face's T5 has no stochastic depth)")
+  return problems
+
+
+def check_exportable(config: t5.T5Config) -> None:
+  """Raise ValueError naming every regularisation setting config.json cannot state (`unexportable_regularisation`)."""
+  problems = unexportable_regularisation(config)
+  if problems:
+    raise ValueError("Hugging Face's config has a single dropout_rate, used in every place, and no DropPath, so it "
+                     f"cannot state this model's regularisation: {'; '.join(problems)}. Nothing was exported. The "
+                     "weights do not depend on it: export with the rates Hugging Face should fine-tune with, e.g. "
+                     "--gin.t5.T5Config.<place>_dropout_rate=None (each place then follows dropout_rate) and "
+                     "--gin.t5.T5Config.droppath_rate=0.0 (Python: dataclasses.replace(config, ...)).")
+
+
 def hf_config_dict(config: t5.T5Config) -> dict[str, Any]:
   """config.json contents. transformers 5 forces `tie_word_embeddings=True` on the object and keeps untied T5 v1.1
   apart with `scale_decoder_outputs=False`; the file states the truth for readers of every version."""
@@ -489,6 +514,7 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
     # The variables of module.init: every parameter was reported missing, which read as the wrong config.
     raise ValueError(f"export_hf takes the parameter tree, and this holds collections ({', '.join(map(str, params))})"
                      ": pass variables['params'].")
+  check_exportable(config)  # before anything is written
   out_dir = Path(out_dir)
   if (out_dir / "checkpoints").is_dir() or (out_dir / "config.gin").exists():
     # Its config.json would sit beside the checkpoints, and readers that look for a Hugging Face directory first

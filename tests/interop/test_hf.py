@@ -200,6 +200,24 @@ def test_export_refuses_a_model_dir_and_an_unknown_dtype(tmp_path):
     assert not (tmp_path / "run" / out / "config.json").exists()
 
 
+@pytest.mark.parametrize("changes, named", [
+    ({"dropout_rate": 0.0, "hidden_dropout_rate": 0.1}, "hidden_dropout_rate=0.1 differs from dropout_rate=0.0"),
+    ({"dropout_rate": 0.1, "attention_dropout_rate": 0.0}, "attention_dropout_rate=0.0 differs from dropout_rate=0.1"),
+    ({"droppath_rate": 0.1}, "droppath_rate=0.1"),
+])
+def test_export_refuses_regularisation_hugging_face_cannot_state(tmp_path, changes, named):
+  """Hugging Face's T5 has one dropout_rate for every place and no DropPath: config.json said dropout_rate=0.0 for a
+  model trained with hidden dropout 0.1 (0.1 for one whose attention dropout was 0), without a word."""
+  config = dataclasses.replace(TINY, **changes)
+  with pytest.raises(ValueError, match=re.escape(named) + ".*Nothing was exported.*droppath_rate=0.0"):
+    hf.export_hf(init_params(TINY), config, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+  # Rates bound equal to dropout_rate (or left None) are what Hugging Face states: exported as before.
+  same = dataclasses.replace(TINY, dropout_rate=0.1, attention_dropout_rate=0.1, mlp_dropout_rate=None)
+  hf.export_hf(init_params(TINY), same, tmp_path / "ok")
+  assert json.loads((tmp_path / "ok" / "config.json").read_text())["dropout_rate"] == 0.1
+
+
 def test_export_judges_where_the_files_land_not_how_the_path_is_spelt(tmp_path):
   run = tmp_path / "run"
   (run / "checkpoints" / "20").mkdir(parents=True)
