@@ -540,13 +540,19 @@ def export_hf(params: Mapping[str, Any], config: Any, out_dir: str | Path, *,
     raise ValueError(f"The vocabulary has {ids} ids (with {extra_ids} extra ids) but the model's vocab_size is "
                      f"{config.vocab_size}: it is not the vocabulary this model was trained with; nothing was "
                      "exported.")
-  if out_dir.is_dir() and not overwrite and not (out_dir / EXPORT_MARK).exists() and (found := replaced_files(out_dir)):
+  earlier = replaced_files(out_dir) if out_dir.is_dir() else []
+  if earlier and not overwrite and not (out_dir / EXPORT_MARK).exists():
     # Another model's directory lost its config.json and pytorch_model.bin to an export pointed at it. Files the
     # export leaves alone (a Hub clone's README.md, .git) are no reason to refuse.
-    raise FileExistsError(f"{out_dir} holds model files this export would replace or delete ({', '.join(found[:4])}"
-                          f"{', ...' if len(found) > 4 else ''}), and no {EXPORT_MARK} marks them as an earlier "
+    raise FileExistsError(f"{out_dir} holds model files this export would replace or delete ({', '.join(earlier[:4])}"
+                          f"{', ...' if len(earlier) > 4 else ''}), and no {EXPORT_MARK} marks them as an earlier "
                           "repeat_lm export's: export to another directory, or pass --overwrite (overwrite=True) to "
                           "replace them")
+  if earlier:
+    # Replaced as documented (an earlier export's, or --overwrite), but said: the export replaced a model silently.
+    whose = "an earlier repeat_lm export's" if (out_dir / EXPORT_MARK).exists() else "unmarked (--overwrite)"
+    log.warning("Replacing the model files in %s (%s: %s%s).", out_dir, whose, ", ".join(earlier[:6]),
+                ", ..." if len(earlier) > 6 else "")
   out_dir.mkdir(parents=True, exist_ok=True)
   # Marked before any weights are written, so an export that fails part-way can be run again into the same place.
   (out_dir / EXPORT_MARK).write_text(json.dumps({"written_by": "repeat-lm export hf", "dtype": dtype}) + "\n")

@@ -158,6 +158,24 @@ def test_an_export_replaces_the_weights_of_an_earlier_one(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, second))
 
 
+def test_an_export_says_when_it_replaces_model_files(tmp_path, caplog):
+  """An earlier export (or, with --overwrite, another model) was replaced without a word: the log said only
+  'Exported N tensors'."""
+  hf.export_hf(init_params(TINY), TINY, tmp_path / "out")
+  assert "Replacing" not in caplog.text  # a new directory: nothing to say
+  with caplog.at_level("WARNING", logger=hf.__name__):
+    hf.export_hf(init_params(TINY), TINY, tmp_path / "out")
+  assert re.search(r"Replacing the model files in .*out \(an earlier repeat_lm export's: config.json, "
+                   r"generation_config.json, model.safetensors\)", caplog.text)
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "pytorch_model.bin").write_bytes(b"weights")
+  caplog.clear()
+  with caplog.at_level("WARNING", logger=hf.__name__):
+    hf.export_hf(init_params(TINY), TINY, other, overwrite=True)
+  assert "Replacing the model files in" in caplog.text and "unmarked (--overwrite): pytorch_model.bin" in caplog.text
+
+
 def test_an_export_refuses_a_directory_of_files_it_did_not_write(tmp_path):
   # Another model's directory lost its config.json and pytorch_model.bin to an export pointed at it.
   other = tmp_path / "other"
