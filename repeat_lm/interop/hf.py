@@ -101,7 +101,13 @@ def unexportable_regularisation(config: t5.T5Config) -> list[str]:
 
 
 def check_exportable(config: t5.T5Config) -> None:
-  """Raise ValueError naming every regularisation setting config.json cannot state (`unexportable_regularisation`)."""
+  """Raise ValueError for an MoE layout Switch cannot hold (`hf_switch.check_switch_layout`), or naming every
+  regularisation setting config.json cannot state (`unexportable_regularisation`)."""
+  if getattr(config, "moe", None) is not None:
+    # Checked here, before export_hf creates and marks the directory: a refused Switch layout left an OUT holding
+    # only repeat_lm_export.json.
+    from repeat_lm.interop import hf_switch  # pylint: disable=import-outside-toplevel
+    hf_switch.check_switch_layout(config)
   problems = unexportable_regularisation(config)
   if problems:
     raise ValueError("Hugging Face's config has a single dropout_rate, used in every place, and no DropPath, so it "

@@ -59,8 +59,9 @@ def test_switch_export_matches_transformers(case, tmp_path):
 def test_switch_export_explains_unmappable_layouts(change, reason, tmp_path):
   config = dataclasses.replace(TINY_SWITCH, moe=dataclasses.replace(TINY_SWITCH.moe, **change))
   with pytest.raises(ValueError, match="cannot be exported as SwitchTransformers") as e:
-    hf.export_hf({}, config, tmp_path)
+    hf.export_hf({}, config, tmp_path / "out")
   assert reason in str(e.value)
+  assert not (tmp_path / "out").exists()  # refused before anything is written (it was left with only the mark)
 
 
 def tiny_hf_switch(**changes):
