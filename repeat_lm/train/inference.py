@@ -267,7 +267,16 @@ def vocabulary_of(task: str | None, sentencepiece_model: str | None = None) -> s
     if "://" not in sentencepiece_model and not Path(sentencepiece_model).is_file():
       raise FileNotFoundError(f"--vocabulary={sentencepiece_model}: no such file; pass the SentencePiece model the "
                               "run was trained with, or leave --vocabulary out to use its task's.")
-    return vocab.t5_vocabulary(sentencepiece_model)
+    vocabulary = vocab.t5_vocabulary(sentencepiece_model)
+    try:
+      vocabulary.vocab_size  # pylint: disable=pointless-statement  # SeqIO reads the file lazily, on first use
+    except (ValueError, FileNotFoundError) as e:
+      # The vocabulary's own message sends the user to REPEAT_LM_T5_VOCAB and --vocab, which is not this flag.
+      reason = str(e).split(" Point ")[0].rstrip(".")
+      raise ValueError(f"--vocabulary={sentencepiece_model} cannot be used ({reason}): pass the "
+                       "SentencePiece model (.model) the run was trained with, or leave --vocabulary out to use its "
+                       "task's.") from e
+    return vocabulary
   if task is None:
     return None
   from repeat_lm.data import pipeline  # pylint: disable=import-outside-toplevel

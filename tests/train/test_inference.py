@@ -128,3 +128,14 @@ def test_an_output_file_is_refused_where_it_would_be_deleted_or_cannot_be_writte
   monkeypatch.setattr(inference.os, "access", lambda path, mode: False)
   with pytest.raises(PermissionError, match="cannot be written here"):
     inference.check_output_file(str(tmp_path / "preds.txt"))
+
+
+def test_an_unreadable_vocabulary_flag_names_the_flag(tmp_path):
+  """--vocabulary=<not a SentencePiece model> (export hf, infer) was answered 'Point REPEAT_LM_T5_VOCAB (or
+  vocab.t5_vocabulary.path in gin, or --vocab)', none of which is the flag that was given."""
+  notes = tmp_path / "notes.model"
+  notes.write_text("not a SentencePiece model")
+  with pytest.raises(ValueError, match=r"--vocabulary=.*notes.model cannot be used \(.*is not a SentencePiece model "
+                     r"\(.*\)\): pass the SentencePiece model \(.model\) the run was trained with") as e:
+    inference.vocabulary_of(None, str(notes))
+  assert "REPEAT_LM_T5_VOCAB" not in str(e.value)
