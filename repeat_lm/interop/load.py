@@ -64,6 +64,13 @@ def checkpoint_kind(path: str | Path) -> str:
   if t5x.is_t5x_checkpoint(path):
     return "t5x"
   if (path / "config.gin").exists():  # the trainer writes it before the first checkpoint
+    root = path / "checkpoints"
+    broken = sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=int) \
+        if root.is_dir() else []
+    if broken:  # step directories without state/: called 'nothing in checkpoints', with a fix that did not apply
+      raise FileNotFoundError(f"{path} holds no complete checkpoint: the step directories {broken} in {root} have no "
+                              "state/ (a save cut short, or a damaged or partial copy). Copy the checkpoint again, or "
+                              "point at a MODEL_DIR with a finished save.")
     raise FileNotFoundError(f"{path} is a repeat_lm MODEL_DIR with no checkpoint saved yet (nothing in "
                             f"{path / 'checkpoints'}): train it until its first save (checkpoint.CheckpointConfig."
                             "period), or point at a MODEL_DIR that has one.")

@@ -63,6 +63,13 @@ def test_unknown_directory_is_refused(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(FileNotFoundError, match="is a repeat_lm MODEL_DIR with no checkpoint saved yet"):
     load.checkpoint_kind(tmp_path)
+  # A step directory without state/ (a damaged copy) was called "nothing in checkpoints: train it until its first
+  # save".
+  (tmp_path / "checkpoints" / "5").mkdir()
+  (tmp_path / "checkpoints" / "5" / "junk").write_text("x")
+  with pytest.raises(FileNotFoundError, match=r"holds no complete checkpoint: the step directories \['5'\] in .*"
+                     r"have no state/ .*Copy the checkpoint again"):
+    load.checkpoint_kind(tmp_path)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["same-layout", "into-scanned"])
