@@ -387,3 +387,47 @@ def test_batch_prioritized_routing_keeps_the_decoder_causal():
   plain = jax.jit(lambda b: t5.Transformer(dataclasses.replace(cfg, moe=dataclasses.replace(
       moe_cfg, batch_prioritized_routing=False))).apply({"params": params}, **b, enable_dropout=False))(batch)
   assert np.abs(np.asarray(plain) - np.asarray(logits)).max() > 1e-4
+
+
+def _reference_routing(probs, valid, k, capacity, batch_prioritized):
+  """Plain-loop token-choice routing: (experts, kept, gates) for one group of router probabilities [S, E]."""
+  group_len, num_experts = probs.shape
+  experts = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+  kept, gates, filled = np.zeros((group_len, k), bool), np.zeros((group_len, k)), np.zeros(num_experts, int)
+  order = sorted(range(group_len), key=lambda s: -probs[s].max()) if batch_prioritized else range(group_len)
+  for choice in range(k):  # every first choice before any second choice
+    for s in order:
+      if valid[s]:
+        e = experts[s, choice]
+        kept[s, choice], gates[s, choice] = filled[e] < capacity, probs[s, e] if filled[e] < capacity else 0.0
+        filled[e] += 1
+  return experts, kept, gates
+
+
+def test_routing_equals_a_plain_loop_reference_on_random_inputs():
+  """Random groups, padding, K, capacities and batch-prioritised order: slots, gates and both losses match loops."""
+  rng = np.random.default_rng(0)
+  for _ in range(15):  # each new shape compiles: few cases keep it quick
+    groups, group_len, num_experts = rng.integers(1, 4), rng.integers(1, 10), rng.integers(2, 6)
+    k, capacity = int(rng.integers(1, min(num_experts, 3) + 1)), int(rng.integers(1, group_len + 1))
+    bpr = bool(rng.integers(2))
+    logits = (2 * rng.normal(size=(groups, group_len, num_experts))).astype(np.float32)
+    valid = rng.random((groups, group_len)) < 0.8
+    valid[0, 0] = True
+    r = moe.route_tokens(jnp.asarray(logits), jnp.asarray(valid), num_selected=k, capacity=capacity,
+                         batch_prioritized=bpr)
+    probs = np.exp(logits.astype(np.float64))
+    probs /= probs.sum(-1, keepdims=True)
+    balance = 0.0
+    for g in range(groups):
+      experts, kept, gates = _reference_routing(probs[g], valid[g], k, capacity, bpr)
+      np.testing.assert_array_equal(r.expert_GxSxK[g], experts)
+      np.testing.assert_array_equal(r.kept_GxSxK[g], kept)
+      np.testing.assert_allclose(r.gate_GxSxK[g], gates, rtol=1e-5, atol=1e-7)
+      n = valid[g].sum()
+      if n:
+        fraction = np.bincount(experts[valid[g]].ravel(), minlength=num_experts) / n
+        balance += n * num_experts * np.sum(fraction * probs[g][valid[g]].mean(0))
+    np.testing.assert_allclose(r.stats["load_balancing_loss"], balance / valid.sum(), rtol=1e-5)
+    log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    np.testing.assert_allclose(r.stats["router_z_loss"], (log_z ** 2)[valid].mean(), rtol=1e-5)
