@@ -83,8 +83,12 @@ def test_stopping_the_launch_stops_every_workers_trainer(tmp_path, ctrl_c):
   worker's trainer now gets SIGTERM through its pid file, and the launch waits for their exit."""
   env = pod(tmp_path, TRAIN_WAIT="1")
   workers = tmp_path / "workers"
+  # Started as from a terminal, with SIGINT's default action: a pytest itself started in the background by a shell
+  # (or a test before this one) can leave SIGINT ignored, which a non-interactive bash cannot trap, and the Ctrl-C
+  # case then waited for a launch that never heard it.
   proc = subprocess.Popen(args("train", "--gin_file=/mnt/runs/a b/run.gin"), env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   pids = []
   try:
     deadline = time.monotonic() + 30
