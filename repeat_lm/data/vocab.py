@@ -69,18 +69,25 @@ class _FileVocabulary(seqio.SentencePieceVocabulary):
     # Read, but not a SentencePiece model: the wrong file or a truncated copy fail to parse (DecodeError); an empty
     # file parses as an empty model that SentencePiece refuses to load (RuntimeError 'unk is not defined').
     except (message.DecodeError, RuntimeError) as e:
-      raise ValueError(f'{self._sentencepiece_model_file!r} is not a SentencePiece model ({e}). Point '
-                       "REPEAT_LM_T5_VOCAB (or vocab.t5_vocabulary.path in gin, or --vocab) at T5's "
-                       'cc_all.32000.100extra/sentencepiece.model or another .model file.') from e
+      raise _model_error(ValueError, f'{self._sentencepiece_model_file!r} is not a SentencePiece model ({e})',
+                         "Point REPEAT_LM_T5_VOCAB (or vocab.t5_vocabulary.path in gin, or --vocab) at T5's "
+                         'cc_all.32000.100extra/sentencepiece.model or another .model file.') from e
+
+
+def _model_error(cls: type[Exception], problem: str, fix: str) -> Exception:
+  """`cls('PROBLEM. FIX')` with PROBLEM kept as its `problem`: a caller whose own flag names the file
+  (inference.vocabulary_of's --vocabulary) gives its own fix instead of this one."""
+  error = cls(f'{problem}. {fix}')
+  error.problem = problem
+  return error
 
 
 def unreadable_model_error(path: str, error: Exception) -> FileNotFoundError:
   """The error for a SentencePiece model that cannot be read: the file, the reason, and how to point at a copy."""
   reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  return FileNotFoundError(
-      f'Cannot read the SentencePiece model {path!r} ({reason}). Point REPEAT_LM_T5_VOCAB (or '
-      "vocab.t5_vocabulary.path in gin, or --vocab) at a local copy, e.g. T5's "
-      'cc_all.32000.100extra/sentencepiece.model.')
+  return _model_error(FileNotFoundError, f'Cannot read the SentencePiece model {path!r} ({reason})',
+                      'Point REPEAT_LM_T5_VOCAB (or vocab.t5_vocabulary.path in gin, or --vocab) at a local copy, '
+                      "e.g. T5's cc_all.32000.100extra/sentencepiece.model.")
 
 
 def _training_lines(documents: Iterable[str]) -> Iterator[str]:

@@ -271,9 +271,9 @@ def vocabulary_of(task: str | None, sentencepiece_model: str | None = None) -> s
     try:
       vocabulary.vocab_size  # pylint: disable=pointless-statement  # SeqIO reads the file lazily, on first use
     except (ValueError, FileNotFoundError) as e:
-      # The vocabulary's own message sends the user to REPEAT_LM_T5_VOCAB and --vocab, which is not this flag.
-      reason = str(e).split(" Point ")[0].rstrip(".")
-      raise ValueError(f"--vocabulary={sentencepiece_model} cannot be used ({reason}): pass the "
+      # The vocabulary's own fix sends the user to REPEAT_LM_T5_VOCAB and --vocab, which is not this flag: its
+      # problem alone, with this flag's fix.
+      raise ValueError(f"--vocabulary={sentencepiece_model} cannot be used ({getattr(e, 'problem', e)}): pass the "
                        "SentencePiece model (.model) the run was trained with, or leave --vocabulary out to use its "
                        "task's.") from e
     return vocabulary
