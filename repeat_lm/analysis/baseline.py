@@ -27,14 +27,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from repeat_lm.analysis import plots, report, results
+from repeat_lm.analysis import plots, report, results, scaling
 
 TABLE_TOKENS_RTOL = 0.01
-
-
-def _tokens(r: results.Run) -> float:
-  """Tokens seen at the table's final evaluation (tokens_seen for tables written before final_eval_tokens)."""
-  return r.final_eval_tokens if math.isfinite(r.final_eval_tokens) else r.tokens_seen
 
 
 def pair(runs: list[results.Run], spec: str, match: Sequence[str] = ()) -> tuple[list[results.Run], dict]:
@@ -136,7 +131,7 @@ def rows(runs: list[results.Run], pairs: dict, curves: dict[str, results.Curve],
 def _from_table(row: dict, r: results.Run, b: results.Run, suffix: str, higher_is_better: bool) -> None:
   """The table's final values, when the two final evaluations saw the same tokens (within TABLE_TOKENS_RTOL)."""
   value, base_value = getattr(r, f"final_eval_{suffix}"), getattr(b, f"final_eval_{suffix}")
-  t, bt = _tokens(r), _tokens(b)
+  t, bt = scaling.loss_tokens(r), scaling.loss_tokens(b)  # tokens seen at the final evaluations
   if not (math.isfinite(t) and math.isfinite(bt) and math.isclose(t, bt, rel_tol=TABLE_TOKENS_RTOL)):
     row["why"] = (f"no curve for both (metrics.jsonl), and the table's final evaluations are at {t:.4g} and {bt:.4g} "
                   "tokens: not the same budget")

@@ -107,9 +107,10 @@ def _all_failed(best: sweep.Best, root: Path, names: Sequence[str]) -> str:
   waiting line named only the runs and the metric: with them all diverged, which no sweep retries unchanged, the run
   waited on every sweep without a word of why."""
   runs = [root / r.name for r in sweep.select([sweep.RunSpec(n, None, ()) for n in names], best.runs)]
-  if not runs or any(collect.shown_status(d, status_lib.read(d)) != status_lib.FAILED for d in runs):
+  records = [status_lib.read(d) for d in runs]
+  if not runs or any(collect.shown_status(d, rec) != status_lib.FAILED for d, rec in zip(runs, records)):
     return ""
-  diverged = sum(_diverged(status_lib.read(d)) for d in runs)
+  diverged = sum(_diverged(rec) for rec in records)
   return (f" (all {len(runs)} of those runs failed{f', {diverged} diverged' if diverged else ''}: the next sweep "
           "retries them, a diverged one only once its settings change)")
 
